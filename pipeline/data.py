@@ -1,0 +1,263 @@
+"""Datasets: the bundled digits, CIFAR-10/100 from a user's folder, ImageNet-style image folders.
+
+``load_data(spec)`` is the one door in. Small data sets are held whole as one uint8 tensor
+(N, 3, H, W) and views are rendered by gathers on the training device (``InMemoryViews``);
+image folders are lists of files rendered by DALI (``dhkd_pipe.imagefolder``). Both kinds expose
+the same fields, so stages never branch on the data set beyond choosing the renderer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .errors import DhkdError
+from .views import ViewPlan, validation_views
+
+CIFAR_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+
+@dataclass
+class InMemoryData:
+    """A small data set held whole: uint8 images (N, 3, H, W) and int64 labels, train and val."""
+
+    kind: str
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    val_images: torch.Tensor
+    val_labels: torch.Tensor
+    num_classes: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    source: str = ""
+    _fingerprint: dict | None = field(default=None, repr=False)
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train_labels)
+
+    @property
+    def num_val(self) -> int:
+        return len(self.val_labels)
+
+    @property
+    def resolution(self) -> int:
+        return int(self.train_images.shape[-1])
+
+    def default_plan(self, seed: int = 0, resolution: int | None = None) -> ViewPlan:
+        return ViewPlan(seed=seed, policy="pad_crop_flip", resolution=resolution or self.resolution)
+
+    def train_sizes(self, indices: np.ndarray) -> np.ndarray:
+        h, w = self.train_images.shape[-2:]
+        return np.tile(np.array([[h, w]], dtype=np.int64), (len(indices), 1))
+
+    def val_views(self, plan: ViewPlan) -> np.ndarray:
+        h, w = self.val_images.shape[-2:]
+        return validation_views(np.tile([[h, w]], (self.num_val, 1)), plan.resolution, plan.policy)
+
+    def to(self, device) -> "InMemoryData":
+        for name in ("train_images", "train_labels", "val_images", "val_labels"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    def renderer(self, device, plan: ViewPlan) -> "InMemoryViews":
+        return InMemoryViews(self.to(device), plan)
+
+    def fingerprint(self) -> dict:
+        """What identifies the training split: kind, counts, and a digest of its bytes and labels."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            digest.update(self.train_images.cpu().numpy().tobytes())
+            digest.update(self.train_labels.cpu().numpy().astype(np.int64).tobytes())
+            self._fingerprint = {
+                "kind": self.kind,
+                "num_samples": self.num_train,
+                "num_classes": self.num_classes,
+                "image_size": list(self.train_images.shape[-2:]),
+                "digest": digest.hexdigest()[:32],
+            }
+        return self._fingerprint
+
+
+def load_data(spec: str):
+    """``digits``, ``cifar10:DIR``, ``cifar100:DIR`` or ``imagefolder:DIR``."""
+    kind, _, path = spec.partition(":")
+    if kind == "digits":
+        return load_digits()
+    if kind in ("cifar10", "cifar100"):
+        if not path:
+            raise DhkdError(f"--data {kind} needs a folder: {kind}:DIR")
+        return load_cifar(kind, path)
+    if kind == "imagefolder":
+        if not path:
+            raise DhkdError("--data imagefolder needs a folder: imagefolder:DIR (with train/CLASS/*.JPEG)")
+        from .imagefolder import ImageFolderData
+
+        return ImageFolderData.from_folder(path)
+    raise DhkdError(f"unknown data set {spec!r}; use digits, cifar10:DIR, cifar100:DIR or imagefolder:DIR")
+
+
+def load_digits() -> InMemoryData:
+    """scikit-learn's bundled 8x8 digits, upsampled x4 to 32x32 RGB; fixed stratified 80/20 split."""
+    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = sk_digits()
+    images = torch.from_numpy(bunch.images.astype(np.float32) / 16.0)[:, None]  # (N, 1, 8, 8)
+    images = torch.nn.functional.interpolate(images, scale_factor=4, mode="bilinear", align_corners=False)
+    images = (images.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    train_idx, val_idx = train_test_split(
+        np.arange(len(labels)), test_size=0.2, stratify=bunch.target, random_state=0
+    )
+    train_idx, val_idx = np.sort(train_idx), np.sort(val_idx)
+    train = images[train_idx].float() / 255
+    mean = tuple(round(float(v), 4) for v in train.mean(dim=(0, 2, 3)))
+    std = tuple(round(float(v), 4) for v in train.std(dim=(0, 2, 3)))
+    return InMemoryData(
+        kind="digits",
+        train_images=images[train_idx].contiguous(),
+        train_labels=labels[train_idx],
+        val_images=images[val_idx].contiguous(),
+        val_labels=labels[val_idx],
+        num_classes=10,
+        mean=mean,
+        std=std,
+        source="sklearn.datasets.load_digits",
+    )
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Accepts only what the CIFAR python pickles hold: dicts, lists, bytes and numpy arrays."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _read_pickle(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            obj = _ArrayUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
+    except FileNotFoundError:
+        raise DhkdError(f"missing CIFAR file {path}") from None
+    except Exception as e:  # any malformed or hostile pickle is the user's file, not a bug
+        raise DhkdError(f"cannot read CIFAR file {path}: {e}") from None
+    if not isinstance(obj, dict):
+        raise DhkdError(f"malformed CIFAR file {path}: expected a dict, got {type(obj).__name__}")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def _cifar_arrays(path: str, label_key: str):
+    d = _read_pickle(path)
+    if "data" not in d or label_key not in d:
+        raise DhkdError(f"malformed CIFAR file {path}: needs 'data' and '{label_key}'")
+    data, labels = np.asarray(d["data"]), np.asarray(d[label_key], dtype=np.int64)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
+        raise DhkdError(f"malformed CIFAR file {path}: data must be uint8 (N, 3072) with N labels")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def load_cifar(kind: str, root: str) -> InMemoryData:
+    """The python-pickle CIFAR release: ``DIR`` or ``DIR/cifar-10-batches-py`` / ``DIR/cifar-100-python``."""
+    if not os.path.isdir(root):
+        raise DhkdError(f"{kind} folder not found: {root}")
+    sub = "cifar-10-batches-py" if kind == "cifar10" else "cifar-100-python"
+    if os.path.isdir(os.path.join(root, sub)):
+        root = os.path.join(root, sub)
+    if kind == "cifar10":
+        train_files, val_files, key, classes = [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels", 10
+    else:
+        train_files, val_files, key, classes = ["train"], ["test"], "fine_labels", 100
+
+    def read(files):
+        parts = [_cifar_arrays(os.path.join(root, f), key) for f in files]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    (xt, yt), (xv, yv) = read(train_files), read(val_files)
+    for y in (yt, yv):
+        if y.min() < 0 or y.max() >= classes:
+            raise DhkdError(f"malformed {kind} data in {root}: labels outside 0..{classes - 1}")
+    mean, std = CIFAR_STATS[kind]
+    return InMemoryData(
+        kind=kind,
+        train_images=torch.from_numpy(xt.copy()),
+        train_labels=torch.from_numpy(yt),
+        val_images=torch.from_numpy(xv.copy()),
+        val_labels=torch.from_numpy(yv),
+        num_classes=classes,
+        mean=mean,
+        std=std,
+        source=os.path.abspath(root),
+    )
+
+
+class InMemoryViews:
+    """Renders views of an in-memory data set on its device: crop + flip are one gather.
+
+    ``render(images, indices, views)`` returns normalised float32 (n, 3, R, R); pixels of a crop
+    box outside the image are zero (the padding of a padded crop).
+    """
+
+    def __init__(self, data: InMemoryData, plan: ViewPlan):
+        if plan.policy != "pad_crop_flip":
+            raise DhkdError(f"in-memory data sets replay pad_crop_flip views, not {plan.policy}")
+        self.data, self.plan = data, plan
+        device = data.train_images.device
+        self.mean = torch.tensor(data.mean, device=device).view(1, 3, 1, 1) * 255
+        self.inv_std = 1 / (torch.tensor(data.std, device=device).view(1, 3, 1, 1) * 255)
+
+    def render(self, images: torch.Tensor, indices, views) -> torch.Tensor:
+        device = images.device
+        idx = torch.as_tensor(indices, device=device, dtype=torch.long)
+        v = torch.as_tensor(views, device=device, dtype=torch.long)
+        h, w = int(v[0, 2]), int(v[0, 3])
+        if not bool(((v[:, 2] == h) & (v[:, 3] == w)).all()):
+            raise DhkdError("in-memory views must share one crop size")
+        ar_h, ar_w = torch.arange(h, device=device), torch.arange(w, device=device)
+        rows = v[:, 0:1] + ar_h  # (n, h)
+        flip = v[:, 4:5].bool()
+        cols = v[:, 1:2] + torch.where(flip, w - 1 - ar_w, ar_w)  # (n, w)
+        height, width = images.shape[-2:]
+        inside = ((rows >= 0) & (rows < height))[:, :, None] & ((cols >= 0) & (cols < width))[:, None, :]
+        rows, cols = rows.clamp(0, height - 1), cols.clamp(0, width - 1)
+        pixels = images[idx[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (n, h, w, 3)
+        pixels = pixels.permute(0, 3, 1, 2).float() * inside[:, None]
+        if (h, w) != (self.plan.resolution,) * 2:
+            pixels = torch.nn.functional.interpolate(pixels, size=(self.plan.resolution,) * 2, mode="bilinear", antialias=True)
+        return (pixels - self.mean) * self.inv_std
+
+    def train(self, indices, views) -> torch.Tensor:
+        return self.render(self.data.train_images, indices, views)
+
+    def val(self, indices) -> torch.Tensor:
+        views = self.data.val_views(self.plan)[np.asarray(indices)]
+        return self.render(self.data.val_images, indices, views)
+
+    def train_batches(self, indices: np.ndarray, views: np.ndarray, batch_size: int):
+        """Rendered views in the given order, ``batch_size`` at a time (the last batch may be short)."""
+        for start in range(0, len(indices), batch_size):
+            yield self.train(indices[start : start + batch_size], views[start : start + batch_size])
+
+    def val_batches(self, batch_size: int):
+        """(images, labels) of the un-augmented validation split."""
+        for start in range(0, self.data.num_val, batch_size):
+            idx = np.arange(start, min(start + batch_size, self.data.num_val))
+            yield self.val(idx), self.data.val_labels[start : start + len(idx)]

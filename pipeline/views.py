@@ -1,0 +1,160 @@
+"""Augmentation views: which crop and flip each sample gets in each augmentation epoch.
+
+A view is five int32 numbers, ``(y, x, h, w, flip)``: the crop box in the source image's pixel
+coordinates (``y``/``x`` may be negative for padded crops: the pixels outside the image are
+zero) and the horizontal flip bit. Views are drawn from a counter-based generator keyed by
+``(seed, epoch, sample index, draw)``, so a sample's view never depends on batch size, process
+count, worker count or the order samples are visited in.
+
+Why a hash and not ``numpy.random.Philox``: a Philox generator per sample costs ~20 us to build,
+too slow for 1.28M samples x 32 views; the SplitMix64 finaliser below is a counter-based generator
+that numpy evaluates for a whole chunk of samples at once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .errors import DhkdError
+
+POLICIES = ("pad_crop_flip", "random_resized_crop_flip")
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """SplitMix64 finaliser: a bijective avalanche of 64-bit words (arrays wrap modulo 2**64)."""
+    z = (z ^ (z >> np.uint64(30))) * _M1
+    z = (z ^ (z >> np.uint64(27))) * _M2
+    return z ^ (z >> np.uint64(31))
+
+
+def uniform(seed: int, epoch: int, index: np.ndarray, draw: int) -> np.ndarray:
+    """Uniform floats in [0, 1), one per index, a pure function of (seed, epoch, index, draw)."""
+    index = np.asarray(index, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        key = _mix(np.array([seed], dtype=np.uint64) * _GOLDEN + np.uint64(0x632BE59BD9B4E019))
+        key = _mix(key ^ (np.uint64(epoch) * _GOLDEN + np.uint64(1)))
+        key = _mix(key ^ (np.uint64(draw) * _GOLDEN + np.uint64(2)))
+        bits = _mix(key ^ (index * _GOLDEN + np.uint64(3)))
+    return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+@dataclass(frozen=True)
+class ViewPlan:
+    """How views are drawn: the policy, its parameters and the seed.
+
+    ``pad_crop_flip`` (CIFAR-style): pad by ``padding`` then a random ``resolution``-sized crop,
+    and a horizontal flip with probability 1/2. ``random_resized_crop_flip`` (ImageNet-style):
+    torchvision's RandomResizedCrop box (area fraction in ``scale``, log-uniform aspect ratio in
+    ``ratio``, 10 tries then a centre crop) against each image's real size, resized to
+    ``resolution``, and a flip.
+    """
+
+    seed: int = 0
+    policy: str = "pad_crop_flip"
+    resolution: int = 32
+    padding: int = 4
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise DhkdError(f"unknown augmentation policy {self.policy!r}; known: {', '.join(POLICIES)}")
+        if self.resolution < 1 or self.padding < 0:
+            raise DhkdError(f"bad view plan: resolution {self.resolution}, padding {self.padding}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["scale"], d["ratio"] = list(self.scale), list(self.ratio)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ViewPlan":
+        d = dict(d)
+        d["scale"], d["ratio"] = tuple(d["scale"]), tuple(d["ratio"])
+        return cls(**d)
+
+    def order(self, epoch: int, num_samples: int) -> np.ndarray:
+        """The training order of an epoch: a permutation keyed by (seed, epoch) alone."""
+        rng = np.random.Generator(np.random.Philox(key=[self.seed, epoch]))
+        return rng.permutation(num_samples).astype(np.int64)
+
+    def views(self, epoch: int, indices: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+        """Views of samples ``indices`` in augmentation epoch ``epoch``.
+
+        ``sizes`` is (n, 2) int: each source image's (height, width). Returns (n, 5) int32.
+        """
+        indices = np.asarray(indices, dtype=np.int64)
+        sizes = np.asarray(sizes, dtype=np.int64).reshape(len(indices), 2)
+        out = np.empty((len(indices), 5), dtype=np.int32)
+        if self.policy == "pad_crop_flip":
+            out[:, 0:4] = self._pad_crop(epoch, indices, sizes)
+        else:
+            out[:, 0:4] = self._random_resized_crop(epoch, indices, sizes)
+        out[:, 4] = uniform(self.seed, epoch, indices, draw=0) < 0.5
+        return out
+
+    def _pad_crop(self, epoch, indices, sizes):
+        p = self.padding
+        h, w = sizes[:, 0], sizes[:, 1]
+        crop_h, crop_w = np.minimum(self.resolution, h + 2 * p), np.minimum(self.resolution, w + 2 * p)
+        # torchvision RandomCrop(padding=p): offset uniform in [0, H + 2p - crop] of the padded image.
+        y = np.floor(uniform(self.seed, epoch, indices, 1) * (h + 2 * p - crop_h + 1)).astype(np.int64) - p
+        x = np.floor(uniform(self.seed, epoch, indices, 2) * (w + 2 * p - crop_w + 1)).astype(np.int64) - p
+        return np.stack([y, x, crop_h, crop_w], axis=1)
+
+    def _random_resized_crop(self, epoch, indices, sizes, tries: int = 10):
+        height, width = sizes[:, 0].astype(np.float64), sizes[:, 1].astype(np.float64)
+        area = height * width
+        log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        box = np.zeros((len(indices), 4), dtype=np.int64)
+        found = np.zeros(len(indices), dtype=bool)
+        for t in range(tries):
+            draw = 1 + 4 * t
+            target = area * (self.scale[0] + uniform(self.seed, epoch, indices, draw) * (self.scale[1] - self.scale[0]))
+            aspect = np.exp(log_lo + uniform(self.seed, epoch, indices, draw + 1) * (log_hi - log_lo))
+            w = np.round(np.sqrt(target * aspect)).astype(np.int64)
+            h = np.round(np.sqrt(target / aspect)).astype(np.int64)
+            ok = ~found & (w > 0) & (h > 0) & (w <= sizes[:, 1]) & (h <= sizes[:, 0])
+            y = np.floor(uniform(self.seed, epoch, indices, draw + 2) * (sizes[:, 0] - h + 1)).astype(np.int64)
+            x = np.floor(uniform(self.seed, epoch, indices, draw + 3) * (sizes[:, 1] - w + 1)).astype(np.int64)
+            box[ok] = np.stack([y, x, h, w], axis=1)[ok]
+            found |= ok
+        if not found.all():
+            box[~found] = center_boxes(sizes[~found], self.ratio)
+        return box
+
+
+def center_boxes(sizes: np.ndarray, ratio=(3 / 4, 4 / 3)) -> np.ndarray:
+    """Centred boxes (y, x, h, w): the largest box within ``ratio`` (RandomResizedCrop's fallback)."""
+    sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
+    height, width = sizes[:, 0].astype(np.float64), sizes[:, 1].astype(np.float64)
+    in_ratio = width / height
+    w = np.where(in_ratio < ratio[0], width, np.where(in_ratio > ratio[1], np.round(height * ratio[1]), width))
+    h = np.where(in_ratio < ratio[0], np.round(width / ratio[0]), height)
+    y = np.floor((height - h) / 2)
+    x = np.floor((width - w) / 2)
+    return np.stack([y, x, h, w], axis=1).astype(np.int64)
+
+
+def validation_views(sizes: np.ndarray, resolution: int, policy: str) -> np.ndarray:
+    """Un-augmented views: the whole image for small data, a centre crop of 87.5% of the shorter
+    side (resize 256 / crop 224) for image folders. Returns (n, 5) int32, flip 0."""
+    sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
+    out = np.zeros((len(sizes), 5), dtype=np.int32)
+    if policy == "pad_crop_flip":
+        out[:, 2:4] = sizes
+    else:
+        side = np.minimum(sizes[:, 0], sizes[:, 1])
+        crop = np.maximum(1, np.round(side * 0.875)).astype(np.int64)
+        out[:, 0] = (sizes[:, 0] - crop) // 2
+        out[:, 1] = (sizes[:, 1] - crop) // 2
+        out[:, 2] = crop
+        out[:, 3] = crop
+    return out
