@@ -1,0 +1,163 @@
+"""Run configuration: plain data read from YAML, overridden from the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+
+import yaml
+
+from .errors import DhkdError
+
+PRECISIONS = ("no", "bf16", "fp16")
+KERNEL_BACKENDS = ("auto", "triton", "torch")
+KD_LOSS_NAMES = ("binary_kl", "binary_kl_norm", "kd")
+AUX_HEADS = ("linear", "nonlinear")
+CODECS = ("fp16", "bf16", "fp32", "int8")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run (teacher, online or cached distillation) depends on.
+
+    ``alpha``/``gamma``/``temperature`` left as None take the method's published defaults
+    (``dhkd_pipe.methods``).
+    """
+
+    data: str = "digits"
+    model: str = "resnet8"
+    method: str = "ce"
+    teacher: str | None = None
+    teacher_weights: str | None = None
+    cache: str | None = None
+    kd_loss: str = "binary_kl_norm"
+    alpha: float | None = None
+    gamma: float | None = None
+    beta: float = 8.0
+    temperature: float | None = None
+    warmup_epochs: int = 20
+    aux_head: str = "linear"
+    grad_align: bool = False
+    epochs: int = 240
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_milestones: list[int] = field(default_factory=lambda: [150, 180, 210])
+    lr_decay: float = 0.1
+    precision: str = "no"
+    kernels: str = "auto"
+    seed: int = 0
+    workers: int = 2
+    out: str = "runs/run"
+    checkpoint_every: int = 0
+    max_steps: int = 0
+
+    def validate(self) -> "TrainConfig":
+        def choose(name, value, allowed):
+            if value not in allowed:
+                raise DhkdError(f"bad {name} {value!r}; choose one of: {', '.join(allowed)}")
+
+        choose("precision", self.precision, PRECISIONS)
+        choose("kernels", self.kernels, KERNEL_BACKENDS)
+        choose("kd_loss", self.kd_loss, KD_LOSS_NAMES)
+        choose("aux_head", self.aux_head, AUX_HEADS)
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise DhkdError(f"bad {name} {getattr(self, name)}: must be at least 1")
+        if self.lr <= 0:
+            raise DhkdError(f"bad lr {self.lr}: must be positive")
+        if self.temperature is not None and self.temperature <= 0:
+            raise DhkdError(f"bad temperature {self.temperature}: must be positive")
+        if self.workers < 0 or self.checkpoint_every < 0 or self.max_steps < 0:
+            raise DhkdError("workers, checkpoint_every and max_steps must not be negative")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class CacheConfig:
+    """Stage 1: which teacher, which data, how many views, how the store is laid out."""
+
+    data: str = "digits"
+    model: str = "resnet32x4"
+    weights: str | None = None
+    views: int = 8
+    seed: int = 0
+    out: str = "logits.zarr"
+    codec: str = "fp16"
+    batch_size: int = 256
+    precision: str = "no"
+    chunk_rows: int = 1024
+    resolution: int | None = None
+    workers: int = 2
+    overwrite: bool = False
+
+    def validate(self) -> "CacheConfig":
+        if self.codec not in CODECS:
+            raise DhkdError(f"bad codec {self.codec!r}; choose one of: {', '.join(CODECS)}")
+        if self.precision not in PRECISIONS:
+            raise DhkdError(f"bad precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
+        for name in ("views", "batch_size", "chunk_rows"):
+            if getattr(self, name) < 1:
+                raise DhkdError(f"bad {name} {getattr(self, name)}: must be at least 1")
+        if self.resolution is not None and self.resolution < 8:
+            raise DhkdError(f"bad resolution {self.resolution}: must be at least 8")
+        if not self.weights:
+            raise DhkdError("cache-teacher needs the teacher's weights: --weights FILE")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def build_config(cls, config_file: str | None, overrides: dict):
+    """Defaults, then the YAML file, then the command line's options (those not None)."""
+    values = {}
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise DhkdError(f"config file not found: {config_file}")
+        try:
+            with open(config_file) as f:
+                loaded = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise DhkdError(f"cannot parse config {config_file}: {str(e).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            raise DhkdError(f"config {config_file} must be a mapping of option: value")
+        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise DhkdError(f"unknown config option(s): {', '.join(unknown)}")
+    for name, value in values.items():
+        values[name] = _coerce(name, value, known[name].type)
+    return cls(**values).validate()
+
+
+def _coerce(name, value, annotation):
+    """YAML gives ints for floats and strings for lists; accept what a person would write."""
+    kind = str(annotation)
+    try:
+        if value is None:
+            return None
+        if kind.startswith("bool"):
+            if isinstance(value, str):
+                return value.lower() in ("1", "true", "yes", "on")
+            return bool(value)
+        if kind.startswith("float"):
+            return float(value)
+        if kind.startswith("int"):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if kind.startswith("list"):
+            if isinstance(value, str):
+                value = [v for v in value.replace(",", " ").split() if v]
+            return [int(v) for v in value]
+        return value if isinstance(value, str) else str(value)
+    except (TypeError, ValueError):
+        raise DhkdError(f"bad value for {name}: {value!r}") from None

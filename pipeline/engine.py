@@ -1,0 +1,291 @@
+"""The training engine: one loop for teachers, online and cached distillation.
+
+The loop is data, forward, loss, backward, step, log; checkpoints, validation, schedules and the
+run directory are small functions it calls. The only difference between online and cached
+distillation is where ``batch.teacher`` comes from: the store (``StoreEpochs``), or the teacher
+run on the batch here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .config import TrainConfig
+from .errors import DhkdError
+from .loader import PlanEpochs, StoreEpochs, ViewLoader
+from .methods import LossSpec
+
+CHECKPOINT = "checkpoint.pt"
+EXPORTED = "model.pt"
+# Options that may change between a run and its resume.
+RESUMABLE_CHANGES = {"epochs", "out", "workers", "max_steps", "checkpoint_every"}
+
+
+@dataclass
+class Run:
+    """What a prepared run holds: everything is checked before the run directory is touched."""
+
+    cfg: TrainConfig
+    accelerator: object
+    data: object
+    loss: LossSpec
+    model: torch.nn.Module
+    teacher: torch.nn.Module | None
+    loader: ViewLoader
+    renderer: object
+    plan: object
+    optimizer: torch.optim.Optimizer
+    cache: object = None
+    start_epoch: int = 0
+    start_step: int = 0
+    history: list = field(default_factory=list)
+
+
+def make_accelerator(precision: str):
+    from accelerate import Accelerator
+
+    cpu = not torch.cuda.is_available()
+    if cpu and precision == "fp16":
+        raise DhkdError("--precision fp16 needs a GPU; use bf16 or no on the CPU")
+    return Accelerator(mixed_precision=precision, cpu=cpu)
+
+
+def prepare(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Run:
+    """Loads and checks data, store, models and weights, then sets up the run directory."""
+    from .data import load_data
+    from .models import create_model, load_checkpoint
+
+    loss = LossSpec.from_config(cfg)
+    method = loss.method
+    if method.needs_teacher and not cfg.cache and not (cfg.teacher and cfg.teacher_weights):
+        raise DhkdError(f"--method {method.name} needs a teacher: --cache STORE, or --teacher NAME --teacher-weights FILE")
+    replace_out = _check_out(cfg.out, resume, overwrite)
+    acc = make_accelerator(cfg.precision)
+    torch.manual_seed(cfg.seed)
+    data = load_data(cfg.data)
+
+    cache = None
+    if method.needs_teacher and cfg.cache:
+        from .cache import LogitCache
+        from .views import ViewPlan
+
+        cache = LogitCache.open(cfg.cache)
+        cache.check_complete()
+        cache.check_matches(data.fingerprint())
+        plan = ViewPlan.from_dict(cache.attrs["policy"])
+        epochs = StoreEpochs(cache, acc.device)
+    else:
+        plan = data.default_plan(seed=cfg.seed)
+        epochs = PlanEpochs(plan, data)
+
+    model = create_model(cfg.model, data.num_classes, dual_head=method.dual_head, aux_head=cfg.aux_head, grad_align=cfg.grad_align)
+    teacher = None
+    if method.needs_teacher and cache is None:
+        teacher = create_model(cfg.teacher, data.num_classes)
+        load_checkpoint(teacher, cfg.teacher_weights)
+        teacher.eval().requires_grad_(False).to(acc.device)
+
+    renderer = data.renderer(acc.device, plan)
+    labels = data.train_labels.to(acc.device)
+    loader = ViewLoader(epochs, renderer, labels, cfg.batch_size, acc.process_index, acc.num_processes)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    run = Run(cfg, acc, data, loss, model, teacher, loader, renderer, plan, optimizer, cache)
+    if resume:
+        _load_state(run)
+    run.model, run.optimizer = acc.prepare(run.model, run.optimizer)
+    if acc.is_main_process:
+        if replace_out:
+            shutil.rmtree(cfg.out)
+        os.makedirs(cfg.out, exist_ok=True)
+    acc.wait_for_everyone()
+    return run
+
+
+def _check_out(out: str, resume: bool, overwrite: bool) -> bool:
+    """Refuses to mix runs in one folder; returns whether an old run is to be replaced."""
+    has_run = os.path.isfile(os.path.join(out, CHECKPOINT)) or os.path.isfile(os.path.join(out, "summary.json"))
+    if resume and not os.path.isfile(os.path.join(out, CHECKPOINT)):
+        raise DhkdError(f"--resume: no checkpoint in {out}")
+    if has_run and not resume:
+        if not overwrite:
+            raise DhkdError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    existing = os.path.abspath(out)
+    while not os.path.isdir(existing):
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK):
+        raise DhkdError(f"cannot write to {out}: {existing} is not writable")
+    return has_run and not resume
+
+
+def lr_at(cfg: TrainConfig, epoch: int) -> float:
+    return cfg.lr * cfg.lr_decay ** sum(epoch >= m for m in cfg.lr_milestones)
+
+
+def _save_state(run: Run, epoch: int, step: int):
+    """The run's state after ``step`` steps of ``epoch`` (step == len(loader): epoch finished)."""
+    acc = run.accelerator
+    if not acc.is_main_process:
+        return
+    state = {
+        "model": acc.unwrap_model(run.model).state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "epoch": epoch,
+        "step": step,
+        "rng": torch.get_rng_state(),
+        "config": run.cfg.to_dict(),
+        "history": run.history,
+    }
+    path = os.path.join(run.cfg.out, CHECKPOINT)
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def _load_state(run: Run):
+    path = os.path.join(run.cfg.out, CHECKPOINT)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DhkdError(f"cannot read checkpoint {path}: {e}") from None
+    saved, now = state["config"], run.cfg.to_dict()
+    for key in sorted(set(saved) | set(now)):
+        if key not in RESUMABLE_CHANGES and saved.get(key) != now.get(key):
+            raise DhkdError(f"--resume with a different config: {key} was {saved.get(key)!r}, now {now.get(key)!r}")
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    run.history = list(state["history"])
+    epoch, step = state["epoch"], state["step"]
+    run.start_epoch, run.start_step = (epoch + 1, 0) if step >= len(run.loader) else (epoch, step)
+
+
+@torch.no_grad()
+def evaluate(model, renderer, batch_size: int, accelerator=None) -> dict:
+    """Top-1 and top-5 accuracy (%) of head 1 on the un-augmented validation split."""
+    was_training = model.training
+    model.eval()
+    correct1 = correct5 = total = 0
+    ctx = accelerator.autocast() if accelerator is not None else torch.autocast("cpu", enabled=False)
+    with ctx:
+        for images, labels in renderer.val_batches(batch_size):
+            out = model(images)
+            out = out[0] if isinstance(out, tuple) else out
+            top = out.float().topk(min(5, out.shape[1]), dim=1).indices
+            hit = top == labels.to(top.device)[:, None]
+            correct1 += int(hit[:, 0].sum())
+            correct5 += int(hit.any(dim=1).sum())
+            total += len(labels)
+    model.train(was_training)
+    if total == 0:
+        return {"top1": float("nan"), "top5": float("nan")}
+    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total}
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled or None, leave=False, dynamic_ncols=True, file=sys.stderr)
+
+
+def train(run: Run, log=print) -> dict:
+    """Runs the loop from the run's start point to ``cfg.epochs``; returns the summary."""
+    cfg, acc, model, loader, optimizer = run.cfg, run.accelerator, run.model, run.loader, run.optimizer
+    main = acc.is_main_process
+    total_steps = steps_done = 0
+    started = time.perf_counter()
+    model.train()
+    for epoch in range(run.start_epoch, cfg.epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(cfg, epoch)
+        skip = run.start_step if epoch == run.start_epoch else 0
+        loss_sum = torch.zeros((), device=acc.device)
+        seen, t0 = 0, time.perf_counter()
+        bar = _progress(len(loader) - skip, f"epoch {epoch + 1}/{cfg.epochs}", main)
+        for step, batch in enumerate(loader.epoch(epoch, skip), start=skip):
+            with acc.autocast():
+                outputs = model(batch.images)
+                teacher = batch.teacher
+                if teacher is None and run.teacher is not None:
+                    with torch.no_grad():
+                        teacher = run.teacher(batch.images)
+                loss = run.loss(outputs, batch.labels, teacher, batch.teacher_scale, epoch)
+            optimizer.zero_grad(set_to_none=True)
+            acc.backward(loss)
+            optimizer.step()
+            loss_sum += loss.detach()
+            seen += len(batch.labels)
+            steps_done += 1
+            bar.update(1)
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < len(loader):
+                _save_state(run, epoch, step + 1)
+            if cfg.max_steps and steps_done >= cfg.max_steps:
+                bar.close()
+                _save_state(run, epoch, step + 1)
+                acc.wait_for_everyone()
+                return {"stopped_at": {"epoch": epoch, "step": step + 1}}
+        bar.close()
+        train_time = time.perf_counter() - t0
+        total_steps += len(loader) - skip
+        metrics = {
+            "epoch": epoch + 1,
+            "lr": lr_at(cfg, epoch),
+            "train_loss": float(acc.reduce(loss_sum, "sum")) / max(1, (len(loader) - skip) * acc.num_processes),
+            "images_per_sec": seen * acc.num_processes / train_time,
+            "epoch_time": train_time,
+        }
+        metrics.update({f"val_{k}": v for k, v in evaluate(acc.unwrap_model(model), run.renderer, cfg.batch_size * 2, acc).items()})
+        run.history.append(metrics)
+        if main:
+            _append_metrics(cfg.out, metrics)
+            log(
+                f"epoch {epoch + 1}/{cfg.epochs}  loss {metrics['train_loss']:.4f}  "
+                f"val top-1 {metrics['val_top1']:.2f}%  {metrics['images_per_sec']:.0f} img/s"
+            )
+        _save_state(run, epoch, len(loader))
+        acc.wait_for_everyone()
+    return _finish(run, time.perf_counter() - started)
+
+
+def _append_metrics(out: str, metrics: dict):
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+
+
+def _finish(run: Run, wall: float) -> dict:
+    """Writes the exported single-head model and ``summary.json``."""
+    acc, cfg = run.accelerator, run.cfg
+    model = acc.unwrap_model(run.model)
+    exported = model.export() if hasattr(model, "export") else model
+    history = run.history
+    summary = {
+        "model": cfg.model,
+        "method": cfg.method,
+        "data": cfg.data,
+        "num_classes": run.data.num_classes,
+        "epochs": cfg.epochs,
+        "val_top1": history[-1]["val_top1"] if history else None,
+        "val_top5": history[-1]["val_top5"] if history else None,
+        "best_val_top1": max((h["val_top1"] for h in history), default=None),
+        "images_per_sec": float(np.median([h["images_per_sec"] for h in history])) if history else None,
+        "train_time": sum(h["epoch_time"] for h in history),
+        "wall_time": wall,
+        "processes": acc.num_processes,
+        "teacher_source": "cache" if run.cache is not None else ("online" if run.teacher is not None else None),
+        "distinct_views": run.loader.epochs.distinct_views(cfg.epochs),
+        "config": cfg.to_dict(),
+    }
+    if acc.is_main_process:
+        state = {"model": exported.state_dict(), "arch": cfg.model, "num_classes": run.data.num_classes}
+        torch.save(state, os.path.join(cfg.out, EXPORTED + ".tmp"))
+        os.replace(os.path.join(cfg.out, EXPORTED + ".tmp"), os.path.join(cfg.out, EXPORTED))
+        with open(os.path.join(cfg.out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    acc.wait_for_everyone()
+    return summary

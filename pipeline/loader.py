@@ -1,0 +1,197 @@
+"""The view loader: batches of (rendered views, labels, teacher logits) in training order.
+
+One loader serves online and cached training; they differ only in where an epoch's order, views
+and teacher logits come from:
+
+- ``PlanEpochs``: the ``ViewPlan`` draws them (online distillation, teacher training); there
+  are no stored logits, the engine runs the teacher.
+- ``StoreEpochs``: the store recorded them in stage 1; training epoch ``k`` replays stored
+  view-epoch ``k mod E`` and a background thread streams that epoch's logits chunk by chunk, in
+  training order, ahead of the step.
+
+Positions are split across processes in whole chunks (rank ``r`` of ``W`` takes chunks
+``r, r+W, ...``), and every rank runs the same number of steps so collective ops line up.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor
+    labels: torch.Tensor
+    teacher: torch.Tensor | None = None  # stored dtype: fp16/bf16/fp32, or int8 with teacher_scale
+    teacher_scale: torch.Tensor | None = None
+
+
+def rank_chunks(num_chunks: int, rank: int, world: int) -> list[int]:
+    return list(range(rank, num_chunks, world))
+
+
+class PlanEpochs:
+    """Order and views drawn from the plan; each training epoch is its own augmentation epoch."""
+
+    has_logits = False
+
+    def __init__(self, plan, data, chunk_rows: int = 1024):
+        self.plan, self.data, self.chunk_rows = plan, data, chunk_rows
+        self.num_samples = data.num_train
+
+    def view_epoch(self, epoch: int) -> int:
+        return epoch
+
+    def distinct_views(self, epochs: int) -> int:
+        return epochs
+
+    def positions(self, epoch: int, positions: np.ndarray):
+        """(dataset indices, views) at the given training positions of the epoch."""
+        order = self.plan.order(self.view_epoch(epoch), self.num_samples)[positions]
+        return order, self.plan.views(self.view_epoch(epoch), order, self.data.train_sizes(order))
+
+
+class StoreEpochs:
+    """Order, views and logits recorded by stage 1 in a ``LogitCache``."""
+
+    has_logits = True
+
+    def __init__(self, cache, device, prefetch_chunks: int = 4):
+        self.cache, self.device, self.prefetch = cache, torch.device(device), prefetch_chunks
+        self.num_samples, self.chunk_rows = cache.num_samples, cache.chunk_rows
+
+    def view_epoch(self, epoch: int) -> int:
+        return epoch % self.cache.epochs
+
+    def distinct_views(self, epochs: int) -> int:
+        return min(epochs, self.cache.epochs)
+
+    def positions(self, epoch: int, positions: np.ndarray):
+        e = self.view_epoch(epoch)
+        return self.cache.read_order(e)[positions], self.cache.read_views(e)[positions]
+
+    def logits(self, epoch: int, chunks: list[int], skip_rows: int, total_rows: int):
+        """Yields (teacher, scale) tensors on the device, chunk by chunk, for rows
+        ``skip_rows:total_rows`` of the concatenated chunks; reading runs ahead in a thread."""
+        e = self.view_epoch(epoch)
+        out: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        pin = self.device.type == "cuda"
+
+        def read():
+            try:
+                seen = 0
+                for c in chunks:
+                    start, stop_row = self.cache.rows(c)
+                    n = stop_row - start
+                    lo, hi = max(skip_rows - seen, 0), min(total_rows - seen, n)
+                    seen += n
+                    if hi <= lo:
+                        if seen >= total_rows:
+                            break
+                        continue
+                    values, scale = self.cache.read_chunk_tensors(e, c)
+                    values = values[lo:hi]
+                    scale = None if scale is None else scale[lo:hi]
+                    if pin:
+                        values = values.pin_memory()
+                        scale = None if scale is None else scale.pin_memory()
+                    item = (
+                        values.to(self.device, non_blocking=True),
+                        None if scale is None else scale.to(self.device, non_blocking=True),
+                    )
+                    while not stop.is_set():
+                        try:
+                            out.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+                out.put(None)
+            except BaseException as exc:  # hand the failure to the consumer, who re-raises it
+                out.put(exc)
+
+        thread = threading.Thread(target=read, daemon=True, name="logit-reader")
+        thread.start()
+        try:
+            while True:
+                item = out.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+
+
+def _row_batches(chunks, batch_size: int):
+    """Re-cuts a stream of (values, scale) chunks into batches of ``batch_size`` rows."""
+    pending, pending_scale, have = [], [], 0
+    for values, scale in chunks:
+        pending.append(values)
+        pending_scale.append(scale)
+        have += len(values)
+        while have >= batch_size:
+            v = torch.cat(pending) if len(pending) > 1 else pending[0]
+            s = None if pending_scale[0] is None else (torch.cat(pending_scale) if len(pending_scale) > 1 else pending_scale[0])
+            yield v[:batch_size], None if s is None else s[:batch_size]
+            pending, pending_scale = [v[batch_size:]], [None if s is None else s[batch_size:]]
+            have -= batch_size
+    if have:
+        v = torch.cat(pending)
+        yield v, None if pending_scale[0] is None else torch.cat(pending_scale)
+
+
+class ViewLoader:
+    """Batches for one process: its share of each epoch's positions, ``batch_size`` at a time."""
+
+    def __init__(self, epochs, renderer, labels: torch.Tensor, batch_size: int, rank: int = 0, world: int = 1):
+        self.epochs, self.renderer, self.labels = epochs, renderer, labels
+        self.batch_size, self.rank, self.world = batch_size, rank, world
+        n, c = epochs.num_samples, epochs.chunk_rows
+        self.num_chunks = -(-n // c)
+        if self.num_chunks < world:
+            from .errors import DhkdError
+
+            raise DhkdError(f"{n} samples in chunks of {c} give {self.num_chunks} chunks, fewer than {world} processes")
+        rows = [sum(min(c, n - k * c) for k in rank_chunks(self.num_chunks, r, world)) for r in range(world)]
+        self.steps = min(-(-r // batch_size) for r in rows)
+        # Every rank runs the same number of steps; a lone trailing sample would break BatchNorm.
+        if world == 1 and rows[0] % batch_size == 1 and self.steps > 1:
+            self.steps -= 1
+        self.rows = min(rows[rank], self.steps * batch_size)
+        self.my_chunks = rank_chunks(self.num_chunks, rank, world)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def _my_positions(self) -> np.ndarray:
+        c, n = self.epochs.chunk_rows, self.epochs.num_samples
+        pos = np.concatenate([np.arange(k * c, min((k + 1) * c, n)) for k in self.my_chunks])
+        return pos[: self.rows]
+
+    def epoch(self, epoch: int, skip_steps: int = 0):
+        """Yields ``Batch``es of training epoch ``epoch``, starting after ``skip_steps`` batches."""
+        skip = skip_steps * self.batch_size
+        positions = self._my_positions()[skip:]
+        indices, views = self.epochs.positions(epoch, positions)
+        images = self.renderer.train_batches(indices, views, self.batch_size)
+        labels = self.labels[torch.as_tensor(indices, device=self.labels.device)]
+        if self.epochs.has_logits:
+            logits = _row_batches(self.epochs.logits(epoch, self.my_chunks, skip, self.rows), self.batch_size)
+        else:
+            logits = None
+        for step, x in enumerate(images):
+            lab = labels[step * self.batch_size : step * self.batch_size + len(x)]
+            if logits is None:
+                yield Batch(x, lab)
+            else:
+                t, s = next(logits)
+                yield Batch(x, lab, t, s)

@@ -1,0 +1,24 @@
+"""``dhkd-pipe distill``: a student from a teacher, online (teacher run every step) or from a
+stage-1 store (``--cache``); one code path, only the source of the teacher logits differs."""
+
+from __future__ import annotations
+
+from dhkd_pipe.config import TrainConfig
+from dhkd_pipe.engine import prepare, train
+
+
+def distill(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, log=print) -> dict:
+    run = prepare(cfg, resume=resume, overwrite=overwrite)
+    if run.accelerator.is_main_process:
+        if run.cache is not None:
+            views = run.cache.epochs
+            log(
+                f"distilling {cfg.model} ({cfg.method}) from {cfg.cache}: {views} stored view-epochs; "
+                f"{cfg.epochs} epochs replay view-epoch k mod {views}, so the run sees "
+                f"{min(cfg.epochs, views)} distinct views of each image"
+            )
+        elif run.teacher is not None:
+            log(f"distilling {cfg.model} ({cfg.method}) online from {cfg.teacher}: the teacher runs every step")
+        else:
+            log(f"training {cfg.model} alone ({cfg.method})")
+    return train(run, log=log)

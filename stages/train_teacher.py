@@ -1,0 +1,16 @@
+"""``dhkd-pipe train-teacher``: a model trained alone with cross-entropy."""
+
+from __future__ import annotations
+
+from dhkd_pipe.config import TrainConfig
+from dhkd_pipe.engine import prepare, train
+from dhkd_pipe.errors import DhkdError
+
+
+def train_teacher(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, log=print) -> dict:
+    if cfg.method != "ce":
+        raise DhkdError("train-teacher trains with cross-entropy only (method ce)")
+    run = prepare(cfg, resume=resume, overwrite=overwrite)
+    if run.accelerator.is_main_process:
+        log(f"training {cfg.model} on {cfg.data}: {run.data.num_train} images, {run.data.num_classes} classes, {cfg.epochs} epochs")
+    return train(run, log=log)
