@@ -114,9 +114,9 @@ class CacheConfig:
         return dataclasses.asdict(self)
 
 
-def build_config(cls, config_file: str | None, overrides: dict):
+def build_config(cls, config_file: str | None, overrides: dict, defaults: dict | None = None):
     """Defaults, then the YAML file, then the command line's options (those not None)."""
-    values = {}
+    values = dict(defaults or {})
     if config_file:
         if not os.path.isfile(config_file):
             raise DhkdError(f"config file not found: {config_file}")

@@ -1,0 +1,245 @@
+"""``dhkd-pipe``: parses options and calls the stages; user errors are one line and exit code 2."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+from .config import AUX_HEADS, CODECS, KD_LOSS_NAMES, KERNEL_BACKENDS, PRECISIONS, CacheConfig, TrainConfig, build_config
+from .errors import DhkdError
+
+
+def user_errors(fn):
+    """Prints a ``DhkdError`` as one line on stderr and exits with code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except DhkdError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def _echo_json(obj):
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dhkd-pipe")
+def main():
+    """dhkd-pipe: cache a teacher's logits once, distil many students from the store (DHKD)."""
+
+
+def training_options(fn):
+    """The options every training command shares; None means "from the config or default"."""
+    opts = [
+        click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML recipe; options given here override it."),
+        click.option("--data", help="digits | cifar10:DIR | cifar100:DIR | imagefolder:DIR"),
+        click.option("--out", help="Run folder."),
+        click.option("--epochs", type=int),
+        click.option("--batch-size", type=int),
+        click.option("--lr", type=float),
+        click.option("--momentum", type=float),
+        click.option("--weight-decay", type=float),
+        click.option("--lr-milestones", help="Epochs at which the learning rate decays, e.g. 150,180,210."),
+        click.option("--lr-decay", type=float),
+        click.option("--precision", type=click.Choice(PRECISIONS)),
+        click.option("--seed", type=int),
+        click.option("--workers", type=int, help="Loader worker processes (DALI)."),
+        click.option("--checkpoint-every", type=int, help="Also checkpoint every N steps within an epoch."),
+        click.option("--max-steps", type=int, help="Stop (with a checkpoint) after N steps; for smoke runs and benchmarks."),
+        click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped."),
+        click.option("--overwrite", is_flag=True, help="Replace a finished or stopped run in --out."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _train_config(config_file, defaults=None, **options) -> TrainConfig:
+    options.pop("resume"), options.pop("overwrite")
+    return build_config(TrainConfig, config_file, options, defaults)
+
+
+@main.command("train-teacher")
+@click.option("--model", help="Architecture (see `dhkd-pipe models`).")
+@training_options
+@user_errors
+def train_teacher_cmd(config_file, resume, overwrite, **options):
+    """Train a model alone with cross-entropy (a teacher for later distillation)."""
+    from .stages.train_teacher import train_teacher
+
+    cfg = _train_config(config_file, resume=resume, overwrite=overwrite, method="ce", **options)
+    _echo_json(_short(train_teacher(cfg, resume=resume, overwrite=overwrite)))
+
+
+@main.command("distill")
+@click.option("--student", "model", help="Student architecture.")
+@click.option("--teacher", help="Teacher architecture (online distillation).")
+@click.option("--teacher-weights", help="Teacher checkpoint (online distillation).")
+@click.option("--cache", help="Stage-1 logit store: distil with no teacher forward pass.")
+@click.option("--method", help="ce | kd | dkd | binary_kl | dhkd")
+@click.option("--kd-loss", type=click.Choice(KD_LOSS_NAMES), help="Head-2 loss of dhkd (default binary_kl_norm, as published).")
+@click.option("--alpha", type=float, help="Weight of the distillation loss.")
+@click.option("--gamma", type=float, help="Weight of cross-entropy.")
+@click.option("--beta", type=float, help="DKD's non-target weight.")
+@click.option("--temperature", type=float)
+@click.option("--warmup-epochs", type=int, help="DKD's linear warm-up of the distillation term.")
+@click.option("--aux-head", type=click.Choice(AUX_HEADS))
+@click.option("--grad-align/--no-grad-align", default=None, help="Project out distillation gradients that conflict with CE.")
+@click.option("--kernels", type=click.Choice(KERNEL_BACKENDS), help="Fused Triton losses (CUDA) or the PyTorch reference.")
+@training_options
+@user_errors
+def distill_cmd(config_file, resume, overwrite, **options):
+    """Distil a student, online from a teacher or from a stage-1 store (--cache)."""
+    from .stages.distill import distill
+
+    cfg = _train_config(config_file, {"method": "dhkd"}, resume=resume, overwrite=overwrite, **options)
+    _echo_json(_short(distill(cfg, resume=resume, overwrite=overwrite)))
+
+
+def _short(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if k != "config"}
+
+
+@main.command("eval")
+@click.option("--model", required=True)
+@click.option("--weights", required=True)
+@click.option("--data", required=True)
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@user_errors
+def eval_cmd(model, weights, data, batch_size):
+    """Top-1 and top-5 accuracy on the validation split."""
+    from .stages.evaluate import evaluate
+
+    _echo_json(evaluate(model, weights, data, batch_size))
+
+
+@main.command("models")
+def models_cmd():
+    """List the registered architectures."""
+    from .models import list_models
+
+    click.echo("\n".join(list_models()))
+
+
+@main.command("cache-teacher")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False))
+@click.option("--model", help="Teacher architecture.")
+@click.option("--weights", help="Teacher checkpoint file (or a cached torchvision weight name).")
+@click.option("--data")
+@click.option("--views", type=int, help="Augmentation epochs (views per image) to record.")
+@click.option("--seed", type=int)
+@click.option("--out", help="Store path, e.g. logits.zarr.")
+@click.option("--codec", type=click.Choice(CODECS))
+@click.option("--batch-size", type=int)
+@click.option("--precision", type=click.Choice(PRECISIONS))
+@click.option("--chunk-rows", type=int)
+@click.option("--resolution", type=int)
+@click.option("--workers", type=int)
+@click.option("--overwrite", is_flag=True, default=None, help="Replace a store written by a different command.")
+@user_errors
+def cache_teacher_cmd(config_file, **options):
+    """Stage 1: run the teacher once over seeded views and write the logit store."""
+    from .stages.cache_teacher import cache_teacher
+
+    cfg = build_config(CacheConfig, config_file, options)
+    _echo_json(cache_teacher(cfg))
+
+
+@main.command("inspect")
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def inspect_cmd(store, as_json):
+    """What a logit store holds."""
+    from .cache import LogitCache
+
+    summary = LogitCache.open(store).summary()
+    if as_json:
+        _echo_json(summary)
+        return
+    width = max(len(k) for k in summary)
+    for key, value in summary.items():
+        click.echo(f"{key:<{width}}  {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+
+
+@main.command("verify-cache")
+@click.argument("store")
+@click.option("--data", required=True)
+@click.option("--teacher-weights", required=True)
+@click.option("--samples", type=int, default=256, show_default=True)
+@click.option("--tolerance", type=float, default=None, help="Largest allowed logit difference (default: from the codec).")
+@user_errors
+def verify_cache_cmd(store, data, teacher_weights, samples, tolerance):
+    """Re-render sampled views, re-run the teacher and compare with the store."""
+    from .stages.cache_teacher import verify_cache
+
+    result = verify_cache(store, data, teacher_weights, samples=samples, tolerance=tolerance)
+    _echo_json(result)
+    if not result["ok"]:
+        sys.exit(1)
+
+
+@main.command("report")
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--out", default="report.png", show_default=True)
+@user_errors
+def report_cmd(runs, out):
+    """Plot validation accuracy and training loss per epoch of runs; print a markdown table."""
+    from .report import write_report
+
+    click.echo(write_report(list(runs), out))
+
+
+@main.command("quickstart")
+@click.option("--out", default="runs/quickstart", show_default=True)
+@click.option("--overwrite", is_flag=True)
+@user_errors
+def quickstart_cmd(out, overwrite):
+    """The whole job on the bundled digits: teacher, cache, ce/kd/dhkd students, report."""
+    from .stages.quickstart import quickstart
+
+    quickstart(out, overwrite=overwrite)
+
+
+@main.group("bench")
+def bench():
+    """Benchmarks: print a table and write JSON."""
+
+
+@bench.command("cache")
+@click.option("--json", "json_path", default="bench_cache.json", show_default=True)
+@click.option("--model", default="resnet32x4", show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--steps", type=int, default=20, show_default=True)
+@user_errors
+def bench_cache_cmd(json_path, model, batch_size, steps):
+    """Stage-1 images/s against the teacher's bare forward pass; bytes per logit per codec."""
+    from .stages.bench import bench_cache
+
+    bench_cache(json_path, model=model, batch_size=batch_size, steps=steps)
+
+
+@bench.command("distill")
+@click.option("--json", "json_path", default="bench_distill.json", show_default=True)
+@click.option("--teacher", default="resnet32x4", show_default=True)
+@click.option("--student", default="resnet8x4", show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--steps", type=int, default=30, show_default=True)
+@user_errors
+def bench_distill_cmd(json_path, teacher, student, batch_size, steps):
+    """Online vs cached DHKD vs the student alone; loader-only throughput."""
+    from .stages.bench import bench_distill
+
+    bench_distill(json_path, teacher=teacher, student=student, batch_size=batch_size, steps=steps)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""``dhkd-pipe report``: runs overlaid per epoch (validation accuracy, training loss) and a table."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from .errors import DhkdError
+
+
+def read_run(run_dir: str) -> tuple[list[dict], dict]:
+    """(per-epoch metrics, summary) of a run folder."""
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(metrics_path):
+        raise DhkdError(f"{run_dir} is not a run folder: no metrics.jsonl")
+    try:
+        with open(metrics_path) as f:
+            history = [json.loads(line) for line in f if line.strip()]
+        summary = {}
+        if os.path.isfile(os.path.join(run_dir, "summary.json")):
+            with open(os.path.join(run_dir, "summary.json")) as f:
+                summary = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DhkdError(f"corrupt metrics in {run_dir}: {e}") from None
+    return history, summary
+
+
+def run_label(run_dir: str, summary: dict) -> str:
+    name = os.path.basename(os.path.normpath(run_dir))
+    if summary.get("model"):
+        return f"{name} ({summary['model']}, {summary.get('method', '?')})"
+    return name
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """``columns``: (key, header, format spec)."""
+    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "|".join(" --- " for _ in columns) + "|"]
+    for row in rows:
+        cells = []
+        for key, _, spec in columns:
+            value = row.get(key)
+            cells.append("-" if value is None else format(value, spec))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(run_dirs: list[str], out: str) -> str:
+    """Writes the PNG to ``out`` and returns the markdown table of final figures."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [(d, *read_run(d)) for d in run_dirs]
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    rows = []
+    for run_dir, history, summary in runs:
+        label = run_label(run_dir, summary)
+        epochs = [h["epoch"] for h in history]
+        ax_acc.plot(epochs, [h["val_top1"] for h in history], marker=".", label=label)
+        ax_loss.plot(epochs, [h["train_loss"] for h in history], marker=".", label=label)
+        rows.append(
+            {
+                "run": label,
+                "epochs": len(history),
+                "val_top1": history[-1]["val_top1"] if history else None,
+                "best_top1": max((h["val_top1"] for h in history), default=None),
+                "images_per_sec": summary.get("images_per_sec"),
+                "train_time": summary.get("train_time"),
+            }
+        )
+    ax_acc.set(xlabel="epoch", ylabel="validation top-1 (%)", title="Validation accuracy")
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="Training loss", yscale="log")
+    for ax in (ax_acc, ax_loss):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        fig.savefig(out, dpi=110)
+    except OSError as e:
+        raise DhkdError(f"cannot write {out}: {e.strerror}") from None
+    finally:
+        plt.close(fig)
+    return markdown_table(
+        rows,
+        [
+            ("run", "run", "s"),
+            ("epochs", "epochs", "d"),
+            ("val_top1", "val top-1 %", ".2f"),
+            ("best_top1", "best top-1 %", ".2f"),
+            ("images_per_sec", "img/s", ".0f"),
+            ("train_time", "train s", ".1f"),
+        ],
+    )
