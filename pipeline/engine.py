@@ -47,6 +47,7 @@ class Run:
     start_epoch: int = 0
     start_step: int = 0
     history: list = field(default_factory=list)
+    step_ends: list | None = None  # perf_counter() after each step, when a benchmark asks
 
 
 def make_accelerator(precision: str):
@@ -73,7 +74,7 @@ def prepare(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> 
     data = load_data(cfg.data)
 
     cache = None
-    if method.needs_teacher and cfg.cache:
+    if cfg.cache:  # the store's views (and, when the method needs them, its logits)
         from .cache import LogitCache
         from .views import ViewPlan
 
@@ -81,7 +82,7 @@ def prepare(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> 
         cache.check_complete()
         cache.check_matches(data.fingerprint())
         plan = ViewPlan.from_dict(cache.attrs["policy"])
-        epochs = StoreEpochs(cache, acc.device)
+        epochs = StoreEpochs(cache, acc.device, with_logits=method.needs_teacher)
     else:
         plan = data.default_plan(seed=cfg.seed)
         epochs = PlanEpochs(plan, data)
@@ -222,6 +223,10 @@ def train(run: Run, log=print) -> dict:
             loss_sum += loss.detach()
             seen += len(batch.labels)
             steps_done += 1
+            if run.step_ends is not None:
+                if acc.device.type == "cuda":
+                    torch.cuda.synchronize()
+                run.step_ends.append(time.perf_counter())
             bar.update(1)
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < len(loader):
                 _save_state(run, epoch, step + 1)
@@ -277,7 +282,7 @@ def _finish(run: Run, wall: float) -> dict:
         "train_time": sum(h["epoch_time"] for h in history),
         "wall_time": wall,
         "processes": acc.num_processes,
-        "teacher_source": "cache" if run.cache is not None else ("online" if run.teacher is not None else None),
+        "teacher_source": "cache" if run.loader.epochs.has_logits else ("online" if run.teacher is not None else None),
         "distinct_views": run.loader.epochs.distinct_views(cfg.epochs),
         "config": cfg.to_dict(),
     }

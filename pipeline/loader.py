@@ -59,10 +59,9 @@ class PlanEpochs:
 class StoreEpochs:
     """Order, views and logits recorded by stage 1 in a ``LogitCache``."""
 
-    has_logits = True
-
-    def __init__(self, cache, device, prefetch_chunks: int = 4):
+    def __init__(self, cache, device, with_logits: bool = True, prefetch_chunks: int = 4):
         self.cache, self.device, self.prefetch = cache, torch.device(device), prefetch_chunks
+        self.has_logits = with_logits
         self.num_samples, self.chunk_rows = cache.num_samples, cache.chunk_rows
 
     def view_epoch(self, epoch: int) -> int:

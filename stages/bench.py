@@ -1,0 +1,194 @@
+"""``dhkd-pipe bench cache`` and ``dhkd-pipe bench distill``: tables and JSON, measured in one run.
+
+Both run the product's own code paths (``cache_teacher``, the training engine) on one machine in
+one process, so the ratios compare like with like. Speed figures use a synthetic CIFAR-100-shaped
+folder (random pixels, 100 classes: the arithmetic of 32x32 data, not its accuracy); the codec
+figures use a trained digits teacher's real logits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import platform
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from dhkd_pipe.config import CacheConfig, TrainConfig
+from dhkd_pipe.engine import prepare, train
+from dhkd_pipe.models import create_model
+from dhkd_pipe.report import markdown_table
+
+
+def write_synthetic_cifar(root: str, num_train: int = 2560, num_val: int = 256, classes: int = 100, seed: int = 0) -> str:
+    """A CIFAR-100 python-pickle folder of random images; returns the ``cifar100:DIR`` spec."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(root, exist_ok=True)
+    for name, n in (("train", num_train), ("test", num_val)):
+        blob = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"fine_labels": rng.integers(0, classes, n).tolist()}
+        with open(os.path.join(root, name), "wb") as f:
+            pickle.dump(blob, f)
+    return f"cifar100:{root}"
+
+
+def _random_teacher(arch: str, num_classes: int, path: str) -> str:
+    torch.manual_seed(0)
+    torch.save({"model": create_model(arch, num_classes).state_dict()}, path)
+    return path
+
+
+def _machine() -> dict:
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"device": gpu or f"cpu ({os.cpu_count()} cores)", "torch": torch.__version__, "python": platform.python_version()}
+
+
+def _print_table(title: str, rows: list[dict], columns):
+    print(f"\n{title}\n")
+    print(markdown_table(rows, columns))
+
+
+def _save(path: str, payload: dict):
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+    print(f"\nwrote {path}")
+
+
+def _timed_training(cfg: TrainConfig, warmup: int) -> float:
+    """Images per second of the engine's steps after ``warmup`` steps (one run, one process)."""
+    run = prepare(cfg, overwrite=True)
+    run.step_ends = []
+    train(run, log=lambda *_: None)
+    ends = run.step_ends[warmup:]
+    return cfg.batch_size * (len(ends) - 1) / (ends[-1] - ends[0])
+
+
+def _timed_loader(run, steps: int) -> float:
+    """Loader alone: views rendered and logits streamed, no model."""
+    it = run.loader.epoch(0)
+    first = next(it)
+    t0, n = time.perf_counter(), 0
+    for i, batch in enumerate(it):
+        n += len(batch.labels)
+        if batch.teacher is not None:
+            batch.teacher.sum()  # touch the logits so a lazy copy is paid for
+        if i + 1 >= steps:
+            break
+    if run.accelerator.device.type == "cuda":
+        torch.cuda.synchronize()
+    del first
+    return n / (time.perf_counter() - t0)
+
+
+def bench_distill(json_path: str, teacher: str = "resnet32x4", student: str = "resnet8x4", batch_size: int = 64, steps: int = 30, warmup: int = 3):
+    from .cache_teacher import cache_teacher
+
+    work = tempfile.mkdtemp(prefix="dhkd-bench-")
+    per_epoch = steps + warmup + 2
+    data = write_synthetic_cifar(os.path.join(work, "cifar"), num_train=per_epoch * batch_size)
+    weights = _random_teacher(teacher, 100, os.path.join(work, "teacher.pt"))
+    store = os.path.join(work, "logits.zarr")
+    cache_teacher(CacheConfig(data=data, model=teacher, weights=weights, views=1, out=store, batch_size=batch_size).validate(), log=lambda *_: None)
+
+    def cfg(name, method, **kw):
+        return TrainConfig(data=data, model=student, method=method, batch_size=batch_size, epochs=1, max_steps=warmup + steps, out=os.path.join(work, name), **kw).validate()
+
+    rows = [
+        {"path": "online DHKD (teacher forward every step)", "images_per_sec": _timed_training(cfg("online", "dhkd", teacher=teacher, teacher_weights=weights), warmup)},
+        {"path": "cached DHKD (logits from the store)", "images_per_sec": _timed_training(cfg("cached", "dhkd", cache=store), warmup)},
+        {"path": "student alone, CE (same loader, stored views)", "images_per_sec": _timed_training(cfg("alone", "ce", cache=store), warmup)},
+    ]
+    loader_run = prepare(cfg("loader", "dhkd", cache=store), overwrite=True)
+    rows.append({"path": "loader only (views + logits, no model)", "images_per_sec": _timed_loader(loader_run, steps)})
+    online, cached, alone, loader = (r["images_per_sec"] for r in rows)
+    ratios = {
+        "cached_over_alone": cached / alone,
+        "cached_over_online": cached / online,
+        "loader_over_cached": loader / cached,
+    }
+    for r in rows:
+        r["vs_cached"] = r["images_per_sec"] / cached
+    _print_table(
+        f"bench distill: {teacher} -> {student}, batch {batch_size}, {steps} timed steps, 32x32, 100 classes, {_machine()['device']}",
+        rows,
+        [("path", "path", "s"), ("images_per_sec", "img/s", ".1f"), ("vs_cached", "x cached", ".2f")],
+    )
+    print("\n" + "  ".join(f"{k} = {v:.2f}" for k, v in ratios.items()))
+    _save(json_path, {"bench": "distill", "machine": _machine(), "teacher": teacher, "student": student, "batch_size": batch_size, "steps": steps, "rows": rows, "ratios": ratios})
+    return rows, ratios
+
+
+def _bare_forward(arch: str, num_classes: int, batch_size: int, steps: int, precision: str = "no") -> float:
+    """The teacher's forward pass alone on a pre-made batch: the ceiling for stage 1."""
+    from dhkd_pipe.engine import make_accelerator
+
+    acc = make_accelerator(precision)
+    model = create_model(arch, num_classes).eval().to(acc.device)
+    x = torch.randn(batch_size, 3, 32, 32, device=acc.device)
+    with torch.no_grad(), acc.autocast():
+        for _ in range(2):
+            model(x)
+        if acc.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            model(x).float().cpu()
+        if acc.device.type == "cuda":
+            torch.cuda.synchronize()
+    return batch_size * steps / (time.perf_counter() - t0)
+
+
+def bench_cache(json_path: str, model: str = "resnet32x4", batch_size: int = 64, steps: int = 20, teacher_weights: str | None = None):
+    from dhkd_pipe.cache import LogitCache
+
+    from .cache_teacher import cache_teacher
+    from .train_teacher import train_teacher
+
+    work = tempfile.mkdtemp(prefix="dhkd-bench-")
+    data = write_synthetic_cifar(os.path.join(work, "cifar"), num_train=steps * batch_size)
+    weights = _random_teacher(model, 100, os.path.join(work, "teacher.pt"))
+    bare = _bare_forward(model, 100, batch_size, steps)
+    result = cache_teacher(
+        CacheConfig(data=data, model=model, weights=weights, views=1, out=os.path.join(work, "speed.zarr"), batch_size=batch_size).validate(),
+        log=lambda *_: None,
+    )
+    stage1 = result["images_per_sec"]
+    speed_rows = [
+        {"path": f"{model} bare forward, pre-made tensors", "images_per_sec": bare, "ratio": 1.0},
+        {"path": "stage 1: render + teacher + encode + write", "images_per_sec": stage1, "ratio": stage1 / bare},
+    ]
+    _print_table(f"bench cache: {model}, batch {batch_size}, {steps * batch_size} images, {_machine()['device']}", speed_rows,
+                 [("path", "path", "s"), ("images_per_sec", "img/s", ".1f"), ("ratio", "x bare", ".2f")])
+
+    if teacher_weights is None:
+        teacher_out = os.path.join(work, "digits-teacher")
+        train_teacher(TrainConfig(data="digits", model="resnet8", epochs=8, lr=0.05, lr_milestones=[6], out=teacher_out).validate(), log=lambda *_: None)
+        teacher_weights, teacher_arch = os.path.join(teacher_out, "model.pt"), "resnet8"
+    else:
+        teacher_arch = "resnet8"
+    codec_rows, reference = [], None
+    for codec in ("fp32", "fp16", "bf16", "int8"):
+        out = os.path.join(work, f"digits-{codec}.zarr")
+        cache_teacher(CacheConfig(data="digits", model=teacher_arch, weights=teacher_weights, views=2, codec=codec, out=out).validate(), log=lambda *_: None)
+        store = LogitCache.open(out)
+        logits = torch.cat([store.read_rows(e, c) for e in range(store.epochs) for c in range(store.num_chunks)])
+        reference = logits if reference is None else reference
+        err = (logits - reference).abs()
+        summary = store.summary()
+        codec_rows.append({
+            "codec": codec,
+            "bytes_per_logit": summary["bytes_per_logit"],
+            "bytes_on_disk": summary["bytes_on_disk"],
+            "max_abs_err": float(err.max()),
+            "max_rel_err": float((err / reference.abs().amax(1, keepdim=True)).max()),
+            "top1_agreement": float((logits.argmax(1) == reference.argmax(1)).float().mean()),
+        })
+    _print_table(f"codecs: digits {teacher_arch} teacher logits, 2 views x 1437 x 10 (errors against fp32)", codec_rows,
+                 [("codec", "codec", "s"), ("bytes_per_logit", "bytes/logit on disk", ".3f"), ("max_abs_err", "max abs err", ".2e"),
+                  ("max_rel_err", "max err / row max", ".2e"), ("top1_agreement", "top-1 agree", ".4f")])
+    _save(json_path, {"bench": "cache", "machine": _machine(), "model": model, "batch_size": batch_size, "speed": speed_rows,
+                      "stage1_over_bare_forward": stage1 / bare, "codecs": codec_rows})
+    return speed_rows, codec_rows

@@ -1,0 +1,219 @@
+"""``dhkd-pipe cache-teacher`` (stage 1) and ``verify-cache``.
+
+The teacher runs once over ``views`` augmentation epochs of the training set. Each epoch's
+training order and every view come from the ``ViewPlan``; logits are written in training order,
+one write unit (whole chunks) at a time, by a background writer so the teacher never waits for the
+disk. A unit's ``done`` flags are set after its data, so a killed run resumes where it stopped,
+and under ``accelerate launch`` each process writes its own units.
+"""
+
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+import time
+
+import numpy as np
+import torch
+
+from dhkd_pipe import __version__
+from dhkd_pipe.cache import LogitCache, codec_tolerance
+from dhkd_pipe.config import CacheConfig
+from dhkd_pipe.data import load_data
+from dhkd_pipe.engine import evaluate, make_accelerator
+from dhkd_pipe.errors import DhkdError
+from dhkd_pipe.models import create_model, load_checkpoint
+from dhkd_pipe.checkpoint import file_digest
+from dhkd_pipe.views import ViewPlan
+
+FORMAT_VERSION = 1
+
+
+def _teacher(arch: str, weights: str, num_classes: int, device):
+    model = create_model(arch, num_classes)
+    load_checkpoint(model, weights)
+    return model.eval().requires_grad_(False).to(device)
+
+
+def _human(nbytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if nbytes < 1024 or unit == "TB":
+            return f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+
+
+class _Writer:
+    """Writes units in a background thread, so encoding and disk time hide behind the teacher."""
+
+    def __init__(self, cache: LogitCache, depth: int = 2):
+        self.cache, self.jobs, self.error = cache, queue.Queue(maxsize=depth), None
+        self.thread = threading.Thread(target=self._run, daemon=True, name="store-writer")
+        self.thread.start()
+
+    def _run(self):
+        while (job := self.jobs.get()) is not None:
+            if self.error is None:
+                try:
+                    self.cache.write_unit(*job)
+                except BaseException as e:  # surfaced to the caller at the next put or at close
+                    self.error = e
+
+    def put(self, *job):
+        if self.error is not None:
+            raise self.error
+        self.jobs.put(job)
+
+    def close(self):
+        self.jobs.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def cache_teacher(cfg: CacheConfig, log=print) -> dict:
+    acc = make_accelerator(cfg.precision)
+    data = load_data(cfg.data)
+    plan = data.default_plan(seed=cfg.seed, resolution=cfg.resolution)
+    teacher = _teacher(cfg.model, cfg.weights, data.num_classes, acc.device)
+    digest = file_digest(cfg.weights) if not _is_named_weight(cfg.weights) else cfg.weights
+    fingerprint = data.fingerprint()
+    command = {
+        "teacher": cfg.model,
+        "weights_digest": digest,
+        "dataset": fingerprint,
+        "views": cfg.views,
+        "seed": cfg.seed,
+        "codec": cfg.codec,
+        "chunk_rows": cfg.chunk_rows,
+        "policy": plan.to_dict(),
+        "precision": cfg.precision,
+    }
+    attrs = {
+        "teacher": {"arch": cfg.model, "weights_digest": digest, "weights": str(cfg.weights), "val_top1": None},
+        "dataset": fingerprint,
+        "policy": plan.to_dict(),
+        "normalization": {"mean": list(data.mean), "std": list(data.std)},
+        "seed": cfg.seed,
+        "codec": cfg.codec,
+        "precision": cfg.precision,
+        "tool_version": __version__,
+        "command": command,
+    }
+    geometry = dict(epochs=cfg.views, num_samples=data.num_train, num_classes=data.num_classes, chunk_rows=cfg.chunk_rows)
+    if acc.is_main_process:
+        cache = LogitCache.create(cfg.out, labels=data.train_labels.cpu().numpy(), codec=cfg.codec, attrs=attrs, overwrite=bool(cfg.overwrite), **geometry)
+    acc.wait_for_everyone()
+    if not acc.is_main_process:
+        cache = LogitCache.open(cfg.out, mode="r+")
+
+    done = cache.done_mask()
+    units = [u for i, u in enumerate(cache.write_units()) if i % acc.num_processes == acc.process_index]
+    todo = [(e, chunks) for e, chunks in units if not done[e, chunks].all()]
+    if acc.is_main_process:
+        raw = LogitCache.estimate_bytes(cfg.views, data.num_train, data.num_classes, cfg.codec)
+        remaining = int((~done).sum())
+        log(
+            f"writing {cfg.views} views x {data.num_train} samples x {data.num_classes} classes ({cfg.codec}) "
+            f"to {cfg.out}: {_human(raw)} before compression"
+            + (f"; resuming, {remaining} of {done.size} chunks left" if remaining < done.size else "")
+        )
+
+    renderer = data.renderer(acc.device, plan)
+    if acc.is_main_process and cache.attrs["teacher"].get("val_top1") is None and data.num_val:
+        acc_val = evaluate(teacher, renderer, cfg.batch_size, acc)
+        cache.update_attrs(teacher={**cache.attrs["teacher"], "val_top1": acc_val["top1"], "val_top5": acc_val["top5"]})
+        log(f"teacher {cfg.model}: validation top-1 {acc_val['top1']:.2f}%")
+
+    images, elapsed = _write_units(cache, todo, plan, data, renderer, teacher, acc, cfg.batch_size)
+    acc.wait_for_everyone()
+    total_images = int(acc.reduce(torch.tensor(images, device=acc.device), "sum"))
+    result = {"store": cfg.out, "images": total_images, "seconds": elapsed, "images_per_sec": total_images / elapsed if elapsed else None}
+    if acc.is_main_process:
+        cache.check_complete()
+        result.update({k: cache.summary()[k] for k in ("shape", "codec", "bytes_on_disk", "bytes_per_logit")})
+        result["teacher_val_top1"] = cache.attrs["teacher"].get("val_top1")
+    return result
+
+
+def _is_named_weight(weights: str) -> bool:
+    import os
+
+    return not os.path.exists(weights) and weights.replace("_", "").isalnum() and weights.isupper()
+
+
+def _write_units(cache, todo, plan: ViewPlan, data, renderer, teacher, acc, batch_size: int):
+    """Runs the teacher over the units' positions epoch by epoch; returns (images, seconds)."""
+    from tqdm.auto import tqdm
+
+    total = sum(cache.rows(chunks[-1])[1] - cache.rows(chunks[0])[0] for _, chunks in todo)
+    bar = tqdm(total=total, unit="img", disable=not acc.is_main_process or None, file=sys.stderr, dynamic_ncols=True)
+    writer = _Writer(cache)
+    start = time.perf_counter()
+    images = 0
+    try:
+        for epoch in sorted({e for e, _ in todo}):
+            units = [chunks for e, chunks in todo if e == epoch]
+            bounds = [(cache.rows(chunks[0])[0], cache.rows(chunks[-1])[1]) for chunks in units]
+            positions = np.concatenate([np.arange(a, b) for a, b in bounds])
+            order = plan.order(epoch, data.num_train)[positions]
+            views = plan.views(epoch, order, data.train_sizes(order))
+            pending, unit, filled = [], 0, 0
+            for x in renderer.train_batches(order, views, batch_size):
+                with torch.no_grad(), acc.autocast():
+                    logits = teacher(x)
+                pending.append(logits.float().cpu())
+                filled += len(x)
+                bar.update(len(x))
+                images += len(x)
+                while unit < len(units) and filled >= bounds[unit][1] - bounds[unit][0]:
+                    rows = bounds[unit][1] - bounds[unit][0]
+                    block = torch.cat(pending)
+                    lo = sum(b - a for a, b in bounds[:unit])
+                    sl = slice(lo, lo + rows)
+                    writer.put(epoch, units[unit][0], block[:rows].numpy(), order[sl], views[sl])
+                    pending, filled = [block[rows:]], filled - rows
+                    unit += 1
+    finally:
+        bar.close()
+        writer.close()
+    return images, time.perf_counter() - start
+
+
+def verify_cache(store: str, data_spec: str, teacher_weights: str, samples: int = 256, tolerance: float | None = None) -> dict:
+    """Re-renders sampled stored views through the replay path, re-runs the teacher and compares."""
+    cache = LogitCache.open(store)
+    cache.check_complete()
+    data = load_data(data_spec)
+    cache.check_matches(data.fingerprint())
+    acc = make_accelerator(cache.attrs.get("precision", "no"))
+    teacher = _teacher(cache.attrs["teacher"]["arch"], teacher_weights, data.num_classes, acc.device)
+    plan = ViewPlan.from_dict(cache.attrs["policy"])
+    renderer = data.renderer(acc.device, plan)
+    rng = np.random.default_rng(0)
+    picks = rng.choice(cache.epochs * cache.num_samples, size=min(samples, cache.epochs * cache.num_samples), replace=False)
+    worst, agree, total, tol_used = 0.0, 0, 0, 0.0
+    for epoch in range(cache.epochs):
+        pos = np.sort(picks[picks // cache.num_samples == epoch] % cache.num_samples)
+        if len(pos) == 0:
+            continue
+        order, views = cache.read_order(epoch)[pos], cache.read_views(epoch)[pos]
+        stored = torch.cat([cache.read_rows(epoch, c, pos[(pos // cache.chunk_rows) == c] - c * cache.chunk_rows) for c in np.unique(pos // cache.chunk_rows)])
+        fresh = []
+        for x in renderer.train_batches(order, views, 64):
+            with torch.no_grad(), acc.autocast():
+                fresh.append(teacher(x).float().cpu())
+        fresh = torch.cat(fresh)
+        worst = max(worst, float((fresh - stored).abs().max()))
+        agree += int((fresh.argmax(1) == stored.argmax(1)).sum())
+        total += len(pos)
+        tol_used = max(tol_used, tolerance if tolerance is not None else codec_tolerance(cache.codec, fresh) + 1e-3 * (1 + float(fresh.abs().max())))
+    ok = worst <= tol_used
+    return {
+        "store": store,
+        "samples": total,
+        "max_abs_diff": worst,
+        "tolerance": tol_used,
+        "top1_agreement": agree / max(total, 1),
+        "ok": ok,
+    }
