@@ -91,7 +91,7 @@ def prepare(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> 
     teacher = None
     if method.needs_teacher and cache is None:
         teacher = create_model(cfg.teacher, data.num_classes)
-        load_checkpoint(teacher, cfg.teacher_weights)
+        load_checkpoint(teacher, cfg.teacher_weights, arch=cfg.teacher)
         teacher.eval().requires_grad_(False).to(acc.device)
 
     renderer = data.renderer(acc.device, plan)

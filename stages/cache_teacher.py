@@ -32,7 +32,7 @@ FORMAT_VERSION = 1
 
 def _teacher(arch: str, weights: str, num_classes: int, device):
     model = create_model(arch, num_classes)
-    load_checkpoint(model, weights)
+    load_checkpoint(model, weights, arch=arch)
     return model.eval().requires_grad_(False).to(device)
 
 

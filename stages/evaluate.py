@@ -15,7 +15,7 @@ def evaluate(model: str, weights: str, data: str, batch_size: int = 256) -> dict
     if dataset.num_val == 0:
         raise DhkdError(f"{data} has no validation split")
     net = create_model(model, dataset.num_classes)
-    load_checkpoint(net, weights)
+    load_checkpoint(net, weights, arch=model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     net.to(device)
     renderer = dataset.renderer(device, dataset.default_plan())

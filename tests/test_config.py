@@ -1,0 +1,47 @@
+"""Config: YAML then command line; every shipped recipe parses."""
+
+import glob
+import os
+
+import pytest
+
+from dhkd_pipe.config import CacheConfig, TrainConfig, build_config
+from dhkd_pipe.errors import DhkdError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_command_line_overrides_yaml(tmp_path):
+    f = tmp_path / "r.yaml"
+    f.write_text("model: resnet20\nepochs: 3\nlr: 1\nlr_milestones: [1, 2]\ngrad_align: true\n")
+    cfg = build_config(TrainConfig, str(f), {"epochs": 5, "lr": None})
+    assert (cfg.model, cfg.epochs, cfg.lr, cfg.lr_milestones, cfg.grad_align) == ("resnet20", 5, 1.0, [1, 2], True)
+    assert build_config(TrainConfig, None, {"lr_milestones": "3,4"}).lr_milestones == [3, 4]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [("epochs: 0\n", "bad epochs"), ("precision: fp8\n", "bad precision"), ("colour: red\n", "unknown config option"),
+     ("epochs: three\n", "bad value for epochs"), ("- a\n- b\n", "must be a mapping"), ("a: [\n", "cannot parse")],
+)
+def test_bad_configs_are_user_errors(tmp_path, text, message):
+    f = tmp_path / "r.yaml"
+    f.write_text(text)
+    with pytest.raises(DhkdError, match=message):
+        build_config(TrainConfig, str(f), {})
+
+
+def test_missing_config_file():
+    with pytest.raises(DhkdError, match="config file not found"):
+        build_config(TrainConfig, "/nonexistent.yaml", {})
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*", "*.yaml"))))
+def test_every_recipe_parses(path):
+    from dhkd_pipe.models import list_models
+
+    cls = CacheConfig if os.path.basename(path).startswith("cache") else TrainConfig
+    cfg = build_config(cls, path, {})
+    assert cfg.model in list_models()
+    if cls is TrainConfig and cfg.method == "dhkd":
+        assert cfg.teacher in list_models() or cfg.cache
