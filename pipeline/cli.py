@@ -219,12 +219,13 @@ def bench():
 @click.option("--model", default="resnet32x4", show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--steps", type=int, default=20, show_default=True)
+@click.option("--teacher-weights", help="A trained digits resnet8 teacher for the codec table (default: train one, ~30 s).")
 @user_errors
-def bench_cache_cmd(json_path, model, batch_size, steps):
+def bench_cache_cmd(json_path, model, batch_size, steps, teacher_weights):
     """Stage-1 images/s against the teacher's bare forward pass; bytes per logit per codec."""
     from .stages.bench import bench_cache
 
-    bench_cache(json_path, model=model, batch_size=batch_size, steps=steps)
+    bench_cache(json_path, model=model, batch_size=batch_size, steps=steps, teacher_weights=teacher_weights)
 
 
 @bench.command("distill")
