@@ -1,0 +1,509 @@
+"""The logit store (Zarr v3): the one place that knows its schema.
+
+Arrays (E augmentation epochs, N samples, K classes, C rows per chunk):
+
+========== ========= ================================================ =====================
+array      shape     dtype                                            chunks
+========== ========= ================================================ =====================
+logits     (E, N, K) float16 / uint16 (bfloat16 bits) / float32 / int8 (1, C, K)
+logit_scale (E, N)   float32, int8 codec only: max|row| / 127         (1, C)
+order      (E, N)    int32: dataset index at each training position    (1, C)
+views      (E, N, 5) int32: y, x, h, w, flip                           (1, C, 5)
+labels     (N,)      int32                                             whole
+done       (E, ceil(N/C)) bool: the chunk is written and final        (1, S)
+========== ========= ================================================ =====================
+
+When ``logits`` would have ``shard_threshold`` chunks or more, the per-epoch arrays are sharded
+along N in shards of S chunks (a shard of logits is tens of MB); otherwise S = 1. A *write unit* is
+S consecutive chunks of one epoch (one shard, or one chunk unsharded). Zarr writes whole chunk or
+shard objects, so processes writing disjoint write units never touch the same object; ``done`` is
+chunked (1, S) so each unit's flags are an object of their own, written after the unit's data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from .errors import DhkdError
+
+FORMAT_VERSION = 1
+CODECS = ("fp16", "bf16", "fp32", "int8")
+_STORED_DTYPE = {"fp16": np.float16, "bf16": np.uint16, "fp32": np.float32, "int8": np.int8}
+_ITEMSIZE = {"fp16": 2, "bf16": 2, "fp32": 4, "int8": 1}
+_DTYPE_NAME = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "int8": "int8"}
+_FP16_MAX = 65504.0
+_GEOMETRY = ("epochs", "num_samples", "num_classes", "chunk_rows", "codec")
+
+
+def _check_codec(codec: str) -> str:
+    if codec not in CODECS:
+        raise DhkdError(f"unknown codec {codec!r}: choose one of {', '.join(CODECS)}")
+    return codec
+
+
+def codec_tolerance(codec: str, logits: torch.Tensor) -> float:
+    """The largest absolute error the codec's round trip allows for these logits.
+
+    fp32: 0. fp16: max|x| * 2^-11 (half an ulp, 11-bit significand) plus the subnormal floor
+    2^-25. bf16: max|x| * 2^-8. int8 (per-row scale max|row|/127): max over rows of
+    max|row| / 254, plus float32 rounding of the dequantising multiply.
+    """
+    _check_codec(codec)
+    x = torch.as_tensor(logits).detach().float()
+    if x.numel() == 0 or codec == "fp32":
+        return 0.0
+    amax = float(x.abs().max())
+    if codec == "fp16":
+        return amax * 2.0**-11 + 2.0**-25
+    if codec == "bf16":
+        return amax * 2.0**-8
+    rows = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
+    return float(rows.abs().amax(dim=1).max()) / 254.0 + amax * 2.0**-22
+
+
+def _jsonable(value):
+    """Round-trips through JSON, as attributes do (tuples become lists, numpy scalars numbers)."""
+
+    def default(o):
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        if isinstance(o, os.PathLike):
+            return os.fspath(o)
+        raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+    return json.loads(json.dumps(value, default=default))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return " ".join(str(text).split())
+
+
+def _dir_bytes(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(root, name))
+            except OSError:
+                pass
+    return total
+
+
+def _is_store(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "zarr.json"))
+
+
+class LogitCache:
+    """A teacher-logit store on disk. Build with :meth:`create` or :meth:`open`."""
+
+    def __init__(self, path: str, group, mode: str):
+        self._path, self._group, self._mode = path, group, mode
+        try:
+            self._attrs = dict(group.attrs)
+            self._logits = group["logits"]
+            self._order = group["order"]
+            self._views = group["views"]
+            self._labels = group["labels"]
+            self._done = group["done"]
+            self._codec = _check_codec(self._attrs["codec"])
+            self._scale = group["logit_scale"] if self._codec == "int8" else None
+        except DhkdError:
+            raise
+        except Exception as e:
+            raise DhkdError(f"{path} is not a complete logit store ({_one_line(e)})") from None
+        self._epochs, self._num_samples, self._num_classes = (int(s) for s in self._logits.shape)
+        self._chunk_rows = int(self._logits.chunks[1])
+        shards = self._logits.shards
+        self._shard_chunks = 1 if shards is None else int(shards[1]) // self._chunk_rows
+        self._cached: OrderedDict = OrderedDict()  # (name, epoch) -> array, read-only stores only
+        self._label_cache = None
+
+    # ---- construction -----------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        path,
+        *,
+        epochs: int,
+        num_samples: int,
+        num_classes: int,
+        chunk_rows: int,
+        labels,
+        codec: str = "fp16",
+        attrs: dict | None = None,
+        overwrite: bool = False,
+        shard_threshold: int = 10_000,
+        shard_bytes: int = 32 << 20,
+    ) -> "LogitCache":
+        """Creates the store (or, for the same command and geometry, reopens it "r+" to resume)."""
+        import zarr
+        from zarr.codecs import BloscCodec
+
+        path = os.fspath(path)
+        _check_codec(codec)
+        epochs, num_samples, num_classes, chunk_rows = int(epochs), int(num_samples), int(num_classes), int(chunk_rows)
+        for name, v in (("epochs", epochs), ("num_samples", num_samples), ("num_classes", num_classes), ("chunk_rows", chunk_rows)):
+            if v < 1:
+                raise DhkdError(f"{name} must be at least 1, got {v}")
+        labels = np.asarray(labels)
+        if labels.shape != (num_samples,):
+            raise DhkdError(f"labels have shape {labels.shape}, expected ({num_samples},)")
+        attrs = _jsonable(dict(attrs or {}))
+        attrs["codec"] = codec
+
+        if os.path.lexists(path):
+            if overwrite:
+                cls._remove(path)
+            elif _is_store(path):
+                existing = cls.open(path, mode="r+")
+                cls._check_same(existing, attrs, dict(epochs=epochs, num_samples=num_samples, num_classes=num_classes,
+                                                      chunk_rows=chunk_rows, codec=codec))
+                return existing
+            elif not (os.path.isdir(path) and not os.listdir(path)):
+                raise DhkdError(f"{path} exists and is not a logit store; choose another path or remove it")
+
+        num_chunks = -(-num_samples // chunk_rows)
+        itemsize = _ITEMSIZE[codec]
+        if epochs * num_chunks >= shard_threshold:
+            s = max(1, round(shard_bytes / (chunk_rows * num_classes * itemsize)))
+            shard_chunks = min(s, num_chunks)
+        else:
+            shard_chunks = 1
+        sharded = shard_chunks > 1
+        rows_per_unit = shard_chunks * chunk_rows
+
+        def blosc(shuffle: str):
+            return BloscCodec(cname="zstd", clevel=5, shuffle=shuffle)
+
+        def array(group, name, shape, chunks, dtype, compressors, fill_value, shard=True):
+            shards = None
+            if sharded and shard:
+                shards = (1, rows_per_unit) + tuple(chunks[2:])
+            return group.create_array(
+                name, shape=shape, chunks=chunks, shards=shards, dtype=dtype, compressors=compressors,
+                fill_value=fill_value, config={"write_empty_chunks": True},
+            )
+
+        try:
+            # format_version is written last: a half-created store does not open.
+            group = zarr.open_group(path, mode="w", attributes={k: v for k, v in attrs.items() if k != "format_version"})
+            logit_shuffle = "bitshuffle" if codec == "int8" else "shuffle"
+            array(group, "logits", (epochs, num_samples, num_classes), (1, chunk_rows, num_classes),
+                  _STORED_DTYPE[codec], blosc(logit_shuffle), 0)
+            if codec == "int8":
+                array(group, "logit_scale", (epochs, num_samples), (1, chunk_rows), np.float32, blosc("shuffle"), 1.0)
+            array(group, "order", (epochs, num_samples), (1, chunk_rows), np.int32, blosc("shuffle"), -1)
+            array(group, "views", (epochs, num_samples, 5), (1, chunk_rows, 5), np.int32, blosc("shuffle"), 0)
+            lab = array(group, "labels", (num_samples,), (num_samples,), np.int32, blosc("shuffle"), 0, shard=False)
+            lab[:] = labels.astype(np.int32)
+            array(group, "done", (epochs, num_chunks), (1, shard_chunks), bool, None, False, shard=False)
+            group.attrs.update({"format_version": FORMAT_VERSION})
+        except DhkdError:
+            raise
+        except OSError as e:
+            raise DhkdError(f"cannot create the store at {path}: {_one_line(e)}") from None
+        return cls.open(path, mode="r+")
+
+    @staticmethod
+    def _remove(path: str):
+        if os.path.isdir(path) and not os.path.islink(path):
+            if not _is_store(path) and os.listdir(path):
+                raise DhkdError(f"{path} exists and is not a logit store; refusing to delete it with --overwrite")
+            try:
+                shutil.rmtree(path)
+            except OSError as e:
+                raise DhkdError(f"cannot remove {path}: {_one_line(e)}") from None
+        else:
+            try:
+                os.remove(path)
+            except OSError as e:
+                raise DhkdError(f"cannot remove {path}: {_one_line(e)}") from None
+
+    @staticmethod
+    def _check_same(existing: "LogitCache", attrs: dict, geometry: dict):
+        old, new = existing.attrs.get("command"), attrs.get("command")
+        if old != new:
+            if isinstance(old, dict) and isinstance(new, dict):
+                field = next((k for k in list(new) + list(old) if old.get(k) != new.get(k)), "command")
+            else:
+                field = "command"
+            raise DhkdError(f"a different store exists at {existing.path} ({field} differs); pass --overwrite")
+        for key in _GEOMETRY:
+            if getattr(existing, key) != geometry[key]:
+                raise DhkdError(f"a different store exists at {existing.path} ({key} differs); pass --overwrite")
+
+    @classmethod
+    def open(cls, path, mode: str = "r") -> "LogitCache":
+        import zarr
+
+        path = os.fspath(path)
+        if mode not in ("r", "r+"):
+            raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}")
+        if not os.path.exists(path):
+            raise DhkdError(f"no logit store at {path}")
+        if not _is_store(path):
+            raise DhkdError(f"{path} is not a logit store (no zarr.json)")
+        try:
+            group = zarr.open_group(path, mode=mode)
+            version = dict(group.attrs).get("format_version")
+        except Exception as e:
+            raise DhkdError(f"{path} is not a logit store ({_one_line(e)})") from None
+        if version is None:
+            raise DhkdError(f"{path} is not a logit store, or is still being created (no format_version)")
+        if version != FORMAT_VERSION:
+            raise DhkdError(f"store {path} has format version {version}; this tool reads version {FORMAT_VERSION}")
+        return cls(path, group, mode)
+
+    @staticmethod
+    def estimate_bytes(epochs: int, num_samples: int, num_classes: int, codec: str = "fp16") -> int:
+        """Uncompressed size of all arrays."""
+        en = int(epochs) * int(num_samples)
+        logits = en * int(num_classes) * _ITEMSIZE[_check_codec(codec)]
+        scale = en * 4 if codec == "int8" else 0
+        return logits + scale + en * 4 + en * 20 + int(num_samples) * 4 + int(epochs) * -(-int(num_samples) // 1024)
+
+    # ---- geometry ---------------------------------------------------------------------------
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @property
+    def attrs(self) -> dict:
+        return dict(self._attrs)
+
+    @property
+    def epochs(self) -> int:
+        return self._epochs
+
+    @property
+    def num_samples(self) -> int:
+        return self._num_samples
+
+    @property
+    def num_classes(self) -> int:
+        return self._num_classes
+
+    @property
+    def chunk_rows(self) -> int:
+        return self._chunk_rows
+
+    @property
+    def num_chunks(self) -> int:
+        """Chunks per epoch."""
+        return -(-self._num_samples // self._chunk_rows)
+
+    @property
+    def shard_chunks(self) -> int:
+        """Chunks per write unit (1 when the store is not sharded)."""
+        return self._shard_chunks
+
+    @property
+    def codec(self) -> str:
+        return self._codec
+
+    @property
+    def labels(self) -> np.ndarray:
+        if self._label_cache is None:
+            self._label_cache = np.asarray(self._labels[:], dtype=np.int64)
+        return self._label_cache.copy()
+
+    def rows(self, chunk: int) -> tuple[int, int]:
+        if not 0 <= chunk < self.num_chunks:
+            raise IndexError(f"chunk {chunk} out of range 0..{self.num_chunks - 1}")
+        start = chunk * self._chunk_rows
+        return start, min(start + self._chunk_rows, self._num_samples)
+
+    def write_units(self) -> list[tuple[int, list[int]]]:
+        s, n = self._shard_chunks, self.num_chunks
+        return [(e, list(range(c, min(c + s, n)))) for e in range(self._epochs) for c in range(0, n, s)]
+
+    def update_attrs(self, **kv):
+        kv = _jsonable(kv)
+        try:
+            self._group.attrs.update(kv)
+        except OSError as e:
+            raise DhkdError(f"cannot write to store {self._path}: {_one_line(e)}") from None
+        self._attrs.update(kv)
+
+    # ---- writing ----------------------------------------------------------------------------
+
+    def _encode(self, logits: np.ndarray):
+        x = np.ascontiguousarray(logits, dtype=np.float32)
+        if self._codec == "fp32":
+            return x, None
+        if self._codec == "fp16":
+            if x.size and not np.all(np.abs(x) <= _FP16_MAX):
+                raise DhkdError(f"teacher logits exceed the fp16 range (|x| <= {_FP16_MAX:g}) or are not finite; use --codec bf16 or fp32")
+            return x.astype(np.float16), None
+        if self._codec == "bf16":
+            bits = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy()
+            return bits.view(np.uint16), None
+        amax = np.abs(x).max(axis=1) if x.size else np.zeros(len(x), np.float32)
+        if not np.all(np.isfinite(amax)):
+            raise DhkdError("teacher logits are not finite; the int8 codec cannot store them")
+        scale = (amax / np.float32(127.0)).astype(np.float32)
+        scale[scale == 0] = 1.0
+        q = np.clip(np.rint(x.astype(np.float64) / scale.astype(np.float64)[:, None]), -127, 127).astype(np.int8)
+        return q, scale
+
+    def write_unit(self, epoch: int, first_chunk: int, logits, order, views):
+        """Writes one write unit (all its rows), then its ``done`` flags."""
+        s = self._shard_chunks
+        if first_chunk % s:
+            raise ValueError(f"chunk {first_chunk} does not start a write unit of {s} chunks")
+        last = min(first_chunk + s, self.num_chunks) - 1
+        start, stop = self.rows(first_chunk)[0], self.rows(last)[1]
+        n = stop - start
+        logits = np.asarray(logits)
+        order, views = np.asarray(order), np.asarray(views)
+        if logits.shape != (n, self._num_classes) or order.shape != (n,) or views.shape != (n, 5):
+            raise ValueError(
+                f"unit (epoch {epoch}, chunks {first_chunk}-{last}) needs ({n}, {self._num_classes}) logits, ({n},) order, "
+                f"({n}, 5) views; got {logits.shape}, {order.shape}, {views.shape}"
+            )
+        values, scale = self._encode(logits)
+        try:
+            self._logits[epoch, start:stop] = values
+            if self._scale is not None:
+                self._scale[epoch, start:stop] = scale
+            self._order[epoch, start:stop] = order.astype(np.int32)
+            self._views[epoch, start:stop] = views.astype(np.int32)
+            self._done[epoch, first_chunk : last + 1] = True
+        except OSError as e:
+            raise DhkdError(f"cannot write to store {self._path}: {_one_line(e)}") from None
+
+    def done_mask(self) -> np.ndarray:
+        return self._read(self._done, "done", (slice(None),), None, None).astype(bool)
+
+    # ---- reading ----------------------------------------------------------------------------
+
+    def _read(self, arr, name: str, selection, epoch, chunk):
+        try:
+            return arr[selection]
+        except DhkdError:
+            raise
+        except Exception as e:
+            where = "" if epoch is None else f" epoch {epoch}" + ("" if chunk is None else f" chunk {chunk}")
+            raise DhkdError(f"store {self._path}: cannot read {name}{where}: {_one_line(e)}") from None
+
+    def _epoch_array(self, arr, name: str, epoch: int, dtype):
+        key = (name, epoch)
+        if key in self._cached:
+            self._cached.move_to_end(key)
+            return self._cached[key]
+        if not 0 <= epoch < self._epochs:
+            raise IndexError(f"epoch {epoch} out of range 0..{self._epochs - 1}")
+        out = np.asarray(self._read(arr, name, (epoch,), epoch, None), dtype=dtype)
+        if self._mode == "r":  # a read-only store does not change under us
+            out.flags.writeable = False
+            self._cached[key] = out
+            while len(self._cached) > 4:
+                self._cached.popitem(last=False)
+        return out
+
+    def read_order(self, epoch: int) -> np.ndarray:
+        return self._epoch_array(self._order, "order", epoch, np.int64)
+
+    def read_views(self, epoch: int) -> np.ndarray:
+        return self._epoch_array(self._views, "views", epoch, np.int32)
+
+    def read_chunk(self, epoch: int, chunk: int):
+        """(values in the stored dtype, float32 scale or None) for one chunk of one epoch."""
+        if not 0 <= epoch < self._epochs:
+            raise IndexError(f"epoch {epoch} out of range 0..{self._epochs - 1}")
+        start, stop = self.rows(chunk)
+        values = self._read(self._logits, "logits", (epoch, slice(start, stop)), epoch, chunk)
+        scale = None
+        if self._scale is not None:
+            scale = np.asarray(self._read(self._scale, "logit_scale", (epoch, slice(start, stop)), epoch, chunk), np.float32)
+        return values, scale
+
+    def read_chunk_tensors(self, epoch: int, chunk: int):
+        """CPU tensors: float16 / bfloat16 / float32 / int8 values, float32 (rows,) scale or None."""
+        values, scale = self.read_chunk(epoch, chunk)
+        values = np.ascontiguousarray(values)
+        if self._codec == "bf16":
+            t = torch.from_numpy(values.view(np.int16)).view(torch.bfloat16)
+        else:
+            t = torch.from_numpy(values)
+        return t, None if scale is None else torch.from_numpy(np.ascontiguousarray(scale))
+
+    def read_rows(self, epoch: int, chunk: int, rows=None) -> torch.Tensor:
+        """Dequantised float32 (n, K) logits of rows (indices within the chunk; None = all)."""
+        values, scale = self.read_chunk_tensors(epoch, chunk)
+        if rows is not None:
+            idx = torch.as_tensor(np.asarray(rows, dtype=np.int64))
+            values = values[idx]
+            scale = None if scale is None else scale[idx]
+        out = values.float()
+        if scale is not None:
+            out = out * scale[:, None]
+        return out
+
+    # ---- checks -----------------------------------------------------------------------------
+
+    def check_complete(self):
+        done = self.done_mask()
+        missing = int((~done).sum())
+        if missing:
+            epochs = [int(e) for e in np.flatnonzero((~done).any(axis=1))]
+            listed = ", ".join(map(str, epochs[:8])) + (", ..." if len(epochs) > 8 else "")
+            raise DhkdError(
+                f"store {self._path} is incomplete: {missing} of {done.size} chunks not written "
+                f"(epochs {listed}); re-run cache-teacher to finish it"
+            )
+
+    def check_matches(self, fingerprint: dict):
+        stored = self._attrs.get("dataset") or {}
+        data = _jsonable(dict(fingerprint))
+        for key in list(data) + [k for k in stored if k not in data]:
+            a, b = stored.get(key), data.get(key)
+            if a != b:
+                raise DhkdError(f"store does not match the data: {key} is {_short(a)} in the store, {_short(b)} in the data")
+
+    # ---- inspection -------------------------------------------------------------------------
+
+    def summary(self) -> dict:
+        done = self.done_mask()
+        logit_bytes = _dir_bytes(os.path.join(self._path, "logits"))
+        if self._scale is not None:
+            logit_bytes += _dir_bytes(os.path.join(self._path, "logit_scale"))
+        count = self._epochs * self._num_samples * self._num_classes
+        shards = self._logits.shards
+        return {
+            "path": os.path.abspath(self._path),
+            "shape": [self._epochs, self._num_samples, self._num_classes],
+            "dtype": _DTYPE_NAME[self._codec],
+            "codec": self._codec,
+            "chunks": [int(c) for c in self._logits.chunks],
+            "shards": None if shards is None else [int(s) for s in shards],
+            "bytes_on_disk": _dir_bytes(self._path),
+            "bytes_per_logit": logit_bytes / count if count else 0.0,
+            "complete": f"{int(done.sum())}/{done.size}",
+            "teacher": self._attrs.get("teacher"),
+            "dataset": self._attrs.get("dataset"),
+            "policy": self._attrs.get("policy"),
+            "seed": self._attrs.get("seed"),
+            "format_version": self._attrs.get("format_version"),
+            "tool_version": self._attrs.get("tool_version"),
+        }
+
+    def __repr__(self):
+        return f"LogitCache({self._path!r}, {self._epochs}x{self._num_samples}x{self._num_classes}, {self._codec})"
+
+
+def _short(value) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 80 else text[:77] + "..."
