@@ -110,13 +110,16 @@ class LogitCache:
         self._path, self._group, self._mode = path, group, mode
         try:
             self._attrs = dict(group.attrs)
-            self._logits = group["logits"]
-            self._order = group["order"]
-            self._views = group["views"]
-            self._labels = group["labels"]
-            self._done = group["done"]
+            # write_empty_chunks is not stored in the metadata: every unit writes all its objects,
+            # so an all-zero chunk is on disk like any other (and a missing one is never "data")
+            arr = lambda name: group[name].with_config({"write_empty_chunks": True})  # noqa: E731
+            self._logits = arr("logits")
+            self._order = arr("order")
+            self._views = arr("views")
+            self._labels = arr("labels")
+            self._done = arr("done")
             self._codec = _check_codec(self._attrs["codec"])
-            self._scale = group["logit_scale"] if self._codec == "int8" else None
+            self._scale = arr("logit_scale") if self._codec == "int8" else None
         except DhkdError:
             raise
         except Exception as e:
@@ -198,9 +201,9 @@ class LogitCache:
         try:
             # format_version is written last: a half-created store does not open.
             group = zarr.open_group(path, mode="w", attributes={k: v for k, v in attrs.items() if k != "format_version"})
-            logit_shuffle = "bitshuffle" if codec == "int8" else "shuffle"
+            # byte shuffle: measured smaller than bitshuffle for fp16/bf16/fp32 and int8 logits
             array(group, "logits", (epochs, num_samples, num_classes), (1, chunk_rows, num_classes),
-                  _STORED_DTYPE[codec], blosc(logit_shuffle), 0)
+                  _STORED_DTYPE[codec], blosc("shuffle"), 0)
             if codec == "int8":
                 array(group, "logit_scale", (epochs, num_samples), (1, chunk_rows), np.float32, blosc("shuffle"), 1.0)
             array(group, "order", (epochs, num_samples), (1, chunk_rows), np.int32, blosc("shuffle"), -1)

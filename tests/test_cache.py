@@ -1,0 +1,265 @@
+"""The logit store: codecs, write units and done flags, resume, sharding, concurrency, errors."""
+
+import json
+import multiprocessing as mp
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from dhkd_pipe.cache import CODECS, LogitCache, codec_tolerance
+from dhkd_pipe.errors import DhkdError
+
+E, N, K, C = 2, 300, 10, 64  # 5 chunks per epoch, the last one short
+
+
+def fake_logits(epochs=E, n=N, k=K, seed=0):
+    """Realistic-ish logits: normal * 5, a few large outliers, one all-zero row."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((epochs, n, k)) * 5).astype(np.float32)
+    x[:, ::37, 0] = 60.0
+    x[:, 5, 3] = -80.0
+    x[:, 7] = 0.0
+    return x
+
+
+def fake_order(e, n=N):
+    return np.random.default_rng(100 + e).permutation(n)
+
+
+def fake_views(e, n=N):
+    return np.random.default_rng(200 + e).integers(-4, 40, size=(n, 5)).astype(np.int32)
+
+
+def command(**kw):
+    return {"teacher": "resnet8", "views": E, "seed": 0, **kw}
+
+
+def attrs(**kw):
+    return {
+        "teacher": {"arch": "resnet8", "val_top1": None},
+        "dataset": {"kind": "digits", "num_samples": N, "num_classes": K, "digest": "abc"},
+        "policy": {"policy": "pad_crop_flip", "seed": 0},
+        "seed": 0,
+        "tool_version": "0.test",
+        "command": command(**kw),
+    }
+
+
+def create(path, codec="fp16", n=N, k=K, **kw):
+    return LogitCache.create(str(path), epochs=E, num_samples=n, num_classes=k, chunk_rows=C,
+                             labels=np.arange(n) % k, codec=codec, attrs=kw.pop("attrs", attrs()), **kw)
+
+
+def write(cache, x, units=None):
+    for e, chunks in cache.write_units() if units is None else units:
+        a, b = cache.rows(chunks[0])[0], cache.rows(chunks[-1])[1]
+        cache.write_unit(e, chunks[0], x[e, a:b], fake_order(e, cache.num_samples)[a:b], fake_views(e, cache.num_samples)[a:b])
+
+
+def read_all(path):
+    c = LogitCache.open(str(path))
+    return (
+        np.stack([np.concatenate([c.read_chunk(e, k)[0] for k in range(c.num_chunks)]) for e in range(c.epochs)]),
+        np.stack([c.read_order(e) for e in range(c.epochs)]),
+        np.stack([c.read_views(e) for e in range(c.epochs)]),
+    )
+
+
+def files(path):
+    out = {}
+    for root, _, names in os.walk(path):
+        for name in names:
+            full = os.path.join(root, name)
+            with open(full, "rb") as f:
+                out[os.path.relpath(full, path)] = f.read()
+    return out
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_round_trip_within_codec_tolerance(tmp_path, codec):
+    x = fake_logits()
+    c = create(tmp_path / "s.zarr", codec)
+    write(c, x)
+    c = LogitCache.open(str(tmp_path / "s.zarr"))
+    assert (c.epochs, c.num_samples, c.num_classes, c.chunk_rows, c.num_chunks, c.codec) == (E, N, K, C, 5, codec)
+    assert c.labels.dtype == np.int64 and np.array_equal(c.labels, np.arange(N) % K)
+    c.check_complete()
+    for e in range(E):
+        got = torch.cat([c.read_rows(e, k) for k in range(c.num_chunks)])
+        assert got.dtype == torch.float32 and got.shape == (N, K)
+        tol = codec_tolerance(codec, torch.from_numpy(x[e]))
+        assert float((got - torch.from_numpy(x[e])).abs().max()) <= tol
+        assert np.array_equal(c.read_order(e), fake_order(e)) and c.read_order(e).dtype == np.int64
+        assert np.array_equal(c.read_views(e), fake_views(e)) and c.read_views(e).dtype == np.int32
+    values, scale = c.read_chunk_tensors(1, 4)
+    expect = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "int8": torch.int8}[codec]
+    assert values.dtype == expect and values.shape == (N - 4 * C, K)
+    assert (scale is None) == (codec != "int8")
+    if scale is not None:
+        assert scale.dtype == torch.float32 and scale.shape == (N - 4 * C,)
+        _, scale0 = c.read_chunk(0, 0)
+        assert scale0[7] == 1.0  # the all-zero row
+    rows = np.array([3, 0, 7])
+    assert torch.equal(c.read_rows(0, 1, rows), c.read_rows(0, 1)[rows])
+
+
+def test_codec_tolerance_values():
+    x = torch.tensor([[1.0, -8.0], [0.0, 2.0]])
+    assert codec_tolerance("fp32", x) == 0
+    assert codec_tolerance("fp16", x) == pytest.approx(8 * 2**-11, rel=1e-3)
+    assert codec_tolerance("bf16", x) == pytest.approx(8 * 2**-8)
+    assert codec_tolerance("int8", x) == pytest.approx(8 / 254, rel=1e-4)
+    with pytest.raises(DhkdError):
+        codec_tolerance("fp8", x)
+
+
+def test_done_is_set_only_after_the_data(tmp_path):
+    x = fake_logits()
+    c = create(tmp_path / "s.zarr")
+    assert c.write_units() == [(e, [k]) for e in range(E) for k in range(5)]
+    assert not c.done_mask().any() and c.done_mask().shape == (E, 5)
+    # data written without the flags (a process killed between the two): still incomplete
+    a, b = c.rows(2)
+    c._logits[1, a:b] = x[1, a:b].astype(np.float16)
+    write(c, x, [u for u in c.write_units() if u != (1, [2])])
+    with pytest.raises(DhkdError, match=r"incomplete: 1 of 10 chunks not written \(epochs 1\); re-run cache-teacher"):
+        c.check_complete()
+    write(c, x, [(1, [2])])
+    c.check_complete()
+    assert c.done_mask().all()
+
+
+def test_resumed_store_is_byte_identical(tmp_path):
+    x = fake_logits()
+    write(create(tmp_path / "straight.zarr"), x)
+    first = create(tmp_path / "resumed.zarr")
+    units = first.write_units()
+    write(first, x, units[:3])
+    again = create(tmp_path / "resumed.zarr")  # same command: reopened, not recreated
+    done = again.done_mask()
+    assert done.sum() == 3
+    write(again, x, [(e, ch) for e, ch in units if not done[e, ch].all()])
+    a, b = files(tmp_path / "straight.zarr"), files(tmp_path / "resumed.zarr")
+    assert a.keys() == b.keys()
+    assert all(a[k] == b[k] for k in a)
+
+
+def test_sharded_store_round_trips(tmp_path):
+    n, k = 1000, 16
+    x = fake_logits(n=n, k=k)
+    c = create(tmp_path / "s.zarr", "int8", n=n, k=k, attrs=attrs(), shard_threshold=8, shard_bytes=3 * C * k)
+    assert c.num_chunks == 16 and c.shard_chunks == 3
+    units = c.write_units()
+    assert units[0] == (0, [0, 1, 2]) and units[5] == (0, [15]) and units[6] == (1, [0, 1, 2]) and len(units) == 12
+    with pytest.raises(ValueError):
+        c.write_unit(0, 1, x[0, :C], fake_order(0, n)[:C], fake_views(0, n)[:C])
+    write(c, x)
+    c.check_complete()
+    s = LogitCache.open(str(tmp_path / "s.zarr")).summary()
+    assert s["chunks"] == [1, C, k] and s["shards"] == [1, 3 * C, k]
+    # one object per shard, and done chunked per unit
+    assert sorted(os.listdir(tmp_path / "s.zarr" / "logits" / "c" / "0")) == [str(i) for i in range(6)]
+    assert len(os.listdir(tmp_path / "s.zarr" / "done" / "c" / "0")) == 6
+    c = LogitCache.open(str(tmp_path / "s.zarr"))
+    got = torch.cat([c.read_rows(1, j) for j in range(c.num_chunks)])
+    assert float((got - torch.from_numpy(x[1])).abs().max()) <= codec_tolerance("int8", torch.from_numpy(x[1]))
+    assert np.array_equal(c.read_order(1), fake_order(1, n))
+
+
+def _writer_process(path, parity):
+    c = LogitCache.open(path, mode="r+")
+    x = fake_logits(n=1000, k=16)
+    write(c, x, [u for i, u in enumerate(c.write_units()) if i % 2 == parity])
+
+
+def test_two_processes_write_what_one_process_writes(tmp_path):
+    n, k = 1000, 16
+    geometry = dict(n=n, k=k, attrs=attrs(), shard_threshold=8, shard_bytes=3 * C * k)
+    write(create(tmp_path / "one.zarr", **geometry), fake_logits(n=n, k=k))
+    create(tmp_path / "two.zarr", **geometry)
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_writer_process, args=(str(tmp_path / "two.zarr"), p)) for p in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    LogitCache.open(str(tmp_path / "two.zarr")).check_complete()
+    for a, b in zip(read_all(tmp_path / "one.zarr"), read_all(tmp_path / "two.zarr")):
+        assert np.array_equal(a, b)
+
+
+def test_check_matches_names_the_field(tmp_path):
+    c = create(tmp_path / "s.zarr")
+    c.check_matches({"kind": "digits", "num_samples": N, "num_classes": K, "digest": "abc"})
+    with pytest.raises(DhkdError, match="store does not match the data: num_classes is 10 in the store, 100 in the data"):
+        c.check_matches({"kind": "digits", "num_samples": N, "num_classes": 100, "digest": "xyz"})
+    with pytest.raises(DhkdError, match="digest"):
+        c.check_matches({"kind": "digits", "num_samples": N, "num_classes": K, "digest": "xyz"})
+
+
+def test_missing_or_foreign_store(tmp_path):
+    with pytest.raises(DhkdError, match="no logit store"):
+        LogitCache.open(str(tmp_path / "nope.zarr"))
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "x.txt").write_text("hi")
+    with pytest.raises(DhkdError, match="not a logit store"):
+        LogitCache.open(str(tmp_path / "plain"))
+    with pytest.raises(DhkdError, match="not a logit store"):
+        create(tmp_path / "plain")
+    c = create(tmp_path / "s.zarr")
+    c.update_attrs(format_version=99)
+    with pytest.raises(DhkdError, match="format version 99"):
+        LogitCache.open(str(tmp_path / "s.zarr"))
+    (tmp_path / "s.zarr" / "zarr.json").write_text("{not json")
+    with pytest.raises(DhkdError, match="not a logit store"):
+        LogitCache.open(str(tmp_path / "s.zarr"))
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(DhkdError):
+        create(tmp_path / "afile" / "s.zarr")  # unwritable: a file is in the way
+
+
+def test_corrupt_chunk_names_the_chunk(tmp_path):
+    c = create(tmp_path / "s.zarr")
+    write(c, fake_logits())
+    chunk_file = tmp_path / "s.zarr" / "logits" / "c" / "1" / "3" / "0"
+    assert chunk_file.exists()
+    chunk_file.write_bytes(b"\x02\x01garbage" * 5)
+    c = LogitCache.open(str(tmp_path / "s.zarr"))
+    c.read_chunk(1, 2)
+    with pytest.raises(DhkdError, match=r"s\.zarr.*logits epoch 1 chunk 3"):
+        c.read_chunk(1, 3)
+    with pytest.raises(DhkdError, match="chunk 3"):
+        c.read_rows(1, 3)
+
+
+def test_summary(tmp_path):
+    c = create(tmp_path / "s.zarr", "int8")
+    write(c, fake_logits(), c.write_units()[:4])
+    s = c.summary()
+    json.dumps(s)
+    assert s["shape"] == [E, N, K] and s["codec"] == "int8" and s["dtype"] == "int8"
+    assert s["chunks"] == [1, C, K] and s["shards"] is None
+    assert s["complete"] == "4/10" and s["format_version"] == 1 and s["tool_version"] == "0.test"
+    assert s["teacher"]["arch"] == "resnet8" and s["dataset"]["kind"] == "digits" and s["seed"] == 0
+    assert s["policy"]["policy"] == "pad_crop_flip"
+    assert s["bytes_on_disk"] > 0 and 0 < s["bytes_per_logit"] < 4
+    c.update_attrs(teacher={**c.attrs["teacher"], "val_top1": 91.5})
+    assert LogitCache.open(str(tmp_path / "s.zarr")).attrs["teacher"]["val_top1"] == 91.5
+    assert LogitCache.estimate_bytes(E, N, K, "fp16") > E * N * K * 2
+
+
+def test_create_over_an_existing_store(tmp_path):
+    path = tmp_path / "s.zarr"
+    c = create(path)
+    write(c, fake_logits(), c.write_units()[:2])
+    with pytest.raises(DhkdError, match=r"a different store exists at .*s\.zarr \(views differs\); pass --overwrite"):
+        create(path, attrs=attrs(views=3))
+    with pytest.raises(DhkdError, match=r"\(codec differs\)"):
+        create(path, codec="int8", attrs=attrs(codec="int8"))
+    resumed = create(path)
+    assert resumed.done_mask().sum() == 2
+    fresh = create(path, attrs=attrs(views=3), overwrite=True)
+    assert fresh.done_mask().sum() == 0 and fresh.attrs["command"]["views"] == 3
