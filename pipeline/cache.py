@@ -88,10 +88,13 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(text).split())
 
 
-def _dir_bytes(path: str) -> int:
+def _dir_bytes(path: str, data_only: bool = False) -> int:
+    """Bytes of the files under path (data_only: chunk and shard objects, no zarr.json)."""
     total = 0
     for root, _, files in os.walk(path):
         for name in files:
+            if data_only and name == "zarr.json":
+                continue
             try:
                 total += os.path.getsize(os.path.join(root, name))
             except OSError:
@@ -480,9 +483,9 @@ class LogitCache:
 
     def summary(self) -> dict:
         done = self.done_mask()
-        logit_bytes = _dir_bytes(os.path.join(self._path, "logits"))
+        logit_bytes = _dir_bytes(os.path.join(self._path, "logits"), data_only=True)
         if self._scale is not None:
-            logit_bytes += _dir_bytes(os.path.join(self._path, "logit_scale"))
+            logit_bytes += _dir_bytes(os.path.join(self._path, "logit_scale"), data_only=True)
         count = self._epochs * self._num_samples * self._num_classes
         shards = self._logits.shards
         return {
