@@ -1,0 +1,83 @@
+"""One registry for every architecture: ``create_model(name, num_classes)`` is the only door in.
+
+Each family module decorates its constructors with ``register_model``; a constructor takes
+``num_classes`` and returns a model whose ``forward`` returns logits only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch.nn as nn
+
+from ..errors import DhkdError
+
+CIFAR_INPUT = 32
+IMAGENET_INPUT = 224
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    build: Callable[[int], nn.Module]
+    input_size: int
+    torchvision_arch: str | None = None  # the torchvision builder name, for its named weights
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(*names: str, input_size: int = CIFAR_INPUT, torchvision_arch: str | None = None):
+    """Registers the decorated ``build(num_classes) -> nn.Module`` under each of ``names``."""
+
+    def deco(build):
+        for name in names or (build.__name__,):
+            if name in _REGISTRY:
+                raise ValueError(f"model name registered twice: {name}")
+            _REGISTRY[name] = ModelEntry(name, build, input_size, torchvision_arch)
+        return build
+
+    return deco
+
+
+def is_registered(name: str) -> bool:
+    return name in _REGISTRY
+
+
+def _entry(name: str) -> ModelEntry:
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise DhkdError(f"unknown model {name!r}; known: {', '.join(list_models())}") from None
+
+
+def list_models() -> list[str]:
+    """All registered names: the CIFAR zoo first, then the ImageNet ones, each group sorted."""
+    return sorted(_REGISTRY, key=lambda n: (_REGISTRY[n].input_size != CIFAR_INPUT, n.lower(), n))
+
+
+def model_input_size(name: str) -> int:
+    """Side of the square input the architecture is built for (32 for CIFAR, 224 for ImageNet)."""
+    return _entry(name).input_size
+
+
+def torchvision_arch(name: str) -> str | None:
+    """The torchvision builder behind ``name`` (for named weights), or None for the KD zoo."""
+    return _REGISTRY[name].torchvision_arch if name in _REGISTRY else None
+
+
+def create_model(name: str, num_classes: int, dual_head: bool = False, aux_head: str = "linear",
+                 grad_align: bool = False) -> nn.Module:
+    """Builds ``name`` with ``num_classes`` outputs; ``dual_head`` wraps it in ``DualHead``."""
+    entry = _entry(name)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise DhkdError(f"num_classes must be a positive integer, got {num_classes!r}")
+    model = entry.build(num_classes)
+    if dual_head:
+        from .dual_head import DualHead
+
+        model = DualHead(model, aux_head=aux_head, grad_align=grad_align, num_classes=num_classes)
+    elif aux_head not in ("linear", "nonlinear"):
+        raise DhkdError(f"aux_head must be 'linear' or 'nonlinear', got {aux_head!r}")
+    return model

@@ -1,0 +1,126 @@
+"""CIFAR ShuffleNetV2 of the KD literature (``ShuffleV2``: net size 1, 116/232/464/1024 channels).
+
+Layout of RepDistiller ``models/ShuffleNetv2.py`` / mdistiller ``mdistiller/models/cifar/ShuffleNetv2.py``:
+``conv1, bn1, layer{1,2,3}.0`` (DownBlock: ``conv1..conv5, bn1..bn5``), ``layer{1,2,3}.{i>=1}``
+(BasicBlock: ``conv1..conv3, bn1..bn3``), ``conv2, bn2, linear``.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .registry import register_model
+
+
+class ShuffleBlock(nn.Module):
+    def __init__(self, groups=2):
+        super().__init__()
+        self.groups = groups
+
+    def forward(self, x):
+        n, c, h, w = x.size()
+        g = self.groups
+        return x.reshape(n, g, c // g, h, w).permute(0, 2, 1, 3, 4).reshape(n, c, h, w)
+
+
+class SplitBlock(nn.Module):
+    def __init__(self, ratio):
+        super().__init__()
+        self.ratio = ratio
+
+    def forward(self, x):
+        c = int(x.size(1) * self.ratio)
+        return x[:, :c, :, :], x[:, c:, :, :]
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_channels, split_ratio=0.5):
+        super().__init__()
+        self.split = SplitBlock(split_ratio)
+        c = int(in_channels * split_ratio)
+        self.conv1 = nn.Conv2d(c, c, kernel_size=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, kernel_size=3, stride=1, padding=1, groups=c, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.conv3 = nn.Conv2d(c, c, kernel_size=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c)
+        self.shuffle = ShuffleBlock()
+
+    def forward(self, x):
+        x1, x2 = self.split(x)
+        out = F.relu(self.bn1(self.conv1(x2)))
+        out = self.bn2(self.conv2(out))
+        out = F.relu(self.bn3(self.conv3(out)))
+        return self.shuffle(torch.cat([x1, out], 1))
+
+
+class DownBlock(nn.Module):
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        mid = out_channels // 2
+        # left branch
+        self.conv1 = nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=2, padding=1,
+                               groups=in_channels, bias=False)
+        self.bn1 = nn.BatchNorm2d(in_channels)
+        self.conv2 = nn.Conv2d(in_channels, mid, kernel_size=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(mid)
+        # right branch
+        self.conv3 = nn.Conv2d(in_channels, mid, kernel_size=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(mid)
+        self.conv4 = nn.Conv2d(mid, mid, kernel_size=3, stride=2, padding=1, groups=mid, bias=False)
+        self.bn4 = nn.BatchNorm2d(mid)
+        self.conv5 = nn.Conv2d(mid, mid, kernel_size=1, bias=False)
+        self.bn5 = nn.BatchNorm2d(mid)
+        self.shuffle = ShuffleBlock()
+
+    def forward(self, x):
+        left = self.bn1(self.conv1(x))
+        left = F.relu(self.bn2(self.conv2(left)))
+        right = F.relu(self.bn3(self.conv3(x)))
+        right = self.bn4(self.conv4(right))
+        right = F.relu(self.bn5(self.conv5(right)))
+        return self.shuffle(torch.cat([left, right], 1))
+
+
+CONFIGS = {
+    0.2: {"out_channels": (40, 80, 160, 512), "num_blocks": (3, 3, 3)},
+    0.3: {"out_channels": (40, 80, 160, 512), "num_blocks": (3, 7, 3)},
+    0.5: {"out_channels": (48, 96, 192, 1024), "num_blocks": (3, 7, 3)},
+    1: {"out_channels": (116, 232, 464, 1024), "num_blocks": (3, 7, 3)},
+    1.5: {"out_channels": (176, 352, 704, 1024), "num_blocks": (3, 7, 3)},
+    2: {"out_channels": (224, 488, 976, 2048), "num_blocks": (3, 7, 3)},
+}
+
+
+class ShuffleNetV2(nn.Module):
+    def __init__(self, net_size, num_classes=100):
+        super().__init__()
+        out_channels = CONFIGS[net_size]["out_channels"]
+        num_blocks = CONFIGS[net_size]["num_blocks"]
+        self.conv1 = nn.Conv2d(3, 24, kernel_size=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(24)
+        self.in_channels = 24
+        self.layer1 = self._make_layer(out_channels[0], num_blocks[0])
+        self.layer2 = self._make_layer(out_channels[1], num_blocks[1])
+        self.layer3 = self._make_layer(out_channels[2], num_blocks[2])
+        self.conv2 = nn.Conv2d(out_channels[2], out_channels[3], kernel_size=1, stride=1, padding=0, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels[3])
+        self.linear = nn.Linear(out_channels[3], num_classes)
+
+    def _make_layer(self, out_channels, num_blocks):
+        layers = [DownBlock(self.in_channels, out_channels)]
+        layers += [BasicBlock(out_channels) for _ in range(num_blocks)]
+        self.in_channels = out_channels
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = F.avg_pool2d(out, 4)
+        return self.linear(out.reshape(out.size(0), -1))
+
+
+@register_model("ShuffleV2")
+def shufflev2(num_classes):
+    return ShuffleNetV2(net_size=1, num_classes=num_classes)
