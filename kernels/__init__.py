@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
+import types
 
 import torch
 
@@ -43,6 +45,18 @@ def __getattr__(name):
     if name in _LAZY:
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    # Importing the submodule ``dhkd_loss.py`` would rebind this package's ``dhkd_loss`` attribute
+    # to that module, shadowing the dispatching function; keep the function.
+    def __setattr__(self, name, value):
+        if name == "dhkd_loss" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def triton_available() -> bool:
