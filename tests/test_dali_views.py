@@ -1,0 +1,187 @@
+"""The image-folder data set and its DALI replay pipeline (CPU), against a Pillow oracle."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("nvidia.dali")
+
+from dhkd_pipe.data import load_data  # noqa: E402
+from dhkd_pipe.dali_views import DaliViews, render_reference  # noqa: E402
+from dhkd_pipe.errors import DhkdError  # noqa: E402
+from dhkd_pipe.imagefolder import ImageFolderData  # noqa: E402
+
+RES = 32
+HEIGHT, WIDTH = 40, 48
+
+
+def _write_folder(root, per_class=5, val_per_class=2):
+    """scikit-learn digits as coloured 48x40 JPEGs: 3 classes, train and val."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    counts = {}
+    for image, label in zip(digits.images, digits.target):
+        if label >= 3 or counts.get(label, 0) >= per_class + val_per_class:
+            continue
+        k = counts[label] = counts.get(label, 0) + 1
+        split = "val" if k > per_class else "train"
+        gray = Image.fromarray((image / 16 * 255).astype(np.uint8)).resize((WIDTH, HEIGHT), Image.BILINEAR)
+        g = np.asarray(gray)
+        rgb = np.stack([g, 255 - g, np.full_like(g, 30 * k)], axis=-1)
+        os.makedirs(root / split / f"class{label}", exist_ok=True)
+        Image.fromarray(rgb).save(root / split / f"class{label}" / f"{k:03d}.JPEG", quality=95)
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return _write_folder(tmp_path_factory.mktemp("jpegs"))
+
+
+@pytest.fixture(scope="module")
+def data(folder):
+    return load_data(f"imagefolder:{folder}")
+
+
+@pytest.fixture(scope="module")
+def renderer(data):
+    r = DaliViews(data, data.default_plan(resolution=RES), "cpu", workers=2)
+    # the first call sizes the pipeline for batches of 8: smaller batches reuse it
+    list(r.train_batches(np.arange(8), data.default_plan(resolution=RES).views(0, np.arange(8), data.train_sizes(np.arange(8))), 8))
+    yield r
+    r.close()
+
+
+def _views(data, indices, epoch=0):
+    plan = data.default_plan(seed=3, resolution=RES)
+    return plan.views(epoch, indices, data.train_sizes(indices))
+
+
+def test_folder_parsing_and_fingerprint(folder, data):
+    assert isinstance(data, ImageFolderData) and data.kind == "imagefolder"
+    assert data.num_classes == 3 and data.num_train == 15 and data.num_val == 6
+    assert data.train_labels.dtype == torch.int64 and data.train_labels.tolist() == [0] * 5 + [1] * 5 + [2] * 5
+    assert data.val_labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert data.train_files[0].endswith(os.path.join("train", "class0", "001.JPEG"))
+    assert data.mean == (0.485, 0.456, 0.406) and data.std == (0.229, 0.224, 0.225)
+    plan = data.default_plan(seed=5)
+    assert plan.policy == "random_resized_crop_flip" and plan.resolution == 224 and plan.seed == 5
+    fp = data.fingerprint()
+    assert fp["kind"] == "imagefolder" and fp["num_samples"] == 15 and fp["num_classes"] == 3
+    # the digest depends on the relative file list only, not on where the folder lives
+    moved = folder.parent / (folder.name + "_copy")
+    shutil.copytree(folder, moved)
+    assert ImageFolderData.from_folder(str(moved)).fingerprint() == fp
+    os.rename(moved / "train" / "class2" / "005.JPEG", moved / "train" / "class2" / "006.JPEG")
+    assert ImageFolderData.from_folder(str(moved)).fingerprint()["digest"] != fp["digest"]
+    shutil.rmtree(moved)
+
+
+def test_train_sizes_and_val_views(data):
+    sizes = data.train_sizes(np.array([3, 0, 14]))
+    assert sizes.dtype == np.int64 and sizes.tolist() == [[HEIGHT, WIDTH]] * 3
+    v = data.val_views(data.default_plan(resolution=RES))
+    assert v.shape == (6, 5) and v[0].tolist() == [2, 6, 35, 35, 0]
+
+
+def test_user_errors(tmp_path):
+    with pytest.raises(DhkdError, match="not found"):
+        load_data(f"imagefolder:{tmp_path / 'nowhere'}")
+    with pytest.raises(DhkdError, match="train"):
+        load_data(f"imagefolder:{tmp_path}")
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    (tmp_path / "train" / "a" / "notes.txt").write_text("x")
+    with pytest.raises(DhkdError, match="no images"):
+        load_data(f"imagefolder:{tmp_path}")
+
+
+def test_shape_order_and_batch_size_invariance(data, renderer):
+    idx = np.array([14, 0, 7, 3, 3, 11, 5, 9, 1, 12, 2])
+    views = _views(data, idx)
+    full = {}
+    for bs in (8, 3, 1):
+        batches = list(renderer.train_batches(idx, views, bs))
+        assert [len(b) for b in batches] == [min(bs, len(idx) - s) for s in range(0, len(idx), bs)]
+        assert all(b.dtype == torch.float32 and b.shape[1:] == (3, RES, RES) for b in batches)
+        full[bs] = torch.cat(batches)
+    assert torch.equal(full[8], full[3]) and torch.equal(full[8], full[1])
+    # the same view of a sample gives the same pixels wherever it sits
+    assert torch.equal(full[8][3], full[8][4])
+    # order: each row is its own sample (rendered alone it matches)
+    alone = torch.cat(list(renderer.train_batches(idx[5:6], views[5:6], 4)))
+    assert torch.equal(alone[0], full[8][5])
+
+
+def test_close_to_the_pillow_reference(data, renderer):
+    idx = np.arange(data.num_train)
+    views = _views(data, idx, epoch=1)
+    views[:, 4] = np.arange(len(idx)) % 2  # both flips
+    out = torch.cat(list(renderer.train_batches(idx, views, 8)))
+    for i in idx:
+        ref = render_reference(data.train_files[i], views[i], RES, data.mean, data.std)
+        diff = (out[i] - ref).abs()
+        assert diff.mean() < 0.02 and diff.max() < 0.3, (i, diff.mean(), diff.max())
+    # and a flipped view is the mirror of the unflipped one
+    flipped = views.copy()
+    flipped[:, 4] ^= 1
+    out2 = torch.cat(list(renderer.train_batches(idx, flipped, 8)))
+    assert torch.allclose(out2, out.flip(-1), atol=1e-5)
+
+
+def test_box_outside_the_image_pads_with_zero(data, renderer):
+    views = np.array([[-10, -12, 30, 30, 0], [HEIGHT - 15, WIDTH - 20, 30, 30, 1], [100, 100, 8, 8, 0]], np.int32)
+    out = torch.cat(list(renderer.train_batches(np.array([2, 2, 2]), views, 8)))
+    zero = (-torch.tensor(data.mean) / torch.tensor(data.std)).view(3, 1)
+    assert torch.allclose(out[0, :, :8, :8].reshape(3, -1), zero.expand(3, 64), atol=1e-5)  # top-left padding
+    assert torch.allclose(out[1, :, -8:, :8].reshape(3, -1), zero.expand(3, 64), atol=1e-5)  # bottom, mirrored right
+    assert torch.allclose(out[2].reshape(3, -1), zero.expand(3, RES * RES), atol=1e-5)  # wholly outside
+    for i in range(2):
+        ref = render_reference(data.train_files[2], views[i], RES, data.mean, data.std)
+        assert (out[i] - ref).abs().mean() < 0.02
+
+
+def test_val_batches(data, renderer):
+    batches = list(renderer.val_batches(4))
+    assert [len(x) for x, _ in batches] == [4, 2]
+    labels = torch.cat([y for _, y in batches])
+    assert torch.equal(labels, data.val_labels)
+    images = torch.cat([x for x, _ in batches])
+    views = data.val_views(renderer.plan)
+    for i in range(data.num_val):
+        ref = render_reference(data.val_files[i], views[i], RES, data.mean, data.std)
+        assert (images[i] - ref).abs().mean() < 0.02
+
+
+def test_abandoned_generator_then_new_epoch(data, renderer):
+    idx = np.arange(12)
+    views = _views(data, idx, epoch=2)
+    gen = renderer.train_batches(idx, views, 2)
+    first = next(gen)
+    del gen
+    again = torch.cat(list(renderer.train_batches(idx, views, 2)))
+    assert torch.equal(again[:2], first) and len(again) == 12
+
+
+def test_corrupt_image_names_the_file(folder, tmp_path):
+    root = tmp_path / "bad"
+    shutil.copytree(folder, root)
+    bad = root / "train" / "class1" / "003.JPEG"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG" + bytes(range(256)) * 4)
+    data = ImageFolderData.from_folder(str(root))
+    i = data.train_files.index(str(bad))
+    with pytest.raises(DhkdError, match="003.JPEG"):
+        data.train_sizes([i])
+    r = DaliViews(data, data.default_plan(resolution=RES), "cpu", workers=1)
+    idx = np.array([0, i, 1])
+    views = np.array([[0, 0, HEIGHT, WIDTH, 0]] * 3, np.int32)
+    with pytest.raises(DhkdError, match=r"class1.003\.JPEG"):
+        list(r.train_batches(idx, views, 2))
+    # the renderer recovers for good files
+    out = torch.cat(list(r.train_batches(idx[[0, 2]], views[[0, 2]], 2)))
+    assert out.shape == (2, 3, RES, RES)
+    r.close()
