@@ -125,6 +125,13 @@ def torchvision_weight_file(arch: str, name: str) -> str:
     return path
 
 
+def _without_aux(model: nn.Module) -> bool:
+    from torchvision.models import GoogLeNet, Inception3
+
+    net = getattr(model, "backbone", model)
+    return isinstance(net, (GoogLeNet, Inception3)) and not net.aux_logits
+
+
 def _looks_like_weight_name(spec: str) -> bool:
     return os.sep not in spec and "/" not in spec and not os.path.splitext(spec)[1].lower() in (
         ".pt", ".pth", ".tar", ".bin", ".ckpt", ".safetensors")
@@ -156,8 +163,9 @@ def load_checkpoint(model: nn.Module, path_or_weight_name, strict: bool = True, 
     single = isinstance(model, DualHead) and not any(k.startswith("backbone.") for k in sd)
     if single:
         target_sd = model.single_head_state_dict()
-    if tv_arch in ("googlenet", "inception_v3"):
-        # torchvision builds these with aux classifiers to load its weights, then drops them
+    if _without_aux(model):
+        # torchvision's GoogLeNet / Inception-v3 weights hold auxiliary classifiers that our
+        # logits-only builds lack; torchvision itself drops them after loading
         sd = {k: v for k, v in sd.items() if k in target_sd or not k.startswith(("aux1.", "aux2.", "AuxLogits."))}
     missing, unexpected = check_state_dict(target_sd, sd, path, strict)
     if single:

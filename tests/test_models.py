@@ -170,8 +170,8 @@ def test_dual_head_keeps_head1_weights_and_loads_single_head(tmp_path):
 
 
 def test_dual_head_without_classifier():
-    with pytest.raises(DhkdError, match="no an nn.Linear|no an|nn.Linear"):
-        DualHead(nn.Sequential(nn.Conv2d(3, 4, 1)))
+    with pytest.raises(DhkdError, match="SqueezeNet: it has no nn.Linear classifier with 10 outputs"):
+        create_model("squeezenet1_0", 10, dual_head=True)
 
 
 def test_align_gradients_projects_conflicts_only():

@@ -56,8 +56,9 @@ def find_classifier(model: nn.Module, num_classes: int | None = None) -> tuple[s
         if isinstance(m, nn.Linear) and (num_classes is None or m.out_features == num_classes):
             found = (name, m)
     if found is None:
-        what = "an nn.Linear" if num_classes is None else f"an nn.Linear with {num_classes} outputs"
-        raise DhkdError(f"cannot add a second head to {type(model).__name__}: it has no {what} classifier")
+        what = "" if num_classes is None else f" with {num_classes} outputs"
+        raise DhkdError(f"cannot add a second head to {type(model).__name__}: "
+                        f"it has no nn.Linear classifier{what}")
     return found
 
 
