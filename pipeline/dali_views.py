@@ -261,16 +261,16 @@ class DaliViews:
             num_threads=self.num_threads,
             device_id=self.device_id,
             prefetch_queue_depth=self.prefetch,
-            py_num_workers=self.num_workers,
-            py_start_method=self.start_method,
+            # 0 workers: the source runs in the main process (no parallel external source)
+            **(dict(py_num_workers=self.num_workers, py_start_method=self.start_method) if self.num_workers > 0 else {}),
         )
         with pipe:
             encoded, start, shape, box_start, box_shape, flip = fn.external_source(
                 source=self.source,
                 num_outputs=6,
                 batch=False,
-                parallel=True,
-                prefetch_queue_depth=self.prefetch,
+                parallel=self.num_workers > 0,
+                **({"prefetch_queue_depth": self.prefetch} if self.num_workers > 0 else {}),
                 dtype=[types.UINT8, types.INT32, types.INT32, types.INT32, types.INT32, types.INT32],
                 ndim=[1, 1, 1, 1, 1, 0],
             )
