@@ -26,8 +26,17 @@ def softplus(x):
 
 
 @triton.jit
+def sigmoid(x):
+    """1 / (1 + e^-x) through e^{-|x|}, so no exp overflows (inf) at large |x|."""
+    e = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
 def row_lse(x_ptr, K, scale, BLOCK: tl.constexpr):
-    """log sum_k exp(scale * x_k), by the online (running max) log-sum-exp."""
+    """log sum_k exp(scale * x_k) as (m, log d) with m the row max, by the online (running max)
+    log-sum-exp. Kept apart so callers form (z - m) - log d: at |z| ~ 1e4, z - (m + log d) would
+    lose log d to float32 rounding of the sum."""
     m = float("-inf")
     d = 0.0
     for start in range(0, K, BLOCK):
@@ -37,26 +46,28 @@ def row_lse(x_ptr, K, scale, BLOCK: tl.constexpr):
         m_new = tl.maximum(m, tl.max(z, 0))
         d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
         m = m_new
-    return m + tl.log(d)
+    return m, tl.log(d)
 
 
 @triton.jit
-def ce_grad_store(x_ptr, g_ptr, y, lse, K, g_scale, BLOCK: tl.constexpr):
-    """Stores g_scale * (softmax(x) - onehot(y)), the cross-entropy gradient, in g's dtype."""
+def ce_grad_store(x_ptr, g_ptr, y, m, log_d, K, g_scale, BLOCK: tl.constexpr):
+    """Stores g_scale * (softmax(x) - onehot(y)), the cross-entropy gradient, in g's dtype;
+    softmax(x) = exp((x - m) - log d) from ``row_lse``."""
     for start in range(0, K, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < K
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.exp(x - lse) - tl.where(offs == y, 1.0, 0.0)
+        g = tl.exp((x - m) - log_d) - tl.where(offs == y, 1.0, 0.0)
         tl.store(g_ptr + offs, (g * g_scale).to(g_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def kd_row_stats(s_ptr, t_ptr, t_scale, K, inv_T, BLOCK: tl.constexpr):
-    """For zs = s/T, zt = t/T: (lse(zs), lse(zt), KL(softmax(zt) || softmax(zs))), one pass.
+    """For zs = s/T, zt = t/T, one pass: (ms, log ds, mt, log dt, KL(softmax(zt) || softmax(zs)))
+    with lse(zs) = ms + log ds and lse(zt) = mt + log dt as in ``row_lse``.
 
-    KL = sum_k p_k (zt_k - zs_k) - lse(zt) + lse(zs), with sum_k e^{zt_k - m} (zt_k - zs_k)
-    accumulated alongside the teacher's running max m and rescaled when m grows.
+    KL = sum_k p_k (zt_k - zs_k) - lse(zt) + lse(zs), with sum_k e^{zt_k - mt} (zt_k - zs_k)
+    accumulated alongside the teacher's running max mt and rescaled when mt grows.
     """
     ms = float("-inf")
     ds = 0.0
@@ -79,21 +90,21 @@ def kd_row_stats(s_ptr, t_ptr, t_scale, K, inv_T, BLOCK: tl.constexpr):
         dt = dt * rescale + tl.sum(et, 0)
         acc = acc * rescale + tl.sum(tl.where(mask, et * (zt - zs), 0.0), 0)
         mt = mt_new
-    lse_s = ms + tl.log(ds)
-    lse_t = mt + tl.log(dt)
-    kl = acc / dt - (mt - ms) - tl.log(dt) + tl.log(ds)
-    return lse_s, lse_t, kl
+    log_ds = tl.log(ds)
+    log_dt = tl.log(dt)
+    kl = acc / dt - (mt - ms) - log_dt + log_ds
+    return ms, log_ds, mt, log_dt, kl
 
 
 @triton.jit
-def kd_grad_store(s_ptr, t_ptr, t_scale, g_ptr, lse_s, lse_t, K, inv_T, g_scale, BLOCK: tl.constexpr):
+def kd_grad_store(s_ptr, t_ptr, t_scale, g_ptr, ms, log_ds, mt, log_dt, K, inv_T, g_scale, BLOCK: tl.constexpr):
     """Stores g_scale * (softmax(s/T) - softmax(t/T)) in g's dtype."""
     for start in range(0, K, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < K
         zs = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv_T
         zt = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32) * (t_scale * inv_T)
-        g = tl.exp(zs - lse_s) - tl.exp(zt - lse_t)
+        g = tl.exp((zs - ms) - log_ds) - tl.exp((zt - mt) - log_dt)
         tl.store(g_ptr + offs, (g * g_scale).to(g_ptr.dtype.element_ty), mask=mask)
 
 
@@ -116,11 +127,11 @@ def binary_kl_row(s_ptr, t_ptr, t_scale, g_ptr, K, inv_T, g_scale, NORM: tl.cons
             d = b - a
             ad = tl.abs(d)
             kl = 0.5 * ad + tl.log(1.0 + tl.exp(-ad)) - LN2
-            g = tl.sigmoid(d) - 0.5
+            g = sigmoid(d) - 0.5
         else:
-            sig_a = tl.sigmoid(a)
+            sig_a = sigmoid(a)
             kl = softplus(b) - softplus(a) - sig_a * (b - a)
-            g = tl.sigmoid(b) - sig_a
+            g = sigmoid(b) - sig_a
         total += tl.sum(tl.where(mask, kl, 0.0), 0)
         tl.store(g_ptr + offs, (g * g_scale).to(g_ptr.dtype.element_ty), mask=mask)
     return total

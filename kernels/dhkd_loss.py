@@ -58,14 +58,14 @@ def _dhkd_kernel(
     else:
         t_scale = 1.0
 
-    lse1 = row_lse(h1, K, 1.0, BLOCK)
-    ce = lse1 - tl.load(h1 + y).to(tl.float32)
+    m1, log_d1 = row_lse(h1, K, 1.0, BLOCK)
+    ce = (m1 - tl.load(h1 + y).to(tl.float32)) + log_d1
     if KD_MODE == 0:
-        lse_s, lse_t, kl = kd_row_stats(h2, t, t_scale, K, inv_T, BLOCK)
-        kd_grad_store(h2, t, t_scale, g2, lse_s, lse_t, K, inv_T, kd_gw, BLOCK)
+        ms, log_ds, mt, log_dt, kl = kd_row_stats(h2, t, t_scale, K, inv_T, BLOCK)
+        kd_grad_store(h2, t, t_scale, g2, ms, log_ds, mt, log_dt, K, inv_T, kd_gw, BLOCK)
     else:
         kl = binary_kl_row(h2, t, t_scale, g2, K, inv_T, kd_gw, KD_MODE == 2, BLOCK)
-    ce_grad_store(h1, g1, y, lse1, K, ce_w, BLOCK)
+    ce_grad_store(h1, g1, y, m1, log_d1, K, ce_w, BLOCK)
     tl.store(loss_ptr + row, ce_w * ce + kd_w * kl)
 
 

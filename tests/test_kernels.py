@@ -1,0 +1,232 @@
+"""The fused Triton losses against float64 references of ``dhkd_pipe.losses``: values and both
+gradients, every kd_loss and teacher dtype, awkward shapes and strides, extreme logits, and
+gradient buffers poisoned with NaN so an element the kernel fails to write shows up.
+
+Without a GPU the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1); a small
+column block (BLOCK) makes small K span several blocks."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from dhkd_pipe import losses  # noqa: E402
+from dhkd_pipe.errors import DhkdError  # noqa: E402
+from dhkd_pipe.kernels import (  # noqa: E402
+    dhkd_loss,
+    fused_binary_kl_loss,
+    fused_binary_kl_norm_loss,
+    fused_ce_loss,
+    fused_dhkd_loss,
+    fused_kd_loss,
+    triton_available,
+)
+from dhkd_pipe.kernels.dhkd_loss import dhkd_forward  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+BLOCK = 16
+T, ALPHA, GAMMA = 4.0, 0.7, 1.3
+KD_NAMES = ["kd", "binary_kl", "binary_kl_norm"]
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _logits(B, K, seed, scale=3.0):
+    return (torch.randn(B, K, generator=_gen(seed)) * scale).to(DEV)
+
+
+def _teacher(B, K, dtype, seed):
+    """(teacher as stored, teacher_scale or None)."""
+    if dtype == torch.int8:
+        q = torch.randint(-127, 128, (B, K), generator=_gen(seed), dtype=torch.int8)
+        scale = torch.rand(B, generator=_gen(seed + 1)) * 0.05 + 0.01
+        return q.to(DEV), scale.to(DEV)
+    return _logits(B, K, seed).to(dtype), None
+
+
+def _labels(B, K, seed, dtype=torch.int64):
+    return torch.randint(0, K, (B,), generator=_gen(seed)).to(dtype).to(DEV)
+
+
+def _reference(h1, h2, teacher, scale, y, kd_loss, T=T, alpha=ALPHA, gamma=GAMMA):
+    """Loss and (grad head 1, grad head 2) in float64 from the PyTorch reference."""
+    a = h1.detach().double().requires_grad_()
+    b = h2.detach().double().requires_grad_()
+    t = losses.dequantize(teacher, scale).double()
+    loss = gamma * losses.ce_loss(a, y) + alpha * losses.KD_LOSSES[kd_loss](b, t, T)
+    ga, gb = torch.autograd.grad(loss, (a, b))
+    return loss.detach(), ga, gb
+
+
+def _poisoned(x):
+    return torch.full(x.shape, float("nan"), dtype=x.dtype, device=x.device)
+
+
+def _launch(h1, h2, teacher, scale, y, kd_loss, **kw):
+    """The kernel with NaN-filled gradient buffers: (loss, grad head 1, grad head 2)."""
+    g1, g2 = _poisoned(h1), _poisoned(h2)
+    rows, o1, o2 = dhkd_forward(
+        h1, h2, teacher, y, temperature=kw.get("T", T), alpha=ALPHA, gamma=GAMMA, kd_loss=kd_loss,
+        teacher_scale=scale, grad_ce=g1, grad_kd=g2, max_block=BLOCK,
+    )
+    assert o1 is g1 and o2 is g2
+    return rows.sum(), g1, g2
+
+
+def _close(got, want, rtol, atol, what):
+    got = got.double().cpu()
+    want = want.cpu()
+    assert torch.isfinite(got).all(), f"{what}: non-finite (an element left unwritten?)"
+    assert torch.allclose(got, want, rtol=rtol, atol=atol), f"{what}: max err {(got - want).abs().max():.3g}"
+
+
+# (B, K): one row; K < block; K = 1; K = the block; K spanning several blocks, not a multiple
+SHAPES = [(1, 37), (2, 5), (3, 1), (4, 16), (5, 50)]
+TEACHER_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int8]
+
+
+@pytest.mark.parametrize("B,K", SHAPES)
+@pytest.mark.parametrize("kd_loss", KD_NAMES)
+@pytest.mark.parametrize("tdtype", TEACHER_DTYPES, ids=str)
+def test_fused_dhkd_matches_reference(B, K, kd_loss, tdtype):
+    h1, h2 = _logits(B, K, 1), _logits(B, K, 2)
+    teacher, scale = _teacher(B, K, tdtype, 3)
+    y = _labels(B, K, 4, torch.int32 if K % 2 else torch.int64)
+    loss, g1, g2 = _launch(h1, h2, teacher, scale, y, kd_loss)
+    want, w1, w2 = _reference(h1, h2, teacher, scale, y, kd_loss)
+    _close(loss, want, 1e-5, 1e-5, "loss")
+    _close(g1, w1, 1e-4, 1e-6, "grad head 1")
+    _close(g2, w2, 1e-4, 1e-6, "grad head 2")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kd_loss", KD_NAMES)
+def test_half_inputs(dtype, kd_loss):
+    """Half logits: float32 arithmetic, so the loss is tight; gradients are stored rounded."""
+    B, K = 3, 37
+    h1, h2 = _logits(B, K, 5).to(dtype), _logits(B, K, 6).to(dtype)
+    teacher, scale = _teacher(B, K, dtype, 7)
+    y = _labels(B, K, 8)
+    loss, g1, g2 = _launch(h1, h2, teacher, scale, y, kd_loss)
+    assert g1.dtype == dtype and g2.dtype == dtype
+    want, w1, w2 = _reference(h1, h2, teacher, scale, y, kd_loss)
+    _close(loss, want, 1e-5, 1e-5, "loss")
+    eps = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    _close(g1, w1, eps, eps * w1.abs().max().item(), "grad head 1")
+    _close(g2, w2, eps, eps * w2.abs().max().item(), "grad head 2")
+
+
+@pytest.mark.parametrize("kd_loss", KD_NAMES)
+def test_row_and_column_strided_inputs(kd_loss):
+    B, K = 4, 21
+    h1 = _logits(B, K + 9, 9)[:, 3 : 3 + K]  # row stride K + 9
+    h2 = _logits(B, 2 * K, 10)[:, ::2]  # column stride 2: copied to unit stride
+    tbig, scale = _teacher(B, K + 5, torch.int8, 11)
+    teacher = tbig[:, :K]
+    y = _labels(B, K, 12)
+    assert h1.stride(0) != K and h2.stride(1) == 2 and teacher.stride(0) != K
+    loss, g1, g2 = _launch(h1, h2, teacher, scale, y, kd_loss)
+    want, w1, w2 = _reference(h1, h2, teacher, scale, y, kd_loss)
+    _close(loss, want, 1e-5, 1e-5, "loss")
+    _close(g1, w1, 1e-4, 1e-6, "grad head 1")
+    _close(g2, w2, 1e-4, 1e-6, "grad head 2")
+
+
+@pytest.mark.parametrize("kd_loss", KD_NAMES)
+def test_extreme_logits(kd_loss):
+    B, K = 3, 20
+    sign = lambda seed: torch.where(_logits(B, K, seed) > 0, 1.0, -1.0)  # noqa: E731
+    h1, h2, teacher = sign(13) * 1e4, sign(14) * 1e4, sign(15) * 1e4
+    y = _labels(B, K, 16)
+    loss, g1, g2 = _launch(h1, h2, teacher, None, y, kd_loss)
+    want, w1, w2 = _reference(h1, h2, teacher, None, y, kd_loss)
+    _close(loss, want, 1e-4, 1e-3, "loss")
+    _close(g1, w1, 1e-4, 1e-6, "grad head 1")
+    _close(g2, w2, 1e-4, 1e-6, "grad head 2")
+
+
+@pytest.mark.parametrize("kd_loss", KD_NAMES)
+def test_backends_agree_including_one_head(kd_loss):
+    B, K = 3, 23
+    teacher, scale = _teacher(B, K, torch.int8, 17)
+    y = _labels(B, K, 18)
+    for same in (False, True):
+        grads, values = [], []
+        for backend in ("torch", "triton"):
+            h1 = _logits(B, K, 19).requires_grad_()
+            h2 = h1 if same else _logits(B, K, 20).requires_grad_()
+            v = dhkd_loss(
+                h1, h2, teacher, y, temperature=T, alpha=ALPHA, gamma=GAMMA, kd_loss=kd_loss,
+                teacher_scale=scale, backend=backend,
+            )
+            (3.0 * v).backward()  # a grad_output other than 1
+            values.append(v.detach())
+            grads.append((h1.grad, h2.grad))
+        _close(values[1], values[0].double(), 1e-5, 1e-5, f"loss same={same}")
+        for a, b in zip(grads[1], grads[0]):
+            _close(a, b.double(), 1e-4, 1e-6, f"grad same={same}")
+
+
+def test_single_fused_losses():
+    B, K = 4, 37
+    s = _logits(B, K, 21)
+    for tdtype in (torch.float32, torch.int8):
+        teacher, scale = _teacher(B, K, tdtype, 22)
+        t = losses.dequantize(teacher, scale).double()
+        for fused, ref in (
+            (fused_kd_loss, losses.kd_loss),
+            (fused_binary_kl_loss, losses.binary_kl_loss),
+            (fused_binary_kl_norm_loss, losses.binary_kl_norm_loss),
+        ):
+            a, b = s.clone().requires_grad_(), s.double().requires_grad_()
+            got = fused(a, teacher, T, teacher_scale=scale, max_block=BLOCK)
+            want = ref(b, t, T)
+            got.backward(), want.backward()
+            _close(got.detach(), want.detach(), 1e-5, 1e-5, fused.__name__)
+            _close(a.grad, b.grad, 1e-4, 1e-6, fused.__name__ + " grad")
+    for K in (1, 37):
+        s, y = _logits(B, K, 23), _labels(B, K, 24)
+        a, b = s.clone().requires_grad_(), s.double().requires_grad_()
+        got, want = fused_ce_loss(a, y, max_block=BLOCK), losses.ce_loss(b, y)
+        got.backward(), want.backward()
+        _close(got.detach(), want.detach(), 1e-5, 1e-5, "ce")
+        _close(a.grad, b.grad, 1e-4, 1e-6, "ce grad")
+
+
+def test_dispatch_and_errors():
+    assert triton_available()
+    B, K = 2, 6
+    s, t, y = _logits(B, K, 25), _logits(B, K, 26), _labels(B, K, 27)
+    kw = dict(temperature=T, alpha=ALPHA, gamma=GAMMA, kd_loss="binary_kl_norm")
+    # no teacher and alpha 0: CE only, both backends
+    ce = [dhkd_loss(s, s, None, y, **{**kw, "alpha": 0.0}, backend=b) for b in ("torch", "triton")]
+    assert torch.allclose(ce[0], ce[1], rtol=1e-5)
+    with pytest.raises(DhkdError):
+        dhkd_loss(s, s, t, y, **kw, backend="cuda")
+    with pytest.raises(DhkdError):
+        dhkd_loss(s, s, t, y, **{**kw, "kd_loss": "mse"}, backend="triton")
+    with pytest.raises(DhkdError):
+        dhkd_loss(s, s, None, y, **kw, backend="triton")
+    with pytest.raises(DhkdError):
+        dhkd_loss(s, s, t.to(torch.int8), y, **kw, backend="triton")  # int8 without a scale
+    with pytest.raises(DhkdError):
+        dhkd_loss(s, s, t[:, :3], y, **kw, backend="triton")
+    with pytest.raises(DhkdError):
+        dhkd_loss(s, s, t, y + K, **kw, backend="triton")
+
+
+def test_torch_backend_does_not_import_triton():
+    code = (
+        "import sys, torch\n"
+        "from dhkd_pipe.kernels import dhkd_loss\n"
+        "s = torch.randn(2, 3, requires_grad=True)\n"
+        "dhkd_loss(s, s, torch.randn(2, 3), torch.tensor([0, 2]), temperature=2.0, alpha=1.0,\n"
+        "          gamma=1.0, kd_loss='kd', backend='auto').backward()\n"
+        "assert 'triton' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
