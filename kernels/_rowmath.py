@@ -14,7 +14,7 @@ import triton.language as tl
 
 from ..errors import DhkdError
 
-LN2 = 0.6931471805599453
+LN2 = tl.constexpr(0.6931471805599453)  # a plain global is not visible inside @triton.jit
 # default largest column block: big enough that one or two blocks cover ImageNet-sized K
 DEFAULT_MAX_BLOCK = 4096
 
