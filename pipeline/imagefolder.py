@@ -20,16 +20,23 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _scan(split_dir: str, classes: list[str]):
+def _images_in(class_dir: str) -> list[str]:
+    """Image files of one class folder, sorted by name (``scandir``: no stat per file on Linux)."""
+    with os.scandir(class_dir) as entries:
+        names = [e.name for e in entries if e.name.lower().endswith(EXTENSIONS) and e.is_file()]
+    return [os.path.join(class_dir, n) for n in sorted(names)]
+
+
+def _scan(split_dir: str, classes: list[str], require_all: bool):
+    """Files and labels of a split; every class folder of ``train`` must hold images."""
     files, labels = [], []
     for label, name in enumerate(classes):
         class_dir = os.path.join(split_dir, name)
-        if not os.path.isdir(class_dir):
-            continue
-        for entry in sorted(os.listdir(class_dir)):
-            if entry.lower().endswith(EXTENSIONS) and os.path.isfile(os.path.join(class_dir, entry)):
-                files.append(os.path.join(class_dir, entry))
-                labels.append(label)
+        found = _images_in(class_dir) if os.path.isdir(class_dir) else []
+        if require_all and not found:
+            raise DhkdError(f"class folder {class_dir} holds no images ({', '.join(EXTENSIONS)})")
+        files += found
+        labels += [label] * len(found)
     return files, labels
 
 
@@ -42,6 +49,18 @@ def _image_size(path: str) -> tuple[int, int]:
     except Exception as e:
         raise DhkdError(f"cannot read image header of {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     return height, width
+
+
+def _image_sizes(paths: list[str]) -> np.ndarray:
+    """(n, 2) int64 (height, width) from the headers; threads hide file-system latency for many."""
+    if len(paths) < 256:
+        sizes = [_image_size(p) for p in paths]
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            sizes = list(pool.map(_image_size, paths, chunksize=64))
+    return np.array(sizes, dtype=np.int64).reshape(-1, 2)
 
 
 class ImageFolderData:
@@ -72,11 +91,16 @@ class ImageFolderData:
         if not os.path.isdir(train_dir):
             raise DhkdError(f"image folder {root} has no train/ folder (expected train/CLASS/*.JPEG)")
         classes = sorted(e for e in os.listdir(train_dir) if os.path.isdir(os.path.join(train_dir, e)))
-        train_files, train_labels = _scan(train_dir, classes)
-        if not train_files:
-            raise DhkdError(f"no images (.JPEG, .jpg, .jpeg, .png) in {train_dir}/CLASS/")
+        if not classes:
+            raise DhkdError(f"no images (.JPEG, .jpg, .jpeg, .png) in {train_dir}/CLASS/: it has no class folders")
+        train_files, train_labels = _scan(train_dir, classes, require_all=True)
         val_dir = os.path.join(root, "val")
-        val_files, val_labels = _scan(val_dir, classes) if os.path.isdir(val_dir) else ([], [])
+        val_files, val_labels = [], []
+        if os.path.isdir(val_dir):
+            unknown = sorted(e for e in os.listdir(val_dir) if os.path.isdir(os.path.join(val_dir, e)) and e not in classes)
+            if unknown:
+                raise DhkdError(f"{val_dir} has class folders that train/ lacks: {', '.join(unknown[:5])}")
+            val_files, val_labels = _scan(val_dir, classes, require_all=False)
         return cls(root, classes, train_files, train_labels, val_files, val_labels)
 
     @property
@@ -93,20 +117,22 @@ class ImageFolderData:
     def train_sizes(self, indices) -> np.ndarray:
         """(n, 2) int64 (height, width) of training images ``indices``, from their headers."""
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-        for i in indices[self._train_sizes[indices, 0] < 0]:
-            self._train_sizes[i] = _image_size(self.train_files[i])
+        missing = np.unique(indices[self._train_sizes[indices, 0] < 0])
+        if len(missing):
+            self._train_sizes[missing] = _image_sizes([self.train_files[i] for i in missing])
         return self._train_sizes[indices].copy()
 
     def val_sizes(self) -> np.ndarray:
         if self._val_sizes is None:
-            self._val_sizes = np.array([_image_size(f) for f in self.val_files], dtype=np.int64).reshape(-1, 2)
+            self._val_sizes = _image_sizes(self.val_files)
         return self._val_sizes
 
     def val_views(self, plan: ViewPlan) -> np.ndarray:
         return validation_views(self.val_sizes(), plan.resolution, plan.policy)
 
     def fingerprint(self) -> dict:
-        """Kind, counts, and a digest of the sorted relative training file list and labels."""
+        """Kind, counts, a digest of the sorted relative training file list and labels, and of the
+        class names (label ``k`` is the ``k``-th sorted class folder)."""
         if self._fingerprint is None:
             rel = [os.path.relpath(f, self.root).replace(os.sep, "/") for f in self.train_files]
             labels = self.train_labels.numpy()
@@ -118,6 +144,7 @@ class ImageFolderData:
                 "num_samples": self.num_train,
                 "num_classes": self.num_classes,
                 "digest": digest.hexdigest()[:32],
+                "classes_digest": hashlib.sha256("\n".join(self.classes).encode()).hexdigest()[:32],
             }
         return self._fingerprint
 

@@ -185,3 +185,45 @@ def test_corrupt_image_names_the_file(folder, tmp_path):
     out = torch.cat(list(r.train_batches(idx[[0, 2]], views[[0, 2]], 2)))
     assert out.shape == (2, 3, RES, RES)
     r.close()
+
+
+def test_empty_class_and_unknown_val_class_are_user_errors(folder, tmp_path):
+    root = tmp_path / "f"
+    shutil.copytree(folder, root)
+    (root / "train" / "class9").mkdir()
+    with pytest.raises(DhkdError, match=r"class9 holds no images"):
+        ImageFolderData.from_folder(str(root))
+    (root / "train" / "class9").rmdir()
+    (root / "val" / "extra").mkdir()
+    with pytest.raises(DhkdError, match="train/ lacks: extra"):
+        ImageFolderData.from_folder(str(root))
+
+
+def test_classes_digest_and_threaded_header_reads(folder, data, tmp_path):
+    from dhkd_pipe.imagefolder import _image_sizes
+
+    root = tmp_path / "renamed"
+    shutil.copytree(folder, root)
+    os.rename(root / "train" / "class2", root / "train" / "zebra")
+    os.rename(root / "val" / "class2", root / "val" / "zebra")
+    fp = ImageFolderData.from_folder(str(root)).fingerprint()
+    assert fp["classes_digest"] != data.fingerprint()["classes_digest"]
+    paths = data.train_files * 20  # enough to take the thread pool
+    assert _image_sizes(paths).tolist() == [[HEIGHT, WIDTH]] * len(paths)
+
+
+def test_truncated_jpeg_through_the_parallel_workers_names_the_file(folder, tmp_path):
+    root = tmp_path / "trunc"
+    shutil.copytree(folder, root)
+    bad = root / "train" / "class0" / "002.JPEG"
+    data_bytes = bad.read_bytes()
+    bad.write_bytes(data_bytes[: len(data_bytes) // 2])  # the header parses; the pixels are cut short
+    data = ImageFolderData.from_folder(str(root))
+    i = data.train_files.index(str(bad))
+    assert data.train_sizes([i]).tolist() == [[HEIGHT, WIDTH]]
+    r = DaliViews(data, data.default_plan(resolution=RES), "cpu", workers=1)
+    idx = np.array([0, 2, i, 3])
+    views = np.array([[0, 0, HEIGHT, WIDTH, 0]] * 4, np.int32)
+    with pytest.raises(DhkdError, match=r"class0.002\.JPEG"):
+        list(r.train_batches(idx, views, 2))
+    r.close()
