@@ -69,7 +69,8 @@ class InMemoryData:
             setattr(self, name, getattr(self, name).to(device))
         return self
 
-    def renderer(self, device, plan: ViewPlan) -> "InMemoryViews":
+    def renderer(self, device, plan: ViewPlan, workers: int | None = None) -> "InMemoryViews":
+        """Gathers on the device; ``workers`` is for the DALI renderer's signature and unused here."""
         return InMemoryViews(self.to(device), plan)
 
     def fingerprint(self) -> dict:

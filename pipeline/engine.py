@@ -94,7 +94,7 @@ def prepare(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> 
         load_checkpoint(teacher, cfg.teacher_weights, arch=cfg.teacher)
         teacher.eval().requires_grad_(False).to(acc.device)
 
-    renderer = data.renderer(acc.device, plan)
+    renderer = data.renderer(acc.device, plan, workers=cfg.workers)
     labels = data.train_labels.to(acc.device)
     loader = ViewLoader(epochs, renderer, labels, cfg.batch_size, acc.process_index, acc.num_processes)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)

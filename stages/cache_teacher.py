@@ -94,6 +94,7 @@ def cache_teacher(cfg: CacheConfig, log=print) -> dict:
         "dataset": fingerprint,
         "policy": plan.to_dict(),
         "normalization": {"mean": list(data.mean), "std": list(data.std)},
+        "interpolation": _interpolation(data),
         "seed": cfg.seed,
         "codec": cfg.codec,
         "precision": cfg.precision,
@@ -119,7 +120,7 @@ def cache_teacher(cfg: CacheConfig, log=print) -> dict:
             + (f"; resuming, {remaining} of {done.size} chunks left" if remaining < done.size else "")
         )
 
-    renderer = data.renderer(acc.device, plan)
+    renderer = data.renderer(acc.device, plan, workers=cfg.workers)
     if acc.is_main_process and cache.attrs["teacher"].get("val_top1") is None and data.num_val:
         acc_val = evaluate(teacher, renderer, cfg.batch_size, acc)
         cache.update_attrs(teacher={**cache.attrs["teacher"], "val_top1": acc_val["top1"], "val_top5": acc_val["top5"]})
@@ -134,6 +135,16 @@ def cache_teacher(cfg: CacheConfig, log=print) -> dict:
         result.update({k: cache.summary()[k] for k in ("shape", "codec", "bytes_on_disk", "bytes_per_logit")})
         result["teacher_val_top1"] = cache.attrs["teacher"].get("val_top1")
     return result
+
+
+def _interpolation(data) -> str:
+    """How a crop box becomes the network's input: DALI's resize for image folders, none for
+    in-memory data (its crops are taken at the stored resolution)."""
+    if data.kind == "imagefolder":
+        from dhkd_pipe.dali_views import RESIZE_INTERPOLATION
+
+        return RESIZE_INTERPOLATION
+    return "none"
 
 
 def _is_named_weight(weights: str) -> bool:
