@@ -50,6 +50,13 @@ def row_lse(x_ptr, K, scale, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def label_logit(x_ptr, y, K):
+    """x[y] in float32, or NaN when y is outside [0, K): a bad label on CUDA (where the host does
+    not check, to avoid a sync) shows up as a NaN loss instead of an out-of-bounds read."""
+    return tl.load(x_ptr + y, mask=(y >= 0) & (y < K), other=float("nan")).to(tl.float32)
+
+
+@triton.jit
 def ce_grad_store(x_ptr, g_ptr, y, m, log_d, K, g_scale, BLOCK: tl.constexpr):
     """Stores g_scale * (softmax(x) - onehot(y)), the cross-entropy gradient, in g's dtype;
     softmax(x) = exp((x - m) - log d) from ``row_lse``."""
@@ -149,6 +156,8 @@ def logits_rows(x: torch.Tensor, name: str) -> torch.Tensor:
         raise DhkdError(f"{name} must be (B, K) logits, got shape {tuple(x.shape)}")
     if x.dtype not in FLOAT_DTYPES:
         raise DhkdError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
+    if x.numel() == 0:
+        raise DhkdError(f"{name} are empty (shape {tuple(x.shape)}); need B >= 1 rows of K >= 1 classes")
     return x if x.stride(1) == 1 or x.shape[1] == 1 else x.contiguous()
 
 

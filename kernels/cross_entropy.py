@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._rowmath import block_size, ce_grad_store, labels, logits_rows, num_warps, row_lse
+from ._rowmath import block_size, ce_grad_store, label_logit, labels, logits_rows, num_warps, row_lse
 
 
 @triton.jit
@@ -19,7 +19,7 @@ def _ce_kernel(x_ptr, x_stride, y_ptr, g_ptr, g_stride, loss_ptr, K, w, BLOCK: t
     x = x_ptr + row * x_stride
     y = tl.load(y_ptr + row).to(tl.int64)
     m, log_d = row_lse(x, K, 1.0, BLOCK)
-    ce = (m - tl.load(x + y).to(tl.float32)) + log_d
+    ce = (m - label_logit(x, y, K)) + log_d
     ce_grad_store(x, g_ptr + row * g_stride, y, m, log_d, K, w, BLOCK)
     tl.store(loss_ptr + row, w * ce)
 

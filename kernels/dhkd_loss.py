@@ -29,6 +29,7 @@ from ._rowmath import (
     ce_grad_store,
     kd_grad_store,
     kd_row_stats,
+    label_logit,
     labels,
     logits_rows,
     num_warps,
@@ -59,7 +60,7 @@ def _dhkd_kernel(
         t_scale = 1.0
 
     m1, log_d1 = row_lse(h1, K, 1.0, BLOCK)
-    ce = (m1 - tl.load(h1 + y).to(tl.float32)) + log_d1
+    ce = (m1 - label_logit(h1, y, K)) + log_d1
     if KD_MODE == 0:
         ms, log_ds, mt, log_dt, kl = kd_row_stats(h2, t, t_scale, K, inv_T, BLOCK)
         kd_grad_store(h2, t, t_scale, g2, ms, log_ds, mt, log_dt, K, inv_T, kd_gw, BLOCK)

@@ -220,6 +220,33 @@ def test_dispatch_and_errors():
         dhkd_loss(s, s, t, y + K, **kw, backend="triton")
 
 
+def test_empty_batch_and_bad_label_in_kernel():
+    e = torch.empty(0, 5, device=DEV)
+    y0 = torch.empty(0, dtype=torch.long, device=DEV)
+    for call in (
+        lambda: fused_ce_loss(e, y0),
+        lambda: fused_kd_loss(e, e, T),
+        lambda: fused_binary_kl_loss(e, e, T),
+        lambda: fused_binary_kl_norm_loss(e, e, T),
+        lambda: fused_dhkd_loss(e, e, e, y0, temperature=T, alpha=ALPHA, gamma=GAMMA),
+    ):
+        with pytest.raises(DhkdError):
+            call()
+    # The host checks label range on CPU only (a CUDA check would sync); a bad label that reaches
+    # the kernel must read nothing out of bounds and give that row a NaN loss.
+    from dhkd_pipe.kernels.cross_entropy import _ce_kernel
+    from dhkd_pipe.kernels.dhkd_loss import _dhkd_kernel
+
+    B, K = 3, 5
+    x, t = _logits(B, K, 28), _logits(B, K, 29)
+    y = torch.tensor([1, K, -1], device=DEV)
+    g1, g2, rows = _poisoned(x), _poisoned(x), torch.empty(B, device=DEV)
+    _ce_kernel[(B,)](x, K, y, g1, K, rows, K, 1.0 / B, BLOCK=8)
+    assert torch.isfinite(rows[0]) and torch.isnan(rows[1:]).all()
+    _dhkd_kernel[(B,)](x, K, x, K, t, K, rows, y, g1, K, g2, K, rows, K, 1.0 / T, 1.0, 1.0, 1.0,
+                       KD_MODE=2, HAS_SCALE=False, BLOCK=8)
+    assert torch.isfinite(rows[0]) and torch.isnan(rows[1:]).all()
+
 def test_torch_backend_does_not_import_triton():
     code = (
         "import sys, torch\n"
