@@ -18,12 +18,16 @@ along N in shards of S chunks (a shard of logits is tens of MB); otherwise S = 1
 S consecutive chunks of one epoch (one shard, or one chunk unsharded). Zarr writes whole chunk or
 shard objects, so processes writing disjoint write units never touch the same object; ``done`` is
 chunked (1, S) so each unit's flags are an object of their own, written after the unit's data.
+
+Every chunk and shard object ends in a CRC32C checksum (zarr's ``crc32c`` codec after Blosc zstd):
+Blosc has none of its own, and a flipped bit in a compressed logit chunk otherwise decodes to
+wrong numbers without a word.
 """
 
 from __future__ import annotations
 
+import errno
 import json
-import math
 import os
 import shutil
 from collections import OrderedDict
@@ -40,6 +44,12 @@ _ITEMSIZE = {"fp16": 2, "bf16": 2, "fp32": 4, "int8": 1}
 _DTYPE_NAME = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "int8": "int8"}
 _FP16_MAX = 65504.0
 _GEOMETRY = ("epochs", "num_samples", "num_classes", "chunk_rows", "codec")
+
+# Round-trip error bounds of the codecs (round to nearest):
+FP16_RELATIVE_ERROR = 2.0**-11  # |x| in fp16's normal range (6.1e-5 .. 65504); below, 2^-25 absolute
+FP16_ABSOLUTE_FLOOR = 2.0**-25
+BF16_RELATIVE_ERROR = 2.0**-8  # 8-bit significand, fp32's exponent range
+INT8_LEVELS = 127  # per-row scale max|row| / 127: absolute error <= scale / 2 = max|row| / 254
 
 
 def _check_codec(codec: str) -> str:
@@ -61,11 +71,37 @@ def codec_tolerance(codec: str, logits: torch.Tensor) -> float:
         return 0.0
     amax = float(x.abs().max())
     if codec == "fp16":
-        return amax * 2.0**-11 + 2.0**-25
+        return amax * FP16_RELATIVE_ERROR + FP16_ABSOLUTE_FLOOR
     if codec == "bf16":
-        return amax * 2.0**-8
-    rows = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
-    return float(rows.abs().amax(dim=1).max()) / 254.0 + amax * 2.0**-22
+        return amax * BF16_RELATIVE_ERROR
+    # max|row| / 254 for the worst row, plus float32 rounding of scale and of q * scale
+    return amax / (2 * INT8_LEVELS) + amax * 2.0**-22
+
+
+def decode_logits(values, scale=None, device="cpu") -> torch.Tensor:
+    """float32 (rows, K) logits on ``device`` from what :meth:`LogitCache.read_chunk` returns.
+
+    The stored bytes move to the device first and are widened there: float16 / float32 as is,
+    uint16 as bfloat16 bit patterns, int8 as ``q * scale[:, None]`` (``scale`` float32 (rows,)).
+    """
+    t = _stored_tensor(values) if isinstance(values, np.ndarray) else values
+    if t.dtype in (torch.int16, torch.uint16):
+        t = t.view(torch.bfloat16)
+    t = t.to(device)
+    if t.dtype == torch.int8:
+        if scale is None:
+            raise ValueError("int8 logits need their per-row scale")
+        s = torch.from_numpy(np.ascontiguousarray(scale)) if isinstance(scale, np.ndarray) else torch.as_tensor(scale)
+        return t.float() * s.to(device, torch.float32)[:, None]
+    return t.float()
+
+
+def _stored_tensor(values: np.ndarray) -> torch.Tensor:
+    """A CPU tensor sharing the stored bytes; uint16 (bfloat16 bit patterns) becomes bfloat16."""
+    values = np.ascontiguousarray(values)
+    if values.dtype == np.uint16:
+        return torch.from_numpy(values.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(values)
 
 
 def _jsonable(value):
@@ -84,7 +120,11 @@ def _jsonable(value):
 
 
 def _one_line(exc: BaseException) -> str:
+    """One line for an exception; an OSError names its errno (ENOSPC: the disk is full)."""
     text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    code = errno.errorcode.get(getattr(exc, "errno", None) or -1)
+    if code and code not in str(text):
+        text = f"{text} ({code})"
     return " ".join(str(text).split())
 
 
@@ -154,7 +194,7 @@ class LogitCache:
     ) -> "LogitCache":
         """Creates the store (or, for the same command and geometry, reopens it "r+" to resume)."""
         import zarr
-        from zarr.codecs import BloscCodec
+        from zarr.codecs import BloscCodec, Crc32cCodec
 
         path = os.fspath(path)
         _check_codec(codec)
@@ -171,6 +211,8 @@ class LogitCache:
         if os.path.lexists(path):
             if overwrite:
                 cls._remove(path)
+            elif _is_store(path) and cls._half_created(path, attrs):
+                cls._remove(path)  # our own creation, killed before format_version: holds no data
             elif _is_store(path):
                 existing = cls.open(path, mode="r+")
                 cls._check_same(existing, attrs, dict(epochs=epochs, num_samples=num_samples, num_classes=num_classes,
@@ -190,7 +232,7 @@ class LogitCache:
         rows_per_unit = shard_chunks * chunk_rows
 
         def blosc(shuffle: str):
-            return BloscCodec(cname="zstd", clevel=5, shuffle=shuffle)
+            return [BloscCodec(cname="zstd", clevel=5, shuffle=shuffle), Crc32cCodec()]
 
         def array(group, name, shape, chunks, dtype, compressors, fill_value, shard=True):
             shards = None
@@ -213,7 +255,7 @@ class LogitCache:
             array(group, "views", (epochs, num_samples, 5), (1, chunk_rows, 5), np.int32, blosc("shuffle"), 0)
             lab = array(group, "labels", (num_samples,), (num_samples,), np.int32, blosc("shuffle"), 0, shard=False)
             lab[:] = labels.astype(np.int32)
-            array(group, "done", (epochs, num_chunks), (1, shard_chunks), bool, None, False, shard=False)
+            array(group, "done", (epochs, num_chunks), (1, shard_chunks), bool, [Crc32cCodec()], False, shard=False)
             group.attrs.update({"format_version": FORMAT_VERSION})
         except DhkdError:
             raise
@@ -235,6 +277,18 @@ class LogitCache:
                 os.remove(path)
             except OSError as e:
                 raise DhkdError(f"cannot remove {path}: {_one_line(e)}") from None
+
+    @staticmethod
+    def _half_created(path: str, attrs: dict) -> bool:
+        """A store of this same command whose creation never reached format_version."""
+        import zarr
+
+        try:
+            old = dict(zarr.open_group(path, mode="r").attrs)
+        except Exception:
+            return False
+        command = attrs.get("command")
+        return "format_version" not in old and command is not None and old.get("command") == command
 
     @staticmethod
     def _check_same(existing: "LogitCache", attrs: dict, geometry: dict):
@@ -272,12 +326,12 @@ class LogitCache:
         return cls(path, group, mode)
 
     @staticmethod
-    def estimate_bytes(epochs: int, num_samples: int, num_classes: int, codec: str = "fp16") -> int:
-        """Uncompressed size of all arrays."""
+    def estimate_bytes(epochs: int, num_samples: int, num_classes: int, codec: str = "fp16", chunk_rows: int = 1024) -> int:
+        """Uncompressed size of all arrays: logits (+ int8 scales), order, views, labels, done."""
         en = int(epochs) * int(num_samples)
         logits = en * int(num_classes) * _ITEMSIZE[_check_codec(codec)]
         scale = en * 4 if codec == "int8" else 0
-        return logits + scale + en * 4 + en * 20 + int(num_samples) * 4 + int(epochs) * -(-int(num_samples) // 1024)
+        return logits + scale + en * 4 + en * 20 + int(num_samples) * 4 + int(epochs) * -(-int(num_samples) // int(chunk_rows))
 
     # ---- geometry ---------------------------------------------------------------------------
 
@@ -322,7 +376,7 @@ class LogitCache:
     @property
     def labels(self) -> np.ndarray:
         if self._label_cache is None:
-            self._label_cache = np.asarray(self._labels[:], dtype=np.int64)
+            self._label_cache = np.asarray(self._read(self._labels, "labels", (slice(None),), None, None), dtype=np.int64)
         return self._label_cache.copy()
 
     def rows(self, chunk: int) -> tuple[int, int]:
@@ -346,19 +400,22 @@ class LogitCache:
     # ---- writing ----------------------------------------------------------------------------
 
     def _encode(self, logits: np.ndarray):
+        """(stored values, float32 per-row scale or None). Non-finite logits are refused: a teacher
+        that produced them would poison every student trained from the store."""
         x = np.ascontiguousarray(logits, dtype=np.float32)
+        amax = np.abs(x).max(axis=1) if x.size else np.zeros(len(x), np.float32)
+        if not np.all(np.isfinite(amax)):
+            bad = int(np.flatnonzero(~np.isfinite(amax))[0])
+            raise DhkdError(f"teacher logits are not finite (row {bad} of the unit); check the teacher and its weights")
         if self._codec == "fp32":
             return x, None
         if self._codec == "fp16":
-            if x.size and not np.all(np.abs(x) <= _FP16_MAX):
-                raise DhkdError(f"teacher logits exceed the fp16 range (|x| <= {_FP16_MAX:g}) or are not finite; use --codec bf16 or fp32")
+            if not np.all(amax <= _FP16_MAX):
+                raise DhkdError(f"teacher logits exceed the fp16 range (|x| <= {_FP16_MAX:g}); use --codec bf16 or fp32")
             return x.astype(np.float16), None
         if self._codec == "bf16":
             bits = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy()
             return bits.view(np.uint16), None
-        amax = np.abs(x).max(axis=1) if x.size else np.zeros(len(x), np.float32)
-        if not np.all(np.isfinite(amax)):
-            raise DhkdError("teacher logits are not finite; the int8 codec cannot store them")
         scale = (amax / np.float32(127.0)).astype(np.float32)
         scale[scale == 0] = 1.0
         q = np.clip(np.rint(x.astype(np.float64) / scale.astype(np.float64)[:, None]), -127, 127).astype(np.int8)
@@ -404,6 +461,18 @@ class LogitCache:
             where = "" if epoch is None else f" epoch {epoch}" + ("" if chunk is None else f" chunk {chunk}")
             raise DhkdError(f"store {self._path}: cannot read {name}{where}: {_one_line(e)}") from None
 
+    def _require_objects(self, arr, name: str, epoch: int, chunks):
+        """Refuses to read chunks whose object is not on disk: zarr would silently return the fill
+        value (zeros) for them."""
+        for unit in sorted({c // self._shard_chunks for c in chunks}):
+            coords = (epoch, unit) + (0,) * (arr.ndim - 2)
+            key = arr.metadata.encode_chunk_key(coords)
+            if not os.path.isfile(os.path.join(self._path, name, *key.split("/"))):
+                first = unit * self._shard_chunks
+                what = f"chunk {first}" if self._shard_chunks == 1 else f"chunks {first}-{min(first + self._shard_chunks, self.num_chunks) - 1}"
+                raise DhkdError(f"store {self._path}: {name} epoch {epoch} {what} not on disk ({name}/{key}); "
+                                "the store is incomplete or damaged")
+
     def _epoch_array(self, arr, name: str, epoch: int, dtype):
         key = (name, epoch)
         if key in self._cached:
@@ -411,6 +480,7 @@ class LogitCache:
             return self._cached[key]
         if not 0 <= epoch < self._epochs:
             raise IndexError(f"epoch {epoch} out of range 0..{self._epochs - 1}")
+        self._require_objects(arr, name, epoch, range(self.num_chunks))
         out = np.asarray(self._read(arr, name, (epoch,), epoch, None), dtype=dtype)
         if self._mode == "r":  # a read-only store does not change under us
             out.flags.writeable = False
@@ -426,37 +496,33 @@ class LogitCache:
         return self._epoch_array(self._views, "views", epoch, np.int32)
 
     def read_chunk(self, epoch: int, chunk: int):
-        """(values in the stored dtype, float32 scale or None) for one chunk of one epoch."""
+        """(values, scale) of one chunk of one epoch, as stored: values (rows, K) float16 /
+        uint16 (bfloat16 bit patterns) / float32 / int8 numpy, scale float32 (rows,) for int8
+        else None. :func:`decode_logits` turns them into float32 on any device."""
         if not 0 <= epoch < self._epochs:
             raise IndexError(f"epoch {epoch} out of range 0..{self._epochs - 1}")
         start, stop = self.rows(chunk)
+        self._require_objects(self._logits, "logits", epoch, [chunk])
         values = self._read(self._logits, "logits", (epoch, slice(start, stop)), epoch, chunk)
         scale = None
         if self._scale is not None:
+            self._require_objects(self._scale, "logit_scale", epoch, [chunk])
             scale = np.asarray(self._read(self._scale, "logit_scale", (epoch, slice(start, stop)), epoch, chunk), np.float32)
         return values, scale
 
     def read_chunk_tensors(self, epoch: int, chunk: int):
         """CPU tensors: float16 / bfloat16 / float32 / int8 values, float32 (rows,) scale or None."""
         values, scale = self.read_chunk(epoch, chunk)
-        values = np.ascontiguousarray(values)
-        if self._codec == "bf16":
-            t = torch.from_numpy(values.view(np.int16)).view(torch.bfloat16)
-        else:
-            t = torch.from_numpy(values)
-        return t, None if scale is None else torch.from_numpy(np.ascontiguousarray(scale))
+        return _stored_tensor(values), None if scale is None else torch.from_numpy(np.ascontiguousarray(scale))
 
-    def read_rows(self, epoch: int, chunk: int, rows=None) -> torch.Tensor:
+    def read_rows(self, epoch: int, chunk: int, rows=None, device="cpu") -> torch.Tensor:
         """Dequantised float32 (n, K) logits of rows (indices within the chunk; None = all)."""
-        values, scale = self.read_chunk_tensors(epoch, chunk)
+        values, scale = self.read_chunk(epoch, chunk)
         if rows is not None:
-            idx = torch.as_tensor(np.asarray(rows, dtype=np.int64))
+            idx = np.asarray(rows, dtype=np.int64)
             values = values[idx]
             scale = None if scale is None else scale[idx]
-        out = values.float()
-        if scale is not None:
-            out = out * scale[:, None]
-        return out
+        return decode_logits(values, scale, device)
 
     # ---- checks -----------------------------------------------------------------------------
 

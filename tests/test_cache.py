@@ -1,5 +1,6 @@
 """The logit store: codecs, write units and done flags, resume, sharding, concurrency, errors."""
 
+import errno
 import json
 import multiprocessing as mp
 import os
@@ -8,7 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from dhkd_pipe.cache import CODECS, LogitCache, codec_tolerance
+from dhkd_pipe.cache import (
+    BF16_RELATIVE_ERROR,
+    CODECS,
+    FP16_RELATIVE_ERROR,
+    LogitCache,
+    codec_tolerance,
+    decode_logits,
+)
 from dhkd_pipe.errors import DhkdError
 
 E, N, K, C = 2, 300, 10, 64  # 5 chunks per epoch, the last one short
@@ -263,3 +271,144 @@ def test_create_over_an_existing_store(tmp_path):
     assert resumed.done_mask().sum() == 2
     fresh = create(path, attrs=attrs(views=3), overwrite=True)
     assert fresh.done_mask().sum() == 0 and fresh.attrs["command"]["views"] == 3
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_elementwise_error_bounds(tmp_path, codec):
+    """The documented per-element bounds: fp16 2^-11 and bf16 2^-8 relative, int8 max|row|/254."""
+    x = fake_logits(epochs=1)
+    c = LogitCache.create(str(tmp_path / "s.zarr"), epochs=1, num_samples=N, num_classes=K, chunk_rows=C,
+                          labels=np.zeros(N), codec=codec, attrs=attrs())
+    write(c, x)
+    got = torch.cat([c.read_rows(0, k) for k in range(c.num_chunks)]).double().numpy()
+    err, ref = np.abs(got - x[0]), np.abs(x[0]).astype(np.float64)
+    if codec == "fp32":
+        assert np.array_equal(got, x[0])
+    elif codec in ("fp16", "bf16"):
+        rel = FP16_RELATIVE_ERROR if codec == "fp16" else BF16_RELATIVE_ERROR
+        normal = ref > 2.0**-14
+        assert np.all(err[normal] <= rel * ref[normal]) and err[normal].max() > rel * ref[normal].max() / 64
+    else:
+        row_bound = ref.max(axis=1, keepdims=True) / 254 * (1 + 1e-6)
+        assert np.all(err <= row_bound) and np.all(err[7] == 0)
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_decode_logits_on_a_device(tmp_path, codec):
+    x = fake_logits()
+    c = create(tmp_path / "s.zarr", codec)
+    write(c, x)
+    values, scale = c.read_chunk(1, 2)
+    stored = {"fp16": np.float16, "bf16": np.uint16, "fp32": np.float32, "int8": np.int8}[codec]
+    assert isinstance(values, np.ndarray) and values.dtype == stored and values.shape == (C, K)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        got = decode_logits(values, scale, device)
+        assert got.dtype == torch.float32 and got.device.type == device
+        assert torch.equal(got.cpu(), c.read_rows(1, 2))
+        t_values, t_scale = c.read_chunk_tensors(1, 2)  # the CPU tensors the loader moves itself
+        assert torch.equal(decode_logits(t_values, t_scale, device).cpu(), got.cpu())
+    assert float((c.read_rows(1, 2) - torch.from_numpy(x[1, 2 * C : 3 * C])).abs().max()) <= codec_tolerance(codec, x[1])
+    if codec == "int8":
+        with pytest.raises(ValueError):
+            decode_logits(values, None)
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_non_finite_logits_are_refused(tmp_path, codec):
+    c = create(tmp_path / "s.zarr", codec)
+    x = fake_logits()
+    x[0, 3, 2] = np.nan
+    with pytest.raises(DhkdError, match="not finite"):
+        c.write_unit(0, 0, x[0, :C], fake_order(0)[:C], fake_views(0)[:C])
+    assert not c.done_mask().any()
+
+
+def test_fp16_range_is_checked(tmp_path):
+    c = create(tmp_path / "s.zarr", "fp16")
+    x = fake_logits()
+    x[0, 3, 2] = 1e5
+    with pytest.raises(DhkdError, match="fp16 range.*bf16"):
+        c.write_unit(0, 0, x[0, :C], fake_order(0)[:C], fake_views(0)[:C])
+
+
+def test_done_flag_is_the_last_object_written(tmp_path, monkeypatch):
+    import zarr.storage
+
+    c = create(tmp_path / "s.zarr", "int8")
+    keys = []
+    real_set = zarr.storage.LocalStore.set
+
+    async def recording_set(self, key, value):
+        keys.append(key)
+        return await real_set(self, key, value)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", recording_set)
+    write(c, fake_logits(), [(1, [3])])
+    assert keys[-1] == "done/c/1/3" and {k.split("/")[0] for k in keys[:-1]} == {"logits", "logit_scale", "order", "views"}
+
+
+def test_a_full_disk_is_a_one_line_error(tmp_path, monkeypatch):
+    import zarr.storage
+
+    c = create(tmp_path / "s.zarr")
+
+    async def full(self, key, value):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), key)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", full)
+    with pytest.raises(DhkdError, match=r"cannot write to store .*s\.zarr: No space left on device \(ENOSPC\)$"):
+        write(c, fake_logits(), [(0, [0])])
+    with pytest.raises(DhkdError, match="ENOSPC"):
+        create(tmp_path / "t.zarr")
+    monkeypatch.undo()
+    assert not LogitCache.open(str(tmp_path / "s.zarr")).done_mask().any()
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_flipped_bit_is_caught(tmp_path, sharded):
+    """Blosc has no checksum; the store's CRC32C catches a single flipped bit in any chunk."""
+    n, k = 1000, 16
+    geometry = dict(shard_threshold=8, shard_bytes=2 * C * k * 2) if sharded else {}
+    c = create(tmp_path / "s.zarr", "fp16", n=n, k=k, **geometry)
+    write(c, fake_logits(n=n, k=k))
+    obj = tmp_path / "s.zarr" / "logits" / "c" / "1" / "1" / "0"  # chunk 1 unsharded, chunks 2-3 sharded
+    data = bytearray(obj.read_bytes())
+    data[len(data) // 3] ^= 0x04
+    obj.write_bytes(bytes(data))
+    c = LogitCache.open(str(tmp_path / "s.zarr"))
+    chunk = 2 if sharded else 1
+    with pytest.raises(DhkdError, match=rf"s\.zarr: cannot read logits epoch 1 chunk {chunk}: .*checksum"):
+        c.read_chunk(1, chunk)
+    c.read_chunk(1, 0)
+
+
+def test_a_missing_object_is_not_read_as_zeros(tmp_path):
+    c = create(tmp_path / "s.zarr", "int8")
+    write(c, fake_logits())
+    os.remove(tmp_path / "s.zarr" / "logit_scale" / "c" / "0" / "4")
+    os.remove(tmp_path / "s.zarr" / "order" / "c" / "1" / "2")
+    c = LogitCache.open(str(tmp_path / "s.zarr"))
+    c.check_complete()  # the flags still say done
+    with pytest.raises(DhkdError, match=r"logit_scale epoch 0 chunk 4 not on disk \(logit_scale/c/0/4\)"):
+        c.read_chunk(0, 4)
+    with pytest.raises(DhkdError, match="order epoch 1 chunk 2 not on disk"):
+        c.read_order(1)
+    c.read_order(0)
+    c.read_views(1)
+
+
+def test_a_half_created_store_is_recreated_by_the_same_command(tmp_path):
+    import zarr
+
+    path = tmp_path / "s.zarr"
+    create(path)
+    group = zarr.open_group(str(path), mode="r+")
+    group.attrs.update({"format_version": None})
+    del group.attrs["format_version"]  # as if killed before the last step of create()
+    with pytest.raises(DhkdError, match="still being created"):
+        LogitCache.open(str(path))
+    with pytest.raises(DhkdError, match="still being created"):
+        create(path, attrs=attrs(views=3))  # not ours: left alone
+    c = create(path)
+    assert c.attrs["format_version"] == 1 and not c.done_mask().any()
