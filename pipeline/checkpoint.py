@@ -140,12 +140,14 @@ def _looks_like_weight_name(spec: str) -> bool:
 def load_checkpoint(model: nn.Module, path_or_weight_name, strict: bool = True, arch: str | None = None):
     """Loads a checkpoint file, or a cached torchvision named weight for torchvision ``arch``.
 
+    ``arch`` (the registry name) defaults to the name ``create_model`` built the model under.
     A ``DualHead`` model accepts both its own state dict and a plain single-head one (loaded into
     backbone + head 1). Returns ``(missing_keys, unexpected_keys)`` like ``load_state_dict``;
     mismatches (and, with ``strict``, missing/unexpected keys) raise DhkdError.
     """
     spec = os.fspath(path_or_weight_name)
     path = spec
+    arch = arch if arch is not None else getattr(model, "arch_name", None)
     tv_arch = None
     if not os.path.exists(spec) and arch is not None and _looks_like_weight_name(spec):
         from .models.registry import torchvision_arch

@@ -143,6 +143,10 @@ def test_public_layout(name):
 def test_dual_head_on_torchvision(arch):
     model = create_model(arch, 10, dual_head=True, aux_head="nonlinear")
     assert isinstance(model, DualHead) and isinstance(model.head2, nn.Sequential)
+    # the published DHKD code's NonLinearClassifier (nmihtrug/mdistiller mdistiller/models/cifar/classifier.py)
+    d = {"resnet18": 512, "mobilenet_v2": 1280}[arch]
+    assert [type(m) for m in model.head2] == [nn.Linear, nn.Dropout, nn.BatchNorm1d, nn.ReLU, nn.Linear]
+    assert model.head2[0].weight.shape == (200, d) and model.head2[4].weight.shape == (10, 200)
     assert model.head_path == {"resnet18": "fc", "mobilenet_v2": "classifier.1"}[arch]
     model.eval()
     x = torch.randn(2, 3, 32, 32)
@@ -261,6 +265,8 @@ def test_uncached_torchvision_weight(tmp_path, monkeypatch):
     model = create_model("resnet50", 1000)
     with pytest.raises(DhkdError, match=r"not cached: place resnet50-11ad3fa6.pth .* at .*hub/checkpoints/"):
         load_checkpoint(model, "IMAGENET1K_V2", arch="resnet50")
+    with pytest.raises(DhkdError, match=r"not cached: .*or pass a checkpoint file path"):
+        load_checkpoint(model, "IMAGENET1K_V2")  # the architecture is known from create_model
     with pytest.raises(DhkdError, match="no torchvision weight 'IMAGENET9K'"):
         load_checkpoint(model, "IMAGENET9K", arch="resnet50")
     with pytest.raises(DhkdError, match="not a torchvision architecture|only for torchvision"):
@@ -273,3 +279,6 @@ def test_uncached_torchvision_weight(tmp_path, monkeypatch):
     fresh = create_model("resnet18", 1000)
     load_checkpoint(fresh, "ResNet18_Weights.IMAGENET1K_V1", arch="resnet18")
     assert torch.equal(fresh.fc.weight, small.fc.weight)
+    dual = create_model("resnet18", 1000, dual_head=True)
+    load_checkpoint(dual, "IMAGENET1K_V1")  # into backbone + head 1
+    assert torch.equal(dual.head1.weight, small.fc.weight)

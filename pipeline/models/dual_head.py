@@ -1,7 +1,8 @@
 """``DualHead``: any classifier with a second linear (or small MLP) head on the same features.
 
 Head 1 is the model's own final ``nn.Linear`` (same weights, trained with cross-entropy), head 2 is
-new (trained with the distillation loss). ``export()`` gives back a plain single-head model whose
+new (trained with the distillation loss): a linear layer, or the small MLP of the published DHKD code
+(nmihtrug/mdistiller ``mdistiller/models/cifar/classifier.py``). ``export()`` gives back a plain single-head model whose
 state dict loads wherever the unwrapped architecture does.
 """
 
@@ -48,6 +49,13 @@ def align_gradients(g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
     return (a + b - coef * a).reshape(shape)
 
 
+def nonlinear_head(in_features: int, num_classes: int, hidden: int = 200, drop: float = 0.1) -> nn.Sequential:
+    """The published DHKD code's non-linear auxiliary head (its ``NonLinearClassifier``):
+    Linear(in, 200) -> Dropout(0.1) -> BatchNorm1d(200) -> ReLU -> Linear(200, num_classes)."""
+    return nn.Sequential(nn.Linear(in_features, hidden), nn.Dropout(p=drop), nn.BatchNorm1d(hidden),
+                         nn.ReLU(inplace=True), nn.Linear(hidden, num_classes))
+
+
 def find_classifier(model: nn.Module, num_classes: int | None = None) -> tuple[str, nn.Linear]:
     """The last ``nn.Linear`` in ``named_modules()`` with ``out_features == num_classes``
     (any out_features when ``num_classes`` is None)."""
@@ -88,10 +96,7 @@ class DualHead(nn.Module):
         self.aux_head = aux_head
         self.grad_align = grad_align
         d, k = head.in_features, head.out_features
-        if aux_head == "linear":
-            self.head2 = nn.Linear(d, k)
-        else:
-            self.head2 = nn.Sequential(nn.Linear(d, d), nn.BatchNorm1d(d), nn.ReLU(inplace=True), nn.Linear(d, k))
+        self.head2 = nn.Linear(d, k) if aux_head == "linear" else nonlinear_head(d, k)
         p = head.weight
         self.head2.to(device=p.device, dtype=p.dtype)
 

@@ -74,10 +74,12 @@ def create_model(name: str, num_classes: int, dual_head: bool = False, aux_head:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise DhkdError(f"num_classes must be a positive integer, got {num_classes!r}")
     model = entry.build(num_classes)
+    model.arch_name = name  # lets load_checkpoint resolve a torchvision weight name without arch=
     if dual_head:
         from .dual_head import DualHead
 
         model = DualHead(model, aux_head=aux_head, grad_align=grad_align, num_classes=num_classes)
+        model.arch_name = name
     elif aux_head not in ("linear", "nonlinear"):
         raise DhkdError(f"aux_head must be 'linear' or 'nonlinear', got {aux_head!r}")
     return model
