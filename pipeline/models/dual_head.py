@@ -2,8 +2,8 @@
 
 Head 1 is the model's own final ``nn.Linear`` (same weights, trained with cross-entropy), head 2 is
 new (trained with the distillation loss): a linear layer, or the small MLP of the published DHKD code
-(nmihtrug/mdistiller ``mdistiller/models/cifar/classifier.py``). ``export()`` gives back a plain single-head model whose
-state dict loads wherever the unwrapped architecture does.
+(nmihtrug/mdistiller ``mdistiller/models/cifar/classifier.py``). ``export()`` gives back a plain
+single-head model whose state dict loads wherever the unwrapped architecture does.
 """
 
 from __future__ import annotations
