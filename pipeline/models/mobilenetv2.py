@@ -5,10 +5,9 @@ Layout of RepDistiller ``models/mobilenetv2.py`` / mdistiller ``mdistiller/model
 ``conv2.{0,1}``, ``classifier.0`` (a Linear inside a Sequential).
 """
 
-import math
-
 import torch.nn as nn
 
+from .blocks import kaiming_fan_out_init
 from .registry import register_model
 
 
@@ -69,18 +68,7 @@ class MobileNetV2(nn.Module):
         self.conv2 = conv_1x1_bn(input_channel, self.last_channel)
         self.classifier = nn.Sequential(nn.Linear(self.last_channel, num_classes))
         self.avgpool = nn.AvgPool2d(input_size // 16, ceil_mode=True)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                m.weight.data.normal_(0, math.sqrt(2.0 / fan))
-                if m.bias is not None:
-                    m.bias.data.zero_()
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.data.fill_(1)
-                m.bias.data.zero_()
-            elif isinstance(m, nn.Linear):
-                m.weight.data.normal_(0, 0.01)
-                m.bias.data.zero_()
+        kaiming_fan_out_init(self)
 
     def forward(self, x):
         out = self.conv1(x)

@@ -8,18 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .blocks import ShuffleBlock
 from .registry import register_model
-
-
-class ShuffleBlock(nn.Module):
-    def __init__(self, groups):
-        super().__init__()
-        self.groups = groups
-
-    def forward(self, x):
-        n, c, h, w = x.size()
-        g = self.groups
-        return x.reshape(n, g, c // g, h, w).permute(0, 2, 1, 3, 4).reshape(n, c, h, w)
 
 
 class Bottleneck(nn.Module):

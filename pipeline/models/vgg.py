@@ -6,11 +6,10 @@ Layout of mdistiller ``mdistiller/models/cifar/vgg.py``: five ``block{0..4}`` Se
 ``classifier = Linear(512, num_classes)``; ``pool0..pool4`` hold no parameters.
 """
 
-import math
-
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .blocks import kaiming_fan_out_init
 from .registry import register_model
 
 CFG = {
@@ -47,18 +46,7 @@ class VGG(nn.Module):
         self.pool3 = nn.MaxPool2d(kernel_size=2, stride=2)
         self.pool4 = nn.AdaptiveAvgPool2d((1, 1))
         self.classifier = nn.Linear(512, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                m.weight.data.normal_(0, math.sqrt(2.0 / fan))
-                if m.bias is not None:
-                    m.bias.data.zero_()
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.data.fill_(1)
-                m.bias.data.zero_()
-            elif isinstance(m, nn.Linear):
-                m.weight.data.normal_(0, 0.01)
-                m.bias.data.zero_()
+        kaiming_fan_out_init(self)
 
     def forward(self, x):
         h = x.shape[2]
