@@ -1,4 +1,4 @@
-"""Datasets: the bundled digits, CIFAR-10/100 from a user's folder, ImageNet-style image folders.
+"""Datasets: the bundled digits, MNIST/Fashion-MNIST IDX files, CIFAR-10/100, ImageNet-style folders.
 
 ``load_data(spec)`` is the one door in. Small data sets are held whole as one uint8 tensor
 (N, 3, H, W) and views are rendered by gathers on the training device (``InMemoryViews``);
@@ -8,10 +8,12 @@ the same fields, so stages never branch on the data set beyond choosing the rend
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import os
 import pickle
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +21,11 @@ import torch
 
 from .errors import DhkdError
 from .views import ViewPlan, validation_views
+
+DATA_SETS = ("digits", "fashion-mnist", "fashion-mnist:DIR", "mnist:DIR", "cifar10:DIR", "cifar100:DIR", "imagefolder:DIR")
+
+# Where Debian's ``dataset-fashion-mnist`` package installs the four IDX files.
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 CIFAR_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -90,10 +97,15 @@ class InMemoryData:
 
 
 def load_data(spec: str):
-    """``digits``, ``cifar10:DIR``, ``cifar100:DIR`` or ``imagefolder:DIR``."""
+    """One of ``DATA_SETS``: ``digits``, ``fashion-mnist[:DIR]``, ``mnist:DIR``, ``cifar10:DIR``,
+    ``cifar100:DIR`` or ``imagefolder:DIR``."""
     kind, _, path = spec.partition(":")
     if kind == "digits":
         return load_digits()
+    if kind in ("mnist", "fashion-mnist"):
+        if not path and kind == "mnist":
+            raise DhkdError("--data mnist needs a folder: mnist:DIR (with the four *-ubyte[.gz] IDX files)")
+        return load_mnist(kind, path or FASHION_MNIST_DIR)
     if kind in ("cifar10", "cifar100"):
         if not path:
             raise DhkdError(f"--data {kind} needs a folder: {kind}:DIR")
@@ -104,7 +116,7 @@ def load_data(spec: str):
         from .imagefolder import ImageFolderData
 
         return ImageFolderData.from_folder(path)
-    raise DhkdError(f"unknown data set {spec!r}; use digits, cifar10:DIR, cifar100:DIR or imagefolder:DIR")
+    raise DhkdError(f"unknown data set {spec!r}; use {', '.join(DATA_SETS[:-1])} or {DATA_SETS[-1]}")
 
 
 def load_digits() -> InMemoryData:
@@ -134,6 +146,106 @@ def load_digits() -> InMemoryData:
         mean=mean,
         std=std,
         source="sklearn.datasets.load_digits",
+    )
+
+
+IDX_IMAGES, IDX_LABELS = 0x00000803, 0x00000801  # ubyte data, 3 dims / 1 dim
+MNIST_SIZE, MNIST_PAD = 28, 2  # 28x28 images, zero-padded to 32x32
+
+
+def read_idx(path: str, magic: int) -> np.ndarray:
+    """An IDX file of unsigned bytes (gzip-compressed or raw) as a uint8 array of its dims.
+
+    Layout: a big-endian int32 magic (``0x0803`` images, ``0x0801`` labels: type byte 0x08,
+    then the number of dims), one big-endian int32 per dim, then the bytes in C order.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        if raw[:2] == b"\x1f\x8b":  # gzip's magic; an IDX file starts with two zero bytes
+            raw = gzip.decompress(raw)
+    except FileNotFoundError:
+        raise DhkdError(f"missing IDX file {path}") from None
+    except (OSError, EOFError, zlib.error) as e:  # unreadable, truncated or corrupt gzip stream
+        raise DhkdError(f"cannot read IDX file {path}: {e}") from None
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    if len(raw) < 4 or int.from_bytes(raw[:4], "big") != magic:
+        what = "images (idx3)" if magic == IDX_IMAGES else "labels (idx1)"
+        found = f"magic 0x{raw[:4].hex()}" if len(raw) >= 4 else f"only {len(raw)} bytes"
+        raise DhkdError(f"malformed IDX file {path}: {found}, expected 0x{magic:08x} for {what}")
+    if len(raw) < header:
+        raise DhkdError(f"malformed IDX file {path}: truncated header")
+    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    expected = int(np.prod(dims, dtype=np.int64))
+    if len(raw) - header != expected:
+        raise DhkdError(
+            f"malformed IDX file {path}: dims {'x'.join(map(str, dims))} need {expected} bytes of data, "
+            f"found {len(raw) - header}" + (" (truncated)" if len(raw) - header < expected else "")
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _idx_path(root: str, name: str) -> str:
+    """``name.gz`` if present, else ``name`` (the missing-file message names both)."""
+    for candidate in (os.path.join(root, name + ".gz"), os.path.join(root, name)):
+        if os.path.isfile(candidate):
+            return candidate
+    raise DhkdError(f"missing IDX file {os.path.join(root, name)}[.gz]")
+
+
+def _mnist_split(root: str, split: str, classes: int):
+    images_path = _idx_path(root, f"{split}-images-idx3-ubyte")
+    labels_path = _idx_path(root, f"{split}-labels-idx1-ubyte")
+    images, labels = read_idx(images_path, IDX_IMAGES), read_idx(labels_path, IDX_LABELS)
+    if images.shape[1:] != (MNIST_SIZE, MNIST_SIZE):
+        raise DhkdError(f"malformed IDX file {images_path}: images are {images.shape[1]}x{images.shape[2]}, expected 28x28")
+    if len(images) != len(labels):
+        raise DhkdError(f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels")
+    if len(labels) == 0:
+        raise DhkdError(f"malformed IDX file {labels_path}: no samples")
+    if labels.max() >= classes:
+        raise DhkdError(f"malformed IDX file {labels_path}: label {int(labels.max())} outside 0..{classes - 1}")
+    padded = np.pad(images, ((0, 0), (MNIST_PAD, MNIST_PAD), (MNIST_PAD, MNIST_PAD)))
+    return padded, labels.astype(np.int64)
+
+
+def _grey_stats(pixels: np.ndarray) -> tuple[float, float]:
+    """Mean and (unbiased) std in [0, 1] of uint8 pixels, exact from their histogram."""
+    counts = np.bincount(pixels.ravel(), minlength=256).astype(np.float64)
+    values = np.arange(256, dtype=np.float64) / 255
+    n = counts.sum()
+    mean = float((counts * values).sum() / n)
+    var = float((counts * (values - mean) ** 2).sum() / (n - 1))
+    return mean, var**0.5
+
+
+def load_mnist(kind: str, root: str) -> InMemoryData:
+    """MNIST or Fashion-MNIST from the four IDX files in ``root`` (``*-ubyte.gz`` or ``*-ubyte``).
+
+    The 28x28 grey images are zero-padded to 32x32 and repeated to 3 channels; the normalisation is
+    the mean and std of the padded training images (what the network sees), rounded to 4 places.
+    """
+    if not os.path.isdir(root):
+        hint = " (install Debian's dataset-fashion-mnist or use fashion-mnist:DIR)" if root == FASHION_MNIST_DIR else ""
+        raise DhkdError(f"{kind} folder not found: {root}{hint}")
+    train_grey, train_labels = _mnist_split(root, "train", 10)
+    val_grey, val_labels = _mnist_split(root, "t10k", 10)
+    mean, std = (round(v, 4) for v in _grey_stats(train_grey))
+
+    def rgb(grey: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(grey)[:, None].expand(-1, 3, -1, -1).contiguous()
+
+    return InMemoryData(
+        kind=kind,
+        train_images=rgb(train_grey),
+        train_labels=torch.from_numpy(train_labels),
+        val_images=rgb(val_grey),
+        val_labels=torch.from_numpy(val_labels),
+        num_classes=10,
+        mean=(mean,) * 3,
+        std=(std,) * 3,
+        source=os.path.abspath(root),
     )
 
 

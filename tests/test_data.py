@@ -62,7 +62,7 @@ def test_cifar_errors_are_one_line(tmp_path):
     with pytest.raises(DhkdError, match="cannot read CIFAR file"):
         load_data(f"cifar100:{root}")
     with pytest.raises(DhkdError, match="unknown data set"):
-        load_data("mnist")
+        load_data("svhn")
 
 
 def test_in_memory_render_equals_pad_crop_flip():
