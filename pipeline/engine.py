@@ -130,17 +130,42 @@ def lr_at(cfg: TrainConfig, epoch: int) -> float:
     return cfg.lr * cfg.lr_decay ** sum(epoch >= m for m in cfg.lr_milestones)
 
 
+def _rng_state(device: torch.device) -> dict:
+    """This process's random generators: the CPU one, and its CUDA device's where it has one."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+
+def _set_rng_state(state: dict, device: torch.device):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def _save_state(run: Run, epoch: int, step: int):
-    """The run's state after ``step`` steps of ``epoch`` (step == len(loader): epoch finished)."""
+    """The run's state after ``step`` steps of ``epoch`` (step == len(loader): epoch finished).
+
+    Everything a resumed run needs to continue as if never stopped: weights, optimizer, every
+    process's CPU and CUDA generators (dropout; views need none, they are keyed by position), the
+    fp16 grad scaler and the loader position (epoch, step). All ranks call this;
+    rank 0 writes one ``checkpoint.pt`` of tensors and plain values, read back with
+    ``weights_only=True`` (Accelerate's ``save_state`` pickles its RNG files, which only a full
+    unpickler reads).
+    """
+    from accelerate.utils import gather_object
+
     acc = run.accelerator
+    rng = gather_object([_rng_state(acc.device)])  # one entry per process, in rank order
     if not acc.is_main_process:
         return
+    scaler = getattr(acc, "scaler", None)
     state = {
         "model": acc.unwrap_model(run.model).state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "epoch": epoch,
         "step": step,
-        "rng": torch.get_rng_state(),
+        "rng": rng,
+        "scaler": scaler.state_dict() if scaler is not None else None,
         "config": run.cfg.to_dict(),
         "history": run.history,
     }
@@ -159,9 +184,17 @@ def _load_state(run: Run):
     for key in sorted(set(saved) | set(now)):
         if key not in RESUMABLE_CHANGES and saved.get(key) != now.get(key):
             raise DhkdError(f"--resume with a different config: {key} was {saved.get(key)!r}, now {now.get(key)!r}")
+    acc = run.accelerator
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"])
+    rng = state["rng"]
+    if isinstance(rng, torch.Tensor):  # checkpoints written before per-process generators were kept
+        rng = [{"cpu": rng, "cuda": None}]
+    # a different process count cannot continue identically anyway; each rank takes a saved stream
+    _set_rng_state(rng[acc.process_index % len(rng)], acc.device)
+    scaler = getattr(acc, "scaler", None)
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     run.history = list(state["history"])
     epoch, step = state["epoch"], state["step"]
     run.start_epoch, run.start_step = (epoch + 1, 0) if step >= len(run.loader) else (epoch, step)

@@ -243,6 +243,43 @@ def test_resume_mid_epoch_continues_identically(work, store):
     assert straight["teacher_source"] == "cache" and straight["distinct_views"] == 2
 
 
+def test_resume_restores_the_generators_dropout_draws_from(work, store):
+    # the nonlinear head's Dropout draws from the CPU generator: a resume that did not restore it
+    # would train on other masks; the stop is mid-epoch and again at an epoch boundary
+    straight = train_cfg(work / "dropout-straight", cache=str(store), aux_head="nonlinear")
+    distill(straight, **QUIET)
+    for stop in (5, 22):  # 22 = one epoch of 1437 digits in batches of 64
+        out = work / f"dropout-stopped-{stop}"
+        distill(train_cfg(out, cache=str(store), aux_head="nonlinear", max_steps=stop), **QUIET)
+        torch.manual_seed(12345)  # whatever the generator holds now must not matter
+        distill(train_cfg(out, cache=str(store), aux_head="nonlinear"), resume=True, **QUIET)
+        a = torch.load(work / "dropout-straight" / "model.pt", weights_only=True)["model"]
+        b = torch.load(out / "model.pt", weights_only=True)["model"]
+        for key in a:
+            assert torch.equal(a[key], b[key]), (stop, key)
+
+
+def test_checkpoint_holds_the_grad_scaler_and_every_generator(work, store):
+    from dhkd_pipe.engine import CHECKPOINT, _load_state, _save_state
+
+    run = prepare(train_cfg(work / "scaler", cache=str(store)), overwrite=True)
+    run.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=7)
+    _save_state(run, 0, 3)
+    state = torch.load(work / "scaler" / CHECKPOINT, weights_only=True)
+    assert state["scaler"]["scale"] == 2.0**10 and state["scaler"]["growth_interval"] == 7
+    assert len(state["rng"]) == 1 and torch.equal(state["rng"][0]["cpu"], torch.get_rng_state())
+
+    expected = torch.rand(4)  # what the generator gives right after the save
+    resumed = prepare(train_cfg(work / "scaler", cache=str(store)), resume=True)
+    assert resumed.start_epoch == 0 and resumed.start_step == 3
+    fresh = prepare(train_cfg(work / "scaler", cache=str(store)), resume=True)
+    fresh.accelerator.scaler = torch.amp.GradScaler("cpu")
+    torch.manual_seed(99)
+    _load_state(fresh)
+    assert torch.equal(torch.rand(4), expected)
+    assert fresh.accelerator.scaler.get_scale() == 2.0**10 and fresh.accelerator.scaler.get_growth_interval() == 7
+
+
 def test_resume_with_a_different_config_is_refused(work, store):
     with pytest.raises(DhkdError, match="different config: lr"):
         distill(train_cfg(work / "straight", cache=str(store), lr=0.5), resume=True, **QUIET)
