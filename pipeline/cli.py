@@ -92,7 +92,12 @@ def train_teacher_cmd(config_file, resume, overwrite, **options):
 @click.option("--temperature", type=float)
 @click.option("--warmup-epochs", type=int, help="DKD's linear warm-up of the distillation term.")
 @click.option("--aux-head", type=click.Choice(AUX_HEADS))
-@click.option("--grad-align/--no-grad-align", default=None, help="Project out distillation gradients that conflict with CE.")
+@click.option("--grad-align/--no-grad-align", default=None,
+              help="dhkd only: gradient alignment as published (PCGrad over all parameter gradients): where the "
+                   "distillation gradient conflicts with the CE gradient, its component along the CE gradient is removed.")
+@click.option("--grad-align-features/--no-grad-align-features", default=None,
+              help="dhkd only: this project's per-sample variant (not the published algorithm): aligns only the "
+                   "gradient reaching the shared features, row by row. Excludes --grad-align.")
 @click.option("--kernels", type=click.Choice(KERNEL_BACKENDS), help="Fused Triton losses (CUDA) or the PyTorch reference.")
 @training_options
 @user_errors

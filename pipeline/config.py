@@ -38,7 +38,8 @@ class TrainConfig:
     temperature: float | None = None
     warmup_epochs: int = 20
     aux_head: str = "linear"
-    grad_align: bool = False
+    grad_align: bool = False  # the published PCGrad over parameter gradients (dhkd_pipe.grad_align)
+    grad_align_features: bool = False  # this project's per-sample feature variant (AlignedSplit)
     epochs: int = 240
     batch_size: int = 64
     lr: float = 0.05
@@ -70,6 +71,8 @@ class TrainConfig:
             raise DhkdError(f"bad lr {self.lr}: must be positive")
         if self.temperature is not None and self.temperature <= 0:
             raise DhkdError(f"bad temperature {self.temperature}: must be positive")
+        if self.grad_align and self.grad_align_features:
+            raise DhkdError("choose one gradient alignment: grad_align (published, parameters) or grad_align_features")
         if self.workers < 0 or self.checkpoint_every < 0 or self.max_steps < 0:
             raise DhkdError("workers, checkpoint_every and max_steps must not be negative")
         return self

@@ -20,6 +20,7 @@ import torch
 
 from .config import TrainConfig
 from .errors import DhkdError
+from .grad_align import aligned_backward
 from .loader import PlanEpochs, StoreEpochs, ViewLoader
 from .methods import LossSpec
 
@@ -68,6 +69,9 @@ def prepare(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> 
     method = loss.method
     if method.needs_teacher and not cfg.cache and not (cfg.teacher and cfg.teacher_weights):
         raise DhkdError(f"--method {method.name} needs a teacher: --cache STORE, or --teacher NAME --teacher-weights FILE")
+    if (cfg.grad_align or cfg.grad_align_features) and not method.dual_head:
+        flag = "--grad-align" if cfg.grad_align else "--grad-align-features"
+        raise DhkdError(f"{flag} aligns head 1's CE with head 2's distillation gradient: only --method dhkd has two heads")
     replace_out = _check_out(cfg.out, resume, overwrite)
     acc = make_accelerator(cfg.precision)
     torch.manual_seed(cfg.seed)
@@ -87,7 +91,8 @@ def prepare(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> 
         plan = data.default_plan(seed=cfg.seed)
         epochs = PlanEpochs(plan, data)
 
-    model = create_model(cfg.model, data.num_classes, dual_head=method.dual_head, aux_head=cfg.aux_head, grad_align=cfg.grad_align)
+    model = create_model(cfg.model, data.num_classes, dual_head=method.dual_head, aux_head=cfg.aux_head,
+                         align_features=cfg.grad_align_features)
     teacher = None
     if method.needs_teacher and cache is None:
         teacher = create_model(cfg.teacher, data.num_classes)
@@ -228,6 +233,33 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, disable=not enabled or None, leave=False, dynamic_ncols=True, file=sys.stderr)
 
 
+def train_step(run: Run, batch, epoch: int) -> torch.Tensor:
+    """Forward, loss, backward, optimizer step on one batch; returns the detached loss.
+
+    With ``cfg.grad_align`` the two objectives' parameter gradients are aligned as published
+    (``dhkd_pipe.grad_align``) instead of back-propagating their sum.
+    """
+    acc, model, optimizer = run.accelerator, run.model, run.optimizer
+    with acc.autocast():
+        outputs = model(batch.images)
+        teacher = batch.teacher
+        if teacher is None and run.teacher is not None:
+            with torch.no_grad():
+                teacher = run.teacher(batch.images)
+        if run.cfg.grad_align:
+            terms = run.loss.terms(outputs, batch.labels, teacher, batch.teacher_scale, epoch)
+            loss = terms["total"]
+        else:
+            loss = run.loss(outputs, batch.labels, teacher, batch.teacher_scale, epoch)
+    optimizer.zero_grad(set_to_none=True)
+    if run.cfg.grad_align:
+        aligned_backward(terms["ce"], terms["kd"], model.parameters(), acc)
+    else:
+        acc.backward(loss)
+    optimizer.step()
+    return loss.detach()
+
+
 def train(run: Run, log=print) -> dict:
     """Runs the loop from the run's start point to ``cfg.epochs``; returns the summary."""
     cfg, acc, model, loader, optimizer = run.cfg, run.accelerator, run.model, run.loader, run.optimizer
@@ -243,17 +275,7 @@ def train(run: Run, log=print) -> dict:
         seen, t0 = 0, time.perf_counter()
         bar = _progress(len(loader) - skip, f"epoch {epoch + 1}/{cfg.epochs}", main)
         for step, batch in enumerate(loader.epoch(epoch, skip), start=skip):
-            with acc.autocast():
-                outputs = model(batch.images)
-                teacher = batch.teacher
-                if teacher is None and run.teacher is not None:
-                    with torch.no_grad():
-                        teacher = run.teacher(batch.images)
-                loss = run.loss(outputs, batch.labels, teacher, batch.teacher_scale, epoch)
-            optimizer.zero_grad(set_to_none=True)
-            acc.backward(loss)
-            optimizer.step()
-            loss_sum += loss.detach()
+            loss_sum += train_step(run, batch, epoch)
             seen += len(batch.labels)
             steps_done += 1
             if run.step_ends is not None:

@@ -73,6 +73,19 @@ class LossSpec:
             backend=cfg.kernels,
         )
 
+    def terms(self, outputs, target, teacher=None, teacher_scale=None, epoch: int = 0) -> dict:
+        """dhkd's two objectives apart, for gradient alignment: ``{"ce": gamma * CE(head 1),
+        "kd": alpha * KD(head 2), "total": their sum}`` (same backend as ``__call__``)."""
+        from .kernels import dhkd_loss
+
+        if self.method.name != "dhkd":
+            raise DhkdError(f"--method {self.method.name} has no separate CE and distillation heads")
+        head1, head2 = outputs
+        kw = dict(temperature=self.temperature, kd_loss=self.kd_loss, teacher_scale=teacher_scale, backend=self.backend)
+        ce = dhkd_loss(head1, head2, None, target, alpha=0.0, gamma=self.gamma, **kw)
+        kd = dhkd_loss(head1, head2, teacher, target, alpha=self.alpha, gamma=0.0, **kw)
+        return {"ce": ce, "kd": kd, "total": ce + kd}
+
     def __call__(self, outputs, target, teacher=None, teacher_scale=None, epoch: int = 0) -> torch.Tensor:
         """The batch loss. ``outputs`` is one logits tensor, or (head 1, head 2) for dual-head
         methods; ``teacher`` may be float or int8 with ``teacher_scale`` (B,)."""

@@ -10,7 +10,7 @@ from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.models import (DualHead, create_model, list_models, load_checkpoint, model_input_size,
                               read_state_dict)
 from dhkd_pipe.checkpoint import file_digest
-from dhkd_pipe.models.dual_head import AlignedSplit, align_gradients
+from dhkd_pipe.models.dual_head import AlignedSplit, align_feature_gradients
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -178,15 +178,16 @@ def test_dual_head_without_classifier():
         create_model("squeezenet1_0", 10, dual_head=True)
 
 
-def test_align_gradients_projects_conflicts_only():
+def test_align_feature_gradients_projects_conflicts_only():
+    """The per-sample feature variant (--grad-align-features), row by row."""
     g1 = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
     g2 = torch.tensor([[-1.0, 1.0], [2.0, 3.0], [-5.0, 1.0]])
-    out = align_gradients(g1, g2)
+    out = align_feature_gradients(g1, g2)
     # row 0 conflicts: g2 -> (0, 1); row 1 is aligned: unchanged; row 2 has g1 = 0: unchanged
     assert torch.allclose(out, torch.tensor([[1.0, 1.0], [3.0, 3.0], [-5.0, 1.0]]))
 
 
-def test_grad_align_in_autograd():
+def test_feature_grad_align_in_autograd():
     feat = torch.tensor([[1.0, 2.0], [3.0, -1.0]], requires_grad=True)
     f1, f2 = AlignedSplit.apply(feat)
     a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
@@ -195,11 +196,18 @@ def test_grad_align_in_autograd():
     # row 0: <a,b> = -2 < 0 -> b - (-2) a = (0, 1); row 1: aligned -> unchanged
     assert torch.allclose(feat.grad, torch.tensor([[1.0, 1.0], [1.0, 2.0]]))
 
-    model = create_model("resnet8", 10, dual_head=True, grad_align=True)
+    torch.manual_seed(0)
+    model = create_model("resnet8", 10, dual_head=True, align_features=True)
+    plain = create_model("resnet8", 10, dual_head=True)
+    plain.load_state_dict(model.state_dict())
     x = torch.randn(2, 3, 32, 32)
-    l1, l2 = model(x)
-    (l1.sum() - l2.sum()).backward()
+    for m in (model, plain):
+        l1, l2 = m(x)
+        (l1.sum() - l2.sum()).backward()
     assert all(p.grad is not None for p in model.backbone.parameters() if p.requires_grad)
+    # the heads' own gradients are untouched; the shared features' gradient is aligned
+    assert torch.equal(model.head1.weight.grad, plain.head1.weight.grad)
+    assert not torch.allclose(model.backbone.conv1.weight.grad, plain.backbone.conv1.weight.grad)
 
 
 # ---- checkpoint formats -----------------------------------------------------------------------

@@ -19,8 +19,11 @@ AUX_HEADS = ("linear", "nonlinear")
 
 
 class AlignedSplit(torch.autograd.Function):
-    """Identity into two branches whose gradients are merged with PCGrad-style alignment.
+    """Identity into two branches whose gradients are merged per sample (``--grad-align-features``).
 
+    This project's variant, NOT the published algorithm (that is ``dhkd_pipe.grad_align``, PCGrad
+    over the parameter gradients, ``--grad-align``): it aligns only the gradient that reaches the
+    shared features, row by row, and leaves the heads' own gradients alone.
     Forward returns two copies of the features (branch 1 feeds head 1, branch 2 feeds head 2).
     Backward, per row: where <g1, g2> < 0, g2 <- g2 - <g1, g2> / |g1|^2 * g1 (rows with g1 = 0 are
     left alone); the feature gradient is g1 + g2.
@@ -34,10 +37,10 @@ class AlignedSplit(torch.autograd.Function):
     def backward(ctx, g1, g2):
         if g1 is None or g2 is None:
             return g2 if g1 is None else g1
-        return align_gradients(g1, g2)
+        return align_feature_gradients(g1, g2)
 
 
-def align_gradients(g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
+def align_feature_gradients(g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
     """``g1 + g2'`` with ``g2'`` the part of ``g2`` that does not conflict with ``g1`` (per row)."""
     shape = g1.shape
     a = g1.reshape(shape[0], -1) if g1.dim() > 1 else g1.reshape(1, -1)
@@ -77,9 +80,13 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
 
 
 class DualHead(nn.Module):
-    """Wraps ``model``: ``forward(x) -> (logits1, logits2)``, both from the same features."""
+    """Wraps ``model``: ``forward(x) -> (logits1, logits2)``, both from the same features.
 
-    def __init__(self, model: nn.Module, aux_head: str = "linear", grad_align: bool = False,
+    ``align_features`` routes the features through ``AlignedSplit`` (the per-sample feature variant,
+    ``--grad-align-features``); the published parameter alignment lives in the training step.
+    """
+
+    def __init__(self, model: nn.Module, aux_head: str = "linear", align_features: bool = False,
                  num_classes: int | None = None):
         super().__init__()
         if aux_head not in AUX_HEADS:
@@ -94,7 +101,7 @@ class DualHead(nn.Module):
         self.head1 = head
         self.head_path = path
         self.aux_head = aux_head
-        self.grad_align = grad_align
+        self.align_features = align_features
         d, k = head.in_features, head.out_features
         self.head2 = nn.Linear(d, k) if aux_head == "linear" else nonlinear_head(d, k)
         p = head.weight
@@ -106,7 +113,7 @@ class DualHead(nn.Module):
 
     def forward(self, x):
         feat = self.backbone(x)
-        if self.grad_align and torch.is_grad_enabled() and feat.requires_grad:
+        if self.align_features and torch.is_grad_enabled() and feat.requires_grad:
             f1, f2 = AlignedSplit.apply(feat)
         else:
             f1 = f2 = feat

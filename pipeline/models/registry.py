@@ -68,8 +68,9 @@ def torchvision_arch(name: str) -> str | None:
 
 
 def create_model(name: str, num_classes: int, dual_head: bool = False, aux_head: str = "linear",
-                 grad_align: bool = False) -> nn.Module:
-    """Builds ``name`` with ``num_classes`` outputs; ``dual_head`` wraps it in ``DualHead``."""
+                 align_features: bool = False) -> nn.Module:
+    """Builds ``name`` with ``num_classes`` outputs; ``dual_head`` wraps it in ``DualHead``
+    (``aux_head`` and ``align_features`` are passed on to it)."""
     entry = _entry(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise DhkdError(f"num_classes must be a positive integer, got {num_classes!r}")
@@ -78,7 +79,7 @@ def create_model(name: str, num_classes: int, dual_head: bool = False, aux_head:
     if dual_head:
         from .dual_head import DualHead
 
-        model = DualHead(model, aux_head=aux_head, grad_align=grad_align, num_classes=num_classes)
+        model = DualHead(model, aux_head=aux_head, align_features=align_features, num_classes=num_classes)
         model.arch_name = name
     elif aux_head not in ("linear", "nonlinear"):
         raise DhkdError(f"aux_head must be 'linear' or 'nonlinear', got {aux_head!r}")
