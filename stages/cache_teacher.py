@@ -23,8 +23,7 @@ from dhkd_pipe.config import CacheConfig
 from dhkd_pipe.data import load_data
 from dhkd_pipe.engine import evaluate, make_accelerator
 from dhkd_pipe.errors import DhkdError
-from dhkd_pipe.models import create_model, load_checkpoint
-from dhkd_pipe.checkpoint import file_digest
+from dhkd_pipe.models import create_model, file_digest, load_checkpoint
 from dhkd_pipe.views import ViewPlan
 
 FORMAT_VERSION = 1

@@ -7,9 +7,8 @@ import torch
 import torch.nn as nn
 
 from dhkd_pipe.errors import DhkdError
-from dhkd_pipe.models import (DualHead, create_model, list_models, load_checkpoint, model_input_size,
-                              read_state_dict)
-from dhkd_pipe.checkpoint import file_digest
+from dhkd_pipe.models import (DualHead, create_model, file_digest, list_models, load_checkpoint,
+                              model_input_size, read_state_dict)
 from dhkd_pipe.models.dual_head import AlignedSplit, align_feature_gradients
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1,9 +1,9 @@
 """The model zoo: ``create_model(name, num_classes)`` for every architecture, ``DualHead``,
 and checkpoint loading. Importing this package registers every family."""
 
-from ..checkpoint import file_digest, load_checkpoint, read_state_dict
 from . import cifar_resnet, mobilenetv1, mobilenetv2, resnetv2, shufflenetv1, shufflenetv2, vgg, wrn  # noqa: F401
 from . import torchvision_models  # noqa: F401  (last: it skips names the KD zoo already uses)
+from .checkpoint import file_digest, load_checkpoint, read_state_dict
 from .dual_head import DualHead
 from .registry import create_model, list_models, model_input_size, register_model, torchvision_arch
 

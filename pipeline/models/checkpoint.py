@@ -28,7 +28,9 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from .errors import DhkdError
+from ..errors import DhkdError
+from .dual_head import DualHead, find_classifier
+from .registry import torchvision_arch
 
 _SHOW = 5  # keys shown per category in a mismatch message
 
@@ -211,8 +213,6 @@ def _head1_name(sd: dict, head_path: str, body_keys) -> str | None:
 
 
 def _classifier_path(model: nn.Module) -> str | None:
-    from .models.dual_head import find_classifier
-
     try:
         return find_classifier(model)[0] or None
     except DhkdError:  # no Linear classifier (SqueezeNet): nothing to rename
@@ -246,16 +246,12 @@ def load_checkpoint(model: nn.Module, path_or_weight_name, strict: bool = True, 
     arch = arch if arch is not None else getattr(model, "arch_name", None)
     tv_arch = None
     if not os.path.exists(spec) and arch is not None and _looks_like_weight_name(spec):
-        from .models.registry import torchvision_arch
-
         tv_arch = torchvision_arch(arch)
         if tv_arch is None:
             raise DhkdError(f"checkpoint file not found: {spec} (named weights exist only for torchvision "
                             f"architectures, and {arch} is not one)")
         path = torchvision_weight_file(tv_arch, spec)
     sd = read_state_dict(path)
-
-    from .models.dual_head import DualHead
 
     dual = isinstance(model, DualHead)
     plain_sd = model.single_head_state_dict() if dual else model.state_dict()
