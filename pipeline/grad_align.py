@@ -11,7 +11,10 @@ optimizer.
 With several processes the projection runs on the all-reduced (mean) gradients, so N processes on a
 global batch give the single-process result. ``torch.autograd.grad`` never runs the parameters'
 AccumulateGrad nodes, so DDP's reducer hooks (registered on those nodes) never fire: DDP reduces
-nothing, and the one all-reduce here replaces its own.
+nothing, and the one all-reduce here replaces its own. (This holds with DDP's default
+``find_unused_parameters=False``; with it True the reducer would mark unused parameters ready in
+forward and expect a reduction to finish.) ``no_sync`` is not used: under it DDP's forward also stops
+broadcasting buffers from rank 0.
 """
 
 from __future__ import annotations
