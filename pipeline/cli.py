@@ -54,6 +54,8 @@ def training_options(fn):
         click.option("--workers", type=int, help="Loader worker processes (DALI)."),
         click.option("--checkpoint-every", type=int, help="Also checkpoint every N steps within an epoch."),
         click.option("--max-steps", type=int, help="Stop (with a checkpoint) after N steps; for smoke runs and benchmarks."),
+        click.option("--log-with", help="Experiment trackers (Accelerate's), comma-separated: tensorboard, wandb, mlflow, ...; "
+                     "they get the per-epoch metrics of metrics.jsonl."),
         click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped."),
         click.option("--overwrite", is_flag=True, help="Replace a finished or stopped run in --out."),
     ]

@@ -54,6 +54,7 @@ class TrainConfig:
     out: str = "runs/run"
     checkpoint_every: int = 0
     max_steps: int = 0
+    log_with: str | None = None  # Accelerate trackers, comma-separated: tensorboard, wandb, ...
 
     def validate(self) -> "TrainConfig":
         def choose(name, value, allowed):

@@ -27,7 +27,7 @@ from .methods import LossSpec
 CHECKPOINT = "checkpoint.pt"
 EXPORTED = "model.pt"
 # Options that may change between a run and its resume.
-RESUMABLE_CHANGES = {"epochs", "out", "workers", "max_steps", "checkpoint_every"}
+RESUMABLE_CHANGES = {"epochs", "out", "workers", "max_steps", "checkpoint_every", "log_with"}
 
 
 @dataclass
@@ -51,13 +51,58 @@ class Run:
     step_ends: list | None = None  # perf_counter() after each step, when a benchmark asks
 
 
-def make_accelerator(precision: str):
+def make_accelerator(precision: str, log_with: str | None = None, project_dir: str | None = None):
+    """The run's ``Accelerator``; ``log_with`` (comma-separated tracker names) is checked first."""
     from accelerate import Accelerator
 
     cpu = not torch.cuda.is_available()
     if cpu and precision == "fp16":
         raise DhkdError("--precision fp16 needs a GPU; use bf16 or no on the CPU")
-    return Accelerator(mixed_precision=precision, cpu=cpu)
+    trackers = tracker_names(log_with)
+    return Accelerator(mixed_precision=precision, cpu=cpu, log_with=trackers or None, project_dir=project_dir)
+
+
+# pip names of trackers whose package is not named like the tracker
+_TRACKER_PACKAGES = {"comet_ml": "comet-ml", "tensorboard": '"dhkd-pipe[tensorboard]" (or tensorboard)'}
+
+
+def tracker_names(log_with: str | None) -> list[str]:
+    """Accelerate's tracker names in ``log_with``; a DhkdError names an unknown tracker or one
+    whose package is missing (Accelerate itself would silently log nothing)."""
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    names = [n.strip() for n in (log_with or "").split(",") if n.strip()]
+    available = {str(t) for t in get_available_trackers()}
+    for name in names:
+        if name not in LoggerType.list():
+            raise DhkdError(f"unknown tracker {name!r} for --log-with; choose from: {', '.join(LoggerType.list())}")
+        if name != "all" and name not in available:
+            raise DhkdError(f"--log-with {name}: the {name} package is not installed; pip install {_TRACKER_PACKAGES.get(name, name)}")
+    return names
+
+
+TRACKING_PROJECT = "dhkd-pipe"  # trackers write under RUN/dhkd-pipe (TensorBoard) or this project (wandb, ...)
+
+
+def _start_tracking(run: Run):
+    """Opens the trackers (if any) with the run's config as hyper-parameters."""
+    acc, cfg = run.accelerator, run.cfg
+    if not acc.log_with:
+        return
+    # TensorBoard's hparams take scalars and strings only
+    config = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in cfg.to_dict().items()}
+    run_name = os.path.basename(os.path.normpath(cfg.out))
+    acc.init_trackers(TRACKING_PROJECT, config=config, init_kwargs={"wandb": {"name": run_name}})
+
+
+def _end_tracking(run: Run):
+    """Closes the trackers. Not ``end_training``: that also destroys the process group, which a
+    process running several stages (quickstart, bench, tests) still needs."""
+    acc = run.accelerator
+    for tracker in acc.trackers:
+        tracker.finish()
+    acc.trackers = []
 
 
 def prepare(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Run:
@@ -73,7 +118,7 @@ def prepare(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> 
         flag = "--grad-align" if cfg.grad_align else "--grad-align-features"
         raise DhkdError(f"{flag} aligns head 1's CE with head 2's distillation gradient: only --method dhkd has two heads")
     replace_out = _check_out(cfg.out, resume, overwrite)
-    acc = make_accelerator(cfg.precision)
+    acc = make_accelerator(cfg.precision, cfg.log_with, cfg.out)
     torch.manual_seed(cfg.seed)
     data = load_data(cfg.data)
 
@@ -266,6 +311,7 @@ def train(run: Run, log=print) -> dict:
     main = acc.is_main_process
     total_steps = steps_done = 0
     started = time.perf_counter()
+    _start_tracking(run)
     model.train()
     for epoch in range(run.start_epoch, cfg.epochs):
         for group in optimizer.param_groups:
@@ -288,6 +334,7 @@ def train(run: Run, log=print) -> dict:
             if cfg.max_steps and steps_done >= cfg.max_steps:
                 bar.close()
                 _save_state(run, epoch, step + 1)
+                _end_tracking(run)
                 acc.wait_for_everyone()
                 return {"stopped_at": {"epoch": epoch, "step": step + 1}}
         bar.close()
@@ -304,12 +351,14 @@ def train(run: Run, log=print) -> dict:
         run.history.append(metrics)
         if main:
             _append_metrics(cfg.out, metrics)
+            acc.log(metrics, step=metrics["epoch"])  # the trackers get exactly the metrics.jsonl line
             log(
                 f"epoch {epoch + 1}/{cfg.epochs}  loss {metrics['train_loss']:.4f}  "
                 f"val top-1 {metrics['val_top1']:.2f}%  {metrics['images_per_sec']:.0f} img/s"
             )
         _save_state(run, epoch, len(loader))
         acc.wait_for_everyone()
+    _end_tracking(run)
     return _finish(run, time.perf_counter() - started)
 
 
