@@ -164,7 +164,7 @@ def check_image(path: str) -> str | None:
 
 
 class DaliViews:
-    """Renders views of an image folder with DALI; the loader interface of ``InMemoryViews``.
+    """Renders views of an image folder with DALI: a ``data.Renderer``, as ``InMemoryViews`` is.
 
     ``train_batches(indices, views, batch_size)`` yields normalised float32 (n, 3, R, R) tensors on
     ``device`` in the given order; ``val_batches(batch_size)`` yields (images, labels) of the
@@ -220,7 +220,7 @@ class DaliViews:
         self._open = None  # the schedule of a request that has not reached its end
         self._copied = None  # CUDA event: the last output copy is done and DALI may reuse its buffer
 
-    # The loader interface.
+    # The renderer interface (data.Renderer).
 
     def train_batches(self, indices: np.ndarray, views: np.ndarray, batch_size: int):
         """Rendered views of training samples ``indices`` in the given order, ``batch_size`` at a

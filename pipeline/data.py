@@ -2,8 +2,9 @@
 
 ``load_data(spec)`` is the one door in. Small data sets are held whole as one uint8 tensor
 (N, 3, H, W) and views are rendered by gathers on the training device (``InMemoryViews``);
-image folders are lists of files rendered by DALI (``dhkd_pipe.imagefolder``). Both kinds expose
-the same fields, so stages never branch on the data set beyond choosing the renderer.
+image folders are lists of files rendered by DALI (``dhkd_pipe.imagefolder``). Both kinds are a
+``Dataset`` and their renderers a ``Renderer`` (the protocols below), so stages never branch on the
+data set beyond choosing the renderer.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import pickle
 import zlib
 from dataclasses import dataclass, field
+from typing import Iterator, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -31,6 +33,59 @@ CIFAR_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
+
+
+@runtime_checkable
+class Renderer(Protocol):
+    """Renders views of a data set as normalised float32 (n, 3, R, R) batches on its device:
+    ``InMemoryViews`` (gathers) and ``dali_views.DaliViews`` (decoding). The loader asks for
+    training views, ``engine.evaluate`` for the validation split."""
+
+    def train_batches(self, indices: np.ndarray, views: np.ndarray, batch_size: int) -> Iterator[torch.Tensor]:
+        """Views ``(y, x, h, w, flip)`` of training samples ``indices``, in the given order,
+        ``batch_size`` at a time (the last batch may be short)."""
+        ...
+
+    def val_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(images, labels) of the un-augmented validation split."""
+        ...
+
+
+@runtime_checkable
+class Dataset(Protocol):
+    """What the engine, the loader, the renderers and the stages ask of a data set:
+    ``InMemoryData`` and ``imagefolder.ImageFolderData``. Labels are int64 ``0..num_classes-1``."""
+
+    kind: str  # the data set's family ("digits", "cifar100", "imagefolder", ...)
+    num_classes: int
+    mean: tuple[float, float, float]  # normalisation, in [0, 1] pixel units
+    std: tuple[float, float, float]
+    train_labels: torch.Tensor
+    val_labels: torch.Tensor
+
+    @property
+    def num_train(self) -> int: ...
+
+    @property
+    def num_val(self) -> int: ...
+
+    def default_plan(self, seed: int = 0, resolution: int | None = None) -> ViewPlan:
+        """The view plan a run without a store draws from (the data set's augmentation policy)."""
+        ...
+
+    def train_sizes(self, indices: np.ndarray) -> np.ndarray:
+        """(n, 2) int64 (height, width) of training samples ``indices``: what views are drawn against."""
+        ...
+
+    def val_views(self, plan: ViewPlan) -> np.ndarray:
+        """(num_val, 5) centre views of the validation split."""
+        ...
+
+    def fingerprint(self) -> dict:
+        """What identifies the training split; a store records it and stage 2 compares it."""
+        ...
+
+    def renderer(self, device, plan: ViewPlan, workers: int | None = None) -> Renderer: ...
 
 
 @dataclass
@@ -96,7 +151,7 @@ class InMemoryData:
         return self._fingerprint
 
 
-def load_data(spec: str):
+def load_data(spec: str) -> Dataset:
     """One of ``DATA_SETS``: ``digits``, ``fashion-mnist[:DIR]``, ``mnist:DIR``, ``cifar10:DIR``,
     ``cifar100:DIR`` or ``imagefolder:DIR``."""
     kind, _, path = spec.partition(":")

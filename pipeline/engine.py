@@ -14,15 +14,23 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .config import TrainConfig
+from .data import Dataset, Renderer
 from .errors import DhkdError
 from .grad_align import aligned_backward
 from .loader import PlanEpochs, StoreEpochs, ViewLoader
 from .methods import LossSpec
+from .views import ViewPlan
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from .cache import LogitCache
 
 CHECKPOINT = "checkpoint.pt"
 EXPORTED = "model.pt"
@@ -35,23 +43,23 @@ class Run:
     """What a prepared run holds: everything is checked before the run directory is touched."""
 
     cfg: TrainConfig
-    accelerator: object
-    data: object
+    accelerator: Accelerator
+    data: Dataset
     loss: LossSpec
     model: torch.nn.Module
     teacher: torch.nn.Module | None
-    loader: ViewLoader
-    renderer: object
-    plan: object
+    loader: ViewLoader  # its ``epochs`` is an EpochSource: PlanEpochs or StoreEpochs
+    renderer: Renderer
+    plan: ViewPlan
     optimizer: torch.optim.Optimizer
-    cache: object = None
+    cache: LogitCache | None = None
     start_epoch: int = 0
     start_step: int = 0
     history: list = field(default_factory=list)
     step_ends: list | None = None  # perf_counter() after each step, when a benchmark asks
 
 
-def make_accelerator(precision: str, log_with: str | None = None, project_dir: str | None = None):
+def make_accelerator(precision: str, log_with: str | None = None, project_dir: str | None = None) -> Accelerator:
     """The run's ``Accelerator``; ``log_with`` (comma-separated tracker names) is checked first."""
     from accelerate import Accelerator
 
@@ -125,7 +133,6 @@ def prepare(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> 
     cache = None
     if cfg.cache:  # the store's views (and, when the method needs them, its logits)
         from .cache import LogitCache
-        from .views import ViewPlan
 
         cache = LogitCache.open(cfg.cache)
         cache.check_complete()
@@ -251,7 +258,7 @@ def _load_state(run: Run):
 
 
 @torch.no_grad()
-def evaluate(model, renderer, batch_size: int, accelerator=None) -> dict:
+def evaluate(model, renderer: Renderer, batch_size: int, accelerator: Accelerator | None = None) -> dict:
     """Top-1 and top-5 accuracy (%) of head 1 on the un-augmented validation split."""
     was_training = model.training
     model.eval()

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .errors import DhkdError
 from .views import ViewPlan, validation_views
+
+if TYPE_CHECKING:
+    from .dali_views import DaliViews
 
 EXTENSIONS = (".jpeg", ".jpg", ".png")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -64,7 +68,7 @@ def _image_sizes(paths: list[str]) -> np.ndarray:
 
 
 class ImageFolderData:
-    """An image folder: file lists, labels and the fields every data set exposes."""
+    """An image folder: file lists, labels and what every ``data.Dataset`` provides."""
 
     kind = "imagefolder"
     mean = IMAGENET_MEAN
@@ -148,7 +152,7 @@ class ImageFolderData:
             }
         return self._fingerprint
 
-    def renderer(self, device, plan: ViewPlan, workers: int | None = None):
+    def renderer(self, device, plan: ViewPlan, workers: int | None = None) -> "DaliViews":
         from .dali_views import DaliViews
 
-        return DaliViews(self, plan, device, workers=workers)
+        return DaliViews(self, plan, device, workers=workers)  # a data.Renderer

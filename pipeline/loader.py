@@ -9,7 +9,7 @@ and teacher logits come from:
   view-epoch ``k mod E`` and a background thread streams that epoch's logits chunk by chunk, in
   training order, ahead of the step.
 
-Positions are split across processes in whole chunks (rank ``r`` of ``W`` takes chunks
+Both are an ``EpochSource`` (the protocol below). Positions are split across processes in whole chunks (rank ``r`` of ``W`` takes chunks
 ``r, r+W, ...``), and every rank runs the same number of steps so collective ops line up.
 """
 
@@ -18,9 +18,16 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+
+from .data import Dataset, Renderer
+from .views import ViewPlan
+
+if TYPE_CHECKING:
+    from .cache import LogitCache
 
 
 @dataclass
@@ -35,12 +42,40 @@ def rank_chunks(num_chunks: int, rank: int, world: int) -> list[int]:
     return list(range(rank, num_chunks, world))
 
 
+@runtime_checkable
+class EpochSource(Protocol):
+    """Where a training epoch's order, views and (when ``has_logits``) teacher logits come from:
+    ``PlanEpochs`` and ``StoreEpochs``. Positions are grouped in chunks of ``chunk_rows``."""
+
+    has_logits: bool  # whether ``logits`` streams the teacher's logits
+    num_samples: int
+    chunk_rows: int
+
+    def view_epoch(self, epoch: int) -> int:
+        """The augmentation epoch that training epoch ``epoch`` replays."""
+        ...
+
+    def distinct_views(self, epochs: int) -> int:
+        """How many distinct views of each sample a run of ``epochs`` epochs sees."""
+        ...
+
+    def positions(self, epoch: int, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(dataset indices, views) at the given training positions of the epoch."""
+        ...
+
+    def logits(self, epoch: int, chunks: list[int], skip_rows: int,
+               total_rows: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(teacher, scale) on the device for rows ``skip_rows:total_rows`` of the concatenated
+        ``chunks``, in training order; called only when ``has_logits``."""
+        ...
+
+
 class PlanEpochs:
     """Order and views drawn from the plan; each training epoch is its own augmentation epoch."""
 
     has_logits = False
 
-    def __init__(self, plan, data, chunk_rows: int = 1024):
+    def __init__(self, plan: ViewPlan, data: Dataset, chunk_rows: int = 1024):
         self.plan, self.data, self.chunk_rows = plan, data, chunk_rows
         self.num_samples = data.num_train
 
@@ -50,16 +85,19 @@ class PlanEpochs:
     def distinct_views(self, epochs: int) -> int:
         return epochs
 
-    def positions(self, epoch: int, positions: np.ndarray):
-        """(dataset indices, views) at the given training positions of the epoch."""
+    def positions(self, epoch: int, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         order = self.plan.order(self.view_epoch(epoch), self.num_samples)[positions]
         return order, self.plan.views(self.view_epoch(epoch), order, self.data.train_sizes(order))
+
+    def logits(self, epoch: int, chunks: list[int], skip_rows: int, total_rows: int):
+        # has_logits is False: the engine runs the teacher itself, so a call here is a bug
+        raise RuntimeError("PlanEpochs holds no teacher logits (has_logits is False)")
 
 
 class StoreEpochs:
     """Order, views and logits recorded by stage 1 in a ``LogitCache``."""
 
-    def __init__(self, cache, device, with_logits: bool = True, prefetch_chunks: int = 4):
+    def __init__(self, cache: LogitCache, device, with_logits: bool = True, prefetch_chunks: int = 4):
         self.cache, self.device, self.prefetch = cache, torch.device(device), prefetch_chunks
         self.has_logits = with_logits
         self.num_samples, self.chunk_rows = cache.num_samples, cache.chunk_rows
@@ -70,7 +108,7 @@ class StoreEpochs:
     def distinct_views(self, epochs: int) -> int:
         return min(epochs, self.cache.epochs)
 
-    def positions(self, epoch: int, positions: np.ndarray):
+    def positions(self, epoch: int, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         e = self.view_epoch(epoch)
         return self.cache.read_order(e)[positions], self.cache.read_views(e)[positions]
 
@@ -151,7 +189,8 @@ def _row_batches(chunks, batch_size: int):
 class ViewLoader:
     """Batches for one process: its share of each epoch's positions, ``batch_size`` at a time."""
 
-    def __init__(self, epochs, renderer, labels: torch.Tensor, batch_size: int, rank: int = 0, world: int = 1):
+    def __init__(self, epochs: EpochSource, renderer: Renderer, labels: torch.Tensor, batch_size: int,
+                 rank: int = 0, world: int = 1):
         self.epochs, self.renderer, self.labels = epochs, renderer, labels
         self.batch_size, self.rank, self.world = batch_size, rank, world
         n, c = epochs.num_samples, epochs.chunk_rows

@@ -20,7 +20,7 @@ import torch
 from dhkd_pipe import __version__
 from dhkd_pipe.cache import LogitCache, codec_tolerance
 from dhkd_pipe.config import CacheConfig
-from dhkd_pipe.data import load_data
+from dhkd_pipe.data import Dataset, Renderer, load_data
 from dhkd_pipe.engine import evaluate, make_accelerator
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.models import create_model, file_digest, load_checkpoint
@@ -152,7 +152,8 @@ def _is_named_weight(weights: str) -> bool:
     return not os.path.exists(weights) and weights.replace("_", "").isalnum() and weights.isupper()
 
 
-def _write_units(cache, todo, plan: ViewPlan, data, renderer, teacher, acc, batch_size: int):
+def _write_units(cache: LogitCache, todo, plan: ViewPlan, data: Dataset, renderer: Renderer, teacher, acc,
+                 batch_size: int):
     """Runs the teacher over the units' positions epoch by epoch; returns (images, seconds)."""
     from tqdm.auto import tqdm
 
