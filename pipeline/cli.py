@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from .config import AUX_HEADS, CODECS, KD_LOSS_NAMES, KERNEL_BACKENDS, PRECISIONS, CacheConfig, TrainConfig, build_config
+from .config import AUX_HEADS, CODECS, EXPORT_FORMATS, KD_LOSS_NAMES, KERNEL_BACKENDS, PRECISIONS, CacheConfig, TrainConfig, build_config
 from .errors import DhkdError
 
 
@@ -126,6 +126,27 @@ def eval_cmd(model, weights, data, batch_size):
     from .stages.evaluate import evaluate
 
     _echo_json(evaluate(model, weights, data, batch_size))
+
+
+@main.command("export")
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default="onnx", show_default=True)
+@click.option("--out", help="Output file (default: RUN/model.onnx).")
+@click.option("--opset", type=int, help="ONNX opset (default: the exporter's recommended one).")
+@user_errors
+def export_cmd(run, fmt, out, opset):
+    """Export a run's student (single head) for deployment; checks it against PyTorch.
+
+    Training already writes RUN/model.safetensors; this adds an ONNX file with a dynamic batch
+    axis and, where onnxruntime is installed, runs it on a test batch and reports the largest
+    difference from PyTorch's logits (exit 1 if over the tolerance).
+    """
+    from .stages.export import export_onnx
+
+    result = export_onnx(run, out, opset=opset)
+    _echo_json(result)
+    if result["ok"] is False:
+        sys.exit(1)
 
 
 @main.command("models")

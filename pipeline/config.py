@@ -15,6 +15,7 @@ KERNEL_BACKENDS = ("auto", "triton", "torch")
 KD_LOSS_NAMES = ("binary_kl", "binary_kl_norm", "kd")
 AUX_HEADS = ("linear", "nonlinear")
 CODECS = ("fp16", "bf16", "fp32", "int8")
+EXPORT_FORMATS = ("onnx",)  # `dhkd-pipe export`; training itself writes model.pt and model.safetensors
 
 
 @dataclass

@@ -22,6 +22,7 @@ import torch
 from .config import TrainConfig
 from .data import Dataset, Renderer
 from .errors import DhkdError
+from .exported import write_exported
 from .grad_align import aligned_backward
 from .loader import PlanEpochs, StoreEpochs, ViewLoader
 from .methods import LossSpec
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
     from .cache import LogitCache
 
 CHECKPOINT = "checkpoint.pt"
-EXPORTED = "model.pt"
 # Options that may change between a run and its resume.
 RESUMABLE_CHANGES = {"epochs", "out", "workers", "max_steps", "checkpoint_every", "log_with"}
 
@@ -375,7 +375,7 @@ def _append_metrics(out: str, metrics: dict):
 
 
 def _finish(run: Run, wall: float) -> dict:
-    """Writes the exported single-head model and ``summary.json``."""
+    """Writes the exported single-head model (``model.pt``, ``model.safetensors``) and ``summary.json``."""
     acc, cfg = run.accelerator, run.cfg
     model = acc.unwrap_model(run.model)
     exported = model.export() if hasattr(model, "export") else model
@@ -398,9 +398,7 @@ def _finish(run: Run, wall: float) -> dict:
         "config": cfg.to_dict(),
     }
     if acc.is_main_process:
-        state = {"model": exported.state_dict(), "arch": cfg.model, "num_classes": run.data.num_classes}
-        torch.save(state, os.path.join(cfg.out, EXPORTED + ".tmp"))
-        os.replace(os.path.join(cfg.out, EXPORTED + ".tmp"), os.path.join(cfg.out, EXPORTED))
+        write_exported(cfg.out, exported, cfg.model, run.data.num_classes, run.plan.resolution, run.data.mean, run.data.std)
         with open(os.path.join(cfg.out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     acc.wait_for_everyone()
