@@ -8,8 +8,10 @@ import sys
 
 import click
 
-from .config import AUX_HEADS, CODECS, EXPORT_FORMATS, KD_LOSS_NAMES, KERNEL_BACKENDS, PRECISIONS, CacheConfig, TrainConfig, build_config
+from .cache import CODECS
+from .config import EXPORT_FORMATS, KD_LOSS_NAMES, KERNEL_BACKENDS, PRECISIONS, CacheConfig, TrainConfig, build_config
 from .errors import DhkdError
+from .models.dual_head import AUX_HEADS
 
 
 def user_errors(fn):

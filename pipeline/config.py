@@ -1,4 +1,10 @@
-"""Run configuration: plain data read from YAML, overridden from the command line."""
+"""Run configuration: plain data read from YAML, overridden from the command line.
+
+The names a setting may take are declared by the module that owns them and imported here:
+codecs by the store (``cache.CODECS``), aux heads by ``models.dual_head.AUX_HEADS``. The
+precisions are declared here: they are Accelerate's ``mixed_precision`` values, and both stages
+pass them to ``engine.make_accelerator``.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +14,13 @@ from dataclasses import dataclass, field, fields
 
 import yaml
 
+from .cache import CODECS
 from .errors import DhkdError
+from .models.dual_head import AUX_HEADS
 
-PRECISIONS = ("no", "bf16", "fp16")
+PRECISIONS = ("no", "bf16", "fp16")  # Accelerate's mixed_precision ("no": float32)
 KERNEL_BACKENDS = ("auto", "triton", "torch")
 KD_LOSS_NAMES = ("binary_kl", "binary_kl_norm", "kd")
-AUX_HEADS = ("linear", "nonlinear")
-CODECS = ("fp16", "bf16", "fp32", "int8")
 EXPORT_FORMATS = ("onnx",)  # `dhkd-pipe export`; training itself writes model.pt and model.safetensors
 
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .config import TrainConfig
+from .config import PRECISIONS, TrainConfig
 from .data import Dataset, Renderer
 from .errors import DhkdError
 from .exported import write_exported
@@ -63,6 +63,8 @@ def make_accelerator(precision: str, log_with: str | None = None, project_dir: s
     """The run's ``Accelerator``; ``log_with`` (comma-separated tracker names) is checked first."""
     from accelerate import Accelerator
 
+    if precision not in PRECISIONS:
+        raise DhkdError(f"bad precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
     cpu = not torch.cuda.is_available()
     if cpu and precision == "fp16":
         raise DhkdError("--precision fp16 needs a GPU; use bf16 or no on the CPU")

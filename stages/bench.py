@@ -142,7 +142,7 @@ def _bare_forward(arch: str, num_classes: int, batch_size: int, steps: int, prec
 
 
 def bench_cache(json_path: str, model: str = "resnet32x4", batch_size: int = 64, steps: int = 20, teacher_weights: str | None = None):
-    from dhkd_pipe.cache import LogitCache
+    from dhkd_pipe.cache import CODECS, LogitCache
 
     from .cache_teacher import cache_teacher
     from .train_teacher import train_teacher
@@ -170,7 +170,7 @@ def bench_cache(json_path: str, model: str = "resnet32x4", batch_size: int = 64,
     else:
         teacher_arch = "resnet8"
     codec_rows, reference = [], None
-    for codec in ("fp32", "fp16", "bf16", "int8"):
+    for codec in sorted(CODECS, key=lambda c: c != "fp32"):  # fp32 first: the others' reference
         out = os.path.join(work, f"digits-{codec}.zarr")
         cache_teacher(CacheConfig(data="digits", model=teacher_arch, weights=teacher_weights, views=2, codec=codec, out=out).validate(), log=lambda *_: None)
         store = LogitCache.open(out)

@@ -90,7 +90,7 @@ class DualHead(nn.Module):
                  num_classes: int | None = None):
         super().__init__()
         if aux_head not in AUX_HEADS:
-            raise DhkdError(f"aux_head must be 'linear' or 'nonlinear', got {aux_head!r}")
+            raise DhkdError(f"aux_head must be one of {', '.join(AUX_HEADS)}, got {aux_head!r}")
         if isinstance(model, DualHead):
             raise DhkdError("model is already a DualHead")
         path, head = find_classifier(model, num_classes)

@@ -12,6 +12,7 @@ from typing import Callable
 import torch.nn as nn
 
 from ..errors import DhkdError
+from .dual_head import AUX_HEADS, DualHead
 
 CIFAR_INPUT = 32
 IMAGENET_INPUT = 224
@@ -77,10 +78,8 @@ def create_model(name: str, num_classes: int, dual_head: bool = False, aux_head:
     model = entry.build(num_classes)
     model.arch_name = name  # lets load_checkpoint resolve a torchvision weight name without arch=
     if dual_head:
-        from .dual_head import DualHead
-
         model = DualHead(model, aux_head=aux_head, align_features=align_features, num_classes=num_classes)
         model.arch_name = name
-    elif aux_head not in ("linear", "nonlinear"):
-        raise DhkdError(f"aux_head must be 'linear' or 'nonlinear', got {aux_head!r}")
+    elif aux_head not in AUX_HEADS:
+        raise DhkdError(f"aux_head must be one of {', '.join(AUX_HEADS)}, got {aux_head!r}")
     return model

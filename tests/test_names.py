@@ -1,0 +1,56 @@
+"""Each list of allowed names is written once, by the module that owns it; the rest import it.
+
+The check reads the source: a tuple, list or set literal of the same names anywhere else in
+``pipeline/``, ``stages/`` or ``kernels/`` is a second declaration that can drift.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+
+import pytest
+
+from dhkd_pipe import cache, cli, config, views
+from dhkd_pipe.models import dual_head
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# name list -> (its value, the file that declares it)
+OWNERS = {
+    "CODECS": (cache.CODECS, "pipeline/cache.py"),
+    "AUX_HEADS": (dual_head.AUX_HEADS, "pipeline/models/dual_head.py"),
+    "PRECISIONS": (config.PRECISIONS, "pipeline/config.py"),
+    "POLICIES": (views.POLICIES, "pipeline/views.py"),
+}
+
+
+def _string_collections():
+    """(file, line, names) of every literal tuple/list/set of two or more strings in the code."""
+    for folder in ("pipeline", "stages", "kernels"):
+        for dirpath, _, files in os.walk(os.path.join(ROOT, folder)):
+            for name in sorted(files):
+                if not name.endswith(".py"):
+                    continue
+                path = os.path.join(dirpath, name)
+                with open(path) as f:
+                    tree = ast.parse(f.read(), path)
+                for node in ast.walk(tree):
+                    if isinstance(node, (ast.Tuple, ast.List, ast.Set)) and len(node.elts) >= 2 and all(
+                            isinstance(e, ast.Constant) and isinstance(e.value, str) for e in node.elts):
+                        yield os.path.relpath(path, ROOT), node.lineno, {e.value for e in node.elts}
+
+
+@pytest.mark.parametrize("list_name", sorted(OWNERS))
+def test_each_name_list_is_declared_once_by_its_owner(list_name):
+    names, owner = OWNERS[list_name]
+    found = [(path, line) for path, line, values in _string_collections() if values == set(names)]
+    assert [path for path, _ in found] == [owner], f"{list_name} written in {found}, expected only in {owner}"
+
+
+def test_the_cli_offers_the_owners_names():
+    params = {p.name: p for command in (cli.main.commands["distill"], cli.main.commands["cache-teacher"])
+              for p in command.params}
+    assert tuple(params["aux_head"].type.choices) == dual_head.AUX_HEADS
+    assert tuple(params["codec"].type.choices) == cache.CODECS
+    assert tuple(params["precision"].type.choices) == config.PRECISIONS
