@@ -42,7 +42,7 @@ def training_options(fn):
     """The options every training command shares; None means "from the config or default"."""
     opts = [
         click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML recipe; options given here override it."),
-        click.option("--data", help="digits | fashion-mnist | fashion-mnist:DIR | mnist:DIR | cifar10:DIR | cifar100:DIR | imagefolder:DIR"),
+        click.option("--data", help="digits | fashion-mnist | fashion-mnist:DIR | mnist:DIR | cifar10:DIR | cifar100:DIR | imagefolder:DIR; SPEC@N: a fixed stratified subset of N training images"),
         click.option("--out", help="Run folder."),
         click.option("--epochs", type=int),
         click.option("--batch-size", type=int),

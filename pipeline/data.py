@@ -9,6 +9,7 @@ data set beyond choosing the renderer.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -25,6 +26,8 @@ from .errors import DhkdError
 from .views import ViewPlan, validation_views
 
 DATA_SETS = ("digits", "fashion-mnist", "fashion-mnist:DIR", "mnist:DIR", "cifar10:DIR", "cifar100:DIR", "imagefolder:DIR")
+# ``SPEC@N``: a fixed stratified subset of N training images of an in-memory data set.
+SUBSET_MARK = "@"
 
 # Where Debian's ``dataset-fashion-mnist`` package installs the four IDX files.
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -150,10 +153,55 @@ class InMemoryData:
             }
         return self._fingerprint
 
+    def train_subset(self, size: int) -> "InMemoryData":
+        """The same data set with ``stratified_subset(train_labels, size)`` as its training split.
+
+        Validation split and normalisation stay those of the whole data set, so a subset changes
+        only how many images are trained on; the fingerprint follows the subset's bytes.
+        """
+        keep = torch.from_numpy(stratified_subset(self.train_labels.cpu().numpy(), size, self.num_classes))
+        return dataclasses.replace(
+            self,
+            train_images=self.train_images[keep].contiguous(),
+            train_labels=self.train_labels[keep].contiguous(),
+            source=f"{self.source}{SUBSET_MARK}{size}",
+            _fingerprint=None,
+        )
+
+
+def stratified_subset(labels: np.ndarray, size: int, num_classes: int) -> np.ndarray:
+    """Sorted indices of ``size`` samples, each class in proportion to its share of ``labels``.
+
+    Class c gets floor(size * n_c / N) samples, the remainder going one each to the classes with the
+    largest fractional parts (ties: lower class first); within a class, the first ones in a
+    permutation of all indices drawn by ``numpy.random.default_rng(0)``. Fixed for given labels.
+    """
+    n = len(labels)
+    if not num_classes <= size <= n:
+        raise DhkdError(f"bad training subset @{size}: choose between {num_classes} (one per class) and {n} images")
+    share = size * np.bincount(labels, minlength=num_classes).astype(np.int64)
+    quota, fraction = share // n, share % n  # integers: no float ties
+    by_fraction = sorted(range(num_classes), key=lambda c: (-fraction[c], c))
+    quota[by_fraction[: size - int(quota.sum())]] += 1
+    taken = np.zeros(num_classes, dtype=np.int64)
+    keep = []
+    for i in np.random.default_rng(0).permutation(n):
+        c = labels[i]
+        if taken[c] < quota[c]:
+            taken[c] += 1
+            keep.append(i)
+    return np.sort(np.array(keep, dtype=np.int64))
+
 
 def load_data(spec: str) -> Dataset:
     """One of ``DATA_SETS``: ``digits``, ``fashion-mnist[:DIR]``, ``mnist:DIR``, ``cifar10:DIR``,
-    ``cifar100:DIR`` or ``imagefolder:DIR``."""
+    ``cifar100:DIR`` or ``imagefolder:DIR``; an in-memory one may end in ``@N``, a fixed
+    stratified subset of N training images (``stratified_subset``), e.g. ``fashion-mnist@10000``."""
+    head, mark, size = spec.rpartition(SUBSET_MARK)
+    if mark and size.isdigit():
+        if head.partition(":")[0] == "imagefolder":  # refused before scanning a large folder
+            raise DhkdError(f"a training subset ({SUBSET_MARK}N) is for in-memory data sets, not {head!r}")
+        return load_data(head).train_subset(int(size))
     kind, _, path = spec.partition(":")
     if kind == "digits":
         return load_digits()
@@ -171,7 +219,10 @@ def load_data(spec: str) -> Dataset:
         from .imagefolder import ImageFolderData
 
         return ImageFolderData.from_folder(path)
-    raise DhkdError(f"unknown data set {spec!r}; use {', '.join(DATA_SETS[:-1])} or {DATA_SETS[-1]}")
+    raise DhkdError(
+        f"unknown data set {spec!r}; use {', '.join(DATA_SETS[:-1])} or {DATA_SETS[-1]} "
+        f"(an in-memory one with {SUBSET_MARK}N for a subset of N training images)"
+    )
 
 
 def load_digits() -> InMemoryData:
