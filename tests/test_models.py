@@ -1,6 +1,8 @@
 """Model zoo, DualHead and checkpoint loading."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -84,6 +86,14 @@ def test_input_sizes_and_listing():
     names = list_models()
     assert set(CIFAR_ZOO + IMAGENET + list(ALIASES)) <= set(names)
     assert "tv_vgg13" in names and "vit_b_16" in names  # torchvision's vgg13 yields to the CIFAR one
+
+
+def test_importing_the_zoo_leaves_torchvision_to_the_first_lookup():
+    # the CLI imports the zoo for its option choices; torchvision costs seconds to import
+    code = ("import sys, dhkd_pipe.cli; assert 'torchvision' not in sys.modules; "
+            "from dhkd_pipe.models import torchvision_arch; assert torchvision_arch('resnet18') == 'resnet18'; "
+            "assert torchvision_arch('tv_vgg11') == 'vgg11' and torchvision_arch('vgg11') is None")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_unknown_model_lists_known_names():

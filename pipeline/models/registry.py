@@ -27,12 +27,26 @@ class ModelEntry:
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
+# Families registered at the first look-up instead of at import: importing torchvision takes
+# seconds, and the CLI imports this package for its option choices.
+_DEFERRED: list[Callable[[], None]] = []
+
+
+def register_deferred(register: Callable[[], None]) -> None:
+    """Runs ``register()`` (which calls ``register_model``) before the registry is next read or added to."""
+    _DEFERRED.append(register)
+
+
+def _complete() -> None:
+    while _DEFERRED:
+        _DEFERRED.pop(0)()
 
 
 def register_model(*names: str, input_size: int = CIFAR_INPUT, torchvision_arch: str | None = None):
     """Registers the decorated ``build(num_classes) -> nn.Module`` under each of ``names``."""
 
     def deco(build):
+        _complete()
         for name in names or (build.__name__,):
             if name in _REGISTRY:
                 raise ValueError(f"model name registered twice: {name}")
@@ -43,10 +57,12 @@ def register_model(*names: str, input_size: int = CIFAR_INPUT, torchvision_arch:
 
 
 def is_registered(name: str) -> bool:
+    _complete()
     return name in _REGISTRY
 
 
 def _entry(name: str) -> ModelEntry:
+    _complete()
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
@@ -55,6 +71,7 @@ def _entry(name: str) -> ModelEntry:
 
 def list_models() -> list[str]:
     """All registered names: the CIFAR zoo first, then the ImageNet ones, each group sorted."""
+    _complete()
     return sorted(_REGISTRY, key=lambda n: (_REGISTRY[n].input_size != CIFAR_INPUT, n.lower(), n))
 
 
@@ -65,6 +82,7 @@ def model_input_size(name: str) -> int:
 
 def torchvision_arch(name: str) -> str | None:
     """The torchvision builder behind ``name`` (for named weights), or None for the KD zoo."""
+    _complete()
     return _REGISTRY[name].torchvision_arch if name in _REGISTRY else None
 
 
