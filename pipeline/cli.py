@@ -55,6 +55,7 @@ def training_options(fn):
         click.option("--seed", type=int),
         click.option("--workers", type=int, help="Loader worker processes (DALI)."),
         click.option("--checkpoint-every", type=int, help="Also checkpoint every N steps within an epoch."),
+        click.option("--val-every", type=int, help="Validate after every N-th epoch and after the last (0: the last only; default 1)."),
         click.option("--max-steps", type=int, help="Stop (with a checkpoint) after N steps; for smoke runs and benchmarks."),
         click.option("--log-with", help="Experiment trackers (Accelerate's), comma-separated: tensorboard, wandb, mlflow, ...; "
                      "they get the per-epoch metrics of metrics.jsonl."),

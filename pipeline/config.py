@@ -60,6 +60,7 @@ class TrainConfig:
     workers: int = 2
     out: str = "runs/run"
     checkpoint_every: int = 0
+    val_every: int = 1  # validate after every N-th epoch and after the last; 0: after the last only
     max_steps: int = 0
     log_with: str | None = None  # Accelerate trackers, comma-separated: tensorboard, wandb, ...
 
@@ -81,8 +82,8 @@ class TrainConfig:
             raise DhkdError(f"bad temperature {self.temperature}: must be positive")
         if self.grad_align and self.grad_align_features:
             raise DhkdError("choose one gradient alignment: grad_align (published, parameters) or grad_align_features")
-        if self.workers < 0 or self.checkpoint_every < 0 or self.max_steps < 0:
-            raise DhkdError("workers, checkpoint_every and max_steps must not be negative")
+        if self.workers < 0 or self.checkpoint_every < 0 or self.max_steps < 0 or self.val_every < 0:
+            raise DhkdError("workers, checkpoint_every, max_steps and val_every must not be negative")
         return self
 
     def to_dict(self) -> dict:

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 CHECKPOINT = "checkpoint.pt"
 # Options that may change between a run and its resume.
-RESUMABLE_CHANGES = {"epochs", "out", "workers", "max_steps", "checkpoint_every", "log_with"}
+RESUMABLE_CHANGES = {"epochs", "out", "workers", "max_steps", "checkpoint_every", "log_with", "val_every"}
 
 
 @dataclass
@@ -356,19 +356,23 @@ def train(run: Run, log=print) -> dict:
             "images_per_sec": seen * acc.num_processes / train_time,
             "epoch_time": train_time,
         }
-        metrics.update({f"val_{k}": v for k, v in evaluate(acc.unwrap_model(model), run.renderer, cfg.batch_size * 2, acc).items()})
+        if _validates(cfg, epoch):
+            metrics.update({f"val_{k}": v for k, v in evaluate(acc.unwrap_model(model), run.renderer, cfg.batch_size * 2, acc).items()})
         run.history.append(metrics)
         if main:
             _append_metrics(cfg.out, metrics)
             acc.log(metrics, step=metrics["epoch"])  # the trackers get exactly the metrics.jsonl line
-            log(
-                f"epoch {epoch + 1}/{cfg.epochs}  loss {metrics['train_loss']:.4f}  "
-                f"val top-1 {metrics['val_top1']:.2f}%  {metrics['images_per_sec']:.0f} img/s"
-            )
+            val = f"val top-1 {metrics['val_top1']:.2f}%  " if "val_top1" in metrics else ""
+            log(f"epoch {epoch + 1}/{cfg.epochs}  loss {metrics['train_loss']:.4f}  {val}{metrics['images_per_sec']:.0f} img/s")
         _save_state(run, epoch, len(loader))
         acc.wait_for_everyone()
     _end_tracking(run)
     return _finish(run, time.perf_counter() - started)
+
+
+def _validates(cfg: TrainConfig, epoch: int) -> bool:
+    """Whether validation runs after ``epoch`` (0-based): every ``val_every``-th and the last."""
+    return epoch + 1 == cfg.epochs or (cfg.val_every > 0 and (epoch + 1) % cfg.val_every == 0)
 
 
 def _append_metrics(out: str, metrics: dict):
@@ -382,15 +386,16 @@ def _finish(run: Run, wall: float) -> dict:
     model = acc.unwrap_model(run.model)
     exported = model.export() if hasattr(model, "export") else model
     history = run.history
+    validated = [h for h in history if "val_top1" in h]
     summary = {
         "model": cfg.model,
         "method": cfg.method,
         "data": cfg.data,
         "num_classes": run.data.num_classes,
         "epochs": cfg.epochs,
-        "val_top1": history[-1]["val_top1"] if history else None,
-        "val_top5": history[-1]["val_top5"] if history else None,
-        "best_val_top1": max((h["val_top1"] for h in history), default=None),
+        "val_top1": validated[-1]["val_top1"] if validated else None,
+        "val_top5": validated[-1]["val_top5"] if validated else None,
+        "best_val_top1": max((h["val_top1"] for h in validated), default=None),
         "images_per_sec": float(np.median([h["images_per_sec"] for h in history])) if history else None,
         "train_time": sum(h["epoch_time"] for h in history),
         "wall_time": wall,

@@ -56,15 +56,15 @@ def write_report(run_dirs: list[str], out: str) -> str:
     rows = []
     for run_dir, history, summary in runs:
         label = run_label(run_dir, summary)
-        epochs = [h["epoch"] for h in history]
-        ax_acc.plot(epochs, [h["val_top1"] for h in history], marker=".", label=label)
-        ax_loss.plot(epochs, [h["train_loss"] for h in history], marker=".", label=label)
+        validated = [h for h in history if "val_top1" in h]  # --val-every N skips some epochs
+        ax_acc.plot([h["epoch"] for h in validated], [h["val_top1"] for h in validated], marker=".", label=label)
+        ax_loss.plot([h["epoch"] for h in history], [h["train_loss"] for h in history], marker=".", label=label)
         rows.append(
             {
                 "run": label,
                 "epochs": len(history),
-                "val_top1": history[-1]["val_top1"] if history else None,
-                "best_top1": max((h["val_top1"] for h in history), default=None),
+                "val_top1": validated[-1]["val_top1"] if validated else None,
+                "best_top1": max((h["val_top1"] for h in validated), default=None),
                 "images_per_sec": summary.get("images_per_sec"),
                 "train_time": summary.get("train_time"),
             }
