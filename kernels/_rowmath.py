@@ -1,22 +1,18 @@
 """Row helpers shared by the fused loss kernels: ``@triton.jit`` functions that each walk one row
-of K logits in blocks of BLOCK columns, plus the small host-side checks every launcher does.
+of K logits in blocks of BLOCK columns (device code only; the host side is ``_launch.py``).
 
 Every helper computes in float32 whatever the storage dtype, and uses log-sum-exp / softplus forms
 (softplus(x) = max(x, 0) + log(1 + exp(-|x|))) so logits of +-1e4 stay finite. A teacher row is
-read as ``stored value (float, or int8) * t_scale`` (t_scale = 1 for float teachers).
+read by ``load_teacher`` only: float32(stored value) * t_scale, the float32 ``q * scale`` of
+``dhkd_pipe.losses.dequantize`` (t_scale = 1 for float teachers, so their values are exact).
 """
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from ..errors import DhkdError
-
 LN2 = tl.constexpr(0.6931471805599453)  # a plain global is not visible inside @triton.jit
-# default largest column block: big enough that one or two blocks cover ImageNet-sized K
-DEFAULT_MAX_BLOCK = 4096
 
 
 @triton.jit
@@ -33,8 +29,48 @@ def sigmoid(x):
 
 
 @triton.jit
-def row_lse(x_ptr, K, scale, BLOCK: tl.constexpr):
-    """log sum_k exp(scale * x_k) as (m, log d) with m the row max, by the online (running max)
+def load_block(x_ptr, offs, mask):
+    """x[offs] as float32, 0 where masked."""
+    return tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def row_scale(t_scale_ptr, row, HAS_SCALE: tl.constexpr):
+    """The teacher row's float32 dequantisation scale (int8 teachers), else 1."""
+    t_scale = 1.0
+    if HAS_SCALE:
+        t_scale = tl.load(t_scale_ptr + row).to(tl.float32)
+    return t_scale
+
+
+@triton.jit
+def load_teacher(t_ptr, offs, mask, t_scale):
+    """Teacher logits t[offs] as float32: float32(stored) * t_scale, the one dequantise formula
+    (``dhkd_pipe.losses.dequantize``), rounded once, before any temperature is applied."""
+    return load_block(t_ptr, offs, mask) * t_scale
+
+
+@triton.jit
+def load_student_teacher(s_ptr, t_ptr, t_scale, offs, mask, inv_T):
+    """(s/T, t/T) at offs in float32, the teacher read through ``load_teacher``."""
+    return load_block(s_ptr, offs, mask) * inv_T, load_teacher(t_ptr, offs, mask, t_scale) * inv_T
+
+
+@triton.jit
+def dequantize_kernel(t_ptr, t_stride, t_scale_ptr, out_ptr, out_stride, K, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+    """Writes the float32 teacher rows exactly as the loss kernels read them (``load_teacher``),
+    so tests can compare them bit for bit with the store's decode and the reference dequantise."""
+    row = tl.program_id(0).to(tl.int64)
+    t_scale = row_scale(t_scale_ptr, row, HAS_SCALE)
+    for start in range(0, K, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < K
+        tl.store(out_ptr + row * out_stride + offs, load_teacher(t_ptr + row * t_stride, offs, mask, t_scale), mask=mask)
+
+
+@triton.jit
+def row_lse(x_ptr, K, BLOCK: tl.constexpr):
+    """log sum_k exp(x_k) as (m, log d) with m the row max, by the online (running max)
     log-sum-exp. Kept apart so callers form (z - m) - log d: at |z| ~ 1e4, z - (m + log d) would
     lose log d to float32 rounding of the sum."""
     m = float("-inf")
@@ -42,7 +78,7 @@ def row_lse(x_ptr, K, scale, BLOCK: tl.constexpr):
     for start in range(0, K, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < K
-        z = tl.where(mask, tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) * scale, float("-inf"))
+        z = tl.where(mask, load_block(x_ptr, offs, mask), float("-inf"))
         m_new = tl.maximum(m, tl.max(z, 0))
         d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
         m = m_new
@@ -57,24 +93,27 @@ def label_logit(x_ptr, y, K):
 
 
 @triton.jit
-def ce_grad_store(x_ptr, g_ptr, y, m, log_d, K, g_scale, BLOCK: tl.constexpr):
-    """Stores g_scale * (softmax(x) - onehot(y)), the cross-entropy gradient, in g's dtype;
-    softmax(x) = exp((x - m) - log d) from ``row_lse``."""
+def ce_row(x_ptr, y, g_ptr, K, g_scale, BLOCK: tl.constexpr):
+    """Cross-entropy -log softmax(x)[y] of one row, storing g_scale * (softmax(x) - onehot(y)),
+    its gradient, in g's dtype (two passes: online log-sum-exp, then the gradient)."""
+    m, log_d = row_lse(x_ptr, K, BLOCK)
     for start in range(0, K, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < K
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.exp((x - m) - log_d) - tl.where(offs == y, 1.0, 0.0)
+        g = tl.exp((load_block(x_ptr, offs, mask) - m) - log_d) - tl.where(offs == y, 1.0, 0.0)
         tl.store(g_ptr + offs, (g * g_scale).to(g_ptr.dtype.element_ty), mask=mask)
+    return (m - label_logit(x_ptr, y, K)) + log_d
 
 
 @triton.jit
-def kd_row_stats(s_ptr, t_ptr, t_scale, K, inv_T, BLOCK: tl.constexpr):
-    """For zs = s/T, zt = t/T, one pass: (ms, log ds, mt, log dt, KL(softmax(zt) || softmax(zs)))
-    with lse(zs) = ms + log ds and lse(zt) = mt + log dt as in ``row_lse``.
+def kd_row(s_ptr, t_ptr, t_scale, g_ptr, K, inv_T, g_scale, BLOCK: tl.constexpr):
+    """KL(softmax(zt) || softmax(zs)) of one row, zs = s/T, zt = t/T, storing its gradient
+    g_scale * (softmax(zs) - softmax(zt)) in g's dtype.
 
+    Pass 1 (online): lse(zs) = ms + log ds, lse(zt) = mt + log dt as in ``row_lse``, and
     KL = sum_k p_k (zt_k - zs_k) - lse(zt) + lse(zs), with sum_k e^{zt_k - mt} (zt_k - zs_k)
     accumulated alongside the teacher's running max mt and rescaled when mt grows.
+    Pass 2 re-reads both rows to write the gradient.
     """
     ms = float("-inf")
     ds = 0.0
@@ -84,8 +123,7 @@ def kd_row_stats(s_ptr, t_ptr, t_scale, K, inv_T, BLOCK: tl.constexpr):
     for start in range(0, K, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < K
-        zs = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv_T
-        zt = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32) * (t_scale * inv_T)
+        zs, zt = load_student_teacher(s_ptr, t_ptr, t_scale, offs, mask, inv_T)
         zs_m = tl.where(mask, zs, float("-inf"))
         zt_m = tl.where(mask, zt, float("-inf"))
         ms_new = tl.maximum(ms, tl.max(zs_m, 0))
@@ -99,20 +137,13 @@ def kd_row_stats(s_ptr, t_ptr, t_scale, K, inv_T, BLOCK: tl.constexpr):
         mt = mt_new
     log_ds = tl.log(ds)
     log_dt = tl.log(dt)
-    kl = acc / dt - (mt - ms) - log_dt + log_ds
-    return ms, log_ds, mt, log_dt, kl
-
-
-@triton.jit
-def kd_grad_store(s_ptr, t_ptr, t_scale, g_ptr, ms, log_ds, mt, log_dt, K, inv_T, g_scale, BLOCK: tl.constexpr):
-    """Stores g_scale * (softmax(s/T) - softmax(t/T)) in g's dtype."""
     for start in range(0, K, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < K
-        zs = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv_T
-        zt = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32) * (t_scale * inv_T)
+        zs, zt = load_student_teacher(s_ptr, t_ptr, t_scale, offs, mask, inv_T)
         g = tl.exp((zs - ms) - log_ds) - tl.exp((zt - mt) - log_dt)
         tl.store(g_ptr + offs, (g * g_scale).to(g_ptr.dtype.element_ty), mask=mask)
+    return acc / dt - (mt - ms) - log_dt + log_ds
 
 
 @triton.jit
@@ -128,8 +159,7 @@ def binary_kl_row(s_ptr, t_ptr, t_scale, g_ptr, K, inv_T, g_scale, NORM: tl.cons
     for start in range(0, K, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < K
-        b = tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv_T
-        a = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32) * (t_scale * inv_T)
+        b, a = load_student_teacher(s_ptr, t_ptr, t_scale, offs, mask, inv_T)
         if NORM:
             d = b - a
             ad = tl.abs(d)
@@ -144,56 +174,12 @@ def binary_kl_row(s_ptr, t_ptr, t_scale, g_ptr, K, inv_T, g_scale, NORM: tl.cons
     return total
 
 
-# --- host side ------------------------------------------------------------------------------------
-
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-TEACHER_DTYPES = FLOAT_DTYPES + (torch.int8,)
-
-
-def logits_rows(x: torch.Tensor, name: str) -> torch.Tensor:
-    """x as (B, K) float logits with unit column stride (any row stride is kept)."""
-    if x.dim() != 2:
-        raise DhkdError(f"{name} must be (B, K) logits, got shape {tuple(x.shape)}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise DhkdError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
-    if x.numel() == 0:
-        raise DhkdError(f"{name} are empty (shape {tuple(x.shape)}); need B >= 1 rows of K >= 1 classes")
-    return x if x.stride(1) == 1 or x.shape[1] == 1 else x.contiguous()
-
-
-def teacher_rows(t: torch.Tensor, shape, teacher_scale):
-    """(teacher rows, per-row float32 scale or None), checked against the student's shape."""
-    if t.shape != shape:
-        raise DhkdError(f"teacher logits {tuple(t.shape)} do not match student logits {tuple(shape)}")
-    if t.dtype not in TEACHER_DTYPES:
-        raise DhkdError(f"teacher logits must be float16/bfloat16/float32 or int8, got {t.dtype}")
-    t = t.detach()
-    t = t if t.stride(1) == 1 or t.shape[1] == 1 else t.contiguous()
-    if t.dtype == torch.int8:
-        if teacher_scale is None:
-            raise DhkdError("int8 teacher logits need teacher_scale (one float per row)")
-        if teacher_scale.dim() != 1 or teacher_scale.shape[0] != shape[0]:
-            raise DhkdError(f"teacher_scale must have shape ({shape[0]},), got {tuple(teacher_scale.shape)}")
-        return t, teacher_scale.detach().to(device=t.device, dtype=torch.float32).contiguous()
-    return t, None
-
-
-def labels(target: torch.Tensor, B: int, K: int) -> torch.Tensor:
-    """int32/int64 labels (B,). Range is checked on CPU only (a check on CUDA would synchronise)."""
-    if target.dim() != 1 or target.shape[0] != B:
-        raise DhkdError(f"target must be (B,) = ({B},) labels, got shape {tuple(target.shape)}")
-    if target.dtype not in (torch.int64, torch.int32):
-        raise DhkdError(f"target must be int64 or int32 labels, got {target.dtype}")
-    if not target.is_cuda and B and (int(target.min()) < 0 or int(target.max()) >= K):
-        raise DhkdError(f"labels must lie in [0, {K})")
-    return target.contiguous()
-
-
-def block_size(K: int, max_block: int | None) -> int:
-    """Power-of-two column block: the whole row when it fits, else max_block."""
-    max_block = max_block or DEFAULT_MAX_BLOCK
-    return max(min(triton.next_power_of_2(K), max_block), min(16, max_block))
-
-
-def num_warps(block: int) -> int:
-    return 4 if block <= 1024 else 8 if block <= 4096 else 16
+@triton.jit
+def kd_mode_row(s_ptr, t_ptr, t_scale, g_ptr, K, inv_T, g_scale, KD_MODE: tl.constexpr, BLOCK: tl.constexpr):
+    """The distillation term of one row by KD_MODE (0 "kd", 1 "binary_kl", 2 "binary_kl_norm"),
+    storing its gradient; the one switch both the DHKD and the single KD kernels go through."""
+    if KD_MODE == 0:
+        kl = kd_row(s_ptr, t_ptr, t_scale, g_ptr, K, inv_T, g_scale, BLOCK)
+    else:
+        kl = binary_kl_row(s_ptr, t_ptr, t_scale, g_ptr, K, inv_T, g_scale, KD_MODE == 2, BLOCK)
+    return kl

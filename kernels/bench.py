@@ -6,11 +6,12 @@ torch.compile of it: median time, peak memory and achieved bandwidth per (B, K, 
 
 Methods: "fused" (one Triton launch, ``fused_dhkd_loss``); "eager published" (CE plus BinaryKL
 computed as the published DHKD code does: clamped sigmoid, log, KLDivLoss, separate ops);
-"compiled published" (torch.compile of that function); "torch reference" (``dhkd_pipe.losses``,
-the stable form). Achieved bandwidth = (bytes of both heads, teacher and labels read + both
-gradients written) / time, against a measured device-to-device copy (2 x bytes / time). Without a
-GPU the fused kernel cannot be timed (the Triton interpreter is not a benchmark): the PyTorch
-paths run on CPU at small sizes, peak memory is not measured, and the header says so.
+"compiled published" (torch.compile of that function); "torch reference"
+(``dhkd_pipe.losses.dhkd_loss`` with backend "torch", the stable form). Achieved bandwidth =
+(bytes of both heads, teacher and labels read + both gradients written) / time, against a
+measured device-to-device copy (2 x bytes / time). Without a GPU the fused kernel cannot be timed
+(the Triton interpreter is not a benchmark): the PyTorch paths run on CPU at small sizes, peak
+memory is not measured, and the header says so.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def published_dhkd(h1, h2, teacher, target, temperature=T, alpha=ALPHA, gamma=GA
 
 
 def reference_dhkd(h1, h2, teacher, target, kd_loss="binary_kl_norm"):
-    return GAMMA * losses.ce_loss(h1, target) + ALPHA * losses.KD_LOSSES[kd_loss](h2, losses.dequantize(teacher), T)
+    return losses.dhkd_loss(h1, h2, teacher, target, temperature=T, alpha=ALPHA, gamma=GAMMA, kd_loss=kd_loss, backend="torch")
 
 
 def _sync(dev):

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from .errors import DhkdError
+from .losses import dequantize
 
 FORMAT_VERSION = 1
 CODECS = ("fp16", "bf16", "fp32", "int8")
@@ -82,7 +83,8 @@ def decode_logits(values, scale=None, device="cpu") -> torch.Tensor:
     """float32 (rows, K) logits on ``device`` from what :meth:`LogitCache.read_chunk` returns.
 
     The stored bytes move to the device first and are widened there: float16 / float32 as is,
-    uint16 as bfloat16 bit patterns, int8 as ``q * scale[:, None]`` (``scale`` float32 (rows,)).
+    uint16 as bfloat16 bit patterns, int8 by ``losses.dequantize`` (float32 ``q * scale[:, None]``,
+    ``scale`` float32 (rows,)), the formula the kernels' teacher-row loader computes too.
     """
     t = _stored_tensor(values) if isinstance(values, np.ndarray) else values
     if t.dtype in (torch.int16, torch.uint16):
@@ -91,9 +93,8 @@ def decode_logits(values, scale=None, device="cpu") -> torch.Tensor:
     if t.dtype == torch.int8:
         if scale is None:
             raise ValueError("int8 logits need their per-row scale")
-        s = torch.from_numpy(np.ascontiguousarray(scale)) if isinstance(scale, np.ndarray) else torch.as_tensor(scale)
-        return t.float() * s.to(device, torch.float32)[:, None]
-    return t.float()
+        scale = torch.from_numpy(np.ascontiguousarray(scale)) if isinstance(scale, np.ndarray) else torch.as_tensor(scale)
+    return dequantize(t, scale)
 
 
 def _stored_tensor(values: np.ndarray) -> torch.Tensor:

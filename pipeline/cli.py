@@ -9,8 +9,9 @@ import sys
 import click
 
 from .cache import CODECS
-from .config import EXPORT_FORMATS, KD_LOSS_NAMES, KERNEL_BACKENDS, PRECISIONS, CacheConfig, TrainConfig, build_config
+from .config import EXPORT_FORMATS, PRECISIONS, CacheConfig, TrainConfig, build_config
 from .errors import DhkdError
+from .losses import BACKENDS, KD_LOSSES
 from .models.dual_head import AUX_HEADS
 
 
@@ -90,7 +91,7 @@ def train_teacher_cmd(config_file, resume, overwrite, **options):
 @click.option("--teacher-weights", help="Teacher checkpoint (online distillation).")
 @click.option("--cache", help="Stage-1 logit store: distil with no teacher forward pass.")
 @click.option("--method", help="ce | kd | dkd | binary_kl | dhkd")
-@click.option("--kd-loss", type=click.Choice(KD_LOSS_NAMES), help="Head-2 loss of dhkd (default binary_kl_norm, as published).")
+@click.option("--kd-loss", type=click.Choice(tuple(KD_LOSSES)), help="Head-2 loss of dhkd (default binary_kl_norm, as published).")
 @click.option("--alpha", type=float, help="Weight of the distillation loss.")
 @click.option("--gamma", type=float, help="Weight of cross-entropy.")
 @click.option("--beta", type=float, help="DKD's non-target weight.")
@@ -103,7 +104,7 @@ def train_teacher_cmd(config_file, resume, overwrite, **options):
 @click.option("--grad-align-features/--no-grad-align-features", default=None,
               help="dhkd only: this project's per-sample variant (not the published algorithm): aligns only the "
                    "gradient reaching the shared features, row by row. Excludes --grad-align.")
-@click.option("--kernels", type=click.Choice(KERNEL_BACKENDS), help="Fused Triton losses (CUDA) or the PyTorch reference.")
+@click.option("--kernels", type=click.Choice(BACKENDS), help="Fused Triton losses (CUDA) or the PyTorch reference.")
 @training_options
 @user_errors
 def distill_cmd(config_file, resume, overwrite, **options):

@@ -1,7 +1,8 @@
 """Run configuration: plain data read from YAML, overridden from the command line.
 
 The names a setting may take are declared by the module that owns them and imported here:
-codecs by the store (``cache.CODECS``), aux heads by ``models.dual_head.AUX_HEADS``. The
+codecs by the store (``cache.CODECS``), aux heads by ``models.dual_head.AUX_HEADS``, loss
+backends and kd losses by ``losses`` (``BACKENDS``, ``KD_LOSSES``). The
 precisions are declared here: they are Accelerate's ``mixed_precision`` values, and both stages
 pass them to ``engine.make_accelerator``.
 """
@@ -16,11 +17,10 @@ import yaml
 
 from .cache import CODECS
 from .errors import DhkdError
+from .losses import BACKENDS, KD_LOSSES
 from .models.dual_head import AUX_HEADS
 
 PRECISIONS = ("no", "bf16", "fp16")  # Accelerate's mixed_precision ("no": float32)
-KERNEL_BACKENDS = ("auto", "triton", "torch")
-KD_LOSS_NAMES = ("binary_kl", "binary_kl_norm", "kd")
 EXPORT_FORMATS = ("onnx",)  # `dhkd-pipe export`; training itself writes model.pt and model.safetensors
 
 
@@ -70,8 +70,8 @@ class TrainConfig:
                 raise DhkdError(f"bad {name} {value!r}; choose one of: {', '.join(allowed)}")
 
         choose("precision", self.precision, PRECISIONS)
-        choose("kernels", self.kernels, KERNEL_BACKENDS)
-        choose("kd_loss", self.kd_loss, KD_LOSS_NAMES)
+        choose("kernels", self.kernels, BACKENDS)
+        choose("kd_loss", self.kd_loss, tuple(KD_LOSSES))
         choose("aux_head", self.aux_head, AUX_HEADS)
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:

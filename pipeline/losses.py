@@ -1,4 +1,9 @@
-"""PyTorch reference losses: the ground truth the Triton kernels in ``dhkd_pipe.kernels`` match.
+"""The losses: PyTorch references (the ground truth the Triton kernels in ``dhkd_pipe.kernels``
+match), the one int8 dequantise, and the dispatch between the two backends.
+
+``dhkd_loss`` and ``cross_entropy`` are what training calls: with backend "auto" they run the
+fused Triton kernel on CUDA tensors (when triton imports) and the reference otherwise; "triton"
+forces the kernel, "torch" the reference (``BACKENDS``). The reference path never imports triton.
 
 Notation: B rows, K classes, temperature T, student logits s, teacher logits t (both (B, K)),
 sigma the sigmoid, softplus(x) = log(1 + e^x). Every loss is computed in float32 (float16 and
@@ -14,7 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from .errors import DhkdError
+from .kernels import triton_available
 
+BACKENDS = ("auto", "triton", "torch")
 _FLOAT_TEACHER = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -32,10 +39,14 @@ def _upcast(s: torch.Tensor, t: torch.Tensor | None = None):
 
 
 def dequantize(teacher: torch.Tensor | None, teacher_scale: torch.Tensor | None = None):
-    """Teacher logits as float32 (float64 stays float64).
+    """Teacher logits as float32 (float64 stays float64): the project's one dequantise.
 
-    float16 / bfloat16 / float32 teacher logits are upcast; int8 logits are ``q * scale[:, None]``
-    with one float scale per row (``teacher_scale`` of shape (B,)); ``None`` gives ``None``.
+    float16 / bfloat16 / float32 teacher logits are upcast; int8 logits are the float32 product
+    ``float32(q) * float32(scale)[:, None]`` with one scale per row (``teacher_scale`` of shape
+    (B,), moved to the logits' device); ``None`` gives ``None``. The store's decode
+    (``cache.decode_logits``) is this function, and the kernels' teacher-row loader
+    (``kernels/_rowmath.py`` ``load_teacher``) computes the same float32 product, so all three
+    give bit-identical rows.
     """
     if teacher is None:
         return None
@@ -46,8 +57,7 @@ def dequantize(teacher: torch.Tensor | None, teacher_scale: torch.Tensor | None 
             raise DhkdError(
                 f"teacher_scale must have shape ({teacher.shape[0]},), got {tuple(teacher_scale.shape)}"
             )
-        dt = torch.float64 if teacher_scale.dtype == torch.float64 else torch.float32
-        return teacher.to(dt) * teacher_scale.to(dt)[:, None]
+        return teacher.float() * teacher_scale.to(device=teacher.device, dtype=torch.float32)[:, None]
     if teacher.dtype not in _FLOAT_TEACHER:
         raise DhkdError(f"teacher logits must be float16/bfloat16/float32 or int8, got {teacher.dtype}")
     return teacher if teacher.dtype == torch.float64 else teacher.float()
@@ -143,3 +153,69 @@ def get_kd_loss(name: str):
         return KD_LOSSES[name]
     except KeyError:
         raise DhkdError(f"unknown kd_loss {name!r}; choose one of {sorted(KD_LOSSES)}") from None
+
+
+# --- dispatch: the fused Triton kernels on CUDA, the references above elsewhere ------------------
+
+
+def _use_triton(backend: str, logits: torch.Tensor) -> bool:
+    if backend not in BACKENDS:
+        raise DhkdError(f"unknown loss backend {backend!r}; choose one of {list(BACKENDS)}")
+    if backend == "triton":
+        if not triton_available():
+            raise DhkdError("backend 'triton' needs triton and a CUDA device (or TRITON_INTERPRET=1 on CPU)")
+        return True
+    # CPU tensors never ask triton_available(), which imports triton
+    return backend == "auto" and logits.is_cuda and triton_available()
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """``ce_loss(logits, target)``, run by ``backend`` (a name of ``BACKENDS``): "auto" is the fused
+    Triton kernel (``kernels.fused_cross_entropy_loss``) on CUDA tensors, the reference elsewhere."""
+    if _use_triton(backend, logits):
+        from .kernels import fused_cross_entropy_loss
+
+        return fused_cross_entropy_loss(logits, target)
+    return ce_loss(logits, target)
+
+
+def dhkd_loss(
+    logits_ce: torch.Tensor,
+    logits_kd: torch.Tensor,
+    teacher: torch.Tensor | None,
+    target: torch.Tensor,
+    *,
+    temperature: float,
+    alpha: float,
+    gamma: float,
+    kd_loss: str,
+    teacher_scale: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """gamma * CE(logits_ce, target) + alpha * KD_LOSSES[kd_loss](logits_kd, teacher), a float32 scalar.
+
+    ``teacher`` is float16/bfloat16/float32 logits, or int8 with a per-row float ``teacher_scale``
+    (B,) (see ``dequantize``), or None (CE only; then ``alpha`` must be 0). ``logits_ce`` and
+    ``logits_kd`` may be the same tensor (single-head methods): autograd sums both gradients.
+    ``backend`` (a name of ``BACKENDS``): "auto" runs the fused Triton kernel
+    (``kernels.fused_dhkd_loss``, one launch for both terms) on CUDA tensors when triton imports and
+    the reference losses otherwise; "triton" forces the kernel (DhkdError if it cannot run here);
+    "torch" the reference. No gradient flows to the teacher.
+    """
+    kd = get_kd_loss(kd_loss)
+    if teacher is None and alpha != 0:
+        raise DhkdError("this loss needs teacher logits (alpha != 0) but none were given")
+    if logits_ce.dim() != 2 or logits_ce.shape != logits_kd.shape:
+        raise DhkdError(
+            f"both heads must be (B, K) logits of one shape, got {tuple(logits_ce.shape)} and {tuple(logits_kd.shape)}"
+        )
+    if teacher is None:
+        return gamma * cross_entropy(logits_ce, target, backend=backend)
+    if _use_triton(backend, logits_ce):
+        from .kernels import fused_dhkd_loss
+
+        return fused_dhkd_loss(
+            logits_ce, logits_kd, teacher, target, temperature=temperature, alpha=alpha, gamma=gamma,
+            kd_loss=kd_loss, teacher_scale=teacher_scale,
+        )
+    return gamma * ce_loss(logits_ce, target) + alpha * kd(logits_kd, dequantize(teacher, teacher_scale), temperature)

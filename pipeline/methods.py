@@ -2,7 +2,7 @@
 
 Every method maps (student outputs, labels, teacher logits) to a scalar loss. The distillation
 methods that the fused kernel covers (``kd``, ``binary_kl``, ``dhkd``) go through
-``dhkd_pipe.kernels.dhkd_loss``, which uses Triton on CUDA tensors and the PyTorch reference
+``dhkd_pipe.losses.dhkd_loss``, which uses Triton on CUDA tensors and the PyTorch reference
 elsewhere; a single-head method passes the same logits as both heads, and autograd sums the two
 gradients.
 """
@@ -76,7 +76,7 @@ class LossSpec:
     def terms(self, outputs, target, teacher=None, teacher_scale=None, epoch: int = 0) -> dict:
         """dhkd's two objectives apart, for gradient alignment: ``{"ce": gamma * CE(head 1),
         "kd": alpha * KD(head 2), "total": their sum}`` (same backend as ``__call__``)."""
-        from .kernels import dhkd_loss
+        from .losses import dhkd_loss
 
         if self.method.name != "dhkd":
             raise DhkdError(f"--method {self.method.name} has no separate CE and distillation heads")
@@ -89,11 +89,11 @@ class LossSpec:
     def __call__(self, outputs, target, teacher=None, teacher_scale=None, epoch: int = 0) -> torch.Tensor:
         """The batch loss. ``outputs`` is one logits tensor, or (head 1, head 2) for dual-head
         methods; ``teacher`` may be float or int8 with ``teacher_scale`` (B,)."""
-        from .kernels import dhkd_loss
+        from .losses import dhkd_loss
 
         name = self.method.name
         if name == "ce":
-            return self.gamma * losses.ce_loss(outputs, target)
+            return self.gamma * losses.cross_entropy(outputs, target, backend=self.backend)
         if name == "dkd":
             t = losses.dequantize(teacher, teacher_scale)
             warm = min(1.0, (epoch + 1) / self.warmup_epochs) if self.warmup_epochs else 1.0

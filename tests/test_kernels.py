@@ -1,6 +1,7 @@
-"""The fused Triton losses against float64 references of ``dhkd_pipe.losses``: values and both
-gradients, every kd_loss and teacher dtype, awkward shapes and strides, extreme logits, and
-gradient buffers poisoned with NaN so an element the kernel fails to write shows up.
+"""The fused Triton losses (``dhkd_pipe.kernels``) and the backend dispatch (``dhkd_pipe.losses``)
+against float64 references of ``dhkd_pipe.losses``: values and both gradients, every kd_loss and
+teacher dtype, awkward shapes and strides, extreme logits, gradient buffers poisoned with NaN so
+an element the kernel fails to write shows up, and the one int8 dequantise.
 
 Without a GPU the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1); a small
 column block (BLOCK) makes small K span several blocks."""
@@ -8,23 +9,23 @@ column block (BLOCK) makes small K span several blocks."""
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
 from dhkd_pipe import losses  # noqa: E402
+from dhkd_pipe.cache import decode_logits  # noqa: E402
 from dhkd_pipe.errors import DhkdError  # noqa: E402
 from dhkd_pipe.kernels import (  # noqa: E402
-    dhkd_loss,
-    fused_binary_kl_loss,
-    fused_binary_kl_norm_loss,
-    fused_ce_loss,
+    fused_cross_entropy_loss,
     fused_dhkd_loss,
     fused_kd_loss,
     triton_available,
 )
-from dhkd_pipe.kernels.dhkd_loss import dhkd_forward  # noqa: E402
+from dhkd_pipe.kernels.fused_dhkd import dhkd_forward  # noqa: E402
+from dhkd_pipe.losses import cross_entropy, dhkd_loss  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 BLOCK = 16
@@ -70,12 +71,12 @@ def _poisoned(x):
 def _launch(h1, h2, teacher, scale, y, kd_loss, **kw):
     """The kernel with NaN-filled gradient buffers: (loss, grad head 1, grad head 2)."""
     g1, g2 = _poisoned(h1), _poisoned(h2)
-    rows, o1, o2 = dhkd_forward(
+    run = dhkd_forward(
         h1, h2, teacher, y, temperature=kw.get("T", T), alpha=ALPHA, gamma=GAMMA, kd_loss=kd_loss,
         teacher_scale=scale, grad_ce=g1, grad_kd=g2, max_block=BLOCK,
     )
-    assert o1 is g1 and o2 is g2
-    return rows.sum(), g1, g2
+    assert run.grads[0] is g1 and run.grads[1] is g2
+    return run.loss.sum(), g1, g2
 
 
 def _close(got, want, rtol, atol, what):
@@ -178,21 +179,17 @@ def test_single_fused_losses():
     for tdtype in (torch.float32, torch.int8):
         teacher, scale = _teacher(B, K, tdtype, 22)
         t = losses.dequantize(teacher, scale).double()
-        for fused, ref in (
-            (fused_kd_loss, losses.kd_loss),
-            (fused_binary_kl_loss, losses.binary_kl_loss),
-            (fused_binary_kl_norm_loss, losses.binary_kl_norm_loss),
-        ):
+        for name, ref in losses.KD_LOSSES.items():
             a, b = s.clone().requires_grad_(), s.double().requires_grad_()
-            got = fused(a, teacher, T, teacher_scale=scale, max_block=BLOCK)
+            got = fused_kd_loss(a, teacher, T, kd_loss=name, teacher_scale=scale, max_block=BLOCK)
             want = ref(b, t, T)
             got.backward(), want.backward()
-            _close(got.detach(), want.detach(), 1e-5, 1e-5, fused.__name__)
-            _close(a.grad, b.grad, 1e-4, 1e-6, fused.__name__ + " grad")
+            _close(got.detach(), want.detach(), 1e-5, 1e-5, name)
+            _close(a.grad, b.grad, 1e-4, 1e-6, name + " grad")
     for K in (1, 37):
         s, y = _logits(B, K, 23), _labels(B, K, 24)
         a, b = s.clone().requires_grad_(), s.double().requires_grad_()
-        got, want = fused_ce_loss(a, y, max_block=BLOCK), losses.ce_loss(b, y)
+        got, want = fused_cross_entropy_loss(a, y, max_block=BLOCK), losses.ce_loss(b, y)
         got.backward(), want.backward()
         _close(got.detach(), want.detach(), 1e-5, 1e-5, "ce")
         _close(a.grad, b.grad, 1e-4, 1e-6, "ce grad")
@@ -206,6 +203,17 @@ def test_dispatch_and_errors():
     # no teacher and alpha 0: CE only, both backends
     ce = [dhkd_loss(s, s, None, y, **{**kw, "alpha": 0.0}, backend=b) for b in ("torch", "triton")]
     assert torch.allclose(ce[0], ce[1], rtol=1e-5)
+    # CE alone (the "ce" method): the fused kernel, same value and gradient as the reference
+    grads = []
+    for b in ("torch", "triton"):
+        a = s.clone().requires_grad_()
+        v = cross_entropy(a, y, backend=b)
+        v.backward()
+        grads.append((v.detach(), a.grad))
+    _close(grads[1][0], grads[0][0].double(), 1e-5, 1e-6, "cross_entropy")
+    _close(grads[1][1], grads[0][1].double(), 1e-4, 1e-6, "cross_entropy grad")
+    with pytest.raises(DhkdError):
+        cross_entropy(s, y, backend="cuda")
     with pytest.raises(DhkdError):
         dhkd_loss(s, s, t, y, **kw, backend="cuda")
     with pytest.raises(DhkdError):
@@ -224,18 +232,16 @@ def test_empty_batch_and_bad_label_in_kernel():
     e = torch.empty(0, 5, device=DEV)
     y0 = torch.empty(0, dtype=torch.long, device=DEV)
     for call in (
-        lambda: fused_ce_loss(e, y0),
-        lambda: fused_kd_loss(e, e, T),
-        lambda: fused_binary_kl_loss(e, e, T),
-        lambda: fused_binary_kl_norm_loss(e, e, T),
+        lambda: fused_cross_entropy_loss(e, y0),
+        *(lambda name=name: fused_kd_loss(e, e, T, kd_loss=name) for name in KD_NAMES),
         lambda: fused_dhkd_loss(e, e, e, y0, temperature=T, alpha=ALPHA, gamma=GAMMA),
     ):
         with pytest.raises(DhkdError):
             call()
     # The host checks label range on CPU only (a CUDA check would sync); a bad label that reaches
     # the kernel must read nothing out of bounds and give that row a NaN loss.
-    from dhkd_pipe.kernels.cross_entropy import _ce_kernel
-    from dhkd_pipe.kernels.dhkd_loss import _dhkd_kernel
+    from dhkd_pipe.kernels.fused_cross_entropy import _ce_kernel
+    from dhkd_pipe.kernels.fused_dhkd import _dhkd_kernel
 
     B, K = 3, 5
     x, t = _logits(B, K, 28), _logits(B, K, 29)
@@ -247,26 +253,67 @@ def test_empty_batch_and_bad_label_in_kernel():
                        KD_MODE=2, HAS_SCALE=False, BLOCK=8)
     assert torch.isfinite(rows[0]) and torch.isnan(rows[1:]).all()
 
+
 def test_torch_backend_does_not_import_triton():
+    """Importing the kernels package, the CLI, and every loss on CPU tensors through the dispatch
+    (auto and torch) leave triton unimported; the last line shows the check can fail."""
     code = (
         "import sys, torch\n"
-        "from dhkd_pipe.kernels import dhkd_loss\n"
-        "s = torch.randn(2, 3, requires_grad=True)\n"
-        "dhkd_loss(s, s, torch.randn(2, 3), torch.tensor([0, 2]), temperature=2.0, alpha=1.0,\n"
-        "          gamma=1.0, kd_loss='kd', backend='auto').backward()\n"
-        "assert 'triton' not in sys.modules\n"
+        "import dhkd_pipe.kernels, dhkd_pipe.cli, dhkd_pipe.methods\n"
+        "from dhkd_pipe.losses import cross_entropy, dhkd_loss\n"
+        "s, y = torch.randn(2, 3, requires_grad=True), torch.tensor([0, 2])\n"
+        "q, scale = torch.randint(-127, 128, (2, 3), dtype=torch.int8), torch.rand(2)\n"
+        "for backend in ('auto', 'torch'):\n"
+        "    for kd in ('kd', 'binary_kl', 'binary_kl_norm'):\n"
+        "        dhkd_loss(s, s, q, y, temperature=2.0, alpha=1.0, gamma=1.0, kd_loss=kd,\n"
+        "                  teacher_scale=scale, backend=backend).backward()\n"
+        "    cross_entropy(s, y, backend=backend).backward()\n"
+        "assert 'triton' not in sys.modules, 'triton imported'\n"
+        "dhkd_pipe.kernels.fused_kd_loss\n"
+        "assert 'triton' in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_one_int8_dequantise_bit_identical(tmp_path):
+    """The store's decode, the reference dequantise and the kernels' teacher-row loader give the
+    same float32 teacher rows to the bit; and a loss kernel fed int8 rows equals the kernel fed
+    those float32 rows exactly (so every loss kernel reads teachers through that loader)."""
+    from test_cache import create, fake_logits, write
+
+    from dhkd_pipe.kernels._rowmath import dequantize_kernel
+
+    store = create(tmp_path / "s.zarr", "int8")
+    write(store, fake_logits())
+    values, scale = store.read_chunk(1, 2)
+    assert values.dtype == np.int8 and scale.dtype == np.float32
+    decoded = decode_logits(values, scale, DEV)
+    q, s = torch.from_numpy(values).to(DEV), torch.from_numpy(scale).to(DEV)
+    reference = losses.dequantize(q, s)
+    B, K = q.shape
+    kernel = _poisoned(reference)
+    dequantize_kernel[(B,)](q, q.stride(0), s, kernel, kernel.stride(0), K, HAS_SCALE=True, BLOCK=8)
+    assert decoded.dtype == reference.dtype == kernel.dtype == torch.float32
+    bits = lambda x: x.cpu().view(torch.int32)  # noqa: E731
+    assert torch.equal(bits(decoded), bits(reference)) and torch.equal(bits(kernel), bits(reference))
+    assert not torch.equal(bits(reference), bits(q.float()))  # the scale was applied
+    h1, h2, y = _logits(B, K, 30), _logits(B, K, 31), _labels(B, K, 32)
+    kw = dict(temperature=3.0, alpha=ALPHA, gamma=GAMMA, max_block=BLOCK)  # 1/3 rounds: scale first
+    for kd_loss in KD_NAMES:
+        from_int8 = dhkd_forward(h1, h2, q, y, kd_loss=kd_loss, teacher_scale=s, **kw)
+        from_f32 = dhkd_forward(h1, h2, reference, y, kd_loss=kd_loss, **kw)
+        assert torch.equal(from_int8.loss, from_f32.loss), kd_loss
+        assert all(torch.equal(a, b) for a, b in zip(from_int8.grads, from_f32.grads)), kd_loss
 
 
 _COMPILE_SCRIPT = r"""
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from dhkd_pipe.kernels.binary_kl import _binary_kl_kernel
-from dhkd_pipe.kernels.cross_entropy import _ce_kernel
-from dhkd_pipe.kernels.dhkd_loss import _dhkd_kernel
-from dhkd_pipe.kernels.kd import _kd_kernel
+from dhkd_pipe.kernels._rowmath import dequantize_kernel
+from dhkd_pipe.kernels.fused_cross_entropy import _ce_kernel
+from dhkd_pipe.kernels.fused_dhkd import _dhkd_kernel
+from dhkd_pipe.kernels.fused_kd import _kd_kernel
 
 FLOATS = {"inv_T", "ce_w", "kd_w", "kd_gw", "w", "gw"}
 
@@ -279,10 +326,12 @@ for mode in (0, 1, 2):
         build(_dhkd_kernel, dict(h1_ptr="*bf16", h2_ptr="*bf16", t_ptr=tptr, t_scale_ptr="*fp32", y_ptr="*i64",
               g1_ptr="*bf16", g2_ptr="*bf16", loss_ptr="*fp32"), dict(KD_MODE=mode, HAS_SCALE=has_scale, BLOCK=4096), 8)
 build(_ce_kernel, dict(x_ptr="*fp32", y_ptr="*i32", g_ptr="*fp32", loss_ptr="*fp32"), dict(BLOCK=16))
-build(_kd_kernel, dict(s_ptr="*fp16", t_ptr="*i8", t_scale_ptr="*fp32", g_ptr="*fp16", loss_ptr="*fp32"), dict(HAS_SCALE=True, BLOCK=1024))
-for norm in (False, True):
-    build(_binary_kl_kernel, dict(s_ptr="*fp32", t_ptr="*fp16", t_scale_ptr="*fp32", g_ptr="*fp32", loss_ptr="*fp32"),
-          dict(NORM=norm, HAS_SCALE=False, BLOCK=256))
+build(_kd_kernel, dict(s_ptr="*fp16", t_ptr="*i8", t_scale_ptr="*fp32", g_ptr="*fp16", loss_ptr="*fp32"),
+      dict(KD_MODE=0, HAS_SCALE=True, BLOCK=1024))
+for mode in (1, 2):
+    build(_kd_kernel, dict(s_ptr="*fp32", t_ptr="*fp16", t_scale_ptr="*fp32", g_ptr="*fp32", loss_ptr="*fp32"),
+          dict(KD_MODE=mode, HAS_SCALE=False, BLOCK=256))
+build(dequantize_kernel, dict(t_ptr="*i8", t_scale_ptr="*fp32", out_ptr="*fp32"), dict(HAS_SCALE=True, BLOCK=128))
 """
 
 

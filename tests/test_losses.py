@@ -247,6 +247,8 @@ def test_registry_and_dequantize():
     q = torch.randint(-127, 128, (3, 5), dtype=torch.int8)
     scale = torch.tensor([0.5, 0.1, 2.0])
     assert torch.equal(losses.dequantize(q, scale), q.float() * scale[:, None])
+    # int8 always dequantises to the float32 product, whatever the scale's dtype (the kernels' formula)
+    assert torch.equal(losses.dequantize(q, scale.double()), q.float() * scale[:, None])
     t = torch.randn(3, 5)
     assert losses.dequantize(t) is t
     with pytest.raises(DhkdError):
@@ -261,3 +263,31 @@ def test_kl_losses_vanish_on_equal_logits():
     s = _logits(3, 6, seed=19)
     for name, fn in losses.KD_LOSSES.items():
         assert math.isclose(fn(s, s.clone(), T).item(), 0.0, abs_tol=1e-12), name
+
+
+def test_dispatch_reference_backend():
+    """``losses.dhkd_loss`` / ``cross_entropy`` on CPU tensors ("auto" and "torch") are the reference
+    composition exactly; bad names and shapes are user errors whatever the backend."""
+    s1, s2, y = _logits(4, 6, seed=20, dtype=torch.float32), _logits(4, 6, seed=21, dtype=torch.float32), _labels(4, 6)
+    q = torch.randint(-127, 128, (4, 6), dtype=torch.int8, generator=torch.Generator().manual_seed(22))
+    scale = torch.tensor([0.02, 0.05, 0.1, 0.03])
+    for backend in ("auto", "torch"):
+        for name, fn in losses.KD_LOSSES.items():
+            got = losses.dhkd_loss(s1, s2, q, y, temperature=T, alpha=0.7, gamma=1.3, kd_loss=name,
+                                   teacher_scale=scale, backend=backend)
+            want = 1.3 * losses.ce_loss(s1, y) + 0.7 * fn(s2, q.float() * scale[:, None], T)
+            assert torch.equal(got, want), (backend, name)
+        ce_only = losses.dhkd_loss(s1, s2, None, y, temperature=T, alpha=0.0, gamma=1.3, kd_loss="kd", backend=backend)
+        assert torch.equal(ce_only, 1.3 * losses.ce_loss(s1, y))
+        assert torch.equal(losses.cross_entropy(s1, y, backend=backend), losses.ce_loss(s1, y))
+    kw = dict(temperature=T, alpha=1.0, gamma=1.0, kd_loss="kd")
+    with pytest.raises(DhkdError, match="backend"):
+        losses.dhkd_loss(s1, s2, s2, y, **kw, backend="cuda")
+    with pytest.raises(DhkdError, match="backend"):
+        losses.cross_entropy(s1, y, backend="cuda")
+    with pytest.raises(DhkdError, match="kd_loss"):
+        losses.dhkd_loss(s1, s2, s2, y, **{**kw, "kd_loss": "mse"})
+    with pytest.raises(DhkdError, match="teacher"):
+        losses.dhkd_loss(s1, s2, None, y, **kw)
+    with pytest.raises(DhkdError, match="shape"):
+        losses.dhkd_loss(s1, s2[:, :3], s2, y, **kw)

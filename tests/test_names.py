@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from dhkd_pipe import cache, cli, config, views
+from dhkd_pipe import cache, cli, config, losses, views
 from dhkd_pipe.models import dual_head
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,6 +22,7 @@ OWNERS = {
     "AUX_HEADS": (dual_head.AUX_HEADS, "pipeline/models/dual_head.py"),
     "PRECISIONS": (config.PRECISIONS, "pipeline/config.py"),
     "POLICIES": (views.POLICIES, "pipeline/views.py"),
+    "BACKENDS": (losses.BACKENDS, "pipeline/losses.py"),
 }
 
 
@@ -54,3 +55,5 @@ def test_the_cli_offers_the_owners_names():
     assert tuple(params["aux_head"].type.choices) == dual_head.AUX_HEADS
     assert tuple(params["codec"].type.choices) == cache.CODECS
     assert tuple(params["precision"].type.choices) == config.PRECISIONS
+    assert tuple(params["kernels"].type.choices) == losses.BACKENDS
+    assert tuple(params["kd_loss"].type.choices) == tuple(losses.KD_LOSSES)
