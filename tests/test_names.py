@@ -16,15 +16,14 @@ from dhkd_pipe.models import dual_head
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# name list -> (its names, the file that declares it)
+# name list -> the module that declares it, and that module's file
 OWNERS = {
-    "BACKENDS": (losses.BACKENDS, "pipeline/losses.py"),
-    "KD_LOSSES": (tuple(losses.KD_LOSSES), "pipeline/losses.py"),  # a dict: its keys
-    "CODECS": (cache.CODECS, "pipeline/cache.py"),
-    "AUX_HEADS": (dual_head.AUX_HEADS, "pipeline/models/dual_head.py"),
-    "PRECISIONS": (config.PRECISIONS, "pipeline/config.py"),
-    "POLICIES": (views.POLICIES, "pipeline/views.py"),
-    "BACKENDS": (losses.BACKENDS, "pipeline/losses.py"),
+    "BACKENDS": (losses, "pipeline/losses.py"),
+    "KD_LOSSES": (losses, "pipeline/losses.py"),  # a dict of the losses: its keys are the names
+    "CODECS": (cache, "pipeline/cache.py"),
+    "AUX_HEADS": (dual_head, "pipeline/models/dual_head.py"),
+    "PRECISIONS": (config, "pipeline/config.py"),
+    "POLICIES": (views, "pipeline/views.py"),
 }
 
 
@@ -46,15 +45,11 @@ def _string_collections():
 
 @pytest.mark.parametrize("list_name", sorted(OWNERS))
 def test_each_name_list_is_declared_once_by_its_owner(list_name):
-    names, owner = OWNERS[list_name]
-    found = [(path, line) for path, line, values in _string_collections() if values == set(names)]
-    expected = [] if isinstance(getattr(_module(owner), list_name), dict) else [owner]  # a dict's keys are no literal
+    module, owner = OWNERS[list_name]
+    declared = getattr(module, list_name)
+    found = [(path, line) for path, line, values in _string_collections() if values == set(declared)]
+    expected = [] if isinstance(declared, dict) else [owner]  # a dict's keys are no tuple literal
     assert [path for path, _ in found] == expected, f"{list_name} written in {found}, expected only in {owner}"
-
-
-def _module(owner: str):
-    return {"pipeline/losses.py": losses, "pipeline/cache.py": cache, "pipeline/models/dual_head.py": dual_head,
-            "pipeline/config.py": config, "pipeline/views.py": views}[owner]
 
 
 def test_the_cli_offers_the_owners_names():
