@@ -29,6 +29,67 @@ def user_errors(fn):
     return wrapper
 
 
+class ConfigCommand(click.Command):
+    """A command whose options fill a config dataclass. ``--help`` shows each option's effective
+    default: the dataclass's, then the command's own, then the recipe's where ``--config FILE``
+    is on the command line; alpha, gamma and temperature show the chosen method's values."""
+
+    def __init__(self, *args, config_cls, defaults=None, fixed=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        # defaults: under a recipe (distill's method); fixed: over it (train-teacher's ce)
+        self.config_cls, self.defaults, self.fixed = config_cls, dict(defaults or {}), dict(fixed or {})
+
+    def parse_args(self, ctx, args):
+        # --help is eager and prints before --config is parsed: find the recipe here first
+        for i, arg in enumerate(args):
+            if arg == "--config" and i + 1 < len(args):
+                ctx.meta["recipe"] = args[i + 1]
+            elif arg.startswith("--config="):
+                ctx.meta["recipe"] = arg.split("=", 1)[1]
+        return super().parse_args(ctx, args)
+
+    def effective_defaults(self, ctx) -> tuple[dict, str | None]:
+        """(option name -> value, a note on the recipe that could not be read)."""
+        from .config import config_defaults, read_recipe
+
+        values, note = {**config_defaults(self.config_cls), **self.defaults}, None
+        recipe = ctx.meta.get("recipe")
+        if recipe:
+            try:
+                values.update(read_recipe(recipe))
+            except DhkdError as e:
+                note = f"(not from the recipe: {e})"
+        values.update(self.fixed)
+        if self.config_cls is TrainConfig:
+            from .methods import METHODS
+
+            method = METHODS.get(values.get("method"))
+            for name in ("alpha", "gamma", "temperature"):
+                if method is not None and values.get(name) is None:
+                    values[name] = getattr(method, name)
+        return values, note
+
+    def format_options(self, ctx, formatter):
+        values, note = self.effective_defaults(ctx)
+        shown = []
+        for param in self.get_params(ctx):
+            if isinstance(param, click.Option) and values.get(param.name) is not None:
+                shown.append((param, param.default, param.show_default))
+                param.default, param.show_default = values[param.name], True
+        try:
+            super().format_options(ctx, formatter)
+        finally:  # help ends the command; restored all the same
+            for param, default, show in shown:
+                param.default, param.show_default = default, show
+        recipe = ctx.meta.get("recipe")
+        with formatter.section("Defaults"):
+            if recipe and note is None:
+                formatter.write_text(f"Shown defaults: the command's, overridden by the recipe {recipe}.")
+            else:
+                formatter.write_text("Shown defaults: the command's" + (f" {note}." if note else
+                                     ". Give --config FILE before --help to see a recipe's values."))
+
+
 def _echo_json(obj):
     click.echo(json.dumps(obj, indent=2, default=str))
 
@@ -73,7 +134,11 @@ def _train_config(config_file, defaults=None, **options) -> TrainConfig:
     return build_config(TrainConfig, config_file, options, defaults)
 
 
-@main.command("train-teacher")
+TEACHER_FIXED = {"method": "ce"}  # train-teacher trains with cross-entropy, whatever a recipe says
+DISTILL_DEFAULTS = {"method": "dhkd"}
+
+
+@main.command("train-teacher", cls=ConfigCommand, config_cls=TrainConfig, fixed=TEACHER_FIXED)
 @click.option("--model", help="Architecture (see `dhkd-pipe models`).")
 @training_options
 @user_errors
@@ -81,11 +146,11 @@ def train_teacher_cmd(config_file, resume, overwrite, **options):
     """Train a model alone with cross-entropy (a teacher for later distillation)."""
     from .stages.train_teacher import train_teacher
 
-    cfg = _train_config(config_file, resume=resume, overwrite=overwrite, method="ce", **options)
+    cfg = _train_config(config_file, resume=resume, overwrite=overwrite, **TEACHER_FIXED, **options)
     _echo_json(_short(train_teacher(cfg, resume=resume, overwrite=overwrite)))
 
 
-@main.command("distill")
+@main.command("distill", cls=ConfigCommand, config_cls=TrainConfig, defaults=DISTILL_DEFAULTS)
 @click.option("--student", "model", help="Student architecture.")
 @click.option("--teacher", help="Teacher architecture (online distillation).")
 @click.option("--teacher-weights", help="Teacher checkpoint (online distillation).")
@@ -111,7 +176,7 @@ def distill_cmd(config_file, resume, overwrite, **options):
     """Distil a student, online from a teacher or from a stage-1 store (--cache)."""
     from .stages.distill import distill
 
-    cfg = _train_config(config_file, {"method": "dhkd"}, resume=resume, overwrite=overwrite, **options)
+    cfg = _train_config(config_file, DISTILL_DEFAULTS, resume=resume, overwrite=overwrite, **options)
     _echo_json(_short(distill(cfg, resume=resume, overwrite=overwrite)))
 
 
@@ -155,13 +220,37 @@ def export_cmd(run, fmt, out, opset):
 
 @main.command("models")
 def models_cmd():
-    """List the registered architectures."""
+    """List the registered architectures: 32-pixel CIFAR models and ImageNet ones."""
     from .models import list_models
+    from .models.registry import CIFAR_INPUT, case_twins, model_input_size, model_kind
 
-    click.echo("\n".join(list_models()))
+    names = list_models()
+    cifar = [n for n in names if model_input_size(n) == CIFAR_INPUT]
+    imagenet = [n if model_input_size(n) == 224 else f"{n} ({model_input_size(n)}px)" for n in names if n not in cifar]
+    click.echo(f"CIFAR models, {CIFAR_INPUT}x{CIFAR_INPUT} inputs (cifar10/100, digits, mnist): the KD zoo, with the "
+               "public CIFAR-100 teachers' module names")
+    _echo_wrapped(cifar)
+    click.echo("ImageNet models, 224x224 inputs unless noted (imagefolder data): torchvision architectures, MobileNetV1")
+    _echo_wrapped(imagenet)
+    twins = case_twins()
+    if twins:
+        click.echo("Names are case-sensitive; these differ only in case:")
+        for group in twins:
+            click.echo("  " + " / ".join(f"{n} ({model_kind(n)})" for n in group))
 
 
-@main.command("cache-teacher")
+def _echo_wrapped(items: list[str], width: int = 100):
+    line = ""
+    for item in items:
+        if line and len(line) + 2 + len(item) > width:
+            click.echo(line)
+            line = ""
+        line = f"{line}  {item}" if line else f"  {item}"
+    if line:
+        click.echo(line)
+
+
+@main.command("cache-teacher", cls=ConfigCommand, config_cls=CacheConfig)
 @click.option("--config", "config_file", type=click.Path(dir_okay=False))
 @click.option("--model", help="Teacher architecture.")
 @click.option("--weights", help="Teacher checkpoint file (or a cached torchvision weight name).")

@@ -130,16 +130,7 @@ def build_config(cls, config_file: str | None, overrides: dict, defaults: dict |
     """Defaults, then the YAML file, then the command line's options (those not None)."""
     values = dict(defaults or {})
     if config_file:
-        if not os.path.isfile(config_file):
-            raise DhkdError(f"config file not found: {config_file}")
-        try:
-            with open(config_file) as f:
-                loaded = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise DhkdError(f"cannot parse config {config_file}: {str(e).splitlines()[0]}") from None
-        if not isinstance(loaded, dict):
-            raise DhkdError(f"config {config_file} must be a mapping of option: value")
-        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+        values.update(read_recipe(config_file))
     values.update({k: v for k, v in overrides.items() if v is not None})
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(values) - set(known))
@@ -148,6 +139,31 @@ def build_config(cls, config_file: str | None, overrides: dict, defaults: dict |
     for name, value in values.items():
         values[name] = _coerce(name, value, known[name].type)
     return cls(**values).validate()
+
+
+def read_recipe(config_file: str) -> dict:
+    """The options a YAML recipe sets, keys with ``_`` (as the dataclasses name them)."""
+    if not os.path.isfile(config_file):
+        raise DhkdError(f"config file not found: {config_file}")
+    try:
+        with open(config_file) as f:
+            loaded = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise DhkdError(f"cannot parse config {config_file}: {str(e).splitlines()[0]}") from None
+    if not isinstance(loaded, dict):
+        raise DhkdError(f"config {config_file} must be a mapping of option: value")
+    return {str(k).replace("-", "_"): v for k, v in loaded.items()}
+
+
+def config_defaults(cls) -> dict:
+    """The dataclass's own default of every field."""
+    out = {}
+    for f in fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
 
 
 def _coerce(name, value, annotation):

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .config import PRECISIONS, TrainConfig
+from .console import log_line
 from .data import Dataset, Renderer
 from .errors import DhkdError
 from .exported import write_exported
@@ -314,7 +315,7 @@ def train_step(run: Run, batch, epoch: int) -> torch.Tensor:
     return loss.detach()
 
 
-def train(run: Run, log=print) -> dict:
+def train(run: Run, log=log_line) -> dict:
     """Runs the loop from the run's start point to ``cfg.epochs``; returns the summary."""
     cfg, acc, model, loader, optimizer = run.cfg, run.accelerator, run.model, run.loader, run.optimizer
     main = acc.is_main_process

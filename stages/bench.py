@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from dhkd_pipe.config import CacheConfig, TrainConfig
+from dhkd_pipe.console import log_line
 from dhkd_pipe.engine import prepare, train
 from dhkd_pipe.models import create_model
 from dhkd_pipe.report import markdown_table
@@ -54,7 +55,7 @@ def _print_table(title: str, rows: list[dict], columns):
 def _save(path: str, payload: dict):
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
-    print(f"\nwrote {path}")
+    log_line(f"wrote {path}")
 
 
 def _timed_training(cfg: TrainConfig, warmup: int) -> float:

@@ -20,6 +20,7 @@ import torch
 from dhkd_pipe import __version__
 from dhkd_pipe.cache import LogitCache, codec_tolerance
 from dhkd_pipe.config import CacheConfig
+from dhkd_pipe.console import log_line
 from dhkd_pipe.data import Dataset, Renderer, load_data
 from dhkd_pipe.engine import evaluate, make_accelerator
 from dhkd_pipe.errors import DhkdError
@@ -70,7 +71,7 @@ class _Writer:
             raise self.error
 
 
-def cache_teacher(cfg: CacheConfig, log=print) -> dict:
+def cache_teacher(cfg: CacheConfig, log=log_line) -> dict:
     acc = make_accelerator(cfg.precision)
     data = load_data(cfg.data)
     plan = data.default_plan(seed=cfg.seed, resolution=cfg.resolution)

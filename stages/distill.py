@@ -4,10 +4,11 @@ stage-1 store (``--cache``); one code path, only the source of the teacher logit
 from __future__ import annotations
 
 from dhkd_pipe.config import TrainConfig
+from dhkd_pipe.console import log_line
 from dhkd_pipe.engine import prepare, train
 
 
-def distill(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, log=print) -> dict:
+def distill(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, log=log_line) -> dict:
     run = prepare(cfg, resume=resume, overwrite=overwrite)
     if run.accelerator.is_main_process:
         if run.cache is not None:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from dhkd_pipe.config import CacheConfig, TrainConfig, build_config
+from dhkd_pipe.console import log_line
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.report import markdown_table, write_report
 
@@ -23,7 +24,8 @@ RECIPES = Path(__file__).resolve().parent.parent / "configs" / "digits"
 STUDENTS = ("ce", "kd", "dhkd")
 
 
-def quickstart(out: str = "runs/quickstart", overwrite: bool = False, log=print) -> list[dict]:
+def quickstart(out: str = "runs/quickstart", overwrite: bool = False, log=log_line, show=print) -> list[dict]:
+    """Progress goes to ``log`` (stderr), the final table to ``show`` (stdout)."""
     if not RECIPES.is_dir():
         raise DhkdError(f"recipes not found at {RECIPES}; run quickstart from a source checkout (pip install -e .)")
     if os.path.exists(out):
@@ -59,5 +61,6 @@ def quickstart(out: str = "runs/quickstart", overwrite: bool = False, log=print)
     write_report(runs, picture)
     table = markdown_table(rows, [("stage", "stage", "s"), ("val_top1", "val top-1 %", ".2f"),
                                   ("images_per_sec", "img/s", ".0f"), ("wall_s", "wall s", ".1f")])
-    log("\n" + table + f"\n\nreport: {picture}")
+    show(table)
+    log(f"report: {picture}")
     return rows

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dhkd_pipe.config import TrainConfig
+from dhkd_pipe.console import log_line
 from dhkd_pipe.engine import prepare, train
 from dhkd_pipe.errors import DhkdError
 
 
-def train_teacher(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, log=print) -> dict:
+def train_teacher(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, log=log_line) -> dict:
     if cfg.method != "ce":
         raise DhkdError("train-teacher trains with cross-entropy only (method ce)")
     run = prepare(cfg, resume=resume, overwrite=overwrite)

@@ -183,7 +183,7 @@ def test_online_dhkd_through_the_cli(work, teacher):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--student", "resnet9000"], "resnet8x4"),  # the message lists the known models
+        (["--student", "resnet9000"], "did you mean ResNet50 (CIFAR 32px), resnet50"),  # the message suggests the closest names
         (["--data", "cifar100:/nonexistent"], "not found"),
         (["--teacher-weights", "WRONG"], "WRONG"),
         (["--epochs", "0"], "bad epochs"),

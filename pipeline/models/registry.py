@@ -6,6 +6,7 @@ Each family module decorates its constructors with ``register_model``; a constru
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -66,7 +67,41 @@ def _entry(name: str) -> ModelEntry:
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
-        raise DhkdError(f"unknown model {name!r}; known: {', '.join(list_models())}") from None
+        raise _unknown_model(name) from None
+
+
+def _unknown_model(name) -> DhkdError:
+    """Names the registered models closest to ``name`` (case-insensitive, difflib), each with its
+    kind, so ``Resnet50`` is answered with both ``ResNet50`` (CIFAR) and ``resnet50`` (ImageNet)."""
+    by_lower: dict[str, list[str]] = {}
+    for n in list_models():
+        by_lower.setdefault(n.lower(), []).append(n)
+    if not isinstance(name, str):
+        return DhkdError(f"unknown model {name!r}; `dhkd-pipe models` lists the names")
+    if name.lower() in by_lower:
+        twins = ", ".join(f"{n} ({model_kind(n)})" for n in by_lower[name.lower()])
+        return DhkdError(f"unknown model {name!r}: names are case-sensitive; did you mean {twins}?")
+    close = [n for key in difflib.get_close_matches(name.lower(), by_lower, n=5, cutoff=0.6) for n in by_lower[key]]
+    if not close:
+        return DhkdError(f"unknown model {name!r}; `dhkd-pipe models` lists the names")
+    shown = ", ".join(f"{n} ({model_kind(n)})" for n in close)
+    return DhkdError(f"unknown model {name!r}; did you mean {shown}? (`dhkd-pipe models` lists all)")
+
+
+def model_kind(name: str) -> str:
+    """What ``name`` is built for: ``CIFAR 32px`` (the KD zoo) or ``ImageNet 224px``, and whose."""
+    entry = _entry(name)
+    if entry.input_size == CIFAR_INPUT:
+        return f"CIFAR {CIFAR_INPUT}px"
+    return f"ImageNet {entry.input_size}px" + (", torchvision" if entry.torchvision_arch else "")
+
+
+def case_twins() -> list[list[str]]:
+    """Groups of registered names that differ only in case (``ResNet50`` / ``resnet50``)."""
+    groups: dict[str, list[str]] = {}
+    for n in list_models():
+        groups.setdefault(n.lower(), []).append(n)
+    return [g for g in groups.values() if len(g) > 1]
 
 
 def list_models() -> list[str]:
