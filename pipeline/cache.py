@@ -26,10 +26,8 @@ wrong numbers without a word.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
-import shutil
 from collections import OrderedDict
 
 import numpy as np
@@ -37,6 +35,7 @@ import torch
 
 from .errors import DhkdError
 from .losses import dequantize
+from .store import MissingObject, StoreObjects, is_chunk_key, is_local, local_path, one_line, open_store, require_objects, storage_errors
 
 FORMAT_VERSION = 1
 CODECS = ("fp16", "bf16", "fp32", "int8")
@@ -45,6 +44,7 @@ _ITEMSIZE = {"fp16": 2, "bf16": 2, "fp32": 4, "int8": 1}
 _DTYPE_NAME = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "int8": "int8"}
 _FP16_MAX = 65504.0
 _GEOMETRY = ("epochs", "num_samples", "num_classes", "chunk_rows", "codec")
+_PER_EPOCH = ("logits", "logit_scale", "order", "views", "done")  # arrays chunked (epoch, unit, ...)
 
 # Round-trip error bounds of the codecs (round to nearest):
 FP16_RELATIVE_ERROR = 2.0**-11  # |x| in fp16's normal range (6.1e-5 .. 65504); below, 2^-25 absolute
@@ -120,42 +120,31 @@ def _jsonable(value):
     return json.loads(json.dumps(value, default=default))
 
 
-def _one_line(exc: BaseException) -> str:
-    """One line for an exception; an OSError names its errno (ENOSPC: the disk is full)."""
-    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-    code = errno.errorcode.get(getattr(exc, "errno", None) or -1)
-    if code and code not in str(text):
-        text = f"{text} ({code})"
-    return " ".join(str(text).split())
+_one_line = one_line
 
 
-def _dir_bytes(path: str, data_only: bool = False) -> int:
-    """Bytes of the files under path (data_only: chunk and shard objects, no zarr.json)."""
-    total = 0
-    for root, _, files in os.walk(path):
-        for name in files:
-            if data_only and name == "zarr.json":
-                continue
-            try:
-                total += os.path.getsize(os.path.join(root, name))
-            except OSError:
-                pass
-    return total
-
-
-def _is_store(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "zarr.json"))
+def _location(path) -> str:
+    """A local path (str or PathLike) or a URL, as a string."""
+    return os.fspath(path) if isinstance(path, os.PathLike) else str(path)
 
 
 class LogitCache:
-    """A teacher-logit store on disk. Build with :meth:`create` or :meth:`open`."""
+    """A teacher-logit store, on disk or on object storage. Build with :meth:`create` or :meth:`open`.
 
-    def __init__(self, path: str, group, mode: str):
-        self._path, self._group, self._mode = path, group, mode
+    ``path`` is a local path or an fsspec URL (``s3://bucket/logits.zarr``, ``gs://``, ``file://``,
+    ``memory://``); :attr:`objects` gives the store's objects by key (exists, list, size, read,
+    write, delete) for checks built on the store.
+    """
+
+    def __init__(self, path: str, objects: StoreObjects, group, mode: str):
+        import zarr
+        from zarr.storage import StorePath
+
+        self._path, self._objects, self._group, self._mode = path, objects, group, mode
         try:
             self._attrs = dict(group.attrs)
             # write_empty_chunks is not stored in the metadata: every unit writes all its objects,
-            # so an all-zero chunk is on disk like any other (and a missing one is never "data")
+            # so an all-zero chunk is stored like any other (and a missing one is never "data")
             arr = lambda name: group[name].with_config({"write_empty_chunks": True})  # noqa: E731
             self._logits = arr("logits")
             self._order = arr("order")
@@ -168,6 +157,17 @@ class LogitCache:
             raise
         except Exception as e:
             raise DhkdError(f"{path} is not a complete logit store ({_one_line(e)})") from None
+        # Data is read through a store that raises on a missing chunk object (Zarr would read
+        # zeros); writes and the done flags (absent = not done) use the plain one.
+        strict = require_objects(self._logits.store_path.store)
+
+        def reader(a):
+            return zarr.Array(zarr.AsyncArray(metadata=a.metadata, store_path=StorePath(strict, a.path), config=a.async_array.config))
+
+        self._readers = {"done": self._done}
+        for name, a in (("logits", self._logits), ("logit_scale", self._scale), ("order", self._order), ("views", self._views), ("labels", self._labels)):
+            if a is not None:
+                self._readers[name] = reader(a)
         self._epochs, self._num_samples, self._num_classes = (int(s) for s in self._logits.shape)
         self._chunk_rows = int(self._logits.chunks[1])
         shards = self._logits.shards
@@ -197,7 +197,7 @@ class LogitCache:
         import zarr
         from zarr.codecs import BloscCodec, Crc32cCodec
 
-        path = os.fspath(path)
+        path = _location(path)
         _check_codec(codec)
         epochs, num_samples, num_classes, chunk_rows = int(epochs), int(num_samples), int(num_classes), int(chunk_rows)
         for name, v in (("epochs", epochs), ("num_samples", num_samples), ("num_classes", num_classes), ("chunk_rows", chunk_rows)):
@@ -209,18 +209,19 @@ class LogitCache:
         attrs = _jsonable(dict(attrs or {}))
         attrs["codec"] = codec
 
-        if os.path.lexists(path):
-            if overwrite:
-                cls._remove(path)
-            elif _is_store(path) and cls._half_created(path, attrs):
-                cls._remove(path)  # our own creation, killed before format_version: holds no data
-            elif _is_store(path):
+        objects = StoreObjects(open_store(path, read_only=False), path)
+        if objects.exists("zarr.json"):
+            if overwrite or cls._half_created(objects, attrs):
+                # --overwrite; or our own creation, killed before format_version: it holds no data
+                objects.delete_all()
+            else:
                 existing = cls.open(path, mode="r+")
                 cls._check_same(existing, attrs, dict(epochs=epochs, num_samples=num_samples, num_classes=num_classes,
                                                       chunk_rows=chunk_rows, codec=codec))
                 return existing
-            elif not (os.path.isdir(path) and not os.listdir(path)):
-                raise DhkdError(f"{path} exists and is not a logit store; choose another path or remove it")
+        elif not objects.is_empty():
+            advice = "refusing to delete it with --overwrite" if overwrite else "choose another path or remove it"
+            raise DhkdError(f"{path} exists and is not a logit store; {advice}")
 
         num_chunks = -(-num_samples // chunk_rows)
         itemsize = _ITEMSIZE[codec]
@@ -246,7 +247,7 @@ class LogitCache:
 
         try:
             # format_version is written last: a half-created store does not open.
-            group = zarr.open_group(path, mode="w", attributes={k: v for k, v in attrs.items() if k != "format_version"})
+            group = zarr.open_group(store=objects.store, mode="w", attributes={k: v for k, v in attrs.items() if k != "format_version"})
             # byte shuffle: measured smaller than bitshuffle for fp16/bf16/fp32 and int8 logits
             array(group, "logits", (epochs, num_samples, num_classes), (1, chunk_rows, num_classes),
                   _STORED_DTYPE[codec], blosc("shuffle"), 0)
@@ -260,32 +261,17 @@ class LogitCache:
             group.attrs.update({"format_version": FORMAT_VERSION})
         except DhkdError:
             raise
-        except OSError as e:
+        except storage_errors() as e:
             raise DhkdError(f"cannot create the store at {path}: {_one_line(e)}") from None
         return cls.open(path, mode="r+")
 
     @staticmethod
-    def _remove(path: str):
-        if os.path.isdir(path) and not os.path.islink(path):
-            if not _is_store(path) and os.listdir(path):
-                raise DhkdError(f"{path} exists and is not a logit store; refusing to delete it with --overwrite")
-            try:
-                shutil.rmtree(path)
-            except OSError as e:
-                raise DhkdError(f"cannot remove {path}: {_one_line(e)}") from None
-        else:
-            try:
-                os.remove(path)
-            except OSError as e:
-                raise DhkdError(f"cannot remove {path}: {_one_line(e)}") from None
-
-    @staticmethod
-    def _half_created(path: str, attrs: dict) -> bool:
+    def _half_created(objects: StoreObjects, attrs: dict) -> bool:
         """A store of this same command whose creation never reached format_version."""
         import zarr
 
         try:
-            old = dict(zarr.open_group(path, mode="r").attrs)
+            old = dict(zarr.open_group(store=objects.store, mode="r").attrs)
         except Exception:
             return False
         command = attrs.get("command")
@@ -308,15 +294,16 @@ class LogitCache:
     def open(cls, path, mode: str = "r") -> "LogitCache":
         import zarr
 
-        path = os.fspath(path)
+        path = _location(path)
         if mode not in ("r", "r+"):
             raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}")
-        if not os.path.exists(path):
-            raise DhkdError(f"no logit store at {path}")
-        if not _is_store(path):
+        objects = StoreObjects(open_store(path, read_only=mode == "r"), path)
+        if not objects.exists("zarr.json"):
+            if objects.is_empty():
+                raise DhkdError(f"no logit store at {path}")
             raise DhkdError(f"{path} is not a logit store (no zarr.json)")
         try:
-            group = zarr.open_group(path, mode=mode)
+            group = zarr.open_group(store=objects.store, mode=mode)
             version = dict(group.attrs).get("format_version")
         except Exception as e:
             raise DhkdError(f"{path} is not a logit store ({_one_line(e)})") from None
@@ -324,7 +311,7 @@ class LogitCache:
             raise DhkdError(f"{path} is not a logit store, or is still being created (no format_version)")
         if version != FORMAT_VERSION:
             raise DhkdError(f"store {path} has format version {version}; this tool reads version {FORMAT_VERSION}")
-        return cls(path, group, mode)
+        return cls(path, objects, group, mode)
 
     @staticmethod
     def estimate_bytes(epochs: int, num_samples: int, num_classes: int, codec: str = "fp16", chunk_rows: int = 1024) -> int:
@@ -377,7 +364,7 @@ class LogitCache:
     @property
     def labels(self) -> np.ndarray:
         if self._label_cache is None:
-            self._label_cache = np.asarray(self._read(self._labels, "labels", (slice(None),), None, None), dtype=np.int64)
+            self._label_cache = np.asarray(self._read("labels", (slice(None),), None, None), dtype=np.int64)
         return self._label_cache.copy()
 
     def rows(self, chunk: int) -> tuple[int, int]:
@@ -390,11 +377,31 @@ class LogitCache:
         s, n = self._shard_chunks, self.num_chunks
         return [(e, list(range(c, min(c + s, n)))) for e in range(self._epochs) for c in range(0, n, s)]
 
+    @property
+    def objects(self) -> StoreObjects:
+        """The store's objects by key: ``exists``, ``list``, ``size``, ``sizes``, ``read``,
+        ``write``, ``delete`` (through Zarr's store API, on disk and on object storage)."""
+        return self._objects
+
+    def unit_keys(self, epoch: int, first_chunk: int) -> dict[str, str]:
+        """{array: object key} of the objects that write unit (epoch, first_chunk) writes: its data
+        objects, then ``done`` (written last)."""
+        s = self._shard_chunks
+        if first_chunk % s or not 0 <= first_chunk < self.num_chunks or not 0 <= epoch < self._epochs:
+            raise ValueError(f"(epoch {epoch}, chunk {first_chunk}) does not start a write unit of {s} chunks")
+        unit = first_chunk // s
+        keys = {}
+        for name in ("logits", "logit_scale", "order", "views", "done"):
+            arr = self._done if name == "done" else self._readers.get(name)
+            if arr is not None:
+                keys[name] = f"{name}/" + arr.metadata.encode_chunk_key((epoch, unit) + (0,) * (arr.ndim - 2))
+        return keys
+
     def update_attrs(self, **kv):
         kv = _jsonable(kv)
         try:
             self._group.attrs.update(kv)
-        except OSError as e:
+        except storage_errors() as e:
             raise DhkdError(f"cannot write to store {self._path}: {_one_line(e)}") from None
         self._attrs.update(kv)
 
@@ -445,44 +452,47 @@ class LogitCache:
             self._order[epoch, start:stop] = order.astype(np.int32)
             self._views[epoch, start:stop] = views.astype(np.int32)
             self._done[epoch, first_chunk : last + 1] = True
-        except OSError as e:
+        except storage_errors() as e:
             raise DhkdError(f"cannot write to store {self._path}: {_one_line(e)}") from None
 
     def done_mask(self) -> np.ndarray:
-        return self._read(self._done, "done", (slice(None),), None, None).astype(bool)
+        return self._read("done", (slice(None),), None, None).astype(bool)
 
     # ---- reading ----------------------------------------------------------------------------
 
-    def _read(self, arr, name: str, selection, epoch, chunk):
+    def _read(self, name: str, selection, epoch, chunk):
         try:
-            return arr[selection]
+            return self._readers[name][selection]
         except DhkdError:
             raise
+        except MissingObject as e:
+            raise DhkdError(self._missing(e.key)) from None
         except Exception as e:
             where = "" if epoch is None else f" epoch {epoch}" + ("" if chunk is None else f" chunk {chunk}")
             raise DhkdError(f"store {self._path}: cannot read {name}{where}: {_one_line(e)}") from None
 
-    def _require_objects(self, arr, name: str, epoch: int, chunks):
-        """Refuses to read chunks whose object is not on disk: zarr would silently return the fill
-        value (zeros) for them."""
-        for unit in sorted({c // self._shard_chunks for c in chunks}):
-            coords = (epoch, unit) + (0,) * (arr.ndim - 2)
-            key = arr.metadata.encode_chunk_key(coords)
-            if not os.path.isfile(os.path.join(self._path, name, *key.split("/"))):
-                first = unit * self._shard_chunks
-                what = f"chunk {first}" if self._shard_chunks == 1 else f"chunks {first}-{min(first + self._shard_chunks, self.num_chunks) - 1}"
-                raise DhkdError(f"store {self._path}: {name} epoch {epoch} {what} not on disk ({name}/{key}); "
-                                "the store is incomplete or damaged")
+    def _missing(self, key: str) -> str:
+        """The message for a chunk object that is not in the store: Zarr would have read zeros."""
+        where = "not on disk" if is_local(self._path) else "missing from the store"
+        parts = key.split("/")
+        name = parts[0]
+        if name in _PER_EPOCH and len(parts) >= 4 and parts[1] == "c":
+            epoch, unit = int(parts[2]), int(parts[3])
+            first = unit * self._shard_chunks
+            last = min(first + self._shard_chunks, self.num_chunks) - 1
+            what = f"{name} epoch {epoch} chunk {first}" if first == last else f"{name} epoch {epoch} chunks {first}-{last}"
+        else:
+            what = name
+        return f"store {self._path}: {what} {where} ({key}); the store is incomplete or damaged"
 
-    def _epoch_array(self, arr, name: str, epoch: int, dtype):
+    def _epoch_array(self, name: str, epoch: int, dtype):
         key = (name, epoch)
         if key in self._cached:
             self._cached.move_to_end(key)
             return self._cached[key]
         if not 0 <= epoch < self._epochs:
             raise IndexError(f"epoch {epoch} out of range 0..{self._epochs - 1}")
-        self._require_objects(arr, name, epoch, range(self.num_chunks))
-        out = np.asarray(self._read(arr, name, (epoch,), epoch, None), dtype=dtype)
+        out = np.asarray(self._read(name, (epoch,), epoch, None), dtype=dtype)
         if self._mode == "r":  # a read-only store does not change under us
             out.flags.writeable = False
             self._cached[key] = out
@@ -491,10 +501,10 @@ class LogitCache:
         return out
 
     def read_order(self, epoch: int) -> np.ndarray:
-        return self._epoch_array(self._order, "order", epoch, np.int64)
+        return self._epoch_array("order", epoch, np.int64)
 
     def read_views(self, epoch: int) -> np.ndarray:
-        return self._epoch_array(self._views, "views", epoch, np.int32)
+        return self._epoch_array("views", epoch, np.int32)
 
     def read_chunk(self, epoch: int, chunk: int):
         """(values, scale) of one chunk of one epoch, as stored: values (rows, K) float16 /
@@ -503,12 +513,10 @@ class LogitCache:
         if not 0 <= epoch < self._epochs:
             raise IndexError(f"epoch {epoch} out of range 0..{self._epochs - 1}")
         start, stop = self.rows(chunk)
-        self._require_objects(self._logits, "logits", epoch, [chunk])
-        values = self._read(self._logits, "logits", (epoch, slice(start, stop)), epoch, chunk)
+        values = self._read("logits", (epoch, slice(start, stop)), epoch, chunk)
         scale = None
         if self._scale is not None:
-            self._require_objects(self._scale, "logit_scale", epoch, [chunk])
-            scale = np.asarray(self._read(self._scale, "logit_scale", (epoch, slice(start, stop)), epoch, chunk), np.float32)
+            scale = np.asarray(self._read("logit_scale", (epoch, slice(start, stop)), epoch, chunk), np.float32)
         return values, scale
 
     def read_chunk_tensors(self, epoch: int, chunk: int):
@@ -550,19 +558,18 @@ class LogitCache:
 
     def summary(self) -> dict:
         done = self.done_mask()
-        logit_bytes = _dir_bytes(os.path.join(self._path, "logits"), data_only=True)
-        if self._scale is not None:
-            logit_bytes += _dir_bytes(os.path.join(self._path, "logit_scale"), data_only=True)
+        sizes = self._objects.sizes()
+        logit_bytes = sum(n for key, n in sizes.items() if key.split("/")[0] in ("logits", "logit_scale") and is_chunk_key(key))
         count = self._epochs * self._num_samples * self._num_classes
         shards = self._logits.shards
         return {
-            "path": os.path.abspath(self._path),
+            "path": os.path.abspath(local_path(self._path)) if is_local(self._path) else self._path,
             "shape": [self._epochs, self._num_samples, self._num_classes],
             "dtype": _DTYPE_NAME[self._codec],
             "codec": self._codec,
             "chunks": [int(c) for c in self._logits.chunks],
             "shards": None if shards is None else [int(s) for s in shards],
-            "bytes_on_disk": _dir_bytes(self._path),
+            "bytes_on_disk": sum(sizes.values()),
             "bytes_per_logit": logit_bytes / count if count else 0.0,
             "complete": f"{int(done.sum())}/{done.size}",
             "teacher": self._attrs.get("teacher"),

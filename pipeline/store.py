@@ -1,0 +1,210 @@
+"""Where a logit store lives: a local folder, or an fsspec URL (``s3://``, ``gs://``, ``file://``,
+``memory://``).
+
+Everything the store logic needs from storage goes through Zarr's store API by key
+(``zarr.storage.LocalStore`` for local paths, ``zarr.storage.FsspecStore`` for URLs), never
+``os.path``, so the same code runs on a local disk, a shared filesystem and object storage.
+:class:`StoreObjects` gives that API synchronously, a few small calls (exists, list, size, read,
+write, delete) on which the store's checks are built.
+
+Credentials and endpoints come the usual way, from the environment: for ``s3://`` botocore's chain
+(``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``, ``AWS_PROFILE``,
+``AWS_DEFAULT_REGION``; ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` for MinIO, moto or any other
+S3-compatible server), for ``gs://`` Google's application default credentials.
+"""
+
+from __future__ import annotations
+
+import errno
+
+from .errors import DhkdError
+
+# What a URL scheme needs installed: the optional extra `pip install "dhkd-pipe[s3]"` brings both.
+SCHEME_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}
+# Object names that are Zarr metadata, not chunk data (v3, and the v2 names zarr probes for).
+METADATA_NAMES = ("zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata")
+
+
+def is_url(location: str) -> bool:
+    """A URL with a scheme (``s3://...``); anything else is a local path."""
+    return "://" in str(location)
+
+
+def is_local(location: str) -> bool:
+    return not is_url(location) or str(location).startswith("file://")
+
+
+def local_path(location: str) -> str:
+    """The filesystem path of a local location (a plain path or a ``file://`` URL)."""
+    location = str(location)
+    return location[len("file://"):] if location.startswith("file://") else location
+
+
+def one_line(exc: BaseException) -> str:
+    """One line for an exception; an OSError names its errno (ENOSPC: the disk is full)."""
+    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    code = errno.errorcode.get(getattr(exc, "errno", None) or -1)
+    if code and code not in str(text):
+        text = f"{text} ({code})"
+    return " ".join(str(text).split())
+
+
+def storage_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean "the storage failed" (not a bug): OSError, which s3fs and gcsfs
+    raise for most service errors, and the clients' own types where installed."""
+    errors: list[type[BaseException]] = [OSError]
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        errors += [BotoCoreError, ClientError]
+    except ImportError:
+        pass
+    try:
+        from aiohttp import ClientError as HttpClientError
+
+        errors.append(HttpClientError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def open_store(location: str, read_only: bool = True):
+    """The Zarr store at ``location``: ``LocalStore`` for local paths and ``file://``,
+    ``FsspecStore`` for any other fsspec URL. Nothing is created or contacted yet."""
+    from zarr.storage import FsspecStore, LocalStore
+
+    location = str(location)
+    if is_local(location):
+        return LocalStore(local_path(location), read_only=read_only)
+    scheme = location.split("://", 1)[0]
+    try:
+        # no listings cache: another process may write the objects this one checks
+        return FsspecStore.from_url(location, read_only=read_only, storage_options={"use_listings_cache": False})
+    except ImportError:
+        package = SCHEME_PACKAGES.get(scheme, f"the fsspec driver for {scheme}://")
+        raise DhkdError(f"{scheme}:// stores need {package}: pip install 'dhkd-pipe[s3]'") from None
+    except ValueError as e:  # fsspec: "Protocol not known: foo"
+        raise DhkdError(f"cannot open {location}: {one_line(e)}") from None
+
+
+def is_chunk_key(key: str) -> bool:
+    return key.rsplit("/", 1)[-1] not in METADATA_NAMES
+
+
+class MissingObject(Exception):
+    """A chunk object that should be in the store is not (Zarr would read its fill value)."""
+
+    def __init__(self, key: str):
+        super().__init__(f"object {key} is missing")
+        self.key = key
+
+
+def require_objects(store):
+    """``store`` wrapped so that reading a chunk object that is not there raises
+    :class:`MissingObject` instead of returning nothing (which Zarr turns into zeros).
+
+    Costs no extra request: the check is on the answer of the read itself. Metadata reads keep
+    their "absent" answer, since Zarr probes for names that need not exist.
+    """
+    from zarr.storage import WrapperStore
+
+    class RequiredObjects(WrapperStore):
+        async def get(self, key, prototype=None, byte_range=None):
+            value = await self._store.get(key, prototype, byte_range)
+            if value is None and is_chunk_key(key):
+                raise MissingObject(key)
+            return value
+
+        async def get_partial_values(self, prototype, key_ranges):
+            key_ranges = list(key_ranges)
+            values = await self._store.get_partial_values(prototype, key_ranges)
+            for (key, _), value in zip(key_ranges, values):
+                if value is None and is_chunk_key(key):
+                    raise MissingObject(key)
+            return values
+
+    return RequiredObjects(store)
+
+
+class StoreObjects:
+    """The objects of one store, by key (``"logits/c/0/3"``), through Zarr's store API.
+
+    Small synchronous calls for checks built on the store (missing chunks, sizes, half-created
+    stores, overwrite, locks and repairs): each runs on Zarr's I/O event loop, where Zarr's own
+    reads and writes of the same store run. Errors of the storage itself (no such bucket, access
+    denied, disk full) become one-line ``DhkdError``s that name the store.
+    """
+
+    def __init__(self, store, location: str):
+        self.store, self.location = store, str(location)
+
+    def _run(self, what: str, coro):
+        from zarr.core.sync import sync
+
+        try:
+            return sync(coro)
+        except DhkdError:
+            raise
+        except Exception as e:  # the storage's own errors (OSError, botocore, aiohttp ...)
+            hint = " (check the credentials for this store)" if isinstance(e, PermissionError) and is_url(self.location) else ""
+            raise DhkdError(f"store {self.location}: cannot {what}: {one_line(e)}{hint}") from None
+
+    def exists(self, key: str) -> bool:
+        """Whether object ``key`` is in the store."""
+        return bool(self._run(f"check {key}", self.store.exists(key)))
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Keys of all objects under ``prefix`` (a folder-like prefix: ``"logits/"``), sorted."""
+
+        async def collect():
+            return [key async for key in self.store.list_prefix(prefix)]
+
+        return sorted(self._run(f"list {prefix or 'the store'}", collect()))
+
+    def is_empty(self) -> bool:
+        """Whether no object is under the store's root (a local root that is a file is not empty)."""
+        root = getattr(self.store, "root", None)  # LocalStore
+        if root is not None and root.exists() and not root.is_dir():
+            return False
+        return bool(self._run("list the store", self.store.is_empty("")))
+
+    def size(self, key: str) -> int:
+        """Bytes of object ``key`` (FileNotFoundError inside: a DhkdError)."""
+        return int(self._run(f"read the size of {key}", self.store.getsize(key)))
+
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        """{key: bytes} of every object under ``prefix``: one listing on object storage (a LIST
+        answers with the sizes), ``getsize`` of each listed key elsewhere."""
+        from zarr.storage import FsspecStore
+
+        store = self.store
+
+        async def listed():
+            if isinstance(store, FsspecStore) and hasattr(store.fs, "_find"):
+                root = store.path.rstrip("/") + "/"
+                found = await store.fs._find(root + prefix, detail=True, withdirs=False)
+                return {path.removeprefix(root): int(info["size"]) for path, info in found.items() if info.get("size") is not None}
+            return {key: int(await store.getsize(key)) async for key in store.list_prefix(prefix)}
+
+        return self._run(f"list {prefix or 'the store'}", listed())
+
+    def read(self, key: str) -> bytes | None:
+        """The bytes of object ``key``, or None if there is no such object."""
+        from zarr.core.buffer import default_buffer_prototype
+
+        value = self._run(f"read {key}", self.store.get(key, prototype=default_buffer_prototype()))
+        return None if value is None else value.to_bytes()
+
+    def write(self, key: str, data: bytes):
+        """Writes object ``key`` whole (one PUT on object storage, write-and-rename on disk)."""
+        from zarr.core.buffer import default_buffer_prototype
+
+        self._run(f"write {key}", self.store.set(key, default_buffer_prototype().buffer.from_bytes(bytes(data))))
+
+    def delete(self, key: str):
+        """Deletes object ``key`` (nothing happens if it is not there)."""
+        self._run(f"delete {key}", self.store.delete(key))
+
+    def delete_all(self):
+        """Deletes every object of the store, and nothing outside it."""
+        self._run("delete the store", self.store.delete_dir(""))
