@@ -362,6 +362,16 @@ class LogitCache:
         return self._codec
 
     @property
+    def chunk_nbytes(self) -> int:
+        """Stored bytes of one chunk's logits (and int8 scales) before compression."""
+        return self._chunk_rows * (self._num_classes * _ITEMSIZE[self._codec] + (4 if self._scale is not None else 0))
+
+    @property
+    def is_local(self) -> bool:
+        """On a local (or shared) filesystem, not object storage."""
+        return is_local(self._path)
+
+    @property
     def labels(self) -> np.ndarray:
         if self._label_cache is None:
             self._label_cache = np.asarray(self._read("labels", (slice(None),), None, None), dtype=np.int64)

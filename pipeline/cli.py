@@ -154,7 +154,7 @@ def train_teacher_cmd(config_file, resume, overwrite, **options):
 @click.option("--student", "model", help="Student architecture.")
 @click.option("--teacher", help="Teacher architecture (online distillation).")
 @click.option("--teacher-weights", help="Teacher checkpoint (online distillation).")
-@click.option("--cache", help="Stage-1 logit store: distil with no teacher forward pass.")
+@click.option("--cache", help="Stage-1 logit store (a path or a URL: s3://, gs://, file://): distil with no teacher forward pass.")
 @click.option("--method", help="ce | kd | dkd | binary_kl | dhkd")
 @click.option("--kd-loss", type=click.Choice(tuple(KD_LOSSES)), help="Head-2 loss of dhkd (default binary_kl_norm, as published).")
 @click.option("--alpha", type=float, help="Weight of the distillation loss.")
@@ -257,7 +257,7 @@ def _echo_wrapped(items: list[str], width: int = 100):
 @click.option("--data")
 @click.option("--views", type=int, help="Augmentation epochs (views per image) to record.")
 @click.option("--seed", type=int)
-@click.option("--out", help="Store path, e.g. logits.zarr.")
+@click.option("--out", help="Store path or URL, e.g. logits.zarr or s3://bucket/logits.zarr.")
 @click.option("--codec", type=click.Choice(CODECS))
 @click.option("--batch-size", type=int)
 @click.option("--precision", type=click.Choice(PRECISIONS))
@@ -279,7 +279,7 @@ def cache_teacher_cmd(config_file, **options):
 @click.option("--json", "as_json", is_flag=True)
 @user_errors
 def inspect_cmd(store, as_json):
-    """What a logit store holds."""
+    """What a logit store holds (STORE: a path or a URL such as s3://bucket/logits.zarr)."""
     from .cache import LogitCache
 
     summary = LogitCache.open(store).summary()
@@ -299,7 +299,7 @@ def inspect_cmd(store, as_json):
 @click.option("--tolerance", type=float, default=None, help="Largest allowed logit difference (default: from the codec).")
 @user_errors
 def verify_cache_cmd(store, data, teacher_weights, samples, tolerance):
-    """Re-render sampled views, re-run the teacher and compare with the store."""
+    """Re-render sampled views, re-run the teacher and compare with the store (a path or a URL)."""
     from .stages.cache_teacher import verify_cache
 
     result = verify_cache(store, data, teacher_weights, samples=samples, tolerance=tolerance)

@@ -6,7 +6,7 @@ and teacher logits come from:
 - ``PlanEpochs``: the ``ViewPlan`` draws them (online distillation, teacher training); there
   are no stored logits, the engine runs the teacher.
 - ``StoreEpochs``: the store recorded them in stage 1; training epoch ``k`` replays stored
-  view-epoch ``k mod E`` and a background thread streams that epoch's logits chunk by chunk, in
+  view-epoch ``k mod E`` and a few reader threads stream that epoch's logits chunk by chunk, in
   training order, ahead of the step.
 
 Both are an ``EpochSource`` (the protocol below). Positions are split across processes in whole chunks (rank ``r`` of ``W`` takes chunks
@@ -15,8 +15,8 @@ Both are an ``EpochSource`` (the protocol below). Positions are split across pro
 
 from __future__ import annotations
 
-import queue
-import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Protocol, runtime_checkable
 
@@ -95,10 +95,16 @@ class PlanEpochs:
 
 
 class StoreEpochs:
-    """Order, views and logits recorded by stage 1 in a ``LogitCache``."""
+    """Order, views and logits recorded by stage 1 in a ``LogitCache``.
 
-    def __init__(self, cache: LogitCache, device, with_logits: bool = True, prefetch_chunks: int = 4):
-        self.cache, self.device, self.prefetch = cache, torch.device(device), prefetch_chunks
+    Logits stream chunk by chunk with several chunks fetched at once ahead of the step: from
+    object storage each chunk is a request whose latency, not the bandwidth, limits one fetch at a
+    time. At most ``prefetch_chunks`` chunks are in flight (bounded memory), yielded in order.
+    """
+
+    def __init__(self, cache: LogitCache, device, with_logits: bool = True, prefetch_chunks: int | None = None):
+        self.cache, self.device = cache, torch.device(device)
+        self.prefetch = prefetch_chunks or read_ahead_chunks(cache)
         self.has_logits = with_logits
         self.num_samples, self.chunk_rows = cache.num_samples, cache.chunk_rows
 
@@ -112,60 +118,63 @@ class StoreEpochs:
         e = self.view_epoch(epoch)
         return self.cache.read_order(e)[positions], self.cache.read_views(e)[positions]
 
+    def _fetch(self, epoch: int, chunk: int, lo: int, hi: int, pin: bool):
+        values, scale = self.cache.read_chunk_tensors(epoch, chunk)
+        values = values[lo:hi]
+        scale = None if scale is None else scale[lo:hi]
+        if pin:
+            values = values.pin_memory()
+            scale = None if scale is None else scale.pin_memory()
+        return values, scale
+
     def logits(self, epoch: int, chunks: list[int], skip_rows: int, total_rows: int):
         """Yields (teacher, scale) tensors on the device, chunk by chunk, for rows
-        ``skip_rows:total_rows`` of the concatenated chunks; reading runs ahead in a thread."""
+        ``skip_rows:total_rows`` of the concatenated chunks; up to ``prefetch`` chunks are read
+        concurrently ahead of the consumer."""
         e = self.view_epoch(epoch)
-        out: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
         pin = self.device.type == "cuda"
+        wanted, seen = [], 0
+        for c in chunks:
+            start, stop_row = self.cache.rows(c)
+            n = stop_row - start
+            lo, hi = max(skip_rows - seen, 0), min(total_rows - seen, n)
+            seen += n
+            if hi > lo:
+                wanted.append((c, lo, hi))
+            if seen >= total_rows:
+                break
+        todo = iter(wanted)
+        pool = ThreadPoolExecutor(max_workers=self.prefetch, thread_name_prefix="logit-reader")
+        in_flight: deque = deque()
 
-        def read():
-            try:
-                seen = 0
-                for c in chunks:
-                    start, stop_row = self.cache.rows(c)
-                    n = stop_row - start
-                    lo, hi = max(skip_rows - seen, 0), min(total_rows - seen, n)
-                    seen += n
-                    if hi <= lo:
-                        if seen >= total_rows:
-                            break
-                        continue
-                    values, scale = self.cache.read_chunk_tensors(e, c)
-                    values = values[lo:hi]
-                    scale = None if scale is None else scale[lo:hi]
-                    if pin:
-                        values = values.pin_memory()
-                        scale = None if scale is None else scale.pin_memory()
-                    item = (
-                        values.to(self.device, non_blocking=True),
-                        None if scale is None else scale.to(self.device, non_blocking=True),
-                    )
-                    while not stop.is_set():
-                        try:
-                            out.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
-                        return
-                out.put(None)
-            except BaseException as exc:  # hand the failure to the consumer, who re-raises it
-                out.put(exc)
+        def submit():
+            for c, lo, hi in todo:
+                in_flight.append(pool.submit(self._fetch, e, c, lo, hi, pin))
+                return
 
-        thread = threading.Thread(target=read, daemon=True, name="logit-reader")
-        thread.start()
         try:
-            while True:
-                item = out.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            for _ in range(self.prefetch):
+                submit()
+            while in_flight:
+                values, scale = in_flight.popleft().result()
+                submit()
+                yield (
+                    values.to(self.device, non_blocking=True),
+                    None if scale is None else scale.to(self.device, non_blocking=True),
+                )
         finally:
-            stop.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+READ_AHEAD_BYTES = 64 << 20  # bound on stored logit bytes in flight per process
+
+
+def read_ahead_chunks(cache) -> int:
+    """Chunks to fetch at once: 4 from a local disk; from object storage as many as fit in
+    ``READ_AHEAD_BYTES`` (2 to 16), since each fetch there waits mostly on the request's latency."""
+    if cache.is_local:
+        return 4
+    return max(2, min(16, READ_AHEAD_BYTES // max(cache.chunk_nbytes, 1)))
 
 
 def _row_batches(chunks, batch_size: int):
