@@ -363,5 +363,24 @@ def bench_distill_cmd(json_path, teacher, student, batch_size, steps):
     bench_distill(json_path, teacher=teacher, student=student, batch_size=batch_size, steps=steps)
 
 
+@bench.command("store")
+@click.option("--json", "json_path", default="bench_store.json", show_default=True)
+@click.option("--rows", type=int, default=100_000, show_default=True)
+@click.option("--classes", type=int, default=1000, show_default=True)
+@click.option("--chunk-rows", type=int, default=1024, show_default=True)
+@click.option("--codec", type=click.Choice(CODECS), default="fp16", show_default=True)
+@click.option("--batch-size", type=int, default=256, show_default=True, help="Rows per step when streaming, as stage 2 cuts them.")
+@click.option("--url", "urls", multiple=True, help="Also measure a store at this URL or path (s3://bucket/x.zarr); it is deleted afterwards.")
+@click.option("--s3-local", is_flag=True, help="Also measure against a moto S3 server this command starts on 127.0.0.1.")
+@click.option("--local/--no-local", default=True, show_default=True, help="Measure a store in a temporary folder on local disk.")
+@user_errors
+def bench_store_cmd(json_path, rows, classes, chunk_rows, codec, batch_size, urls, s3_local, local):
+    """Store write and read rows/s of one process (stage 1's writer, stage 2's streaming), local and at URLs."""
+    from .stages.bench import bench_store
+
+    bench_store(json_path, rows=rows, classes=classes, chunk_rows=chunk_rows, codec=codec, batch_size=batch_size,
+                urls=tuple(urls), s3_local=s3_local, local=local)
+
+
 if __name__ == "__main__":
     main()

@@ -1,4 +1,4 @@
-"""``dhkd-pipe bench cache`` and ``dhkd-pipe bench distill``: tables and JSON, measured in one run.
+"""``dhkd-pipe bench cache``, ``bench distill`` and ``bench store``: tables and JSON, measured in one run.
 
 Both run the product's own code paths (``cache_teacher``, the training engine) on one machine in
 one process, so the ratios compare like with like. Speed figures use a synthetic CIFAR-100-shaped
@@ -8,10 +8,14 @@ figures use a trained digits teacher's real logits.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import platform
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -193,3 +197,177 @@ def bench_cache(json_path: str, model: str = "resnet32x4", batch_size: int = 64,
     _save(json_path, {"bench": "cache", "machine": _machine(), "model": model, "batch_size": batch_size, "speed": speed_rows,
                       "stage1_over_bare_forward": stage1 / bare, "codecs": codec_rows})
     return speed_rows, codec_rows
+
+
+# ---- bench store -------------------------------------------------------------------------------
+
+STORE_READ_TARGETS = {"local": 50_000, "s3-local": 10_000}  # rows/s per reading process, K = 1000, fp16
+
+
+def _teacher_like_blocks(rows: int, classes: int, count: int = 4, seed: int = 0) -> list[np.ndarray]:
+    """Logits shaped like a trained teacher's: N(0, 2^2) with one class 8-12 above the rest (their
+    fp16 bytes compress about as much as real logits do, which is little)."""
+    rng = np.random.default_rng(seed)
+    blocks = []
+    for _ in range(count):
+        x = (rng.standard_normal((rows, classes)) * 2.0).astype(np.float32)
+        x[np.arange(rows), rng.integers(0, classes, rows)] += rng.uniform(8, 12, rows).astype(np.float32)
+        blocks.append(x)
+    return blocks
+
+
+def _is_bench_store(location: str) -> bool:
+    from dhkd_pipe.cache import LogitCache
+    from dhkd_pipe.errors import DhkdError
+
+    try:
+        return (LogitCache.open(location).attrs.get("command") or {}).get("bench") == "store"
+    except DhkdError:
+        return False
+
+
+def _bench_store_at(location: str, rows: int, classes: int, chunk_rows: int, codec: str, batch_size: int) -> dict:
+    """Writes a one-epoch teacher-like store at ``location`` through ``LogitCache`` (the way stage 1
+    does, a background writer), then streams it the way stage 2 does; deletes it afterwards."""
+    from dhkd_pipe import __version__
+    from dhkd_pipe.cache import LogitCache
+    from dhkd_pipe.loader import StoreEpochs, _row_batches
+
+    from .cache_teacher import _Writer
+
+    command = {"bench": "store", "rows": rows, "classes": classes, "chunk_rows": chunk_rows, "codec": codec}
+    cache = LogitCache.create(location, epochs=1, num_samples=rows, num_classes=classes, chunk_rows=chunk_rows,
+                              labels=np.zeros(rows, np.int32), codec=codec, attrs={"command": command, "tool_version": __version__},
+                              overwrite=_is_bench_store(location))
+    try:
+        units = cache.write_units()
+        unit_rows = cache.shard_chunks * chunk_rows
+        blocks = _teacher_like_blocks(min(unit_rows, rows), classes)
+        order, views = np.arange(rows, dtype=np.int32), np.zeros((rows, 5), np.int32)
+        writer = _Writer(cache)
+        t0 = time.perf_counter()
+        for i, (e, chunks) in enumerate(units):
+            a, b = cache.rows(chunks[0])[0], cache.rows(chunks[-1])[1]
+            writer.put(e, chunks[0], blocks[i % len(blocks)][: b - a], order[a:b], views[a:b])
+        writer.close()
+        write_s = time.perf_counter() - t0
+
+        reader = LogitCache.open(location)
+        reader.check_complete()
+        epochs = StoreEpochs(reader, "cpu")
+        t0 = time.perf_counter()
+        streamed = 0
+        for values, _ in _row_batches(epochs.logits(0, list(range(reader.num_chunks)), 0, rows), batch_size):
+            streamed += len(values)
+        read_s = time.perf_counter() - t0
+        if streamed != rows:
+            raise RuntimeError(f"streamed {streamed} rows of {rows}")
+        summary = reader.summary()
+    finally:
+        cache.objects.delete_all()
+    stored = summary["bytes_per_logit"] * rows * classes
+    return {
+        "write_rows_per_sec": rows / write_s,
+        "write_mb_per_sec": stored / write_s / 1e6,
+        "read_rows_per_sec": rows / read_s,
+        "read_mb_per_sec": stored / read_s / 1e6,
+        "bytes_per_logit": summary["bytes_per_logit"],
+        "stored_mb": summary["bytes_on_disk"] / 1e6,
+        "read_ahead_chunks": epochs.prefetch,
+    }
+
+
+@contextlib.contextmanager
+def local_s3_server(bucket: str = "dhkd-bench"):
+    """A moto S3 server on 127.0.0.1 in a child process for the length of the block, with
+    ``bucket`` created and this process's AWS_* variables pointing at it (dummy credentials);
+    yields ``s3://bucket``. The child exits when its stdin closes, so it never outlives us."""
+    import importlib.util
+
+    from dhkd_pipe.errors import DhkdError
+
+    if importlib.util.find_spec("moto") is None or importlib.util.find_spec("s3fs") is None:
+        raise DhkdError("--s3-local needs moto and s3fs: pip install 'moto[server]' s3fs")
+    import s3fs
+
+    code = (
+        "import logging, sys\n"
+        "logging.getLogger('werkzeug').setLevel(logging.ERROR)\n"
+        "from moto.server import ThreadedMotoServer\n"
+        "server = ThreadedMotoServer(ip_address='127.0.0.1', port=0, verbose=False)\n"
+        "server.start()\n"
+        "print(server.get_host_and_port()[1], flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    saved = {k: os.environ.get(k) for k in _S3_ENV}
+    try:
+        port = proc.stdout.readline().strip()
+        if not port.isdigit():
+            raise DhkdError("the local S3 server (moto) did not start")
+        os.environ.update({
+            "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        })
+        for k in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
+            os.environ.pop(k, None)
+        if s3fs.S3FileSystem._cache:  # an instance made for another endpoint (--url s3://...) is not reused
+            s3fs.S3FileSystem.clear_instance_cache()
+        s3fs.S3FileSystem(skip_instance_cache=True).mkdir(bucket)
+        yield f"s3://{bucket}"
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+_S3_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+           "AWS_PROFILE", "AWS_DEFAULT_REGION")
+
+
+def bench_store(json_path: str, rows: int = 100_000, classes: int = 1000, chunk_rows: int = 1024, codec: str = "fp16",
+                batch_size: int = 256, urls: tuple = (), s3_local: bool = False, local: bool = True):
+    """Write and read rows/s (and MB/s of stored bytes) of one process, per store location."""
+    from dhkd_pipe.errors import DhkdError
+
+    if rows < 1 or classes < 1 or chunk_rows < 1 or batch_size < 1:
+        raise DhkdError("--rows, --classes, --chunk-rows and --batch-size must be at least 1")
+    results = []
+
+    def run(name: str, location: str, target):
+        result = {"location": name, "url": location, **_bench_store_at(location, rows, classes, chunk_rows, codec, batch_size)}
+        result["read_target_rows_per_sec"] = target
+        result["meets_target"] = None if target is None else result["read_rows_per_sec"] >= target
+        results.append(result)
+
+    if local:
+        work = tempfile.mkdtemp(prefix="dhkd-bench-store-")
+        try:
+            run("local", os.path.join(work, "store.zarr"), STORE_READ_TARGETS["local"])
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    for url in urls:
+        run(url, url, None)
+    if s3_local:
+        with local_s3_server() as bucket:
+            run("s3-local", f"{bucket}/store.zarr", STORE_READ_TARGETS["s3-local"])
+    if not results:
+        raise DhkdError("nothing to measure: drop --no-local, or give --url or --s3-local")
+    _print_table(
+        f"bench store: {rows} rows x {classes} classes ({codec}), chunks of {chunk_rows} rows, one process, {_machine()['device']}",
+        results,
+        [("location", "location", "s"), ("write_rows_per_sec", "write rows/s", ",.0f"), ("write_mb_per_sec", "write MB/s", ".1f"),
+         ("read_rows_per_sec", "read rows/s", ",.0f"), ("read_mb_per_sec", "read MB/s", ".1f"), ("bytes_per_logit", "bytes/logit", ".3f"),
+         ("read_target_rows_per_sec", "read target", ",.0f"), ("meets_target", "meets", "")],
+    )
+    _save(json_path, {"bench": "store", "machine": _machine(), "rows": rows, "classes": classes, "codec": codec, "chunk_rows": chunk_rows,
+                      "batch_size": batch_size, "results": results})
+    return results
