@@ -150,8 +150,22 @@ class StoreObjects:
             raise DhkdError(f"store {self.location}: cannot {what}: {one_line(e)}{hint}") from None
 
     def exists(self, key: str) -> bool:
-        """Whether object ``key`` is in the store."""
-        return bool(self._run(f"check {key}", self.store.exists(key)))
+        """Whether an object is stored at ``key`` (a key that only prefixes other objects, a
+        "folder", is not one; fsspec's own ``exists`` would say it is)."""
+        from zarr.storage import FsspecStore
+
+        store = self.store
+
+        async def is_object():
+            if isinstance(store, FsspecStore):
+                try:
+                    info = await store.fs._info(f"{store.path.rstrip('/')}/{key}")
+                except FileNotFoundError:
+                    return False
+                return info.get("type") == "file"
+            return await store.exists(key)
+
+        return bool(self._run(f"check {key}", is_object()))
 
     def list(self, prefix: str = "") -> list[str]:
         """Keys of all objects under ``prefix`` (a folder-like prefix: ``"logits/"``), sorted."""
