@@ -394,7 +394,9 @@ def resumed_store(s3, teacher_weights, tmp_path_factory):
 
     url = f"s3://{BUCKET}/killed.zarr"
     args = [BIN, "cache-teacher", *STAGE1, "--weights", str(teacher_weights), "--out", url]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = tmp_path_factory.mktemp("killed") / "stderr.txt"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=stderr, env={**os.environ, "OMP_NUM_THREADS": "1"})
     done_flags = StoreObjects(open_store(url), url)
     total = 3 * 45  # 1437 samples in chunks of 32: 45 chunks per view
     written, deadline = 0, time.time() + 240
@@ -409,7 +411,7 @@ def resumed_store(s3, teacher_weights, tmp_path_factory):
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
         proc.wait(30)
-    assert proc.returncode == -signal.SIGKILL and 0 < written < total, (proc.returncode, written)
+    assert proc.returncode == -signal.SIGKILL and 0 < written < total, (proc.returncode, written, log.read_text()[-2000:])
     with pytest.raises(DhkdError, match="incomplete"):
         LogitCache.open(url).check_complete()
     cli(*args[1:])
