@@ -402,7 +402,7 @@ class LogitCache:
             raise ValueError(f"(epoch {epoch}, chunk {first_chunk}) does not start a write unit of {s} chunks")
         unit = first_chunk // s
         keys = {}
-        for name in ("logits", "logit_scale", "order", "views", "done"):
+        for name in _PER_EPOCH:
             arr = self._done if name == "done" else self._readers.get(name)
             if arr is not None:
                 keys[name] = f"{name}/" + arr.metadata.encode_chunk_key((epoch, unit) + (0,) * (arr.ndim - 2))
