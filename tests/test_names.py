@@ -60,5 +60,3 @@ def test_the_cli_offers_the_owners_names():
     assert tuple(params["precision"].type.choices) == config.PRECISIONS
     assert tuple(params["kernels"].type.choices) == losses.BACKENDS
     assert tuple(params["kd_loss"].type.choices) == tuple(losses.KD_LOSSES)
-    assert tuple(params["kernels"].type.choices) == losses.BACKENDS
-    assert tuple(params["kd_loss"].type.choices) == tuple(losses.KD_LOSSES)
