@@ -182,6 +182,7 @@ def _writer_process(path, parity):
     write(c, x, [u for i, u in enumerate(c.write_units()) if i % 2 == parity])
 
 
+@pytest.mark.slow  # two spawned writer processes
 def test_two_processes_write_what_one_process_writes(tmp_path):
     n, k = 1000, 16
     geometry = dict(n=n, k=k, attrs=attrs(), shard_threshold=8, shard_bytes=3 * C * k)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 pytest.importorskip("nvidia.dali")
+pytestmark = pytest.mark.slow  # image-folder pipelines end to end: DALI workers, stage 1 and 2
 
 from dhkd_pipe.cache import LogitCache  # noqa: E402
 from dhkd_pipe.config import CacheConfig, TrainConfig  # noqa: E402

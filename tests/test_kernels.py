@@ -335,6 +335,7 @@ build(dequantize_kernel, dict(t_ptr="*i8", t_scale_ptr="*fp32", out_ptr="*fp32")
 """
 
 
+@pytest.mark.slow  # compiles every kernel variant for sm_90 in a subprocess: seconds per variant
 def test_kernels_compile_for_gpu(tmp_path):
     """The interpreter accepts code the compiler rejects (e.g. a non-constexpr global): compile
     every kernel variant ahead of time for sm_90, no GPU needed."""

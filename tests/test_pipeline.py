@@ -1,4 +1,12 @@
-"""End to end on digits: teacher, stage 1 (store), stage 2 (cached distillation), resume, errors."""
+"""End to end on digits: teacher, stage 1 (store), stage 2 (cached distillation), resume, errors.
+
+Two tiers. The fast tests use a random-weights teacher and a store made from it (the mechanics do
+not need a good teacher) and call the CLI in this process (``CliRunner``); one test checks the
+console script's real process. The ``slow`` tests train, launch processes or kill them; the
+trained teacher and its store serve only the tests that look at what the teacher learned or
+compare whole stores. Every test writes into its own ``tmp_path``; the module's fixtures are
+built once and only read, so any test runs alone (``-k``) or in any order.
+"""
 
 import json
 import os
@@ -11,24 +19,44 @@ import time
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
 from dhkd_pipe.cache import LogitCache, codec_tolerance
+from dhkd_pipe.cli import main
 from dhkd_pipe.config import CacheConfig, TrainConfig
 from dhkd_pipe.engine import prepare
 from dhkd_pipe.errors import DhkdError
+from dhkd_pipe.models import create_model
 from dhkd_pipe.stages.cache_teacher import cache_teacher, verify_cache
 from dhkd_pipe.stages.distill import distill
-from dhkd_pipe.stages.train_teacher import train_teacher
 
 BIN = os.path.join(os.path.dirname(sys.executable), "dhkd-pipe")
 QUIET = dict(log=lambda *a: None)
+slow = pytest.mark.slow
 
 
 def cli(*args, check=True, **kw):
+    """The console script in its own process."""
     proc = subprocess.run([BIN, *map(str, args)], capture_output=True, text=True, **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"dhkd-pipe {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
+
+
+def cli_here(*args, check=True):
+    """The CLI in this process: no interpreter start-up. Returns click's Result (exit_code, stdout, stderr)."""
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    if check and result.exit_code != 0:
+        raise AssertionError(f"dhkd-pipe {' '.join(map(str, args))} failed ({result.exit_code}):\n{result.stderr[-3000:]}"
+                             f"\n{result.exception!r}")
+    return result
+
+
+def assert_one_line_error(result, message):
+    """Exit code 2 and one line ``error: ...`` naming ``message`` (a subprocess or a click Result)."""
+    code = result.returncode if hasattr(result, "returncode") else result.exit_code
+    assert code == 2, result.stderr
+    assert message in result.stderr and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
 
 
 def accelerate(*args, processes=2):
@@ -42,30 +70,45 @@ def accelerate(*args, processes=2):
     return proc
 
 
-@pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    return tmp_path_factory.mktemp("pipeline")
+def store_cfg(teacher, out, **kw):
+    base = dict(data="digits", model="resnet8", weights=str(teacher), views=2, seed=0, out=str(out), batch_size=64, chunk_rows=256)
+    return CacheConfig(**{**base, **kw}).validate()
+
+
+STORE_ARGS = ["--model", "resnet8", "--data", "digits", "--views", 2, "--chunk-rows", 256, "--batch-size", 64]  # = store_cfg
 
 
 @pytest.fixture(scope="module")
-def teacher(work):
+def random_teacher(tmp_path_factory):
+    """A resnet8 digits teacher with seeded random weights: enough for the mechanics."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("random-teacher") / "model.pt"
+    torch.save({"model": create_model("resnet8", 10).state_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def quick_store(tmp_path_factory, random_teacher):
+    out = tmp_path_factory.mktemp("quick-store") / "logits.zarr"
+    cache_teacher(store_cfg(random_teacher, out), **QUIET)
+    return out
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
     """A small digits teacher, trained through the CLI."""
-    out = work / "teacher"
+    out = tmp_path_factory.mktemp("teacher") / "run"
     cli("train-teacher", "--model", "resnet8", "--data", "digits", "--epochs", "6", "--lr", "0.1", "--lr-milestones", "5", "--out", out)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["val_top1"] > 50  # 6 epochs of resnet8: far above chance (10%)
     return out / "model.pt"
 
 
-def store_cfg(teacher, out, **kw):
-    base = dict(data="digits", model="resnet8", weights=str(teacher), views=2, seed=0, out=str(out), batch_size=64, chunk_rows=256)
-    return CacheConfig(**{**base, **kw}).validate()
-
-
 @pytest.fixture(scope="module")
-def store(work, teacher):
-    cache_teacher(store_cfg(teacher, work / "logits.zarr"), **QUIET)
-    return work / "logits.zarr"
+def store(tmp_path_factory, teacher):
+    out = tmp_path_factory.mktemp("store") / "logits.zarr"
+    cache_teacher(store_cfg(teacher, out), **QUIET)
+    return out
 
 
 def read_all(path):
@@ -86,6 +129,7 @@ def assert_same_store(a, b):
 # ---- stage 1 ------------------------------------------------------------------------------------
 
 
+@slow
 def test_store_records_the_plan_and_the_teacher(store, teacher):
     c = LogitCache.open(str(store))
     assert (c.epochs, c.num_samples, c.num_classes) == (2, 1437, 10)
@@ -97,82 +141,98 @@ def test_store_records_the_plan_and_the_teacher(store, teacher):
     assert result["ok"] and result["top1_agreement"] == 1.0, result
 
 
-def test_store_does_not_depend_on_batch_size(work, teacher, store):
-    other = work / "batch100.zarr"
+@slow
+def test_store_does_not_depend_on_batch_size(tmp_path, teacher, store):
+    other = tmp_path / "batch100.zarr"
     cache_teacher(store_cfg(teacher, other, batch_size=100, codec="fp16"), **QUIET)
     a, b = read_all(store), read_all(other)
     assert np.array_equal(a["order"], b["order"]) and np.array_equal(a["views"], b["views"])
     np.testing.assert_allclose(a["logits"].astype(np.float32), b["logits"].astype(np.float32), atol=2e-2, rtol=2e-3)
 
 
-def test_two_processes_write_the_one_process_store(work, teacher, store):
-    out = work / "two.zarr"
-    accelerate("cache-teacher", "--model", "resnet8", "--weights", teacher, "--data", "digits", "--views", 2,
-               "--chunk-rows", 256, "--batch-size", 64, "--out", out)
+@slow
+def test_two_processes_write_the_one_process_store(tmp_path, teacher, store):
+    out = tmp_path / "two.zarr"
+    accelerate("cache-teacher", "--weights", teacher, *STORE_ARGS, "--out", out)
     assert_same_store(store, out)
     assert LogitCache.open(str(out)).attrs["teacher"]["val_top1"] == LogitCache.open(str(store)).attrs["teacher"]["val_top1"]
 
 
-def test_killed_run_resumes_to_the_same_store(work, teacher, store):
-    out = work / "killed.zarr"
-    args = [BIN, "cache-teacher", "--model", "resnet8", "--weights", str(teacher), "--data", "digits", "--views", "2",
-            "--chunk-rows", "256", "--batch-size", "64", "--out", str(out)]
+@slow
+def test_killed_run_resumes_to_the_same_store(tmp_path, random_teacher, quick_store):
+    out = tmp_path / "killed.zarr"
+    args = [BIN, "cache-teacher", "--weights", str(random_teacher), *map(str, STORE_ARGS), "--out", str(out)]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    killed = False
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            done = LogitCache.open(str(out)).done_mask()
-        except DhkdError:
-            done = np.zeros(1, bool)
-        if done.any() and not done.all():
-            os.kill(proc.pid, signal.SIGKILL)
-            killed = True
-            break
-        time.sleep(0.05)
-    proc.wait()
-    if killed:
-        with pytest.raises(DhkdError, match="incomplete"):
-            LogitCache.open(str(out)).check_complete()
+    deadline = time.time() + 300
+    done_at_kill = None
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                done = LogitCache.open(str(out)).done_mask()
+            except DhkdError:  # not created yet
+                done = np.zeros(1, bool)
+            if done.any() and done.sum() <= done.size // 2:  # mid-store: chunks written, half still to do
+                os.kill(proc.pid, signal.SIGKILL)
+                done_at_kill = done
+                break
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None and done_at_kill is None:
+            proc.kill()
+        code = proc.wait()
+    assert done_at_kill is not None, "the writer ended (or stalled) before it was seen mid-store"
+    # it was still running: a process that had ended on its own would report its own exit code
+    assert code == -signal.SIGKILL, code
+    with pytest.raises(DhkdError, match="incomplete"):
+        LogitCache.open(str(out)).check_complete()
     cli(*args[1:])
-    assert_same_store(store, out)
+    assert_same_store(quick_store, out)
 
 
-def test_a_different_command_is_refused_unless_overwrite(work, teacher, store):
-    proc = cli("cache-teacher", "--model", "resnet8", "--weights", teacher, "--data", "digits", "--views", 3,
-               "--chunk-rows", 256, "--out", store, check=False)
-    assert proc.returncode == 2 and "--overwrite" in proc.stderr and proc.stderr.count("\n") == 1
+def test_a_different_command_is_refused_unless_overwrite(tmp_path, random_teacher, quick_store):
+    store = tmp_path / "logits.zarr"
+    shutil.copytree(quick_store, store)
+    before = read_all(store)
+    result = cli_here("cache-teacher", "--model", "resnet8", "--weights", random_teacher, "--data", "digits", "--views", 3,
+                      "--chunk-rows", 256, "--out", store, check=False)
+    assert_one_line_error(result, "--overwrite")
+    after = read_all(store)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
 
 
-def test_cache_teacher_user_errors(work, teacher):
-    bad = work / "bad.pt"
+@pytest.mark.parametrize("args, message", [
+    (["--weights", "BAD"], "missing"),
+    (["--weights", "NOPE"], "nope.pt"),
+    (["--codec", "int4"], "int4"),
+    (["--data", "cifar100:/nonexistent"], "not found"),
+])
+def test_cache_teacher_user_errors(tmp_path, random_teacher, args, message):
+    bad = tmp_path / "bad.pt"
     torch.save({"model": {"nonsense": torch.zeros(1)}}, bad)
-    for args, message in [
-        (["--weights", bad], "missing"),
-        (["--weights", work / "nope.pt"], "nope.pt"),
-        (["--weights", teacher, "--codec", "int4"], "int4"),
-        (["--weights", teacher, "--data", "cifar100:/nonexistent"], "not found"),
-    ]:
-        out = work / "err.zarr"
-        proc = cli("cache-teacher", "--model", "resnet8", "--data", "digits", "--out", out, *args, check=False)
-        assert proc.returncode == 2, proc.stderr
-        assert message in proc.stderr and "Traceback" not in proc.stderr
-        assert not out.exists()
+    given = {"--weights": random_teacher, "--data": "digits"}
+    given.update(zip(args[::2], args[1::2]))
+    given["--weights"] = {"BAD": bad, "NOPE": tmp_path / "nope.pt"}.get(given["--weights"], given["--weights"])
+    out = tmp_path / "err.zarr"
+    result = cli_here("cache-teacher", "--model", "resnet8", "--out", out, *[x for kv in given.items() for x in kv], check=False)
+    assert result.exit_code == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()
 
 
-def test_inspect(store):
-    info = json.loads(cli("inspect", store, "--json").stdout)
+def test_inspect(quick_store):
+    info = json.loads(cli_here("inspect", quick_store, "--json").stdout)
     assert info["codec"] == "fp16" and info["shape"] == [2, 1437, 10]
     assert 0 < info["bytes_per_logit"] <= 2.5
-    assert "resnet8" in cli("inspect", store).stdout
+    assert "resnet8" in cli_here("inspect", quick_store).stdout
 
 
 # ---- online distillation and user errors through the CLI ------------------------------------------
 
 
-def test_online_dhkd_through_the_cli(work, teacher):
-    out = work / "online"
-    cli("distill", "--student", "resnet8", "--teacher", "resnet8", "--teacher-weights", teacher, "--data", "digits",
+@slow
+def test_online_dhkd_through_the_cli(tmp_path, random_teacher):
+    out = tmp_path / "online"
+    cli("distill", "--student", "resnet8", "--teacher", "resnet8", "--teacher-weights", random_teacher, "--data", "digits",
         "--method", "dhkd", "--epochs", 1, "--aux-head", "nonlinear", "--grad-align", "--out", out)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["teacher_source"] == "online" and summary["method"] == "dhkd"
@@ -180,33 +240,45 @@ def test_online_dhkd_through_the_cli(work, teacher):
     assert not any("head2" in k for k in exported)  # the auxiliary head is dropped at export
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--student", "resnet9000"], "did you mean ResNet50 (CIFAR 32px), resnet50"),  # the message suggests the closest names
-        (["--data", "cifar100:/nonexistent"], "not found"),
-        (["--teacher-weights", "WRONG"], "WRONG"),
-        (["--epochs", "0"], "bad epochs"),
-        (["--method", "magic"], "unknown method"),
-        (["--config", "/nonexistent.yaml"], "config file not found"),
-    ],
-)
-def test_user_errors_are_one_line_and_leave_nothing(work, teacher, args, message):
-    out = work / "never"
+DISTILL_ERRORS = [
+    (["--student", "resnet9000"], "did you mean ResNet50 (CIFAR 32px), resnet50"),  # the closest names
+    (["--data", "cifar100:/nonexistent"], "not found"),
+    (["--teacher-weights", "WRONG"], "WRONG"),
+    (["--epochs", "0"], "bad epochs"),
+    (["--method", "magic"], "magic"),
+    (["--config", "/nonexistent.yaml"], "config file not found"),
+]
+
+
+def distill_args(teacher, out, args):
     base = {"--student": "resnet8", "--teacher": "resnet8", "--teacher-weights": str(teacher), "--data": "digits", "--method": "dhkd"}
-    for flag, value in zip(args[::2], args[1::2]):
-        base[flag] = value
-    proc = cli("distill", *[x for kv in base.items() for x in kv], "--out", out, check=False)
-    assert proc.returncode == 2, proc.stderr
-    assert message in proc.stderr and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
+    base.update(zip(args[::2], args[1::2]))
+    return ["distill", *[x for kv in base.items() for x in kv], "--out", out]
+
+
+@pytest.mark.parametrize("args, message", DISTILL_ERRORS)
+def test_user_errors_are_one_line_and_leave_nothing(tmp_path, random_teacher, args, message):
+    out = tmp_path / "never"
+    result = cli_here(*distill_args(random_teacher, out, args), check=False)
+    if args[0] == "--method":  # a click.Choice: click's usage error, exit 2
+        assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.stderr
+    else:
+        assert_one_line_error(result, message)
     assert not out.exists()
 
 
-def test_teacher_checkpoint_that_does_not_fit(work, teacher):
-    proc = cli("distill", "--student", "resnet8", "--teacher", "resnet20", "--teacher-weights", teacher,
-               "--data", "digits", "--out", work / "never2", check=False)
-    assert proc.returncode == 2 and ("missing" in proc.stderr or "unexpected" in proc.stderr)
-    assert not (work / "never2").exists()
+def test_a_user_error_from_the_console_script_is_one_line(tmp_path, random_teacher):
+    # the real process: nothing else (a warning, a traceback) reaches stderr
+    out = tmp_path / "never"
+    assert_one_line_error(cli(*distill_args(random_teacher, out, ["--student", "resnet9000"]), check=False), "did you mean")
+    assert not out.exists()
+
+
+def test_teacher_checkpoint_that_does_not_fit(tmp_path, random_teacher):
+    result = cli_here("distill", "--student", "resnet8", "--teacher", "resnet20", "--teacher-weights", random_teacher,
+                      "--data", "digits", "--out", tmp_path / "never", check=False)
+    assert result.exit_code == 2 and ("missing" in result.stderr or "unexpected" in result.stderr)
+    assert not (tmp_path / "never").exists()
 
 
 # ---- stage 2 ------------------------------------------------------------------------------------
@@ -217,10 +289,9 @@ def train_cfg(out, **kw):
     return TrainConfig(**{**base, **kw}).validate()
 
 
-def test_cached_and_online_runs_see_the_same_teacher_logits(work, teacher, store):
-    cached = prepare(train_cfg(work / "cmp-cached", cache=str(store)))
-    online = prepare(train_cfg(work / "cmp-online", teacher="resnet8", teacher_weights=str(teacher)))
-    tol = None
+def test_cached_and_online_runs_see_the_same_teacher_logits(tmp_path, random_teacher, quick_store):
+    cached = prepare(train_cfg(tmp_path / "cmp-cached", cache=str(quick_store)))
+    online = prepare(train_cfg(tmp_path / "cmp-online", teacher="resnet8", teacher_weights=str(random_teacher)))
     for epoch in (0, 1):
         for a, b, _ in zip(cached.loader.epoch(epoch), online.loader.epoch(epoch), range(6)):
             assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)  # the same replayed pixels
@@ -230,49 +301,51 @@ def test_cached_and_online_runs_see_the_same_teacher_logits(work, teacher, store
             assert (a.teacher.float() - fresh).abs().max() <= tol
 
 
-def test_resume_mid_epoch_continues_identically(work, store):
-    straight = distill(train_cfg(work / "straight", cache=str(store)), **QUIET)
-    cfg = train_cfg(work / "stopped", cache=str(store), max_steps=7)
+@slow
+def test_resume_mid_epoch_continues_identically(tmp_path, quick_store):
+    straight = distill(train_cfg(tmp_path / "straight", cache=str(quick_store)), **QUIET)
+    cfg = train_cfg(tmp_path / "stopped", cache=str(quick_store), max_steps=7)
     assert distill(cfg, **QUIET)["stopped_at"] == {"epoch": 0, "step": 7}
-    resumed = distill(train_cfg(work / "stopped", cache=str(store)), resume=True, **QUIET)
-    a = torch.load(work / "straight" / "model.pt", weights_only=True)["model"]
-    b = torch.load(work / "stopped" / "model.pt", weights_only=True)["model"]
+    resumed = distill(train_cfg(tmp_path / "stopped", cache=str(quick_store)), resume=True, **QUIET)
+    a = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "stopped" / "model.pt", weights_only=True)["model"]
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert resumed["val_top1"] == straight["val_top1"]
     assert straight["teacher_source"] == "cache" and straight["distinct_views"] == 2
 
 
-def test_resume_restores_the_generators_dropout_draws_from(work, store):
+@slow
+def test_resume_restores_the_generators_dropout_draws_from(tmp_path, quick_store):
     # the nonlinear head's Dropout draws from the CPU generator: a resume that did not restore it
     # would train on other masks; the stop is mid-epoch and again at an epoch boundary
-    straight = train_cfg(work / "dropout-straight", cache=str(store), aux_head="nonlinear")
+    straight = train_cfg(tmp_path / "dropout-straight", cache=str(quick_store), aux_head="nonlinear")
     distill(straight, **QUIET)
     for stop in (5, 22):  # 22 = one epoch of 1437 digits in batches of 64
-        out = work / f"dropout-stopped-{stop}"
-        distill(train_cfg(out, cache=str(store), aux_head="nonlinear", max_steps=stop), **QUIET)
+        out = tmp_path / f"dropout-stopped-{stop}"
+        distill(train_cfg(out, cache=str(quick_store), aux_head="nonlinear", max_steps=stop), **QUIET)
         torch.manual_seed(12345)  # whatever the generator holds now must not matter
-        distill(train_cfg(out, cache=str(store), aux_head="nonlinear"), resume=True, **QUIET)
-        a = torch.load(work / "dropout-straight" / "model.pt", weights_only=True)["model"]
+        distill(train_cfg(out, cache=str(quick_store), aux_head="nonlinear"), resume=True, **QUIET)
+        a = torch.load(tmp_path / "dropout-straight" / "model.pt", weights_only=True)["model"]
         b = torch.load(out / "model.pt", weights_only=True)["model"]
         for key in a:
             assert torch.equal(a[key], b[key]), (stop, key)
 
 
-def test_checkpoint_holds_the_grad_scaler_and_every_generator(work, store):
+def test_checkpoint_holds_the_grad_scaler_and_every_generator(tmp_path, quick_store):
     from dhkd_pipe.engine import CHECKPOINT, _load_state, _save_state
 
-    run = prepare(train_cfg(work / "scaler", cache=str(store)), overwrite=True)
+    run = prepare(train_cfg(tmp_path / "scaler", cache=str(quick_store)), overwrite=True)
     run.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=7)
     _save_state(run, 0, 3)
-    state = torch.load(work / "scaler" / CHECKPOINT, weights_only=True)
+    state = torch.load(tmp_path / "scaler" / CHECKPOINT, weights_only=True)
     assert state["scaler"]["scale"] == 2.0**10 and state["scaler"]["growth_interval"] == 7
     assert len(state["rng"]) == 1 and torch.equal(state["rng"][0]["cpu"], torch.get_rng_state())
 
     expected = torch.rand(4)  # what the generator gives right after the save
-    resumed = prepare(train_cfg(work / "scaler", cache=str(store)), resume=True)
+    resumed = prepare(train_cfg(tmp_path / "scaler", cache=str(quick_store)), resume=True)
     assert resumed.start_epoch == 0 and resumed.start_step == 3
-    fresh = prepare(train_cfg(work / "scaler", cache=str(store)), resume=True)
+    fresh = prepare(train_cfg(tmp_path / "scaler", cache=str(quick_store)), resume=True)
     fresh.accelerator.scaler = torch.amp.GradScaler("cpu")
     torch.manual_seed(99)
     _load_state(fresh)
@@ -280,14 +353,16 @@ def test_checkpoint_holds_the_grad_scaler_and_every_generator(work, store):
     assert fresh.accelerator.scaler.get_scale() == 2.0**10 and fresh.accelerator.scaler.get_growth_interval() == 7
 
 
-def test_resume_with_a_different_config_is_refused(work, store):
+def test_resume_with_a_different_config_is_refused(tmp_path, quick_store):
+    assert distill(train_cfg(tmp_path / "run", cache=str(quick_store), max_steps=1), **QUIET)["stopped_at"]
     with pytest.raises(DhkdError, match="different config: lr"):
-        distill(train_cfg(work / "straight", cache=str(store), lr=0.5), resume=True, **QUIET)
+        distill(train_cfg(tmp_path / "run", cache=str(quick_store), lr=0.5), resume=True, **QUIET)
 
 
-def test_two_process_training_and_its_checkpoint(work, store):
-    out = work / "ddp"
-    accelerate("distill", "--student", "resnet8", "--cache", store, "--data", "digits", "--method", "dhkd",
+@slow
+def test_two_process_training_and_its_checkpoint(tmp_path, quick_store):
+    out = tmp_path / "ddp"
+    accelerate("distill", "--student", "resnet8", "--cache", quick_store, "--data", "digits", "--method", "dhkd",
                "--epochs", 1, "--out", out)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["processes"] == 2
@@ -296,30 +371,36 @@ def test_two_process_training_and_its_checkpoint(work, store):
     assert result["top1"] == pytest.approx(summary["val_top1"])
 
 
-def test_store_errors_in_stage_2(work, store, tmp_path):
+def test_store_errors_in_stage_2(tmp_path, quick_store):
     incomplete = tmp_path / "incomplete.zarr"
-    shutil.copytree(store, incomplete)
+    shutil.copytree(quick_store, incomplete)
     done_dir = incomplete / "done"
     shutil.rmtree(done_dir / "c")  # no chunk is done any more
-    proc = cli("distill", "--student", "resnet8", "--cache", incomplete, "--data", "digits", "--out", tmp_path / "r1", check=False)
-    assert proc.returncode == 2 and "incomplete" in proc.stderr and not (tmp_path / "r1").exists()
+    result = cli_here("distill", "--student", "resnet8", "--cache", incomplete, "--data", "digits", "--out", tmp_path / "r1", check=False)
+    assert_one_line_error(result, "incomplete")
+    assert not (tmp_path / "r1").exists()
 
     from dhkd_pipe.stages.bench import write_synthetic_cifar
 
     spec = write_synthetic_cifar(str(tmp_path / "cifar"), num_train=50, num_val=10)
-    proc = cli("distill", "--student", "resnet8", "--cache", store, "--data", spec, "--out", tmp_path / "r2", check=False)
-    assert proc.returncode == 2 and "does not match" in proc.stderr and not (tmp_path / "r2").exists()
+    result = cli_here("distill", "--student", "resnet8", "--cache", quick_store, "--data", spec, "--out", tmp_path / "r2", check=False)
+    assert_one_line_error(result, "does not match")
+    assert not (tmp_path / "r2").exists()
 
     corrupt = tmp_path / "corrupt.zarr"
-    shutil.copytree(store, corrupt)
+    shutil.copytree(quick_store, corrupt)
     chunk = sorted(p for p in (corrupt / "logits").rglob("*") if p.is_file() and p.name != "zarr.json")[0]
     chunk.write_bytes(b"garbage" * 10)
-    proc = cli("distill", "--student", "resnet8", "--cache", corrupt, "--data", "digits", "--epochs", 1, "--out", tmp_path / "r3", check=False)
-    assert proc.returncode == 2 and "chunk" in proc.stderr and "Traceback" not in proc.stderr
+    result = cli_here("distill", "--student", "resnet8", "--cache", corrupt, "--data", "digits", "--epochs", 1,
+                      "--out", tmp_path / "r3", check=False)
+    assert result.exit_code == 2 and "chunk" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_report_draws_runs(work, store):
-    out = work / "report.png"
-    table = cli("report", work / "straight", work / "stopped", "--out", out).stdout
+@slow
+def test_report_draws_runs(tmp_path, quick_store):
+    for name, method in (("straight", "dhkd"), ("alone", "ce")):
+        distill(train_cfg(tmp_path / name, cache=str(quick_store), method=method, batch_size=128), **QUIET)
+    out = tmp_path / "report.png"
+    table = cli_here("report", tmp_path / "straight", tmp_path / "alone", "--out", out).stdout
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
     assert "| run |" in table and "straight" in table
