@@ -18,8 +18,11 @@ class ShuffleBlock(nn.Module):
         return x.reshape(n, g, c // g, h, w).permute(0, 2, 1, 3, 4).reshape(n, c, h, w)
 
 
-def kaiming_fan_out_init(model: nn.Module):
-    """The KD repos' init for VGG and MobileNetV2: conv N(0, 2/fan_out), BN (1, 0), linear N(0, 0.01)."""
+def kaiming_fan_out_init(model: nn.Module, linear_std: float | None = None, zero_linear_bias: bool = False):
+    """The KD repos' initialisation, one for every family: conv weights N(0, 2/fan_out) (He,
+    fan-out, ReLU) and biases 0, BatchNorm (1, 0). Linear layers keep PyTorch's default unless
+    ``linear_std`` (weights N(0, linear_std), biases 0: VGG, MobileNetV2 use 0.01) or
+    ``zero_linear_bias`` (WRN) say otherwise; the ResNets leave them alone."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             fan = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
@@ -30,5 +33,7 @@ def kaiming_fan_out_init(model: nn.Module):
             m.weight.data.fill_(1)
             m.bias.data.zero_()
         elif isinstance(m, nn.Linear):
-            m.weight.data.normal_(0, 0.01)
-            m.bias.data.zero_()
+            if linear_std is not None:
+                m.weight.data.normal_(0, linear_std)
+            if linear_std is not None or zero_linear_bias:
+                m.bias.data.zero_()

@@ -5,9 +5,12 @@ Module names and state-dict layout are those of the CIFAR-100 teacher checkpoint
 ``conv1, bn1, layer{1,2,3}.{i}.{conv1,bn1,conv2,bn2,downsample.{0,1}}, fc``.
 """
 
+import functools
+
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .blocks import kaiming_fan_out_init
 from .registry import register_model
 
 
@@ -80,12 +83,7 @@ class CifarResNet(nn.Module):
         self.layer3 = self._make_layer(block, num_filters[3], n, stride=2)
         self.avgpool = nn.AvgPool2d(8)
         self.fc = nn.Linear(num_filters[3] * block.expansion, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
+        kaiming_fan_out_init(self)
 
     def _make_layer(self, block, planes, blocks, stride=1):
         downsample = None
@@ -110,46 +108,17 @@ _SMALL = [16, 16, 32, 64]
 _WIDE = [32, 64, 128, 256]
 
 
-@register_model("resnet8")
-def resnet8(num_classes):
-    return CifarResNet(8, _SMALL, num_classes=num_classes)
-
-
-@register_model("resnet14")
-def resnet14(num_classes):
-    return CifarResNet(14, _SMALL, num_classes=num_classes)
-
-
-@register_model("resnet20")
-def resnet20(num_classes):
-    return CifarResNet(20, _SMALL, num_classes=num_classes)
-
-
-@register_model("resnet32")
-def resnet32(num_classes):
-    return CifarResNet(32, _SMALL, num_classes=num_classes)
-
-
-@register_model("resnet44")
-def resnet44(num_classes):
-    return CifarResNet(44, _SMALL, num_classes=num_classes)
-
-
-@register_model("resnet56")
-def resnet56(num_classes):
-    return CifarResNet(56, _SMALL, num_classes=num_classes)
-
-
-@register_model("resnet110")
-def resnet110(num_classes):
-    return CifarResNet(110, _SMALL, num_classes=num_classes)
-
-
-@register_model("resnet8x4")
-def resnet8x4(num_classes):
-    return CifarResNet(8, _WIDE, num_classes=num_classes)
-
-
-@register_model("resnet32x4")
-def resnet32x4(num_classes):
-    return CifarResNet(32, _WIDE, num_classes=num_classes)
+# name -> (depth, channels of the stem and the three stages)
+_ARCHITECTURES = {
+    "resnet8": (8, _SMALL),
+    "resnet14": (14, _SMALL),
+    "resnet20": (20, _SMALL),
+    "resnet32": (32, _SMALL),
+    "resnet44": (44, _SMALL),
+    "resnet56": (56, _SMALL),
+    "resnet110": (110, _SMALL),
+    "resnet8x4": (8, _WIDE),
+    "resnet32x4": (32, _WIDE),
+}
+for _name, (_depth, _filters) in _ARCHITECTURES.items():
+    register_model(_name)(functools.partial(CifarResNet, _depth, _filters))

@@ -68,7 +68,7 @@ class MobileNetV2(nn.Module):
         self.conv2 = conv_1x1_bn(input_channel, self.last_channel)
         self.classifier = nn.Sequential(nn.Linear(self.last_channel, num_classes))
         self.avgpool = nn.AvgPool2d(input_size // 16, ceil_mode=True)
-        kaiming_fan_out_init(self)
+        kaiming_fan_out_init(self, linear_std=0.01)
 
     def forward(self, x):
         out = self.conv1(x)

@@ -1,7 +1,8 @@
 """One registry for every architecture: ``create_model(name, num_classes)`` is the only door in.
 
-Each family module decorates its constructors with ``register_model``; a constructor takes
-``num_classes`` and returns a model whose ``forward`` returns logits only.
+Each family module registers its constructors with ``register_model`` (a decorator, or a table of
+``functools.partial``s of the family's class); a constructor is called as ``build(num_classes=...)``
+and returns a model whose ``forward`` returns logits only.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def _complete() -> None:
 
 
 def register_model(*names: str, input_size: int = CIFAR_INPUT, torchvision_arch: str | None = None):
-    """Registers the decorated ``build(num_classes) -> nn.Module`` under each of ``names``."""
+    """Registers the decorated ``build(num_classes=...) -> nn.Module`` under each of ``names``."""
 
     def deco(build):
         _complete()
@@ -128,7 +129,7 @@ def create_model(name: str, num_classes: int, dual_head: bool = False, aux_head:
     entry = _entry(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise DhkdError(f"num_classes must be a positive integer, got {num_classes!r}")
-    model = entry.build(num_classes)
+    model = entry.build(num_classes=num_classes)
     model.arch_name = name  # lets load_checkpoint resolve a torchvision weight name without arch=
     if dual_head:
         model = DualHead(model, aux_head=aux_head, align_features=align_features, num_classes=num_classes)

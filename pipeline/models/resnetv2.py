@@ -4,9 +4,12 @@ Layout of RepDistiller ``models/resnetv2.py`` / mdistiller ``mdistiller/models/c
 ``conv1, bn1, layer{1..4}.{i}.{conv1,bn1,conv2,bn2[,conv3,bn3],shortcut.{0,1}}, linear``.
 """
 
+import functools
+
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .blocks import kaiming_fan_out_init
 from .registry import register_model
 
 
@@ -66,12 +69,7 @@ class ResNet(nn.Module):
         self.layer4 = self._make_layer(block, 512, num_blocks[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.linear = nn.Linear(512 * block.expansion, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
+        kaiming_fan_out_init(self)
         if zero_init_residual:
             for m in self.modules():
                 if isinstance(m, Bottleneck):
@@ -93,16 +91,11 @@ class ResNet(nn.Module):
         return self.linear(out.reshape(out.size(0), -1))
 
 
-@register_model("ResNet18")
-def resnet18_cifar(num_classes):
-    return ResNet(BasicBlock, [2, 2, 2, 2], num_classes=num_classes)
-
-
-@register_model("ResNet34")
-def resnet34_cifar(num_classes):
-    return ResNet(BasicBlock, [3, 4, 6, 3], num_classes=num_classes)
-
-
-@register_model("ResNet50")
-def resnet50_cifar(num_classes):
-    return ResNet(Bottleneck, [3, 4, 6, 3], num_classes=num_classes)
+# name -> (block, blocks per stage)
+_ARCHITECTURES = {
+    "ResNet18": (BasicBlock, (2, 2, 2, 2)),
+    "ResNet34": (BasicBlock, (3, 4, 6, 3)),
+    "ResNet50": (Bottleneck, (3, 4, 6, 3)),
+}
+for _name, (_block, _blocks) in _ARCHITECTURES.items():
+    register_model(_name)(functools.partial(ResNet, _block, _blocks))

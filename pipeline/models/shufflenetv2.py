@@ -23,53 +23,58 @@ class SplitBlock(nn.Module):
         return x[:, :c, :, :], x[:, c:, :, :]
 
 
+def add_branch(block: nn.Module, first: int, in_channels: int, channels: int, stride: int):
+    """Adds ShuffleNetV2's main branch to ``block`` as ``conv{first..first+2}`` / ``bn{...}`` (the
+    published checkpoints' names): 1x1 conv, depthwise 3x3 conv with ``stride``, 1x1 conv."""
+    convs = [nn.Conv2d(in_channels, channels, kernel_size=1, bias=False),
+             nn.Conv2d(channels, channels, kernel_size=3, stride=stride, padding=1, groups=channels, bias=False),
+             nn.Conv2d(channels, channels, kernel_size=1, bias=False)]
+    for i, conv in enumerate(convs, start=first):
+        setattr(block, f"conv{i}", conv)
+        setattr(block, f"bn{i}", nn.BatchNorm2d(channels))
+
+
+def run_branch(block: nn.Module, first: int, x):
+    """The branch ``add_branch`` added: ReLU after the two 1x1 convs, none after the depthwise one."""
+    for i, relu in zip(range(first, first + 3), (True, False, True)):
+        x = getattr(block, f"bn{i}")(getattr(block, f"conv{i}")(x))
+        x = F.relu(x) if relu else x
+    return x
+
+
 class BasicBlock(nn.Module):
+    """Half the channels pass through, the other half through the branch; then a shuffle."""
+
     def __init__(self, in_channels, split_ratio=0.5):
         super().__init__()
         self.split = SplitBlock(split_ratio)
         c = int(in_channels * split_ratio)
-        self.conv1 = nn.Conv2d(c, c, kernel_size=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c)
-        self.conv2 = nn.Conv2d(c, c, kernel_size=3, stride=1, padding=1, groups=c, bias=False)
-        self.bn2 = nn.BatchNorm2d(c)
-        self.conv3 = nn.Conv2d(c, c, kernel_size=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(c)
+        add_branch(self, 1, c, c, stride=1)
         self.shuffle = ShuffleBlock()
 
     def forward(self, x):
         x1, x2 = self.split(x)
-        out = F.relu(self.bn1(self.conv1(x2)))
-        out = self.bn2(self.conv2(out))
-        out = F.relu(self.bn3(self.conv3(out)))
-        return self.shuffle(torch.cat([x1, out], 1))
+        return self.shuffle(torch.cat([x1, run_branch(self, 1, x2)], 1))
 
 
 class DownBlock(nn.Module):
+    """Stride 2: a depthwise 3x3 + 1x1 on the left, the branch on the right; then a shuffle."""
+
     def __init__(self, in_channels, out_channels):
         super().__init__()
         mid = out_channels // 2
-        # left branch
         self.conv1 = nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=2, padding=1,
                                groups=in_channels, bias=False)
         self.bn1 = nn.BatchNorm2d(in_channels)
         self.conv2 = nn.Conv2d(in_channels, mid, kernel_size=1, bias=False)
         self.bn2 = nn.BatchNorm2d(mid)
-        # right branch
-        self.conv3 = nn.Conv2d(in_channels, mid, kernel_size=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(mid)
-        self.conv4 = nn.Conv2d(mid, mid, kernel_size=3, stride=2, padding=1, groups=mid, bias=False)
-        self.bn4 = nn.BatchNorm2d(mid)
-        self.conv5 = nn.Conv2d(mid, mid, kernel_size=1, bias=False)
-        self.bn5 = nn.BatchNorm2d(mid)
+        add_branch(self, 3, in_channels, mid, stride=2)
         self.shuffle = ShuffleBlock()
 
     def forward(self, x):
         left = self.bn1(self.conv1(x))
         left = F.relu(self.bn2(self.conv2(left)))
-        right = F.relu(self.bn3(self.conv3(x)))
-        right = self.bn4(self.conv4(right))
-        right = F.relu(self.bn5(self.conv5(right)))
-        return self.shuffle(torch.cat([left, right], 1))
+        return self.shuffle(torch.cat([left, run_branch(self, 3, x)], 1))
 
 
 CONFIGS = {

@@ -6,6 +6,8 @@ Layout of mdistiller ``mdistiller/models/cifar/vgg.py``: five ``block{0..4}`` Se
 ``classifier = Linear(512, num_classes)``; ``pool0..pool4`` hold no parameters.
 """
 
+import functools
+
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -46,7 +48,7 @@ class VGG(nn.Module):
         self.pool3 = nn.MaxPool2d(kernel_size=2, stride=2)
         self.pool4 = nn.AdaptiveAvgPool2d((1, 1))
         self.classifier = nn.Linear(512, num_classes)
-        kaiming_fan_out_init(self)
+        kaiming_fan_out_init(self, linear_std=0.01)
 
     def forward(self, x):
         h = x.shape[2]
@@ -60,26 +62,7 @@ class VGG(nn.Module):
         return self.classifier(x.reshape(x.size(0), -1))
 
 
-@register_model("vgg8")
-def vgg8(num_classes):
-    return VGG(CFG["S"], batch_norm=True, num_classes=num_classes)
-
-
-@register_model("vgg11")
-def vgg11(num_classes):
-    return VGG(CFG["A"], batch_norm=True, num_classes=num_classes)
-
-
-@register_model("vgg13")
-def vgg13(num_classes):
-    return VGG(CFG["B"], batch_norm=True, num_classes=num_classes)
-
-
-@register_model("vgg16")
-def vgg16(num_classes):
-    return VGG(CFG["D"], batch_norm=True, num_classes=num_classes)
-
-
-@register_model("vgg19")
-def vgg19(num_classes):
-    return VGG(CFG["E"], batch_norm=True, num_classes=num_classes)
+# name -> layer configuration (all with BatchNorm)
+_ARCHITECTURES = {"vgg8": "S", "vgg11": "A", "vgg13": "B", "vgg16": "D", "vgg19": "E"}
+for _name, _cfg in _ARCHITECTURES.items():
+    register_model(_name)(functools.partial(VGG, CFG[_cfg], batch_norm=True))

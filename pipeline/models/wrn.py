@@ -5,12 +5,13 @@ Layout of RepDistiller ``models/wrn.py`` / mdistiller ``mdistiller/models/cifar/
 blocks; ``convShortcut`` only where the channel count changes).
 """
 
-import math
+import functools
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .blocks import kaiming_fan_out_init
 from .registry import register_model
 
 
@@ -64,15 +65,7 @@ class WideResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.fc = nn.Linear(channels[3], num_classes)
         self.nChannels = channels[3]
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                m.weight.data.normal_(0, math.sqrt(2.0 / fan))
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.data.fill_(1)
-                m.bias.data.zero_()
-            elif isinstance(m, nn.Linear):
-                m.bias.data.zero_()
+        kaiming_fan_out_init(self, zero_linear_bias=True)
 
     def forward(self, x):
         out = self.block3(self.block2(self.block1(self.conv1(x))))
@@ -81,21 +74,7 @@ class WideResNet(nn.Module):
         return self.fc(out.reshape(-1, self.nChannels))
 
 
-@register_model("wrn_16_1")
-def wrn_16_1(num_classes):
-    return WideResNet(16, num_classes, widen_factor=1)
-
-
-@register_model("wrn_16_2")
-def wrn_16_2(num_classes):
-    return WideResNet(16, num_classes, widen_factor=2)
-
-
-@register_model("wrn_40_1")
-def wrn_40_1(num_classes):
-    return WideResNet(40, num_classes, widen_factor=1)
-
-
-@register_model("wrn_40_2")
-def wrn_40_2(num_classes):
-    return WideResNet(40, num_classes, widen_factor=2)
+# name -> (depth, widen factor)
+_ARCHITECTURES = {"wrn_16_1": (16, 1), "wrn_16_2": (16, 2), "wrn_40_1": (40, 1), "wrn_40_2": (40, 2)}
+for _name, (_depth, _widen) in _ARCHITECTURES.items():
+    register_model(_name)(functools.partial(WideResNet, _depth, widen_factor=_widen))
