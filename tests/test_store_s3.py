@@ -319,10 +319,13 @@ def cli(*args, check=True, env=None, timeout=300):
 
 
 def assert_one_line_error(proc, *fragments):
+    """Exit 2 and the error as one line, the last on stderr (progress logs may come before it)."""
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines and lines[-1].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
+    assert sum(line.startswith("error") for line in lines) == 1, proc.stderr
     for fragment in fragments:
-        assert fragment in proc.stderr, proc.stderr
+        assert fragment in lines[-1], proc.stderr
 
 
 @pytest.mark.slow
@@ -433,10 +436,10 @@ def test_inspect_verify_and_distill_from_s3(resumed_store, teacher_weights, tmp_
     result = json.loads(cli("verify-cache", url, "--data", "digits", "--teacher-weights", teacher_weights, "--samples", 64).stdout)
     assert result["ok"] and result["samples"] == 64 and result["top1_agreement"] == 1.0
     out = tmp_path / "run"
-    stdout = cli("distill", "--student", "resnet8", "--cache", url, "--data", "digits", "--epochs", 1, "--batch-size", 64,
-                 "--max-steps", 3, "--out", out).stdout
-    assert f"from {url}: 3 stored view-epochs" in stdout
-    assert json.loads(stdout[stdout.index("{"):]) == {"stopped_at": {"epoch": 0, "step": 3}}
+    proc = cli("distill", "--student", "resnet8", "--cache", url, "--data", "digits", "--epochs", 1, "--batch-size", 64,
+               "--max-steps", 3, "--out", out)
+    assert f"from {url}: 3 stored view-epochs" in proc.stderr
+    assert json.loads(proc.stdout) == {"stopped_at": {"epoch": 0, "step": 3}}
 
 
 @pytest.mark.slow
