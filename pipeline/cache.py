@@ -272,7 +272,7 @@ class LogitCache:
         import zarr
 
         try:
-            old = dict(zarr.open_group(store=objects.store, mode="r").attrs)
+            old = dict(zarr.open_group(store=objects.store, mode="r", zarr_format=3).attrs)
         except Exception:
             return False
         command = attrs.get("command")
@@ -304,7 +304,7 @@ class LogitCache:
                 raise DhkdError(f"no logit store at {path}")
             raise DhkdError(f"{path} is not a logit store (no zarr.json)")
         try:
-            group = zarr.open_group(store=objects.store, mode=mode)
+            group = zarr.open_group(store=objects.store, mode=mode, zarr_format=3)
             version = dict(group.attrs).get("format_version")
         except Exception as e:
             raise DhkdError(f"{path} is not a logit store ({_one_line(e)})") from None
