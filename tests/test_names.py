@@ -7,6 +7,7 @@ The check reads the source: a tuple, list or set literal of the same names anywh
 from __future__ import annotations
 
 import ast
+import functools
 import os
 
 import pytest
@@ -27,8 +28,13 @@ OWNERS = {
 }
 
 
-def _string_collections():
+@functools.lru_cache(maxsize=1)
+def _string_collections() -> tuple:
     """(file, line, names) of every literal tuple/list/set of two or more strings in the code."""
+    return tuple(_walk_string_collections())
+
+
+def _walk_string_collections():
     for folder in ("pipeline", "stages", "kernels"):
         for dirpath, _, files in os.walk(os.path.join(ROOT, folder)):
             for name in sorted(files):

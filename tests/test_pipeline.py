@@ -204,7 +204,7 @@ def test_a_different_command_is_refused_unless_overwrite(tmp_path, random_teache
     (["--weights", "BAD"], "missing"),
     (["--weights", "NOPE"], "nope.pt"),
     (["--codec", "int4"], "int4"),
-    (["--data", "cifar100:/nonexistent"], "not found"),
+    (["--data", "cifar100:MISSING"], "not found"),
 ])
 def test_cache_teacher_user_errors(tmp_path, random_teacher, args, message):
     bad = tmp_path / "bad.pt"
@@ -212,6 +212,7 @@ def test_cache_teacher_user_errors(tmp_path, random_teacher, args, message):
     given = {"--weights": random_teacher, "--data": "digits"}
     given.update(zip(args[::2], args[1::2]))
     given["--weights"] = {"BAD": bad, "NOPE": tmp_path / "nope.pt"}.get(given["--weights"], given["--weights"])
+    given["--data"] = given["--data"].replace("MISSING", str(tmp_path / "missing"))
     out = tmp_path / "err.zarr"
     result = cli_here("cache-teacher", "--model", "resnet8", "--out", out, *[x for kv in given.items() for x in kv], check=False)
     assert result.exit_code == 2, result.stderr
@@ -242,17 +243,17 @@ def test_online_dhkd_through_the_cli(tmp_path, random_teacher):
 
 DISTILL_ERRORS = [
     (["--student", "resnet9000"], "did you mean ResNet50 (CIFAR 32px), resnet50"),  # the closest names
-    (["--data", "cifar100:/nonexistent"], "not found"),
+    (["--data", "cifar100:MISSING"], "not found"),  # MISSING: a folder under tmp_path that is not there
     (["--teacher-weights", "WRONG"], "WRONG"),
     (["--epochs", "0"], "bad epochs"),
     (["--method", "magic"], "magic"),
-    (["--config", "/nonexistent.yaml"], "config file not found"),
+    (["--config", "MISSING.yaml"], "config file not found"),
 ]
 
 
 def distill_args(teacher, out, args):
     base = {"--student": "resnet8", "--teacher": "resnet8", "--teacher-weights": str(teacher), "--data": "digits", "--method": "dhkd"}
-    base.update(zip(args[::2], args[1::2]))
+    base.update((flag, value.replace("MISSING", str(out.parent / "missing"))) for flag, value in zip(args[::2], args[1::2]))
     return ["distill", *[x for kv in base.items() for x in kv], "--out", out]
 
 

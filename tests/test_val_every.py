@@ -10,6 +10,7 @@ from dhkd_pipe.report import write_report
 from dhkd_pipe.stages.train_teacher import train_teacher
 
 
+@pytest.mark.slow  # five epochs of training per case
 @pytest.mark.parametrize("val_every, validated", [(1, [1, 2, 3, 4, 5]), (2, [2, 4, 5]), (0, [5])])
 def test_validation_epochs_and_summary(tmp_path, val_every, validated):
     cfg = TrainConfig(data="digits@60", model="resnet8", epochs=5, batch_size=30, lr_milestones=[4],
