@@ -14,6 +14,12 @@ from .errors import DhkdError
 from .losses import BACKENDS, KD_LOSSES
 from .models.dual_head import AUX_HEADS
 
+DATA_HELP = ("digits | fashion-mnist | fashion-mnist:DIR | mnist:DIR | cifar10:DIR | cifar100:DIR | imagefolder:DIR; "
+             "SPEC@N: a fixed stratified subset of N training images.")
+WEIGHTS_HELP = ("a checkpoint file, or a published weight's name (torchvision: DEFAULT, IMAGENET1K_V2, ...; "
+                "timm: pretrained or a tag); default: the architecture's published weights, fetched into the "
+                "torch hub / Hugging Face cache when online (KD-zoo models have none)")
+
 
 def user_errors(fn):
     """Prints a ``DhkdError`` as one line on stderr and exits with code 2."""
@@ -104,7 +110,7 @@ def training_options(fn):
     """The options every training command shares; None means "from the config or default"."""
     opts = [
         click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML recipe; options given here override it."),
-        click.option("--data", help="digits | fashion-mnist | fashion-mnist:DIR | mnist:DIR | cifar10:DIR | cifar100:DIR | imagefolder:DIR; SPEC@N: a fixed stratified subset of N training images"),
+        click.option("--data", help=f"{DATA_HELP} Required, except for distill --cache (the store records it)."),
         click.option("--out", help="Run folder."),
         click.option("--epochs", type=int),
         click.option("--batch-size", type=int),
@@ -153,7 +159,7 @@ def train_teacher_cmd(config_file, resume, overwrite, **options):
 @main.command("distill", cls=ConfigCommand, config_cls=TrainConfig, defaults=DISTILL_DEFAULTS)
 @click.option("--student", "model", help="Student architecture.")
 @click.option("--teacher", help="Teacher architecture (online distillation).")
-@click.option("--teacher-weights", help="Teacher checkpoint (online distillation).")
+@click.option("--teacher-weights", help=f"Teacher weights (online distillation): {WEIGHTS_HELP}.")
 @click.option("--cache", help="Stage-1 logit store (a path or a URL: s3://, gs://, file://): distil with no teacher forward pass.")
 @click.option("--method", help="ce | kd | dkd | binary_kl | dhkd")
 @click.option("--kd-loss", type=click.Choice(tuple(KD_LOSSES)), help="Head-2 loss of dhkd (default binary_kl_norm, as published).")
@@ -186,8 +192,8 @@ def _short(summary: dict) -> dict:
 
 @main.command("eval")
 @click.option("--model", required=True)
-@click.option("--weights", required=True)
-@click.option("--data", required=True)
+@click.option("--weights", help=f"Model weights: {WEIGHTS_HELP}.")
+@click.option("--data", help=f"{DATA_HELP} Required.")
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @user_errors
 def eval_cmd(model, weights, data, batch_size):
@@ -221,7 +227,7 @@ def export_cmd(run, fmt, out, opset):
 @main.command("models")
 def models_cmd():
     """List the registered architectures: 32-pixel CIFAR models and ImageNet ones."""
-    from .models import list_models
+    from .models import list_families, list_models
     from .models.registry import CIFAR_INPUT, case_twins, model_input_size, model_kind
 
     names = list_models()
@@ -237,6 +243,11 @@ def models_cmd():
         click.echo("Names are case-sensitive; these differ only in case:")
         for group in twins:
             click.echo("  " + " / ".join(f"{n} ({model_kind(n)})" for n in group))
+    families = list_families()
+    if families:
+        click.echo("Model families, any name the library knows (teachers or students):")
+        for family in families:
+            click.echo(f"  {family.describe}")
 
 
 def _echo_wrapped(items: list[str], width: int = 100):
@@ -252,9 +263,9 @@ def _echo_wrapped(items: list[str], width: int = 100):
 
 @main.command("cache-teacher", cls=ConfigCommand, config_cls=CacheConfig)
 @click.option("--config", "config_file", type=click.Path(dir_okay=False))
-@click.option("--model", help="Teacher architecture.")
-@click.option("--weights", help="Teacher checkpoint file (or a cached torchvision weight name).")
-@click.option("--data")
+@click.option("--model", help="Teacher architecture (see `dhkd-pipe models`; timm:NAME for timm models).")
+@click.option("--weights", help=f"Teacher weights: {WEIGHTS_HELP}.")
+@click.option("--data", help=f"{DATA_HELP} Required; recorded in the store (absolute path).")
 @click.option("--views", type=int, help="Augmentation epochs (views per image) to record.")
 @click.option("--seed", type=int)
 @click.option("--out", help="Store path or URL, e.g. logits.zarr or s3://bucket/logits.zarr.")
@@ -262,7 +273,7 @@ def _echo_wrapped(items: list[str], width: int = 100):
 @click.option("--batch-size", type=int)
 @click.option("--precision", type=click.Choice(PRECISIONS))
 @click.option("--chunk-rows", type=int)
-@click.option("--resolution", type=int)
+@click.option("--resolution", type=int, help="View side in pixels (default: the teacher weights' own, else the data set's).")
 @click.option("--workers", type=int)
 @click.option("--overwrite", is_flag=True, default=None, help="Replace a store written by a different command.")
 @user_errors
@@ -282,7 +293,11 @@ def inspect_cmd(store, as_json):
     """What a logit store holds (STORE: a path or a URL such as s3://bucket/logits.zarr)."""
     from .cache import LogitCache
 
-    summary = LogitCache.open(store).summary()
+    cache = LogitCache.open(store)
+    summary = cache.summary()
+    # where the data is and how views become pixels: attributes stage 1 writes (older stores lack them)
+    summary["data"] = cache.attrs.get("data_spec")
+    summary["preprocessing"] = cache.attrs.get("preprocessing")
     if as_json:
         _echo_json(summary)
         return
@@ -293,8 +308,8 @@ def inspect_cmd(store, as_json):
 
 @main.command("verify-cache")
 @click.argument("store")
-@click.option("--data", required=True)
-@click.option("--teacher-weights", required=True)
+@click.option("--data", help="The store's data set, if it has moved (default: the spec the store records).")
+@click.option("--teacher-weights", help="The teacher's weights (default: those the store records; must be the same).")
 @click.option("--samples", type=int, default=256, show_default=True)
 @click.option("--tolerance", type=float, default=None, help="Largest allowed logit difference (default: from the codec).")
 @user_errors

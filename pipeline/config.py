@@ -29,10 +29,11 @@ class TrainConfig:
     """Everything a training run (teacher, online or cached distillation) depends on.
 
     ``alpha``/``gamma``/``temperature`` left as None take the method's published defaults
-    (``dhkd_pipe.methods``).
+    (``dhkd_pipe.methods``). ``data`` has no default: it is named, or comes from the ``cache``
+    store, which records its data set.
     """
 
-    data: str = "digits"
+    data: str | None = None
     model: str = "resnet8"
     method: str = "ce"
     teacher: str | None = None
@@ -84,6 +85,8 @@ class TrainConfig:
             raise DhkdError("choose one gradient alignment: grad_align (published, parameters) or grad_align_features")
         if self.workers < 0 or self.checkpoint_every < 0 or self.max_steps < 0 or self.val_every < 0:
             raise DhkdError("workers, checkpoint_every, max_steps and val_every must not be negative")
+        if not self.data and not self.cache:
+            raise DhkdError(missing_data("; or distil from a stage-1 store with --cache STORE, which records its data"))
         return self
 
     def to_dict(self) -> dict:
@@ -92,9 +95,13 @@ class TrainConfig:
 
 @dataclass
 class CacheConfig:
-    """Stage 1: which teacher, which data, how many views, how the store is laid out."""
+    """Stage 1: which teacher, which data, how many views, how the store is laid out.
 
-    data: str = "digits"
+    ``weights`` None means the architecture's published weights (torchvision ``DEFAULT``, timm
+    ``pretrained``); KD-zoo models have none and need a file.
+    """
+
+    data: str | None = None
     model: str = "resnet32x4"
     weights: str | None = None
     views: int = 8
@@ -118,12 +125,19 @@ class CacheConfig:
                 raise DhkdError(f"bad {name} {getattr(self, name)}: must be at least 1")
         if self.resolution is not None and self.resolution < 8:
             raise DhkdError(f"bad resolution {self.resolution}: must be at least 8")
-        if not self.weights:
-            raise DhkdError("cache-teacher needs the teacher's weights: --weights FILE")
+        if not self.data:
+            raise DhkdError(missing_data())
         return self
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def missing_data(extra: str = "") -> str:
+    """The one line for a command run without ``--data``: no data set is ever assumed."""
+    from .data import DATA_SETS
+
+    return f"missing --data: name the data set ({', '.join(DATA_SETS)}){extra}"
 
 
 def build_config(cls, config_file: str | None, overrides: dict, defaults: dict | None = None):

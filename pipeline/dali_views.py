@@ -11,8 +11,9 @@ source pixels, possibly reaching past the image):
    libjpeg-turbo);
 3. ``slice`` with ``out_of_bounds_policy="pad"`` puts the region back into the whole box, zeros
    outside the image (``image_slice`` itself refuses windows outside the image);
-4. ``resize`` to R x R (``RESIZE_INTERPOLATION``), then ``crop_mirror_normalize`` mirrors by the
-   flip bit, normalises with mean/std x 255 and writes CHW float32.
+4. ``resize`` to R x R (the plan's interpolation, antialiased: ``DALI_INTERPOLATION``), then
+   ``crop_mirror_normalize`` mirrors by the flip bit, normalises with the plan's mean/std x 255
+   and writes CHW float32.
 
 Every operator is per sample, so a view's pixels never depend on the batch it is rendered in.
 
@@ -39,11 +40,11 @@ from .errors import DhkdError
 # Spawned DALI workers import this module to unpickle ``EncodedViewSource``; torch and DALI's
 # graph API are imported inside the functions that need them so the workers start in a second.
 
-RESIZE_INTERPOLATION = "linear_antialias"
-"""Box -> R x R resampling: DALI ``INTERP_LINEAR`` with ``antialias=True`` (a triangle filter
-widened by the scale factor when shrinking), the counterpart of torch's ``interpolate(mode=
-"bilinear", antialias=True, align_corners=False)`` used by ``render_reference`` and by the
-in-memory renderer."""
+DALI_INTERPOLATION = {"bilinear": "INTERP_LINEAR", "bicubic": "INTERP_CUBIC"}
+"""Box -> R x R resampling per ``ViewPlan.interpolation``: the DALI filter, with ``antialias=True``
+(the filter widened by the scale factor when shrinking), the counterpart of torch's
+``interpolate(mode=..., antialias=True, align_corners=False)`` used by ``render_reference`` and by
+the in-memory renderer."""
 
 DALI_IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "PPM", "JPEG2000")
 
@@ -254,8 +255,10 @@ class DaliViews:
 
         self.pipeline_batch_size = self.pipeline_batch_size or min(256, max(32, batch_size))
         gpu = self.device.type == "cuda"
-        mean = [255 * float(m) for m in self.data.mean]
-        std = [255 * float(s) for s in self.data.std]
+        mean, std = self.plan.normalization(self.data)
+        mean = [255 * float(m) for m in mean]
+        std = [255 * float(s) for s in std]
+        interp = getattr(types, DALI_INTERPOLATION[self.plan.interpolation])
         pipe = Pipeline(
             batch_size=self.pipeline_batch_size,
             num_threads=self.num_threads,
@@ -288,7 +291,7 @@ class DaliViews:
             image = fn.resize(
                 image,
                 size=[self.resolution, self.resolution],
-                interp_type=types.INTERP_LINEAR,
+                interp_type=interp,
                 antialias=True,
                 dtype=types.FLOAT,
             )
@@ -419,11 +422,11 @@ def _write_file_table(folder: str, files: list[str]):
         f.write(b"".join(encoded) or b"\0")  # np.memmap refuses empty files
 
 
-def render_reference(path: str, view, resolution: int, mean, std):
+def render_reference(path: str, view, resolution: int, mean, std, interpolation: str = "bilinear"):
     """The same view rendered with Pillow and torch: a check on DALI's pixels, not a loader.
 
     Decodes the whole image, crops the box with zeros outside the image, resizes with torch's
-    bilinear antialiased interpolation (``RESIZE_INTERPOLATION``), mirrors and normalises.
+    antialiased ``interpolation`` (``DALI_INTERPOLATION``), mirrors and normalises.
     Returns float32 (3, R, R). JPEG decoders differ by a grey level or so, and the resamplers at
     the box's edges, so compare with a tolerance.
     """
@@ -441,7 +444,7 @@ def render_reference(path: str, view, resolution: int, mean, std):
         box[y0 - y : y1 - y, x0 - x : x1 - x] = pixels[y0:y1, x0:x1]
     t = torch.from_numpy(box).permute(2, 0, 1)[None].float()
     if (h, w) != (resolution, resolution):
-        t = F.interpolate(t, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True)
+        t = F.interpolate(t, size=(resolution, resolution), mode=interpolation, align_corners=False, antialias=True)
     if flip:
         t = t.flip(-1)
     mean_t = torch.tensor([255 * float(m) for m in mean]).view(1, 3, 1, 1)

@@ -119,7 +119,7 @@ class InMemoryData:
         return int(self.train_images.shape[-1])
 
     def default_plan(self, seed: int = 0, resolution: int | None = None) -> ViewPlan:
-        return ViewPlan(seed=seed, policy="pad_crop_flip", resolution=resolution or self.resolution)
+        return ViewPlan(seed=seed, policy="pad_crop_flip", resolution=resolution or self.resolution, mean=self.mean, std=self.std)
 
     def train_sizes(self, indices: np.ndarray) -> np.ndarray:
         h, w = self.train_images.shape[-2:]
@@ -127,7 +127,7 @@ class InMemoryData:
 
     def val_views(self, plan: ViewPlan) -> np.ndarray:
         h, w = self.val_images.shape[-2:]
-        return validation_views(np.tile([[h, w]], (self.num_val, 1)), plan.resolution, plan.policy)
+        return validation_views(np.tile([[h, w]], (self.num_val, 1)), plan.resolution, plan.policy, plan.crop_pct)
 
     def to(self, device) -> "InMemoryData":
         for name in ("train_images", "train_labels", "val_images", "val_labels"):
@@ -191,6 +191,32 @@ def stratified_subset(labels: np.ndarray, size: int, num_classes: int) -> np.nda
             taken[c] += 1
             keep.append(i)
     return np.sort(np.array(keep, dtype=np.int64))
+
+
+def absolute_spec(spec: str) -> str:
+    """``spec`` with its folder made absolute (``imagefolder:/abs/DIR``): what a store records so
+    that stage 2 finds the data from any working directory."""
+    kind, sep, path = spec.partition(":")
+    if not sep or not path or "://" in spec:
+        return spec
+    return f"{kind}:{os.path.abspath(os.path.expanduser(path))}"
+
+
+def load_store_data(store, spec: str | None = None) -> tuple[Dataset, str]:
+    """(data set, its spec) for a logit store: ``spec`` when given (say, the folder has moved),
+    else the spec the store records; either way its fingerprint must match the store's."""
+    recorded = store.attrs.get("data_spec")
+    if spec:
+        data = load_data(spec)
+    elif not recorded:
+        raise DhkdError(f"store {store.path} does not record its data set (written by an older dhkd-pipe): pass --data")
+    else:
+        try:
+            data = load_data(recorded)
+        except DhkdError as e:
+            raise DhkdError(f"the store's data set {recorded}: {e}; pass --data SPEC if it has moved") from None
+    store.check_matches(data.fingerprint())
+    return data, spec or recorded
 
 
 def load_data(spec: str) -> Dataset:
@@ -440,8 +466,9 @@ class InMemoryViews:
             raise DhkdError(f"in-memory data sets replay pad_crop_flip views, not {plan.policy}")
         self.data, self.plan = data, plan
         device = data.train_images.device
-        self.mean = torch.tensor(data.mean, device=device).view(1, 3, 1, 1) * 255
-        self.inv_std = 1 / (torch.tensor(data.std, device=device).view(1, 3, 1, 1) * 255)
+        mean, std = plan.normalization(data)
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+        self.inv_std = 1 / (torch.tensor(std, device=device).view(1, 3, 1, 1) * 255)
 
     def render(self, images: torch.Tensor, indices, views) -> torch.Tensor:
         device = images.device
@@ -460,7 +487,7 @@ class InMemoryViews:
         pixels = images[idx[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (n, h, w, 3)
         pixels = pixels.permute(0, 3, 1, 2).float() * inside[:, None]
         if (h, w) != (self.plan.resolution,) * 2:
-            pixels = torch.nn.functional.interpolate(pixels, size=(self.plan.resolution,) * 2, mode="bilinear", antialias=True)
+            pixels = torch.nn.functional.interpolate(pixels, size=(self.plan.resolution,) * 2, mode=self.plan.interpolation, antialias=True)
         return (pixels - self.mean) * self.inv_std
 
     def train(self, indices, views) -> torch.Tensor:

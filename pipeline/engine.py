@@ -58,6 +58,7 @@ class Run:
     start_step: int = 0
     history: list = field(default_factory=list)
     step_ends: list | None = None  # perf_counter() after each step, when a benchmark asks
+    data_spec: str | None = None  # the data set trained on (--data, or the store's)
 
 
 def make_accelerator(precision: str, log_with: str | None = None, project_dir: str | None = None) -> Accelerator:
@@ -118,47 +119,56 @@ def _end_tracking(run: Run):
 
 def prepare(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Run:
     """Loads and checks data, store, models and weights, then sets up the run directory."""
-    from .data import load_data
-    from .models import create_model, load_checkpoint
+    from .data import load_data, load_store_data
+    from .models import create_model, default_weights, load_checkpoint
 
     loss = LossSpec.from_config(cfg)
     method = loss.method
-    if method.needs_teacher and not cfg.cache and not (cfg.teacher and cfg.teacher_weights):
-        raise DhkdError(f"--method {method.name} needs a teacher: --cache STORE, or --teacher NAME --teacher-weights FILE")
+    online = method.needs_teacher and not cfg.cache
+    if online and not cfg.teacher:
+        raise DhkdError(f"--method {method.name} needs a teacher: --cache STORE, or --teacher NAME [--teacher-weights FILE]")
+    if online and not cfg.teacher_weights and default_weights(cfg.teacher) is None:
+        raise DhkdError(f"--teacher {cfg.teacher} has no published weights (a KD-zoo model): pass --teacher-weights FILE")
     if (cfg.grad_align or cfg.grad_align_features) and not method.dual_head:
         flag = "--grad-align" if cfg.grad_align else "--grad-align-features"
         raise DhkdError(f"{flag} aligns head 1's CE with head 2's distillation gradient: only --method dhkd has two heads")
     replace_out = _check_out(cfg.out, resume, overwrite)
     acc = make_accelerator(cfg.precision, cfg.log_with, cfg.out)
     torch.manual_seed(cfg.seed)
-    data = load_data(cfg.data)
 
     cache = None
-    if cfg.cache:  # the store's views (and, when the method needs them, its logits)
+    if cfg.cache:  # the store's data, views and preprocessing (and, when the method needs them, its logits)
         from .cache import LogitCache
 
         cache = LogitCache.open(cfg.cache)
         cache.check_complete()
-        cache.check_matches(data.fingerprint())
+        data, data_spec = load_store_data(cache, cfg.data)
         plan = ViewPlan.from_dict(cache.attrs["policy"])
-        epochs = StoreEpochs(cache, acc.device, with_logits=method.needs_teacher)
     else:
+        data, data_spec = load_data(cfg.data), cfg.data
         plan = data.default_plan(seed=cfg.seed)
-        epochs = PlanEpochs(plan, data)
 
     model = create_model(cfg.model, data.num_classes, dual_head=method.dual_head, aux_head=cfg.aux_head,
                          align_features=cfg.grad_align_features)
     teacher = None
-    if method.needs_teacher and cache is None:
+    if online:  # the teacher's weights, and for image folders the preprocessing they were trained with
+        from .models import resolve_weights
+        from .views import with_preprocessing
+
+        with acc.main_process_first():
+            source = resolve_weights(cfg.teacher, cfg.teacher_weights)
+        if plan.policy == "random_resized_crop_flip":
+            plan = with_preprocessing(plan, source.preprocessing())
         teacher = create_model(cfg.teacher, data.num_classes)
-        load_checkpoint(teacher, cfg.teacher_weights, arch=cfg.teacher)
+        load_checkpoint(teacher, source)
         teacher.eval().requires_grad_(False).to(acc.device)
+    epochs = StoreEpochs(cache, acc.device, with_logits=method.needs_teacher) if cache is not None else PlanEpochs(plan, data)
 
     renderer = data.renderer(acc.device, plan, workers=cfg.workers)
     labels = data.train_labels.to(acc.device)
     loader = ViewLoader(epochs, renderer, labels, cfg.batch_size, acc.process_index, acc.num_processes)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    run = Run(cfg, acc, data, loss, model, teacher, loader, renderer, plan, optimizer, cache)
+    run = Run(cfg, acc, data, loss, model, teacher, loader, renderer, plan, optimizer, cache, data_spec=data_spec)
     if resume:
         _load_state(run)
     run.model, run.optimizer = acc.prepare(run.model, run.optimizer)
@@ -391,7 +401,7 @@ def _finish(run: Run, wall: float) -> dict:
     summary = {
         "model": cfg.model,
         "method": cfg.method,
-        "data": cfg.data,
+        "data": run.data_spec or cfg.data,
         "num_classes": run.data.num_classes,
         "epochs": cfg.epochs,
         "val_top1": validated[-1]["val_top1"] if validated else None,
@@ -406,7 +416,10 @@ def _finish(run: Run, wall: float) -> dict:
         "config": cfg.to_dict(),
     }
     if acc.is_main_process:
-        write_exported(cfg.out, exported, cfg.model, run.data.num_classes, run.plan.resolution, run.data.mean, run.data.std)
+        # the plan says how images became pixels in training, so `eval` renders validation the same way
+        mean, std = run.plan.normalization(run.data)
+        write_exported(cfg.out, exported, cfg.model, run.data.num_classes, run.plan.resolution, mean, std,
+                       plan=run.plan.to_dict())
         with open(os.path.join(cfg.out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     acc.wait_for_everyone()

@@ -20,14 +20,18 @@ EXPORTED = "model.pt"
 EXPORTED_SAFETENSORS = "model.safetensors"
 
 
-def write_exported(out: str, model: nn.Module, arch: str, num_classes: int, resolution: int, mean, std):
-    """Writes ``out/model.pt`` and ``out/model.safetensors`` (each atomically)."""
+def write_exported(out: str, model: nn.Module, arch: str, num_classes: int, resolution: int, mean, std,
+                   plan: dict | None = None):
+    """Writes ``out/model.pt`` and ``out/model.safetensors`` (each atomically); ``plan`` (the
+    run's ``ViewPlan.to_dict()``: crop, interpolation, normalisation) is kept beside the facts."""
     from safetensors.torch import save_file
 
     # own, contiguous CPU copies: safetensors refuses views and tensors that share storage
     weights = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
     facts = {"arch": arch, "num_classes": int(num_classes), "resolution": int(resolution),
              "mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+    if plan is not None:
+        facts["plan"] = plan
     path = os.path.join(out, EXPORTED)
     torch.save({"model": weights, **facts}, path + ".tmp")
     os.replace(path + ".tmp", path)

@@ -116,7 +116,7 @@ class ImageFolderData:
         return len(self.val_files)
 
     def default_plan(self, seed: int = 0, resolution: int | None = None) -> ViewPlan:
-        return ViewPlan(seed=seed, policy="random_resized_crop_flip", resolution=resolution or 224)
+        return ViewPlan(seed=seed, policy="random_resized_crop_flip", resolution=resolution or 224, mean=self.mean, std=self.std)
 
     def train_sizes(self, indices) -> np.ndarray:
         """(n, 2) int64 (height, width) of training images ``indices``, from their headers."""
@@ -132,7 +132,7 @@ class ImageFolderData:
         return self._val_sizes
 
     def val_views(self, plan: ViewPlan) -> np.ndarray:
-        return validation_views(self.val_sizes(), plan.resolution, plan.policy)
+        return validation_views(self.val_sizes(), plan.resolution, plan.policy, plan.crop_pct)
 
     def fingerprint(self) -> dict:
         """Kind, counts, a digest of the sorted relative training file list and labels, and of the

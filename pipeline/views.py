@@ -14,13 +14,15 @@ that numpy evaluates for a whole chunk of samples at once.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
 from .errors import DhkdError
 
 POLICIES = ("pad_crop_flip", "random_resized_crop_flip")
+INTERPOLATIONS = ("bilinear", "bicubic")  # box -> R x R resampling, antialiased when shrinking
+DEFAULT_CROP_PCT = 0.875  # validation: centre crop 224 of the shorter side resized to 256
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -54,6 +56,11 @@ class ViewPlan:
     torchvision's RandomResizedCrop box (area fraction in ``scale``, log-uniform aspect ratio in
     ``ratio``, 10 tries then a centre crop) against each image's real size, resized to
     ``resolution``, and a flip.
+
+    How a box becomes the network's input travels with the plan (and so with the store):
+    ``interpolation`` (one of ``INTERPOLATIONS``, antialiased), the normalisation ``mean``/``std``
+    (None: the data set's), and ``crop_pct``, the validation view's centre crop as a fraction of
+    the shorter side (torchvision's ``crop_size / resize_size``, timm's ``crop_pct``).
     """
 
     seed: int = 0
@@ -62,23 +69,46 @@ class ViewPlan:
     padding: int = 4
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    crop_pct: float = DEFAULT_CROP_PCT
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
 
     def __post_init__(self):
         if self.policy not in POLICIES:
             raise DhkdError(f"unknown augmentation policy {self.policy!r}; known: {', '.join(POLICIES)}")
         if self.resolution < 1 or self.padding < 0:
             raise DhkdError(f"bad view plan: resolution {self.resolution}, padding {self.padding}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise DhkdError(f"unknown interpolation {self.interpolation!r}; known: {', '.join(INTERPOLATIONS)}")
+        if not 0 < self.crop_pct <= 2:  # above 1 (timm has 1.15): the box reaches past the image, zero-padded
+            raise DhkdError(f"bad view plan: crop_pct {self.crop_pct} must be in (0, 2]")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None:
+                if len(value) != 3:
+                    raise DhkdError(f"bad view plan: {name} needs 3 channels, got {list(value)}")
+                object.__setattr__(self, name, tuple(float(v) for v in value))
+        if self.std is not None and min(self.std) <= 0:
+            raise DhkdError(f"bad view plan: std {list(self.std)} must be positive")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["scale"], d["ratio"] = list(self.scale), list(self.ratio)
+        for name in ("mean", "std"):
+            d[name] = None if d[name] is None else list(d[name])
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ViewPlan":
+        """Also reads plans recorded before the preprocessing fields existed (their defaults)."""
         d = dict(d)
         d["scale"], d["ratio"] = tuple(d["scale"]), tuple(d["ratio"])
         return cls(**d)
+
+    def normalization(self, data) -> tuple[tuple, tuple]:
+        """(mean, std) to render with: the plan's, else the data set's."""
+        return (self.mean or tuple(data.mean)), (self.std or tuple(data.std))
 
     def order(self, epoch: int, num_samples: int) -> np.ndarray:
         """The training order of an epoch: a permutation keyed by (seed, epoch) alone."""
@@ -131,6 +161,30 @@ class ViewPlan:
         return box
 
 
+def with_preprocessing(plan: ViewPlan, preprocessing: dict | None, resolution: int | None = None) -> ViewPlan:
+    """The plan rendering with ``preprocessing`` (a weights' transform: resolution, crop_pct,
+    interpolation, mean, std); an explicit ``resolution`` still wins."""
+    if preprocessing:
+        plan = replace(plan, resolution=int(preprocessing["resolution"]), crop_pct=float(preprocessing["crop_pct"]),
+                       interpolation=preprocessing["interpolation"], mean=tuple(preprocessing["mean"]),
+                       std=tuple(preprocessing["std"]))
+    return replace(plan, resolution=resolution) if resolution else plan
+
+
+def describe_preprocessing(plan: ViewPlan, source: str) -> dict:
+    """What a store records of how its views become pixels (the plan holds the same values)."""
+    return {
+        "source": source,
+        "resolution": plan.resolution,
+        "resize": round(plan.resolution / plan.crop_pct) if plan.policy != "pad_crop_flip" else None,
+        "crop_pct": plan.crop_pct if plan.policy != "pad_crop_flip" else None,
+        "interpolation": plan.interpolation,
+        "antialias": True,
+        "mean": None if plan.mean is None else list(plan.mean),
+        "std": None if plan.std is None else list(plan.std),
+    }
+
+
 def center_boxes(sizes: np.ndarray, ratio=(3 / 4, 4 / 3)) -> np.ndarray:
     """Centred boxes (y, x, h, w): the largest box within ``ratio`` (RandomResizedCrop's fallback)."""
     sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
@@ -143,16 +197,18 @@ def center_boxes(sizes: np.ndarray, ratio=(3 / 4, 4 / 3)) -> np.ndarray:
     return np.stack([y, x, h, w], axis=1).astype(np.int64)
 
 
-def validation_views(sizes: np.ndarray, resolution: int, policy: str) -> np.ndarray:
-    """Un-augmented views: the whole image for small data, a centre crop of 87.5% of the shorter
-    side (resize 256 / crop 224) for image folders. Returns (n, 5) int32, flip 0."""
+def validation_views(sizes: np.ndarray, resolution: int, policy: str, crop_pct: float = DEFAULT_CROP_PCT) -> np.ndarray:
+    """Un-augmented views: the whole image for small data; for image folders the centred square of
+    ``crop_pct`` of the shorter side, which is what resizing the shorter side to
+    ``resolution / crop_pct`` and centre-cropping ``resolution`` covers (0.875: resize 256 / crop
+    224). Returns (n, 5) int32, flip 0."""
     sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
     out = np.zeros((len(sizes), 5), dtype=np.int32)
     if policy == "pad_crop_flip":
         out[:, 2:4] = sizes
     else:
         side = np.minimum(sizes[:, 0], sizes[:, 1])
-        crop = np.maximum(1, np.round(side * 0.875)).astype(np.int64)
+        crop = np.maximum(1, np.round(side * crop_pct)).astype(np.int64)
         out[:, 0] = (sizes[:, 0] - crop) // 2
         out[:, 1] = (sizes[:, 1] - crop) // 2
         out[:, 2] = crop

@@ -21,19 +21,28 @@ from dhkd_pipe import __version__
 from dhkd_pipe.cache import LogitCache, codec_tolerance
 from dhkd_pipe.config import CacheConfig
 from dhkd_pipe.console import log_line
-from dhkd_pipe.data import Dataset, Renderer, load_data
+from dhkd_pipe.data import Dataset, Renderer, absolute_spec, load_data, load_store_data
 from dhkd_pipe.engine import evaluate, make_accelerator
 from dhkd_pipe.errors import DhkdError
-from dhkd_pipe.models import create_model, file_digest, load_checkpoint
-from dhkd_pipe.views import ViewPlan
+from dhkd_pipe.models import create_model, load_checkpoint, resolve_weights
+from dhkd_pipe.views import ViewPlan, describe_preprocessing, with_preprocessing
 
 FORMAT_VERSION = 1
 
 
-def _teacher(arch: str, weights: str, num_classes: int, device):
-    model = create_model(arch, num_classes)
-    load_checkpoint(model, weights, arch=arch)
+def _teacher(source, num_classes: int, device):
+    model = create_model(source.arch, num_classes)
+    load_checkpoint(model, source)
     return model.eval().requires_grad_(False).to(device)
+
+
+def teacher_plan(plan: ViewPlan, source, data_kind: str, resolution: int | None = None) -> tuple[ViewPlan, dict]:
+    """The plan the teacher's views are rendered with, and what the store records of it: the
+    weights' own preprocessing for image folders (torchvision transforms, timm's pretrained
+    config), else the data set's; ``resolution`` (``--resolution``) wins over both."""
+    pre = source.preprocessing() if plan.policy == "random_resized_crop_flip" else None
+    plan = with_preprocessing(plan, pre, resolution)
+    return plan, describe_preprocessing(plan, pre["source"] if pre else f"data set {data_kind}")
 
 
 def _human(nbytes: float) -> str:
@@ -74,10 +83,13 @@ class _Writer:
 def cache_teacher(cfg: CacheConfig, log=log_line) -> dict:
     acc = make_accelerator(cfg.precision)
     data = load_data(cfg.data)
-    plan = data.default_plan(seed=cfg.seed, resolution=cfg.resolution)
-    teacher = _teacher(cfg.model, cfg.weights, data.num_classes, acc.device)
-    digest = file_digest(cfg.weights) if not _is_named_weight(cfg.weights) else cfg.weights
+    with acc.main_process_first():  # one process fetches published weights, the others find them cached
+        source = resolve_weights(cfg.model, cfg.weights)
+    plan, preprocessing = teacher_plan(data.default_plan(seed=cfg.seed), source, data.kind, cfg.resolution)
+    teacher = _teacher(source, data.num_classes, acc.device)
+    digest = source.digest()
     fingerprint = data.fingerprint()
+    data_spec = absolute_spec(cfg.data)
     command = {
         "teacher": cfg.model,
         "weights_digest": digest,
@@ -90,11 +102,12 @@ def cache_teacher(cfg: CacheConfig, log=log_line) -> dict:
         "precision": cfg.precision,
     }
     attrs = {
-        "teacher": {"arch": cfg.model, "weights_digest": digest, "weights": str(cfg.weights), "val_top1": None},
+        "teacher": {"arch": cfg.model, "weights_digest": digest, "weights": source.record, "weights_label": source.label,
+                    "val_top1": None},
         "dataset": fingerprint,
+        "data_spec": data_spec,  # where the data was; stage 2 and verify-cache use it when --data is not given
         "policy": plan.to_dict(),
-        "normalization": {"mean": list(data.mean), "std": list(data.std)},
-        "interpolation": _interpolation(data),
+        "preprocessing": preprocessing,
         "seed": cfg.seed,
         "codec": cfg.codec,
         "precision": cfg.precision,
@@ -107,11 +120,15 @@ def cache_teacher(cfg: CacheConfig, log=log_line) -> dict:
     acc.wait_for_everyone()
     if not acc.is_main_process:
         cache = LogitCache.open(cfg.out, mode="r+")
+    elif cache.attrs.get("data_spec") != data_spec:  # resumed from a data folder that has moved
+        cache.update_attrs(data_spec=data_spec)
 
     done = cache.done_mask()
     units = [u for i, u in enumerate(cache.write_units()) if i % acc.num_processes == acc.process_index]
     todo = [(e, chunks) for e, chunks in units if not done[e, chunks].all()]
     if acc.is_main_process:
+        log(f"teacher {cfg.model} ({source.label}); views {plan.resolution} px, {plan.interpolation}, "
+            f"mean {list(plan.mean)} std {list(plan.std)}: {preprocessing['source']}")
         raw = LogitCache.estimate_bytes(cfg.views, data.num_train, data.num_classes, cfg.codec)
         remaining = int((~done).sum())
         log(
@@ -135,22 +152,6 @@ def cache_teacher(cfg: CacheConfig, log=log_line) -> dict:
         result.update({k: cache.summary()[k] for k in ("shape", "codec", "bytes_on_disk", "bytes_per_logit")})
         result["teacher_val_top1"] = cache.attrs["teacher"].get("val_top1")
     return result
-
-
-def _interpolation(data) -> str:
-    """How a crop box becomes the network's input: DALI's resize for image folders, none for
-    in-memory data (its crops are taken at the stored resolution)."""
-    if data.kind == "imagefolder":
-        from dhkd_pipe.dali_views import RESIZE_INTERPOLATION
-
-        return RESIZE_INTERPOLATION
-    return "none"
-
-
-def _is_named_weight(weights: str) -> bool:
-    import os
-
-    return not os.path.exists(weights) and weights.replace("_", "").isalnum() and weights.isupper()
 
 
 def _write_units(cache: LogitCache, todo, plan: ViewPlan, data: Dataset, renderer: Renderer, teacher, acc,
@@ -192,14 +193,23 @@ def _write_units(cache: LogitCache, todo, plan: ViewPlan, data: Dataset, rendere
     return images, time.perf_counter() - start
 
 
-def verify_cache(store: str, data_spec: str, teacher_weights: str, samples: int = 256, tolerance: float | None = None) -> dict:
-    """Re-renders sampled stored views through the replay path, re-runs the teacher and compares."""
+def verify_cache(store: str, data_spec: str | None = None, teacher_weights: str | None = None, samples: int = 256,
+                 tolerance: float | None = None) -> dict:
+    """Re-renders sampled stored views through the replay path, re-runs the teacher and compares.
+
+    ``data_spec`` and ``teacher_weights`` default to what the store records; weights given here
+    must be the store's (same digest)."""
     cache = LogitCache.open(store)
     cache.check_complete()
-    data = load_data(data_spec)
-    cache.check_matches(data.fingerprint())
+    data, _ = load_store_data(cache, data_spec)
     acc = make_accelerator(cache.attrs.get("precision", "no"))
-    teacher = _teacher(cache.attrs["teacher"]["arch"], teacher_weights, data.num_classes, acc.device)
+    recorded = cache.attrs["teacher"]
+    source = resolve_weights(recorded["arch"], teacher_weights or recorded.get("weights"))
+    stored_digest = str(recorded.get("weights_digest"))
+    if len(stored_digest) == 16 and source.digest() != stored_digest:  # older stores recorded a weight's name
+        raise DhkdError(f"teacher weights {source.label} are not the store's: digest {source.digest()}, "
+                        f"the store was written with {recorded.get('weights_digest')} ({recorded.get('weights')})")
+    teacher = _teacher(source, data.num_classes, acc.device)
     plan = ViewPlan.from_dict(cache.attrs["policy"])
     renderer = data.renderer(acc.device, plan)
     rng = np.random.default_rng(0)

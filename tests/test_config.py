@@ -13,10 +13,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_command_line_overrides_yaml(tmp_path):
     f = tmp_path / "r.yaml"
-    f.write_text("model: resnet20\nepochs: 3\nlr: 1\nlr_milestones: [1, 2]\ngrad_align: true\n")
+    f.write_text("data: digits\nmodel: resnet20\nepochs: 3\nlr: 1\nlr_milestones: [1, 2]\ngrad_align: true\n")
     cfg = build_config(TrainConfig, str(f), {"epochs": 5, "lr": None})
     assert (cfg.model, cfg.epochs, cfg.lr, cfg.lr_milestones, cfg.grad_align) == ("resnet20", 5, 1.0, [1, 2], True)
-    assert build_config(TrainConfig, None, {"lr_milestones": "3,4"}).lr_milestones == [3, 4]
+    assert build_config(TrainConfig, None, {"data": "digits", "lr_milestones": "3,4"}).lr_milestones == [3, 4]
 
 
 @pytest.mark.parametrize(

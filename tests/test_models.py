@@ -279,6 +279,7 @@ def test_corrupt_and_missing_files(tmp_path):
 
 def test_uncached_torchvision_weight(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setenv("DHKD_OFFLINE", "1")  # never download in tests, whether or not the machine is online
     model = create_model("resnet50", 1000)
     with pytest.raises(DhkdError, match=r"not cached: place resnet50-11ad3fa6.pth .* at .*hub/checkpoints/"):
         load_checkpoint(model, "IMAGENET1K_V2", arch="resnet50")

@@ -4,9 +4,9 @@ Accepted files: a plain state dict, ``{"model": ...}`` (RepDistiller / mdistille
 the published DHKD code's teachers and students, with their ``args`` / ``opt`` namespace),
 ``{"state_dict": ...}`` (.pt/.pth/.tar, read with ``torch.load(weights_only=True)`` only) and
 ``.safetensors``. A ``module.`` prefix (DataParallel / DDP) is stripped; of an mdistiller distiller
-checkpoint (``module.student.*``, ``module.teacher.*``) the student is taken. For torchvision
-architectures a named weight (``IMAGENET1K_V2``, ``DEFAULT``, ``ResNet50_Weights.IMAGENET1K_V2``) is
-read from the torch hub cache; nothing is ever downloaded.
+checkpoint (``module.student.*``, ``module.teacher.*``) the student is taken. For torchvision and
+timm architectures a named weight (``DEFAULT``, ``IMAGENET1K_V2``, ``pretrained``) is the library's
+cached file, fetched when absent and online (``pretrained.py``).
 
 Dual-head layouts: ours (``DualHead``: ``backbone.*``, ``head1.*``, ``head2.*``) and the published
 DHKD code's (penghui-yang/DHKD ``models/*.py``): head 1 under the model's classifier name, head 2
@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from ..errors import DhkdError
 from .dual_head import DualHead, find_classifier
-from .registry import torchvision_arch
+from .pretrained import WeightsSource, looks_like_weight_name, named_state_dict, source_state_dict
 
 _SHOW = 5  # keys shown per category in a mismatch message
 
@@ -127,38 +127,11 @@ def check_state_dict(model_sd: dict, sd: dict, source: str, strict: bool = True)
     return missing, unexpected
 
 
-def torchvision_weight_file(arch: str, name: str) -> str:
-    """Path of the cached file of torchvision weight ``name`` for ``arch``; DhkdError if absent."""
-    import torchvision
-
-    short = name.rsplit(".", 1)[-1]
-    try:
-        enum = torchvision.models.get_model_weights(arch)
-    except (ValueError, KeyError):
-        raise DhkdError(f"{arch} is not a torchvision architecture; pass a checkpoint file") from None
-    try:
-        weights = enum[short]
-    except KeyError:
-        names = ", ".join(enum.__members__)
-        raise DhkdError(f"no torchvision weight {name!r} for {arch}; known: {names}") from None
-    fname = os.path.basename(weights.url)
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", fname)
-    if not os.path.isfile(path):
-        raise DhkdError(f"torchvision weight {arch} {enum.__name__}.{weights.name} is not cached: place "
-                        f"{fname} (from {weights.url}) at {path}, or pass a checkpoint file path")
-    return path
-
-
 def _without_aux(model: nn.Module) -> bool:
     from torchvision.models import GoogLeNet, Inception3
 
     net = getattr(model, "backbone", model)
     return isinstance(net, (GoogLeNet, Inception3)) and not net.aux_logits
-
-
-def _looks_like_weight_name(spec: str) -> bool:
-    return os.sep not in spec and "/" not in spec and not os.path.splitext(spec)[1].lower() in (
-        ".pt", ".pth", ".tar", ".bin", ".ckpt", ".safetensors")
 
 
 class Heads(NamedTuple):
@@ -231,7 +204,8 @@ def _check_aux_head(model, head2: dict, source: str) -> None:
 
 
 def load_checkpoint(model: nn.Module, path_or_weight_name, strict: bool = True, arch: str | None = None):
-    """Loads a checkpoint file, or a cached torchvision named weight for torchvision ``arch``.
+    """Loads a checkpoint file, a named weight of a torchvision or timm ``arch``, or a resolved
+    ``WeightsSource``.
 
     ``arch`` (the registry name) defaults to the name ``create_model`` built the model under.
     A ``DualHead`` model accepts a dual-head checkpoint (ours or the published DHKD code's) and a
@@ -241,17 +215,15 @@ def load_checkpoint(model: nn.Module, path_or_weight_name, strict: bool = True, 
     like ``load_state_dict``; mismatches (and, with ``strict``, missing/unexpected keys) raise
     DhkdError.
     """
-    spec = os.fspath(path_or_weight_name)
-    path = spec
     arch = arch if arch is not None else getattr(model, "arch_name", None)
-    tv_arch = None
-    if not os.path.exists(spec) and arch is not None and _looks_like_weight_name(spec):
-        tv_arch = torchvision_arch(arch)
-        if tv_arch is None:
-            raise DhkdError(f"checkpoint file not found: {spec} (named weights exist only for torchvision "
-                            f"architectures, and {arch} is not one)")
-        path = torchvision_weight_file(tv_arch, spec)
-    sd = read_state_dict(path)
+    if isinstance(path_or_weight_name, WeightsSource):  # already resolved (stage 1 records it)
+        sd, path = source_state_dict(path_or_weight_name), path_or_weight_name.path
+    else:
+        spec = path = os.fspath(path_or_weight_name)
+        if not os.path.exists(spec) and arch is not None and looks_like_weight_name(spec):
+            sd, path = named_state_dict(arch, spec)
+        else:
+            sd = read_state_dict(path)
 
     dual = isinstance(model, DualHead)
     plain_sd = model.single_head_state_dict() if dual else model.state_dict()

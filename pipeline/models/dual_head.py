@@ -60,8 +60,20 @@ def nonlinear_head(in_features: int, num_classes: int, hidden: int = 200, drop: 
 
 
 def find_classifier(model: nn.Module, num_classes: int | None = None) -> tuple[str, nn.Linear]:
-    """The last ``nn.Linear`` in ``named_modules()`` with ``out_features == num_classes``
-    (any out_features when ``num_classes`` is None)."""
+    """The classifier a model declares (timm's ``pretrained_cfg["classifier"]``), else the last
+    ``nn.Linear`` in ``named_modules()`` with ``out_features == num_classes`` (any out_features
+    when ``num_classes`` is None)."""
+    declared = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    if isinstance(declared, (tuple, list)):
+        raise DhkdError(f"cannot add a second head to {type(model).__name__}: it has {len(declared)} "
+                        f"classifiers ({', '.join(declared)}), a DualHead needs one")
+    if isinstance(declared, str):
+        try:
+            head = model.get_submodule(declared)
+        except AttributeError:
+            head = None
+        if isinstance(head, nn.Linear) and (num_classes is None or head.out_features == num_classes):
+            return declared, head
     found = None
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear) and (num_classes is None or m.out_features == num_classes):

@@ -3,6 +3,8 @@
 Each family module registers its constructors with ``register_model`` (a decorator, or a table of
 ``functools.partial``s of the family's class); a constructor is called as ``build(num_classes=...)``
 and returns a model whose ``forward`` returns logits only.
+Families too large to list (timm's) register a name prefix with ``register_family``:
+``timm:NAME`` is resolved when asked.
 """
 
 from __future__ import annotations
@@ -26,6 +28,21 @@ class ModelEntry:
     build: Callable[[int], nn.Module]
     input_size: int
     torchvision_arch: str | None = None  # the torchvision builder name, for its named weights
+    family: str | None = None  # the prefix of a registered family (``timm``), else None
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """Models named ``PREFIX:NAME``: ``check(name)`` raises DhkdError for names the family lacks,
+    ``build(name, num_classes)`` builds one, ``input_size(name)`` is its input side, ``default_weights``
+    the ``--weights`` value that means its published weights."""
+
+    prefix: str
+    check: Callable[[str], None]
+    build: Callable[[str, int], nn.Module]
+    input_size: Callable[[str], int]
+    default_weights: str
+    describe: str
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
@@ -43,6 +60,9 @@ def _complete() -> None:
     while _DEFERRED:
         _DEFERRED.pop(0)()
 
+_FAMILIES: dict[str, ModelFamily] = {}
+_FAMILY_ENTRIES: dict[str, ModelEntry] = {}  # family names resolved so far
+
 
 def register_model(*names: str, input_size: int = CIFAR_INPUT, torchvision_arch: str | None = None):
     """Registers the decorated ``build(num_classes=...) -> nn.Module`` under each of ``names``."""
@@ -58,6 +78,16 @@ def register_model(*names: str, input_size: int = CIFAR_INPUT, torchvision_arch:
     return deco
 
 
+def register_family(family: ModelFamily):
+    if family.prefix in _FAMILIES:
+        raise ValueError(f"model family registered twice: {family.prefix}")
+    _FAMILIES[family.prefix] = family
+
+
+def list_families() -> list[ModelFamily]:
+    return list(_FAMILIES.values())
+
+
 def is_registered(name: str) -> bool:
     _complete()
     return name in _REGISTRY
@@ -65,6 +95,17 @@ def is_registered(name: str) -> bool:
 
 def _entry(name: str) -> ModelEntry:
     _complete()
+    if isinstance(name, str) and name not in _REGISTRY:
+        prefix, sep, rest = name.partition(":")
+        if sep and prefix in _FAMILIES:
+            family = _FAMILIES[prefix]
+            if not rest:
+                raise DhkdError(f"{prefix}: needs a model name, e.g. {family.describe}")
+            if name not in _FAMILY_ENTRIES:
+                family.check(rest)
+                _FAMILY_ENTRIES[name] = ModelEntry(name, lambda num_classes: family.build(rest, num_classes),
+                                                   family.input_size(rest), family=prefix)
+            return _FAMILY_ENTRIES[name]
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
@@ -92,6 +133,8 @@ def _unknown_model(name) -> DhkdError:
 def model_kind(name: str) -> str:
     """What ``name`` is built for: ``CIFAR 32px`` (the KD zoo) or ``ImageNet 224px``, and whose."""
     entry = _entry(name)
+    if entry.family is not None:
+        return f"{entry.family} {entry.input_size}px"
     if entry.input_size == CIFAR_INPUT:
         return f"CIFAR {CIFAR_INPUT}px"
     return f"ImageNet {entry.input_size}px" + (", torchvision" if entry.torchvision_arch else "")
@@ -120,6 +163,26 @@ def torchvision_arch(name: str) -> str | None:
     """The torchvision builder behind ``name`` (for named weights), or None for the KD zoo."""
     _complete()
     return _REGISTRY[name].torchvision_arch if name in _REGISTRY else None
+
+
+def model_family(name: str) -> str | None:
+    """The registered family prefix of ``name`` (``timm`` for ``timm:NAME``), else None."""
+    prefix, sep, _ = name.partition(":") if isinstance(name, str) else ("", "", "")
+    return prefix if sep and prefix in _FAMILIES else None
+
+
+def is_timm(name: str) -> bool:
+    return model_family(name) == "timm"
+
+
+def default_weights(name: str) -> str | None:
+    """The ``--weights`` value meaning the architecture's published weights (``DEFAULT`` for
+    torchvision, ``pretrained`` for timm), or None: KD-zoo models have none."""
+    family = model_family(name)
+    if family is not None:
+        return _FAMILIES[family].default_weights
+    _entry(name)  # an unknown name is an error here too
+    return "DEFAULT" if torchvision_arch(name) else None
 
 
 def create_model(name: str, num_classes: int, dual_head: bool = False, aux_head: str = "linear",
