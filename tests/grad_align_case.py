@@ -10,7 +10,7 @@ import sys
 import torch
 
 K, B, STEPS = 5, 8, 3
-SETTINGS = dict(method="dhkd", kd_loss="binary_kl_norm", alpha=0.7, gamma=1.3, temperature=2.0,
+SETTINGS = dict(data="digits", method="dhkd", kd_loss="binary_kl_norm", alpha=0.7, gamma=1.3, temperature=2.0,
                 lr=0.1, momentum=0.9, weight_decay=5e-4, kernels="torch", precision="no")
 MULTI_CASES = [("linear", True), ("nonlinear", True), ("linear", False)]
 

@@ -292,7 +292,7 @@ def test_headline_pair_as_typed_offline(folder, tmp_path):
     import torchvision
 
     from dhkd_pipe.cache import LogitCache
-    from dhkd_pipe.checkpoint import file_digest
+    from dhkd_pipe.models import file_digest
 
     hub = tmp_path / "torch" / "hub" / "checkpoints"
     hub.mkdir(parents=True)
