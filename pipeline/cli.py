@@ -127,6 +127,8 @@ def training_options(fn):
         click.option("--max-steps", type=int, help="Stop (with a checkpoint) after N steps; for smoke runs and benchmarks."),
         click.option("--log-with", help="Experiment trackers (Accelerate's), comma-separated: tensorboard, wandb, mlflow, ...; "
                      "they get the per-epoch metrics of metrics.jsonl."),
+        click.option("--channels-last/--no-channels-last", default=None, help="NHWC weights and inputs (faster convolutions on tensor-core GPUs)."),
+        click.option("--compile/--no-compile", default=None, help="torch.compile the student (through Accelerate; the first steps compile)."),
         click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped."),
         click.option("--overwrite", is_flag=True, help="Replace a finished or stopped run in --out."),
     ]
@@ -275,6 +277,8 @@ def _echo_wrapped(items: list[str], width: int = 100):
 @click.option("--chunk-rows", type=int)
 @click.option("--resolution", type=int, help="View side in pixels (default: the teacher weights' own, else the data set's).")
 @click.option("--workers", type=int)
+@click.option("--channels-last/--no-channels-last", default=None, help="NHWC teacher and inputs.")
+@click.option("--compile/--no-compile", default=None, help="torch.compile the teacher (the first batches compile).")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace a store written by a different command.")
 @user_errors
 def cache_teacher_cmd(config_file, **options):

@@ -64,6 +64,8 @@ class TrainConfig:
     val_every: int = 1  # validate after every N-th epoch and after the last; 0: after the last only
     max_steps: int = 0
     log_with: str | None = None  # Accelerate trackers, comma-separated: tensorboard, wandb, ...
+    channels_last: bool = False  # NHWC student (and online teacher) and inputs
+    compile: bool = False  # torch.compile of the student (through Accelerate)
 
     def validate(self) -> "TrainConfig":
         def choose(name, value, allowed):
@@ -113,6 +115,8 @@ class CacheConfig:
     chunk_rows: int = 1024
     resolution: int | None = None
     workers: int = 2
+    channels_last: bool = False  # NHWC teacher and inputs
+    compile: bool = False  # torch.compile of the teacher
     overwrite: bool = False
 
     def validate(self) -> "CacheConfig":

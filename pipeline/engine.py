@@ -36,7 +36,8 @@ if TYPE_CHECKING:
 
 CHECKPOINT = "checkpoint.pt"
 # Options that may change between a run and its resume.
-RESUMABLE_CHANGES = {"epochs", "out", "workers", "max_steps", "checkpoint_every", "log_with", "val_every"}
+RESUMABLE_CHANGES = {"epochs", "out", "workers", "max_steps", "checkpoint_every", "log_with", "val_every",
+                     "channels_last", "compile"}
 
 
 @dataclass
@@ -161,23 +162,34 @@ def prepare(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> 
             plan = with_preprocessing(plan, source.preprocessing())
         teacher = create_model(cfg.teacher, data.num_classes)
         load_checkpoint(teacher, source)
-        teacher.eval().requires_grad_(False).to(acc.device)
+        teacher.eval().requires_grad_(False).to(acc.device, memory_format=memory_format(cfg))
+    model.to(memory_format=memory_format(cfg))
     epochs = StoreEpochs(cache, acc.device, with_logits=method.needs_teacher) if cache is not None else PlanEpochs(plan, data)
 
     renderer = data.renderer(acc.device, plan, workers=cfg.workers)
     labels = data.train_labels.to(acc.device)
-    loader = ViewLoader(epochs, renderer, labels, cfg.batch_size, acc.process_index, acc.num_processes)
+    loader = ViewLoader(epochs, renderer, labels, cfg.batch_size, acc.process_index, acc.num_processes,
+                        memory_format=memory_format(cfg))
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     run = Run(cfg, acc, data, loss, model, teacher, loader, renderer, plan, optimizer, cache, data_spec=data_spec)
     if resume:
         _load_state(run)
     run.model, run.optimizer = acc.prepare(run.model, run.optimizer)
+    if cfg.compile:
+        # here, not through Accelerate's dynamo_backend: its process-wide state keeps the first
+        # Accelerator's setting, so a later run in the same process (bench, quickstart) would not compile
+        run.model = torch.compile(run.model)
     if acc.is_main_process:
         if replace_out:
             shutil.rmtree(cfg.out)
         os.makedirs(cfg.out, exist_ok=True)
     acc.wait_for_everyone()
     return run
+
+
+def memory_format(cfg) -> torch.memory_format:
+    """``--channels-last``: NHWC weights and inputs (what tensor cores and oneDNN prefer)."""
+    return torch.channels_last if cfg.channels_last else torch.contiguous_format
 
 
 def _check_out(out: str, resume: bool, overwrite: bool) -> bool:
@@ -230,7 +242,7 @@ def _save_state(run: Run, epoch: int, step: int):
         return
     scaler = getattr(acc, "scaler", None)
     state = {
-        "model": acc.unwrap_model(run.model).state_dict(),
+        "model": acc.unwrap_model(run.model, keep_torch_compile=False).state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "epoch": epoch,
         "step": step,
@@ -394,7 +406,7 @@ def _append_metrics(out: str, metrics: dict):
 def _finish(run: Run, wall: float) -> dict:
     """Writes the exported single-head model (``model.pt``, ``model.safetensors``) and ``summary.json``."""
     acc, cfg = run.accelerator, run.cfg
-    model = acc.unwrap_model(run.model)
+    model = acc.unwrap_model(run.model, keep_torch_compile=False)
     exported = model.export() if hasattr(model, "export") else model
     history = run.history
     validated = [h for h in history if "val_top1" in h]

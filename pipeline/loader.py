@@ -199,8 +199,9 @@ class ViewLoader:
     """Batches for one process: its share of each epoch's positions, ``batch_size`` at a time."""
 
     def __init__(self, epochs: EpochSource, renderer: Renderer, labels: torch.Tensor, batch_size: int,
-                 rank: int = 0, world: int = 1):
+                 rank: int = 0, world: int = 1, memory_format: torch.memory_format = torch.contiguous_format):
         self.epochs, self.renderer, self.labels = epochs, renderer, labels
+        self.memory_format = memory_format  # of the images handed out (channels_last for NHWC models)
         self.batch_size, self.rank, self.world = batch_size, rank, world
         n, c = epochs.num_samples, epochs.chunk_rows
         self.num_chunks = -(-n // c)
@@ -236,6 +237,7 @@ class ViewLoader:
         else:
             logits = None
         for step, x in enumerate(images):
+            x = x.contiguous(memory_format=self.memory_format)
             lab = labels[step * self.batch_size : step * self.batch_size + len(x)]
             if logits is None:
                 yield Batch(x, lab)

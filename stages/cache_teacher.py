@@ -22,7 +22,7 @@ from dhkd_pipe.cache import LogitCache, codec_tolerance
 from dhkd_pipe.config import CacheConfig
 from dhkd_pipe.console import log_line
 from dhkd_pipe.data import Dataset, Renderer, absolute_spec, load_data, load_store_data
-from dhkd_pipe.engine import evaluate, make_accelerator
+from dhkd_pipe.engine import evaluate, make_accelerator, memory_format
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.models import create_model, load_checkpoint, resolve_weights
 from dhkd_pipe.views import ViewPlan, describe_preprocessing, with_preprocessing
@@ -87,6 +87,10 @@ def cache_teacher(cfg: CacheConfig, log=log_line) -> dict:
         source = resolve_weights(cfg.model, cfg.weights)
     plan, preprocessing = teacher_plan(data.default_plan(seed=cfg.seed), source, data.kind, cfg.resolution)
     teacher = _teacher(source, data.num_classes, acc.device)
+    fmt = memory_format(cfg)
+    teacher.to(memory_format=fmt)
+    if cfg.compile:  # the views' shapes are fixed: one graph for full batches, one for the last
+        teacher = torch.compile(teacher)
     digest = source.digest()
     fingerprint = data.fingerprint()
     data_spec = absolute_spec(cfg.data)
@@ -143,7 +147,7 @@ def cache_teacher(cfg: CacheConfig, log=log_line) -> dict:
         cache.update_attrs(teacher={**cache.attrs["teacher"], "val_top1": acc_val["top1"], "val_top5": acc_val["top5"]})
         log(f"teacher {cfg.model}: validation top-1 {acc_val['top1']:.2f}%")
 
-    images, elapsed = _write_units(cache, todo, plan, data, renderer, teacher, acc, cfg.batch_size)
+    images, elapsed = _write_units(cache, todo, plan, data, renderer, teacher, acc, cfg.batch_size, fmt)
     acc.wait_for_everyone()
     total_images = int(acc.reduce(torch.tensor(images, device=acc.device), "sum"))
     result = {"store": cfg.out, "images": total_images, "seconds": elapsed, "images_per_sec": total_images / elapsed if elapsed else None}
@@ -155,7 +159,7 @@ def cache_teacher(cfg: CacheConfig, log=log_line) -> dict:
 
 
 def _write_units(cache: LogitCache, todo, plan: ViewPlan, data: Dataset, renderer: Renderer, teacher, acc,
-                 batch_size: int):
+                 batch_size: int, fmt: torch.memory_format = torch.contiguous_format):
     """Runs the teacher over the units' positions epoch by epoch; returns (images, seconds)."""
     from tqdm.auto import tqdm
 
@@ -174,7 +178,7 @@ def _write_units(cache: LogitCache, todo, plan: ViewPlan, data: Dataset, rendere
             pending, unit, filled = [], 0, 0
             for x in renderer.train_batches(order, views, batch_size):
                 with torch.no_grad(), acc.autocast():
-                    logits = teacher(x)
+                    logits = teacher(x.contiguous(memory_format=fmt))
                 pending.append(logits.float().cpu())
                 filled += len(x)
                 bar.update(len(x))
