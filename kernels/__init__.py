@@ -1,7 +1,8 @@
 """Fused Triton losses (Liger-Kernel style): each a kernel, the ``torch.autograd.Function``
 launching it and a functional wrapper, all named ``Fused<Op>Loss`` / ``fused_<op>_loss``:
 
-    fused_dhkd.py           FusedDhkdLoss, fused_dhkd_loss          gamma CE(head 1) + alpha KD(head 2)
+    fused_dhkd.py           FusedDhkdLoss, fused_dhkd_terms,        (gamma CE(head 1), alpha KD(head 2)),
+                            fused_dhkd_loss                         and their sum
     fused_kd.py             FusedKdLoss, fused_kd_loss              one of losses.KD_LOSSES (kd_loss=)
     fused_cross_entropy.py  FusedCrossEntropyLoss, fused_cross_entropy_loss
 
@@ -28,6 +29,7 @@ import torch
 _LAZY = {
     "FusedDhkdLoss": "fused_dhkd",
     "fused_dhkd_loss": "fused_dhkd",
+    "fused_dhkd_terms": "fused_dhkd",
     "FusedKdLoss": "fused_kd",
     "fused_kd_loss": "fused_kd",
     "FusedCrossEntropyLoss": "fused_cross_entropy",

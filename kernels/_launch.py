@@ -7,8 +7,9 @@ Every loss kernel runs one program per row and takes its arguments in one order:
     g_ptr, g_stride (per head), loss_ptr, K, [inv_T], *weights, [HAS_SCALE], BLOCK, ...
 
 (teacher and temperature arguments only when the op has a teacher, labels only when it has
-labels). ``loss_ptr`` receives one float32 loss per row, already weighted; the gradients are of
-their sum, in each head's dtype.
+labels). ``loss_ptr`` receives one float32 loss per row, already weighted (an op of several terms,
+``terms=N``, writes N per row, row-major: ``loss_ptr + N * row + i``); the gradients are of their
+sum, in each head's dtype (with several terms: of the one term that reaches that head).
 """
 
 from __future__ import annotations
@@ -95,13 +96,13 @@ def num_warps(block: int) -> int:
 class RowLaunch:
     """What ``launch_rows`` checked and launched: the row losses and the gradient buffers."""
 
-    loss: torch.Tensor  # (B,) float32, one weighted loss per row
+    loss: torch.Tensor  # (B,) float32, one weighted loss per row; (B, terms) for ops of several terms
     grads: tuple  # one (B, K) gradient of loss.sum() per head, in the head's dtype
 
 
 def launch_rows(
     kernel, heads, *, weights, teacher=None, teacher_scale=None, target=None, temperature=None,
-    grads=None, max_block=None, **constexprs,
+    grads=None, max_block=None, terms=1, **constexprs,
 ) -> RowLaunch:
     """Checks the inputs, allocates the buffers and launches ``kernel`` one program per row.
 
@@ -110,8 +111,9 @@ def launch_rows(
     shape); ``teacher`` float or int8 (with ``teacher_scale`` (B,)) of that shape, or None;
     ``target`` (B,) labels or None; ``temperature`` > 0 when there is a teacher; ``weights``: a
     function of (B, T) giving the kernel's float weights; ``grads``: optional (B, K) gradient
-    buffers, one per head (None entries are allocated). ``constexprs`` go to the kernel as
-    keywords, with HAS_SCALE (teacher ops), BLOCK and num_warps added here.
+    buffers, one per head (None entries are allocated); ``terms``: row losses per row (the loss
+    buffer is (B,) for 1, else (B, terms)). ``constexprs`` go to the kernel as keywords, with
+    HAS_SCALE (teacher ops), BLOCK and num_warps added here.
     """
     rows = [_head(x, name) for name, x in heads.items()]
     B, K = rows[0].shape
@@ -119,7 +121,7 @@ def launch_rows(
         raise DhkdError(f"the heads differ in shape: {', '.join(str(tuple(x.shape)) for x in rows)}")
     grads = [torch.empty((B, K), dtype=x.dtype, device=x.device) if g is None else g
              for x, g in zip(rows, grads or [None] * len(rows))]
-    loss = torch.empty(B, dtype=torch.float32, device=rows[0].device)
+    loss = torch.empty((B,) if terms == 1 else (B, terms), dtype=torch.float32, device=rows[0].device)
     args = [a for x in rows for a in (x, x.stride(0))]
     if ("t_ptr" in kernel.arg_names) != (teacher is not None):
         raise DhkdError("this loss needs teacher logits" if teacher is None else "this loss takes no teacher")
@@ -147,15 +149,23 @@ class StoredGradLoss(torch.autograd.Function):
     """Base of the fused losses. A subclass's ``forward`` takes the differentiable logits first,
     launches its kernel and returns ``stored(ctx, run)``: the loss, with the kernel's gradients
     saved; ``backward`` multiplies them by grad_output (no intermediate is kept or recomputed).
-    Where two heads are one tensor, autograd adds their two gradients."""
+    An op of several terms (one per head: term i reaches head i only) returns one loss per term,
+    and each head's gradient is scaled by its own term's grad_output, so the terms can be
+    differentiated apart. Where two heads are one tensor, autograd adds their two gradients."""
 
     @staticmethod
-    def backward(ctx, grad_output):
-        grads = tuple(g * grad_output for g in ctx.saved_tensors)
+    def backward(ctx, *grad_outputs):
+        if len(grad_outputs) == 1:
+            grads = tuple(g * grad_outputs[0] for g in ctx.saved_tensors)
+        else:
+            grads = tuple(g * go for g, go in zip(ctx.saved_tensors, grad_outputs, strict=True))
         return grads + (None,) * (len(ctx.needs_input_grad) - len(grads))
 
 
-def stored(ctx, run: RowLaunch) -> torch.Tensor:
-    """For ``StoredGradLoss.forward``: saves ``run``'s gradients, returns the summed loss."""
+def stored(ctx, run: RowLaunch):
+    """For ``StoredGradLoss.forward``: saves ``run``'s gradients, returns the summed loss (one
+    scalar per term when the op has several)."""
     ctx.save_for_backward(*run.grads)
-    return run.loss.sum()
+    if run.loss.dim() == 1:
+        return run.loss.sum()
+    return tuple(run.loss[:, i].sum() for i in range(run.loss.shape[1]))

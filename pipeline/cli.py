@@ -12,6 +12,7 @@ from .cache import CODECS
 from .config import EXPORT_FORMATS, PRECISIONS, CacheConfig, TrainConfig, build_config
 from .errors import DhkdError
 from .losses import BACKENDS, KD_LOSSES
+from .methods import METHODS, option_defaults, option_help
 from .models.dual_head import AUX_HEADS
 
 DATA_HELP = ("digits | fashion-mnist | fashion-mnist:DIR | mnist:DIR | cifar10:DIR | cifar100:DIR | imagefolder:DIR; "
@@ -38,7 +39,7 @@ def user_errors(fn):
 class ConfigCommand(click.Command):
     """A command whose options fill a config dataclass. ``--help`` shows each option's effective
     default: the dataclass's, then the command's own, then the recipe's where ``--config FILE``
-    is on the command line; alpha, gamma and temperature show the chosen method's values."""
+    is on the command line; the method's options (alpha, gamma, ...) show the chosen method's values."""
 
     def __init__(self, *args, config_cls, defaults=None, fixed=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -66,13 +67,10 @@ class ConfigCommand(click.Command):
             except DhkdError as e:
                 note = f"(not from the recipe: {e})"
         values.update(self.fixed)
-        if self.config_cls is TrainConfig:
-            from .methods import METHODS
-
-            method = METHODS.get(values.get("method"))
-            for name in ("alpha", "gamma", "temperature"):
-                if method is not None and values.get(name) is None:
-                    values[name] = getattr(method, name)
+        if self.config_cls is TrainConfig and values.get("method") in METHODS:
+            for name, default in option_defaults(METHODS[values["method"]]).items():
+                if values.get(name) is None:
+                    values[name] = default
         return values, note
 
     def format_options(self, ctx, formatter):
@@ -158,18 +156,29 @@ def train_teacher_cmd(config_file, resume, overwrite, **options):
     _echo_json(_short(train_teacher(cfg, resume=resume, overwrite=overwrite)))
 
 
-@main.command("distill", cls=ConfigCommand, config_cls=TrainConfig, defaults=DISTILL_DEFAULTS)
+def _distill_help() -> str:
+    width = max(len(name) for name in METHODS)
+    lines = "\n".join(f"  {name:<{width}}  {cls.summary}" for name, cls in METHODS.items())
+    return (
+        "Distil a student, online from a teacher or from a stage-1 store (--cache).\n\n"
+        "Methods (--method; default dhkd). What --gamma, --alpha, --beta, --temperature, --kd-loss "
+        "and --warmup-epochs set depends on the method (each option's help says it, with each "
+        "method's default); an option the method does not take is refused.\n\n\b\n" + lines
+    )
+
+
+@main.command("distill", cls=ConfigCommand, config_cls=TrainConfig, defaults=DISTILL_DEFAULTS, help=_distill_help())
 @click.option("--student", "model", help="Student architecture.")
 @click.option("--teacher", help="Teacher architecture (online distillation).")
 @click.option("--teacher-weights", help=f"Teacher weights (online distillation): {WEIGHTS_HELP}.")
 @click.option("--cache", help="Stage-1 logit store (a path or a URL: s3://, gs://, file://): distil with no teacher forward pass.")
-@click.option("--method", help="ce | kd | dkd | binary_kl | dhkd")
-@click.option("--kd-loss", type=click.Choice(tuple(KD_LOSSES)), help="Head-2 loss of dhkd (default binary_kl_norm, as published).")
-@click.option("--alpha", type=float, help="Weight of the distillation loss.")
-@click.option("--gamma", type=float, help="Weight of cross-entropy.")
-@click.option("--beta", type=float, help="DKD's non-target weight.")
-@click.option("--temperature", type=float)
-@click.option("--warmup-epochs", type=int, help="DKD's linear warm-up of the distillation term.")
+@click.option("--method", type=click.Choice(list(METHODS)), help="Distillation method (see above).")
+@click.option("--kd-loss", type=click.Choice(tuple(KD_LOSSES)), help=option_help("kd_loss"))
+@click.option("--alpha", type=float, help=option_help("alpha"))
+@click.option("--gamma", type=float, help=option_help("gamma"))
+@click.option("--beta", type=float, help=option_help("beta"))
+@click.option("--temperature", type=float, help=option_help("temperature"))
+@click.option("--warmup-epochs", type=int, help=option_help("warmup_epochs"))
 @click.option("--aux-head", type=click.Choice(AUX_HEADS))
 @click.option("--grad-align/--no-grad-align", default=None,
               help="dhkd only: gradient alignment as published (PCGrad over all parameter gradients): where the "
@@ -181,7 +190,6 @@ def train_teacher_cmd(config_file, resume, overwrite, **options):
 @training_options
 @user_errors
 def distill_cmd(config_file, resume, overwrite, **options):
-    """Distil a student, online from a teacher or from a stage-1 store (--cache)."""
     from .stages.distill import distill
 
     cfg = _train_config(config_file, DISTILL_DEFAULTS, resume=resume, overwrite=overwrite, **options)

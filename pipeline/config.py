@@ -28,9 +28,11 @@ EXPORT_FORMATS = ("onnx",)  # `dhkd-pipe export`; training itself writes model.p
 class TrainConfig:
     """Everything a training run (teacher, online or cached distillation) depends on.
 
-    ``alpha``/``gamma``/``temperature`` left as None take the method's published defaults
-    (``dhkd_pipe.methods``). ``data`` has no default: it is named, or comes from the ``cache``
-    store, which records its data set.
+    The method's options (``gamma``, ``alpha``, ``beta``, ``temperature``, ``kd_loss``,
+    ``warmup_epochs``) left as None take the method's published defaults; what each weighs depends
+    on the method (``dhkd_pipe.methods``), and setting one the method does not take is an error.
+    ``data`` has no default: it is named, or comes from the ``cache`` store, which records its data
+    set.
     """
 
     data: str | None = None
@@ -39,12 +41,12 @@ class TrainConfig:
     teacher: str | None = None
     teacher_weights: str | None = None
     cache: str | None = None
-    kd_loss: str = "binary_kl_norm"
+    kd_loss: str | None = None
     alpha: float | None = None
     gamma: float | None = None
-    beta: float = 8.0
+    beta: float | None = None
     temperature: float | None = None
-    warmup_epochs: int = 20
+    warmup_epochs: int | None = None
     aux_head: str = "linear"
     grad_align: bool = False  # the published PCGrad over parameter gradients (dhkd_pipe.grad_align)
     grad_align_features: bool = False  # this project's per-sample feature variant (AlignedSplit)
@@ -74,7 +76,8 @@ class TrainConfig:
 
         choose("precision", self.precision, PRECISIONS)
         choose("kernels", self.kernels, BACKENDS)
-        choose("kd_loss", self.kd_loss, tuple(KD_LOSSES))
+        if self.kd_loss is not None:
+            choose("kd_loss", self.kd_loss, tuple(KD_LOSSES))
         choose("aux_head", self.aux_head, AUX_HEADS)
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
@@ -89,6 +92,9 @@ class TrainConfig:
             raise DhkdError("workers, checkpoint_every, max_steps and val_every must not be negative")
         if not self.data and not self.cache:
             raise DhkdError(missing_data("; or distil from a stage-1 store with --cache STORE, which records its data"))
+        from .methods import from_config
+
+        from_config(self)  # the method exists and takes the options that are set
         return self
 
     def to_dict(self) -> dict:

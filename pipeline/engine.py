@@ -26,7 +26,7 @@ from .errors import DhkdError
 from .exported import write_exported
 from .grad_align import aligned_backward
 from .loader import PlanEpochs, StoreEpochs, ViewLoader
-from .methods import LossSpec
+from .methods import Method, from_config
 from .views import ViewPlan
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ class Run:
     cfg: TrainConfig
     accelerator: Accelerator
     data: Dataset
-    loss: LossSpec
+    loss: Method
     model: torch.nn.Module
     teacher: torch.nn.Module | None
     loader: ViewLoader  # its ``epochs`` is an EpochSource: PlanEpochs or StoreEpochs
@@ -123,8 +123,7 @@ def prepare(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> 
     from .data import load_data, load_store_data
     from .models import create_model, default_weights, load_checkpoint
 
-    loss = LossSpec.from_config(cfg)
-    method = loss.method
+    loss = method = from_config(cfg)
     online = method.needs_teacher and not cfg.cache
     if online and not cfg.teacher:
         raise DhkdError(f"--method {method.name} needs a teacher: --cache STORE, or --teacher NAME [--teacher-weights FILE]")
@@ -310,11 +309,13 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, disable=not enabled or None, leave=False, dynamic_ncols=True, file=sys.stderr)
 
 
-def train_step(run: Run, batch, epoch: int) -> torch.Tensor:
-    """Forward, loss, backward, optimizer step on one batch; returns the detached loss.
+def train_step(run: Run, batch, epoch: int) -> dict[str, torch.Tensor]:
+    """Forward, loss, backward, optimizer step on one batch; returns the method's named loss terms
+    (``ce``, ``kd``, ..., ``total``), still attached to the graph.
 
-    With ``cfg.grad_align`` the two objectives' parameter gradients are aligned as published
-    (``dhkd_pipe.grad_align``) instead of back-propagating their sum.
+    With ``cfg.grad_align`` the two objectives' parameter gradients (``terms["ce"]``,
+    ``terms["kd"]``) are aligned as published (``dhkd_pipe.grad_align``) instead of back-propagating
+    ``terms["total"]``.
     """
     acc, model, optimizer = run.accelerator, run.model, run.optimizer
     with acc.autocast():
@@ -323,24 +324,27 @@ def train_step(run: Run, batch, epoch: int) -> torch.Tensor:
         if teacher is None and run.teacher is not None:
             with torch.no_grad():
                 teacher = run.teacher(batch.images)
-        if run.cfg.grad_align:
-            terms = run.loss.terms(outputs, batch.labels, teacher, batch.teacher_scale, epoch)
-            loss = terms["total"]
-        else:
-            loss = run.loss(outputs, batch.labels, teacher, batch.teacher_scale, epoch)
+        terms = run.loss.terms(outputs, batch.labels, teacher, batch.teacher_scale, epoch)
     optimizer.zero_grad(set_to_none=True)
     if run.cfg.grad_align:
         aligned_backward(terms["ce"], terms["kd"], model.parameters(), acc)
     else:
-        acc.backward(loss)
+        acc.backward(terms["total"])
     optimizer.step()
-    return loss.detach()
+    return terms
+
+
+def metric_names(method: Method) -> list[str]:
+    """``metrics.jsonl`` keys of a method's per-epoch mean loss terms: ``train_loss`` (the total),
+    then ``train_<term>`` for each named term."""
+    return ["train_loss"] + [f"train_{name}" for name in method.term_names]
 
 
 def train(run: Run, log=log_line) -> dict:
     """Runs the loop from the run's start point to ``cfg.epochs``; returns the summary."""
     cfg, acc, model, loader, optimizer = run.cfg, run.accelerator, run.model, run.loader, run.optimizer
     main = acc.is_main_process
+    names = ("total",) + run.loss.term_names
     total_steps = steps_done = 0
     started = time.perf_counter()
     _start_tracking(run)
@@ -349,11 +353,12 @@ def train(run: Run, log=log_line) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(cfg, epoch)
         skip = run.start_step if epoch == run.start_epoch else 0
-        loss_sum = torch.zeros((), device=acc.device)
+        term_sums = torch.zeros(len(names), device=acc.device)  # summed on the device: no sync per step
         seen, t0 = 0, time.perf_counter()
         bar = _progress(len(loader) - skip, f"epoch {epoch + 1}/{cfg.epochs}", main)
         for step, batch in enumerate(loader.epoch(epoch, skip), start=skip):
-            loss_sum += train_step(run, batch, epoch)
+            terms = train_step(run, batch, epoch)
+            term_sums += torch.stack([terms[k].detach().float() for k in names])
             seen += len(batch.labels)
             steps_done += 1
             if run.step_ends is not None:
@@ -372,13 +377,10 @@ def train(run: Run, log=log_line) -> dict:
         bar.close()
         train_time = time.perf_counter() - t0
         total_steps += len(loader) - skip
-        metrics = {
-            "epoch": epoch + 1,
-            "lr": lr_at(cfg, epoch),
-            "train_loss": float(acc.reduce(loss_sum, "sum")) / max(1, (len(loader) - skip) * acc.num_processes),
-            "images_per_sec": seen * acc.num_processes / train_time,
-            "epoch_time": train_time,
-        }
+        means = (acc.reduce(term_sums, "sum") / max(1, (len(loader) - skip) * acc.num_processes)).tolist()
+        metrics = {"epoch": epoch + 1, "lr": lr_at(cfg, epoch)}
+        metrics.update(zip(metric_names(run.loss), means))
+        metrics.update({"images_per_sec": seen * acc.num_processes / train_time, "epoch_time": train_time})
         if _validates(cfg, epoch):
             metrics.update({f"val_{k}": v for k, v in evaluate(acc.unwrap_model(model), run.renderer, cfg.batch_size * 2, acc).items()})
         run.history.append(metrics)
@@ -386,7 +388,8 @@ def train(run: Run, log=log_line) -> dict:
             _append_metrics(cfg.out, metrics)
             acc.log(metrics, step=metrics["epoch"])  # the trackers get exactly the metrics.jsonl line
             val = f"val top-1 {metrics['val_top1']:.2f}%  " if "val_top1" in metrics else ""
-            log(f"epoch {epoch + 1}/{cfg.epochs}  loss {metrics['train_loss']:.4f}  {val}{metrics['images_per_sec']:.0f} img/s")
+            parts = "  ".join(f"{k} {metrics['train_' + k]:.4f}" for k in run.loss.term_names)
+            log(f"epoch {epoch + 1}/{cfg.epochs}  loss {metrics['train_loss']:.4f} ({parts})  {val}{metrics['images_per_sec']:.0f} img/s")
         _save_state(run, epoch, len(loader))
         acc.wait_for_everyone()
     _end_tracking(run)
@@ -413,6 +416,7 @@ def _finish(run: Run, wall: float) -> dict:
     summary = {
         "model": cfg.model,
         "method": cfg.method,
+        "method_params": run.loss.params(),
         "data": run.data_spec or cfg.data,
         "num_classes": run.data.num_classes,
         "epochs": cfg.epochs,

@@ -1,9 +1,9 @@
 """The losses: PyTorch references (the ground truth the Triton kernels in ``dhkd_pipe.kernels``
 match), the one int8 dequantise, and the dispatch between the two backends.
 
-``dhkd_loss`` and ``cross_entropy`` are what training calls: with backend "auto" they run the
-fused Triton kernel on CUDA tensors (when triton imports) and the reference otherwise; "triton"
-forces the kernel, "torch" the reference (``BACKENDS``). The reference path never imports triton.
+``dhkd_terms`` (with its sum ``dhkd_loss``) and ``cross_entropy`` are what training calls: with
+backend "auto" they run the fused Triton kernel on CUDA tensors (when triton imports) and the
+reference otherwise; "triton" forces the kernel, "torch" the reference (``BACKENDS``). The reference path never imports triton.
 
 Notation: B rows, K classes, temperature T, student logits s, teacher logits t (both (B, K)),
 sigma the sigmoid, softplus(x) = log(1 + e^x). Every loss is computed in float32 (float16 and
@@ -107,12 +107,11 @@ def binary_kl_norm_loss(s: torch.Tensor, t: torch.Tensor, T: float) -> torch.Ten
     return (T * T / s.shape[0]) * kl.sum()
 
 
-def dkd_loss(s: torch.Tensor, t: torch.Tensor, target: torch.Tensor, alpha: float, beta: float, T: float):
-    """Decoupled KD (Zhao et al. 2022), the value mdistiller's ``dkd_loss`` computes:
-    alpha * TCKD + beta * NCKD, both scaled by T^2/B.
+def dkd_terms(s: torch.Tensor, t: torch.Tensor, target: torch.Tensor, T: float):
+    """Decoupled KD's two terms (Zhao et al. 2022), unweighted: (T^2/B * TCKD, T^2/B * NCKD).
 
     With p = softmax(t/T), q = softmax(s/T) and y the label:
-      TCKD = sum_i KL([p_y, 1-p_y] || [q_y, 1-q_y])
+      TCKD = sum_i KL([p_y, 1-p_y] || [q_y, 1-q_y])   (target class against the rest)
       NCKD = sum_i KL(p_hat || q_hat), p_hat / q_hat the softmax over the non-target classes only.
     mdistiller forms these as log(sum of softmax) and masks the target with -1000; here
     log q_y = s_y/T - lse(s/T), log(1-q_y) = lse_{k!=y}(s/T) - lse(s/T) and the target is masked
@@ -121,7 +120,8 @@ def dkd_loss(s: torch.Tensor, t: torch.Tensor, target: torch.Tensor, alpha: floa
     s, t = _upcast(s, t)
     B, K = s.shape
     if K == 1:
-        return s.sum() * 0.0
+        zero = s.sum() * 0.0
+        return zero, zero
     zs, zt = s / T, t / T
     y = target.long().view(-1, 1)
     gt = torch.zeros_like(zs, dtype=torch.bool).scatter_(1, y, True)
@@ -137,7 +137,16 @@ def dkd_loss(s: torch.Tensor, t: torch.Tensor, target: torch.Tensor, alpha: floa
     lp_hat = torch.where(gt, torch.zeros_like(zt), zt - lse_nt_t[:, None])
     p_hat = torch.where(gt, torch.zeros_like(zt), lp_hat.exp())
     nckd = (p_hat * (lp_hat - lq_hat)).sum()
-    return (T * T / B) * (alpha * tckd + beta * nckd)
+    scale = T * T / B
+    return scale * tckd, scale * nckd
+
+
+def dkd_loss(s: torch.Tensor, t: torch.Tensor, target: torch.Tensor, alpha: float, beta: float, T: float):
+    """Decoupled KD, the value mdistiller's ``dkd_loss`` computes: alpha * TCKD + beta * NCKD, both
+    scaled by T^2/B (``dkd_terms``). alpha weighs only the target-class term, beta only the
+    non-target term."""
+    tckd, nckd = dkd_terms(s, t, target, T)
+    return alpha * tckd + beta * nckd
 
 
 KD_LOSSES = {
@@ -179,6 +188,51 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, backend: str = 
     return ce_loss(logits, target)
 
 
+def dhkd_terms(
+    logits_ce: torch.Tensor,
+    logits_kd: torch.Tensor,
+    teacher: torch.Tensor | None,
+    target: torch.Tensor,
+    *,
+    temperature: float,
+    alpha: float,
+    gamma: float,
+    kd_loss: str,
+    teacher_scale: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gamma * CE(logits_ce, target), alpha * KD_LOSSES[kd_loss](logits_kd, teacher)): two float32
+    scalars, each with its own gradient, so the two objectives can be logged and differentiated
+    apart; on the Triton path both come from one fused launch.
+
+    ``teacher`` is float16/bfloat16/float32 logits, or int8 with a per-row float ``teacher_scale``
+    (B,) (see ``dequantize``), or None (CE only: the KD term is a constant 0; then ``alpha`` must be
+    0). ``logits_ce`` and ``logits_kd`` may be the same tensor (single-head methods): autograd sums
+    both gradients. ``backend`` (a name of ``BACKENDS``): "auto" runs the fused Triton kernel
+    (``kernels.fused_dhkd_terms``) on CUDA tensors when triton imports and the reference losses
+    otherwise; "triton" forces the kernel (DhkdError if it cannot run here); "torch" the
+    reference. No gradient flows to the teacher.
+    """
+    kd = get_kd_loss(kd_loss)
+    if teacher is None and alpha != 0:
+        raise DhkdError("this loss needs teacher logits (alpha != 0) but none were given")
+    if logits_ce.dim() != 2 or logits_ce.shape != logits_kd.shape:
+        raise DhkdError(
+            f"both heads must be (B, K) logits of one shape, got {tuple(logits_ce.shape)} and {tuple(logits_kd.shape)}"
+        )
+    if teacher is None:
+        ce = gamma * cross_entropy(logits_ce, target, backend=backend)
+        return ce, ce.new_zeros(())
+    if _use_triton(backend, logits_ce):
+        from .kernels import fused_dhkd_terms
+
+        return fused_dhkd_terms(
+            logits_ce, logits_kd, teacher, target, temperature=temperature, alpha=alpha, gamma=gamma,
+            kd_loss=kd_loss, teacher_scale=teacher_scale,
+        )
+    return gamma * ce_loss(logits_ce, target), alpha * kd(logits_kd, dequantize(teacher, teacher_scale), temperature)
+
+
 def dhkd_loss(
     logits_ce: torch.Tensor,
     logits_kd: torch.Tensor,
@@ -192,30 +246,11 @@ def dhkd_loss(
     teacher_scale: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """gamma * CE(logits_ce, target) + alpha * KD_LOSSES[kd_loss](logits_kd, teacher), a float32 scalar.
-
-    ``teacher`` is float16/bfloat16/float32 logits, or int8 with a per-row float ``teacher_scale``
-    (B,) (see ``dequantize``), or None (CE only; then ``alpha`` must be 0). ``logits_ce`` and
-    ``logits_kd`` may be the same tensor (single-head methods): autograd sums both gradients.
-    ``backend`` (a name of ``BACKENDS``): "auto" runs the fused Triton kernel
-    (``kernels.fused_dhkd_loss``, one launch for both terms) on CUDA tensors when triton imports and
-    the reference losses otherwise; "triton" forces the kernel (DhkdError if it cannot run here);
-    "torch" the reference. No gradient flows to the teacher.
-    """
-    kd = get_kd_loss(kd_loss)
-    if teacher is None and alpha != 0:
-        raise DhkdError("this loss needs teacher logits (alpha != 0) but none were given")
-    if logits_ce.dim() != 2 or logits_ce.shape != logits_kd.shape:
-        raise DhkdError(
-            f"both heads must be (B, K) logits of one shape, got {tuple(logits_ce.shape)} and {tuple(logits_kd.shape)}"
-        )
-    if teacher is None:
-        return gamma * cross_entropy(logits_ce, target, backend=backend)
-    if _use_triton(backend, logits_ce):
-        from .kernels import fused_dhkd_loss
-
-        return fused_dhkd_loss(
-            logits_ce, logits_kd, teacher, target, temperature=temperature, alpha=alpha, gamma=gamma,
-            kd_loss=kd_loss, teacher_scale=teacher_scale,
-        )
-    return gamma * ce_loss(logits_ce, target) + alpha * kd(logits_kd, dequantize(teacher, teacher_scale), temperature)
+    """gamma * CE(logits_ce, target) + alpha * KD_LOSSES[kd_loss](logits_kd, teacher), a float32
+    scalar: the sum of ``dhkd_terms`` (same arguments and checks; one fused launch on the Triton
+    path)."""
+    ce, kd = dhkd_terms(
+        logits_ce, logits_kd, teacher, target, temperature=temperature, alpha=alpha, gamma=gamma,
+        kd_loss=kd_loss, teacher_scale=teacher_scale, backend=backend,
+    )
+    return ce + kd

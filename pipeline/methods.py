@@ -1,119 +1,252 @@
-"""The loss registry: one entry per ``--method``, shared by online and cached distillation.
+"""Distillation methods: one small object per ``--method``, shared by online and cached distillation.
 
-Every method maps (student outputs, labels, teacher logits) to a scalar loss. The distillation
-methods that the fused kernel covers (``kd``, ``binary_kl``, ``dhkd``) go through
-``dhkd_pipe.losses.dhkd_loss``, which uses Triton on CUDA tensors and the PyTorch reference
-elsewhere; a single-head method passes the same logits as both heads, and autograd sums the two
-gradients.
+A method is a frozen dataclass built with keywords (``DKD(beta=4.0)``); its fields are its options
+with their published defaults, and ``knobs`` says in words what each one weighs. ``terms(outputs,
+target, teacher, teacher_scale, epoch)`` returns the batch's named loss terms, float32 scalars:
+
+- ``ce``: the weighted cross-entropy (head 1 for dual-head methods),
+- ``kd``: the weighted distillation term (absent for ``ce``),
+- ``total`` = ce + kd, what training back-propagates,
+
+each with its own gradient, so a caller can differentiate ``ce`` and ``kd`` apart. A method may add
+the weighted parts of ``kd`` for logging (``term_names`` lists every term but ``total``). CE, KD and
+the binary KL losses go through ``dhkd_pipe.losses.dhkd_terms`` (one fused Triton launch on CUDA
+tensors, the PyTorch reference elsewhere); a single-head method passes its logits as both heads.
+
+Adding a method: its class here and one entry in ``METHODS``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from . import losses
 from .errors import DhkdError
+from .losses import KD_LOSSES, dhkd_terms
+
+# the config options a method may own (TrainConfig fields); None there means "the method's default"
+OPTIONS = ("gamma", "alpha", "beta", "temperature", "kd_loss", "warmup_epochs")
+BINARY_KL_LOSSES = ("binary_kl_norm", "binary_kl")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Method:
-    name: str
-    dual_head: bool
-    needs_teacher: bool
-    gamma: float  # weight of cross-entropy on the (first) head
-    alpha: float  # weight of the distillation term
-    temperature: float
-    summary: str
+    """Base of every method: what the engine asks of it."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]  # one line for ``dhkd-pipe distill --help``
+    knobs: ClassVar[dict[str, str]]  # option -> what it weighs / sets, in words
+    term_names: ClassVar[tuple[str, ...]] = ("ce", "kd")
+    dual_head: ClassVar[bool] = False
+    needs_teacher: ClassVar[bool] = True
+
+    backend: str = "auto"  # losses: "auto" (Triton on CUDA), "triton" or "torch"
+
+    def __post_init__(self):
+        if getattr(self, "temperature", 1.0) <= 0:
+            raise DhkdError(f"bad temperature {self.temperature} for --method {self.name}: must be positive")
+
+    def terms(self, outputs, target, teacher=None, teacher_scale=None, epoch: int = 0) -> dict[str, torch.Tensor]:
+        """The named loss terms of one batch. ``outputs``: the student's logits, or (head 1, head 2)
+        for dual-head methods; ``teacher``: float logits, or int8 with ``teacher_scale`` (B,);
+        ``epoch``: 0-based, for schedules (DKD's warm-up)."""
+        raise NotImplementedError
+
+    def params(self) -> dict:
+        """The method's options as resolved (defaults filled in)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "backend"}
+
+    def _fused(self, head_ce, head_kd, teacher, target, teacher_scale, kd_loss):
+        ce, kd = dhkd_terms(
+            head_ce, head_kd, teacher, target, temperature=self.temperature, alpha=self.alpha, gamma=self.gamma,
+            kd_loss=kd_loss, teacher_scale=teacher_scale, backend=self.backend,
+        )
+        return {"ce": ce, "kd": kd, "total": ce + kd}
 
 
-METHODS = {
-    m.name: m
-    for m in (
-        Method("ce", False, False, 1.0, 0.0, 1.0, "the student alone, cross-entropy on the labels"),
-        Method("kd", False, True, 0.1, 0.9, 4.0, "Hinton KD: CE + softmax KL at temperature T"),
-        Method("dkd", False, True, 1.0, 1.0, 4.0, "decoupled KD (Zhao et al. 2022), warmed up"),
-        Method("binary_kl", False, True, 1.0, 1.0, 4.0, "CE and BinaryKL on one head (the collapsing ablation)"),
-        Method("dhkd", True, True, 1.0, 1.0, 4.0, "dual-head KD: CE on head 1, BinaryKL on head 2"),
-    )
-}
+@dataclass(frozen=True, kw_only=True)
+class CE(Method):
+    """The student alone: gamma * CE(s, y)."""
+
+    name = "ce"
+    summary = "the student alone: cross-entropy on the labels"
+    knobs = {"gamma": "weight of CE"}
+    term_names = ("ce",)
+    needs_teacher = False
+
+    gamma: float = 1.0
+
+    def terms(self, outputs, target, teacher=None, teacher_scale=None, epoch=0):
+        ce = self.gamma * losses.cross_entropy(outputs, target, backend=self.backend)
+        return {"ce": ce, "total": ce}
 
 
-def get_method(name: str) -> Method:
+@dataclass(frozen=True, kw_only=True)
+class KD(Method):
+    """Hinton et al. 2015 with mdistiller's defaults (``configs/cifar100/kd.yaml``: CE weight 0.1,
+    KD weight 0.9, T 4): gamma * CE(s, y) + alpha * T^2 KL(softmax(t/T) || softmax(s/T))."""
+
+    name = "kd"
+    summary = "Hinton KD: CE + softmax KL at temperature T (mdistiller: 0.1 CE + 0.9 KL, T 4)"
+    knobs = {"gamma": "weight of CE", "alpha": "weight of the softmax KL", "temperature": "T of the KL"}
+
+    gamma: float = 0.1
+    alpha: float = 0.9
+    temperature: float = 4.0
+
+    def terms(self, outputs, target, teacher=None, teacher_scale=None, epoch=0):
+        return self._fused(outputs, outputs, teacher, target, teacher_scale, "kd")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DKD(Method):
+    """Decoupled KD (Zhao et al. 2022) as mdistiller's ``distillers/DKD.py``:
+    gamma * CE(s, y) + min(1, (epoch + 1) / warmup_epochs) * (alpha * TCKD + beta * NCKD), both
+    KL terms at temperature T with T^2 (``losses.dkd_terms``). alpha weighs only the target-class
+    term TCKD, beta only the non-target term NCKD; mdistiller's CIFAR-100 defaults: CE weight 1,
+    alpha 1, beta 8, T 4, 20 warm-up epochs (its epochs count from 1, ours from 0)."""
+
+    name = "dkd"
+    summary = "decoupled KD (Zhao et al. 2022): CE + alpha TCKD + beta NCKD, linear warm-up"
+    knobs = {
+        "gamma": "weight of CE",
+        "alpha": "weight of TCKD (the target-class binary KL)",
+        "beta": "weight of NCKD (the KL among the non-target classes)",
+        "temperature": "T of TCKD and NCKD",
+        "warmup_epochs": "epochs over which alpha*TCKD + beta*NCKD ramps up linearly",
+    }
+    term_names = ("ce", "kd", "tckd", "nckd")
+
+    gamma: float = 1.0
+    alpha: float = 1.0
+    beta: float = 8.0
+    temperature: float = 4.0
+    warmup_epochs: int = 20
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.warmup_epochs < 0:
+            raise DhkdError(f"bad warmup_epochs {self.warmup_epochs}: must not be negative")
+
+    def warmup(self, epoch: int) -> float:
+        """The distillation term's factor in (0-based) ``epoch``: mdistiller's min(epoch / warmup, 1)
+        with its 1-based epochs."""
+        return min(1.0, (epoch + 1) / self.warmup_epochs) if self.warmup_epochs else 1.0
+
+    def terms(self, outputs, target, teacher=None, teacher_scale=None, epoch=0):
+        t = losses.dequantize(teacher, teacher_scale)
+        tckd, nckd = losses.dkd_terms(outputs, t, target, self.temperature)
+        warm = self.warmup(epoch)
+        tckd, nckd = (warm * self.alpha) * tckd, (warm * self.beta) * nckd
+        ce = self.gamma * losses.cross_entropy(outputs, target, backend=self.backend)
+        kd = tckd + nckd
+        return {"ce": ce, "kd": kd, "tckd": tckd, "nckd": nckd, "total": ce + kd}
+
+
+@dataclass(frozen=True, kw_only=True)
+class BinaryKL(Method):
+    """CE and BinaryKL on one head, the ablation the DHKD paper shows degrading:
+    gamma * CE(s, y) + alpha * BinaryKL(s, t) at temperature T. ``kd_loss`` picks the binary KL form
+    (``binary_kl_norm`` by default, the form the published DHKD code trains with, so that this
+    differs from ``dhkd`` only in having one head); softmax KL on one head is ``--method kd``."""
+
+    name = "binary_kl"
+    summary = "CE and BinaryKL on ONE head (the ablation the DHKD paper shows degrading)"
+    knobs = {
+        "gamma": "weight of CE",
+        "alpha": "weight of the BinaryKL(-norm) on the same head",
+        "temperature": "T of the BinaryKL",
+        "kd_loss": "which binary KL, binary_kl_norm or binary_kl",
+    }
+
+    gamma: float = 1.0
+    alpha: float = 1.0
+    temperature: float = 4.0
+    kd_loss: str = "binary_kl_norm"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.kd_loss not in BINARY_KL_LOSSES:
+            raise DhkdError(
+                f"--method binary_kl takes --kd-loss {' or '.join(BINARY_KL_LOSSES)}, not {self.kd_loss!r} "
+                "(softmax KL on one head is --method kd)"
+            )
+
+    def terms(self, outputs, target, teacher=None, teacher_scale=None, epoch=0):
+        return self._fused(outputs, outputs, teacher, target, teacher_scale, self.kd_loss)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DHKD(Method):
+    """Dual-head KD (Yang et al., arXiv 2411.08937): gamma * CE(head 1, y) + alpha * KD(head 2, t),
+    KD = BinaryKL-norm by default (the published code's ``BinaryKLNorm``), or ``binary_kl`` / ``kd``.
+    The published code's options: ``-r`` gamma (1), ``-a`` alpha, ``--BinaryKL_T``."""
+
+    name = "dhkd"
+    summary = "dual-head KD: CE on head 1, BinaryKL(-norm) on head 2 (dropped at export)"
+    knobs = {
+        "gamma": "weight of CE on head 1",
+        "alpha": "weight of the head-2 loss (--kd-loss)",
+        "temperature": "T of the head-2 loss",
+        "kd_loss": "head-2 loss, binary_kl_norm (as published), binary_kl or kd",
+    }
+    dual_head = True
+
+    gamma: float = 1.0
+    alpha: float = 1.0
+    temperature: float = 4.0
+    kd_loss: str = "binary_kl_norm"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.kd_loss not in KD_LOSSES:
+            raise DhkdError(f"unknown kd_loss {self.kd_loss!r}; choose one of: {', '.join(KD_LOSSES)}")
+
+    def terms(self, outputs, target, teacher=None, teacher_scale=None, epoch=0):
+        head1, head2 = outputs
+        return self._fused(head1, head2, teacher, target, teacher_scale, self.kd_loss)
+
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (CE, KD, DKD, BinaryKL, DHKD)}
+
+
+def get_method(name: str) -> type[Method]:
     if name not in METHODS:
         raise DhkdError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
     return METHODS[name]
 
 
-@dataclass(frozen=True)
-class LossSpec:
-    """A method with its weights resolved from the config."""
+def option_defaults(cls: type[Method]) -> dict:
+    """The config options ``cls`` takes (its fields but ``backend``) with their defaults."""
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.name != "backend"}
 
-    method: Method
-    kd_loss: str
-    alpha: float
-    gamma: float
-    temperature: float
-    beta: float
-    warmup_epochs: int
-    backend: str
 
-    @classmethod
-    def from_config(cls, cfg) -> "LossSpec":
-        m = get_method(cfg.method)
-        return cls(
-            method=m,
-            kd_loss=cfg.kd_loss,
-            alpha=m.alpha if cfg.alpha is None else cfg.alpha,
-            gamma=m.gamma if cfg.gamma is None else cfg.gamma,
-            temperature=m.temperature if cfg.temperature is None else cfg.temperature,
-            beta=cfg.beta,
-            warmup_epochs=cfg.warmup_epochs,
-            backend=cfg.kernels,
-        )
+def option_names(cls: type[Method]) -> tuple[str, ...]:
+    """The config options ``cls`` takes."""
+    return tuple(option_defaults(cls))
 
-    def terms(self, outputs, target, teacher=None, teacher_scale=None, epoch: int = 0) -> dict:
-        """dhkd's two objectives apart, for gradient alignment: ``{"ce": gamma * CE(head 1),
-        "kd": alpha * KD(head 2), "total": their sum}`` (same backend as ``__call__``)."""
-        from .losses import dhkd_loss
 
-        if self.method.name != "dhkd":
-            raise DhkdError(f"--method {self.method.name} has no separate CE and distillation heads")
-        head1, head2 = outputs
-        kw = dict(temperature=self.temperature, kd_loss=self.kd_loss, teacher_scale=teacher_scale, backend=self.backend)
-        ce = dhkd_loss(head1, head2, None, target, alpha=0.0, gamma=self.gamma, **kw)
-        kd = dhkd_loss(head1, head2, teacher, target, alpha=self.alpha, gamma=0.0, **kw)
-        return {"ce": ce, "kd": kd, "total": ce + kd}
+def from_config(cfg) -> Method:
+    """The config's method with its options: those set in ``cfg`` (not None) override the method's
+    defaults; an option the method does not take is a user error, not silently ignored."""
+    cls = get_method(cfg.method)
+    given = {k: getattr(cfg, k) for k in OPTIONS if getattr(cfg, k, None) is not None}
+    stray = [k for k in given if k not in option_names(cls)]
+    if stray:
+        flags = ", ".join("--" + k.replace("_", "-") for k in stray)
+        takes = ", ".join("--" + k.replace("_", "-") for k in option_names(cls))
+        raise DhkdError(f"--method {cls.name} does not use {flags} (it takes {takes})")
+    return cls(backend=cfg.kernels, **given)
 
-    def __call__(self, outputs, target, teacher=None, teacher_scale=None, epoch: int = 0) -> torch.Tensor:
-        """The batch loss. ``outputs`` is one logits tensor, or (head 1, head 2) for dual-head
-        methods; ``teacher`` may be float or int8 with ``teacher_scale`` (B,)."""
-        from .losses import dhkd_loss
 
-        name = self.method.name
-        if name == "ce":
-            return self.gamma * losses.cross_entropy(outputs, target, backend=self.backend)
-        if name == "dkd":
-            t = losses.dequantize(teacher, teacher_scale)
-            warm = min(1.0, (epoch + 1) / self.warmup_epochs) if self.warmup_epochs else 1.0
-            kd = losses.dkd_loss(outputs, t, target, alpha=self.alpha, beta=self.beta, T=self.temperature)
-            return self.gamma * losses.ce_loss(outputs, target) + warm * kd
-        if name == "dhkd":
-            head1, head2 = outputs
-            kd_loss = self.kd_loss
-        else:
-            head1 = head2 = outputs
-            kd_loss = "kd" if name == "kd" else self.kd_loss
-        return dhkd_loss(
-            head1,
-            head2,
-            teacher,
-            target,
-            temperature=self.temperature,
-            alpha=self.alpha,
-            gamma=self.gamma,
-            kd_loss=kd_loss,
-            teacher_scale=teacher_scale,
-            backend=self.backend,
-        )
+def option_help(option: str) -> str:
+    """What ``option`` means for each method that takes it, with the default: for ``--help``."""
+    parts = []
+    for cls in METHODS.values():
+        if option in cls.knobs:
+            parts.append(f"{cls.name}: {cls.knobs[option]}, default {option_defaults(cls)[option]}")
+    return "; ".join(parts) + "."

@@ -1,4 +1,5 @@
-"""``dhkd-pipe report``: runs overlaid per epoch (validation accuracy, training loss) and a table."""
+"""``dhkd-pipe report``: runs overlaid per epoch (validation accuracy, training loss, the method's
+named loss terms) and a table."""
 
 from __future__ import annotations
 
@@ -23,6 +24,15 @@ def read_run(run_dir: str) -> tuple[list[dict], dict]:
     except json.JSONDecodeError as e:
         raise DhkdError(f"corrupt metrics in {run_dir}: {e}") from None
     return history, summary
+
+
+def loss_terms(history: list[dict]) -> list[str]:
+    """The named loss terms a run logged (``train_ce``, ``train_kd``, ...; not the total
+    ``train_loss``), in the order first seen. Runs written before terms were logged have none."""
+    names = {}
+    for h in history:
+        names.update({k[len("train_"):]: None for k in h if k.startswith("train_") and k != "train_loss"})
+    return list(names)
 
 
 def run_label(run_dir: str, summary: dict) -> str:
@@ -52,13 +62,19 @@ def write_report(run_dirs: list[str], out: str) -> str:
     import matplotlib.pyplot as plt
 
     runs = [(d, *read_run(d)) for d in run_dirs]
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_acc, ax_loss, ax_terms) = plt.subplots(1, 3, figsize=(16, 4))
     rows = []
+    styles = {}  # term -> line style, the same for every run
     for run_dir, history, summary in runs:
         label = run_label(run_dir, summary)
         validated = [h for h in history if "val_top1" in h]  # --val-every N skips some epochs
-        ax_acc.plot([h["epoch"] for h in validated], [h["val_top1"] for h in validated], marker=".", label=label)
-        ax_loss.plot([h["epoch"] for h in history], [h["train_loss"] for h in history], marker=".", label=label)
+        (line,) = ax_acc.plot([h["epoch"] for h in validated], [h["val_top1"] for h in validated], marker=".", label=label)
+        ax_loss.plot([h["epoch"] for h in history], [h["train_loss"] for h in history], marker=".", label=label,
+                     color=line.get_color())
+        for term in loss_terms(history):
+            style = styles.setdefault(term, ("-", "--", ":", "-.")[len(styles) % 4])
+            points = [(h["epoch"], h[f"train_{term}"]) for h in history if h.get(f"train_{term}") is not None]
+            ax_terms.plot(*zip(*points), linestyle=style, color=line.get_color())
         rows.append(
             {
                 "run": label,
@@ -70,10 +86,14 @@ def write_report(run_dirs: list[str], out: str) -> str:
             }
         )
     ax_acc.set(xlabel="epoch", ylabel="validation top-1 (%)", title="Validation accuracy")
-    ax_loss.set(xlabel="epoch", ylabel="training loss", title="Training loss", yscale="log")
-    for ax in (ax_acc, ax_loss):
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="Training loss (total)", yscale="log")
+    ax_terms.set(xlabel="epoch", ylabel="weighted term", title="Loss terms (colour: run)", yscale="log")
+    for term, style in styles.items():  # legend of line styles only
+        ax_terms.plot([], [], linestyle=style, color="black", label=term)
+    for ax in (ax_acc, ax_loss, ax_terms):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     try:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -25,7 +25,7 @@ from dhkd_pipe.kernels import (  # noqa: E402
     triton_available,
 )
 from dhkd_pipe.kernels.fused_dhkd import dhkd_forward  # noqa: E402
-from dhkd_pipe.losses import cross_entropy, dhkd_loss  # noqa: E402
+from dhkd_pipe.losses import cross_entropy, dhkd_loss, dhkd_terms  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 BLOCK = 16
@@ -173,6 +173,30 @@ def test_backends_agree_including_one_head(kd_loss):
             _close(a, b.double(), 1e-4, 1e-6, f"grad same={same}")
 
 
+@pytest.mark.parametrize("kd_loss", KD_NAMES)
+def test_terms_apart_match_reference(kd_loss):
+    """dhkd_terms: each term's value, and the gradient of each term alone (what gradient alignment
+    takes), equal the reference's; one head or two."""
+    B, K = 3, 23
+    teacher, scale = _teacher(B, K, torch.int8, 31)
+    y = _labels(B, K, 32)
+    for same in (False, True):
+        got = {}
+        for backend in ("torch", "triton"):
+            h1 = _logits(B, K, 33).requires_grad_()
+            h2 = h1 if same else _logits(B, K, 34).requires_grad_()
+            ce, kd = dhkd_terms(h1, h2, teacher, y, temperature=T, alpha=ALPHA, gamma=GAMMA, kd_loss=kd_loss,
+                                teacher_scale=scale, backend=backend)
+            g_ce = torch.autograd.grad(ce, (h1, h2), retain_graph=True, allow_unused=True, materialize_grads=True)
+            g_kd = torch.autograd.grad(2.0 * kd, (h1, h2), allow_unused=True, materialize_grads=True)
+            got[backend] = (ce.detach(), kd.detach(), g_ce, g_kd)
+        (ce0, kd0, gce0, gkd0), (ce1, kd1, gce1, gkd1) = got["torch"], got["triton"]
+        _close(ce1, ce0.double(), 1e-5, 1e-5, f"ce same={same}")
+        _close(kd1, kd0.double(), 1e-5, 1e-5, f"kd same={same}")
+        for a, b in zip(gce1 + gkd1, gce0 + gkd0):
+            _close(a, b.double(), 1e-4, 1e-6, f"grad of one term, same={same}")
+
+
 def test_single_fused_losses():
     B, K = 4, 37
     s = _logits(B, K, 21)
@@ -249,9 +273,10 @@ def test_empty_batch_and_bad_label_in_kernel():
     g1, g2, rows = _poisoned(x), _poisoned(x), torch.empty(B, device=DEV)
     _ce_kernel[(B,)](x, K, y, g1, K, rows, K, 1.0 / B, BLOCK=8)
     assert torch.isfinite(rows[0]) and torch.isnan(rows[1:]).all()
-    _dhkd_kernel[(B,)](x, K, x, K, t, K, rows, y, g1, K, g2, K, rows, K, 1.0 / T, 1.0, 1.0, 1.0,
+    rows2 = torch.empty(B, 2, device=DEV)  # (CE term, KD term) per row
+    _dhkd_kernel[(B,)](x, K, x, K, t, K, rows, y, g1, K, g2, K, rows2, K, 1.0 / T, 1.0, 1.0, 1.0,
                        KD_MODE=2, HAS_SCALE=False, BLOCK=8)
-    assert torch.isfinite(rows[0]) and torch.isnan(rows[1:]).all()
+    assert torch.isfinite(rows2[0, 0]) and torch.isnan(rows2[1:, 0]).all()
 
 
 def test_torch_backend_does_not_import_triton():

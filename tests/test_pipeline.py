@@ -314,6 +314,11 @@ def test_resume_mid_epoch_continues_identically(tmp_path, quick_store):
         assert torch.equal(a[key], b[key]), key
     assert resumed["val_top1"] == straight["val_top1"]
     assert straight["teacher_source"] == "cache" and straight["distinct_views"] == 2
+    # the method's named terms are logged per epoch; the total is their sum
+    for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        assert m["train_loss"] == pytest.approx(m["train_ce"] + m["train_kd"], rel=1e-5)
+    assert straight["method_params"]["kd_loss"] == "binary_kl_norm"
 
 
 @slow
@@ -367,7 +372,10 @@ def test_two_process_training_and_its_checkpoint(tmp_path, quick_store):
                "--epochs", 1, "--out", out)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["processes"] == 2
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1  # written once
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1  # written once
+    m = json.loads(lines[0])  # terms reduced over the processes like the total
+    assert m["train_loss"] == pytest.approx(m["train_ce"] + m["train_kd"], rel=1e-5)
     result = json.loads(cli("eval", "--model", "resnet8", "--weights", out / "model.pt", "--data", "digits").stdout)
     assert result["top1"] == pytest.approx(summary["val_top1"])
 

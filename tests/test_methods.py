@@ -1,0 +1,290 @@
+"""Methods as objects: each method's named terms against direct formulas written here, methods
+built from a config (defaults vs overrides, options a method does not take), the learning-rate
+schedule, and the report's loss-term panel. Fast: no training."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dhkd_pipe import methods
+from dhkd_pipe.config import TrainConfig, build_config
+from dhkd_pipe.engine import lr_at, metric_names
+from dhkd_pipe.errors import DhkdError
+from dhkd_pipe.methods import CE, DHKD, DKD, KD, METHODS, BinaryKL, from_config
+
+B, K = 6, 7
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _logits(seed, scale=2.0, dtype=torch.float64):
+    return (torch.randn(B, K, generator=_gen(seed)) * scale).to(dtype)
+
+
+def _labels(seed):
+    return torch.randint(0, K, (B,), generator=_gen(seed))
+
+
+# --- direct formulas, written from the definitions (float64) ---------------------------------------
+
+
+def ce_direct(s, y):
+    return -sum(torch.log_softmax(s[i], 0)[y[i]] for i in range(len(y))) / len(y)
+
+
+def kl(p, q):
+    return (p * (p.log() - q.log())).sum()
+
+
+def kd_direct(s, t, T):
+    return T * T / len(s) * sum(kl(torch.softmax(t[i] / T, 0), torch.softmax(s[i] / T, 0)) for i in range(len(s)))
+
+
+def binary_kl_direct(s, t, T):
+    a, b = torch.sigmoid(t / T), torch.sigmoid(s / T)
+    return T * T / len(s) * (a * (a / b).log() + (1 - a) * ((1 - a) / (1 - b)).log()).sum()
+
+
+def binary_kl_norm_direct(s, t, T):
+    q = torch.sigmoid((s - t) / T)
+    return T * T / len(s) * (0.5 * (0.5 / q).log() + 0.5 * (0.5 / (1 - q)).log()).sum()
+
+
+def dkd_parts_direct(s, t, y, T):
+    """(TCKD, NCKD) times T^2/B: the binary target/rest KL and the KL among the other classes."""
+    tckd = nckd = 0.0
+    for i in range(len(s)):
+        p, q = torch.softmax(t[i] / T, 0), torch.softmax(s[i] / T, 0)
+        yi = int(y[i])
+        tckd = tckd + kl(torch.stack([p[yi], 1 - p[yi]]), torch.stack([q[yi], 1 - q[yi]]))
+        rest = [k for k in range(len(p)) if k != yi]
+        nckd = nckd + kl(torch.softmax(t[i, rest] / T, 0), torch.softmax(s[i, rest] / T, 0))
+    return T * T / len(s) * tckd, T * T / len(s) * nckd
+
+
+def _close(a, b, tol=1e-10):
+    assert torch.allclose(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64),
+                          rtol=tol, atol=tol), (float(a), float(b))
+
+
+def _check_keys(method, terms):
+    assert set(terms) == set(method.term_names) | {"total"}
+    _close(terms["total"], terms["ce"] + terms.get("kd", 0.0))
+
+
+# --- the registry ------------------------------------------------------------------------------------
+
+
+def test_registry_declares_each_method_once():
+    assert list(METHODS) == [cls.name for cls in METHODS.values()]
+    for cls in METHODS.values():
+        # every option is described for --help, and nothing else is
+        assert set(cls.knobs) == set(methods.option_names(cls)), cls.name
+        assert set(methods.option_names(cls)) <= set(methods.OPTIONS), cls.name
+        assert {"ce"} <= set(cls.term_names) and cls.summary
+    assert {"ce", "kd", "dkd", "binary_kl", "dhkd"} <= set(METHODS)
+
+
+def test_help_says_what_each_option_weighs():
+    alpha = methods.option_help("alpha")
+    assert "dkd: weight of TCKD" in alpha and "default 1.0" in alpha
+    assert "dkd: weight of NCKD" in methods.option_help("beta")
+    assert "kd: weight of CE, default 0.1" in methods.option_help("gamma")
+
+
+# --- each method's terms against the direct formulas -----------------------------------------------
+
+
+def test_ce_alone_needs_no_teacher():
+    s, y = _logits(1).requires_grad_(), _labels(2)
+    m = CE(gamma=0.5, backend="torch")
+    terms = m.terms(s, y)
+    _check_keys(m, terms)
+    _close(terms["ce"], 0.5 * ce_direct(s, y))
+    assert not m.needs_teacher and not m.dual_head
+
+
+def test_kd_weights_and_temperature():
+    s, t, y = _logits(3).requires_grad_(), _logits(4), _labels(5)
+    m = KD(backend="torch")
+    assert (m.gamma, m.alpha, m.temperature) == (0.1, 0.9, 4.0)  # mdistiller's KD
+    terms = m.terms(s, y, t)
+    _check_keys(m, terms)
+    _close(terms["ce"], 0.1 * ce_direct(s, y))
+    _close(terms["kd"], 0.9 * kd_direct(s, t, 4.0))
+
+
+def test_kd_int8_teacher_is_dequantized():
+    s, y = _logits(6), _labels(7)
+    q = torch.randint(-127, 128, (B, K), generator=_gen(8), dtype=torch.int8)
+    scale = torch.rand(B, generator=_gen(9), dtype=torch.float64) * 0.05 + 0.01
+    terms = KD(alpha=2.0, temperature=3.0, backend="torch").terms(s, y, q, scale)
+    _close(terms["kd"], 2.0 * kd_direct(s, q.double() * scale[:, None], 3.0))
+
+
+@pytest.mark.parametrize("epoch, warm", [(0, 1 / 20), (9, 10 / 20), (18, 19 / 20), (19, 1.0), (200, 1.0)])
+def test_dkd_terms_and_warmup(epoch, warm):
+    s, t, y = _logits(10).requires_grad_(), _logits(11), _labels(12)
+    m = DKD(backend="torch")
+    assert (m.gamma, m.alpha, m.beta, m.temperature, m.warmup_epochs) == (1.0, 1.0, 8.0, 4.0, 20)  # mdistiller DKD
+    terms = m.terms(s, y, t, epoch=epoch)
+    _check_keys(m, terms)
+    tckd, nckd = dkd_parts_direct(s, t, y, 4.0)
+    _close(terms["ce"], ce_direct(s, y))  # CE weight 1, never warmed up
+    _close(terms["tckd"], warm * 1.0 * tckd)  # alpha weighs TCKD only
+    _close(terms["nckd"], warm * 8.0 * nckd)  # beta weighs NCKD only
+    _close(terms["kd"], warm * (tckd + 8.0 * nckd))
+
+
+def test_dkd_alpha_and_beta_weigh_one_term_each():
+    s, t, y = _logits(13), _logits(14), _labels(15)
+    base = DKD(warmup_epochs=0, backend="torch").terms(s, y, t)
+    more_alpha = DKD(alpha=3.0, warmup_epochs=0, backend="torch").terms(s, y, t)
+    more_beta = DKD(beta=2.0, warmup_epochs=0, backend="torch").terms(s, y, t)
+    _close(more_alpha["tckd"], 3.0 * base["tckd"])
+    _close(more_alpha["nckd"], base["nckd"])
+    _close(more_beta["tckd"], base["tckd"])
+    _close(more_beta["nckd"], base["nckd"] / 4.0)
+
+
+@pytest.mark.parametrize("kd_loss, direct", [("binary_kl_norm", binary_kl_norm_direct), ("binary_kl", binary_kl_direct), ("kd", kd_direct)])
+def test_dhkd_ce_on_head_1_kd_on_head_2(kd_loss, direct):
+    h1, h2 = _logits(16).requires_grad_(), _logits(17).requires_grad_()
+    t, y = _logits(18), _labels(19)
+    m = DHKD(gamma=0.7, alpha=1.3, temperature=2.5, kd_loss=kd_loss, backend="torch")
+    assert m.dual_head
+    terms = m.terms((h1, h2), y, t)
+    _check_keys(m, terms)
+    _close(terms["ce"], 0.7 * ce_direct(h1, y))
+    _close(terms["kd"], 1.3 * direct(h2, t, 2.5))
+    # the terms are apart: CE reaches head 1 only, the distillation term head 2 only
+    g_ce = torch.autograd.grad(terms["ce"], (h1, h2), retain_graph=True, allow_unused=True)
+    g_kd = torch.autograd.grad(terms["kd"], (h1, h2), allow_unused=True)
+    assert g_ce[1] is None or not g_ce[1].any()
+    assert g_kd[0] is None or not g_kd[0].any()
+
+
+def test_binary_kl_is_ce_and_binary_kl_on_one_head():
+    s, t, y = _logits(20).requires_grad_(), _logits(21), _labels(22)
+    for kd_loss, direct in (("binary_kl_norm", binary_kl_norm_direct), ("binary_kl", binary_kl_direct)):
+        m = BinaryKL(kd_loss=kd_loss, backend="torch")
+        assert not m.dual_head
+        terms = m.terms(s, y, t)
+        _check_keys(m, terms)
+        _close(terms["ce"], 1.0 * ce_direct(s, y))
+        _close(terms["kd"], 1.0 * direct(s, t, m.temperature))
+        # one head: the total's gradient is both terms' gradients on the same logits
+        (g,) = torch.autograd.grad(terms["total"], s)
+        a = s.detach().requires_grad_()
+        (want,) = torch.autograd.grad(ce_direct(a, y) + direct(a, t, m.temperature), a)
+        _close(g, want)
+    with pytest.raises(DhkdError, match="--method kd"):
+        BinaryKL(kd_loss="kd")
+
+
+def test_fused_backend_gives_the_same_terms():
+    """Under Triton (its interpreter on CPU) the fused launch gives the same named terms."""
+    pytest.importorskip("triton")
+    from dhkd_pipe.kernels import triton_available
+
+    if not triton_available():
+        pytest.skip("triton cannot run here")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    h1, h2 = _logits(23, dtype=torch.float32).to(dev), _logits(24, dtype=torch.float32).to(dev)
+    t, y = _logits(25, dtype=torch.float32).to(dev), _labels(26).to(dev)
+    cases = [(DHKD, (h1, h2)), (BinaryKL, h1), (KD, h1), (CE, h1)]
+    for cls, outputs in cases:
+        got = cls(backend="triton").terms(outputs, y, t)
+        want = cls(backend="torch").terms(outputs, y, t)
+        assert set(got) == set(want)
+        for k in want:
+            assert torch.allclose(got[k], want[k], rtol=1e-5, atol=1e-6), (cls.name, k)
+
+
+# --- construction from a config ------------------------------------------------------------------------
+
+
+def test_defaults_from_the_method_overrides_from_the_config():
+    m = from_config(TrainConfig(method="kd"))
+    assert isinstance(m, KD) and m.params() == {"gamma": 0.1, "alpha": 0.9, "temperature": 4.0}
+    m = from_config(TrainConfig(method="dkd", alpha=2.0, beta=4.0, warmup_epochs=5, kernels="torch"))
+    assert m.params() == {"gamma": 1.0, "alpha": 2.0, "beta": 4.0, "temperature": 4.0, "warmup_epochs": 5}
+    assert m.backend == "torch"
+    m = from_config(TrainConfig(method="dhkd", kd_loss="binary_kl", temperature=3.0))
+    assert (m.kd_loss, m.temperature, m.alpha, m.gamma) == ("binary_kl", 3.0, 1.0, 1.0)
+    assert from_config(TrainConfig(method="ce")).params() == {"gamma": 1.0}
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(method="kd", kd_loss="binary_kl"), "--method kd does not use --kd-loss"),
+        (dict(method="ce", alpha=1.0), "--method ce does not use --alpha"),
+        (dict(method="dhkd", beta=2.0, warmup_epochs=3), "does not use --beta, --warmup-epochs"),
+        (dict(method="binary_kl", kd_loss="kd"), "--method binary_kl takes --kd-loss"),
+        (dict(method="dkd", warmup_epochs=-1), "bad warmup_epochs"),
+        (dict(method="magic"), "unknown method 'magic'"),
+    ],
+)
+def test_config_mistakes_are_user_errors(options, message):
+    with pytest.raises(DhkdError, match=message):
+        TrainConfig(**options).validate()
+
+
+def test_recipe_yaml_builds_its_method(tmp_path):
+    f = tmp_path / "r.yaml"
+    f.write_text("method: dkd\nbeta: 2\ntemperature: 1\n")
+    cfg = build_config(TrainConfig, str(f), {"alpha": 0.5})
+    m = from_config(cfg)
+    assert (m.alpha, m.beta, m.temperature, m.gamma) == (0.5, 2.0, 1.0, 1.0)
+    assert dataclasses.is_dataclass(m)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        m.alpha = 3.0
+
+
+# --- the learning-rate schedule --------------------------------------------------------------------------
+
+
+def test_lr_schedule_steps_at_milestones():
+    cfg = TrainConfig(lr=0.05, lr_milestones=[150, 180, 210], lr_decay=0.1)
+    expect = {0: 0.05, 149: 0.05, 150: 0.005, 179: 0.005, 180: 5e-4, 209: 5e-4, 210: 5e-5, 239: 5e-5}
+    for epoch, lr in expect.items():
+        assert lr_at(cfg, epoch) == pytest.approx(lr, rel=1e-12), epoch
+    assert lr_at(TrainConfig(lr=0.1, lr_milestones=[]), 99) == 0.1
+    assert lr_at(TrainConfig(lr=0.1, lr_milestones=[0], lr_decay=0.5), 0) == 0.05
+    # unsorted milestones count the same
+    assert lr_at(TrainConfig(lr=1.0, lr_milestones=[60, 30], lr_decay=0.1), 45) == pytest.approx(0.1)
+
+
+# --- what the engine logs and the report draws ---------------------------------------------------------
+
+
+def test_metric_names_follow_the_terms():
+    assert metric_names(DKD()) == ["train_loss", "train_ce", "train_kd", "train_tckd", "train_nckd"]
+    assert metric_names(CE()) == ["train_loss", "train_ce"]
+
+
+def test_report_plots_the_named_terms(tmp_path):
+    from dhkd_pipe.report import loss_terms, write_report
+
+    runs = []
+    for name, terms in (("a", ("ce", "kd")), ("b", ("ce",)), ("old", ())):
+        d = tmp_path / name
+        d.mkdir()
+        rows = []
+        for epoch in (1, 2, 3):
+            row = {"epoch": epoch, "train_loss": 1.0 / epoch, "val_top1": 10.0 * epoch}
+            row.update({f"train_{k}": 0.5 / epoch for k in terms})
+            rows.append(json.dumps(row))
+        (d / "metrics.jsonl").write_text("\n".join(rows) + "\n")
+        runs.append(str(d))
+    assert loss_terms([json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]) == ["ce", "kd"]
+    out = tmp_path / "r.png"
+    table = write_report(runs, str(out))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "| a |" in table and math.isfinite(out.stat().st_size)
