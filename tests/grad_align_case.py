@@ -47,7 +47,7 @@ def product_run(accelerator, aux_head: str, grad_align: bool, steps, bn_eval: bo
     from dhkd_pipe.config import TrainConfig
     from dhkd_pipe.engine import Run, train_step
     from dhkd_pipe.loader import Batch
-    from dhkd_pipe.methods import LossSpec
+    from dhkd_pipe.methods import from_config
 
     cfg = TrainConfig(aux_head=aux_head, grad_align=grad_align, **SETTINGS).validate()
     model = build_model(aux_head, dtype=dtype)
@@ -56,7 +56,7 @@ def product_run(accelerator, aux_head: str, grad_align: bool, steps, bn_eval: bo
     model.train()
     if bn_eval:  # per-sample gradients independent of the batch split (no batch statistics)
         model.eval()
-    run = Run(cfg, accelerator, None, LossSpec.from_config(cfg), model, None, None, None, None, optimizer)
+    run = Run(cfg, accelerator, None, from_config(cfg), model, None, None, None, None, optimizer)
     for x, y, t in steps:
         d = accelerator.device
         train_step(run, Batch(x.to(d), y.to(d), t.to(d)), epoch=0)

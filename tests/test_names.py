@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from dhkd_pipe import cache, cli, config, losses, views
+from dhkd_pipe import cache, cli, config, losses, methods, views
 from dhkd_pipe.models import dual_head
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,3 +66,4 @@ def test_the_cli_offers_the_owners_names():
     assert tuple(params["precision"].type.choices) == config.PRECISIONS
     assert tuple(params["kernels"].type.choices) == losses.BACKENDS
     assert tuple(params["kd_loss"].type.choices) == tuple(losses.KD_LOSSES)
+    assert list(params["method"].type.choices) == list(methods.METHODS)
