@@ -235,13 +235,13 @@ def test_defaults_from_the_method_overrides_from_the_config():
 )
 def test_config_mistakes_are_user_errors(options, message):
     with pytest.raises(DhkdError, match=message):
-        TrainConfig(**options).validate()
+        TrainConfig(data="digits", **options).validate()
 
 
 def test_recipe_yaml_builds_its_method(tmp_path):
     f = tmp_path / "r.yaml"
     f.write_text("method: dkd\nbeta: 2\ntemperature: 1\n")
-    cfg = build_config(TrainConfig, str(f), {"alpha": 0.5})
+    cfg = build_config(TrainConfig, str(f), {"alpha": 0.5, "data": "digits"})
     m = from_config(cfg)
     assert (m.alpha, m.beta, m.temperature, m.gamma) == (0.5, 2.0, 1.0, 1.0)
     assert dataclasses.is_dataclass(m)
