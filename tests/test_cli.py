@@ -57,7 +57,7 @@ def test_unknown_model_suggests_close_names():
     with pytest.raises(DhkdError, match=r"unknown model 'resnet8x5'; did you mean resnet8x4 \(CIFAR 32px\)") as e:
         create_model("resnet8x5", 10)
     assert "vit_b_16" not in str(e.value)  # the closest names, not all of them
-    with pytest.raises(DhkdError, match="lists the names"):
+    with pytest.raises(DhkdError, match="lists the names; timm:NAME for timm's models"):
         create_model("qwertyuiop", 10)
 
 

@@ -118,16 +118,18 @@ def _unknown_model(name) -> DhkdError:
     by_lower: dict[str, list[str]] = {}
     for n in list_models():
         by_lower.setdefault(n.lower(), []).append(n)
+    # families take names the registry cannot list: say how to name them
+    listing = "`dhkd-pipe models` lists the names" + "".join(f"; {f.prefix}:NAME for {f.prefix}'s models" for f in _FAMILIES.values())
     if not isinstance(name, str):
-        return DhkdError(f"unknown model {name!r}; `dhkd-pipe models` lists the names")
+        return DhkdError(f"unknown model {name!r}; {listing}")
     if name.lower() in by_lower:
         twins = ", ".join(f"{n} ({model_kind(n)})" for n in by_lower[name.lower()])
         return DhkdError(f"unknown model {name!r}: names are case-sensitive; did you mean {twins}?")
     close = [n for key in difflib.get_close_matches(name.lower(), by_lower, n=5, cutoff=0.6) for n in by_lower[key]]
     if not close:
-        return DhkdError(f"unknown model {name!r}; `dhkd-pipe models` lists the names")
+        return DhkdError(f"unknown model {name!r}; {listing}")
     shown = ", ".join(f"{n} ({model_kind(n)})" for n in close)
-    return DhkdError(f"unknown model {name!r}; did you mean {shown}? (`dhkd-pipe models` lists all)")
+    return DhkdError(f"unknown model {name!r}; did you mean {shown}? ({listing})")
 
 
 def model_kind(name: str) -> str:
