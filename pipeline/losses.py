@@ -149,6 +149,43 @@ def dkd_loss(s: torch.Tensor, t: torch.Tensor, target: torch.Tensor, alpha: floa
     return alpha * tckd + beta * nckd
 
 
+DIST_EPS = 1e-8  # the authors' code adds it to the product of norms in the correlation's denominator
+
+
+def _pearson_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of each row of ``a`` with the same row of ``b``: the cosine of the
+    mean-centred rows, cov / (|a - mean| |b - mean| + DIST_EPS)."""
+    a = a - a.mean(1, keepdim=True)
+    b = b - b.mean(1, keepdim=True)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + DIST_EPS)
+
+
+def dist_terms(s: torch.Tensor, t: torch.Tensor, T: float):
+    """DIST's two relations (Huang et al., NeurIPS 2022, "Knowledge Distillation from A Stronger
+    Teacher"), unweighted: (inter, intra), each scaled by T^2.
+
+    With Y_s = softmax(s/T), Y_t = softmax(t/T) (B x K) and rho the Pearson correlation:
+      inter = T^2 * (1 - (1/B) sum_i rho(Y_s[i, :], Y_t[i, :]))   (each image's class ranking)
+      intra = T^2 * (1 - (1/K) sum_k rho(Y_s[:, k], Y_t[:, k]))   (each class over the batch)
+    as in the authors' ``DIST(beta, gamma, tau)`` (hunto/image_classification_sota,
+    lib/models/losses/dist_kd.py), including its 1e-8 in the correlation's denominator. The intra
+    term depends on the batch: with several processes each computes it over its own batch.
+    """
+    s, t = _upcast(s, t)
+    ys, yt = F.softmax(s / T, dim=1), F.softmax(t / T, dim=1)
+    inter = T * T * (1.0 - _pearson_rows(ys, yt).mean())
+    intra = T * T * (1.0 - _pearson_rows(ys.t(), yt.t()).mean())
+    return inter, intra
+
+
+def dist_loss(s: torch.Tensor, t: torch.Tensor, T: float, beta: float = 1.0, gamma: float = 1.0) -> torch.Tensor:
+    """DIST: beta * inter + gamma * intra (``dist_terms``), the value of the authors'
+    ``DIST(beta, gamma, tau=T)`` (their ``beta`` weighs the inter-class, ``gamma`` the intra-class
+    relation; their recipes use beta = gamma = 1 with a distillation weight of 2)."""
+    inter, intra = dist_terms(s, t, T)
+    return beta * inter + gamma * intra
+
+
 KD_LOSSES = {
     "kd": kd_loss,
     "binary_kl": binary_kl_loss,

@@ -9,9 +9,11 @@ target, teacher, teacher_scale, epoch)`` returns the batch's named loss terms, f
 - ``total`` = ce + kd, what training back-propagates,
 
 each with its own gradient, so a caller can differentiate ``ce`` and ``kd`` apart. A method may add
-the weighted parts of ``kd`` for logging (``term_names`` lists every term but ``total``). CE, KD and
-the binary KL losses go through ``dhkd_pipe.losses.dhkd_terms`` (one fused Triton launch on CUDA
-tensors, the PyTorch reference elsewhere); a single-head method passes its logits as both heads.
+the weighted parts of ``kd`` for logging (``term_names`` lists every term but ``total``): dkd's
+``tckd`` / ``nckd``, dist's ``inter`` / ``intra``. CE with KD or a binary KL goes through
+``dhkd_pipe.losses.dhkd_terms`` (one fused Triton launch on CUDA tensors, the PyTorch reference
+elsewhere; a single-head method passes its logits as both heads); CE alone through
+``losses.cross_entropy``; DKD's and DIST's terms are PyTorch references.
 
 Adding a method: its class here and one entry in ``METHODS``.
 """
@@ -211,7 +213,46 @@ class DHKD(Method):
         return self._fused(head1, head2, teacher, target, teacher_scale, self.kd_loss)
 
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (CE, KD, DKD, BinaryKL, DHKD)}
+@dataclass(frozen=True, kw_only=True)
+class DIST(Method):
+    """DIST (Huang et al., NeurIPS 2022, "Knowledge Distillation from A Stronger Teacher"):
+    gamma * CE(s, y) + alpha * inter + beta * intra, with (``losses.dist_terms``, both times T^2)
+    inter = 1 - mean Pearson correlation of softmax(s/T) and softmax(t/T) over the rows (each
+    image's class scores) and intra = the same over the columns (each class across the batch).
+
+    Defaults from the authors' code (hunto/DIST_KD, classification = hunto/image_classification_sota):
+    the loss is ``DIST(beta=1, gamma=1, tau)`` (lib/models/losses/dist_kd.py) weighted by
+    ``kd_loss_weight: 2`` next to ``ori_loss_weight: 1`` for CE, in both published recipes
+    (configs/strategies/distill/resnet_dist.yaml for ImageNet, dist_cifar.yaml for CIFAR-100): so
+    CE weight 1, inter-class weight 2, intra-class weight 2. Temperature 1: the ImageNet recipe's
+    ``kd: dist`` (tau = 1, also the class default); the CIFAR-100 recipe uses ``kd: dist_t4``
+    (T 4: pass --temperature 4). The intra term is computed over each process's own batch, as the
+    authors' DDP training does."""
+
+    name = "dist"
+    summary = "DIST (Huang et al. 2022): CE + Pearson-correlation inter- and intra-class relations"
+    knobs = {
+        "gamma": "weight of CE",
+        "alpha": "weight of the inter-class relation (per image, 1 - Pearson correlation)",
+        "beta": "weight of the intra-class relation (per class over the batch)",
+        "temperature": "T of both softmaxes (both terms times T^2)",
+    }
+    term_names = ("ce", "kd", "inter", "intra")
+
+    gamma: float = 1.0
+    alpha: float = 2.0
+    beta: float = 2.0
+    temperature: float = 1.0
+
+    def terms(self, outputs, target, teacher=None, teacher_scale=None, epoch=0):
+        inter, intra = losses.dist_terms(outputs, losses.dequantize(teacher, teacher_scale), self.temperature)
+        inter, intra = self.alpha * inter, self.beta * intra
+        ce = self.gamma * losses.cross_entropy(outputs, target, backend=self.backend)
+        kd = inter + intra
+        return {"ce": ce, "kd": kd, "inter": inter, "intra": intra, "total": ce + kd}
+
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (CE, KD, DKD, BinaryKL, DHKD, DIST)}
 
 
 def get_method(name: str) -> type[Method]:

@@ -291,3 +291,76 @@ def test_dispatch_reference_backend():
         losses.dhkd_loss(s1, s2, None, y, **kw)
     with pytest.raises(DhkdError, match="shape"):
         losses.dhkd_loss(s1, s2[:, :3], s2, y, **kw)
+
+
+# --- DIST (Huang et al. 2022) against a plain re-implementation from the paper's description ---------
+
+
+def _pearson64(u, v, eps):
+    """The Pearson correlation of two vectors, written out: sum((u - mean u)(v - mean v)) over the
+    product of the two root sums of squares (the authors' code adds ``eps`` to that product)."""
+    n = len(u)
+    mu, mv = sum(u) / n, sum(v) / n
+    cov = sum((u[i] - mu) * (v[i] - mv) for i in range(n))
+    su = torch.sqrt(sum((u[i] - mu) ** 2 for i in range(n)))
+    sv = torch.sqrt(sum((v[i] - mv) ** 2 for i in range(n)))
+    return cov / (su * sv + eps)
+
+
+def _dist64(s, t, T, beta, gamma, eps=1e-8):
+    """DIST: Y = softmax(logits / T) row by row; inter-class relation = 1 - the mean over images of
+    the Pearson correlation of the student's and the teacher's row; intra-class relation = 1 - the
+    mean over classes of the correlation of their columns; both times T^2; beta inter + gamma intra."""
+    ys = torch.exp(s / T) / torch.exp(s / T).sum(1, keepdim=True)
+    yt = torch.exp(t / T) / torch.exp(t / T).sum(1, keepdim=True)
+    B, K = s.shape
+    inter = 1 - sum(_pearson64(ys[i], yt[i], eps) for i in range(B)) / B
+    if gamma == 0:  # left out, not multiplied by 0 (its gradient may be undefined)
+        return beta * T * T * inter
+    intra = 1 - sum(_pearson64(ys[:, k], yt[:, k], eps) for k in range(K)) / K
+    return beta * T * T * inter + gamma * T * T * intra
+
+
+@pytest.mark.parametrize("B, K, temp", [(6, 7, 4.0), (5, 3, 1.0), (2, 10, 2.0), (1, 4, 1.0)])
+def test_dist_matches_plain_reimplementation(B, K, temp):
+    s = _logits(B, K, seed=B + K).requires_grad_()
+    t = _logits(B, K, seed=100 + B)
+    got = losses.dist_loss(s, t, temp, beta=1.5, gamma=0.5)
+    want = _dist64(s, t, temp, 1.5, 0.5)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12), (float(got), float(want))
+    (g_got,) = torch.autograd.grad(got, s)
+    if B == 1:
+        # one image: each class column has no variance, the intra term is the constant T^2 and its
+        # correlation's gradient undefined (sqrt at 0); like the authors' torch.norm, ours gives 0
+        want = _dist64(s, t, temp, 1.5, 0.0)
+    (g_want,) = torch.autograd.grad(want, s)
+    assert torch.isfinite(g_got).all()
+    assert torch.allclose(g_got, g_want, rtol=1e-9, atol=1e-12)
+    inter, intra = losses.dist_terms(s, t, temp)
+    assert torch.allclose(1.5 * inter + 0.5 * intra, got, rtol=1e-14)
+
+
+def test_dist_gradcheck_and_correlation():
+    s, t = _logits(5, 6, seed=3).requires_grad_(), _logits(5, 6, seed=4)
+    assert torch.autograd.gradcheck(lambda a: losses.dist_loss(a, t, 2.0, beta=1.0, gamma=2.0), (s,))
+    # the correlation is Pearson's r: torch.corrcoef (no eps) agrees to the eps's size
+    ys, yt = F.softmax(s / 2.0, 1), F.softmax(t / 2.0, 1)
+    r = torch.stack([torch.corrcoef(torch.stack([ys[i], yt[i]]))[0, 1] for i in range(5)])
+    inter, _ = losses.dist_terms(s, t, 2.0)
+    assert torch.allclose(inter, 4.0 * (1 - r.mean()), rtol=1e-5)
+    # a student that matches the teacher has no relation loss (but for the eps's share); a shifted
+    # student neither (softmax); an unrelated one does
+    assert 0 <= float(losses.dist_loss(t, t, 2.0)) < 1e-4
+    assert abs(float(losses.dist_loss(t + 3.0, t, 2.0) - losses.dist_loss(t, t, 2.0))) < 1e-12
+    assert float(losses.dist_loss(s.detach(), t, 2.0)) > 0.1
+
+
+def test_dist_half_inputs_and_extremes():
+    s, t = _logits(4, 9, seed=5), _logits(4, 9, seed=6)
+    v = losses.dist_loss(s.to(torch.bfloat16), t.to(torch.float16), 1.0)
+    assert v.dtype == torch.float32
+    assert torch.allclose(v.double(), losses.dist_loss(s.bfloat16().double(), t.half().double(), 1.0), rtol=1e-5)
+    big = (_logits(4, 9, seed=7) * 1e4).float().requires_grad_()
+    e = losses.dist_loss(big, _logits(4, 9, seed=8).float() * 1e4, 4.0)
+    e.backward()
+    assert torch.isfinite(e) and torch.isfinite(big.grad).all()

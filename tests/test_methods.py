@@ -14,7 +14,7 @@ from dhkd_pipe import methods
 from dhkd_pipe.config import TrainConfig, build_config
 from dhkd_pipe.engine import lr_at, metric_names
 from dhkd_pipe.errors import DhkdError
-from dhkd_pipe.methods import CE, DHKD, DKD, KD, METHODS, BinaryKL, from_config
+from dhkd_pipe.methods import CE, DHKD, DIST, DKD, KD, METHODS, BinaryKL, from_config
 
 B, K = 6, 7
 
@@ -88,7 +88,7 @@ def test_registry_declares_each_method_once():
         assert set(cls.knobs) == set(methods.option_names(cls)), cls.name
         assert set(methods.option_names(cls)) <= set(methods.OPTIONS), cls.name
         assert {"ce"} <= set(cls.term_names) and cls.summary
-    assert {"ce", "kd", "dkd", "binary_kl", "dhkd"} <= set(METHODS)
+    assert {"ce", "kd", "dkd", "binary_kl", "dhkd", "dist"} <= set(METHODS)
 
 
 def test_help_says_what_each_option_weighs():
@@ -189,6 +189,43 @@ def test_binary_kl_is_ce_and_binary_kl_on_one_head():
         BinaryKL(kd_loss="kd")
 
 
+def dist_parts_direct(s, t, T, eps=1e-8):
+    """(inter, intra) times T^2: 1 - mean Pearson r of softmax rows, then of softmax columns (the
+    authors' code adds eps to the product of the norms)."""
+    def r(u, v):
+        u, v = u - u.mean(), v - v.mean()
+        return (u * v).sum() / ((u * u).sum().sqrt() * (v * v).sum().sqrt() + eps)
+
+    ys, yt = torch.softmax(s / T, 1), torch.softmax(t / T, 1)
+    inter = 1 - torch.stack([r(ys[i], yt[i]) for i in range(len(s))]).mean()
+    intra = 1 - torch.stack([r(ys[:, k], yt[:, k]) for k in range(s.shape[1])]).mean()
+    return T * T * inter, T * T * intra
+
+
+def test_dist_terms_and_published_defaults():
+    s, t, y = _logits(27).requires_grad_(), _logits(28), _labels(29)
+    m = DIST(backend="torch")
+    # the authors' recipes: CE weight 1, kd_loss_weight 2 x DIST(beta=1, gamma=1), tau 1 (ImageNet)
+    assert m.params() == {"gamma": 1.0, "alpha": 2.0, "beta": 2.0, "temperature": 1.0}
+    assert not m.dual_head and m.needs_teacher
+    for T in (1.0, 4.0):
+        m = DIST(temperature=T, alpha=1.5, beta=0.5, gamma=0.3, backend="torch")
+        terms = m.terms(s, y, t)
+        _check_keys(m, terms)
+        inter, intra = dist_parts_direct(s, t, T)
+        _close(terms["ce"], 0.3 * ce_direct(s, y))
+        _close(terms["inter"], 1.5 * inter)  # alpha weighs the inter-class relation
+        _close(terms["intra"], 0.5 * intra)  # beta the intra-class one
+        _close(terms["kd"], 1.5 * inter + 0.5 * intra)
+
+
+def test_dist_from_a_config():
+    m = from_config(TrainConfig(data="digits", method="dist", temperature=4.0))
+    assert isinstance(m, DIST) and m.params() == {"gamma": 1.0, "alpha": 2.0, "beta": 2.0, "temperature": 4.0}
+    with pytest.raises(DhkdError, match="--method dist does not use --kd-loss"):
+        TrainConfig(data="digits", method="dist", kd_loss="kd").validate()
+
+
 def test_fused_backend_gives_the_same_terms():
     """Under Triton (its interpreter on CPU) the fused launch gives the same named terms."""
     pytest.importorskip("triton")
@@ -269,6 +306,7 @@ def test_lr_schedule_steps_at_milestones():
 def test_metric_names_follow_the_terms():
     assert metric_names(DKD()) == ["train_loss", "train_ce", "train_kd", "train_tckd", "train_nckd"]
     assert metric_names(CE()) == ["train_loss", "train_ce"]
+    assert metric_names(DIST()) == ["train_loss", "train_ce", "train_kd", "train_inter", "train_intra"]
 
 
 def test_report_plots_the_named_terms(tmp_path):

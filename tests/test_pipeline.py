@@ -322,6 +322,16 @@ def test_resume_mid_epoch_continues_identically(tmp_path, quick_store):
 
 
 @slow
+def test_dist_trains_online_and_from_the_store(tmp_path, random_teacher, quick_store):
+    for name, source in (("cache", dict(cache=str(quick_store))), ("online", dict(teacher="resnet8", teacher_weights=str(random_teacher)))):
+        summary = distill(train_cfg(tmp_path / name, method="dist", epochs=1, batch_size=128, **source), **QUIET)
+        assert summary["teacher_source"] == name and summary["method_params"]["alpha"] == 2.0
+        (m,) = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        assert m["train_kd"] == pytest.approx(m["train_inter"] + m["train_intra"], rel=1e-5)
+        assert m["train_loss"] == pytest.approx(m["train_ce"] + m["train_kd"], rel=1e-5) and m["train_kd"] > 0
+
+
+@slow
 def test_resume_restores_the_generators_dropout_draws_from(tmp_path, quick_store):
     # the nonlinear head's Dropout draws from the CPU generator: a resume that did not restore it
     # would train on other masks; the stop is mid-epoch and again at an epoch boundary
