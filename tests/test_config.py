@@ -50,3 +50,28 @@ def test_every_recipe_parses(path):
         from_config(cfg)  # the recipe's method takes every option the recipe sets
     if not is_cache and cfg.method == "dhkd" and "digits" not in path:
         assert cfg.teacher in list_models() or cfg.cache
+
+
+def _recipe(name):
+    return build_config(TrainConfig, os.path.join(ROOT, "configs", name), {})
+
+
+def test_recipes_follow_the_published_commands():
+    # the published DHKD code's CIFAR-100 command (resnet32x4 -> ShuffleV2) and ImageNet command (ResNet-34 -> ResNet-18)
+    c = _recipe("cifar100/resnet32x4_ShuffleV2.yaml")
+    assert (c.alpha, c.gamma, c.temperature, c.aux_head, c.grad_align, c.kd_loss) == (1.0, 1.0, 2.0, "nonlinear", True, "binary_kl_norm")
+    assert (c.lr, c.weight_decay, c.batch_size, c.epochs, c.lr_milestones) == (0.01, 5e-4, 64, 240, [150, 180, 210])
+    i = _recipe("imagenet/resnet34_resnet18.yaml")
+    assert (i.alpha, i.gamma, i.temperature, i.aux_head, i.grad_align) == (0.1, 1.0, 2.0, "linear", False)
+    assert (i.lr, i.weight_decay, i.momentum, i.epochs, i.lr_milestones, i.lr_decay) == (0.1, 1e-4, 0.9, 100, [30, 60, 90], 0.1)
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "cifar100", "*.yaml"))
+                                        + glob.glob(os.path.join(ROOT, "configs", "imagenet", "*.yaml"))))
+def test_every_distillation_recipe_says_what_it_follows(path):
+    if os.path.basename(path).startswith("cache"):
+        return
+    with open(path) as f:
+        comment = " ".join(line for line in f if line.startswith("#"))
+    assert "published" in comment and "penghui-yang/DHKD" in comment
+    assert build_config(TrainConfig, path, {}).temperature == 2.0  # --BinaryKL_T, the published T

@@ -158,6 +158,7 @@ def test_dkd_alpha_and_beta_weigh_one_term_each():
 def test_dhkd_ce_on_head_1_kd_on_head_2(kd_loss, direct):
     h1, h2 = _logits(16).requires_grad_(), _logits(17).requires_grad_()
     t, y = _logits(18), _labels(19)
+    assert DHKD().params() == {"gamma": 1.0, "alpha": 1.0, "temperature": 2.0, "kd_loss": "binary_kl_norm"}  # published
     m = DHKD(gamma=0.7, alpha=1.3, temperature=2.5, kd_loss=kd_loss, backend="torch")
     assert m.dual_head
     terms = m.terms((h1, h2), y, t)
@@ -173,6 +174,7 @@ def test_dhkd_ce_on_head_1_kd_on_head_2(kd_loss, direct):
 
 def test_binary_kl_is_ce_and_binary_kl_on_one_head():
     s, t, y = _logits(20).requires_grad_(), _logits(21), _labels(22)
+    assert BinaryKL().params() == DHKD().params()  # the ablation differs from dhkd only in its heads
     for kd_loss, direct in (("binary_kl_norm", binary_kl_norm_direct), ("binary_kl", binary_kl_direct)):
         m = BinaryKL(kd_loss=kd_loss, backend="torch")
         assert not m.dual_head
@@ -256,6 +258,8 @@ def test_defaults_from_the_method_overrides_from_the_config():
     assert m.backend == "torch"
     m = from_config(TrainConfig(method="dhkd", kd_loss="binary_kl", temperature=3.0))
     assert (m.kd_loss, m.temperature, m.alpha, m.gamma) == ("binary_kl", 3.0, 1.0, 1.0)
+    assert from_config(TrainConfig(method="dhkd")).temperature == 2.0  # --BinaryKL_T's published default
+    assert from_config(TrainConfig(method="binary_kl")).temperature == 2.0
     assert from_config(TrainConfig(method="ce")).params() == {"gamma": 1.0}
 
 
