@@ -74,7 +74,7 @@ def write_report(run_dirs: list[str], out: str) -> str:
         for term in loss_terms(history):
             style = styles.setdefault(term, ("-", "--", ":", "-.")[len(styles) % 4])
             points = [(h["epoch"], h[f"train_{term}"]) for h in history if h.get(f"train_{term}") is not None]
-            ax_terms.plot(*zip(*points), linestyle=style, color=line.get_color())
+            ax_terms.plot(*zip(*points), linestyle=style, marker=".", color=line.get_color())
         rows.append(
             {
                 "run": label,
