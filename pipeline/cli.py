@@ -12,7 +12,7 @@ from .cache import CODECS
 from .config import EXPORT_FORMATS, PRECISIONS, CacheConfig, TrainConfig, build_config
 from .errors import DhkdError
 from .losses import BACKENDS, KD_LOSSES
-from .methods import METHODS, option_defaults, option_help
+from .methods import KD_STOP_HELP, METHODS, methods_taking, option_defaults, option_help
 from .models.dual_head import AUX_HEADS
 
 DATA_HELP = ("digits | fashion-mnist | fashion-mnist:DIR | mnist:DIR | cifar10:DIR | cifar100:DIR | imagefolder:DIR; "
@@ -161,8 +161,8 @@ def _distill_help() -> str:
     lines = "\n".join(f"  {name:<{width}}  {cls.summary}" for name, cls in METHODS.items())
     return (
         "Distil a student, online from a teacher or from a stage-1 store (--cache).\n\n"
-        "Methods (--method; default dhkd). What --gamma, --alpha, --beta, --temperature, --kd-loss "
-        "and --warmup-epochs set depends on the method (each option's help says it, with each "
+        "Methods (--method; default dhkd). What --gamma, --alpha, --beta, --temperature, --kd-loss, "
+        "--warmup-epochs and --kd-stop-epoch set depends on the method (each option's help says it, with each "
         "method's default); an option the method does not take is refused.\n\n\b\n" + lines
     )
 
@@ -179,6 +179,8 @@ def _distill_help() -> str:
 @click.option("--beta", type=float, help=option_help("beta"))
 @click.option("--temperature", type=float, help=option_help("temperature"))
 @click.option("--warmup-epochs", type=int, help=option_help("warmup_epochs"))
+@click.option("--kd-stop-epoch", type=int,
+              help=f"{', '.join(methods_taking('kd_stop_epoch'))} only: {KD_STOP_HELP}.")
 @click.option("--aux-head", type=click.Choice(AUX_HEADS))
 @click.option("--grad-align/--no-grad-align", default=None,
               help="dhkd only: gradient alignment as published (PCGrad over all parameter gradients): where the "

@@ -29,7 +29,7 @@ class TrainConfig:
     """Everything a training run (teacher, online or cached distillation) depends on.
 
     The method's options (``gamma``, ``alpha``, ``beta``, ``temperature``, ``kd_loss``,
-    ``warmup_epochs``) left as None take the method's published defaults; what each weighs depends
+    ``warmup_epochs``, ``kd_stop_epoch``) left as None take the method's published defaults; what each weighs depends
     on the method (``dhkd_pipe.methods``), and setting one the method does not take is an error.
     ``data`` has no default: it is named, or comes from the ``cache`` store, which records its data
     set.
@@ -47,6 +47,7 @@ class TrainConfig:
     beta: float | None = None
     temperature: float | None = None
     warmup_epochs: int | None = None
+    kd_stop_epoch: int | None = None  # kd, dhkd: alpha 0 from this 1-based epoch on (0/None: never)
     aux_head: str = "linear"
     grad_align: bool = False  # the published PCGrad over parameter gradients (dhkd_pipe.grad_align)
     grad_align_features: bool = False  # this project's per-sample feature variant (AlignedSplit)

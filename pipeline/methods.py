@@ -31,8 +31,27 @@ from .errors import DhkdError
 from .losses import KD_LOSSES, dhkd_terms
 
 # the config options a method may own (TrainConfig fields); None there means "the method's default"
-OPTIONS = ("gamma", "alpha", "beta", "temperature", "kd_loss", "warmup_epochs")
+OPTIONS = ("gamma", "alpha", "beta", "temperature", "kd_loss", "warmup_epochs", "kd_stop_epoch")
 BINARY_KL_LOSSES = ("binary_kl_norm", "binary_kl")
+
+
+KD_STOP_HELP = (
+    "distillation off from this epoch on, counting epochs from 1 as the published DHKD ImageNet script "
+    "(--early_stop_epoch) does: with N, epochs 1 to N-1 distil and from epoch N on alpha is 0 (CE only); "
+    "0 or unset: never"
+)
+
+
+def _check_kd_stop(method) -> None:
+    if method.kd_stop_epoch is not None and method.kd_stop_epoch < 0:
+        raise DhkdError(f"bad kd_stop_epoch {method.kd_stop_epoch}: must not be negative (0 or unset: never)")
+
+
+def _alpha_at(method, epoch: int) -> float:
+    """``alpha`` in (0-based) ``epoch``: 0 from the published script's 1-based ``early_stop_epoch``
+    on (its ``if epoch >= args.early_stop_epoch: args.alpha = 0``, epochs counted from 1)."""
+    stop = method.kd_stop_epoch
+    return 0.0 if stop and epoch + 1 >= stop else method.alpha
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,16 +74,17 @@ class Method:
     def terms(self, outputs, target, teacher=None, teacher_scale=None, epoch: int = 0) -> dict[str, torch.Tensor]:
         """The named loss terms of one batch. ``outputs``: the student's logits, or (head 1, head 2)
         for dual-head methods; ``teacher``: float logits, or int8 with ``teacher_scale`` (B,);
-        ``epoch``: 0-based, for schedules (DKD's warm-up)."""
+        ``epoch``: 0-based, for schedules (DKD's warm-up, kd/dhkd's ``kd_stop_epoch``)."""
         raise NotImplementedError
 
     def params(self) -> dict:
         """The method's options as resolved (defaults filled in)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "backend"}
 
-    def _fused(self, head_ce, head_kd, teacher, target, teacher_scale, kd_loss):
+    def _fused(self, head_ce, head_kd, teacher, target, teacher_scale, kd_loss, alpha=None):
+        alpha = self.alpha if alpha is None else alpha
         ce, kd = dhkd_terms(
-            head_ce, head_kd, teacher, target, temperature=self.temperature, alpha=self.alpha, gamma=self.gamma,
+            head_ce, head_kd, teacher, target, temperature=self.temperature, alpha=alpha, gamma=self.gamma,
             kd_loss=kd_loss, teacher_scale=teacher_scale, backend=self.backend,
         )
         return {"ce": ce, "kd": kd, "total": ce + kd}
@@ -90,18 +110,30 @@ class CE(Method):
 @dataclass(frozen=True, kw_only=True)
 class KD(Method):
     """Hinton et al. 2015 with mdistiller's defaults (``configs/cifar100/kd.yaml``: CE weight 0.1,
-    KD weight 0.9, T 4): gamma * CE(s, y) + alpha * T^2 KL(softmax(t/T) || softmax(s/T))."""
+    KD weight 0.9, T 4): gamma * CE(s, y) + alpha * T^2 KL(softmax(t/T) || softmax(s/T)).
+    ``kd_stop_epoch`` (unset: never) sets alpha to 0 from that (1-based) epoch on, as the published
+    DHKD ImageNet script's ``--early_stop_epoch`` does for both its methods, kd and dhkd."""
 
     name = "kd"
     summary = "Hinton KD: CE + softmax KL at temperature T (mdistiller: 0.1 CE + 0.9 KL, T 4)"
-    knobs = {"gamma": "weight of CE", "alpha": "weight of the softmax KL", "temperature": "T of the KL"}
+    knobs = {
+        "gamma": "weight of CE",
+        "alpha": "weight of the softmax KL",
+        "temperature": "T of the KL",
+        "kd_stop_epoch": KD_STOP_HELP,
+    }
 
     gamma: float = 0.1
     alpha: float = 0.9
     temperature: float = 4.0
+    kd_stop_epoch: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_kd_stop(self)
 
     def terms(self, outputs, target, teacher=None, teacher_scale=None, epoch=0):
-        return self._fused(outputs, outputs, teacher, target, teacher_scale, "kd")
+        return self._fused(outputs, outputs, teacher, target, teacher_scale, "kd", _alpha_at(self, epoch))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -189,7 +221,9 @@ class DHKD(Method):
     KD = BinaryKL-norm by default (the published code's ``BinaryKLNorm``), or ``binary_kl`` / ``kd``.
     Defaults as published (penghui-yang/DHKD ``train_student.py``): ``-r`` gamma 1, ``--BinaryKL_T``
     T 2; ``-a`` alpha has no default there, its CIFAR-100 command uses 1 (its ImageNet command 0.1,
-    in ``configs/imagenet/``)."""
+    in ``configs/imagenet/``). ``kd_stop_epoch`` (unset: never) sets alpha to 0 from that (1-based)
+    epoch on: the ImageNet script's ``--early_stop_epoch``, default 50 there; its CIFAR script has
+    no such switch."""
 
     name = "dhkd"
     summary = "dual-head KD: CE on head 1, BinaryKL(-norm) on head 2 (dropped at export)"
@@ -198,6 +232,7 @@ class DHKD(Method):
         "alpha": "weight of the head-2 loss (--kd-loss)",
         "temperature": "T of the head-2 loss",
         "kd_loss": "head-2 loss, binary_kl_norm (as published), binary_kl or kd",
+        "kd_stop_epoch": KD_STOP_HELP,
     }
     dual_head = True
 
@@ -205,15 +240,17 @@ class DHKD(Method):
     alpha: float = 1.0
     temperature: float = 2.0
     kd_loss: str = "binary_kl_norm"
+    kd_stop_epoch: int | None = None
 
     def __post_init__(self):
         super().__post_init__()
         if self.kd_loss not in KD_LOSSES:
             raise DhkdError(f"unknown kd_loss {self.kd_loss!r}; choose one of: {', '.join(KD_LOSSES)}")
+        _check_kd_stop(self)
 
     def terms(self, outputs, target, teacher=None, teacher_scale=None, epoch=0):
         head1, head2 = outputs
-        return self._fused(head1, head2, teacher, target, teacher_scale, self.kd_loss)
+        return self._fused(head1, head2, teacher, target, teacher_scale, self.kd_loss, _alpha_at(self, epoch))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -285,6 +322,11 @@ def from_config(cfg) -> Method:
         takes = ", ".join("--" + k.replace("_", "-") for k in option_names(cls))
         raise DhkdError(f"--method {cls.name} does not use {flags} (it takes {takes})")
     return cls(backend=cfg.kernels, **given)
+
+
+def methods_taking(option: str) -> tuple[str, ...]:
+    """The names of the methods that take ``option``."""
+    return tuple(name for name, cls in METHODS.items() if option in option_names(cls))
 
 
 def option_help(option: str) -> str:

@@ -64,6 +64,13 @@ def test_recipes_follow_the_published_commands():
     i = _recipe("imagenet/resnet34_resnet18.yaml")
     assert (i.alpha, i.gamma, i.temperature, i.aux_head, i.grad_align) == (0.1, 1.0, 2.0, "linear", False)
     assert (i.lr, i.weight_decay, i.momentum, i.epochs, i.lr_milestones, i.lr_decay) == (0.1, 1e-4, 0.9, 100, [30, 60, 90], 0.1)
+    # train_student_imagenet.py's --early_stop_epoch default (alpha 0 from its 1-based epoch 50 on),
+    # in both ImageNet recipes; its CIFAR script has no such switch
+    for name in ("imagenet/resnet34_resnet18.yaml", "imagenet/resnet50_mobilenet.yaml"):
+        assert _recipe(name).kd_stop_epoch == 50, name
+    for path in glob.glob(os.path.join(ROOT, "configs", "cifar100", "*.yaml")):
+        if not os.path.basename(path).startswith("cache"):
+            assert build_config(TrainConfig, path, {}).kd_stop_epoch is None, path
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "cifar100", "*.yaml"))

@@ -158,7 +158,8 @@ def test_dkd_alpha_and_beta_weigh_one_term_each():
 def test_dhkd_ce_on_head_1_kd_on_head_2(kd_loss, direct):
     h1, h2 = _logits(16).requires_grad_(), _logits(17).requires_grad_()
     t, y = _logits(18), _labels(19)
-    assert DHKD().params() == {"gamma": 1.0, "alpha": 1.0, "temperature": 2.0, "kd_loss": "binary_kl_norm"}  # published
+    assert DHKD().params() == {"gamma": 1.0, "alpha": 1.0, "temperature": 2.0, "kd_loss": "binary_kl_norm",
+                               "kd_stop_epoch": None}  # published
     m = DHKD(gamma=0.7, alpha=1.3, temperature=2.5, kd_loss=kd_loss, backend="torch")
     assert m.dual_head
     terms = m.terms((h1, h2), y, t)
@@ -174,7 +175,10 @@ def test_dhkd_ce_on_head_1_kd_on_head_2(kd_loss, direct):
 
 def test_binary_kl_is_ce_and_binary_kl_on_one_head():
     s, t, y = _logits(20).requires_grad_(), _logits(21), _labels(22)
-    assert BinaryKL().params() == DHKD().params()  # the ablation differs from dhkd only in its heads
+    # the ablation differs from dhkd only in its heads (and kd_stop_epoch, the ImageNet script's, which
+    # applies only to that script's methods, kd and dhkd)
+    dhkd_params = {k: v for k, v in DHKD().params().items() if k != "kd_stop_epoch"}
+    assert BinaryKL().params() == dhkd_params
     for kd_loss, direct in (("binary_kl_norm", binary_kl_norm_direct), ("binary_kl", binary_kl_direct)):
         m = BinaryKL(kd_loss=kd_loss, backend="torch")
         assert not m.dual_head
@@ -247,12 +251,57 @@ def test_fused_backend_gives_the_same_terms():
             assert torch.allclose(got[k], want[k], rtol=1e-5, atol=1e-6), (cls.name, k)
 
 
+# The published DHKD ImageNet script (train_student_imagenet.py) counts epochs from 1 and, for both
+# its methods (kd, dhkd), does `if epoch >= args.early_stop_epoch: args.alpha = 0` before training
+# that epoch. Our epochs are 0-based: 1-based epoch e1 = epoch + 1.
+def published_alpha(alpha, early_stop_epoch, epoch0):
+    e1 = epoch0 + 1
+    return 0.0 if early_stop_epoch and e1 >= early_stop_epoch else alpha
+
+
+@pytest.mark.parametrize("stop", [None, 0, 1, 3, 50])
+@pytest.mark.parametrize("method", ["kd", "dhkd"])
+def test_kd_stop_epoch_turns_the_kd_term_off_from_that_epoch(method, stop):
+    s, h2, t, y = _logits(40).requires_grad_(), _logits(41).requires_grad_(), _logits(42), _labels(43)
+    if method == "kd":
+        m, outputs = KD(alpha=0.6, temperature=3.0, kd_stop_epoch=stop, backend="torch"), s
+        direct = lambda: kd_direct(s, t, 3.0)
+    else:
+        m, outputs = DHKD(alpha=0.1, temperature=2.0, kd_stop_epoch=stop, backend="torch"), (s, h2)
+        direct = lambda: binary_kl_norm_direct(h2, t, 2.0)
+    ce = m.gamma * ce_direct(s, y)
+    for epoch in (0, 1, 2, 3, 48, 49, 50, 99):
+        terms = m.terms(outputs, y, t, epoch=epoch)
+        _check_keys(m, terms)
+        _close(terms["ce"], ce)
+        weight = published_alpha(m.alpha, stop, epoch)
+        if weight == 0.0:
+            assert float(terms["kd"].detach()) == 0.0, (epoch, stop)
+            # nothing of the distillation term reaches the student any more
+            grads = torch.autograd.grad(terms["kd"], (s, h2), allow_unused=True)
+            assert all(g is None or not g.any() for g in grads)
+        else:
+            _close(terms["kd"], weight * direct())
+    # where it first bites: 1-based epoch `stop` is our 0-based `stop - 1`
+    if stop:
+        assert float(m.terms(outputs, y, t, epoch=stop - 1)["kd"].detach()) == 0.0
+        if stop > 1:
+            assert float(m.terms(outputs, y, t, epoch=stop - 2)["kd"].detach()) > 0.0
+
+
+def test_kd_stop_epoch_from_the_config_and_its_help():
+    m = from_config(TrainConfig(method="dhkd", kd_stop_epoch=50))
+    assert m.kd_stop_epoch == 50 and from_config(TrainConfig(method="kd", kd_stop_epoch=7)).kd_stop_epoch == 7
+    assert methods.methods_taking("kd_stop_epoch") == ("kd", "dhkd")  # the two methods of the published script
+    assert "0 or unset: never" in methods.KD_STOP_HELP and "counting epochs from 1" in methods.KD_STOP_HELP
+
+
 # --- construction from a config ------------------------------------------------------------------------
 
 
 def test_defaults_from_the_method_overrides_from_the_config():
     m = from_config(TrainConfig(method="kd"))
-    assert isinstance(m, KD) and m.params() == {"gamma": 0.1, "alpha": 0.9, "temperature": 4.0}
+    assert isinstance(m, KD) and m.params() == {"gamma": 0.1, "alpha": 0.9, "temperature": 4.0, "kd_stop_epoch": None}
     m = from_config(TrainConfig(method="dkd", alpha=2.0, beta=4.0, warmup_epochs=5, kernels="torch"))
     assert m.params() == {"gamma": 1.0, "alpha": 2.0, "beta": 4.0, "temperature": 4.0, "warmup_epochs": 5}
     assert m.backend == "torch"
@@ -271,6 +320,9 @@ def test_defaults_from_the_method_overrides_from_the_config():
         (dict(method="dhkd", beta=2.0, warmup_epochs=3), "does not use --beta, --warmup-epochs"),
         (dict(method="binary_kl", kd_loss="kd"), "--method binary_kl takes --kd-loss"),
         (dict(method="dkd", warmup_epochs=-1), "bad warmup_epochs"),
+        (dict(method="dkd", kd_stop_epoch=50), "--method dkd does not use --kd-stop-epoch"),
+        (dict(method="dist", kd_stop_epoch=50), "--method dist does not use --kd-stop-epoch"),
+        (dict(method="dhkd", kd_stop_epoch=-1), "bad kd_stop_epoch"),
         (dict(method="magic"), "unknown method 'magic'"),
     ],
 )
