@@ -10,10 +10,23 @@ import click
 
 from .cache import CODECS
 from .config import EXPORT_FORMATS, PRECISIONS, CacheConfig, TrainConfig, build_config
-from .errors import DhkdError
+from .errors import ENVIRONMENT_ERRNOS, DhkdError, os_reason
 from .losses import BACKENDS, KD_LOSSES
 from .methods import KD_STOP_HELP, METHODS, methods_taking, option_defaults, option_help
 from .models.dual_head import AUX_HEADS
+from .native_stderr import NativeStderr
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _exit_with(line: str, code: int):
+    """Prints ``line`` as one line on stderr and exits; native log lines held back are dropped."""
+    if _CAPTURE is not None:
+        _CAPTURE.drop = True
+    click.echo(_one_line(line), err=True)
+    sys.exit(code)
 
 DATA_HELP = ("digits | fashion-mnist | fashion-mnist:DIR | mnist:DIR | cifar10:DIR | cifar100:DIR | imagefolder:DIR; "
              "SPEC@N: a fixed stratified subset of N training images.")
@@ -23,15 +36,25 @@ WEIGHTS_HELP = ("a checkpoint file, or a published weight's name (torchvision: D
 
 
 def user_errors(fn):
-    """Prints a ``DhkdError`` as one line on stderr and exits with code 2."""
+    """User mistakes and environment faults end the command with one line on stderr and exit 2;
+    an interrupt (SIGINT, SIGTERM) with one line and 128 + the signal number. Anything else is a
+    bug and keeps its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from .interrupts import Interrupted
+
         try:
             return fn(*args, **kwargs)
         except DhkdError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
+            _exit_with(f"error: {e}", 2)
+        except Interrupted as e:
+            _exit_with(f"interrupted by {e}", e.exit_code)
+        except OSError as e:
+            if e.errno not in ENVIRONMENT_ERRNOS:
+                raise
+            where = f"cannot write {e.filename}: " if e.filename else ""
+            _exit_with(f"error: {where}{os_reason(e)}", 2)
 
     return wrapper
 
@@ -94,11 +117,42 @@ class ConfigCommand(click.Command):
                                      ". Give --config FILE before --help to see a recipe's values."))
 
 
+_CAPTURE: NativeStderr | None = None  # the running command's, while main() runs
+
+
+class OneLineGroup(click.Group):
+    """The command group: a usage mistake is one line too, native library chatter is held back
+    (``NativeStderr``) and SIGINT/SIGTERM stop a command cleanly (``interrupts``)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        global _CAPTURE
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        from .interrupts import Interrupted, handle_signals
+
+        with NativeStderr() as capture, handle_signals():
+            _CAPTURE = capture
+            try:
+                code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            except click.exceptions.UsageError as e:
+                hint = f" (see {e.ctx.command_path} --help)" if e.ctx is not None else ""
+                _exit_with(f"error: {e.format_message()}{hint}", e.exit_code)
+            except click.ClickException as e:
+                _exit_with(f"error: {e.format_message()}", e.exit_code)
+            except click.exceptions.Abort:
+                _exit_with("interrupted", 130)
+            except Interrupted as e:
+                _exit_with(f"interrupted by {e}", e.exit_code)
+            finally:
+                _CAPTURE = None
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 def _echo_json(obj):
     click.echo(json.dumps(obj, indent=2, default=str))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="dhkd-pipe")
 def main():
     """dhkd-pipe: cache a teacher's logits once, distil many students from the store (DHKD)."""
@@ -123,6 +177,10 @@ def training_options(fn):
         click.option("--checkpoint-every", type=int, help="Also checkpoint every N steps within an epoch."),
         click.option("--val-every", type=int, help="Validate after every N-th epoch and after the last (0: the last only; default 1)."),
         click.option("--max-steps", type=int, help="Stop (with a checkpoint) after N steps; for smoke runs and benchmarks."),
+        click.option("--resolution", type=int, help="Input side in pixels (default: the store's, else the data set's: "
+                     "32 for the in-memory sets, 224 for image folders); the model must take it."),
+        click.option("--max-nonfinite", type=int, help="Skip up to N steps whose loss is not finite (no update) before "
+                     "the run stops (default 0: stop at the first)."),
         click.option("--log-with", help="Experiment trackers (Accelerate's), comma-separated: tensorboard, wandb, mlflow, ...; "
                      "they get the per-epoch metrics of metrics.jsonl."),
         click.option("--channels-last/--no-channels-last", default=None, help="NHWC weights and inputs (faster convolutions on tensor-core GPUs)."),

@@ -69,6 +69,8 @@ class TrainConfig:
     log_with: str | None = None  # Accelerate trackers, comma-separated: tensorboard, wandb, ...
     channels_last: bool = False  # NHWC student (and online teacher) and inputs
     compile: bool = False  # torch.compile of the student (through Accelerate)
+    resolution: int | None = None  # input side; None: the store's, else the data set's default
+    max_nonfinite: int = 0  # steps with a non-finite loss skipped (no update) before the run stops
 
     def validate(self) -> "TrainConfig":
         def choose(name, value, allowed):
@@ -89,8 +91,10 @@ class TrainConfig:
             raise DhkdError(f"bad temperature {self.temperature}: must be positive")
         if self.grad_align and self.grad_align_features:
             raise DhkdError("choose one gradient alignment: grad_align (published, parameters) or grad_align_features")
-        if self.workers < 0 or self.checkpoint_every < 0 or self.max_steps < 0 or self.val_every < 0:
-            raise DhkdError("workers, checkpoint_every, max_steps and val_every must not be negative")
+        if self.workers < 0 or self.checkpoint_every < 0 or self.max_steps < 0 or self.val_every < 0 or self.max_nonfinite < 0:
+            raise DhkdError("workers, checkpoint_every, max_steps, val_every and max_nonfinite must not be negative")
+        if self.resolution is not None and self.resolution < 8:
+            raise DhkdError(f"bad resolution {self.resolution}: must be at least 8")
         if not self.data and not self.cache:
             raise DhkdError(missing_data("; or distil from a stage-1 store with --cache STORE, which records its data"))
         from .methods import from_config

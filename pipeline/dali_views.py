@@ -36,6 +36,7 @@ import weakref
 import numpy as np
 
 from .errors import DhkdError
+from .processes import pid_alive
 
 # Spawned DALI workers import this module to unpickle ``EncodedViewSource``; torch and DALI's
 # graph API are imported inside the functions that need them so the workers start in a second.
@@ -87,16 +88,20 @@ class EncodedViewSource:
     of its file table and schedules, so it pickles small for spawned workers.
     """
 
-    def __init__(self, folder: str, filler: bytes):
+    def __init__(self, folder: str, filler: bytes, parent: int | None = None):
         self.folder, self.filler = folder, filler
+        self.parent = os.getpid() if parent is None else parent
         self._files = self._names = None
         self._epoch, self._schedule = -1, None
 
     def __getstate__(self):
-        return {"folder": self.folder, "filler": self.filler}
+        return {"folder": self.folder, "filler": self.filler, "parent": self.parent}
 
     def __setstate__(self, state):
-        self.__init__(state["folder"], state["filler"])
+        # unpickled in a spawned DALI worker, before it serves anything
+        self.__init__(state["folder"], state["filler"], state.get("parent"))
+        if os.getpid() != self.parent:
+            die_with_parent(self.parent)
 
     def path(self, index: int) -> str:
         if self._files is None:
@@ -143,6 +148,43 @@ def _header_size(encoded: bytes, path: str) -> tuple[int, int]:
     except Exception as e:  # reported to the main process, which names the file in a DhkdError
         raise ValueError(f"cannot read the image header of {path}: {e}") from None
     return height, width
+
+
+def die_with_parent(parent: int):
+    """Makes this worker process end when its parent dies, however the parent dies (SIGKILL too).
+
+    Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``; elsewhere a watchdog thread polls the parent pid.
+    SIGINT is ignored: a Ctrl-C reaches the whole process group, and the parent decides (it stops
+    the workers), so a worker never prints a KeyboardInterrupt traceback of its own.
+    """
+    import signal
+    import sys
+    import threading
+    import time
+
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        pass
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) == 0:
+                if os.getppid() != parent:  # the parent died before the prctl took effect
+                    os._exit(1)
+                return
+        except (OSError, AttributeError):
+            pass
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watchdog").start()
 
 
 def schedule_path(folder: str, epoch: int) -> str:
@@ -406,10 +448,39 @@ class DaliViews:
         raise error
 
 
+FOLDER_PREFIX = "dhkd-dali-"
+
+
 def _private_folder() -> str:
+    """``dhkd-dali-PID-XXXX`` in /dev/shm (else the temp folder); first removes the folders of
+    processes that died without removing theirs (SIGKILL)."""
     shm = "/dev/shm"
-    parent = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
-    return tempfile.mkdtemp(prefix="dhkd-dali-", dir=parent)
+    parent = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else tempfile.gettempdir()
+    remove_orphan_folders(parent)
+    return tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-", dir=parent)
+
+
+def remove_orphan_folders(parent: str) -> list[str]:
+    """Removes this user's ``dhkd-dali-PID-*`` folders under ``parent`` whose PID is dead; returns them."""
+    removed = []
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(FOLDER_PREFIX):
+            continue
+        pid = entry.name[len(FOLDER_PREFIX):].split("-", 1)[0]
+        try:
+            if not pid.isdigit() or not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+        except OSError:
+            continue
+        if pid_alive(int(pid)):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(entry.path)
+    return removed
 
 
 def _write_file_table(folder: str, files: list[str]):

@@ -8,9 +8,7 @@ run on the batch here.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,8 +23,11 @@ from .data import Dataset, Renderer
 from .errors import DhkdError
 from .exported import write_exported
 from .grad_align import aligned_backward
+from .interrupts import Interrupted, deferred, pending
 from .loader import PlanEpochs, StoreEpochs, ViewLoader
 from .methods import Method, from_config
+from .run_folder import (CHECKPOINT, METRICS, SUMMARY, TRACKING_DIR, RunFolder, append_line, check_out, metrics_line,
+                         write_atomic, write_json, write_metrics)
 from .views import ViewPlan
 
 if TYPE_CHECKING:
@@ -34,10 +35,9 @@ if TYPE_CHECKING:
 
     from .cache import LogitCache
 
-CHECKPOINT = "checkpoint.pt"
 # Options that may change between a run and its resume.
 RESUMABLE_CHANGES = {"epochs", "out", "workers", "max_steps", "checkpoint_every", "log_with", "val_every",
-                     "channels_last", "compile"}
+                     "channels_last", "compile", "max_nonfinite"}
 
 
 @dataclass
@@ -60,6 +60,15 @@ class Run:
     history: list = field(default_factory=list)
     step_ends: list | None = None  # perf_counter() after each step, when a benchmark asks
     data_spec: str | None = None  # the data set trained on (--data, or the store's)
+    folder: RunFolder | None = None  # the locked run folder (main process)
+    tally: EpochTally | None = None  # the running sums of the epoch a resume continues
+    guard: NonFiniteGuard | None = None  # set by train()
+
+    def close(self, failed: bool = False):
+        """Releases the run folder (see ``RunFolder.close``)."""
+        if self.folder is not None:
+            self.folder.close(failed)
+            self.folder = None
 
 
 def make_accelerator(precision: str, log_with: str | None = None, project_dir: str | None = None) -> Accelerator:
@@ -95,7 +104,7 @@ def tracker_names(log_with: str | None) -> list[str]:
     return names
 
 
-TRACKING_PROJECT = "dhkd-pipe"  # trackers write under RUN/dhkd-pipe (TensorBoard) or this project (wandb, ...)
+TRACKING_PROJECT = TRACKING_DIR  # trackers write under RUN/dhkd-pipe (TensorBoard) or this project (wandb, ...)
 
 
 def _start_tracking(run: Run):
@@ -121,7 +130,7 @@ def _end_tracking(run: Run):
 def prepare(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Run:
     """Loads and checks data, store, models and weights, then sets up the run directory."""
     from .data import load_data, load_store_data
-    from .models import create_model, default_weights, load_checkpoint
+    from .models import check_finite_weights, check_input_size, create_model, default_weights, load_checkpoint
 
     loss = method = from_config(cfg)
     online = method.needs_teacher and not cfg.cache
@@ -132,7 +141,7 @@ def prepare(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> 
     if (cfg.grad_align or cfg.grad_align_features) and not method.dual_head:
         flag = "--grad-align" if cfg.grad_align else "--grad-align-features"
         raise DhkdError(f"{flag} aligns head 1's CE with head 2's distillation gradient: only --method dhkd has two heads")
-    replace_out = _check_out(cfg.out, resume, overwrite)
+    out_plan = check_out(cfg.out, resume, overwrite)  # reads only; repeated under the folder's lock
     acc = make_accelerator(cfg.precision, cfg.log_with, cfg.out)
     torch.manual_seed(cfg.seed)
 
@@ -144,9 +153,12 @@ def prepare(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> 
         cache.check_complete()
         data, data_spec = load_store_data(cache, cfg.data)
         plan = ViewPlan.from_dict(cache.attrs["policy"])
+        if cfg.resolution and cfg.resolution != plan.resolution:
+            raise DhkdError(f"--resolution {cfg.resolution}: the store {cfg.cache} holds views rendered at {plan.resolution}, "
+                            f"which stage 2 replays as recorded; drop --resolution, or cache the teacher at {cfg.resolution}")
     else:
         data, data_spec = load_data(cfg.data), cfg.data
-        plan = data.default_plan(seed=cfg.seed)
+        plan = data.default_plan(seed=cfg.seed, resolution=cfg.resolution)
 
     model = create_model(cfg.model, data.num_classes, dual_head=method.dual_head, aux_head=cfg.aux_head,
                          align_features=cfg.grad_align_features)
@@ -158,10 +170,13 @@ def prepare(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> 
         with acc.main_process_first():
             source = resolve_weights(cfg.teacher, cfg.teacher_weights)
         if plan.policy == "random_resized_crop_flip":
-            plan = with_preprocessing(plan, source.preprocessing())
+            plan = with_preprocessing(plan, source.preprocessing(), cfg.resolution)
+        check_input_size(cfg.teacher, plan.resolution, data.num_classes, "teacher")
         teacher = create_model(cfg.teacher, data.num_classes)
         load_checkpoint(teacher, source)
+        check_finite_weights(teacher, source.label)
         teacher.eval().requires_grad_(False).to(acc.device, memory_format=memory_format(cfg))
+    check_input_size(cfg.model, plan.resolution, data.num_classes, "student" if method.needs_teacher else "model")
     model.to(memory_format=memory_format(cfg))
     epochs = StoreEpochs(cache, acc.device, with_logits=method.needs_teacher) if cache is not None else PlanEpochs(plan, data)
 
@@ -171,40 +186,30 @@ def prepare(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> 
                         memory_format=memory_format(cfg))
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     run = Run(cfg, acc, data, loss, model, teacher, loader, renderer, plan, optimizer, cache, data_spec=data_spec)
-    if resume:
-        _load_state(run)
-    run.model, run.optimizer = acc.prepare(run.model, run.optimizer)
+    if acc.is_main_process:
+        run.folder = RunFolder.open(out_plan, command=_command_line())
+    acc.wait_for_everyone()
+    try:
+        if resume:
+            _load_state(run)
+        run.model, run.optimizer = acc.prepare(run.model, run.optimizer)
+    except BaseException:
+        run.close()
+        raise
     if cfg.compile:
         # here, not through Accelerate's dynamo_backend: its process-wide state keeps the first
         # Accelerator's setting, so a later run in the same process (bench, quickstart) would not compile
         run.model = torch.compile(run.model)
-    if acc.is_main_process:
-        if replace_out:
-            shutil.rmtree(cfg.out)
-        os.makedirs(cfg.out, exist_ok=True)
-    acc.wait_for_everyone()
     return run
+
+
+def _command_line() -> str:
+    return " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])[:300]
 
 
 def memory_format(cfg) -> torch.memory_format:
     """``--channels-last``: NHWC weights and inputs (what tensor cores and oneDNN prefer)."""
     return torch.channels_last if cfg.channels_last else torch.contiguous_format
-
-
-def _check_out(out: str, resume: bool, overwrite: bool) -> bool:
-    """Refuses to mix runs in one folder; returns whether an old run is to be replaced."""
-    has_run = os.path.isfile(os.path.join(out, CHECKPOINT)) or os.path.isfile(os.path.join(out, "summary.json"))
-    if resume and not os.path.isfile(os.path.join(out, CHECKPOINT)):
-        raise DhkdError(f"--resume: no checkpoint in {out}")
-    if has_run and not resume:
-        if not overwrite:
-            raise DhkdError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
-    existing = os.path.abspath(out)
-    while not os.path.isdir(existing):
-        existing = os.path.dirname(existing)
-    if not os.access(existing, os.W_OK):
-        raise DhkdError(f"cannot write to {out}: {existing} is not writable")
-    return has_run and not resume
 
 
 def lr_at(cfg: TrainConfig, epoch: int) -> float:
@@ -223,7 +228,7 @@ def _set_rng_state(state: dict, device: torch.device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _save_state(run: Run, epoch: int, step: int):
+def _save_state(run: Run, epoch: int, step: int, tally: EpochTally | None = None, t0: float | None = None):
     """The run's state after ``step`` steps of ``epoch`` (step == len(loader): epoch finished).
 
     Everything a resumed run needs to continue as if never stopped: weights, optimizer, every
@@ -237,6 +242,10 @@ def _save_state(run: Run, epoch: int, step: int):
 
     acc = run.accelerator
     rng = gather_object([_rng_state(acc.device)])  # one entry per process, in rank order
+    running = None
+    if tally is not None:  # mid-epoch: the epoch's running sums, so its train_loss survives a resume
+        tally.elapsed = time.perf_counter() - t0
+        running = tally.state(acc)
     if not acc.is_main_process:
         return
     scaler = getattr(acc, "scaler", None)
@@ -249,25 +258,45 @@ def _save_state(run: Run, epoch: int, step: int):
         "scaler": scaler.state_dict() if scaler is not None else None,
         "config": run.cfg.to_dict(),
         "history": run.history,
+        "tally": running,
     }
-    path = os.path.join(run.cfg.out, CHECKPOINT)
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    write_atomic(os.path.join(run.cfg.out, CHECKPOINT), lambda f: torch.save(state, f))
+
+
+# What _save_state writes, with the types a resume relies on.
+_STATE_KEYS = {"model": dict, "optimizer": dict, "epoch": int, "step": int, "config": dict, "history": list}
+
+
+def read_state(path: str) -> dict:
+    """A training checkpoint written by ``_save_state``; anything else is one DhkdError line."""
+    from .models.checkpoint import torch_load_reason
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise DhkdError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+    except Exception as e:
+        raise DhkdError(f"cannot read checkpoint {path}: not a weights-only torch file, or damaged ({torch_load_reason(e)})") from None
+    lacking = [k for k, kind in _STATE_KEYS.items() if not isinstance(state, dict) or not isinstance(state.get(k), kind)]
+    if lacking:
+        raise DhkdError(f"{path} is not a dhkd-pipe training checkpoint (no {', '.join(lacking)}): --resume continues a run "
+                        "this tool stopped; to start over in this folder pass --overwrite instead")
+    return state
 
 
 def _load_state(run: Run):
     path = os.path.join(run.cfg.out, CHECKPOINT)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DhkdError(f"cannot read checkpoint {path}: {e}") from None
+    state = read_state(path)
     saved, now = state["config"], run.cfg.to_dict()
     for key in sorted(set(saved) | set(now)):
         if key not in RESUMABLE_CHANGES and saved.get(key) != now.get(key):
             raise DhkdError(f"--resume with a different config: {key} was {saved.get(key)!r}, now {now.get(key)!r}")
     acc = run.accelerator
-    run.model.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
+    try:
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise DhkdError(f"{path} does not fit this run's model or optimizer: {' '.join(str(e).split())[:200]}") from None
     rng = state["rng"]
     if isinstance(rng, torch.Tensor):  # checkpoints written before per-process generators were kept
         rng = [{"cpu": rng, "cuda": None}]
@@ -279,6 +308,10 @@ def _load_state(run: Run):
     run.history = list(state["history"])
     epoch, step = state["epoch"], state["step"]
     run.start_epoch, run.start_step = (epoch + 1, 0) if step >= len(run.loader) else (epoch, step)
+    if run.start_step and isinstance(state.get("tally"), dict):
+        run.tally = EpochTally.from_state(state["tally"], 1 + len(run.loss.term_names), acc)
+    if acc.is_main_process:  # metrics.jsonl says what the checkpoint says (a kill may have left it ahead)
+        write_metrics(run.cfg.out, run.history)
 
 
 @torch.no_grad()
@@ -309,9 +342,85 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, disable=not enabled or None, leave=False, dynamic_ncols=True, file=sys.stderr)
 
 
-def train_step(run: Run, batch, epoch: int) -> dict[str, torch.Tensor]:
+class NonFiniteGuard:
+    """Stops a run whose loss (or whose online teacher's logits) is not finite.
+
+    ``--max-nonfinite 0`` (the default) stops at the first non-finite loss. Nothing is skipped, so
+    nothing needs deciding before the optimizer step: a device flag records the first bad step with
+    no host sync, and ``check`` reads it every ``CHECK_EVERY`` steps and before anything is saved,
+    so a checkpoint never holds the weights a non-finite step produced. With ``N > 0`` a bad step
+    must skip its update (no optimizer step), which needs its loss on the host before the step: one
+    small sync per step, paid only by runs that ask for skipping. A non-finite teacher is never
+    skipped: the store refuses such logits in stage 1, and online distillation does the same.
+    """
+
+    CHECK_EVERY = 50
+
+    def __init__(self, device: torch.device, max_nonfinite: int, num_processes: int):
+        self.max_nonfinite, self.num_processes = max_nonfinite, num_processes
+        self.count = torch.zeros((), dtype=torch.int64, device=device)  # steps seen, on the device
+        # first step (1-based count) whose loss / teacher logits were not finite; 0: none yet
+        self.first_bad = torch.zeros(2, dtype=torch.int64, device=device)
+        self.step_names: dict[int, tuple[int, int]] = {}  # count -> (epoch, step), for the message
+        self.skipped = 0
+        self.last_skipped: tuple[int, int] | None = None
+
+    @property
+    def skipping(self) -> bool:
+        return self.max_nonfinite > 0
+
+    def observe(self, loss: torch.Tensor, teacher: torch.Tensor | None):
+        """Records (on the device) whether this step's loss and teacher logits are finite."""
+        self.count += 1
+        bad = torch.stack([~torch.isfinite(loss.detach()).all(),
+                           ~torch.isfinite(teacher).all() if teacher is not None else torch.zeros((), dtype=torch.bool, device=loss.device)])
+        self.first_bad.copy_(torch.where(bad & (self.first_bad == 0), self.count, self.first_bad))
+
+    def skip(self, loss: torch.Tensor, teacher: torch.Tensor | None, acc, epoch: int, step: int) -> bool:
+        """With skipping allowed: whether this step is skipped (one host sync; every process agrees)."""
+        self.observe(loss, teacher)
+        flags = self.first_bad.clone()
+        if self.num_processes > 1:
+            flags = acc.reduce(flags, "sum")
+        loss_bad, teacher_bad = (int(v) for v in flags.tolist())
+        if teacher_bad:
+            raise self._error("teacher", epoch, step)
+        if not loss_bad:
+            return False
+        self.first_bad.zero_()
+        self.skipped += 1
+        self.last_skipped = (epoch, step)
+        if self.skipped > self.max_nonfinite:
+            raise self._error("loss", epoch, step)
+        return True
+
+    def check(self, acc, epoch: int, steps_per_epoch: int):
+        """Raises DhkdError if a recorded step was not finite (a sync; every process calls it)."""
+        flags = self.first_bad.clone()
+        if self.num_processes > 1:
+            flags = acc.gather(flags[None]).amax(0)
+        loss_bad, teacher_bad = (int(v) for v in flags.tolist())
+        if not (loss_bad or teacher_bad):
+            self.step_names.clear()
+            return
+        which, count = ("teacher", teacher_bad) if teacher_bad and (not loss_bad or teacher_bad <= loss_bad) else ("loss", loss_bad)
+        raise self._error(which, *self.step_names.get(count, (epoch, 0)))
+
+    def _error(self, which: str, epoch: int, step: int) -> DhkdError:
+        where = f"at epoch {epoch + 1}, step {step + 1}"
+        if which == "teacher":
+            return DhkdError(f"the teacher's logits are not finite {where}: the run stopped (its weights from that step are "
+                             "not saved); check the teacher and its weights (--teacher-weights)")
+        skipped = f" after {self.skipped - 1} skipped non-finite steps" if self.skipped > 1 else ""
+        return DhkdError(f"the loss is not finite {where}{skipped}: the run stopped (its weights from that step are not saved); "
+                         f"lower --lr, check the data and the teacher, or let --max-nonfinite N skip up to N such steps "
+                         f"(now {self.max_nonfinite})")
+
+
+def train_step(run: Run, batch, epoch: int, step: int = 0) -> dict[str, torch.Tensor] | None:
     """Forward, loss, backward, optimizer step on one batch; returns the method's named loss terms
-    (``ce``, ``kd``, ..., ``total``), still attached to the graph.
+    (``ce``, ``kd``, ..., ``total``), still attached to the graph, or None when the step was
+    skipped for a non-finite loss (``--max-nonfinite``: no optimizer step).
 
     With ``cfg.grad_align`` the two objectives' parameter gradients (``terms["ce"]``,
     ``terms["kd"]``) are aligned as published (``dhkd_pipe.grad_align``) instead of back-propagating
@@ -321,10 +430,18 @@ def train_step(run: Run, batch, epoch: int) -> dict[str, torch.Tensor]:
     with acc.autocast():
         outputs = model(batch.images)
         teacher = batch.teacher
+        online = None
         if teacher is None and run.teacher is not None:
             with torch.no_grad():
-                teacher = run.teacher(batch.images)
+                teacher = online = run.teacher(batch.images)
         terms = run.loss.terms(outputs, batch.labels, teacher, batch.teacher_scale, epoch)
+    guard = run.guard
+    if guard is not None:
+        if guard.skipping:
+            if guard.skip(terms["total"], online, acc, epoch, step):
+                return None
+        else:
+            guard.observe(terms["total"], online)
     optimizer.zero_grad(set_to_none=True)
     if run.cfg.grad_align:
         aligned_backward(terms["ce"], terms["kd"], model.parameters(), acc)
@@ -340,70 +457,147 @@ def metric_names(method: Method) -> list[str]:
     return ["train_loss"] + [f"train_{name}" for name in method.term_names]
 
 
+@dataclass
+class EpochTally:
+    """An epoch's running sums. They go into every mid-epoch checkpoint, so a resumed epoch reports
+    the ``train_loss`` (and image count) an uninterrupted one would."""
+
+    term_sums: torch.Tensor  # the loss terms (total first), summed on the device: no sync per step
+    steps: int = 0  # steps whose terms are in the sums (skipped steps are not)
+    seen: int = 0  # images this process trained on
+    elapsed: float = 0.0  # training seconds before this process took the epoch over
+
+    @classmethod
+    def fresh(cls, terms: int, device) -> "EpochTally":
+        return cls(torch.zeros(terms, dtype=torch.float32, device=device))
+
+    def add(self, terms: dict[str, torch.Tensor], names: tuple[str, ...]):
+        self.term_sums += torch.stack([terms[k].detach().float() for k in names])
+        self.steps += 1
+
+    def means(self, acc: Accelerator) -> list[float]:
+        """Per-step means over all processes (a collective)."""
+        return (acc.reduce(self.term_sums, "sum") / max(1, self.steps * acc.num_processes)).tolist()
+
+    def state(self, acc: Accelerator) -> dict:
+        """The sums over all processes (every process calls this), for the checkpoint."""
+        total = acc.reduce(self.term_sums.clone(), "sum") if acc.num_processes > 1 else self.term_sums
+        seen = self.seen * acc.num_processes
+        return {"term_sums": total.detach().cpu(), "steps": self.steps, "seen": seen, "elapsed": self.elapsed}
+
+    @classmethod
+    def from_state(cls, state: dict, terms: int, acc: Accelerator) -> "EpochTally | None":
+        """The main process continues the saved sums; the others start from zero, so that the
+        epoch's final sum over processes is the saved one plus what follows. None if the saved
+        sums do not fit (another method's terms)."""
+        sums = state.get("term_sums")
+        if not isinstance(sums, torch.Tensor) or sums.shape != (terms,):
+            return None
+        main = acc.is_main_process
+        sums = sums.to(acc.device, torch.float32) if main else torch.zeros(terms, device=acc.device)
+        seen = int(state["seen"]) // acc.num_processes
+        return cls(sums, int(state["steps"]), seen, float(state["elapsed"]))
+
+
 def train(run: Run, log=log_line) -> dict:
-    """Runs the loop from the run's start point to ``cfg.epochs``; returns the summary."""
+    """Runs the loop from the run's start point to ``cfg.epochs``; returns the summary.
+
+    Whatever way it ends, the run folder's lock is released; a run that fails before its first
+    checkpoint leaves no folder it created behind.
+    """
+    try:
+        summary = _train(run, log)
+    except BaseException:
+        _end_tracking(run)
+        run.close(failed=True)
+        raise
+    _end_tracking(run)
+    run.close()
+    return summary
+
+
+def _train(run: Run, log) -> dict:
     cfg, acc, model, loader, optimizer = run.cfg, run.accelerator, run.model, run.loader, run.optimizer
     main = acc.is_main_process
     names = ("total",) + run.loss.term_names
-    total_steps = steps_done = 0
+    steps_done = 0
     started = time.perf_counter()
+    run.guard = NonFiniteGuard(acc.device, cfg.max_nonfinite, acc.num_processes)
+    guard = run.guard
     _start_tracking(run)
     model.train()
-    for epoch in range(run.start_epoch, cfg.epochs):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(cfg, epoch)
-        skip = run.start_step if epoch == run.start_epoch else 0
-        term_sums = torch.zeros(len(names), device=acc.device)  # summed on the device: no sync per step
-        seen, t0 = 0, time.perf_counter()
-        bar = _progress(len(loader) - skip, f"epoch {epoch + 1}/{cfg.epochs}", main)
-        for step, batch in enumerate(loader.epoch(epoch, skip), start=skip):
-            terms = train_step(run, batch, epoch)
-            term_sums += torch.stack([terms[k].detach().float() for k in names])
-            seen += len(batch.labels)
-            steps_done += 1
-            if run.step_ends is not None:
-                if acc.device.type == "cuda":
-                    torch.cuda.synchronize()
-                run.step_ends.append(time.perf_counter())
-            bar.update(1)
-            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < len(loader):
-                _save_state(run, epoch, step + 1)
-            if cfg.max_steps and steps_done >= cfg.max_steps:
-                bar.close()
-                _save_state(run, epoch, step + 1)
-                _end_tracking(run)
-                acc.wait_for_everyone()
-                return {"stopped_at": {"epoch": epoch, "step": step + 1}}
-        bar.close()
-        train_time = time.perf_counter() - t0
-        total_steps += len(loader) - skip
-        means = (acc.reduce(term_sums, "sum") / max(1, (len(loader) - skip) * acc.num_processes)).tolist()
-        metrics = {"epoch": epoch + 1, "lr": lr_at(cfg, epoch)}
-        metrics.update(zip(metric_names(run.loss), means))
-        metrics.update({"images_per_sec": seen * acc.num_processes / train_time, "epoch_time": train_time})
-        if _validates(cfg, epoch):
-            metrics.update({f"val_{k}": v for k, v in evaluate(acc.unwrap_model(model), run.renderer, cfg.batch_size * 2, acc).items()})
-        run.history.append(metrics)
-        if main:
-            _append_metrics(cfg.out, metrics)
-            acc.log(metrics, step=metrics["epoch"])  # the trackers get exactly the metrics.jsonl line
-            val = f"val top-1 {metrics['val_top1']:.2f}%  " if "val_top1" in metrics else ""
-            parts = "  ".join(f"{k} {metrics['train_' + k]:.4f}" for k in run.loss.term_names)
-            log(f"epoch {epoch + 1}/{cfg.epochs}  loss {metrics['train_loss']:.4f} ({parts})  {val}{metrics['images_per_sec']:.0f} img/s")
-        _save_state(run, epoch, len(loader))
-        acc.wait_for_everyone()
-    _end_tracking(run)
+    # one process: a signal stops the run at the next step, with a checkpoint there (interrupts.py)
+    with deferred(enabled=acc.num_processes == 1):
+        for epoch in range(run.start_epoch, cfg.epochs):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(cfg, epoch)
+            skip = run.start_step if epoch == run.start_epoch else 0
+            tally = run.tally if (skip and run.tally is not None) else EpochTally.fresh(len(names), acc.device)
+            run.tally = None
+            t0 = time.perf_counter() - tally.elapsed
+            bar = _progress(len(loader) - skip, f"epoch {epoch + 1}/{cfg.epochs}", main)
+            for step, batch in enumerate(loader.epoch(epoch, skip), start=skip):
+                guard.step_names[steps_done + 1] = (epoch, step)
+                terms = train_step(run, batch, epoch, step)
+                if terms is not None:
+                    tally.add(terms, names)
+                tally.seen += len(batch.labels)
+                steps_done += 1
+                if run.step_ends is not None:
+                    if acc.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    run.step_ends.append(time.perf_counter())
+                bar.update(1)
+                stop = pending()
+                save = step + 1 < len(loader) and bool(stop or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0))
+                if save or steps_done % guard.CHECK_EVERY == 0:
+                    guard.check(acc, epoch, len(loader))  # never save the weights of a non-finite step
+                if save:
+                    _save_state(run, epoch, step + 1, tally, t0)
+                if stop:
+                    bar.close()
+                    if step + 1 >= len(loader):
+                        break  # the epoch is finished: saved below, then stopped
+                    raise Interrupted(stop, f"at epoch {epoch + 1}, step {step + 1}: its state is saved in {cfg.out}; "
+                                            "continue with --resume")
+                if cfg.max_steps and steps_done >= cfg.max_steps:
+                    bar.close()
+                    if step + 1 >= len(loader):
+                        break
+                    guard.check(acc, epoch, len(loader))
+                    _save_state(run, epoch, step + 1, tally, t0)
+                    acc.wait_for_everyone()
+                    return {"stopped_at": {"epoch": epoch, "step": step + 1}}
+            bar.close()
+            guard.check(acc, epoch, len(loader))
+            train_time = time.perf_counter() - t0
+            metrics = {"epoch": epoch + 1, "lr": lr_at(cfg, epoch)}
+            metrics.update(zip(metric_names(run.loss), tally.means(acc)))
+            metrics.update({"images_per_sec": tally.seen * acc.num_processes / train_time, "epoch_time": train_time})
+            if guard.skipped:
+                metrics["skipped_nonfinite"] = guard.skipped
+            if _validates(cfg, epoch):
+                metrics.update({f"val_{k}": v for k, v in evaluate(acc.unwrap_model(model), run.renderer, cfg.batch_size * 2, acc).items()})
+            run.history.append(metrics)
+            if main:
+                append_line(os.path.join(cfg.out, METRICS), metrics_line(metrics))
+                acc.log(metrics, step=metrics["epoch"])  # the trackers get exactly the metrics.jsonl line
+                val = f"val top-1 {metrics['val_top1']:.2f}%  " if "val_top1" in metrics else ""
+                parts = "  ".join(f"{k} {metrics['train_' + k]:.4f}" for k in run.loss.term_names)
+                log(f"epoch {epoch + 1}/{cfg.epochs}  loss {metrics['train_loss']:.4f} ({parts})  {val}{metrics['images_per_sec']:.0f} img/s")
+            _save_state(run, epoch, len(loader))
+            acc.wait_for_everyone()
+            stop = pending()
+            if stop:
+                raise Interrupted(stop, f"after epoch {epoch + 1}: its state is saved in {cfg.out}; continue with --resume")
+            if cfg.max_steps and steps_done >= cfg.max_steps and epoch + 1 < cfg.epochs:
+                return {"stopped_at": {"epoch": epoch, "step": len(loader)}}
     return _finish(run, time.perf_counter() - started)
 
 
 def _validates(cfg: TrainConfig, epoch: int) -> bool:
     """Whether validation runs after ``epoch`` (0-based): every ``val_every``-th and the last."""
     return epoch + 1 == cfg.epochs or (cfg.val_every > 0 and (epoch + 1) % cfg.val_every == 0)
-
-
-def _append_metrics(out: str, metrics: dict):
-    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(metrics) + "\n")
 
 
 def _finish(run: Run, wall: float) -> dict:
@@ -436,7 +630,6 @@ def _finish(run: Run, wall: float) -> dict:
         mean, std = run.plan.normalization(run.data)
         write_exported(cfg.out, exported, cfg.model, run.data.num_classes, run.plan.resolution, mean, std,
                        plan=run.plan.to_dict())
-        with open(os.path.join(cfg.out, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        write_json(os.path.join(cfg.out, SUMMARY), summary)
     acc.wait_for_everyone()
     return summary

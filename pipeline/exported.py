@@ -24,7 +24,9 @@ def write_exported(out: str, model: nn.Module, arch: str, num_classes: int, reso
                    plan: dict | None = None):
     """Writes ``out/model.pt`` and ``out/model.safetensors`` (each atomically); ``plan`` (the
     run's ``ViewPlan.to_dict()``: crop, interpolation, normalisation) is kept beside the facts."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save as safetensors_bytes
+
+    from .run_folder import write_atomic
 
     # own, contiguous CPU copies: safetensors refuses views and tensors that share storage
     weights = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
@@ -32,14 +34,11 @@ def write_exported(out: str, model: nn.Module, arch: str, num_classes: int, reso
              "mean": [float(v) for v in mean], "std": [float(v) for v in std]}
     if plan is not None:
         facts["plan"] = plan
-    path = os.path.join(out, EXPORTED)
-    torch.save({"model": weights, **facts}, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    write_atomic(os.path.join(out, EXPORTED), lambda f: torch.save({"model": weights, **facts}, f))
     metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in facts.items()}
     metadata["format"] = "dhkd-pipe exported student (single head)"
-    path = os.path.join(out, EXPORTED_SAFETENSORS)
-    save_file(weights, path + ".tmp", metadata=metadata)
-    os.replace(path + ".tmp", path)
+    data = safetensors_bytes(weights, metadata=metadata)
+    write_atomic(os.path.join(out, EXPORTED_SAFETENSORS), lambda f: f.write(data))
 
 
 def read_exported(run_dir: str) -> tuple[dict, dict]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from dhkd_pipe.config import CacheConfig, TrainConfig, build_config
 from dhkd_pipe.console import log_line
-from dhkd_pipe.errors import DhkdError
+from dhkd_pipe.errors import DhkdError, io_error
 from dhkd_pipe.report import markdown_table, write_report
 
 from .cache_teacher import cache_teacher
@@ -24,14 +24,38 @@ RECIPES = Path(__file__).resolve().parent.parent / "configs" / "digits"
 STUDENTS = ("ce", "kd", "dhkd")
 
 
+def _parts() -> tuple[str, ...]:
+    return ("teacher", "logits.zarr", "report.png", *(f"student-{m}" for m in STUDENTS))
+
+
+def _remove_quickstart(out: str):
+    """Removes an earlier quickstart's parts; a folder holding anything else is refused whole."""
+    parts = _parts()
+    others = sorted(set(os.listdir(out)) - set(parts))
+    if others:
+        raise DhkdError(f"--overwrite: {out} is not a quickstart folder (it holds {', '.join(others[:3])}); "
+                        "choose another --out")
+    for name in parts:
+        path = os.path.join(out, name)
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            elif os.path.lexists(path):
+                os.remove(path)
+        except OSError as e:
+            raise io_error(path, e, "remove") from None
+
+
 def quickstart(out: str = "runs/quickstart", overwrite: bool = False, log=log_line, show=print) -> list[dict]:
     """Progress goes to ``log`` (stderr), the final table to ``show`` (stdout)."""
     if not RECIPES.is_dir():
         raise DhkdError(f"recipes not found at {RECIPES}; run quickstart from a source checkout (pip install -e .)")
-    if os.path.exists(out):
+    if os.path.lexists(out):
+        if not os.path.isdir(out):
+            raise DhkdError(f"--out {out} is a file; choose another --out (--overwrite replaces only a quickstart folder)")
         if not overwrite:
             raise DhkdError(f"{out} exists; pass --overwrite or choose another --out")
-        shutil.rmtree(out)
+        _remove_quickstart(out)
     rows = []
 
     def stage(name, fn, cfg, **kw):

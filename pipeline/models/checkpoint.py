@@ -82,7 +82,7 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
         except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError,
                 AttributeError, ImportError, IndexError, KeyError, TypeError, OSError) as e:
             raise DhkdError(f"cannot read checkpoint {path}: corrupt or not a weights-only torch file "
-                            f"({_short(e)})") from None
+                            f"({torch_load_reason(e)})") from None
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):
             inner = obj.get(key)
@@ -101,6 +101,21 @@ def _is_tensor_dict(d: dict) -> bool:
 def _short(e: Exception) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
     return text[:160] + ("..." if len(text) > 160 else "")
+
+
+# torch.load's advice around the reason (including to retry with weights_only=False: never do)
+_TORCH_LOAD_BOILERPLATE = ("Weights only load failed", "Check the documentation", "Please file an issue", "In PyTorch 2.6")
+
+
+def torch_load_reason(e: Exception) -> str:
+    """The reason a ``torch.load(weights_only=True)`` failed, on one line, without torch's advice."""
+    lines = [line.strip() for line in str(e).splitlines()]
+    reason = [line for line in lines if line and not line.startswith(_TORCH_LOAD_BOILERPLATE)]
+    text = " ".join(reason).replace("WeightsUnpickler error:", "").strip()
+    if not text:
+        return _short(e)
+    text = " ".join(text.split())
+    return text[:200] + ("..." if len(text) > 200 else "")
 
 
 def _keys_text(label: str, keys: list[str]) -> str:
@@ -254,3 +269,12 @@ def load_checkpoint(model: nn.Module, path_or_weight_name, strict: bool = True, 
     else:
         model.load_state_dict(sd, strict=False)
     return nn.modules.module._IncompatibleKeys(missing, unexpected + dropped)
+
+
+def check_finite_weights(model: nn.Module, source) -> None:
+    """Refuses weights (parameters and buffers) holding NaN or infinity: such a teacher gives
+    non-finite logits for every image, so it is refused before anything is written."""
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise DhkdError(f"the weights in {source} are not finite ({_keys_text('tensors hold NaN or inf', bad)}); "
+                        "the file is damaged or the run that wrote it diverged")

@@ -202,3 +202,28 @@ def create_model(name: str, num_classes: int, dual_head: bool = False, aux_head:
     elif aux_head not in AUX_HEADS:
         raise DhkdError(f"aux_head must be one of {', '.join(AUX_HEADS)}, got {aux_head!r}")
     return model
+
+
+def check_input_size(name: str, resolution: int, num_classes: int, role: str = "model"):
+    """Refuses, before anything is written, a model that cannot take ``resolution`` x ``resolution``
+    inputs: the CIFAR zoo's fixed pooling expects its 32-pixel input (``model_input_size``), and any
+    network stops working below some size. The check is a forward pass of a model built on the
+    ``meta`` device (shapes only: no weights, no arithmetic), so it costs milliseconds.
+    """
+    import torch
+
+    expected = model_input_size(name)
+    try:
+        with torch.device("meta"):
+            model = _entry(name).build(num_classes=num_classes)
+            out = model.eval()(torch.zeros(2, 3, resolution, resolution))
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        fits = tuple(out.shape) == (2, num_classes)
+    except NotImplementedError:  # an operator without a meta kernel: cannot tell, let training say
+        return
+    except (RuntimeError, ValueError, IndexError):  # shapes that do not fit (e.g. the classifier's input)
+        fits = False
+    if not fits:
+        raise DhkdError(f"the {role} {name} is built for {expected}x{expected} inputs and cannot take the data's "
+                        f"{resolution}x{resolution} images; pass --resolution {expected} or choose a model for "
+                        f"{resolution}-pixel images (see `dhkd-pipe models`)")

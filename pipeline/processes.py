@@ -1,0 +1,38 @@
+"""Whether a process id is alive, for the stale-lock rule (``run_folder``) and for the shared-memory
+folders a killed process leaves (``dali_views``). Linux's /proc also tells zombies and start times;
+elsewhere only ``kill(pid, 0)`` is asked."""
+
+from __future__ import annotations
+
+import os
+
+
+def process_stat(pid: int) -> tuple[str, float] | None:
+    """(state letter, start time as a Unix time) of a process from /proc, or None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        state, ticks = fields[0], int(fields[19])
+        with open("/proc/stat") as f:
+            boot = next(float(line.split()[1]) for line in f if line.startswith("btime"))
+        return state, boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def pid_alive(pid: int, started_before: float | None = None) -> bool:
+    """False when ``pid`` is dead, a zombie, or (given ``started_before``, a Unix time) a process
+    started after that time, i.e. the pid was reused; True otherwise, including when unsure."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    stat = process_stat(pid)
+    if stat is None:
+        return True
+    state, started = stat
+    if state in ("Z", "X"):
+        return False
+    return started_before is None or started <= started_before + 1

@@ -1,0 +1,438 @@
+"""A training run's folder: what it holds, one writer at a time, and no half-written file.
+
+A run folder holds ``checkpoint.pt`` (the state a resume starts from), ``metrics.jsonl`` (one line
+per finished epoch), the exported student and ``summary.json`` (the run finished), and
+``run.lock`` while a process trains in it. Every file is written to ``NAME.tmp`` and renamed, so a
+kill or a full disk leaves the previous version; the environment's write errors (ENOSPC, EACCES,
+EROFS, ...) become one ``DhkdError`` naming the path and the errno.
+
+``check_out`` decides, reading only, what a command may do with ``--out``; ``RunFolder.open``
+then creates the folder, takes the lock and, for ``--overwrite``, removes the old run's files
+(never anything a run does not write).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import math
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from .errors import DhkdError, io_error
+from .exported import EXPORTED, EXPORTED_SAFETENSORS
+from .processes import pid_alive
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+LOCK = "run.lock"
+TRACKING_DIR = "dhkd-pipe"  # Accelerate's trackers write under RUN/dhkd-pipe (TensorBoard)
+ONNX = "model.onnx"  # `dhkd-pipe export`'s default output
+# Any of these in a folder: it holds a run (finished, stopped, or started and killed).
+RUN_MARKERS = (CHECKPOINT, SUMMARY, METRICS, LOCK)
+# What a run writes; --overwrite removes these (and their .tmp files) and nothing else.
+RUN_ENTRIES = (CHECKPOINT, METRICS, SUMMARY, EXPORTED, EXPORTED_SAFETENSORS, ONNX, TRACKING_DIR)
+
+
+# ---- files written whole ------------------------------------------------------------------------
+
+
+def write_atomic(path: str, write: Callable, mode: str = "wb"):
+    """Writes ``path`` through ``write(file)`` into ``path.tmp``, flushes it to disk and renames it.
+
+    An OSError (full disk, no permission, read-only file system) is a DhkdError naming the path and
+    the errno; on any failure or interrupt the ``.tmp`` file is removed and ``path`` is untouched.
+    """
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove_quietly(tmp)
+        raise io_error(path, e) from None
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def json_safe(value):
+    """``value`` with non-finite floats as None: strict JSON (``json.dumps(allow_nan=False)``)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_json(path: str, obj, indent: int | None = 2):
+    text = json.dumps(json_safe(obj), indent=indent, allow_nan=False, default=str)
+    write_atomic(path, lambda f: f.write(text + "\n"), mode="w")
+
+
+def append_line(path: str, line: str):
+    """Appends one line; on an OSError the file is cut back to its old length (no partial line)."""
+    try:
+        with open(path, "a") as f:
+            start = f.tell()
+            try:
+                f.write(line.rstrip("\n") + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError:
+                f.truncate(start)
+                raise
+    except OSError as e:
+        raise io_error(path, e) from None
+
+
+def metrics_line(metrics: dict) -> str:
+    """One ``metrics.jsonl`` line: strict JSON, a non-finite value written as null."""
+    return json.dumps(json_safe(metrics), allow_nan=False)
+
+
+def write_metrics(out: str, history: list[dict]):
+    """Rewrites ``metrics.jsonl`` from the run's history (a resume makes the file match its checkpoint)."""
+    text = "".join(metrics_line(m) + "\n" for m in history)
+    write_atomic(os.path.join(out, METRICS), lambda f: f.write(text), mode="w")
+
+
+def _remove_quietly(path: str):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+# ---- what --out may be ----------------------------------------------------------------------------
+
+
+@dataclass
+class OutPlan:
+    """What ``check_out`` found: the folder, whether it exists, and whether an old run's files are
+    to be removed before this one starts (``--overwrite``, or a run killed before its first
+    checkpoint, which holds nothing to resume); ``resume``/``overwrite`` as asked."""
+
+    path: str
+    exists: bool
+    replace: bool
+    resume: bool = False
+    overwrite: bool = False
+
+
+def check_out(out: str, resume: bool = False, overwrite: bool = False, locked: bool = False) -> OutPlan:
+    """Refuses what must not happen to ``--out``, before anything is written (reads only).
+
+    ``locked``: this process holds the folder's lock (the check is repeated under it).
+    """
+    if not out:
+        raise DhkdError("--out is empty: name a run folder")
+    if resume and overwrite:
+        raise DhkdError("--resume continues the run in --out and --overwrite replaces it: choose one")
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise DhkdError(f"--out {out} is a file, not a run folder; choose another --out "
+                        "(--overwrite replaces only a run folder, never a file)")
+    if not os.path.isdir(out):
+        if resume:
+            raise DhkdError(f"--resume: {out} does not exist, so there is no run to continue")
+        _check_creatable(out)
+        return OutPlan(out, exists=False, replace=False, resume=resume, overwrite=overwrite)
+    try:
+        names = set(os.listdir(out))
+    except OSError as e:
+        raise io_error(out, e, "read") from None
+    if locked:
+        names.discard(LOCK)
+    elif LOCK in names:
+        check_not_held(out)
+    plan = OutPlan(out, exists=True, replace=False, resume=resume, overwrite=overwrite)
+    has_checkpoint, finished = CHECKPOINT in names, SUMMARY in names
+    if resume:
+        if not has_checkpoint:
+            raise DhkdError(f"--resume: no {CHECKPOINT} in {out}" + (" (the run there finished)" if finished else ""))
+    elif has_checkpoint or finished:
+        if not overwrite:
+            raise DhkdError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+        plan.replace = True
+    elif names and not names & set(RUN_MARKERS):
+        raise DhkdError(f"--out {out} is a folder that holds no run ({len(names)} other entries); choose a new or "
+                        "empty folder (--overwrite replaces only a run folder)")
+    else:  # empty, or a run killed before its first checkpoint: nothing in it can be resumed
+        plan.replace = bool(names)
+    _check_writable(out)
+    return plan
+
+
+def _check_creatable(out: str):
+    existing = os.path.abspath(out)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise DhkdError(f"cannot create {out}: {existing} is a file")
+    _check_writable(existing, out)
+
+
+def _check_writable(folder: str, out: str | None = None):
+    out = out or folder
+    if _read_only(folder):
+        raise DhkdError(f"cannot write to {out}: {folder} is on a read-only file system (EROFS)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DhkdError(f"cannot write to {out}: {folder} is not writable (EACCES)")
+
+
+def _read_only(folder: str) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
+
+
+# ---- the folder and its lock ------------------------------------------------------------------------
+
+
+class RunFolder:
+    """An open run folder: created (or found), locked, and cleared of a replaced run's files.
+
+    ``close(failed)`` releases the lock; a folder this process created, whose run failed before its
+    first checkpoint, is removed again (it holds nothing to resume).
+    """
+
+    def __init__(self, path: str, lock: "RunLock", created: bool):
+        self.path, self.lock, self.created = path, lock, created
+
+    @classmethod
+    def open(cls, plan: OutPlan, command: str = "") -> "RunFolder":
+        created = False
+        if not plan.exists:
+            try:
+                os.makedirs(plan.path)
+                created = True
+            except FileExistsError:  # another process made it meanwhile; the lock decides
+                if not os.path.isdir(plan.path):
+                    raise DhkdError(f"--out {plan.path} is a file, not a run folder; choose another --out") from None
+            except OSError as e:
+                raise io_error(plan.path, e, "create") from None
+        try:
+            lock = RunLock.acquire(plan.path, command)
+        except BaseException:
+            if created:
+                _remove_empty(plan.path)
+            raise
+        folder = cls(plan.path, lock, created)
+        try:
+            if not created:  # the folder may have changed while this process checked its inputs
+                if check_out(plan.path, plan.resume, plan.overwrite, locked=True).replace:
+                    remove_run_files(plan.path)
+        except BaseException:
+            folder.close()
+            raise
+        return folder
+
+    def close(self, failed: bool = False):
+        """Releases the lock; after a failure before the first checkpoint, removes what this run made."""
+        if failed and not os.path.exists(os.path.join(self.path, CHECKPOINT)):
+            remove_run_files(self.path)
+        self.lock.release()
+        if failed and self.created:
+            _remove_empty(self.path)
+
+
+def remove_run_files(folder: str):
+    """Removes the entries a run writes (and their ``.tmp`` files); nothing else in ``folder``."""
+    for name in os.listdir(folder):
+        base = name[: -len(".tmp")] if name.endswith(".tmp") else name
+        if base not in RUN_ENTRIES:
+            continue
+        path = os.path.join(folder, name)
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+        except OSError as e:
+            raise io_error(path, e, "remove") from None
+
+
+def _remove_empty(folder: str):
+    try:
+        os.rmdir(folder)
+    except OSError:
+        pass
+
+
+HOST = socket.gethostname()
+
+
+class RunLock:
+    """``run.lock``: one process trains in a run folder at a time.
+
+    The file is created with ``O_CREAT | O_EXCL`` and names its holder (host, pid, start time,
+    command); the holder keeps it open under ``flock`` while the run lives. A lock is stale when
+    its holder is on this host and its pid is dead (or is a zombie, or belongs to a process started
+    after the lock): it is taken over, under ``flock`` so two takers cannot both win. A lock held
+    on another host, or by a live process, is refused with the holder named and how to clear it.
+    A process that already holds a folder's lock takes it again (stages run one after another).
+    """
+
+    _held: dict[str, "RunLock"] = {}  # realpath -> the lock this process holds
+
+    def __init__(self, path: str, fd: int, holder: dict):
+        self.path, self.fd, self.holder, self.count = path, fd, holder, 1
+
+    @classmethod
+    def acquire(cls, folder: str, command: str = "") -> "RunLock":
+        path = os.path.join(folder, LOCK)
+        key = os.path.realpath(path)
+        mine = cls._held.get(key)
+        if mine is not None and mine._still_mine():
+            mine.count += 1
+            return mine
+        cls._held.pop(key, None)
+        holder = {"host": HOST, "pid": os.getpid(), "started": time.time(), "command": command}
+        for _ in range(100):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+            except FileExistsError:
+                fd = _take_over(path)
+                if fd is None:  # changing under us: look again
+                    time.sleep(0.02)
+                    continue
+            except OSError as e:
+                raise io_error(path, e, "create") from None
+            else:
+                _try_flock(fd)
+            try:
+                data = (json.dumps(holder) + "\n").encode()
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, data, 0)
+                os.fsync(fd)
+            except OSError as e:
+                os.close(fd)
+                _remove_quietly(path)
+                raise io_error(path, e) from None
+            lock = cls(path, fd, holder)
+            cls._held[key] = lock
+            return lock
+        raise DhkdError(f"cannot take {path}: it keeps changing; is another run starting in {folder}?")
+
+    def _still_mine(self) -> bool:
+        try:
+            return self.fd >= 0 and os.fstat(self.fd).st_ino == os.stat(self.path).st_ino
+        except OSError:
+            return False
+
+    def release(self):
+        self.count -= 1
+        if self.count > 0 or self.fd < 0:
+            return
+        if self._still_mine():
+            _remove_quietly(self.path)
+        os.close(self.fd)
+        self.fd = -1
+        type(self)._held.pop(os.path.realpath(self.path), None)
+
+
+def _try_flock(fd: int) -> bool:
+    """Whether this process now holds ``flock`` on ``fd``; True where the file system has no flock."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError as e:
+        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            return True
+        raise
+
+
+def _read_holder(fd: int) -> dict | None:
+    try:
+        data = os.pread(fd, 4096, 0)
+        holder = json.loads(data.decode())
+        if isinstance(holder, dict) and isinstance(holder.get("pid"), int):
+            return holder
+    except (OSError, ValueError, UnicodeDecodeError):
+        pass
+    return None
+
+
+def _take_over(path: str) -> int | None:
+    """An fd of the existing lock if it is stale (flocked, to be rewritten by the caller); None if
+    it changed meanwhile; raises DhkdError if it is held."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise io_error(path, e, "open") from None
+    try:
+        holder = _read_holder(fd)
+        if not _try_flock(fd):  # a live holder keeps it under flock
+            if holder is None:
+                os.close(fd)
+                return None  # being written
+            raise _held_error(path, holder)
+        if os.fstat(fd).st_ino != os.stat(path).st_ino:
+            os.close(fd)
+            return None  # replaced meanwhile
+        holder = _read_holder(fd)
+        if holder is None:
+            if time.time() - os.fstat(fd).st_mtime < 2:
+                os.close(fd)
+                return None  # its creator is about to write it
+            return fd  # an empty or garbled lock whose writer is gone
+        if _holder_alive(holder):
+            raise _held_error(path, holder)
+        return fd
+    except FileNotFoundError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def check_not_held(folder: str):
+    """Refuses a folder whose lock a live process (not this one) holds: a clear line before any work."""
+    path = os.path.join(folder, LOCK)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        holder = _read_holder(fd)
+    finally:
+        os.close(fd)
+    if holder is not None and not (holder.get("host") == HOST and holder["pid"] == os.getpid()) and _holder_alive(holder):
+        raise _held_error(path, holder)
+
+
+def _holder_alive(holder: dict) -> bool:
+    """False only when we can tell: same host and the pid is dead, a zombie, or reused since."""
+    if holder.get("host") != HOST:
+        return True
+    started = holder.get("started")
+    return pid_alive(holder["pid"], started if isinstance(started, (int, float)) else None)
+
+
+def _held_error(path: str, holder: dict) -> DhkdError:
+    started = holder.get("started")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if isinstance(started, (int, float)) else "?"
+    folder = os.path.dirname(path)
+    what = f" ({holder['command']})" if holder.get("command") else ""
+    if holder.get("host") == HOST:
+        how = f"wait for it to finish or stop it (kill {holder['pid']})"
+    else:
+        how = f"wait for it to finish; if it is gone, remove {path}"
+    return DhkdError(f"{folder} is in use by another run: pid {holder['pid']} on {holder.get('host')}, "
+                     f"started {when}{what}; {how}")
