@@ -1,0 +1,619 @@
+"""The fault matrix, run side (issue 12): every user mistake and environment fault of a training
+command is one line on stderr and exit 2 (no traceback, no native library chatter), an interrupt
+exits cleanly and resumes, and nothing is half-written or lost.
+
+One table (``CASES``) drives one test. A case names its command line (``{out}``, ``{teacher}``,
+... are filled from the case's work folder and the shared fixtures), how to set the scene, the
+exit code and the error line it expects, and what must hold of the files afterwards. By default a
+failed case must leave ``--out`` exactly as it was (absent, or byte for byte the same), and no
+case may leave a ``.tmp`` file or a lock behind. Commands run in-process through click's
+``CliRunner``; cases about signals, kills, native output and concurrent processes run the CLI as a
+subprocess and are marked slow.
+
+The store side of the matrix (locks, checks and repairs of logit stores) is in its own table.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dhkd_pipe.cli import main
+from dhkd_pipe.models import create_model
+
+BIN = os.path.join(os.path.dirname(sys.executable), "dhkd-pipe")
+ERROR_LINE = re.compile(r"^(error: |interrupted by )")
+CHATTER = re.compile(r"Traceback|\[ERROR\]|\[WARNING\]|Warning:|^\s+File \"", re.M)
+
+TRAIN = "train-teacher --model resnet8 --data digits@100 --epochs 1 --batch-size 32 --out {out}"
+ONLINE = "distill --student resnet8 --teacher resnet8 --teacher-weights {teacher} --data digits@100 --epochs 1 --batch-size 32 --out {out}"
+
+
+# ---- shared fixtures (once per session) ------------------------------------------------------------
+
+
+def invoke(args: list[str]):
+    """The CLI in this process: (exit code, stdout, stderr, exception)."""
+    result = CliRunner().invoke(main, args, catch_exceptions=True)
+    exc = result.exception if not isinstance(result.exception, SystemExit) else None
+    return result.exit_code, result.stdout, result.stderr, exc
+
+
+@pytest.fixture(scope="session")
+def shared(tmp_path_factory):
+    """A trained digits teacher (its run folder is a finished run), and a tiny JPEG folder."""
+    root = tmp_path_factory.mktemp("faults-shared")
+    run = root / "teacher"
+    code, _, err, exc = invoke(shlex.split(TRAIN.format(out=run)))
+    assert code == 0 and exc is None, err
+    images = root / "images"
+    _write_images(images, val=True)
+    noval = root / "images-noval"
+    _write_images(noval, val=False)
+    return {"teacher": run / "model.pt", "run": run, "images": images, "noval": noval, "root": root}
+
+
+def _write_images(root: Path, val: bool, size=(48, 40)):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("val", 2)) if val else (("train", 4),):
+        for c in range(2):
+            os.makedirs(root / split / f"c{c}", exist_ok=True)
+            for k in range(n):
+                pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / f"c{c}" / f"{k}.JPEG", quality=90)
+
+
+@pytest.fixture(scope="session")
+def store(shared, tmp_path_factory):
+    from dhkd_pipe.config import CacheConfig
+    from dhkd_pipe.stages.cache_teacher import cache_teacher
+
+    out = tmp_path_factory.mktemp("faults-store") / "logits.zarr"
+    cfg = CacheConfig(data="digits@100", model="resnet8", weights=str(shared["teacher"]), views=1, chunk_rows=64,
+                      batch_size=64, out=str(out)).validate()
+    cache_teacher(cfg, log=lambda *a: None)
+    return out
+
+
+def _mount(path: Path, options: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
+    return proc.returncode == 0
+
+
+def _umount(path: Path):
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def tmpfs(tmp_path_factory):
+    """A 6 MB tmpfs to fill up (disk-full cases); skipped where this user cannot mount one."""
+    path = tmp_path_factory.mktemp("faults-tmpfs") / "disk"
+    if not _mount(path, "size=6m"):
+        pytest.skip("cannot mount a tmpfs here (needs root): disk-full cases skipped")
+    yield path
+    _umount(path)
+
+
+@pytest.fixture(scope="session")
+def readonly(tmp_path_factory, shared):
+    """A read-only tmpfs holding a copy of a finished run (EROFS cases)."""
+    path = tmp_path_factory.mktemp("faults-ro") / "ro"
+    if not _mount(path, "size=4m"):
+        pytest.skip("cannot mount a tmpfs here (needs root): read-only cases skipped")
+    shutil.copytree(shared["run"], path / "run")
+    proc = subprocess.run(["mount", "-o", "remount,ro", str(path)], capture_output=True)
+    if proc.returncode != 0:
+        _umount(path)
+        pytest.skip("cannot remount a tmpfs read-only here")
+    yield path
+    _umount(path)
+
+
+# ---- the work folder of one case ----------------------------------------------------------------
+
+
+@dataclass
+class Work:
+    """One case's folder and the shared fixtures; ``vars`` fill the command line."""
+
+    tmp: Path
+    shared: dict
+    request: pytest.FixtureRequest
+    monkeypatch: pytest.MonkeyPatch
+    cleanup: list = field(default_factory=list)
+
+    @property
+    def out(self) -> Path:
+        return self.vars["out"]
+
+    @property
+    def vars(self) -> dict:
+        v = {"out": self.tmp / "run", "tmp": self.tmp, "teacher": self.shared["teacher"], "images": self.shared["images"],
+             "noval": self.shared["noval"], "file": self.tmp / "notes.txt"}
+        v.update(getattr(self, "_extra", {}))
+        return v
+
+    def set(self, **kw):
+        self._extra = {**getattr(self, "_extra", {}), **kw}
+
+    def fixture(self, name):
+        return self.request.getfixturevalue(name)
+
+    def copy_run(self, to: Path | None = None) -> Path:
+        to = to or self.out
+        shutil.copytree(self.shared["run"], to)
+        return to
+
+
+def snapshot(path: Path) -> dict | None:
+    """Everything under ``path``: relative name -> (size, bytes digest); None if absent."""
+    if not os.path.lexists(path):
+        return None
+    if not path.is_dir():
+        return {".": path.read_bytes()}
+    out = {}
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            out[str(p.relative_to(path))] = p.read_bytes()
+        else:
+            out[str(p.relative_to(path))] = "dir"
+    return out
+
+
+def assert_one_error_line(err: str, pattern: str, only_line: bool = True):
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines, "nothing on stderr"
+    assert not CHATTER.search(err), err[-3000:]
+    errors = [line for line in lines if ERROR_LINE.match(line)]
+    assert len(errors) == 1 and errors[0] == lines[-1], err[-3000:]
+    if only_line:
+        assert len(lines) == 1, err[-3000:]
+    assert re.search(pattern, lines[-1]), f"{pattern!r} not in {lines[-1]!r}"
+
+
+def assert_no_leftovers(root: Path):
+    tmp = [p for p in root.rglob("*.tmp")]
+    assert not tmp, f"half-written files left: {tmp}"
+
+
+def read_metrics(run: Path) -> list[dict]:
+    def refuse(token):
+        raise AssertionError(f"metrics.jsonl holds {token}, which is not JSON")
+
+    return [json.loads(line, parse_constant=refuse) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---- scene setters --------------------------------------------------------------------------------
+
+
+def make_file(w: Work):
+    w.vars["file"].write_text("the user's notes\n")
+
+
+def make_user_folder(w: Work):
+    w.out.mkdir()
+    (w.out / "photo.jpg").write_bytes(b"not ours")
+    (w.out / "sub").mkdir()
+    (w.out / "sub" / "data.csv").write_text("1,2\n")
+
+
+def make_finished_run(w: Work):
+    w.copy_run()
+
+
+def make_run_with_user_file(w: Work):
+    w.copy_run()
+    (w.out / "notes.txt").write_text("kept by --overwrite\n")
+
+
+def make_empty_folder(w: Work):
+    w.out.mkdir()
+
+
+def checkpoint_file(w: Work, obj=None, raw: bytes | None = None):
+    w.out.mkdir()
+    path = w.out / "checkpoint.pt"
+    if raw is not None:
+        path.write_bytes(raw)
+    else:
+        torch.save(obj, path)
+
+
+class Payload:
+    """Pickles to a call of os.system: a weights-only load must refuse it without running it."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def hostile_checkpoint(w: Work):
+    checkpoint_file(w, {"model": {}, "optimizer": {}, "epoch": 0, "step": 1, "config": {}, "history": [], "x": Payload(w.tmp / "PWNED")})
+
+
+def hostile_teacher(w: Work):
+    path = w.tmp / "evil.pt"
+    torch.save({"model": Payload(w.tmp / "PWNED")}, path)
+    w.set(teacher=path)
+
+
+def truncated_checkpoint(w: Work):
+    data = (w.shared["run"] / "checkpoint.pt").read_bytes()
+    checkpoint_file(w, raw=data[: len(data) // 2])
+
+
+def teacher_variant(huge: bool = False, nan: bool = False):
+    """The shared teacher with a NaN weight, or with finite weights whose logits overflow to inf."""
+
+    def setup(w: Work):
+        sd = torch.load(w.shared["teacher"], weights_only=True)["model"]
+        key = "fc.weight"
+        sd[key] = sd[key].clone()
+        if nan:
+            sd[key][0, 0] = float("nan")
+        if huge:
+            sd[key][0] = 3e38  # finite, but class 0's logit sums past float32's largest value
+        path = w.tmp / "teacher-variant.pt"
+        torch.save({"model": sd}, path)
+        w.set(teacher=path)
+
+    return setup
+
+
+def plant_lock(holder: dict | None = None, raw: bytes | None = None, age: float = 0.0, checkpoint: bool = False):
+    def setup(w: Work):
+        if checkpoint:
+            w.copy_run()
+            (w.out / "summary.json").unlink()
+        else:
+            w.out.mkdir()
+        lock = w.out / "run.lock"
+        lock.write_bytes(raw if raw is not None else json.dumps(holder(w) if callable(holder) else holder).encode())
+        if age:
+            t = time.time() - age
+            os.utime(lock, (t, t))
+
+    return setup
+
+
+def dead_pid(w: Work) -> dict:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return {"host": socket.gethostname(), "pid": proc.pid, "started": time.time() - 5, "command": "an old run"}
+
+
+def zombie_pid(w: Work) -> dict:
+    proc = subprocess.Popen(["true"])  # never waited for: a zombie until the test ends
+    for _ in range(100):
+        if open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
+            break
+        time.sleep(0.02)
+    w.cleanup.append(proc.wait)
+    return {"host": socket.gethostname(), "pid": proc.pid, "started": time.time() - 5, "command": "a killed run"}
+
+
+def live_pid(w: Work) -> dict:
+    proc = subprocess.Popen(["sleep", "60"])
+    w.cleanup.append(lambda: (proc.kill(), proc.wait()))
+    return {"host": socket.gethostname(), "pid": proc.pid, "started": time.time() - 1, "command": "dhkd-pipe distill ..."}
+
+
+def other_host(w: Work) -> dict:
+    return {"host": "elsewhere.example", "pid": 4242, "started": time.time() - 60, "command": "dhkd-pipe distill ..."}
+
+
+def fill_disk(leave: int):
+    """--out on the tmpfs, filled so that ``leave`` bytes stay free."""
+
+    def setup(w: Work):
+        disk = w.fixture("tmpfs")
+        for p in disk.iterdir():
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        st = os.statvfs(disk)
+        free = st.f_bavail * st.f_frsize
+        with open(disk / "filler", "wb") as f:
+            f.write(b"\0" * max(0, free - leave))
+        w.set(out=disk / "run", disk=disk)
+
+    return setup
+
+
+def on_readonly(name: str):
+    def setup(w: Work):
+        w.set(out=w.fixture("readonly") / name)
+
+    return setup
+
+
+def fail_fsync_of(suffix: str, code: int = errno.ENOSPC, after: int = 0):
+    """os.fsync fails with ``code`` for files whose name ends in ``suffix`` (a quota, an NFS server),
+    from its ``after + 1``-th call on."""
+
+    def setup(w: Work):
+        real, calls = os.fsync, []
+
+        def fsync(fd):
+            if os.readlink(f"/proc/self/fd/{fd}").endswith(suffix):
+                calls.append(fd)
+                if len(calls) > after:
+                    raise OSError(code, os.strerror(code))
+            return real(fd)
+
+        w.monkeypatch.setattr(os, "fsync", fsync)
+
+    return setup
+
+
+def fail_makedirs(code: int):
+    def setup(w: Work):
+        def makedirs(path, *a, **k):
+            raise OSError(code, os.strerror(code), str(path))
+
+        w.monkeypatch.setattr("dhkd_pipe.run_folder.os.makedirs", makedirs)
+
+    return setup
+
+
+def several(*setups):
+    def setup(w: Work):
+        for s in setups:
+            s(w)
+
+    return setup
+
+
+def bad_config(text: str):
+    def setup(w: Work):
+        (w.tmp / "recipe.yaml").write_text(text)
+
+    return setup
+
+
+def truncated_jpeg_folder(w: Work):
+    root = w.tmp / "jpegs"
+    shutil.copytree(w.shared["images"], root)
+    path = root / "train" / "c1" / "2.JPEG"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 6 // 10])
+    w.set(images=root)
+
+
+# ---- checks afterwards ------------------------------------------------------------------------------
+
+
+def payload_not_run(w: Work):
+    assert not (w.tmp / "PWNED").exists()
+
+
+def finished(w: Work):
+    summary = json.loads((w.out / "summary.json").read_text())
+    assert summary["epochs"] >= 1
+    read_metrics(w.out)
+
+
+def user_file_kept(w: Work):
+    finished(w)
+    assert (w.out / "notes.txt").read_text() == "kept by --overwrite\n"
+
+
+def lock_untouched(w: Work):
+    assert (w.out / "run.lock").exists()
+
+
+def metrics_valid_with_null_val(w: Work):
+    m = read_metrics(w.out)
+    assert m and m[-1]["val_top1"] is None
+    json.loads((w.out / "summary.json").read_text(), parse_constant=lambda t: pytest.fail(t))
+
+
+def first_epoch_kept(w: Work):
+    m = read_metrics(w.out)
+    assert [row["epoch"] for row in m] == [1]
+    state = torch.load(w.out / "checkpoint.pt", weights_only=True)
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    assert (state["epoch"], len(state["history"])) == (0, 1)
+
+
+def disk_freed_then(resume: bool):
+    def check(w: Work):
+        (w.vars["disk"] / "filler").unlink()
+        args = shlex.split(TRAIN.format(out=w.out)) + (["--resume"] if resume else [])
+        code, _, err, exc = invoke(args)
+        assert code == 0 and exc is None, err
+        finished(w)
+
+    return check
+
+
+def checkpoint_intact(w: Work):
+    state = torch.load(w.out / "checkpoint.pt", weights_only=True)
+    assert state["step"] >= 1
+    disk_freed_then(resume=True)(w)
+
+
+def metrics_not_partial(w: Work):
+    """The failed append left no partial line; the resumed run writes epoch 2 after epoch 1."""
+    assert [m["epoch"] for m in read_metrics(w.out)] == [1]
+    w.monkeypatch.undo()
+    code, _, err, exc = invoke(shlex.split(TRAIN.format(out=w.out)) + ["--epochs", "2", "--resume"])
+    assert code == 0 and exc is None, err
+    assert [m["epoch"] for m in read_metrics(w.out)] == [1, 2]
+
+
+# ---- the table --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    id: str
+    args: str = ""  # the command line, with {out}, {teacher}, ... placeholders
+    match: str = ""  # a regex the error line must match
+    code: int = 2
+    setup: Callable | None = None
+    check: Callable | None = None  # what must hold afterwards (beyond the defaults)
+    changes_out: bool = False  # a successful or partly successful case may change --out
+    only_line: bool = True  # the error is the only stderr line (False: a run's own lines may precede it)
+    run: Callable | None = None  # a custom procedure: (w) -> (code, stderr); replaces the CLI call
+    slow: bool = False
+
+
+CASES = [
+    # --out: a run folder, never anything else
+    Case("out-is-a-file", TRAIN.replace("{out}", "{file}"), "is a file, not a run folder", setup=make_file),
+    Case("out-is-a-file-overwrite", TRAIN.replace("{out}", "{file}") + " --overwrite", "never a file", setup=make_file),
+    Case("out-under-a-file", TRAIN.replace("{out}", "{file}/run"), "is a file", setup=make_file),
+    Case("out-folder-of-user-files", TRAIN, "holds no run", setup=make_user_folder),
+    Case("out-folder-of-user-files-overwrite", TRAIN + " --overwrite", "holds no run", setup=make_user_folder),
+    Case("out-holds-a-run", TRAIN, "already holds a run; pass --resume", setup=make_finished_run),
+    Case("out-holds-a-run-overwrite", TRAIN + " --overwrite", code=0, setup=make_run_with_user_file, check=user_file_kept, changes_out=True),
+    Case("out-empty-folder", TRAIN, code=0, setup=make_empty_folder, check=finished, changes_out=True),
+    Case("out-empty-string", TRAIN.replace("{out}", "''"), "--out is empty"),
+    Case("out-read-only-fs", TRAIN, "read-only file system \\(EROFS\\)", setup=on_readonly("new-run")),
+    Case("out-cannot-create-eacces", TRAIN, "cannot create .*Permission denied \\(EACCES\\)", setup=fail_makedirs(errno.EACCES)),
+    # --resume
+    Case("resume-and-overwrite", TRAIN + " --resume --overwrite", "choose one", setup=make_finished_run),
+    Case("resume-missing-folder", TRAIN + " --resume", "does not exist"),
+    Case("resume-empty-folder", TRAIN + " --resume", "no checkpoint.pt", setup=make_empty_folder),
+    Case("resume-finished-run", TRAIN + " --resume", code=0, setup=make_finished_run, check=finished, changes_out=True),
+    Case("resume-weights-only-file", TRAIN + " --resume", "not a dhkd-pipe training checkpoint \\(no optimizer, epoch",
+         setup=lambda w: checkpoint_file(w, {"model": create_model("resnet8", 10).state_dict()})),
+    Case("resume-hostile-pickle", TRAIN + " --resume", "cannot read checkpoint .*(GLOBAL|global)", setup=hostile_checkpoint, check=payload_not_run),
+    Case("resume-garbage", TRAIN + " --resume", "cannot read checkpoint", setup=lambda w: checkpoint_file(w, raw=b"garbage" * 99)),
+    Case("resume-empty-checkpoint", TRAIN + " --resume", "cannot read checkpoint", setup=lambda w: checkpoint_file(w, raw=b"")),
+    Case("resume-truncated-checkpoint", TRAIN + " --resume", "cannot read checkpoint", setup=truncated_checkpoint),
+    Case("resume-bare-tensor", TRAIN + " --resume", "not a dhkd-pipe training checkpoint", setup=lambda w: checkpoint_file(w, torch.zeros(3))),
+    Case("resume-checkpoint-is-a-folder", TRAIN + " --resume", "cannot read checkpoint",
+         setup=lambda w: (w.out.mkdir(), (w.out / "checkpoint.pt").mkdir())),
+    Case("resume-different-lr", TRAIN + " --resume --lr 0.5", "different config: lr", setup=make_finished_run),
+    Case("resume-different-model", TRAIN.replace("resnet8", "resnet20") + " --resume", "different config: model", setup=make_finished_run),
+    Case("resume-read-only-fs", TRAIN.replace("{out}", "{ro}/run") + " --resume", "read-only file system",
+         setup=lambda w: w.set(ro=w.fixture("readonly"))),
+    # teacher weights (online distillation)
+    Case("teacher-weights-missing", ONLINE.replace("{teacher}", "{tmp}/nope.pt"), "not found"),
+    Case("teacher-weights-hostile", ONLINE, "cannot read checkpoint .*(GLOBAL|global)", setup=hostile_teacher, check=payload_not_run),
+    Case("teacher-weights-nan", ONLINE, "weights in .* are not finite", setup=teacher_variant(nan=True)),
+    Case("teacher-weights-a-folder", ONLINE.replace("{teacher}", "{tmp}"), "not found"),
+    Case("teacher-wrong-architecture", ONLINE.replace("--teacher resnet8", "--teacher resnet20"), "missing|unexpected"),
+    Case("teacher-logits-overflow", ONLINE, "teacher's logits are not finite at epoch 1, step 1", setup=teacher_variant(huge=True),
+         only_line=False),
+    # options and configs
+    Case("unknown-option", TRAIN + " --bogus", "No such option"),
+    Case("option-without-value", TRAIN + " --epochs", "requires an argument"),
+    Case("option-not-a-number", TRAIN + " --lr fast", "not a valid float"),
+    Case("epochs-zero", TRAIN + " --epochs 0", "bad epochs 0"),
+    Case("max-nonfinite-negative", TRAIN + " --max-nonfinite -1", "must not be negative"),
+    Case("resolution-too-small", TRAIN + " --resolution 4", "bad resolution 4"),
+    Case("config-missing", TRAIN + " --config {tmp}/none.yaml", "config file not found"),
+    Case("config-bad-yaml", TRAIN + " --config {tmp}/recipe.yaml", "cannot parse config", setup=bad_config("epochs: [1, 2\n")),
+    Case("config-a-list", TRAIN + " --config {tmp}/recipe.yaml", "must be a mapping", setup=bad_config("- 1\n- 2\n")),
+    Case("config-unknown-key", TRAIN + " --config {tmp}/recipe.yaml", "unknown config option\\(s\\): epochz", setup=bad_config("epochz: 3\n")),
+    Case("config-bad-value", TRAIN + " --config {tmp}/recipe.yaml", "bad value for lr", setup=bad_config("lr: fast\n")),
+    Case("unknown-model", TRAIN.replace("resnet8", "resnet9000"), "unknown model"),
+    Case("unknown-method", ONLINE + " --method magic", "unknown method|Invalid value for '--method'"),
+    Case("unknown-data", TRAIN.replace("digits@100", "svhn"), "unknown data set|svhn"),
+    Case("data-folder-missing", TRAIN.replace("digits@100", "imagefolder:{tmp}/none"), "not found"),
+    Case("fp16-without-gpu", TRAIN + " --precision fp16", "needs a GPU"),
+    Case("unknown-tracker", TRAIN + " --log-with tensorbord", "unknown tracker"),
+    Case("method-needs-a-teacher", "distill --student resnet8 --data digits@100 --method kd --out {out}", "needs a teacher"),
+    Case("grad-align-single-head", ONLINE + " --method kd --grad-align", "only --method dhkd"),
+    # the model's input size against the data
+    Case("cifar-model-on-image-folder", "train-teacher --model resnet8 --data imagefolder:{images} --workers 0 --out {out}",
+         "resnet8 is built for 32x32 inputs and cannot take the data's 224x224 images; pass --resolution 32"),
+    Case("cifar-teacher-on-image-folder", "distill --student resnet18 --teacher resnet8 --teacher-weights {teacher} "
+         "--data imagefolder:{images} --workers 0 --out {out}", "the teacher resnet8 is built for 32x32"),
+    Case("cifar-model-at-64-pixels", TRAIN + " --resolution 64", "cannot take the data's 64x64 images"),
+    Case("image-folder-at-32-pixels", "train-teacher --model resnet8 --data imagefolder:{images} --resolution 32 --workers 0 "
+         "--epochs 1 --batch-size 4 --out {out}", code=0, check=finished, changes_out=True),
+    Case("resolution-against-the-store", "distill --student resnet8 --cache {store} --data digits@100 --resolution 64 --out {out}",
+         "the store .* holds views rendered at 32", setup=lambda w: w.set(store=w.fixture("store"))),
+    Case("image-folder-without-val-split", "train-teacher --model resnet8 --data imagefolder:{noval} --resolution 32 --workers 0 "
+         "--epochs 1 --batch-size 4 --out {out}", code=0, check=metrics_valid_with_null_val, changes_out=True),
+    # non-finite training
+    Case("loss-diverges-in-epoch-2", TRAIN + " --epochs 2 --lr-milestones 1 --lr-decay 1e30", "loss is not finite at epoch 2, step",
+         check=first_epoch_kept, changes_out=True, only_line=False),
+    Case("loss-diverges-after-skips", TRAIN + " --epochs 2 --lr-milestones 1 --lr-decay 1e30 --max-nonfinite 2",
+         "loss is not finite at epoch 2, step \\d+ after 2 skipped", check=first_epoch_kept, changes_out=True, only_line=False),
+    # disk full, permissions (tmpfs where root can mount one; else skipped)
+    Case("disk-full-at-first-checkpoint", TRAIN, "cannot write .*checkpoint.pt: No space left on device \\(ENOSPC\\)",
+         setup=fill_disk(100_000), check=disk_freed_then(resume=False), only_line=False),
+    Case("disk-full-at-second-checkpoint", TRAIN + " --checkpoint-every 1", "checkpoint.pt: No space left on device \\(ENOSPC\\)",
+         setup=fill_disk(1_000_000), check=checkpoint_intact, changes_out=True, only_line=False),
+    Case("metrics-append-fails-enospc", TRAIN + " --epochs 2", "cannot write .*metrics.jsonl: No space left on device \\(ENOSPC\\)",
+         setup=fail_fsync_of("metrics.jsonl", after=1), check=metrics_not_partial, changes_out=True, only_line=False),
+    Case("export-fails-eio", TRAIN, "cannot write .*model.safetensors: Input/output error \\(EIO\\)",
+         setup=fail_fsync_of("model.safetensors.tmp", errno.EIO), check=lambda w: disk_ok_resume(w), changes_out=True, only_line=False),
+    # one writer per run folder
+    Case("lock-held-by-a-live-process", TRAIN, "in use by another run: pid \\d+ on .*kill \\d+", setup=plant_lock(live_pid), check=lock_untouched),
+    Case("lock-held-on-another-host", TRAIN + " --resume", "in use by another run: pid 4242 on elsewhere.example.*remove .*run.lock",
+         setup=plant_lock(other_host, checkpoint=True), check=lock_untouched),
+    Case("lock-of-a-dead-process", TRAIN, code=0, setup=plant_lock(dead_pid), check=finished, changes_out=True),
+    Case("lock-of-a-zombie", TRAIN, code=0, setup=plant_lock(zombie_pid), check=finished, changes_out=True),
+    Case("lock-garbled-and-old", TRAIN, code=0, setup=plant_lock(raw=b"\0\0garbage", age=60), check=finished, changes_out=True),
+    Case("resume-past-a-stale-lock", TRAIN + " --resume", code=0, setup=plant_lock(dead_pid, checkpoint=True), check=finished, changes_out=True),
+]
+
+
+def disk_ok_resume(w: Work):
+    """After a failed export the run's last checkpoint is there: --resume writes the export."""
+    w.monkeypatch.undo()
+    assert not (w.out / "summary.json").exists()
+    code, _, err, exc = invoke(shlex.split(TRAIN.format(out=w.out)) + ["--resume"])
+    assert code == 0 and exc is None, err
+    finished(w)
+
+
+def _param(case: Case):
+    return pytest.param(case, id=case.id, marks=[pytest.mark.slow] if case.slow else [])
+
+
+@pytest.mark.parametrize("case", [_param(c) for c in CASES])
+def test_fault(case: Case, shared, tmp_path, request, monkeypatch):
+    w = Work(tmp_path, shared, request, monkeypatch)
+    try:
+        if case.setup:
+            case.setup(w)
+        before = snapshot(w.out)
+        if case.run is not None:
+            code, err = case.run(w)
+        else:
+            args = shlex.split(case.args.format(**w.vars))
+            code, _, err, exc = invoke(args)
+            assert exc is None, f"a bug, not a one-line error: {exc!r}\n{err}"
+        assert code == case.code, err[-3000:]
+        if case.code != 0:
+            assert_one_error_line(err, case.match, case.only_line)
+            if not case.changes_out:
+                assert snapshot(w.out) == before, "a failed command changed --out"
+        if case.check:
+            case.check(w)
+        assert_no_leftovers(tmp_path)
+        if os.path.isdir(w.out) and case.check is not lock_untouched:
+            assert not (w.out / "run.lock").exists(), "the lock was not released"
+    finally:
+        for fn in w.cleanup:
+            fn()
