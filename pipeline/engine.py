@@ -63,6 +63,7 @@ class Run:
     folder: RunFolder | None = None  # the locked run folder (main process)
     tally: EpochTally | None = None  # the running sums of the epoch a resume continues
     guard: NonFiniteGuard | None = None  # set by train()
+    skipped: int = 0  # non-finite steps skipped before a resume (--max-nonfinite counts the whole run)
 
     def close(self, failed: bool = False):
         """Releases the run folder (see ``RunFolder.close``)."""
@@ -259,6 +260,7 @@ def _save_state(run: Run, epoch: int, step: int, tally: EpochTally | None = None
         "config": run.cfg.to_dict(),
         "history": run.history,
         "tally": running,
+        "skipped_nonfinite": run.guard.skipped if run.guard is not None else run.skipped,
     }
     write_atomic(os.path.join(run.cfg.out, CHECKPOINT), lambda f: torch.save(state, f))
 
@@ -306,6 +308,7 @@ def _load_state(run: Run):
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     run.history = list(state["history"])
+    run.skipped = int(state.get("skipped_nonfinite") or 0)
     epoch, step = state["epoch"], state["step"]
     run.start_epoch, run.start_step = (epoch + 1, 0) if step >= len(run.loader) else (epoch, step)
     if run.start_step and isinstance(state.get("tally"), dict):
@@ -350,20 +353,20 @@ class NonFiniteGuard:
     no host sync, and ``check`` reads it every ``CHECK_EVERY`` steps and before anything is saved,
     so a checkpoint never holds the weights a non-finite step produced. With ``N > 0`` a bad step
     must skip its update (no optimizer step), which needs its loss on the host before the step: one
-    small sync per step, paid only by runs that ask for skipping. A non-finite teacher is never
+    small sync per step, paid only by runs that ask for skipping (and a copy of the model's
+    buffers, which the skipped forward pass moved and ``train_step`` puts back). A non-finite teacher is never
     skipped: the store refuses such logits in stage 1, and online distillation does the same.
     """
 
     CHECK_EVERY = 50
 
-    def __init__(self, device: torch.device, max_nonfinite: int, num_processes: int):
+    def __init__(self, device: torch.device, max_nonfinite: int, num_processes: int, skipped: int = 0):
         self.max_nonfinite, self.num_processes = max_nonfinite, num_processes
         self.count = torch.zeros((), dtype=torch.int64, device=device)  # steps seen, on the device
         # first step (1-based count) whose loss / teacher logits were not finite; 0: none yet
         self.first_bad = torch.zeros(2, dtype=torch.int64, device=device)
         self.step_names: dict[int, tuple[int, int]] = {}  # count -> (epoch, step), for the message
-        self.skipped = 0
-        self.last_skipped: tuple[int, int] | None = None
+        self.skipped = skipped
 
     @property
     def skipping(self) -> bool:
@@ -389,17 +392,15 @@ class NonFiniteGuard:
             return False
         self.first_bad.zero_()
         self.skipped += 1
-        self.last_skipped = (epoch, step)
         if self.skipped > self.max_nonfinite:
             raise self._error("loss", epoch, step)
         return True
 
-    def check(self, acc, epoch: int, steps_per_epoch: int):
+    def check(self, acc, epoch: int):
         """Raises DhkdError if a recorded step was not finite (a sync; every process calls it)."""
-        flags = self.first_bad.clone()
-        if self.num_processes > 1:
-            flags = acc.gather(flags[None]).amax(0)
-        loss_bad, teacher_bad = (int(v) for v in flags.tolist())
+        rows = (acc.gather(self.first_bad[None]) if self.num_processes > 1 else self.first_bad[None]).tolist()
+        # the earliest bad step over the processes, loss and teacher apart (0: none)
+        loss_bad, teacher_bad = (min((r[i] for r in rows if r[i]), default=0) for i in (0, 1))
         if not (loss_bad or teacher_bad):
             self.step_names.clear()
             return
@@ -427,6 +428,10 @@ def train_step(run: Run, batch, epoch: int, step: int = 0) -> dict[str, torch.Te
     ``terms["total"]``.
     """
     acc, model, optimizer = run.accelerator, run.model, run.optimizer
+    guard = run.guard
+    # a skipped step must leave the model as it was: the forward pass moves BatchNorm's running
+    # statistics, so they are kept aside first (small: two numbers per channel)
+    buffers = [b.detach().clone() for b in model.buffers()] if guard is not None and guard.skipping else None
     with acc.autocast():
         outputs = model(batch.images)
         teacher = batch.teacher
@@ -435,10 +440,12 @@ def train_step(run: Run, batch, epoch: int, step: int = 0) -> dict[str, torch.Te
             with torch.no_grad():
                 teacher = online = run.teacher(batch.images)
         terms = run.loss.terms(outputs, batch.labels, teacher, batch.teacher_scale, epoch)
-    guard = run.guard
     if guard is not None:
         if guard.skipping:
             if guard.skip(terms["total"], online, acc, epoch, step):
+                with torch.no_grad():
+                    for b, saved in zip(model.buffers(), buffers):
+                        b.copy_(saved)
                 return None
         else:
             guard.observe(terms["total"], online)
@@ -522,7 +529,7 @@ def _train(run: Run, log) -> dict:
     names = ("total",) + run.loss.term_names
     steps_done = 0
     started = time.perf_counter()
-    run.guard = NonFiniteGuard(acc.device, cfg.max_nonfinite, acc.num_processes)
+    run.guard = NonFiniteGuard(acc.device, cfg.max_nonfinite, acc.num_processes, run.skipped)
     guard = run.guard
     _start_tracking(run)
     model.train()
@@ -551,7 +558,7 @@ def _train(run: Run, log) -> dict:
                 stop = pending()
                 save = step + 1 < len(loader) and bool(stop or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0))
                 if save or steps_done % guard.CHECK_EVERY == 0:
-                    guard.check(acc, epoch, len(loader))  # never save the weights of a non-finite step
+                    guard.check(acc, epoch)  # never save the weights of a non-finite step
                 if save:
                     _save_state(run, epoch, step + 1, tally, t0)
                 if stop:
@@ -564,12 +571,12 @@ def _train(run: Run, log) -> dict:
                     bar.close()
                     if step + 1 >= len(loader):
                         break
-                    guard.check(acc, epoch, len(loader))
+                    guard.check(acc, epoch)
                     _save_state(run, epoch, step + 1, tally, t0)
                     acc.wait_for_everyone()
                     return {"stopped_at": {"epoch": epoch, "step": step + 1}}
             bar.close()
-            guard.check(acc, epoch, len(loader))
+            guard.check(acc, epoch)
             train_time = time.perf_counter() - t0
             metrics = {"epoch": epoch + 1, "lr": lr_at(cfg, epoch)}
             metrics.update(zip(metric_names(run.loss), tally.means(acc)))

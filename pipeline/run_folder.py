@@ -233,6 +233,8 @@ class RunFolder:
             if not created:  # the folder may have changed while this process checked its inputs
                 if check_out(plan.path, plan.resume, plan.overwrite, locked=True).replace:
                     remove_run_files(plan.path)
+                else:
+                    remove_run_files(plan.path, only_tmp=True)  # a killed writer's half-written files
         except BaseException:
             folder.close()
             raise
@@ -247,11 +249,12 @@ class RunFolder:
             _remove_empty(self.path)
 
 
-def remove_run_files(folder: str):
-    """Removes the entries a run writes (and their ``.tmp`` files); nothing else in ``folder``."""
+def remove_run_files(folder: str, only_tmp: bool = False):
+    """Removes the entries a run writes and their ``.tmp`` files (``only_tmp``: just those);
+    nothing else in ``folder``."""
     for name in os.listdir(folder):
         base = name[: -len(".tmp")] if name.endswith(".tmp") else name
-        if base not in RUN_ENTRIES:
+        if base not in RUN_ENTRIES or (only_tmp and base == name):
             continue
         path = os.path.join(folder, name)
         try:

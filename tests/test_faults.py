@@ -24,6 +24,7 @@ import shlex
 import shutil
 import signal
 import socket
+import tempfile
 import subprocess
 import sys
 import time
@@ -44,6 +45,9 @@ ERROR_LINE = re.compile(r"^(error: |interrupted by )")
 CHATTER = re.compile(r"Traceback|\[ERROR\]|\[WARNING\]|Warning:|^\s+File \"", re.M)
 
 TRAIN = "train-teacher --model resnet8 --data digits@100 --epochs 1 --batch-size 32 --out {out}"
+# long enough to be stopped mid-run: 2 epochs of 10 steps, a checkpoint after every step
+LONG = "train-teacher --model resnet8 --data digits@300 --epochs 2 --batch-size 32 --checkpoint-every 1 --out {out}"
+IMAGES = "distill --method ce --student resnet8 --data imagefolder:{images} --resolution 32 --batch-size 4 --out {out}"
 ONLINE = "distill --student resnet8 --teacher resnet8 --teacher-weights {teacher} --data digits@100 --epochs 1 --batch-size 32 --out {out}"
 
 
@@ -92,6 +96,15 @@ def store(shared, tmp_path_factory):
     cfg = CacheConfig(data="digits@100", model="resnet8", weights=str(shared["teacher"]), views=1, chunk_rows=64,
                       batch_size=64, out=str(out)).validate()
     cache_teacher(cfg, log=lambda *a: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """``LONG`` run uninterrupted (in this process): what every stopped and resumed run must equal."""
+    out = tmp_path_factory.mktemp("faults-reference") / "run"
+    code, _, err, exc = invoke(shlex.split(LONG.format(out=out)))
+    assert code == 0 and exc is None, err
     return out
 
 
@@ -403,6 +416,162 @@ def truncated_jpeg_folder(w: Work):
     w.set(images=root)
 
 
+# ---- processes --------------------------------------------------------------------------------------
+
+
+def start(args: str, w: Work) -> subprocess.Popen:
+    """The CLI in its own process (same thread count as this one, so results compare bitwise)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    err = open(w.tmp / f"stderr-{len(list(w.tmp.glob('stderr-*')))}.txt", "w+")
+    proc = subprocess.Popen([BIN, *shlex.split(args.format(**w.vars))], stdout=subprocess.DEVNULL, stderr=err, text=True, env=env)
+    proc.stderr_file = err
+    w.cleanup.append(lambda: (proc.kill(), proc.wait()) if proc.poll() is None else None)
+    return proc
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+    code = proc.wait(timeout=timeout)
+    proc.stderr_file.seek(0)
+    return code, proc.stderr_file.read()
+
+
+def wait_for(predicate, proc: subprocess.Popen | None = None, timeout: float = 180, what: str = ""):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the process ended ({proc.returncode}) before {what}: {finish(proc)[1][-2000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def children(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                kids.append(int(entry))
+    return kids
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def holds_lock(w: Work, proc: subprocess.Popen) -> bool:
+    try:
+        return json.loads((w.out / "run.lock").read_text())["pid"] == proc.pid
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+# ---- procedures of the cases that stop processes ------------------------------------------------------
+
+
+def same_as_reference(w: Work):
+    """The run in --out ended exactly as the uninterrupted reference: weights and every epoch's
+    train_loss (a resumed epoch continues its running loss from the checkpoint)."""
+    ref = w.fixture("reference")
+    a = torch.load(ref / "model.pt", weights_only=True)["model"]
+    b = torch.load(w.out / "model.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [m["train_loss"] for m in read_metrics(ref)] == [m["train_loss"] for m in read_metrics(w.out)]
+
+
+def resume_then_same(w: Work):
+    code, _, err, exc = invoke(shlex.split(LONG.format(out=w.out)) + ["--resume"])
+    assert code == 0 and exc is None, err
+    same_as_reference(w)
+
+
+def interrupt(sig: int):
+    """``LONG`` stopped by ``sig`` once it has checkpointed: it saves where it is and exits."""
+
+    def run(w: Work):
+        proc = start(LONG, w)
+        wait_for(lambda: (w.out / "checkpoint.pt").exists(), proc, what="the first checkpoint")
+        proc.send_signal(sig)
+        return finish(proc)
+
+    return run
+
+
+def kill_at_random_point(seed: int):
+    """``LONG`` killed (SIGKILL) at a random moment, then run again (--resume when it had
+    checkpointed): the end is the reference's. Returns the second command's outcome."""
+
+    def run(w: Work):
+        proc = start(LONG, w)
+        wait_for(lambda: holds_lock(w, proc), proc, what="the run to start")
+        time.sleep(random.Random(seed).uniform(0.0, 1.5))
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.kill()
+        assert proc.wait() == -signal.SIGKILL
+        resume = ["--resume"] if (w.out / "checkpoint.pt").exists() else []
+        code, _, err, exc = invoke(shlex.split(LONG.format(out=w.out)) + resume)
+        assert exc is None, err
+        return code, err
+
+    return run
+
+
+def second_run_while_the_first_runs(w: Work):
+    """A second train-teacher on the --out of a running one is refused; the first ends undisturbed."""
+    proc = start(LONG.replace("--epochs 2", "--epochs 3"), w)
+    wait_for(lambda: holds_lock(w, proc), proc, what="the first run's lock")
+    code, _, err, exc = invoke(shlex.split(LONG.format(out=w.out)) + ["--epochs", "3"])
+    assert exc is None
+    first, first_err = finish(proc)
+    assert first == 0, first_err
+    assert [m["epoch"] for m in read_metrics(w.out)] == [1, 2, 3]  # one writer, no interleaving
+    assert str(proc.pid) in err
+    return code, err
+
+
+def kill_image_folder_run(w: Work):
+    """SIGKILL of an image-folder distill with 2 DALI workers: the workers end within seconds,
+    and the next start removes the dead run's shared-memory folder."""
+    proc = start(IMAGES + " --epochs 500 --workers 2", w)
+    wait_for(lambda: (w.out / "checkpoint.pt").exists(), proc, what="a finished epoch")
+    kids = children(proc.pid)
+    workers = [k for k in kids if "spawn_main" in open(f"/proc/{k}/cmdline").read()]
+    assert len(workers) == 2, kids
+    shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+    folders = [os.path.join(shm, f) for f in os.listdir(shm) if f.startswith(f"dhkd-dali-{proc.pid}-")]
+    assert folders
+    proc.kill()
+    proc.wait()
+    wait_for(lambda: not any(running(k) for k in kids), timeout=5, what="the workers to end")
+    assert all(os.path.exists(f) for f in folders)  # a SIGKILLed process cleans nothing up itself
+    # the next start (a resume that only exports: --epochs 1 is behind it) removes the folder, and
+    # the half-written checkpoint.pt.tmp the kill may have left
+    code, _, err, exc = invoke(shlex.split(IMAGES.format(**w.vars)) + ["--epochs", "1", "--workers", "0", "--resume"])
+    assert exc is None and code == 0, err
+    assert not any(os.path.exists(f) for f in folders)
+    return code, err
+
+
+def resumed_epoch_same_train_loss(w: Work):
+    """In this process: a run stopped mid-epoch (--max-steps) and resumed reports the train_loss
+    of the uninterrupted run for that epoch, and ends with the same weights."""
+    base = shlex.split(LONG.format(out=w.out))
+    code, _, err, exc = invoke(base + ["--max-steps", "13"])  # epoch 2, step 3
+    assert code == 0 and exc is None, err
+    state = torch.load(w.out / "checkpoint.pt", weights_only=True)
+    assert (state["epoch"], state["step"], state["tally"]["steps"]) == (1, 3, 3)
+    code, _, err, exc = invoke(base + ["--resume"])
+    assert exc is None
+    return code, err
+
+
 # ---- checks afterwards ------------------------------------------------------------------------------
 
 
@@ -479,6 +648,7 @@ class Case:
     changes_out: bool = False  # a successful or partly successful case may change --out
     only_line: bool = True  # the error is the only stderr line (False: a run's own lines may precede it)
     run: Callable | None = None  # a custom procedure: (w) -> (code, stderr); replaces the CLI call
+    sub: bool = False  # run the command line in its own process (native output, signals)
     slow: bool = False
 
 
@@ -575,6 +745,20 @@ CASES = [
     Case("lock-of-a-zombie", TRAIN, code=0, setup=plant_lock(zombie_pid), check=finished, changes_out=True),
     Case("lock-garbled-and-old", TRAIN, code=0, setup=plant_lock(raw=b"\0\0garbage", age=60), check=finished, changes_out=True),
     Case("resume-past-a-stale-lock", TRAIN + " --resume", code=0, setup=plant_lock(dead_pid, checkpoint=True), check=finished, changes_out=True),
+    Case("resumed-epoch-reports-the-same-train-loss", code=0, run=resumed_epoch_same_train_loss, check=same_as_reference,
+         changes_out=True),
+    # processes: signals, kills, native output, two writers (slow)
+    Case("truncated-jpeg-no-native-chatter", IMAGES + " --epochs 1 --workers 2", "cannot decode image .*2.JPEG: .*truncated",
+         setup=truncated_jpeg_folder, sub=True, slow=True, only_line=False),
+    Case("sigterm-mid-run-saves-and-resumes", "", "interrupted by SIGTERM (at epoch \\d+, step \\d+|after epoch \\d+): .*--resume",
+         code=143, run=interrupt(signal.SIGTERM), check=resume_then_same, changes_out=True, only_line=False, slow=True),
+    Case("sigint-mid-run-saves-and-resumes", "", "interrupted by SIGINT (at epoch \\d+, step \\d+|after epoch \\d+): .*--resume",
+         code=130, run=interrupt(signal.SIGINT), check=resume_then_same, changes_out=True, only_line=False, slow=True),
+    Case("sigkill-at-a-random-point-1", code=0, run=kill_at_random_point(1), check=same_as_reference, changes_out=True, slow=True),
+    Case("sigkill-at-a-random-point-2", code=0, run=kill_at_random_point(2), check=same_as_reference, changes_out=True, slow=True),
+    Case("second-run-on-a-busy-folder", "", "in use by another run: pid \\d+", run=second_run_while_the_first_runs,
+         changes_out=True, slow=True),
+    Case("sigkill-image-folder-run-leaves-no-workers", code=0, run=kill_image_folder_run, changes_out=True, slow=True),
 ]
 
 
@@ -600,6 +784,8 @@ def test_fault(case: Case, shared, tmp_path, request, monkeypatch):
         before = snapshot(w.out)
         if case.run is not None:
             code, err = case.run(w)
+        elif case.sub:
+            code, err = finish(start(case.args, w))
         else:
             args = shlex.split(case.args.format(**w.vars))
             code, _, err, exc = invoke(args)
@@ -617,3 +803,34 @@ def test_fault(case: Case, shared, tmp_path, request, monkeypatch):
     finally:
         for fn in w.cleanup:
             fn()
+
+
+def test_a_skipped_step_does_no_update(tmp_path, monkeypatch):
+    """--max-nonfinite: a step whose loss is not finite changes neither the weights nor the
+    optimizer's state; one more than allowed stops the run with one DhkdError naming the step."""
+    import copy
+
+    from dhkd_pipe.config import TrainConfig
+    from dhkd_pipe.engine import NonFiniteGuard, prepare, train_step
+    from dhkd_pipe.errors import DhkdError
+
+    cfg = TrainConfig(data="digits@100", model="resnet8", method="ce", epochs=1, batch_size=32, max_nonfinite=1,
+                      out=str(tmp_path / "run")).validate()
+    run = prepare(cfg)
+    try:
+        run.guard = NonFiniteGuard(run.accelerator.device, cfg.max_nonfinite, 1)
+        batches = run.loader.epoch(0)
+        assert train_step(run, next(batches), 0, 0) is not None  # a real step: momentum buffers exist
+        weights = copy.deepcopy(run.model.state_dict())
+        optimizer = copy.deepcopy(run.optimizer.state_dict())
+        real = type(run.loss).terms
+        monkeypatch.setattr(type(run.loss), "terms", lambda self, *a, **k: {n: t * float("nan") for n, t in real(self, *a, **k).items()})
+        assert train_step(run, next(batches), 0, 1) is None
+        after = run.model.state_dict()
+        assert all(torch.equal(weights[k], after[k]) for k in weights)
+        state = run.optimizer.state_dict()["state"]
+        assert all(torch.equal(optimizer["state"][i]["momentum_buffer"], state[i]["momentum_buffer"]) for i in state)
+        with pytest.raises(DhkdError, match="loss is not finite at epoch 1, step 3 after 1 skipped"):
+            train_step(run, next(batches), 0, 2)
+    finally:
+        run.close()

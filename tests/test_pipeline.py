@@ -382,6 +382,7 @@ def test_two_process_training_and_its_checkpoint(tmp_path, quick_store):
                "--epochs", 1, "--out", out)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["processes"] == 2
+    assert not (out / "run.lock").exists()  # taken once, by the main process, and released
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1  # written once
     m = json.loads(lines[0])  # terms reduced over the processes like the total
