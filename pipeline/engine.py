@@ -73,7 +73,15 @@ class Run:
 
 
 def make_accelerator(precision: str, log_with: str | None = None, project_dir: str | None = None) -> Accelerator:
-    """The run's ``Accelerator``; ``log_with`` (comma-separated tracker names) is checked first."""
+    """The run's ``Accelerator``; ``log_with`` (comma-separated tracker names) is checked first.
+
+    Accelerate keeps one ``AcceleratorState`` per process and refuses a second ``Accelerator`` with
+    another mixed precision. A process that runs several stages (a ``no`` teacher, then ``bf16``
+    students: the quickstart, a benchmark, a notebook) gets a fresh ``AcceleratorState`` here
+    instead, when no distributed process group is active; the ``PartialState`` (device, process
+    group) is kept. The earlier run's ``Accelerator`` shares that state, so it is not to be used
+    after this. Under ``accelerate launch`` (a live process group) the state is left alone and a
+    different precision is a user error."""
     from accelerate import Accelerator
 
     if precision not in PRECISIONS:
@@ -82,7 +90,25 @@ def make_accelerator(precision: str, log_with: str | None = None, project_dir: s
     if cpu and precision == "fp16":
         raise DhkdError("--precision fp16 needs a GPU; use bf16 or no on the CPU")
     trackers = tracker_names(log_with)
+    _fresh_state_for(precision)
     return Accelerator(mixed_precision=precision, cpu=cpu, log_with=trackers or None, project_dir=project_dir)
+
+
+def _fresh_state_for(precision: str) -> None:
+    """Resets Accelerate's ``AcceleratorState`` (not its ``PartialState``) when an earlier
+    ``Accelerator`` of this process set another mixed precision and no process group is active."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    state = AcceleratorState._shared_state  # the per-process dict (Accelerate's SharedDict storage)
+    initialized = bool(state) and state != PartialState._shared_state  # AcceleratorState.initialized
+    if not initialized or state.get("_mixed_precision") == precision:
+        return
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        raise DhkdError(
+            f"--precision {precision}: this process already trains with precision {state.get('_mixed_precision')} "
+            "in a distributed launch, and Accelerate cannot change it there; give every stage of one launch the same --precision"
+        )
+    AcceleratorState._reset_state(reset_partial_state=False)
 
 
 # pip names of trackers whose package is not named like the tracker

@@ -182,23 +182,41 @@ def test_grad_scaler_sees_the_scaled_aligned_gradient():
     assert max_diff(model.state_dict(), before) == 0
 
 
-@pytest.fixture
-def fresh_accelerator_state():
-    """Accelerate keeps one mixed-precision setting per process; let this test choose its own."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state()
-    yield
-    AcceleratorState._reset_state()
-
-
-def test_bf16_autocast_step(fresh_accelerator_state):
+def test_bf16_autocast_step():
+    # whatever precision an earlier test's Accelerator set in this process (make_accelerator resets it)
     steps = [tuple(a.float() if a.is_floating_point() else a for a in s) for s in case.batches()]
     acc = make_accelerator("bf16")
     got = case.product_run(acc, "linear", True, steps, dtype=torch.float32)
     assert all(v.isfinite().all() for v in got.values() if v.is_floating_point())
     start = case.build_model("linear", dtype=torch.float32).state_dict()
     assert max_diff(got, start) > 1e-3
+
+
+def _autocast_dtype(acc):
+    with acc.autocast():
+        return torch.nn.Linear(4, 3)(torch.randn(2, 4)).dtype
+
+
+def test_one_process_runs_stages_of_different_precision(monkeypatch):
+    # a float32 teacher, then bf16 students, then float32 again, as the quickstart or a notebook does:
+    # Accelerate's per-process AcceleratorState would refuse the second ("already been initialized")
+    from accelerate.state import AcceleratorState, PartialState
+
+    first = make_accelerator("no")
+    assert first.mixed_precision == "no" and _autocast_dtype(first) == torch.float32
+    partial = dict(PartialState._shared_state)
+    second = make_accelerator("bf16")
+    assert second.mixed_precision == "bf16" and _autocast_dtype(second) == torch.bfloat16
+    assert dict(PartialState._shared_state) == partial  # device and process state kept
+    assert make_accelerator("bf16").mixed_precision == "bf16"  # the same setting: nothing reset
+    third = make_accelerator("no")
+    assert third.mixed_precision == "no" and _autocast_dtype(third) == torch.float32
+    # with a live process group (accelerate launch) nothing is torn down: a different precision is refused
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    with pytest.raises(DhkdError, match="--precision bf16: .* distributed launch"):
+        make_accelerator("bf16")
+    assert AcceleratorState().mixed_precision == "no"
+    assert make_accelerator("no").mixed_precision == "no"
 
 
 def test_grad_align_needs_dhkd(tmp_path):
