@@ -265,12 +265,14 @@ def _short(summary: dict) -> dict:
 @click.option("--weights", help=f"Model weights: {WEIGHTS_HELP}.")
 @click.option("--data", help=f"{DATA_HELP} Required.")
 @click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--resolution", type=int, help="Input side in pixels (default: the run's recorded one, the weights' own, "
+              "else the data set's).")
 @user_errors
-def eval_cmd(model, weights, data, batch_size):
+def eval_cmd(model, weights, data, batch_size, resolution):
     """Top-1 and top-5 accuracy on the validation split."""
     from .stages.evaluate import evaluate
 
-    _echo_json(evaluate(model, weights, data, batch_size))
+    _echo_json(evaluate(model, weights, data, batch_size, resolution=resolution))
 
 
 @main.command("export")

@@ -509,8 +509,10 @@ class EpochTally:
         self.steps += 1
 
     def means(self, acc: Accelerator) -> list[float]:
-        """Per-step means over all processes (a collective)."""
-        return (acc.reduce(self.term_sums, "sum") / max(1, self.steps * acc.num_processes)).tolist()
+        """Per-step means over all processes (a collective); NaN (null in metrics.jsonl) when every
+        step of the epoch was skipped."""
+        total = acc.reduce(self.term_sums, "sum")
+        return (total / (self.steps * acc.num_processes)).tolist() if self.steps else [float("nan")] * len(total)
 
     def state(self, acc: Accelerator) -> dict:
         """The sums over all processes (every process calls this), for the checkpoint."""

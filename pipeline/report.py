@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 
-from .errors import DhkdError
+from .errors import DhkdError, io_error
 
 
 def read_run(run_dir: str) -> tuple[list[dict], dict]:
@@ -23,6 +23,8 @@ def read_run(run_dir: str) -> tuple[list[dict], dict]:
                 summary = json.load(f)
     except json.JSONDecodeError as e:
         raise DhkdError(f"corrupt metrics in {run_dir}: {e}") from None
+    except OSError as e:
+        raise io_error(run_dir, e, "read") from None
     return history, summary
 
 
@@ -67,7 +69,8 @@ def write_report(run_dirs: list[str], out: str) -> str:
     styles = {}  # term -> line style, the same for every run
     for run_dir, history, summary in runs:
         label = run_label(run_dir, summary)
-        validated = [h for h in history if "val_top1" in h]  # --val-every N skips some epochs
+        # --val-every N skips some epochs; null: a data set without a validation split
+        validated = [h for h in history if h.get("val_top1") is not None]
         (line,) = ax_acc.plot([h["epoch"] for h in validated], [h["val_top1"] for h in validated], marker=".", label=label)
         ax_loss.plot([h["epoch"] for h in history], [h["train_loss"] for h in history], marker=".", label=label,
                      color=line.get_color())
@@ -99,7 +102,7 @@ def write_report(run_dirs: list[str], out: str) -> str:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         fig.savefig(out, dpi=110)
     except OSError as e:
-        raise DhkdError(f"cannot write {out}: {e.strerror}") from None
+        raise io_error(out, e) from None
     finally:
         plt.close(fig)
     return markdown_table(

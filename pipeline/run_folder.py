@@ -169,7 +169,7 @@ def check_out(out: str, resume: bool = False, overwrite: bool = False, locked: b
                         "empty folder (--overwrite replaces only a run folder)")
     else:  # empty, or a run killed before its first checkpoint: nothing in it can be resumed
         plan.replace = bool(names)
-    _check_writable(out)
+    check_writable(out)
     return plan
 
 
@@ -179,10 +179,11 @@ def _check_creatable(out: str):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         raise DhkdError(f"cannot create {out}: {existing} is a file")
-    _check_writable(existing, out)
+    check_writable(existing, out)
 
 
-def _check_writable(folder: str, out: str | None = None):
+def check_writable(folder: str, out: str | None = None):
+    """Refuses a folder on a read-only file system or without write permission (for ``out`` in it)."""
     out = out or folder
     if _read_only(folder):
         raise DhkdError(f"cannot write to {out}: {folder} is on a read-only file system (EROFS)")

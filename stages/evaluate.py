@@ -12,7 +12,7 @@ from dhkd_pipe.config import missing_data
 from dhkd_pipe.data import load_data
 from dhkd_pipe.engine import evaluate as evaluate_model
 from dhkd_pipe.errors import DhkdError
-from dhkd_pipe.models import create_model, load_checkpoint, resolve_weights
+from dhkd_pipe.models import check_input_size, create_model, load_checkpoint, resolve_weights
 from dhkd_pipe.views import ViewPlan, with_preprocessing
 
 
@@ -25,9 +25,11 @@ def _recorded_plan(path: str) -> dict | None:
     return obj.get("plan") if isinstance(obj, dict) and isinstance(obj.get("plan"), dict) else None
 
 
-def evaluate(model: str, weights: str | None, data: str | None, batch_size: int = 256) -> dict:
+def evaluate(model: str, weights: str | None, data: str | None, batch_size: int = 256, resolution: int | None = None) -> dict:
     if not data:
         raise DhkdError(missing_data())
+    if resolution is not None and resolution < 8:
+        raise DhkdError(f"bad resolution {resolution}: must be at least 8")
     dataset = load_data(data)
     if dataset.num_val == 0:
         raise DhkdError(f"{data} has no validation split")
@@ -38,6 +40,8 @@ def evaluate(model: str, weights: str | None, data: str | None, batch_size: int 
         plan = ViewPlan.from_dict(recorded)
     elif plan.policy == "random_resized_crop_flip":
         plan = with_preprocessing(plan, source.preprocessing())
+    plan = with_preprocessing(plan, None, resolution)
+    check_input_size(model, plan.resolution, dataset.num_classes)
     net = create_model(model, dataset.num_classes)
     load_checkpoint(net, source)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -15,8 +15,9 @@ import os
 import numpy as np
 import torch
 
-from dhkd_pipe.errors import DhkdError
+from dhkd_pipe.errors import DhkdError, io_error
 from dhkd_pipe.exported import load_exported
+from dhkd_pipe.run_folder import check_writable
 
 ONNX_EXTRA = 'pip install "dhkd-pipe[onnx]" (onnx, onnxscript, onnxruntime)'
 # Weights inline up to this size; larger ones go to OUT.data beside the file (protobuf's 2 GiB cap).
@@ -38,6 +39,9 @@ def export_onnx(run_dir: str, out: str | None = None, opset: int | None = None, 
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise DhkdError(f"cannot write {out}: {parent} is not a folder")
+    if os.path.isdir(out):
+        raise DhkdError(f"--out {out} is a folder; name the ONNX file to write")
+    check_writable(parent, out)  # before the export, which takes a while
     res = int(facts["resolution"])
     example = torch.randn(2, 3, res, res, generator=torch.Generator().manual_seed(0))
     nbytes = sum(p.numel() * p.element_size() for p in model.state_dict().values())
@@ -47,6 +51,9 @@ def export_onnx(run_dir: str, out: str | None = None, opset: int | None = None, 
             dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=opset, dynamo=True,
             external_data=nbytes > INLINE_BYTES, verbose=False,
         )
+    except OSError as e:  # the file cannot be written (a missing or read-only folder, a full disk)
+        _remove(out)
+        raise io_error(out, e) from None
     except BaseException:
         _remove(out)
         raise

@@ -164,7 +164,7 @@ class Work:
 
     @property
     def vars(self) -> dict:
-        v = {"out": self.tmp / "run", "tmp": self.tmp, "teacher": self.shared["teacher"], "images": self.shared["images"],
+        v = {"out": self.tmp / "run", "run": self.tmp / "run", "tmp": self.tmp, "teacher": self.shared["teacher"], "images": self.shared["images"],
              "noval": self.shared["noval"], "file": self.tmp / "notes.txt"}
         v.update(getattr(self, "_extra", {}))
         return v
@@ -744,6 +744,28 @@ CASES = [
     Case("lock-of-a-dead-process", TRAIN, code=0, setup=plant_lock(dead_pid), check=finished, changes_out=True),
     Case("lock-of-a-zombie", TRAIN, code=0, setup=plant_lock(zombie_pid), check=finished, changes_out=True),
     Case("lock-garbled-and-old", TRAIN, code=0, setup=plant_lock(raw=b"\0\0garbage", age=60), check=finished, changes_out=True),
+    # the other commands of the run side
+    Case("eval-hostile-weights", "eval --model resnet8 --weights {teacher} --data digits", "cannot read checkpoint .*(GLOBAL|global)",
+         setup=hostile_teacher, check=payload_not_run),
+    Case("eval-weights-missing", "eval --model resnet8 --weights {tmp}/none.pt --data digits", "not found"),
+    Case("eval-cifar-model-on-image-folder", "eval --model resnet8 --weights {teacher} --data imagefolder:{images}",
+         "built for 32x32 inputs and cannot take the data's 224x224"),
+    Case("eval-data-without-val-split", "eval --model resnet8 --weights {teacher} --data imagefolder:{noval} --resolution 32",
+         "has no validation split"),
+    Case("export-not-a-run", "export {tmp}", "holds no exported model"),
+    Case("export-out-in-a-missing-folder", "export {run} --out {tmp}/no/such/folder/m.onnx", "is not a folder",
+         setup=make_finished_run),
+    Case("export-out-is-a-folder", "export {run} --out {tmp}", "is a folder; name the ONNX file", setup=make_finished_run),
+    Case("export-out-read-only-fs", "export {run} --out {ro}/m.onnx", "cannot write to .*m.onnx: .* read-only file system \\(EROFS\\)",
+         setup=several(make_finished_run, lambda w: w.set(ro=w.fixture("readonly")))),
+    Case("report-not-a-run", "report {tmp} --out {tmp}/r.png", "is not a run folder: no metrics.jsonl"),
+    Case("report-garbled-metrics", "report {run} --out {tmp}/r.png", "corrupt metrics",
+         setup=several(make_finished_run, lambda w: (w.out / "metrics.jsonl").write_text('{"epoch": 1, "train_lo')), check=None),
+    Case("report-out-read-only-fs", "report {run} --out {ro}/r.png", "cannot write .*r.png: Read-only file system \\(EROFS\\)",
+         setup=several(make_finished_run, lambda w: w.set(ro=w.fixture("readonly")))),
+    Case("quickstart-out-a-file", "quickstart --out {file}", "is a file", setup=make_file),
+    Case("quickstart-overwrite-a-user-folder", "quickstart --out {out} --overwrite", "is not a quickstart folder",
+         setup=make_user_folder),
     Case("resume-past-a-stale-lock", TRAIN + " --resume", code=0, setup=plant_lock(dead_pid, checkpoint=True), check=finished, changes_out=True),
     Case("resumed-epoch-reports-the-same-train-loss", code=0, run=resumed_epoch_same_train_loss, check=same_as_reference,
          changes_out=True),
