@@ -53,7 +53,7 @@ def user_errors(fn):
         except OSError as e:
             if e.errno not in ENVIRONMENT_ERRNOS:
                 raise
-            where = f"cannot write {e.filename}: " if e.filename else ""
+            where = f"cannot access {e.filename}: " if e.filename else ""
             _exit_with(f"error: {where}{os_reason(e)}", 2)
 
     return wrapper

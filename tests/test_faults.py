@@ -392,6 +392,15 @@ def fail_makedirs(code: int):
     return setup
 
 
+def eacces(path: str):
+    """A function failing as a forbidden file would, where no code of ours catches it (the CLI's net)."""
+
+    def fail(*a, **k):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+
+    return fail
+
+
 def several(*setups):
     def setup(w: Work):
         for s in setups:
@@ -766,6 +775,8 @@ CASES = [
     Case("quickstart-out-a-file", "quickstart --out {file}", "is a file", setup=make_file),
     Case("quickstart-overwrite-a-user-folder", "quickstart --out {out} --overwrite", "is not a quickstart folder",
          setup=make_user_folder),
+    Case("environment-error-anywhere", TRAIN, "cannot access /data/x: Permission denied \\(EACCES\\)",
+         setup=lambda w: w.monkeypatch.setattr("dhkd_pipe.data.load_data", eacces("/data/x"))),
     Case("resume-past-a-stale-lock", TRAIN + " --resume", code=0, setup=plant_lock(dead_pid, checkpoint=True), check=finished, changes_out=True),
     Case("resumed-epoch-reports-the-same-train-loss", code=0, run=resumed_epoch_same_train_loss, check=same_as_reference,
          changes_out=True),
