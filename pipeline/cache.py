@@ -36,7 +36,9 @@ import torch
 
 from .errors import DhkdError
 from .losses import dequantize
-from .store import MissingObject, StoreObjects, is_chunk_key, is_local, local_path, one_line, open_store, require_objects, storage_errors
+from .store import (MissingObject, StoreObjects, is_chunk_key, is_local, local_path, object_problem, one_line, open_store, require_objects,
+                    shard_in_bounds, storage_errors)
+from .store_lock import LOCK_KEY
 
 FORMAT_VERSION = 1
 CODECS = ("fp16", "bf16", "fp32", "int8")
@@ -211,18 +213,15 @@ class LogitCache:
         attrs["codec"] = codec
 
         objects = StoreObjects(open_store(path, read_only=False), path)
+        cls.check_target(objects, overwrite)
         if objects.exists("zarr.json"):
-            if overwrite or cls._half_created(objects, attrs):
-                # --overwrite; or our own creation, killed before format_version: it holds no data
-                objects.delete_all()
-            else:
-                existing = cls.open(path, mode="r+")
+            existing = None if overwrite else cls._existing(path, objects, attrs)
+            if existing is not None:
                 cls._check_same(existing, attrs, dict(epochs=epochs, num_samples=num_samples, num_classes=num_classes,
                                                       chunk_rows=chunk_rows, codec=codec))
                 return existing
-        elif not objects.is_empty():
-            advice = "refusing to delete it with --overwrite" if overwrite else "choose another path or remove it"
-            raise DhkdError(f"{path} exists and is not a logit store; {advice}")
+            # --overwrite; or a store of ours that holds no data: replaced (the lock, if held, stays)
+            objects.delete_all(keep=(LOCK_KEY,))
 
         num_chunks = -(-num_samples // chunk_rows)
         itemsize = _ITEMSIZE[codec]
@@ -267,16 +266,45 @@ class LogitCache:
         return cls.open(path, mode="r+")
 
     @staticmethod
-    def _half_created(objects: StoreObjects, attrs: dict) -> bool:
-        """A store of this same command whose creation never reached format_version."""
+    def check_target(objects: StoreObjects, overwrite: bool = False):
+        """Refuses, reading only, a location that holds something other than a logit store: a
+        file, a folder or prefix with other objects, another Zarr store. ``--overwrite`` replaces
+        only a logit store (a store whose group carries this tool's ``command``)."""
+        location = objects.location
+        if objects.is_file():
+            raise DhkdError(f"{location} is a file, not a logit store; choose another path"
+                            + (" (--overwrite replaces only a logit store, never a file)" if overwrite else ""))
+        if not objects.exists("zarr.json"):
+            if not objects.is_empty(ignore=(LOCK_KEY,)):
+                advice = "refusing to delete it with --overwrite" if overwrite else "choose another path or remove it"
+                raise DhkdError(f"{location} exists and is not a logit store; {advice}")
+            return
+        try:
+            meta = json.loads(objects.read("zarr.json") or b"")
+        except ValueError:
+            meta = None
+        if not (isinstance(meta, dict) and meta.get("node_type") == "group" and "command" in (meta.get("attributes") or {})):
+            advice = "refusing to delete it with --overwrite" if overwrite else "choose another path or remove it"
+            raise DhkdError(f"{location} holds a Zarr store that is not a logit store; {advice}")
+
+    @classmethod
+    def _existing(cls, path: str, objects: StoreObjects, attrs: dict) -> "LogitCache | None":
+        """The logit store at ``path`` to resume, or None where it holds no data and is replaced:
+        a creation of the same command that never reached format_version, or a store in which no
+        unit was ever written (a run that failed or was killed before its first unit, whatever
+        its command: a re-run after the user fixed the input just works)."""
         import zarr
 
         try:
             old = dict(zarr.open_group(store=objects.store, mode="r", zarr_format=3).attrs)
         except Exception:
-            return False
-        command = attrs.get("command")
-        return "format_version" not in old and command is not None and old.get("command") == command
+            old = None
+        if old is not None and "format_version" not in old and attrs.get("command") is not None and old.get("command") == attrs.get("command"):
+            return None  # our own creation, killed before format_version
+        existing = cls.open(path, mode="r+")
+        if existing.attrs.get("command") != attrs.get("command") and not existing.objects.list("done/c/"):
+            return None  # no unit was written: nothing to keep
+        return existing
 
     @staticmethod
     def _check_same(existing: "LogitCache", attrs: dict, geometry: dict):
@@ -300,7 +328,9 @@ class LogitCache:
             raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}")
         objects = StoreObjects(open_store(path, read_only=mode == "r"), path)
         if not objects.exists("zarr.json"):
-            if objects.is_empty():
+            if objects.is_empty(ignore=(LOCK_KEY,)):
+                if objects.exists(LOCK_KEY):
+                    raise DhkdError(f"no logit store at {path} yet: cache-teacher is creating it")
                 raise DhkdError(f"no logit store at {path}")
             raise DhkdError(f"{path} is not a logit store (no zarr.json)")
         try:
@@ -486,21 +516,31 @@ class LogitCache:
             raise DhkdError(self._missing(e.key)) from None
         except Exception as e:
             where = "" if epoch is None else f" epoch {epoch}" + ("" if chunk is None else f" chunk {chunk}")
+            if "checksum" in str(e).lower():  # zarr's crc32c codec: the stored bytes changed
+                raise DhkdError(f"store {self._path}: {name}{where} is damaged (checksum mismatch); {self.repair_hint()}") from None
             raise DhkdError(f"store {self._path}: cannot read {name}{where}: {_one_line(e)}") from None
 
     def _missing(self, key: str) -> str:
         """The message for a chunk object that is not in the store: Zarr would have read zeros."""
         where = "not on disk" if is_local(self._path) else "missing from the store"
+        return f"store {self._path}: {self.what(key)} {where} ({key}); the store is incomplete or damaged; {self.repair_hint()}"
+
+    def what(self, key: str) -> str:
+        """What an object key holds, in words: ``logits epoch 1 chunk 3`` (``chunks 3-5`` sharded)."""
         parts = key.split("/")
         name = parts[0]
         if name in _PER_EPOCH and len(parts) >= 4 and parts[1] == "c":
             epoch, unit = int(parts[2]), int(parts[3])
             first = unit * self._shard_chunks
             last = min(first + self._shard_chunks, self.num_chunks) - 1
-            what = f"{name} epoch {epoch} chunk {first}" if first == last else f"{name} epoch {epoch} chunks {first}-{last}"
-        else:
-            what = name
-        return f"store {self._path}: {what} {where} ({key}); the store is incomplete or damaged"
+            return f"{name} epoch {epoch} chunk {first}" if first == last else f"{name} epoch {epoch} chunks {first}-{last}"
+        return name
+
+    def repair_hint(self) -> str:
+        """How to repair the store: cache-teacher with the command that wrote it rewrites what is
+        missing or damaged (the command line is recorded in the store since this version)."""
+        line = self._attrs.get("command_line")
+        return f"re-run cache-teacher with the same command to rewrite it" + (f": {line}" if line else "")
 
     def _epoch_array(self, name: str, epoch: int, dtype):
         key = (name, epoch)
@@ -552,7 +592,10 @@ class LogitCache:
 
     # ---- checks -----------------------------------------------------------------------------
 
-    def check_complete(self):
+    def check_complete(self, objects: bool = True):
+        """Refuses a store that is not complete: a unit not marked done, or (``objects``) an object
+        of a unit marked done that is missing or shorter than a sound one (one listing of the
+        store; changed bytes are found by their checksums when read, or by ``inspect``)."""
         done = self.done_mask()
         missing = int((~done).sum())
         if missing:
@@ -562,6 +605,11 @@ class LogitCache:
                 f"store {self._path} is incomplete: {missing} of {done.size} chunks not written "
                 f"(epochs {listed}); re-run cache-teacher to finish it"
             )
+        if objects:
+            damaged = self.damage(checksums=False)
+            if damaged:
+                more = f" and {len(damaged) - 1} more" if len(damaged) > 1 else ""
+                raise DhkdError(f"store {self._path} is damaged: {damaged[0]}{more}; {self.repair_hint()}")
 
     def check_matches(self, fingerprint: dict):
         stored = self._attrs.get("dataset") or {}
@@ -571,11 +619,129 @@ class LogitCache:
             if a != b:
                 raise DhkdError(f"store does not match the data: {key} is {_short(a)} in the store, {_short(b)} in the data")
 
+    # ---- damage: objects missing or failing their checksums ------------------------------------
+
+    def _array(self, name: str):
+        return {"logits": self._logits, "logit_scale": self._scale, "order": self._order, "views": self._views,
+                "labels": self._labels, "done": self._done}[name]
+
+    def _checks(self, key: str):
+        """(codecs, in_bounds) to check object ``key`` with (see ``store.object_problem``)."""
+        name, _, coords = key.partition("/c/")
+        metadata = self._array(name).metadata
+        return metadata.codecs, shard_in_bounds(metadata, tuple(int(v) for v in coords.split("/")))
+
+    def _min_size(self, key: str) -> int:
+        """The fewest bytes a sound object ``key`` can have: a listing's size below it is damage.
+
+        Per chunk a Blosc frame (16-byte header at least) and the 4-byte CRC32C; an uncompressed
+        chunk (``done``) has exactly its bytes and the CRC; a shard its index (16 bytes per entry
+        and its CRC) besides its chunks.
+        """
+        from zarr.codecs import BloscCodec
+
+        arr = self._array(key.split("/", 1)[0])
+        codecs, in_bounds = self._checks(key)
+        if in_bounds is not None:
+            return 16 * in_bounds.size + 4 + 20 * int(in_bounds.sum())
+        if any(isinstance(c, BloscCodec) for c in codecs):
+            return 20
+        return int(np.prod(arr.chunks)) * arr.dtype.itemsize + 4
+
+    def object_problems(self, keys, checksums: bool = True, sizes: dict | None = None) -> dict[str, str]:
+        """{key: problem} of the objects ``keys`` that are damaged.
+
+        ``checksums``: every object is read and its CRC32C checked (shards through their index),
+        no decoding; else one listing answers presence and size (an object shorter than any
+        sound one is damaged), which finds deletions and truncations but not changed bytes.
+        """
+        keys = list(keys)
+        if not checksums:
+            sizes = self._objects.sizes() if sizes is None else sizes
+            problems = {}
+            for key in keys:
+                if key not in sizes:
+                    problems[key] = "missing"
+                elif sizes[key] < self._min_size(key):
+                    problems[key] = f"truncated ({sizes[key]} bytes)"
+            return problems
+        from zarr.core.buffer import default_buffer_prototype
+
+        store, prototype = self._objects.store, default_buffer_prototype()
+        # a few objects in flight: latency-bound on object storage, bounded memory (shards: tens of MB)
+        limit = asyncio.Semaphore(4 if self.is_local else 16)
+
+        async def check(key):
+            async with limit:
+                value = await store.get(key, prototype=prototype)
+                codecs, in_bounds = self._checks(key)
+                return key, object_problem(None if value is None else value.as_numpy_array(), codecs, in_bounds)
+
+        async def check_all():
+            return await asyncio.gather(*(check(key) for key in keys))
+
+        found = self._objects.call("read the objects to check them", check_all()) if keys else []
+        return {key: problem for key, problem in found if problem}
+
+    def damage(self, checksums: bool = True) -> list[str]:
+        """What is damaged in the store, one line each: data objects of units marked done (and the
+        labels, and any ``done`` object) that are missing or fail their checksum (listing only
+        with ``checksums=False``). Units not marked done are not damage: they are still to write."""
+        return [f"{self.what(key)} ({key}): {problem}" for key, problem in sorted(self._damage(checksums).items())]
+
+    def _damage(self, checksums: bool) -> dict[str, str]:
+        sizes = None if checksums else self._objects.sizes()
+        done_keys = [self.unit_keys(e, chunks[0])["done"] for e, chunks in self.write_units()]
+        flag_problems = {k: p for k, p in self.object_problems(done_keys, checksums, sizes).items() if p != "missing"}
+        done = self._done_units(set(flag_problems))
+        keys = ["labels/c/0"]
+        for e, chunks in self.write_units():
+            if done[e, chunks].all():
+                keys += [k for name, k in self.unit_keys(e, chunks[0]).items() if name != "done"]
+        return {**flag_problems, **self.object_problems(keys, checksums, sizes)}
+
+    def _done_units(self, damaged: set) -> np.ndarray:
+        """The done mask, a unit whose flags object is in ``damaged`` counted as not done."""
+        if not damaged:
+            return self.done_mask()
+        done = np.zeros((self._epochs, self.num_chunks), bool)
+        for e, chunks in self.write_units():
+            if self.unit_keys(e, chunks[0])["done"] not in damaged:
+                done[e, chunks[0] : chunks[-1] + 1] = self._read("done", (e, slice(chunks[0], chunks[-1] + 1)), e, chunks[0])
+        return done
+
+    def repair(self, labels=None) -> list[str]:
+        """Before a resume: finds what is damaged (every object of the units marked done read and
+        checked, see :meth:`damage`) and undoes it, so the resume rewrites it: a damaged unit's
+        ``done`` object is deleted first (a crash meanwhile leaves it "not done"), then its data
+        objects (a rewrite of a short last shard reads the old one back). Damaged labels are
+        rewritten from ``labels``. Returns the damage found, one line each."""
+        problems = self._damage(checksums=True)
+        if not problems:
+            return []
+        damaged_keys = set(problems)
+        for e, chunks in self.write_units():
+            keys = self.unit_keys(e, chunks[0])
+            if damaged_keys & set(keys.values()):
+                self._objects.delete(keys["done"])
+                for name, key in keys.items():
+                    if name != "done":
+                        self._objects.delete(key)
+        if "labels/c/0" in damaged_keys:
+            if labels is None:
+                raise DhkdError(f"store {self._path}: its labels are damaged; {self.repair_hint()}")
+            try:
+                self._labels[:] = np.asarray(labels).astype(np.int32)
+            except storage_errors() as e:
+                raise DhkdError(f"cannot write to store {self._path}: {_one_line(e)}") from None
+        return [f"{self.what(key)} ({key}): {problem}" for key, problem in sorted(problems.items())]
+
     # ---- inspection -------------------------------------------------------------------------
 
     def summary(self) -> dict:
         done = self.done_mask()
         sizes = self._objects.sizes()
+        lock = sizes.pop(LOCK_KEY, None)
         logit_bytes = sum(n for key, n in sizes.items() if key.split("/")[0] in ("logits", "logit_scale") and is_chunk_key(key))
         count = self._epochs * self._num_samples * self._num_classes
         shards = self._logits.shards
@@ -589,6 +755,7 @@ class LogitCache:
             "bytes_on_disk": sum(sizes.values()),
             "bytes_per_logit": logit_bytes / count if count else 0.0,
             "complete": f"{int(done.sum())}/{done.size}",
+            "writer": self._writer() if lock is not None else None,
             "teacher": self._attrs.get("teacher"),
             "dataset": self._attrs.get("dataset"),
             "policy": self._attrs.get("policy"),
@@ -596,6 +763,13 @@ class LogitCache:
             "format_version": self._attrs.get("format_version"),
             "tool_version": self._attrs.get("tool_version"),
         }
+
+    def _writer(self) -> str | None:
+        """Who holds the store's lock (a cache-teacher run writing it), in words."""
+        from .store_lock import describe, read_holder
+
+        holder = read_holder(self._objects)
+        return None if holder is None else describe(holder)
 
     def __repr__(self):
         return f"LogitCache({self._path!r}, {self._epochs}x{self._num_samples}x{self._num_classes}, {self._codec})"

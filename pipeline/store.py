@@ -138,7 +138,9 @@ class StoreObjects:
     def __init__(self, store, location: str):
         self.store, self.location = store, str(location)
 
-    def _run(self, what: str, coro):
+    def call(self, what: str, coro):
+        """Runs ``coro`` (an I/O coroutine on this store) on Zarr's loop; a storage error becomes a
+        DhkdError: ``store URL: cannot <what>: <reason>``."""
         from zarr.core.sync import sync
 
         try:
@@ -165,7 +167,7 @@ class StoreObjects:
                 return info.get("type") == "file"
             return await store.exists(key)
 
-        return bool(self._run(f"check {key}", is_object()))
+        return bool(self.call(f"check {key}", is_object()))
 
     def list(self, prefix: str = "") -> list[str]:
         """Keys of all objects under ``prefix`` (a folder-like prefix: ``"logits/"``), sorted."""
@@ -173,18 +175,33 @@ class StoreObjects:
         async def collect():
             return [key async for key in self.store.list_prefix(prefix)]
 
-        return sorted(self._run(f"list {prefix or 'the store'}", collect()))
+        return sorted(self.call(f"list {prefix or 'the store'}", collect()))
 
-    def is_empty(self) -> bool:
-        """Whether no object is under the store's root (a local root that is a file is not empty)."""
+    def is_file(self) -> bool:
+        """Whether the location is a local file, not a folder (no store can be there)."""
         root = getattr(self.store, "root", None)  # LocalStore
-        if root is not None and root.exists() and not root.is_dir():
+        return root is not None and root.exists() and not root.is_dir()
+
+    def entries(self) -> list[str]:
+        """Names directly under the store's root: objects and "folders" (``zarr.json``, ``logits``)."""
+
+        async def collect():
+            return [name.rstrip("/") async for name in self.store.list_dir("")]
+
+        return sorted(set(self.call("list the store", collect())))
+
+    def is_empty(self, ignore: tuple[str, ...] = ()) -> bool:
+        """Whether no object is under the store's root but those named in ``ignore`` (top-level
+        names, such as the lock); a local root that is a file is not empty."""
+        if self.is_file():
             return False
-        return bool(self._run("list the store", self.store.is_empty("")))
+        if ignore:
+            return not set(self.entries()) - set(ignore)
+        return bool(self.call("list the store", self.store.is_empty("")))
 
     def size(self, key: str) -> int:
         """Bytes of object ``key`` (FileNotFoundError inside: a DhkdError)."""
-        return int(self._run(f"read the size of {key}", self.store.getsize(key)))
+        return int(self.call(f"read the size of {key}", self.store.getsize(key)))
 
     def sizes(self, prefix: str = "") -> dict[str, int]:
         """{key: bytes} of every object under ``prefix``: one listing on object storage (a LIST
@@ -200,25 +217,123 @@ class StoreObjects:
                 return {path.removeprefix(root): int(info["size"]) for path, info in found.items() if info.get("size") is not None}
             return {key: int(await store.getsize(key)) async for key in store.list_prefix(prefix)}
 
-        return self._run(f"list {prefix or 'the store'}", listed())
+        return self.call(f"list {prefix or 'the store'}", listed())
 
     def read(self, key: str) -> bytes | None:
         """The bytes of object ``key``, or None if there is no such object."""
         from zarr.core.buffer import default_buffer_prototype
 
-        value = self._run(f"read {key}", self.store.get(key, prototype=default_buffer_prototype()))
+        value = self.call(f"read {key}", self.store.get(key, prototype=default_buffer_prototype()))
         return None if value is None else value.to_bytes()
 
     def write(self, key: str, data: bytes):
         """Writes object ``key`` whole (one PUT on object storage, write-and-rename on disk)."""
         from zarr.core.buffer import default_buffer_prototype
 
-        self._run(f"write {key}", self.store.set(key, default_buffer_prototype().buffer.from_bytes(bytes(data))))
+        self.call(f"write {key}", self.store.set(key, default_buffer_prototype().buffer.from_bytes(bytes(data))))
 
     def delete(self, key: str):
         """Deletes object ``key`` (nothing happens if it is not there)."""
-        self._run(f"delete {key}", self.store.delete(key))
+        self.call(f"delete {key}", self.store.delete(key))
 
-    def delete_all(self):
-        """Deletes every object of the store, and nothing outside it."""
-        self._run("delete the store", self.store.delete_dir(""))
+    def delete_all(self, keep: tuple[str, ...] = ()):
+        """Deletes every object of the store, and nothing outside it; ``keep``: top-level objects
+        to leave (the lock of the process that replaces the store)."""
+        if not keep:
+            self.call("delete the store", self.store.delete_dir(""))
+            return
+        for name in self.entries():
+            if name in keep:
+                continue
+            if self.exists(name):
+                self.delete(name)
+            else:
+                self.call(f"delete {name}", self.store.delete_dir(name))
+
+
+# ---- checksums of stored objects (no decoding) -------------------------------------------------------
+
+_NO_CHUNK = 2**64 - 1  # a shard index entry (offset, nbytes) of (this, this): the chunk is not stored
+
+
+def _crc_problem(data, codecs) -> str | None:
+    """Why an object whose codec chain is ``codecs`` is damaged, from its trailing CRC32C (zarr's
+    ``crc32c`` codec appends the little-endian CRC32C of the bytes before it); None if it is
+    sound or carries no checksum."""
+    from zarr.codecs import Crc32cCodec
+
+    if not codecs or not isinstance(codecs[-1], Crc32cCodec):
+        return None
+    if len(data) < 4:
+        return "truncated"
+    import google_crc32c
+    import numpy as np
+
+    view = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data  # slices without copies
+    if google_crc32c.value(view[:-4]).to_bytes(4, "little") != view[-4:].tobytes():
+        return "checksum mismatch"
+    return None
+
+
+def shard_in_bounds(metadata, coords) -> "np.ndarray | None":
+    """For the sharded array ``metadata``, which inner chunks of the shard at grid ``coords`` lie
+    inside the array (bools, C order of the shard's index); None if the array is not sharded."""
+    import numpy as np
+    from zarr.codecs import ShardingCodec
+
+    codecs = metadata.codecs
+    if not codecs or not isinstance(codecs[0], ShardingCodec):
+        return None
+    shard = np.asarray(metadata.chunk_grid.chunk_shape)
+    inner = np.asarray(codecs[0].chunk_shape)
+    per_shard = shard // inner
+    chunks_in_array = -(-np.asarray(metadata.shape) // inner)
+    local = np.indices(tuple(per_shard)).reshape(len(per_shard), -1).T  # C order
+    return np.all(np.asarray(coords) * per_shard + local < chunks_in_array, axis=1)
+
+
+def object_problem(data, codecs, in_bounds=None) -> str | None:
+    """Why a stored chunk object is damaged ("missing", "truncated", "checksum mismatch", ...), or
+    None if it is sound, from the checksums it carries; nothing is decoded.
+
+    A sharded object (``codecs`` is one ``ShardingCodec``) is checked through its index: the
+    index's own CRC32C, every stored inner chunk inside the object with its CRC32C, and every
+    inner chunk that lies inside the array (``in_bounds``: one bool per index entry, C order;
+    default all) stored.
+    """
+    from zarr.codecs import ShardingCodec
+
+    if data is None:
+        return "missing"
+    if not codecs or not isinstance(codecs[0], ShardingCodec):
+        return _crc_problem(data, codecs)
+    import numpy as np
+    from zarr.codecs import Crc32cCodec
+    from zarr.codecs.sharding import ShardingCodecIndexLocation
+
+    sharding = codecs[0]
+    view = np.frombuffer(data, dtype=np.uint8)
+    if in_bounds is None:
+        raise ValueError("a sharded object needs in_bounds (one bool per index entry)")
+    entries = int(np.asarray(in_bounds).size)
+    index_nbytes = 16 * entries + (4 if any(isinstance(c, Crc32cCodec) for c in sharding.index_codecs) else 0)
+    if len(view) < index_nbytes:
+        return "truncated (no shard index)"
+    at_start = sharding.index_location == ShardingCodecIndexLocation.start
+    index = view[:index_nbytes] if at_start else view[len(view) - index_nbytes:]
+    problem = _crc_problem(index, sharding.index_codecs)
+    if problem:
+        return f"shard index {problem}"
+    table = index[: 16 * entries].view("<u8").reshape(entries, 2)
+    lo, hi = (index_nbytes, len(view)) if at_start else (0, len(view) - index_nbytes)
+    for j, (offset, nbytes) in enumerate(table.tolist()):
+        if offset == _NO_CHUNK and nbytes == _NO_CHUNK:
+            if in_bounds.reshape(-1)[j]:
+                return f"inner chunk {j} missing"
+            continue
+        if offset < lo or offset + nbytes > hi:
+            return f"truncated (inner chunk {j} lies outside the object)"
+        problem = _crc_problem(view[offset : offset + nbytes], sharding.codecs)
+        if problem:
+            return f"inner chunk {j} {problem}"
+    return None

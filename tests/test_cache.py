@@ -379,7 +379,7 @@ def test_a_flipped_bit_is_caught(tmp_path, sharded):
     obj.write_bytes(bytes(data))
     c = LogitCache.open(str(tmp_path / "s.zarr"))
     chunk = 2 if sharded else 1
-    with pytest.raises(DhkdError, match=rf"s\.zarr: cannot read logits epoch 1 chunk {chunk}: .*checksum"):
+    with pytest.raises(DhkdError, match=rf"s\.zarr: logits epoch 1 chunk {chunk} is damaged \(checksum mismatch\); re-run cache-teacher"):
         c.read_chunk(1, chunk)
     c.read_chunk(1, 0)
 
@@ -390,7 +390,9 @@ def test_a_missing_object_is_not_read_as_zeros(tmp_path):
     os.remove(tmp_path / "s.zarr" / "logit_scale" / "c" / "0" / "4")
     os.remove(tmp_path / "s.zarr" / "order" / "c" / "1" / "2")
     c = LogitCache.open(str(tmp_path / "s.zarr"))
-    c.check_complete()  # the flags still say done
+    c.check_complete(objects=False)  # the flags still say done
+    with pytest.raises(DhkdError, match=r"is damaged: logit_scale epoch 0 chunk 4 \(logit_scale/c/0/4\): missing and 1 more; re-run cache-teacher"):
+        c.check_complete()  # the listing finds both
     with pytest.raises(DhkdError, match=r"logit_scale epoch 0 chunk 4 not on disk \(logit_scale/c/0/4\)"):
         c.read_chunk(0, 4)
     with pytest.raises(DhkdError, match="order epoch 1 chunk 2 not on disk"):
