@@ -82,6 +82,21 @@ def codec_tolerance(codec: str, logits: torch.Tensor) -> float:
     return amax / (2 * INT8_LEVELS) + amax * 2.0**-22
 
 
+def check_encodable(logits, codec: str, where: str = "") -> np.ndarray:
+    """Refuses teacher logits the store must not hold: non-finite ones (they would poison every
+    student trained from the store), and for fp16 values beyond its range. Returns max|row|.
+    ``where``: how the message names the rows ("of the unit", "of the first batch")."""
+    x = np.asarray(logits, dtype=np.float32)
+    amax = np.abs(x).max(axis=1) if x.size else np.zeros(len(x), np.float32)
+    if not np.all(np.isfinite(amax)):
+        bad = int(np.flatnonzero(~np.isfinite(amax))[0])
+        kind = "NaN" if np.isnan(x[bad]).any() else "infinite"
+        raise DhkdError(f"teacher logits are not finite ({kind} in row {bad} {where}".rstrip() + "); check the teacher and its weights")
+    if codec == "fp16" and not np.all(amax <= _FP16_MAX):
+        raise DhkdError(f"teacher logits exceed the fp16 range (|x| <= {_FP16_MAX:g}); use --codec bf16 or fp32")
+    return amax
+
+
 def decode_logits(values, scale=None, device="cpu") -> torch.Tensor:
     """float32 (rows, K) logits on ``device`` from what :meth:`LogitCache.read_chunk` returns.
 
@@ -452,15 +467,10 @@ class LogitCache:
         """(stored values, float32 per-row scale or None). Non-finite logits are refused: a teacher
         that produced them would poison every student trained from the store."""
         x = np.ascontiguousarray(logits, dtype=np.float32)
-        amax = np.abs(x).max(axis=1) if x.size else np.zeros(len(x), np.float32)
-        if not np.all(np.isfinite(amax)):
-            bad = int(np.flatnonzero(~np.isfinite(amax))[0])
-            raise DhkdError(f"teacher logits are not finite (row {bad} of the unit); check the teacher and its weights")
+        amax = check_encodable(x, self._codec, "of the unit")
         if self._codec == "fp32":
             return x, None
         if self._codec == "fp16":
-            if not np.all(amax <= _FP16_MAX):
-                raise DhkdError(f"teacher logits exceed the fp16 range (|x| <= {_FP16_MAX:g}); use --codec bf16 or fp32")
             return x.astype(np.float16), None
         if self._codec == "bf16":
             bits = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy()

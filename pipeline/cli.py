@@ -349,22 +349,33 @@ def _echo_wrapped(items: list[str], width: int = 100):
 @click.option("--workers", type=int)
 @click.option("--channels-last/--no-channels-last", default=None, help="NHWC teacher and inputs.")
 @click.option("--compile/--no-compile", default=None, help="torch.compile the teacher (the first batches compile).")
-@click.option("--overwrite", is_flag=True, default=None, help="Replace a store written by a different command.")
+@click.option("--overwrite", is_flag=True, default=None,
+              help="Replace a logit store written by a different command (never a file or a folder that is not a logit store).")
+@click.option("--break-lock", is_flag=True,
+              help="Take over the store's lock held by a process on another host; only when you know that process is gone.")
 @user_errors
-def cache_teacher_cmd(config_file, **options):
-    """Stage 1: run the teacher once over seeded views and write the logit store."""
+def cache_teacher_cmd(config_file, break_lock, **options):
+    """Stage 1: run the teacher once over seeded views and write the logit store.
+
+    Re-run on an existing store, the same command resumes it: it verifies the chunks already
+    written (presence and checksums) and rewrites damaged ones. One process writes a store at a
+    time (its lock object, STORE/.lock, names the writer)."""
     from .stages.cache_teacher import cache_teacher
 
     cfg = build_config(CacheConfig, config_file, options)
-    _echo_json(cache_teacher(cfg))
+    _echo_json(cache_teacher(cfg, break_lock=break_lock))
 
 
 @main.command("inspect")
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--quick", is_flag=True, help="Check presence and sizes from one listing only, not the checksums "
+              "(which read every written object once).")
 @user_errors
-def inspect_cmd(store, as_json):
-    """What a logit store holds (STORE: a path or a URL such as s3://bucket/logits.zarr)."""
+def inspect_cmd(store, as_json, quick):
+    """What a logit store holds (STORE: a path or a URL such as s3://bucket/logits.zarr), and what
+    of it is damaged: every written object is checked (present, and its CRC32C checksums right).
+    A damaged store exits 1, with one line on stderr naming the fix."""
     from .cache import LogitCache
 
     cache = LogitCache.open(store)
@@ -372,12 +383,18 @@ def inspect_cmd(store, as_json):
     # where the data is and how views become pixels: attributes stage 1 writes (older stores lack them)
     summary["data"] = cache.attrs.get("data_spec")
     summary["preprocessing"] = cache.attrs.get("preprocessing")
+    damaged = cache.damage(checksums=not quick)
+    summary["damaged"] = damaged
     if as_json:
         _echo_json(summary)
-        return
-    width = max(len(k) for k in summary)
-    for key, value in summary.items():
-        click.echo(f"{key:<{width}}  {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+    else:
+        width = max(len(k) for k in summary)
+        for key, value in summary.items():
+            click.echo(f"{key:<{width}}  {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+    if damaged:
+        more = f" and {len(damaged) - 1} more" if len(damaged) > 1 else ""
+        click.echo(f"error: store {cache.path} is damaged: {damaged[0]}{more}; {cache.repair_hint()}", err=True)
+        sys.exit(1)
 
 
 @main.command("verify-cache")

@@ -236,6 +236,15 @@ class StoreObjects:
         """Deletes object ``key`` (nothing happens if it is not there)."""
         self.call(f"delete {key}", self.store.delete(key))
 
+    def remove_empty_root(self):
+        """Removes a local store's folder if it is empty (object storage has no empty folders)."""
+        root = getattr(self.store, "root", None)  # LocalStore
+        if root is not None:
+            try:
+                root.rmdir()
+            except OSError:
+                pass
+
     def delete_all(self, keep: tuple[str, ...] = ()):
         """Deletes every object of the store, and nothing outside it; ``keep``: top-level objects
         to leave (the lock of the process that replaces the store)."""

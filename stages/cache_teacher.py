@@ -18,13 +18,15 @@ import numpy as np
 import torch
 
 from dhkd_pipe import __version__
-from dhkd_pipe.cache import LogitCache, codec_tolerance
+from dhkd_pipe.cache import LogitCache, check_encodable, codec_tolerance
 from dhkd_pipe.config import CacheConfig
 from dhkd_pipe.console import log_line
 from dhkd_pipe.data import Dataset, Renderer, absolute_spec, load_data, load_store_data
 from dhkd_pipe.engine import evaluate, make_accelerator, memory_format
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.models import create_model, load_checkpoint, resolve_weights
+from dhkd_pipe.store import StoreObjects, open_store
+from dhkd_pipe.store_lock import LOCK_KEY, StoreLock
 from dhkd_pipe.views import ViewPlan, describe_preprocessing, with_preprocessing
 
 FORMAT_VERSION = 1
@@ -80,7 +82,13 @@ class _Writer:
             raise self.error
 
 
-def cache_teacher(cfg: CacheConfig, log=log_line) -> dict:
+def cache_teacher(cfg: CacheConfig, log=log_line, break_lock: bool = False) -> dict:
+    """Stage 1. Everything that can be checked is checked before the store is touched (the
+    location, every image header, the teacher on the first batch); then the main process takes
+    the store's lock for the run, creates or reopens the store, verifies the units already written
+    and has damaged ones rewritten. A run that fails before its first unit leaves no store.
+
+    ``break_lock``: take over a lock held from another host (``--break-lock``)."""
     acc = make_accelerator(cfg.precision)
     data = load_data(cfg.data)
     with acc.main_process_first():  # one process fetches published weights, the others find them cached
@@ -105,6 +113,7 @@ def cache_teacher(cfg: CacheConfig, log=log_line) -> dict:
         "policy": plan.to_dict(),
         "precision": cfg.precision,
     }
+    line = command_line(cfg, data_spec)
     attrs = {
         "teacher": {"arch": cfg.model, "weights_digest": digest, "weights": source.record, "weights_label": source.label,
                     "val_top1": None},
@@ -117,15 +126,53 @@ def cache_teacher(cfg: CacheConfig, log=log_line) -> dict:
         "precision": cfg.precision,
         "tool_version": __version__,
         "command": command,
+        "command_line": line,  # what re-runs this command: named by the messages that ask for a repair
     }
     geometry = dict(epochs=cfg.views, num_samples=data.num_train, num_classes=data.num_classes, chunk_rows=cfg.chunk_rows)
+
+    # Before anything is written: what is at --out, every image's header, the teacher's first batch.
+    objects = StoreObjects(open_store(cfg.out, read_only=False), cfg.out) if acc.is_main_process else None
+    if objects is not None:
+        LogitCache.check_target(objects, bool(cfg.overwrite))
+    renderer = data.renderer(acc.device, plan, workers=cfg.workers)
+    _check_inputs(data, plan, renderer, teacher, acc, cfg, fmt)
+
+    lock = None
+    if objects is not None:
+        fresh = objects.is_empty()
+        lock = StoreLock.acquire(objects, line, break_lock=break_lock)
+    try:
+        return _cache(cfg, log, acc, data, plan, renderer, teacher, fmt, source, preprocessing, attrs, geometry, data_spec)
+    except BaseException:
+        if objects is not None:
+            _remove_unwritten(objects)
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+            if fresh:
+                objects.remove_empty_root()
+
+
+def _cache(cfg, log, acc, data, plan, renderer, teacher, fmt, source, preprocessing, attrs, geometry, data_spec) -> dict:
+    """The store's part of stage 1, under the store's lock (main process)."""
     if acc.is_main_process:
-        cache = LogitCache.create(cfg.out, labels=data.train_labels.cpu().numpy(), codec=cfg.codec, attrs=attrs, overwrite=bool(cfg.overwrite), **geometry)
+        labels = data.train_labels.cpu().numpy()
+        cache = LogitCache.create(cfg.out, labels=labels, codec=cfg.codec, attrs=attrs, overwrite=bool(cfg.overwrite), **geometry)
+        if cache.attrs.get("data_spec") != data_spec:  # resumed from a data folder that has moved
+            cache.update_attrs(data_spec=data_spec)
+        if cache.attrs.get("command_line") != attrs["command_line"]:
+            cache.update_attrs(command_line=attrs["command_line"])
+        written = int(cache.done_mask().sum())
+        if written:
+            log(f"verifying the {written} chunks already written (presence and checksums)")
+            damaged = cache.repair(labels)
+            if damaged:
+                more = f" and {len(damaged) - 1} more" if len(damaged) > 1 else ""
+                log(f"{len(damaged)} damaged: {damaged[0]}{more}; rewriting them")
     acc.wait_for_everyone()
     if not acc.is_main_process:
         cache = LogitCache.open(cfg.out, mode="r+")
-    elif cache.attrs.get("data_spec") != data_spec:  # resumed from a data folder that has moved
-        cache.update_attrs(data_spec=data_spec)
 
     done = cache.done_mask()
     units = [u for i, u in enumerate(cache.write_units()) if i % acc.num_processes == acc.process_index]
@@ -141,7 +188,6 @@ def cache_teacher(cfg: CacheConfig, log=log_line) -> dict:
             + (f"; resuming, {remaining} of {done.size} chunks left" if remaining < done.size else "")
         )
 
-    renderer = data.renderer(acc.device, plan, workers=cfg.workers)
     if acc.is_main_process and cache.attrs["teacher"].get("val_top1") is None and data.num_val:
         acc_val = evaluate(teacher, renderer, cfg.batch_size, acc)
         cache.update_attrs(teacher={**cache.attrs["teacher"], "val_top1": acc_val["top1"], "val_top5": acc_val["top5"]})
@@ -156,6 +202,53 @@ def cache_teacher(cfg: CacheConfig, log=log_line) -> dict:
         result.update({k: cache.summary()[k] for k in ("shape", "codec", "bytes_on_disk", "bytes_per_logit")})
         result["teacher_val_top1"] = cache.attrs["teacher"].get("val_top1")
     return result
+
+
+def _check_inputs(data: Dataset, plan: ViewPlan, renderer: Renderer, teacher, acc, cfg: CacheConfig, fmt):
+    """What can be checked before the store is created: every image header (an image folder's
+    zero-byte or foreign files), and the teacher's logits on the first batch of the first epoch
+    (finite, and within the codec's range)."""
+    data.train_sizes(np.arange(data.num_train))
+    if data.num_val:
+        data.val_views(plan)
+    n = min(cfg.batch_size, data.num_train)
+    order = plan.order(0, data.num_train)[:n]
+    views = plan.views(0, order, data.train_sizes(order))
+    x = next(iter(renderer.train_batches(order, views, n)))
+    with torch.no_grad(), acc.autocast():
+        logits = teacher(x.contiguous(memory_format=fmt))
+    check_encodable(logits.float().cpu().numpy(), cfg.codec, "of the first batch")
+
+
+def _remove_unwritten(objects: StoreObjects):
+    """After a failure: a store in which no unit was written holds nothing worth keeping and would
+    only stand in the way of the re-run; it is removed (the lock stays until released)."""
+    try:
+        if not objects.list("done/c/"):
+            objects.delete_all(keep=(LOCK_KEY,))
+    except DhkdError:
+        pass  # the failure itself is what the user must see
+
+
+def command_line(cfg: CacheConfig, data_spec: str) -> str:
+    """The cache-teacher command that writes (and repairs) this store, as a shell line."""
+    import os
+    import shlex
+
+    from dhkd_pipe.store import is_url
+
+    weights = cfg.weights
+    if weights and os.path.isfile(weights):
+        weights = os.path.abspath(weights)
+    out = cfg.out if is_url(cfg.out) else os.path.abspath(cfg.out)
+    args = ["dhkd-pipe", "cache-teacher", "--model", cfg.model]
+    if weights:
+        args += ["--weights", weights]
+    args += ["--data", data_spec, "--views", cfg.views, "--seed", cfg.seed, "--codec", cfg.codec, "--chunk-rows", cfg.chunk_rows,
+             "--precision", cfg.precision]
+    if cfg.resolution:
+        args += ["--resolution", cfg.resolution]
+    return shlex.join(str(a) for a in args + ["--out", out])
 
 
 def _write_units(cache: LogitCache, todo, plan: ViewPlan, data: Dataset, renderer: Renderer, teacher, acc,
