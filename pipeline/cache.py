@@ -262,7 +262,7 @@ class LogitCache:
 
         try:
             # format_version is written last: a half-created store does not open.
-            group = zarr.open_group(store=objects.store, mode="w", attributes={k: v for k, v in attrs.items() if k != "format_version"})
+            group = zarr.open_group(store=objects.store, mode="a", zarr_format=3, attributes={k: v for k, v in attrs.items() if k != "format_version"})
             # byte shuffle: measured smaller than bitshuffle for fp16/bf16/fp32 and int8 logits
             array(group, "logits", (epochs, num_samples, num_classes), (1, chunk_rows, num_classes),
                   _STORED_DTYPE[codec], blosc("shuffle"), 0)
@@ -549,8 +549,10 @@ class LogitCache:
     def repair_hint(self) -> str:
         """How to repair the store: cache-teacher with the command that wrote it rewrites what is
         missing or damaged (the command line is recorded in the store since this version)."""
+        import shlex
+
         line = self._attrs.get("command_line")
-        return f"re-run cache-teacher with the same command to rewrite it" + (f": {line}" if line else "")
+        return "re-run cache-teacher with the same command to rewrite it" + (f": {line} --out {shlex.quote(self._path)}" if line else "")
 
     def _epoch_array(self, name: str, epoch: int, dtype):
         key = (name, epoch)

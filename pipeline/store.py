@@ -195,9 +195,9 @@ class StoreObjects:
         names, such as the lock); a local root that is a file is not empty."""
         if self.is_file():
             return False
-        if ignore:
-            return not set(self.entries()) - set(ignore)
-        return bool(self.call("list the store", self.store.is_empty("")))
+        if self.call("list the store", self.store.is_empty("")):  # (a missing bucket fails here)
+            return True
+        return bool(ignore) and not set(self.entries()) - set(ignore)
 
     def size(self, key: str) -> int:
         """Bytes of object ``key`` (FileNotFoundError inside: a DhkdError)."""

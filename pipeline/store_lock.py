@@ -198,7 +198,7 @@ class _FileLock:
         except FileExistsError:
             raise DhkdError(f"store {self.location} is a file, not a store folder") from None
         except OSError as e:
-            raise self._fail("create the folder of", e) from None
+            raise DhkdError(f"store {self.location}: cannot create its folder: {one_line(e)}") from None
         tmp = f"{self.path}.{uuid.uuid4().hex}.tmp"
         try:
             fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

@@ -9,7 +9,9 @@ and under ``accelerate launch`` each process writes its own units.
 
 from __future__ import annotations
 
+import os
 import queue
+import shlex
 import sys
 import threading
 import time
@@ -126,7 +128,7 @@ def cache_teacher(cfg: CacheConfig, log=log_line, break_lock: bool = False) -> d
         "precision": cfg.precision,
         "tool_version": __version__,
         "command": command,
-        "command_line": line,  # what re-runs this command: named by the messages that ask for a repair
+        "command_line": line,  # what re-runs this command (with --out): named by the messages that ask for a repair
     }
     geometry = dict(epochs=cfg.views, num_samples=data.num_train, num_classes=data.num_classes, chunk_rows=cfg.chunk_rows)
 
@@ -140,7 +142,7 @@ def cache_teacher(cfg: CacheConfig, log=log_line, break_lock: bool = False) -> d
     lock = None
     if objects is not None:
         fresh = objects.is_empty()
-        lock = StoreLock.acquire(objects, line, break_lock=break_lock)
+        lock = StoreLock.acquire(objects, f"{line} --out {shlex.quote(str(cfg.out))}", break_lock=break_lock)
     try:
         return _cache(cfg, log, acc, data, plan, renderer, teacher, fmt, source, preprocessing, attrs, geometry, data_spec)
     except BaseException:
@@ -163,9 +165,9 @@ def _cache(cfg, log, acc, data, plan, renderer, teacher, fmt, source, preprocess
             cache.update_attrs(data_spec=data_spec)
         if cache.attrs.get("command_line") != attrs["command_line"]:
             cache.update_attrs(command_line=attrs["command_line"])
-        written = int(cache.done_mask().sum())
+        written = len(cache.objects.list("done/c/"))  # the flags objects of the units written (the mask may be damaged)
         if written:
-            log(f"verifying the {written} chunks already written (presence and checksums)")
+            log(f"verifying the {written} write units already written (presence and checksums)")
             damaged = cache.repair(labels)
             if damaged:
                 more = f" and {len(damaged) - 1} more" if len(damaged) > 1 else ""
@@ -231,16 +233,11 @@ def _remove_unwritten(objects: StoreObjects):
 
 
 def command_line(cfg: CacheConfig, data_spec: str) -> str:
-    """The cache-teacher command that writes (and repairs) this store, as a shell line."""
-    import os
-    import shlex
-
-    from dhkd_pipe.store import is_url
-
+    """The cache-teacher command that writes (and repairs) this store, as a shell line, but for
+    ``--out`` (the store records no location of its own: it may be copied or moved)."""
     weights = cfg.weights
     if weights and os.path.isfile(weights):
         weights = os.path.abspath(weights)
-    out = cfg.out if is_url(cfg.out) else os.path.abspath(cfg.out)
     args = ["dhkd-pipe", "cache-teacher", "--model", cfg.model]
     if weights:
         args += ["--weights", weights]
@@ -248,7 +245,7 @@ def command_line(cfg: CacheConfig, data_spec: str) -> str:
              "--precision", cfg.precision]
     if cfg.resolution:
         args += ["--resolution", cfg.resolution]
-    return shlex.join(str(a) for a in args + ["--out", out])
+    return shlex.join(str(a) for a in args)
 
 
 def _write_units(cache: LogitCache, todo, plan: ViewPlan, data: Dataset, renderer: Renderer, teacher, acc,

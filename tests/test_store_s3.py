@@ -6,7 +6,6 @@ that bad credentials are refused as a real service refuses them, and drive the C
 """
 
 import json
-import logging
 import multiprocessing as mp
 import os
 import signal
@@ -14,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import uuid
 
 import numpy as np
@@ -25,6 +23,8 @@ from dhkd_pipe.cache import LogitCache
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.loader import StoreEpochs, _row_batches, read_ahead_chunks
 from dhkd_pipe.store import StoreObjects, open_store
+
+from conftest import S3_BUCKET
 
 BIN = os.path.join(os.path.dirname(sys.executable), "dhkd-pipe")
 E, N, K, C = 2, 300, 10, 64  # 5 chunks per epoch, the last one short
@@ -266,50 +266,7 @@ def test_read_ahead_depth():
 
 # ---- a real S3 server (moto) on 127.0.0.1 ---------------------------------------------------------
 
-BUCKET = "dhkd"
-
-
-def _post(url: str, body: bytes):
-    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "text/plain"})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        response.read()
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """A moto S3 server on 127.0.0.1 for this module, authentication on: an IAM user with an
-    access key and an s3:* policy is created in the first (unauthenticated) requests, then every
-    request must be signed with that key. Yields the environment that points a process at it."""
-    pytest.importorskip("s3fs")
-    moto_server = pytest.importorskip("moto.server")
-    import boto3
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        endpoint = "http://127.0.0.1:%d" % server.get_host_and_port()[1]
-        _post(endpoint + "/moto-api/reset-auth", b"3")  # three requests without a signature, then IAM
-        iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="setup", aws_secret_access_key="setup")
-        iam.create_user(UserName="dhkd")
-        policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
-        iam.put_user_policy(UserName="dhkd", PolicyName="s3", PolicyDocument=json.dumps(policy))
-        key = iam.create_access_key(UserName="dhkd")["AccessKey"]
-        env = {"AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
-               "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=key["AccessKeyId"],
-                     aws_secret_access_key=key["SecretAccessKey"]).create_bucket(Bucket=BUCKET)
-        with pytest.MonkeyPatch.context() as mp_env:
-            for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
-                mp_env.delenv(name, raising=False)
-            for name, value in env.items():
-                mp_env.setenv(name, value)
-            yield env
-    finally:
-        try:
-            _post("http://127.0.0.1:%d/moto-api/reset-auth" % server.get_host_and_port()[1], b"inf")
-        finally:
-            server.stop()
+BUCKET = S3_BUCKET  # the moto server is the session fixture ``s3`` (conftest.py)
 
 
 def cli(*args, check=True, env=None, timeout=300):
@@ -455,7 +412,10 @@ def test_a_deleted_chunk_object_on_s3_is_refused(resumed_store, tmp_path):
     target.delete(key)
     proc = cli("distill", "--student", "resnet8", "--cache", damaged, "--data", "digits", "--epochs", 1, "--max-steps", 2,
                "--out", tmp_path / "run", check=False)
-    assert_one_line_error(proc, f"store {damaged}: logits epoch 0 chunk 0 missing from the store ({key})")
+    # found by the listing before training starts, with the fix
+    assert_one_line_error(proc, f"store {damaged} is damaged: logits epoch 0 chunk 0 ({key}): missing; re-run cache-teacher with the same "
+                                "command to rewrite it: dhkd-pipe cache-teacher --model resnet8 ")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow

@@ -1,0 +1,737 @@
+"""The fault matrix, store side (issue 12): one writer per logit store, nothing half-written, damage
+found and repaired.
+
+One table (``CASES``) drives one test. A case names its command line (``{out}``, ``{teacher}``, ...
+filled from the case's work folder and the module's fixtures), how to set the scene, the exit code
+and the one stderr line it expects, and what must hold of the store afterwards (often: the re-run
+after the fix just works, and the store equals the reference store, value for value). Commands run
+in this process (``CliRunner``); cases that need another process (a concurrent writer, a launch
+of two ranks) or a server run it and are marked slow. Every case checks that no traceback reached
+stderr and, where the store is local, that no temporary file of a write is left.
+
+Locks are planted as another process would leave them: a live pid on this host (a ``sleep``), a
+dead one, a zombie, a reused pid (alive, but started after the lock), another host, a garbled file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dhkd_pipe.cache import LogitCache
+from dhkd_pipe.cli import main
+from dhkd_pipe.models import create_model
+from dhkd_pipe.store import StoreObjects, is_url, open_store
+from dhkd_pipe.store_lock import LOCK_KEY, StoreLock, read_holder
+
+from conftest import S3_BUCKET as BUCKET  # the moto server is the session fixture ``s3``
+
+BIN = os.path.join(os.path.dirname(sys.executable), "dhkd-pipe")
+CHATTER = re.compile(r"Traceback|^\s+File \"", re.M)
+HOST = socket.gethostname()
+
+CACHE = "cache-teacher --model resnet8 --weights {teacher} --data digits@256 --views 2 --chunk-rows 64 --batch-size 64 --out {out}"
+IMAGES = ("cache-teacher --model resnet8 --weights {teacher2} --data imagefolder:{images} --resolution 32 --views 2 "
+          "--chunk-rows 8 --batch-size 16 --out {out}")
+DISTILL = "distill --student resnet8 --cache {out} --epochs 1 --batch-size 64 --out {run}"
+HELD = r"store \S+ is being written by another process: pid \d+ on "
+
+
+# ---- module fixtures (built once, only read) -------------------------------------------------------
+
+
+def invoke(args: list[str]):
+    """The CLI in this process: (exit code, stdout, stderr)."""
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+def _save_teacher(path: Path, num_classes: int, scale: float | None = None, nan: bool = False, huge: bool = False):
+    torch.manual_seed(0)
+    sd = create_model("resnet8", num_classes).state_dict()
+    sd["fc.weight"] = sd["fc.weight"].clone()
+    if nan:
+        sd["fc.weight"][0, 0] = float("nan")
+    if huge:  # finite, but class 0's logit sums past float32's largest value
+        sd["fc.weight"][0] = 3e38
+        sd["fc.bias"] = sd["fc.bias"].clone()
+        sd["fc.bias"][0] = 3e38
+    if scale is not None:  # finite weights whose logits leave a codec's range
+        sd["fc.weight"] = sd["fc.weight"] * scale
+        sd["fc.bias"] = sd["fc.bias"] + scale
+    torch.save({"model": sd}, path)
+    return path
+
+
+def _write_images(root: Path, size=(48, 40)):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("val", 2)):
+        for c in range(2):
+            os.makedirs(root / split / f"c{c}", exist_ok=True)
+            for k in range(n):
+                pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / f"c{c}" / f"{k}.JPEG", quality=90)
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """Random-weights teachers (digits, and two classes for the image folder), a tiny JPEG folder,
+    and the reference store of ``CACHE``, written once."""
+    root = tmp_path_factory.mktemp("faults-store")
+    teacher = _save_teacher(root / "teacher.pt", 10)
+    shared = {"root": root, "teacher": teacher, "teacher2": _save_teacher(root / "teacher2.pt", 2), "images": root / "images"}
+    _write_images(shared["images"])
+    reference = root / "reference.zarr"
+    code, _, err = invoke(shlex.split(CACHE.format(teacher=teacher, out=reference)))
+    assert code == 0, err
+    shared["reference"] = reference
+    return shared
+
+
+# ---- one case's work folder ------------------------------------------------------------------------
+
+
+@dataclass
+class Work:
+    tmp: Path
+    shared: dict
+    request: pytest.FixtureRequest
+    vars: dict = field(default_factory=dict)
+    cleanup: list = field(default_factory=list)
+    before: dict | None = None  # the store's objects before the command, where a case keeps them
+
+    def __post_init__(self):
+        self.vars = {"out": str(self.tmp / "s.zarr"), "run": str(self.tmp / "run"), "tmp": str(self.tmp),
+                     "file": str(self.tmp / "notes.txt"), **{k: str(v) for k, v in self.shared.items()}}
+
+    @property
+    def out(self) -> str:
+        return self.vars["out"]
+
+    def command(self, template: str) -> list[str]:
+        return shlex.split(template.format(**self.vars))
+
+    def objects(self, location: str | None = None) -> StoreObjects:
+        location = location or self.out
+        return StoreObjects(open_store(location, read_only=False), location)
+
+
+def store_objects(location: str) -> dict[str, bytes] | None:
+    """Every object of the store at ``location`` (None if nothing is there)."""
+    if not is_url(location) and not os.path.lexists(location):
+        return None
+    if not is_url(location) and not os.path.isdir(location):
+        return {".": Path(location).read_bytes()}
+    objects = StoreObjects(open_store(location), location)
+    return {key: objects.read(key) for key in objects.list()}
+
+
+def copy_store(src: str, dst: str):
+    """The objects of store ``src`` written to ``dst`` (any location)."""
+    target = StoreObjects(open_store(dst, read_only=False), dst)
+    for key, data in store_objects(src).items():
+        target.write(key, data)
+
+
+def assert_one_error_line(err: str, pattern: str, only_line: bool = True):
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines, "nothing on stderr"
+    assert not CHATTER.search(err), err[-3000:]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0] == lines[-1], err[-3000:]
+    if only_line:
+        assert len(lines) == 1, err[-3000:]
+    assert re.search(pattern, lines[-1]), f"{pattern!r} not in {lines[-1]!r}"
+
+
+def assert_no_partial_writes(location: str):
+    if is_url(location) or not os.path.isdir(location):
+        return
+    left = [p for p in Path(location).rglob("*") if p.name.endswith((".partial", ".tmp"))]
+    assert not left, f"half-written files left: {left}"
+
+
+# ---- scene setters -------------------------------------------------------------------------------------
+
+
+def reference_copy(w: Work):
+    copy_store(w.shared["reference"], w.out)
+
+
+def memory_store(w: Work):
+    w.vars["out"] = f"memory://faults-{uuid.uuid4().hex[:8]}/s.zarr"
+
+
+def s3_store(w: Work):
+    w.request.getfixturevalue("s3")
+    w.vars["out"] = f"s3://{BUCKET}/faults-{uuid.uuid4().hex[:8]}/s.zarr"
+
+
+def live_pid(w: Work) -> dict:
+    proc = subprocess.Popen(["sleep", "120"])
+    w.cleanup.append(lambda: (proc.kill(), proc.wait()))
+    return {"host": HOST, "pid": proc.pid, "started": time.time() + 1, "command": "dhkd-pipe cache-teacher ..."}
+
+
+def dead_pid(w: Work) -> dict:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return {"host": HOST, "pid": proc.pid, "started": time.time() - 5, "command": "a killed cache-teacher"}
+
+
+def zombie_pid(w: Work) -> dict:
+    proc = subprocess.Popen(["true"])  # not waited for: a zombie until the case ends
+    for _ in range(200):
+        if open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
+            break
+        time.sleep(0.01)
+    w.cleanup.append(proc.wait)
+    return {"host": HOST, "pid": proc.pid, "started": time.time() - 5, "command": "a killed cache-teacher"}
+
+
+def reused_pid(w: Work) -> dict:
+    holder = live_pid(w)  # alive, but started after the lock was taken: not the lock's process
+    return {**holder, "started": time.time() - 3600}
+
+
+def other_host(w: Work) -> dict:
+    return {"host": "node-7.cluster.example", "pid": 4242, "started": time.time() - 60, "command": "dhkd-pipe cache-teacher ..."}
+
+
+def plant_lock(holder: Callable | None = None, raw: bytes | None = None, age: float = 0.0, store: bool = True):
+    """A lock left in the store (a copy of the reference, or nothing else when ``store`` is False)."""
+
+    def setup(w: Work):
+        if store:
+            reference_copy(w)
+        data = raw if raw is not None else json.dumps(holder(w)).encode()
+        w.objects().write(LOCK_KEY, data)
+        if age and not is_url(w.out):
+            t = time.time() - age
+            os.utime(os.path.join(w.out, LOCK_KEY), (t, t))
+        w.before = store_objects(w.out)
+
+    return setup
+
+
+def user_file(w: Work):
+    Path(w.vars["file"]).write_text("the user's notes\n")
+    w.vars["out"] = w.vars["file"]
+    w.before = store_objects(w.out)
+
+
+def user_folder(w: Work):
+    folder = Path(w.out)
+    (folder / "sub").mkdir(parents=True)
+    (folder / "photo.jpg").write_bytes(b"not ours")
+    (folder / "sub" / "data.csv").write_text("1,2\n")
+    w.before = store_objects(w.out)
+
+
+def foreign_zarr(w: Work):
+    import zarr
+
+    group = zarr.open_group(w.out, mode="w", attributes={"title": "someone's climate data"})
+    group.create_array("t2m", shape=(4,), dtype="f4")[:] = np.arange(4)
+    w.before = store_objects(w.out)
+
+
+def teacher_file(**kw):
+    def setup(w: Work):
+        w.vars["teacher"] = str(_save_teacher(w.tmp / "bad-teacher.pt", 10, **kw))
+
+    return setup
+
+
+def image_folder(damage: str):
+    def setup(w: Work):
+        root = w.tmp / "images"
+        shutil.copytree(w.shared["images"], root)
+        path = root / "train" / "c1" / "2.JPEG"
+        w.vars["images"], w.vars["damaged_image"] = str(root), str(path)
+        data = path.read_bytes()
+        path.write_bytes(b"" if damage == "empty" else data[: len(data) * 6 // 10])
+
+    return setup
+
+
+def empty_store_of_another_command(w: Work):
+    """What an earlier failed or killed stage 1 left: a created store with no unit written."""
+    LogitCache.create(w.out, epochs=2, num_samples=256, num_classes=10, chunk_rows=64, labels=np.zeros(256),
+                      attrs={"command": {"teacher": "resnet8", "weights_digest": "of the NaN weights"}})
+
+
+def damage_unit(array: str, how: str, epoch: int = 1, chunk: int = 2):
+    """A copy of the reference store with one object of a unit marked done damaged."""
+
+    def setup(w: Work):
+        reference_copy(w)
+        cache = LogitCache.open(w.out)
+        key = "labels/c/0" if array == "labels" else cache.unit_keys(epoch, chunk)[array]
+        objects = w.objects()
+        data = objects.read(key)
+        if how == "delete":
+            objects.delete(key)
+        elif how == "flip":
+            data = bytearray(data)
+            data[len(data) // 2] ^= 0x10
+            objects.write(key, bytes(data))
+        elif how == "truncate":
+            objects.write(key, data[: len(data) - 9])
+        elif how == "empty":
+            objects.write(key, b"")
+        w.vars["damaged"] = key
+
+    return setup
+
+
+def several(*setups):
+    def setup(w: Work):
+        for s in setups:
+            s(w)
+
+    return setup
+
+
+# ---- checks afterwards ------------------------------------------------------------------------------
+
+
+def same_as_reference(location: str, reference: str):
+    a, b = LogitCache.open(location), LogitCache.open(reference)
+    a.check_complete()
+    assert a.damage() == []
+    for e in range(b.epochs):
+        assert np.array_equal(np.concatenate([a.read_chunk(e, k)[0] for k in range(a.num_chunks)]),
+                              np.concatenate([b.read_chunk(e, k)[0] for k in range(b.num_chunks)])), e
+        assert np.array_equal(a.read_order(e), b.read_order(e)) and np.array_equal(a.read_views(e), b.read_views(e))
+    assert np.array_equal(a.labels, b.labels)
+
+
+def complete_and_unlocked(w: Work):
+    same_as_reference(w.out, w.shared["reference"])
+    assert read_holder(w.objects()) is None
+
+
+def unchanged(w: Work):
+    assert store_objects(w.out) == w.before
+
+
+def no_store(w: Work):
+    found = store_objects(w.out)
+    assert not found, f"left behind at {w.out}: {sorted(found)[:10]}"
+
+
+def rerun(fix: Callable[[Work], None] | None = None, template: str = CACHE, check: Callable[[Work], None] = complete_and_unlocked):
+    """After the fix (if any), the same command just works."""
+
+    def after(w: Work):
+        if fix is not None:
+            fix(w)
+        code, _, err = invoke(w.command(template))
+        assert code == 0, err[-3000:]
+        assert not CHATTER.search(err), err[-3000:]
+        check(w)
+
+    return after
+
+
+def good_teacher(w: Work):
+    w.vars["teacher"] = w.shared["teacher"]
+
+
+def restore_image(w: Work):
+    name = Path(w.vars["damaged_image"]).relative_to(w.vars["images"])
+    shutil.copyfile(Path(w.shared["images"]) / name, w.vars["damaged_image"])
+
+
+def image_store_sound(w: Work):
+    cache = LogitCache.open(w.out)
+    cache.check_complete()
+    assert cache.damage() == [] and read_holder(w.objects()) is None
+
+
+def inspect_clean(w: Work):
+    code, out, err = invoke(["inspect", "--json", w.out])
+    assert code == 0 and json.loads(out)["damaged"] == [], err
+
+
+def inspect_names_damage(w: Work):
+    code, out, err = invoke(["inspect", "--json", w.out])
+    assert code == 1, err
+    assert_one_error_line(err, rf"is damaged: .*\({re.escape(w.vars['damaged'])}\).*re-run cache-teacher with the same command")
+    assert any(w.vars["damaged"] in line for line in json.loads(out)["damaged"])
+
+
+def then(*checks):
+    def after(w: Work):
+        for check in checks:
+            check(w)
+
+    return after
+
+
+def no_run_folder(w: Work):
+    assert not os.path.exists(w.vars["run"])
+
+
+def holder_kept(w: Work):
+    unchanged(w)
+    assert read_holder(w.objects()) is not None
+
+
+def broken_by_us(w: Work):
+    complete_and_unlocked(w)
+
+
+# ---- the disk-full fixture -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tmpfs(tmp_path_factory):
+    """A 2 MB tmpfs to fill up; skipped where this user cannot mount one."""
+    path = tmp_path_factory.mktemp("faults-store-tmpfs") / "disk"
+    path.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("cannot mount a tmpfs here (needs root): disk-full cases skipped")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    yield path
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def full_disk(leave: int):
+    """--out on the tmpfs, filled so that ``leave`` bytes stay free."""
+
+    def setup(w: Work):
+        disk = w.request.getfixturevalue("tmpfs")
+        for p in disk.iterdir():
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        st = os.statvfs(disk)
+        with open(disk / "filler", "wb") as f:
+            f.write(b"\0" * max(0, st.f_bavail * st.f_frsize - leave))
+        w.vars["out"] = str(disk / "s.zarr")
+        w.vars["filler"] = str(disk / "filler")
+
+    return setup
+
+
+def free_disk(w: Work):
+    os.remove(w.vars["filler"])
+
+
+def units_kept(w: Work):
+    done = LogitCache.open(w.out).done_mask()
+    assert 0 < done.sum() < done.size, done  # some units written, kept for the resume
+    assert read_holder(w.objects()) is None
+
+
+# ---- the table -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    id: str
+    command: str
+    setup: Callable[[Work], None] | None = None
+    code: int = 2
+    error: str | None = None  # the one stderr line (regex); None: success
+    only_line: bool = True  # False: log lines may come before the error line
+    after: Callable[[Work], None] | None = None
+    slow: bool = False
+
+
+CASES = [
+    # one writer per store: the lock, its holder and the stale-lock rule
+    Case("lock-held-by-live-process", CACHE, plant_lock(live_pid), error=HELD + r".*\(dhkd-pipe cache-teacher \.\.\.\); wait for it to finish or stop it \(kill \d+\)",
+         after=holder_kept),
+    Case("lock-held-on-empty-location", CACHE, plant_lock(live_pid, store=False), error=HELD, after=holder_kept),
+    Case("overwrite-refused-while-held", CACHE + " --overwrite", plant_lock(live_pid), error=HELD, after=holder_kept),
+    Case("lock-held-on-another-host", CACHE, plant_lock(other_host),
+         error=HELD + r"node-7\.cluster\.example, .*if it is no longer running, run again with --break-lock", after=holder_kept),
+    Case("break-lock-of-another-host", CACHE + " --break-lock", plant_lock(other_host), code=0, after=complete_and_unlocked),
+    Case("break-lock-refuses-a-live-local-holder", CACHE + " --break-lock", plant_lock(live_pid), error=HELD, after=holder_kept),
+    Case("stale-lock-dead-pid", CACHE, plant_lock(dead_pid), code=0, after=complete_and_unlocked),
+    Case("stale-lock-zombie", CACHE, plant_lock(zombie_pid), code=0, after=complete_and_unlocked),
+    Case("stale-lock-reused-pid", CACHE, plant_lock(reused_pid), code=0, after=complete_and_unlocked),
+    Case("garbled-old-lock", CACHE, plant_lock(raw=b"\x00garbage", age=60), code=0, after=complete_and_unlocked),
+    Case("memory-lock-held", CACHE, several(memory_store, plant_lock(live_pid)), error=HELD, after=holder_kept),
+    Case("memory-stale-lock", CACHE, several(memory_store, plant_lock(dead_pid)), code=0, after=complete_and_unlocked),
+    # --overwrite replaces only a logit store
+    Case("overwrite-a-file", CACHE + " --overwrite", user_file, error=r"is a file, not a logit store; .*never a file", after=unchanged),
+    Case("out-is-a-file", CACHE, user_file, error=r"is a file, not a logit store; choose another path$", after=unchanged),
+    Case("overwrite-a-user-folder", CACHE + " --overwrite", user_folder, error=r"exists and is not a logit store; refusing to delete it",
+         after=unchanged),
+    Case("overwrite-another-zarr-store", CACHE + " --overwrite", foreign_zarr,
+         error=r"holds a Zarr store that is not a logit store; refusing to delete it", after=unchanged),
+    # nothing half-written: inputs checked before the store exists, a failed store removed
+    Case("nan-teacher-weights", CACHE, teacher_file(nan=True), error=r"not finite", after=then(no_store, rerun(good_teacher))),
+    Case("teacher-logits-overflow", CACHE, teacher_file(huge=True), error=r"teacher logits are not finite \(infinite in row \d+ of the first batch\)",
+         after=then(no_store, rerun(good_teacher))),
+    Case("fp16-range-exceeded", CACHE, teacher_file(scale=1e5), error=r"exceed the fp16 range .*use --codec bf16 or fp32",
+         after=then(no_store, rerun(good_teacher))),
+    Case("nan-teacher-on-memory", CACHE, several(memory_store, teacher_file(nan=True)), error=r"not finite",
+         after=then(no_store, rerun(good_teacher))),
+    Case("empty-store-of-a-failed-run", CACHE, empty_store_of_another_command, code=0, after=complete_and_unlocked),
+    Case("zero-byte-image", IMAGES, image_folder("empty"), error=r"cannot read image header of \S+2\.JPEG",
+         after=then(no_store, rerun(restore_image, IMAGES, image_store_sound)), slow=True),
+    Case("truncated-image", IMAGES, image_folder("truncated"), error=r"2\.JPEG",
+         after=then(no_store, rerun(restore_image, IMAGES, image_store_sound)), slow=True),
+    # damage is found and repaired
+    Case("inspect-deleted-chunk", "inspect {out}", damage_unit("logits", "delete"), code=1,
+         error=r"is damaged: logits epoch 1 chunk 2 \(logits/c/1/2/0\): missing; re-run cache-teacher with the same command to rewrite it: dhkd-pipe cache-teacher ",
+         after=then(rerun(), inspect_clean)),
+    Case("inspect-flipped-bit", "inspect {out}", damage_unit("logits", "flip"), code=1, error=r"logits epoch 1 chunk 2 \(\S+\): checksum mismatch",
+         after=then(rerun(), inspect_clean)),
+    Case("inspect-quick-truncated", "inspect --quick {out}", damage_unit("views", "empty"), code=1, error=r"views epoch 1 chunk 2 \(\S+\): truncated",
+         after=then(inspect_names_damage, rerun(), inspect_clean)),
+    Case("repair-deleted-chunk", CACHE, damage_unit("order", "delete", epoch=0, chunk=3), code=0, after=then(complete_and_unlocked, inspect_clean)),
+    Case("repair-flipped-bit", CACHE, damage_unit("logits", "flip"), code=0, after=then(complete_and_unlocked, inspect_clean)),
+    Case("repair-truncated-chunk", CACHE, damage_unit("views", "truncate", epoch=0, chunk=0), code=0, after=complete_and_unlocked),
+    Case("repair-done-flags", CACHE, damage_unit("done", "flip"), code=0, after=complete_and_unlocked),
+    Case("repair-labels", CACHE, damage_unit("labels", "flip"), code=0, after=complete_and_unlocked),
+    Case("repair-on-memory", CACHE, several(memory_store, damage_unit("logits", "flip", epoch=0, chunk=1)), code=0,
+         after=complete_and_unlocked),
+    Case("distill-deleted-chunk", DISTILL, damage_unit("logits", "delete"),
+         error=r"store \S+ is damaged: logits epoch 1 chunk 2 \(logits/c/1/2/0\): missing; re-run cache-teacher with the same command",
+         after=then(no_run_folder, rerun())),
+    Case("distill-truncated-chunk", DISTILL, damage_unit("views", "empty", epoch=0, chunk=0), error=r"views epoch 0 chunk 0 .*truncated",
+         after=no_run_folder),
+    Case("distill-flipped-bit", DISTILL, damage_unit("logits", "flip", epoch=0, chunk=0), only_line=False,
+         error=r"logits epoch 0 chunk 0 is damaged \(checksum mismatch\); re-run cache-teacher with the same command"),
+    # the disk fills up during stage 1
+    Case("disk-full-before-first-unit", CACHE, full_disk(12 << 10), only_line=False, error=r"No space left on device \(ENOSPC\)",
+         after=then(no_store, rerun(free_disk))),
+    Case("disk-full-mid-store", CACHE, full_disk(96 << 10), only_line=False, error=r"No space left on device \(ENOSPC\)",
+         after=then(units_kept, rerun(free_disk))),
+    # the same on S3 (a moto server): conditional PUTs make the lock
+    Case("s3-lock-held", CACHE, several(s3_store, plant_lock(live_pid)), error=HELD + r".*kill \d+\)$", after=holder_kept, slow=True),
+    Case("s3-lock-of-another-host", CACHE, several(s3_store, plant_lock(other_host)), error=HELD + r".*--break-lock$",
+         after=then(holder_kept, rerun(template=CACHE + " --break-lock")), slow=True),
+    Case("s3-stale-lock", CACHE, several(s3_store, plant_lock(dead_pid)), code=0, after=complete_and_unlocked, slow=True),
+    Case("s3-nan-teacher", CACHE, several(s3_store, teacher_file(nan=True)), error=r"not finite", after=then(no_store, rerun(good_teacher)),
+         slow=True),
+    Case("s3-repair-flipped-bit", CACHE, several(s3_store, damage_unit("logits", "flip")), code=0, after=complete_and_unlocked, slow=True),
+    Case("s3-distill-deleted-chunk", DISTILL, several(s3_store, damage_unit("order", "delete", epoch=0, chunk=1)),
+         error=r"is damaged: order epoch 0 chunk 1 \(order/c/0/1\): missing; re-run cache-teacher", after=no_run_folder, slow=True),
+]
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=[pytest.mark.slow] if c.slow else []) for c in CASES])
+def test_fault(case: Case, shared, tmp_path, request):
+    w = Work(tmp_path, shared, request)
+    try:
+        if case.setup is not None:
+            case.setup(w)
+        code, _, err = invoke(w.command(case.command))
+        assert code == case.code, err[-3000:]
+        if case.error is not None:
+            assert_one_error_line(err, case.error, case.only_line)
+        else:
+            assert not CHATTER.search(err), err[-3000:]
+        assert_no_partial_writes(w.out)
+        if case.after is not None:
+            case.after(w)
+            assert_no_partial_writes(w.out)
+    finally:
+        for undo in reversed(w.cleanup):
+            undo()
+
+
+def test_the_matrix_is_large_enough():
+    assert len(CASES) >= 20
+
+
+def test_inspect_names_the_writer(shared, tmp_path, request):
+    w = Work(tmp_path, shared, request)
+    try:
+        plant_lock(live_pid)(w)
+        code, out, err = invoke(["inspect", "--json", w.out])
+        assert code == 0, err
+        writer = json.loads(out)["writer"]
+        assert re.match(rf"pid \d+ on {re.escape(HOST)}, started .*\(dhkd-pipe cache-teacher \.\.\.\)$", writer), writer
+    finally:
+        for undo in reversed(w.cleanup):
+            undo()
+
+
+# ---- the lock itself: races, release ----------------------------------------------------------------
+
+
+def _race(location: str, n: int = 6) -> tuple[list, list]:
+    """``n`` threads take the lock of ``location`` at once: (locks taken, errors)."""
+    import threading
+
+    objects = StoreObjects(open_store(location, read_only=False), location)
+    start, taken, refused = threading.Barrier(n), [], []
+
+    def take():
+        start.wait()
+        try:
+            taken.append(StoreLock.acquire(objects, "racer"))
+        except Exception as e:  # noqa: BLE001 (collected and asserted)
+            refused.append(e)
+
+    threads = [threading.Thread(target=take) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return taken, refused
+
+
+def _assert_one_winner(location: str, stale: dict | None = None):
+    if stale is not None:
+        StoreObjects(open_store(location, read_only=False), location).write(LOCK_KEY, json.dumps(stale).encode())
+    taken, refused = _race(location)
+    assert len(taken) == 1, (taken, refused)
+    assert all(re.match(HELD, str(e)) for e in refused), refused
+    objects = StoreObjects(open_store(location), location)
+    assert read_holder(objects)["token"] == taken[0].holder["token"]
+    taken[0].release()
+    assert not objects.exists(LOCK_KEY)
+
+
+def test_one_of_racing_takers_wins_on_disk(tmp_path):
+    _assert_one_winner(str(tmp_path / "s.zarr"))
+
+
+def test_one_of_racing_takers_of_a_stale_lock_wins_on_disk(tmp_path):
+    _assert_one_winner(str(tmp_path / "s.zarr"), stale=dead_pid(None))
+
+
+@pytest.mark.slow
+def test_one_of_racing_takers_wins_on_s3(s3):
+    location = f"s3://{BUCKET}/race-{uuid.uuid4().hex[:8]}/s.zarr"
+    _assert_one_winner(location)  # If-None-Match: *
+    _assert_one_winner(location, stale=dead_pid(None))  # If-Match: the stale lock's ETag
+
+
+def test_a_lock_broken_by_another_is_left_to_it(tmp_path):
+    """Release removes only this holder's lock: one that another process took over is theirs."""
+    location = str(tmp_path / "s.zarr")
+    objects = StoreObjects(open_store(location, read_only=False), location)
+    lock = StoreLock.acquire(objects, "first")
+    other = {"host": "node-7.cluster.example", "pid": 1, "started": time.time(), "token": "theirs"}
+    os.remove(os.path.join(location, LOCK_KEY))  # as --break-lock elsewhere would replace it
+    objects.write(LOCK_KEY, json.dumps(other).encode())
+    lock.release()
+    assert read_holder(objects)["token"] == "theirs"
+
+
+def test_the_lock_is_released_on_an_interrupt(shared, tmp_path, monkeypatch):
+    """The lock is held while units are written; a KeyboardInterrupt in the middle of stage 1
+    releases it and keeps the units written, and the re-run completes the store."""
+    from dhkd_pipe.config import CacheConfig
+    from dhkd_pipe.stages import cache_teacher as stage
+
+    out = tmp_path / "s.zarr"
+    calls = []
+    real = LogitCache.write_unit
+
+    def write_then_stop(self, *a, **k):
+        holder = read_holder(self.objects)  # held, by this process, while the units are written
+        assert holder is not None and holder["pid"] == os.getpid(), holder
+        real(self, *a, **k)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(LogitCache, "write_unit", write_then_stop)
+    cfg = CacheConfig(data="digits@256", model="resnet8", weights=str(shared["teacher"]), views=2, chunk_rows=64, batch_size=64,
+                      out=str(out)).validate()
+    with pytest.raises(KeyboardInterrupt):
+        stage.cache_teacher(cfg, log=lambda *a: None)
+    objects = StoreObjects(open_store(str(out)), str(out))
+    assert not objects.exists(LOCK_KEY)
+    assert LogitCache.open(str(out)).done_mask().sum() == 2
+    monkeypatch.undo()
+    stage.cache_teacher(cfg, log=lambda *a: None)
+    same_as_reference(str(out), str(shared["reference"]))
+
+
+# ---- real processes -----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_cache_teacher_runs_on_one_store(shared, tmp_path):
+    """Two processes started together on one --out: one writes the store, the other exits 2 with the
+    lock's line naming the first; the store is whole and unlocked afterwards."""
+    out = tmp_path / "s.zarr"
+    args = [BIN, *shlex.split(CACHE.format(teacher=shared["teacher"], out=out))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    for p in procs:
+        p.stdout.close(), p.stderr.close()
+    codes = sorted(code for code, _ in results)
+    refused = [err for code, err in results if code == 2]
+    if codes == [0, 0]:  # the first had finished before the second looked: the second found the store whole
+        pytest.skip("the two runs did not overlap on this machine")
+    assert codes == [0, 2], results
+    assert_one_error_line(refused[0], HELD + r".*cache-teacher")
+    same_as_reference(str(out), str(shared["reference"]))
+    assert not (out / LOCK_KEY).exists()
+
+
+@pytest.mark.slow
+def test_a_second_run_while_one_writes(shared, tmp_path):
+    """While a cache-teacher process writes the store, a second run (here, in this process) is
+    refused at once; the first completes."""
+    out = tmp_path / "s.zarr"
+    args = [BIN, *shlex.split(CACHE.replace("digits@256", "digits").replace("--views 2", "--views 6").format(teacher=shared["teacher"], out=out))]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if (out / "done").exists() and (out / LOCK_KEY).exists():
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read()
+        code, _, err = invoke(shlex.split(CACHE.format(teacher=shared["teacher"], out=out)) + ["--overwrite"])
+        assert code == 2
+        assert_one_error_line(err, rf"is being written by another process: pid {proc.pid} on {re.escape(HOST)}, .*\(kill {proc.pid}\)$")
+        assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    cache = LogitCache.open(str(out))
+    cache.check_complete()
+    assert cache.damage() == [] and not (out / LOCK_KEY).exists()
+
+
+@pytest.mark.slow
+def test_two_ranks_write_one_store_under_one_lock(shared, tmp_path):
+    """accelerate launch: rank 0 takes the lock for the run, both ranks write; the store is the
+    one-process store and the lock is gone."""
+    out = tmp_path / "s.zarr"
+    cmd = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dhkd_pipe.cli",
+           *shlex.split(CACHE.format(teacher=shared["teacher"], out=out))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    same_as_reference(str(out), str(shared["reference"]))
+    assert not (out / LOCK_KEY).exists()
