@@ -778,10 +778,11 @@ class LogitCache:
 
     def _writer(self) -> str | None:
         """Who holds the store's lock (a cache-teacher run writing it), in words."""
-        from .store_lock import describe, read_holder
+        from .processes import describe_holder
+        from .store_lock import read_holder
 
         holder = read_holder(self._objects)
-        return None if holder is None else describe(holder)
+        return None if holder is None else describe_holder(holder)
 
     def __repr__(self):
         return f"LogitCache({self._path!r}, {self._epochs}x{self._num_samples}x{self._num_classes}, {self._codec})"

@@ -1,10 +1,15 @@
-"""Whether a process id is alive, for the stale-lock rule (``run_folder``) and for the shared-memory
-folders a killed process leaves (``dali_views``). Linux's /proc also tells zombies and start times;
-elsewhere only ``kill(pid, 0)`` is asked."""
+"""Whether a process id is alive, for the stale-lock rule of run folders (``run_folder``) and of
+logit stores (``store_lock``), and for the shared-memory folders a killed process leaves
+(``dali_views``). Linux's /proc also tells zombies and start times; elsewhere only ``kill(pid, 0)``
+is asked."""
 
 from __future__ import annotations
 
 import os
+import socket
+import time
+
+HOST = socket.gethostname()
 
 
 def process_stat(pid: int) -> tuple[str, float] | None:
@@ -25,7 +30,7 @@ def pid_alive(pid: int, started_before: float | None = None) -> bool:
     started after that time, i.e. the pid was reused; True otherwise, including when unsure."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # (a pid beyond the kernel's range never ran)
         return False
     except PermissionError:
         pass
@@ -36,3 +41,20 @@ def pid_alive(pid: int, started_before: float | None = None) -> bool:
     if state in ("Z", "X"):
         return False
     return started_before is None or started <= started_before + 1
+
+
+def holder_alive(holder: dict) -> bool:
+    """Whether the holder a lock names (``{"host", "pid", "started"}``) may still run: False only
+    when we can tell, i.e. it ran on this host and its pid is dead, a zombie, or reused since."""
+    if holder.get("host") != HOST:
+        return True
+    started = holder.get("started")
+    return pid_alive(int(holder["pid"]), started if isinstance(started, (int, float)) else None)
+
+
+def describe_holder(holder: dict) -> str:
+    """``pid 123 on host-a, started 2026-01-02 03:04:05 (the command)``."""
+    started = holder.get("started")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if isinstance(started, (int, float)) else "?"
+    what = f" ({holder['command']})" if holder.get("command") else ""
+    return f"pid {holder['pid']} on {holder.get('host')}, started {when}{what}"

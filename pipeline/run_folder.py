@@ -19,14 +19,13 @@ import json
 import math
 import os
 import shutil
-import socket
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 from .errors import DhkdError, io_error
 from .exported import EXPORTED, EXPORTED_SAFETENSORS
-from .processes import pid_alive
+from .processes import HOST, describe_holder, holder_alive
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -274,9 +273,6 @@ def _remove_empty(folder: str):
         pass
 
 
-HOST = socket.gethostname()
-
-
 class RunLock:
     """``run.lock``: one process trains in a run folder at a time.
 
@@ -395,7 +391,7 @@ def _take_over(path: str) -> int | None:
                 os.close(fd)
                 return None  # its creator is about to write it
             return fd  # an empty or garbled lock whose writer is gone
-        if _holder_alive(holder):
+        if holder_alive(holder):
             raise _held_error(path, holder)
         return fd
     except FileNotFoundError:
@@ -417,26 +413,14 @@ def check_not_held(folder: str):
         holder = _read_holder(fd)
     finally:
         os.close(fd)
-    if holder is not None and not (holder.get("host") == HOST and holder["pid"] == os.getpid()) and _holder_alive(holder):
+    if holder is not None and not (holder.get("host") == HOST and holder["pid"] == os.getpid()) and holder_alive(holder):
         raise _held_error(path, holder)
 
 
-def _holder_alive(holder: dict) -> bool:
-    """False only when we can tell: same host and the pid is dead, a zombie, or reused since."""
-    if holder.get("host") != HOST:
-        return True
-    started = holder.get("started")
-    return pid_alive(holder["pid"], started if isinstance(started, (int, float)) else None)
-
-
 def _held_error(path: str, holder: dict) -> DhkdError:
-    started = holder.get("started")
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if isinstance(started, (int, float)) else "?"
     folder = os.path.dirname(path)
-    what = f" ({holder['command']})" if holder.get("command") else ""
     if holder.get("host") == HOST:
         how = f"wait for it to finish or stop it (kill {holder['pid']})"
     else:
         how = f"wait for it to finish; if it is gone, remove {path}"
-    return DhkdError(f"{folder} is in use by another run: pid {holder['pid']} on {holder.get('host')}, "
-                     f"started {when}{what}; {how}")
+    return DhkdError(f"{folder} is in use by another run: {describe_holder(holder)}; {how}")

@@ -28,60 +28,18 @@ from __future__ import annotations
 import errno
 import json
 import os
-import socket
 import time
 import uuid
 
 from .errors import DhkdError
+from .processes import HOST, describe_holder, holder_alive
 from .store import StoreObjects, one_line
 
 LOCK_KEY = ".lock"
-HOST = socket.gethostname()
 BREAK_LOCK = "--break-lock"  # the cache-teacher option that takes over a lock judged alive
 
 
 # ---- who holds it ---------------------------------------------------------------------------------
-
-
-def _process_stat(pid: int) -> tuple[str, float] | None:
-    """(state letter, start time as a Unix time) from Linux's /proc, or None where unknown."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        state, ticks = fields[0], int(fields[19])
-        with open("/proc/stat") as f:
-            boot = next(float(line.split()[1]) for line in f if line.startswith("btime"))
-        return state, boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return None
-
-
-def pid_alive(pid: int, started_before: float | None = None) -> bool:
-    """False when ``pid`` is dead, a zombie, or (given ``started_before``) a process started after
-    that Unix time, i.e. the pid was reused; True otherwise, including when unsure."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    except OverflowError:
-        return False
-    stat = _process_stat(pid)
-    if stat is None:
-        return True
-    state, started = stat
-    if state in ("Z", "X"):
-        return False
-    return started_before is None or started <= started_before + 1
-
-
-def holder_alive(holder: dict) -> bool:
-    """False only when we can tell: the holder ran on this host and its process is gone."""
-    if holder.get("host") != HOST:
-        return True
-    started = holder.get("started")
-    return pid_alive(int(holder["pid"]), started if isinstance(started, (int, float)) else None)
 
 
 def parse_holder(data: bytes | None) -> dict | None:
@@ -95,20 +53,12 @@ def parse_holder(data: bytes | None) -> dict | None:
     return None
 
 
-def describe(holder: dict) -> str:
-    """``pid 123 on host-a, started 2026-01-02 03:04:05 (dhkd-pipe cache-teacher ...)``."""
-    started = holder.get("started")
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if isinstance(started, (int, float)) else "at an unknown time"
-    what = f" ({holder['command']})" if holder.get("command") else ""
-    return f"pid {holder['pid']} on {holder.get('host')}, started {when}{what}"
-
-
 def _held_error(location: str, holder: dict) -> DhkdError:
     if holder.get("host") == HOST:
         how = f"wait for it to finish or stop it (kill {holder['pid']})"
     else:
         how = f"wait for it to finish; if it is no longer running, run again with {BREAK_LOCK}"
-    return DhkdError(f"store {location} is being written by another process: {describe(holder)}; {how}")
+    return DhkdError(f"store {location} is being written by another process: {describe_holder(holder)}; {how}")
 
 
 def read_holder(objects: StoreObjects) -> dict | None:

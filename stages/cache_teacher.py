@@ -26,7 +26,7 @@ from dhkd_pipe.console import log_line
 from dhkd_pipe.data import Dataset, Renderer, absolute_spec, load_data, load_store_data
 from dhkd_pipe.engine import evaluate, make_accelerator, memory_format
 from dhkd_pipe.errors import DhkdError
-from dhkd_pipe.models import create_model, load_checkpoint, resolve_weights
+from dhkd_pipe.models import check_finite_weights, check_input_size, create_model, load_checkpoint, resolve_weights
 from dhkd_pipe.store import StoreObjects, open_store
 from dhkd_pipe.store_lock import LOCK_KEY, StoreLock
 from dhkd_pipe.views import ViewPlan, describe_preprocessing, with_preprocessing
@@ -96,7 +96,9 @@ def cache_teacher(cfg: CacheConfig, log=log_line, break_lock: bool = False) -> d
     with acc.main_process_first():  # one process fetches published weights, the others find them cached
         source = resolve_weights(cfg.model, cfg.weights)
     plan, preprocessing = teacher_plan(data.default_plan(seed=cfg.seed), source, data.kind, cfg.resolution)
+    check_input_size(cfg.model, plan.resolution, data.num_classes, "teacher")
     teacher = _teacher(source, data.num_classes, acc.device)
+    check_finite_weights(teacher, source.label)
     fmt = memory_format(cfg)
     teacher.to(memory_format=fmt)
     if cfg.compile:  # the views' shapes are fixed: one graph for full batches, one for the last

@@ -41,9 +41,9 @@ from dhkd_pipe.store import StoreObjects, is_url, open_store
 from dhkd_pipe.store_lock import LOCK_KEY, StoreLock, read_holder
 
 from conftest import S3_BUCKET as BUCKET  # the moto server is the session fixture ``s3``
+from test_faults import CHATTER, assert_one_error_line, dead_pid, live_pid, other_host, zombie_pid  # the run side's matrix helpers
 
 BIN = os.path.join(os.path.dirname(sys.executable), "dhkd-pipe")
-CHATTER = re.compile(r"Traceback|^\s+File \"", re.M)
 HOST = socket.gethostname()
 
 CACHE = "cache-teacher --model resnet8 --weights {teacher} --data digits@256 --views 2 --chunk-rows 64 --batch-size 64 --out {out}"
@@ -153,17 +153,6 @@ def copy_store(src: str, dst: str):
         target.write(key, data)
 
 
-def assert_one_error_line(err: str, pattern: str, only_line: bool = True):
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert lines, "nothing on stderr"
-    assert not CHATTER.search(err), err[-3000:]
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and errors[0] == lines[-1], err[-3000:]
-    if only_line:
-        assert len(lines) == 1, err[-3000:]
-    assert re.search(pattern, lines[-1]), f"{pattern!r} not in {lines[-1]!r}"
-
-
 def assert_no_partial_writes(location: str):
     if is_url(location) or not os.path.isdir(location):
         return
@@ -187,35 +176,9 @@ def s3_store(w: Work):
     w.vars["out"] = f"s3://{BUCKET}/faults-{uuid.uuid4().hex[:8]}/s.zarr"
 
 
-def live_pid(w: Work) -> dict:
-    proc = subprocess.Popen(["sleep", "120"])
-    w.cleanup.append(lambda: (proc.kill(), proc.wait()))
-    return {"host": HOST, "pid": proc.pid, "started": time.time() + 1, "command": "dhkd-pipe cache-teacher ..."}
-
-
-def dead_pid(w: Work) -> dict:
-    proc = subprocess.Popen(["true"])
-    proc.wait()
-    return {"host": HOST, "pid": proc.pid, "started": time.time() - 5, "command": "a killed cache-teacher"}
-
-
-def zombie_pid(w: Work) -> dict:
-    proc = subprocess.Popen(["true"])  # not waited for: a zombie until the case ends
-    for _ in range(200):
-        if open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
-            break
-        time.sleep(0.01)
-    w.cleanup.append(proc.wait)
-    return {"host": HOST, "pid": proc.pid, "started": time.time() - 5, "command": "a killed cache-teacher"}
-
-
 def reused_pid(w: Work) -> dict:
     holder = live_pid(w)  # alive, but started after the lock was taken: not the lock's process
     return {**holder, "started": time.time() - 3600}
-
-
-def other_host(w: Work) -> dict:
-    return {"host": "node-7.cluster.example", "pid": 4242, "started": time.time() - 60, "command": "dhkd-pipe cache-teacher ..."}
 
 
 def plant_lock(holder: Callable | None = None, raw: bytes | None = None, age: float = 0.0, store: bool = True):
@@ -463,12 +426,12 @@ class Case:
 
 CASES = [
     # one writer per store: the lock, its holder and the stale-lock rule
-    Case("lock-held-by-live-process", CACHE, plant_lock(live_pid), error=HELD + r".*\(dhkd-pipe cache-teacher \.\.\.\); wait for it to finish or stop it \(kill \d+\)",
+    Case("lock-held-by-live-process", CACHE, plant_lock(live_pid), error=HELD + r".*\(dhkd-pipe distill \.\.\.\); wait for it to finish or stop it \(kill \d+\)",
          after=holder_kept),
     Case("lock-held-on-empty-location", CACHE, plant_lock(live_pid, store=False), error=HELD, after=holder_kept),
     Case("overwrite-refused-while-held", CACHE + " --overwrite", plant_lock(live_pid), error=HELD, after=holder_kept),
     Case("lock-held-on-another-host", CACHE, plant_lock(other_host),
-         error=HELD + r"node-7\.cluster\.example, .*if it is no longer running, run again with --break-lock", after=holder_kept),
+         error=HELD + r"elsewhere\.example, .*if it is no longer running, run again with --break-lock", after=holder_kept),
     Case("break-lock-of-another-host", CACHE + " --break-lock", plant_lock(other_host), code=0, after=complete_and_unlocked),
     Case("break-lock-refuses-a-live-local-holder", CACHE + " --break-lock", plant_lock(live_pid), error=HELD, after=holder_kept),
     Case("stale-lock-dead-pid", CACHE, plant_lock(dead_pid), code=0, after=complete_and_unlocked),
@@ -485,13 +448,17 @@ CASES = [
     Case("overwrite-another-zarr-store", CACHE + " --overwrite", foreign_zarr,
          error=r"holds a Zarr store that is not a logit store; refusing to delete it", after=unchanged),
     # nothing half-written: inputs checked before the store exists, a failed store removed
-    Case("nan-teacher-weights", CACHE, teacher_file(nan=True), error=r"not finite", after=then(no_store, rerun(good_teacher))),
+    Case("nan-teacher-weights", CACHE, teacher_file(nan=True), error=r"the weights in \S+bad-teacher\.pt are not finite",
+         after=then(no_store, rerun(good_teacher))),
     Case("teacher-logits-overflow", CACHE, teacher_file(huge=True), error=r"teacher logits are not finite \(infinite in row \d+ of the first batch\)",
          after=then(no_store, rerun(good_teacher))),
     Case("fp16-range-exceeded", CACHE, teacher_file(scale=1e5), error=r"exceed the fp16 range .*use --codec bf16 or fp32",
          after=then(no_store, rerun(good_teacher))),
     Case("nan-teacher-on-memory", CACHE, several(memory_store, teacher_file(nan=True)), error=r"not finite",
          after=then(no_store, rerun(good_teacher))),
+    Case("teacher-cannot-take-the-images", IMAGES.replace(" --resolution 32", ""), code=2,
+         error=r"the teacher resnet8 is built for 32x32 inputs and cannot take the data's 224x224 images; pass --resolution 32",
+         after=no_store),
     Case("empty-store-of-a-failed-run", CACHE, empty_store_of_another_command, code=0, after=complete_and_unlocked),
     Case("zero-byte-image", IMAGES, image_folder("empty"), error=r"cannot read image header of \S+2\.JPEG",
          after=then(no_store, rerun(restore_image, IMAGES, image_store_sound)), slow=True),
@@ -569,7 +536,7 @@ def test_inspect_names_the_writer(shared, tmp_path, request):
         code, out, err = invoke(["inspect", "--json", w.out])
         assert code == 0, err
         writer = json.loads(out)["writer"]
-        assert re.match(rf"pid \d+ on {re.escape(HOST)}, started .*\(dhkd-pipe cache-teacher \.\.\.\)$", writer), writer
+        assert re.match(rf"pid \d+ on {re.escape(HOST)}, started .*\(dhkd-pipe distill \.\.\.\)$", writer), writer
     finally:
         for undo in reversed(w.cleanup):
             undo()
