@@ -722,6 +722,17 @@ class LogitCache:
                 done[e, chunks[0] : chunks[-1] + 1] = self._read("done", (e, slice(chunks[0], chunks[-1] + 1)), e, chunks[0])
         return done
 
+    def remove_leftovers(self) -> list[str]:
+        """Deletes what writers killed mid-write leave in a local store (Zarr's ``*.partial`` temp
+        files, the lock's ``.lock.*.tmp``; object storage writes whole objects and leaves none);
+        only while holding the store's lock, when no writer can be running. Returns their keys."""
+        if not self.is_local:
+            return []
+        keys = [k for k in self._objects.list() if k.endswith(".partial") or (k.startswith(LOCK_KEY + ".") and k.endswith(".tmp"))]
+        for key in keys:
+            self._objects.delete(key)
+        return keys
+
     def repair(self, labels=None) -> list[str]:
         """Before a resume: finds what is damaged (every object of the units marked done read and
         checked, see :meth:`damage`) and undoes it, so the resume rewrites it: a damaged unit's

@@ -167,6 +167,7 @@ def _cache(cfg, log, acc, data, plan, renderer, teacher, fmt, source, preprocess
             cache.update_attrs(data_spec=data_spec)
         if cache.attrs.get("command_line") != attrs["command_line"]:
             cache.update_attrs(command_line=attrs["command_line"])
+        cache.remove_leftovers()
         written = len(cache.objects.list("done/c/"))  # the flags objects of the units written (the mask may be damaged)
         if written:
             log(f"verifying the {written} write units already written (presence and checksums)")

@@ -268,6 +268,13 @@ def damage_unit(array: str, how: str, epoch: int = 1, chunk: int = 2):
     return setup
 
 
+def killed_writers_leftovers(w: Work):
+    """A copy of the reference with what writers killed mid-write leave on disk."""
+    reference_copy(w)
+    (Path(w.out) / "logits" / "c" / "1" / "0" / "0.5f3a9c.partial").write_bytes(b"half a chunk")
+    (Path(w.out) / ".lock.9e1b.tmp").write_bytes(b'{"host": ')
+
+
 def several(*setups):
     def setup(w: Work):
         for s in setups:
@@ -472,6 +479,7 @@ CASES = [
          after=then(rerun(), inspect_clean)),
     Case("inspect-quick-truncated", "inspect --quick {out}", damage_unit("views", "empty"), code=1, error=r"views epoch 1 chunk 2 \(\S+\): truncated",
          after=then(inspect_names_damage, rerun(), inspect_clean)),
+    Case("leftovers-of-killed-writers-removed", CACHE, killed_writers_leftovers, code=0, after=complete_and_unlocked),
     Case("repair-deleted-chunk", CACHE, damage_unit("order", "delete", epoch=0, chunk=3), code=0, after=then(complete_and_unlocked, inspect_clean)),
     Case("repair-flipped-bit", CACHE, damage_unit("logits", "flip"), code=0, after=then(complete_and_unlocked, inspect_clean)),
     Case("repair-truncated-chunk", CACHE, damage_unit("views", "truncate", epoch=0, chunk=0), code=0, after=complete_and_unlocked),
