@@ -698,6 +698,44 @@ def test_a_second_run_while_one_writes(shared, tmp_path):
 
 
 @pytest.mark.slow
+def test_sigterm_mid_store_releases_the_lock_and_keeps_the_units(shared, tmp_path):
+    """SIGTERM while units are being written: one line, exit 143, the lock gone, the units written
+    kept (done flags after data), and the re-run completes the store."""
+    import signal
+
+    out = tmp_path / "s.zarr"
+    command = CACHE.replace("digits@256", "digits").replace("--views 2", "--views 6").format(teacher=shared["teacher"], out=out)
+    proc = subprocess.Popen([BIN, *shlex.split(command)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if (out / "done" / "c").exists() and any((out / "done" / "c").rglob("*")):
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.stderr.read()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=120)
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    assert code == 128 + signal.SIGTERM, err
+    assert_one_error_line(err, r"^interrupted by SIGTERM", only_line=False)
+    assert not (out / LOCK_KEY).exists()
+    done = LogitCache.open(str(out)).done_mask()
+    assert 0 < done.sum() < done.size
+    assert_no_partial_writes(str(out))
+    code, _, err = invoke(shlex.split(command))
+    assert code == 0, err
+    cache = LogitCache.open(str(out))
+    cache.check_complete()
+    assert cache.damage() == []
+
+
+@pytest.mark.slow
 def test_two_ranks_write_one_store_under_one_lock(shared, tmp_path):
     """accelerate launch: rank 0 takes the lock for the run, both ranks write; the store is the
     one-process store and the lock is gone."""
