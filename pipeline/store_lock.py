@@ -12,9 +12,10 @@ Taking it is a create-if-absent, atomic where the storage has one:
   while the holder lives;
 - S3: a conditional PUT (``If-None-Match: *``, s3fs's ``mode="create"``); AWS S3, MinIO and moto
   refuse the second writer with 412;
-- other fsspec stores: fsspec's ``mode="create"`` (gcsfs: a generation-0 precondition; in-memory:
-  exclusive open); a backend without a conditional write falls back to "check, then write", and
-  the lock is read back afterwards, so of two racing writers at least the later one sees it lost.
+- other fsspec stores: fsspec's ``mode="create"`` where the backend implements it (in-memory: an
+  exclusive open); a backend without a conditional write gets "check, then write" (or a plain
+  write, if it ignores the mode), and the lock is read back afterwards, so of two racing writers
+  at least the later one sees that it lost; two that write within the same moment may both go on.
 
 A lock is stale when its holder is on this host and its pid is dead (or is a zombie, or is another
 process started after the lock): it is taken over, atomically where the storage allows (a flock
