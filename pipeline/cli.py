@@ -9,7 +9,7 @@ import sys
 import click
 
 from .cache import CODECS
-from .config import EXPORT_FORMATS, PRECISIONS, CacheConfig, TrainConfig, build_config
+from .config import EXPORT_FORMATS, PRECISIONS, AccuracyBenchConfig, CacheConfig, TrainConfig, build_config
 from .errors import ENVIRONMENT_ERRNOS, DhkdError, os_reason
 from .losses import BACKENDS, KD_LOSSES
 from .methods import KD_STOP_HELP, METHODS, methods_taking, option_defaults, option_help
@@ -453,6 +453,31 @@ def bench_cache_cmd(json_path, model, batch_size, steps, teacher_weights):
     from .stages.bench import bench_cache
 
     bench_cache(json_path, model=model, batch_size=batch_size, steps=steps, teacher_weights=teacher_weights)
+
+
+AB = AccuracyBenchConfig  # its defaults are the options' defaults
+
+
+@bench.command("accuracy")
+@click.option("--out", default=AB.out, show_default=True, help="Folder of the runs, the store and the results; re-running reuses what is finished.")
+@click.option("--data", default=AB.data, show_default=True, help="An in-memory data set (fashion-mnist, fashion-mnist:DIR, mnist:DIR, ...).")
+@click.option("--train-size", type=int, default=AB.train_size, show_default=True, help="A fixed stratified subset of the training split.")
+@click.option("--teacher", default=AB.teacher, show_default=True)
+@click.option("--student", default=AB.student, show_default=True)
+@click.option("--teacher-epochs", type=int, default=AB.teacher_epochs, show_default=True)
+@click.option("--epochs", type=int, default=AB.epochs, show_default=True, help="Student epochs (and the store's view-epochs).")
+@click.option("--seeds", type=int, default=AB.seeds, show_default=True, help="Seeds of the ce, kd and dhkd rows (the others: seed 0).")
+@click.option("--batch-size", type=int, default=AB.batch_size, show_default=True)
+@click.option("--lr", type=float, default=AB.lr, show_default=True)
+@click.option("--val-every", type=int, default=AB.val_every, show_default=True, help="Also validate every N epochs (0: the last only).")
+@click.option("--threads", type=int, default=AB.threads, show_default=True, help="torch threads (0: one per core).")
+@user_errors
+def bench_accuracy_cmd(**options):
+    """The paper's comparison in miniature: one teacher, one store, students by method and seed."""
+    from .stages.bench_accuracy import bench_accuracy
+
+    result = bench_accuracy(AccuracyBenchConfig(**options))
+    click.echo("\n" + result["markdown"] + f"\nwrote {', '.join(result['files'].values())}")
 
 
 @bench.command("distill")

@@ -155,6 +155,41 @@ def missing_data(extra: str = "") -> str:
     return f"missing --data: name the data set ({', '.join(DATA_SETS)}){extra}"
 
 
+@dataclass
+class AccuracyBenchConfig:
+    """``dhkd-pipe bench accuracy``: the defaults made the table in the README (about 30 minutes on 2 cores)."""
+
+    out: str = "bench_accuracy"
+    data: str = "fashion-mnist"
+    train_size: int = 10000
+    teacher: str = "resnet20"
+    student: str = "resnet8"
+    teacher_epochs: int = 12
+    epochs: int = 12
+    seeds: int = 3
+    batch_size: int = 64
+    lr: float = 0.05
+    val_every: int = 0
+    threads: int = 0  # torch threads; 0: one per core
+
+    def validate(self) -> "AccuracyBenchConfig":
+        for name in ("train_size", "teacher_epochs", "epochs", "seeds", "batch_size"):
+            if getattr(self, name) < 1:
+                raise DhkdError(f"bad {name} {getattr(self, name)}: must be at least 1")
+        if self.threads < 0 or self.val_every < 0:
+            raise DhkdError("threads and val_every must not be negative")
+        if self.lr <= 0:
+            raise DhkdError(f"bad lr {self.lr}: must be positive")
+        from .data import SUBSET_MARK
+
+        if SUBSET_MARK in self.data:
+            raise DhkdError(f"give the training subset as --train-size, not in --data {self.data!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 def build_config(cls, config_file: str | None, overrides: dict, defaults: dict | None = None):
     """Defaults, then the YAML file, then the command line's options (those not None)."""
     values = dict(defaults or {})

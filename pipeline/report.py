@@ -116,3 +116,57 @@ def write_report(run_dirs: list[str], out: str) -> str:
             ("train_time", "train s", ".1f"),
         ],
     )
+
+
+def write_method_report(groups: list[tuple[str, list[str]]], out: str, title: str = "", reference: tuple[str, float] | None = None):
+    """One picture for runs grouped by method (``groups``: (label, run folders), e.g. one per seed).
+
+    Left: each run's final validation top-1 as a dot, the group's mean as a bar and its min-max as
+    a line; ``reference`` (label, top-1), e.g. the teacher, as a dashed line. Right: validation
+    top-1 per validated epoch, the mean over the group's runs.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_final, ax_curve) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    for x, (label, run_dirs) in enumerate(groups):
+        histories = [[h for h in read_run(d)[0] if "val_top1" in h] for d in run_dirs]
+        finals = [h[-1]["val_top1"] for h in histories if h]
+        if not finals:
+            continue
+        color = f"C{x % 10}"
+        mean = sum(finals) / len(finals)
+        ax_final.bar(x, mean, width=0.6, color=color, alpha=0.35)
+        ax_final.plot([x, x], [min(finals), max(finals)], color=color, linewidth=2)
+        ax_final.scatter([x] * len(finals), finals, color=color, s=14, zorder=3)
+        ax_final.annotate(f"{mean:.2f}", (x, max(finals)), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=8)
+        epochs = sorted({h["epoch"] for run in histories for h in run})
+        means = [sum(h["val_top1"] for run in histories for h in run if h["epoch"] == e) /
+                 sum(1 for run in histories for h in run if h["epoch"] == e) for e in epochs]
+        ax_curve.plot(epochs, means, marker=".", color=color, label=f"{label} (n={len(finals)})")
+    ax_final.set_xticks(range(len(groups)), [label for label, _ in groups], rotation=25, ha="right", fontsize=8)
+    ax_final.set(ylabel="final validation top-1 (%)", title="Top-1 per method: runs, mean, min-max")
+    finals_all = [h["val_top1"] for _, dirs in groups for d in dirs for h in read_run(d)[0][-1:] if "val_top1" in h]
+    if finals_all:
+        low = min(finals_all + ([reference[1]] if reference else []))
+        high = max(finals_all + ([reference[1]] if reference else []))
+        ax_final.set_ylim(low - 0.6 * max(high - low, 1), high + 0.3 * max(high - low, 1))
+    if reference:
+        for ax in (ax_final, ax_curve):
+            ax.axhline(reference[1], color="grey", linestyle="--", linewidth=1, label=f"{reference[0]} {reference[1]:.2f}")
+    ax_curve.set(xlabel="epoch", ylabel="validation top-1 (%)", title="Validation top-1 (mean over runs)")
+    for ax in (ax_final, ax_curve):
+        ax.grid(alpha=0.3)
+    ax_curve.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        fig.savefig(out, dpi=110)
+    except OSError as e:
+        raise DhkdError(f"cannot write {out}: {e.strerror}") from None
+    finally:
+        plt.close(fig)
