@@ -161,7 +161,7 @@ class AccuracyBenchConfig:
 
     out: str = "bench_accuracy"
     data: str = "fashion-mnist"
-    train_size: int = 10000
+    train_size: int = 6000
     teacher: str = "resnet20"
     student: str = "resnet8"
     teacher_epochs: int = 12

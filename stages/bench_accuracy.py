@@ -268,8 +268,8 @@ def _write_results(bench, teacher, store, runs, rows, missing, invocation_s) -> 
         "missing_rows": [r.name for r in missing],
         "wall_s": wall,
     }
-    title = (f"{bench.data} ({bench.train_size} training images, val {bench.data} test split): {bench.teacher} teacher "
-             f"{teacher_top1:.2f}%, {bench.student} students from the store, {bench.epochs} epochs")
+    title = (f"{bench.data}, {bench.train_size} training images (fixed stratified subset), validated on the whole test split: "
+             f"{bench.teacher} teacher {teacher_top1:.2f}%, {bench.student} students from the store, {bench.epochs} epochs")
     table = markdown_table(methods, [("name", "method", "s"), ("n", "runs", "d"), ("mean", "top-1 mean", ".2f"), ("std", "std", ".2f"),
                                      ("min", "min", ".2f"), ("max", "max", ".2f"), ("vs_ce", "vs ce", "+.2f"),
                                      ("images_per_sec", "img/s", ".0f"), ("wall_s", "wall s", ".0f")])
