@@ -169,7 +169,7 @@ class AccuracyBenchConfig:
     seeds: int = 3
     batch_size: int = 64
     lr: float = 0.05
-    val_every: int = 0
+    val_every: int = 4
     threads: int = 0  # torch threads; 0: one per core
 
     def validate(self) -> "AccuracyBenchConfig":
