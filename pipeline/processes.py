@@ -5,6 +5,7 @@ is asked."""
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import time
@@ -58,3 +59,19 @@ def describe_holder(holder: dict) -> str:
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if isinstance(started, (int, float)) else "?"
     what = f" ({holder['command']})" if holder.get("command") else ""
     return f"pid {holder['pid']} on {holder.get('host')}, started {when}{what}"
+
+
+def flock_exclusive(fd: int, block: bool = False) -> bool:
+    """Whether this process now holds ``flock`` on ``fd`` (waiting for it when ``block``); True
+    where the file system has no flock, so a lock file alone decides there."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
+        return True
+    except BlockingIOError:
+        return False
+    except OSError as e:
+        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            return True
+        raise

@@ -13,8 +13,6 @@ then creates the folder, takes the lock and, for ``--overwrite``, removes the ol
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import math
 import os
@@ -25,7 +23,7 @@ from typing import Callable
 
 from .errors import DhkdError, io_error
 from .exported import EXPORTED, EXPORTED_SAFETENSORS
-from .processes import HOST, describe_holder, holder_alive
+from .processes import HOST, describe_holder, flock_exclusive, holder_alive
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -310,7 +308,7 @@ class RunLock:
             except OSError as e:
                 raise io_error(path, e, "create") from None
             else:
-                _try_flock(fd)
+                flock_exclusive(fd)
             try:
                 data = (json.dumps(holder) + "\n").encode()
                 os.ftruncate(fd, 0)
@@ -342,19 +340,6 @@ class RunLock:
         type(self)._held.pop(os.path.realpath(self.path), None)
 
 
-def _try_flock(fd: int) -> bool:
-    """Whether this process now holds ``flock`` on ``fd``; True where the file system has no flock."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    except OSError as e:
-        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-            return True
-        raise
-
-
 def _read_holder(fd: int) -> dict | None:
     try:
         data = os.pread(fd, 4096, 0)
@@ -377,7 +362,7 @@ def _take_over(path: str) -> int | None:
         raise io_error(path, e, "open") from None
     try:
         holder = _read_holder(fd)
-        if not _try_flock(fd):  # a live holder keeps it under flock
+        if not flock_exclusive(fd):  # a live holder keeps it under flock
             if holder is None:
                 os.close(fd)
                 return None  # being written

@@ -26,14 +26,13 @@ and ``--break-lock`` takes it over once the user knows that holder is gone.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import time
 import uuid
 
 from .errors import DhkdError
-from .processes import HOST, describe_holder, holder_alive
+from .processes import HOST, describe_holder, flock_exclusive, holder_alive
 from .store import StoreObjects, one_line
 
 LOCK_KEY = ".lock"
@@ -163,7 +162,7 @@ class _FileLock:
             except FileExistsError:
                 return False
             self.fd = os.open(self.path, os.O_RDWR)
-            _flock(self.fd, block=True)  # a taker may hold it for a moment while it reads us
+            flock_exclusive(self.fd, block=True)  # a taker may hold it for a moment while it reads us
             return True
         except OSError as e:
             raise self._fail("write", e) from None
@@ -207,7 +206,7 @@ class _FileLock:
             raise self._fail("open", e) from None
         keep = False
         try:
-            if not _flock(fd, block=False):  # its process (or a child that inherited the file) lives
+            if not flock_exclusive(fd, block=False):  # its process (or a child that inherited the file) lives
                 holder = parse_holder(os.pread(fd, 65536, 0)) or judged
                 if holder is None:
                     return False
@@ -239,21 +238,6 @@ class _FileLock:
         finally:
             os.close(self.fd)
             self.fd = -1
-
-
-def _flock(fd: int, block: bool) -> bool:
-    """Whether this process now holds ``flock`` on ``fd``; True where the filesystem has none."""
-    import fcntl
-
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
-        return True
-    except BlockingIOError:
-        return False
-    except OSError as e:
-        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-            return True
-        raise
 
 
 def _remove_quietly(path: str):
