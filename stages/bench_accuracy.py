@@ -23,7 +23,7 @@ import json
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 
 import torch
 
@@ -32,7 +32,7 @@ from dhkd_pipe.config import AccuracyBenchConfig, CacheConfig, TrainConfig
 from dhkd_pipe.data import SUBSET_MARK
 from dhkd_pipe.engine import CHECKPOINT
 from dhkd_pipe.errors import DhkdError
-from dhkd_pipe.methods import METHODS
+from dhkd_pipe.methods import METHODS, from_config, get_method, option_defaults
 from dhkd_pipe.models import file_digest
 from dhkd_pipe.report import markdown_table, write_method_report
 
@@ -110,12 +110,37 @@ class Steps:
             json.dump(record, f, indent=2)
         os.replace(path + ".tmp", path)
 
-    def state(self, step: str, key: dict) -> tuple[str, dict | None]:
-        """``("done", record)``, ``("resume", record)`` or ``("fresh", None)``."""
+    def state(self, step: str, key: dict, cls) -> tuple[str, dict | None]:
+        """``("done", record)``, ``("resume", record)`` or ``("fresh", None)``; ``cls``: the
+        dataclass of ``key["config"]``."""
         record = self.read(step)
-        if record is None or record.get("key") != _plain(key):
+        if record is None or not _same_key(record.get("key"), _plain(key), cls):
             return "fresh", None
         return ("done" if record.get("done") else "resume"), record
+
+
+def _field_defaults(cls) -> dict:
+    return {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(cls)}
+
+
+def _same_key(recorded, key: dict, cls) -> bool:
+    """Equal, except that an option of ``key["config"]`` (a ``cls``) the record does not know, one
+    added to the tool since, may hold its default: new options default to the old behaviour. A
+    student's ``key["store"]`` is the store's key (a ``CacheConfig``)."""
+    if not isinstance(recorded, dict) or recorded.keys() != key.keys():
+        return False
+    defaults = _field_defaults(cls)
+    for name, value in key.items():
+        if name == "config" and isinstance(recorded[name], dict):
+            value = {k: v for k, v in value.items() if k in recorded[name] or k not in defaults or _plain(defaults[k]) != v}
+            same = recorded[name] == value
+        elif name == "store":
+            same = _same_key(recorded[name], value, CacheConfig)
+        else:
+            same = recorded[name] == value
+        if not same:
+            return False
+    return True
 
 
 def _plain(obj):
@@ -129,9 +154,8 @@ def _what(cfg) -> dict:
 
 def _run_training(steps: Steps, step: str, key: dict, cfg: TrainConfig, stage, log) -> dict:
     """Trains (or resumes, or reuses) one run; returns its record with the summary."""
-    state, record = steps.state(step, key)
-    summary_path = os.path.join(cfg.out, "summary.json")
-    if state == "done" and os.path.isfile(summary_path):
+    state, record = steps.state(step, key, TrainConfig)
+    if state == "done" and _same_method(cfg):
         log(f"reused {step}: {cfg.out}")
         return {**record, "reused": True}
     resume = state == "resume" and os.path.isfile(os.path.join(cfg.out, CHECKPOINT))
@@ -146,8 +170,25 @@ def _run_training(steps: Steps, step: str, key: dict, cfg: TrainConfig, stage, l
     return {**record, "reused": False}
 
 
+def _same_method(cfg: TrainConfig) -> bool:
+    """The finished run's summary is there and its method's resolved options (``method_params``:
+    the config's, else the method's defaults) are today's: a changed default trains again."""
+    try:
+        with open(os.path.join(cfg.out, "summary.json")) as f:
+            summary = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return False
+    recorded, now = summary.get("method_params"), _plain(from_config(cfg).params())
+    if not isinstance(recorded, dict):
+        return False
+    defaults = _plain(option_defaults(get_method(cfg.method)))
+    # An option the method gained since the run was made may hold its default (the old behaviour).
+    now = {k: v for k, v in now.items() if k in recorded or k not in defaults or defaults[k] != v}
+    return recorded == now
+
+
 def _run_store(steps: Steps, key: dict, cfg: CacheConfig, log) -> dict:
-    state, record = steps.state("store", key)
+    state, record = steps.state("store", key, CacheConfig)
     if state == "done":
         try:
             LogitCache.open(cfg.out).check_complete()
