@@ -34,6 +34,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
+from .codecs import CODECS  # declared apart, torch-free (the CLI names them)
 from .errors import DhkdError
 from .losses import dequantize
 from .store import (MissingObject, StoreObjects, is_chunk_key, is_local, local_path, object_problem, one_line, open_store, require_objects,
@@ -41,7 +42,6 @@ from .store import (MissingObject, StoreObjects, is_chunk_key, is_local, local_p
 from .store_lock import LOCK_KEY
 
 FORMAT_VERSION = 1
-CODECS = ("fp16", "bf16", "fp32", "int8")
 _STORED_DTYPE = {"fp16": np.float16, "bf16": np.uint16, "fp32": np.float32, "int8": np.int8}
 _ITEMSIZE = {"fp16": 2, "bf16": 2, "fp32": 4, "int8": 1}
 _DTYPE_NAME = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "int8": "int8"}

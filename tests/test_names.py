@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from dhkd_pipe import cache, cli, config, losses, methods, views
+from dhkd_pipe import cache, cli, codecs, config, losses, methods, views
 from dhkd_pipe.models import dual_head
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OWNERS = {
     "BACKENDS": (losses, "pipeline/losses.py"),
     "KD_LOSSES": (losses, "pipeline/losses.py"),  # a dict of the losses: its keys are the names
-    "CODECS": (cache, "pipeline/cache.py"),
+    "CODECS": (codecs, "pipeline/codecs.py"),
     "AUX_HEADS": (dual_head, "pipeline/models/dual_head.py"),
     "PRECISIONS": (config, "pipeline/config.py"),
     "POLICIES": (views, "pipeline/views.py"),

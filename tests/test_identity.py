@@ -1,0 +1,16 @@
+"""Issue 15's behaviour record: the restructured code writes the same digits store, byte for byte,
+and a two-epoch cached DHKD run ends with the same parameters and metrics as the code before it
+(``tests/data/identity_digits.json``, written by ``tests/identity_case.py`` at 0167df8)."""
+
+import json
+
+from identity_case import RECORD, make
+
+
+def test_store_and_cached_run_are_as_recorded(tmp_path):
+    with open(RECORD) as f:
+        recorded = json.load(f)
+    now = make(str(tmp_path))
+    assert now["store"] == recorded["store"]
+    assert now["params"] == recorded["params"]
+    assert now["metrics"] == recorded["metrics"]
