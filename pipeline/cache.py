@@ -35,9 +35,9 @@ import numpy as np
 import torch
 
 from .codecs import CODECS  # declared apart, torch-free (the CLI names them)
-from .errors import DhkdError
+from .errors import DhkdError, one_line
 from .losses import dequantize
-from .store import (MissingObject, StoreObjects, is_chunk_key, is_local, local_path, object_problem, one_line, open_store, require_objects,
+from .store import (MissingObject, StoreObjects, is_chunk_key, is_local, local_path, object_problem, open_store, require_objects,
                     shard_in_bounds, storage_errors)
 from .store_lock import LOCK_KEY
 
@@ -138,8 +138,6 @@ def _jsonable(value):
     return json.loads(json.dumps(value, default=default))
 
 
-_one_line = one_line
-
 
 def _location(path) -> str:
     """A local path (str or PathLike) or a URL, as a string."""
@@ -174,7 +172,7 @@ class LogitCache:
         except DhkdError:
             raise
         except Exception as e:
-            raise DhkdError(f"{path} is not a complete logit store ({_one_line(e)})") from None
+            raise DhkdError(f"{path} is not a complete logit store ({one_line(e)})") from None
         # Data is read through a store that raises on a missing chunk object (Zarr would read
         # zeros); writes and the done flags (absent = not done) use the plain one.
         strict = require_objects(self._logits.store_path.store)
@@ -277,7 +275,7 @@ class LogitCache:
         except DhkdError:
             raise
         except storage_errors() as e:
-            raise DhkdError(f"cannot create the store at {path}: {_one_line(e)}") from None
+            raise DhkdError(f"cannot create the store at {path}: {one_line(e)}") from None
         return cls.open(path, mode="r+")
 
     @staticmethod
@@ -352,7 +350,7 @@ class LogitCache:
             group = zarr.open_group(store=objects.store, mode=mode, zarr_format=3)
             version = dict(group.attrs).get("format_version")
         except Exception as e:
-            raise DhkdError(f"{path} is not a logit store ({_one_line(e)})") from None
+            raise DhkdError(f"{path} is not a logit store ({one_line(e)})") from None
         if version is None:
             raise DhkdError(f"{path} is not a logit store, or is still being created (no format_version)")
         if version != FORMAT_VERSION:
@@ -458,7 +456,7 @@ class LogitCache:
         try:
             self._group.attrs.update(kv)
         except storage_errors() as e:
-            raise DhkdError(f"cannot write to store {self._path}: {_one_line(e)}") from None
+            raise DhkdError(f"cannot write to store {self._path}: {one_line(e)}") from None
         self._attrs.update(kv)
 
     # ---- writing ----------------------------------------------------------------------------
@@ -510,7 +508,7 @@ class LogitCache:
             sync(write_data())
             self._done[epoch, first_chunk : last + 1] = True  # only after all of the unit's data
         except storage_errors() as e:
-            raise DhkdError(f"cannot write to store {self._path}: {_one_line(e)}") from None
+            raise DhkdError(f"cannot write to store {self._path}: {one_line(e)}") from None
 
     def done_mask(self) -> np.ndarray:
         return self._read("done", (slice(None),), None, None).astype(bool)
@@ -528,7 +526,7 @@ class LogitCache:
             where = "" if epoch is None else f" epoch {epoch}" + ("" if chunk is None else f" chunk {chunk}")
             if "checksum" in str(e).lower():  # zarr's crc32c codec: the stored bytes changed
                 raise DhkdError(f"store {self._path}: {name}{where} is damaged (checksum mismatch); {self.repair_hint()}") from None
-            raise DhkdError(f"store {self._path}: cannot read {name}{where}: {_one_line(e)}") from None
+            raise DhkdError(f"store {self._path}: cannot read {name}{where}: {one_line(e)}") from None
 
     def _missing(self, key: str) -> str:
         """The message for a chunk object that is not in the store: Zarr would have read zeros."""
@@ -756,7 +754,7 @@ class LogitCache:
             try:
                 self._labels[:] = np.asarray(labels).astype(np.int32)
             except storage_errors() as e:
-                raise DhkdError(f"cannot write to store {self._path}: {_one_line(e)}") from None
+                raise DhkdError(f"cannot write to store {self._path}: {one_line(e)}") from None
         return [f"{self.what(key)} ({key}): {problem}" for key, problem in sorted(problems.items())]
 
     # ---- inspection -------------------------------------------------------------------------

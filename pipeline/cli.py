@@ -10,22 +10,18 @@ import click
 
 from .cache import CODECS
 from .config import EXPORT_FORMATS, PRECISIONS, AccuracyBenchConfig, CacheConfig, TrainConfig, build_config
-from .errors import ENVIRONMENT_ERRNOS, DhkdError, os_reason
+from .errors import ENVIRONMENT_ERRNOS, DhkdError, one_line
 from .losses import BACKENDS, KD_LOSSES
 from .methods import KD_STOP_HELP, METHODS, methods_taking, option_defaults, option_help
 from .models.dual_head import AUX_HEADS
 from .native_stderr import NativeStderr
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
 def _exit_with(line: str, code: int):
     """Prints ``line`` as one line on stderr and exits; native log lines held back are dropped."""
     if _CAPTURE is not None:
         _CAPTURE.drop = True
-    click.echo(_one_line(line), err=True)
+    click.echo(one_line(line), err=True)
     sys.exit(code)
 
 DATA_HELP = ("digits | fashion-mnist | fashion-mnist:DIR | mnist:DIR | cifar10:DIR | cifar100:DIR | imagefolder:DIR; "
@@ -54,7 +50,7 @@ def user_errors(fn):
             if e.errno not in ENVIRONMENT_ERRNOS:
                 raise
             where = f"cannot access {e.filename}: " if e.filename else ""
-            _exit_with(f"error: {where}{os_reason(e)}", 2)
+            _exit_with(f"error: {where}{one_line(e)}", 2)
 
     return wrapper
 

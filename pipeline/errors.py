@@ -22,15 +22,21 @@ ENVIRONMENT_ERRNOS = frozenset(
 )
 
 
-def os_reason(exc: OSError) -> str:
-    """``No space left on device (ENOSPC)``: the error's text and errno name, on one line."""
-    text = exc.strerror or str(exc) or type(exc).__name__
-    code = errno.errorcode.get(exc.errno or -1)
-    if code and code not in text:
-        text = f"{text} ({code})"
-    return " ".join(str(text).split())
+def one_line(what, limit: int | None = None) -> str:
+    """The project's one formatter of a message line: ``what`` (a text or an exception) with its
+    whitespace collapsed; an exception with no text is named by its type, an OSError by its text and
+    errno name (``No space left on device (ENOSPC)``); cut at ``limit`` characters with "..."."""
+    if isinstance(what, BaseException):
+        text = getattr(what, "strerror", None) or str(what) or type(what).__name__
+        code = errno.errorcode.get(getattr(what, "errno", None) or -1)
+        if code and code not in str(text):
+            text = f"{text} ({code})"
+    else:
+        text = what
+    text = " ".join(str(text).split())
+    return text[:limit] + "..." if limit is not None and len(text) > limit else text
 
 
 def io_error(path, exc: OSError, doing: str = "write") -> DhkdError:
     """A DhkdError naming the path and the errno: ``cannot write PATH: No space left on device (ENOSPC)``."""
-    return DhkdError(f"cannot {doing} {path}: {os_reason(exc)}")
+    return DhkdError(f"cannot {doing} {path}: {one_line(exc)}")

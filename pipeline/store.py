@@ -15,9 +15,7 @@ S3-compatible server), for ``gs://`` Google's application default credentials.
 
 from __future__ import annotations
 
-import errno
-
-from .errors import DhkdError
+from .errors import DhkdError, one_line
 
 # What a URL scheme needs installed: the optional extra `pip install "dhkd-pipe[s3]"` brings both.
 SCHEME_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}
@@ -38,15 +36,6 @@ def local_path(location: str) -> str:
     """The filesystem path of a local location (a plain path or a ``file://`` URL)."""
     location = str(location)
     return location[len("file://"):] if location.startswith("file://") else location
-
-
-def one_line(exc: BaseException) -> str:
-    """One line for an exception; an OSError names its errno (ENOSPC: the disk is full)."""
-    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-    code = errno.errorcode.get(getattr(exc, "errno", None) or -1)
-    if code and code not in str(text):
-        text = f"{text} ({code})"
-    return " ".join(str(text).split())
 
 
 def storage_errors() -> tuple[type[BaseException], ...]:

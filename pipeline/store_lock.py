@@ -31,9 +31,9 @@ import os
 import time
 import uuid
 
-from .errors import DhkdError
+from .errors import DhkdError, one_line
 from .processes import HOST, describe_holder, flock_exclusive, holder_alive
-from .store import StoreObjects, one_line
+from .store import StoreObjects
 
 LOCK_KEY = ".lock"
 BREAK_LOCK = "--break-lock"  # the cache-teacher option that takes over a lock judged alive

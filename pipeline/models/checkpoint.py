@@ -19,7 +19,6 @@ head 2 dropped as ``export()`` drops it, into the plain model.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import pickle
 import zipfile
@@ -28,27 +27,15 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from ..errors import DhkdError
+from ..errors import DhkdError, one_line
 from .dual_head import DualHead, find_classifier
-from .pretrained import WeightsSource, looks_like_weight_name, named_state_dict, source_state_dict
+from .pretrained import WeightsSource, looks_like_weight_name, resolve_weights, timm_pretrained_state_dict
 
 _SHOW = 5  # keys shown per category in a mismatch message
 
 # The names the published KD code bases give a model's classifier (ours may differ: MobileNetV2
 # ``classifier.0``, MobileNetV1 ``fc``); the published DHKD code names head 2 after head 1 + "2".
 CLASSIFIER_NAMES = ("fc", "linear", "classifier")
-
-
-def file_digest(path) -> str:
-    """First 16 hex digits of the file's sha256."""
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    except OSError as e:
-        raise DhkdError(f"cannot read {path}: {e.strerror or e}") from None
-    return h.hexdigest()[:16]
 
 
 def _strip_module(sd: dict) -> dict:
@@ -72,7 +59,7 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
 
             obj = load_file(path, device="cpu")
         except Exception as e:  # safetensors raises its own error types for bad headers
-            raise DhkdError(f"cannot read checkpoint {path}: not a valid safetensors file ({_short(e)})") from None
+            raise DhkdError(f"cannot read checkpoint {path}: not a valid safetensors file ({one_line(e, 160)})") from None
     else:
         try:
             # the training scripts of RepDistiller and the published DHKD code store their
@@ -98,11 +85,6 @@ def _is_tensor_dict(d: dict) -> bool:
     return all(isinstance(k, str) for k in d) and all(isinstance(v, torch.Tensor) for v in d.values())
 
 
-def _short(e: Exception) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text[:160] + ("..." if len(text) > 160 else "")
-
-
 # torch.load's advice around the reason (including to retry with weights_only=False: never do)
 _TORCH_LOAD_BOILERPLATE = ("Weights only load failed", "Check the documentation", "Please file an issue", "In PyTorch 2.6")
 
@@ -113,9 +95,8 @@ def torch_load_reason(e: Exception) -> str:
     reason = [line for line in lines if line and not line.startswith(_TORCH_LOAD_BOILERPLATE)]
     text = " ".join(reason).replace("WeightsUnpickler error:", "").strip()
     if not text:
-        return _short(e)
-    text = " ".join(text.split())
-    return text[:200] + ("..." if len(text) > 200 else "")
+        return one_line(e, 160)
+    return one_line(text, 200)
 
 
 def _keys_text(label: str, keys: list[str]) -> str:
@@ -216,6 +197,17 @@ def _check_aux_head(model, head2: dict, source: str) -> None:
     if kind is not None and kind != model.aux_head:
         raise DhkdError(f"checkpoint {source} has a {kind} head 2, the model a {model.aux_head} one "
                         f"(--aux-head {kind})")
+
+
+def source_state_dict(source: WeightsSource) -> dict:
+    """The state dict of resolved weights: timm's loading for timm's files, ours for the rest."""
+    return timm_pretrained_state_dict(source) if source.kind == "timm" else read_state_dict(source.path)
+
+
+def named_state_dict(arch: str, spec: str) -> tuple[dict, str]:
+    """(state dict, its file) of a named weight of ``arch`` (see the module docstring)."""
+    source = resolve_weights(arch, spec)
+    return source_state_dict(source), source.path
 
 
 def load_checkpoint(model: nn.Module, path_or_weight_name, strict: bool = True, arch: str | None = None):

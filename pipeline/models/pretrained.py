@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import hashlib
 import os
 import socket
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 
-from ..errors import DhkdError
+from ..errors import DhkdError, one_line
 
 PROBE_TIMEOUT = 5.0  # seconds to reach the weights' host before calling the machine offline
 DOWNLOAD_TIMEOUT = 60.0  # seconds a download may wait for data before it fails
@@ -55,8 +56,6 @@ class WeightsSource:
     timm_name: str | None = None  # timm: the model name with its pretrained tag
 
     def digest(self) -> str:
-        from .checkpoint import file_digest
-
         return file_digest(self.path)
 
     def preprocessing(self) -> dict | None:
@@ -97,9 +96,16 @@ def _download_timeout(seconds: float = DOWNLOAD_TIMEOUT):
         socket.setdefaulttimeout(old)
 
 
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text[:200] + ("..." if len(text) > 200 else "")
+def file_digest(path) -> str:
+    """First 16 hex digits of the file's sha256."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as e:
+        raise DhkdError(f"cannot read {path}: {e.strerror or e}") from None
+    return h.hexdigest()[:16]
 
 
 def looks_like_weight_name(spec: str) -> bool:
@@ -176,7 +182,7 @@ def torchvision_weight_file(arch: str, name: str, fetch: bool = True) -> str:
         with _download_timeout():
             weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
     except Exception as e:  # URLError, HTTPError, timeouts, a hash mismatch: the network's fault
-        raise DhkdError(f"{where}; the download failed: {_one_line(e)}") from None
+        raise DhkdError(f"{where}; the download failed: {one_line(e, 200)}") from None
     if not os.path.isfile(path):
         raise DhkdError(f"{where}; the download did not leave the file there")
     return path
@@ -329,7 +335,7 @@ def _timm_source(arch: str, spec: str, fetch: bool) -> WeightsSource:
             with _download_timeout():
                 import_timm().create_model(name, pretrained=True)  # timm fetches into its cache
         except Exception as e:
-            raise DhkdError(f"{where}; the download failed: {_one_line(e)}") from None
+            raise DhkdError(f"{where}; the download failed: {one_line(e, 200)}") from None
         path = _timm_cached(cfg)
         if path is None:
             raise DhkdError(f"{where}; the download did not leave the file there")
@@ -344,18 +350,5 @@ def timm_pretrained_state_dict(source: WeightsSource) -> dict:
         model = timm.create_model(source.timm_name, pretrained=True, num_classes=cfg.get("num_classes") or 1000,
                                   pretrained_cfg_overlay={"file": source.path})
     except Exception as e:  # a corrupt or foreign file in the cache
-        raise DhkdError(f"cannot load timm pretrained weights {source.path}: {_one_line(e)}") from None
+        raise DhkdError(f"cannot load timm pretrained weights {source.path}: {one_line(e, 200)}") from None
     return model.state_dict()
-
-
-def source_state_dict(source: WeightsSource) -> dict:
-    """The state dict of resolved weights: timm's loading for timm's files, ours for the rest."""
-    from .checkpoint import read_state_dict
-
-    return timm_pretrained_state_dict(source) if source.kind == "timm" else read_state_dict(source.path)
-
-
-def named_state_dict(arch: str, spec: str) -> tuple[dict, str]:
-    """(state dict, its file) of a named weight of ``arch`` (see the module docstring)."""
-    source = resolve_weights(arch, spec)
-    return source_state_dict(source), source.path
