@@ -8,13 +8,13 @@ import sys
 
 import click
 
-from .cache import CODECS
-from .config import EXPORT_FORMATS, PRECISIONS, AccuracyBenchConfig, CacheConfig, TrainConfig, build_config
+from .config import (AccuracyBenchConfig, CacheBenchConfig, CacheConfig, DistillBenchConfig, EvalConfig, ExportConfig,
+                     InspectConfig, QuickstartConfig, ReportConfig, RunStart, StoreBenchConfig, StoreLockOptions,
+                     TrainConfig, VerifyCacheConfig, build_config)
 from .errors import ENVIRONMENT_ERRNOS, DhkdError, one_line
-from .losses import BACKENDS, KD_LOSSES
-from .methods import KD_STOP_HELP, METHODS, methods_taking, option_defaults, option_help
-from .models.dual_head import AUX_HEADS
+from .methods import METHODS, OPTIONS, option_defaults
 from .native_stderr import NativeStderr
+from .options import click_params, given
 
 
 def _exit_with(line: str, code: int):
@@ -24,11 +24,6 @@ def _exit_with(line: str, code: int):
     click.echo(one_line(line), err=True)
     sys.exit(code)
 
-DATA_HELP = ("digits | fashion-mnist | fashion-mnist:DIR | mnist:DIR | cifar10:DIR | cifar100:DIR | imagefolder:DIR; "
-             "SPEC@N: a fixed stratified subset of N training images.")
-WEIGHTS_HELP = ("a checkpoint file, or a published weight's name (torchvision: DEFAULT, IMAGENET1K_V2, ...; "
-                "timm: pretrained or a tag); default: the architecture's published weights, fetched into the "
-                "torch hub / Hugging Face cache when online (KD-zoo models have none)")
 
 
 def user_errors(fn):
@@ -105,6 +100,8 @@ class ConfigCommand(click.Command):
             for param, default, show in shown:
                 param.default, param.show_default = default, show
         recipe = ctx.meta.get("recipe")
+        if not any(p.name == "config_file" for p in self.get_params(ctx)):
+            return
         with formatter.section("Defaults"):
             if recipe and note is None:
                 formatter.write_text(f"Shown defaults: the command's, overridden by the recipe {recipe}.")
@@ -154,39 +151,19 @@ def main():
     """dhkd-pipe: cache a teacher's logits once, distil many students from the store (DHKD)."""
 
 
-def training_options(fn):
-    """The options every training command shares; None means "from the config or default"."""
-    opts = [
-        click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML recipe; options given here override it."),
-        click.option("--data", help=f"{DATA_HELP} Required, except for distill --cache (the store records it)."),
-        click.option("--out", help="Run folder."),
-        click.option("--epochs", type=int),
-        click.option("--batch-size", type=int),
-        click.option("--lr", type=float),
-        click.option("--momentum", type=float),
-        click.option("--weight-decay", type=float),
-        click.option("--lr-milestones", help="Epochs at which the learning rate decays, e.g. 150,180,210."),
-        click.option("--lr-decay", type=float),
-        click.option("--precision", type=click.Choice(PRECISIONS)),
-        click.option("--seed", type=int),
-        click.option("--workers", type=int, help="Loader worker processes (DALI)."),
-        click.option("--checkpoint-every", type=int, help="Also checkpoint every N steps within an epoch."),
-        click.option("--val-every", type=int, help="Validate after every N-th epoch and after the last (0: the last only; default 1)."),
-        click.option("--max-steps", type=int, help="Stop (with a checkpoint) after N steps; for smoke runs and benchmarks."),
-        click.option("--resolution", type=int, help="Input side in pixels (default: the store's, else the data set's: "
-                     "32 for the in-memory sets, 224 for image folders); the model must take it."),
-        click.option("--max-nonfinite", type=int, help="Skip up to N steps whose loss is not finite (no update) before "
-                     "the run stops (default 0: stop at the first)."),
-        click.option("--log-with", help="Experiment trackers (Accelerate's), comma-separated: tensorboard, wandb, mlflow, ...; "
-                     "they get the per-epoch metrics of metrics.jsonl."),
-        click.option("--channels-last/--no-channels-last", default=None, help="NHWC weights and inputs (faster convolutions on tensor-core GPUs)."),
-        click.option("--compile/--no-compile", default=None, help="torch.compile the student (through Accelerate; the first steps compile)."),
-        click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped."),
-        click.option("--overwrite", is_flag=True, help="Replace a finished or stopped run in --out."),
-    ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
+# the one option that is no config field: the recipe the others override
+CONFIG_FILE = click.Option(["--config", "config_file"], type=click.Path(dir_okay=False),
+                           help="YAML recipe; options given here override it.")
+
+
+def _params(cls, command: str, first: tuple[str, ...] = (), extra: tuple = ()) -> list:
+    """``cls``'s options that ``command`` offers: those named in ``first`` first (in that order),
+    then ``--config`` where a recipe applies, the rest in declaration order, then ``extra``'s."""
+    params = click_params(cls, command)
+    head = sorted((p for p in params if p.name in first), key=lambda p: first.index(p.name))
+    recipe = [CONFIG_FILE] if cls in (TrainConfig, CacheConfig) else []
+    more = [p for e in extra for p in click_params(e, command)]
+    return head + recipe + [p for p in params if p.name not in first] + more
 
 
 def _train_config(config_file, defaults=None, **options) -> TrainConfig:
@@ -196,88 +173,68 @@ def _train_config(config_file, defaults=None, **options) -> TrainConfig:
 
 TEACHER_FIXED = {"method": "ce"}  # train-teacher trains with cross-entropy, whatever a recipe says
 DISTILL_DEFAULTS = {"method": "dhkd"}
+DISTILL_FIRST = ("model", "teacher", "teacher_weights", "cache", "method", *OPTIONS, "aux_head", "grad_align",
+                 "grad_align_features", "kernels")
 
 
-@main.command("train-teacher", cls=ConfigCommand, config_cls=TrainConfig, fixed=TEACHER_FIXED)
-@click.option("--model", help="Architecture (see `dhkd-pipe models`).")
-@training_options
+@main.command("train-teacher", cls=ConfigCommand, config_cls=TrainConfig, fixed=TEACHER_FIXED,
+              params=_params(TrainConfig, "train-teacher", ("model",), extra=(RunStart,)))
 @user_errors
 def train_teacher_cmd(config_file, resume, overwrite, **options):
     """Train a model alone with cross-entropy (a teacher for later distillation)."""
     from .stages.train_teacher import train_teacher
 
     cfg = _train_config(config_file, resume=resume, overwrite=overwrite, **TEACHER_FIXED, **options)
-    _echo_json(_short(train_teacher(cfg, resume=resume, overwrite=overwrite)))
+    _echo_json(_short(train_teacher(cfg, resume=bool(resume), overwrite=bool(overwrite))))
 
 
 def _distill_help() -> str:
     width = max(len(name) for name in METHODS)
     lines = "\n".join(f"  {name:<{width}}  {cls.summary}" for name, cls in METHODS.items())
+    flags = ", ".join("--" + name.replace("_", "-") for name in OPTIONS)
     return (
         "Distil a student, online from a teacher or from a stage-1 store (--cache).\n\n"
-        "Methods (--method; default dhkd). What --gamma, --alpha, --beta, --temperature, --kd-loss, "
-        "--warmup-epochs and --kd-stop-epoch set depends on the method (each option's help says it, with each "
-        "method's default); an option the method does not take is refused.\n\n\b\n" + lines
+        f"Methods (--method; default dhkd). What {flags} set depends on the method (each option's help says it, with "
+        "each method's default); an option the method does not take is refused.\n\n\b\n" + lines
     )
 
 
-@main.command("distill", cls=ConfigCommand, config_cls=TrainConfig, defaults=DISTILL_DEFAULTS, help=_distill_help())
-@click.option("--student", "model", help="Student architecture.")
-@click.option("--teacher", help="Teacher architecture (online distillation).")
-@click.option("--teacher-weights", help=f"Teacher weights (online distillation): {WEIGHTS_HELP}.")
-@click.option("--cache", help="Stage-1 logit store (a path or a URL: s3://, gs://, file://): distil with no teacher forward pass.")
-@click.option("--method", type=click.Choice(list(METHODS)), help="Distillation method (see above).")
-@click.option("--kd-loss", type=click.Choice(tuple(KD_LOSSES)), help=option_help("kd_loss"))
-@click.option("--alpha", type=float, help=option_help("alpha"))
-@click.option("--gamma", type=float, help=option_help("gamma"))
-@click.option("--beta", type=float, help=option_help("beta"))
-@click.option("--temperature", type=float, help=option_help("temperature"))
-@click.option("--warmup-epochs", type=int, help=option_help("warmup_epochs"))
-@click.option("--kd-stop-epoch", type=int,
-              help=f"{', '.join(methods_taking('kd_stop_epoch'))} only: {KD_STOP_HELP}.")
-@click.option("--aux-head", type=click.Choice(AUX_HEADS))
-@click.option("--grad-align/--no-grad-align", default=None,
-              help="dhkd only: gradient alignment as published (PCGrad over all parameter gradients): where the "
-                   "distillation gradient conflicts with the CE gradient, its component along the CE gradient is removed.")
-@click.option("--grad-align-features/--no-grad-align-features", default=None,
-              help="dhkd only: this project's per-sample variant (not the published algorithm): aligns only the "
-                   "gradient reaching the shared features, row by row. Excludes --grad-align.")
-@click.option("--kernels", type=click.Choice(BACKENDS), help="Fused Triton losses (CUDA) or the PyTorch reference.")
-@training_options
+@main.command("distill", cls=ConfigCommand, config_cls=TrainConfig, defaults=DISTILL_DEFAULTS, help=_distill_help(),
+              params=_params(TrainConfig, "distill", DISTILL_FIRST, extra=(RunStart,)))
 @user_errors
 def distill_cmd(config_file, resume, overwrite, **options):
     from .stages.distill import distill
 
     cfg = _train_config(config_file, DISTILL_DEFAULTS, resume=resume, overwrite=overwrite, **options)
-    _echo_json(_short(distill(cfg, resume=resume, overwrite=overwrite)))
+    _echo_json(_short(distill(cfg, resume=bool(resume), overwrite=bool(overwrite))))
 
 
 def _short(summary: dict) -> dict:
     return {k: v for k, v in summary.items() if k != "config"}
 
 
-@main.command("eval")
-@click.option("--model", required=True)
-@click.option("--weights", help=f"Model weights: {WEIGHTS_HELP}.")
-@click.option("--data", help=f"{DATA_HELP} Required.")
-@click.option("--batch-size", type=int, default=256, show_default=True)
-@click.option("--resolution", type=int, help="Input side in pixels (default: the run's recorded one, the weights' own, "
-              "else the data set's).")
+def _command(group, name: str, config_cls, **kwargs):
+    """A command whose options are ``config_cls``'s, each declared once, there."""
+    return group.command(name, cls=ConfigCommand, config_cls=config_cls, params=_params(config_cls, name), **kwargs)
+
+
+def _config(cls, options: dict):
+    return build_config(cls, None, given(options))
+
+
+@_command(main, "eval", EvalConfig)
 @user_errors
-def eval_cmd(model, weights, data, batch_size, resolution):
+def eval_cmd(**options):
     """Top-1 and top-5 accuracy on the validation split."""
     from .stages.evaluate import evaluate
 
-    _echo_json(evaluate(model, weights, data, batch_size, resolution=resolution))
+    cfg = _config(EvalConfig, options)
+    _echo_json(evaluate(cfg.model, cfg.weights, cfg.data, cfg.batch_size, resolution=cfg.resolution))
 
 
-@main.command("export")
-@click.argument("run", type=click.Path(file_okay=False))
-@click.option("--format", "fmt", type=click.Choice(EXPORT_FORMATS), default="onnx", show_default=True)
-@click.option("--out", help="Output file (default: RUN/model.onnx).")
-@click.option("--opset", type=int, help="ONNX opset (default: the exporter's recommended one).")
+@_command(main, "export", ExportConfig)
 @user_errors
-def export_cmd(run, fmt, out, opset):
+def export_cmd(**options):
     """Export a run's student (single head) for deployment; checks it against PyTorch.
 
     Training already writes RUN/model.safetensors; this adds an ONNX file with a dynamic batch
@@ -286,7 +243,8 @@ def export_cmd(run, fmt, out, opset):
     """
     from .stages.export import export_onnx
 
-    result = export_onnx(run, out, opset=opset)
+    cfg = _config(ExportConfig, options)
+    result = export_onnx(cfg.run, cfg.out, opset=cfg.opset)
     _echo_json(result)
     if result["ok"] is False:
         sys.exit(1)
@@ -329,26 +287,8 @@ def _echo_wrapped(items: list[str], width: int = 100):
         click.echo(line)
 
 
-@main.command("cache-teacher", cls=ConfigCommand, config_cls=CacheConfig)
-@click.option("--config", "config_file", type=click.Path(dir_okay=False))
-@click.option("--model", help="Teacher architecture (see `dhkd-pipe models`; timm:NAME for timm models).")
-@click.option("--weights", help=f"Teacher weights: {WEIGHTS_HELP}.")
-@click.option("--data", help=f"{DATA_HELP} Required; recorded in the store (absolute path).")
-@click.option("--views", type=int, help="Augmentation epochs (views per image) to record.")
-@click.option("--seed", type=int)
-@click.option("--out", help="Store path or URL, e.g. logits.zarr or s3://bucket/logits.zarr.")
-@click.option("--codec", type=click.Choice(CODECS))
-@click.option("--batch-size", type=int)
-@click.option("--precision", type=click.Choice(PRECISIONS))
-@click.option("--chunk-rows", type=int)
-@click.option("--resolution", type=int, help="View side in pixels (default: the teacher weights' own, else the data set's).")
-@click.option("--workers", type=int)
-@click.option("--channels-last/--no-channels-last", default=None, help="NHWC teacher and inputs.")
-@click.option("--compile/--no-compile", default=None, help="torch.compile the teacher (the first batches compile).")
-@click.option("--overwrite", is_flag=True, default=None,
-              help="Replace a logit store written by a different command (never a file or a folder that is not a logit store).")
-@click.option("--break-lock", is_flag=True,
-              help="Take over the store's lock held by a process on another host; only when you know that process is gone.")
+@main.command("cache-teacher", cls=ConfigCommand, config_cls=CacheConfig,
+              params=_params(CacheConfig, "cache-teacher", extra=(StoreLockOptions,)))
 @user_errors
 def cache_teacher_cmd(config_file, break_lock, **options):
     """Stage 1: run the teacher once over seeded views and write the logit store.
@@ -359,29 +299,26 @@ def cache_teacher_cmd(config_file, break_lock, **options):
     from .stages.cache_teacher import cache_teacher
 
     cfg = build_config(CacheConfig, config_file, options)
-    _echo_json(cache_teacher(cfg, break_lock=break_lock))
+    _echo_json(cache_teacher(cfg, break_lock=bool(break_lock)))
 
 
-@main.command("inspect")
-@click.argument("store")
-@click.option("--json", "as_json", is_flag=True)
-@click.option("--quick", is_flag=True, help="Check presence and sizes from one listing only, not the checksums "
-              "(which read every written object once).")
+@_command(main, "inspect", InspectConfig)
 @user_errors
-def inspect_cmd(store, as_json, quick):
+def inspect_cmd(**options):
     """What a logit store holds (STORE: a path or a URL such as s3://bucket/logits.zarr), and what
     of it is damaged: every written object is checked (present, and its CRC32C checksums right).
     A damaged store exits 1, with one line on stderr naming the fix."""
     from .cache import LogitCache
 
-    cache = LogitCache.open(store)
+    cfg = _config(InspectConfig, options)
+    cache = LogitCache.open(cfg.store)
     summary = cache.summary()
     # where the data is and how views become pixels: attributes stage 1 writes (older stores lack them)
     summary["data"] = cache.attrs.get("data_spec")
     summary["preprocessing"] = cache.attrs.get("preprocessing")
-    damaged = cache.damage(checksums=not quick)
+    damaged = cache.damage(checksums=not cfg.quick)
     summary["damaged"] = damaged
-    if as_json:
+    if cfg.as_json:
         _echo_json(summary)
     else:
         width = max(len(k) for k in summary)
@@ -393,43 +330,37 @@ def inspect_cmd(store, as_json, quick):
         sys.exit(1)
 
 
-@main.command("verify-cache")
-@click.argument("store")
-@click.option("--data", help="The store's data set, if it has moved (default: the spec the store records).")
-@click.option("--teacher-weights", help="The teacher's weights (default: those the store records; must be the same).")
-@click.option("--samples", type=int, default=256, show_default=True)
-@click.option("--tolerance", type=float, default=None, help="Largest allowed logit difference (default: from the codec).")
+@_command(main, "verify-cache", VerifyCacheConfig)
 @user_errors
-def verify_cache_cmd(store, data, teacher_weights, samples, tolerance):
+def verify_cache_cmd(**options):
     """Re-render sampled views, re-run the teacher and compare with the store (a path or a URL)."""
     from .stages.cache_teacher import verify_cache
 
-    result = verify_cache(store, data, teacher_weights, samples=samples, tolerance=tolerance)
+    cfg = _config(VerifyCacheConfig, options)
+    result = verify_cache(cfg.store, cfg.data, cfg.teacher_weights, samples=cfg.samples, tolerance=cfg.tolerance)
     _echo_json(result)
     if not result["ok"]:
         sys.exit(1)
 
 
-@main.command("report")
-@click.argument("runs", nargs=-1, required=True)
-@click.option("--out", default="report.png", show_default=True)
+@_command(main, "report", ReportConfig)
 @user_errors
-def report_cmd(runs, out):
+def report_cmd(**options):
     """Plot validation accuracy and training loss per epoch of runs; print a markdown table."""
     from .report import write_report
 
-    click.echo(write_report(list(runs), out))
+    cfg = _config(ReportConfig, options)
+    click.echo(write_report(list(cfg.runs), cfg.out))
 
 
-@main.command("quickstart")
-@click.option("--out", default="runs/quickstart", show_default=True)
-@click.option("--overwrite", is_flag=True)
+@_command(main, "quickstart", QuickstartConfig)
 @user_errors
-def quickstart_cmd(out, overwrite):
+def quickstart_cmd(**options):
     """The whole job on the bundled digits: teacher, cache, ce/kd/dhkd students, report."""
     from .stages.quickstart import quickstart
 
-    quickstart(out, overwrite=overwrite)
+    cfg = _config(QuickstartConfig, options)
+    quickstart(cfg.out, overwrite=cfg.overwrite)
 
 
 @main.group("bench")
@@ -437,76 +368,46 @@ def bench():
     """Benchmarks: print a table and write JSON."""
 
 
-@bench.command("cache")
-@click.option("--json", "json_path", default="bench_cache.json", show_default=True)
-@click.option("--model", default="resnet32x4", show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--steps", type=int, default=20, show_default=True)
-@click.option("--teacher-weights", help="A trained digits resnet8 teacher for the codec table (default: train one, ~30 s).")
+@_command(bench, "cache", CacheBenchConfig)
 @user_errors
-def bench_cache_cmd(json_path, model, batch_size, steps, teacher_weights):
+def bench_cache_cmd(**options):
     """Stage-1 images/s against the teacher's bare forward pass; bytes per logit per codec."""
     from .stages.bench import bench_cache
 
-    bench_cache(json_path, model=model, batch_size=batch_size, steps=steps, teacher_weights=teacher_weights)
+    cfg = _config(CacheBenchConfig, options)
+    bench_cache(cfg.json_path, model=cfg.model, batch_size=cfg.batch_size, steps=cfg.steps,
+                teacher_weights=cfg.teacher_weights)
 
 
-AB = AccuracyBenchConfig  # its defaults are the options' defaults
-
-
-@bench.command("accuracy")
-@click.option("--out", default=AB.out, show_default=True, help="Folder of the runs, the store and the results; re-running reuses what is finished.")
-@click.option("--data", default=AB.data, show_default=True, help="An in-memory data set (fashion-mnist, fashion-mnist:DIR, mnist:DIR, ...).")
-@click.option("--train-size", type=int, default=AB.train_size, show_default=True, help="A fixed stratified subset of the training split.")
-@click.option("--teacher", default=AB.teacher, show_default=True)
-@click.option("--student", default=AB.student, show_default=True)
-@click.option("--teacher-epochs", type=int, default=AB.teacher_epochs, show_default=True)
-@click.option("--epochs", type=int, default=AB.epochs, show_default=True, help="Student epochs (and the store's view-epochs).")
-@click.option("--seeds", type=int, default=AB.seeds, show_default=True, help="Seeds of the ce, kd and dhkd rows (the others: seed 0).")
-@click.option("--batch-size", type=int, default=AB.batch_size, show_default=True)
-@click.option("--lr", type=float, default=AB.lr, show_default=True)
-@click.option("--val-every", type=int, default=AB.val_every, show_default=True, help="Also validate every N epochs (0: the last only).")
-@click.option("--threads", type=int, default=AB.threads, show_default=True, help="torch threads (0: one per core).")
+@_command(bench, "accuracy", AccuracyBenchConfig)
 @user_errors
 def bench_accuracy_cmd(**options):
     """The paper's comparison in miniature: one teacher, one store, students by method and seed."""
     from .stages.bench_accuracy import bench_accuracy
 
-    result = bench_accuracy(AccuracyBenchConfig(**options))
+    result = bench_accuracy(_config(AccuracyBenchConfig, options))
     click.echo("\n" + result["markdown"] + f"\nwrote {', '.join(result['files'].values())}")
 
 
-@bench.command("distill")
-@click.option("--json", "json_path", default="bench_distill.json", show_default=True)
-@click.option("--teacher", default="resnet32x4", show_default=True)
-@click.option("--student", default="resnet8x4", show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--steps", type=int, default=30, show_default=True)
+@_command(bench, "distill", DistillBenchConfig)
 @user_errors
-def bench_distill_cmd(json_path, teacher, student, batch_size, steps):
+def bench_distill_cmd(**options):
     """Online vs cached DHKD vs the student alone; loader-only throughput."""
     from .stages.bench import bench_distill
 
-    bench_distill(json_path, teacher=teacher, student=student, batch_size=batch_size, steps=steps)
+    cfg = _config(DistillBenchConfig, options)
+    bench_distill(cfg.json_path, teacher=cfg.teacher, student=cfg.student, batch_size=cfg.batch_size, steps=cfg.steps)
 
 
-@bench.command("store")
-@click.option("--json", "json_path", default="bench_store.json", show_default=True)
-@click.option("--rows", type=int, default=100_000, show_default=True)
-@click.option("--classes", type=int, default=1000, show_default=True)
-@click.option("--chunk-rows", type=int, default=1024, show_default=True)
-@click.option("--codec", type=click.Choice(CODECS), default="fp16", show_default=True)
-@click.option("--batch-size", type=int, default=256, show_default=True, help="Rows per step when streaming, as stage 2 cuts them.")
-@click.option("--url", "urls", multiple=True, help="Also measure a store at this URL or path (s3://bucket/x.zarr); it is deleted afterwards.")
-@click.option("--s3-local", is_flag=True, help="Also measure against a moto S3 server this command starts on 127.0.0.1.")
-@click.option("--local/--no-local", default=True, show_default=True, help="Measure a store in a temporary folder on local disk.")
+@_command(bench, "store", StoreBenchConfig)
 @user_errors
-def bench_store_cmd(json_path, rows, classes, chunk_rows, codec, batch_size, urls, s3_local, local):
+def bench_store_cmd(**options):
     """Store write and read rows/s of one process (stage 1's writer, stage 2's streaming), local and at URLs."""
     from .stages.bench import bench_store
 
-    bench_store(json_path, rows=rows, classes=classes, chunk_rows=chunk_rows, codec=codec, batch_size=batch_size,
-                urls=tuple(urls), s3_local=s3_local, local=local)
+    cfg = _config(StoreBenchConfig, options)
+    bench_store(cfg.json_path, rows=cfg.rows, classes=cfg.classes, chunk_rows=cfg.chunk_rows, codec=cfg.codec,
+                batch_size=cfg.batch_size, urls=tuple(cfg.urls), s3_local=cfg.s3_local, local=cfg.local)
 
 
 if __name__ == "__main__":

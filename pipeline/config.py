@@ -1,31 +1,55 @@
 """Run configuration: plain data read from YAML, overridden from the command line.
 
-The names a setting may take are declared by the module that owns them and imported here:
-codecs by the store (``cache.CODECS``), aux heads by ``models.dual_head.AUX_HEADS``, loss
-backends and kd losses by ``losses`` (``BACKENDS``, ``KD_LOSSES``). The
-precisions are declared here: they are Accelerate's ``mixed_precision`` values, and both stages
-pass them to ``engine.make_accelerator``.
+Each option is declared once, here, as a field with its flag, help and choices in its metadata
+(``options.option``); the CLI's options are generated from these fields, YAML recipes use their
+names, and a method's options come from the method classes' own fields (``methods``). The names a
+setting may take are declared by the module that owns them, in torch-free modules: codecs
+(``codecs.CODECS``), aux heads (``models.aux_heads.AUX_HEADS``), loss backends and kd losses
+(``loss_names``), data sets (``data.DATA_SETS``). The precisions are declared here: they are
+Accelerate's ``mixed_precision`` values, and both stages pass them to ``engine.make_accelerator``.
+This module imports no torch: the CLI's help and usage errors cost nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import yaml
 
-from .cache import CODECS
+from .codecs import CODECS
 from .errors import DhkdError
-from .losses import BACKENDS, KD_LOSSES
-from .models.dual_head import AUX_HEADS
+from .loss_names import BACKENDS, KD_LOSS_NAMES
+from .methods import METHODS, method_option_fields
+from .models.aux_heads import AUX_HEADS
+from .options import option
 
 PRECISIONS = ("no", "bf16", "fp16")  # Accelerate's mixed_precision ("no": float32)
 EXPORT_FORMATS = ("onnx",)  # `dhkd-pipe export`; training itself writes model.pt and model.safetensors
 
+WEIGHTS_HELP = ("a checkpoint file, or a published weight's name (torchvision: DEFAULT, IMAGENET1K_V2, ...; "
+                "timm: pretrained or a tag); default: the architecture's published weights, fetched into the "
+                "torch hub / Hugging Face cache when online (KD-zoo models have none)")
+
+
+def data_help(extra: str = "") -> str:
+    """``--data``'s help, from the data sets ``data`` declares."""
+    from .data import DATA_SETS, SUBSET_MARK
+
+    return (f"{' | '.join(DATA_SETS)}; SPEC{SUBSET_MARK}N: a fixed stratified subset of N training images."
+            + (f" {extra}" if extra else ""))
+
+
+# A method's options (gamma, alpha, ...), declared by the method classes' own fields: None means the
+# chosen method's default. TrainConfig inherits them.
+MethodOptions = dataclasses.make_dataclass("MethodOptions", method_option_fields())
+
+_DISTILL = ("distill",)  # options of distillation only (not train-teacher)
+
 
 @dataclass
-class TrainConfig:
+class TrainConfig(MethodOptions):
     """Everything a training run (teacher, online or cached distillation) depends on.
 
     The method's options (``gamma``, ``alpha``, ``beta``, ``temperature``, ``kd_loss``,
@@ -35,42 +59,47 @@ class TrainConfig:
     set.
     """
 
-    data: str | None = None
-    model: str = "resnet8"
-    method: str = "ce"
-    teacher: str | None = None
-    teacher_weights: str | None = None
-    cache: str | None = None
-    kd_loss: str | None = None
-    alpha: float | None = None
-    gamma: float | None = None
-    beta: float | None = None
-    temperature: float | None = None
-    warmup_epochs: int | None = None
-    kd_stop_epoch: int | None = None  # kd, dhkd: alpha 0 from this 1-based epoch on (0/None: never)
-    aux_head: str = "linear"
-    grad_align: bool = False  # the published PCGrad over parameter gradients (dhkd_pipe.grad_align)
-    grad_align_features: bool = False  # this project's per-sample feature variant (AlignedSplit)
-    epochs: int = 240
-    batch_size: int = 64
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    lr_milestones: list[int] = field(default_factory=lambda: [150, 180, 210])
-    lr_decay: float = 0.1
-    precision: str = "no"
-    kernels: str = "auto"
-    seed: int = 0
-    workers: int = 2
-    out: str = "runs/run"
-    checkpoint_every: int = 0
-    val_every: int = 1  # validate after every N-th epoch and after the last; 0: after the last only
-    max_steps: int = 0
-    log_with: str | None = None  # Accelerate trackers, comma-separated: tensorboard, wandb, ...
-    channels_last: bool = False  # NHWC student (and online teacher) and inputs
-    compile: bool = False  # torch.compile of the student (through Accelerate)
-    resolution: int | None = None  # input side; None: the store's, else the data set's default
-    max_nonfinite: int = 0  # steps with a non-finite loss skipped (no update) before the run stops
+    data: str | None = option(None, data_help("Required, except for distill --cache (the store records it)."))
+    model: str = option("resnet8", "Architecture (see `dhkd-pipe models`).",
+                        per_command={"distill": {"flag": "--student", "help": "Student architecture."}})
+    method: str = option("ce", "Distillation method (see above).", choices=tuple(METHODS), commands=_DISTILL)
+    teacher: str | None = option(None, "Teacher architecture (online distillation).", commands=_DISTILL)
+    teacher_weights: str | None = option(None, f"Teacher weights (online distillation): {WEIGHTS_HELP}.", commands=_DISTILL)
+    cache: str | None = option(None, "Stage-1 logit store (a path or a URL: s3://, gs://, file://): distil with no "
+                               "teacher forward pass.", commands=_DISTILL)
+    aux_head: str = option("linear", choices=AUX_HEADS, commands=_DISTILL)
+    # the published PCGrad over parameter gradients (dhkd_pipe.grad_align)
+    grad_align: bool = option(False, "dhkd only: gradient alignment as published (PCGrad over all parameter gradients): "
+                              "where the distillation gradient conflicts with the CE gradient, its component along the "
+                              "CE gradient is removed.", switch=True, commands=_DISTILL)
+    # this project's per-sample feature variant (AlignedSplit)
+    grad_align_features: bool = option(False, "dhkd only: this project's per-sample variant (not the published algorithm): "
+                                       "aligns only the gradient reaching the shared features, row by row. Excludes "
+                                       "--grad-align.", switch=True, commands=_DISTILL)
+    kernels: str = option("auto", "Fused Triton losses (CUDA) or the PyTorch reference.", choices=BACKENDS, commands=_DISTILL)
+    out: str = option("runs/run", "Run folder.")
+    epochs: int = option(240)
+    batch_size: int = option(64)
+    lr: float = option(0.05)
+    momentum: float = option(0.9)
+    weight_decay: float = option(5e-4)
+    lr_milestones: list[int] = option(help="Epochs at which the learning rate decays, e.g. 150,180,210.",
+                                      default_factory=lambda: [150, 180, 210])
+    lr_decay: float = option(0.1)
+    precision: str = option("no", choices=PRECISIONS)
+    seed: int = option(0)
+    workers: int = option(2, "Loader worker processes (DALI).")
+    checkpoint_every: int = option(0, "Also checkpoint every N steps within an epoch.")
+    val_every: int = option(1, "Validate after every N-th epoch and after the last (0: the last only; default 1).")
+    max_steps: int = option(0, "Stop (with a checkpoint) after N steps; for smoke runs and benchmarks.")
+    resolution: int | None = option(None, "Input side in pixels (default: the store's, else the data set's: 32 for the "
+                                    "in-memory sets, 224 for image folders); the model must take it.")
+    max_nonfinite: int = option(0, "Skip up to N steps whose loss is not finite (no update) before the run stops "
+                                "(default 0: stop at the first).")
+    log_with: str | None = option(None, "Experiment trackers (Accelerate's), comma-separated: tensorboard, wandb, "
+                                  "mlflow, ...; they get the per-epoch metrics of metrics.jsonl.")
+    channels_last: bool = option(False, "NHWC weights and inputs (faster convolutions on tensor-core GPUs).", switch=True)
+    compile: bool = option(False, "torch.compile the student (through Accelerate; the first steps compile).", switch=True)
 
     def validate(self) -> "TrainConfig":
         def choose(name, value, allowed):
@@ -80,7 +109,7 @@ class TrainConfig:
         choose("precision", self.precision, PRECISIONS)
         choose("kernels", self.kernels, BACKENDS)
         if self.kd_loss is not None:
-            choose("kd_loss", self.kd_loss, tuple(KD_LOSSES))
+            choose("kd_loss", self.kd_loss, KD_LOSS_NAMES)
         choose("aux_head", self.aux_head, AUX_HEADS)
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
@@ -114,21 +143,24 @@ class CacheConfig:
     ``pretrained``); KD-zoo models have none and need a file.
     """
 
-    data: str | None = None
-    model: str = "resnet32x4"
-    weights: str | None = None
-    views: int = 8
-    seed: int = 0
-    out: str = "logits.zarr"
-    codec: str = "fp16"
-    batch_size: int = 256
-    precision: str = "no"
-    chunk_rows: int = 1024
-    resolution: int | None = None
-    workers: int = 2
-    channels_last: bool = False  # NHWC teacher and inputs
-    compile: bool = False  # torch.compile of the teacher
-    overwrite: bool = False
+    model: str = option("resnet32x4", "Teacher architecture (see `dhkd-pipe models`; timm:NAME for timm models).",
+                        record=True)
+    weights: str | None = option(None, f"Teacher weights: {WEIGHTS_HELP}.", record=True)
+    data: str | None = option(None, data_help("Required; recorded in the store (absolute path)."), record=True)
+    views: int = option(8, "Augmentation epochs (views per image) to record.", record=True)
+    seed: int = option(0, record=True)
+    out: str = option("logits.zarr", "Store path or URL, e.g. logits.zarr or s3://bucket/logits.zarr.")
+    codec: str = option("fp16", choices=CODECS, record=True)
+    batch_size: int = option(256)
+    chunk_rows: int = option(1024, record=True)
+    precision: str = option("no", choices=PRECISIONS, record=True)
+    resolution: int | None = option(None, "View side in pixels (default: the teacher weights' own, else the data set's).",
+                                    record=True)
+    workers: int = option(2)
+    channels_last: bool = option(False, "NHWC teacher and inputs.", switch=True)
+    compile: bool = option(False, "torch.compile the teacher (the first batches compile).", switch=True)
+    overwrite: bool = option(False, "Replace a logit store written by a different command (never a file or a folder "
+                             "that is not a logit store).", is_flag=True)
 
     def validate(self) -> "CacheConfig":
         if self.codec not in CODECS:
@@ -159,18 +191,18 @@ def missing_data(extra: str = "") -> str:
 class AccuracyBenchConfig:
     """``dhkd-pipe bench accuracy``: the defaults made the table in the README (about 30 minutes on 2 cores)."""
 
-    out: str = "bench_accuracy"
-    data: str = "fashion-mnist"
-    train_size: int = 6000
-    teacher: str = "resnet20"
-    student: str = "resnet8"
-    teacher_epochs: int = 12
-    epochs: int = 12
-    seeds: int = 3
-    batch_size: int = 64
-    lr: float = 0.05
-    val_every: int = 4
-    threads: int = 0  # torch threads; 0: one per core
+    out: str = option("bench_accuracy", "Folder of the runs, the store and the results; re-running reuses what is finished.")
+    data: str = option("fashion-mnist", "An in-memory data set (fashion-mnist, fashion-mnist:DIR, mnist:DIR, ...).")
+    train_size: int = option(6000, "A fixed stratified subset of the training split.")
+    teacher: str = option("resnet20")
+    student: str = option("resnet8")
+    teacher_epochs: int = option(12)
+    epochs: int = option(12, "Student epochs (and the store's view-epochs).")
+    seeds: int = option(3, "Seeds of the ce, kd and dhkd rows (the others: seed 0).")
+    batch_size: int = option(64)
+    lr: float = option(0.05)
+    val_every: int = option(4, "Also validate every N epochs (0: the last only).")
+    threads: int = option(0, "torch threads (0: one per core).")
 
     def validate(self) -> "AccuracyBenchConfig":
         for name in ("train_size", "teacher_epochs", "epochs", "seeds", "batch_size"):
@@ -190,6 +222,120 @@ class AccuracyBenchConfig:
         return dataclasses.asdict(self)
 
 
+@dataclass
+class RunStart:
+    """How a training command treats an existing run in ``--out`` (not part of the run's config)."""
+
+    resume: bool = option(False, "Continue the run in --out exactly where it stopped.", is_flag=True)
+    overwrite: bool = option(False, "Replace a finished or stopped run in --out.", is_flag=True)
+
+
+@dataclass
+class StoreLockOptions:
+    """``cache-teacher``'s handling of another writer's lock (not part of the store's config)."""
+
+    break_lock: bool = option(False, "Take over the store's lock held by a process on another host; only when you know "
+                              "that process is gone.", is_flag=True)
+
+
+@dataclass
+class EvalConfig:
+    """``dhkd-pipe eval``."""
+
+    model: str | None = option(None, required=True)
+    weights: str | None = option(None, f"Model weights: {WEIGHTS_HELP}.")
+    data: str | None = option(None, data_help("Required."))
+    batch_size: int = option(256)
+    resolution: int | None = option(None, "Input side in pixels (default: the run's recorded one, the weights' own, "
+                                    "else the data set's).")
+
+
+@dataclass
+class ExportConfig:
+    """``dhkd-pipe export``."""
+
+    run: str | None = option(None, argument=True, required=True)
+    fmt: str = option("onnx", choices=EXPORT_FORMATS, flag="--format")
+    out: str | None = option(None, "Output file (default: RUN/model.onnx).")
+    opset: int | None = option(None, "ONNX opset (default: the exporter's recommended one).")
+
+
+@dataclass
+class InspectConfig:
+    """``dhkd-pipe inspect``."""
+
+    store: str | None = option(None, argument=True, required=True)
+    as_json: bool = option(False, flag="--json", is_flag=True)
+    quick: bool = option(False, "Check presence and sizes from one listing only, not the checksums (which read every "
+                         "written object once).", is_flag=True)
+
+
+@dataclass
+class VerifyCacheConfig:
+    """``dhkd-pipe verify-cache``."""
+
+    store: str | None = option(None, argument=True, required=True)
+    data: str | None = option(None, "The store's data set, if it has moved (default: the spec the store records).")
+    teacher_weights: str | None = option(None, "The teacher's weights (default: those the store records; must be the same).")
+    samples: int = option(256)
+    tolerance: float | None = option(None, "Largest allowed logit difference (default: from the codec).")
+
+
+@dataclass
+class ReportConfig:
+    """``dhkd-pipe report``."""
+
+    runs: tuple = option((), argument=True, nargs=-1, required=True)
+    out: str = option("report.png")
+
+
+@dataclass
+class QuickstartConfig:
+    """``dhkd-pipe quickstart``."""
+
+    out: str = option("runs/quickstart")
+    overwrite: bool = option(False, is_flag=True)
+
+
+@dataclass
+class CacheBenchConfig:
+    """``dhkd-pipe bench cache``."""
+
+    json_path: str = option("bench_cache.json", flag="--json")
+    model: str = option("resnet32x4")
+    batch_size: int = option(64)
+    steps: int = option(20)
+    teacher_weights: str | None = option(None, "A trained digits resnet8 teacher for the codec table (default: train "
+                                         "one, ~30 s).")
+
+
+@dataclass
+class DistillBenchConfig:
+    """``dhkd-pipe bench distill``."""
+
+    json_path: str = option("bench_distill.json", flag="--json")
+    teacher: str = option("resnet32x4")
+    student: str = option("resnet8x4")
+    batch_size: int = option(64)
+    steps: int = option(30)
+
+
+@dataclass
+class StoreBenchConfig:
+    """``dhkd-pipe bench store``."""
+
+    json_path: str = option("bench_store.json", flag="--json")
+    rows: int = option(100_000)
+    classes: int = option(1000)
+    chunk_rows: int = option(1024)
+    codec: str = option("fp16", choices=CODECS)
+    batch_size: int = option(256, "Rows per step when streaming, as stage 2 cuts them.")
+    urls: tuple = option((), "Also measure a store at this URL or path (s3://bucket/x.zarr); it is deleted afterwards.",
+                         flag="--url", multiple=True)
+    s3_local: bool = option(False, "Also measure against a moto S3 server this command starts on 127.0.0.1.", is_flag=True)
+    local: bool = option(True, "Measure a store in a temporary folder on local disk.", switch=True)
+
+
 def build_config(cls, config_file: str | None, overrides: dict, defaults: dict | None = None):
     """Defaults, then the YAML file, then the command line's options (those not None)."""
     values = dict(defaults or {})
@@ -202,7 +348,8 @@ def build_config(cls, config_file: str | None, overrides: dict, defaults: dict |
         raise DhkdError(f"unknown config option(s): {', '.join(unknown)}")
     for name, value in values.items():
         values[name] = _coerce(name, value, known[name].type)
-    return cls(**values).validate()
+    cfg = cls(**values)
+    return cfg.validate() if hasattr(cfg, "validate") else cfg
 
 
 def read_recipe(config_file: str) -> dict:
@@ -246,6 +393,8 @@ def _coerce(name, value, annotation):
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
             return int(value)
+        if kind.startswith("tuple"):
+            return tuple(value) if isinstance(value, (list, tuple)) else (value,)
         if kind.startswith("list"):
             if isinstance(value, str):
                 value = [v for v in value.replace(",", " ").split() if v]

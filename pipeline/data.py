@@ -17,13 +17,15 @@ import os
 import pickle
 import zlib
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Iterator, Protocol, runtime_checkable
 
 import numpy as np
-import torch
 
 from .errors import DhkdError
 from .views import ViewPlan, validation_views
+
+if TYPE_CHECKING:  # torch is imported where data is loaded, so the CLI's help (DATA_SETS) stays light
+    import torch
 
 DATA_SETS = ("digits", "fashion-mnist", "fashion-mnist:DIR", "mnist:DIR", "cifar10:DIR", "cifar100:DIR", "imagefolder:DIR")
 # ``SPEC@N``: a fixed stratified subset of N training images of an in-memory data set.
@@ -159,6 +161,8 @@ class InMemoryData:
         Validation split and normalisation stay those of the whole data set, so a subset changes
         only how many images are trained on; the fingerprint follows the subset's bytes.
         """
+        import torch
+
         keep = torch.from_numpy(stratified_subset(self.train_labels.cpu().numpy(), size, self.num_classes))
         return dataclasses.replace(
             self,
@@ -253,6 +257,8 @@ def load_data(spec: str) -> Dataset:
 
 def load_digits() -> InMemoryData:
     """scikit-learn's bundled 8x8 digits, upsampled x4 to 32x32 RGB; fixed stratified 80/20 split."""
+    import torch
+
     from sklearn.datasets import load_digits as sk_digits
     from sklearn.model_selection import train_test_split
 
@@ -358,6 +364,8 @@ def load_mnist(kind: str, root: str) -> InMemoryData:
     The 28x28 grey images are zero-padded to 32x32 and repeated to 3 channels; the normalisation is
     the mean and std of the padded training images (what the network sees), rounded to 4 places.
     """
+    import torch
+
     if not os.path.isdir(root):
         hint = " (install Debian's dataset-fashion-mnist or use fashion-mnist:DIR)" if root == FASHION_MNIST_DIR else ""
         raise DhkdError(f"{kind} folder not found: {root}{hint}")
@@ -422,6 +430,8 @@ def _cifar_arrays(path: str, label_key: str):
 
 def load_cifar(kind: str, root: str) -> InMemoryData:
     """The python-pickle CIFAR release: ``DIR`` or ``DIR/cifar-10-batches-py`` / ``DIR/cifar-100-python``."""
+    import torch
+
     if not os.path.isdir(root):
         raise DhkdError(f"{kind} folder not found: {root}")
     sub = "cifar-10-batches-py" if kind == "cifar10" else "cifar-100-python"
@@ -462,6 +472,8 @@ class InMemoryViews:
     """
 
     def __init__(self, data: InMemoryData, plan: ViewPlan):
+        import torch
+
         if plan.policy != "pad_crop_flip":
             raise DhkdError(f"in-memory data sets replay pad_crop_flip views, not {plan.policy}")
         self.data, self.plan = data, plan
@@ -471,6 +483,8 @@ class InMemoryViews:
         self.inv_std = 1 / (torch.tensor(std, device=device).view(1, 3, 1, 1) * 255)
 
     def render(self, images: torch.Tensor, indices, views) -> torch.Tensor:
+        import torch
+
         device = images.device
         idx = torch.as_tensor(indices, device=device, dtype=torch.long)
         v = torch.as_tensor(views, device=device, dtype=torch.long)

@@ -20,8 +20,7 @@ import torch.nn.functional as F
 
 from .errors import DhkdError
 from .kernels import triton_available
-
-BACKENDS = ("auto", "triton", "torch")
+from .loss_names import BACKENDS, KD_LOSS_NAMES
 _FLOAT_TEACHER = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -186,11 +185,7 @@ def dist_loss(s: torch.Tensor, t: torch.Tensor, T: float, beta: float = 1.0, gam
     return beta * inter + gamma * intra
 
 
-KD_LOSSES = {
-    "kd": kd_loss,
-    "binary_kl": binary_kl_loss,
-    "binary_kl_norm": binary_kl_norm_loss,
-}
+KD_LOSSES = {name: globals()[f"{name}_loss"] for name in KD_LOSS_NAMES}  # each name's loss is NAME_loss
 
 
 def get_kd_loss(name: str):

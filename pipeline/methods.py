@@ -22,16 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
-
-from . import losses
 from .errors import DhkdError
-from .losses import KD_LOSSES, dhkd_terms
+from .loss_names import KD_LOSS_NAMES
 
-# the config options a method may own (TrainConfig fields); None there means "the method's default"
-OPTIONS = ("gamma", "alpha", "beta", "temperature", "kd_loss", "warmup_epochs", "kd_stop_epoch")
+if TYPE_CHECKING:  # the losses (torch) are imported where a batch is computed, so --help stays light
+    import torch
+
 BINARY_KL_LOSSES = ("binary_kl_norm", "binary_kl")
 
 
@@ -82,6 +80,8 @@ class Method:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "backend"}
 
     def _fused(self, head_ce, head_kd, teacher, target, teacher_scale, kd_loss, alpha=None):
+        from .losses import dhkd_terms
+
         alpha = self.alpha if alpha is None else alpha
         ce, kd = dhkd_terms(
             head_ce, head_kd, teacher, target, temperature=self.temperature, alpha=alpha, gamma=self.gamma,
@@ -103,6 +103,8 @@ class CE(Method):
     gamma: float = 1.0
 
     def terms(self, outputs, target, teacher=None, teacher_scale=None, epoch=0):
+        from . import losses
+
         ce = self.gamma * losses.cross_entropy(outputs, target, backend=self.backend)
         return {"ce": ce, "total": ce}
 
@@ -172,6 +174,8 @@ class DKD(Method):
         return min(1.0, (epoch + 1) / self.warmup_epochs) if self.warmup_epochs else 1.0
 
     def terms(self, outputs, target, teacher=None, teacher_scale=None, epoch=0):
+        from . import losses
+
         t = losses.dequantize(teacher, teacher_scale)
         tckd, nckd = losses.dkd_terms(outputs, t, target, self.temperature)
         warm = self.warmup(epoch)
@@ -239,13 +243,13 @@ class DHKD(Method):
     gamma: float = 1.0
     alpha: float = 1.0
     temperature: float = 2.0
-    kd_loss: str = "binary_kl_norm"
+    kd_loss: str = dataclasses.field(default="binary_kl_norm", metadata={"choices": KD_LOSS_NAMES})
     kd_stop_epoch: int | None = None
 
     def __post_init__(self):
         super().__post_init__()
-        if self.kd_loss not in KD_LOSSES:
-            raise DhkdError(f"unknown kd_loss {self.kd_loss!r}; choose one of: {', '.join(KD_LOSSES)}")
+        if self.kd_loss not in KD_LOSS_NAMES:
+            raise DhkdError(f"unknown kd_loss {self.kd_loss!r}; choose one of: {', '.join(KD_LOSS_NAMES)}")
         _check_kd_stop(self)
 
     def terms(self, outputs, target, teacher=None, teacher_scale=None, epoch=0):
@@ -285,6 +289,8 @@ class DIST(Method):
     temperature: float = 1.0
 
     def terms(self, outputs, target, teacher=None, teacher_scale=None, epoch=0):
+        from . import losses
+
         inter, intra = losses.dist_terms(outputs, losses.dequantize(teacher, teacher_scale), self.temperature)
         inter, intra = self.alpha * inter, self.beta * intra
         ce = self.gamma * losses.cross_entropy(outputs, target, backend=self.backend)
@@ -293,6 +299,10 @@ class DIST(Method):
 
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (CE, KD, DKD, BinaryKL, DHKD, DIST)}
+# the config options the methods own (TrainConfig fields, from the methods' own fields); None there
+# means "the chosen method's default"
+OPTIONS: tuple[str, ...] = tuple(dict.fromkeys(
+    f.name for cls in METHODS.values() for f in dataclasses.fields(cls) if f.name != "backend"))
 
 
 def get_method(name: str) -> type[Method]:
@@ -329,8 +339,26 @@ def methods_taking(option: str) -> tuple[str, ...]:
     return tuple(name for name, cls in METHODS.items() if option in option_names(cls))
 
 
+def method_option_fields() -> list[tuple]:
+    """``(name, type, field)`` of each option of ``OPTIONS`` for ``dataclasses.make_dataclass``: the
+    methods' own type (``float``) made optional, default None, with its help and choices."""
+    from .options import option
+
+    out = []
+    for name in OPTIONS:
+        declared = [f for cls in METHODS.values() for f in dataclasses.fields(cls) if f.name == name]
+        kind = str(declared[0].type).replace(" | None", "")
+        choices = next((f.metadata["choices"] for f in declared if "choices" in f.metadata), None)
+        out.append((name, f"{kind} | None", option(None, option_help(name), choices=choices, commands=("distill",))))
+    return out
+
+
 def option_help(option: str) -> str:
-    """What ``option`` means for each method that takes it, with the default: for ``--help``."""
+    """What ``option`` means for each method that takes it, with the default: for ``--help``; one
+    text shared by every method that takes it is said once (``kd, dhkd only: ...``)."""
+    texts = {cls.knobs[option] for cls in METHODS.values() if option in cls.knobs}
+    if len(texts) == 1 and option_defaults(METHODS[methods_taking(option)[0]])[option] is None:
+        return f"{', '.join(methods_taking(option))} only: {texts.pop()}."
     parts = []
     for cls in METHODS.values():
         if option in cls.knobs:

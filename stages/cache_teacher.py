@@ -26,6 +26,7 @@ from dhkd_pipe.console import log_line
 from dhkd_pipe.data import Dataset, Renderer, absolute_spec, load_data, load_store_data
 from dhkd_pipe.engine import evaluate, make_accelerator, memory_format
 from dhkd_pipe.errors import DhkdError
+from dhkd_pipe.options import flag_of, option_fields
 from dhkd_pipe.models import check_finite_weights, check_input_size, create_model, load_checkpoint, resolve_weights
 from dhkd_pipe.store import StoreObjects, open_store
 from dhkd_pipe.store_lock import LOCK_KEY, StoreLock
@@ -236,18 +237,17 @@ def _remove_unwritten(objects: StoreObjects):
 
 
 def command_line(cfg: CacheConfig, data_spec: str) -> str:
-    """The cache-teacher command that writes (and repairs) this store, as a shell line, but for
-    ``--out`` (the store records no location of its own: it may be copied or moved)."""
+    """The cache-teacher command that writes (and repairs) this store, as a shell line: the options
+    ``CacheConfig`` marks as recorded (``record=True``), all but ``--out`` (the store records no
+    location of its own: it may be copied or moved) and those unset."""
     weights = cfg.weights
     if weights and os.path.isfile(weights):
         weights = os.path.abspath(weights)
-    args = ["dhkd-pipe", "cache-teacher", "--model", cfg.model]
-    if weights:
-        args += ["--weights", weights]
-    args += ["--data", data_spec, "--views", cfg.views, "--seed", cfg.seed, "--codec", cfg.codec, "--chunk-rows", cfg.chunk_rows,
-             "--precision", cfg.precision]
-    if cfg.resolution:
-        args += ["--resolution", cfg.resolution]
+    values = {**{f.name: getattr(cfg, f.name) for f in option_fields(CacheConfig)}, "weights": weights, "data": data_spec}
+    args = ["dhkd-pipe", "cache-teacher"]
+    for f in option_fields(CacheConfig):
+        if f.metadata["option"]["record"] and values[f.name] not in (None, ""):
+            args += [flag_of(f), values[f.name]]
     return shlex.join(str(a) for a in args)
 
 

@@ -12,17 +12,18 @@ import os
 
 import pytest
 
-from dhkd_pipe import cache, cli, codecs, config, losses, methods, views
-from dhkd_pipe.models import dual_head
+from dhkd_pipe import cache, cli, codecs, config, data, loss_names, losses, methods, views
+from dhkd_pipe.models import aux_heads, dual_head
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # name list -> the module that declares it, and that module's file
 OWNERS = {
-    "BACKENDS": (losses, "pipeline/losses.py"),
-    "KD_LOSSES": (losses, "pipeline/losses.py"),  # a dict of the losses: its keys are the names
+    "BACKENDS": (loss_names, "pipeline/loss_names.py"),
+    "KD_LOSS_NAMES": (loss_names, "pipeline/loss_names.py"),  # losses.KD_LOSSES: a dict built from it
     "CODECS": (codecs, "pipeline/codecs.py"),
-    "AUX_HEADS": (dual_head, "pipeline/models/dual_head.py"),
+    "AUX_HEADS": (aux_heads, "pipeline/models/aux_heads.py"),
+    "DATA_SETS": (data, "pipeline/data.py"),
     "PRECISIONS": (config, "pipeline/config.py"),
     "POLICIES": (views, "pipeline/views.py"),
 }

@@ -1,17 +1,24 @@
 """The model zoo: ``create_model(name, num_classes)`` for every architecture, ``DualHead``,
-and checkpoint loading. Importing this package registers every family."""
+and checkpoint loading.
 
-from . import cifar_resnet, mobilenetv1, mobilenetv2, resnetv2, shufflenetv1, shufflenetv2, vgg, wrn  # noqa: F401
-from . import torchvision_models  # noqa: F401  (last: it skips names the KD zoo already uses)
-from .checkpoint import check_finite_weights, load_checkpoint, read_state_dict
-from . import timm_models  # noqa: F401  (the timm: family; timm itself is imported on first use)
-from .dual_head import DualHead
-from .pretrained import WeightsSource, file_digest, resolve_weights
-from .registry import (check_input_size, create_model, default_weights, list_families, list_models, model_input_size,
-                       register_model, torchvision_arch)
+The names below are imported on first use (PEP 562), so importing a torch-free module of this
+package (``aux_heads``) costs nothing; the registry imports the families at its first look-up."""
 
-__all__ = [
-    "check_input_size", "create_model", "list_models", "list_families", "model_input_size", "register_model", "torchvision_arch",
-    "default_weights", "resolve_weights", "WeightsSource",
-    "DualHead", "check_finite_weights", "load_checkpoint", "read_state_dict", "file_digest",
-]
+import importlib
+
+_HOMES = {
+    "check_input_size": "registry", "create_model": "registry", "default_weights": "registry",
+    "list_families": "registry", "list_models": "registry", "model_input_size": "registry",
+    "register_model": "registry", "torchvision_arch": "registry",
+    "check_finite_weights": "checkpoint", "load_checkpoint": "checkpoint", "read_state_dict": "checkpoint",
+    "DualHead": "dual_head",
+    "WeightsSource": "pretrained", "file_digest": "pretrained", "resolve_weights": "pretrained",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name):
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)

@@ -14,8 +14,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import DhkdError
-
-AUX_HEADS = ("linear", "nonlinear")
+from .aux_heads import AUX_HEADS
 
 
 class AlignedSplit(torch.autograd.Function):

@@ -10,6 +10,7 @@ Families too large to list (timm's) register a name prefix with ``register_famil
 from __future__ import annotations
 
 import difflib
+import importlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -49,6 +50,18 @@ _REGISTRY: dict[str, ModelEntry] = {}
 # Families registered at the first look-up instead of at import: importing torchvision takes
 # seconds, and the CLI imports this package for its option choices.
 _DEFERRED: list[Callable[[], None]] = []
+# The families register themselves when imported, at the registry's first look-up; torchvision's
+# last, as it skips the names the KD zoo already uses.
+FAMILY_MODULES = ("cifar_resnet", "mobilenetv1", "mobilenetv2", "resnetv2", "shufflenetv1", "shufflenetv2", "vgg", "wrn",
+                  "torchvision_models", "timm_models")
+
+
+def _import_families() -> None:
+    for module in FAMILY_MODULES:
+        importlib.import_module(f"{__package__}.{module}")
+
+
+_DEFERRED.append(_import_families)
 
 
 def register_deferred(register: Callable[[], None]) -> None:
@@ -85,6 +98,7 @@ def register_family(family: ModelFamily):
 
 
 def list_families() -> list[ModelFamily]:
+    _complete()
     return list(_FAMILIES.values())
 
 
@@ -169,6 +183,7 @@ def torchvision_arch(name: str) -> str | None:
 
 def model_family(name: str) -> str | None:
     """The registered family prefix of ``name`` (``timm`` for ``timm:NAME``), else None."""
+    _complete()
     prefix, sep, _ = name.partition(":") if isinstance(name, str) else ("", "", "")
     return prefix if sep and prefix in _FAMILIES else None
 
