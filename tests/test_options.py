@@ -112,6 +112,7 @@ print("HEAVY", ",".join(heavy), "EXIT", code, file=sys.stderr)
     (["train-teacher", "--help"], 0),
     (["eval", "--help"], 0),
     (["bench", "store", "--help"], 0),
+    (["models"], 0),  # the names from models/catalog.py, no model module imported
     (["distill", "--method", "nope"], 2),  # a bad choice
     (["eval", "--data", "digits"], 2),  # a missing required option
 ])
@@ -120,3 +121,20 @@ def test_help_and_usage_errors_import_no_torch(args, code):
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     line = [ln for ln in result.stderr.splitlines() if ln.startswith("HEAVY")][-1]
     assert line == f"HEAVY  EXIT {code}", result.stderr
+
+
+def test_the_catalog_lists_the_installed_torchvision_architectures():
+    import torchvision
+
+    from dhkd_pipe.models.catalog import TORCHVISION_ARCHS
+
+    assert list(TORCHVISION_ARCHS) == sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def test_every_catalog_entry_names_an_existing_builder():
+    import importlib
+
+    from dhkd_pipe.models.catalog import CATALOG
+
+    for name, arch in CATALOG.items():
+        assert callable(getattr(importlib.import_module(f"dhkd_pipe.models.{arch.module}"), arch.builder)), name

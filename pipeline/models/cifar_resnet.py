@@ -5,13 +5,10 @@ Module names and state-dict layout are those of the CIFAR-100 teacher checkpoint
 ``conv1, bn1, layer{1,2,3}.{i}.{conv1,bn1,conv2,bn2,downsample.{0,1}}, fc``.
 """
 
-import functools
-
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .blocks import kaiming_fan_out_init
-from .registry import register_model
 
 
 def conv3x3(in_planes, out_planes, stride=1):
@@ -102,23 +99,3 @@ class CifarResNet(nn.Module):
         x = self.layer3(self.layer2(self.layer1(x)))
         x = self.avgpool(x)
         return self.fc(x.reshape(x.size(0), -1))
-
-
-_SMALL = [16, 16, 32, 64]
-_WIDE = [32, 64, 128, 256]
-
-
-# name -> (depth, channels of the stem and the three stages)
-_ARCHITECTURES = {
-    "resnet8": (8, _SMALL),
-    "resnet14": (14, _SMALL),
-    "resnet20": (20, _SMALL),
-    "resnet32": (32, _SMALL),
-    "resnet44": (44, _SMALL),
-    "resnet56": (56, _SMALL),
-    "resnet110": (110, _SMALL),
-    "resnet8x4": (8, _WIDE),
-    "resnet32x4": (32, _WIDE),
-}
-for _name, (_depth, _filters) in _ARCHITECTURES.items():
-    register_model(_name)(functools.partial(CifarResNet, _depth, _filters))

@@ -7,8 +7,6 @@ pw conv, BN, ReLU), ``model.14`` = pooling, ``fc = Linear(1024, num_classes)``.
 
 import torch.nn as nn
 
-from .registry import IMAGENET_INPUT, register_model
-
 
 def conv_bn(inp, oup, stride):
     return nn.Sequential(nn.Conv2d(inp, oup, 3, stride, 1, bias=False), nn.BatchNorm2d(oup), nn.ReLU(inplace=True))
@@ -54,6 +52,5 @@ class MobileNetV1(nn.Module):
         return self.fc(x.reshape(x.size(0), 1024))
 
 
-@register_model("MobileNetV1", "mobilenet", input_size=IMAGENET_INPUT)
 def mobilenet_v1(num_classes):
     return MobileNetV1(num_classes=num_classes)

@@ -8,7 +8,6 @@ Layout of RepDistiller ``models/mobilenetv2.py`` / mdistiller ``mdistiller/model
 import torch.nn as nn
 
 from .blocks import kaiming_fan_out_init
-from .registry import register_model
 
 
 def conv_bn(inp, oup, stride):
@@ -78,6 +77,5 @@ class MobileNetV2(nn.Module):
         return self.classifier(out.reshape(out.size(0), -1))
 
 
-@register_model("MobileNetV2", "mobile_half")
 def mobile_half(num_classes):
     return MobileNetV2(T=6, num_classes=num_classes, width_mult=0.5)

@@ -1,8 +1,9 @@
 """One registry for every architecture: ``create_model(name, num_classes)`` is the only door in.
 
-Each family module registers its constructors with ``register_model`` (a decorator, or a table of
-``functools.partial``s of the family's class); a constructor is called as ``build(num_classes=...)``
-and returns a model whose ``forward`` returns logits only.
+The names come from ``catalog.CATALOG`` (torch-free): each entry's family module is imported when
+the model is built, so listing and checking names import no torch. ``register_model`` adds more
+(a decorator of ``build(num_classes=...)``); every build returns a model whose ``forward`` returns
+logits only.
 Families too large to list (timm's) register a name prefix with ``register_family``:
 ``timm:NAME`` is resolved when asked.
 """
@@ -12,15 +13,14 @@ from __future__ import annotations
 import difflib
 import importlib
 from dataclasses import dataclass
-from typing import Callable
-
-import torch.nn as nn
+from typing import TYPE_CHECKING, Callable
 
 from ..errors import DhkdError
-from .dual_head import AUX_HEADS, DualHead
+from .aux_heads import AUX_HEADS
+from .catalog import CATALOG, CIFAR_INPUT, IMAGENET_INPUT, Architecture  # noqa: F401  (IMAGENET_INPUT: re-exported)
 
-CIFAR_INPUT = 32
-IMAGENET_INPUT = 224
+if TYPE_CHECKING:
+    import torch.nn as nn
 
 
 @dataclass(frozen=True)
@@ -47,31 +47,33 @@ class ModelFamily:
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
-# Families registered at the first look-up instead of at import: importing torchvision takes
-# seconds, and the CLI imports this package for its option choices.
+# Registered at the first look-up instead of at import: the catalog's names, then the timm family.
 _DEFERRED: list[Callable[[], None]] = []
-# The families register themselves when imported, at the registry's first look-up; torchvision's
-# last, as it skips the names the KD zoo already uses.
-FAMILY_MODULES = ("cifar_resnet", "mobilenetv1", "mobilenetv2", "resnetv2", "shufflenetv1", "shufflenetv2", "vgg", "wrn",
-                  "torchvision_models", "timm_models")
 
 
-def _import_families() -> None:
-    for module in FAMILY_MODULES:
-        importlib.import_module(f"{__package__}.{module}")
+def _builder(arch: Architecture) -> Callable:
+    def build(num_classes: int):
+        module = importlib.import_module(f"{__package__}.{arch.module}")
+        return getattr(module, arch.builder)(*arch.args, num_classes=num_classes, **arch.kwargs)
+
+    return build
 
 
-_DEFERRED.append(_import_families)
+def _register_catalog() -> None:
+    for name, arch in CATALOG.items():
+        _REGISTRY[name] = ModelEntry(name, _builder(arch), arch.input_size, arch.torchvision_arch)
 
 
-def register_deferred(register: Callable[[], None]) -> None:
-    """Runs ``register()`` (which calls ``register_model``) before the registry is next read or added to."""
-    _DEFERRED.append(register)
+def _register_families() -> None:
+    importlib.import_module(f"{__package__}.timm_models")
 
 
 def _complete() -> None:
     while _DEFERRED:
         _DEFERRED.pop(0)()
+
+
+_DEFERRED += [_register_catalog, _register_families]
 
 _FAMILIES: dict[str, ModelFamily] = {}
 _FAMILY_ENTRIES: dict[str, ModelEntry] = {}  # family names resolved so far
@@ -100,11 +102,6 @@ def register_family(family: ModelFamily):
 def list_families() -> list[ModelFamily]:
     _complete()
     return list(_FAMILIES.values())
-
-
-def is_registered(name: str) -> bool:
-    _complete()
-    return name in _REGISTRY
 
 
 def _entry(name: str) -> ModelEntry:
@@ -212,6 +209,8 @@ def create_model(name: str, num_classes: int, dual_head: bool = False, aux_head:
     model = entry.build(num_classes=num_classes)
     model.arch_name = name  # lets load_checkpoint resolve a torchvision weight name without arch=
     if dual_head:
+        from .dual_head import DualHead
+
         model = DualHead(model, aux_head=aux_head, align_features=align_features, num_classes=num_classes)
         model.arch_name = name
     elif aux_head not in AUX_HEADS:

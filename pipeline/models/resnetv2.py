@@ -4,13 +4,10 @@ Layout of RepDistiller ``models/resnetv2.py`` / mdistiller ``mdistiller/models/c
 ``conv1, bn1, layer{1..4}.{i}.{conv1,bn1,conv2,bn2[,conv3,bn3],shortcut.{0,1}}, linear``.
 """
 
-import functools
-
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .blocks import kaiming_fan_out_init
-from .registry import register_model
 
 
 def _shortcut(in_planes, out_planes, stride):
@@ -91,11 +88,6 @@ class ResNet(nn.Module):
         return self.linear(out.reshape(out.size(0), -1))
 
 
-# name -> (block, blocks per stage)
-_ARCHITECTURES = {
-    "ResNet18": (BasicBlock, (2, 2, 2, 2)),
-    "ResNet34": (BasicBlock, (3, 4, 6, 3)),
-    "ResNet50": (Bottleneck, (3, 4, 6, 3)),
-}
-for _name, (_block, _blocks) in _ARCHITECTURES.items():
-    register_model(_name)(functools.partial(ResNet, _block, _blocks))
+def resnet(block: str, num_blocks, num_classes: int) -> ResNet:
+    """A ResNet of ``block`` ("basic" or "bottleneck") with ``num_blocks`` per stage (``catalog.ZOO``)."""
+    return ResNet({"basic": BasicBlock, "bottleneck": Bottleneck}[block], num_blocks, num_classes=num_classes)

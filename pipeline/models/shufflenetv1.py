@@ -9,7 +9,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .blocks import ShuffleBlock
-from .registry import register_model
 
 
 class Bottleneck(nn.Module):
@@ -66,6 +65,5 @@ class ShuffleNet(nn.Module):
         return self.linear(out.reshape(out.size(0), -1))
 
 
-@register_model("ShuffleV1")
 def shufflev1(num_classes):
     return ShuffleNet([240, 480, 960], [4, 8, 4], groups=3, num_classes=num_classes)

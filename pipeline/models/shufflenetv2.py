@@ -10,7 +10,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .blocks import ShuffleBlock
-from .registry import register_model
 
 
 class SplitBlock(nn.Module):
@@ -116,6 +115,5 @@ class ShuffleNetV2(nn.Module):
         return self.linear(out.reshape(out.size(0), -1))
 
 
-@register_model("ShuffleV2")
 def shufflev2(num_classes):
     return ShuffleNetV2(net_size=1, num_classes=num_classes)

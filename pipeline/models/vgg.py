@@ -6,13 +6,10 @@ Layout of mdistiller ``mdistiller/models/cifar/vgg.py``: five ``block{0..4}`` Se
 ``classifier = Linear(512, num_classes)``; ``pool0..pool4`` hold no parameters.
 """
 
-import functools
-
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .blocks import kaiming_fan_out_init
-from .registry import register_model
 
 CFG = {
     "S": [[64], [128], [256], [512], [512]],
@@ -62,7 +59,6 @@ class VGG(nn.Module):
         return self.classifier(x.reshape(x.size(0), -1))
 
 
-# name -> layer configuration (all with BatchNorm)
-_ARCHITECTURES = {"vgg8": "S", "vgg11": "A", "vgg13": "B", "vgg16": "D", "vgg19": "E"}
-for _name, _cfg in _ARCHITECTURES.items():
-    register_model(_name)(functools.partial(VGG, CFG[_cfg], batch_norm=True))
+def vgg_bn(layers: str, num_classes: int) -> VGG:
+    """The VGG of layer configuration ``layers`` (a key of ``CFG``) with BatchNorm (``catalog.ZOO``)."""
+    return VGG(CFG[layers], batch_norm=True, num_classes=num_classes)

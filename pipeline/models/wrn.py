@@ -5,14 +5,11 @@ Layout of RepDistiller ``models/wrn.py`` / mdistiller ``mdistiller/models/cifar/
 blocks; ``convShortcut`` only where the channel count changes).
 """
 
-import functools
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .blocks import kaiming_fan_out_init
-from .registry import register_model
 
 
 class BasicBlock(nn.Module):
@@ -72,9 +69,3 @@ class WideResNet(nn.Module):
         out = self.relu(self.bn1(out))
         out = F.avg_pool2d(out, 8)
         return self.fc(out.reshape(-1, self.nChannels))
-
-
-# name -> (depth, widen factor)
-_ARCHITECTURES = {"wrn_16_1": (16, 1), "wrn_16_2": (16, 2), "wrn_40_1": (40, 1), "wrn_40_2": (40, 2)}
-for _name, (_depth, _widen) in _ARCHITECTURES.items():
-    register_model(_name)(functools.partial(WideResNet, _depth, widen_factor=_widen))
