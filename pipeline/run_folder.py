@@ -161,7 +161,8 @@ def check_out(out: str, resume: bool = False, overwrite: bool = False, locked: b
         if not overwrite:
             raise DhkdError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
         plan.replace = True
-    elif names and not names & set(RUN_MARKERS):
+    # a run killed while writing its first checkpoint leaves only CHECKPOINT.tmp (and the lock)
+    elif names and not {n.removesuffix(".tmp") for n in names} & set(RUN_MARKERS):
         raise DhkdError(f"--out {out} is a folder that holds no run ({len(names)} other entries); choose a new or "
                         "empty folder (--overwrite replaces only a run folder)")
     else:  # empty, or a run killed before its first checkpoint: nothing in it can be resumed
