@@ -16,8 +16,6 @@ import dataclasses
 import os
 from dataclasses import dataclass, fields
 
-import yaml
-
 from .codecs import CODECS
 from .errors import DhkdError
 from .loss_names import BACKENDS, KD_LOSS_NAMES
@@ -354,6 +352,8 @@ def build_config(cls, config_file: str | None, overrides: dict, defaults: dict |
 
 def read_recipe(config_file: str) -> dict:
     """The options a YAML recipe sets, keys with ``_`` (as the dataclasses name them)."""
+    import yaml  # here: the CLI's help and usage errors need no YAML
+
     if not os.path.isfile(config_file):
         raise DhkdError(f"config file not found: {config_file}")
     try:

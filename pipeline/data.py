@@ -19,13 +19,13 @@ import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator, Protocol, runtime_checkable
 
-import numpy as np
-
 from .errors import DhkdError
-from .views import ViewPlan, validation_views
 
-if TYPE_CHECKING:  # torch is imported where data is loaded, so the CLI's help (DATA_SETS) stays light
+if TYPE_CHECKING:  # numpy, torch and the views are imported where data is loaded: the CLI's help (DATA_SETS) stays light
+    import numpy as np
     import torch
+
+    from .views import ViewPlan
 
 DATA_SETS = ("digits", "fashion-mnist", "fashion-mnist:DIR", "mnist:DIR", "cifar10:DIR", "cifar100:DIR", "imagefolder:DIR")
 # ``SPEC@N``: a fixed stratified subset of N training images of an in-memory data set.
@@ -121,13 +121,20 @@ class InMemoryData:
         return int(self.train_images.shape[-1])
 
     def default_plan(self, seed: int = 0, resolution: int | None = None) -> ViewPlan:
+        from .views import ViewPlan
+
         return ViewPlan(seed=seed, policy="pad_crop_flip", resolution=resolution or self.resolution, mean=self.mean, std=self.std)
 
     def train_sizes(self, indices: np.ndarray) -> np.ndarray:
+        import numpy as np
+
         h, w = self.train_images.shape[-2:]
         return np.tile(np.array([[h, w]], dtype=np.int64), (len(indices), 1))
 
     def val_views(self, plan: ViewPlan) -> np.ndarray:
+        import numpy as np
+        from .views import validation_views
+
         h, w = self.val_images.shape[-2:]
         return validation_views(np.tile([[h, w]], (self.num_val, 1)), plan.resolution, plan.policy, plan.crop_pct)
 
@@ -142,6 +149,8 @@ class InMemoryData:
 
     def fingerprint(self) -> dict:
         """What identifies the training split: kind, counts, and a digest of its bytes and labels."""
+        import numpy as np
+
         if self._fingerprint is None:
             digest = hashlib.sha256()
             digest.update(self.train_images.cpu().numpy().tobytes())
@@ -180,6 +189,8 @@ def stratified_subset(labels: np.ndarray, size: int, num_classes: int) -> np.nda
     largest fractional parts (ties: lower class first); within a class, the first ones in a
     permutation of all indices drawn by ``numpy.random.default_rng(0)``. Fixed for given labels.
     """
+    import numpy as np
+
     n = len(labels)
     if not num_classes <= size <= n:
         raise DhkdError(f"bad training subset @{size}: choose between {num_classes} (one per class) and {n} images")
@@ -257,6 +268,7 @@ def load_data(spec: str) -> Dataset:
 
 def load_digits() -> InMemoryData:
     """scikit-learn's bundled 8x8 digits, upsampled x4 to 32x32 RGB; fixed stratified 80/20 split."""
+    import numpy as np
     import torch
 
     from sklearn.datasets import load_digits as sk_digits
@@ -297,6 +309,8 @@ def read_idx(path: str, magic: int) -> np.ndarray:
     Layout: a big-endian int32 magic (``0x0803`` images, ``0x0801`` labels: type byte 0x08,
     then the number of dims), one big-endian int32 per dim, then the bytes in C order.
     """
+    import numpy as np
+
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -333,6 +347,8 @@ def _idx_path(root: str, name: str) -> str:
 
 
 def _mnist_split(root: str, split: str, classes: int):
+    import numpy as np
+
     images_path = _idx_path(root, f"{split}-images-idx3-ubyte")
     labels_path = _idx_path(root, f"{split}-labels-idx1-ubyte")
     images, labels = read_idx(images_path, IDX_IMAGES), read_idx(labels_path, IDX_LABELS)
@@ -350,6 +366,8 @@ def _mnist_split(root: str, split: str, classes: int):
 
 def _grey_stats(pixels: np.ndarray) -> tuple[float, float]:
     """Mean and (unbiased) std in [0, 1] of uint8 pixels, exact from their histogram."""
+    import numpy as np
+
     counts = np.bincount(pixels.ravel(), minlength=256).astype(np.float64)
     values = np.arange(256, dtype=np.float64) / 255
     n = counts.sum()
@@ -364,6 +382,7 @@ def load_mnist(kind: str, root: str) -> InMemoryData:
     The 28x28 grey images are zero-padded to 32x32 and repeated to 3 channels; the normalisation is
     the mean and std of the padded training images (what the network sees), rounded to 4 places.
     """
+    import numpy as np
     import torch
 
     if not os.path.isdir(root):
@@ -419,6 +438,8 @@ def _read_pickle(path: str) -> dict:
 
 
 def _cifar_arrays(path: str, label_key: str):
+    import numpy as np
+
     d = _read_pickle(path)
     if "data" not in d or label_key not in d:
         raise DhkdError(f"malformed CIFAR file {path}: needs 'data' and '{label_key}'")
@@ -430,6 +451,7 @@ def _cifar_arrays(path: str, label_key: str):
 
 def load_cifar(kind: str, root: str) -> InMemoryData:
     """The python-pickle CIFAR release: ``DIR`` or ``DIR/cifar-10-batches-py`` / ``DIR/cifar-100-python``."""
+    import numpy as np
     import torch
 
     if not os.path.isdir(root):
@@ -508,6 +530,8 @@ class InMemoryViews:
         return self.render(self.data.train_images, indices, views)
 
     def val(self, indices) -> torch.Tensor:
+        import numpy as np
+
         views = self.data.val_views(self.plan)[np.asarray(indices)]
         return self.render(self.data.val_images, indices, views)
 
@@ -518,6 +542,8 @@ class InMemoryViews:
 
     def val_batches(self, batch_size: int):
         """(images, labels) of the un-augmented validation split."""
+        import numpy as np
+
         for start in range(0, self.data.num_val, batch_size):
             idx = np.arange(start, min(start + batch_size, self.data.num_val))
             yield self.val(idx), self.data.val_labels[start : start + len(idx)]
