@@ -15,7 +15,8 @@ the weighted parts of ``kd`` for logging (``term_names`` lists every term but ``
 elsewhere; a single-head method passes its logits as both heads); CE alone through
 ``losses.cross_entropy``; DKD's and DIST's terms are PyTorch references.
 
-Adding a method: its class here and one entry in ``METHODS``.
+Adding a method: its class here and one entry in ``METHODS``; its fields become config fields and
+``distill`` options by themselves (``config.MethodOptions``), its ``knobs`` their help.
 """
 
 from __future__ import annotations

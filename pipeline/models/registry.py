@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable
 
 from ..errors import DhkdError
 from .aux_heads import AUX_HEADS
-from .catalog import CATALOG, CIFAR_INPUT, IMAGENET_INPUT, Architecture  # noqa: F401  (IMAGENET_INPUT: re-exported)
+from .catalog import CATALOG, CIFAR_INPUT, Architecture
 
 if TYPE_CHECKING:
     import torch.nn as nn
