@@ -27,27 +27,12 @@ from dhkd_pipe.data import Dataset, Renderer, absolute_spec, load_data, load_sto
 from dhkd_pipe.engine import evaluate, make_accelerator, memory_format
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.options import flag_of, option_fields
-from dhkd_pipe.models import check_finite_weights, check_input_size, create_model, load_checkpoint, resolve_weights
 from dhkd_pipe.store import StoreObjects, open_store
 from dhkd_pipe.store_lock import LOCK_KEY, StoreLock
-from dhkd_pipe.views import ViewPlan, describe_preprocessing, with_preprocessing
+from dhkd_pipe.teacher import frozen_model, load_teacher, resolve_teacher
+from dhkd_pipe.views import ViewPlan
 
 FORMAT_VERSION = 1
-
-
-def _teacher(source, num_classes: int, device):
-    model = create_model(source.arch, num_classes)
-    load_checkpoint(model, source)
-    return model.eval().requires_grad_(False).to(device)
-
-
-def teacher_plan(plan: ViewPlan, source, data_kind: str, resolution: int | None = None) -> tuple[ViewPlan, dict]:
-    """The plan the teacher's views are rendered with, and what the store records of it: the
-    weights' own preprocessing for image folders (torchvision transforms, timm's pretrained
-    config), else the data set's; ``resolution`` (``--resolution``) wins over both."""
-    pre = source.preprocessing() if plan.policy == "random_resized_crop_flip" else None
-    plan = with_preprocessing(plan, pre, resolution)
-    return plan, describe_preprocessing(plan, pre["source"] if pre else f"data set {data_kind}")
 
 
 def _human(nbytes: float) -> str:
@@ -94,14 +79,9 @@ def cache_teacher(cfg: CacheConfig, log=log_line, break_lock: bool = False) -> d
     ``break_lock``: take over a lock held from another host (``--break-lock``)."""
     acc = make_accelerator(cfg.precision)
     data = load_data(cfg.data)
-    with acc.main_process_first():  # one process fetches published weights, the others find them cached
-        source = resolve_weights(cfg.model, cfg.weights)
-    plan, preprocessing = teacher_plan(data.default_plan(seed=cfg.seed), source, data.kind, cfg.resolution)
-    check_input_size(cfg.model, plan.resolution, data.num_classes, "teacher")
-    teacher = _teacher(source, data.num_classes, acc.device)
-    check_finite_weights(teacher, source.label)
     fmt = memory_format(cfg)
-    teacher.to(memory_format=fmt)
+    loaded = load_teacher(cfg.model, cfg.weights, data, data.default_plan(seed=cfg.seed), acc.device, cfg.resolution, acc, fmt)
+    source, plan, preprocessing, teacher = loaded.source, loaded.plan, loaded.preprocessing, loaded.model
     if cfg.compile:  # the views' shapes are fixed: one graph for full batches, one for the last
         teacher = torch.compile(teacher)
     digest = source.digest()
@@ -301,13 +281,12 @@ def verify_cache(store: str, data_spec: str | None = None, teacher_weights: str 
     data, _ = load_store_data(cache, data_spec)
     acc = make_accelerator(cache.attrs.get("precision", "no"))
     recorded = cache.attrs["teacher"]
-    source = resolve_weights(recorded["arch"], teacher_weights or recorded.get("weights"))
-    stored_digest = str(recorded.get("weights_digest"))
-    if len(stored_digest) == 16 and source.digest() != stored_digest:  # older stores recorded a weight's name
+    source = resolve_teacher(recorded["arch"], teacher_weights or recorded.get("weights"))
+    if source.digest() != recorded.get("weights_digest"):
         raise DhkdError(f"teacher weights {source.label} are not the store's: digest {source.digest()}, "
                         f"the store was written with {recorded.get('weights_digest')} ({recorded.get('weights')})")
-    teacher = _teacher(source, data.num_classes, acc.device)
     plan = ViewPlan.from_dict(cache.attrs["policy"])
+    teacher = frozen_model(source, data.num_classes, plan.resolution, acc.device)
     renderer = data.renderer(acc.device, plan)
     rng = np.random.default_rng(0)
     picks = rng.choice(cache.epochs * cache.num_samples, size=min(samples, cache.epochs * cache.num_samples), replace=False)

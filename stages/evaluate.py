@@ -12,7 +12,7 @@ from dhkd_pipe.config import missing_data
 from dhkd_pipe.data import load_data
 from dhkd_pipe.engine import evaluate as evaluate_model
 from dhkd_pipe.errors import DhkdError
-from dhkd_pipe.models import check_input_size, create_model, load_checkpoint, resolve_weights
+from dhkd_pipe.teacher import frozen_model, resolve_teacher, teacher_plan
 from dhkd_pipe.views import ViewPlan, with_preprocessing
 
 
@@ -33,19 +33,15 @@ def evaluate(model: str, weights: str | None, data: str | None, batch_size: int 
     dataset = load_data(data)
     if dataset.num_val == 0:
         raise DhkdError(f"{data} has no validation split")
-    source = resolve_weights(model, weights)
+    source = resolve_teacher(model, weights)
     plan = dataset.default_plan()
     recorded = _recorded_plan(source.path) if source.kind == "file" else None
-    if recorded is not None and recorded.get("policy") == plan.policy:
-        plan = ViewPlan.from_dict(recorded)
-    elif plan.policy == "random_resized_crop_flip":
-        plan = with_preprocessing(plan, source.preprocessing())
-    plan = with_preprocessing(plan, None, resolution)
-    check_input_size(model, plan.resolution, dataset.num_classes)
-    net = create_model(model, dataset.num_classes)
-    load_checkpoint(net, source)
+    if recorded is not None and recorded.get("policy") == plan.policy:  # how the run that wrote them rendered its views
+        plan = with_preprocessing(ViewPlan.from_dict(recorded), None, resolution)
+    else:
+        plan, _ = teacher_plan(plan, source, dataset.kind, resolution)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    net.to(device)
+    net = frozen_model(source, dataset.num_classes, plan.resolution, device, role="model", check_finite=False)
     renderer = dataset.renderer(device, plan)
     result = evaluate_model(net, renderer, batch_size)
     return {"model": model, "weights": source.record, "data": data, "num_val": dataset.num_val,
