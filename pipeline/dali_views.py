@@ -232,12 +232,8 @@ class DaliViews:
         pipeline_batch_size: int | None = None,
         prefetch: int = 2,
         start_method: str = "spawn",
-        workers: int | None = None,
     ):
         import torch
-
-        if workers is not None:  # the name the integrators use; ``num_workers`` is the same knob
-            num_workers = workers
 
         self.data, self.plan = data, plan
         self.resolution = int(plan.resolution)

@@ -155,4 +155,4 @@ class ImageFolderData:
     def renderer(self, device, plan: ViewPlan, workers: int | None = None) -> "DaliViews":
         from .dali_views import DaliViews
 
-        return DaliViews(self, plan, device, workers=workers)  # a data.Renderer
+        return DaliViews(self, plan, device, num_workers=workers)  # a data.Renderer

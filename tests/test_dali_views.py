@@ -50,7 +50,7 @@ def data(folder):
 
 @pytest.fixture(scope="module")
 def renderer(data):
-    r = DaliViews(data, data.default_plan(resolution=RES), "cpu", workers=2)
+    r = DaliViews(data, data.default_plan(resolution=RES), "cpu", num_workers=2)
     # the first call sizes the pipeline for batches of 8: smaller batches reuse it
     list(r.train_batches(np.arange(8), data.default_plan(resolution=RES).views(0, np.arange(8), data.train_sizes(np.arange(8))), 8))
     yield r
@@ -221,7 +221,7 @@ def test_truncated_jpeg_through_the_parallel_workers_names_the_file(folder, tmp_
     data = ImageFolderData.from_folder(str(root))
     i = data.train_files.index(str(bad))
     assert data.train_sizes([i]).tolist() == [[HEIGHT, WIDTH]]
-    r = DaliViews(data, data.default_plan(resolution=RES), "cpu", workers=1)
+    r = DaliViews(data, data.default_plan(resolution=RES), "cpu", num_workers=1)
     idx = np.array([0, 2, i, 3])
     views = np.array([[0, 0, HEIGHT, WIDTH, 0]] * 4, np.int32)
     with pytest.raises(DhkdError, match=r"class0.002\.JPEG"):

@@ -375,3 +375,10 @@ def test_kernels_compile_for_gpu(tmp_path):
     if r.returncode and "No module named 'triton.backends.nvidia'" in r.stderr:
         pytest.skip("triton built without the CUDA backend")
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_every_kd_loss_has_a_kernel_mode():
+    # was an import-time assert in kernels/_launch.py, which made kernels and losses import each other
+    from dhkd_pipe.kernels._launch import KD_MODES
+
+    assert set(KD_MODES) == set(losses.KD_LOSSES), "a kd loss without a kernel mode, or the reverse"
