@@ -182,10 +182,11 @@ DISTILL_FIRST = ("model", "teacher", "teacher_weights", "cache", "method", *OPTI
 @user_errors
 def train_teacher_cmd(config_file, resume, overwrite, **options):
     """Train a model alone with cross-entropy (a teacher for later distillation)."""
+    from .run_folder import RunMode
     from .stages.train_teacher import train_teacher
 
     cfg = _train_config(config_file, resume=resume, overwrite=overwrite, **TEACHER_FIXED, **options)
-    _echo_json(_short(train_teacher(cfg, resume=bool(resume), overwrite=bool(overwrite))))
+    _echo_json(_short(train_teacher(cfg, mode=RunMode.from_flags(bool(resume), bool(overwrite)))))
 
 
 def _distill_help() -> str:
@@ -203,10 +204,11 @@ def _distill_help() -> str:
               params=_params(TrainConfig, "distill", DISTILL_FIRST, extra=(RunStart,)))
 @user_errors
 def distill_cmd(config_file, resume, overwrite, **options):
+    from .run_folder import RunMode
     from .stages.distill import distill
 
     cfg = _train_config(config_file, DISTILL_DEFAULTS, resume=resume, overwrite=overwrite, **options)
-    _echo_json(_short(distill(cfg, resume=bool(resume), overwrite=bool(overwrite))))
+    _echo_json(_short(distill(cfg, mode=RunMode.from_flags(bool(resume), bool(overwrite)))))
 
 
 def _short(summary: dict) -> dict:

@@ -15,9 +15,7 @@ import torch
 import torch.nn as nn
 
 from .errors import DhkdError
-
-EXPORTED = "model.pt"
-EXPORTED_SAFETENSORS = "model.safetensors"
+from .run_folder import EXPORTED, EXPORTED_SAFETENSORS, write_atomic
 
 
 def write_exported(out: str, model: nn.Module, arch: str, num_classes: int, resolution: int, mean, std,
@@ -25,8 +23,6 @@ def write_exported(out: str, model: nn.Module, arch: str, num_classes: int, reso
     """Writes ``out/model.pt`` and ``out/model.safetensors`` (each atomically); ``plan`` (the
     run's ``ViewPlan.to_dict()``: crop, interpolation, normalisation) is kept beside the facts."""
     from safetensors.torch import save as safetensors_bytes
-
-    from .run_folder import write_atomic
 
     # own, contiguous CPU copies: safetensors refuses views and tensors that share storage
     weights = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}

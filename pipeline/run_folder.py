@@ -19,13 +19,15 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
+from enum import Enum
 from typing import Callable
 
 from .errors import DhkdError, io_error
-from .exported import EXPORTED, EXPORTED_SAFETENSORS
 from .processes import HOST, describe_holder, flock_exclusive, holder_alive
 
 CHECKPOINT = "checkpoint.pt"
+EXPORTED = "model.pt"  # the exported single-head student (exported.py writes it)
+EXPORTED_SAFETENSORS = "model.safetensors"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 LOCK = "run.lock"
@@ -114,28 +116,43 @@ def _remove_quietly(path: str):
 # ---- what --out may be ----------------------------------------------------------------------------
 
 
+class RunMode(str, Enum):
+    """What a training command does with the run in ``--out``: start one where none is (``new``),
+    continue it (``resume``, ``--resume``) or replace it (``overwrite``, ``--overwrite``)."""
+
+    NEW = "new"
+    RESUME = "resume"
+    OVERWRITE = "overwrite"
+
+    @classmethod
+    def from_flags(cls, resume: bool, overwrite: bool) -> "RunMode":
+        """The mode the CLI's ``--resume`` / ``--overwrite`` flags ask for (at most one)."""
+        if resume and overwrite:
+            raise DhkdError("--resume continues the run in --out and --overwrite replaces it: choose one")
+        return cls.RESUME if resume else cls.OVERWRITE if overwrite else cls.NEW
+
+
 @dataclass
 class OutPlan:
     """What ``check_out`` found: the folder, whether it exists, and whether an old run's files are
     to be removed before this one starts (``--overwrite``, or a run killed before its first
-    checkpoint, which holds nothing to resume); ``resume``/``overwrite`` as asked."""
+    checkpoint, which holds nothing to resume); ``mode`` as asked."""
 
     path: str
     exists: bool
     replace: bool
-    resume: bool = False
-    overwrite: bool = False
+    mode: RunMode = RunMode.NEW
 
 
-def check_out(out: str, resume: bool = False, overwrite: bool = False, locked: bool = False) -> OutPlan:
+def check_out(out: str, mode: RunMode | str = RunMode.NEW, locked: bool = False) -> OutPlan:
     """Refuses what must not happen to ``--out``, before anything is written (reads only).
 
     ``locked``: this process holds the folder's lock (the check is repeated under it).
     """
+    mode = RunMode(mode)
+    resume, overwrite = mode is RunMode.RESUME, mode is RunMode.OVERWRITE
     if not out:
         raise DhkdError("--out is empty: name a run folder")
-    if resume and overwrite:
-        raise DhkdError("--resume continues the run in --out and --overwrite replaces it: choose one")
     if os.path.lexists(out) and not os.path.isdir(out):
         raise DhkdError(f"--out {out} is a file, not a run folder; choose another --out "
                         "(--overwrite replaces only a run folder, never a file)")
@@ -143,7 +160,7 @@ def check_out(out: str, resume: bool = False, overwrite: bool = False, locked: b
         if resume:
             raise DhkdError(f"--resume: {out} does not exist, so there is no run to continue")
         _check_creatable(out)
-        return OutPlan(out, exists=False, replace=False, resume=resume, overwrite=overwrite)
+        return OutPlan(out, exists=False, replace=False, mode=mode)
     try:
         names = set(os.listdir(out))
     except OSError as e:
@@ -152,7 +169,7 @@ def check_out(out: str, resume: bool = False, overwrite: bool = False, locked: b
         names.discard(LOCK)
     elif LOCK in names:
         check_not_held(out)
-    plan = OutPlan(out, exists=True, replace=False, resume=resume, overwrite=overwrite)
+    plan = OutPlan(out, exists=True, replace=False, mode=mode)
     has_checkpoint, finished = CHECKPOINT in names, SUMMARY in names
     if resume:
         if not has_checkpoint:
@@ -230,7 +247,7 @@ class RunFolder:
         folder = cls(plan.path, lock, created)
         try:
             if not created:  # the folder may have changed while this process checked its inputs
-                if check_out(plan.path, plan.resume, plan.overwrite, locked=True).replace:
+                if check_out(plan.path, plan.mode, locked=True).replace:
                     remove_run_files(plan.path)
                 else:
                     remove_run_files(plan.path, only_tmp=True)  # a killed writer's half-written files

@@ -6,10 +6,11 @@ from __future__ import annotations
 from dhkd_pipe.config import TrainConfig
 from dhkd_pipe.console import log_line
 from dhkd_pipe.engine import prepare, train
+from dhkd_pipe.run_folder import RunMode
 
 
-def distill(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, log=log_line) -> dict:
-    run = prepare(cfg, resume=resume, overwrite=overwrite)
+def distill(cfg: TrainConfig, *, mode: RunMode | str = RunMode.NEW, log=log_line) -> dict:
+    run = prepare(cfg, mode)
     if run.accelerator.is_main_process:
         if run.cache is not None:
             views = run.cache.epochs

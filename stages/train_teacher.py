@@ -5,13 +5,14 @@ from __future__ import annotations
 from dhkd_pipe.config import TrainConfig
 from dhkd_pipe.console import log_line
 from dhkd_pipe.engine import prepare, train
+from dhkd_pipe.run_folder import RunMode
 from dhkd_pipe.errors import DhkdError
 
 
-def train_teacher(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, log=log_line) -> dict:
+def train_teacher(cfg: TrainConfig, *, mode: RunMode | str = RunMode.NEW, log=log_line) -> dict:
     if cfg.method != "ce":
         raise DhkdError("train-teacher trains with cross-entropy only (method ce)")
-    run = prepare(cfg, resume=resume, overwrite=overwrite)
+    run = prepare(cfg, mode)
     if run.accelerator.is_main_process:
         log(f"training {cfg.model} on {cfg.data}: {run.data.num_train} images, {run.data.num_classes} classes, {cfg.epochs} epochs")
     return train(run, log=log)

@@ -56,7 +56,7 @@ def product_run(accelerator, aux_head: str, grad_align: bool, steps, bn_eval: bo
     model.train()
     if bn_eval:  # per-sample gradients independent of the batch split (no batch statistics)
         model.eval()
-    run = Run(cfg, accelerator, None, from_config(cfg), model, None, None, None, None, optimizer)
+    run = Run(cfg, accelerator, from_config(cfg), model, optimizer)
     for x, y, t in steps:
         d = accelerator.device
         train_step(run, Batch(x.to(d), y.to(d), t.to(d)), epoch=0)

@@ -844,20 +844,21 @@ def test_a_skipped_step_does_no_update(tmp_path, monkeypatch):
     import copy
 
     from dhkd_pipe.config import TrainConfig
-    from dhkd_pipe.engine import NonFiniteGuard, prepare, train_step
+    from dhkd_pipe.engine import prepare, train_step
+    from dhkd_pipe.nonfinite import NonFiniteGuard
     from dhkd_pipe.errors import DhkdError
 
     cfg = TrainConfig(data="digits@100", model="resnet8", method="ce", epochs=1, batch_size=32, max_nonfinite=1,
                       out=str(tmp_path / "run")).validate()
     run = prepare(cfg)
     try:
-        run.guard = NonFiniteGuard(run.accelerator.device, cfg.max_nonfinite, 1)
+        run.guard = NonFiniteGuard(run.accelerator.device, cfg.max_nonfinite, 1, run.progress)
         batches = run.loader.epoch(0)
         assert train_step(run, next(batches), 0, 0) is not None  # a real step: momentum buffers exist
         weights = copy.deepcopy(run.model.state_dict())
         optimizer = copy.deepcopy(run.optimizer.state_dict())
-        real = type(run.loss).terms
-        monkeypatch.setattr(type(run.loss), "terms", lambda self, *a, **k: {n: t * float("nan") for n, t in real(self, *a, **k).items()})
+        real = type(run.method).terms
+        monkeypatch.setattr(type(run.method), "terms", lambda self, *a, **k: {n: t * float("nan") for n, t in real(self, *a, **k).items()})
         assert train_step(run, next(batches), 0, 1) is None
         after = run.model.state_dict()
         assert all(torch.equal(weights[k], after[k]) for k in weights)

@@ -307,7 +307,7 @@ def test_resume_mid_epoch_continues_identically(tmp_path, quick_store):
     straight = distill(train_cfg(tmp_path / "straight", cache=str(quick_store)), **QUIET)
     cfg = train_cfg(tmp_path / "stopped", cache=str(quick_store), max_steps=7)
     assert distill(cfg, **QUIET)["stopped_at"] == {"epoch": 0, "step": 7}
-    resumed = distill(train_cfg(tmp_path / "stopped", cache=str(quick_store)), resume=True, **QUIET)
+    resumed = distill(train_cfg(tmp_path / "stopped", cache=str(quick_store)), mode="resume", **QUIET)
     a = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "stopped" / "model.pt", weights_only=True)["model"]
     for key in a:
@@ -341,7 +341,7 @@ def test_resume_restores_the_generators_dropout_draws_from(tmp_path, quick_store
         out = tmp_path / f"dropout-stopped-{stop}"
         distill(train_cfg(out, cache=str(quick_store), aux_head="nonlinear", max_steps=stop), **QUIET)
         torch.manual_seed(12345)  # whatever the generator holds now must not matter
-        distill(train_cfg(out, cache=str(quick_store), aux_head="nonlinear"), resume=True, **QUIET)
+        distill(train_cfg(out, cache=str(quick_store), aux_head="nonlinear"), mode="resume", **QUIET)
         a = torch.load(tmp_path / "dropout-straight" / "model.pt", weights_only=True)["model"]
         b = torch.load(out / "model.pt", weights_only=True)["model"]
         for key in a:
@@ -349,22 +349,24 @@ def test_resume_restores_the_generators_dropout_draws_from(tmp_path, quick_store
 
 
 def test_checkpoint_holds_the_grad_scaler_and_every_generator(tmp_path, quick_store):
-    from dhkd_pipe.engine import CHECKPOINT, _load_state, _save_state
+    from dhkd_pipe.run_folder import CHECKPOINT
+    from dhkd_pipe.training_state import restore_training_state, save_training_state
 
-    run = prepare(train_cfg(tmp_path / "scaler", cache=str(quick_store)), overwrite=True)
+    run = prepare(train_cfg(tmp_path / "scaler", cache=str(quick_store)), mode="overwrite")
     run.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=7)
-    _save_state(run, 0, 3)
+    run.progress.epoch, run.progress.step = 0, 3
+    save_training_state(run)
     state = torch.load(tmp_path / "scaler" / CHECKPOINT, weights_only=True)
     assert state["scaler"]["scale"] == 2.0**10 and state["scaler"]["growth_interval"] == 7
     assert len(state["rng"]) == 1 and torch.equal(state["rng"][0]["cpu"], torch.get_rng_state())
 
     expected = torch.rand(4)  # what the generator gives right after the save
-    resumed = prepare(train_cfg(tmp_path / "scaler", cache=str(quick_store)), resume=True)
-    assert resumed.start_epoch == 0 and resumed.start_step == 3
-    fresh = prepare(train_cfg(tmp_path / "scaler", cache=str(quick_store)), resume=True)
+    resumed = prepare(train_cfg(tmp_path / "scaler", cache=str(quick_store)), mode="resume")
+    assert resumed.progress.epoch == 0 and resumed.progress.step == 3
+    fresh = prepare(train_cfg(tmp_path / "scaler", cache=str(quick_store)), mode="resume")
     fresh.accelerator.scaler = torch.amp.GradScaler("cpu")
     torch.manual_seed(99)
-    _load_state(fresh)
+    restore_training_state(fresh)
     assert torch.equal(torch.rand(4), expected)
     assert fresh.accelerator.scaler.get_scale() == 2.0**10 and fresh.accelerator.scaler.get_growth_interval() == 7
 
@@ -372,7 +374,7 @@ def test_checkpoint_holds_the_grad_scaler_and_every_generator(tmp_path, quick_st
 def test_resume_with_a_different_config_is_refused(tmp_path, quick_store):
     assert distill(train_cfg(tmp_path / "run", cache=str(quick_store), max_steps=1), **QUIET)["stopped_at"]
     with pytest.raises(DhkdError, match="different config: lr"):
-        distill(train_cfg(tmp_path / "run", cache=str(quick_store), lr=0.5), resume=True, **QUIET)
+        distill(train_cfg(tmp_path / "run", cache=str(quick_store), lr=0.5), mode="resume", **QUIET)
 
 
 @slow

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from dhkd_pipe.config import CacheConfig, TrainConfig
-from dhkd_pipe.engine import CHECKPOINT, prepare, train
+from dhkd_pipe.engine import prepare, train
+from dhkd_pipe.run_folder import CHECKPOINT
 from dhkd_pipe.stages.cache_teacher import cache_teacher
 
 QUIET = dict(log=lambda *a: None)
@@ -16,7 +17,7 @@ def cfg(out, **kw):
 
 
 def trained_weights(out, **kw):
-    run = prepare(cfg(out, **kw), overwrite=True)
+    run = prepare(cfg(out, **kw), mode="overwrite")
     train(run, **QUIET)
     return run, torch.load(out / CHECKPOINT, weights_only=True)["model"]
 
