@@ -17,19 +17,19 @@ memory is not measured, and the header says so.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from dhkd_pipe import losses
+from dhkd_pipe.benchmark import clock, machine, median_seconds, print_table, write_results
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
 GPU_SIZES = ["256,1000,fp32", "256,1000,bf16", "8192,32000,bf16"]
 CPU_SIZES = ["64,100,fp32", "256,1000,fp32", "256,1000,bf16"]
 T, ALPHA, GAMMA = 4.0, 1.0, 1.0
+COLUMNS = [("B", "B", "d"), ("K", "K", "d"), ("dtype", "dtype", "s"), ("method", "method", "s"), ("median_ms", "ms", ".3f"),
+           ("peak_mem_MB", "peak MB", ".1f"), ("GBps", "GB/s", ".2f"), ("pct_of_copy", "% copy", ".1f")]
 
 
 def published_dhkd(h1, h2, teacher, target, temperature=T, alpha=ALPHA, gamma=GAMMA, kd_loss="binary_kl_norm", eps=1e-8):
@@ -50,24 +50,11 @@ def reference_dhkd(h1, h2, teacher, target, kd_loss="binary_kl_norm"):
     return losses.dhkd_loss(h1, h2, teacher, target, temperature=T, alpha=ALPHA, gamma=GAMMA, kd_loss=kd_loss, backend="torch")
 
 
-def _sync(dev):
-    if dev == "cuda":
-        torch.cuda.synchronize()
-
-
 def copy_bandwidth(dev, nbytes):
     """Device-to-device copy bandwidth in GB/s (read + write counted)."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=dev).uniform_()
     dst = torch.empty_like(src)
-    times = []
-    for i in range(12):
-        _sync(dev)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        _sync(dev)
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    return 2 * nbytes / statistics.median(times) / 1e9
+    return 2 * nbytes / median_seconds(lambda: dst.copy_(src), dev, reps=10, warmup=2) / 1e9
 
 
 def time_fwd_bwd(fn, h1, h2, teacher, target, dev, reps):
@@ -84,20 +71,13 @@ def time_fwd_bwd(fn, h1, h2, teacher, target, dev, reps):
     a.grad = b.grad = None
     peak = None
     if dev == "cuda":
-        torch.cuda.synchronize()
+        clock(dev)
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         step()
-        torch.cuda.synchronize()
+        clock(dev)
         peak = torch.cuda.max_memory_allocated() - base
-    times = []
-    for _ in range(reps):
-        _sync(dev)
-        t0 = time.perf_counter()
-        step()
-        _sync(dev)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), peak
+    return median_seconds(step, dev, reps), peak
 
 
 def main(argv=None):
@@ -116,7 +96,7 @@ def main(argv=None):
     sizes = args.sizes or (GPU_SIZES if gpu else CPU_SIZES)
     kd = args.kd_loss
     copy_gbps = copy_bandwidth(dev, 256 * 2**20 if gpu else 32 * 2**20)
-    name = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
+    name = machine()["device"]
     print(f"# DHKD loss benchmark, kd_loss={kd}, forward+backward, median of {reps}, device: {name}")
     if not gpu:
         print("# NO GPU: the fused Triton kernel is not timed (interpreter only); PyTorch paths on CPU at")
@@ -135,9 +115,6 @@ def main(argv=None):
             a, b, t, y, temperature=T, alpha=ALPHA, gamma=GAMMA, kd_loss=kd), **methods}
 
     rows = []
-    header = f"{'B':>6} {'K':>6} {'dtype':>5} {'method':<20} {'ms':>9} {'peak MB':>8} {'GB/s':>8} {'% copy':>7}"
-    print(header)
-    print("-" * len(header))
     for spec in sizes:
         parts = spec.split(",")
         B, K, dt = int(parts[0]), int(parts[1]), DTYPES[parts[2]]
@@ -156,20 +133,17 @@ def main(argv=None):
             try:
                 sec, peak = time_fwd_bwd(fn, h1, h2, teacher, y, dev, reps)
             except Exception as e:  # e.g. torch.compile without a working toolchain
-                print(f"{B:>6} {K:>6} {parts[2]:>5} {mname:<20} failed: {type(e).__name__}: {str(e)[:60]}")
+                print(f"# {B}x{K} {parts[2]} {mname} failed: {type(e).__name__}: {str(e)[:60]}")
                 continue
             gbps = nbytes / sec / 1e9
             r = dict(B=B, K=K, dtype=parts[2], teacher_dtype=str(tdt).replace("torch.", ""), method=mname,
                      median_ms=sec * 1e3, peak_mem_MB=None if peak is None else peak / 2**20,
-                     bytes=nbytes, GBps=gbps, frac_of_copy=gbps / copy_gbps)
+                     bytes=nbytes, GBps=gbps, frac_of_copy=gbps / copy_gbps, pct_of_copy=100 * gbps / copy_gbps)
             rows.append(r)
-            pm = "n/a" if peak is None else f"{peak / 2**20:.1f}"
-            print(f"{B:>6} {K:>6} {parts[2]:>5} {mname:<20} {sec * 1e3:>9.3f} {pm:>8} {gbps:>8.2f} {100 * gbps / copy_gbps:>6.1f}%")
 
-    out = dict(device=name, gpu=gpu, kd_loss=kd, reps=reps, copy_GBps=copy_gbps, results=rows)
-    with open(args.json, "w") as f:
-        json.dump(out, f, indent=1)
-    print(f"# wrote {args.json}")
+    print_table(f"kd_loss={kd}, forward+backward, median of {reps}", rows, COLUMNS)
+    out = dict(device=name, gpu=gpu, kd_loss=kd, reps=reps, copy_GBps=copy_gbps, machine=machine(), results=rows)
+    write_results(args.json, out, log=lambda msg: print(f"# {msg}"))
     if args.plot:
         _plot(rows, args.plot, name)
 

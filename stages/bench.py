@@ -9,10 +9,8 @@ figures use a trained digits teacher's real logits.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import pickle
-import platform
 import shutil
 import subprocess
 import sys
@@ -22,11 +20,10 @@ import time
 import numpy as np
 import torch
 
+from dhkd_pipe.benchmark import clock, machine, print_table, write_results
 from dhkd_pipe.config import CacheConfig, TrainConfig
-from dhkd_pipe.console import log_line
 from dhkd_pipe.engine import prepare, train
 from dhkd_pipe.models import create_model
-from dhkd_pipe.report import markdown_table
 
 
 def write_synthetic_cifar(root: str, num_train: int = 2560, num_val: int = 256, classes: int = 100, seed: int = 0) -> str:
@@ -46,28 +43,12 @@ def _random_teacher(arch: str, num_classes: int, path: str) -> str:
     return path
 
 
-def _machine() -> dict:
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"device": gpu or f"cpu ({os.cpu_count()} cores)", "torch": torch.__version__, "python": platform.python_version()}
-
-
-def _print_table(title: str, rows: list[dict], columns):
-    print(f"\n{title}\n")
-    print(markdown_table(rows, columns))
-
-
-def _save(path: str, payload: dict):
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=2)
-    log_line(f"wrote {path}")
-
-
 def _timed_training(cfg: TrainConfig, warmup: int) -> float:
     """Images per second of the engine's steps after ``warmup`` steps (one run, one process)."""
-    run = prepare(cfg, overwrite=True)
-    run.step_ends = []
-    train(run, log=lambda *_: None)
-    ends = run.step_ends[warmup:]
+    ends = []
+    run = prepare(cfg, mode="overwrite")
+    train(run, log=lambda *_: None, on_step_end=lambda epoch, step: ends.append(clock(run.accelerator.device)))
+    ends = ends[warmup:]
     return cfg.batch_size * (len(ends) - 1) / (ends[-1] - ends[0])
 
 
@@ -82,10 +63,8 @@ def _timed_loader(run, steps: int) -> float:
             batch.teacher.sum()  # touch the logits so a lazy copy is paid for
         if i + 1 >= steps:
             break
-    if run.accelerator.device.type == "cuda":
-        torch.cuda.synchronize()
     del first
-    return n / (time.perf_counter() - t0)
+    return n / (clock(run.accelerator.device) - t0)
 
 
 def bench_distill(json_path: str, teacher: str = "resnet32x4", student: str = "resnet8x4", batch_size: int = 64, steps: int = 30, warmup: int = 3):
@@ -106,7 +85,7 @@ def bench_distill(json_path: str, teacher: str = "resnet32x4", student: str = "r
         {"path": "cached DHKD (logits from the store)", "images_per_sec": _timed_training(cfg("cached", "dhkd", cache=store), warmup)},
         {"path": "student alone, CE (same loader, stored views)", "images_per_sec": _timed_training(cfg("alone", "ce", cache=store), warmup)},
     ]
-    loader_run = prepare(cfg("loader", "dhkd", cache=store), overwrite=True)
+    loader_run = prepare(cfg("loader", "dhkd", cache=store), mode="overwrite")
     rows.append({"path": "loader only (views + logits, no model)", "images_per_sec": _timed_loader(loader_run, steps)})
     # timm's speed switches on the cached path; compiling happens in the warm-up steps
     rows.append({"path": "cached DHKD, --channels-last", "images_per_sec": _timed_training(cfg("channels-last", "dhkd", cache=store, channels_last=True), warmup)})
@@ -121,13 +100,13 @@ def bench_distill(json_path: str, teacher: str = "resnet32x4", student: str = "r
     }
     for r in rows:
         r["vs_cached"] = r["images_per_sec"] / cached
-    _print_table(
-        f"bench distill: {teacher} -> {student}, batch {batch_size}, {steps} timed steps, 32x32, 100 classes, {_machine()['device']}",
+    print_table(
+        f"bench distill: {teacher} -> {student}, batch {batch_size}, {steps} timed steps, 32x32, 100 classes, {machine()['device']}",
         rows,
         [("path", "path", "s"), ("images_per_sec", "img/s", ".1f"), ("vs_cached", "x cached", ".2f")],
     )
     print("\n" + "  ".join(f"{k} = {v:.2f}" for k, v in ratios.items()))
-    _save(json_path, {"bench": "distill", "machine": _machine(), "teacher": teacher, "student": student, "batch_size": batch_size, "steps": steps, "rows": rows, "ratios": ratios})
+    write_results(json_path, {"bench": "distill", "machine": machine(), "teacher": teacher, "student": student, "batch_size": batch_size, "steps": steps, "rows": rows, "ratios": ratios})
     return rows, ratios
 
 
@@ -141,14 +120,11 @@ def _bare_forward(arch: str, num_classes: int, batch_size: int, steps: int, prec
     with torch.no_grad(), acc.autocast():
         for _ in range(2):
             model(x)
-        if acc.device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0 = clock(acc.device)
         for _ in range(steps):
             model(x).float().cpu()
-        if acc.device.type == "cuda":
-            torch.cuda.synchronize()
-    return batch_size * steps / (time.perf_counter() - t0)
+        elapsed = clock(acc.device) - t0
+    return batch_size * steps / elapsed
 
 
 def bench_cache(json_path: str, model: str = "resnet32x4", batch_size: int = 64, steps: int = 20, teacher_weights: str | None = None):
@@ -170,7 +146,7 @@ def bench_cache(json_path: str, model: str = "resnet32x4", batch_size: int = 64,
         {"path": f"{model} bare forward, pre-made tensors", "images_per_sec": bare, "ratio": 1.0},
         {"path": "stage 1: render + teacher + encode + write", "images_per_sec": stage1, "ratio": stage1 / bare},
     ]
-    _print_table(f"bench cache: {model}, batch {batch_size}, {steps * batch_size} images, {_machine()['device']}", speed_rows,
+    print_table(f"bench cache: {model}, batch {batch_size}, {steps * batch_size} images, {machine()['device']}", speed_rows,
                  [("path", "path", "s"), ("images_per_sec", "img/s", ".1f"), ("ratio", "x bare", ".2f")])
 
     if teacher_weights is None:
@@ -196,10 +172,10 @@ def bench_cache(json_path: str, model: str = "resnet32x4", batch_size: int = 64,
             "max_rel_err": float((err / reference.abs().amax(1, keepdim=True)).max()),
             "top1_agreement": float((logits.argmax(1) == reference.argmax(1)).float().mean()),
         })
-    _print_table(f"codecs: digits {teacher_arch} teacher logits, 2 views x 1437 x 10 (errors against fp32)", codec_rows,
+    print_table(f"codecs: digits {teacher_arch} teacher logits, 2 views x 1437 x 10 (errors against fp32)", codec_rows,
                  [("codec", "codec", "s"), ("bytes_per_logit", "bytes/logit on disk", ".3f"), ("max_abs_err", "max abs err", ".2e"),
                   ("max_rel_err", "max err / row max", ".2e"), ("top1_agreement", "top-1 agree", ".4f")])
-    _save(json_path, {"bench": "cache", "machine": _machine(), "model": model, "batch_size": batch_size, "speed": speed_rows,
+    write_results(json_path, {"bench": "cache", "machine": machine(), "model": model, "batch_size": batch_size, "speed": speed_rows,
                       "stage1_over_bare_forward": stage1 / bare, "codecs": codec_rows})
     return speed_rows, codec_rows
 
@@ -366,13 +342,13 @@ def bench_store(json_path: str, rows: int = 100_000, classes: int = 1000, chunk_
             run("s3-local", f"{bucket}/store.zarr", STORE_READ_TARGETS["s3-local"])
     if not results:
         raise DhkdError("nothing to measure: drop --no-local, or give --url or --s3-local")
-    _print_table(
-        f"bench store: {rows} rows x {classes} classes ({codec}), chunks of {chunk_rows} rows, one process, {_machine()['device']}",
+    print_table(
+        f"bench store: {rows} rows x {classes} classes ({codec}), chunks of {chunk_rows} rows, one process, {machine()['device']}",
         results,
         [("location", "location", "s"), ("write_rows_per_sec", "write rows/s", ",.0f"), ("write_mb_per_sec", "write MB/s", ".1f"),
          ("read_rows_per_sec", "read rows/s", ",.0f"), ("read_mb_per_sec", "read MB/s", ".1f"), ("bytes_per_logit", "bytes/logit", ".3f"),
          ("read_target_rows_per_sec", "read target", ",.0f"), ("meets_target", "meets", "")],
     )
-    _save(json_path, {"bench": "store", "machine": _machine(), "rows": rows, "classes": classes, "codec": codec, "chunk_rows": chunk_rows,
+    write_results(json_path, {"bench": "store", "machine": machine(), "rows": rows, "classes": classes, "codec": codec, "chunk_rows": chunk_rows,
                       "batch_size": batch_size, "results": results})
     return results

@@ -27,14 +27,15 @@ from dataclasses import MISSING, asdict, dataclass, fields
 
 import torch
 
+from dhkd_pipe.benchmark import machine, write_results
 from dhkd_pipe.cache import LogitCache
 from dhkd_pipe.config import AccuracyBenchConfig, CacheConfig, TrainConfig
 from dhkd_pipe.data import SUBSET_MARK
-from dhkd_pipe.engine import CHECKPOINT
 from dhkd_pipe.errors import DhkdError
-from dhkd_pipe.methods import METHODS, from_config, get_method, option_defaults
+from dhkd_pipe.methods import from_config, get_method, option_defaults
 from dhkd_pipe.models import file_digest
 from dhkd_pipe.report import markdown_table, write_method_report
+from dhkd_pipe.run_folder import CHECKPOINT, write_atomic, write_json
 
 from .cache_teacher import cache_teacher
 from .distill import distill
@@ -80,13 +81,6 @@ def milestones(epochs: int) -> list[int]:
     return sorted({m for m in (epochs // 2, (3 * epochs) // 4) if 0 < m < epochs})
 
 
-def available_rows() -> tuple[list[Row], list[Row]]:
-    """(rows this build can train, rows it cannot: a method or option not there)."""
-    options = {f.name for f in fields(TrainConfig)}
-    ok = [r for r in ROWS if r.method in METHODS and all(k in options for k, _ in r.options)]
-    return ok, [r for r in ROWS if r not in ok]
-
-
 class Steps:
     """The records of finished and started steps under ``out/records``."""
 
@@ -105,10 +99,7 @@ class Steps:
             return None
 
     def write(self, step: str, record: dict):
-        path = self._path(step)
-        with open(path + ".tmp", "w") as f:
-            json.dump(record, f, indent=2)
-        os.replace(path + ".tmp", path)
+        write_json(self._path(step), record)
 
     def state(self, step: str, key: dict, cls) -> tuple[str, dict | None]:
         """``("done", record)``, ``("resume", record)`` or ``("fresh", None)``; ``cls``: the
@@ -163,7 +154,7 @@ def _run_training(steps: Steps, step: str, key: dict, cfg: TrainConfig, stage, l
     steps.write(step, {"key": _plain(key), "done": False, "wall_s": wall})
     log(f"{'resuming' if resume else 'training'} {step}: {cfg.out}")
     t0 = time.perf_counter()
-    summary = stage(cfg, resume=resume, overwrite=not resume, log=lambda msg: log(f"  {msg}"))
+    summary = stage(cfg, mode="resume" if resume else "overwrite", log=lambda msg: log(f"  {msg}"))
     record = {"key": _plain(key), "done": True, "wall_s": wall + time.perf_counter() - t0,
               "summary": {k: v for k, v in summary.items() if k != "config"}}
     steps.write(step, record)
@@ -233,14 +224,11 @@ def _bench(bench: AccuracyBenchConfig, started: float, log) -> dict:
     out = bench.out
     os.makedirs(out, exist_ok=True)
     steps = Steps(out)
-    rows, missing = available_rows()
+    rows = ROWS
     clock = lambda: time.perf_counter() - started  # noqa: E731
 
     def say(msg: str):
         log(f"[{clock():7.0f} s] {msg}")
-
-    if missing:
-        say("not in this build, left out: " + ", ".join(r.name for r in missing))
 
     def train_cfg(**kw) -> TrainConfig:
         base = dict(data=data_spec(bench), batch_size=bench.batch_size, lr=bench.lr, val_every=bench.val_every, workers=0)
@@ -272,12 +260,10 @@ def _bench(bench: AccuracyBenchConfig, started: float, log) -> dict:
                          "wall_s": result["wall_s"], "reused": result["reused"]})
             say(f"{row.name} seed {seed}: top-1 {runs[-1]['top1']:.2f}%")
 
-    return _write_results(bench, teacher, store, runs, rows, missing, clock())
+    return _write_results(bench, teacher, store, runs, rows, clock())
 
 
-def _write_results(bench, teacher, store, runs, rows, missing, invocation_s) -> dict:
-    from .bench import _machine
-
+def _write_results(bench, teacher, store, runs, rows, invocation_s) -> dict:
     out = bench.out
     teacher_top1 = teacher["summary"]["val_top1"]
     methods = []
@@ -299,14 +285,13 @@ def _write_results(bench, teacher, store, runs, rows, missing, invocation_s) -> 
                     lr_milestones=milestones(bench.epochs))
     result = {
         "bench": "accuracy",
-        "machine": {**_machine(), "torch_threads": bench.threads or os.cpu_count()},
+        "machine": {**machine(), "torch_threads": bench.threads or os.cpu_count()},
         "settings": settings,
         "teacher": {"arch": bench.teacher, "val_top1": teacher_top1, "wall_s": teacher["wall_s"], "reused": teacher["reused"]},
         "store": {"path": os.path.join(out, "logits.zarr"), "views": bench.epochs, "wall_s": store["wall_s"], "reused": store["reused"],
                   "bytes_on_disk": store["summary"].get("bytes_on_disk")},
         "methods": methods,
         "runs": runs,
-        "missing_rows": [r.name for r in missing],
         "wall_s": wall,
     }
     title = (f"{bench.data}, {bench.train_size} training images (fixed stratified subset), validated on the whole test split: "
@@ -321,15 +306,11 @@ def _write_results(bench, teacher, store, runs, rows, missing, invocation_s) -> 
                             [("stage", "stage", "s"), ("wall_s", "wall s", ".0f")])
     markdown = (f"{title}.\n\nTop-1 (%) at the last epoch; std over runs (seeds 0..{bench.seeds - 1} for "
                 f"{', '.join(r.name for r in rows if r.seeded)}, seed 0 for the others).\n\n{table}\n\n{stages}\n")
-    if missing:
-        markdown += f"\nNot in this build: {', '.join(r.name for r in missing)}.\n"
     picture = os.path.join(out, "bench_accuracy.png")
     groups = [(m["name"], [r["dir"] for r in runs if r["row"] == m["name"]]) for m in methods]
     write_method_report(groups, picture, title=title, reference=(f"teacher {bench.teacher}", teacher_top1))
     result["files"] = {"json": os.path.join(out, "bench_accuracy.json"), "markdown": os.path.join(out, "bench_accuracy.md"), "png": picture}
-    with open(result["files"]["markdown"], "w") as f:
-        f.write(markdown)
-    with open(result["files"]["json"], "w") as f:
-        json.dump(result, f, indent=2)
+    write_atomic(result["files"]["markdown"], lambda f: f.write(markdown), mode="w")
+    write_results(result["files"]["json"], result, log=lambda *_: None)
     result["markdown"] = markdown
     return result
