@@ -176,7 +176,7 @@ def test_corrupt_image_names_the_file(folder, tmp_path):
     i = data.train_files.index(str(bad))
     with pytest.raises(DhkdError, match="003.JPEG"):
         data.train_sizes([i])
-    r = DaliViews(data, data.default_plan(resolution=RES), "cpu", workers=0)  # the in-process reader
+    r = DaliViews(data, data.default_plan(resolution=RES), "cpu", num_workers=0)  # the in-process reader
     idx = np.array([0, i, 1])
     views = np.array([[0, 0, HEIGHT, WIDTH, 0]] * 3, np.int32)
     with pytest.raises(DhkdError, match=r"class1.003\.JPEG"):

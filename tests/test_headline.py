@@ -205,7 +205,7 @@ def test_dali_renders_the_plans_interpolation_and_normalisation(folder):
                                                           "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]})
     idx = np.arange(data.num_train)
     views = plan.views(0, idx, data.train_sizes(idx))
-    r = DaliViews(data, plan, "cpu", workers=0)
+    r = DaliViews(data, plan, "cpu", num_workers=0)
     out = torch.cat(list(r.train_batches(idx, views, 8)))
     for i in idx:
         ref = render_reference(data.train_files[i], views[i], 24, plan.mean, plan.std, interpolation="bicubic")
