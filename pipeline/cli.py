@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from .cache import CODECS
+from .codecs import CODECS
 from .config import EXPORT_FORMATS, PRECISIONS, AccuracyBenchConfig, CacheConfig, TrainConfig, build_config
 from .errors import ENVIRONMENT_ERRNOS, DhkdError, os_reason
 from .losses import BACKENDS, KD_LOSSES
@@ -377,13 +377,14 @@ def inspect_cmd(store, as_json, quick):
     of it is damaged: every written object is checked (present, and its CRC32C checksums right).
     A damaged store exits 1, with one line on stderr naming the fix."""
     from .cache import LogitCache
+    from .store_audit import damage
 
     cache = LogitCache.open(store)
     summary = cache.summary()
-    # where the data is and how views become pixels: attributes stage 1 writes (older stores lack them)
+    # where the data is and how views become pixels: attributes stage 1 writes
     summary["data"] = cache.attrs.get("data_spec")
     summary["preprocessing"] = cache.attrs.get("preprocessing")
-    damaged = cache.damage(checksums=not quick)
+    damaged = damage(cache, checksums=not quick)
     summary["damaged"] = damaged
     if as_json:
         _echo_json(summary)

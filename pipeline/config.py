@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 
 import yaml
 
-from .cache import CODECS
+from .codecs import CODECS
 from .errors import DhkdError
 from .losses import BACKENDS, KD_LOSSES
 from .models.dual_head import AUX_HEADS
