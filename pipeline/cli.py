@@ -311,14 +311,15 @@ def inspect_cmd(**options):
     of it is damaged: every written object is checked (present, and its CRC32C checksums right).
     A damaged store exits 1, with one line on stderr naming the fix."""
     from .cache import LogitCache
+    from .store_audit import damage
 
     cfg = _config(InspectConfig, options)
     cache = LogitCache.open(cfg.store)
     summary = cache.summary()
-    # where the data is and how views become pixels: attributes stage 1 writes (older stores lack them)
+    # where the data is and how views become pixels: attributes stage 1 writes
     summary["data"] = cache.attrs.get("data_spec")
     summary["preprocessing"] = cache.attrs.get("preprocessing")
-    damaged = cache.damage(checksums=not cfg.quick)
+    damaged = damage(cache, checksums=not cfg.quick)
     summary["damaged"] = damaged
     if cfg.as_json:
         _echo_json(summary)

@@ -177,7 +177,7 @@ def read_ahead_chunks(cache) -> int:
     return max(2, min(16, READ_AHEAD_BYTES // max(cache.chunk_nbytes, 1)))
 
 
-def _row_batches(chunks, batch_size: int):
+def row_batches(chunks, batch_size: int):
     """Re-cuts a stream of (values, scale) chunks into batches of ``batch_size`` rows."""
     pending, pending_scale, have = [], [], 0
     for values, scale in chunks:
@@ -233,7 +233,7 @@ class ViewLoader:
         images = self.renderer.train_batches(indices, views, self.batch_size)
         labels = self.labels[torch.as_tensor(indices, device=self.labels.device)]
         if self.epochs.has_logits:
-            logits = _row_batches(self.epochs.logits(epoch, self.my_chunks, skip, self.rows), self.batch_size)
+            logits = row_batches(self.epochs.logits(epoch, self.my_chunks, skip, self.rows), self.batch_size)
         else:
             logits = None
         for step, x in enumerate(images):

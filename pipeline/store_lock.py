@@ -161,6 +161,8 @@ class _FileLock:
                 os.link(tmp, self.path)  # fails if the name exists: the atomic create
             except FileExistsError:
                 return False
+            except FileNotFoundError:  # the holder's clean-up of killed writers' leftovers took our temp file: it is held
+                return False
             self.fd = os.open(self.path, os.O_RDWR)
             flock_exclusive(self.fd, block=True)  # a taker may hold it for a moment while it reads us
             return True

@@ -128,7 +128,8 @@ def _bare_forward(arch: str, num_classes: int, batch_size: int, steps: int, prec
 
 
 def bench_cache(json_path: str, model: str = "resnet32x4", batch_size: int = 64, steps: int = 20, teacher_weights: str | None = None):
-    from dhkd_pipe.cache import CODECS, LogitCache
+    from dhkd_pipe.cache import LogitCache
+    from dhkd_pipe.codecs import CODECS
 
     from .cache_teacher import cache_teacher
     from .train_teacher import train_teacher
@@ -208,44 +209,44 @@ def _is_bench_store(location: str) -> bool:
 
 
 def _bench_store_at(location: str, rows: int, classes: int, chunk_rows: int, codec: str, batch_size: int) -> dict:
-    """Writes a one-epoch teacher-like store at ``location`` through ``LogitCache`` (the way stage 1
-    does, a background writer), then streams it the way stage 2 does; deletes it afterwards."""
+    """Writes a one-epoch teacher-like store at ``location`` through ``StoreWriter`` (the way stage 1
+    does), then streams it the way stage 2 does; deletes it afterwards."""
     from dhkd_pipe import __version__
     from dhkd_pipe.cache import LogitCache
-    from dhkd_pipe.loader import StoreEpochs, _row_batches
-
-    from .cache_teacher import _Writer
+    from dhkd_pipe.loader import StoreEpochs, row_batches
+    from dhkd_pipe.store_writer import StoreWriter
 
     command = {"bench": "store", "rows": rows, "classes": classes, "chunk_rows": chunk_rows, "codec": codec}
-    cache = LogitCache.create(location, epochs=1, num_samples=rows, num_classes=classes, chunk_rows=chunk_rows,
-                              labels=np.zeros(rows, np.int32), codec=codec, attrs={"command": command, "tool_version": __version__},
-                              overwrite=_is_bench_store(location))
+    writer = StoreWriter(location, epochs=1, num_samples=rows, num_classes=classes, chunk_rows=chunk_rows, labels=np.zeros(rows, np.int32),
+                         codec=codec, attrs={"command": command, "tool_version": __version__}, overwrite=_is_bench_store(location),
+                         holder="dhkd-pipe bench store")
     try:
-        units = cache.write_units()
-        unit_rows = cache.shard_chunks * chunk_rows
-        blocks = _teacher_like_blocks(min(unit_rows, rows), classes)
-        order, views = np.arange(rows, dtype=np.int32), np.zeros((rows, 5), np.int32)
-        writer = _Writer(cache)
-        t0 = time.perf_counter()
-        for i, (e, chunks) in enumerate(units):
-            a, b = cache.rows(chunks[0])[0], cache.rows(chunks[-1])[1]
-            writer.put(e, chunks[0], blocks[i % len(blocks)][: b - a], order[a:b], views[a:b])
-        writer.close()
-        write_s = time.perf_counter() - t0
+        with writer:
+            cache = writer.store
+            units = cache.write_units()
+            blocks = _teacher_like_blocks(min(cache.shard_chunks * chunk_rows, rows), classes)
+            order, views = np.arange(rows, dtype=np.int32), np.zeros((rows, 5), np.int32)
+            t0 = time.perf_counter()
+            for i, (e, chunks) in enumerate(units):
+                a, b = cache.unit_rows(chunks[0])
+                writer.put(e, chunks[0], blocks[i % len(blocks)][: b - a], order[a:b], views[a:b])
+            writer.wait()
+            write_s = time.perf_counter() - t0
 
         reader = LogitCache.open(location)
         reader.check_complete()
         epochs = StoreEpochs(reader, "cpu")
         t0 = time.perf_counter()
         streamed = 0
-        for values, _ in _row_batches(epochs.logits(0, list(range(reader.num_chunks)), 0, rows), batch_size):
+        for values, _ in row_batches(epochs.logits(0, list(range(reader.num_chunks)), 0, rows), batch_size):
             streamed += len(values)
         read_s = time.perf_counter() - t0
         if streamed != rows:
             raise RuntimeError(f"streamed {streamed} rows of {rows}")
         summary = reader.summary()
     finally:
-        cache.objects.delete_all()
+        if writer.store is not None:
+            writer.store.objects.delete_all()
     stored = summary["bytes_per_logit"] * rows * classes
     return {
         "write_rows_per_sec": rows / write_s,

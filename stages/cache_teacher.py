@@ -10,29 +10,27 @@ and under ``accelerate launch`` each process writes its own units.
 from __future__ import annotations
 
 import os
-import queue
 import shlex
 import sys
-import threading
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from dhkd_pipe import __version__
-from dhkd_pipe.cache import LogitCache, check_encodable, codec_tolerance
+from dhkd_pipe.cache import LogitCache
+from dhkd_pipe.codecs import check_encodable, codec_tolerance
 from dhkd_pipe.config import CacheConfig
 from dhkd_pipe.console import log_line
 from dhkd_pipe.data import Dataset, Renderer, absolute_spec, load_data, load_store_data
 from dhkd_pipe.engine import evaluate, make_accelerator, memory_format
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.options import flag_of, option_fields
-from dhkd_pipe.store import StoreObjects, open_store
-from dhkd_pipe.store_lock import LOCK_KEY, StoreLock
+from dhkd_pipe.store_layout import estimate_bytes
+from dhkd_pipe.store_writer import StoreWriter
 from dhkd_pipe.teacher import frozen_model, load_teacher, resolve_teacher
 from dhkd_pipe.views import ViewPlan
-
-FORMAT_VERSION = 1
 
 
 def _human(nbytes: float) -> str:
@@ -42,41 +40,57 @@ def _human(nbytes: float) -> str:
         nbytes /= 1024
 
 
-class _Writer:
-    """Writes units in a background thread, so encoding and disk time hide behind the teacher."""
+@dataclass
+class TeacherPass:
+    """Stage 1, prepared: the teacher, frozen and placed, the data, the views' plan and what the
+    store records of them. Built by :func:`prepare`; nothing is written yet."""
 
-    def __init__(self, cache: LogitCache, depth: int = 2):
-        self.cache, self.jobs, self.error = cache, queue.Queue(maxsize=depth), None
-        self.thread = threading.Thread(target=self._run, daemon=True, name="store-writer")
-        self.thread.start()
+    cfg: CacheConfig
+    acc: object  # accelerate.Accelerator
+    data: Dataset
+    source: object  # models.WeightSource
+    plan: ViewPlan
+    preprocessing: dict
+    teacher: torch.nn.Module
+    fmt: torch.memory_format
+    renderer: Renderer | None = None
 
-    def _run(self):
-        while (job := self.jobs.get()) is not None:
-            if self.error is None:
-                try:
-                    self.cache.write_unit(*job)
-                except BaseException as e:  # surfaced to the caller at the next put or at close
-                    self.error = e
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 CPU logits of a batch of rendered views."""
+        with torch.no_grad(), self.acc.autocast():
+            return self.teacher(x.contiguous(memory_format=self.fmt)).float().cpu()
 
-    def put(self, *job):
-        if self.error is not None:
-            raise self.error
-        self.jobs.put(job)
+    def store_layout(self) -> dict:
+        """The store's geometry and labels, as ``StoreWriter`` takes them."""
+        cfg, data = self.cfg, self.data
+        return dict(epochs=cfg.views, num_samples=data.num_train, num_classes=data.num_classes, chunk_rows=cfg.chunk_rows,
+                    codec=cfg.codec, labels=data.train_labels.cpu().numpy())
 
-    def close(self):
-        self.jobs.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
+    def store_attrs(self) -> dict:
+        """What the store records: the teacher, the data, the plan, and the command that wrote it
+        (which a resume must match) with its shell line (which repair messages name)."""
+        cfg, digest, fingerprint = self.cfg, self.source.digest(), self.data.fingerprint()
+        data_spec = absolute_spec(cfg.data)
+        command = {"teacher": cfg.model, "weights_digest": digest, "dataset": fingerprint, "views": cfg.views, "seed": cfg.seed,
+                   "codec": cfg.codec, "chunk_rows": cfg.chunk_rows, "policy": self.plan.to_dict(), "precision": cfg.precision}
+        return {
+            "teacher": {"arch": cfg.model, "weights_digest": digest, "weights": self.source.record, "weights_label": self.source.label,
+                        "val_top1": None},
+            "dataset": fingerprint,
+            "data_spec": data_spec,  # where the data was; stage 2 and verify-cache use it when --data is not given
+            "policy": self.plan.to_dict(),
+            "preprocessing": self.preprocessing,
+            "seed": cfg.seed,
+            "codec": cfg.codec,
+            "precision": cfg.precision,
+            "tool_version": __version__,
+            "command": command,
+            "command_line": command_line(cfg, data_spec),  # what re-runs this command (with --out): named by repair messages
+        }
 
 
-def cache_teacher(cfg: CacheConfig, log=log_line, break_lock: bool = False) -> dict:
-    """Stage 1. Everything that can be checked is checked before the store is touched (the
-    location, every image header, the teacher on the first batch); then the main process takes
-    the store's lock for the run, creates or reopens the store, verifies the units already written
-    and has damaged ones rewritten. A run that fails before its first unit leaves no store.
-
-    ``break_lock``: take over a lock held from another host (``--break-lock``)."""
+def prepare(cfg: CacheConfig) -> TeacherPass:
+    """The accelerator, the data, the teacher (weights resolved, checked, frozen, placed) and the plan."""
     acc = make_accelerator(cfg.precision)
     data = load_data(cfg.data)
     fmt = memory_format(cfg)
@@ -84,136 +98,76 @@ def cache_teacher(cfg: CacheConfig, log=log_line, break_lock: bool = False) -> d
     source, plan, preprocessing, teacher = loaded.source, loaded.plan, loaded.preprocessing, loaded.model
     if cfg.compile:  # the views' shapes are fixed: one graph for full batches, one for the last
         teacher = torch.compile(teacher)
-    digest = source.digest()
-    fingerprint = data.fingerprint()
-    data_spec = absolute_spec(cfg.data)
-    command = {
-        "teacher": cfg.model,
-        "weights_digest": digest,
-        "dataset": fingerprint,
-        "views": cfg.views,
-        "seed": cfg.seed,
-        "codec": cfg.codec,
-        "chunk_rows": cfg.chunk_rows,
-        "policy": plan.to_dict(),
-        "precision": cfg.precision,
-    }
-    line = command_line(cfg, data_spec)
-    attrs = {
-        "teacher": {"arch": cfg.model, "weights_digest": digest, "weights": source.record, "weights_label": source.label,
-                    "val_top1": None},
-        "dataset": fingerprint,
-        "data_spec": data_spec,  # where the data was; stage 2 and verify-cache use it when --data is not given
-        "policy": plan.to_dict(),
-        "preprocessing": preprocessing,
-        "seed": cfg.seed,
-        "codec": cfg.codec,
-        "precision": cfg.precision,
-        "tool_version": __version__,
-        "command": command,
-        "command_line": line,  # what re-runs this command (with --out): named by the messages that ask for a repair
-    }
-    geometry = dict(epochs=cfg.views, num_samples=data.num_train, num_classes=data.num_classes, chunk_rows=cfg.chunk_rows)
-
-    # Before anything is written: what is at --out, every image's header, the teacher's first batch.
-    objects = StoreObjects(open_store(cfg.out, read_only=False), cfg.out) if acc.is_main_process else None
-    if objects is not None:
-        LogitCache.check_target(objects, bool(cfg.overwrite))
-    renderer = data.renderer(acc.device, plan, workers=cfg.workers)
-    _check_inputs(data, plan, renderer, teacher, acc, cfg, fmt)
-
-    lock = None
-    if objects is not None:
-        fresh = objects.is_empty()
-        lock = StoreLock.acquire(objects, f"{line} --out {shlex.quote(str(cfg.out))}", break_lock=break_lock)
-    try:
-        return _cache(cfg, log, acc, data, plan, renderer, teacher, fmt, source, preprocessing, attrs, geometry, data_spec)
-    except BaseException:
-        if objects is not None:
-            _remove_unwritten(objects)
-        raise
-    finally:
-        if lock is not None:
-            lock.release()
-            if fresh:
-                objects.remove_empty_root()
+    return TeacherPass(cfg, acc, data, source, plan, preprocessing, teacher, fmt)
 
 
-def _cache(cfg, log, acc, data, plan, renderer, teacher, fmt, source, preprocessing, attrs, geometry, data_spec) -> dict:
-    """The store's part of stage 1, under the store's lock (main process)."""
-    if acc.is_main_process:
-        labels = data.train_labels.cpu().numpy()
-        cache = LogitCache.create(cfg.out, labels=labels, codec=cfg.codec, attrs=attrs, overwrite=bool(cfg.overwrite), **geometry)
-        if cache.attrs.get("data_spec") != data_spec:  # resumed from a data folder that has moved
-            cache.update_attrs(data_spec=data_spec)
-        if cache.attrs.get("command_line") != attrs["command_line"]:
-            cache.update_attrs(command_line=attrs["command_line"])
-        cache.remove_leftovers()
-        written = len(cache.objects.list("done/c/"))  # the flags objects of the units written (the mask may be damaged)
-        if written:
-            log(f"verifying the {written} write units already written (presence and checksums)")
-            damaged = cache.repair(labels)
-            if damaged:
-                more = f" and {len(damaged) - 1} more" if len(damaged) > 1 else ""
-                log(f"{len(damaged)} damaged: {damaged[0]}{more}; rewriting them")
-    acc.wait_for_everyone()
-    if not acc.is_main_process:
-        cache = LogitCache.open(cfg.out, mode="r+")
+def cache_teacher(cfg: CacheConfig, log=log_line, break_lock: bool = False) -> dict:
+    """Stage 1. Everything that can be checked is checked before the store is touched (the
+    location, every image header, the teacher on the first batch); then the store's writer takes
+    the store's lock for the run, creates or reopens the store, verifies the units already written
+    and has damaged ones rewritten. A run that fails before its first unit leaves no store.
 
-    done = cache.done_mask()
-    units = [u for i, u in enumerate(cache.write_units()) if i % acc.num_processes == acc.process_index]
-    todo = [(e, chunks) for e, chunks in units if not done[e, chunks].all()]
-    if acc.is_main_process:
-        log(f"teacher {cfg.model} ({source.label}); views {plan.resolution} px, {plan.interpolation}, "
-            f"mean {list(plan.mean)} std {list(plan.std)}: {preprocessing['source']}")
-        raw = LogitCache.estimate_bytes(cfg.views, data.num_train, data.num_classes, cfg.codec)
-        remaining = int((~done).sum())
-        log(
-            f"writing {cfg.views} views x {data.num_train} samples x {data.num_classes} classes ({cfg.codec}) "
-            f"to {cfg.out}: {_human(raw)} before compression"
-            + (f"; resuming, {remaining} of {done.size} chunks left" if remaining < done.size else "")
-        )
-
-    if acc.is_main_process and cache.attrs["teacher"].get("val_top1") is None and data.num_val:
-        acc_val = evaluate(teacher, renderer, cfg.batch_size, acc)
-        cache.update_attrs(teacher={**cache.attrs["teacher"], "val_top1": acc_val["top1"], "val_top5": acc_val["top5"]})
-        log(f"teacher {cfg.model}: validation top-1 {acc_val['top1']:.2f}%")
-
-    images, elapsed = _write_units(cache, todo, plan, data, renderer, teacher, acc, cfg.batch_size, fmt)
-    acc.wait_for_everyone()
-    total_images = int(acc.reduce(torch.tensor(images, device=acc.device), "sum"))
+    ``break_lock``: take over a lock held from another host (``--break-lock``)."""
+    run = prepare(cfg)
+    acc, attrs = run.acc, run.store_attrs()
+    writer = StoreWriter(cfg.out, attrs=attrs, overwrite=bool(cfg.overwrite), refresh=("data_spec", "command_line"),
+                         holder=f"{attrs['command_line']} --out {shlex.quote(str(cfg.out))}", break_lock=break_lock,
+                         main=acc.is_main_process, barrier=acc.wait_for_everyone, log=log, **run.store_layout())
+    run.renderer = run.data.renderer(acc.device, run.plan, workers=cfg.workers)
+    check_inputs(run)
+    with writer:
+        store = writer.store
+        todo = writer.todo(acc.process_index, acc.num_processes)
+        if acc.is_main_process:
+            announce(run, store, log)
+            validate_teacher(run, store, log)
+        images, elapsed = write_units(run, writer, todo)
+        writer.wait()
+        acc.wait_for_everyone()
+        total_images = int(acc.reduce(torch.tensor(images, device=acc.device), "sum"))
     result = {"store": cfg.out, "images": total_images, "seconds": elapsed, "images_per_sec": total_images / elapsed if elapsed else None}
     if acc.is_main_process:
-        cache.check_complete()
-        result.update({k: cache.summary()[k] for k in ("shape", "codec", "bytes_on_disk", "bytes_per_logit")})
-        result["teacher_val_top1"] = cache.attrs["teacher"].get("val_top1")
+        result.update({k: store.summary()[k] for k in ("shape", "codec", "bytes_on_disk", "bytes_per_logit")})
+        result["teacher_val_top1"] = store.attrs["teacher"].get("val_top1")
     return result
 
 
-def _check_inputs(data: Dataset, plan: ViewPlan, renderer: Renderer, teacher, acc, cfg: CacheConfig, fmt):
+def announce(run: TeacherPass, store: LogitCache, log):
+    """The teacher, its views, and what is to be written (and how much is left on a resume)."""
+    cfg, plan, data = run.cfg, run.plan, run.data
+    log(f"teacher {cfg.model} ({run.source.label}); views {plan.resolution} px, {plan.interpolation}, "
+        f"mean {list(plan.mean)} std {list(plan.std)}: {run.preprocessing['source']}")
+    done = store.done_mask()
+    raw = estimate_bytes(cfg.views, data.num_train, data.num_classes, cfg.codec)
+    remaining = int((~done).sum())
+    log(
+        f"writing {cfg.views} views x {data.num_train} samples x {data.num_classes} classes ({cfg.codec}) "
+        f"to {cfg.out}: {_human(raw)} before compression"
+        + (f"; resuming, {remaining} of {done.size} chunks left" if remaining < done.size else "")
+    )
+
+
+def validate_teacher(run: TeacherPass, store: LogitCache, log):
+    """The teacher's validation accuracy, recorded in the store once (not again on a resume)."""
+    if store.attrs["teacher"].get("val_top1") is not None or not run.data.num_val:
+        return
+    acc_val = evaluate(run.teacher, run.renderer, run.cfg.batch_size, run.acc)
+    store.update_attrs(teacher={**store.attrs["teacher"], "val_top1": acc_val["top1"], "val_top5": acc_val["top5"]})
+    log(f"teacher {run.cfg.model}: validation top-1 {acc_val['top1']:.2f}%")
+
+
+def check_inputs(run: TeacherPass):
     """What can be checked before the store is created: every image header (an image folder's
     zero-byte or foreign files), and the teacher's logits on the first batch of the first epoch
     (finite, and within the codec's range)."""
+    data, plan, n = run.data, run.plan, min(run.cfg.batch_size, run.data.num_train)
     data.train_sizes(np.arange(data.num_train))
     if data.num_val:
         data.val_views(plan)
-    n = min(cfg.batch_size, data.num_train)
     order = plan.order(0, data.num_train)[:n]
     views = plan.views(0, order, data.train_sizes(order))
-    x = next(iter(renderer.train_batches(order, views, n)))
-    with torch.no_grad(), acc.autocast():
-        logits = teacher(x.contiguous(memory_format=fmt))
-    check_encodable(logits.float().cpu().numpy(), cfg.codec, "of the first batch")
-
-
-def _remove_unwritten(objects: StoreObjects):
-    """After a failure: a store in which no unit was written holds nothing worth keeping and would
-    only stand in the way of the re-run; it is removed (the lock stays until released)."""
-    try:
-        if not objects.list("done/c/"):
-            objects.delete_all(keep=(LOCK_KEY,))
-    except DhkdError:
-        pass  # the failure itself is what the user must see
+    x = next(iter(run.renderer.train_batches(order, views, n)))
+    check_encodable(run.logits(x).numpy(), run.cfg.codec, "of the first batch")
 
 
 def command_line(cfg: CacheConfig, data_spec: str) -> str:
@@ -231,43 +185,42 @@ def command_line(cfg: CacheConfig, data_spec: str) -> str:
     return shlex.join(str(a) for a in args)
 
 
-def _write_units(cache: LogitCache, todo, plan: ViewPlan, data: Dataset, renderer: Renderer, teacher, acc,
-                 batch_size: int, fmt: torch.memory_format = torch.contiguous_format):
-    """Runs the teacher over the units' positions epoch by epoch; returns (images, seconds)."""
+def write_units(run: TeacherPass, writer: StoreWriter, todo) -> tuple[int, float]:
+    """Runs the teacher over the units' positions epoch by epoch and hands each filled unit to the
+    writer; returns (images, seconds)."""
     from tqdm.auto import tqdm
 
-    total = sum(cache.rows(chunks[-1])[1] - cache.rows(chunks[0])[0] for _, chunks in todo)
-    bar = tqdm(total=total, unit="img", disable=not acc.is_main_process or None, file=sys.stderr, dynamic_ncols=True)
-    writer = _Writer(cache)
-    start = time.perf_counter()
-    images = 0
+    store = writer.store
+    total = sum(store.unit_rows(chunks[0])[1] - store.unit_rows(chunks[0])[0] for _, chunks in todo)
+    bar = tqdm(total=total, unit="img", disable=not run.acc.is_main_process or None, file=sys.stderr, dynamic_ncols=True)
+    start, images = time.perf_counter(), 0
     try:
         for epoch in sorted({e for e, _ in todo}):
-            units = [chunks for e, chunks in todo if e == epoch]
-            bounds = [(cache.rows(chunks[0])[0], cache.rows(chunks[-1])[1]) for chunks in units]
-            positions = np.concatenate([np.arange(a, b) for a, b in bounds])
-            order = plan.order(epoch, data.num_train)[positions]
-            views = plan.views(epoch, order, data.train_sizes(order))
-            pending, unit, filled = [], 0, 0
-            for x in renderer.train_batches(order, views, batch_size):
-                with torch.no_grad(), acc.autocast():
-                    logits = teacher(x.contiguous(memory_format=fmt))
-                pending.append(logits.float().cpu())
-                filled += len(x)
-                bar.update(len(x))
-                images += len(x)
-                while unit < len(units) and filled >= bounds[unit][1] - bounds[unit][0]:
-                    rows = bounds[unit][1] - bounds[unit][0]
-                    block = torch.cat(pending)
-                    lo = sum(b - a for a, b in bounds[:unit])
-                    sl = slice(lo, lo + rows)
-                    writer.put(epoch, units[unit][0], block[:rows].numpy(), order[sl], views[sl])
-                    pending, filled = [block[rows:]], filled - rows
-                    unit += 1
+            images += _write_epoch(run, writer, epoch, [chunks for e, chunks in todo if e == epoch], bar)
     finally:
         bar.close()
-        writer.close()
     return images, time.perf_counter() - start
+
+
+def _write_epoch(run: TeacherPass, writer: StoreWriter, epoch: int, units: list, bar) -> int:
+    """One epoch's units: their positions' views rendered in batches, the logits cut into units."""
+    bounds = [writer.store.unit_rows(chunks[0]) for chunks in units]
+    positions = np.concatenate([np.arange(a, b) for a, b in bounds])
+    order = run.plan.order(epoch, run.data.num_train)[positions]
+    views = run.plan.views(epoch, order, run.data.train_sizes(order))
+    pending, unit, filled, images, lo = [], 0, 0, 0, 0
+    for x in run.renderer.train_batches(order, views, run.cfg.batch_size):
+        pending.append(run.logits(x))
+        filled += len(x)
+        images += len(x)
+        bar.update(len(x))
+        while unit < len(units) and filled >= bounds[unit][1] - bounds[unit][0]:
+            rows = bounds[unit][1] - bounds[unit][0]
+            block = torch.cat(pending)
+            writer.put(epoch, units[unit][0], block[:rows].numpy(), order[lo : lo + rows], views[lo : lo + rows])
+            pending, filled, lo = [block[rows:]], filled - rows, lo + rows
+            unit += 1
+    return images
 
 
 def verify_cache(store: str, data_spec: str | None = None, teacher_weights: str | None = None, samples: int = 256,

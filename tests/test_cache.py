@@ -9,14 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from dhkd_pipe.cache import (
-    BF16_RELATIVE_ERROR,
-    CODECS,
-    FP16_RELATIVE_ERROR,
-    LogitCache,
-    codec_tolerance,
-    decode_logits,
-)
+from dhkd_pipe.cache import LogitCache
+from dhkd_pipe.codecs import BF16_RELATIVE_ERROR, CODECS, FP16_RELATIVE_ERROR, codec_tolerance, decode_logits
+from dhkd_pipe.store_layout import estimate_bytes
+from dhkd_pipe.store_writer import create_or_resume, write_unit
 from dhkd_pipe.errors import DhkdError
 
 E, N, K, C = 2, 300, 10, 64  # 5 chunks per epoch, the last one short
@@ -56,14 +52,14 @@ def attrs(**kw):
 
 
 def create(path, codec="fp16", n=N, k=K, **kw):
-    return LogitCache.create(str(path), epochs=E, num_samples=n, num_classes=k, chunk_rows=C,
+    return create_or_resume(str(path), epochs=E, num_samples=n, num_classes=k, chunk_rows=C,
                              labels=np.arange(n) % k, codec=codec, attrs=kw.pop("attrs", attrs()), **kw)
 
 
 def write(cache, x, units=None):
     for e, chunks in cache.write_units() if units is None else units:
         a, b = cache.rows(chunks[0])[0], cache.rows(chunks[-1])[1]
-        cache.write_unit(e, chunks[0], x[e, a:b], fake_order(e, cache.num_samples)[a:b], fake_views(e, cache.num_samples)[a:b])
+        write_unit(cache, e, chunks[0], x[e, a:b], fake_order(e, cache.num_samples)[a:b], fake_views(e, cache.num_samples)[a:b])
 
 
 def read_all(path):
@@ -130,7 +126,7 @@ def test_done_is_set_only_after_the_data(tmp_path):
     assert not c.done_mask().any() and c.done_mask().shape == (E, 5)
     # data written without the flags (a process killed between the two): still incomplete
     a, b = c.rows(2)
-    c._logits[1, a:b] = x[1, a:b].astype(np.float16)
+    c.array("logits")[1, a:b] = x[1, a:b].astype(np.float16)
     write(c, x, [u for u in c.write_units() if u != (1, [2])])
     with pytest.raises(DhkdError, match=r"incomplete: 1 of 10 chunks not written \(epochs 1\); re-run cache-teacher"):
         c.check_complete()
@@ -162,7 +158,7 @@ def test_sharded_store_round_trips(tmp_path):
     units = c.write_units()
     assert units[0] == (0, [0, 1, 2]) and units[5] == (0, [15]) and units[6] == (1, [0, 1, 2]) and len(units) == 12
     with pytest.raises(ValueError):
-        c.write_unit(0, 1, x[0, :C], fake_order(0, n)[:C], fake_views(0, n)[:C])
+        write_unit(c, 0, 1, x[0, :C], fake_order(0, n)[:C], fake_views(0, n)[:C])
     write(c, x)
     c.check_complete()
     s = LogitCache.open(str(tmp_path / "s.zarr")).summary()
@@ -257,7 +253,7 @@ def test_summary(tmp_path):
     assert s["bytes_on_disk"] > 0 and 0 < s["bytes_per_logit"] < 4
     c.update_attrs(teacher={**c.attrs["teacher"], "val_top1": 91.5})
     assert LogitCache.open(str(tmp_path / "s.zarr")).attrs["teacher"]["val_top1"] == 91.5
-    assert LogitCache.estimate_bytes(E, N, K, "fp16") > E * N * K * 2
+    assert estimate_bytes(E, N, K, "fp16") > E * N * K * 2
 
 
 def test_create_over_an_existing_store(tmp_path):
@@ -278,7 +274,7 @@ def test_create_over_an_existing_store(tmp_path):
 def test_elementwise_error_bounds(tmp_path, codec):
     """The documented per-element bounds: fp16 2^-11 and bf16 2^-8 relative, int8 max|row|/254."""
     x = fake_logits(epochs=1)
-    c = LogitCache.create(str(tmp_path / "s.zarr"), epochs=1, num_samples=N, num_classes=K, chunk_rows=C,
+    c = create_or_resume(str(tmp_path / "s.zarr"), epochs=1, num_samples=N, num_classes=K, chunk_rows=C,
                           labels=np.zeros(N), codec=codec, attrs=attrs())
     write(c, x)
     got = torch.cat([c.read_rows(0, k) for k in range(c.num_chunks)]).double().numpy()
@@ -321,7 +317,7 @@ def test_non_finite_logits_are_refused(tmp_path, codec):
     x = fake_logits()
     x[0, 3, 2] = np.nan
     with pytest.raises(DhkdError, match="not finite"):
-        c.write_unit(0, 0, x[0, :C], fake_order(0)[:C], fake_views(0)[:C])
+        write_unit(c, 0, 0, x[0, :C], fake_order(0)[:C], fake_views(0)[:C])
     assert not c.done_mask().any()
 
 
@@ -330,7 +326,7 @@ def test_fp16_range_is_checked(tmp_path):
     x = fake_logits()
     x[0, 3, 2] = 1e5
     with pytest.raises(DhkdError, match="fp16 range.*bf16"):
-        c.write_unit(0, 0, x[0, :C], fake_order(0)[:C], fake_views(0)[:C])
+        write_unit(c, 0, 0, x[0, :C], fake_order(0)[:C], fake_views(0)[:C])
 
 
 def test_done_flag_is_the_last_object_written(tmp_path, monkeypatch):

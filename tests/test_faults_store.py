@@ -38,7 +38,9 @@ from dhkd_pipe.cache import LogitCache
 from dhkd_pipe.cli import main
 from dhkd_pipe.models import create_model
 from dhkd_pipe.store import StoreObjects, is_url, open_store
+from dhkd_pipe.store_audit import damage
 from dhkd_pipe.store_lock import LOCK_KEY, StoreLock, read_holder
+from dhkd_pipe.store_writer import create_or_resume
 
 from conftest import S3_BUCKET as BUCKET  # the moto server is the session fixture ``s3``
 from test_faults import CHATTER, assert_one_error_line, dead_pid, live_pid, other_host, zombie_pid  # the run side's matrix helpers
@@ -240,7 +242,7 @@ def image_folder(damage: str):
 
 def empty_store_of_another_command(w: Work):
     """What an earlier failed or killed stage 1 left: a created store with no unit written."""
-    LogitCache.create(w.out, epochs=2, num_samples=256, num_classes=10, chunk_rows=64, labels=np.zeros(256),
+    create_or_resume(w.out, epochs=2, num_samples=256, num_classes=10, chunk_rows=64, labels=np.zeros(256),
                       attrs={"command": {"teacher": "resnet8", "weights_digest": "of the NaN weights"}})
 
 
@@ -289,7 +291,7 @@ def several(*setups):
 def same_as_reference(location: str, reference: str):
     a, b = LogitCache.open(location), LogitCache.open(reference)
     a.check_complete()
-    assert a.damage() == []
+    assert damage(a) == []
     for e in range(b.epochs):
         assert np.array_equal(np.concatenate([a.read_chunk(e, k)[0] for k in range(a.num_chunks)]),
                               np.concatenate([b.read_chunk(e, k)[0] for k in range(b.num_chunks)])), e
@@ -337,7 +339,7 @@ def restore_image(w: Work):
 def image_store_sound(w: Work):
     cache = LogitCache.open(w.out)
     cache.check_complete()
-    assert cache.damage() == [] and read_holder(w.objects()) is None
+    assert damage(cache) == [] and read_holder(w.objects()) is None
 
 
 def inspect_clean(w: Work):
@@ -618,21 +620,22 @@ def test_the_lock_is_released_on_an_interrupt(shared, tmp_path, monkeypatch):
     """The lock is held while units are written; a KeyboardInterrupt in the middle of stage 1
     releases it and keeps the units written, and the re-run completes the store."""
     from dhkd_pipe.config import CacheConfig
+    from dhkd_pipe import store_writer
     from dhkd_pipe.stages import cache_teacher as stage
 
     out = tmp_path / "s.zarr"
     calls = []
-    real = LogitCache.write_unit
+    real = store_writer.write_unit
 
-    def write_then_stop(self, *a, **k):
-        holder = read_holder(self.objects)  # held, by this process, while the units are written
+    def write_then_stop(cache, *a, **k):
+        holder = read_holder(cache.objects)  # held, by this process, while the units are written
         assert holder is not None and holder["pid"] == os.getpid(), holder
-        real(self, *a, **k)
+        real(cache, *a, **k)
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(LogitCache, "write_unit", write_then_stop)
+    monkeypatch.setattr(store_writer, "write_unit", write_then_stop)
     cfg = CacheConfig(data="digits@256", model="resnet8", weights=str(shared["teacher"]), views=2, chunk_rows=64, batch_size=64,
                       out=str(out)).validate()
     with pytest.raises(KeyboardInterrupt):
@@ -694,7 +697,7 @@ def test_a_second_run_while_one_writes(shared, tmp_path):
         proc.stderr.close()
     cache = LogitCache.open(str(out))
     cache.check_complete()
-    assert cache.damage() == [] and not (out / LOCK_KEY).exists()
+    assert damage(cache) == [] and not (out / LOCK_KEY).exists()
 
 
 @pytest.mark.slow
@@ -732,7 +735,7 @@ def test_sigterm_mid_store_releases_the_lock_and_keeps_the_units(shared, tmp_pat
     assert code == 0, err
     cache = LogitCache.open(str(out))
     cache.check_complete()
-    assert cache.damage() == []
+    assert damage(cache) == []
 
 
 @pytest.mark.slow

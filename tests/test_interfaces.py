@@ -13,7 +13,7 @@ import inspect
 import pytest
 import torch
 
-from dhkd_pipe.cache import LogitCache
+from dhkd_pipe.store_writer import create_or_resume
 from dhkd_pipe.data import Dataset, InMemoryData, InMemoryViews, Renderer
 from dhkd_pipe.imagefolder import ImageFolderData
 from dhkd_pipe.loader import EpochSource, PlanEpochs, StoreEpochs
@@ -93,8 +93,8 @@ def test_renderers_are_renderers(image_folder):
 
 def test_epoch_sources_are_epoch_sources(tmp_path):
     data = _in_memory()
-    cache = LogitCache.create(str(tmp_path / "s.zarr"), epochs=1, num_samples=data.num_train,
-                              num_classes=data.num_classes, chunk_rows=4, labels=data.train_labels.numpy())
+    cache = create_or_resume(str(tmp_path / "s.zarr"), epochs=1, num_samples=data.num_train,
+                             num_classes=data.num_classes, chunk_rows=4, labels=data.train_labels.numpy())
     for source in (PlanEpochs(data.default_plan(), data), StoreEpochs(cache, "cpu")):
         assert isinstance(source, EpochSource)
         assert _mismatches(source, EpochSource) == [], type(source).__name__

@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("triton")
 
 from dhkd_pipe import losses  # noqa: E402
-from dhkd_pipe.cache import decode_logits  # noqa: E402
+from dhkd_pipe.codecs import decode_logits  # noqa: E402
 from dhkd_pipe.errors import DhkdError  # noqa: E402
 from dhkd_pipe.kernels import (  # noqa: E402
     fused_cross_entropy_loss,

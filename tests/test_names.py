@@ -55,7 +55,8 @@ def test_each_name_list_is_declared_once_by_its_owner(list_name):
     module, owner = OWNERS[list_name]
     declared = getattr(module, list_name)
     found = [(path, line) for path, line, values in _string_collections() if values == set(declared)]
-    expected = [] if isinstance(declared, dict) else [owner]  # a dict's keys are no tuple literal
+    # a dict's keys are no tuple literal; the codec names are read off the codec objects
+    expected = [] if isinstance(declared, dict) or list_name == "CODECS" else [owner]
     assert [path for path, _ in found] == expected, f"{list_name} written in {found}, expected only in {owner}"
 
 
@@ -63,7 +64,7 @@ def test_the_cli_offers_the_owners_names():
     params = {p.name: p for command in (cli.main.commands["distill"], cli.main.commands["cache-teacher"])
               for p in command.params}
     assert tuple(params["aux_head"].type.choices) == dual_head.AUX_HEADS
-    assert tuple(params["codec"].type.choices) == cache.CODECS
+    assert tuple(params["codec"].type.choices) == codecs.CODECS
     assert tuple(params["precision"].type.choices) == config.PRECISIONS
     assert tuple(params["kernels"].type.choices) == losses.BACKENDS
     assert tuple(params["kd_loss"].type.choices) == tuple(losses.KD_LOSSES)

@@ -21,8 +21,9 @@ import torch
 
 from dhkd_pipe.cache import LogitCache
 from dhkd_pipe.errors import DhkdError
-from dhkd_pipe.loader import StoreEpochs, _row_batches, read_ahead_chunks
+from dhkd_pipe.loader import StoreEpochs, row_batches, read_ahead_chunks
 from dhkd_pipe.store import StoreObjects, open_store
+from dhkd_pipe.store_writer import create_or_resume, write_unit
 
 from conftest import S3_BUCKET
 
@@ -39,14 +40,14 @@ def attrs(**kw):
 
 
 def create(location, n=N, k=K, codec="fp16", **kw):
-    return LogitCache.create(location, epochs=E, num_samples=n, num_classes=k, chunk_rows=C, labels=np.arange(n) % k,
+    return create_or_resume(location, epochs=E, num_samples=n, num_classes=k, chunk_rows=C, labels=np.arange(n) % k,
                              codec=codec, attrs=kw.pop("attrs", attrs()), **kw)
 
 
 def write(cache, x, units=None):
     for e, chunks in cache.write_units() if units is None else units:
         a, b = cache.rows(chunks[0])[0], cache.rows(chunks[-1])[1]
-        cache.write_unit(e, chunks[0], x[e, a:b], np.arange(a, b) + e, np.full((b - a, 5), e, np.int32))
+        write_unit(cache, e, chunks[0], x[e, a:b], np.arange(a, b) + e, np.full((b - a, 5), e, np.int32))
 
 
 def read_all(location):
@@ -246,7 +247,7 @@ def test_read_ahead_is_concurrent_bounded_and_in_order():
 
 def test_read_ahead_hands_on_a_failed_read_and_batches_as_before():
     store = SlowChunks(fail_at=5, delay=0.01)
-    batches = _row_batches(StoreEpochs(store, "cpu", prefetch_chunks=4).logits(0, list(range(12)), 0, 96), 10)
+    batches = row_batches(StoreEpochs(store, "cpu", prefetch_chunks=4).logits(0, list(range(12)), 0, 96), 10)
     seen = []
     with pytest.raises(DhkdError, match="chunk 5 is broken"):
         for values, _ in batches:

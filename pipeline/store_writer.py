@@ -1,0 +1,261 @@
+"""Writing a logit store: create or resume, one write unit at a time, and :class:`StoreWriter`, the
+context manager that owns a store's whole life while it is written.
+
+A unit's data objects are written first and its ``done`` flags after them, so a run killed at any
+point resumes exactly: a unit is either marked done with all its data, or rewritten.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from .cache import LogitCache
+from .codecs import encode_logits
+from .errors import DhkdError, one_line
+from .store import StoreObjects, open_store, storage_errors
+from .store_audit import remove_leftovers, repair
+from .store_layout import GEOMETRY, check_geometry, check_target, create_arrays, jsonable, location
+from .store_lock import LOCK_KEY, StoreLock
+
+WRITE_THREADS = 1  # units written at once by one process (issue 17 measures more)
+QUEUED_UNITS = 2  # units waiting for a writer thread: what bounds the memory held for writing
+
+
+def create_or_resume(path, *, epochs: int, num_samples: int, num_classes: int, chunk_rows: int, labels, codec: str = "fp16",
+                     attrs: dict | None = None, overwrite: bool = False, shard_threshold: int = 10_000,
+                     shard_bytes: int = 32 << 20) -> LogitCache:
+    """Creates the store (or, for the same command and geometry, reopens it "r+" to resume)."""
+    path = location(path)
+    epochs, num_samples, num_classes, chunk_rows = int(epochs), int(num_samples), int(num_classes), int(chunk_rows)
+    labels = check_geometry(epochs, num_samples, num_classes, chunk_rows, labels)
+    from .codecs import codec_named
+
+    codec_named(codec)
+    attrs = jsonable(dict(attrs or {}))
+    attrs["codec"] = codec
+
+    objects = StoreObjects(open_store(path, read_only=False), path)
+    check_target(objects, overwrite)
+    if objects.exists("zarr.json"):
+        existing = None if overwrite else _existing(path, objects, attrs)
+        if existing is not None:
+            _check_same(existing, attrs, dict(epochs=epochs, num_samples=num_samples, num_classes=num_classes, chunk_rows=chunk_rows,
+                                              codec=codec))
+            return existing
+        # --overwrite; or a store of ours that holds no data: replaced (the lock, if held, stays)
+        objects.delete_all(keep=(LOCK_KEY,))
+    create_arrays(objects, epochs=epochs, num_samples=num_samples, num_classes=num_classes, chunk_rows=chunk_rows, labels=labels,
+                  codec=codec, attrs=attrs, shard_threshold=shard_threshold, shard_bytes=shard_bytes)
+    return LogitCache.open(path, mode="r+")
+
+
+def _existing(path: str, objects: StoreObjects, attrs: dict) -> LogitCache | None:
+    """The logit store at ``path`` to resume, or None where it holds no data and is replaced:
+    a creation of the same command that never reached format_version, or a store in which no
+    unit was ever written (a run that failed or was killed before its first unit, whatever
+    its command: a re-run after the user fixed the input just works)."""
+    import zarr
+
+    try:
+        old = dict(zarr.open_group(store=objects.store, mode="r", zarr_format=3).attrs)
+    except Exception:
+        old = None
+    if old is not None and "format_version" not in old and attrs.get("command") is not None and old.get("command") == attrs.get("command"):
+        return None  # our own creation, killed before format_version
+    existing = LogitCache.open(path, mode="r+")
+    if existing.attrs.get("command") != attrs.get("command") and not existing.objects.list("done/c/"):
+        return None  # no unit was written: nothing to keep
+    return existing
+
+
+def _check_same(existing: LogitCache, attrs: dict, geometry: dict):
+    old, new = existing.attrs.get("command"), attrs.get("command")
+    if old != new:
+        if isinstance(old, dict) and isinstance(new, dict):
+            field = next((k for k in list(new) + list(old) if old.get(k) != new.get(k)), "command")
+        else:
+            field = "command"
+        raise DhkdError(f"a different store exists at {existing.path} ({field} differs); pass --overwrite")
+    for key in GEOMETRY:
+        if getattr(existing, key) != geometry[key]:
+            raise DhkdError(f"a different store exists at {existing.path} ({key} differs); pass --overwrite")
+
+
+def write_unit(cache: LogitCache, epoch: int, first_chunk: int, logits, order, views):
+    """Writes one write unit (all its rows) of an opened store, then its ``done`` flags."""
+    from zarr.core.sync import sync
+
+    start, stop = cache.unit_rows(first_chunk)
+    n = stop - start
+    logits = np.asarray(logits)
+    order, views = np.asarray(order), np.asarray(views)
+    if logits.shape != (n, cache.num_classes) or order.shape != (n,) or views.shape != (n, 5):
+        last = min(first_chunk + cache.shard_chunks, cache.num_chunks) - 1
+        raise ValueError(
+            f"unit (epoch {epoch}, chunks {first_chunk}-{last}) needs ({n}, {cache.num_classes}) logits, ({n},) order, "
+            f"({n}, 5) views; got {logits.shape}, {order.shape}, {views.shape}"
+        )
+    values, scale = encode_logits(logits, cache.codec)
+    rows = (epoch, slice(start, stop))
+    data = [("logits", values), ("order", order.astype(np.int32)), ("views", views.astype(np.int32))]
+    if scale is not None:
+        data.append(("logit_scale", scale))
+
+    async def write_data():  # the unit's objects at once: one round trip on object storage, not four
+        await asyncio.gather(*(cache.array(name).async_array.setitem(rows, v) for name, v in data))
+
+    try:
+        sync(write_data())
+        last = min(first_chunk + cache.shard_chunks, cache.num_chunks) - 1
+        cache.array("done")[epoch, first_chunk : last + 1] = True  # only after all of the unit's data
+    except storage_errors() as e:
+        raise DhkdError(f"cannot write to store {cache.path}: {one_line(e)}") from None
+
+
+def _ignore():
+    pass
+
+
+class StoreWriter:
+    """A store while it is written, from the target check to the lock's release.
+
+    Constructing it checks the target, reading only (``--overwrite`` replaces only a logit store).
+    Entering takes the store's lock (main process), creates the store or reopens it to resume,
+    removes what killed writers left, verifies the units already written and undoes damaged ones
+    so they are written again; ``barrier`` (every process calls it) then lets the other processes
+    open the store. :meth:`put` writes units in background threads (``threads`` at once, at most
+    ``QUEUED_UNITS`` more waiting, so memory stays bounded); leaving waits for them, verifies that
+    the store is complete and releases the lock. A store that failed before its first unit is
+    removed; one that was fresh and stays empty leaves no folder.
+
+    ``holder``: the command the lock names; ``refresh``: attributes rewritten on a resume (where the
+    data lies, the command line), unlike the command, which a resume must match.
+    """
+
+    def __init__(self, path, *, labels, attrs: dict | None = None, overwrite: bool = False, refresh: tuple = (), holder: str = "",
+                 break_lock: bool = False, main: bool = True, barrier=_ignore, log=None, threads: int | None = None, **layout):
+        self.path = location(path)
+        self._create = dict(labels=labels, attrs=attrs, overwrite=bool(overwrite), **layout)
+        self._refresh = {k: (attrs or {})[k] for k in refresh}
+        self._holder, self._break_lock, self._main, self._barrier = holder, break_lock, main, barrier
+        self._log = log or (lambda line: None)
+        self._threads = max(1, int(threads or WRITE_THREADS))
+        self._objects = StoreObjects(open_store(self.path, read_only=False), self.path) if main else None
+        if main:
+            check_target(self._objects, bool(overwrite))
+        self.store: LogitCache | None = None
+        self._lock = self._pool = None
+        self._fresh = False
+
+    def __enter__(self) -> "StoreWriter":
+        if self._main:
+            self._fresh = self._objects.is_empty()
+            self._lock = StoreLock.acquire(self._objects, self._holder, break_lock=self._break_lock)
+        try:
+            if self._main:
+                self.store = self._create_or_resume()
+            self._barrier()
+            if not self._main:
+                self.store = LogitCache.open(self.path, mode="r+")
+            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="store-writer")
+            self._slots = threading.BoundedSemaphore(self._threads + QUEUED_UNITS)
+            self._futures, self._error = [], None
+        except BaseException:
+            self._fail()
+            raise
+        return self
+
+    def _create_or_resume(self) -> LogitCache:
+        store = create_or_resume(self.path, **self._create)
+        changed = {k: v for k, v in self._refresh.items() if store.attrs.get(k) != v}
+        if changed:
+            store.update_attrs(**changed)
+        remove_leftovers(store)
+        written = len(store.objects.list("done/c/"))  # the flags objects of the units written (the mask may be damaged)
+        if written:
+            self._log(f"verifying the {written} write units already written (presence and checksums)")
+            damaged = repair(store, self._create["labels"])
+            if damaged:
+                more = f" and {len(damaged) - 1} more" if len(damaged) > 1 else ""
+                self._log(f"{len(damaged)} damaged: {damaged[0]}{more}; rewriting them")
+        return store
+
+    def todo(self, rank: int = 0, world: int = 1) -> list[tuple[int, list[int]]]:
+        """The write units not yet done that process ``rank`` of ``world`` writes (every world-th)."""
+        done = self.store.done_mask()
+        units = [u for i, u in enumerate(self.store.write_units()) if i % world == rank]
+        return [(e, chunks) for e, chunks in units if not done[e, chunks].all()]
+
+    def put(self, epoch: int, first_chunk: int, logits, order, views):
+        """Queues one unit for writing; waits while the queue is full. Raises the first failure of
+        an earlier unit."""
+        self._raise()
+        self._slots.acquire()
+        try:
+            future = self._pool.submit(self._write, epoch, first_chunk, logits, order, views)
+        except BaseException:
+            self._slots.release()
+            raise
+        self._futures.append(future)
+
+    def _write(self, *unit):
+        try:
+            if self._error is None:  # after a failure, what is queued is not written
+                write_unit(self.store, *unit)
+        except BaseException as e:  # surfaced to the caller at the next put, wait or exit
+            if self._error is None:
+                self._error = e
+        finally:
+            self._slots.release()
+
+    def _raise(self):
+        if self._error is not None:
+            raise self._error
+
+    def wait(self):
+        """Waits until every unit put so far is written; raises the first failure."""
+        for future in self._futures:
+            future.result()
+        self._futures = []
+        self._raise()
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self._fail()
+            return False
+        try:
+            self.wait()
+            self._pool.shutdown()
+            self._barrier()
+            if self._main:
+                self.store.check_complete()
+        except BaseException:
+            self._fail()
+            raise
+        self._release()
+        return False
+
+    def _fail(self):
+        """After a failure: writes in flight end, queued ones are dropped; a store in which no unit
+        was written holds nothing worth keeping and would only stand in the way of the re-run, so
+        it is removed (the lock stays until released)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._main:
+            try:
+                if not self._objects.list("done/c/"):
+                    self._objects.delete_all(keep=(LOCK_KEY,))
+            except DhkdError:
+                pass  # the failure itself is what the user must see
+        self._release()
+
+    def _release(self):
+        if self._lock is not None:
+            lock, self._lock = self._lock, None
+            lock.release()
+            if self._fresh:
+                self._objects.remove_empty_root()
