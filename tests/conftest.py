@@ -1,10 +1,21 @@
 import json
 import logging
 import os
+import shutil
 import urllib.request
 
+import numpy as np
 import pytest
-import torch
+
+# Under pytest-xdist the workers share the cores: one torch thread each (and in the processes they
+# start), else 2 workers x N threads oversubscribe the machine. Set before torch's first import.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 # Without a GPU the Triton kernels run in Triton's interpreter, which must be chosen before
 # triton's first import.
@@ -60,3 +71,115 @@ def s3():
             _post("http://127.0.0.1:%d/moto-api/reset-auth" % server.get_host_and_port()[1], b"inf")
         finally:
             server.stop()
+
+
+# ---- read-only inputs built once per session (and once for all xdist workers) ---------------------
+
+
+def built_once(tmp_path_factory, name: str, build) -> "os.PathLike":
+    """The folder ``name`` filled by ``build(folder)`` once per test session. Under pytest-xdist the
+    first worker builds it in the session's shared temp folder while the others wait on its lock.
+    Tests only read it: a test that writes copies it into its own ``tmp_path`` first."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # shared by the workers of this run
+    folder, done = base / name, base / f"{name}.built"
+    with FileLock(str(base / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed build left
+            folder.mkdir()
+            with torch.random.fork_rng():  # the seeds a build sets do not leak into the tests
+                build(folder)
+            done.touch()
+    return folder
+
+
+def save_random_teacher(path, num_classes: int):
+    """A resnet8 with the weights ``torch.manual_seed(0)`` gives: enough for the mechanics."""
+    from dhkd_pipe.models import create_model
+
+    torch.manual_seed(0)
+    torch.save({"model": create_model("resnet8", num_classes).state_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def random_teacher(tmp_path_factory):
+    """A resnet8 digits teacher (10 classes) with seeded random weights."""
+    return built_once(tmp_path_factory, "random-teacher", lambda d: save_random_teacher(d / "model.pt", 10)) / "model.pt"
+
+
+@pytest.fixture(scope="session")
+def random_teacher3(tmp_path_factory):
+    """A resnet8 with seeded random weights for the 3 classes of ``digit_jpegs``."""
+    return built_once(tmp_path_factory, "random-teacher3", lambda d: save_random_teacher(d / "resnet8.pt", 3)) / "resnet8.pt"
+
+
+def write_digit_jpegs(root, classes=3, train=8, val=2):
+    """scikit-learn digits as JPEGs of varied, non-square sizes: train/classC/KKK.JPEG and val/classC."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    counts = {}
+    for image, label in zip(digits.images, digits.target):
+        if label >= classes or counts.get(label, 0) >= train + val:
+            continue
+        k = counts[label] = counts.get(label, 0) + 1
+        split = "val" if k > train else "train"
+        pixels = (image / 16 * 255).astype(np.uint8)
+        size = (40 + 4 * (k % 3), 48 - 4 * (k % 2))
+        rgb = Image.fromarray(pixels).resize(size, Image.BILINEAR).convert("RGB")
+        os.makedirs(root / split / f"class{label}", exist_ok=True)
+        rgb.save(root / split / f"class{label}" / f"{k:03d}.JPEG", quality=95)
+    return root
+
+
+@pytest.fixture(scope="session")
+def digit_jpegs(tmp_path_factory):
+    """An image folder of digits: 3 classes, 24 training and 6 validation JPEGs of varied sizes."""
+    return built_once(tmp_path_factory, "digit-jpegs", lambda d: write_digit_jpegs(d / "data")) / "data"
+
+
+# The digits stores of the pipeline tests: views 2, seed 0, batches of 64, chunks of 256 rows.
+DIGITS_STORE = dict(data="digits", model="resnet8", views=2, seed=0, batch_size=64, chunk_rows=256)
+
+
+def write_digits_store(teacher, out, **kw):
+    from dhkd_pipe.config import CacheConfig
+    from dhkd_pipe.stages.cache_teacher import cache_teacher
+
+    cache_teacher(CacheConfig(**{**DIGITS_STORE, "weights": str(teacher), "out": str(out), **kw}).validate(), log=lambda *a: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def quick_store(tmp_path_factory, random_teacher):
+    """The digits store of ``random_teacher``."""
+    return built_once(tmp_path_factory, "quick-store", lambda d: write_digits_store(random_teacher, d / "logits.zarr")) / "logits.zarr"
+
+
+@pytest.fixture(scope="session")
+def trained_teacher(tmp_path_factory):
+    """A small digits teacher trained through the CLI (in this process): 6 epochs of resnet8."""
+    def build(folder):
+        from click.testing import CliRunner
+
+        from dhkd_pipe.cli import main
+
+        out = folder / "run"
+        result = CliRunner().invoke(main, ["train-teacher", "--model", "resnet8", "--data", "digits", "--epochs", "6", "--lr", "0.1",
+                                           "--lr-milestones", "5", "--out", str(out)])
+        assert result.exit_code == 0, (result.stderr[-3000:], result.exception)
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["val_top1"] > 50  # 6 epochs of resnet8: far above chance (10%)
+
+    return built_once(tmp_path_factory, "trained-teacher", build) / "run" / "model.pt"
+
+
+@pytest.fixture(scope="session")
+def trained_store(tmp_path_factory, trained_teacher):
+    """The digits store of ``trained_teacher``."""
+    return built_once(tmp_path_factory, "trained-store", lambda d: write_digits_store(trained_teacher, d / "logits.zarr")) / "logits.zarr"

@@ -744,7 +744,7 @@ def test_two_ranks_write_one_store_under_one_lock(shared, tmp_path):
     one-process store and the lock is gone."""
     out = tmp_path / "s.zarr"
     cmd = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dhkd_pipe.cli",
+           "--main_process_port", "0", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dhkd_pipe.cli",
            *shlex.split(CACHE.format(teacher=shared["teacher"], out=out))]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
                           timeout=600)

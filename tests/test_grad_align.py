@@ -239,7 +239,7 @@ def test_two_processes_give_the_one_process_result(tmp_path):
     out = tmp_path / "ranks.pt"
     script = os.path.join(os.path.dirname(__file__), "grad_align_case.py")
     cmd = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", script, str(out)]
+           "--main_process_port", "0", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", script, str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -41,29 +41,9 @@ def offline_hub(tmp_path, monkeypatch):
     return tmp_path / "torch" / "hub" / "checkpoints"
 
 
-def write_folder(root, classes=3, train=8, val=2):
-    """scikit-learn digits as JPEGs of varied, non-square sizes: train/CLASS and val/CLASS."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    counts = {}
-    for image, label in zip(digits.images, digits.target):
-        if label >= classes or counts.get(label, 0) >= train + val:
-            continue
-        k = counts[label] = counts.get(label, 0) + 1
-        split = "val" if k > train else "train"
-        pixels = (image / 16 * 255).astype(np.uint8)
-        size = (40 + 4 * (k % 3), 48 - 4 * (k % 2))
-        rgb = Image.fromarray(pixels).resize(size, Image.BILINEAR).convert("RGB")
-        os.makedirs(root / split / f"class{label}", exist_ok=True)
-        rgb.save(root / split / f"class{label}" / f"{k:03d}.JPEG", quality=95)
-    return root
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return write_folder(tmp_path_factory.mktemp("jpegs") / "data")
+@pytest.fixture(scope="session")
+def folder(digit_jpegs):
+    return digit_jpegs
 
 
 # ---- --data is required wherever no store supplies it ----------------------------------------------
@@ -223,12 +203,9 @@ def test_dali_renders_the_plans_interpolation_and_normalisation(folder):
 # ---- the store records its data and preprocessing; stage 2 uses them ------------------------------
 
 
-@pytest.fixture(scope="module")
-def resnet8_file(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("t") / "resnet8.pt"
-    torch.save({"model": create_model("resnet8", 3).state_dict()}, path)
-    return path
+@pytest.fixture(scope="session")
+def resnet8_file(random_teacher3):
+    return random_teacher3
 
 
 def test_moved_folder_with_data_works_and_a_wrong_one_is_refused(folder, resnet8_file, tmp_path):

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
@@ -20,36 +19,15 @@ from dhkd_pipe.stages.cache_teacher import cache_teacher, verify_cache  # noqa: 
 QUIET = dict(log=lambda *a: None)
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
+@pytest.fixture(scope="session")
+def folder(digit_jpegs):
     """digits as JPEGs of different sizes: 3 classes, 24 training and 6 validation images."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    root = tmp_path_factory.mktemp("jpegs")
-    digits = load_digits()
-    counts = {}
-    for image, label in zip(digits.images, digits.target):
-        if label >= 3 or counts.get(label, 0) >= 10:
-            continue
-        k = counts[label] = counts.get(label, 0) + 1
-        split = "val" if k > 8 else "train"
-        pixels = (image / 16 * 255).astype(np.uint8)
-        size = (40 + 4 * (k % 3), 48 - 4 * (k % 2))  # non-square, varied sizes
-        rgb = Image.fromarray(pixels).resize(size, Image.BILINEAR).convert("RGB")
-        os.makedirs(root / split / f"class{label}", exist_ok=True)
-        rgb.save(root / split / f"class{label}" / f"{k:03d}.JPEG", quality=95)
-    return root
+    return digit_jpegs
 
 
-@pytest.fixture(scope="module")
-def teacher_weights(tmp_path_factory):
-    from dhkd_pipe.models import create_model
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "t.pt"
-    torch.save({"model": create_model("resnet8", 3).state_dict()}, path)
-    return path
+@pytest.fixture(scope="session")
+def teacher_weights(random_teacher3):
+    return random_teacher3
 
 
 def test_stage1_and_stage2_replay_the_same_pixels(folder, teacher_weights, tmp_path):

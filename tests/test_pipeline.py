@@ -26,7 +26,6 @@ from dhkd_pipe.cli import main
 from dhkd_pipe.config import CacheConfig, TrainConfig
 from dhkd_pipe.engine import prepare
 from dhkd_pipe.errors import DhkdError
-from dhkd_pipe.models import create_model
 from dhkd_pipe.stages.cache_teacher import cache_teacher, verify_cache
 from dhkd_pipe.stages.distill import distill
 
@@ -63,7 +62,7 @@ def accelerate(*args, processes=2):
     # accelerate 1.15's `--cpu` launcher starts one process; torchrun's (`--multi_gpu`) on a machine
     # without a GPU gives MULTI_CPU (gloo) ranks, which is what we test.
     cmd = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--multi_gpu", "--num_processes", str(processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dhkd_pipe.cli", *map(str, args)]
+           "--main_process_port", "0", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dhkd_pipe.cli", *map(str, args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -78,37 +77,7 @@ def store_cfg(teacher, out, **kw):
 STORE_ARGS = ["--model", "resnet8", "--data", "digits", "--views", 2, "--chunk-rows", 256, "--batch-size", 64]  # = store_cfg
 
 
-@pytest.fixture(scope="module")
-def random_teacher(tmp_path_factory):
-    """A resnet8 digits teacher with seeded random weights: enough for the mechanics."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("random-teacher") / "model.pt"
-    torch.save({"model": create_model("resnet8", 10).state_dict()}, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def quick_store(tmp_path_factory, random_teacher):
-    out = tmp_path_factory.mktemp("quick-store") / "logits.zarr"
-    cache_teacher(store_cfg(random_teacher, out), **QUIET)
-    return out
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    """A small digits teacher, trained through the CLI."""
-    out = tmp_path_factory.mktemp("teacher") / "run"
-    cli("train-teacher", "--model", "resnet8", "--data", "digits", "--epochs", "6", "--lr", "0.1", "--lr-milestones", "5", "--out", out)
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["val_top1"] > 50  # 6 epochs of resnet8: far above chance (10%)
-    return out / "model.pt"
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory, teacher):
-    out = tmp_path_factory.mktemp("store") / "logits.zarr"
-    cache_teacher(store_cfg(teacher, out), **QUIET)
-    return out
+# random_teacher, quick_store, trained_teacher and trained_store: session fixtures of conftest.py
 
 
 def read_all(path):
@@ -130,32 +99,32 @@ def assert_same_store(a, b):
 
 
 @slow
-def test_store_records_the_plan_and_the_teacher(store, teacher):
-    c = LogitCache.open(str(store))
+def test_store_records_the_plan_and_the_teacher(trained_store, trained_teacher):
+    c = LogitCache.open(str(trained_store))
     assert (c.epochs, c.num_samples, c.num_classes) == (2, 1437, 10)
     c.check_complete()
     plan_order = np.random.Generator(np.random.Philox(key=[0, 1])).permutation(1437)
     assert np.array_equal(c.read_order(1), plan_order)
     assert c.attrs["teacher"]["val_top1"] > 50
-    result = verify_cache(str(store), "digits", str(teacher), samples=128)
+    result = verify_cache(str(trained_store), "digits", str(trained_teacher), samples=128)
     assert result["ok"] and result["top1_agreement"] == 1.0, result
 
 
 @slow
-def test_store_does_not_depend_on_batch_size(tmp_path, teacher, store):
+def test_store_does_not_depend_on_batch_size(tmp_path, trained_teacher, trained_store):
     other = tmp_path / "batch100.zarr"
-    cache_teacher(store_cfg(teacher, other, batch_size=100, codec="fp16"), **QUIET)
-    a, b = read_all(store), read_all(other)
+    cache_teacher(store_cfg(trained_teacher, other, batch_size=100, codec="fp16"), **QUIET)
+    a, b = read_all(trained_store), read_all(other)
     assert np.array_equal(a["order"], b["order"]) and np.array_equal(a["views"], b["views"])
     np.testing.assert_allclose(a["logits"].astype(np.float32), b["logits"].astype(np.float32), atol=2e-2, rtol=2e-3)
 
 
 @slow
-def test_two_processes_write_the_one_process_store(tmp_path, teacher, store):
+def test_two_processes_write_the_one_process_store(tmp_path, trained_teacher, trained_store):
     out = tmp_path / "two.zarr"
-    accelerate("cache-teacher", "--weights", teacher, *STORE_ARGS, "--out", out)
-    assert_same_store(store, out)
-    assert LogitCache.open(str(out)).attrs["teacher"]["val_top1"] == LogitCache.open(str(store)).attrs["teacher"]["val_top1"]
+    accelerate("cache-teacher", "--weights", trained_teacher, *STORE_ARGS, "--out", out)
+    assert_same_store(trained_store, out)
+    assert LogitCache.open(str(out)).attrs["teacher"]["val_top1"] == LogitCache.open(str(trained_store)).attrs["teacher"]["val_top1"]
 
 
 @slow

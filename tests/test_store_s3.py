@@ -330,15 +330,10 @@ def test_two_processes_write_on_s3_what_one_process_writes(s3):
     assert all_objects(two) == all_objects(one)
 
 
-@pytest.fixture(scope="module")
-def teacher_weights(tmp_path_factory):
+@pytest.fixture(scope="session")
+def teacher_weights(random_teacher):
     """An untrained digits resnet8: the store need not be good, only the same every time."""
-    from dhkd_pipe.models import create_model
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "resnet8.pt"
-    torch.save({"model": create_model("resnet8", 10).state_dict()}, path)
-    return path
+    return random_teacher
 
 
 STAGE1 = ["--model", "resnet8", "--data", "digits", "--views", "3", "--chunk-rows", "32", "--batch-size", "32"]
