@@ -114,14 +114,14 @@ def _torchvision_resnet_extractor(model):
     stem's BN output before / after its ReLU (before max-pooling), each stage's last residual sum
     before / after its ReLU, the pooled feature and the logits. torchvision's ReLUs are in place, so
     each pre-activation tap is cloned before its ReLU runs."""
-    from torchvision.models.feature_extraction import create_feature_extractor
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
-    stages = [f"layer{i}" for i in range(1, 5)]
-    last = [f"{s}.{len(getattr(model, s)) - 1}" for s in stages]
+    names, _ = get_graph_node_names(model)
     nodes = {"bn1": "pre0", "relu": "post0", "flatten": "pooled", "fc": "logits"}
-    for i, block in enumerate(last, start=1):
+    for i in range(1, 5):
+        block = f"layer{i}.{len(getattr(model, f'layer{i}')) - 1}"
         nodes[f"{block}.add"] = f"pre{i}"
-        nodes[f"{block}.relu_1"] = f"post{i}"
+        nodes[[n for n in names if n.startswith(f"{block}.relu")][-1]] = f"post{i}"  # the block's last ReLU
     graph_module = create_feature_extractor(model, return_nodes=nodes)
     for graph in (graph_module.train_graph, graph_module.eval_graph):
         output = next(n for n in graph.nodes if n.op == "output")
