@@ -159,3 +159,29 @@ def hcl_loss(student_maps, teacher_maps) -> torch.Tensor:
             weights += weight
         total = total + loss / weights
     return total
+
+
+class StudentWithConnector(nn.Module):
+    """The module a feature method trains: the student and the method's connector, in one optimizer
+    (the same weight decay) and one checkpoint, under one DDP wrapper (so the connector's gradients
+    are reduced too). ``forward(x)`` is the student's plain forward (validation);
+    ``forward(x, teacher_taps)`` returns (the student's logits, the connector's unweighted loss).
+    ``export()`` gives the student alone: the connector is never exported."""
+
+    def __init__(self, student: nn.Module, connector: nn.Module):
+        super().__init__()
+        self.student = student
+        self.connector = connector
+
+    def forward(self, x, teacher_taps=None):
+        if teacher_taps is None:
+            return self.student(x)
+        from .models.feature_taps import forward_taps
+
+        outputs, taps = forward_taps(self.student, x)
+        return outputs, self.connector(taps, teacher_taps)
+
+    def export(self) -> nn.Module:
+        import copy
+
+        return self.student.export() if hasattr(self.student, "export") else copy.deepcopy(self.student)

@@ -1,0 +1,114 @@
+"""Feature methods in the engine: online only, the connector trained and checkpointed with the student
+(``--resume`` continues bitwise) and never exported (model.pt, model.safetensors, ONNX)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from dhkd_pipe.config import TrainConfig
+from dhkd_pipe.engine import prepare
+from dhkd_pipe.errors import DhkdError
+from dhkd_pipe.exported import read_exported
+from dhkd_pipe.methods import get_method
+from dhkd_pipe.models import create_model
+from dhkd_pipe.stages.distill import distill
+
+QUIET = dict(log=lambda *a: None)
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("feature-teacher") / "model.pt"
+    torch.save({"model": create_model("resnet8", 10).state_dict()}, path)
+    return str(path)
+
+
+def feature_cfg(out, teacher_file, method, **kw):
+    base = dict(data="digits@96", model="resnet8", teacher="resnet8", teacher_weights=teacher_file, method=method,
+                epochs=2, batch_size=32, lr_milestones=[1], out=str(out))
+    return TrainConfig(**{**base, **kw}).validate()
+
+
+def _checkpoint(out):
+    return torch.load(f"{out}/checkpoint.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("method", ["fitnet", "reviewkd", "dhkd_reviewkd"])
+def test_a_feature_method_with_a_store_is_refused_in_one_line(tmp_path, method):
+    cfg = TrainConfig(data="digits", model="resnet8", method=method, cache=str(tmp_path / "logits.zarr"),
+                      out=str(tmp_path / "run")).validate()
+    with pytest.raises(DhkdError, match=r"--method .* intermediate features.* run it online: --teacher") as e:
+        prepare(cfg)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_connector_trains_with_the_student_and_is_checkpointed_not_exported(tmp_path, teacher_file):
+    out = tmp_path / "run"
+    run = prepare(feature_cfg(out, teacher_file, "dhkd_reviewkd"))
+    connector = run.model.connector
+    in_optimizer = {id(p) for g in run.optimizer.param_groups for p in g["params"]}
+    assert all(id(p) in in_optimizer for p in connector.parameters())
+    assert all(g["weight_decay"] == run.cfg.weight_decay for g in run.optimizer.param_groups)
+    run.close()
+    before = {k: v.clone() for k, v in connector.state_dict().items()}
+
+    distill(feature_cfg(out, teacher_file, "dhkd_reviewkd"), overwrite=True, **QUIET)
+    saved = _checkpoint(out)["model"]
+    connector_keys = [k for k in saved if k.startswith("connector.")]
+    assert connector_keys and any(not torch.equal(saved[k], before[k[len("connector."):]]) for k in connector_keys)
+    exported, _ = read_exported(str(out))
+    plain = create_model("resnet8", 10).state_dict()
+    assert set(exported) == set(plain)  # the student alone, in the plain architecture's layout
+    pt = torch.load(out / "model.pt", weights_only=True)["model"]
+    assert set(pt) == set(plain)
+
+
+def test_resume_continues_a_feature_run_bitwise(tmp_path, teacher_file):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    distill(feature_cfg(whole, teacher_file, "reviewkd"), **QUIET)
+    assert distill(feature_cfg(parts, teacher_file, "reviewkd", max_steps=4), **QUIET)["stopped_at"]
+    distill(feature_cfg(parts, teacher_file, "reviewkd"), resume=True, **QUIET)
+    a, b = _checkpoint(whole), _checkpoint(parts)
+    assert a["model"].keys() == b["model"].keys() and any(k.startswith("connector.") for k in a["model"])
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_dhkd_reviewkd_kd_term_is_head_two_plus_review():
+    """``--grad-align`` projects ``kd`` (alpha KD(head 2) + the ReviewKD term) against ``ce``."""
+    method = get_method("dhkd_reviewkd")(warmup_epochs=4, beta=3.0)
+    torch.manual_seed(0)
+    h1, h2, t = torch.randn(5, 10), torch.randn(5, 10), torch.randn(5, 10)
+    y = torch.randint(0, 10, (5,))
+    terms = method.terms((h1, h2), y, t, epoch=1, feature_loss=torch.tensor(2.0))
+    torch.testing.assert_close(terms["review"], torch.tensor(3.0 * 2 / 4 * 2.0))
+    torch.testing.assert_close(terms["kd"], terms["head2"] + terms["review"])
+    dhkd = get_method("dhkd")().terms((h1, h2), y, t)
+    torch.testing.assert_close(terms["head2"], dhkd["kd"])
+    torch.testing.assert_close(terms["ce"], dhkd["ce"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("onnxscript") is None, reason="needs onnx and onnxscript")
+def test_a_dhkd_reviewkd_run_exports_to_onnx_without_connector_weights(tmp_path, teacher_file):
+    import onnx
+
+    from dhkd_pipe.stages.export import export_onnx
+
+    out = tmp_path / "run"
+    distill(feature_cfg(out, teacher_file, "dhkd_reviewkd", epochs=1), **QUIET)
+    connector_shapes = {tuple(v.shape) for k, v in _checkpoint(out)["model"].items()
+                        if k.startswith("connector.") and v.dim() > 1}
+    student = create_model("resnet8", 10).state_dict()
+    result = export_onnx(str(out))
+    proto = onnx.load(result["onnx"])
+    weights = {tuple(i.dims): i.name for i in proto.graph.initializer}
+    assert not any("connector" in name or "abfs" in name for name in weights.values())
+    assert not [s for s in connector_shapes if s in weights and s not in {tuple(v.shape) for v in student.values()}]
+    held = sum(int(torch.Size(i.dims).numel()) for i in proto.graph.initializer)
+    assert held <= sum(v.numel() for v in student.values())
