@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import glob
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from dhkd_pipe.models import create_model
 from dhkd_pipe.stages.distill import distill
 
 QUIET = dict(log=lambda *a: None)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +115,39 @@ def test_a_dhkd_reviewkd_run_exports_to_onnx_without_connector_weights(tmp_path,
     assert not [s for s in connector_shapes if s in weights and s not in {tuple(v.shape) for v in student.values()}]
     held = sum(int(torch.Size(i.dims).numel()) for i in proto.graph.initializer)
     assert held <= sum(v.numel() for v in student.values())
+
+
+FEATURE_RECIPES = sorted(glob.glob(os.path.join(ROOT, "configs", "*", "reviewkd", "*.yaml"))
+                         + glob.glob(os.path.join(ROOT, "configs", "*", "dhkd_reviewkd", "*.yaml")))
+
+
+@pytest.mark.parametrize("path", FEATURE_RECIPES)
+def test_every_feature_recipe_parses_runs_online_and_names_its_source(path):
+    from dhkd_pipe.config import build_config
+    from dhkd_pipe.methods import from_config
+    from dhkd_pipe.models import list_models
+
+    cfg = build_config(TrainConfig, path, {})
+    method = from_config(cfg)
+    assert method.name == os.path.basename(os.path.dirname(path))
+    assert cfg.model in list_models() and cfg.teacher in list_models() and not cfg.cache
+    with open(path) as f:
+        comment = " ".join(line for line in f if line.startswith("#"))
+    assert "mdistiller" in comment
+    if method.name == "dhkd_reviewkd":
+        assert "penghui-yang/DHKD" in comment and cfg.temperature == 2.0
+
+
+def test_feature_recipes_hold_mdistillers_weights():
+    from dhkd_pipe.config import build_config
+
+    def recipe(name):
+        return build_config(TrainConfig, os.path.join(ROOT, "configs", name), {})
+
+    r = recipe("cifar100/reviewkd/resnet32x4_resnet8x4.yaml")
+    assert (r.alpha, r.gamma, r.warmup_epochs, r.lr, r.batch_size, r.epochs) == (5.0, 1.0, 20, 0.05, 64, 240)
+    assert recipe("cifar100/dhkd_reviewkd/resnet32x4_resnet8x4.yaml").beta == 5.0
+    for name, weight in (("resnet34_resnet18", 1.0), ("resnet50_mobilenet", 8.0)):
+        i = recipe(f"imagenet/reviewkd/{name}.yaml")
+        assert (i.alpha, i.warmup_epochs, i.lr, i.weight_decay, i.epochs) == (weight, 1, 0.1, 1e-4, 100), name
+    assert len(FEATURE_RECIPES) == 2 * 11 + 2
