@@ -151,3 +151,39 @@ def test_feature_recipes_hold_mdistillers_weights():
         i = recipe(f"imagenet/reviewkd/{name}.yaml")
         assert (i.alpha, i.warmup_epochs, i.lr, i.weight_decay, i.epochs) == (weight, 1, 0.1, 1e-4, 100), name
     assert len(FEATURE_RECIPES) == 2 * 11 + 2
+
+
+def test_bench_accuracy_trains_the_feature_rows_online_from_the_same_teacher(tmp_path):
+    from dhkd_pipe.config import AccuracyBenchConfig
+    from dhkd_pipe.stages import bench_accuracy as bench_module
+
+    rows = {r.name: r for r in bench_module.available_rows()[0]}
+    assert {"fitnet", "reviewkd", "dhkd_reviewkd"} <= set(rows)
+    bench = AccuracyBenchConfig(out=str(tmp_path / "b"), epochs=12)
+    weights = tmp_path / "teacher.pt"
+    weights.write_bytes(b"weights")
+    store_key = {"config": {}, "teacher_weights": "digest"}
+
+    def train_cfg(**kw):
+        return TrainConfig(**{**dict(data="digits", batch_size=64), **kw}).validate()
+
+    for name in ("fitnet", "reviewkd", "dhkd_reviewkd"):
+        assert rows[name].online and not rows[name].seeded  # one seed by default
+        cfg, key = bench_module.student_run(bench, rows[name], 0, train_cfg, "store.zarr", store_key, str(weights))
+        assert (cfg.teacher, cfg.teacher_weights, cfg.cache, cfg.method) == (bench.teacher, str(weights), None, name)
+        assert "store" not in key and key["teacher_weights"] == bench_module.file_digest(str(weights))
+        assert cfg.warmup_epochs == (1 if name != "fitnet" else None)  # 20 of 240 epochs, scaled to 12
+    cfg, key = bench_module.student_run(bench, rows["dhkd"], 0, train_cfg, "store.zarr", store_key, str(weights))
+    assert cfg.cache == "store.zarr" and cfg.teacher is None and key["store"] == store_key
+
+
+@pytest.mark.slow
+def test_bench_distill_has_an_online_reviewkd_row(tmp_path):
+    from dhkd_pipe.stages.bench import bench_distill
+
+    rows, ratios = bench_distill(str(tmp_path / "bench.json"), teacher="resnet8", student="resnet8", batch_size=8, steps=2,
+                                 warmup=1)
+    row = next(r for r in rows if r["path"].startswith("online ReviewKD"))
+    assert row["images_per_sec"] > 0
+    online = next(r for r in rows if r["path"].startswith("online DHKD"))["images_per_sec"]
+    assert ratios["reviewkd_over_online_dhkd"] == pytest.approx(row["images_per_sec"] / online)
