@@ -50,6 +50,17 @@ def test_a_feature_method_with_a_store_is_refused_in_one_line(tmp_path, method):
     assert not (tmp_path / "run").exists()
 
 
+def test_the_cli_refuses_a_feature_method_with_a_store_with_exit_2(tmp_path):
+    from click.testing import CliRunner
+
+    from dhkd_pipe.cli import main
+
+    result = CliRunner().invoke(main, ["distill", "--student", "resnet8", "--data", "digits", "--method", "reviewkd",
+                                       "--cache", str(tmp_path / "logits.zarr"), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert "run it online: --teacher" in result.output and not (tmp_path / "run").exists()
+
+
 def test_connector_trains_with_the_student_and_is_checkpointed_not_exported(tmp_path, teacher_file):
     out = tmp_path / "run"
     run = prepare(feature_cfg(out, teacher_file, "dhkd_reviewkd"))
