@@ -71,7 +71,7 @@ def test_connector_trains_with_the_student_and_is_checkpointed_not_exported(tmp_
     run.close()
     before = {k: v.clone() for k, v in connector.state_dict().items()}
 
-    distill(feature_cfg(out, teacher_file, "dhkd_reviewkd"), overwrite=True, **QUIET)
+    distill(feature_cfg(out, teacher_file, "dhkd_reviewkd"), mode="overwrite", **QUIET)
     saved = _checkpoint(out)["model"]
     connector_keys = [k for k in saved if k.startswith("connector.")]
     assert connector_keys and any(not torch.equal(saved[k], before[k[len("connector."):]]) for k in connector_keys)
@@ -86,7 +86,7 @@ def test_resume_continues_a_feature_run_bitwise(tmp_path, teacher_file):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     distill(feature_cfg(whole, teacher_file, "reviewkd"), **QUIET)
     assert distill(feature_cfg(parts, teacher_file, "reviewkd", max_steps=4), **QUIET)["stopped_at"]
-    distill(feature_cfg(parts, teacher_file, "reviewkd"), resume=True, **QUIET)
+    distill(feature_cfg(parts, teacher_file, "reviewkd"), mode="resume", **QUIET)
     a, b = _checkpoint(whole), _checkpoint(parts)
     assert a["model"].keys() == b["model"].keys() and any(k.startswith("connector.") for k in a["model"])
     for k in a["model"]:
@@ -168,7 +168,7 @@ def test_bench_accuracy_trains_the_feature_rows_online_from_the_same_teacher(tmp
     from dhkd_pipe.config import AccuracyBenchConfig
     from dhkd_pipe.stages import bench_accuracy as bench_module
 
-    rows = {r.name: r for r in bench_module.available_rows()[0]}
+    rows = {r.name: r for r in bench_module.ROWS}
     assert {"fitnet", "reviewkd", "dhkd_reviewkd"} <= set(rows)
     bench = AccuracyBenchConfig(out=str(tmp_path / "b"), epochs=12)
     weights = tmp_path / "teacher.pt"
