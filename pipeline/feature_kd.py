@@ -21,6 +21,8 @@ trains in the student's optimizer, is checkpointed with the run and never export
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -182,6 +184,4 @@ class StudentWithConnector(nn.Module):
         return outputs, self.connector(taps, teacher_taps)
 
     def export(self) -> nn.Module:
-        import copy
-
         return self.student.export() if hasattr(self.student, "export") else copy.deepcopy(self.student)
