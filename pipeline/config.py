@@ -67,9 +67,11 @@ class TrainConfig(MethodOptions):
                                "teacher forward pass.", commands=_DISTILL)
     aux_head: str = option("linear", choices=AUX_HEADS, commands=_DISTILL)
     # the published PCGrad over parameter gradients (dhkd_pipe.grad_align)
-    grad_align: bool = option(False, "dhkd only: gradient alignment as published (PCGrad over all parameter gradients): "
-                              "where the distillation gradient conflicts with the CE gradient, its component along the "
-                              "CE gradient is removed.", switch=True, commands=_DISTILL)
+    grad_align: bool = option(False, "dhkd, dhkd_reviewkd only: gradient alignment as published (PCGrad over all "
+                              "parameter gradients): where the distillation gradient conflicts with the CE gradient, its "
+                              "component along the CE gradient is removed. With dhkd_reviewkd the projected objective is "
+                              "alpha KD(head 2) + the ReviewKD term, against gamma CE(head 1) (this project's choice: the "
+                              "published DHKD code has no ReviewKD).", switch=True, commands=_DISTILL)
     # this project's per-sample feature variant (AlignedSplit)
     grad_align_features: bool = option(False, "dhkd only: this project's per-sample variant (not the published algorithm): "
                                        "aligns only the gradient reaching the shared features, row by row. Excludes "

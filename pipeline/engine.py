@@ -27,7 +27,7 @@ from .exported import write_exported
 from .grad_align import aligned_backward
 from .interrupts import Interrupted, deferred, pending
 from .loader import PlanEpochs, StoreEpochs, ViewLoader
-from .methods import Method, from_config
+from .methods import CACHE_REFUSAL, Method, from_config, is_feature_method
 from .nonfinite import NonFiniteGuard
 from .run_folder import METRICS, SUMMARY, RunFolder, RunMode, append_line, check_out, metrics_line, write_json
 from .training_state import Progress, restore_training_state, save_training_state
@@ -77,6 +77,8 @@ def prepare(cfg: TrainConfig, mode: RunMode | str = RunMode.NEW) -> Run:
 
     mode = RunMode(mode)
     method = from_config(cfg)
+    if cfg.cache and is_feature_method(method):
+        raise DhkdError(CACHE_REFUSAL.format(name=method.name))
     online = method.needs_teacher and not cfg.cache
     if online and not cfg.teacher:
         raise DhkdError(f"--method {method.name} needs a teacher: --cache STORE, or --teacher NAME [--teacher-weights FILE]")
@@ -84,7 +86,8 @@ def prepare(cfg: TrainConfig, mode: RunMode | str = RunMode.NEW) -> Run:
         raise DhkdError(f"--teacher {cfg.teacher} has no published weights (a KD-zoo model): pass --teacher-weights FILE")
     if (cfg.grad_align or cfg.grad_align_features) and not method.dual_head:
         flag = "--grad-align" if cfg.grad_align else "--grad-align-features"
-        raise DhkdError(f"{flag} aligns head 1's CE with head 2's distillation gradient: only --method dhkd has two heads")
+        raise DhkdError(f"{flag} aligns head 1's CE with head 2's distillation gradient: only --method dhkd and "
+                        "dhkd_reviewkd have two heads")
     out_plan = check_out(cfg.out, mode)  # reads only; repeated under the folder's lock
     acc = make_accelerator(cfg.precision, cfg.log_with, cfg.out)
     torch.manual_seed(cfg.seed)
@@ -114,6 +117,10 @@ def prepare(cfg: TrainConfig, mode: RunMode | str = RunMode.NEW) -> Run:
         loaded = load_teacher(cfg.teacher, cfg.teacher_weights, data, plan, acc.device, cfg.resolution, acc, fmt)
         teacher, plan = loaded.model, loaded.plan
     check_input_size(cfg.model, plan.resolution, data.num_classes, "student" if method.needs_teacher else "model")
+    if is_feature_method(method):  # the connector trains, checkpoints and reduces with the student
+        from .feature_kd import StudentWithConnector
+
+        model = StudentWithConnector(model, method.connector(model, teacher, plan.resolution))
     model.to(memory_format=fmt)
     epochs = StoreEpochs(cache, acc.device, with_logits=method.needs_teacher) if cache is not None else PlanEpochs(plan, data)
 
@@ -168,13 +175,7 @@ def train_step(run: Run, batch, epoch: int, step: int = 0) -> dict[str, torch.Te
     # statistics, so they are kept aside first (small: two numbers per channel)
     buffers = [b.detach().clone() for b in model.buffers()] if guard is not None and guard.skipping else None
     with acc.autocast():
-        outputs = model(batch.images)
-        teacher = batch.teacher
-        online = None
-        if teacher is None and run.teacher is not None:
-            with torch.no_grad():
-                teacher = online = run.teacher(batch.images)
-        terms = run.method.terms(outputs, batch.labels, teacher, batch.teacher_scale, epoch)
+        terms, online = _loss_terms(run, batch, epoch)
     if guard is not None:
         if guard.skipping:
             if guard.skip(terms["total"], online, acc, epoch, step):
@@ -191,6 +192,23 @@ def train_step(run: Run, batch, epoch: int, step: int = 0) -> dict[str, torch.Te
         acc.backward(terms["total"])
     optimizer.step()
     return terms
+
+
+def _loss_terms(run: Run, batch, epoch: int):
+    """(the method's named loss terms of the batch, the online teacher's logits or None)."""
+    if is_feature_method(run.method):  # online only: the teacher's taps, then the student through the connector
+        from .models.feature_taps import forward_taps
+
+        with torch.no_grad():
+            teacher, teacher_taps = forward_taps(run.teacher, batch.images)
+        outputs, feature_loss = run.model(batch.images, teacher_taps)
+        return run.method.terms(outputs, batch.labels, teacher, None, epoch, feature_loss=feature_loss), teacher
+    outputs = run.model(batch.images)
+    teacher, online = batch.teacher, None
+    if teacher is None and run.teacher is not None:
+        with torch.no_grad():
+            teacher = online = run.teacher(batch.images)
+    return run.method.terms(outputs, batch.labels, teacher, batch.teacher_scale, epoch), online
 
 
 def metric_names(method: Method) -> list[str]:

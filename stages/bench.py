@@ -90,8 +90,12 @@ def bench_distill(json_path: str, teacher: str = "resnet32x4", student: str = "r
     # timm's speed switches on the cached path; compiling happens in the warm-up steps
     rows.append({"path": "cached DHKD, --channels-last", "images_per_sec": _timed_training(cfg("channels-last", "dhkd", cache=store, channels_last=True), warmup)})
     rows.append({"path": "cached DHKD, --compile (student)", "images_per_sec": _timed_training(cfg("compile", "dhkd", cache=store, compile=True), warmup)})
-    online, cached, alone, loader, channels_last, compiled = (r["images_per_sec"] for r in rows)
+    # a feature method cannot use the store: online ReviewKD against online DHKD (its connector and the teacher's taps)
+    rows.append({"path": "online ReviewKD (teacher features every step)",
+                 "images_per_sec": _timed_training(cfg("reviewkd", "reviewkd", teacher=teacher, teacher_weights=weights), warmup)})
+    online, cached, alone, loader, channels_last, compiled, reviewkd = (r["images_per_sec"] for r in rows)
     ratios = {
+        "reviewkd_over_online_dhkd": reviewkd / online,
         "cached_over_alone": cached / alone,
         "cached_over_online": cached / online,
         "loader_over_cached": loader / cached,

@@ -50,6 +50,7 @@ class Row:
     method: str
     options: tuple[tuple[str, object], ...] = ()
     seeded: bool = False
+    online: bool = False  # the teacher runs every step (the feature methods: a store holds no features)
 
     @property
     def slug(self) -> str:
@@ -65,10 +66,17 @@ ROWS = (
     Row("dhkd", "dhkd", seeded=True),
     Row("dhkd --grad-align", "dhkd", (("grad_align", True),)),  # published PCGrad over parameters
     Row("dhkd --grad-align-features", "dhkd", (("grad_align_features", True),)),  # the per-sample feature variant
+    # feature methods, online from the same teacher's weights
+    Row("fitnet", "fitnet", online=True),
+    Row("reviewkd", "reviewkd", online=True),
+    Row("dhkd_reviewkd", "dhkd_reviewkd", online=True),
 )
 
+# Warm-ups of 20 epochs in mdistiller's 240-epoch recipes, scaled to the bench's epochs.
+WARMED_UP = ("dkd", "reviewkd", "dhkd_reviewkd")
+
 # Config fields that say where things are, not what they are: left out of the records.
-WHERE = {"out", "cache", "weights", "workers", "log_with", "overwrite", "checkpoint_every", "max_steps"}
+WHERE = {"out", "cache", "weights", "teacher_weights", "workers", "log_with", "overwrite", "checkpoint_every", "max_steps"}
 
 
 def data_spec(bench: AccuracyBenchConfig) -> str:
@@ -247,20 +255,28 @@ def _bench(bench: AccuracyBenchConfig, started: float, log) -> dict:
     runs = []
     for row in rows:
         for seed in range(bench.seeds if row.seeded else 1):
-            options = dict(row.options)
-            if row.method == "dkd":  # DKD's 20 warm-up epochs of 240, scaled to this run
-                options["warmup_epochs"] = max(1, round(bench.epochs * 20 / 240))
-            cfg = train_cfg(model=bench.student, method=row.method, cache=store_cfg.out, epochs=bench.epochs, seed=seed,
-                            lr_milestones=milestones(bench.epochs), out=os.path.join(out, "students", f"{row.slug}-s{seed}"),
-                            **options)
+            cfg, key = student_run(bench, row, seed, train_cfg, store_cfg.out, store_key, weights)
             step = f"student-{row.slug}-s{seed}"
-            result = _run_training(steps, step, {"config": _what(cfg), "store": store_key}, cfg, distill, say)
+            result = _run_training(steps, step, key, cfg, distill, say)
             runs.append({"row": row.name, "method": row.method, "options": dict(row.options), "seed": seed, "dir": cfg.out,
                          "top1": result["summary"]["val_top1"], "images_per_sec": result["summary"]["images_per_sec"],
                          "wall_s": result["wall_s"], "reused": result["reused"]})
             say(f"{row.name} seed {seed}: top-1 {runs[-1]['top1']:.2f}%")
 
     return _write_results(bench, teacher, store, runs, rows, clock())
+
+
+def student_run(bench, row: Row, seed: int, train_cfg, store: str, store_key: dict, weights: str) -> tuple[TrainConfig, dict]:
+    """A row's student config and the key of its record: from the store, or online from the
+    teacher's weights file (``row.online``), whose digest is then in the key."""
+    options = dict(row.options)
+    if row.method in WARMED_UP:
+        options["warmup_epochs"] = max(1, round(bench.epochs * 20 / 240))
+    source = dict(teacher=bench.teacher, teacher_weights=weights) if row.online else dict(cache=store)
+    cfg = train_cfg(model=bench.student, method=row.method, epochs=bench.epochs, seed=seed, lr_milestones=milestones(bench.epochs),
+                    out=os.path.join(bench.out, "students", f"{row.slug}-s{seed}"), **source, **options)
+    key = {"config": _what(cfg), **({"teacher_weights": file_digest(weights)} if row.online else {"store": store_key})}
+    return cfg, key
 
 
 def _write_results(bench, teacher, store, runs, rows, invocation_s) -> dict:
@@ -295,7 +311,8 @@ def _write_results(bench, teacher, store, runs, rows, invocation_s) -> dict:
         "wall_s": wall,
     }
     title = (f"{bench.data}, {bench.train_size} training images (fixed stratified subset), validated on the whole test split: "
-             f"{bench.teacher} teacher {teacher_top1:.2f}%, {bench.student} students from the store, {bench.epochs} epochs")
+             f"{bench.teacher} teacher {teacher_top1:.2f}%, {bench.student} students from the store "
+             f"(the feature methods online from the same teacher), {bench.epochs} epochs")
     table = markdown_table(methods, [("name", "method", "s"), ("n", "runs", "d"), ("mean", "top-1 mean", ".2f"), ("std", "std", ".2f"),
                                      ("min", "min", ".2f"), ("max", "max", ".2f"), ("vs_ce", "vs ce", "+.2f"),
                                      ("images_per_sec", "img/s", ".0f"), ("wall_s", "wall s", ".0f")])

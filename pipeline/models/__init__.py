@@ -12,6 +12,7 @@ _HOMES = {
     "register_model": "registry", "torchvision_arch": "registry",
     "check_finite_weights": "checkpoint", "load_checkpoint": "checkpoint", "read_state_dict": "checkpoint",
     "DualHead": "dual_head",
+    "FeatureTaps": "feature_taps", "forward_taps": "feature_taps", "tap_shapes": "feature_taps",
     "WeightsSource": "pretrained", "file_digest": "pretrained", "resolve_weights": "pretrained",
 }
 

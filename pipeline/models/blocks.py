@@ -37,3 +37,23 @@ def kaiming_fan_out_init(model: nn.Module, linear_std: float | None = None, zero
                 m.weight.data.normal_(0, linear_std)
             if linear_std is not None or zero_linear_bias:
                 m.bias.data.zero_()
+
+
+def run_stage_with_preact(stage: nn.Sequential, x):
+    """Runs ``stage`` (blocks in a Sequential) and also returns its last block's output before the
+    final activation: every block but the last runs its plain forward, the last its
+    ``forward_with_preact`` (a method each family's blocks define, returning (output, pre-activation))."""
+    for block in stage[:-1]:
+        x = block(x)
+    return stage[-1].forward_with_preact(x)
+
+
+def batch_norm_without_update(bn: nn.BatchNorm2d, x):
+    """``bn(x)``'s value without touching its running statistics: batch statistics in training,
+    running ones in evaluation (a tap that re-applies a BN the forward already applied must not
+    count the batch twice)."""
+    import torch.nn.functional as F
+
+    if bn.training:
+        return F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+    return bn(x)

@@ -8,7 +8,8 @@ Module names and state-dict layout are those of the CIFAR-100 teacher checkpoint
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .blocks import kaiming_fan_out_init
+from .blocks import kaiming_fan_out_init, run_stage_with_preact
+from .feature_taps import FeatureTaps
 
 
 def conv3x3(in_planes, out_planes, stride=1):
@@ -28,11 +29,18 @@ class BasicBlock(nn.Module):
         self.downsample = downsample
         self.stride = stride
 
-    def forward(self, x):
+    def residual_sum(self, x):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         residual = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + residual)
+        return out + residual
+
+    def forward(self, x):
+        return F.relu(self.residual_sum(x))
+
+    def forward_with_preact(self, x):
+        preact = self.residual_sum(x)
+        return F.relu(preact), preact
 
 
 class Bottleneck(nn.Module):
@@ -50,12 +58,19 @@ class Bottleneck(nn.Module):
         self.downsample = downsample
         self.stride = stride
 
-    def forward(self, x):
+    def residual_sum(self, x):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         residual = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + residual)
+        return out + residual
+
+    def forward(self, x):
+        return F.relu(self.residual_sum(x))
+
+    def forward_with_preact(self, x):
+        preact = self.residual_sum(x)
+        return F.relu(preact), preact
 
 
 class CifarResNet(nn.Module):
@@ -99,3 +114,13 @@ class CifarResNet(nn.Module):
         x = self.layer3(self.layer2(self.layer1(x)))
         x = self.avgpool(x)
         return self.fc(x.reshape(x.size(0), -1))
+
+    def forward_taps(self, x):
+        """(logits, FeatureTaps) as mdistiller's CIFAR ResNet returns them: the stem and each
+        stage after its ReLU, each stage's last residual sum before it, the pooled feature."""
+        f0 = self.relu(self.bn1(self.conv1(x)))
+        f1, p1 = run_stage_with_preact(self.layer1, f0)
+        f2, p2 = run_stage_with_preact(self.layer2, f1)
+        f3, p3 = run_stage_with_preact(self.layer3, f2)
+        pooled = self.avgpool(f3).reshape(f3.size(0), -1)
+        return self.fc(pooled), FeatureTaps([f0, f1, f2, f3], [f0, p1, p2, p3], pooled)

@@ -123,12 +123,22 @@ class DualHead(nn.Module):
         return self.head1.out_features
 
     def forward(self, x):
-        feat = self.backbone(x)
+        return self.heads(self.backbone(x))
+
+    def heads(self, feat):
+        """(head 1, head 2) logits of the backbone's feature."""
         if self.align_features and torch.is_grad_enabled() and feat.requires_grad:
             f1, f2 = AlignedSplit.apply(feat)
         else:
             f1 = f2 = feat
         return self.head1(f1), self.head2(f2)
+
+    def forward_taps(self, x):
+        """((head 1, head 2), FeatureTaps): the backbone's taps passed through."""
+        from .feature_taps import forward_taps
+
+        feat, taps = forward_taps(self.backbone, x)
+        return self.heads(feat), taps
 
     def export(self) -> nn.Module:
         """A deep copy of the plain single-head model (head 1 back in place, head 2 dropped)."""

@@ -6,6 +6,9 @@ pw conv, BN, ReLU), ``model.14`` = pooling, ``fc = Linear(1024, num_classes)``.
 """
 
 import torch.nn as nn
+import torch.nn.functional as F
+
+from .feature_taps import FeatureTaps
 
 
 def conv_bn(inp, oup, stride):
@@ -50,6 +53,19 @@ class MobileNetV1(nn.Module):
     def forward(self, x):
         x = self.model(x)
         return self.fc(x.reshape(x.size(0), 1024))
+
+    def forward_taps(self, x):
+        """(logits, FeatureTaps) as mdistiller's ImageNet MobileNetV1: the outputs of layers 3, 5,
+        11 and 13 (the last of each resolution) before their final ReLU (``preact_feats``) and after
+        it (``feats``), no stem; the pooled feature."""
+        feats, preacts = [], []
+        out = x
+        for start, end in ((0, 3), (4, 5), (6, 11), (12, 13)):
+            preacts.append(self.model[end][:-1](self.model[start:end](out)))  # layer ``end`` without its last ReLU
+            out = F.relu(preacts[-1])
+            feats.append(out)
+        pooled = self.model[14](out).reshape(x.size(0), 1024)
+        return self.fc(pooled), FeatureTaps(feats, preacts, pooled)
 
 
 def mobilenet_v1(num_classes):

@@ -8,6 +8,7 @@ Layout of RepDistiller ``models/mobilenetv2.py`` / mdistiller ``mdistiller/model
 import torch.nn as nn
 
 from .blocks import kaiming_fan_out_init
+from .feature_taps import FeatureTaps
 
 
 def conv_bn(inp, oup, stride):
@@ -75,6 +76,20 @@ class MobileNetV2(nn.Module):
             out = block(out)
         out = self.avgpool(self.conv2(out))
         return self.classifier(out.reshape(out.size(0), -1))
+
+    def forward_taps(self, x):
+        """(logits, FeatureTaps) as mdistiller's MobileNetV2: the stem and the outputs of block
+        groups 1, 2, 4 and 6 (each where the resolution is about to change, and the last), the
+        pooled feature. Neither mdistiller nor RepDistiller defines pre-activation taps here
+        (RepDistiller's ``preact`` flag returns the same tensors), so ``preact_feats`` = ``feats``."""
+        out = self.conv1(x)
+        feats = [out]
+        for i, block in enumerate(self.blocks):
+            out = block(out)
+            if i in (1, 2, 4, 6):
+                feats.append(out)
+        pooled = self.avgpool(self.conv2(out)).reshape(x.size(0), -1)
+        return self.classifier(pooled), FeatureTaps(feats, list(feats), pooled)
 
 
 def mobile_half(num_classes):

@@ -7,7 +7,8 @@ Layout of RepDistiller ``models/resnetv2.py`` / mdistiller ``mdistiller/models/c
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .blocks import kaiming_fan_out_init
+from .blocks import kaiming_fan_out_init, run_stage_with_preact
+from .feature_taps import FeatureTaps
 
 
 def _shortcut(in_planes, out_planes, stride):
@@ -28,10 +29,17 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut = _shortcut(in_planes, planes * self.expansion, stride)
 
-    def forward(self, x):
+    def residual_sum(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        return out + self.shortcut(x)
+
+    def forward(self, x):
+        return F.relu(self.residual_sum(x))
+
+    def forward_with_preact(self, x):
+        preact = self.residual_sum(x)
+        return F.relu(preact), preact
 
 
 class Bottleneck(nn.Module):
@@ -47,11 +55,18 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(self.expansion * planes)
         self.shortcut = _shortcut(in_planes, planes * self.expansion, stride)
 
-    def forward(self, x):
+    def residual_sum(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return F.relu(out + self.shortcut(x))
+        return out + self.shortcut(x)
+
+    def forward(self, x):
+        return F.relu(self.residual_sum(x))
+
+    def forward_with_preact(self, x):
+        preact = self.residual_sum(x)
+        return F.relu(preact), preact
 
 
 class ResNet(nn.Module):
@@ -86,6 +101,18 @@ class ResNet(nn.Module):
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
         out = self.avgpool(out)
         return self.linear(out.reshape(out.size(0), -1))
+
+    def forward_taps(self, x):
+        """(logits, FeatureTaps) as mdistiller's CIFAR ResNet18/34/50: the stem and the four stages
+        after their ReLU, each stage's last residual sum before it, the pooled feature."""
+        f0 = F.relu(self.bn1(self.conv1(x)))
+        feats, preacts = [f0], [f0]
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            f, p = run_stage_with_preact(stage, feats[-1])
+            feats.append(f)
+            preacts.append(p)
+        pooled = self.avgpool(feats[-1]).reshape(x.size(0), -1)
+        return self.linear(pooled), FeatureTaps(feats, preacts, pooled)
 
 
 def resnet(block: str, num_blocks, num_classes: int) -> ResNet:

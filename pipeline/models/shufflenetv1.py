@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .blocks import ShuffleBlock
+from .blocks import ShuffleBlock, run_stage_with_preact
+from .feature_taps import FeatureTaps
 
 
 class Bottleneck(nn.Module):
@@ -29,13 +30,21 @@ class Bottleneck(nn.Module):
         if stride == 2:
             self.shortcut = nn.Sequential(nn.AvgPool2d(3, stride=2, padding=1))
 
-    def forward(self, x):
+    def merged(self, x):
+        """The block's output before its last ReLU: the branch concatenated with (stride 2) or added to its shortcut."""
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.shuffle1(out)
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         res = self.shortcut(x)
-        return F.relu(torch.cat([out, res], 1) if self.stride == 2 else out + res)
+        return torch.cat([out, res], 1) if self.stride == 2 else out + res
+
+    def forward(self, x):
+        return F.relu(self.merged(x))
+
+    def forward_with_preact(self, x):
+        preact = self.merged(x)
+        return F.relu(preact), preact
 
 
 class ShuffleNet(nn.Module):
@@ -63,6 +72,16 @@ class ShuffleNet(nn.Module):
         out = self.layer3(self.layer2(self.layer1(out)))
         out = F.avg_pool2d(out, 4)
         return self.linear(out.reshape(out.size(0), -1))
+
+    def forward_taps(self, x):
+        """(logits, FeatureTaps) as mdistiller's ShuffleNetV1: the stem and each stage after its
+        ReLU, each stage's last block before it, the pooled feature."""
+        f0 = F.relu(self.bn1(self.conv1(x)))
+        f1, p1 = run_stage_with_preact(self.layer1, f0)
+        f2, p2 = run_stage_with_preact(self.layer2, f1)
+        f3, p3 = run_stage_with_preact(self.layer3, f2)
+        pooled = F.avg_pool2d(f3, 4).reshape(x.size(0), -1)
+        return self.linear(pooled), FeatureTaps([f0, f1, f2, f3], [f0, p1, p2, p3], pooled)
 
 
 def shufflev1(num_classes):

@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .blocks import ShuffleBlock
+from .blocks import ShuffleBlock, run_stage_with_preact
+from .feature_taps import FeatureTaps
 
 
 class SplitBlock(nn.Module):
@@ -33,9 +34,10 @@ def add_branch(block: nn.Module, first: int, in_channels: int, channels: int, st
         setattr(block, f"bn{i}", nn.BatchNorm2d(channels))
 
 
-def run_branch(block: nn.Module, first: int, x):
-    """The branch ``add_branch`` added: ReLU after the two 1x1 convs, none after the depthwise one."""
-    for i, relu in zip(range(first, first + 3), (True, False, True)):
+def run_branch(block: nn.Module, first: int, x, last_relu: bool = True):
+    """The branch ``add_branch`` added: ReLU after the two 1x1 convs (the last one unless
+    ``last_relu`` is False), none after the depthwise one."""
+    for i, relu in zip(range(first, first + 3), (True, False, last_relu)):
         x = getattr(block, f"bn{i}")(getattr(block, f"conv{i}")(x))
         x = F.relu(x) if relu else x
     return x
@@ -54,6 +56,13 @@ class BasicBlock(nn.Module):
     def forward(self, x):
         x1, x2 = self.split(x)
         return self.shuffle(torch.cat([x1, run_branch(self, 1, x2)], 1))
+
+    def forward_with_preact(self, x):
+        """(output, pre-activation) as mdistiller's ShuffleNetV2 block: the pre-activation is the
+        pass-through half concatenated with the branch before its last ReLU, not shuffled."""
+        x1, x2 = self.split(x)
+        branch = run_branch(self, 1, x2, last_relu=False)
+        return self.shuffle(torch.cat([x1, F.relu(branch)], 1)), torch.cat([x1, branch], 1)
 
 
 class DownBlock(nn.Module):
@@ -113,6 +122,16 @@ class ShuffleNetV2(nn.Module):
         out = F.relu(self.bn2(self.conv2(out)))
         out = F.avg_pool2d(out, 4)
         return self.linear(out.reshape(out.size(0), -1))
+
+    def forward_taps(self, x):
+        """(logits, FeatureTaps) as mdistiller's ShuffleNetV2: the stem and each stage's output,
+        each stage's last block before its last ReLU, and the pooled feature (after conv2)."""
+        f0 = F.relu(self.bn1(self.conv1(x)))
+        f1, p1 = run_stage_with_preact(self.layer1, f0)
+        f2, p2 = run_stage_with_preact(self.layer2, f1)
+        f3, p3 = run_stage_with_preact(self.layer3, f2)
+        pooled = F.avg_pool2d(F.relu(self.bn2(self.conv2(f3))), 4).reshape(x.size(0), -1)
+        return self.linear(pooled), FeatureTaps([f0, f1, f2, f3], [f0, p1, p2, p3], pooled)
 
 
 def shufflev2(num_classes):

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .blocks import kaiming_fan_out_init
+from .feature_taps import FeatureTaps
 
 CFG = {
     "S": [[64], [128], [256], [512], [512]],
@@ -57,6 +58,23 @@ class VGG(nn.Module):
             x = self.pool3(x)
         x = self.pool4(F.relu(self.block4(x)))
         return self.classifier(x.reshape(x.size(0), -1))
+
+    def forward_taps(self, x):
+        """(logits, FeatureTaps) as mdistiller's VGG: each block's output after its ReLU (before
+        the max-pool that follows), the same before the ReLU (the first block's after it), the
+        pooled feature."""
+        h = x.shape[2]
+        f0 = F.relu(self.block0(x))
+        p1 = self.block1(self.pool0(f0))
+        f1 = F.relu(p1)
+        p2 = self.block2(self.pool1(f1))
+        f2 = F.relu(p2)
+        p3 = self.block3(self.pool2(f2))
+        f3 = F.relu(p3)
+        p4 = self.block4(self.pool3(f3) if h == 64 else f3)
+        f4 = F.relu(p4)
+        pooled = self.pool4(f4).reshape(x.size(0), -1)
+        return self.classifier(pooled), FeatureTaps([f0, f1, f2, f3, f4], [f0, p1, p2, p3, p4], pooled)
 
 
 def vgg_bn(layers: str, num_classes: int) -> VGG:

@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .blocks import kaiming_fan_out_init
+from .blocks import batch_norm_without_update, kaiming_fan_out_init
+from .feature_taps import FeatureTaps
 
 
 class BasicBlock(nn.Module):
@@ -69,3 +70,18 @@ class WideResNet(nn.Module):
         out = self.relu(self.bn1(out))
         out = F.avg_pool2d(out, 8)
         return self.fc(out.reshape(-1, self.nChannels))
+
+    def forward_taps(self, x):
+        """(logits, FeatureTaps) as mdistiller's WRN: ``feats`` are the stem and the three blocks'
+        outputs (pre-activation blocks: no ReLU at their end), ``preact_feats`` the stem and each of
+        them through the BatchNorm that follows it (the next block's first ``bn1``, or the final
+        ``bn1``), before its ReLU. Those BNs are re-applied without counting the batch in their
+        running statistics a second time (mdistiller's re-application counts it twice)."""
+        f0 = self.conv1(x)
+        f1 = self.block1(f0)
+        f2 = self.block2(f1)
+        f3 = self.block3(f2)
+        pooled = F.avg_pool2d(self.relu(self.bn1(f3)), 8).reshape(-1, self.nChannels)
+        preacts = [f0, batch_norm_without_update(self.block2.layer[0].bn1, f1),
+                   batch_norm_without_update(self.block3.layer[0].bn1, f2), batch_norm_without_update(self.bn1, f3)]
+        return self.fc(pooled), FeatureTaps([f0, f1, f2, f3], preacts, pooled)
