@@ -21,7 +21,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from dhkd_pipe.cache import LogitCache, codec_tolerance
+from dhkd_pipe.cache import LogitCache
+from dhkd_pipe.codecs import codec_tolerance
 from dhkd_pipe.cli import main
 from dhkd_pipe.config import CacheConfig, TrainConfig
 from dhkd_pipe.engine import prepare
