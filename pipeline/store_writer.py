@@ -14,15 +14,24 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .cache import LogitCache
-from .codecs import encode_logits
+from .codecs import codec_named, encode_logits
 from .errors import DhkdError, one_line
-from .store import StoreObjects, open_store, storage_errors
+from .store import StoreObjects, is_local, open_store, storage_errors
 from .store_audit import remove_leftovers, repair
 from .store_layout import GEOMETRY, check_geometry, check_target, create_arrays, jsonable, location
 from .store_lock import LOCK_KEY, StoreLock
 
-WRITE_THREADS = 1  # units written at once by one process (issue 17 measures more)
-QUEUED_UNITS = 2  # units waiting for a writer thread: what bounds the memory held for writing
+# Units written at once by one process; None: 4 on a filesystem, 8 on object storage, where
+# each unit waits mostly on round trips (bench store measures one thread against these).
+WRITE_THREADS: int | None = None
+QUEUED_UNITS = 2  # units waiting for a writer thread: with the threads, what bounds the memory held for writing
+
+
+def write_threads(path: str) -> int:
+    """How many units one process writes at once to the store at ``path``."""
+    if WRITE_THREADS is not None:
+        return WRITE_THREADS
+    return 4 if is_local(path) else 8
 
 
 def create_or_resume(path, *, epochs: int, num_samples: int, num_classes: int, chunk_rows: int, labels, codec: str = "fp16",
@@ -32,8 +41,6 @@ def create_or_resume(path, *, epochs: int, num_samples: int, num_classes: int, c
     path = location(path)
     epochs, num_samples, num_classes, chunk_rows = int(epochs), int(num_samples), int(num_classes), int(chunk_rows)
     labels = check_geometry(epochs, num_samples, num_classes, chunk_rows, labels)
-    from .codecs import codec_named
-
     codec_named(codec)
     attrs = jsonable(dict(attrs or {}))
     attrs["codec"] = codec
@@ -127,8 +134,10 @@ class StoreWriter:
     Entering takes the store's lock (main process), creates the store or reopens it to resume,
     removes what killed writers left, verifies the units already written and undoes damaged ones
     so they are written again; ``barrier`` (every process calls it) then lets the other processes
-    open the store. :meth:`put` writes units in background threads (``threads`` at once, at most
-    ``QUEUED_UNITS`` more waiting, so memory stays bounded); leaving waits for them, verifies that
+    open the store. :meth:`put` writes units in background threads (``threads`` at once, default
+    :func:`write_threads`; at most ``QUEUED_UNITS`` more waiting, so memory stays bounded; each unit
+    still writes its data before its done flags, so order between units does not matter to a
+    resume); leaving waits for them, verifies that
     the store is complete and releases the lock. A store that failed before its first unit is
     removed; one that was fresh and stays empty leaves no folder.
 
@@ -143,7 +152,7 @@ class StoreWriter:
         self._refresh = {k: (attrs or {})[k] for k in refresh}
         self._holder, self._break_lock, self._main, self._barrier = holder, break_lock, main, barrier
         self._log = log or (lambda line: None)
-        self._threads = max(1, int(threads or WRITE_THREADS))
+        self._threads = max(1, int(threads or write_threads(self.path)))
         self._objects = StoreObjects(open_store(self.path, read_only=False), self.path) if main else None
         if main:
             check_target(self._objects, bool(overwrite))
@@ -184,6 +193,10 @@ class StoreWriter:
                 self._log(f"{len(damaged)} damaged: {damaged[0]}{more}; rewriting them")
         return store
 
+    @property
+    def threads(self) -> int:
+        return self._threads
+
     def todo(self, rank: int = 0, world: int = 1) -> list[tuple[int, list[int]]]:
         """The write units not yet done that process ``rank`` of ``world`` writes (every world-th)."""
         done = self.store.done_mask()
@@ -200,7 +213,7 @@ class StoreWriter:
         except BaseException:
             self._slots.release()
             raise
-        self._futures.append(future)
+        self._futures = [f for f in self._futures if not f.done()] + [future]  # at most threads + QUEUED_UNITS
 
     def _write(self, *unit):
         try:

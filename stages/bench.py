@@ -212,55 +212,71 @@ def _is_bench_store(location: str) -> bool:
         return False
 
 
-def _bench_store_at(location: str, rows: int, classes: int, chunk_rows: int, codec: str, batch_size: int) -> dict:
-    """Writes a one-epoch teacher-like store at ``location`` through ``StoreWriter`` (the way stage 1
-    does), then streams it the way stage 2 does; deletes it afterwards."""
+def _timed_store_write(location: str, rows: int, classes: int, chunk_rows: int, codec: str, threads: int):
+    """Writes a one-epoch teacher-like store at ``location`` through ``StoreWriter`` (the way stage
+    1 does) with ``threads`` writer threads; returns (seconds, the writer's store)."""
     from dhkd_pipe import __version__
-    from dhkd_pipe.cache import LogitCache
-    from dhkd_pipe.loader import StoreEpochs, row_batches
     from dhkd_pipe.store_writer import StoreWriter
 
     command = {"bench": "store", "rows": rows, "classes": classes, "chunk_rows": chunk_rows, "codec": codec}
     writer = StoreWriter(location, epochs=1, num_samples=rows, num_classes=classes, chunk_rows=chunk_rows, labels=np.zeros(rows, np.int32),
                          codec=codec, attrs={"command": command, "tool_version": __version__}, overwrite=_is_bench_store(location),
-                         holder="dhkd-pipe bench store")
-    try:
-        with writer:
-            cache = writer.store
-            units = cache.write_units()
-            blocks = _teacher_like_blocks(min(cache.shard_chunks * chunk_rows, rows), classes)
-            order, views = np.arange(rows, dtype=np.int32), np.zeros((rows, 5), np.int32)
-            t0 = time.perf_counter()
-            for i, (e, chunks) in enumerate(units):
-                a, b = cache.unit_rows(chunks[0])
-                writer.put(e, chunks[0], blocks[i % len(blocks)][: b - a], order[a:b], views[a:b])
-            writer.wait()
-            write_s = time.perf_counter() - t0
-
-        reader = LogitCache.open(location)
-        reader.check_complete()
-        epochs = StoreEpochs(reader, "cpu")
+                         holder="dhkd-pipe bench store", threads=threads)
+    with writer:
+        store = writer.store
+        blocks = _teacher_like_blocks(min(store.shard_chunks * chunk_rows, rows), classes)
+        order, views = np.arange(rows, dtype=np.int32), np.zeros((rows, 5), np.int32)
         t0 = time.perf_counter()
-        streamed = 0
-        for values, _ in row_batches(epochs.logits(0, list(range(reader.num_chunks)), 0, rows), batch_size):
-            streamed += len(values)
-        read_s = time.perf_counter() - t0
-        if streamed != rows:
-            raise RuntimeError(f"streamed {streamed} rows of {rows}")
-        summary = reader.summary()
-    finally:
-        if writer.store is not None:
-            writer.store.objects.delete_all()
-    stored = summary["bytes_per_logit"] * rows * classes
-    return {
-        "write_rows_per_sec": rows / write_s,
-        "write_mb_per_sec": stored / write_s / 1e6,
-        "read_rows_per_sec": rows / read_s,
-        "read_mb_per_sec": stored / read_s / 1e6,
-        "bytes_per_logit": summary["bytes_per_logit"],
-        "stored_mb": summary["bytes_on_disk"] / 1e6,
-        "read_ahead_chunks": epochs.prefetch,
-    }
+        for i, (e, chunks) in enumerate(store.write_units()):
+            a, b = store.unit_rows(chunks[0])
+            writer.put(e, chunks[0], blocks[i % len(blocks)][: b - a], order[a:b], views[a:b])
+        writer.wait()
+        seconds = time.perf_counter() - t0
+    return seconds, store
+
+
+def _timed_store_read(location: str, rows: int, batch_size: int) -> dict:
+    """Streams the store at ``location`` the way stage 2 does (one process)."""
+    from dhkd_pipe.cache import LogitCache
+    from dhkd_pipe.loader import StoreEpochs, row_batches
+
+    reader = LogitCache.open(location)
+    reader.check_complete()
+    epochs = StoreEpochs(reader, "cpu")
+    t0 = time.perf_counter()
+    streamed = 0
+    for values, _ in row_batches(epochs.logits(0, list(range(reader.num_chunks)), 0, rows), batch_size):
+        streamed += len(values)
+    seconds = time.perf_counter() - t0
+    if streamed != rows:
+        raise RuntimeError(f"streamed {streamed} rows of {rows}")
+    return {"read_rows_per_sec": rows / seconds, "read_ahead_chunks": epochs.prefetch, "summary": reader.summary()}
+
+
+def _bench_store_at(location: str, rows: int, classes: int, chunk_rows: int, codec: str, batch_size: int) -> list[dict]:
+    """Two rows for one location: the store written by one writer thread, then by the parallel
+    writer (stage 1's default thread count there), which is then streamed as stage 2 does. The
+    store is deleted after each write."""
+    from dhkd_pipe.store_writer import write_threads
+
+    results = []
+    for threads in (1, max(2, write_threads(location))):
+        store = None
+        try:
+            write_s, store = _timed_store_write(location, rows, classes, chunk_rows, codec, threads)
+            read = _timed_store_read(location, rows, batch_size) if threads > 1 else {}
+            summary = read.pop("summary", None) or store.summary()
+        finally:
+            if store is not None:
+                store.objects.delete_all()
+        stored = summary["bytes_per_logit"] * rows * classes
+        results.append({"writer_threads": threads, "write_rows_per_sec": rows / write_s, "write_mb_per_sec": stored / write_s / 1e6,
+                        "bytes_per_logit": summary["bytes_per_logit"], "stored_mb": summary["bytes_on_disk"] / 1e6, **read})
+    single, parallel = results
+    parallel["write_speedup"] = parallel["write_rows_per_sec"] / single["write_rows_per_sec"]
+    parallel["read_mb_per_sec"] = parallel["read_rows_per_sec"] * classes * parallel["bytes_per_logit"] / 1e6
+    parallel["write_keeps_up"] = parallel["write_rows_per_sec"] >= parallel["read_rows_per_sec"]  # vs one stage-2 reader
+    return results
 
 
 @contextlib.contextmanager
@@ -321,7 +337,8 @@ _S3_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_
 
 def bench_store(json_path: str, rows: int = 100_000, classes: int = 1000, chunk_rows: int = 1024, codec: str = "fp16",
                 batch_size: int = 256, urls: tuple = (), s3_local: bool = False, local: bool = True):
-    """Write and read rows/s (and MB/s of stored bytes) of one process, per store location."""
+    """Write rows/s (and MB/s of stored bytes) of one process with one writer thread and with the
+    parallel writer, and read rows/s of one stage-2 process, per store location."""
     from dhkd_pipe.errors import DhkdError
 
     if rows < 1 or classes < 1 or chunk_rows < 1 or batch_size < 1:
@@ -329,10 +346,12 @@ def bench_store(json_path: str, rows: int = 100_000, classes: int = 1000, chunk_
     results = []
 
     def run(name: str, location: str, target):
-        result = {"location": name, "url": location, **_bench_store_at(location, rows, classes, chunk_rows, codec, batch_size)}
-        result["read_target_rows_per_sec"] = target
-        result["meets_target"] = None if target is None else result["read_rows_per_sec"] >= target
-        results.append(result)
+        for result in _bench_store_at(location, rows, classes, chunk_rows, codec, batch_size):
+            result = {"location": name, "url": location, **result}
+            if "read_rows_per_sec" in result:
+                result["read_target_rows_per_sec"] = target
+                result["meets_target"] = None if target is None else result["read_rows_per_sec"] >= target
+            results.append(result)
 
     if local:
         work = tempfile.mkdtemp(prefix="dhkd-bench-store-")
@@ -348,12 +367,14 @@ def bench_store(json_path: str, rows: int = 100_000, classes: int = 1000, chunk_
     if not results:
         raise DhkdError("nothing to measure: drop --no-local, or give --url or --s3-local")
     print_table(
-        f"bench store: {rows} rows x {classes} classes ({codec}), chunks of {chunk_rows} rows, one process, {machine()['device']}",
+        f"bench store: {rows} rows x {classes} classes ({codec}), chunks of {chunk_rows} rows, one process, {machine()['device']}, "
+        f"load {os.getloadavg()[0]:.2f}",
         results,
-        [("location", "location", "s"), ("write_rows_per_sec", "write rows/s", ",.0f"), ("write_mb_per_sec", "write MB/s", ".1f"),
-         ("read_rows_per_sec", "read rows/s", ",.0f"), ("read_mb_per_sec", "read MB/s", ".1f"), ("bytes_per_logit", "bytes/logit", ".3f"),
-         ("read_target_rows_per_sec", "read target", ",.0f"), ("meets_target", "meets", "")],
+        [("location", "location", "s"), ("writer_threads", "writer threads", "d"), ("write_rows_per_sec", "write rows/s", ",.0f"),
+         ("write_mb_per_sec", "write MB/s", ".1f"), ("write_speedup", "vs 1 thread", ".2f"), ("read_rows_per_sec", "read rows/s", ",.0f"),
+         ("write_keeps_up", "write >= read", ""), ("bytes_per_logit", "bytes/logit", ".3f"), ("read_target_rows_per_sec", "read target", ",.0f"),
+         ("meets_target", "meets", "")],
     )
-    write_results(json_path, {"bench": "store", "machine": machine(), "rows": rows, "classes": classes, "codec": codec, "chunk_rows": chunk_rows,
+    write_results(json_path, {"bench": "store", "machine": machine(), "load_1min": os.getloadavg()[0], "rows": rows, "classes": classes, "codec": codec, "chunk_rows": chunk_rows,
                       "batch_size": batch_size, "results": results})
     return results

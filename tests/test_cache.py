@@ -411,3 +411,80 @@ def test_a_half_created_store_is_recreated_by_the_same_command(tmp_path):
         create(path, attrs=attrs(views=3))  # not ours: left alone
     c = create(path)
     assert c.attrs["format_version"] == 1 and not c.done_mask().any()
+
+
+# ---- StoreWriter: the store's life while written, parallel writes (issue 17) ----------------------
+
+
+def open_writer(path, threads, **kw):
+    from dhkd_pipe.store_writer import StoreWriter
+
+    return StoreWriter(str(path), epochs=E, num_samples=kw.pop("n", N), num_classes=kw.pop("k", K), chunk_rows=C,
+                       labels=np.arange(kw.get("n_labels", N)) % K, codec="int8", attrs=attrs(), threads=threads, **kw)
+
+
+def put_all(writer, x, handed=None):
+    for e, chunks in writer.todo():
+        a, b = writer.store.unit_rows(chunks[0])
+        writer.put(e, chunks[0], x[e, a:b], fake_order(e)[a:b], fake_views(e)[a:b])
+        if handed is not None:
+            handed.append((e, chunks[0]))
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_the_parallel_writer_writes_what_one_thread_writes(tmp_path, sharded):
+    from dhkd_pipe.store_lock import LOCK_KEY
+
+    geometry = dict(shard_threshold=4, shard_bytes=2 * C * K) if sharded else {}
+    x = fake_logits()
+    for name, threads in (("one.zarr", 1), ("four.zarr", 4)):
+        with open_writer(tmp_path / name, threads, **geometry) as w:
+            assert w.threads == threads and (w.store.shard_chunks > 1) == sharded
+            put_all(w, x)
+    a, b = files(tmp_path / "one.zarr"), files(tmp_path / "four.zarr")
+    assert LOCK_KEY not in a and a.keys() == b.keys() and all(a[k] == b[k] for k in a)
+    LogitCache.open(str(tmp_path / "four.zarr")).check_complete()
+
+
+def test_the_writer_holds_a_bounded_number_of_units(tmp_path, monkeypatch):
+    """put waits while threads + QUEUED_UNITS units are unwritten: memory stays bounded."""
+    import threading
+    import time
+
+    from dhkd_pipe import store_writer
+
+    release, started = threading.Event(), []
+    real = store_writer.write_unit
+
+    def slow(cache, *unit):
+        started.append(unit[:2])
+        release.wait(30)
+        real(cache, *unit)
+
+    monkeypatch.setattr(store_writer, "write_unit", slow)
+    x = fake_logits()
+    with open_writer(tmp_path / "s.zarr", 2) as w:
+        units, handed = [(e, chunks[0]) for e, chunks in w.todo()], []
+        feeder = threading.Thread(target=put_all, args=(w, x, handed))
+        feeder.start()
+        deadline = time.time() + 30  # a loaded machine: wait for the writers and the feeder to get there
+        while (len(started) < 2 or len(handed) < 2 + store_writer.QUEUED_UNITS) and time.time() < deadline:
+            time.sleep(0.01)
+        feeder.join(0.3)
+        assert feeder.is_alive() and len(handed) == 2 + store_writer.QUEUED_UNITS and len(started) == 2
+        release.set()
+        feeder.join(30)
+    assert sorted(started) == sorted(units) and LogitCache.open(str(tmp_path / "s.zarr")).done_mask().all()
+
+
+def test_a_failed_write_surfaces_and_a_store_without_units_is_removed(tmp_path, monkeypatch):
+    from dhkd_pipe import store_writer
+
+    def full(cache, *unit):
+        raise DhkdError(f"cannot write to store {cache.path}: No space left on device (ENOSPC)")
+
+    monkeypatch.setattr(store_writer, "write_unit", full)
+    with pytest.raises(DhkdError, match="ENOSPC"):
+        with open_writer(tmp_path / "s.zarr", 4) as w:
+            put_all(w, fake_logits())
+    assert not (tmp_path / "s.zarr").exists()  # nothing was written: no store, no lock, no folder

@@ -636,6 +636,7 @@ def test_the_lock_is_released_on_an_interrupt(shared, tmp_path, monkeypatch):
             raise KeyboardInterrupt
 
     monkeypatch.setattr(store_writer, "write_unit", write_then_stop)
+    monkeypatch.setattr(store_writer, "WRITE_THREADS", 1)  # one unit at a time: exactly two are written before the stop
     cfg = CacheConfig(data="digits@256", model="resnet8", weights=str(shared["teacher"]), views=2, chunk_rows=64, batch_size=64,
                       out=str(out)).validate()
     with pytest.raises(KeyboardInterrupt):

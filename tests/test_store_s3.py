@@ -360,7 +360,8 @@ def resumed_store(s3, teacher_weights, tmp_path_factory):
     written, deadline = 0, time.time() + 240
     try:
         while time.time() < deadline and proc.poll() is None:
-            written = len([k for k in done_flags.list("done/") if not k.endswith("zarr.json")])
+            # flags objects only: a listing on S3 may also name the prefix itself ("done") before any unit
+            written = len([k for k in done_flags.list("done/") if k.startswith("done/c/")])
             if 0 < written < total:
                 os.kill(proc.pid, signal.SIGKILL)
                 break
