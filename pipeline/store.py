@@ -21,6 +21,9 @@ from .errors import DhkdError, one_line
 SCHEME_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}
 # Object names that are Zarr metadata, not chunk data (v3, and the v2 names zarr probes for).
 METADATA_NAMES = ("zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata")
+# Object storage calls end: a frozen server fails a call within about CONNECT + READ seconds per
+# attempt, ATTEMPTS attempts (the command then ends in one line, well within a minute).
+CONNECT_TIMEOUT_S, READ_TIMEOUT_S, ATTEMPTS = 5, 10, 2
 
 
 def is_url(location: str) -> bool:
@@ -30,6 +33,14 @@ def is_url(location: str) -> bool:
 
 def is_local(location: str) -> bool:
     return not is_url(location) or str(location).startswith("file://")
+
+
+def is_bucket_root(location: str) -> bool:
+    """A URL naming a whole bucket (``s3://photos``, ``gs://b/``): no store is created there, where
+    it would share the bucket with everything else in it."""
+    if is_local(location):
+        return False
+    return "/" not in str(location).split("://", 1)[1].strip("/")
 
 
 def local_path(location: str) -> str:
@@ -68,7 +79,14 @@ def open_store(location: str, read_only: bool = True):
     scheme = location.split("://", 1)[0]
     try:
         # no listings cache: another process may write the objects this one checks
-        return FsspecStore.from_url(location, read_only=read_only, storage_options={"use_listings_cache": False})
+        options = {"use_listings_cache": False}
+        if scheme in ("s3", "s3a"):
+            options["config_kwargs"] = {"connect_timeout": CONNECT_TIMEOUT_S, "read_timeout": READ_TIMEOUT_S,
+                                        "retries": {"max_attempts": 1, "mode": "standard"}}
+        store = FsspecStore.from_url(location, read_only=read_only, storage_options=options)
+        if hasattr(store.fs, "retries"):
+            store.fs.retries = ATTEMPTS  # s3fs retries each call itself (5 by default: minutes on a frozen server)
+        return store
     except ImportError:
         package = SCHEME_PACKAGES.get(scheme, f"the fsspec driver for {scheme}://")
         raise DhkdError(f"{scheme}:// stores need {package}: pip install 'dhkd-pipe[s3]'") from None
@@ -234,14 +252,15 @@ class StoreObjects:
             except OSError:
                 pass
 
-    def delete_all(self, keep: tuple[str, ...] = ()):
+    def delete_all(self, keep: tuple[str, ...] = (), only: tuple[str, ...] | None = None):
         """Deletes every object of the store, and nothing outside it; ``keep``: top-level objects
-        to leave (the lock of the process that replaces the store)."""
-        if not keep:
+        to leave (the lock of the process that replaces the store); ``only``: the top-level names
+        the store's owner wrote (anything else there is left as it is)."""
+        if not keep and only is None:
             self.call("delete the store", self.store.delete_dir(""))
             return
         for name in self.entries():
-            if name in keep:
+            if name in keep or (only is not None and name not in only):
                 continue
             if self.exists(name):
                 self.delete(name)

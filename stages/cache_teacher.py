@@ -27,6 +27,7 @@ from dhkd_pipe.data import Dataset, Renderer, absolute_spec, load_data, load_sto
 from dhkd_pipe.engine import evaluate, make_accelerator, memory_format
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.options import flag_of, option_fields
+from dhkd_pipe.option_ranges import check_value
 from dhkd_pipe.store_layout import estimate_bytes
 from dhkd_pipe.store_writer import StoreWriter
 from dhkd_pipe.teacher import frozen_model, load_teacher, resolve_teacher
@@ -229,6 +230,8 @@ def verify_cache(store: str, data_spec: str | None = None, teacher_weights: str 
 
     ``data_spec`` and ``teacher_weights`` default to what the store records; weights given here
     must be the store's (same digest)."""
+    check_value("samples", samples)
+    check_value("tolerance", tolerance)
     cache = LogitCache.open(store)
     cache.check_complete()
     data, _ = load_store_data(cache, data_spec)
