@@ -90,9 +90,9 @@ def parse_metadata(data: bytes | None, key: str, location: str) -> dict | None:
     except RecursionError:
         raise DhkdError(f"store {location}: {key} nests too deep to be a logit store's metadata") from None
     except (ValueError, UnicodeDecodeError) as e:
-        raise DhkdError(f"store {location}: {key} is not JSON ({' '.join(str(e).split())})") from None
+        raise DhkdError(f"{location} is not a logit store: {key} is not JSON ({' '.join(str(e).split())})") from None
     if not isinstance(meta, dict):
-        raise DhkdError(f"store {location}: {key} is not a metadata document")
+        raise DhkdError(f"{location} is not a logit store: {key} is not a metadata document")
     return meta
 
 

@@ -629,8 +629,8 @@ HOSTILE_CASES = [
          error=r"store does not match the data: kind is digits\\x1b", after=no_raw_control, keep=the_store, bound=60),
     # a resumed run refuses another store; values checked where they enter
     Case("resume-refuses-a-replaced-store", DISTILL + " --epochs 2 --resume", replaced_after_a_stopped_run,
-         error=r"--resume: the store is not the one this run started from: it started from \S+ \(store id \w+, .*--cache now holds "
-               r"\S+ \(store id \w+", keep=the_store, bound=120),
+         error=r"--resume: the store is not the one this run started from: it started from \S+ \(command \w+\), --cache now holds "
+               r"\S+ \(command \w+\); seed was 0, now 1", keep=the_store, bound=120),
     Case("verify-cache-zero-samples", "verify-cache {out} --samples 0", reference_copy, error=r"bad --samples 0: must be at least 1",
          keep=the_store, bound=30),
     Case("verify-cache-nan-tolerance", "verify-cache {out} --tolerance nan", reference_copy, error=r"bad --tolerance nan: must be a finite",
