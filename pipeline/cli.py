@@ -17,11 +17,22 @@ from .native_stderr import NativeStderr
 from .options import click_params, given
 
 
+# loggers of the object-storage stack: after the error line, a failed store's pending requests
+# must not add their tracebacks ("Task exception was never retrieved", "Unclosed client session")
+STORAGE_LOGGERS = ("asyncio", "aiohttp", "aiobotocore", "botocore", "s3fs", "fsspec", "zarr")
+
+
 def _exit_with(line: str, code: int):
-    """Prints ``line`` as one line on stderr and exits; native log lines held back are dropped."""
+    """Prints ``line`` as one line on stderr and exits; native log lines held back are dropped, and
+    nothing the interpreter's shutdown reports (pending I/O tasks, unclosed sessions) follows it."""
+    import logging
+
     if _CAPTURE is not None:
         _CAPTURE.drop = True
     click.echo(one_line(line), err=True)
+    for name in STORAGE_LOGGERS:
+        logging.getLogger(name).disabled = True
+    sys.unraisablehook = lambda unraisable: None
     sys.exit(code)
 
 

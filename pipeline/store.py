@@ -23,7 +23,7 @@ SCHEME_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}
 METADATA_NAMES = ("zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata")
 # Object storage calls end: a frozen server fails a call within about CONNECT + READ seconds per
 # attempt, ATTEMPTS attempts (the command then ends in one line, well within a minute).
-CONNECT_TIMEOUT_S, READ_TIMEOUT_S, ATTEMPTS = 5, 10, 2
+CONNECT_TIMEOUT_S, READ_TIMEOUT_S, ATTEMPTS = 5, 8, 2
 
 
 def is_url(location: str) -> bool:

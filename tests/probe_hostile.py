@@ -35,7 +35,7 @@ from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 BIN = os.path.join(os.path.dirname(sys.executable), "dhkd-pipe")  # PYTHONPATH may point it at another copy of the package
-MEMORY_LIMIT = 4 << 30  # address space per case: a hostile case ends in MemoryError, not the machine's OOM
+MEMORY_LIMIT = 6 << 30  # address space per case: a hostile case ends in MemoryError, not the machine's OOM
 CHATTER = re.compile(r"Traceback|\[ERROR\]|\[WARNING\]|Warning:|^\s+File \"|Task exception|Unclosed|asyncio", re.M)
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # raw control characters (not \t \n) reaching the terminal
 BUCKET = "dhkd"

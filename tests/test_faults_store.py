@@ -1018,3 +1018,27 @@ def test_two_ranks_write_one_store_under_one_lock(shared, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     same_as_reference(str(out), str(shared["reference"]))
     assert not (out / LOCK_KEY).exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["inspect", "cache-teacher"])
+def test_a_frozen_object_store_ends_in_one_line_within_a_minute(shared, tmp_path, command):
+    """An S3 endpoint that accepts connections and never answers (a listening socket nobody
+    serves): the command ends by the storage timeouts, in one line, well within a minute."""
+    frozen = socket.socket()
+    frozen.bind(("127.0.0.1", 0))
+    frozen.listen(64)
+    try:
+        env = {**os.environ, "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{frozen.getsockname()[1]}", "AWS_ACCESS_KEY_ID": "x",
+               "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+        args = ["inspect", "s3://dhkd/frozen.zarr"] if command == "inspect" else \
+            shlex.split(CACHE.format(teacher=shared["teacher"], out="s3://dhkd/frozen.zarr"))
+        began = time.monotonic()
+        proc = subprocess.run([BIN, *args], capture_output=True, text=True, env=env, timeout=120)
+        seconds = time.monotonic() - began
+    finally:
+        frozen.close()
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert_one_error_line(proc.stderr, r"store s3://dhkd/frozen.zarr: cannot .*(timeout|timed out|Read timeout|Connect timeout)",
+                          only_line=command == "inspect")
+    assert seconds < 60, f"took {seconds:.0f} s"
