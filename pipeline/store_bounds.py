@@ -134,7 +134,7 @@ def _geometry(meta: dict, name: str, location: str) -> tuple[list[int], list[int
     return shape, chunks, inner
 
 
-def check_geometry(metas: dict[str, dict | None], location: str, int8: bool = False) -> tuple[int, int, int]:
+def check_shapes(metas: dict[str, dict | None], location: str, int8: bool = False) -> tuple[int, int, int]:
     """Refuses arrays whose shapes or chunks disagree with the schema or with each other; returns
     (epochs, samples, classes)."""
     names = ARRAYS + (("logit_scale",) if int8 else ())
