@@ -233,7 +233,7 @@ def check_inputs_outside(plan: "OutPlan", inputs: dict):
         real = os.path.realpath(path.split("@", 1)[0])
         for target in removed:
             if real == target or real.startswith(target + os.sep):
-                how = "--overwrite" if plan.overwrite else "the clean-up of the run killed there"
+                how = "--overwrite" if plan.mode is RunMode.OVERWRITE else "the clean-up of the run killed there"
                 raise DhkdError(f"{option} {path} lies inside what {how} would remove from {plan.path} "
                                 f"({os.path.basename(target)}); copy it elsewhere first")
 
@@ -382,7 +382,7 @@ class RunFolder:
             # file joins as it is first written (claim_on_write). A resume writes it with its first file: a refused
             # resume leaves the folder as it was.
             start = (owned_entries(plan.path, present) or set()) | ({TRACKING_DIR} - present)
-            if plan.resume:
+            if plan.mode is RunMode.RESUME:
                 _PENDING[os.path.realpath(plan.path)] = start
             else:
                 claim(plan.path, start, force=True)
