@@ -15,6 +15,8 @@ S3-compatible server), for ``gs://`` Google's application default credentials.
 
 from __future__ import annotations
 
+import os
+
 from .errors import DhkdError, one_line
 
 # What a URL scheme needs installed: the optional extra `pip install "dhkd-pipe[s3]"` brings both.
@@ -66,6 +68,24 @@ def storage_errors() -> tuple[type[BaseException], ...]:
     except ImportError:
         pass
     return tuple(errors)
+
+
+def check_inputs_outside(location: str, entries: tuple[str, ...], inputs: dict):
+    """Refuses an input of the command (``{option: path}``: weights, data) that lies inside the
+    entries of the local store at ``location`` that replacing the store would remove, before
+    anything is touched."""
+    if not is_local(location):
+        return
+    root = os.path.realpath(local_path(location))
+    owned = [os.path.join(root, name) for name in entries]
+    for option, path in inputs.items():
+        if not path or is_url(path):
+            continue
+        real = os.path.realpath(str(path).split(":", 1)[-1] if str(path).startswith("imagefolder:") else str(path))
+        for target in owned:
+            if real == target or real.startswith(target + os.sep):
+                raise DhkdError(f"{option} {path} lies inside what --overwrite would remove from the store {location} "
+                                f"({os.path.basename(target)}); copy it elsewhere first")
 
 
 def open_store(location: str, read_only: bool = True):

@@ -486,6 +486,12 @@ def foreign_entry(name: str, data: bytes | None = b"the user's own\n"):
     return setup
 
 
+def weights_inside_the_stores_own_entry(w: Work):
+    reference_copy(w)
+    shutil.copy(w.shared["teacher"], Path(w.out) / "logits" / "teacher.pt")
+    w.vars["teacher"] = str(Path(w.out) / "logits" / "teacher.pt")
+
+
 def weights_inside_the_store(w: Work):
     reference_copy(w)
     shutil.copy(w.shared["teacher"], Path(w.out) / "teacher.pt")
@@ -608,6 +614,9 @@ HOSTILE_CASES = [
          keep=lambda w: [Path(w.out) / "download.partial"], bound=120, after=complete_and_unlocked),
     Case("weights-inside-the-store-kept-by-overwrite", CACHE + " --seed 3 --overwrite", weights_inside_the_store, code=0,
          keep=lambda w: [Path(w.out) / "teacher.pt"], bound=120),
+    Case("weights-inside-what-overwrite-removes-refused", CACHE + " --seed 3 --overwrite", weights_inside_the_stores_own_entry,
+         error=r"--weights \S+/logits/teacher.pt lies inside what --overwrite would remove from the store", only_line=False,
+         keep=the_store, bound=120),
     Case("s3-no-store-at-an-empty-bucket-root", CACHE, s3_bucket("empty", foreign=False), only_line=False,
          error=r"s3://empty-\w+ is a whole bucket: .*name a prefix such as s3://empty-\w+/logits.zarr", after=unchanged, slow=True),
     Case("s3-bucket-root-store-not-replaced", CACHE + " --seed 3 --overwrite", s3_bucket("photos", store_at_root=True), only_line=False,
