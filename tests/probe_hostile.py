@@ -565,7 +565,8 @@ def hint_quoted(w, out, err):
 
 def sigterm_during_export(w: W):
     copy_run(w)
-    shutil.copy(w.shared["onnx"], w.out / "model.onnx")
+    r = finish(start(["export", w.out], w.env), 300, time.monotonic())  # the previous model.onnx, the tool's own
+    assert r[0] == 0, r[2]
     w.keep_now(w.out)
     began = time.monotonic()
     proc = start(["export", w.out], w.env)
