@@ -527,6 +527,8 @@ def report_png_exists(w: W):
 
 
 def strict_json_stdout(w, out, err):
+    if not out.strip():
+        return None  # refused (one line on stderr): nothing printed to parse
     try:
         json.loads(out, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
     except ValueError as e:
