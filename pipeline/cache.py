@@ -6,6 +6,8 @@ the lock) is ``store_writer``'s, finding and repairing damage ``store_audit``'s.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections import OrderedDict
 
@@ -14,6 +16,7 @@ import numpy as np
 from .codecs import codec_named, decode_logits, stored_tensor
 from .errors import DhkdError, one_line
 from .store import MissingObject, StoreObjects, is_chunk_key, is_local, local_path, open_store, require_objects, storage_errors
+from .store_bounds import check_local_tree, check_store
 from .store_layout import FORMAT_VERSION, StoreLayout, check_fingerprint, jsonable, location
 from .store_lock import LOCK_KEY
 
@@ -60,12 +63,15 @@ class LogitCache(StoreLayout):
         if mode not in ("r", "r+"):
             raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}")
         objects = StoreObjects(open_store(path, read_only=mode == "r"), path)
+        if is_local(path):  # before anything is read: a FIFO or a link to a device would never end
+            check_local_tree(local_path(path), path)
         if not objects.exists("zarr.json"):
             if objects.is_empty(ignore=(LOCK_KEY,)):
                 if objects.exists(LOCK_KEY):
                     raise DhkdError(f"no logit store at {path} yet: cache-teacher is creating it")
                 raise DhkdError(f"no logit store at {path}")
             raise DhkdError(f"{path} is not a logit store (no zarr.json)")
+        check_store(objects)  # metadata bounded, shapes against the objects: before Zarr allocates anything
         try:
             group = zarr.open_group(store=objects.store, mode=mode, zarr_format=3)
             version = dict(group.attrs).get("format_version")
@@ -84,6 +90,30 @@ class LogitCache(StoreLayout):
     @property
     def attrs(self) -> dict:
         return dict(self._attrs)
+
+    @property
+    def identity(self) -> dict:
+        """What tells this store from another at the same path: the command that wrote it (teacher
+        and its weights' digest, data fingerprint, views, seed, codec, ...) and its digest; a
+        checkpoint records it, and ``--resume`` compares."""
+        command = self._attrs.get("command")
+        text = json.dumps(command, sort_keys=True, default=str)
+        return {"path": self._path, "command": jsonable(command), "command_sha256": hashlib.sha256(text.encode()).hexdigest()[:16]}
+
+    def check_same_store(self, recorded: dict | None):
+        """Refuses this store when ``recorded`` (an :attr:`identity` saved earlier) names another."""
+        if not isinstance(recorded, dict):
+            return  # a checkpoint from before stores were recorded
+        now = self.identity
+        if recorded.get("command_sha256") == now["command_sha256"]:
+            return
+        old, new = recorded.get("command") or {}, now["command"] or {}
+        fields = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)] if isinstance(old, dict) and isinstance(new, dict) else []
+        field = next((k for k in fields if not isinstance(new.get(k), (dict, list))), fields[0] if fields else None)  # a plain value first
+        differs = f"; {field} was {_short(old.get(field))}, now {_short(new.get(field))}" if field else ""
+        raise DhkdError(f"--resume: the store is not the one this run started from: it started from {recorded.get('path')} "
+                        f"(command {recorded.get('command_sha256')}), --cache now holds {now['path']} (command {now['command_sha256']})"
+                        f"{differs}; resume with that store, or start over with --overwrite")
 
     @property
     def is_local(self) -> bool:
@@ -137,8 +167,10 @@ class LogitCache(StoreLayout):
         store) rewrites what is missing or damaged."""
         import shlex
 
-        line = self._attrs.get("command_line")
-        return "re-run cache-teacher with the same command to rewrite it" + (f": {line} --out {shlex.quote(self._path)}" if line else "")
+        from .terminal_text import escaped, quoted_command
+
+        line = quoted_command(self._attrs.get("command_line"))  # a forged line is never suggested
+        return "re-run cache-teacher with the same command to rewrite it" + (f": {line} --out {escaped(shlex.quote(self._path))}" if line else "")
 
     def _epoch_array(self, name: str, epoch: int, dtype):
         key = (name, epoch)
@@ -248,3 +280,8 @@ class LogitCache(StoreLayout):
 
     def __repr__(self):
         return f"LogitCache({self._path!r}, {self.epochs}x{self.num_samples}x{self.num_classes}, {self.codec})"
+
+
+def _short(value) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 80 else text[:77] + "..."

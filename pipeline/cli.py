@@ -17,11 +17,22 @@ from .native_stderr import NativeStderr
 from .options import click_params, given
 
 
+# loggers of the object-storage stack: after the error line, a failed store's pending requests
+# must not add their tracebacks ("Task exception was never retrieved", "Unclosed client session")
+STORAGE_LOGGERS = ("asyncio", "aiohttp", "aiobotocore", "botocore", "s3fs", "fsspec", "zarr")
+
+
 def _exit_with(line: str, code: int):
-    """Prints ``line`` as one line on stderr and exits; native log lines held back are dropped."""
+    """Prints ``line`` as one line on stderr and exits; native log lines held back are dropped, and
+    nothing the interpreter's shutdown reports (pending I/O tasks, unclosed sessions) follows it."""
+    import logging
+
     if _CAPTURE is not None:
         _CAPTURE.drop = True
     click.echo(one_line(line), err=True)
+    for name in STORAGE_LOGGERS:
+        logging.getLogger(name).disabled = True
+    sys.unraisablehook = lambda unraisable: None
     sys.exit(code)
 
 
@@ -46,8 +57,33 @@ def user_errors(fn):
                 raise
             where = f"cannot access {e.filename}: " if e.filename else ""
             _exit_with(f"error: {where}{one_line(e)}", 2)
+        except MemoryError:
+            _exit_with(f"error: out of memory; {_size_options(kwargs)}", 2)
+        except RecursionError:
+            _exit_with("error: an input nests too deep to be read (RecursionError); check the files this command reads", 2)
+        except RuntimeError as e:
+            if not _allocation_failed(e):
+                raise
+            _exit_with(f"error: out of memory ({one_line(e, 120)}); {_size_options(kwargs)}", 2)
 
     return wrapper
+
+
+# options whose value sets how much memory a command takes, as the advice to an out-of-memory end names them
+SIZE_OPTIONS = ("batch_size", "resolution", "chunk_rows", "views", "samples", "rows", "classes")
+
+
+def _size_options(options: dict) -> str:
+    named = [f"--{k.replace('_', '-')} (now {v})" for k, v in options.items() if k in SIZE_OPTIONS and v is not None]
+    if not named:
+        return "the input is larger than this machine's memory"
+    return "lower " + " or ".join(named) if len(named) < 3 else "lower " + ", ".join(named[:-1]) + " or " + named[-1]
+
+
+def _allocation_failed(exc: RuntimeError) -> bool:
+    """torch's allocators fail with a RuntimeError (CPU) or its OutOfMemoryError subclass (CUDA)."""
+    text = str(exc)
+    return type(exc).__name__ == "OutOfMemoryError" or "can't allocate memory" in text or "out of memory" in text.lower()
 
 
 class ConfigCommand(click.Command):
@@ -142,7 +178,10 @@ class OneLineGroup(click.Group):
 
 
 def _echo_json(obj):
-    click.echo(json.dumps(obj, indent=2, default=str))
+    """Strict JSON (a non-finite number is null, never NaN)."""
+    from .run_folder import json_safe
+
+    click.echo(json.dumps(json_safe(obj), indent=2, default=str, allow_nan=False))
 
 
 @click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -312,6 +351,7 @@ def inspect_cmd(**options):
     A damaged store exits 1, with one line on stderr naming the fix."""
     from .cache import LogitCache
     from .store_audit import damage
+    from .terminal_text import escaped
 
     cfg = _config(InspectConfig, options)
     cache = LogitCache.open(cfg.store)
@@ -326,10 +366,10 @@ def inspect_cmd(**options):
     else:
         width = max(len(k) for k in summary)
         for key, value in summary.items():
-            click.echo(f"{key:<{width}}  {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+            click.echo(f"{key:<{width}}  {json.dumps(value) if isinstance(value, (dict, list)) else escaped(value)}")
     if damaged:
         more = f" and {len(damaged) - 1} more" if len(damaged) > 1 else ""
-        click.echo(f"error: store {cache.path} is damaged: {damaged[0]}{more}; {cache.repair_hint()}", err=True)
+        click.echo(one_line(f"error: store {cache.path} is damaged: {damaged[0]}{more}; {cache.repair_hint()}"), err=True)
         sys.exit(1)
 
 

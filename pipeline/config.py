@@ -22,6 +22,7 @@ from .loss_names import BACKENDS, KD_LOSS_NAMES
 from .methods import METHODS, method_option_fields
 from .models.aux_heads import AUX_HEADS
 from .options import option
+from .option_ranges import check_values
 
 PRECISIONS = ("no", "bf16", "fp16")  # Accelerate's mixed_precision ("no": float32)
 EXPORT_FORMATS = ("onnx",)  # `dhkd-pipe export`; training itself writes model.pt and model.safetensors
@@ -126,6 +127,7 @@ class TrainConfig(MethodOptions):
             raise DhkdError(f"bad resolution {self.resolution}: must be at least 8")
         if not self.data and not self.cache:
             raise DhkdError(missing_data("; or distil from a stage-1 store with --cache STORE, which records its data"))
+        check_values(self.to_dict())
         from .methods import from_config
 
         from_config(self)  # the method exists and takes the options that are set
@@ -174,6 +176,7 @@ class CacheConfig:
             raise DhkdError(f"bad resolution {self.resolution}: must be at least 8")
         if not self.data:
             raise DhkdError(missing_data())
+        check_values(self.to_dict())
         return self
 
     def to_dict(self) -> dict:
@@ -216,6 +219,7 @@ class AccuracyBenchConfig:
 
         if SUBSET_MARK in self.data:
             raise DhkdError(f"give the training subset as --train-size, not in --data {self.data!r}")
+        check_values(self.to_dict())
         return self
 
     def to_dict(self) -> dict:
@@ -349,20 +353,18 @@ def build_config(cls, config_file: str | None, overrides: dict, defaults: dict |
     for name, value in values.items():
         values[name] = _coerce(name, value, known[name].type)
     cfg = cls(**values)
-    return cfg.validate() if hasattr(cfg, "validate") else cfg
+    cfg = cfg.validate() if hasattr(cfg, "validate") else cfg
+    check_values(values)  # every command's numeric options, ranges declared once (option_ranges)
+    return cfg
 
 
 def read_recipe(config_file: str) -> dict:
     """The options a YAML recipe sets, keys with ``_`` (as the dataclasses name them)."""
-    import yaml  # here: the CLI's help and usage errors need no YAML
+    from . import bounded_yaml
 
     if not os.path.isfile(config_file):
         raise DhkdError(f"config file not found: {config_file}")
-    try:
-        with open(config_file) as f:
-            loaded = yaml.safe_load(f) or {}
-    except yaml.YAMLError as e:
-        raise DhkdError(f"cannot parse config {config_file}: {str(e).splitlines()[0]}") from None
+    loaded = bounded_yaml.load(bounded_yaml.read_text(config_file), config_file) or {}
     if not isinstance(loaded, dict):
         raise DhkdError(f"config {config_file} must be a mapping of option: value")
     return {str(k).replace("-", "_"): v for k, v in loaded.items()}
@@ -402,5 +404,10 @@ def _coerce(name, value, annotation):
                 value = [v for v in value.replace(",", " ").split() if v]
             return [int(v) for v in value]
         return value if isinstance(value, str) else str(value)
-    except (TypeError, ValueError):
-        raise DhkdError(f"bad value for {name}: {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise DhkdError(f"bad value for {name}: {_short_repr(value)}") from None
+
+
+def _short_repr(value) -> str:
+    text = repr(value) if not isinstance(value, (list, dict)) or len(value) < 100 else f"a {type(value).__name__} of {len(value)} items"
+    return text if len(text) <= 80 else text[:77] + "..."

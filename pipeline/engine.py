@@ -29,7 +29,7 @@ from .interrupts import Interrupted, deferred, pending
 from .loader import PlanEpochs, StoreEpochs, ViewLoader
 from .methods import CACHE_REFUSAL, Method, from_config, is_feature_method
 from .nonfinite import NonFiniteGuard
-from .run_folder import METRICS, SUMMARY, RunFolder, RunMode, append_line, check_out, metrics_line, write_json
+from .run_folder import METRICS, SUMMARY, RunFolder, RunMode, append_line, check_inputs_outside, check_out, metrics_line, write_json
 from .training_state import Progress, restore_training_state, save_training_state
 from .views import ViewPlan
 
@@ -89,6 +89,7 @@ def prepare(cfg: TrainConfig, mode: RunMode | str = RunMode.NEW) -> Run:
         raise DhkdError(f"{flag} aligns head 1's CE with head 2's distillation gradient: only --method dhkd and "
                         "dhkd_reviewkd have two heads")
     out_plan = check_out(cfg.out, mode)  # reads only; repeated under the folder's lock
+    check_inputs_outside(out_plan, {"--teacher-weights": cfg.teacher_weights, "--cache": cfg.cache, "--data": cfg.data})
     acc = make_accelerator(cfg.precision, cfg.log_with, cfg.out)
     torch.manual_seed(cfg.seed)
 

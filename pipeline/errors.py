@@ -24,8 +24,12 @@ ENVIRONMENT_ERRNOS = frozenset(
 
 def one_line(what, limit: int | None = None) -> str:
     """The project's one formatter of a message line: ``what`` (a text or an exception) with its
-    whitespace collapsed; an exception with no text is named by its type, an OSError by its text and
-    errno name (``No space left on device (ENOSPC)``); cut at ``limit`` characters with "..."."""
+    whitespace collapsed and any control character escaped (a message may quote a file or a store:
+    ``\x1b`` is shown, never acted on); an exception with no text is named by its type, an OSError
+    by its text and errno name (``No space left on device (ENOSPC)``); cut at ``limit`` characters
+    with "..."."""
+    from .terminal_text import escaped
+
     if isinstance(what, BaseException):
         text = getattr(what, "strerror", None) or str(what) or type(what).__name__
         code = errno.errorcode.get(getattr(what, "errno", None) or -1)
@@ -33,7 +37,7 @@ def one_line(what, limit: int | None = None) -> str:
             text = f"{text} ({code})"
     else:
         text = what
-    text = " ".join(str(text).split())
+    text = escaped(" ".join(str(text).split()))
     return text[:limit] + "..." if limit is not None and len(text) > limit else text
 
 

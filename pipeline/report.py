@@ -56,8 +56,42 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str
     return "\n".join(lines)
 
 
+IMAGE_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg", "webp", "tif", "tiff", "eps", "ps")  # matplotlib's, as files
+
+
+def check_report_target(out: str, run_dirs: list[str]) -> str:
+    """Refuses, before any run is read, an ``--out`` that is a folder, one of the runs' own files,
+    or a name whose format matplotlib cannot write; returns the format."""
+    from .run_folder import run_files
+
+    if os.path.isdir(out):
+        raise DhkdError(f"--out {out} is a folder; name the image file to write (report.png)")
+    for run_dir in run_dirs:
+        own = run_files(run_dir)
+        if os.path.realpath(out) in own:
+            raise DhkdError(f"--out {out} is the run's own {own[os.path.realpath(out)]} (in {run_dir}); name another file")
+    fmt = os.path.splitext(out)[1].lstrip(".").lower()
+    if fmt not in IMAGE_FORMATS:
+        raise DhkdError(f"--out {out}: report writes images ({', '.join(IMAGE_FORMATS)}); name a file ending in one of them")
+    return fmt
+
+
+def save_figure(fig, out: str, fmt: str):
+    """Writes the figure whole to ``out`` (a temporary file renamed into place: a failure or a
+    signal leaves the previous file as it was)."""
+    from .run_folder import write_atomic
+
+    folder = os.path.dirname(os.path.abspath(out))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise io_error(out, e) from None
+    write_atomic(out, lambda f: fig.savefig(f, dpi=110, format=fmt))
+
+
 def write_report(run_dirs: list[str], out: str) -> str:
-    """Writes the PNG to ``out`` and returns the markdown table of final figures."""
+    """Writes the picture to ``out`` and returns the markdown table of final figures."""
+    fmt = check_report_target(out, run_dirs)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,10 +133,7 @@ def write_report(run_dirs: list[str], out: str) -> str:
             ax.legend(fontsize=8)
     fig.tight_layout()
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        fig.savefig(out, dpi=110)
-    except OSError as e:
-        raise io_error(out, e) from None
+        save_figure(fig, out, fmt)
     finally:
         plt.close(fig)
     return markdown_table(
@@ -164,9 +195,6 @@ def write_method_report(groups: list[tuple[str, list[str]]], out: str, title: st
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        fig.savefig(out, dpi=110)
-    except OSError as e:
-        raise DhkdError(f"cannot write {out}: {e.strerror}") from None
+        save_figure(fig, out, check_report_target(out, [d for _, dirs in groups for d in dirs]))
     finally:
         plt.close(fig)

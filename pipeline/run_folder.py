@@ -7,12 +7,19 @@ kill or a full disk leaves the previous version; the environment's write errors 
 EROFS, ...) become one ``DhkdError`` naming the path and the errno.
 
 ``check_out`` decides, reading only, what a command may do with ``--out``; ``RunFolder.open``
-then creates the folder, takes the lock and, for ``--overwrite``, removes the old run's files
-(never anything a run does not write).
+then creates the folder, takes the lock and, for ``--overwrite``, removes the old run's files.
+
+What the tool owns is recorded, not guessed from names: ``dhkd-run.json`` (the manifest) lists the
+entries a run claimed when it opened the folder, those of ``RUN_ENTRIES`` that were not there
+yet. ``--overwrite``, the clean-up after a run killed before its first checkpoint, and ``export``
+remove or replace only those; a folder without a manifest is a run only if it holds a run's
+checkpoint or summary as this tool writes them (runs from before the manifest), and a folder of
+other files (a ``metrics.jsonl`` of the user's own) is never one.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -33,9 +40,9 @@ SUMMARY = "summary.json"
 LOCK = "run.lock"
 TRACKING_DIR = "dhkd-pipe"  # Accelerate's trackers write under RUN/dhkd-pipe (TensorBoard)
 ONNX = "model.onnx"  # `dhkd-pipe export`'s default output
-# Any of these in a folder: it holds a run (finished, stopped, or started and killed).
-RUN_MARKERS = (CHECKPOINT, SUMMARY, METRICS, LOCK)
-# What a run writes; --overwrite removes these (and their .tmp files) and nothing else.
+MANIFEST = "dhkd-run.json"  # the entries this tool wrote in the folder
+# What a run may write; a run claims (in the manifest) those not already there, and --overwrite
+# removes the claimed ones (and their .tmp files), nothing else.
 RUN_ENTRIES = (CHECKPOINT, METRICS, SUMMARY, EXPORTED, EXPORTED_SAFETENSORS, ONNX, TRACKING_DIR)
 
 
@@ -48,10 +55,15 @@ def write_atomic(path: str, write: Callable, mode: str = "wb"):
     An OSError (full disk, no permission, read-only file system) is a DhkdError naming the path and
     the errno; on any failure or interrupt the ``.tmp`` file is removed and ``path`` is untouched.
     """
+    claim_on_write(path)
     tmp = path + ".tmp"
+    # serialised in memory first: a full disk then fails the plain write below with its errno
+    # (torch's zip writer reports a failed write as a RuntimeError about positions)
+    buffer = io.BytesIO() if "b" in mode else io.StringIO()
     try:
+        write(buffer)
         with open(tmp, mode) as f:
-            write(f)
+            f.write(buffer.getvalue())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -81,6 +93,7 @@ def write_json(path: str, obj, indent: int | None = 2):
 
 def append_line(path: str, line: str):
     """Appends one line; on an OSError the file is cut back to its old length (no partial line)."""
+    claim_on_write(path)
     try:
         with open(path, "a") as f:
             start = f.tell()
@@ -111,6 +124,118 @@ def _remove_quietly(path: str):
         os.remove(path)
     except OSError:
         pass
+
+
+# ---- what the tool owns in a run folder -----------------------------------------------------------
+
+
+def read_manifest(folder: str) -> set[str] | None:
+    """The entries the manifest of ``folder`` claims, or None if it has none (or not ours)."""
+    path = os.path.join(folder, MANIFEST)
+    try:
+        if not os.path.isfile(path) or os.path.getsize(path) > 65536:
+            return None
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(data, dict) and data.get("tool") == "dhkd-pipe" and isinstance(data.get("entries"), list)):
+        return None
+    return {name for name in data["entries"] if isinstance(name, str) and name in RUN_ENTRIES}
+
+
+def _is_legacy_run(folder: str, names: set) -> bool:
+    """A run written before the manifest: a checkpoint as torch saves it (a zip) beside the run's
+    metrics or summary, or a summary that records the run's config."""
+    import zipfile
+
+    if SUMMARY in names:
+        try:
+            with open(os.path.join(folder, SUMMARY), encoding="utf-8") as f:
+                if isinstance(summary := json.load(f), dict) and isinstance(summary.get("config"), dict):
+                    return True
+        except (OSError, ValueError):
+            pass
+    path = os.path.join(folder, CHECKPOINT)
+    return bool(names & {METRICS, SUMMARY}) and os.path.isfile(path) and zipfile.is_zipfile(path)
+
+
+def owned_entries(folder: str, names: set | None = None) -> set[str] | None:
+    """The entries of ``folder`` this tool wrote (claimed in its manifest; for a run from before
+    the manifest, those of ``RUN_ENTRIES`` present), or None if the folder holds no run of ours."""
+    if names is None:
+        try:
+            names = set(os.listdir(folder))
+        except OSError:
+            return None
+    claimed = read_manifest(folder)
+    if claimed is not None:
+        return claimed
+    if _is_legacy_run(folder, names):
+        return set(RUN_ENTRIES) & names
+    return None
+
+
+def run_files(folder: str) -> dict[str, str]:
+    """{real path: name} of the files a run folder holds that are the run's own (its manifest's
+    entries, the manifest and the lock, or for a run from before the manifest the names a run
+    writes): what ``export`` and ``report`` must never write over."""
+    if not os.path.isdir(folder):
+        return {}
+    owned = owned_entries(folder) or set()
+    names = owned | {MANIFEST, LOCK} | (set(RUN_ENTRIES) - {ONNX} if read_manifest(folder) is None else set())
+    return {os.path.realpath(os.path.join(folder, n)): n for n in names if n != ONNX or n in owned}
+
+
+_PENDING: dict[str, set] = {}  # real path of a run folder this process opened -> entries to claim with its first write
+
+
+def claim_on_write(path: str):
+    """Before a run's file is written: its name joins the manifest of the run folder it is in (a
+    folder this tool opened as a run; any other folder is left alone)."""
+    folder, name = os.path.split(path)
+    folder = folder or "."
+    if name not in RUN_ENTRIES:
+        return
+    pending = _PENDING.get(os.path.realpath(folder))
+    if pending is not None:
+        claim(folder, pending | {name})
+        pending.clear()
+        return
+    claimed = read_manifest(folder)
+    if claimed is not None and name not in claimed:
+        claim(folder, [name])
+
+
+def claim(folder: str, names, force: bool = False) -> set[str]:
+    """Adds ``names`` to the manifest (written whole; ``force``: written even if it claims nothing
+    new, so that a run folder always has one); returns what it now claims."""
+    before = read_manifest(folder)
+    entries = (before or set()) | set(names)
+    if entries == before and (before is not None or not force):
+        return entries  # unchanged: not rewritten (a refused resume leaves the folder byte for byte)
+    write_json(os.path.join(folder, MANIFEST), {"tool": "dhkd-pipe", "entries": sorted(entries)})
+    return entries
+
+
+def check_inputs_outside(plan: "OutPlan", inputs: dict):
+    """Refuses an input of the command (``{option: path}``: weights, config, store, data) that lies
+    inside what this run would remove from ``--out`` (``--overwrite``, or a killed run's
+    clean-up), before anything is touched."""
+    if not (plan.exists and plan.replace):
+        return
+    owned = owned_entries(plan.path) or set()
+    removed = [os.path.realpath(os.path.join(plan.path, name)) for name in owned]
+    for option, path in inputs.items():
+        if not path or "://" in str(path):
+            continue
+        path = str(path).split(":", 1)[1] if str(path).startswith(("imagefolder:", "cifar10:", "cifar100:", "mnist:", "fashion-mnist:")) else str(path)
+        real = os.path.realpath(path.split("@", 1)[0])
+        for target in removed:
+            if real == target or real.startswith(target + os.sep):
+                how = "--overwrite" if plan.mode is RunMode.OVERWRITE else "the clean-up of the run killed there"
+                raise DhkdError(f"{option} {path} lies inside what {how} would remove from {plan.path} "
+                                f"({os.path.basename(target)}); copy it elsewhere first")
 
 
 # ---- what --out may be ----------------------------------------------------------------------------
@@ -171,19 +296,20 @@ def check_out(out: str, mode: RunMode | str = RunMode.NEW, locked: bool = False)
         check_not_held(out)
     plan = OutPlan(out, exists=True, replace=False, mode=mode)
     has_checkpoint, finished = CHECKPOINT in names, SUMMARY in names
+    owned = owned_entries(out, names)
+    foreign = names - {LOCK, MANIFEST} - {n + ".tmp" for n in RUN_ENTRIES + (MANIFEST,)} - (owned or set())
     if resume:
         if not has_checkpoint:
             raise DhkdError(f"--resume: no {CHECKPOINT} in {out}" + (" (the run there finished)" if finished else ""))
+    elif owned is None and foreign:
+        raise DhkdError(f"--out {out} is a folder that holds no run of dhkd-pipe ({len(foreign)} entries it did not write, "
+                        f"such as {sorted(foreign)[0]}); choose a new or empty folder (--overwrite replaces only a run folder)")
     elif has_checkpoint or finished:
         if not overwrite:
             raise DhkdError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
         plan.replace = True
-    # a run killed while writing its first checkpoint leaves only CHECKPOINT.tmp (and the lock)
-    elif names and not {n.removesuffix(".tmp") for n in names} & set(RUN_MARKERS):
-        raise DhkdError(f"--out {out} is a folder that holds no run ({len(names)} other entries); choose a new or "
-                        "empty folder (--overwrite replaces only a run folder)")
     else:  # empty, or a run killed before its first checkpoint: nothing in it can be resumed
-        plan.replace = bool(names)
+        plan.replace = bool(names - foreign)
     check_writable(out)
     return plan
 
@@ -251,6 +377,15 @@ class RunFolder:
                     remove_run_files(plan.path)
                 else:
                     remove_run_files(plan.path, only_tmp=True)  # a killed writer's half-written files
+            present = set(os.listdir(plan.path))
+            # the manifest holds what this run already owns and the trackers' folder (Accelerate writes it); every
+            # file joins as it is first written (claim_on_write). A resume writes it with its first file: a refused
+            # resume leaves the folder as it was.
+            start = (owned_entries(plan.path, present) or set()) | ({TRACKING_DIR} - present)
+            if plan.mode is RunMode.RESUME:
+                _PENDING[os.path.realpath(plan.path)] = start
+            else:
+                claim(plan.path, start, force=True)
         except BaseException:
             folder.close()
             raise
@@ -258,19 +393,25 @@ class RunFolder:
 
     def close(self, failed: bool = False):
         """Releases the lock; after a failure before the first checkpoint, removes what this run made."""
+        _PENDING.pop(os.path.realpath(self.path), None)
         if failed and not os.path.exists(os.path.join(self.path, CHECKPOINT)):
-            remove_run_files(self.path)
+            remove_run_files(self.path, manifest=True)
         self.lock.release()
         if failed and self.created:
             _remove_empty(self.path)
 
 
-def remove_run_files(folder: str, only_tmp: bool = False):
-    """Removes the entries a run writes and their ``.tmp`` files (``only_tmp``: just those);
-    nothing else in ``folder``."""
+def remove_run_files(folder: str, only_tmp: bool = False, manifest: bool = False):
+    """Removes the entries this tool wrote in ``folder`` (its manifest's) and their ``.tmp`` files
+    (``only_tmp``: just those); ``manifest``: the manifest too. Nothing else: a link is removed,
+    never what it points to."""
+    owned = owned_entries(folder) or set()
     for name in os.listdir(folder):
         base = name[: -len(".tmp")] if name.endswith(".tmp") else name
-        if base not in RUN_ENTRIES or (only_tmp and base == name):
+        if base == MANIFEST:
+            if not manifest and base == name:
+                continue
+        elif base not in owned or (only_tmp and base == name):
             continue
         path = os.path.join(folder, name)
         try:

@@ -15,12 +15,17 @@ S3-compatible server), for ``gs://`` Google's application default credentials.
 
 from __future__ import annotations
 
+import os
+
 from .errors import DhkdError, one_line
 
 # What a URL scheme needs installed: the optional extra `pip install "dhkd-pipe[s3]"` brings both.
 SCHEME_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}
 # Object names that are Zarr metadata, not chunk data (v3, and the v2 names zarr probes for).
 METADATA_NAMES = ("zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata")
+# Object storage calls end: a frozen server fails a call within about CONNECT + READ seconds per
+# attempt, ATTEMPTS attempts (the command then ends in one line, well within a minute).
+CONNECT_TIMEOUT_S, READ_TIMEOUT_S, ATTEMPTS = 5, 8, 2
 
 
 def is_url(location: str) -> bool:
@@ -30,6 +35,14 @@ def is_url(location: str) -> bool:
 
 def is_local(location: str) -> bool:
     return not is_url(location) or str(location).startswith("file://")
+
+
+def is_bucket_root(location: str) -> bool:
+    """A URL naming a whole bucket (``s3://photos``, ``gs://b/``): no store is created there, where
+    it would share the bucket with everything else in it."""
+    if is_local(location):
+        return False
+    return "/" not in str(location).split("://", 1)[1].strip("/")
 
 
 def local_path(location: str) -> str:
@@ -57,6 +70,24 @@ def storage_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def check_inputs_outside(location: str, entries: tuple[str, ...], inputs: dict):
+    """Refuses an input of the command (``{option: path}``: weights, data) that lies inside the
+    entries of the local store at ``location`` that replacing the store would remove, before
+    anything is touched."""
+    if not is_local(location):
+        return
+    root = os.path.realpath(local_path(location))
+    owned = [os.path.join(root, name) for name in entries]
+    for option, path in inputs.items():
+        if not path or is_url(path):
+            continue
+        real = os.path.realpath(str(path).split(":", 1)[-1] if str(path).startswith("imagefolder:") else str(path))
+        for target in owned:
+            if real == target or real.startswith(target + os.sep):
+                raise DhkdError(f"{option} {path} lies inside what --overwrite would remove from the store {location} "
+                                f"({os.path.basename(target)}); copy it elsewhere first")
+
+
 def open_store(location: str, read_only: bool = True):
     """The Zarr store at ``location``: ``LocalStore`` for local paths and ``file://``,
     ``FsspecStore`` for any other fsspec URL. Nothing is created or contacted yet."""
@@ -68,7 +99,14 @@ def open_store(location: str, read_only: bool = True):
     scheme = location.split("://", 1)[0]
     try:
         # no listings cache: another process may write the objects this one checks
-        return FsspecStore.from_url(location, read_only=read_only, storage_options={"use_listings_cache": False})
+        options = {"use_listings_cache": False}
+        if scheme in ("s3", "s3a"):
+            options["config_kwargs"] = {"connect_timeout": CONNECT_TIMEOUT_S, "read_timeout": READ_TIMEOUT_S,
+                                        "retries": {"max_attempts": 1, "mode": "standard"}}
+        store = FsspecStore.from_url(location, read_only=read_only, storage_options=options)
+        if hasattr(store.fs, "retries"):
+            store.fs.retries = ATTEMPTS  # s3fs retries each call itself (5 by default: minutes on a frozen server)
+        return store
     except ImportError:
         package = SCHEME_PACKAGES.get(scheme, f"the fsspec driver for {scheme}://")
         raise DhkdError(f"{scheme}:// stores need {package}: pip install 'dhkd-pipe[s3]'") from None
@@ -234,14 +272,15 @@ class StoreObjects:
             except OSError:
                 pass
 
-    def delete_all(self, keep: tuple[str, ...] = ()):
+    def delete_all(self, keep: tuple[str, ...] = (), only: tuple[str, ...] | None = None):
         """Deletes every object of the store, and nothing outside it; ``keep``: top-level objects
-        to leave (the lock of the process that replaces the store)."""
-        if not keep:
+        to leave (the lock of the process that replaces the store); ``only``: the top-level names
+        the store's owner wrote (anything else there is left as it is)."""
+        if not keep and only is None:
             self.call("delete the store", self.store.delete_dir(""))
             return
         for name in self.entries():
-            if name in keep:
+            if name in keep or (only is not None and name not in only):
                 continue
             if self.exists(name):
                 self.delete(name)

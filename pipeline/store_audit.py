@@ -14,6 +14,7 @@ import numpy as np
 
 from .errors import DhkdError, one_line
 from .store import object_problem, shard_in_bounds, storage_errors
+from .store_layout import STORE_ENTRIES
 from .store_lock import LOCK_KEY
 
 if TYPE_CHECKING:
@@ -124,7 +125,9 @@ def remove_leftovers(cache: "LogitCache") -> list[str]:
     only while holding the store's lock, when no writer can be running. Returns their keys."""
     if not cache.is_local:
         return []
-    keys = [k for k in cache.objects.list() if k.endswith(".partial") or (k.startswith(LOCK_KEY + ".") and k.endswith(".tmp"))]
+    # Zarr's temp files inside the store's arrays, the lock's at its root; a user's own file is never one of them
+    keys = [k for k in cache.objects.list() if (k.endswith(".partial") and "/" in k and k.split("/", 1)[0] in STORE_ENTRIES)
+            or (k.startswith(LOCK_KEY + ".") and k.endswith(".tmp") and "/" not in k)]
     for key in keys:
         cache.objects.delete(key)
     return keys

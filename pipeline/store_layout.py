@@ -43,6 +43,8 @@ from .store_lock import LOCK_KEY
 FORMAT_VERSION = 1
 GEOMETRY = ("epochs", "num_samples", "num_classes", "chunk_rows", "codec")  # a resume must match all of them
 PER_EPOCH = ("logits", "logit_scale", "order", "views", "done")  # arrays chunked (epoch, unit, ...); done last
+# The top-level entries a logit store writes: replacing or clearing a store removes these and nothing else.
+STORE_ENTRIES = ("zarr.json", "logits", "logit_scale", "order", "views", "labels", "done")
 
 
 def jsonable(value):
@@ -78,18 +80,26 @@ def check_target(objects: StoreObjects, overwrite: bool = False):
     """Refuses, reading only, a location that holds something other than a logit store: a
     file, a folder or prefix with other objects, another Zarr store. ``--overwrite`` replaces
     only a logit store (a store whose group carries this tool's ``command``)."""
+    from .store import is_bucket_root, is_local, local_path
+    from .store_bounds import check_local_tree, read_metadata
+
     where = objects.location
+    if is_bucket_root(where):
+        raise DhkdError(f"{where} is a whole bucket: a store there would share it with everything else in it; "
+                        f"name a prefix such as {where.rstrip('/')}/logits.zarr")
     if objects.is_file():
         raise DhkdError(f"{where} is a file, not a logit store; choose another path"
                         + (" (--overwrite replaces only a logit store, never a file)" if overwrite else ""))
+    if is_local(where):  # before anything is read: a FIFO or a link to a device would never end
+        check_local_tree(local_path(where), where)
     if not objects.exists("zarr.json"):
         if not objects.is_empty(ignore=(LOCK_KEY,)):
             advice = "refusing to delete it with --overwrite" if overwrite else "choose another path or remove it"
             raise DhkdError(f"{where} exists and is not a logit store; {advice}")
         return
     try:
-        meta = json.loads(objects.read("zarr.json") or b"")
-    except ValueError:
+        meta = read_metadata(objects, "zarr.json")
+    except DhkdError:
         meta = None
     if not (isinstance(meta, dict) and meta.get("node_type") == "group" and "command" in (meta.get("attributes") or {})):
         advice = "refusing to delete it with --overwrite" if overwrite else "choose another path or remove it"

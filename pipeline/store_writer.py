@@ -18,7 +18,7 @@ from .codecs import codec_named, encode_logits
 from .errors import DhkdError, one_line
 from .store import StoreObjects, is_local, open_store, storage_errors
 from .store_audit import remove_leftovers, repair
-from .store_layout import GEOMETRY, check_geometry, check_target, create_arrays, jsonable, location
+from .store_layout import GEOMETRY, STORE_ENTRIES, check_geometry, check_target, create_arrays, jsonable, location
 from .store_lock import LOCK_KEY, StoreLock
 
 # Units written at once by one process; None: 4 on a filesystem, 8 on object storage, where
@@ -54,7 +54,7 @@ def create_or_resume(path, *, epochs: int, num_samples: int, num_classes: int, c
                                               codec=codec))
             return existing
         # --overwrite; or a store of ours that holds no data: replaced (the lock, if held, stays)
-        objects.delete_all(keep=(LOCK_KEY,))
+        objects.delete_all(keep=(LOCK_KEY,), only=STORE_ENTRIES)  # what else is there, the store did not write: it stays
     create_arrays(objects, epochs=epochs, num_samples=num_samples, num_classes=num_classes, chunk_rows=chunk_rows, labels=labels,
                   codec=codec, attrs=attrs, shard_threshold=shard_threshold, shard_bytes=shard_bytes)
     return LogitCache.open(path, mode="r+")
@@ -261,7 +261,7 @@ class StoreWriter:
         if self._main:
             try:
                 if not self._objects.list("done/c/"):
-                    self._objects.delete_all(keep=(LOCK_KEY,))
+                    self._objects.delete_all(keep=(LOCK_KEY,), only=STORE_ENTRIES)
             except DhkdError:
                 pass  # the failure itself is what the user must see
         self._release()

@@ -21,6 +21,7 @@ from .run_folder import CHECKPOINT, write_atomic, write_metrics
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
+    from .cache import LogitCache
     from .config import TrainConfig
     from .loader import ViewLoader
     from .methods import Method
@@ -131,6 +132,7 @@ class Checkpointed(Protocol):
     optimizer: torch.optim.Optimizer
     loader: ViewLoader
     progress: Progress
+    cache: LogitCache | None  # the store a cached run reads: its identity is saved, and a resume compares
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -170,6 +172,7 @@ def save_training_state(run: Checkpointed):
         "rng": rng,
         "scaler": scaler.state_dict() if scaler is not None else None,
         "config": run.cfg.to_dict(),
+        "store": run.cache.identity if run.cache is not None else None,  # a resume refuses another store
         **progress,  # history, tally, skipped_nonfinite
     }
     write_atomic(os.path.join(run.cfg.out, CHECKPOINT), lambda f: torch.save(state, f))
@@ -200,6 +203,8 @@ def restore_training_state(run: Checkpointed):
     for key in sorted(set(saved) | set(now)):
         if key not in RESUMABLE_CHANGES and saved.get(key) != now.get(key):
             raise DhkdError(f"--resume with a different config: {key} was {saved.get(key)!r}, now {now.get(key)!r}")
+    if run.cache is not None:
+        run.cache.check_same_store(state.get("store"))
     acc = run.accelerator
     try:
         run.model.load_state_dict(state["model"])

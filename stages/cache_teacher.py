@@ -27,7 +27,9 @@ from dhkd_pipe.data import Dataset, Renderer, absolute_spec, load_data, load_sto
 from dhkd_pipe.engine import evaluate, make_accelerator, memory_format
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.options import flag_of, option_fields
-from dhkd_pipe.store_layout import estimate_bytes
+from dhkd_pipe.option_ranges import check_value
+from dhkd_pipe.store import check_inputs_outside
+from dhkd_pipe.store_layout import STORE_ENTRIES, estimate_bytes
 from dhkd_pipe.store_writer import StoreWriter
 from dhkd_pipe.teacher import frozen_model, load_teacher, resolve_teacher
 from dhkd_pipe.views import ViewPlan
@@ -113,6 +115,8 @@ def cache_teacher(cfg: CacheConfig, log=log_line, break_lock: bool = False) -> d
     writer = StoreWriter(cfg.out, attrs=attrs, overwrite=bool(cfg.overwrite), refresh=("data_spec", "command_line"),
                          holder=f"{attrs['command_line']} --out {shlex.quote(str(cfg.out))}", break_lock=break_lock,
                          main=acc.is_main_process, barrier=acc.wait_for_everyone, log=log, **run.store_layout())
+    if cfg.overwrite:  # an input inside what replacing the store removes is refused before anything is touched
+        check_inputs_outside(cfg.out, STORE_ENTRIES, {"--weights": cfg.weights, "--data": cfg.data})
     run.renderer = run.data.renderer(acc.device, run.plan, workers=cfg.workers)
     check_inputs(run)
     with writer:
@@ -229,6 +233,8 @@ def verify_cache(store: str, data_spec: str | None = None, teacher_weights: str 
 
     ``data_spec`` and ``teacher_weights`` default to what the store records; weights given here
     must be the store's (same digest)."""
+    check_value("samples", samples)
+    check_value("tolerance", tolerance)
     cache = LogitCache.open(store)
     cache.check_complete()
     data, _ = load_store_data(cache, data_spec)

@@ -13,6 +13,7 @@ from dhkd_pipe.data import load_data
 from dhkd_pipe.engine import evaluate as evaluate_model
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.teacher import frozen_model, resolve_teacher, teacher_plan
+from dhkd_pipe.option_ranges import check_value
 from dhkd_pipe.views import ViewPlan, with_preprocessing
 
 
@@ -30,6 +31,8 @@ def evaluate(model: str, weights: str | None, data: str | None, batch_size: int 
         raise DhkdError(missing_data())
     if resolution is not None and resolution < 8:
         raise DhkdError(f"bad resolution {resolution}: must be at least 8")
+    check_value("batch_size", batch_size)
+    check_value("resolution", resolution)
     dataset = load_data(data)
     if dataset.num_val == 0:
         raise DhkdError(f"{data} has no validation split")
@@ -41,7 +44,7 @@ def evaluate(model: str, weights: str | None, data: str | None, batch_size: int 
     else:
         plan, _ = teacher_plan(plan, source, dataset.kind, resolution)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    net = frozen_model(source, dataset.num_classes, plan.resolution, device, role="model", check_finite=False)
+    net = frozen_model(source, dataset.num_classes, plan.resolution, device, role="model")  # NaN weights: refused, not a NaN accuracy
     renderer = dataset.renderer(device, plan)
     result = evaluate_model(net, renderer, batch_size)
     return {"model": model, "weights": source.record, "data": data, "num_val": dataset.num_val,

@@ -659,6 +659,203 @@ class Case:
     run: Callable | None = None  # a custom procedure: (w) -> (code, stderr); replaces the CLI call
     sub: bool = False  # run the command line in its own process (native output, signals)
     slow: bool = False
+    keep: Callable | None = None  # (w) -> more of the user's paths that must be byte-identical afterwards
+    bound: float | None = None  # seconds the command may take
+
+
+# ---- issue 19: ownership, atomic exports and reports, values checked where they enter -------------------
+
+
+def user_folder_with_metrics(w: Work):
+    """The user's own folder that happens to hold a ``metrics.jsonl`` (a log of theirs)."""
+    w.out.mkdir()
+    (w.out / "metrics.jsonl").write_text("time,value\n1,2\n")
+    (w.out / "photo.jpg").write_bytes(b"\xff\xd8 the user's photo")
+
+
+def user_folder_with_lock_and_tool_named_folder(w: Work):
+    """Another program's ``run.lock`` and a folder of notes named after the tool."""
+    w.out.mkdir()
+    (w.out / "run.lock").write_text("the lock of another program\n")
+    (w.out / "dhkd-pipe").mkdir()
+    (w.out / "dhkd-pipe" / "paper-notes.md").write_text("notes on the paper\n")
+
+
+def users_onnx_in_a_run(w: Work):
+    w.copy_run()
+    (w.out / "model.onnx").write_bytes(b"the user's own onnx file")
+
+
+def users_onnx_kept(w: Work):
+    assert (w.out / "model.onnx").read_bytes() == b"the user's own onnx file"
+    finished(w)
+
+
+def killed_run_with_user_file(w: Work):
+    """A run killed before its first checkpoint (its manifest and first metrics line), and a
+    file the user put beside them."""
+    w.out.mkdir()
+    (w.out / "dhkd-run.json").write_text(json.dumps({"tool": "dhkd-pipe", "entries": ["metrics.jsonl"]}))
+    (w.out / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    (w.out / "notes.txt").write_text("mine\n")
+
+
+def notes_kept(w: Work):
+    assert (w.out / "notes.txt").read_text() == "mine\n"
+    finished(w)
+
+
+def run_with_onnx(w: Work):
+    """A finished run whose model.onnx the tool exported (claimed in its manifest)."""
+    w.copy_run()
+    code, _, err, exc = invoke(["export", str(w.out)])
+    assert code == 0 and exc is None, err
+
+
+def failing_onnx_export(w: Work):
+    run_with_onnx(w)
+
+    def fail(model, args, f, **kw):
+        Path(f).write_bytes(b"half an onnx file")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    w.monkeypatch.setattr("torch.onnx.export", fail)
+
+
+def report_exists(w: Work):
+    w.copy_run()
+    code, _, err, exc = invoke(["report", str(w.out), "--out", str(w.tmp / "r.png")])
+    assert code == 0 and exc is None, err
+
+
+def failing_savefig(w: Work):
+    report_exists(w)
+    from matplotlib.figure import Figure
+
+    def fail(self, f, **kw):
+        f.write(b"half a png")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    w.monkeypatch.setattr(Figure, "savefig", fail)
+
+
+def sigterm_during_export(w: Work):
+    proc = start(f"export {w.out}", w)
+    wait_for(lambda: any(p.name.startswith(".export-") for p in w.out.iterdir()), proc, what="the export's staging folder")
+    proc.send_signal(signal.SIGTERM)
+    return finish(proc)
+
+
+def nan_weights(w: Work):
+    sd = torch.load(w.shared["teacher"], weights_only=True)
+    sd = {k: v.clone() for k, v in sd.get("model", sd).items()}
+    sd["fc.weight"][:] = float("nan")
+    torch.save({"model": sd}, w.tmp / "nan.pt")
+
+
+def raises(target: str, exc: BaseException):
+    def setup(w: Work):
+        def fail(*a, **k):
+            raise exc
+
+        w.monkeypatch.setattr(target, fail)
+
+    return setup
+
+
+def file_of(name: str):
+    return lambda w: [w.tmp / name]
+
+
+BILLION_LAUGHS = "lr_milestones:\n  - &a [" + ",".join(["x"] * 10) + "]\n" + "".join(
+    f"  - &{chr(98 + i)} [" + ",".join([f"*{chr(97 + i)}"] * 10) + "]\n" for i in range(8))
+RECIPE = TRAIN + " --config {tmp}/recipe.yaml"
+IMG = "train-teacher --model resnet18 --data imagefolder:{images} --workers 0 --epochs 1 --batch-size 2 --out {out}"
+REFUSED = dict(bound=60)
+
+
+def recipe(text: str | bytes):
+    data = text if isinstance(text, bytes) else text.encode()
+    return lambda w: (w.tmp / "recipe.yaml").write_bytes(data)
+
+
+RECIPE_KEPT = dict(bound=60, keep=file_of("recipe.yaml"))
+ISSUE_19_CASES = [
+    # ownership: a folder is a run only by what the tool recorded; --overwrite removes only that
+    Case("own-user-folder-with-metrics-is-no-run", TRAIN, "holds no run of dhkd-pipe .*such as", setup=user_folder_with_metrics, **REFUSED),
+    Case("own-user-folder-with-metrics-overwrite", TRAIN + " --overwrite", "holds no run of dhkd-pipe", setup=user_folder_with_metrics,
+         **REFUSED),
+    Case("own-foreign-lock-and-tool-named-folder", TRAIN, "holds no run of dhkd-pipe", setup=user_folder_with_lock_and_tool_named_folder,
+         check=lock_untouched, **REFUSED),
+    Case("own-users-onnx-kept-by-overwrite", TRAIN + " --overwrite", code=0, setup=users_onnx_in_a_run, check=users_onnx_kept,
+         changes_out=True, bound=120),
+    Case("own-killed-run-cleared-user-file-kept", TRAIN, code=0, setup=killed_run_with_user_file, check=notes_kept, changes_out=True,
+         bound=120),
+    Case("own-overwrite-refuses-its-teacher-inside", ONLINE.replace("{teacher}", "{out}/model.pt") + " --overwrite",
+         "--teacher-weights \\S+/model.pt lies inside what --overwrite would remove", setup=make_finished_run, **REFUSED),
+    Case("own-overwrite-refuses-its-safetensors-inside", ONLINE.replace("{teacher}", "{out}/model.safetensors") + " --overwrite",
+         "lies inside what --overwrite would remove .*model.safetensors", setup=make_finished_run, **REFUSED),
+    # export and report: never over the run's own files, a folder, or a format they cannot write; written whole
+    Case("export-over-the-runs-checkpoint", "export {run} --out {run}/checkpoint.pt", "is the run's own checkpoint.pt",
+         setup=make_finished_run, **REFUSED),
+    Case("export-over-the-runs-metrics", "export {run} --out {run}/metrics.jsonl", "is the run's own metrics.jsonl",
+         setup=make_finished_run, **REFUSED),
+    Case("export-over-the-runs-manifest", "export {run} --out {run}/dhkd-run.json", "is the run's own dhkd-run.json",
+         setup=make_finished_run, **REFUSED),
+    Case("export-to-a-text-file", "export {run} --out {tmp}/m.txt", "export writes ONNX; name a file ending in .onnx",
+         setup=make_finished_run, **REFUSED),
+    Case("export-over-a-users-onnx", "export {run}", "model.onnx was not written by dhkd-pipe", setup=users_onnx_in_a_run, **REFUSED),
+    Case("export-opset-too-high", "export {run} --opset 999", "bad --opset 999: this exporter writes opsets \\d+ to \\d+",
+         setup=make_finished_run, **REFUSED),
+    Case("export-opset-too-low", "export {run} --opset 1", "bad --opset 1", setup=make_finished_run, **REFUSED),
+    Case("export-failure-keeps-the-previous-onnx", "export {run}", "cannot write .*model.onnx: No space left on device",
+         setup=failing_onnx_export, **REFUSED),
+    Case("export-sigterm-keeps-the-previous-onnx", "", "interrupted by SIGTERM", code=143, setup=run_with_onnx, run=sigterm_during_export,
+         slow=True, bound=180),
+    Case("report-over-the-runs-summary", "report {run} --out {run}/summary.json", "is the run's own summary.json",
+         setup=make_finished_run, **REFUSED),
+    Case("report-over-the-runs-checkpoint", "report {run} --out {run}/checkpoint.pt", "is the run's own checkpoint.pt",
+         setup=make_finished_run, **REFUSED),
+    Case("report-to-a-folder", "report {run} --out {tmp}", "is a folder; name the image file", setup=make_finished_run, **REFUSED),
+    Case("report-to-a-text-file", "report {run} --out {tmp}/r.txt", "report writes images", setup=make_finished_run, **REFUSED),
+    Case("report-failure-keeps-the-previous-png", "report {run} --out {tmp}/r.png", "cannot write .*r.png: No space left on device",
+         setup=failing_savefig, keep=file_of("r.png"), **REFUSED),
+    # every option checked where it enters: ranges and finiteness, before any work
+    Case("seed-negative", TRAIN + " --seed -1", "bad --seed -1: must be at least 0", **REFUSED),
+    Case("seed-beyond-64-bits", TRAIN + " --seed 99999999999999999999999", "bad --seed 99999999999999999999999: must be at most", **REFUSED),
+    Case("lr-nan", TRAIN + " --lr nan", "bad --lr nan: must be a finite number", **REFUSED),
+    Case("lr-inf-from-a-recipe", RECIPE, "bad --lr inf: must be a finite number", setup=recipe("lr: .inf\n"), **RECIPE_KEPT),
+    Case("momentum-negative", TRAIN + " --momentum -1", "bad --momentum -1: must be at least 0", **REFUSED),
+    Case("weight-decay-nan", TRAIN + " --weight-decay nan", "bad --weight-decay nan", **REFUSED),
+    Case("lr-decay-negative", TRAIN + " --lr-decay -1", "bad --lr-decay -1: must be greater than 0", **REFUSED),
+    Case("lr-milestones-negative", TRAIN + " --lr-milestones 0,-5", "bad --lr-milestones 0: must be at least 1", **REFUSED),
+    Case("alpha-infinite", ONLINE + " --method kd --alpha inf", "bad --alpha inf: must be a finite number", **REFUSED),
+    Case("temperature-nan", ONLINE + " --method kd --temperature nan", "bad --temperature nan", **REFUSED),
+    Case("eval-batch-size-zero", "eval --model resnet8 --weights {teacher} --data digits --batch-size 0", "bad --batch-size 0", **REFUSED),
+    Case("eval-nan-weights", "eval --model resnet8 --weights {tmp}/nan.pt --data digits", "the weights in .*nan.pt are not finite",
+         setup=nan_weights, keep=file_of("nan.pt"), bound=60),
+    Case("absurd-resolution", IMG + " --resolution 100000", "bad --resolution 100000: must be at most 8192", **REFUSED),
+    # recipes: UTF-8, bounded size, aliases and nesting
+    Case("config-not-utf8", RECIPE, "recipe.yaml is not UTF-8 text \\(byte 0xe9 at offset \\d+\\)",
+         setup=recipe("# r\xe9glages\nepochs: 1\n".encode("latin-1")), **RECIPE_KEPT),
+    Case("config-billion-laughs", RECIPE, "expands \\(through YAML aliases\\) to more than 100000 values", setup=recipe(BILLION_LAUGHS),
+         **RECIPE_KEPT),
+    Case("config-nested-deep", RECIPE, "cannot parse config .*nested deeper than 64 levels",
+         setup=recipe("lr_milestones: " + "[" * 5000 + "]" * 5000 + "\n"), **RECIPE_KEPT),
+    Case("config-alias-to-itself", RECIPE, "an alias refers to itself", setup=recipe("lr_milestones: &a [1, *a]\n"), **RECIPE_KEPT),
+    Case("config-larger-than-a-megabyte", RECIPE, "larger than 1 MiB", setup=recipe("# " + "x" * (2 << 20) + "\nepochs: 1\n"),
+         **RECIPE_KEPT),
+    Case("config-python-tag-not-run", RECIPE, "cannot parse config", setup=recipe("epochs: !!python/object/apply:os.system ['true']\n"),
+         **RECIPE_KEPT),
+    # memory and recursion failures: one line naming what to change
+    Case("out-of-memory-names-the-options", TRAIN, "out of memory; lower --batch-size \\(now 32\\)",
+         setup=raises("dhkd_pipe.models.create_model", MemoryError()), **REFUSED),
+    Case("cpu-allocator-failure-names-the-options", TRAIN, "out of memory \\(.*can't allocate memory.*\\); lower --batch-size",
+         setup=raises("dhkd_pipe.models.create_model", RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")),
+         **REFUSED),
+    Case("recursion-is-one-line", TRAIN, "nests too deep to be read \\(RecursionError\\)",
+         setup=raises("dhkd_pipe.data.load_data", RecursionError()), **REFUSED),
+]
 
 
 CASES = [
@@ -792,6 +989,7 @@ CASES = [
     Case("second-run-on-a-busy-folder", "", "in use by another run: pid \\d+", run=second_run_while_the_first_runs,
          changes_out=True, slow=True),
     Case("sigkill-image-folder-run-leaves-no-workers", code=0, run=kill_image_folder_run, changes_out=True, slow=True),
+    *ISSUE_19_CASES,
 ]
 
 
@@ -815,6 +1013,8 @@ def test_fault(case: Case, shared, tmp_path, request, monkeypatch):
         if case.setup:
             case.setup(w)
         before = snapshot(w.out)
+        kept = {str(p): snapshot(Path(p)) for p in case.keep(w)} if case.keep else {}
+        began = time.perf_counter()
         if case.run is not None:
             code, err = case.run(w)
         elif case.sub:
@@ -823,7 +1023,11 @@ def test_fault(case: Case, shared, tmp_path, request, monkeypatch):
             args = shlex.split(case.args.format(**w.vars))
             code, _, err, exc = invoke(args)
             assert exc is None, f"a bug, not a one-line error: {exc!r}\n{err}"
+        seconds = time.perf_counter() - began
         assert code == case.code, err[-3000:]
+        if case.bound is not None:
+            assert seconds <= case.bound, f"took {seconds:.1f} s (bound {case.bound:.0f} s)"
+        assert {str(p): snapshot(Path(p)) for p in kept} == kept, "a file the user had changed or went away"
         if case.code != 0:
             assert_one_error_line(err, case.match, case.only_line)
             if not case.changes_out:

@@ -20,10 +20,12 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
+import tracemalloc
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +44,7 @@ from dhkd_pipe.store_audit import damage
 from dhkd_pipe.store_lock import LOCK_KEY, StoreLock, read_holder
 from dhkd_pipe.store_writer import create_or_resume
 
+import hostile_stores as hs
 from conftest import S3_BUCKET as BUCKET  # the moto server is the session fixture ``s3``
 from test_faults import CHATTER, assert_one_error_line, dead_pid, live_pid, other_host, zombie_pid  # the run side's matrix helpers
 
@@ -158,7 +161,8 @@ def copy_store(src: str, dst: str):
 def assert_no_partial_writes(location: str):
     if is_url(location) or not os.path.isdir(location):
         return
-    left = [p for p in Path(location).rglob("*") if p.name.endswith((".partial", ".tmp"))]
+    root = Path(location)  # a file of the user's at the store's root is theirs, whatever its name
+    left = [p for p in root.rglob("*") if p.name.endswith((".partial", ".tmp")) and (p.parent != root or p.name.startswith(".lock"))]
     assert not left, f"half-written files left: {left}"
 
 
@@ -431,6 +435,218 @@ class Case:
     only_line: bool = True  # False: log lines may come before the error line
     after: Callable[[Work], None] | None = None
     slow: bool = False
+    keep: Callable[[Work], list] | None = None  # the user's paths: byte-identical afterwards (links and FIFOs as they were)
+    bound: float | None = None  # seconds the command may take: a hostile input must not make it hang
+    measure: bool = False  # record the command's time and peak memory (tracemalloc): the hostile-store family
+
+# ---- issue 19: hostile stores, foreign objects, stored strings, a replaced store -----------------------
+
+
+def hostile(fn, *args, extra: Callable[[Work], tuple] = lambda w: ()):
+    """A copy of the reference store made hostile by ``hostile_stores.fn`` (``extra``: more
+    arguments from the work folder)."""
+
+    def setup(w: Work):
+        reference_copy(w)
+        fn(Path(w.out), *args, *extra(w))
+
+    return setup
+
+
+def the_store(w: Work) -> list:
+    return [w.out]
+
+
+def store_and(*names):
+    return lambda w: [w.out] + [str(w.tmp / n) for n in names]
+
+
+def a_socket(w: Work):
+    reference_copy(w)
+    sock = hs.socket_in(Path(w.out))
+    w.cleanup.append(sock.close)
+
+
+def damaged_chunk(w: Work):
+    hs.delete_first_chunk(Path(w.out))
+
+
+def foreign_entry(name: str, data: bytes | None = b"the user's own\n"):
+    """The reference store with an entry of the user's at its root (a file, or a folder of one)."""
+
+    def setup(w: Work):
+        reference_copy(w)
+        path = Path(w.out) / name
+        if data is None:
+            path.mkdir()
+            (path / "a.txt").write_text("a note\n")
+        else:
+            path.write_bytes(data)
+
+    return setup
+
+
+def weights_inside_the_stores_own_entry(w: Work):
+    reference_copy(w)
+    shutil.copy(w.shared["teacher"], Path(w.out) / "logits" / "teacher.pt")
+    w.vars["teacher"] = str(Path(w.out) / "logits" / "teacher.pt")
+
+
+def weights_inside_the_store(w: Work):
+    reference_copy(w)
+    shutil.copy(w.shared["teacher"], Path(w.out) / "teacher.pt")
+    w.vars["teacher"] = str(Path(w.out) / "teacher.pt")
+
+
+def no_raw_control(w: Work):
+    found = re.search(r"[\x00-\x08\x0b-\x1f\x7f]", w.vars["stdout"] + w.vars["stderr"])
+    assert found is None, f"a raw control character {found.group()!r} reached the terminal"
+
+
+def hint_is_quoted(w: Work):
+    no_raw_control(w)
+    hint = w.vars["stderr"].strip().splitlines()[-1].split("rewrite it: ", 1)[1]
+    tokens = list(shlex.shlex(hint, posix=False, punctuation_chars=True))  # quotes kept: a quoted "|" is an argument
+    assert tokens[:2] == ["dhkd-pipe", "cache-teacher"] and not [t for t in tokens if set(t) <= set("();<>|&")], hint
+
+
+def forged_command_not_suggested(w: Work):
+    assert w.vars["stderr"].strip().splitlines()[-1].endswith("re-run cache-teacher with the same command to rewrite it"), w.vars["stderr"]
+
+
+def replaced_after_a_stopped_run(w: Work):
+    """distill stopped with a checkpoint on the reference store; then another store (seed 1) is
+    put at the same path."""
+    reference_copy(w)
+    code, _, err = invoke(w.command(DISTILL + " --epochs 2 --max-steps 2"))
+    assert code == 0, err
+    other = w.tmp / "seed1.zarr"
+    code, _, err = invoke(shlex.split(CACHE.format(**{**w.vars, "out": other}) + " --seed 1"))
+    assert code == 0, err
+    shutil.rmtree(w.out)
+    shutil.copytree(other, w.out)
+
+
+def s3_bucket(name: str, store_at_root: bool = False, foreign: bool = True):
+    """A bucket of its own; with ``store_at_root`` a logit store at its root (as older versions
+    made one) beside the user's photo."""
+
+    def setup(w: Work):
+        w.request.getfixturevalue("s3")
+        bucket = f"{name}-{uuid.uuid4().hex[:6]}"
+        root = StoreObjects(open_store(f"s3://{BUCKET}/x", read_only=False), f"s3://{BUCKET}/x")
+        root.call("create a bucket", root.store.fs._mkdir(bucket))
+        w.vars["out"] = f"s3://{bucket}"
+        objects = w.objects()
+        if store_at_root:
+            for key, data in store_objects(w.shared["reference"]).items():
+                objects.write(key, data)
+        if foreign:
+            objects.write("holiday/cat.jpg", b"a cat")
+        w.before = store_objects(w.out)
+
+    return setup
+
+
+def s3_prefix_with_foreign(w: Work):
+    s3_store(w)
+    reference_copy(w)
+    w.objects().write("notes.txt", b"the user's notes")
+
+
+def s3_foreign_kept(w: Work):
+    assert w.objects().read("notes.txt") == b"the user's notes"
+
+
+FORGED = r"store \S+: "
+HOSTILE = dict(keep=the_store, bound=30, measure=True)
+HOSTILE_CASES = [
+    # forged shapes: checked against the objects before anything is allocated
+    Case("hostile-forged-samples-inspect", "inspect {out}", hostile(hs.forge_samples, 10**8),
+         error=FORGED + r"its metadata claims 100000000 samples but its labels object holds 256", **HOSTILE),
+    Case("hostile-forged-samples-distill", DISTILL, hostile(hs.forge_samples, 10**8), error=r"claims 100000000 samples .* holds 256",
+         after=no_run_folder, **HOSTILE),
+    Case("hostile-forged-samples-resume", CACHE, hostile(hs.forge_samples, 10**8), error=r"claims 100000000 samples", only_line=False,
+         **{**HOSTILE, "bound": 60}),
+    Case("hostile-forged-billion-samples", "inspect {out}", hostile(hs.forge_samples, 10**9),
+         error=FORGED + r"logits claims 31250000 chunks .*a logit store has at most 10000000", **HOSTILE),
+    Case("hostile-forged-done-chunks", "inspect {out}", hostile(hs.forge_done_chunks), error=FORGED + r"done claims \d+ chunks", **HOSTILE),
+    Case("hostile-chunk-rows-zero", "inspect {out}", hostile(hs.forge_chunk_rows, 0), error=FORGED + r"the chunk shape of logits is",
+         **HOSTILE),
+    Case("hostile-chunk-rows-not-a-number", "inspect {out}", hostile(hs.forge_chunk_rows, "many"), error=r"the chunk shape of logits is",
+         **HOSTILE),
+    Case("hostile-labels-shorter-than-logits", DISTILL, hostile(hs.forge_labels_short), error=FORGED + r"labels has shape \[50\]",
+         after=no_run_folder, **HOSTILE),
+    Case("hostile-negative-shape", "inspect {out}", hostile(hs.forge_shape, "logits", [2, -5, 10]), error=r"the shape of logits is",
+         **HOSTILE),
+    Case("hostile-shape-not-a-list", DISTILL, hostile(hs.forge_shape, "order", "big"), error=r"the shape of order is \"big\"", **HOSTILE),
+    # nested, inflated, garbled metadata
+    Case("hostile-nested-root-metadata", "inspect {out}", hostile(hs.nest_metadata), error=FORGED + r"zarr.json nests too deep", **HOSTILE),
+    Case("hostile-nested-array-metadata", DISTILL, hostile(hs.nest_metadata, "views"), error=r"views/zarr.json nests too deep", **HOSTILE),
+    Case("hostile-inflated-metadata", "inspect {out}", hostile(hs.inflate_metadata), error=r"zarr.json is \d+ bytes, more than any",
+         **HOSTILE),
+    Case("hostile-garbled-array-metadata", "inspect {out}", hostile(hs.garble_metadata, "logits"), error=r"logits/zarr.json is not JSON",
+         **HOSTILE),
+    # special files and links
+    Case("hostile-chunk-fifo-inspect", "inspect {out}", hostile(hs.chunk_fifo), error=FORGED + r"logits/c/0/0/0 is a FIFO, not a file",
+         **HOSTILE),
+    Case("hostile-chunk-fifo-distill", DISTILL, hostile(hs.chunk_fifo), error=r"is a FIFO", after=no_run_folder, **HOSTILE),
+    Case("hostile-chunk-fifo-resume", CACHE, hostile(hs.chunk_fifo, "order"), error=r"order/c/0/0 is a FIFO", only_line=False,
+         **{**HOSTILE, "bound": 60}),
+    Case("hostile-chunk-links-to-dev-zero", "inspect {out}", hostile(hs.chunk_link, "/dev/zero"),
+         error=r"logits/c/0/0/0 is a link that leaves the store \(to /dev/zero\)", **HOSTILE),
+    Case("hostile-chunk-links-outside", "inspect {out}", hostile(hs.chunk_link_outside, extra=lambda w: (w.tmp / "outside.bin",)),
+         error=r"is a link that leaves the store", **{**HOSTILE, "keep": store_and("outside.bin")}),
+    Case("hostile-array-links-outside", DISTILL, hostile(hs.array_link_outside, extra=lambda w: (w.tmp / "elsewhere",)),
+         error=r"order is a link that leaves the store", after=no_run_folder, **{**HOSTILE, "keep": store_and("elsewhere")}),
+    Case("hostile-metadata-links-to-dev-zero", "inspect {out}", hostile(hs.metadata_link), error=r"zarr.json is a link that leaves the store",
+         **HOSTILE),
+    Case("hostile-lock-is-a-fifo-inspect", "inspect {out}", hostile(hs.lock_fifo), error=r"\.lock is a FIFO", **HOSTILE),
+    Case("hostile-lock-is-a-fifo-cache", CACHE, hostile(hs.lock_fifo), error=r"\.lock is a FIFO", only_line=False, **{**HOSTILE, "bound": 60}),
+    Case("hostile-socket-in-the-store", "inspect {out}", a_socket, error=r"logits/sock is a socket", **HOSTILE),
+    Case("hostile-dangling-link", "inspect {out}", hostile(hs.dangling_link), error=r"is a link to nothing \(a dangling link\)", **HOSTILE),
+    # foreign objects: a store removes and replaces only what it wrote
+    Case("foreign-notes-kept-by-overwrite", CACHE + " --seed 3 --overwrite", foreign_entry("notes.txt"), code=0,
+         keep=lambda w: [Path(w.out) / "notes.txt"], bound=120),
+    Case("foreign-folder-kept-by-overwrite", CACHE + " --seed 3 --overwrite", foreign_entry("my-notes", None), code=0,
+         keep=lambda w: [Path(w.out) / "my-notes"], bound=120),
+    Case("foreign-partial-file-kept-by-resume", CACHE, foreign_entry("download.partial"), code=0,
+         keep=lambda w: [Path(w.out) / "download.partial"], bound=120, after=complete_and_unlocked),
+    Case("weights-inside-the-store-kept-by-overwrite", CACHE + " --seed 3 --overwrite", weights_inside_the_store, code=0,
+         keep=lambda w: [Path(w.out) / "teacher.pt"], bound=120),
+    Case("weights-inside-what-overwrite-removes-refused", CACHE + " --seed 3 --overwrite", weights_inside_the_stores_own_entry,
+         error=r"--weights \S+/logits/teacher.pt lies inside what --overwrite would remove from the store", only_line=False,
+         keep=the_store, bound=120),
+    Case("s3-no-store-at-an-empty-bucket-root", CACHE, s3_bucket("empty", foreign=False), only_line=False,
+         error=r"s3://empty-\w+ is a whole bucket: .*name a prefix such as s3://empty-\w+/logits.zarr", after=unchanged, slow=True),
+    Case("s3-bucket-root-store-not-replaced", CACHE + " --seed 3 --overwrite", s3_bucket("photos", store_at_root=True), only_line=False,
+         error=r"is a whole bucket", after=unchanged, slow=True),
+    Case("s3-foreign-object-kept-by-overwrite", CACHE + " --seed 3 --overwrite", s3_prefix_with_foreign, code=0, after=s3_foreign_kept,
+         slow=True),
+    # stored strings shown safely
+    Case("strings-control-characters-escaped", "inspect {out}",
+         several(hostile(hs.set_attr, "command_line", "dhkd-pipe cache-teacher --model resnet8 " + hs.ESCAPES), damaged_chunk),
+         code=1, error=r"is damaged: .*\\x1b\[2J", after=no_raw_control, keep=the_store, bound=30),
+    Case("strings-repair-hint-quoted", "inspect {out}",
+         several(hostile(hs.set_attr, "command_line", "dhkd-pipe cache-teacher --model resnet8" + hs.SHELL_TAIL), damaged_chunk),
+         code=1, error=r"is damaged", after=hint_is_quoted, keep=the_store, bound=30),
+    Case("strings-forged-command-not-suggested", "inspect {out}", several(hostile(hs.set_attr, "command_line", "rm -rf ~"), damaged_chunk),
+         code=1, error=r"is damaged", after=forged_command_not_suggested, keep=the_store, bound=30),
+    Case("strings-tool-version-escaped", "inspect {out}", hostile(hs.set_attr, "tool_version", "1.0" + hs.ESCAPES), code=0,
+         after=no_raw_control, keep=the_store, bound=30),
+    Case("strings-dataset-name-escaped", DISTILL + " --data digits@256", hostile(hs.set_dataset_field, "kind", "digits" + hs.ESCAPES),
+         error=r"store does not match the data: kind is digits\\x1b", after=no_raw_control, keep=the_store, bound=60),
+    # a resumed run refuses another store; values checked where they enter
+    Case("resume-refuses-a-replaced-store", DISTILL + " --epochs 2 --resume", replaced_after_a_stopped_run,
+         error=r"--resume: the store is not the one this run started from: it started from \S+ \(command \w+\), --cache now holds "
+               r"\S+ \(command \w+\); seed was 0, now 1", keep=the_store, bound=120),
+    Case("verify-cache-zero-samples", "verify-cache {out} --samples 0", reference_copy, error=r"bad --samples 0: must be at least 1",
+         keep=the_store, bound=30),
+    Case("verify-cache-nan-tolerance", "verify-cache {out} --tolerance nan", reference_copy, error=r"bad --tolerance nan: must be a finite",
+         keep=the_store, bound=30),
+    Case("verify-cache-negative-tolerance", "verify-cache {out} --tolerance -1", reference_copy, error=r"bad --tolerance -1",
+         keep=the_store, bound=30),
+]
 
 
 CASES = [
@@ -511,6 +727,7 @@ CASES = [
     Case("s3-repair-flipped-bit", CACHE, several(s3_store, damage_unit("logits", "flip")), code=0, after=complete_and_unlocked, slow=True),
     Case("s3-distill-deleted-chunk", DISTILL, several(s3_store, damage_unit("order", "delete", epoch=0, chunk=1)),
          error=r"is damaged: order epoch 0 chunk 1 \(order/c/0/1\): missing; re-run cache-teacher", after=no_run_folder, slow=True),
+    *HOSTILE_CASES,
 ]
 
 
@@ -520,12 +737,21 @@ def test_fault(case: Case, shared, tmp_path, request):
     try:
         if case.setup is not None:
             case.setup(w)
-        code, _, err = invoke(w.command(case.command))
+        kept = hs.files_of(case.keep(w)) if case.keep else None
+        code, out, err, seconds, peak = _timed(w.command(case.command), case)
+        w.vars["stdout"], w.vars["stderr"] = out, err
         assert code == case.code, err[-3000:]
         if case.error is not None:
             assert_one_error_line(err, case.error, case.only_line)
         else:
             assert not CHATTER.search(err), err[-3000:]
+        if case.bound is not None:
+            assert seconds <= case.bound, f"took {seconds:.1f} s (bound {case.bound:.0f} s)"
+        if case.measure:
+            _record(request, case.id, seconds, peak)
+            assert peak <= HOSTILE_PEAK_BYTES, f"peak memory {peak / 2**20:.0f} MiB"
+        if kept is not None:
+            assert hs.files_of(case.keep(w)) == kept, "a file the user had changed or went away"
         assert_no_partial_writes(w.out)
         if case.after is not None:
             case.after(w)
@@ -533,6 +759,56 @@ def test_fault(case: Case, shared, tmp_path, request):
     finally:
         for undo in reversed(w.cleanup):
             undo()
+
+
+HOSTILE_PEAK_BYTES = 256 << 20  # Python-side allocations of one hostile case (numpy and zarr included)
+
+
+def _timed(args: list[str], case: Case):
+    """(code, stdout, stderr, seconds, peak bytes traced or 0); past the case's bound plus a margin
+    an alarm ends the command (a hang fails the case instead of the suite)."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"{case.id}: no end within {case.bound + 30:.0f} s")
+
+    old = signal.signal(signal.SIGALRM, expire) if case.bound else None
+    if case.bound:
+        signal.alarm(int(case.bound + 30))
+    if case.measure:
+        tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        code, out, err = invoke(args)
+    finally:
+        seconds = time.perf_counter() - start
+        peak = tracemalloc.get_traced_memory()[1] if case.measure else 0
+        if case.measure:
+            tracemalloc.stop()
+        if case.bound:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, old)
+    return code, out, err, seconds, peak
+
+
+def _record(request, case_id: str, seconds: float, peak: int):
+    """One line per hostile case (time, peak memory), printed at the end of the session."""
+    lines = request.config.stash.setdefault(_HOSTILE_KEY, [])
+    lines.append(f"{case_id:<40} {seconds:6.2f} s  {peak / 2**20:7.1f} MiB")
+
+
+_HOSTILE_KEY = pytest.StashKey[list]()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def hostile_report(request):
+    """After the module: the hostile-store family's time and peak memory, one line per case."""
+    yield
+    lines = request.config.stash.get(_HOSTILE_KEY, [])
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if lines and reporter is not None:
+        reporter.write_line("\nhostile stores: time and peak Python memory (tracemalloc) of each command")
+        for line in lines:
+            reporter.write_line("  " + line)
 
 
 def test_the_matrix_is_large_enough():
@@ -752,3 +1028,27 @@ def test_two_ranks_write_one_store_under_one_lock(shared, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     same_as_reference(str(out), str(shared["reference"]))
     assert not (out / LOCK_KEY).exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["inspect", "cache-teacher"])
+def test_a_frozen_object_store_ends_in_one_line_within_a_minute(shared, tmp_path, command):
+    """An S3 endpoint that accepts connections and never answers (a listening socket nobody
+    serves): the command ends by the storage timeouts, in one line, well within a minute."""
+    frozen = socket.socket()
+    frozen.bind(("127.0.0.1", 0))
+    frozen.listen(64)
+    try:
+        env = {**os.environ, "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{frozen.getsockname()[1]}", "AWS_ACCESS_KEY_ID": "x",
+               "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+        args = ["inspect", "s3://dhkd/frozen.zarr"] if command == "inspect" else \
+            shlex.split(CACHE.format(teacher=shared["teacher"], out="s3://dhkd/frozen.zarr"))
+        began = time.monotonic()
+        proc = subprocess.run([BIN, *args], capture_output=True, text=True, env=env, timeout=120)
+        seconds = time.monotonic() - began
+    finally:
+        frozen.close()
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert_one_error_line(proc.stderr, r"store s3://dhkd/frozen.zarr: cannot .*(timeout|timed out|Read timeout|Connect timeout)",
+                          only_line=command == "inspect")
+    assert seconds < 60, f"took {seconds:.0f} s"
