@@ -18,12 +18,13 @@ def help_text(*args) -> str:
 
 def test_help_shows_the_commands_defaults():
     text = help_text("distill")
-    assert "--method [ce|kd|dkd|binary_kl|dhkd|dist] Distillation method (see above). [default: dhkd]" in text
+    assert "--method [ce|kd|dkd|binary_kl|dhkd|dist|fitnet|reviewkd|dhkd_reviewkd] Distillation method (see above). [default: dhkd]" in text
     assert "--epochs INTEGER [default: 240]" in text and "[default: 150, 180, 210]" in text
     # each method's meaning and default, then the chosen method's (dhkd's published weight)
     assert "--alpha FLOAT kd: weight of the softmax KL, default 0.9; dkd: weight of TCKD" in text
     assert "dhkd: weight of the head-2 loss (--kd-loss), default 1.0;" in text
-    assert "dist: weight of the inter-class relation (per image, 1 - Pearson correlation), default 2.0. [default: 1.0]" in text
+    assert "dist: weight of the inter-class relation (per image, 1 - Pearson correlation), default 2.0;" in text
+    assert "dhkd_reviewkd: weight of the head-2 loss (--kd-loss), default 1.0. [default: 1.0]" in text
     assert "dkd decoupled KD" in text  # the methods with their one-line summaries
     assert "--grad-align / --no-grad-align" in text and "Give --config FILE before --help" in text
     assert "--views INTEGER Augmentation epochs (views per image) to record. [default: 8]" in help_text("cache-teacher")
@@ -35,7 +36,7 @@ def test_help_shows_the_recipes_values(tmp_path):
     text = help_text("distill", "--config", str(recipe))
     assert "--epochs INTEGER [default: 7]" in text and "[default: 3, 5]" in text
     assert "--student TEXT Student architecture. [default: resnet20]" in text
-    assert "[default: kd]" in text and "correlation), default 2.0. [default: 0.9]" in text  # kd's alpha
+    assert "[default: kd]" in text and "(--kd-loss), default 1.0. [default: 0.9]" in text  # kd's alpha
     assert "overridden by the recipe" in text
     # train-teacher trains with ce whatever the recipe says; its defaults are computed for ce
     assert "[default: resnet20]" in help_text("train-teacher", "--config", str(recipe))
