@@ -26,7 +26,7 @@ from .errors import DhkdError
 from .exported import write_exported
 from .grad_align import aligned_backward
 from .interrupts import Interrupted, deferred, pending
-from .loader import PlanEpochs, StoreEpochs, ViewLoader
+from .loader import PlanEpochs, ViewLoader
 from .methods import CACHE_REFUSAL, Method, from_config, is_feature_method
 from .nonfinite import NonFiniteGuard
 from .run_folder import METRICS, SUMMARY, RunFolder, RunMode, append_line, check_inputs_outside, check_out, metrics_line, write_json
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from .cache import LogitCache
+    from .replay import StoreReplay
 
 __all__ = ["Run", "prepare", "train", "train_step", "evaluate", "make_accelerator", "memory_format", "lr_at", "metric_names"]
 
@@ -69,10 +70,15 @@ class Run:
             self.folder = None
 
 
-def prepare(cfg: TrainConfig, mode: RunMode | str = RunMode.NEW) -> Run:
+def prepare(cfg: TrainConfig, mode: RunMode | str = RunMode.NEW, replay: StoreReplay | None = None,
+            loader: ViewLoader | None = None) -> Run:
     """Loads and checks data, store, models and weights, then sets up the run folder (``mode``:
-    start a new run, resume the one in ``cfg.out``, or overwrite it)."""
-    from .data import load_data, load_store_data
+    start a new run, resume the one in ``cfg.out``, or overwrite it).
+
+    The store is opened and its loader built through the Python API (``replay.open_store``,
+    ``StoreReplay.loader``); ``replay`` and ``loader`` are those of a pass that several students
+    share (``dhkd_pipe.students``), by default the run's own."""
+    from .data import load_data
     from .models import check_input_size, create_model, default_weights
 
     mode = RunMode(mode)
@@ -95,12 +101,10 @@ def prepare(cfg: TrainConfig, mode: RunMode | str = RunMode.NEW) -> Run:
 
     cache = None
     if cfg.cache:  # the store's data, views and preprocessing (and, when the method needs them, its logits)
-        from .cache import LogitCache
+        from .replay import open_store
 
-        cache = LogitCache.open(cfg.cache)
-        cache.check_complete()
-        data, data_spec = load_store_data(cache, cfg.data)
-        plan = ViewPlan.from_dict(cache.attrs["policy"])
+        replay = replay or open_store(cfg.cache, cfg.data)
+        cache, data, data_spec, plan = replay.cache, replay.data, replay.data_spec, replay.plan
         if cfg.resolution and cfg.resolution != plan.resolution:
             raise DhkdError(f"--resolution {cfg.resolution}: the store {cfg.cache} holds views rendered at {plan.resolution}, "
                             f"which stage 2 replays as recorded; drop --resolution, or cache the teacher at {cfg.resolution}")
@@ -123,13 +127,17 @@ def prepare(cfg: TrainConfig, mode: RunMode | str = RunMode.NEW) -> Run:
 
         model = StudentWithConnector(model, method.connector(model, teacher, plan.resolution))
     model.to(memory_format=fmt)
-    epochs = StoreEpochs(cache, acc.device, with_logits=method.needs_teacher) if cache is not None else PlanEpochs(plan, data)
-
-    renderer = data.renderer(acc.device, plan, workers=cfg.workers)
-    labels = data.train_labels.to(acc.device)
-    loader = ViewLoader(epochs, renderer, labels, cfg.batch_size, acc.process_index, acc.num_processes, memory_format=fmt)
+    if loader is None and replay is not None:  # the store's replay, as the Python API hands it out
+        loader = replay.loader(cfg.batch_size, device=acc.device, rank=acc.process_index, world_size=acc.num_processes,
+                               workers=cfg.workers, with_logits=method.needs_teacher, memory_format=fmt)
+    elif loader is None:
+        loader = ViewLoader(PlanEpochs(plan, data), data.renderer(acc.device, plan, workers=cfg.workers),
+                            data.train_labels.to(acc.device), cfg.batch_size, acc.process_index, acc.num_processes,
+                            memory_format=fmt)
+    renderer = loader.renderer
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     run = Run(cfg, acc, method, model, optimizer, loader, renderer, data, data_spec, plan, teacher, cache)
+    acc.wait_for_everyone()  # every process has checked --out (check_out) before the main one locks it
     if acc.is_main_process:
         run.folder = RunFolder.open(out_plan, command=_command_line())
     acc.wait_for_everyone()
@@ -352,9 +360,10 @@ def _validates(cfg: TrainConfig, epoch: int) -> bool:
 
 def _finish(run: Run, wall: float) -> dict:
     """Writes the exported single-head model (``model.pt``, ``model.safetensors``) and ``summary.json``."""
+    from .models import single_head
+
     acc, cfg = run.accelerator, run.cfg
-    model = acc.unwrap_model(run.model, keep_torch_compile=False)
-    exported = model.export() if hasattr(model, "export") else model
+    exported = single_head(acc.unwrap_model(run.model, keep_torch_compile=False))
     history = run.progress.history
     validated = [h for h in history if "val_top1" in h]
     summary = {
@@ -371,7 +380,8 @@ def _finish(run: Run, wall: float) -> dict:
         "train_time": sum(h["epoch_time"] for h in history),
         "wall_time": wall,
         "processes": acc.num_processes,
-        "teacher_source": "cache" if run.loader.epochs.has_logits else ("online" if run.teacher is not None else None),
+        "teacher_source": ("cache" if run.loader.epochs.has_logits and run.method.needs_teacher
+                           else "online" if run.teacher is not None else None),
         "distinct_views": run.loader.epochs.distinct_views(cfg.epochs),
         "config": cfg.to_dict(),
     }
