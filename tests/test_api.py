@@ -2,6 +2,7 @@
 modules equal the methods the CLI trains with, the dual head comes off for export, and importing
 the package stays torch-free."""
 
+import os
 import subprocess
 import sys
 
@@ -202,3 +203,36 @@ def test_dual_head_wraps_any_classifier_and_comes_off_for_export():
     seq = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
     assert [t.shape for t in dhkd_pipe.DualHead(seq)(torch.randn(3, 12))] == [(3, 4), (3, 4)]
     assert "resnet8" in dhkd_pipe.list_models()
+
+
+@pytest.mark.slow
+def test_replay_under_dali_equals_what_stage_2_trains_on(tmp_path):
+    """An image folder's store: the API's DALI batches (CPU decoding here) are the engine's."""
+    pytest.importorskip("nvidia.dali")
+    from PIL import Image
+
+    from dhkd_pipe.engine import prepare
+
+    rng = np.random.default_rng(0)
+    for i in range(30):
+        split = "val" if i >= 24 else "train"
+        os.makedirs(tmp_path / "jpegs" / split / f"c{i % 3}", exist_ok=True)
+        size = (40 + 4 * (i % 3), 48 - 4 * (i % 2))  # non-square, varied sizes
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(
+            tmp_path / "jpegs" / split / f"c{i % 3}" / f"{i:03d}.JPEG", quality=90)
+    data = f"imagefolder:{tmp_path / 'jpegs'}"
+    torch.manual_seed(0)
+    torch.save({"model": dhkd_pipe.create_model("resnet8", 3).state_dict()}, tmp_path / "t.pt")
+    store = str(tmp_path / "logits.zarr")
+    cache_teacher(CacheConfig(data=data, model="resnet8", weights=str(tmp_path / "t.pt"), views=2, resolution=32, batch_size=8,
+                              chunk_rows=8, workers=1, out=store).validate(), **QUIET)
+    run = prepare(TrainConfig(cache=store, model="resnet8", method="dhkd", epochs=1, batch_size=8, workers=1,
+                              out=str(tmp_path / "run")).validate())
+    try:
+        loader = dhkd_pipe.open_store(store).loader(8, device="cpu", workers=1)
+        for epoch in (0, 1):
+            assert _same_batches(run.loader.epoch(epoch), loader.epoch(epoch)) == len(loader) == 3
+        images, labels, teacher = next(iter(loader.epoch(1)))
+        assert images.shape == (8, 3, 32, 32) and teacher.dtype == torch.float32
+    finally:
+        run.close()
