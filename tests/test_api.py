@@ -2,7 +2,6 @@
 modules equal the methods the CLI trains with, the dual head comes off for export, and importing
 the package stays torch-free."""
 
-import os
 import subprocess
 import sys
 
@@ -16,29 +15,22 @@ from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.methods import METHODS, from_config
 from dhkd_pipe.stages.cache_teacher import cache_teacher
 
+from conftest import built_once, write_digits_store
+
 QUIET = dict(log=lambda *a: None)
 
 
-def digits_store(path, teacher_path, **kw):
-    """A 2-view digits store of a seeded random resnet8 teacher (1437 images, chunks of 256)."""
-    torch.manual_seed(0)
-    torch.save({"model": dhkd_pipe.create_model("resnet8", 10).state_dict()}, teacher_path)
-    base = dict(data="digits", model="resnet8", weights=str(teacher_path), views=2, seed=0, out=str(path), batch_size=64,
-                chunk_rows=256)
-    cache_teacher(CacheConfig(**{**base, **kw}).validate(), **QUIET)
-    return str(path)
+@pytest.fixture
+def store(quick_store):
+    """The session's digits store (2 views of 1437 images in chunks of 256, a random resnet8's logits)."""
+    return str(quick_store)
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    work = tmp_path_factory.mktemp("api-store")
-    return digits_store(work / "logits.zarr", work / "teacher.pt")
-
-
-@pytest.fixture(scope="module")
-def int8_store(tmp_path_factory):
-    work = tmp_path_factory.mktemp("api-store-int8")
-    return digits_store(work / "logits.zarr", work / "teacher.pt", codec="int8")
+@pytest.fixture(scope="session")
+def int8_store(tmp_path_factory, random_teacher):
+    """The same store with int8 logits and their per-row scales."""
+    return str(built_once(tmp_path_factory, "quick-store-int8",
+                          lambda d: write_digits_store(random_teacher, d / "logits.zarr", codec="int8")) / "logits.zarr")
 
 
 def test_import_is_light_and_every_public_name_resolves():
@@ -206,26 +198,14 @@ def test_dual_head_wraps_any_classifier_and_comes_off_for_export():
 
 
 @pytest.mark.slow
-def test_replay_under_dali_equals_what_stage_2_trains_on(tmp_path):
+def test_replay_under_dali_equals_what_stage_2_trains_on(tmp_path, digit_jpegs, random_teacher3):
     """An image folder's store: the API's DALI batches (CPU decoding here) are the engine's."""
     pytest.importorskip("nvidia.dali")
-    from PIL import Image
-
     from dhkd_pipe.engine import prepare
 
-    rng = np.random.default_rng(0)
-    for i in range(30):
-        split = "val" if i >= 24 else "train"
-        os.makedirs(tmp_path / "jpegs" / split / f"c{i % 3}", exist_ok=True)
-        size = (40 + 4 * (i % 3), 48 - 4 * (i % 2))  # non-square, varied sizes
-        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(
-            tmp_path / "jpegs" / split / f"c{i % 3}" / f"{i:03d}.JPEG", quality=90)
-    data = f"imagefolder:{tmp_path / 'jpegs'}"
-    torch.manual_seed(0)
-    torch.save({"model": dhkd_pipe.create_model("resnet8", 3).state_dict()}, tmp_path / "t.pt")
     store = str(tmp_path / "logits.zarr")
-    cache_teacher(CacheConfig(data=data, model="resnet8", weights=str(tmp_path / "t.pt"), views=2, resolution=32, batch_size=8,
-                              chunk_rows=8, workers=1, out=store).validate(), **QUIET)
+    cache_teacher(CacheConfig(data=f"imagefolder:{digit_jpegs}", model="resnet8", weights=str(random_teacher3), views=2,
+                              resolution=32, batch_size=8, chunk_rows=8, workers=1, out=store).validate(), **QUIET)
     run = prepare(TrainConfig(cache=store, model="resnet8", method="dhkd", epochs=1, batch_size=8, workers=1,
                               out=str(tmp_path / "run")).validate())
     try:

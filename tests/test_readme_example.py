@@ -8,7 +8,6 @@ import re
 import torch
 
 import dhkd_pipe
-from test_api import digits_store
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 MARKER = "<!-- readme-example: own-training-loop -->"
@@ -23,10 +22,10 @@ def readme_example() -> str:
     return found.group(1)
 
 
-def test_readme_example_trains_a_student_from_a_store(tmp_path, monkeypatch, capsys):
+def test_readme_example_trains_a_student_from_a_store(tmp_path, monkeypatch, capsys, quick_store):
     code = readme_example()
     assert len(code.splitlines()) <= 30, "the README promises an example of about 30 lines at most"
-    digits_store(tmp_path / "logits.zarr", tmp_path / "teacher.pt")
+    (tmp_path / "logits.zarr").symlink_to(quick_store)  # the session's digits store, only read
     monkeypatch.chdir(tmp_path)  # the example names its store logits.zarr and writes student.pt here
     torch.manual_seed(0)
     exec(compile(code, README, "exec"), {"__name__": "readme_example"})

@@ -16,17 +16,18 @@ from dhkd_pipe.config import TrainConfig
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.stages.distill import distill, distill_students
 from dhkd_pipe.students import StudentPlan, check_pass
-from test_api import digits_store
+from conftest import built_once, write_digits_store
 
 QUIET = dict(log=lambda *a: None)
 # the per-epoch metrics that depend on the numbers alone (not on time)
 NUMBERS = ("epoch", "lr", "train_loss", "train_ce", "train_kd", "val_top1", "val_top5")
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    work = tmp_path_factory.mktemp("students-store")
-    return digits_store(work / "logits.zarr", work / "teacher.pt", data="digits@512", chunk_rows=128)  # 8 steps an epoch
+@pytest.fixture(scope="session")
+def store(tmp_path_factory, random_teacher):
+    """A digits store of 512 training images in chunks of 128: 8 steps an epoch at batch 64."""
+    return str(built_once(tmp_path_factory, "students-store", lambda d: write_digits_store(
+        random_teacher, d / "logits.zarr", data="digits@512", chunk_rows=128)) / "logits.zarr")
 
 
 def params(run: str) -> dict:
