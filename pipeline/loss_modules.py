@@ -20,6 +20,7 @@ from typing import ClassVar
 
 import torch
 
+from .errors import DhkdError
 from .methods import CE, DHKD, DIST, DKD, KD, BinaryKL, Method, get_method
 
 
@@ -90,6 +91,9 @@ def loss_class(method: str) -> type[MethodLoss]:
     """The loss module class of ``--method NAME`` (one is made for a method not named above)."""
     if method not in LOSS_MODULES:
         cls = get_method(method)  # an unknown name is one DhkdError line
+        if getattr(cls, "needs_features", False):
+            raise DhkdError(f"--method {method} distils the teacher's intermediate features, not its logits: it has no "
+                            "loss module of (student, labels, teacher logits); train it with `dhkd-pipe distill --teacher`")
         LOSS_MODULES[method] = _loss_class(f"{cls.__name__}Loss", cls)
     return LOSS_MODULES[method]
 

@@ -127,7 +127,10 @@ def _grads(student):
     return [t.grad.clone() for t in (student if isinstance(student, tuple) else (student,))]
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+LOGIT_METHODS = sorted(name for name, cls in METHODS.items() if not getattr(cls, "needs_features", False))
+
+
+@pytest.mark.parametrize("name", LOGIT_METHODS)
 def test_loss_modules_are_the_cli_methods(name):
     cli_method = from_config(TrainConfig(data="digits", method=name))  # the CLI's defaults and backend
     module = dhkd_pipe.create_loss(name)
@@ -158,6 +161,9 @@ def test_named_loss_classes_and_options():
         dhkd_pipe.KDLoss(beta=1.0)  # kd takes no beta
     with pytest.raises(DhkdError):
         dhkd_pipe.create_loss("no_such_method")
+    for name in set(METHODS) - set(LOGIT_METHODS):  # the feature methods need the teacher's features
+        with pytest.raises(DhkdError, match="intermediate features"):
+            dhkd_pipe.create_loss(name)
     with pytest.raises(DhkdError):
         dhkd_pipe.DHKDLoss(kd_loss="nope")
 
