@@ -1,12 +1,80 @@
-"""dhkd-pipe: Dual-Head Knowledge Distillation from a cached teacher."""
+"""dhkd-pipe: Dual-Head Knowledge Distillation from a cached teacher.
+
+The Python API, for training loops of your own (the CLI is built on the same pieces):
+
+- ``open_store(location)`` -> ``StoreReplay``: a stage-1 store with its data set;
+  ``replay.loader(batch_size, rank=, world_size=)`` -> ``ViewLoader`` whose ``epoch(e)`` yields
+  ``Batch``es that unpack as ``images, labels, teacher_logits``, exactly the batches
+  ``dhkd-pipe distill --cache`` trains on; ``replay.dataset(...)`` -> ``ReplayDataset``, the same as
+  a ``torch.utils.data.IterableDataset``.
+- ``DHKDLoss``, ``BinaryKLLoss``, ``KDLoss``, ``DKDLoss``, ``DISTLoss``, ``CELoss``
+  (``create_loss(name, **options)``): the methods as ``torch.nn.Module``s, with the CLI's defaults
+  and backends.
+- ``create_model(name, num_classes, dual_head=...)``, ``list_models()``, ``load_checkpoint``;
+  ``DualHead(model)`` adds head 2 to any classifier, ``single_head(model)`` drops it for export.
+- ``evaluate(model, replay_loader.renderer, batch_size)``: top-1/top-5 on the validation split.
+
+``import dhkd_pipe`` stays light: each name imports its module (and torch) on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+# public name -> the module (under dhkd_pipe) that defines it, imported on first access
+_API = {
+    "open_store": "replay",
+    "StoreReplay": "replay",
+    "ReplayDataset": "replay",
+    "ViewLoader": "loader",
+    "Batch": "loader",
+    "MethodLoss": "loss_modules",
+    "CELoss": "loss_modules",
+    "KDLoss": "loss_modules",
+    "DKDLoss": "loss_modules",
+    "BinaryKLLoss": "loss_modules",
+    "DHKDLoss": "loss_modules",
+    "DISTLoss": "loss_modules",
+    "create_loss": "loss_modules",
+    "create_model": "models",
+    "list_models": "models",
+    "load_checkpoint": "models",
+    "DualHead": "models",
+    "single_head": "models",
+    "evaluate": "engine",
+    "DhkdError": "errors",
+}
+
+__all__ = ["__version__", *_API]
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
+    from .engine import evaluate
+    from .errors import DhkdError
+    from .loader import Batch, ViewLoader
+    from .loss_modules import BinaryKLLoss, CELoss, DHKDLoss, DISTLoss, DKDLoss, KDLoss, MethodLoss, create_loss
+    from .models import DualHead, create_model, list_models, load_checkpoint, single_head
+    from .replay import ReplayDataset, StoreReplay, open_store
 
 
-def __getattr__(name):  # __version__ on first use: importlib.metadata costs the CLI's start-up ~50 ms
-    if name != "__version__":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def __getattr__(name: str):
+    if name == "__version__":  # on first use: importlib.metadata costs the CLI's start-up ~50 ms
+        return _version()
+    if name in _API:
+        value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         return version("dhkd-pipe")
     except PackageNotFoundError:  # running from a source tree that is not installed
         return "0.0.0"
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API) | {"__version__"})

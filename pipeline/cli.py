@@ -10,7 +10,7 @@ import click
 
 from .config import (AccuracyBenchConfig, CacheBenchConfig, CacheConfig, DistillBenchConfig, EvalConfig, ExportConfig,
                      InspectConfig, QuickstartConfig, ReportConfig, RunStart, StoreBenchConfig, StoreLockOptions,
-                     TrainConfig, VerifyCacheConfig, build_config)
+                     StudentSeeds, TrainConfig, VerifyCacheConfig, build_config)
 from .errors import ENVIRONMENT_ERRNOS, DhkdError, one_line
 from .methods import METHODS, OPTIONS, option_defaults
 from .native_stderr import NativeStderr
@@ -235,19 +235,62 @@ def _distill_help() -> str:
     return (
         "Distil a student, online from a teacher or from a stage-1 store (--cache).\n\n"
         f"Methods (--method; default dhkd). What {flags} set depends on the method (each option's help says it, with "
-        "each method's default); an option the method does not take is refused.\n\n\b\n" + lines
+        "each method's default); an option the method does not take is refused.\n\n\b\n" + lines + "\n\n"
+        "Several students (with --cache): --student A,B (comma-separated) and/or --seeds 0,1,2 train every student "
+        "with every seed in one pass over the store (each batch rendered and its logits read once), each in "
+        "OUT/NAME (OUT/NAME-sSEED with --seeds) with its own optimizer, metrics, checkpoint, --resume and export, "
+        "exactly as if run alone; a student whose loss is not finite stops alone and is named at the end (exit 2)."
     )
 
 
 @main.command("distill", cls=ConfigCommand, config_cls=TrainConfig, defaults=DISTILL_DEFAULTS, help=_distill_help(),
-              params=_params(TrainConfig, "distill", DISTILL_FIRST, extra=(RunStart,)))
+              params=_params(TrainConfig, "distill", DISTILL_FIRST, extra=(StudentSeeds, RunStart)))
 @user_errors
-def distill_cmd(config_file, resume, overwrite, **options):
+def distill_cmd(config_file, resume, overwrite, seeds, **options):
     from .run_folder import RunMode
     from .stages.distill import distill
 
-    cfg = _train_config(config_file, DISTILL_DEFAULTS, resume=resume, overwrite=overwrite, **options)
-    _echo_json(_short(distill(cfg, mode=RunMode.from_flags(bool(resume), bool(overwrite)))))
+    students = [name.strip() for name in (options["model"] or "").split(",") if name.strip()] or [None]
+    seed_list = _int_list("--seeds", seeds)
+    if seed_list is not None and options["seed"] is not None:
+        raise DhkdError("give --seed (one run) or --seeds (several), not both")
+    cfg = _train_config(config_file, DISTILL_DEFAULTS, resume=resume, overwrite=overwrite, **{**options, "model": students[0]})
+    mode = RunMode.from_flags(bool(resume), bool(overwrite))
+    if len(students) == 1 and seed_list is None:
+        _echo_json(_short(distill(cfg, mode=mode)))
+        return
+    _distill_several(cfg, [name or cfg.model for name in students], seed_list, mode)
+
+
+def _int_list(flag: str, text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise DhkdError(f"{flag} takes comma-separated integers, e.g. 0,1,2; got {text!r}") from None
+    if not values or len(set(values)) != len(values):
+        raise DhkdError(f"{flag} needs distinct integers, e.g. 0,1,2; got {text!r}")
+    return values
+
+
+def _distill_several(cfg, students, seeds, mode):
+    """Several students from one pass: the summaries as JSON (by run folder), then exit 2 with one
+    line naming the students that stopped alone, if any did."""
+    from .stages.distill import distill_students, student_configs
+    from .students import StudentPlan
+
+    if not cfg.cache:
+        raise DhkdError("several students (--student A,B or --seeds) train from one pass over a stage-1 store: give --cache STORE")
+    if len(set(students)) != len(students):
+        raise DhkdError(f"--student names a student twice: {','.join(students)}")
+    cfgs = student_configs(cfg, students, seeds)
+    results = distill_students([StudentPlan(c, mode) for c in cfgs])
+    _echo_json({c.out: ({"error": str(r)} if isinstance(r, DhkdError) else _short(r)) for c, r in zip(cfgs, results)})
+    failed = [(c.out, r) for c, r in zip(cfgs, results) if isinstance(r, DhkdError)]
+    if failed:
+        raise DhkdError(f"{len(failed)} of {len(cfgs)} students stopped, the others finished: "
+                        + "; ".join(f"{out}: {error}" for out, error in failed))
 
 
 def _short(summary: dict) -> dict:
@@ -435,10 +478,18 @@ def bench_accuracy_cmd(**options):
 @_command(bench, "distill", DistillBenchConfig)
 @user_errors
 def bench_distill_cmd(**options):
-    """Online vs cached DHKD vs the student alone; loader-only throughput."""
+    """Online vs cached DHKD vs the student alone; loader-only throughput. With --students: one
+    S-student pass against S solo runs (wall time, step time, the loader's share of a step)."""
+    cfg = _config(DistillBenchConfig, options)
+    if cfg.students is not None:
+        from .stages.bench_students import bench_students
+
+        bench_students(cfg.json_path, _int_list("--students", cfg.students), steps=cfg.steps, batch_size=cfg.batch_size,
+                       student=cfg.student, teacher=cfg.teacher, folder_student=cfg.folder_student,
+                       folder_batch_size=cfg.folder_batch_size, image_size=cfg.image_size, folder=cfg.folder)
+        return
     from .stages.bench import bench_distill
 
-    cfg = _config(DistillBenchConfig, options)
     bench_distill(cfg.json_path, teacher=cfg.teacher, student=cfg.student, batch_size=cfg.batch_size, steps=cfg.steps)
 
 

@@ -235,6 +235,15 @@ class RunStart:
 
 
 @dataclass
+class StudentSeeds:
+    """``distill``'s seeds of several students in one pass (each student's config gets one)."""
+
+    seeds: str | None = option(None, "With --cache: train each --student with each of these seeds (comma-separated, "
+                               "e.g. 0,1,2) in one pass over the store, each in OUT/NAME-sSEED; instead of --seed "
+                               "(see 'Several students' above).")
+
+
+@dataclass
 class StoreLockOptions:
     """``cache-teacher``'s handling of another writer's lock (not part of the store's config)."""
 
@@ -322,6 +331,12 @@ class DistillBenchConfig:
     student: str = option("resnet8x4")
     batch_size: int = option(64)
     steps: int = option(30)
+    students: str | None = option(None, "Instead: one S-student pass against S solo runs for each S given (e.g. 1,2,4), "
+                                  "on in-memory data and on a JPEG folder, with the loader's share of a step.")
+    folder: bool = option(True, "With --students: also the JPEG folder (DALI).", switch=True)
+    folder_student: str = option("mobilenet_v3_small", "With --students: the folder's student (and random teacher).")
+    folder_batch_size: int = option(16, "With --students: the folder's batch size.")
+    image_size: int = option(224, "With --students: the folder's view side in pixels.")
 
 
 @dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -26,19 +27,20 @@ from .errors import DhkdError
 from .exported import write_exported
 from .grad_align import aligned_backward
 from .interrupts import Interrupted, deferred, pending
-from .loader import PlanEpochs, StoreEpochs, ViewLoader
+from .loader import PlanEpochs, ViewLoader
 from .methods import CACHE_REFUSAL, Method, from_config, is_feature_method
 from .nonfinite import NonFiniteGuard
 from .run_folder import METRICS, SUMMARY, RunFolder, RunMode, append_line, check_inputs_outside, check_out, metrics_line, write_json
-from .training_state import Progress, restore_training_state, save_training_state
+from .training_state import Progress, restore_training_state, rng_state, save_training_state, set_rng_state
 from .views import ViewPlan
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from .cache import LogitCache
+    from .replay import StoreReplay
 
-__all__ = ["Run", "prepare", "train", "train_step", "evaluate", "make_accelerator", "memory_format", "lr_at", "metric_names"]
+__all__ = ["Run", "prepare", "train", "train_runs", "Trainee", "train_step", "evaluate", "make_accelerator", "memory_format", "lr_at", "metric_names"]
 
 
 @dataclass
@@ -61,6 +63,7 @@ class Run:
     folder: RunFolder | None = None  # the locked run folder (main process)
     progress: Progress = field(default_factory=Progress)
     guard: NonFiniteGuard | None = None  # --max-nonfinite; None: every step is taken
+    generators: dict | None = None  # this process's random generators as prepare left them (rng_state)
 
     def close(self, failed: bool = False):
         """Releases the run folder (see ``RunFolder.close``)."""
@@ -69,10 +72,15 @@ class Run:
             self.folder = None
 
 
-def prepare(cfg: TrainConfig, mode: RunMode | str = RunMode.NEW) -> Run:
+def prepare(cfg: TrainConfig, mode: RunMode | str = RunMode.NEW, replay: StoreReplay | None = None,
+            loader: ViewLoader | None = None) -> Run:
     """Loads and checks data, store, models and weights, then sets up the run folder (``mode``:
-    start a new run, resume the one in ``cfg.out``, or overwrite it)."""
-    from .data import load_data, load_store_data
+    start a new run, resume the one in ``cfg.out``, or overwrite it).
+
+    The store is opened and its loader built through the Python API (``replay.open_store``,
+    ``StoreReplay.loader``); ``replay`` and ``loader`` are those of a pass that several students
+    share (``dhkd_pipe.students``), by default the run's own."""
+    from .data import load_data
     from .models import check_input_size, create_model, default_weights
 
     mode = RunMode(mode)
@@ -95,12 +103,10 @@ def prepare(cfg: TrainConfig, mode: RunMode | str = RunMode.NEW) -> Run:
 
     cache = None
     if cfg.cache:  # the store's data, views and preprocessing (and, when the method needs them, its logits)
-        from .cache import LogitCache
+        from .replay import open_store
 
-        cache = LogitCache.open(cfg.cache)
-        cache.check_complete()
-        data, data_spec = load_store_data(cache, cfg.data)
-        plan = ViewPlan.from_dict(cache.attrs["policy"])
+        replay = replay or open_store(cfg.cache, cfg.data)
+        cache, data, data_spec, plan = replay.cache, replay.data, replay.data_spec, replay.plan
         if cfg.resolution and cfg.resolution != plan.resolution:
             raise DhkdError(f"--resolution {cfg.resolution}: the store {cfg.cache} holds views rendered at {plan.resolution}, "
                             f"which stage 2 replays as recorded; drop --resolution, or cache the teacher at {cfg.resolution}")
@@ -123,13 +129,17 @@ def prepare(cfg: TrainConfig, mode: RunMode | str = RunMode.NEW) -> Run:
 
         model = StudentWithConnector(model, method.connector(model, teacher, plan.resolution))
     model.to(memory_format=fmt)
-    epochs = StoreEpochs(cache, acc.device, with_logits=method.needs_teacher) if cache is not None else PlanEpochs(plan, data)
-
-    renderer = data.renderer(acc.device, plan, workers=cfg.workers)
-    labels = data.train_labels.to(acc.device)
-    loader = ViewLoader(epochs, renderer, labels, cfg.batch_size, acc.process_index, acc.num_processes, memory_format=fmt)
+    if loader is None and replay is not None:  # the store's replay, as the Python API hands it out
+        loader = replay.loader(cfg.batch_size, device=acc.device, rank=acc.process_index, world_size=acc.num_processes,
+                               workers=cfg.workers, with_logits=method.needs_teacher, memory_format=fmt)
+    elif loader is None:
+        loader = ViewLoader(PlanEpochs(plan, data), data.renderer(acc.device, plan, workers=cfg.workers),
+                            data.train_labels.to(acc.device), cfg.batch_size, acc.process_index, acc.num_processes,
+                            memory_format=fmt)
+    renderer = loader.renderer
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     run = Run(cfg, acc, method, model, optimizer, loader, renderer, data, data_spec, plan, teacher, cache)
+    acc.wait_for_everyone()  # every process has checked --out (check_out) before the main one locks it
     if acc.is_main_process:
         run.folder = RunFolder.open(out_plan, command=_command_line())
     acc.wait_for_everyone()
@@ -141,6 +151,7 @@ def prepare(cfg: TrainConfig, mode: RunMode | str = RunMode.NEW) -> Run:
         run.close()
         raise
     run.guard = NonFiniteGuard(acc.device, cfg.max_nonfinite, acc.num_processes, run.progress)
+    run.generators = rng_state(acc.device)  # seeded, or restored from the checkpoint: what its steps start from
     if cfg.compile:
         # here, not through Accelerate's dynamo_backend: its process-wide state keeps the first
         # Accelerator's setting, so a later run in the same process (bench, quickstart) would not compile
@@ -230,68 +241,166 @@ StepCallback = Callable[[int, int], None]  # (epoch, step) after each training s
 def train(run: Run, log=log_line, on_step_end: StepCallback | None = None) -> dict:
     """Runs the loop from the run's progress to ``cfg.epochs``; returns the summary, or
     ``{"stopped_at": ...}`` when ``--max-steps`` stopped it first. ``on_step_end(epoch, step)``
-    is called after every step (a benchmark's clock).
+    is called after every step (a benchmark's clock). The loop of ``train_runs``, with one run.
 
     Whatever way it ends, the run folder's lock is released; a run that fails before its first
     checkpoint leaves no folder it created behind.
     """
+    return train_runs([run], log, on_step_end)[0]
+
+
+def train_runs(runs: list[Run], log=log_line, on_step_end: StepCallback | None = None) -> list[dict | DhkdError]:
+    """Trains several runs from one pass over their shared loader (``runs[0].loader``): each batch
+    is rendered and its logits read once, then every run takes its step on it (``Trainee``).
+    Returns each run's summary, its ``{"stopped_at": ...}``, or (several runs only) the DhkdError
+    that stopped it alone while the others went on; one run's error is raised, as it always was.
+    Every run folder is released however the pass ends."""
+    trainees = [Trainee(run, shared=len(runs) > 1) for run in runs]
     try:
-        summary = _train(run, log, on_step_end)
+        results = _train(trainees, log, on_step_end)
     except BaseException:
-        end_tracking(run.accelerator)
-        run.close(failed=True)
+        for t in trainees:
+            if t.error is None:
+                end_tracking(t.run.accelerator)
+                t.run.close(failed=True)
         raise
-    end_tracking(run.accelerator)
-    run.close()
-    return summary
+    for t in trainees:
+        if t.error is None:
+            end_tracking(t.run.accelerator)
+            t.run.close()
+    return results
 
 
-def _train(run: Run, log, on_step_end: StepCallback | None) -> dict:
-    cfg, acc, loader, progress, guard = run.cfg, run.accelerator, run.loader, run.progress, run.guard
-    names = ("total",) + run.method.term_names
-    steps_done, started = 0, time.perf_counter()
-    start_tracking(acc, cfg)
-    run.model.train()
+class Trainee:
+    """A run's place in a pass: its own random generators (swapped in for its steps when the pass
+    is ``shared``, so dropout draws what it would alone), its steps done, and how it ended."""
+
+    def __init__(self, run: Run, shared: bool):
+        self.run, self.shared = run, shared
+        self.name = os.path.basename(os.path.normpath(run.cfg.out))
+        self.generators = run.generators
+        self.steps_done = 0  # steps of this invocation (--max-steps counts them)
+        self.skip = 0  # steps of the current epoch done before this invocation
+        self.error: DhkdError | None = None  # what stopped it alone (a non-finite loss)
+        self.stopped_at: dict | None = None  # where --max-steps stopped it
+
+    @property
+    def training(self) -> bool:
+        return self.error is None and self.stopped_at is None
+
+    @contextmanager
+    def turn(self, log):
+        """Its generators in place while inside; in a shared pass its DhkdError stops it alone."""
+        device = self.run.accelerator.device
+        if self.shared:
+            set_rng_state(self.generators, device)
+        try:
+            yield
+        except DhkdError as e:
+            if not self.shared:
+                raise
+            self.error = e
+            end_tracking(self.run.accelerator)
+            self.run.close(failed=True)
+            log(f"{self.name}: stopped alone, the others go on: {e}")
+        finally:
+            if self.shared:
+                self.generators = rng_state(device)
+
+    def begin_epoch(self, epoch: int):
+        run = self.run
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr_at(run.cfg, epoch)
+        self.skip = run.progress.begin_epoch(epoch, 1 + len(run.method.term_names), run.accelerator.device)
+
+    def step(self, batch, epoch: int, step: int):
+        run, progress = self.run, self.run.progress
+        run.guard.step_names[self.steps_done + 1] = (epoch, step)
+        progress.tally.add(train_step(run, batch, epoch, step), len(batch.labels), ("total",) + run.method.term_names)
+        progress.step, self.steps_done = step + 1, self.steps_done + 1
+
+    def after_step(self, epoch: int, signal: int | None):
+        """Checks and checkpoints within the epoch (its end does its own): at a signal, at
+        ``--max-steps`` (which stops this run here) and every ``--checkpoint-every`` steps."""
+        run, cfg, progress = self.run, self.run.cfg, self.run.progress
+        if progress.step == len(run.loader):
+            return  # the epoch's end checks, saves and stops
+        limit = bool(cfg.max_steps and self.steps_done >= cfg.max_steps)
+        save = signal or limit or (cfg.checkpoint_every and progress.step % cfg.checkpoint_every == 0)
+        if save or self.steps_done % run.guard.CHECK_EVERY == 0:
+            run.guard.check(run.accelerator, epoch)  # never save the weights of a non-finite step
+        if save:
+            save_training_state(run)
+        if limit:
+            self.stopped_at = {"epoch": epoch, "step": progress.step}
+
+    def end_epoch(self, epoch: int, log):
+        cfg = self.run.cfg
+        _end_epoch(self.run, epoch, (lambda line: log(f"{self.name}: {line}")) if self.shared else log)
+        if cfg.max_steps and self.steps_done >= cfg.max_steps and epoch + 1 < cfg.epochs:
+            self.stopped_at = {"epoch": epoch, "step": len(self.run.loader)}
+
+
+def _train(trainees: list[Trainee], log, on_step_end: StepCallback | None) -> list[dict | DhkdError]:
+    first = trainees[0].run
+    acc, loader, epochs = first.accelerator, first.loader, first.cfg.epochs
+    started = time.perf_counter()
+    for t in trainees:
+        start_tracking(t.run.accelerator, t.run.cfg)
+        t.run.model.train()
+
+    def each(group: list[Trainee], action):
+        for t in group:
+            if t.training:
+                with t.turn(log):
+                    action(t)
+
     # one process: a signal stops the run at the next step, with a checkpoint there (interrupts.py)
     with deferred(enabled=acc.num_processes == 1):
-        for epoch in range(progress.epoch, cfg.epochs):
-            for group in run.optimizer.param_groups:
-                group["lr"] = lr_at(cfg, epoch)
-            skip = progress.begin_epoch(epoch, len(names), acc.device)
-            bar = _progress_bar(len(loader) - skip, f"epoch {epoch + 1}/{cfg.epochs}", acc.is_main_process)
+        for epoch in range(min(t.run.progress.epoch for t in trainees), epochs):
+            active = [t for t in trainees if t.training and t.run.progress.epoch <= epoch]
+            each(active, lambda t: t.begin_epoch(epoch))
+            active = [t for t in active if t.training]
+            if not active:
+                continue
+            skip = min(t.skip for t in active)
+            bar = _progress_bar(len(loader) - skip, f"epoch {epoch + 1}/{epochs}", acc.is_main_process)
             for step, batch in enumerate(loader.epoch(epoch, skip), start=skip):
-                guard.step_names[steps_done + 1] = (epoch, step)
-                progress.tally.add(train_step(run, batch, epoch, step), len(batch.labels), names)
-                progress.step, steps_done = step + 1, steps_done + 1
+                due = [t for t in active if t.training and t.skip <= step]
+                each(due, lambda t: t.step(batch, epoch, step))
                 if on_step_end is not None:
                     on_step_end(epoch, step)
                 bar.update(1)
-                signal, limit = pending(), bool(cfg.max_steps and steps_done >= cfg.max_steps)
-                if progress.step == len(loader):
-                    continue  # the epoch's end checks, saves and stops
-                save = signal or limit or (cfg.checkpoint_every and progress.step % cfg.checkpoint_every == 0)
-                if save or steps_done % guard.CHECK_EVERY == 0:
-                    guard.check(acc, epoch)  # never save the weights of a non-finite step
-                if save:
-                    save_training_state(run)
-                if signal or limit:
+                signal = pending()
+                each(due, lambda t: t.after_step(epoch, signal))
+                if signal and step + 1 < len(loader):
                     bar.close()
-                    return _stopped(run, signal, epoch, progress.step)
+                    _interrupted(trainees, signal, f"at epoch {epoch + 1}, step {step + 1}")
+                if not any(t.training for t in active):
+                    break  # every run stopped (--max-steps) or failed: no more batches
             bar.close()
-            _end_epoch(run, epoch, log)
+            each(active, lambda t: t.end_epoch(epoch, log))
             signal = pending()
-            if signal or (cfg.max_steps and steps_done >= cfg.max_steps and epoch + 1 < cfg.epochs):
-                return _stopped(run, signal, epoch, len(loader))
-    return _finish(run, time.perf_counter() - started)
+            if signal:
+                _interrupted(trainees, signal, f"after epoch {epoch + 1}")
+    acc.wait_for_everyone()
+    wall = time.perf_counter() - started
+    results = []
+    for t in trainees:
+        summary = None
+        if t.training:
+            with t.turn(log):
+                summary = _finish(t.run, wall)
+        results.append(summary if summary is not None else t.error or {"stopped_at": t.stopped_at})
+    return results
 
 
-def _stopped(run: Run, signal: int | None, epoch: int, step: int) -> dict:
-    """The one early exit, its state saved: a signal (raises ``Interrupted``) or ``--max-steps``."""
-    run.accelerator.wait_for_everyone()
-    where = f"after epoch {epoch + 1}" if step == len(run.loader) else f"at epoch {epoch + 1}, step {step}"
-    if signal:
-        raise Interrupted(signal, f"{where}: its state is saved in {run.cfg.out}; continue with --resume")
-    return {"stopped_at": {"epoch": epoch, "step": step}}
+def _interrupted(trainees: list[Trainee], signal: int, where: str):
+    """The early exit at a signal, every run's state saved: raises ``Interrupted``."""
+    trainees[0].run.accelerator.wait_for_everyone()
+    saved = (f"its state is saved in {trainees[0].run.cfg.out}" if len(trainees) == 1
+             else "every student's state is saved in its folder")
+    raise Interrupted(signal, f"{where}: {saved}; continue with --resume")
 
 
 def _end_epoch(run: Run, epoch: int, log):
@@ -352,9 +461,10 @@ def _validates(cfg: TrainConfig, epoch: int) -> bool:
 
 def _finish(run: Run, wall: float) -> dict:
     """Writes the exported single-head model (``model.pt``, ``model.safetensors``) and ``summary.json``."""
+    from .models import single_head
+
     acc, cfg = run.accelerator, run.cfg
-    model = acc.unwrap_model(run.model, keep_torch_compile=False)
-    exported = model.export() if hasattr(model, "export") else model
+    exported = single_head(acc.unwrap_model(run.model, keep_torch_compile=False))
     history = run.progress.history
     validated = [h for h in history if "val_top1" in h]
     summary = {
@@ -371,7 +481,8 @@ def _finish(run: Run, wall: float) -> dict:
         "train_time": sum(h["epoch_time"] for h in history),
         "wall_time": wall,
         "processes": acc.num_processes,
-        "teacher_source": "cache" if run.loader.epochs.has_logits else ("online" if run.teacher is not None else None),
+        "teacher_source": ("cache" if run.loader.epochs.has_logits and run.method.needs_teacher
+                           else "online" if run.teacher is not None else None),
         "distinct_views": run.loader.epochs.distinct_views(cfg.epochs),
         "config": cfg.to_dict(),
     }

@@ -32,10 +32,24 @@ if TYPE_CHECKING:
 
 @dataclass
 class Batch:
+    """One step's data: ``images`` (B, 3, R, R) float32 normalised, ``labels`` (B,) int64 and the
+    teacher's logits as stored (``teacher``, with ``teacher_scale`` for int8), all on the device.
+    Unpacks as ``images, labels, teacher_logits = batch`` (``teacher_logits`` dequantised)."""
+
     images: torch.Tensor
     labels: torch.Tensor
     teacher: torch.Tensor | None = None  # stored dtype: fp16/bf16/fp32, or int8 with teacher_scale
     teacher_scale: torch.Tensor | None = None
+
+    @property
+    def teacher_logits(self) -> torch.Tensor | None:
+        """The teacher's logits as float32 (``losses.dequantize``), or None where none are streamed."""
+        from .losses import dequantize
+
+        return dequantize(self.teacher, self.teacher_scale)
+
+    def __iter__(self):
+        return iter((self.images, self.labels, self.teacher_logits))
 
 
 def rank_chunks(num_chunks: int, rank: int, world: int) -> list[int]:

@@ -135,13 +135,14 @@ class Checkpointed(Protocol):
     cache: LogitCache | None  # the store a cached run reads: its identity is saved, and a resume compares
 
 
-def _rng_state(device: torch.device) -> dict:
+def rng_state(device: torch.device) -> dict:
     """This process's random generators: the CPU one, and its CUDA device's where it has one."""
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     return {"cpu": torch.get_rng_state(), "cuda": cuda}
 
 
-def _set_rng_state(state: dict, device: torch.device):
+def set_rng_state(state: dict, device: torch.device):
+    """Puts back what ``rng_state`` took."""
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and state.get("cuda") is not None:
         torch.cuda.set_rng_state(state["cuda"], device)
@@ -159,7 +160,7 @@ def save_training_state(run: Checkpointed):
     from accelerate.utils import gather_object
 
     acc = run.accelerator
-    rng = gather_object([_rng_state(acc.device)])  # one entry per process, in rank order
+    rng = gather_object([rng_state(acc.device)])  # one entry per process, in rank order
     progress = run.progress.to_state(acc)
     if not acc.is_main_process:
         return
@@ -213,7 +214,7 @@ def restore_training_state(run: Checkpointed):
         raise DhkdError(f"{path} does not fit this run's model or optimizer: {' '.join(str(e).split())[:200]}") from None
     rng = state["rng"]
     # a different process count cannot continue identically anyway; each rank takes a saved stream
-    _set_rng_state(rng[acc.process_index % len(rng)], acc.device)
+    set_rng_state(rng[acc.process_index % len(rng)], acc.device)
     scaler = getattr(acc, "scaler", None)
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])

@@ -2,7 +2,8 @@
 
 One teacher, one stage-1 store, then students trained from that store with every method of
 ``ROWS`` (the seeded rows with ``seeds`` seeds, the others with seed 0), all in this process
-through the product's own stages (``train_teacher``, ``cache_teacher``, ``distill``). The table
+through the product's own stages (``train_teacher``, ``cache_teacher``, ``distill_students``: every
+student not finished yet trains in one pass over the store, each as it would alone). The table
 gives each method's final validation top-1: mean, standard deviation and min-max over its runs.
 
 The training split is a fixed stratified subset of ``train_size`` images (``DATA@N``); the
@@ -36,9 +37,10 @@ from dhkd_pipe.methods import from_config, get_method, option_defaults
 from dhkd_pipe.models import file_digest
 from dhkd_pipe.report import markdown_table, write_method_report
 from dhkd_pipe.run_folder import CHECKPOINT, write_atomic, write_json
+from dhkd_pipe.students import StudentPlan
 
 from .cache_teacher import cache_teacher
-from .distill import distill
+from .distill import distill, distill_students
 from .train_teacher import train_teacher
 
 
@@ -252,16 +254,24 @@ def _bench(bench: AccuracyBenchConfig, started: float, log) -> dict:
     store_key = {"config": _what(store_cfg), "teacher_weights": file_digest(weights)}
     store = _run_store(steps, store_key, store_cfg, say)
 
-    runs = []
+    students = []  # (row, seed, cfg, step, key) of every student run
     for row in rows:
         for seed in range(bench.seeds if row.seeded else 1):
             cfg, key = student_run(bench, row, seed, train_cfg, store_cfg.out, store_key, weights)
-            step = f"student-{row.slug}-s{seed}"
-            result = _run_training(steps, step, key, cfg, distill, say)
-            runs.append({"row": row.name, "method": row.method, "options": dict(row.options), "seed": seed, "dir": cfg.out,
-                         "top1": result["summary"]["val_top1"], "images_per_sec": result["summary"]["images_per_sec"],
-                         "wall_s": result["wall_s"], "reused": result["reused"]})
-            say(f"{row.name} seed {seed}: top-1 {runs[-1]['top1']:.2f}%")
+            students.append((row, seed, cfg, f"student-{row.slug}-s{seed}", key))
+    # the store's students train together in one pass; the online rows (feature methods) one by one
+    cached = [(step, key, cfg) for row, _, cfg, step, key in students if not row.online]
+    results = dict(zip((step for step, _, _ in cached), _run_students(steps, cached, say)))
+    for row, _, cfg, step, key in students:
+        if row.online:
+            results[step] = _run_training(steps, step, key, cfg, distill, say)
+    runs = []
+    for row, seed, cfg, step, _ in students:
+        result = results[step]
+        runs.append({"row": row.name, "method": row.method, "options": dict(row.options), "seed": seed, "dir": cfg.out,
+                     "top1": result["summary"]["val_top1"], "images_per_sec": result["summary"]["images_per_sec"],
+                     "wall_s": result["wall_s"], "reused": result["reused"]})
+        say(f"{row.name} seed {seed}: top-1 {runs[-1]['top1']:.2f}%")
 
     return _write_results(bench, teacher, store, runs, rows, clock())
 
@@ -277,6 +287,44 @@ def student_run(bench, row: Row, seed: int, train_cfg, store: str, store_key: di
                     out=os.path.join(bench.out, "students", f"{row.slug}-s{seed}"), **source, **options)
     key = {"config": _what(cfg), **({"teacher_weights": file_digest(weights)} if row.online else {"store": store_key})}
     return cfg, key
+
+
+def _run_students(steps: Steps, students: list[tuple[str, dict, TrainConfig]], log) -> list[dict]:
+    """Trains the students not finished yet in one pass over the store (``distill_students``: each
+    resumes or starts afresh as its record says); returns every student's record. A student's
+    ``wall_s`` is its share of the pass's wall time (the pass's time split evenly)."""
+    records: list[dict | None] = []
+    plans, todo = [], []
+    for i, (step, key, cfg) in enumerate(students):
+        state, record = steps.state(step, key, TrainConfig)
+        if state == "done" and _same_method(cfg):
+            log(f"reused {step}: {cfg.out}")
+            records.append({**record, "reused": True})
+            continue
+        records.append(None)
+        resume = state == "resume" and os.path.isfile(os.path.join(cfg.out, CHECKPOINT))
+        wall = record.get("wall_s", 0.0) if resume else 0.0
+        steps.write(step, {"key": _plain(key), "done": False, "wall_s": wall})
+        plans.append(StudentPlan(cfg, "resume" if resume else "overwrite"))
+        todo.append((i, step, key, wall))
+    if not plans:
+        return records
+    log(f"training {len(plans)} students in one pass over the store: " + ", ".join(step for _, step, _, _ in todo))
+    t0 = time.perf_counter()
+    results = distill_students(plans, log=lambda msg: log(f"  {msg}"))
+    share = (time.perf_counter() - t0) / len(plans)
+    failed = []
+    for (i, step, key, wall), result in zip(todo, results):
+        if isinstance(result, DhkdError):
+            failed.append(f"{step}: {result}")
+            continue
+        record = {"key": _plain(key), "done": True, "wall_s": wall + share, "pass_students": len(plans),
+                  "summary": {k: v for k, v in result.items() if k != "config"}}
+        steps.write(step, record)
+        records[i] = {**record, "reused": False}
+    if failed:
+        raise DhkdError(f"{len(failed)} of {len(plans)} students stopped (the others are recorded): " + "; ".join(failed))
+    return records
 
 
 def _write_results(bench, teacher, store, runs, rows, invocation_s) -> dict:

@@ -1,12 +1,19 @@
 """``dhkd-pipe distill``: a student from a teacher, online (teacher run every step) or from a
-stage-1 store (``--cache``); one code path, only the source of the teacher logits differs."""
+stage-1 store (``--cache``); one code path, only the source of the teacher logits differs.
+``distill_students``: several students from one pass over a store (``dhkd_pipe.students``,
+``engine.train_runs``)."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
+
 from dhkd_pipe.config import TrainConfig
 from dhkd_pipe.console import log_line
-from dhkd_pipe.engine import prepare, train
+from dhkd_pipe.engine import prepare, train, train_runs
+from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.run_folder import RunMode
+from dhkd_pipe.students import StudentPlan, prepare_pass
 
 
 def distill(cfg: TrainConfig, *, mode: RunMode | str = RunMode.NEW, log=log_line) -> dict:
@@ -24,3 +31,30 @@ def distill(cfg: TrainConfig, *, mode: RunMode | str = RunMode.NEW, log=log_line
         else:
             log(f"training {cfg.model} alone ({cfg.method})")
     return train(run, log=log)
+
+
+def distill_students(plans: list[StudentPlan], log=log_line) -> list[dict | DhkdError]:
+    """Trains every planned student from one pass over their store; returns, in plan order, each
+    one's summary (as ``distill`` returns it) or the DhkdError that stopped it alone."""
+    runs = prepare_pass(plans)
+    first = runs[0]
+    if first.accelerator.is_main_process:
+        who = ", ".join(f"{_name(r)} ({r.cfg.model}, {r.cfg.method}, seed {r.cfg.seed})" for r in runs)
+        log(f"distilling {len(runs)} students from {first.cfg.cache} in one pass (each batch rendered and its logits "
+            f"read once): {who}; {first.cache.epochs} stored view-epochs, {first.cfg.epochs} epochs")
+    return train_runs(runs, log=log)
+
+
+def _name(run) -> str:
+    return os.path.basename(os.path.normpath(run.cfg.out))
+
+
+def student_configs(cfg: TrainConfig, students: list[str], seeds: list[int] | None) -> list[TrainConfig]:
+    """The configs of ``dhkd-pipe distill --student A,B --seeds 0,1``: every student with every seed
+    (``cfg.seed`` without ``--seeds``), each in ``cfg.out``/NAME, NAME the student (and -sSEED)."""
+    out = []
+    for student in students:
+        for seed in seeds if seeds is not None else [cfg.seed]:
+            name = student if seeds is None else f"{student}-s{seed}"
+            out.append(dataclasses.replace(cfg, model=student, seed=seed, out=os.path.join(cfg.out, name)).validate())
+    return out

@@ -22,16 +22,22 @@ def tiny(tmp_path) -> AccuracyBenchConfig:
                                student="resnet8", teacher_epochs=1, epochs=1, seeds=1, batch_size=100, val_every=0, threads=1)
 
 
+# what each count counts: teacher trainings, stores written, students distilled (alone, or several in one pass)
+COUNTED = {"train_teacher": {"train_teacher": lambda args: 1}, "cache_teacher": {"cache_teacher": lambda args: 1},
+           "distill": {"distill": lambda args: 1, "distill_students": lambda args: len(args[0])}}
+
+
 def count_calls(monkeypatch, names=("train_teacher", "cache_teacher", "distill")) -> dict:
     calls = {name: 0 for name in names}
     for name in names:
-        original = getattr(bench_module, name)
+        for function, count in COUNTED[name].items():
+            original = getattr(bench_module, function)
 
-        def wrapper(*args, _name=name, _original=original, **kwargs):
-            calls[_name] += 1
-            return _original(*args, **kwargs)
+            def wrapper(*args, _name=name, _original=original, _count=count, **kwargs):
+                calls[_name] += _count(args)
+                return _original(*args, **kwargs)
 
-        monkeypatch.setattr(bench_module, name, wrapper)
+            monkeypatch.setattr(bench_module, function, wrapper)
     return calls
 
 
@@ -62,7 +68,7 @@ def test_table_json_picture_and_reuse(tmp_path, monkeypatch):
     assert (out / "students" / "dhkd-grad-align-s0" / "summary.json").is_file()
 
     # The same command again trains nothing and gives the same table.
-    for name in ("train_teacher", "cache_teacher", "distill"):
+    for name in ("train_teacher", "cache_teacher", "distill", "distill_students"):
         monkeypatch.setattr(bench_module, name, lambda *a, _n=name, **k: pytest.fail(f"{_n} ran on a re-run"))
     again = bench_accuracy(tiny(tmp_path), log=lambda *a: None)
     assert all(r["reused"] for r in again["runs"]) and again["teacher"]["reused"] and again["store"]["reused"]

@@ -161,3 +161,9 @@ class DualHead(nn.Module):
         r2 = self.head1.load_state_dict(head, strict=strict)
         return type(r1)(r1.missing_keys + [prefix + k for k in r2.missing_keys],
                         r1.unexpected_keys + [prefix + k for k in r2.unexpected_keys])
+
+
+def single_head(model: nn.Module) -> nn.Module:
+    """The model to deploy: a ``DualHead``'s plain single-head copy (head 2 dropped, ``export()``),
+    any other model as it is."""
+    return model.export() if isinstance(model, DualHead) else model

@@ -1,0 +1,224 @@
+"""The Python API (``import dhkd_pipe``): the store's replay equals stage 2's loader, the loss
+modules equal the methods the CLI trains with, the dual head comes off for export, and importing
+the package stays torch-free."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import dhkd_pipe
+from dhkd_pipe.config import CacheConfig, TrainConfig
+from dhkd_pipe.errors import DhkdError
+from dhkd_pipe.methods import METHODS, from_config
+from dhkd_pipe.stages.cache_teacher import cache_teacher
+
+from conftest import built_once, write_digits_store
+
+QUIET = dict(log=lambda *a: None)
+
+
+@pytest.fixture
+def store(quick_store):
+    """The session's digits store (2 views of 1437 images in chunks of 256, a random resnet8's logits)."""
+    return str(quick_store)
+
+
+@pytest.fixture(scope="session")
+def int8_store(tmp_path_factory, random_teacher):
+    """The same store with int8 logits and their per-row scales."""
+    return str(built_once(tmp_path_factory, "quick-store-int8",
+                          lambda d: write_digits_store(random_teacher, d / "logits.zarr", codec="int8")) / "logits.zarr")
+
+
+def test_import_is_light_and_every_public_name_resolves():
+    code = "import sys, dhkd_pipe; assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    for name in dhkd_pipe.__all__:
+        assert getattr(dhkd_pipe, name) is not None, name
+    assert set(dhkd_pipe.__all__) <= set(dir(dhkd_pipe))
+    with pytest.raises(AttributeError):
+        dhkd_pipe.no_such_name  # noqa: B018
+
+
+def _same_batches(a, b):
+    n = 0
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x.images, y.images) and torch.equal(x.labels, y.labels)
+        assert torch.equal(x.teacher, y.teacher)
+        assert (x.teacher_scale is None) == (y.teacher_scale is None)
+        if x.teacher_scale is not None:
+            assert torch.equal(x.teacher_scale, y.teacher_scale)
+        n += 1
+    return n
+
+
+@pytest.mark.parametrize("codec_store", ["store", "int8_store"])
+def test_replay_equals_what_stage_2_trains_on(codec_store, request, tmp_path):
+    from dhkd_pipe.engine import prepare
+
+    location = request.getfixturevalue(codec_store)
+    run = prepare(TrainConfig(cache=location, model="resnet8", method="dhkd", epochs=3, batch_size=64,
+                              out=str(tmp_path / "run")).validate())
+    try:
+        loader = dhkd_pipe.open_store(location).loader(64, device="cpu")
+        assert len(loader) == len(run.loader) == -(-1437 // 64)
+        for epoch in range(3):  # epoch 2 replays view-epoch 0
+            assert _same_batches(run.loader.epoch(epoch), loader.epoch(epoch)) == len(loader)
+        assert _same_batches(run.loader.epoch(1, 5), loader.epoch(1, 5)) == len(loader) - 5  # a resumed epoch
+    finally:
+        run.close()
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_process_slot_replays_its_chunks_as_recorded(store, rank):
+    """Rank r of 2 gets chunks r, r+2, ... of each epoch: the recorded order's labels, the recorded
+    views' pixels, the stored logits row for row (checked against the store itself)."""
+    replay = dhkd_pipe.open_store(store)
+    loader = replay.loader(64, device="cpu", rank=rank, world_size=2)
+    cache, c = replay.cache, replay.cache.chunk_rows
+    renderer = replay.data.renderer("cpu", replay.plan)
+    for epoch in (0, 3):
+        e = epoch % cache.epochs
+        positions = np.concatenate([np.arange(k * c, min((k + 1) * c, cache.num_samples)) for k in range(rank, cache.num_chunks, 2)])
+        positions = positions[: len(loader) * 64]
+        indices, views = cache.read_order(e)[positions], cache.read_views(e)[positions]
+        stored = torch.cat([cache.read_rows(e, k) for k in range(rank, cache.num_chunks, 2)])[: len(positions)]
+        got = list(loader.epoch(epoch))
+        images, labels, teacher = (torch.cat(parts) for parts in zip(*got))
+        assert torch.equal(labels, torch.as_tensor(cache.labels[indices]).long())
+        assert torch.equal(labels, replay.data.train_labels[torch.as_tensor(indices)])
+        assert torch.equal(teacher, stored.float())
+        assert torch.equal(images, renderer.train(indices, views))
+
+
+def test_iterable_dataset_form(store):
+    replay = dhkd_pipe.open_store(store)
+    data = replay.dataset(100, epoch=1, device="cpu")
+    batches = list(torch.utils.data.DataLoader(data, batch_size=None))
+    assert len(batches) == len(data) == len(replay.loader(100, device="cpu"))
+    for (images, labels, teacher), want in zip(batches, replay.loader(100, device="cpu").epoch(1)):
+        assert torch.equal(images, want.images) and torch.equal(labels, want.labels) and torch.equal(teacher, want.teacher.float())
+
+
+def test_open_store_refuses_what_is_not_a_store(tmp_path):
+    with pytest.raises(DhkdError):
+        dhkd_pipe.open_store(str(tmp_path / "missing.zarr"))
+    with pytest.raises(DhkdError):
+        dhkd_pipe.open_store(str(tmp_path), data="digits")
+    with pytest.raises(DhkdError, match="process slot"):
+        from dhkd_pipe.replay import process_slot
+
+        process_slot(2, 2)
+
+
+def _inputs(method, seed=0, b=16, k=10):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(b, k, generator=g) * 3
+    student = (s.clone().requires_grad_(), (s * 0.5).requires_grad_()) if method.dual_head else s.requires_grad_()
+    teacher = (torch.randn(b, k, generator=g) * 3).half()
+    labels = torch.randint(0, k, (b,), generator=g)
+    return student, labels, teacher
+
+
+def _grads(student):
+    return [t.grad.clone() for t in (student if isinstance(student, tuple) else (student,))]
+
+
+LOGIT_METHODS = sorted(name for name, cls in METHODS.items() if not getattr(cls, "needs_features", False))
+
+
+@pytest.mark.parametrize("name", LOGIT_METHODS)
+def test_loss_modules_are_the_cli_methods(name):
+    cli_method = from_config(TrainConfig(data="digits", method=name))  # the CLI's defaults and backend
+    module = dhkd_pipe.create_loss(name)
+    assert isinstance(module, torch.nn.Module) and module.method == cli_method
+    assert list(module.parameters()) == []
+    for epoch in (0, 3):
+        student, labels, teacher = _inputs(cli_method, epoch)
+        want = cli_method.terms(student, labels, teacher, None, epoch)
+        want["total"].backward()
+        want_grads = _grads(student)
+        student, labels, teacher = _inputs(cli_method, epoch)
+        got = module.terms(student, labels, teacher, epoch=epoch)
+        assert got.keys() == want.keys()
+        for key in got:
+            assert torch.equal(got[key], want[key]), key
+        student, labels, teacher = _inputs(cli_method, epoch)
+        module(student, labels, teacher, epoch=epoch).backward()
+        for a, b in zip(_grads(student), want_grads):
+            assert torch.equal(a, b)
+
+
+def test_named_loss_classes_and_options():
+    assert dhkd_pipe.DHKDLoss().method == METHODS["dhkd"]()
+    assert dhkd_pipe.KDLoss(temperature=2.0).method.temperature == 2.0
+    assert dhkd_pipe.BinaryKLLoss().method.name == "binary_kl" and dhkd_pipe.DKDLoss().method.beta == 8.0
+    assert dhkd_pipe.DHKDLoss().dual_head and not dhkd_pipe.KDLoss().dual_head
+    with pytest.raises(TypeError):
+        dhkd_pipe.KDLoss(beta=1.0)  # kd takes no beta
+    with pytest.raises(DhkdError):
+        dhkd_pipe.create_loss("no_such_method")
+    for name in set(METHODS) - set(LOGIT_METHODS):  # the feature methods need the teacher's features
+        with pytest.raises(DhkdError, match="intermediate features"):
+            dhkd_pipe.create_loss(name)
+    with pytest.raises(DhkdError):
+        dhkd_pipe.DHKDLoss(kd_loss="nope")
+
+
+def test_loss_module_int8_teacher_and_backend_dispatch():
+    """The int8 path (a teacher with its scale) and the forced Triton backend (the interpreter on the
+    CPU) give the method's values: the module adds no dispatch of its own."""
+    from dhkd_pipe.kernels import triton_available
+    from dhkd_pipe.losses import dhkd_terms
+
+    student, labels, _ = _inputs(METHODS["dhkd"])
+    q = torch.randint(-127, 128, (16, 10), dtype=torch.int8)
+    scale = torch.rand(16) * 0.1
+    got = dhkd_pipe.DHKDLoss().terms(student, labels, q, scale)
+    ce, kd = dhkd_terms(*student, q, labels, temperature=2.0, alpha=1.0, gamma=1.0, kd_loss="binary_kl_norm", teacher_scale=scale)
+    assert torch.equal(got["ce"], ce) and torch.equal(got["kd"], kd)
+    if triton_available():
+        fused = dhkd_pipe.DHKDLoss(backend="triton").terms(student, labels, q, scale)
+        want = METHODS["dhkd"](backend="triton").terms(student, labels, q, scale)
+        assert torch.equal(fused["total"], want["total"])
+        assert torch.allclose(fused["total"], got["total"], rtol=1e-5, atol=1e-6)
+
+
+def test_dual_head_wraps_any_classifier_and_comes_off_for_export():
+    torch.manual_seed(0)
+    plain = dhkd_pipe.create_model("resnet8", 10)
+    wrapped = dhkd_pipe.DualHead(plain)
+    x = torch.randn(2, 3, 32, 32)
+    head1, head2 = wrapped(x)
+    exported = dhkd_pipe.single_head(wrapped)
+    assert not isinstance(exported, dhkd_pipe.DualHead)
+    assert torch.equal(exported.eval()(x), wrapped.eval()(x)[0])
+    assert exported.state_dict().keys() == dhkd_pipe.create_model("resnet8", 10).state_dict().keys()
+    assert dhkd_pipe.single_head(exported) is exported
+    seq = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    assert [t.shape for t in dhkd_pipe.DualHead(seq)(torch.randn(3, 12))] == [(3, 4), (3, 4)]
+    assert "resnet8" in dhkd_pipe.list_models()
+
+
+@pytest.mark.slow
+def test_replay_under_dali_equals_what_stage_2_trains_on(tmp_path, digit_jpegs, random_teacher3):
+    """An image folder's store: the API's DALI batches (CPU decoding here) are the engine's."""
+    pytest.importorskip("nvidia.dali")
+    from dhkd_pipe.engine import prepare
+
+    store = str(tmp_path / "logits.zarr")
+    cache_teacher(CacheConfig(data=f"imagefolder:{digit_jpegs}", model="resnet8", weights=str(random_teacher3), views=2,
+                              resolution=32, batch_size=8, chunk_rows=8, workers=1, out=store).validate(), **QUIET)
+    run = prepare(TrainConfig(cache=store, model="resnet8", method="dhkd", epochs=1, batch_size=8, workers=1,
+                              out=str(tmp_path / "run")).validate())
+    try:
+        loader = dhkd_pipe.open_store(store).loader(8, device="cpu", workers=1)
+        for epoch in (0, 1):
+            assert _same_batches(run.loader.epoch(epoch), loader.epoch(epoch)) == len(loader) == 3
+        images, labels, teacher = next(iter(loader.epoch(1)))
+        assert images.shape == (8, 3, 32, 32) and teacher.dtype == torch.float32
+    finally:
+        run.close()
