@@ -164,6 +164,6 @@ class DualHead(nn.Module):
 
 
 def single_head(model: nn.Module) -> nn.Module:
-    """The model to deploy: a ``DualHead``'s plain single-head copy (head 2 dropped, ``export()``),
-    any other model as it is."""
-    return model.export() if isinstance(model, DualHead) else model
+    """The model to deploy: what a wrapper's ``export()`` gives (a ``DualHead`` drops head 2, a
+    feature method's ``StudentWithConnector`` drops its connector), any other model as it is."""
+    return model.export() if callable(getattr(model, "export", None)) else model
