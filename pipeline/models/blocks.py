@@ -3,6 +3,20 @@
 import math
 
 import torch.nn as nn
+import torch.nn.functional as F
+
+
+class PreactBlock(nn.Module):
+    """A block whose output is relu(``preact(x)``): ``preact``, defined by each block, is the sum
+    before the last activation (RepDistiller's ``preact_feats``); the plain forward and the
+    feature tap share it."""
+
+    def forward(self, x):
+        return F.relu(self.preact(x))
+
+    def forward_with_preact(self, x):
+        preact = self.preact(x)
+        return F.relu(preact), preact
 
 
 class ShuffleBlock(nn.Module):

@@ -6,9 +6,8 @@ Module names and state-dict layout are those of the CIFAR-100 teacher checkpoint
 """
 
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .blocks import kaiming_fan_out_init, run_stage_with_preact
+from .blocks import PreactBlock, kaiming_fan_out_init, run_stage_with_preact
 from .feature_taps import FeatureTaps
 
 
@@ -16,7 +15,7 @@ def conv3x3(in_planes, out_planes, stride=1):
     return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(PreactBlock):
     expansion = 1
 
     def __init__(self, inplanes, planes, stride=1, downsample=None):
@@ -29,21 +28,14 @@ class BasicBlock(nn.Module):
         self.downsample = downsample
         self.stride = stride
 
-    def residual_sum(self, x):
+    def preact(self, x):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         residual = x if self.downsample is None else self.downsample(x)
         return out + residual
 
-    def forward(self, x):
-        return F.relu(self.residual_sum(x))
 
-    def forward_with_preact(self, x):
-        preact = self.residual_sum(x)
-        return F.relu(preact), preact
-
-
-class Bottleneck(nn.Module):
+class Bottleneck(PreactBlock):
     expansion = 4
 
     def __init__(self, inplanes, planes, stride=1, downsample=None):
@@ -58,19 +50,12 @@ class Bottleneck(nn.Module):
         self.downsample = downsample
         self.stride = stride
 
-    def residual_sum(self, x):
+    def preact(self, x):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         residual = x if self.downsample is None else self.downsample(x)
         return out + residual
-
-    def forward(self, x):
-        return F.relu(self.residual_sum(x))
-
-    def forward_with_preact(self, x):
-        preact = self.residual_sum(x)
-        return F.relu(preact), preact
 
 
 class CifarResNet(nn.Module):

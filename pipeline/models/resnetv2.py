@@ -7,7 +7,7 @@ Layout of RepDistiller ``models/resnetv2.py`` / mdistiller ``mdistiller/models/c
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .blocks import kaiming_fan_out_init, run_stage_with_preact
+from .blocks import PreactBlock, kaiming_fan_out_init, run_stage_with_preact
 from .feature_taps import FeatureTaps
 
 
@@ -18,7 +18,7 @@ def _shortcut(in_planes, out_planes, stride):
                          nn.BatchNorm2d(out_planes))
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(PreactBlock):
     expansion = 1
 
     def __init__(self, in_planes, planes, stride=1):
@@ -29,20 +29,13 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut = _shortcut(in_planes, planes * self.expansion, stride)
 
-    def residual_sum(self, x):
+    def preact(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return out + self.shortcut(x)
 
-    def forward(self, x):
-        return F.relu(self.residual_sum(x))
 
-    def forward_with_preact(self, x):
-        preact = self.residual_sum(x)
-        return F.relu(preact), preact
-
-
-class Bottleneck(nn.Module):
+class Bottleneck(PreactBlock):
     expansion = 4
 
     def __init__(self, in_planes, planes, stride=1):
@@ -55,18 +48,11 @@ class Bottleneck(nn.Module):
         self.bn3 = nn.BatchNorm2d(self.expansion * planes)
         self.shortcut = _shortcut(in_planes, planes * self.expansion, stride)
 
-    def residual_sum(self, x):
+    def preact(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         return out + self.shortcut(x)
-
-    def forward(self, x):
-        return F.relu(self.residual_sum(x))
-
-    def forward_with_preact(self, x):
-        preact = self.residual_sum(x)
-        return F.relu(preact), preact
 
 
 class ResNet(nn.Module):

@@ -8,11 +8,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .blocks import ShuffleBlock, run_stage_with_preact
+from .blocks import PreactBlock, ShuffleBlock, run_stage_with_preact
 from .feature_taps import FeatureTaps
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(PreactBlock):
     def __init__(self, in_planes, out_planes, stride, groups):
         super().__init__()
         self.stride = stride
@@ -30,7 +30,7 @@ class Bottleneck(nn.Module):
         if stride == 2:
             self.shortcut = nn.Sequential(nn.AvgPool2d(3, stride=2, padding=1))
 
-    def merged(self, x):
+    def preact(self, x):
         """The block's output before its last ReLU: the branch concatenated with (stride 2) or added to its shortcut."""
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.shuffle1(out)
@@ -38,13 +38,6 @@ class Bottleneck(nn.Module):
         out = self.bn3(self.conv3(out))
         res = self.shortcut(x)
         return torch.cat([out, res], 1) if self.stride == 2 else out + res
-
-    def forward(self, x):
-        return F.relu(self.merged(x))
-
-    def forward_with_preact(self, x):
-        preact = self.merged(x)
-        return F.relu(preact), preact
 
 
 class ShuffleNet(nn.Module):
