@@ -63,6 +63,11 @@ class DaliRequests:
         self._open = None  # the schedule of a request that has not reached its end
         self._copied = None  # CUDA event: the last output copy is done and DALI may reuse its buffer
 
+    def start(self, batch_size: int):
+        """Builds the pipeline (starting its workers) for ``batch_size`` samples a run, if not built."""
+        if self._pipe is None:
+            self._build(self.batch_size or batch_size)
+
     def _build(self, batch_size: int):
         from nvidia.dali import Pipeline
 
@@ -131,8 +136,7 @@ class DaliRequests:
         n = len(rows)
         if n == 0:
             return
-        if self._pipe is None:
-            self._build(self.batch_size or pipeline_batch_size)
+        self.start(pipeline_batch_size)
         self._finish()
         epoch, b = self._epoch, self.batch_size
         batches = -(-n // b)

@@ -328,16 +328,14 @@ class DaliViews:
         if images < 1:
             raise DhkdError(f"batch size must be positive, got {images}")
         count = views.shape[1]
-        if self._images is None or self._images_views != count:
-            if self._images is not None:
-                self._images.close()
-            source = EncodedImageSource(self.folder, self._filler)
-            filler = [-1] + [0, 0, _FILLER_SIZE, _FILLER_SIZE, 0] * count
-            self._images = self._requests(source, self._image_graph(count), filler)
-            self._images_views = count
         rows = np.concatenate([indices[:, None], views.reshape(len(indices), -1)], axis=1)
-        return self._images.render(rows, images, self._pipeline_batch(images, per_sample=count),
-                                   lambda e, a, b: self._fail(e, indices, a, b))
+        return self._image_requests(count).render(rows, images, self._pipeline_batch(images, per_sample=count),
+                                                  lambda e, a, b: self._fail(e, indices, a, b))
+
+    def start_images(self, count: int, images: int):
+        """Starts the workers and builds the pipeline of ``image_batches`` (``count`` views,
+        ``images`` at a time) now, so that the first request does not wait for it."""
+        self._image_requests(count).start(self._pipeline_batch(images, per_sample=count))
 
     def close(self):
         """Stops the workers and removes the schedule folder (also done when collected)."""
@@ -353,6 +351,16 @@ class DaliViews:
         if len(indices) and (indices.min() < 0 or indices.max() >= self.data.num_train):
             raise DhkdError(f"training indices outside 0..{self.data.num_train - 1}")
         return indices
+
+    def _image_requests(self, count: int) -> DaliRequests:
+        if self._images is None or self._images_views != count:
+            if self._images is not None:
+                self._images.close()
+            source = EncodedImageSource(self.folder, self._filler)
+            filler = [-1] + [0, 0, _FILLER_SIZE, _FILLER_SIZE, 0] * count
+            self._images = self._requests(source, self._image_graph(count), filler)
+            self._images_views = count
+        return self._images
 
     def _pipeline_batch(self, batch_size: int, per_sample: int = 1) -> int:
         """Samples per pipeline run: the given size, else about the request's batch of views."""

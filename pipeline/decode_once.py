@@ -68,6 +68,11 @@ def group_jobs(groups: UnitGroups, plan: ViewPlan, sizes: Callable[[np.ndarray],
     return jobs
 
 
+def images_per_batch(batch_views: int, count: int) -> int:
+    """Images whose ``count`` views make about ``batch_views`` views (at least one image)."""
+    return max(1, -(-batch_views // count))
+
+
 def run_jobs(jobs: list[GroupJob], renderer, forward: Callable, put: Callable, batch_views: int,
              progress: Callable[[int], None] = lambda n: None) -> Iterator[int]:
     """Renders, runs ``forward`` (views (m, 3, R, R) -> float32 logits (m, K) on the CPU) and
@@ -75,7 +80,7 @@ def run_jobs(jobs: list[GroupJob], renderer, forward: Callable, put: Callable, b
     views done after each job. About ``batch_views`` views go through the teacher at a time."""
     for job in jobs:
         count = len(job.epochs)
-        images = max(1, -(-batch_views // count))
+        images = images_per_batch(batch_views, count)
         logits, filled = None, 0
         for x in renderer.image_batches(job.samples, job.views, images):
             b = len(x)

@@ -24,7 +24,7 @@ from dhkd_pipe.codecs import check_encodable, codec_tolerance
 from dhkd_pipe.config import CacheConfig
 from dhkd_pipe.console import log_line
 from dhkd_pipe.data import Dataset, Renderer, absolute_spec, load_data, load_store_data
-from dhkd_pipe.decode_once import group_jobs, run_jobs
+from dhkd_pipe.decode_once import group_jobs, images_per_batch, run_jobs
 from dhkd_pipe.engine import evaluate, make_accelerator, memory_format
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.options import flag_of, option_fields
@@ -252,6 +252,9 @@ def write_groups(run: TeacherPass, writer: StoreWriter, jobs) -> tuple[int, floa
 
     bar = tqdm(total=sum(j.num_views for j in jobs), unit="img", disable=not run.acc.is_main_process or None, file=sys.stderr,
                dynamic_ncols=True)
+    if jobs:  # the decoding pipeline's workers start before the clock does, as the view-by-view pipeline's did
+        count = len(jobs[0].epochs)
+        run.renderer.start_images(count, images_per_batch(run.cfg.batch_size, count))
     start = time.perf_counter()
     try:
         images = sum(run_jobs(jobs, run.renderer, run.logits, writer.put, run.cfg.batch_size, bar.update))
