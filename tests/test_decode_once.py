@@ -169,3 +169,18 @@ def test_decode_once_resumes_exactly(jpegs, tmp_path, monkeypatch):
     a, b = _arrays(tmp_path / "straight.zarr"), _arrays(tmp_path / "resumed.zarr")
     for name in a:
         assert np.array_equal(a[name], b[name]), name
+
+
+@pytest.mark.slow
+def test_two_processes_split_the_groups_and_write_the_same_store(jpegs, tmp_path):
+    from test_pipeline import accelerate
+
+    from dhkd_pipe.stages.cache_teacher import cache_teacher
+
+    cache_teacher(_config(jpegs, tmp_path / "one.zarr"), log=lambda *a: None)
+    root, weights = jpegs
+    accelerate("cache-teacher", "--model", "resnet8", "--weights", weights, "--data", f"imagefolder:{root}", "--views", 3,
+               "--resolution", 32, "--batch-size", 8, "--chunk-rows", 4, "--codec", "fp32", "--workers", 1, "--out", tmp_path / "two.zarr")
+    a, b = _arrays(tmp_path / "one.zarr"), _arrays(tmp_path / "two.zarr")
+    for name in a:
+        assert np.array_equal(a[name], b[name]), name
