@@ -252,8 +252,6 @@ class DaliViews:
     ahead of the caller. ``decoded_images`` counts the images decoded so far.
     """
 
-    decodes = True  # each view costs an image decode (``data.Renderer``)
-
     def __init__(
         self,
         data,

@@ -124,13 +124,22 @@ def bench_distill(json_path: str, teacher: str = "resnet32x4", student: str = "r
     return rows, ratios
 
 
-def _bare_forward(arch: str, num_classes: int, batch_size: int, steps: int, precision: str = "no") -> float:
+def memory_formats() -> list[tuple[str, torch.memory_format]]:
+    """(name, format): stage 1's default first, then the other (``--channels-last`` measured)."""
+    from dhkd_pipe.engine import memory_format
+
+    both = [("NCHW", torch.contiguous_format), ("channels_last", torch.channels_last)]
+    return sorted(both, key=lambda f: f[1] != memory_format(CacheConfig()))
+
+
+def _bare_forward(arch: str, num_classes: int, batch_size: int, steps: int, precision: str = "no",
+                  fmt: torch.memory_format = torch.contiguous_format) -> float:
     """The teacher's forward pass alone on a pre-made batch, as stage 1 runs it (inference mode,
-    its default memory format): the ceiling for stage 1."""
-    from dhkd_pipe.engine import make_accelerator, memory_format
+    memory format ``fmt``): the ceiling for stage 1."""
+    from dhkd_pipe.engine import make_accelerator
 
     acc = make_accelerator(precision)
-    fmt = memory_format(CacheConfig())
+    torch.manual_seed(0)
     model = create_model(arch, num_classes).eval().to(acc.device, memory_format=fmt)
     x = torch.randn(batch_size, 3, 32, 32, device=acc.device).contiguous(memory_format=fmt)
     with torch.inference_mode(), acc.autocast():
@@ -160,14 +169,17 @@ def bench_cache(json_path: str, model: str = "resnet32x4", batch_size: int = 64,
     work = tempfile.mkdtemp(prefix="dhkd-bench-")
     data = write_synthetic_cifar(os.path.join(work, "cifar"), num_train=steps * batch_size)
     weights = _random_teacher(model, 100, os.path.join(work, "teacher.pt"))
-    bare = _bare_forward(model, 100, batch_size, steps)
+    (name, fmt), (other_name, other_fmt) = memory_formats()
+    bare = _bare_forward(model, 100, batch_size, steps, fmt=fmt)
+    other = _bare_forward(model, 100, batch_size, steps, fmt=other_fmt)
     result = cache_teacher(
         CacheConfig(data=data, model=model, weights=weights, views=1, out=os.path.join(work, "speed.zarr"), batch_size=batch_size).validate(),
         log=lambda *_: None,
     )
     stage1 = result["images_per_sec"]
     speed_rows = [
-        {"path": f"{model} bare forward, pre-made tensors", "images_per_sec": bare, "ratio": 1.0},
+        {"path": f"{model} bare forward, pre-made tensors ({name}, stage 1's default)", "images_per_sec": bare, "ratio": 1.0},
+        {"path": f"{model} bare forward, pre-made tensors ({other_name})", "images_per_sec": other, "ratio": other / bare},
         {"path": "stage 1: render + teacher + encode + write", "images_per_sec": stage1, "ratio": stage1 / bare},
     ]
     print_table(f"bench cache: {model}, batch {batch_size}, {steps * batch_size} images, {machine()['device']}", speed_rows,

@@ -94,6 +94,7 @@ def bench_image_folder(work: str, model: str = "resnet18", images: int = 48, vie
     from dhkd_pipe.engine import make_accelerator
     from dhkd_pipe.models import create_model
 
+    from .bench import memory_formats
     from .cache_teacher import cache_teacher
 
     spec = write_jpeg_folder(os.path.join(work, "jpegs"), images, classes)
@@ -110,7 +111,7 @@ def bench_image_folder(work: str, model: str = "resnet18", images: int = 48, vie
     decode_rows, agreement = decoding_alone(data, plan, view_table, acc.device, batch_size, workers)
 
     cfg = dict(data=spec, model=model, weights=weights, views=views, resolution=resolution, batch_size=batch_size, workers=workers)
-    fmt = torch.channels_last if CacheConfig(**cfg).channels_last else torch.contiguous_format
+    (fmt_name, fmt), (other_name, other_fmt) = memory_formats()
     from dhkd_pipe.dali_views import DaliViews
 
     renderer = DaliViews(data, plan, acc.device, workers=workers)
@@ -120,13 +121,17 @@ def bench_image_folder(work: str, model: str = "resnet18", images: int = 48, vie
     finally:
         renderer.close()
     bare = bare_forward(teacher.to(acc.device, memory_format=fmt), batch, images * views, acc, fmt)
+    other = bare_forward(teacher.to(memory_format=other_fmt), batch, images * views, acc, other_fmt)
 
     stage1 = {}
     for name, once in (("view by view (before)", False), ("decode once (after)", True)):
         out = os.path.join(work, f"stage1-{'once' if once else 'per-view'}.zarr")
         result = cache_teacher(CacheConfig(**cfg, out=out).validate(), log=lambda *_: None, decode_once=once)
         stage1[name] = result
-    rows = [{"path": f"{model} bare forward, pre-rendered tensors", "views_per_sec": bare, "decoded_per_row": None, "ratio": 1.0}]
+    rows = [{"path": f"{model} bare forward, pre-rendered tensors ({fmt_name}, stage 1's default)", "views_per_sec": bare,
+             "decoded_per_row": None, "ratio": 1.0},
+            {"path": f"{model} bare forward, pre-rendered tensors ({other_name})", "views_per_sec": other, "decoded_per_row": None,
+             "ratio": other / bare}]
     rows += [{**r, "ratio": r["views_per_sec"] / bare} for r in decode_rows]
     for name, result in stage1.items():
         rows.append({"path": f"stage 1, {name}: decode + teacher + encode + write", "views_per_sec": result["images_per_sec"],
