@@ -48,11 +48,8 @@ def default_size() -> str:
 def _kernels(out: str, s: dict) -> list[dict]:
     from dhkd_pipe.kernels import bench as kernel_bench
 
-    path = os.path.join(out, "bench_kernels.json")
-    argv = ["--json", path, "--reps", str(s["kernel_reps"])] + (["--sizes", *s["kernel_sizes"]] if s["kernel_sizes"] else [])
-    kernel_bench.main(argv + ([] if s["kernel_compile"] else ["--no-compile"]))
-    with open(path) as f:
-        result = json.load(f)
+    result = kernel_bench.run(s["kernel_sizes"], json_path=os.path.join(out, "bench_kernels.json"), reps=s["kernel_reps"],
+                              compile=s["kernel_compile"])
     eager = {(r["B"], r["K"], r["dtype"]): r["median_ms"] for r in result["results"] if r["method"] == "eager published"}
     return [{"bench": "kernels", "what": f"DHKD loss fwd+bwd B={r['B']} K={r['K']} {r['dtype']}: {r['method']}",
              "value": r["median_ms"], "unit": "ms", "ratio": eager[(r["B"], r["K"], r["dtype"])] / r["median_ms"],
