@@ -15,7 +15,6 @@ run on one), ``cpu`` (a few minutes here) and ``tiny`` (seconds: the test's).
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import time
 

@@ -48,7 +48,7 @@ def decoding_alone(data, plan, views: np.ndarray, device, batch_size: int, worke
     n, count = views.shape[:2]
     idx = np.arange(n)
     rows = []
-    renderer = DaliViews(data, plan, device, workers=workers)
+    renderer = DaliViews(data, plan, device, num_workers=workers)
     try:
         images = max(1, batch_size // count)
         list(renderer.image_batches(idx[:images], views[:images], images))  # workers started, pipeline built
@@ -62,7 +62,7 @@ def decoding_alone(data, plan, views: np.ndarray, device, batch_size: int, worke
         renderer.close()
     first = {}
     for decode in DECODES:
-        renderer = DaliViews(data, plan, device, workers=workers, decode=decode)
+        renderer = DaliViews(data, plan, device, num_workers=workers, decode=decode)
         try:
             flat_idx, flat_views = np.repeat(idx, count), views.reshape(-1, 5)
             first[decode] = torch.cat(list(renderer.train_batches(flat_idx[:batch_size], flat_views[:batch_size], batch_size))).cpu()
@@ -83,12 +83,14 @@ def bare_forward(model, batch: torch.Tensor, rows: int, acc, memory_format) -> f
     the accelerator's autocast, the memory format), logits copied to the CPU."""
     batch = batch.to(acc.device).contiguous(memory_format=memory_format)
     steps = max(3, -(-rows // len(batch)))
+    from dhkd_pipe.benchmark import clock
+
     with torch.inference_mode(), acc.autocast():
         model(batch).float().cpu()
-        t0 = time.perf_counter()
+        t0 = clock(acc.device)
         for _ in range(steps):
             model(batch).float().cpu()
-    return _rate(steps * len(batch), time.perf_counter() - t0)
+    return _rate(steps * len(batch), clock(acc.device) - t0)
 
 
 def bench_image_folder(work: str, model: str = "resnet18", images: int = 48, views: int = 4, resolution: int = 224, batch_size: int = 32,
@@ -118,7 +120,7 @@ def bench_image_folder(work: str, model: str = "resnet18", images: int = 48, vie
 
     cfg = dict(data=spec, model=model, weights=weights, views=views, resolution=resolution, batch_size=batch_size, workers=workers)
     (fmt_name, fmt), (other_name, other_fmt) = memory_formats()
-    renderer = DaliViews(data, plan, acc.device, workers=workers)
+    renderer = DaliViews(data, plan, acc.device, num_workers=workers)
     try:
         first = max(1, -(-batch_size // views))
         batch = torch.cat(list(renderer.image_batches(idx[:first], view_table[:first], first))).flatten(0, 1)[:batch_size]
