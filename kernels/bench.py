@@ -89,12 +89,18 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--no-compile", action="store_true")
     args = ap.parse_args(argv)
+    run(args.sizes, args.kd_loss, args.json, args.reps, not args.no_compile, args.plot)
 
+
+def run(sizes=None, kd_loss: str = "binary_kl_norm", json_path: str = "bench_dhkd_loss.json", reps: int | None = None,
+        compile: bool = True, plot: str | None = None) -> dict:
+    """The benchmark (``main``'s options as arguments); prints the table, writes ``json_path``,
+    returns what it wrote."""
     gpu = torch.cuda.is_available()
     dev = "cuda" if gpu else "cpu"
-    reps = args.reps or (50 if gpu else 10)
-    sizes = args.sizes or (GPU_SIZES if gpu else CPU_SIZES)
-    kd = args.kd_loss
+    reps = reps or (50 if gpu else 10)
+    sizes = sizes or (GPU_SIZES if gpu else CPU_SIZES)
+    kd = kd_loss
     copy_gbps = copy_bandwidth(dev, 256 * 2**20 if gpu else 32 * 2**20)
     name = machine()["device"]
     print(f"# DHKD loss benchmark, kd_loss={kd}, forward+backward, median of {reps}, device: {name}")
@@ -105,7 +111,7 @@ def main(argv=None):
 
     methods = {"eager published": lambda a, b, t, y: published_dhkd(a, b, t, y, kd_loss=kd),
                "torch reference": lambda a, b, t, y: reference_dhkd(a, b, t, y, kd_loss=kd)}
-    if not args.no_compile:
+    if compile:
         compiled = torch.compile(lambda a, b, t, y: published_dhkd(a, b, t, y, kd_loss=kd))
         methods["compiled published"] = compiled
     if gpu:
@@ -143,9 +149,10 @@ def main(argv=None):
 
     print_table(f"kd_loss={kd}, forward+backward, median of {reps}", rows, COLUMNS)
     out = dict(device=name, gpu=gpu, kd_loss=kd, reps=reps, copy_GBps=copy_gbps, machine=machine(), results=rows)
-    write_results(args.json, out, log=lambda msg: print(f"# {msg}"))
-    if args.plot:
-        _plot(rows, args.plot, name)
+    write_results(json_path, out, log=lambda msg: print(f"# {msg}"))
+    if plot:
+        _plot(rows, plot, name)
+    return out
 
 
 def _plot(rows, path, device):

@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from .config import (AccuracyBenchConfig, CacheBenchConfig, CacheConfig, DistillBenchConfig, EvalConfig, ExportConfig,
+from .config import (AccuracyBenchConfig, AllBenchConfig, CacheBenchConfig, CacheConfig, DistillBenchConfig, EvalConfig, ExportConfig,
                      InspectConfig, QuickstartConfig, ReportConfig, RunStart, StoreBenchConfig, StoreLockOptions,
                      StudentSeeds, TrainConfig, VerifyCacheConfig, build_config)
 from .errors import ENVIRONMENT_ERRNOS, DhkdError, one_line
@@ -457,12 +457,14 @@ def bench():
 @_command(bench, "cache", CacheBenchConfig)
 @user_errors
 def bench_cache_cmd(**options):
-    """Stage-1 images/s against the teacher's bare forward pass; bytes per logit per codec."""
+    """Stage-1 images/s against the teacher's bare forward pass (in-memory data and a JPEG folder,
+    with images decoded per stored row and decoding alone); bytes per logit per codec."""
     from .stages.bench import bench_cache
 
     cfg = _config(CacheBenchConfig, options)
     bench_cache(cfg.json_path, model=cfg.model, batch_size=cfg.batch_size, steps=cfg.steps,
-                teacher_weights=cfg.teacher_weights)
+                teacher_weights=cfg.teacher_weights, image_model=None if cfg.image_model == "none" else cfg.image_model,
+                images=cfg.images, views=cfg.views)
 
 
 @_command(bench, "accuracy", AccuracyBenchConfig)
@@ -473,6 +475,17 @@ def bench_accuracy_cmd(**options):
 
     result = bench_accuracy(_config(AccuracyBenchConfig, options))
     click.echo("\n" + result["markdown"] + f"\nwrote {', '.join(result['files'].values())}")
+
+
+@_command(bench, "all", AllBenchConfig)
+@user_errors
+def bench_all_cmd(**options):
+    """Every benchmark in one command (kernels, stage 1 in memory and on a JPEG folder, distill,
+    store): one markdown table and one JSON naming the device. The command to run on a GPU."""
+    from .stages.bench_all import bench_all
+
+    cfg = _config(AllBenchConfig, options)
+    bench_all(cfg.out, size="tiny" if cfg.tiny else cfg.size, only=tuple(cfg.only))
 
 
 @_command(bench, "distill", DistillBenchConfig)

@@ -159,7 +159,8 @@ class CacheConfig:
     resolution: int | None = option(None, "View side in pixels (default: the teacher weights' own, else the data set's).",
                                     record=True)
     workers: int = option(2)
-    channels_last: bool = option(False, "NHWC teacher and inputs.", switch=True)
+    channels_last: bool = option(True, "NHWC teacher and inputs (on by default: measured as fast or faster for every "
+                                 "teacher on a CPU, README).", switch=True)
     compile: bool = option(False, "torch.compile the teacher (the first batches compile).", switch=True)
     overwrite: bool = option(False, "Replace a logit store written by a different command (never a file or a folder "
                              "that is not a logit store).", is_flag=True)
@@ -320,6 +321,23 @@ class CacheBenchConfig:
     steps: int = option(20)
     teacher_weights: str | None = option(None, "A trained digits resnet8 teacher for the codec table (default: train "
                                          "one, ~30 s).")
+    image_model: str = option("resnet18", "Teacher of the image-folder rows (generated JPEGs at 224 px, DALI); 'none' skips them.")
+    images: int = option(48, "JPEGs in the generated folder.")
+    views: int = option(4, "Views per image of the image-folder rows.")
+
+
+BENCHMARKS = ("kernels", "cache", "distill", "store")  # what ``bench all`` runs (stages/bench_all.py)
+BENCH_SIZES = ("gpu", "cpu", "tiny")
+
+
+@dataclass
+class AllBenchConfig:
+    """``dhkd-pipe bench all``."""
+
+    out: str = option("bench-all", "Folder for bench_all.md, bench_all.json and each benchmark's JSON.")
+    size: str | None = option(None, "Sizes to run at (default: gpu on a CUDA machine, else cpu).", choices=BENCH_SIZES)
+    tiny: bool = option(False, "The same as --size tiny: every benchmark in about a minute (a smoke run).", is_flag=True)
+    only: tuple = option((), "Run only these (repeatable).", choices=BENCHMARKS, multiple=True)
 
 
 @dataclass

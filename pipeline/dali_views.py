@@ -1,28 +1,28 @@
-"""The DALI replay pipeline: renders recorded views of encoded images, shared by both stages.
+"""The DALI renderer of image folders, shared by both stages.
 
 Stage 1 (the teacher) and stage 2 (the student) render through the same ``DaliViews``, so the
 teacher saw exactly the student's pixels. Per view ``(y, x, h, w, flip)`` (``views.py``: the box in
 source pixels, possibly reaching past the image):
 
-1. a parallel external source (``EncodedViewSource``, run by Python worker processes) reads the
-   file's encoded bytes and its header size, and splits the box into the part inside the image
-   (the region to decode) and where that region sits in the box;
-2. ``decoders.image_slice`` decodes only that region (``mixed``: nvJPEG on the GPU; ``cpu``:
-   libjpeg-turbo);
-3. ``slice`` with ``out_of_bounds_policy="pad"`` puts the region back into the whole box, zeros
-   outside the image (``image_slice`` itself refuses windows outside the image);
+1. a parallel external source (run by Python worker processes) reads the file's encoded bytes;
+2. the image is decoded (``mixed``: nvJPEG on the GPU; ``cpu``: libjpeg-turbo), either whole
+   (``decoders.image``) or only the region of the box inside the image
+   (``decoders.image_slice``, ``decode="region"``: the source reads the header size to clip it);
+3. ``slice`` with ``out_of_bounds_policy="pad"`` cuts the box, zeros outside the image;
 4. ``resize`` to R x R (the plan's interpolation, antialiased: ``DALI_INTERPOLATION``), then
    ``crop_mirror_normalize`` mirrors by the flip bit, normalises with the plan's mean/std x 255
    and writes CHW float32.
 
-Every operator is per sample, so a view's pixels never depend on the batch it is rendered in.
+``train_batches`` renders one view per sample (stage 2's replay, the validation split);
+``image_batches`` decodes each image once and renders all of its V views from that decode, one
+slice/resize/normalise branch per view (stage 1). The branches are the per-view steps 3-4, so a
+view's pixels are the same through both wherever a region decode equals the region of a full
+decode: on the CPU (libjpeg-turbo) they are equal bit for bit (``tests/test_dali_views.py``);
+on the GPU (nvJPEG) that is unverified, so there stage 2 decodes whole images too
+(``decode="full"``), and ``dhkd-pipe bench all`` measures whether the region decode agrees.
 
-How requests reach the workers: the workers are started once, so each request (one call of
-``train_batches`` or ``val_batches``) is one DALI epoch whose positions are written to a
-schedule file in a private folder (``/dev/shm`` where it exists) that the workers map read-only;
-``SampleInfo.epoch_idx`` names the file and ``idx_in_epoch`` the row. The schedule is padded
-with a tiny filler image to whole pipeline batches, and its first row holds the row count, which
-the main process sets to 0 to end an abandoned request early.
+Every operator is per sample, so a view's pixels never depend on the batch it is rendered in.
+Requests reach the workers through schedule files (``dali_requests``).
 """
 
 from __future__ import annotations
@@ -35,11 +35,12 @@ import weakref
 
 import numpy as np
 
+from .dali_requests import DaliRequests, ScheduleReader
 from .errors import DhkdError
 from .processes import pid_alive
 
-# Spawned DALI workers import this module to unpickle ``EncodedViewSource``; torch and DALI's
-# graph API are imported inside the functions that need them so the workers start in a second.
+# Spawned DALI workers import this module to unpickle the sources; torch and DALI's graph API are
+# imported inside the functions that need them so the workers start in a second.
 
 DALI_INTERPOLATION = {"bilinear": "INTERP_LINEAR", "bicubic": "INTERP_CUBIC"}
 """Box -> R x R resampling per ``ViewPlan.interpolation``: the DALI filter, with ``antialias=True``
@@ -48,8 +49,8 @@ DALI_INTERPOLATION = {"bilinear": "INTERP_LINEAR", "bicubic": "INTERP_CUBIC"}
 the in-memory renderer."""
 
 DALI_IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "PPM", "JPEG2000")
+DECODES = ("region", "full")  # stage 2's decode of a view: only the box's region, or the whole image
 
-_SCHEDULE_COLUMNS = 6  # file index (-1: filler), y, x, h, w, flip
 _FILLER_SIZE = 8
 
 
@@ -80,26 +81,24 @@ def decode_box(y: int, x: int, h: int, w: int, height: int, width: int):
     return (ry, rx), (rh, rw), (y - ry, x - rx)
 
 
-class EncodedViewSource:
-    """Parallel external source, one sample per call: the encoded file and its view's geometry.
+class _EncodedFiles:
+    """What both sources share: the file table and schedules of a ``DaliViews`` folder, read in a
+    worker; pickles small (the folder's name, the filler, the parent pid)."""
 
-    Outputs: encoded bytes (uint8), region start and shape (int32 (2,), rows then cols), box start
-    relative to the region and box shape (int32 (2,)), flip (int32 scalar). Holds only the folder
-    of its file table and schedules, so it pickles small for spawned workers.
-    """
+    name = ""
 
     def __init__(self, folder: str, filler: bytes, parent: int | None = None):
         self.folder, self.filler = folder, filler
         self.parent = os.getpid() if parent is None else parent
         self._files = self._names = None
-        self._epoch, self._schedule = -1, None
+        self._schedule = ScheduleReader(folder, self.name)
 
     def __getstate__(self):
         return {"folder": self.folder, "filler": self.filler, "parent": self.parent}
 
     def __setstate__(self, state):
         # unpickled in a spawned DALI worker, before it serves anything
-        self.__init__(state["folder"], state["filler"], state.get("parent"))
+        _EncodedFiles.__init__(self, state["folder"], state["filler"], state.get("parent"))
         if os.getpid() != self.parent:
             die_with_parent(self.parent)
 
@@ -110,33 +109,65 @@ class EncodedViewSource:
         a, b = int(self._files[index]), int(self._files[index + 1])
         return self._names[a:b].tobytes().decode()
 
-    def schedule(self, epoch: int) -> np.ndarray:
-        if epoch != self._epoch:
-            self._schedule = np.load(schedule_path(self.folder, epoch), mmap_mode="r")
-            self._epoch = epoch
-        return self._schedule
+    def encoded(self, f: int) -> tuple[bytes, str | None]:
+        if f < 0:
+            return self.filler, None
+        path = self.path(f)
+        with open(path, "rb") as fh:
+            return fh.read(), path
+
+
+class EncodedViewSource(_EncodedFiles):
+    """Parallel external source of ``train_batches``, one view per sample.
+
+    Schedule row: file index, y, x, h, w, flip. Outputs: encoded bytes (uint8); then for
+    ``regions`` the region start and shape, the box start relative to the region (int32 (2,)
+    each, rows then cols), else the box start (int32 (2,)); the box shape (int32 (2,)); flip
+    (int32 scalar).
+    """
+
+    name = "views"
+
+    def __init__(self, folder: str, filler: bytes, parent: int | None = None, regions: bool = True):
+        super().__init__(folder, filler, parent)
+        self.regions = regions
+
+    def __getstate__(self):
+        return {**super().__getstate__(), "regions": self.regions}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.regions = state["regions"]
 
     def __call__(self, info):
-        rows = self.schedule(info.epoch_idx)
-        if info.idx_in_epoch >= rows[0, 0]:  # the end of the request, or the request was abandoned
-            raise StopIteration
-        f, y, x, h, w, flip = (int(v) for v in rows[1 + info.idx_in_epoch])
-        if f < 0:
-            encoded, (height, width) = self.filler, (_FILLER_SIZE, _FILLER_SIZE)
-        else:
-            path = self.path(f)
-            with open(path, "rb") as fh:
-                encoded = fh.read()
-            height, width = _header_size(encoded, path)
+        f, y, x, h, w, flip = (int(v) for v in self._schedule.row(info))
+        encoded, path = self.encoded(f)
+        box = (np.array((h, w), dtype=np.int32), np.array(flip, dtype=np.int32))
+        if not self.regions:
+            return (np.frombuffer(encoded, dtype=np.uint8), np.array((y, x), dtype=np.int32)) + box
+        height, width = _header_size(encoded, path) if path else (_FILLER_SIZE, _FILLER_SIZE)
         start, shape, box_start = decode_box(y, x, h, w, height, width)
         return (
             np.frombuffer(encoded, dtype=np.uint8),
             np.array(start, dtype=np.int32),
             np.array(shape, dtype=np.int32),
             np.array(box_start, dtype=np.int32),
-            np.array((h, w), dtype=np.int32),
-            np.array(flip, dtype=np.int32),
-        )
+        ) + box
+
+
+class EncodedImageSource(_EncodedFiles):
+    """Parallel external source of ``image_batches``, one image with all its views per sample.
+
+    Schedule row: file index, then V views (y, x, h, w, flip). Outputs: encoded bytes (uint8)
+    and the views, int32 (V, 5).
+    """
+
+    name = "images"
+
+    def __call__(self, info):
+        row = self._schedule.row(info)
+        encoded, _ = self.encoded(int(row[0]))
+        return np.frombuffer(encoded, dtype=np.uint8), np.array(row[1:], dtype=np.int32).reshape(-1, 5)
 
 
 def _header_size(encoded: bytes, path: str) -> tuple[int, int]:
@@ -187,10 +218,6 @@ def die_with_parent(parent: int):
     threading.Thread(target=watch, daemon=True, name="parent-watchdog").start()
 
 
-def schedule_path(folder: str, epoch: int) -> str:
-    return os.path.join(folder, f"schedule-{epoch}.npy")
-
-
 def check_image(path: str) -> str | None:
     """Why ``path`` cannot be rendered (missing, not an image, corrupt, truncated), or None."""
     from PIL import Image
@@ -211,15 +238,18 @@ class DaliViews:
 
     ``train_batches(indices, views, batch_size)`` yields normalised float32 (n, 3, R, R) tensors on
     ``device`` in the given order; ``val_batches(batch_size)`` yields (images, labels) of the
-    validation split's centre views. One request is rendered at a time: starting a new one ends
-    an unfinished earlier one, whose iterator then raises.
+    validation split's centre views; ``image_batches(indices, views, images)`` decodes each image
+    once and yields (n, V, 3, R, R) tensors of all its views. One request is rendered at a time
+    per method: starting a new one ends an unfinished earlier one, whose iterator then raises.
 
     ``device``: ``cpu`` decodes on the CPU (``device_id=None``); ``cuda[:k]`` decodes with nvJPEG
-    on that GPU (``mixed``) and returns tensors there. ``num_workers`` Python processes read files
-    (``py_start_method`` ``spawn`` by default: safe after CUDA is initialised, about a second to
-    start); ``num_threads`` DALI threads decode and resize. ``pipeline_batch_size`` samples go
-    through DALI at a time (default: the first request's batch size, clamped to 32..256), and
-    ``prefetch`` pipeline batches are rendered ahead of the caller.
+    on that GPU (``mixed``) and returns tensors there. ``decode``: how ``train_batches`` decodes
+    (``DECODES``; default ``region`` on the CPU, ``full`` on a GPU: see the module's docstring).
+    ``num_workers`` Python processes read files (``py_start_method`` ``spawn`` by default: safe
+    after CUDA is initialised, about a second to start); ``num_threads`` DALI threads decode and
+    resize. ``pipeline_batch_size`` samples go through DALI at a time (default: the first
+    request's batch size, clamped to 32..256), and ``prefetch`` pipeline batches are rendered
+    ahead of the caller. ``decoded_images`` counts the images decoded so far.
     """
 
     def __init__(
@@ -232,6 +262,7 @@ class DaliViews:
         pipeline_batch_size: int | None = None,
         prefetch: int = 2,
         start_method: str = "spawn",
+        decode: str | None = None,
     ):
         import torch
 
@@ -239,12 +270,13 @@ class DaliViews:
         self.resolution = int(plan.resolution)
         self.device = torch.device(device)
         if self.device.type == "cuda":
-            self.device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
-            self.device = torch.device("cuda", self.device_id)
-        elif self.device.type == "cpu":
-            self.device_id = None
-        else:
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            self.device = torch.device("cuda", index)
+        elif self.device.type != "cpu":
             raise DhkdError(f"DALI renders on cpu or cuda, not {self.device}")
+        self.decode = decode or ("full" if self.device.type == "cuda" else "region")
+        if self.decode not in DECODES:
+            raise DhkdError(f"unknown decode {self.decode!r}; known: {', '.join(DECODES)}")
         self.num_workers = default_workers() if num_workers is None else num_workers
         self.num_threads = num_threads or default_workers()
         self.pipeline_batch_size = pipeline_batch_size
@@ -253,22 +285,24 @@ class DaliViews:
         self.folder = _private_folder()
         self._cleanup = weakref.finalize(self, shutil.rmtree, self.folder, True)
         _write_file_table(self.folder, self.files)
-        self.source = EncodedViewSource(self.folder, _filler_jpeg())
-        self._pipe = None
-        self._epoch = 0  # DALI's epoch index: one per request
-        self._open = None  # the schedule of a request that has not reached its end
-        self._copied = None  # CUDA event: the last output copy is done and DALI may reuse its buffer
+        self._filler = _filler_jpeg()
+        self._views = None  # DaliRequests of train_batches/val_batches, built at the first request
+        self._images = None  # DaliRequests of image_batches, per number of views
+        self._images_views = None
+
+    @property
+    def decoded_images(self) -> int:
+        """Images decoded so far (samples that came out of the pipelines; fillers not counted)."""
+        return sum(r.samples_rendered for r in (self._views, self._images) if r is not None)
 
     # The renderer interface (data.Renderer).
 
     def train_batches(self, indices: np.ndarray, views: np.ndarray, batch_size: int):
         """Rendered views of training samples ``indices`` in the given order, ``batch_size`` at a
         time (the last batch may be short)."""
-        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        indices = self._train_indices(indices)
         views = np.asarray(views).reshape(len(indices), 5)
-        if len(indices) and (indices.min() < 0 or indices.max() >= self.data.num_train):
-            raise DhkdError(f"training indices outside 0..{self.data.num_train - 1}")
-        return self._render(indices, views, batch_size)
+        return self._render_views(indices, views, batch_size)
 
     def val_batches(self, batch_size: int):
         """(images, labels) of the un-augmented validation split."""
@@ -276,172 +310,139 @@ class DaliViews:
         labels = self.data.val_labels.to(self.device)
         files = self.data.num_train + np.arange(n, dtype=np.int64)
         start = 0
-        for x in self._render(files, self.data.val_views(self.plan), batch_size):
+        for x in self._render_views(files, self.data.val_views(self.plan), batch_size):
             yield x, labels[start : start + len(x)]
             start += len(x)
 
+    def image_batches(self, indices: np.ndarray, views: np.ndarray, images: int):
+        """All V views of each training sample ``indices``, each image decoded once: float32
+        (n, V, 3, R, R) tensors, ``images`` samples at a time (the last batch may be short).
+        ``views`` is (len(indices), V, 5); a view's pixels are ``train_batches``'s."""
+        indices = self._train_indices(indices)
+        views = np.asarray(views, dtype=np.int64)
+        if views.ndim != 3 or views.shape[0] != len(indices) or views.shape[2] != 5 or views.shape[1] < 1:
+            raise ValueError(f"views must be (len(indices), V, 5), got {views.shape}")
+        _check_boxes(views.reshape(-1, 5))
+        if images < 1:
+            raise DhkdError(f"batch size must be positive, got {images}")
+        count = views.shape[1]
+        rows = np.concatenate([indices[:, None], views.reshape(len(indices), -1)], axis=1)
+        return self._image_requests(count).render(rows, images, self._pipeline_batch(images, per_sample=count),
+                                                  lambda e, a, b: self._fail(e, indices, a, b))
+
+    def start_images(self, count: int, images: int):
+        """Starts the workers and builds the pipeline of ``image_batches`` (``count`` views,
+        ``images`` at a time) now, so that the first request does not wait for it."""
+        self._image_requests(count).start(self._pipeline_batch(images, per_sample=count))
+
     def close(self):
         """Stops the workers and removes the schedule folder (also done when collected)."""
-        self._pipe = None
-        self._open = None
+        for r in (self._views, self._images):
+            if r is not None:
+                r.close()
         self._cleanup()
 
-    # The pipeline.
+    # The pipelines.
 
-    def _build(self, batch_size: int):
-        from nvidia.dali import Pipeline, fn, types
+    def _train_indices(self, indices) -> np.ndarray:
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(indices) and (indices.min() < 0 or indices.max() >= self.data.num_train):
+            raise DhkdError(f"training indices outside 0..{self.data.num_train - 1}")
+        return indices
 
-        self.pipeline_batch_size = self.pipeline_batch_size or min(256, max(32, batch_size))
-        gpu = self.device.type == "cuda"
-        mean, std = self.plan.normalization(self.data)
-        mean = [255 * float(m) for m in mean]
-        std = [255 * float(s) for s in std]
-        interp = getattr(types, DALI_INTERPOLATION[self.plan.interpolation])
-        pipe = Pipeline(
-            batch_size=self.pipeline_batch_size,
-            num_threads=self.num_threads,
-            device_id=self.device_id,
-            prefetch_queue_depth=self.prefetch,
-            # 0 workers: the source runs in the main process (no parallel external source)
-            **(dict(py_num_workers=self.num_workers, py_start_method=self.start_method) if self.num_workers > 0 else {}),
-        )
-        with pipe:
-            encoded, start, shape, box_start, box_shape, flip = fn.external_source(
-                source=self.source,
-                num_outputs=6,
-                batch=False,
-                parallel=self.num_workers > 0,
-                **({"prefetch_queue_depth": self.prefetch} if self.num_workers > 0 else {}),
-                dtype=[types.UINT8, types.INT32, types.INT32, types.INT32, types.INT32, types.INT32],
-                ndim=[1, 1, 1, 1, 1, 0],
-            )
-            # EXIF orientation is ignored: boxes are drawn against the stored (header) size.
-            image = fn.decoders.image_slice(
-                encoded,
-                start=start,
-                shape=shape,
-                axis_names="HW",
-                device="mixed" if gpu else "cpu",
-                output_type=types.RGB,
-                adjust_orientation=False,
-            )
-            image = fn.slice(image, start=box_start, shape=box_shape, axis_names="HW", out_of_bounds_policy="pad", fill_values=0)
-            image = fn.resize(
-                image,
-                size=[self.resolution, self.resolution],
-                interp_type=interp,
-                antialias=True,
-                dtype=types.FLOAT,
-            )
-            image = fn.crop_mirror_normalize(image, mirror=flip, mean=mean, std=std, dtype=types.FLOAT, output_layout="CHW")
-            pipe.set_outputs(image)
-        pipe.build()  # starts the workers
-        self._pipe = pipe
+    def _image_requests(self, count: int) -> DaliRequests:
+        if self._images is None or self._images_views != count:
+            if self._images is not None:
+                self._images.close()
+            source = EncodedImageSource(self.folder, self._filler)
+            filler = [-1] + [0, 0, _FILLER_SIZE, _FILLER_SIZE, 0] * count
+            self._images = self._requests(source, self._image_graph(count), filler)
+            self._images_views = count
+        return self._images
 
-    def _run(self):
-        if self._copied is not None:
-            self._copied.synchronize()  # DALI reuses the buffer the last copy read from
-            self._copied = None
-        (out,) = self._pipe.run()
-        return out
+    def _pipeline_batch(self, batch_size: int, per_sample: int = 1) -> int:
+        """Samples per pipeline run: the given size, else about the request's batch of views."""
+        if self.pipeline_batch_size and per_sample == 1:
+            return self.pipeline_batch_size
+        return max(1, min(256, max(32, batch_size * per_sample)) // per_sample)
 
-    def _to_torch(self, out):
-        import torch
-        from nvidia.dali.plugin.pytorch import feed_ndarray
+    def _requests(self, source, graph, filler_row) -> DaliRequests:
+        return DaliRequests(self.folder, source.name, source, graph, filler_row, self.device, num_workers=self.num_workers,
+                            num_threads=self.num_threads, prefetch=self.prefetch, start_method=self.start_method)
 
-        dense = out.as_tensor()
-        x = torch.empty(dense.shape(), dtype=torch.float32, device=self.device)
-        if self.device.type == "cuda":
-            stream = torch.cuda.current_stream(self.device)
-            feed_ndarray(dense, x, cuda_stream=stream)  # ordered after the caller's work on x's memory
-            self._copied = torch.cuda.Event()
-            self._copied.record(stream)
-        else:
-            feed_ndarray(dense, x)
-        return x
-
-    def _finish(self):
-        """Ends the current DALI epoch: runs the pipeline to its StopIteration, then resets it."""
-        if self._open is None:
-            return
-        self._open[0, 0] = 0  # workers stop at the next sample of an unfinished request
-        try:
-            while True:
-                self._run()
-        except StopIteration:
-            pass
-        self._pipe.reset()
-        self._epoch += 1
-        self._open = None
-        stale = schedule_path(self.folder, self._epoch - 2)  # workers may still map the last one
-        if os.path.exists(stale):
-            os.remove(stale)
-
-    def _render(self, files: np.ndarray, views: np.ndarray, batch_size: int):
-        import torch
-
+    def _render_views(self, files: np.ndarray, views: np.ndarray, batch_size: int):
         if batch_size < 1:
             raise DhkdError(f"batch size must be positive, got {batch_size}")
-        n = len(files)
-        if n == 0:
-            return
         views = np.asarray(views, dtype=np.int64)
-        if (views[:, 2] < 1).any() or (views[:, 3] < 1).any():
-            raise DhkdError("views with an empty crop box: the store or plan is corrupt")
-        if self._pipe is None:
-            self._build(batch_size)
-        self._finish()
-        epoch, b = self._epoch, self.pipeline_batch_size
-        batches = -(-n // b)
-        schedule = np.lib.format.open_memmap(
-            schedule_path(self.folder, epoch), mode="w+", dtype=np.int32, shape=(1 + batches * b, _SCHEDULE_COLUMNS)
-        )
-        schedule[0] = 0
-        schedule[0, 0] = batches * b
-        schedule[1 : n + 1, 0] = files
-        schedule[1 : n + 1, 1:] = views
-        schedule[n + 1 :] = (-1, 0, 0, _FILLER_SIZE, _FILLER_SIZE, 0)
-        schedule.flush()
-        self._open = schedule
+        _check_boxes(views)
+        if self._views is None:
+            source = EncodedViewSource(self.folder, self._filler, regions=self.decode == "region")
+            self._views = self._requests(source, self._view_graph, [-1, 0, 0, _FILLER_SIZE, _FILLER_SIZE, 0])
+        rows = np.concatenate([files[:, None], views], axis=1)
+        return self._views.render(rows, batch_size, self._pipeline_batch(batch_size), lambda e, a, b: self._fail(e, files, a, b))
 
-        pending, have = [], 0
-        try:
-            for k in range(batches):
-                if self._epoch != epoch or self._open is None:
-                    raise RuntimeError("this DaliViews iterator was ended by a later request; iterate one request at a time")
-                try:
-                    out = self._run()
-                except StopIteration:
-                    raise RuntimeError(f"DALI ended request {epoch} after {k} of {batches} batches") from None
-                except Exception as e:
-                    self._fail(e, files, k)
-                x = self._to_torch(out)[: min(b, n - k * b)]
-                pending.append(x)
-                have += len(x)
-                while have >= batch_size:
-                    whole = torch.cat(pending) if len(pending) > 1 else pending[0]
-                    yield whole[:batch_size]
-                    pending = [whole[batch_size:]] if len(whole) > batch_size else []
-                    have -= batch_size
-            if have:
-                yield torch.cat(pending) if len(pending) > 1 else pending[0]
-            self._finish()
-        finally:
-            if self._epoch == epoch and self._open is not None:
-                self._open[0, 0] = 0  # abandoned: let the workers stop; the next request drains
+    def _normalise(self):
+        """crop_mirror_normalize's arguments and the resize filter: the same for every graph."""
+        from nvidia.dali import types
 
-    def _fail(self, error: Exception, files: np.ndarray, batch: int):
-        """Maps a failed pipeline run to the file that caused it; the pipeline is unusable after."""
-        self._pipe, self._open = None, None
-        self._epoch = 0
-        b = self.pipeline_batch_size
-        # The failing batch is this one or one the workers were already preparing.
-        suspects = files[batch * b : (batch + self.prefetch + 2) * b]
-        for f in dict.fromkeys(int(v) for v in suspects):
+        mean, std = self.plan.normalization(self.data)
+        return [255 * float(m) for m in mean], [255 * float(s) for s in std], getattr(types, DALI_INTERPOLATION[self.plan.interpolation])
+
+    def _render_box(self, image, start, shape, flip):
+        """Steps 3-4 of the module's docstring: one view of a decoded image (or region)."""
+        from nvidia.dali import fn, types
+
+        mean, std, interp = self._normalise()
+        box = fn.slice(image, start=start, shape=shape, axis_names="HW", out_of_bounds_policy="pad", fill_values=0)
+        x = fn.resize(box, size=[self.resolution, self.resolution], interp_type=interp, antialias=True, dtype=types.FLOAT)
+        return fn.crop_mirror_normalize(x, mirror=flip, mean=mean, std=std, dtype=types.FLOAT, output_layout="CHW")
+
+    def _external(self, source, count: int, parallel: bool, prefetch: int, dtypes, ndim):
+        from nvidia.dali import fn
+
+        return fn.external_source(source=source, num_outputs=count, batch=False, parallel=parallel, dtype=dtypes, ndim=ndim,
+                                  **({"prefetch_queue_depth": prefetch} if parallel else {}))
+
+    def _view_graph(self, source, parallel: bool, prefetch: int):
+        from nvidia.dali import fn, types
+
+        device = "mixed" if self.device.type == "cuda" else "cpu"
+        # EXIF orientation is ignored: boxes are drawn against the stored (header) size.
+        if source.regions:
+            i32 = types.INT32
+            encoded, start, shape, box_start, box_shape, flip = self._external(
+                source, 6, parallel, prefetch, [types.UINT8, i32, i32, i32, i32, i32], [1, 1, 1, 1, 1, 0])
+            image = fn.decoders.image_slice(encoded, start=start, shape=shape, axis_names="HW", device=device,
+                                            output_type=types.RGB, adjust_orientation=False)
+            return self._render_box(image, box_start, box_shape, flip)
+        encoded, box_start, box_shape, flip = self._external(
+            source, 4, parallel, prefetch, [types.UINT8, types.INT32, types.INT32, types.INT32], [1, 1, 1, 0])
+        image = fn.decoders.image(encoded, device=device, output_type=types.RGB, adjust_orientation=False)
+        return self._render_box(image, box_start, box_shape, flip)
+
+    def _image_graph(self, count: int):
+        def graph(source, parallel: bool, prefetch: int):
+            from nvidia.dali import fn, types
+
+            device = "mixed" if self.device.type == "cuda" else "cpu"
+            encoded, views = self._external(source, 2, parallel, prefetch, [types.UINT8, types.INT32], [1, 2])
+            image = fn.decoders.image(encoded, device=device, output_type=types.RGB, adjust_orientation=False)
+            rendered = [self._render_box(image, views[v, 0:2], views[v, 2:4], views[v, 4]) for v in range(count)]
+            return fn.stack(*rendered)
+
+        return graph
+
+    def _fail(self, error: Exception, files: np.ndarray, first: int, stop: int):
+        """Names the file that made a pipeline run fail, if one of ``files[first:stop]`` is bad."""
+        for f in dict.fromkeys(int(v) for v in files[first:stop]):
             reason = check_image(self.files[f])
             if reason is not None:
                 raise DhkdError(f"cannot decode image {self.files[f]}: {reason}") from None
-        raise error
+
+
+def _check_boxes(views: np.ndarray):
+    if len(views) and ((views[:, 2] < 1).any() or (views[:, 3] < 1).any()):
+        raise DhkdError("views with an empty crop box: the store or plan is corrupt")
 
 
 FOLDER_PREFIX = "dhkd-dali-"

@@ -214,3 +214,45 @@ def validation_views(sizes: np.ndarray, resolution: int, policy: str, crop_pct: 
         out[:, 2] = crop
         out[:, 3] = crop
     return out
+
+
+_GROUPS_KEY = 0x67726F757073  # the Philox key word of the group membership ("groups"): never an epoch
+
+
+@dataclass(frozen=True)
+class UnitGroups:
+    """Training orders in which each write unit of ``group_rows`` positions holds the same samples
+    in every augmentation epoch, so that stage 1 can decode an image once for all its views.
+
+    The samples are split once into groups (a permutation keyed by the seed alone, cut into
+    ``group_rows``-sized groups; the remainder, if any, is the last group). Epoch ``e``'s order
+    (keyed by (seed, e)) places the whole groups in a random order of unit positions, each
+    shuffled within, and the remainder group shuffled in the last (short) unit. A sample's
+    companions within a unit are the same every epoch; which ones meet in a batch, and when in
+    the epoch, is drawn anew. With one group (N <= group_rows) the order is a plain permutation.
+    """
+
+    seed: int
+    num_samples: int
+    group_rows: int
+
+    @property
+    def num_groups(self) -> int:
+        return -(-self.num_samples // self.group_rows)
+
+    def members(self) -> np.ndarray:
+        """(N,) int64: the samples of group ``g`` are ``members()[g * group_rows:(g + 1) * group_rows]``."""
+        rng = np.random.Generator(np.random.Philox(key=[self.seed, _GROUPS_KEY]))
+        return rng.permutation(self.num_samples).astype(np.int64)
+
+    def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(order, unit): the epoch's training order (N,) and the unit position of each group (G,)."""
+        members, g = self.members(), self.group_rows
+        whole = self.num_samples // g
+        rng = np.random.Generator(np.random.Philox(key=[self.seed, epoch]))
+        unit = np.arange(self.num_groups, dtype=np.int64)
+        unit[:whole] = rng.permutation(whole)  # group k sits at unit position unit[k]
+        at = np.argsort(unit[:whole])  # the group at each unit position
+        body = rng.permuted(members[: whole * g].reshape(whole, g)[at], axis=1).reshape(-1)
+        tail = rng.permutation(members[whole * g :])
+        return np.concatenate([body, tail]).astype(np.int64), unit

@@ -43,13 +43,16 @@ def _random_teacher(arch: str, num_classes: int, path: str) -> str:
     return path
 
 
-def _timed_training(cfg: TrainConfig, warmup: int) -> float:
-    """Images per second of the engine's steps after ``warmup`` steps (one run, one process)."""
+def _timed_training(cfg: TrainConfig, warmup: int) -> dict:
+    """Images per second of the engine's steps after ``warmup`` steps, and over the whole run from
+    the start of training (compiling included) (one run, one process)."""
     ends = []
     run = prepare(cfg, mode="overwrite")
+    start = clock(run.accelerator.device)
     train(run, log=lambda *_: None, on_step_end=lambda epoch, step: ends.append(clock(run.accelerator.device)))
-    ends = ends[warmup:]
-    return cfg.batch_size * (len(ends) - 1) / (ends[-1] - ends[0])
+    steady = ends[warmup:]
+    return {"images_per_sec": cfg.batch_size * (len(steady) - 1) / (steady[-1] - steady[0]),
+            "run_images_per_sec": cfg.batch_size * len(ends) / (ends[-1] - start)}
 
 
 def _timed_loader(run, steps: int) -> float:
@@ -67,7 +70,8 @@ def _timed_loader(run, steps: int) -> float:
     return n / (clock(run.accelerator.device) - t0)
 
 
-def bench_distill(json_path: str, teacher: str = "resnet32x4", student: str = "resnet8x4", batch_size: int = 64, steps: int = 30, warmup: int = 3):
+def bench_distill(json_path: str, teacher: str = "resnet32x4", student: str = "resnet8x4", batch_size: int = 64, steps: int = 30, warmup: int = 3,
+                  compile_row: bool = True):
     from .cache_teacher import cache_teacher
 
     work = tempfile.mkdtemp(prefix="dhkd-bench-")
@@ -81,47 +85,64 @@ def bench_distill(json_path: str, teacher: str = "resnet32x4", student: str = "r
         return TrainConfig(data=data, model=student, method=method, batch_size=batch_size, epochs=1, max_steps=warmup + steps, out=os.path.join(work, name), **kw).validate()
 
     rows = [
-        {"path": "online DHKD (teacher forward every step)", "images_per_sec": _timed_training(cfg("online", "dhkd", teacher=teacher, teacher_weights=weights), warmup)},
-        {"path": "cached DHKD (logits from the store)", "images_per_sec": _timed_training(cfg("cached", "dhkd", cache=store), warmup)},
-        {"path": "student alone, CE (same loader, stored views)", "images_per_sec": _timed_training(cfg("alone", "ce", cache=store), warmup)},
+        {"path": "online DHKD (teacher forward every step)", **_timed_training(cfg("online", "dhkd", teacher=teacher, teacher_weights=weights), warmup)},
+        {"path": "cached DHKD (logits from the store)", **_timed_training(cfg("cached", "dhkd", cache=store), warmup)},
+        {"path": "student alone, CE (same loader, stored views)", **_timed_training(cfg("alone", "ce", cache=store), warmup)},
     ]
     loader_run = prepare(cfg("loader", "dhkd", cache=store), mode="overwrite")
     rows.append({"path": "loader only (views + logits, no model)", "images_per_sec": _timed_loader(loader_run, steps)})
     # timm's speed switches on the cached path; compiling happens in the warm-up steps
-    rows.append({"path": "cached DHKD, --channels-last", "images_per_sec": _timed_training(cfg("channels-last", "dhkd", cache=store, channels_last=True), warmup)})
-    rows.append({"path": "cached DHKD, --compile (student)", "images_per_sec": _timed_training(cfg("compile", "dhkd", cache=store, compile=True), warmup)})
+    rows.append({"path": "cached DHKD, --channels-last", **_timed_training(cfg("channels-last", "dhkd", cache=store, channels_last=True), warmup)})
+    if compile_row:
+        rows.append({"path": "cached DHKD, --compile (student)", **_timed_training(cfg("compile", "dhkd", cache=store, compile=True), warmup)})
     # a feature method cannot use the store: online ReviewKD against online DHKD (its connector and the teacher's taps)
     rows.append({"path": "online ReviewKD (teacher features every step)",
-                 "images_per_sec": _timed_training(cfg("reviewkd", "reviewkd", teacher=teacher, teacher_weights=weights), warmup)})
-    online, cached, alone, loader, channels_last, compiled, reviewkd = (r["images_per_sec"] for r in rows)
+                 **_timed_training(cfg("reviewkd", "reviewkd", teacher=teacher, teacher_weights=weights), warmup)})
+    online, cached, alone, loader, channels_last = (r["images_per_sec"] for r in rows[:5])
+    reviewkd = rows[-1]["images_per_sec"]
     ratios = {
         "reviewkd_over_online_dhkd": reviewkd / online,
         "cached_over_alone": cached / alone,
         "cached_over_online": cached / online,
         "loader_over_cached": loader / cached,
         "channels_last_over_cached": channels_last / cached,
-        "compile_over_cached": compiled / cached,
     }
+    if compile_row:
+        ratios["compile_over_cached"] = rows[5]["images_per_sec"] / cached
     for r in rows:
         r["vs_cached"] = r["images_per_sec"] / cached
+        if r.get("run_images_per_sec"):  # the whole run, compiling included
+            r["run_vs_cached"] = r["run_images_per_sec"] / rows[1]["run_images_per_sec"]
     print_table(
         f"bench distill: {teacher} -> {student}, batch {batch_size}, {steps} timed steps, 32x32, 100 classes, {machine()['device']}",
         rows,
-        [("path", "path", "s"), ("images_per_sec", "img/s", ".1f"), ("vs_cached", "x cached", ".2f")],
+        [("path", "path", "s"), ("images_per_sec", "img/s", ".1f"), ("vs_cached", "x cached", ".2f"),
+         ("run_images_per_sec", "img/s, whole run", ".1f"), ("run_vs_cached", "x cached, whole run", ".2f")],
     )
     print("\n" + "  ".join(f"{k} = {v:.2f}" for k, v in ratios.items()))
     write_results(json_path, {"bench": "distill", "machine": machine(), "teacher": teacher, "student": student, "batch_size": batch_size, "steps": steps, "rows": rows, "ratios": ratios})
     return rows, ratios
 
 
-def _bare_forward(arch: str, num_classes: int, batch_size: int, steps: int, precision: str = "no") -> float:
-    """The teacher's forward pass alone on a pre-made batch: the ceiling for stage 1."""
+def memory_formats() -> list[tuple[str, torch.memory_format]]:
+    """(name, format): stage 1's default first, then the other (``--channels-last`` measured)."""
+    from dhkd_pipe.engine import memory_format
+
+    both = [("NCHW", torch.contiguous_format), ("channels_last", torch.channels_last)]
+    return sorted(both, key=lambda f: f[1] != memory_format(CacheConfig()))
+
+
+def _bare_forward(arch: str, num_classes: int, batch_size: int, steps: int, precision: str = "no",
+                  fmt: torch.memory_format = torch.contiguous_format) -> float:
+    """The teacher's forward pass alone on a pre-made batch, as stage 1 runs it (inference mode,
+    memory format ``fmt``): the ceiling for stage 1."""
     from dhkd_pipe.engine import make_accelerator
 
     acc = make_accelerator(precision)
-    model = create_model(arch, num_classes).eval().to(acc.device)
-    x = torch.randn(batch_size, 3, 32, 32, device=acc.device)
-    with torch.no_grad(), acc.autocast():
+    torch.manual_seed(0)
+    model = create_model(arch, num_classes).eval().to(acc.device, memory_format=fmt)
+    x = torch.randn(batch_size, 3, 32, 32, device=acc.device).contiguous(memory_format=fmt)
+    with torch.inference_mode(), acc.autocast():
         for _ in range(2):
             model(x)
         t0 = clock(acc.device)
@@ -131,28 +152,50 @@ def _bare_forward(arch: str, num_classes: int, batch_size: int, steps: int, prec
     return batch_size * steps / elapsed
 
 
-def bench_cache(json_path: str, model: str = "resnet32x4", batch_size: int = 64, steps: int = 20, teacher_weights: str | None = None):
+def bench_cache(json_path: str, model: str = "resnet32x4", batch_size: int = 64, steps: int = 20, teacher_weights: str | None = None,
+                image_model: str | None = "resnet18", images: int = 48, views: int = 4, resolution: int = 224, image_batch: int = 32,
+                codecs: bool = True):
+    """Stage 1 against the teacher's bare forward pass on in-memory data and (``image_model``
+    not None, DALI installed) on a generated JPEG folder at 224 px; then the codecs' errors."""
+    import importlib.util
+
     from dhkd_pipe.cache import LogitCache
     from dhkd_pipe.codecs import CODECS
 
+    from .bench_images import bench_image_folder
     from .cache_teacher import cache_teacher
     from .train_teacher import train_teacher
 
     work = tempfile.mkdtemp(prefix="dhkd-bench-")
     data = write_synthetic_cifar(os.path.join(work, "cifar"), num_train=steps * batch_size)
     weights = _random_teacher(model, 100, os.path.join(work, "teacher.pt"))
-    bare = _bare_forward(model, 100, batch_size, steps)
+    (name, fmt), (other_name, other_fmt) = memory_formats()
+    bare = _bare_forward(model, 100, batch_size, steps, fmt=fmt)
+    other = _bare_forward(model, 100, batch_size, steps, fmt=other_fmt)
     result = cache_teacher(
         CacheConfig(data=data, model=model, weights=weights, views=1, out=os.path.join(work, "speed.zarr"), batch_size=batch_size).validate(),
         log=lambda *_: None,
     )
     stage1 = result["images_per_sec"]
     speed_rows = [
-        {"path": f"{model} bare forward, pre-made tensors", "images_per_sec": bare, "ratio": 1.0},
+        {"path": f"{model} bare forward, pre-made tensors ({name}, stage 1's default)", "images_per_sec": bare, "ratio": 1.0},
+        {"path": f"{model} bare forward, pre-made tensors ({other_name})", "images_per_sec": other, "ratio": other / bare},
         {"path": "stage 1: render + teacher + encode + write", "images_per_sec": stage1, "ratio": stage1 / bare},
     ]
     print_table(f"bench cache: {model}, batch {batch_size}, {steps * batch_size} images, {machine()['device']}", speed_rows,
                  [("path", "path", "s"), ("images_per_sec", "img/s", ".1f"), ("ratio", "x bare", ".2f")])
+    folder = None
+    if image_model and importlib.util.find_spec("nvidia.dali") is not None:
+        folder = bench_image_folder(work, image_model, images=images, views=views, resolution=resolution, batch_size=image_batch)
+        print_table(f"bench cache, image folder: {image_model}, {images} JPEGs 500x375 x {views} views at {resolution} px, batch {image_batch}, "
+                     f"DALI on {folder['device']} (goal: decoded per row = 1/{views}, stage 1 >= 0.9 x bare)", folder["rows"],
+                     [("path", "path", "s"), ("views_per_sec", "views/s", ".1f"), ("decoded_per_row", "decoded / row", ".3f"),
+                      ("ratio", "x bare", ".2f")])
+    payload = {"bench": "cache", "machine": machine(), "model": model, "batch_size": batch_size, "speed": speed_rows,
+               "stage1_over_bare_forward": stage1 / bare, "image_folder": folder}
+    if not codecs:
+        write_results(json_path, payload)
+        return payload
 
     if teacher_weights is None:
         teacher_out = os.path.join(work, "digits-teacher")
@@ -180,9 +223,9 @@ def bench_cache(json_path: str, model: str = "resnet32x4", batch_size: int = 64,
     print_table(f"codecs: digits {teacher_arch} teacher logits, 2 views x 1437 x 10 (errors against fp32)", codec_rows,
                  [("codec", "codec", "s"), ("bytes_per_logit", "bytes/logit on disk", ".3f"), ("max_abs_err", "max abs err", ".2e"),
                   ("max_rel_err", "max err / row max", ".2e"), ("top1_agreement", "top-1 agree", ".4f")])
-    write_results(json_path, {"bench": "cache", "machine": machine(), "model": model, "batch_size": batch_size, "speed": speed_rows,
-                      "stage1_over_bare_forward": stage1 / bare, "codecs": codec_rows})
-    return speed_rows, codec_rows
+    payload["codecs"] = codec_rows
+    write_results(json_path, payload)
+    return payload
 
 
 # ---- bench store -------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from dhkd_pipe.codecs import check_encodable, codec_tolerance
 from dhkd_pipe.config import CacheConfig
 from dhkd_pipe.console import log_line
 from dhkd_pipe.data import Dataset, Renderer, absolute_spec, load_data, load_store_data
+from dhkd_pipe.decode_once import group_jobs, images_per_batch, run_jobs
 from dhkd_pipe.engine import evaluate, make_accelerator, memory_format
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.options import flag_of, option_fields
@@ -32,7 +33,7 @@ from dhkd_pipe.store import check_inputs_outside
 from dhkd_pipe.store_layout import STORE_ENTRIES, estimate_bytes
 from dhkd_pipe.store_writer import StoreWriter
 from dhkd_pipe.teacher import frozen_model, load_teacher, resolve_teacher
-from dhkd_pipe.views import ViewPlan
+from dhkd_pipe.views import UnitGroups, ViewPlan
 
 
 def _human(nbytes: float) -> str:
@@ -56,11 +57,18 @@ class TeacherPass:
     teacher: torch.nn.Module
     fmt: torch.memory_format
     renderer: Renderer | None = None
+    groups: UnitGroups | None = None  # image folders: the unit-grouped order (decode once), set once the store is open
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """float32 CPU logits of a batch of rendered views."""
-        with torch.no_grad(), self.acc.autocast():
+        with torch.inference_mode(), self.acc.autocast():
             return self.teacher(x.contiguous(memory_format=self.fmt)).float().cpu()
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The epoch's training order: unit-grouped for image folders, else the plan's permutation."""
+        if self.groups is not None:
+            return self.groups.epoch(epoch)[0]
+        return self.plan.order(epoch, self.data.num_train)
 
     def store_layout(self) -> dict:
         """The store's geometry and labels, as ``StoreWriter`` takes them."""
@@ -75,6 +83,8 @@ class TeacherPass:
         data_spec = absolute_spec(cfg.data)
         command = {"teacher": cfg.model, "weights_digest": digest, "dataset": fingerprint, "views": cfg.views, "seed": cfg.seed,
                    "codec": cfg.codec, "chunk_rows": cfg.chunk_rows, "policy": self.plan.to_dict(), "precision": cfg.precision}
+        if self.data.kind == "imagefolder":  # a unit holds the same samples in every epoch (views.UnitGroups)
+            command["order"] = "unit_groups"
         return {
             "teacher": {"arch": cfg.model, "weights_digest": digest, "weights": self.source.record, "weights_label": self.source.label,
                         "val_top1": None},
@@ -103,13 +113,15 @@ def prepare(cfg: CacheConfig) -> TeacherPass:
     return TeacherPass(cfg, acc, data, source, plan, preprocessing, teacher, fmt)
 
 
-def cache_teacher(cfg: CacheConfig, log=log_line, break_lock: bool = False) -> dict:
+def cache_teacher(cfg: CacheConfig, log=log_line, break_lock: bool = False, decode_once: bool | None = None) -> dict:
     """Stage 1. Everything that can be checked is checked before the store is touched (the
     location, every image header, the teacher on the first batch); then the store's writer takes
     the store's lock for the run, creates or reopens the store, verifies the units already written
     and has damaged ones rewritten. A run that fails before its first unit leaves no store.
 
-    ``break_lock``: take over a lock held from another host (``--break-lock``)."""
+    ``break_lock``: take over a lock held from another host (``--break-lock``). ``decode_once``:
+    for image folders, decode each image once for all its views (the default) or once per view
+    (False: the same store, slower; the check that they agree)."""
     run = prepare(cfg)
     acc, attrs = run.acc, run.store_attrs()
     writer = StoreWriter(cfg.out, attrs=attrs, overwrite=bool(cfg.overwrite), refresh=("data_spec", "command_line"),
@@ -121,15 +133,25 @@ def cache_teacher(cfg: CacheConfig, log=log_line, break_lock: bool = False) -> d
     check_inputs(run)
     with writer:
         store = writer.store
-        todo = writer.todo(acc.process_index, acc.num_processes)
+        if attrs["command"].get("order") == "unit_groups":
+            run.groups = UnitGroups(run.plan.seed, run.data.num_train, store.shard_chunks * store.chunk_rows)
         if acc.is_main_process:
             announce(run, store, log)
             validate_teacher(run, store, log)
-        images, elapsed = write_units(run, writer, todo)
+        decoded = getattr(run.renderer, "decoded_images", 0)
+        if run.groups is not None and decode_once is not False:
+            jobs = group_jobs(run.groups, run.plan, run.data.train_sizes, cfg.views, store.shard_chunks, store.done_mask(),
+                              acc.process_index, acc.num_processes)
+            images, elapsed = write_groups(run, writer, jobs)
+        else:
+            images, elapsed = write_units(run, writer, writer.todo(acc.process_index, acc.num_processes))
         writer.wait()
+        decoded = getattr(run.renderer, "decoded_images", 0) - decoded
         acc.wait_for_everyone()
         total_images = int(acc.reduce(torch.tensor(images, device=acc.device), "sum"))
-    result = {"store": cfg.out, "images": total_images, "seconds": elapsed, "images_per_sec": total_images / elapsed if elapsed else None}
+        total_decoded = int(acc.reduce(torch.tensor(decoded, device=acc.device), "sum"))
+    result = {"store": cfg.out, "images": total_images, "seconds": elapsed, "images_per_sec": total_images / elapsed if elapsed else None,
+              "decoded_images": total_decoded, "decoded_per_row": total_decoded / total_images if total_images else None}
     if acc.is_main_process:
         result.update({k: store.summary()[k] for k in ("shape", "codec", "bytes_on_disk", "bytes_per_logit")})
         result["teacher_val_top1"] = store.attrs["teacher"].get("val_top1")
@@ -210,7 +232,7 @@ def _write_epoch(run: TeacherPass, writer: StoreWriter, epoch: int, units: list,
     """One epoch's units: their positions' views rendered in batches, the logits cut into units."""
     bounds = [writer.store.unit_rows(chunks[0]) for chunks in units]
     positions = np.concatenate([np.arange(a, b) for a, b in bounds])
-    order = run.plan.order(epoch, run.data.num_train)[positions]
+    order = run.order(epoch)[positions]
     views = run.plan.views(epoch, order, run.data.train_sizes(order))
     pending, unit, filled, images, lo = [], 0, 0, 0, 0
     for x in run.renderer.train_batches(order, views, run.cfg.batch_size):
@@ -225,6 +247,24 @@ def _write_epoch(run: TeacherPass, writer: StoreWriter, epoch: int, units: list,
             pending, filled, lo = [block[rows:]], filled - rows, lo + rows
             unit += 1
     return images
+
+
+def write_groups(run: TeacherPass, writer: StoreWriter, jobs) -> tuple[int, float]:
+    """Decodes each image of the jobs' groups once, runs the teacher over all its views and hands
+    each group's units to the writer (``decode_once``); returns (views, seconds)."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=sum(j.num_views for j in jobs), unit="img", disable=not run.acc.is_main_process or None, file=sys.stderr,
+               dynamic_ncols=True)
+    if jobs:  # the decoding pipeline's workers start before the clock does, as the view-by-view pipeline's did
+        count = len(jobs[0].epochs)
+        run.renderer.start_images(count, images_per_batch(run.cfg.batch_size, count))
+    start = time.perf_counter()
+    try:
+        images = sum(run_jobs(jobs, run.renderer, run.logits, writer.put, run.cfg.batch_size, bar.update))
+    finally:
+        bar.close()
+    return images, time.perf_counter() - start
 
 
 def verify_cache(store: str, data_spec: str | None = None, teacher_weights: str | None = None, samples: int = 256,
@@ -258,7 +298,7 @@ def verify_cache(store: str, data_spec: str | None = None, teacher_weights: str 
         stored = torch.cat([cache.read_rows(epoch, c, pos[(pos // cache.chunk_rows) == c] - c * cache.chunk_rows) for c in np.unique(pos // cache.chunk_rows)])
         fresh = []
         for x in renderer.train_batches(order, views, 64):
-            with torch.no_grad(), acc.autocast():
+            with torch.inference_mode(), acc.autocast():
                 fresh.append(teacher(x).float().cpu())
         fresh = torch.cat(fresh)
         worst = max(worst, float((fresh - stored).abs().max()))

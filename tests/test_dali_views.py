@@ -227,3 +227,57 @@ def test_truncated_jpeg_through_the_parallel_workers_names_the_file(folder, tmp_
     with pytest.raises(DhkdError, match=r"class0.002\.JPEG"):
         list(r.train_batches(idx, views, 2))
     r.close()
+
+
+def test_one_decode_renders_every_view_with_the_replayed_pixels(data):
+    """Stage 1's decode-once rendering (``image_batches``) gives, for every view of every image,
+    exactly the pixels stage 2 replays (``train_batches``), with the region decode (the CPU's
+    default) and with the whole-image decode; it decodes each image once, the replay once a view."""
+    idx = np.arange(data.num_train)[::-1].copy()
+    plan = data.default_plan(seed=3, resolution=RES)
+    count = 4
+    views = np.stack([plan.views(e, idx, data.train_sizes(idx)) for e in range(count)], axis=1)
+    views[:, 3] = [-9, -7, 30, 30, 1]  # boxes that reach past the image too
+    views[::2, 3] = [HEIGHT - 12, WIDTH - 9, 20, 25, 0]
+    for decode in ("region", "full"):
+        r = DaliViews(data, plan, "cpu", num_workers=1, decode=decode)
+        batches = list(r.image_batches(idx, views, 4))
+        assert [tuple(b.shape) for b in batches] == [(4, count, 3, RES, RES)] * 3 + [(3, count, 3, RES, RES)]
+        assert r.decoded_images == len(idx)
+        once = torch.cat(batches)
+        replayed = torch.cat(list(r.train_batches(np.repeat(idx, count), views.reshape(-1, 5), 8)))
+        assert r.decoded_images == len(idx) * (1 + count)
+        assert torch.equal(once, replayed.view(len(idx), count, 3, RES, RES)), decode
+        r.close()
+    with pytest.raises(ValueError, match=r"\(len\(indices\), V, 5\)"):
+        DaliViews(data, plan, "cpu", num_workers=0).image_batches(idx, views[:, 0], 4)
+
+
+def test_region_decode_equals_the_region_of_a_whole_decode(tmp_path):
+    """libjpeg-turbo's region decode (``decoders.image_slice``) against a whole decode and a slice,
+    for JPEGs in every chroma subsampling, progressive and grayscale, at random boxes: equal bit
+    for bit, so on the CPU stage 2 may decode regions while stage 1 decodes each image once."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    height, width = 75, 101  # not a multiple of the 16-pixel MCU
+    yy, xx = np.mgrid[0:height, 0:width]
+    pixels = np.stack([xx * 2.5, yy * 3.0, 128 + 100 * np.sin(xx / 3.0) * np.cos(yy / 2.0)], -1)
+    pixels = np.clip(pixels + rng.normal(0, 20, pixels.shape), 0, 255).astype(np.uint8)
+    variants = {"420": dict(subsampling=2), "422": dict(subsampling=1), "444": dict(subsampling=0), "progressive": dict(progressive=True)}
+    os.makedirs(tmp_path / "train" / "a")
+    for name, options in variants.items():
+        Image.fromarray(pixels).save(tmp_path / "train" / "a" / f"{name}.jpg", quality=90, **options)
+    Image.fromarray(pixels).convert("L").save(tmp_path / "train" / "a" / "gray.jpg", quality=90)
+    data = load_data(f"imagefolder:{tmp_path}")
+    n, per = data.num_train, 40
+    h = rng.integers(1, height + 1, (n, per))
+    w = rng.integers(1, width + 1, (n, per))
+    views = np.stack([rng.integers(0, height - h + 1), rng.integers(0, width - w + 1), h, w, rng.integers(0, 2, (n, per))], -1)
+    plan = data.default_plan(resolution=RES)
+    rendered = {}
+    for decode in ("region", "full"):
+        r = DaliViews(data, plan, "cpu", num_workers=0, decode=decode)
+        rendered[decode] = torch.cat(list(r.train_batches(np.repeat(np.arange(n), per), views.reshape(-1, 5), 40)))
+        r.close()
+    assert torch.equal(rendered["region"], rendered["full"])
