@@ -338,6 +338,15 @@ class FeatureMethod(Method):
         if feature_loss is None:
             raise DhkdError(CACHE_REFUSAL.format(name=self.name))
 
+    def _ce_plus_feature(self, outputs, target, weight: float, feature_loss) -> dict:
+        """gamma * CE(outputs, y) + weight * feature_loss: the single-head feature methods' terms."""
+        from . import losses
+
+        self._check_feature_loss(feature_loss)
+        ce = self.gamma * losses.cross_entropy(outputs, target, backend=self.backend)
+        kd = weight * feature_loss
+        return {"ce": ce, "kd": kd, "total": ce + kd}
+
 
 @dataclass(frozen=True, kw_only=True)
 class FitNet(FeatureMethod):
@@ -364,12 +373,7 @@ class FitNet(FeatureMethod):
         return FitNetHint(tap_shapes(student, input_size), tap_shapes(teacher, input_size), self.hint_layer)
 
     def terms(self, outputs, target, teacher=None, teacher_scale=None, epoch=0, *, feature_loss=None):
-        from . import losses
-
-        self._check_feature_loss(feature_loss)
-        ce = self.gamma * losses.cross_entropy(outputs, target, backend=self.backend)
-        kd = self.alpha * feature_loss
-        return {"ce": ce, "kd": kd, "total": ce + kd}
+        return self._ce_plus_feature(outputs, target, self.alpha, feature_loss)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -406,12 +410,7 @@ class ReviewKD(FeatureMethod):
                               student_preact=_student_preact(input_size))
 
     def terms(self, outputs, target, teacher=None, teacher_scale=None, epoch=0, *, feature_loss=None):
-        from . import losses
-
-        self._check_feature_loss(feature_loss)
-        ce = self.gamma * losses.cross_entropy(outputs, target, backend=self.backend)
-        kd = (self.alpha * review_warmup(self.warmup_epochs, epoch)) * feature_loss
-        return {"ce": ce, "kd": kd, "total": ce + kd}
+        return self._ce_plus_feature(outputs, target, self.alpha * review_warmup(self.warmup_epochs, epoch), feature_loss)
 
 
 @dataclass(frozen=True, kw_only=True)
