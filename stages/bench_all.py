@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import time
+import traceback
 
 SIZES = {
     "gpu": dict(kernel_sizes=None, kernel_reps=50, kernel_compile=True,
@@ -116,7 +117,7 @@ def bench_all(out: str, size: str | None = None, only: tuple = ()) -> dict:
     """Runs the benchmarks (``only``: a subset of ``BENCHES``) at ``size``; writes
     ``out/bench_all.md`` and ``out/bench_all.json`` (and each benchmark's own JSON beside them)."""
     from dhkd_pipe.benchmark import machine as describe_machine, write_results
-    from dhkd_pipe.errors import DhkdError
+    from dhkd_pipe.errors import DhkdError, one_line
 
     size = size or default_size()
     if size not in SIZES:
@@ -125,21 +126,29 @@ def bench_all(out: str, size: str | None = None, only: tuple = ()) -> dict:
     if unknown:
         raise DhkdError(f"unknown benchmark {unknown[0]!r}; choose from: {', '.join(BENCHES)}")
     os.makedirs(out, exist_ok=True)
-    s, rows, seconds = SIZES[size], [], {}
+    s, rows, seconds, failed = SIZES[size], [], {}, {}
     start = time.perf_counter()
     for name, run in BENCHES.items():
         if only and name not in only:
             continue
         t0 = time.perf_counter()
-        rows += run(out, s)
+        try:
+            rows += run(out, s)
+        except Exception as e:  # a lent GPU's minutes are few: one broken benchmark must not cost the others' figures
+            traceback.print_exc()
+            failed[name] = one_line(e, limit=300)
+            rows.append({"bench": name, "what": f"failed: {failed[name]}", "value": None, "unit": "", "ratio": None, "ratio_of": ""})
         seconds[name] = time.perf_counter() - t0
     machine = describe_machine()
     total = time.perf_counter() - start
-    payload = {"bench": "all", "machine": machine, "size": size, "sizes": s, "seconds": seconds, "total_seconds": total, "rows": rows}
+    payload = {"bench": "all", "machine": machine, "size": size, "sizes": s, "seconds": seconds, "total_seconds": total, "rows": rows,
+               "failed": failed}
     table = _markdown(rows, machine, size, seconds, total)
     _write(os.path.join(out, "bench_all.md"), table)
     write_results(os.path.join(out, "bench_all.json"), payload)
     print("\n" + table)
+    if failed:
+        raise DhkdError(f"{len(failed)} benchmark(s) failed ({', '.join(failed)}; tracebacks above); the others' figures are in {out}")
     return payload
 
 

@@ -7,9 +7,10 @@ from click.testing import CliRunner
 
 from dhkd_pipe.cli import main
 
-pytestmark = pytest.mark.slow  # every benchmark, at tiny sizes: about a minute
 
 
+
+@pytest.mark.slow  # every benchmark, at tiny sizes: about a minute
 def test_bench_all_tiny_writes_one_table_and_one_json(tmp_path):
     pytest.importorskip("nvidia.dali")
     out = tmp_path / "bench"
@@ -35,3 +36,24 @@ def test_bench_all_tiny_writes_one_table_and_one_json(tmp_path):
 def test_bench_all_refuses_an_unknown_benchmark(tmp_path):
     result = CliRunner().invoke(main, ["bench", "all", "--tiny", "--only", "nothing", "--out", str(tmp_path)])
     assert result.exit_code == 2
+
+
+def test_one_failing_benchmark_keeps_the_others_figures(tmp_path, monkeypatch, capsys):
+    """A lent GPU's minutes are few: a benchmark that breaks is a row of the table and an exit 2 at
+    the end, after the others ran and the table and the JSON were written."""
+    from dhkd_pipe.stages import bench_all
+
+    def broken(out, s):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    def fine(out, s):
+        return [{"bench": "store", "what": "local write", "value": 123.0, "unit": "rows/s", "ratio": None, "ratio_of": ""}]
+
+    monkeypatch.setattr(bench_all, "BENCHES", {"kernels": broken, "store": fine})
+    result = CliRunner().invoke(main, ["bench", "all", "--tiny", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "1 benchmark(s) failed (kernels" in result.output
+    payload = json.loads((tmp_path / "bench_all.json").read_text())
+    assert payload["failed"] == {"kernels": "CUDA error: an illegal memory access was encountered"}
+    assert [r["what"] for r in payload["rows"]] == ["failed: CUDA error: an illegal memory access was encountered", "local write"]
+    assert "| store | local write | 123.0 |" in (tmp_path / "bench_all.md").read_text()
