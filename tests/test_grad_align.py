@@ -109,8 +109,15 @@ def test_fused_kernel_terms_align_like_the_reference(aux_head, monkeypatch):
     if not triton_available():
         pytest.skip("triton is not installed, or neither a GPU nor TRITON_INTERPRET=1")
     monkeypatch.setitem(case.SETTINGS, "kernels", "triton")
+    # on a GPU the product's run is there and the reference on the CPU: float32 on both (cuDNN's
+    # convolutions default to TF32, whose 10-bit mantissa put the runs 2e-3 to 2e-2 apart on an H200)
     steps = [tuple(a.float() if a.is_floating_point() else a for a in s) for s in case.batches()]
-    got = case.product_run(make_accelerator("no"), aux_head, True, steps, dtype=torch.float32)
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        got = case.product_run(make_accelerator("no"), aux_head, True, steps, dtype=torch.float32)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     want, _ = reference_run(aux_head, True, steps, dtype=torch.float32)
     assert max_diff(got, want) < 1e-5
 
@@ -193,8 +200,9 @@ def test_bf16_autocast_step():
 
 
 def _autocast_dtype(acc):
+    # on the accelerator's device: CUDA autocast leaves a CPU tensor's matmul in float32
     with acc.autocast():
-        return torch.nn.Linear(4, 3)(torch.randn(2, 4)).dtype
+        return torch.nn.Linear(4, 3).to(acc.device)(torch.randn(2, 4, device=acc.device)).dtype
 
 
 def test_one_process_runs_stages_of_different_precision(monkeypatch):

@@ -248,8 +248,11 @@ def test_dispatch_and_errors():
         dhkd_loss(s, s, t.to(torch.int8), y, **kw, backend="triton")  # int8 without a scale
     with pytest.raises(DhkdError):
         dhkd_loss(s, s, t[:, :3], y, **kw, backend="triton")
-    with pytest.raises(DhkdError):
-        dhkd_loss(s, s, t, y + K, **kw, backend="triton")
+    if s.is_cuda:  # not checked on the host (a sync per step): the kernel reads no logit and the loss is NaN
+        assert dhkd_loss(s, s, t, y + K, **kw, backend="triton").isnan()
+    else:
+        with pytest.raises(DhkdError):
+            dhkd_loss(s, s, t, y + K, **kw, backend="triton")
 
 
 def test_empty_batch_and_bad_label_in_kernel():
