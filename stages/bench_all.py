@@ -101,7 +101,7 @@ def _store(out: str, s: dict) -> list[dict]:
     results = bench_store(os.path.join(out, "bench_store.json"), rows=s["store_rows"], classes=s["store_classes"], s3_local=s3)
     rows = []
     for r in results:
-        label = r["location"] + (f", {r['writer']}" if r.get("writer") else "")
+        label = f"{r['location']}, {r['writer_threads']} writer thread{'s' if r['writer_threads'] > 1 else ''}"
         rows.append({"bench": "store", "what": f"{s['store_rows']} rows x {s['store_classes']} fp16, {label}: write", "value": r["write_rows_per_sec"],
                      "unit": "rows/s", "ratio": None, "ratio_of": ""})
         if r.get("read_rows_per_sec") is not None:
