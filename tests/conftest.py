@@ -161,6 +161,17 @@ def quick_store(tmp_path_factory, random_teacher):
     return built_once(tmp_path_factory, "quick-store", lambda d: write_digits_store(random_teacher, d / "logits.zarr")) / "logits.zarr"
 
 
+# A smaller one for tests that train many short runs: 256 training images in chunks of 64, 8 steps an epoch at batch 32.
+SMALL_DATA = "digits@256"
+
+
+@pytest.fixture(scope="session")
+def small_store(tmp_path_factory, random_teacher):
+    """The ``SMALL_DATA`` store of ``random_teacher`` (2 views)."""
+    return built_once(tmp_path_factory, "small-store", lambda d: write_digits_store(
+        random_teacher, d / "logits.zarr", data=SMALL_DATA, chunk_rows=64)) / "logits.zarr"
+
+
 @pytest.fixture(scope="session")
 def trained_teacher(tmp_path_factory):
     """A small digits teacher trained through the CLI (in this process): 6 epochs of resnet8."""

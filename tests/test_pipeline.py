@@ -29,6 +29,7 @@ from dhkd_pipe.engine import prepare
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.stages.cache_teacher import cache_teacher, verify_cache
 from dhkd_pipe.stages.distill import distill
+from conftest import SMALL_DATA
 
 BIN = os.path.join(os.path.dirname(sys.executable), "dhkd-pipe")
 QUIET = dict(log=lambda *a: None)
@@ -302,16 +303,17 @@ def test_dist_trains_online_and_from_the_store(tmp_path, random_teacher, quick_s
 
 
 @slow
-def test_resume_restores_the_generators_dropout_draws_from(tmp_path, quick_store):
+def test_resume_restores_the_generators_dropout_draws_from(tmp_path, small_store):
     # the nonlinear head's Dropout draws from the CPU generator: a resume that did not restore it
     # would train on other masks; the stop is mid-epoch and again at an epoch boundary
-    straight = train_cfg(tmp_path / "dropout-straight", cache=str(quick_store), aux_head="nonlinear")
+    small = dict(cache=str(small_store), data=SMALL_DATA, batch_size=32, aux_head="nonlinear")
+    straight = train_cfg(tmp_path / "dropout-straight", **small)
     distill(straight, **QUIET)
-    for stop in (5, 22):  # 22 = one epoch of 1437 digits in batches of 64
+    for stop in (3, 8):  # 8 = one epoch of 256 digits in batches of 32
         out = tmp_path / f"dropout-stopped-{stop}"
-        distill(train_cfg(out, cache=str(quick_store), aux_head="nonlinear", max_steps=stop), **QUIET)
+        distill(train_cfg(out, **small, max_steps=stop), **QUIET)
         torch.manual_seed(12345)  # whatever the generator holds now must not matter
-        distill(train_cfg(out, cache=str(quick_store), aux_head="nonlinear"), mode="resume", **QUIET)
+        distill(train_cfg(out, **small), mode="resume", **QUIET)
         a = torch.load(tmp_path / "dropout-straight" / "model.pt", weights_only=True)["model"]
         b = torch.load(out / "model.pt", weights_only=True)["model"]
         for key in a:
@@ -389,9 +391,9 @@ def test_store_errors_in_stage_2(tmp_path, quick_store):
 
 
 @slow
-def test_report_draws_runs(tmp_path, quick_store):
+def test_report_draws_runs(tmp_path, small_store):
     for name, method in (("straight", "dhkd"), ("alone", "ce")):
-        distill(train_cfg(tmp_path / name, cache=str(quick_store), method=method, batch_size=128), **QUIET)
+        distill(train_cfg(tmp_path / name, cache=str(small_store), data=SMALL_DATA, method=method, batch_size=64), **QUIET)
     out = tmp_path / "report.png"
     table = cli_here("report", tmp_path / "straight", tmp_path / "alone", "--out", out).stdout
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000

@@ -336,7 +336,8 @@ def teacher_weights(random_teacher):
     return random_teacher
 
 
-STAGE1 = ["--model", "resnet8", "--data", "digits", "--views", "3", "--chunk-rows", "32", "--batch-size", "32"]
+DATA = "digits@480"  # a fixed stratified subset: 15 chunks of 32 per view
+STAGE1 = ["--model", "resnet8", "--data", DATA, "--views", "3", "--chunk-rows", "32", "--batch-size", "32"]
 
 
 @pytest.fixture(scope="module")
@@ -347,7 +348,7 @@ def resumed_store(s3, teacher_weights, tmp_path_factory):
     from dhkd_pipe.stages.cache_teacher import cache_teacher
 
     local = tmp_path_factory.mktemp("reference") / "logits.zarr"
-    cache_teacher(CacheConfig(model="resnet8", data="digits", views=3, chunk_rows=32, batch_size=32, weights=str(teacher_weights),
+    cache_teacher(CacheConfig(model="resnet8", data=DATA, views=3, chunk_rows=32, batch_size=32, weights=str(teacher_weights),
                               out=str(local)).validate(), log=lambda *a: None)
 
     url = f"s3://{BUCKET}/killed.zarr"
@@ -356,7 +357,7 @@ def resumed_store(s3, teacher_weights, tmp_path_factory):
     with open(log, "w") as stderr:
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=stderr, env={**os.environ, "OMP_NUM_THREADS": "1"})
     done_flags = StoreObjects(open_store(url), url)
-    total = 3 * 45  # 1437 samples in chunks of 32: 45 chunks per view
+    total = 3 * 15  # 480 samples in chunks of 32: 15 chunks per view
     written, deadline = 0, time.time() + 240
     try:
         while time.time() < deadline and proc.poll() is None:
@@ -388,11 +389,11 @@ def test_killed_stage_1_on_s3_resumes_to_the_uninterrupted_store(resumed_store):
 def test_inspect_verify_and_distill_from_s3(resumed_store, teacher_weights, tmp_path):
     url, _ = resumed_store
     info = json.loads(cli("inspect", url, "--json").stdout)
-    assert info["path"] == url and info["shape"] == [3, 1437, 10] and info["complete"] == "135/135" and 0 < info["bytes_per_logit"] <= 2.5
-    result = json.loads(cli("verify-cache", url, "--data", "digits", "--teacher-weights", teacher_weights, "--samples", 64).stdout)
+    assert info["path"] == url and info["shape"] == [3, 480, 10] and info["complete"] == "45/45" and 0 < info["bytes_per_logit"] <= 2.5
+    result = json.loads(cli("verify-cache", url, "--data", DATA, "--teacher-weights", teacher_weights, "--samples", 64).stdout)
     assert result["ok"] and result["samples"] == 64 and result["top1_agreement"] == 1.0
     out = tmp_path / "run"
-    proc = cli("distill", "--student", "resnet8", "--cache", url, "--data", "digits", "--epochs", 1, "--batch-size", 64,
+    proc = cli("distill", "--student", "resnet8", "--cache", url, "--data", DATA, "--epochs", 1, "--batch-size", 64,
                "--max-steps", 3, "--out", out)
     assert f"from {url}: 3 stored view-epochs" in proc.stderr
     assert json.loads(proc.stdout) == {"stopped_at": {"epoch": 0, "step": 3}}
@@ -407,7 +408,7 @@ def test_a_deleted_chunk_object_on_s3_is_refused(resumed_store, tmp_path):
         target.write(key, source.read(key))
     key = LogitCache.open(damaged).unit_keys(0, 0)["logits"]
     target.delete(key)
-    proc = cli("distill", "--student", "resnet8", "--cache", damaged, "--data", "digits", "--epochs", 1, "--max-steps", 2,
+    proc = cli("distill", "--student", "resnet8", "--cache", damaged, "--data", DATA, "--epochs", 1, "--max-steps", 2,
                "--out", tmp_path / "run", check=False)
     # found by the listing before training starts, with the fix
     assert_one_line_error(proc, f"store {damaged} is damaged: logits epoch 0 chunk 0 ({key}): missing; re-run cache-teacher with the same "
@@ -429,7 +430,7 @@ def test_missing_bucket_and_bad_credentials_are_one_line(s3, resumed_store, teac
     proc = cli("cache-teacher", *STAGE1, "--weights", teacher_weights, "--out", f"s3://{BUCKET}/new.zarr", check=False, env=wrong)
     assert_one_line_error(proc, f"s3://{BUCKET}/new.zarr", "check the credentials")
     unknown = {"AWS_ACCESS_KEY_ID": "AKIANOSUCHKEY0000000", "AWS_SECRET_ACCESS_KEY": "x"}
-    proc = cli("distill", "--student", "resnet8", "--cache", url, "--data", "digits", "--out", tmp_path / "run", check=False, env=unknown)
+    proc = cli("distill", "--student", "resnet8", "--cache", url, "--data", DATA, "--out", tmp_path / "run", check=False, env=unknown)
     assert_one_line_error(proc, url)
     assert not (tmp_path / "run").exists()
     assert StoreObjects(open_store(f"s3://{BUCKET}/new.zarr"), "new").list() == []  # nothing half-written

@@ -16,7 +16,6 @@ from dhkd_pipe.config import TrainConfig
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.stages.distill import distill, distill_students
 from dhkd_pipe.students import StudentPlan, check_pass
-from conftest import built_once, write_digits_store
 
 QUIET = dict(log=lambda *a: None)
 # the per-epoch metrics that depend on the numbers alone (not on time)
@@ -24,10 +23,9 @@ NUMBERS = ("epoch", "lr", "train_loss", "train_ce", "train_kd", "val_top1", "val
 
 
 @pytest.fixture(scope="session")
-def store(tmp_path_factory, random_teacher):
-    """A digits store of 512 training images in chunks of 128: 8 steps an epoch at batch 64."""
-    return str(built_once(tmp_path_factory, "students-store", lambda d: write_digits_store(
-        random_teacher, d / "logits.zarr", data="digits@512", chunk_rows=128)) / "logits.zarr")
+def store(small_store):
+    """A digits store of 256 training images in chunks of 64: 8 steps an epoch at batch 32."""
+    return str(small_store)
 
 
 def params(run: str) -> dict:
@@ -45,7 +43,7 @@ def metrics(run: str) -> list[dict]:
 def students(store, out, **kw) -> list[TrainConfig]:
     """Four different students: dhkd seed 0, dhkd with the non-linear head (dropout: the generators
     must be each student's own) seed 1, kd seed 2 on another architecture, ce (no logits needed)."""
-    base = dict(cache=store, epochs=2, batch_size=64, lr=0.05, lr_milestones=[1], val_every=1, workers=0, **kw)
+    base = dict(cache=store, epochs=2, batch_size=32, lr=0.05, lr_milestones=[1], val_every=0, workers=0, **kw)
     return [TrainConfig(**base, model="resnet8", method="dhkd", seed=0, out=str(out / "dhkd")).validate(),
             TrainConfig(**base, model="resnet8", method="dhkd", aux_head="nonlinear", seed=1, out=str(out / "dhkd-mlp")).validate(),
             TrainConfig(**base, model="resnet14", method="kd", seed=2, out=str(out / "kd")).validate(),
@@ -116,7 +114,7 @@ def test_students_at_different_points_each_continue_from_their_own(store, solo, 
 def test_a_pass_refuses_students_that_cannot_share_its_loader(store, tmp_path):
     a, b = students(store, tmp_path)[:2]
     with pytest.raises(DhkdError, match="batch_size must be the same"):
-        check_pass([a, dataclasses.replace(b, batch_size=32)])
+        check_pass([a, dataclasses.replace(b, batch_size=16)])
     with pytest.raises(DhkdError, match="share the run folder"):
         check_pass([a, dataclasses.replace(b, out=a.out)])
     with pytest.raises(DhkdError, match="--cache"):
@@ -194,14 +192,16 @@ def test_a_pass_under_two_processes_equals_the_solo_runs_there(store, tmp_path):
     def launch(*args):
         cmd = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dhkd_pipe.cli", "distill",
-               "--cache", store, "--epochs", "2", "--batch-size", "32", "--lr-milestones", "1", "--workers", "0", *args]
+               "--cache", store, "--epochs", "2", "--batch-size", "16", "--lr-milestones", "1", "--workers", "0", *args]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         assert proc.returncode == 0, proc.stderr[-4000:]
 
     launch("--student", "resnet8,resnet14", "--seeds", "0,1", "--aux-head", "nonlinear", "--out", str(tmp_path / "pass"))
-    for student, seed in (("resnet8", 0), ("resnet14", 1)):
-        name = f"{student}-s{seed}"
-        launch("--student", student, "--seed", str(seed), "--aux-head", "nonlinear", "--out", str(tmp_path / name))
-        assert params(str(tmp_path / "pass" / name)) == params(str(tmp_path / name)), name
-        assert metrics(str(tmp_path / "pass" / name)) == metrics(str(tmp_path / name)), name
+    # the pass's second student against its solo run (each launch costs about 17 s here; the
+    # in-process tests above compare every student of a pass)
+    name = "resnet14-s1"
+    launch("--student", "resnet14", "--seed", "1", "--aux-head", "nonlinear", "--out", str(tmp_path / name))
+    assert params(str(tmp_path / "pass" / name)) == params(str(tmp_path / name)), name
+    assert metrics(str(tmp_path / "pass" / name)) == metrics(str(tmp_path / name)), name
+    assert os.path.isfile(tmp_path / "pass" / "resnet8-s0" / "model.safetensors")
