@@ -350,9 +350,9 @@ def test_resume_with_a_different_config_is_refused(tmp_path, quick_store):
 
 
 @slow
-def test_two_process_training_and_its_checkpoint(tmp_path, quick_store):
+def test_two_process_training_and_its_checkpoint(tmp_path, small_store):
     out = tmp_path / "ddp"
-    accelerate("distill", "--student", "resnet8", "--cache", quick_store, "--data", "digits", "--method", "dhkd",
+    accelerate("distill", "--student", "resnet8", "--cache", small_store, "--data", SMALL_DATA, "--method", "dhkd",
                "--epochs", 1, "--out", out)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["processes"] == 2
