@@ -976,7 +976,7 @@ CASES = [
          setup=lambda w: w.monkeypatch.setattr("dhkd_pipe.data.load_data", eacces("/data/x"))),
     Case("resume-past-a-stale-lock", TRAIN + " --resume", code=0, setup=plant_lock(dead_pid, checkpoint=True), check=finished, changes_out=True),
     Case("resumed-epoch-reports-the-same-train-loss", code=0, run=resumed_epoch_same_train_loss, check=same_as_reference,
-         changes_out=True),
+         changes_out=True, slow=True),  # two training runs
     # processes: signals, kills, native output, two writers (slow)
     Case("truncated-jpeg-no-native-chatter", IMAGES + " --epochs 1 --workers 2", "cannot decode image .*2.JPEG: .*truncated",
          setup=truncated_jpeg_folder, sub=True, slow=True, only_line=False),

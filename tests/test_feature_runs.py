@@ -82,6 +82,7 @@ def test_connector_trains_with_the_student_and_is_checkpointed_not_exported(tmp_
     assert set(pt) == set(plain)
 
 
+@pytest.mark.slow  # three runs with a teacher forward every step
 def test_resume_continues_a_feature_run_bitwise(tmp_path, teacher_file):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     distill(feature_cfg(whole, teacher_file, "reviewkd"), **QUIET)

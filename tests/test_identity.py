@@ -4,9 +4,12 @@ and a two-epoch cached DHKD run ends with the same parameters and metrics as the
 
 import json
 
+import pytest
+
 from identity_case import RECORD, make
 
 
+@pytest.mark.slow  # stage 1 and a two-epoch run through the CLI
 def test_store_and_cached_run_are_as_recorded(tmp_path):
     with open(RECORD) as f:
         recorded = json.load(f)

@@ -314,6 +314,7 @@ def test_one_int8_dequantise_bit_identical(tmp_path):
     store = create(tmp_path / "s.zarr", "int8")
     write(store, fake_logits())
     values, scale = store.read_chunk(1, 2)
+    values, scale = values[:8], scale[:8]  # rows enough: the interpreter runs one program per row
     assert values.dtype == np.int8 and scale.dtype == np.float32
     decoded = decode_logits(values, scale, DEV)
     q, s = torch.from_numpy(values).to(DEV), torch.from_numpy(scale).to(DEV)

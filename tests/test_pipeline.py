@@ -239,6 +239,7 @@ def test_user_errors_are_one_line_and_leave_nothing(tmp_path, random_teacher, ar
     assert not out.exists()
 
 
+@slow  # the real console script, a process of its own
 def test_a_user_error_from_the_console_script_is_one_line(tmp_path, random_teacher):
     # the real process: nothing else (a warning, a traceback) reaches stderr
     out = tmp_path / "never"

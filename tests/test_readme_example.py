@@ -5,6 +5,7 @@ import ast
 import os
 import re
 
+import pytest
 import torch
 
 import dhkd_pipe
@@ -22,6 +23,7 @@ def readme_example() -> str:
     return found.group(1)
 
 
+@pytest.mark.slow  # the example trains a student over the store
 def test_readme_example_trains_a_student_from_a_store(tmp_path, monkeypatch, capsys, quick_store):
     code = readme_example()
     assert len(code.splitlines()) <= 30, "the README promises an example of about 30 lines at most"

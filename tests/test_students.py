@@ -60,6 +60,7 @@ def solo(store, tmp_path_factory):
     return {os.path.basename(c.out): c.out for c in cfgs}
 
 
+@pytest.mark.slow  # four solo runs and a pass of the four, two epochs each
 def test_each_student_of_a_pass_equals_its_solo_run(store, solo, tmp_path):
     cfgs = students(store, tmp_path)
     lines = []
@@ -76,6 +77,7 @@ def test_each_student_of_a_pass_equals_its_solo_run(store, solo, tmp_path):
     assert any(line.startswith("kd: epoch 2/2") for line in lines)
 
 
+@pytest.mark.slow  # a pass of four students for two epochs, and more
 def test_a_failing_student_stops_alone_and_the_others_go_on(store, solo, tmp_path):
     cfgs = students(store, tmp_path)
     cfgs[1] = dataclasses.replace(cfgs[1], lr=1e30).validate()  # diverges: a non-finite loss within the first epoch
@@ -88,6 +90,7 @@ def test_a_failing_student_stops_alone_and_the_others_go_on(store, solo, tmp_pat
         assert params(cfgs[i].out) == params(solo[os.path.basename(cfgs[i].out)])
 
 
+@pytest.mark.slow  # a pass of four students for two epochs, and more
 def test_a_stopped_pass_resumes_every_student(store, solo, tmp_path):
     cfgs = students(store, tmp_path, max_steps=11)  # stops in epoch 2, step 3, with every student's checkpoint
     results = distill_students([StudentPlan(c) for c in cfgs], **QUIET)
@@ -100,6 +103,7 @@ def test_a_stopped_pass_resumes_every_student(store, solo, tmp_path):
         assert metrics(cfg.out) == metrics(solo[name]), name
 
 
+@pytest.mark.slow  # a pass of four students for two epochs, and more
 def test_students_at_different_points_each_continue_from_their_own(store, solo, tmp_path):
     """One student finished, one stopped mid-epoch, one fresh: the pass feeds each only what it lacks."""
     cfgs = students(store, tmp_path)[:3]
@@ -158,6 +162,7 @@ def test_bench_students_table(tmp_path, capsys):
     assert saved["rows"] == rows and "| S |" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a pass of four students for two epochs, and more
 def test_a_signal_stops_the_pass_with_every_student_saved_and_resume_continues(store, solo, tmp_path, monkeypatch):
     import signal
 
