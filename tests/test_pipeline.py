@@ -122,11 +122,12 @@ def test_store_does_not_depend_on_batch_size(tmp_path, trained_teacher, trained_
 
 
 @slow
-def test_two_processes_write_the_one_process_store(tmp_path, trained_teacher, trained_store):
+def test_two_processes_write_the_one_process_store(tmp_path, random_teacher, small_store):
     out = tmp_path / "two.zarr"
-    accelerate("cache-teacher", "--weights", trained_teacher, *STORE_ARGS, "--out", out)
-    assert_same_store(trained_store, out)
-    assert LogitCache.open(str(out)).attrs["teacher"]["val_top1"] == LogitCache.open(str(trained_store)).attrs["teacher"]["val_top1"]
+    args = [a if a != "digits" else SMALL_DATA for a in STORE_ARGS]
+    accelerate("cache-teacher", "--weights", random_teacher, *[a if a != 256 else 64 for a in args], "--out", out)  # = small_store
+    assert_same_store(small_store, out)
+    assert LogitCache.open(str(out)).attrs["teacher"]["val_top1"] == LogitCache.open(str(small_store)).attrs["teacher"]["val_top1"]
 
 
 @slow
@@ -204,7 +205,7 @@ def test_inspect(quick_store):
 @slow
 def test_online_dhkd_through_the_cli(tmp_path, random_teacher):
     out = tmp_path / "online"
-    cli("distill", "--student", "resnet8", "--teacher", "resnet8", "--teacher-weights", random_teacher, "--data", "digits",
+    cli("distill", "--student", "resnet8", "--teacher", "resnet8", "--teacher-weights", random_teacher, "--data", SMALL_DATA,
         "--method", "dhkd", "--epochs", 1, "--aux-head", "nonlinear", "--grad-align", "--out", out)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["teacher_source"] == "online" and summary["method"] == "dhkd"
@@ -275,11 +276,12 @@ def test_cached_and_online_runs_see_the_same_teacher_logits(tmp_path, random_tea
 
 
 @slow
-def test_resume_mid_epoch_continues_identically(tmp_path, quick_store):
-    straight = distill(train_cfg(tmp_path / "straight", cache=str(quick_store)), **QUIET)
-    cfg = train_cfg(tmp_path / "stopped", cache=str(quick_store), max_steps=7)
-    assert distill(cfg, **QUIET)["stopped_at"] == {"epoch": 0, "step": 7}
-    resumed = distill(train_cfg(tmp_path / "stopped", cache=str(quick_store)), mode="resume", **QUIET)
+def test_resume_mid_epoch_continues_identically(tmp_path, small_store):
+    small = dict(cache=str(small_store), data=SMALL_DATA, batch_size=32)
+    straight = distill(train_cfg(tmp_path / "straight", **small), **QUIET)
+    cfg = train_cfg(tmp_path / "stopped", **small, max_steps=3)
+    assert distill(cfg, **QUIET)["stopped_at"] == {"epoch": 0, "step": 3}
+    resumed = distill(train_cfg(tmp_path / "stopped", **small), mode="resume", **QUIET)
     a = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "stopped" / "model.pt", weights_only=True)["model"]
     for key in a:
@@ -294,9 +296,9 @@ def test_resume_mid_epoch_continues_identically(tmp_path, quick_store):
 
 
 @slow
-def test_dist_trains_online_and_from_the_store(tmp_path, random_teacher, quick_store):
-    for name, source in (("cache", dict(cache=str(quick_store))), ("online", dict(teacher="resnet8", teacher_weights=str(random_teacher)))):
-        summary = distill(train_cfg(tmp_path / name, method="dist", epochs=1, batch_size=128, **source), **QUIET)
+def test_dist_trains_online_and_from_the_store(tmp_path, random_teacher, small_store):
+    for name, source in (("cache", dict(cache=str(small_store))), ("online", dict(teacher="resnet8", teacher_weights=str(random_teacher)))):
+        summary = distill(train_cfg(tmp_path / name, method="dist", epochs=1, batch_size=64, data=SMALL_DATA, **source), **QUIET)
         assert summary["teacher_source"] == name and summary["method_params"]["alpha"] == 2.0
         (m,) = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         assert m["train_kd"] == pytest.approx(m["train_inter"] + m["train_intra"], rel=1e-5)

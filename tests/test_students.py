@@ -197,7 +197,7 @@ def test_a_pass_under_two_processes_equals_the_solo_runs_there(store, tmp_path):
     def launch(*args):
         cmd = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dhkd_pipe.cli", "distill",
-               "--cache", store, "--epochs", "2", "--batch-size", "16", "--lr-milestones", "1", "--workers", "0", *args]
+               "--cache", store, "--epochs", "1", "--batch-size", "16", "--lr-milestones", "1", "--workers", "0", *args]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         assert proc.returncode == 0, proc.stderr[-4000:]
