@@ -24,8 +24,27 @@ SCHEME_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}
 # Object names that are Zarr metadata, not chunk data (v3, and the v2 names zarr probes for).
 METADATA_NAMES = ("zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata")
 # Object storage calls end: a frozen server fails a call within about CONNECT + READ seconds per
-# attempt, ATTEMPTS attempts (the command then ends in one line, well within a minute).
+# attempt, ATTEMPTS attempts (the command then ends in one line, well within a minute). A slow link
+# may need longer reads: DHKD_STORE_CONNECT_TIMEOUT and DHKD_STORE_READ_TIMEOUT (seconds) replace them.
 CONNECT_TIMEOUT_S, READ_TIMEOUT_S, ATTEMPTS = 5, 8, 2
+TIMEOUT_VARIABLES = {"connect_timeout": ("DHKD_STORE_CONNECT_TIMEOUT", CONNECT_TIMEOUT_S),
+                     "read_timeout": ("DHKD_STORE_READ_TIMEOUT", READ_TIMEOUT_S)}
+
+
+def storage_timeouts() -> dict:
+    """botocore's ``connect_timeout`` and ``read_timeout`` in seconds: the defaults above, or the
+    environment's ``DHKD_STORE_*_TIMEOUT`` (a positive number of seconds, at most an hour)."""
+    timeouts = {}
+    for key, (variable, default) in TIMEOUT_VARIABLES.items():
+        text = os.environ.get(variable, "").strip()
+        try:
+            value = float(text) if text else float(default)
+        except ValueError:
+            value = float("nan")
+        if not 0 < value <= 3600:  # NaN fails too
+            raise DhkdError(f"{variable}={one_line(text, 40)} is not a number of seconds in (0, 3600]")
+        timeouts[key] = value
+    return timeouts
 
 
 def is_url(location: str) -> bool:
@@ -101,7 +120,7 @@ def open_store(location: str, read_only: bool = True):
         # no listings cache: another process may write the objects this one checks
         options = {"use_listings_cache": False}
         if scheme in ("s3", "s3a"):
-            options["config_kwargs"] = {"connect_timeout": CONNECT_TIMEOUT_S, "read_timeout": READ_TIMEOUT_S,
+            options["config_kwargs"] = {**storage_timeouts(),
                                         "retries": {"max_attempts": 1, "mode": "standard"}}
         store = FsspecStore.from_url(location, read_only=read_only, storage_options=options)
         if hasattr(store.fs, "retries"):
