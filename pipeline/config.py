@@ -99,7 +99,8 @@ class TrainConfig(MethodOptions):
                                 "(default 0: stop at the first).")
     log_with: str | None = option(None, "Experiment trackers (Accelerate's), comma-separated: tensorboard, wandb, "
                                   "mlflow, ...; they get the per-epoch metrics of metrics.jsonl.")
-    channels_last: bool = option(False, "NHWC weights and inputs (faster convolutions on tensor-core GPUs).", switch=True)
+    channels_last: bool | None = option(None, "NHWC weights and inputs (default: on a CUDA device, where bench distill measured "
+                                        "1.53x on an H200; off on the CPU, where it measured 0.61x-1.42x).", switch=True)
     compile: bool = option(False, "torch.compile the student (through Accelerate; the first steps compile).", switch=True)
 
     def validate(self) -> "TrainConfig":

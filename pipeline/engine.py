@@ -114,7 +114,7 @@ def prepare(cfg: TrainConfig, mode: RunMode | str = RunMode.NEW, replay: StoreRe
         data, data_spec = load_data(cfg.data), cfg.data
         plan = data.default_plan(seed=cfg.seed, resolution=cfg.resolution)
 
-    fmt = memory_format(cfg)
+    fmt = memory_format(cfg, acc.device)
     model = create_model(cfg.model, data.num_classes, dual_head=method.dual_head, aux_head=cfg.aux_head,
                          align_features=cfg.grad_align_features)
     teacher = None
@@ -163,9 +163,13 @@ def _command_line() -> str:
     return " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])[:300]
 
 
-def memory_format(cfg) -> torch.memory_format:
-    """``--channels-last``: NHWC weights and inputs (what tensor cores and oneDNN prefer)."""
-    return torch.channels_last if cfg.channels_last else torch.contiguous_format
+def memory_format(cfg, device=None) -> torch.memory_format:
+    """``--channels-last``: NHWC weights and inputs (what tensor cores and oneDNN prefer). Not given
+    (None): on for a CUDA ``device``, off elsewhere; stage 2's default, chosen by ``bench distill``."""
+    on = cfg.channels_last
+    if on is None:
+        on = device is not None and torch.device(device).type == "cuda"
+    return torch.channels_last if on else torch.contiguous_format
 
 
 def lr_at(cfg: TrainConfig, epoch: int) -> float:

@@ -70,7 +70,7 @@ def prepare_pass(plans: list[StudentPlan]):
         slot = make_accelerator(first.precision)  # the process's slot, set up as each student's run will see it
         loader = replay.loader(first.batch_size, device=slot.device, rank=slot.process_index, world_size=slot.num_processes,
                                workers=first.workers, with_logits=any(from_config(c).needs_teacher for c in cfgs),
-                               memory_format=memory_format(first))
+                               memory_format=memory_format(first, slot.device))
     try:
         for plan in plans:
             runs.append(prepare(plan.cfg, plan.mode, replay=replay, loader=loader))

@@ -81,8 +81,9 @@ def bench_distill(json_path: str, teacher: str = "resnet32x4", student: str = "r
     store = os.path.join(work, "logits.zarr")
     cache_teacher(CacheConfig(data=data, model=teacher, weights=weights, views=1, out=store, batch_size=batch_size).validate(), log=lambda *_: None)
 
-    def cfg(name, method, **kw):
-        return TrainConfig(data=data, model=student, method=method, batch_size=batch_size, epochs=1, max_steps=warmup + steps, out=os.path.join(work, name), **kw).validate()
+    def cfg(name, method, channels_last=False, **kw):  # NCHW unless a row says otherwise, on every device
+        return TrainConfig(data=data, model=student, method=method, batch_size=batch_size, epochs=1, max_steps=warmup + steps, out=os.path.join(work, name),
+                           channels_last=channels_last, **kw).validate()
 
     rows = [
         {"path": "online DHKD (teacher forward every step)", **_timed_training(cfg("online", "dhkd", teacher=teacher, teacher_weights=weights), warmup)},
@@ -92,7 +93,7 @@ def bench_distill(json_path: str, teacher: str = "resnet32x4", student: str = "r
     loader_run = prepare(cfg("loader", "dhkd", cache=store), mode="overwrite")
     rows.append({"path": "loader only (views + logits, no model)", "images_per_sec": _timed_loader(loader_run, steps)})
     # timm's speed switches on the cached path; compiling happens in the warm-up steps
-    rows.append({"path": "cached DHKD, --channels-last", **_timed_training(cfg("channels-last", "dhkd", cache=store, channels_last=True), warmup)})
+    rows.append({"path": "cached DHKD, --channels-last (the default on CUDA)", **_timed_training(cfg("channels-last", "dhkd", cache=store, channels_last=True), warmup)})
     if compile_row:
         rows.append({"path": "cached DHKD, --compile (student)", **_timed_training(cfg("compile", "dhkd", cache=store, compile=True), warmup)})
     # a feature method cannot use the store: online ReviewKD against online DHKD (its connector and the teacher's taps)
@@ -114,7 +115,7 @@ def bench_distill(json_path: str, teacher: str = "resnet32x4", student: str = "r
         if r.get("run_images_per_sec"):  # the whole run, compiling included
             r["run_vs_cached"] = r["run_images_per_sec"] / rows[1]["run_images_per_sec"]
     print_table(
-        f"bench distill: {teacher} -> {student}, batch {batch_size}, {steps} timed steps, 32x32, 100 classes, {machine()['device']}",
+        f"bench distill: {teacher} -> {student}, batch {batch_size}, {steps} timed steps, 32x32, 100 classes, NCHW unless said, {machine()['device']}",
         rows,
         [("path", "path", "s"), ("images_per_sec", "img/s", ".1f"), ("vs_cached", "x cached", ".2f"),
          ("run_images_per_sec", "img/s, whole run", ".1f"), ("run_vs_cached", "x cached, whole run", ".2f")],

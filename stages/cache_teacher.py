@@ -105,7 +105,7 @@ def prepare(cfg: CacheConfig) -> TeacherPass:
     """The accelerator, the data, the teacher (weights resolved, checked, frozen, placed) and the plan."""
     acc = make_accelerator(cfg.precision)
     data = load_data(cfg.data)
-    fmt = memory_format(cfg)
+    fmt = memory_format(cfg, acc.device)
     loaded = load_teacher(cfg.model, cfg.weights, data, data.default_plan(seed=cfg.seed), acc.device, cfg.resolution, acc, fmt)
     source, plan, preprocessing, teacher = loaded.source, loaded.plan, loaded.preprocessing, loaded.model
     if cfg.compile:  # the views' shapes are fixed: one graph for full batches, one for the last
