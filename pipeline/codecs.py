@@ -57,9 +57,12 @@ class Fp16(Codec):
     name, stored_dtype, dtype_name, bytes_per_logit = "fp16", "float16", "float16", 2
 
     def encode(self, x, amax):
-        import numpy as np
+        import torch
 
-        return x.astype(np.float16), None
+        # torch's vectorised conversion: the same round-to-nearest-even bits as numpy's astype,
+        # about 8x faster (0.56 against 4.6 ms for 1024 x 1000 on one core), which is most of a
+        # writer thread's time per unit
+        return torch.from_numpy(x).to(torch.float16).numpy(), None
 
     def tolerance(self, amax):  # half an ulp of an 11-bit significand, plus the subnormal floor
         return amax * FP16_RELATIVE_ERROR + FP16_ABSOLUTE_FLOOR

@@ -266,23 +266,57 @@ def load_data(spec: str) -> Dataset:
     )
 
 
+# The digits validation split: a bit mask over the 1,797 images (packed, hex), recorded from
+# scikit-learn's train_test_split(arange(1797), test_size=0.2, stratify=target, random_state=0)
+# (scikit-learn 1.9; a test recomputes it). Recorded, the split cannot move with the installed
+# scikit-learn, and a process that loads digits does not import scikit-learn (about 1 s).
+DIGITS_VAL_MASK = (
+    "000004883524104000064100934205001a00080100240028062c12001000940a009019120420f8a0028110a000080a8820441524494240a0"
+    "0a0000004004d80000818020004805c400104008a0100005404800301000020ec409000224840083a8013c20a6980a0000000b08400804a0"
+    "184802024041c1008004404684376a810216004480004042a0a4180a5000840b8561c608108008004c80c02004068e00010882008100380"
+    "803c008190000100e01008410a0210033282904c044c080680e0102830082008822a6402c24042108a860809081a00c02820242120138a41500"
+)
+
+
+def digits_arrays():
+    """(images (1797, 8, 8) float64 in 0..16, targets (1797,) int64): scikit-learn's bundled
+    digits, read from the package's CSV file without importing scikit-learn; its ``load_digits``
+    where that file is not where scikit-learn 1.x keeps it."""
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.find_spec("sklearn")
+    path = os.path.join(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz") if spec else ""
+    if os.path.isfile(path):
+        with gzip.open(path) as f:
+            table = np.loadtxt(f, delimiter=",", dtype=np.float64)
+        return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits as sk_digits
+
+    bunch = sk_digits()
+    return bunch.images, bunch.target.astype(np.int64)
+
+
+def digits_split() -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) indices of the digits images, sorted: the recorded stratified 80/20 split."""
+    import numpy as np
+
+    val = np.unpackbits(np.frombuffer(bytes.fromhex(DIGITS_VAL_MASK), np.uint8))[:1797].astype(bool)
+    return np.flatnonzero(~val), np.flatnonzero(val)
+
+
 def load_digits() -> InMemoryData:
     """scikit-learn's bundled 8x8 digits, upsampled x4 to 32x32 RGB; fixed stratified 80/20 split."""
     import numpy as np
     import torch
 
-    from sklearn.datasets import load_digits as sk_digits
-    from sklearn.model_selection import train_test_split
-
-    bunch = sk_digits()
-    images = torch.from_numpy(bunch.images.astype(np.float32) / 16.0)[:, None]  # (N, 1, 8, 8)
+    pixels, target = digits_arrays()
+    images = torch.from_numpy(pixels.astype(np.float32) / 16.0)[:, None]  # (N, 1, 8, 8)
     images = torch.nn.functional.interpolate(images, scale_factor=4, mode="bilinear", align_corners=False)
     images = (images.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
-    labels = torch.from_numpy(bunch.target.astype(np.int64))
-    train_idx, val_idx = train_test_split(
-        np.arange(len(labels)), test_size=0.2, stratify=bunch.target, random_state=0
-    )
-    train_idx, val_idx = np.sort(train_idx), np.sort(val_idx)
+    labels = torch.from_numpy(target)
+    train_idx, val_idx = digits_split()
     train = images[train_idx].float() / 255
     mean = tuple(round(float(v), 4) for v in train.mean(dim=(0, 2, 3)))
     std = tuple(round(float(v), 4) for v in train.std(dim=(0, 2, 3)))

@@ -23,6 +23,30 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+# ---- the CLI in this process -----------------------------------------------------------------------
+
+
+def cli_here(*args, check=True, env=None, cwd=None):
+    """The CLI in this process: no interpreter start-up or imports to pay, for tests that are not
+    about the process. ``env``: variables set while it runs; ``cwd``: the folder it runs in.
+    Returns click's Result (exit_code, stdout, stderr)."""
+    from click.testing import CliRunner
+
+    from dhkd_pipe.cli import main
+
+    here = os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        result = CliRunner().invoke(main, [str(a) for a in args], env=env)
+    finally:
+        os.chdir(here)
+    if check and result.exit_code != 0:
+        raise AssertionError(f"dhkd-pipe {' '.join(map(str, args))} failed ({result.exit_code}):\n{result.stderr[-3000:]}"
+                             f"\n{result.exception!r}")
+    return result
+
+
 # ---- a real S3 server (moto) on 127.0.0.1, for the tests of stores on object storage --------------
 
 S3_BUCKET = "dhkd"

@@ -119,6 +119,23 @@ def test_codec_tolerance_values():
         codec_tolerance("fp8", x)
 
 
+def test_fp16_encoding_rounds_like_numpy_bit_for_bit():
+    """The fp16 codec converts with torch (fast); its bits must be numpy's round-to-nearest-even,
+    the rounding older stores were written with: a stride over every finite fp16 magnitude,
+    subnormals included, and the exact ties between neighbouring fp16 values."""
+    from dhkd_pipe.codecs import FP16_MAX, encode_logits
+
+    bits = np.arange(0x33000000, 0x477FE000, 977, dtype=np.uint32)  # 2^-25 .. 65504
+    x = bits.view(np.float32)
+    h = np.arange(1, 0x7BFF, dtype=np.uint16)  # ties: the midpoints between fp16 neighbours, exact in float32
+    ties = ((h.view(np.float16).astype(np.float32) + (h + 1).view(np.float16).astype(np.float32)) / 2)
+    x = np.concatenate([x, -x, ties, -ties, [0.0, -0.0, FP16_MAX]]).astype(np.float32)
+    x = np.resize(x, (len(x) // 1000 + 1) * 1000).reshape(-1, 1000)
+    values, scale = encode_logits(x, "fp16")
+    assert scale is None and values.dtype == np.float16
+    assert np.array_equal(values.view(np.uint16), x.astype(np.float16).view(np.uint16))
+
+
 def test_done_is_set_only_after_the_data(tmp_path):
     x = fake_logits()
     c = create(tmp_path / "s.zarr")

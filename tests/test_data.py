@@ -32,6 +32,27 @@ def test_digits_split_is_fixed_stratified_and_32px():
     assert d.fingerprint() == load_data("digits").fingerprint()
 
 
+def test_digits_are_scikit_learns_images_and_split_read_without_importing_it():
+    """The pixels and targets read from scikit-learn's bundled file equal its ``load_digits``; the
+    recorded split equals its ``train_test_split``; and loading digits imports no scikit-learn."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from dhkd_pipe.data import digits_arrays, digits_split
+
+    bunch = load_digits()
+    pixels, target = digits_arrays()
+    assert np.array_equal(pixels, bunch.images) and np.array_equal(target, bunch.target)
+    train, val = train_test_split(np.arange(len(target)), test_size=0.2, stratify=bunch.target, random_state=0)
+    got_train, got_val = digits_split()
+    assert np.array_equal(got_train, np.sort(train)) and np.array_equal(got_val, np.sort(val))
+    code = "import sys; from dhkd_pipe.data import load_data; load_data('digits'); print(any(m.startswith('sklearn') for m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
 @pytest.mark.parametrize("kind", ["cifar10", "cifar100"])
 def test_cifar_folder_loads(tmp_path, kind):
     write_cifar(tmp_path / "c", kind)

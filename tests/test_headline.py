@@ -17,6 +17,7 @@ from dhkd_pipe.cli import main
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.models import create_model, resolve_weights
 from dhkd_pipe.views import ViewPlan, validation_views, with_preprocessing
+from conftest import cli_here
 
 BIN = os.path.join(os.path.dirname(sys.executable), "dhkd-pipe")
 QUIET = dict(log=lambda *a: None)
@@ -297,9 +298,10 @@ def test_headline_pair_as_typed_offline(folder, tmp_path):
     assert pre["mean"] == list(t.mean) and pre["std"] == list(t.std)
     assert store.epochs == 8 and store.num_samples == 6  # the defaults: 8 views of every image
 
-    info = json.loads(run_cli("inspect", "logits.zarr", "--json", env=env, cwd=work).stdout)
+    # the two stages in their own processes, as typed; the checks of what they wrote in this one
+    info = json.loads(cli_here("inspect", "logits.zarr", "--json", env=env, cwd=work).stdout)
     assert info["data"] == f"imagefolder:{data}" and info["preprocessing"]["resolution"] == 224
-    assert f"imagefolder:{data}" in run_cli("inspect", "logits.zarr", env=env, cwd=work).stdout
+    assert f"imagefolder:{data}" in cli_here("inspect", "logits.zarr", env=env, cwd=work).stdout
 
     run_cli("distill", "--student", "mobilenet", "--cache", "logits.zarr", "--out", "runs/s", "--epochs", 1, env=env, cwd=work)
     summary = json.loads((work / "runs" / "s" / "summary.json").read_text())
@@ -307,7 +309,7 @@ def test_headline_pair_as_typed_offline(folder, tmp_path):
     saved = torch.load(work / "runs" / "s" / "model.pt", weights_only=True)
     assert ViewPlan.from_dict(saved["plan"]) == ViewPlan.from_dict(attrs["policy"])  # stage 2 rendered with the store's plan
 
-    result = json.loads(run_cli("verify-cache", "logits.zarr", "--samples", 16, env=env, cwd=work).stdout)
+    result = json.loads(cli_here("verify-cache", "logits.zarr", "--samples", 16, env=env, cwd=work).stdout)
     assert result["ok"], result
 
 
@@ -414,6 +416,6 @@ def test_timm_teacher_and_student_through_both_stages(folder, tmp_path):
     plan = ViewPlan.from_dict(saved["plan"])
     assert (plan.resolution, plan.crop_pct, plan.mean, plan.std) == (48, 0.95, (0.5,) * 3, (0.5,) * 3)
     timm.create_model("test_efficientnet", num_classes=3).load_state_dict(saved["model"])  # a plain timm model again
-    result = json.loads(run_cli("eval", "--model", "timm:test_efficientnet", "--weights", out / "model.pt",
+    result = json.loads(cli_here("eval", "--model", "timm:test_efficientnet", "--weights", out / "model.pt",
                                 "--data", f"imagefolder:{folder}").stdout)
     assert result["resolution"] == 48 and result["top1"] == pytest.approx(summary["val_top1"])

@@ -19,17 +19,15 @@ import time
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 from dhkd_pipe.cache import LogitCache
 from dhkd_pipe.codecs import codec_tolerance
-from dhkd_pipe.cli import main
 from dhkd_pipe.config import CacheConfig, TrainConfig
 from dhkd_pipe.engine import prepare
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.stages.cache_teacher import cache_teacher, verify_cache
 from dhkd_pipe.stages.distill import distill
-from conftest import SMALL_DATA
+from conftest import SMALL_DATA, cli_here
 
 BIN = os.path.join(os.path.dirname(sys.executable), "dhkd-pipe")
 QUIET = dict(log=lambda *a: None)
@@ -42,15 +40,6 @@ def cli(*args, check=True, **kw):
     if check and proc.returncode != 0:
         raise AssertionError(f"dhkd-pipe {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
-
-
-def cli_here(*args, check=True):
-    """The CLI in this process: no interpreter start-up. Returns click's Result (exit_code, stdout, stderr)."""
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    if check and result.exit_code != 0:
-        raise AssertionError(f"dhkd-pipe {' '.join(map(str, args))} failed ({result.exit_code}):\n{result.stderr[-3000:]}"
-                             f"\n{result.exception!r}")
-    return result
 
 
 def assert_one_line_error(result, message):
@@ -364,7 +353,7 @@ def test_two_process_training_and_its_checkpoint(tmp_path, small_store):
     assert len(lines) == 1  # written once
     m = json.loads(lines[0])  # terms reduced over the processes like the total
     assert m["train_loss"] == pytest.approx(m["train_ce"] + m["train_kd"], rel=1e-5)
-    result = json.loads(cli("eval", "--model", "resnet8", "--weights", out / "model.pt", "--data", "digits").stdout)
+    result = json.loads(cli_here("eval", "--model", "resnet8", "--weights", out / "model.pt", "--data", "digits").stdout)
     assert result["top1"] == pytest.approx(summary["val_top1"])
 
 

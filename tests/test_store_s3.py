@@ -25,7 +25,7 @@ from dhkd_pipe.loader import StoreEpochs, row_batches, read_ahead_chunks
 from dhkd_pipe.store import StoreObjects, open_store
 from dhkd_pipe.store_writer import create_or_resume, write_unit
 
-from conftest import S3_BUCKET
+from conftest import S3_BUCKET, cli_here
 
 BIN = os.path.join(os.path.dirname(sys.executable), "dhkd-pipe")
 E, N, K, C = 2, 300, 10, 64  # 5 chunks per epoch, the last one short
@@ -279,8 +279,9 @@ def cli(*args, check=True, env=None, timeout=300):
 
 
 def assert_one_line_error(proc, *fragments):
-    """Exit 2 and the error as one line, the last on stderr (progress logs may come before it)."""
-    assert proc.returncode == 2, proc.stderr
+    """Exit 2 and the error as one line, the last on stderr (progress logs may come before it);
+    ``proc``: a subprocess or a click Result."""
+    assert getattr(proc, "returncode", getattr(proc, "exit_code", None)) == 2, proc.stderr
     lines = proc.stderr.splitlines()
     assert lines and lines[-1].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
     assert sum(line.startswith("error") for line in lines) == 1, proc.stderr
@@ -374,7 +375,7 @@ def resumed_store(s3, teacher_weights, tmp_path_factory):
     assert proc.returncode == -signal.SIGKILL and 0 < written < total, (proc.returncode, written, log.read_text()[-2000:])
     with pytest.raises(DhkdError, match="incomplete"):
         LogitCache.open(url).check_complete()
-    cli(*args[1:])
+    cli_here(*args[1:])  # the resume: in this process, which need not die
     return url, str(local)
 
 
@@ -388,12 +389,12 @@ def test_killed_stage_1_on_s3_resumes_to_the_uninterrupted_store(resumed_store):
 @pytest.mark.slow
 def test_inspect_verify_and_distill_from_s3(resumed_store, teacher_weights, tmp_path):
     url, _ = resumed_store
-    info = json.loads(cli("inspect", url, "--json").stdout)
+    info = json.loads(cli_here("inspect", url, "--json").stdout)
     assert info["path"] == url and info["shape"] == [3, 480, 10] and info["complete"] == "45/45" and 0 < info["bytes_per_logit"] <= 2.5
-    result = json.loads(cli("verify-cache", url, "--data", DATA, "--teacher-weights", teacher_weights, "--samples", 64).stdout)
+    result = json.loads(cli_here("verify-cache", url, "--data", DATA, "--teacher-weights", teacher_weights, "--samples", 64).stdout)
     assert result["ok"] and result["samples"] == 64 and result["top1_agreement"] == 1.0
     out = tmp_path / "run"
-    proc = cli("distill", "--student", "resnet8", "--cache", url, "--data", DATA, "--epochs", 1, "--batch-size", 64,
+    proc = cli_here("distill", "--student", "resnet8", "--cache", url, "--data", DATA, "--epochs", 1, "--batch-size", 64,
                "--max-steps", 3, "--out", out)
     assert f"from {url}: 3 stored view-epochs" in proc.stderr
     assert json.loads(proc.stdout) == {"stopped_at": {"epoch": 0, "step": 3}}
@@ -408,8 +409,8 @@ def test_a_deleted_chunk_object_on_s3_is_refused(resumed_store, tmp_path):
         target.write(key, source.read(key))
     key = LogitCache.open(damaged).unit_keys(0, 0)["logits"]
     target.delete(key)
-    proc = cli("distill", "--student", "resnet8", "--cache", damaged, "--data", DATA, "--epochs", 1, "--max-steps", 2,
-               "--out", tmp_path / "run", check=False)
+    proc = cli_here("distill", "--student", "resnet8", "--cache", damaged, "--data", DATA, "--epochs", 1, "--max-steps", 2,
+                    "--out", tmp_path / "run", check=False)
     # found by the listing before training starts, with the fix
     assert_one_line_error(proc, f"store {damaged} is damaged: logits epoch 0 chunk 0 ({key}): missing; re-run cache-teacher with the same "
                                 "command to rewrite it: dhkd-pipe cache-teacher --model resnet8 ")
@@ -419,11 +420,12 @@ def test_a_deleted_chunk_object_on_s3_is_refused(resumed_store, tmp_path):
 @pytest.mark.slow
 def test_missing_bucket_and_bad_credentials_are_one_line(s3, resumed_store, teacher_weights, tmp_path):
     url, _ = resumed_store
-    proc = cli("inspect", "s3://no-such-bucket/logits.zarr", check=False)
+    proc = cli_here("inspect", "s3://no-such-bucket/logits.zarr", check=False)
     assert_one_line_error(proc, "s3://no-such-bucket/logits.zarr", "bucket does not exist")
-    proc = cli("cache-teacher", *STAGE1, "--weights", teacher_weights, "--out", "s3://no-such-bucket/logits.zarr", check=False)
+    proc = cli_here("cache-teacher", *STAGE1, "--weights", teacher_weights, "--out", "s3://no-such-bucket/logits.zarr", check=False)
     assert_one_line_error(proc, "s3://no-such-bucket/logits.zarr", "bucket does not exist")
 
+    # credentials in their own processes: a process keeps the file-system objects it made
     wrong = {"AWS_SECRET_ACCESS_KEY": "not-the-secret"}
     proc = cli("inspect", url, check=False, env=wrong)
     assert_one_line_error(proc, url, "check the credentials")

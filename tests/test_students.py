@@ -202,11 +202,11 @@ def test_a_pass_under_two_processes_equals_the_solo_runs_there(store, tmp_path):
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         assert proc.returncode == 0, proc.stderr[-4000:]
 
-    launch("--student", "resnet8,resnet14", "--seeds", "0,1", "--aux-head", "nonlinear", "--out", str(tmp_path / "pass"))
+    launch("--student", "resnet8,resnet14", "--seeds", "1", "--aux-head", "nonlinear", "--out", str(tmp_path / "pass"))
     # the pass's second student against its solo run (each launch costs about 17 s here; the
-    # in-process tests above compare every student of a pass)
+    # in-process tests above compare every student of a pass, seeds included)
     name = "resnet14-s1"
     launch("--student", "resnet14", "--seed", "1", "--aux-head", "nonlinear", "--out", str(tmp_path / name))
     assert params(str(tmp_path / "pass" / name)) == params(str(tmp_path / name)), name
     assert metrics(str(tmp_path / "pass" / name)) == metrics(str(tmp_path / name)), name
-    assert os.path.isfile(tmp_path / "pass" / "resnet8-s0" / "model.safetensors")
+    assert os.path.isfile(tmp_path / "pass" / "resnet8-s1" / "model.safetensors")
