@@ -371,6 +371,8 @@ class StoreBenchConfig:
     urls: tuple = option((), "Also measure a store at this URL or path (s3://bucket/x.zarr); it is deleted afterwards.",
                          flag="--url", multiple=True)
     s3_local: bool = option(False, "Also measure against a moto S3 server this command starts on 127.0.0.1.", is_flag=True)
+    s3_latency_ms: float = option(0.0, "With --s3-local: also measure with this many milliseconds added to each request "
+                                       "of the local server, as a network round trip adds them (0: only the bare server).")
     local: bool = option(True, "Measure a store in a temporary folder on local disk.", switch=True)
 
 

@@ -73,6 +73,7 @@ RANGES: dict[str, Range] = {
     "teacher_epochs": Range(1, 1_000_000),
     "seeds": Range(1, 1000),
     "threads": Range(0, 4096),
+    "s3_latency_ms": Range(0.0, 10_000.0, why="milliseconds added to each request"),
 }
 
 

@@ -297,17 +297,21 @@ def _timed_store_read(location: str, rows: int, batch_size: int) -> dict:
     return {"read_rows_per_sec": rows / seconds, "read_ahead_chunks": epochs.prefetch, "summary": reader.summary()}
 
 
-def _bench_store_at(location: str, rows: int, classes: int, chunk_rows: int, codec: str, batch_size: int) -> list[dict]:
+def _bench_store_at(location: str, rows: int, classes: int, chunk_rows: int, codec: str, batch_size: int,
+                    server_cpu=None) -> list[dict]:
     """Two rows for one location: the store written by one writer thread, then by the parallel
     writer (stage 1's default thread count there), which is then streamed as stage 2 does. The
-    store is deleted after each write."""
+    store is deleted after each write. ``server_cpu``: the CPU seconds a local server has used so
+    far; its share of one core while writing goes in the rows (near 1, the server sets the rate)."""
     from dhkd_pipe.store_writer import write_threads
 
     results = []
     for threads in (1, max(2, write_threads(location))):
         store = None
         try:
+            cpu = server_cpu() if server_cpu else None
             write_s, store = _timed_store_write(location, rows, classes, chunk_rows, codec, threads)
+            busy = {} if cpu is None else {"server_cpu_share": (server_cpu() - cpu) / write_s}
             read = _timed_store_read(location, rows, batch_size) if threads > 1 else {}
             summary = read.pop("summary", None) or store.summary()
         finally:
@@ -315,7 +319,7 @@ def _bench_store_at(location: str, rows: int, classes: int, chunk_rows: int, cod
                 store.objects.delete_all()
         stored = summary["bytes_per_logit"] * rows * classes
         results.append({"writer_threads": threads, "write_rows_per_sec": rows / write_s, "write_mb_per_sec": stored / write_s / 1e6,
-                        "bytes_per_logit": summary["bytes_per_logit"], "stored_mb": summary["bytes_on_disk"] / 1e6, **read})
+                        "bytes_per_logit": summary["bytes_per_logit"], "stored_mb": summary["bytes_on_disk"] / 1e6, **busy, **read})
     single, parallel = results
     parallel["write_speedup"] = parallel["write_rows_per_sec"] / single["write_rows_per_sec"]
     parallel["read_mb_per_sec"] = parallel["read_rows_per_sec"] * classes * parallel["bytes_per_logit"] / 1e6
@@ -323,11 +327,24 @@ def _bench_store_at(location: str, rows: int, classes: int, chunk_rows: int, cod
     return results
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds process ``pid`` has used (Linux /proc; None elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 @contextlib.contextmanager
-def local_s3_server(bucket: str = "dhkd-bench"):
+def local_s3_server(bucket: str = "dhkd-bench", latency_ms: float = 0.0):
     """A moto S3 server on 127.0.0.1 in a child process for the length of the block, with
     ``bucket`` created and this process's AWS_* variables pointing at it (dummy credentials);
-    yields ``s3://bucket``. The child exits when its stdin closes, so it never outlives us."""
+    yields (``s3://bucket``, a function giving the server's CPU seconds so far, or None where
+    they cannot be read). ``latency_ms``: added to every request before the server handles it
+    (each request has its own server thread, so waits overlap as a network's do). The child
+    exits when its stdin closes, so it never outlives us."""
     import importlib.util
 
     from dhkd_pipe.errors import DhkdError
@@ -337,15 +354,23 @@ def local_s3_server(bucket: str = "dhkd-bench"):
     import s3fs
 
     code = (
-        "import logging, sys\n"
+        "import logging, sys, time\n"
         "logging.getLogger('werkzeug').setLevel(logging.ERROR)\n"
+        "from moto.moto_server.werkzeug_app import DomainDispatcherApplication\n"
+        "latency = float(sys.argv[1]) / 1000\n"
+        "if latency > 0:\n"
+        "    handle = DomainDispatcherApplication.__call__\n"
+        "    def delayed(self, environ, start_response):\n"
+        "        time.sleep(latency)\n"
+        "        return handle(self, environ, start_response)\n"
+        "    DomainDispatcherApplication.__call__ = delayed\n"
         "from moto.server import ThreadedMotoServer\n"
         "server = ThreadedMotoServer(ip_address='127.0.0.1', port=0, verbose=False)\n"
         "server.start()\n"
         "print(server.get_host_and_port()[1], flush=True)\n"
         "sys.stdin.read()\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", code, str(float(latency_ms))], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     saved = {k: os.environ.get(k) for k in _S3_ENV}
     try:
         port = proc.stdout.readline().strip()
@@ -360,7 +385,7 @@ def local_s3_server(bucket: str = "dhkd-bench"):
         if s3fs.S3FileSystem._cache:  # an instance made for another endpoint (--url s3://...) is not reused
             s3fs.S3FileSystem.clear_instance_cache()
         s3fs.S3FileSystem(skip_instance_cache=True).mkdir(bucket)
-        yield f"s3://{bucket}"
+        yield f"s3://{bucket}", (lambda: _cpu_seconds(proc.pid)) if _cpu_seconds(proc.pid) is not None else None
     finally:
         for k, v in saved.items():
             if v is None:
@@ -380,17 +405,21 @@ _S3_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_
 
 
 def bench_store(json_path: str, rows: int = 100_000, classes: int = 1000, chunk_rows: int = 1024, codec: str = "fp16",
-                batch_size: int = 256, urls: tuple = (), s3_local: bool = False, local: bool = True):
+                batch_size: int = 256, urls: tuple = (), s3_local: bool = False, local: bool = True, s3_latency_ms: float = 0.0):
     """Write rows/s (and MB/s of stored bytes) of one process with one writer thread and with the
-    parallel writer, and read rows/s of one stage-2 process, per store location."""
+    parallel writer, and read rows/s of one stage-2 process, per store location. With
+    ``s3_local``, the local S3 server as it is and, for ``s3_latency_ms`` > 0, a second server
+    that adds that many milliseconds to each request: on a small machine the bare local server
+    shares the cores with the writer and sets the rate, which says little about a real object
+    store, where each request waits mostly on its round trip."""
     from dhkd_pipe.errors import DhkdError
 
     if rows < 1 or classes < 1 or chunk_rows < 1 or batch_size < 1:
         raise DhkdError("--rows, --classes, --chunk-rows and --batch-size must be at least 1")
     results = []
 
-    def run(name: str, location: str, target):
-        for result in _bench_store_at(location, rows, classes, chunk_rows, codec, batch_size):
+    def run(name: str, location: str, target, server_cpu=None):
+        for result in _bench_store_at(location, rows, classes, chunk_rows, codec, batch_size, server_cpu):
             result = {"location": name, "url": location, **result}
             if "read_rows_per_sec" in result:
                 result["read_target_rows_per_sec"] = target
@@ -406,8 +435,10 @@ def bench_store(json_path: str, rows: int = 100_000, classes: int = 1000, chunk_
     for url in urls:
         run(url, url, None)
     if s3_local:
-        with local_s3_server() as bucket:
-            run("s3-local", f"{bucket}/store.zarr", STORE_READ_TARGETS["s3-local"])
+        for latency in (0.0, float(s3_latency_ms)) if s3_latency_ms > 0 else (0.0,):
+            with local_s3_server(latency_ms=latency) as (bucket, server_cpu):
+                name = "s3-local" if latency == 0 else f"s3-local +{latency:g} ms"
+                run(name, f"{bucket}/store.zarr", STORE_READ_TARGETS["s3-local"], server_cpu)
     if not results:
         raise DhkdError("nothing to measure: drop --no-local, or give --url or --s3-local")
     print_table(
@@ -416,9 +447,9 @@ def bench_store(json_path: str, rows: int = 100_000, classes: int = 1000, chunk_
         results,
         [("location", "location", "s"), ("writer_threads", "writer threads", "d"), ("write_rows_per_sec", "write rows/s", ",.0f"),
          ("write_mb_per_sec", "write MB/s", ".1f"), ("write_speedup", "vs 1 thread", ".2f"), ("read_rows_per_sec", "read rows/s", ",.0f"),
-         ("write_keeps_up", "write >= read", ""), ("bytes_per_logit", "bytes/logit", ".3f"), ("read_target_rows_per_sec", "read target", ",.0f"),
+         ("write_keeps_up", "write >= read", ""), ("server_cpu_share", "server CPU", ".2f"), ("bytes_per_logit", "bytes/logit", ".3f"), ("read_target_rows_per_sec", "read target", ",.0f"),
          ("meets_target", "meets", "")],
     )
     write_results(json_path, {"bench": "store", "machine": machine(), "load_1min": os.getloadavg()[0], "rows": rows, "classes": classes, "codec": codec, "chunk_rows": chunk_rows,
-                      "batch_size": batch_size, "results": results})
+                      "batch_size": batch_size, "s3_latency_ms": s3_latency_ms, "results": results})
     return results

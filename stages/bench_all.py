@@ -96,11 +96,15 @@ def _distill(out: str, s: dict) -> list[dict]:
     return out_rows
 
 
+S3_ROUND_TRIP_MS = 20.0  # the local S3 server's second run: a round trip of the order of a real object store's
+
+
 def _store(out: str, s: dict) -> list[dict]:
     from .bench import bench_store
 
     s3 = s["s3"] and all(importlib.util.find_spec(m) is not None for m in ("moto", "s3fs"))
-    results = bench_store(os.path.join(out, "bench_store.json"), rows=s["store_rows"], classes=s["store_classes"], s3_local=s3)
+    results = bench_store(os.path.join(out, "bench_store.json"), rows=s["store_rows"], classes=s["store_classes"], s3_local=s3,
+                          s3_latency_ms=S3_ROUND_TRIP_MS)
     rows = []
     for r in results:
         label = f"{r['location']}, {r['writer_threads']} writer thread{'s' if r['writer_threads'] > 1 else ''}"

@@ -436,3 +436,23 @@ def test_missing_bucket_and_bad_credentials_are_one_line(s3, resumed_store, teac
     assert_one_line_error(proc, url)
     assert not (tmp_path / "run").exists()
     assert StoreObjects(open_store(f"s3://{BUCKET}/new.zarr"), "new").list() == []  # nothing half-written
+
+
+@pytest.mark.slow
+def test_bench_stores_local_server_adds_the_round_trip_it_is_given():
+    """``bench store --s3-latency-ms``: every request to the local server waits that long, the
+    server's CPU seconds can be read, and the environment is restored afterwards."""
+    pytest.importorskip("moto")
+    from dhkd_pipe.stages.bench import local_s3_server
+
+    before = os.environ.get("AWS_ENDPOINT_URL_S3")
+    timings = {}
+    for latency in (0.0, 400.0):
+        with local_s3_server(latency_ms=latency) as (bucket, server_cpu):
+            objects = StoreObjects(open_store(f"{bucket}/t.zarr", read_only=False), bucket)
+            t0 = time.perf_counter()
+            objects.write("a", b"x")
+            timings[latency] = time.perf_counter() - t0
+            assert objects.read("a") == b"x" and server_cpu() > 0
+    assert timings[400.0] >= 0.4 and timings[0.0] < 0.4, timings
+    assert os.environ.get("AWS_ENDPOINT_URL_S3") == before
