@@ -12,6 +12,7 @@ import torch
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.exported import load_exported, read_exported, write_exported
 from dhkd_pipe.models import create_model, load_checkpoint
+from conftest import cli_here
 
 BIN = os.path.join(os.path.dirname(sys.executable), "dhkd-pipe")
 
@@ -86,8 +87,7 @@ def test_training_writes_safetensors_and_the_export_command_checks_onnx(tmp_path
     pytest.importorskip("onnxruntime")
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([BIN, "train-teacher", "--model", "resnet8", "--data", "digits", "--epochs", "1", "--out", str(run)],
-                   check=True, capture_output=True, env=env)
+    cli_here("train-teacher", "--model", "resnet8", "--data", "digits@256", "--epochs", "1", "--out", run)
     assert (run / "model.safetensors").is_file() and (run / "model.pt").is_file()
     out = tmp_path / "student.onnx"
     proc = subprocess.run([BIN, "export", str(run), "--format", "onnx", "--out", str(out)], capture_output=True, text=True, env=env)
@@ -95,5 +95,5 @@ def test_training_writes_safetensors_and_the_export_command_checks_onnx(tmp_path
     result = json.loads(proc.stdout)  # stdout is the JSON result alone
     assert result["ok"] is True and out.is_file() and result["checked_with"].startswith("onnxruntime")
 
-    proc = subprocess.run([BIN, "export", str(tmp_path / "nowhere")], capture_output=True, text=True, env=env)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
+    result = cli_here("export", tmp_path / "nowhere", check=False)
+    assert result.exit_code == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
