@@ -317,12 +317,11 @@ def test_headline_pair_as_typed_offline(folder, tmp_path):
 def test_distill_without_data_after_the_folder_moved_is_one_line(folder, resnet8_file, tmp_path):
     data = tmp_path / "d"
     shutil.copytree(folder, data)
-    run_cli("cache-teacher", "--model", "resnet8", "--weights", resnet8_file, "--data", f"imagefolder:{data}", "--views", 1,
-            "--resolution", 32, "--workers", 1, "--out", tmp_path / "s.zarr")
+    cli_here("cache-teacher", "--model", "resnet8", "--weights", resnet8_file, "--data", f"imagefolder:{data}", "--views", 1,
+             "--resolution", 32, "--workers", 1, "--out", tmp_path / "s.zarr")
     os.rename(data, tmp_path / "d2")
-    proc = subprocess.run([BIN, "distill", "--student", "resnet8", "--cache", tmp_path / "s.zarr", "--out", tmp_path / "r"],
-                          capture_output=True, text=True)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "pass --data SPEC if it has moved" in proc.stderr
+    result = cli_here("distill", "--student", "resnet8", "--cache", tmp_path / "s.zarr", "--out", tmp_path / "r", check=False)
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "pass --data SPEC if it has moved" in result.stderr
     assert not (tmp_path / "r").exists()
 
 

@@ -146,7 +146,7 @@ def test_killed_run_resumes_to_the_same_store(tmp_path, random_teacher, quick_st
     assert code == -signal.SIGKILL, code
     with pytest.raises(DhkdError, match="incomplete"):
         LogitCache.open(str(out)).check_complete()
-    cli(*args[1:])
+    cli_here(*args[1:])  # the resume: in this process, which need not die
     assert_same_store(quick_store, out)
 
 
@@ -194,8 +194,8 @@ def test_inspect(quick_store):
 @slow
 def test_online_dhkd_through_the_cli(tmp_path, random_teacher):
     out = tmp_path / "online"
-    cli("distill", "--student", "resnet8", "--teacher", "resnet8", "--teacher-weights", random_teacher, "--data", SMALL_DATA,
-        "--method", "dhkd", "--epochs", 1, "--aux-head", "nonlinear", "--grad-align", "--out", out)
+    cli_here("distill", "--student", "resnet8", "--teacher", "resnet8", "--teacher-weights", random_teacher, "--data", SMALL_DATA,
+             "--method", "dhkd", "--epochs", 1, "--aux-head", "nonlinear", "--grad-align", "--out", out)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["teacher_source"] == "online" and summary["method"] == "dhkd"
     exported = torch.load(out / "model.pt", weights_only=True)["model"]
