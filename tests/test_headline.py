@@ -400,15 +400,15 @@ def test_timm_teacher_and_student_through_both_stages(folder, tmp_path):
     weights = tmp_path / "teacher.pth"
     torch.save({"state_dict": timm.create_model("test_resnet", num_classes=3).state_dict()}, weights)  # timm's train.py layout
     store, out = tmp_path / "s.zarr", tmp_path / "run"
-    run_cli("cache-teacher", "--model", "timm:test_resnet", "--weights", weights, "--data", f"imagefolder:{folder}",
-            "--resolution", 48, "--views", 2, "--batch-size", 8, "--workers", 1, "--out", store)
+    cli_here("cache-teacher", "--model", "timm:test_resnet", "--weights", weights, "--data", f"imagefolder:{folder}",
+             "--resolution", 48, "--views", 2, "--batch-size", 8, "--workers", 1, "--out", store)
     attrs = LogitCache.open(str(store)).attrs
     pre = attrs["preprocessing"]
     assert pre["source"] == "timm test_resnet.r160_in1k pretrained_cfg" and pre["resolution"] == 48  # --resolution wins
     assert (pre["crop_pct"], pre["interpolation"], pre["mean"], pre["std"]) == (0.95, "bilinear", [0.5] * 3, [0.5] * 3)
     assert attrs["teacher"]["val_top1"] is not None
-    run_cli("distill", "--student", "timm:test_efficientnet", "--cache", store, "--epochs", 1, "--batch-size", 8,
-            "--workers", 1, "--out", out)
+    cli_here("distill", "--student", "timm:test_efficientnet", "--cache", store, "--epochs", 1, "--batch-size", 8,
+             "--workers", 1, "--out", out)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["teacher_source"] == "cache" and summary["model"] == "timm:test_efficientnet"
     saved = torch.load(out / "model.pt", weights_only=True)

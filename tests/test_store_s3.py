@@ -447,12 +447,15 @@ def test_bench_stores_local_server_adds_the_round_trip_it_is_given():
 
     before = os.environ.get("AWS_ENDPOINT_URL_S3")
     timings = {}
-    for latency in (0.0, 400.0):
+    for latency in (0.0, 500.0):
         with local_s3_server(latency_ms=latency) as (bucket, server_cpu):
             objects = StoreObjects(open_store(f"{bucket}/t.zarr", read_only=False), bucket)
-            t0 = time.perf_counter()
-            objects.write("a", b"x")
-            timings[latency] = time.perf_counter() - t0
-            assert objects.read("a") == b"x" and server_cpu() > 0
-    assert timings[400.0] >= 0.4 and timings[0.0] < 0.4, timings
+            writes = []
+            for i in range(3 if latency == 0 else 1):  # the bare server: its quickest write once connected
+                t0 = time.perf_counter()
+                objects.write(f"a{i}", b"x")
+                writes.append(time.perf_counter() - t0)
+            timings[latency] = min(writes[1:] or writes)
+            assert objects.read("a0") == b"x" and server_cpu() > 0
+    assert timings[500.0] >= 0.5 and timings[0.0] < 0.5, timings  # every request of the second server waits 0.5 s
     assert os.environ.get("AWS_ENDPOINT_URL_S3") == before
