@@ -152,13 +152,27 @@ def check_encodable(logits, codec: str, where: str = ""):
     return amax
 
 
-def encode_logits(logits, codec: str):
+def encode_logits(logits, codec: str, where: str = "of the unit"):
     """(stored values, float32 per-row scale or None) of float32 (rows, K) logits; refuses what
-    :func:`check_encodable` refuses."""
+    :func:`check_encodable` refuses (``where`` names the rows in its message)."""
     import numpy as np
 
     x = np.ascontiguousarray(logits, dtype=np.float32)
-    return codec_named(codec).encode(x, check_encodable(x, codec, "of the unit"))
+    return codec_named(codec).encode(x, check_encodable(x, codec, where))
+
+
+class EncodedRows:
+    """Rows already encoded by :func:`encode_logits` (stored values, and the int8 scale or None),
+    handed to the store's writer as they are: a holder of many rows (stage 1's decode-once groups)
+    keeps them at the codec's width instead of float32's."""
+
+    __slots__ = ("values", "scale")
+
+    def __init__(self, values, scale=None):
+        self.values, self.scale = values, scale
+
+    def __len__(self):
+        return len(self.values)
 
 
 def stored_tensor(values):

@@ -8,8 +8,9 @@ and under several processes each takes the groups ``g`` with ``g % processes == 
 
 The rows written are the ones the view-by-view pass writes from the same order: each stored row
 is the teacher's output for one view, whatever batch it was computed in. A job holds its group's
-logits for all its epochs until it writes them: unit rows x views x classes float32 (4 MB for a
-1,024-row unit, 8 views and 100 classes; 2 GB for ImageNet's 16,384-row shards at 32 views).
+logits for all its epochs until it writes them, encoded in the store's codec as each batch
+arrives: unit rows x views x classes x the codec's bytes (fp16: 2 MB for a 1,024-row unit, 8 views
+and 100 classes; 1 GB for ImageNet's 16,384-row shards at 32 views, half of float32's).
 """
 
 from __future__ import annotations
@@ -76,23 +77,33 @@ def images_per_batch(batch_views: int, count: int) -> int:
 
 
 def run_jobs(jobs: list[GroupJob], renderer, forward: Callable, put: Callable, batch_views: int,
-             progress: Callable[[int], None] = lambda n: None) -> Iterator[int]:
+             progress: Callable[[int], None] = lambda n: None, codec: str = "fp32") -> Iterator[int]:
     """Renders, runs ``forward`` (views (m, 3, R, R) -> float32 logits (m, K) on the CPU) and
-    hands each finished unit to ``put(epoch, first_chunk, logits, order, views)``; yields the
-    views done after each job. About ``batch_views`` views go through the teacher at a time."""
+    hands each finished unit to ``put(epoch, first_chunk, rows, order, views)``, ``rows`` the
+    unit's logits as :class:`EncodedRows` in ``codec`` (each row encoded alone, so the same as the
+    whole unit encoded at once); yields the views done after each job. About ``batch_views`` views
+    go through the teacher at a time."""
+    from .codecs import EncodedRows, encode_logits
+
     for job in jobs:
         count = len(job.epochs)
         images = images_per_batch(batch_views, count)
-        logits, filled = None, 0
+        values = scales = None
+        filled = 0
         for x in renderer.image_batches(job.samples, job.views, images):
             b = len(x)
-            y = forward(x.flatten(0, 1)).view(b, count, -1)
-            if logits is None:
-                logits = np.empty((count, len(job.samples), y.shape[-1]), dtype=np.float32)
-            logits[:, filled : filled + b] = y.transpose(0, 1).numpy()
+            y = forward(x.flatten(0, 1)).view(b, count, -1).transpose(0, 1).reshape(b * count, -1)  # epoch-major
+            v, scale = encode_logits(y.numpy(), codec, "of the batch")
+            if values is None:
+                values = np.empty((count, len(job.samples), v.shape[-1]), dtype=v.dtype)
+                scales = None if scale is None else np.empty((count, len(job.samples)), dtype=np.float32)
+            values[:, filled : filled + b] = v.reshape(count, b, -1)
+            if scales is not None:
+                scales[:, filled : filled + b] = scale.reshape(count, b)
             filled += b
             progress(b * count)
         for j, e in enumerate(job.epochs):
             place = job.places[j]
-            put(e, job.first_chunks[j], logits[j][place], job.rows[j], job.views[place, j])
+            rows = EncodedRows(values[j][place], None if scales is None else scales[j][place])
+            put(e, job.first_chunks[j], rows, job.rows[j], job.views[place, j])
         yield job.num_views

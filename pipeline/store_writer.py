@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .cache import LogitCache
-from .codecs import codec_named, encode_logits
+from .codecs import EncodedRows, codec_named, encode_logits
 from .errors import DhkdError, one_line
 from .store import StoreObjects, is_local, open_store, storage_errors
 from .store_audit import remove_leftovers, repair
@@ -93,12 +93,14 @@ def _check_same(existing: LogitCache, attrs: dict, geometry: dict):
 
 
 def write_unit(cache: LogitCache, epoch: int, first_chunk: int, logits, order, views):
-    """Writes one write unit (all its rows) of an opened store, then its ``done`` flags."""
+    """Writes one write unit (all its rows) of an opened store, then its ``done`` flags.
+    ``logits``: float32 (rows, K), or :class:`EncodedRows` in the store's codec."""
     from zarr.core.sync import sync
 
     start, stop = cache.unit_rows(first_chunk)
     n = stop - start
-    logits = np.asarray(logits)
+    encoded = logits if isinstance(logits, EncodedRows) else None
+    logits = np.asarray(encoded.values if encoded is not None else logits)
     order, views = np.asarray(order), np.asarray(views)
     if logits.shape != (n, cache.num_classes) or order.shape != (n,) or views.shape != (n, 5):
         last = min(first_chunk + cache.shard_chunks, cache.num_chunks) - 1
@@ -106,7 +108,12 @@ def write_unit(cache: LogitCache, epoch: int, first_chunk: int, logits, order, v
             f"unit (epoch {epoch}, chunks {first_chunk}-{last}) needs ({n}, {cache.num_classes}) logits, ({n},) order, "
             f"({n}, 5) views; got {logits.shape}, {order.shape}, {views.shape}"
         )
-    values, scale = encode_logits(logits, cache.codec)
+    if encoded is None:
+        values, scale = encode_logits(logits, cache.codec)
+    else:
+        values, scale = logits, encoded.scale
+        if values.dtype != np.dtype(codec_named(cache.codec).stored_dtype) or (scale is None) == codec_named(cache.codec).has_scale:
+            raise ValueError(f"rows encoded as {values.dtype} (scale: {scale is not None}) for a {cache.codec} store")
     rows = (epoch, slice(start, stop))
     data = [("logits", values), ("order", order.astype(np.int32)), ("views", views.astype(np.int32))]
     if scale is not None:

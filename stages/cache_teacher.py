@@ -261,7 +261,7 @@ def write_groups(run: TeacherPass, writer: StoreWriter, jobs) -> tuple[int, floa
         run.renderer.start_images(count, images_per_batch(run.cfg.batch_size, count))
     start = time.perf_counter()
     try:
-        images = sum(run_jobs(jobs, run.renderer, run.logits, writer.put, run.cfg.batch_size, bar.update))
+        images = sum(run_jobs(jobs, run.renderer, run.logits, writer.put, run.cfg.batch_size, bar.update, codec=run.cfg.codec))
     finally:
         bar.close()
     return images, time.perf_counter() - start

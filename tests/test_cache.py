@@ -136,6 +136,25 @@ def test_fp16_encoding_rounds_like_numpy_bit_for_bit():
     assert np.array_equal(values.view(np.uint16), x.astype(np.float16).view(np.uint16))
 
 
+@pytest.mark.parametrize("codec", ["fp16", "int8"])
+def test_rows_encoded_ahead_are_written_as_is_and_must_match_the_codec(tmp_path, codec):
+    from dhkd_pipe.codecs import EncodedRows, encode_logits
+    from dhkd_pipe.store_writer import write_unit
+
+    x = fake_logits()
+    ahead, plain = create(tmp_path / "a.zarr", codec=codec), create(tmp_path / "b.zarr", codec=codec)
+    a, b = ahead.rows(0)
+    order, views = np.arange(a, b), np.zeros((b - a, 5), np.int32)
+    write_unit(ahead, 0, 0, EncodedRows(*encode_logits(x[0, a:b], codec)), order, views)
+    write_unit(plain, 0, 0, x[0, a:b], order, views)
+    assert np.array_equal(ahead.read_chunk(0, 0)[0], plain.read_chunk(0, 0)[0])
+    if codec == "int8":
+        assert np.array_equal(ahead.read_chunk(0, 0)[1], plain.read_chunk(0, 0)[1])
+    wrong = EncodedRows(x[0, a:b]) if codec == "fp16" else EncodedRows(encode_logits(x[0, a:b], codec)[0])  # float32; int8 without its scale
+    with pytest.raises(ValueError, match=f"for a {codec} store"):
+        write_unit(ahead, 0, 1, wrong, order, views)
+
+
 def test_done_is_set_only_after_the_data(tmp_path):
     x = fake_logits()
     c = create(tmp_path / "s.zarr")

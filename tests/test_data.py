@@ -32,12 +32,9 @@ def test_digits_split_is_fixed_stratified_and_32px():
     assert d.fingerprint() == load_data("digits").fingerprint()
 
 
-def test_digits_are_scikit_learns_images_and_split_read_without_importing_it():
+def test_digits_are_scikit_learns_images_and_split():
     """The pixels and targets read from scikit-learn's bundled file equal its ``load_digits``; the
-    recorded split equals its ``train_test_split``; and loading digits imports no scikit-learn."""
-    import subprocess
-    import sys
-
+    recorded split equals its ``train_test_split``."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -49,6 +46,13 @@ def test_digits_are_scikit_learns_images_and_split_read_without_importing_it():
     train, val = train_test_split(np.arange(len(target)), test_size=0.2, stratify=bunch.target, random_state=0)
     got_train, got_val = digits_split()
     assert np.array_equal(got_train, np.sort(train)) and np.array_equal(got_val, np.sort(val))
+
+
+@pytest.mark.slow
+def test_loading_digits_imports_no_scikit_learn():
+    import subprocess
+    import sys
+
     code = "import sys; from dhkd_pipe.data import load_data; load_data('digits'); print(any(m.startswith('sklearn') for m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
