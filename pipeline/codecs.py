@@ -171,9 +171,6 @@ class EncodedRows:
     def __init__(self, values, scale=None):
         self.values, self.scale = values, scale
 
-    def __len__(self):
-        return len(self.values)
-
 
 def stored_tensor(values):
     """A CPU tensor sharing the stored bytes; uint16 (bfloat16 bit patterns) becomes bfloat16."""

@@ -416,6 +416,8 @@ def bench_store(json_path: str, rows: int = 100_000, classes: int = 1000, chunk_
 
     if rows < 1 or classes < 1 or chunk_rows < 1 or batch_size < 1:
         raise DhkdError("--rows, --classes, --chunk-rows and --batch-size must be at least 1")
+    if s3_latency_ms > 0 and not s3_local:
+        raise DhkdError("--s3-latency-ms is added to the local S3 server's requests: give --s3-local too")
     results = []
 
     def run(name: str, location: str, target, server_cpu=None):

@@ -138,3 +138,13 @@ def test_every_catalog_entry_names_an_existing_builder():
 
     for name, arch in CATALOG.items():
         assert callable(getattr(importlib.import_module(f"dhkd_pipe.models.{arch.module}"), arch.builder)), name
+
+
+def test_bench_stores_latency_without_the_local_server_is_one_line(tmp_path):
+    from conftest import cli_here
+
+    result = cli_here("bench", "store", "--s3-latency-ms", "20", "--json", tmp_path / "b.json", check=False)
+    assert result.exit_code == 2 and result.stderr == "error: --s3-latency-ms is added to the local S3 server's requests: give --s3-local too\n"
+    assert not (tmp_path / "b.json").exists()
+    result = cli_here("bench", "store", "--s3-local", "--s3-latency-ms", "-1", check=False)
+    assert result.exit_code == 2 and "bad --s3-latency-ms -1" in result.stderr
