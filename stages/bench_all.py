@@ -104,7 +104,7 @@ def _store(out: str, s: dict) -> list[dict]:
 
     s3 = s["s3"] and all(importlib.util.find_spec(m) is not None for m in ("moto", "s3fs"))
     results = bench_store(os.path.join(out, "bench_store.json"), rows=s["store_rows"], classes=s["store_classes"], s3_local=s3,
-                          s3_latency_ms=S3_ROUND_TRIP_MS)
+                          s3_latency_ms=S3_ROUND_TRIP_MS if s3 else 0.0)
     rows = []
     for r in results:
         label = f"{r['location']}, {r['writer_threads']} writer thread{'s' if r['writer_threads'] > 1 else ''}"
