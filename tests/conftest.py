@@ -2,6 +2,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import urllib.request
 
 import numpy as np
@@ -23,7 +25,20 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-# ---- the CLI in this process -----------------------------------------------------------------------
+# ---- the CLI in its own process, and in this one ----------------------------------------------------
+
+BIN = os.path.join(os.path.dirname(sys.executable), "dhkd-pipe")
+
+
+def cli_process(*args, check=True, env=None, cwd=None, timeout=300):
+    """The console script in its own process (one torch thread), for tests whose subject is the
+    process. ``env``: variables added to this process's. Returns the CompletedProcess."""
+    proc = subprocess.run([BIN, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"dhkd-pipe {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
 
 
 def cli_here(*args, check=True, env=None, cwd=None):

@@ -5,8 +5,6 @@ preprocessing, and stage 2 rendering with exactly the teacher's preprocessing.""
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,9 +15,8 @@ from dhkd_pipe.cli import main
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.models import create_model, resolve_weights
 from dhkd_pipe.views import ViewPlan, validation_views, with_preprocessing
-from conftest import cli_here
+from conftest import cli_here, cli_process as run_cli
 
-BIN = os.path.join(os.path.dirname(sys.executable), "dhkd-pipe")
 QUIET = dict(log=lambda *a: None)
 TV_ARCH = "mobilenet_v3_small"  # small and fast on a CPU; DEFAULT is IMAGENET1K_V1
 TV_FILE = "mobilenet_v3_small-047dcff4.pth"  # the file name torchvision's DEFAULT weight URL ends in
@@ -253,13 +250,6 @@ def test_moved_folder_with_data_works_and_a_wrong_one_is_refused(folder, resnet8
     torch.save({"model": create_model("resnet8", 3).state_dict()}, other)
     with pytest.raises(DhkdError, match="are not the store's: digest"):
         verify_cache(str(store), f"imagefolder:{moved}", str(other), samples=8)
-
-
-def run_cli(*args, env=None, cwd=None):
-    proc = subprocess.run([BIN, *map(str, args)], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-    assert proc.returncode == 0, f"dhkd-pipe {' '.join(map(str, args))}:\n{proc.stderr[-3000:]}"
-    return proc
 
 
 @pytest.mark.slow

@@ -27,19 +27,10 @@ from dhkd_pipe.engine import prepare
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.stages.cache_teacher import cache_teacher, verify_cache
 from dhkd_pipe.stages.distill import distill
-from conftest import SMALL_DATA, cli_here
+from conftest import BIN, SMALL_DATA, cli_here, cli_process as cli
 
-BIN = os.path.join(os.path.dirname(sys.executable), "dhkd-pipe")
 QUIET = dict(log=lambda *a: None)
 slow = pytest.mark.slow
-
-
-def cli(*args, check=True, **kw):
-    """The console script in its own process."""
-    proc = subprocess.run([BIN, *map(str, args)], capture_output=True, text=True, **kw)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"dhkd-pipe {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return proc
 
 
 def assert_one_line_error(result, message):

@@ -10,7 +10,6 @@ import multiprocessing as mp
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -25,9 +24,8 @@ from dhkd_pipe.loader import StoreEpochs, row_batches, read_ahead_chunks
 from dhkd_pipe.store import StoreObjects, open_store
 from dhkd_pipe.store_writer import create_or_resume, write_unit
 
-from conftest import S3_BUCKET, cli_here
+from conftest import BIN, S3_BUCKET, cli_here, cli_process as cli
 
-BIN = os.path.join(os.path.dirname(sys.executable), "dhkd-pipe")
 E, N, K, C = 2, 300, 10, 64  # 5 chunks per epoch, the last one short
 
 
@@ -268,14 +266,6 @@ def test_read_ahead_depth():
 # ---- a real S3 server (moto) on 127.0.0.1 ---------------------------------------------------------
 
 BUCKET = S3_BUCKET  # the moto server is the session fixture ``s3`` (conftest.py)
-
-
-def cli(*args, check=True, env=None, timeout=300):
-    proc = subprocess.run([BIN, *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-    if check and proc.returncode != 0:
-        raise AssertionError(f"dhkd-pipe {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return proc
 
 
 def assert_one_line_error(proc, *fragments):
