@@ -143,7 +143,9 @@ def check_encodable(logits, codec: str, where: str = ""):
     import numpy as np
 
     x = np.asarray(logits, dtype=np.float32)
-    amax = np.abs(x).max(axis=1) if x.size else np.zeros(len(x), np.float32)
+    # max|x| per row as |max(max x, -min x)|: the same floats (negation is exact, NaN propagates,
+    # the outer abs makes -0 +0), without a temporary |x| as large as the rows
+    amax = np.abs(np.maximum(x.max(axis=1), -x.min(axis=1))) if x.size else np.zeros(len(x), np.float32)
     if not np.all(np.isfinite(amax)):
         bad = int(np.flatnonzero(~np.isfinite(amax))[0])
         kind = "NaN" if np.isnan(x[bad]).any() else "infinite"

@@ -16,6 +16,7 @@ S3-compatible server), for ``gs://`` Google's application default credentials.
 from __future__ import annotations
 
 import os
+import uuid
 
 from .errors import DhkdError, one_line
 
@@ -105,6 +106,26 @@ def check_inputs_outside(location: str, entries: tuple[str, ...], inputs: dict):
             if real == target or real.startswith(target + os.sep):
                 raise DhkdError(f"{option} {path} lies inside what --overwrite would remove from the store {location} "
                                 f"({os.path.basename(target)}); copy it elsewhere first")
+
+
+def write_local_object(store, key: str, parts) -> None:
+    """Writes object ``key`` (its bytes in ``parts``, one after the other) of a local store (a
+    ``LocalStore``) from the calling thread, as Zarr's
+    LocalStore writes one: into a ``*.partial`` file renamed into place, so no reader sees half an
+    object and a killed writer leaves only ``*.partial`` files (``store_audit.remove_leftovers``
+    deletes them). Writer threads then share the file system's work, which Zarr's one I/O loop
+    would take in turn."""
+    path = store.root / key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+    try:
+        with open(partial, "wb") as f:
+            for part in parts:
+                f.write(part)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def open_store(location: str, read_only: bool = True):
@@ -305,91 +326,3 @@ class StoreObjects:
                 self.delete(name)
             else:
                 self.call(f"delete {name}", self.store.delete_dir(name))
-
-
-# ---- checksums of stored objects (no decoding) -------------------------------------------------------
-
-_NO_CHUNK = 2**64 - 1  # a shard index entry (offset, nbytes) of (this, this): the chunk is not stored
-
-
-def _crc_problem(data, codecs) -> str | None:
-    """Why an object whose codec chain is ``codecs`` is damaged, from its trailing CRC32C (zarr's
-    ``crc32c`` codec appends the little-endian CRC32C of the bytes before it); None if it is
-    sound or carries no checksum."""
-    from zarr.codecs import Crc32cCodec
-
-    if not codecs or not isinstance(codecs[-1], Crc32cCodec):
-        return None
-    if len(data) < 4:
-        return "truncated"
-    import google_crc32c
-    import numpy as np
-
-    view = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data  # slices without copies
-    if google_crc32c.value(view[:-4]).to_bytes(4, "little") != view[-4:].tobytes():
-        return "checksum mismatch"
-    return None
-
-
-def shard_in_bounds(metadata, coords) -> "np.ndarray | None":
-    """For the sharded array ``metadata``, which inner chunks of the shard at grid ``coords`` lie
-    inside the array (bools, C order of the shard's index); None if the array is not sharded."""
-    import numpy as np
-    from zarr.codecs import ShardingCodec
-
-    codecs = metadata.codecs
-    if not codecs or not isinstance(codecs[0], ShardingCodec):
-        return None
-    shard = np.asarray(metadata.chunk_grid.chunk_shape)
-    inner = np.asarray(codecs[0].chunk_shape)
-    per_shard = shard // inner
-    chunks_in_array = -(-np.asarray(metadata.shape) // inner)
-    local = np.indices(tuple(per_shard)).reshape(len(per_shard), -1).T  # C order
-    return np.all(np.asarray(coords) * per_shard + local < chunks_in_array, axis=1)
-
-
-def object_problem(data, codecs, in_bounds=None) -> str | None:
-    """Why a stored chunk object is damaged ("missing", "truncated", "checksum mismatch", ...), or
-    None if it is sound, from the checksums it carries; nothing is decoded.
-
-    A sharded object (``codecs`` is one ``ShardingCodec``) is checked through its index: the
-    index's own CRC32C, every stored inner chunk inside the object with its CRC32C, and every
-    inner chunk that lies inside the array (``in_bounds``: one bool per index entry, C order;
-    default all) stored.
-    """
-    from zarr.codecs import ShardingCodec
-
-    if data is None:
-        return "missing"
-    if not codecs or not isinstance(codecs[0], ShardingCodec):
-        return _crc_problem(data, codecs)
-    import numpy as np
-    from zarr.codecs import Crc32cCodec
-    from zarr.codecs.sharding import ShardingCodecIndexLocation
-
-    sharding = codecs[0]
-    view = np.frombuffer(data, dtype=np.uint8)
-    if in_bounds is None:
-        raise ValueError("a sharded object needs in_bounds (one bool per index entry)")
-    entries = int(np.asarray(in_bounds).size)
-    index_nbytes = 16 * entries + (4 if any(isinstance(c, Crc32cCodec) for c in sharding.index_codecs) else 0)
-    if len(view) < index_nbytes:
-        return "truncated (no shard index)"
-    at_start = sharding.index_location == ShardingCodecIndexLocation.start
-    index = view[:index_nbytes] if at_start else view[len(view) - index_nbytes:]
-    problem = _crc_problem(index, sharding.index_codecs)
-    if problem:
-        return f"shard index {problem}"
-    table = index[: 16 * entries].view("<u8").reshape(entries, 2)
-    lo, hi = (index_nbytes, len(view)) if at_start else (0, len(view) - index_nbytes)
-    for j, (offset, nbytes) in enumerate(table.tolist()):
-        if offset == _NO_CHUNK and nbytes == _NO_CHUNK:
-            if in_bounds.reshape(-1)[j]:
-                return f"inner chunk {j} missing"
-            continue
-        if offset < lo or offset + nbytes > hi:
-            return f"truncated (inner chunk {j} lies outside the object)"
-        problem = _crc_problem(view[offset : offset + nbytes], sharding.codecs)
-        if problem:
-            return f"inner chunk {j} {problem}"
-    return None

@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .chunk_objects import object_problem, shard_in_bounds
 from .errors import DhkdError, one_line
-from .store import object_problem, shard_in_bounds, storage_errors
+from .store import storage_errors
 from .store_layout import STORE_ENTRIES
 from .store_lock import LOCK_KEY
 
@@ -24,7 +25,7 @@ LABELS_KEY = "labels/c/0"
 
 
 def _checks(cache: "LogitCache", key: str):
-    """(codecs, in_bounds) to check object ``key`` with (see ``store.object_problem``)."""
+    """(codecs, in_bounds) to check object ``key`` with (see ``chunk_objects.object_problem``)."""
     name, _, coords = key.partition("/c/")
     metadata = cache.array(name).metadata
     return metadata.codecs, shard_in_bounds(metadata, tuple(int(v) for v in coords.split("/")))

@@ -192,6 +192,7 @@ class StoreLayout:
         shards = logits.shards
         self._shard_chunks = 1 if shards is None else int(shards[1]) // self._chunk_rows
         self._codec = codec
+        self._encoders: dict | None = None
 
     @property
     def epochs(self) -> int:
@@ -264,6 +265,15 @@ class StoreLayout:
             if arr is not None:
                 keys[name] = f"{name}/" + arr.metadata.encode_chunk_key((epoch, unit) + (0,) * (arr.ndim - 2))
         return keys
+
+    def encoders(self) -> dict:
+        """{array: ObjectEncoder or None} of the arrays a write unit writes (None: Zarr encodes that
+        array's objects, its codec chain being one the encoder does not know)."""
+        if self._encoders is None:
+            from .chunk_objects import ObjectEncoder
+
+            self._encoders = {name: ObjectEncoder.of(self._arrays[name].metadata) for name in PER_EPOCH if name in self._arrays}
+        return self._encoders
 
     def what(self, key: str) -> str:
         """What an object key holds, in words: ``logits epoch 1 chunk 3`` (``chunks 3-5`` sharded)."""

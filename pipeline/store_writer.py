@@ -16,7 +16,7 @@ import numpy as np
 from .cache import LogitCache
 from .codecs import EncodedRows, codec_named, encode_logits
 from .errors import DhkdError, one_line
-from .store import StoreObjects, is_local, open_store, storage_errors
+from .store import StoreObjects, is_local, open_store, storage_errors, write_local_object
 from .store_audit import remove_leftovers, repair
 from .store_layout import GEOMETRY, STORE_ENTRIES, check_geometry, check_target, create_arrays, jsonable, location
 from .store_lock import LOCK_KEY, StoreLock
@@ -94,16 +94,22 @@ def _check_same(existing: LogitCache, attrs: dict, geometry: dict):
 
 def write_unit(cache: LogitCache, epoch: int, first_chunk: int, logits, order, views):
     """Writes one write unit (all its rows) of an opened store, then its ``done`` flags.
-    ``logits``: float32 (rows, K), or :class:`EncodedRows` in the store's codec."""
+    ``logits``: float32 (rows, K), or :class:`EncodedRows` in the store's codec.
+
+    The calling thread encodes the unit's objects (``chunk_objects.ObjectEncoder``: the bytes Zarr
+    would write) and, on a local disk, writes their files too; elsewhere Zarr's store takes the
+    data objects at once (their round trips overlap), then the flags."""
+    from zarr.core.buffer import default_buffer_prototype
     from zarr.core.sync import sync
+    from zarr.storage import LocalStore
 
     start, stop = cache.unit_rows(first_chunk)
+    last = min(first_chunk + cache.shard_chunks, cache.num_chunks) - 1
     n = stop - start
     encoded = logits if isinstance(logits, EncodedRows) else None
     logits = np.asarray(encoded.values if encoded is not None else logits)
     order, views = np.asarray(order), np.asarray(views)
     if logits.shape != (n, cache.num_classes) or order.shape != (n,) or views.shape != (n, 5):
-        last = min(first_chunk + cache.shard_chunks, cache.num_chunks) - 1
         raise ValueError(
             f"unit (epoch {epoch}, chunks {first_chunk}-{last}) needs ({n}, {cache.num_classes}) logits, ({n},) order, "
             f"({n}, 5) views; got {logits.shape}, {order.shape}, {views.shape}"
@@ -114,18 +120,35 @@ def write_unit(cache: LogitCache, epoch: int, first_chunk: int, logits, order, v
         values, scale = logits, encoded.scale
         if values.dtype != np.dtype(codec_named(cache.codec).stored_dtype) or (scale is None) == codec_named(cache.codec).has_scale:
             raise ValueError(f"rows encoded as {values.dtype} (scale: {scale is not None}) for a {cache.codec} store")
-    rows = (epoch, slice(start, stop))
-    data = [("logits", values), ("order", order.astype(np.int32)), ("views", views.astype(np.int32))]
+    data = {"logits": values, "order": order.astype(np.int32), "views": views.astype(np.int32)}
     if scale is not None:
-        data.append(("logit_scale", scale))
+        data["logit_scale"] = scale
+    data["done"] = np.ones(last + 1 - first_chunk, bool)
+    unit = (epoch, first_chunk // cache.shard_chunks)
+    arrays = {name: cache.array(name) for name in data}
+    keys = {name: a.metadata.encode_chunk_key(unit + (0,) * (a.ndim - 2)) for name, a in arrays.items()}
+    # encoded on this thread (Blosc and CRC32C release the GIL), so writer threads share the work;
+    # None: an array whose codec chain only Zarr encodes
+    parts = {name: None if encoder is None else encoder.parts(data[name][None]) for name, encoder in cache.encoders().items()}
+    store = arrays["logits"].store_path.store
 
-    async def write_data():  # the unit's objects at once: one round trip on object storage, not four
-        await asyncio.gather(*(cache.array(name).async_array.setitem(rows, v) for name, v in data))
+    async def put(name):
+        if parts[name] is None:
+            columns = slice(first_chunk, last + 1) if name == "done" else slice(start, stop)
+            await arrays[name].async_array.setitem((epoch, columns), data[name])
+        else:
+            await (arrays[name].store_path / keys[name]).set(default_buffer_prototype().buffer.from_bytes(b"".join(parts[name])))
+
+    async def write_all():  # the unit's data objects at once (one round trip on object storage, not four), then its flags
+        await asyncio.gather(*(put(name) for name in data if name != "done"))
+        await put("done")
 
     try:
-        sync(write_data())
-        last = min(first_chunk + cache.shard_chunks, cache.num_chunks) - 1
-        cache.array("done")[epoch, first_chunk : last + 1] = True  # only after all of the unit's data
+        if isinstance(store, LocalStore) and all(p is not None for p in parts.values()):
+            for name in data:  # done last
+                write_local_object(store, f"{arrays[name].store_path.path}/{keys[name]}", parts[name])
+        else:
+            sync(write_all())
     except storage_errors() as e:
         raise DhkdError(f"cannot write to store {cache.path}: {one_line(e)}") from None
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dhkd_pipe.cache import LogitCache
-from dhkd_pipe.codecs import BF16_RELATIVE_ERROR, CODECS, FP16_RELATIVE_ERROR, codec_tolerance, decode_logits
+from dhkd_pipe.chunk_objects import ObjectEncoder
+from dhkd_pipe.codecs import BF16_RELATIVE_ERROR, CODECS, FP16_RELATIVE_ERROR, codec_named, codec_tolerance, decode_logits, encode_logits
 from dhkd_pipe.store_layout import estimate_bytes
 from dhkd_pipe.store_writer import create_or_resume, write_unit
 from dhkd_pipe.errors import DhkdError
@@ -365,33 +366,103 @@ def test_fp16_range_is_checked(tmp_path):
         write_unit(c, 0, 0, x[0, :C], fake_order(0)[:C], fake_views(0)[:C])
 
 
-def test_done_flag_is_the_last_object_written(tmp_path, monkeypatch):
-    import zarr.storage
+@pytest.mark.parametrize("sharded", [False, True])
+@pytest.mark.parametrize("codec", CODECS)
+def test_unit_objects_are_the_bytes_zarr_writes(tmp_path, codec, sharded):
+    """``write_unit`` encodes a unit's objects itself (``chunk_objects.ObjectEncoder``); Zarr, given
+    the same values for a store of the same geometry, writes the same files byte for byte: the
+    short last chunk, and sharded the last shard, whose second chunk lies outside the array."""
+    geometry = dict(shard_threshold=4, shard_bytes=2 * C * K * codec_named(codec).bytes_per_logit) if sharded else {}
+    ours, theirs = create(tmp_path / "ours.zarr", codec, **geometry), create(tmp_path / "zarr.zarr", codec, **geometry)
+    assert ours.shard_chunks == (2 if sharded else 1) and all(ours.encoders().values())
+    x = fake_logits()
+    write(ours, x)
+    for e, chunks in theirs.write_units():
+        a, b = theirs.unit_rows(chunks[0])
+        values, scale = encode_logits(x[e, a:b], codec)
+        for name, v in (("logits", values), ("logit_scale", scale), ("order", fake_order(e)[a:b]), ("views", fake_views(e)[a:b])):
+            if v is not None:
+                theirs.array(name)[e, a:b] = v
+        theirs.array("done")[e, chunks[0] : chunks[-1] + 1] = True
+    ours_files, zarr_files = files(tmp_path / "ours.zarr"), files(tmp_path / "zarr.zarr")
+    assert sorted(ours_files) == sorted(zarr_files) and "logits/c/1/2/0" in ours_files
+    assert [k for k in ours_files if ours_files[k] != zarr_files[k]] == []
 
+
+def test_row_maxima_are_max_abs_bit_for_bit():
+    """The writer's max|row| (from each row's max and min) is numpy's max(|x|), zeros of either
+    sign included; a NaN or infinite row is refused as before."""
+    from dhkd_pipe.codecs import check_encodable
+
+    x = fake_logits(1, 300, 50)[0]
+    x[1], x[2], x[3, ::2] = -0.0, 0.0, -0.0
+    amax = check_encodable(x, "fp32")
+    assert amax.tobytes() == np.abs(x).max(axis=1).tobytes()
+    for bad, kind in ((np.nan, "NaN"), (np.inf, "infinite"), (-np.inf, "infinite")):
+        y = x.copy()
+        y[4, 7] = bad
+        with pytest.raises(DhkdError, match=f"not finite \\({kind} in row 4"):
+            check_encodable(y, "fp32")
+
+
+def test_an_unknown_codec_chain_is_written_through_zarr(tmp_path):
+    """An array whose codecs the encoder does not know (here: gzip) keeps Zarr's own writes."""
+    import zarr
+    from zarr.codecs import BytesCodec, GzipCodec
+
+    array = zarr.create_array(str(tmp_path / "a.zarr"), shape=(4, 8), chunks=(2, 8), dtype="int32", serializer=BytesCodec(),
+                              compressors=[GzipCodec()])
+    assert ObjectEncoder.of(array.metadata) is None
     c = create(tmp_path / "s.zarr", "int8")
+    c.encoders()["views"] = None  # as for such a codec: this array's objects go through Zarr
+    write(c, fake_logits())
+    logits, order, views = read_all(tmp_path / "s.zarr")
+    assert (views == np.stack([fake_views(e) for e in range(E)])).all() and (order == np.stack([fake_order(e) for e in range(E)])).all()
+    assert LogitCache.open(str(tmp_path / "s.zarr")).done_mask().all()
+
+
+@pytest.mark.parametrize("where", ["disk", "memory://"])
+def test_done_flag_is_the_last_object_written(tmp_path, monkeypatch, where):
+    """On disk a unit's objects are written from the writer's thread, elsewhere through Zarr's
+    store (all data objects at once); either way its done flags come after all its data."""
+    import uuid
+
+    from zarr.storage import FsspecStore
+
+    from dhkd_pipe import store_writer
+
     keys = []
-    real_set = zarr.storage.LocalStore.set
+    if where == "disk":
+        c = create(tmp_path / "s.zarr", "int8")
+        real_put = store_writer.write_local_object
+        monkeypatch.setattr(store_writer, "write_local_object", lambda store, key, data: (keys.append(key), real_put(store, key, data)))
+    else:
+        c = create(f"memory://done-{uuid.uuid4().hex[:8]}/s.zarr", "int8")
+        real_set = FsspecStore.set
 
-    async def recording_set(self, key, value):
-        keys.append(key)
-        return await real_set(self, key, value)
+        async def recording_set(self, key, value):
+            keys.append(key.rsplit("s.zarr/", 1)[-1])
+            return await real_set(self, key, value)
 
-    monkeypatch.setattr(zarr.storage.LocalStore, "set", recording_set)
+        monkeypatch.setattr(FsspecStore, "set", recording_set)
     write(c, fake_logits(), [(1, [3])])
-    assert keys[-1] == "done/c/1/3" and {k.split("/")[0] for k in keys[:-1]} == {"logits", "logit_scale", "order", "views"}
+    assert keys[-1] == "done/c/1/3" and sorted(k.split("/")[0] for k in keys[:-1]) == ["logit_scale", "logits", "order", "views"]
 
 
 def test_a_full_disk_is_a_one_line_error(tmp_path, monkeypatch):
     import zarr.storage
 
+    from dhkd_pipe import store_writer
+
     c = create(tmp_path / "s.zarr")
 
-    async def full(self, key, value):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), key)
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "logits/c/0/0/0")
 
-    monkeypatch.setattr(zarr.storage.LocalStore, "set", full)
+    monkeypatch.setattr(store_writer, "write_local_object", full)
     with pytest.raises(DhkdError, match=r"cannot write to store .*s\.zarr: No space left on device \(ENOSPC\)$"):
         write(c, fake_logits(), [(0, [0])])
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", full)
     with pytest.raises(DhkdError, match="ENOSPC"):
         create(tmp_path / "t.zarr")
     monkeypatch.undo()
