@@ -301,25 +301,29 @@ def _bench_store_at(location: str, rows: int, classes: int, chunk_rows: int, cod
                     server_cpu=None) -> list[dict]:
     """Two rows for one location: the store written by one writer thread, then by the parallel
     writer (stage 1's default thread count there), which is then streamed as stage 2 does. The
-    store is deleted after each write. ``server_cpu``: the CPU seconds a local server has used so
-    far; its share of one core while writing goes in the rows (near 1, the server sets the rate)."""
+    two stores lie side by side (``location``-single and ``location``) and are deleted at the end: a
+    write just after the other's deletion would, on ext4, pay for the freed inodes it skips
+    (``recently_deleted`` in its inode allocation), a cost of the benchmark, not of the writer.
+    ``server_cpu``: the CPU seconds a local server has used so far; its share of one core while
+    writing goes in the rows (near 1, the server sets the rate)."""
     from dhkd_pipe.store_writer import write_threads
 
-    results = []
-    for threads in (1, max(2, write_threads(location))):
-        store = None
-        try:
+    results, stores = [], []
+    try:
+        for threads in (1, max(2, write_threads(location))):
             cpu = server_cpu() if server_cpu else None
-            write_s, store = _timed_store_write(location, rows, classes, chunk_rows, codec, threads)
+            at = location.rstrip("/") + "-single" if threads == 1 else location
+            write_s, store = _timed_store_write(at, rows, classes, chunk_rows, codec, threads)
+            stores.append(store)
             busy = {} if cpu is None else {"server_cpu_share": (server_cpu() - cpu) / write_s}
-            read = _timed_store_read(location, rows, batch_size) if threads > 1 else {}
+            read = _timed_store_read(at, rows, batch_size) if threads > 1 else {}
             summary = read.pop("summary", None) or store.summary()
-        finally:
-            if store is not None:
-                store.objects.delete_all()
-        stored = summary["bytes_per_logit"] * rows * classes
-        results.append({"writer_threads": threads, "write_rows_per_sec": rows / write_s, "write_mb_per_sec": stored / write_s / 1e6,
-                        "bytes_per_logit": summary["bytes_per_logit"], "stored_mb": summary["bytes_on_disk"] / 1e6, **busy, **read})
+            stored = summary["bytes_per_logit"] * rows * classes
+            results.append({"writer_threads": threads, "write_rows_per_sec": rows / write_s, "write_mb_per_sec": stored / write_s / 1e6,
+                            "bytes_per_logit": summary["bytes_per_logit"], "stored_mb": summary["bytes_on_disk"] / 1e6, **busy, **read})
+    finally:
+        for store in stores:
+            store.objects.delete_all()
     single, parallel = results
     parallel["write_speedup"] = parallel["write_rows_per_sec"] / single["write_rows_per_sec"]
     parallel["read_mb_per_sec"] = parallel["read_rows_per_sec"] * classes * parallel["bytes_per_logit"] / 1e6
