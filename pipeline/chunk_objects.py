@@ -80,7 +80,7 @@ class ObjectEncoder:
         from zarr.codecs import ShardingCodec
         from zarr.codecs.sharding import ShardingCodecIndexLocation
 
-        dtype = np.dtype(metadata.data_type.to_native_dtype())
+        dtype = np.dtype(metadata.data_type.to_native_dtype()).newbyteorder("<")  # the bytes codec's order, on any host
         shape = tuple(int(s) for s in metadata.chunk_grid.chunk_shape)
         fill = np.asarray(metadata.fill_value, dtype=dtype)
         codecs = metadata.codecs

@@ -405,6 +405,25 @@ def test_row_maxima_are_max_abs_bit_for_bit():
             check_encodable(y, "fp32")
 
 
+@pytest.mark.parametrize("index_location", ["start", "end"])
+def test_shard_objects_match_zarr_with_the_index_at_either_end(tmp_path, index_location):
+    """A sharded float32 array (not a logit store's geometry): the encoder's shards are the files
+    Zarr writes, the index before or after the chunks, the last shard cut by the array's end."""
+    import zarr
+    from zarr.codecs import BloscCodec, Crc32cCodec
+
+    array = zarr.create_array(str(tmp_path / "a.zarr"), shape=(2, 30, 5), chunks=(1, 8, 5), dtype="float32", fill_value=0,
+                              shards={"shape": (1, 24, 5), "index_location": index_location}, config={"write_empty_chunks": True},
+                              compressors=[BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"), Crc32cCodec()])
+    x = np.random.default_rng(0).standard_normal((2, 30, 5)).astype(np.float32)
+    array[:] = x
+    encoder = ObjectEncoder.of(array.metadata)
+    for e in range(2):
+        for shard in range(2):
+            stored = (tmp_path / "a.zarr" / "c" / str(e) / str(shard) / "0").read_bytes()
+            assert encoder.encode(x[e : e + 1, shard * 24 : (shard + 1) * 24]) == stored
+
+
 def test_an_unknown_codec_chain_is_written_through_zarr(tmp_path):
     """An array whose codecs the encoder does not know (here: gzip) keeps Zarr's own writes."""
     import zarr
@@ -413,6 +432,8 @@ def test_an_unknown_codec_chain_is_written_through_zarr(tmp_path):
     array = zarr.create_array(str(tmp_path / "a.zarr"), shape=(4, 8), chunks=(2, 8), dtype="int32", serializer=BytesCodec(),
                               compressors=[GzipCodec()])
     assert ObjectEncoder.of(array.metadata) is None
+    two_axes = zarr.create_array(str(tmp_path / "b.zarr"), shape=(4, 8), chunks=(2, 4), shards=(4, 8), dtype="int32")
+    assert ObjectEncoder.of(two_axes.metadata) is None  # inner chunks in Morton order, not C order
     c = create(tmp_path / "s.zarr", "int8")
     c.encoders()["views"] = None  # as for such a codec: this array's objects go through Zarr
     write(c, fake_logits())
