@@ -115,6 +115,8 @@ def write_local_object(store, key: str, parts) -> None:
     object and a killed writer leaves only ``*.partial`` files (``store_audit.remove_leftovers``
     deletes them). Writer threads then share the file system's work, which Zarr's one I/O loop
     would take in turn."""
+    if store.read_only:  # as Zarr's own writes refuse
+        raise ValueError(f"store {store.root} was opened read-only")
     path = store.root / key
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")

@@ -470,6 +470,14 @@ def test_done_flag_is_the_last_object_written(tmp_path, monkeypatch, where):
     assert keys[-1] == "done/c/1/3" and sorted(k.split("/")[0] for k in keys[:-1]) == ["logit_scale", "logits", "order", "views"]
 
 
+def test_a_store_opened_read_only_is_not_written(tmp_path):
+    write(create(tmp_path / "s.zarr"), fake_logits(), [(0, [0])])
+    before = files(tmp_path / "s.zarr")
+    with pytest.raises(ValueError, match="read-only"):
+        write(LogitCache.open(str(tmp_path / "s.zarr")), fake_logits(), [(0, [1])])
+    assert files(tmp_path / "s.zarr") == before
+
+
 def test_a_full_disk_is_a_one_line_error(tmp_path, monkeypatch):
     import zarr.storage
 
