@@ -515,7 +515,7 @@ def bench_store_cmd(**options):
     cfg = _config(StoreBenchConfig, options)
     bench_store(cfg.json_path, rows=cfg.rows, classes=cfg.classes, chunk_rows=cfg.chunk_rows, codec=cfg.codec,
                 batch_size=cfg.batch_size, urls=tuple(cfg.urls), s3_local=cfg.s3_local, local=cfg.local,
-                s3_latency_ms=cfg.s3_latency_ms)
+                s3_latency_ms=cfg.s3_latency_ms, sharded=cfg.sharded)
 
 
 if __name__ == "__main__":

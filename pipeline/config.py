@@ -374,6 +374,9 @@ class StoreBenchConfig:
     s3_latency_ms: float = option(0.0, "With --s3-local: also measure with this many milliseconds added to each request "
                                        "of the local server, as a network round trip adds them (0: only the bare server).")
     local: bool = option(True, "Measure a store in a temporary folder on local disk.", switch=True)
+    sharded: bool = option(False, "Lay the stores out in shards of about 32 MB (16 chunks at K=1000 fp16), as stage 1 does for a "
+                                  "store of 10,000 chunks or more (ImageNet); give --rows for several shards per writer thread.",
+                           is_flag=True)
 
 
 def build_config(cls, config_file: str | None, overrides: dict, defaults: dict | None = None):

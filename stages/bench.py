@@ -256,16 +256,17 @@ def _is_bench_store(location: str) -> bool:
         return False
 
 
-def _timed_store_write(location: str, rows: int, classes: int, chunk_rows: int, codec: str, threads: int):
+def _timed_store_write(location: str, rows: int, classes: int, chunk_rows: int, codec: str, threads: int, sharded: bool = False):
     """Writes a one-epoch teacher-like store at ``location`` through ``StoreWriter`` (the way stage
-    1 does) with ``threads`` writer threads; returns (seconds, the writer's store)."""
+    1 does) with ``threads`` writer threads, ``sharded`` as a store of many chunks is (write units
+    of about 32 MB) whatever its size; returns (seconds, the writer's store)."""
     from dhkd_pipe import __version__
     from dhkd_pipe.store_writer import StoreWriter
 
-    command = {"bench": "store", "rows": rows, "classes": classes, "chunk_rows": chunk_rows, "codec": codec}
+    command = {"bench": "store", "rows": rows, "classes": classes, "chunk_rows": chunk_rows, "codec": codec, "sharded": sharded}
     writer = StoreWriter(location, epochs=1, num_samples=rows, num_classes=classes, chunk_rows=chunk_rows, labels=np.zeros(rows, np.int32),
                          codec=codec, attrs={"command": command, "tool_version": __version__}, overwrite=_is_bench_store(location),
-                         holder="dhkd-pipe bench store", threads=threads)
+                         holder="dhkd-pipe bench store", threads=threads, **({"shard_threshold": 1} if sharded else {}))
     with writer:
         store = writer.store
         blocks = _teacher_like_blocks(min(store.shard_chunks * chunk_rows, rows), classes)
@@ -298,7 +299,7 @@ def _timed_store_read(location: str, rows: int, batch_size: int) -> dict:
 
 
 def _bench_store_at(location: str, rows: int, classes: int, chunk_rows: int, codec: str, batch_size: int,
-                    server_cpu=None) -> list[dict]:
+                    server_cpu=None, sharded: bool = False) -> list[dict]:
     """Two rows for one location: the store written by one writer thread, then by the parallel
     writer (stage 1's default thread count there), which is then streamed as stage 2 does. The
     two stores lie side by side (``location``-single and ``location``) and are deleted at the end: a
@@ -313,13 +314,14 @@ def _bench_store_at(location: str, rows: int, classes: int, chunk_rows: int, cod
         for threads in (1, max(2, write_threads(location))):
             cpu = server_cpu() if server_cpu else None
             at = location.rstrip("/") + "-single" if threads == 1 else location
-            write_s, store = _timed_store_write(at, rows, classes, chunk_rows, codec, threads)
+            write_s, store = _timed_store_write(at, rows, classes, chunk_rows, codec, threads, sharded)
             stores.append(store)
             busy = {} if cpu is None else {"server_cpu_share": (server_cpu() - cpu) / write_s}
             read = _timed_store_read(at, rows, batch_size) if threads > 1 else {}
             summary = read.pop("summary", None) or store.summary()
             stored = summary["bytes_per_logit"] * rows * classes
-            results.append({"writer_threads": threads, "write_rows_per_sec": rows / write_s, "write_mb_per_sec": stored / write_s / 1e6,
+            results.append({"writer_threads": threads, "chunks_per_write_unit": store.shard_chunks,
+                            "write_rows_per_sec": rows / write_s, "write_mb_per_sec": stored / write_s / 1e6,
                             "bytes_per_logit": summary["bytes_per_logit"], "stored_mb": summary["bytes_on_disk"] / 1e6, **busy, **read})
     finally:
         for store in stores:
@@ -409,13 +411,15 @@ _S3_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_
 
 
 def bench_store(json_path: str, rows: int = 100_000, classes: int = 1000, chunk_rows: int = 1024, codec: str = "fp16",
-                batch_size: int = 256, urls: tuple = (), s3_local: bool = False, local: bool = True, s3_latency_ms: float = 0.0):
+                batch_size: int = 256, urls: tuple = (), s3_local: bool = False, local: bool = True, s3_latency_ms: float = 0.0,
+                sharded: bool = False):
     """Write rows/s (and MB/s of stored bytes) of one process with one writer thread and with the
     parallel writer, and read rows/s of one stage-2 process, per store location. With
     ``s3_local``, the local S3 server as it is and, for ``s3_latency_ms`` > 0, a second server
     that adds that many milliseconds to each request: on a small machine the bare local server
     shares the cores with the writer and sets the rate, which says little about a real object
-    store, where each request waits mostly on its round trip."""
+    store, where each request waits mostly on its round trip. ``sharded``: the stores in shards
+    of about 32 MB, as stage 1 lays out a store of 10,000 chunks or more (ImageNet's)."""
     from dhkd_pipe.errors import DhkdError
 
     if rows < 1 or classes < 1 or chunk_rows < 1 or batch_size < 1:
@@ -425,7 +429,7 @@ def bench_store(json_path: str, rows: int = 100_000, classes: int = 1000, chunk_
     results = []
 
     def run(name: str, location: str, target, server_cpu=None):
-        for result in _bench_store_at(location, rows, classes, chunk_rows, codec, batch_size, server_cpu):
+        for result in _bench_store_at(location, rows, classes, chunk_rows, codec, batch_size, server_cpu, sharded):
             result = {"location": name, "url": location, **result}
             if "read_rows_per_sec" in result:
                 result["read_target_rows_per_sec"] = target
@@ -448,7 +452,7 @@ def bench_store(json_path: str, rows: int = 100_000, classes: int = 1000, chunk_
     if not results:
         raise DhkdError("nothing to measure: drop --no-local, or give --url or --s3-local")
     print_table(
-        f"bench store: {rows} rows x {classes} classes ({codec}), chunks of {chunk_rows} rows, one process, {machine()['device']}, "
+        f"bench store: {rows} rows x {classes} classes ({codec}), chunks of {chunk_rows} rows{', sharded' if sharded else ''}, one process, {machine()['device']}, "
         f"load {os.getloadavg()[0]:.2f}",
         results,
         [("location", "location", "s"), ("writer_threads", "writer threads", "d"), ("write_rows_per_sec", "write rows/s", ",.0f"),
@@ -457,5 +461,5 @@ def bench_store(json_path: str, rows: int = 100_000, classes: int = 1000, chunk_
          ("meets_target", "meets", "")],
     )
     write_results(json_path, {"bench": "store", "machine": machine(), "load_1min": os.getloadavg()[0], "rows": rows, "classes": classes, "codec": codec, "chunk_rows": chunk_rows,
-                      "batch_size": batch_size, "s3_latency_ms": s3_latency_ms, "results": results})
+                      "batch_size": batch_size, "s3_latency_ms": s3_latency_ms, "sharded": sharded, "results": results})
     return results

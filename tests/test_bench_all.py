@@ -1,6 +1,7 @@
 """``dhkd-pipe bench all --tiny``: every benchmark runs and lands in one table and one JSON."""
 
 import json
+import tempfile
 
 import pytest
 from click.testing import CliRunner
@@ -57,3 +58,18 @@ def test_one_failing_benchmark_keeps_the_others_figures(tmp_path, monkeypatch, c
     assert payload["failed"] == {"kernels": "CUDA error: an illegal memory access was encountered"}
     assert [r["what"] for r in payload["rows"]] == ["failed: CUDA error: an illegal memory access was encountered", "local write"]
     assert "| store | local write | 123.0 |" in (tmp_path / "bench_all.md").read_text()
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_bench_store_lays_the_stores_out_as_asked(tmp_path, monkeypatch, sharded):
+    """``bench store --sharded`` writes its stores in shards (several chunks per write unit),
+    as an ImageNet-sized store is; without it a small store has one chunk per unit."""
+    args = ["bench", "store", "--rows", "1000", "--classes", "10", "--chunk-rows", "64", "--json", str(tmp_path / "b.json")]
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the stores' temporary folder
+    result = CliRunner().invoke(main, args + (["--sharded"] if sharded else []))
+    assert result.exit_code == 0, (result.output[-3000:], result.exception)
+    payload = json.loads((tmp_path / "b.json").read_text())
+    assert payload["sharded"] is sharded and [r["writer_threads"] for r in payload["results"]] == [1, 4]
+    assert {r["chunks_per_write_unit"] for r in payload["results"]} == ({16} if sharded else {1})
+    assert all(r["write_rows_per_sec"] > 0 for r in payload["results"]) and payload["results"][1]["read_rows_per_sec"] > 0
+    assert [p.name for p in tmp_path.iterdir()] == ["b.json"]  # both stores deleted, and their temporary folder
