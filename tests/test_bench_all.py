@@ -24,8 +24,10 @@ def test_bench_all_tiny_writes_one_table_and_one_json(tmp_path):
     assert benches == {"kernels", "cache", "distill", "store"}
     table = (out / "bench_all.md").read_text()
     assert table.startswith("# dhkd-pipe bench all: cpu") and table.count("\n| ") == len(payload["rows"]) + 2  # header, rule, rows
-    for name in ("kernels", "cache", "distill", "store"):
+    for name in ("kernels", "cache", "distill", "store", "store_sharded"):
         assert (out / f"bench_{name}.json").exists()
+    sharded = [r["what"] for r in payload["rows"] if "local, sharded" in r["what"]]
+    assert len(sharded) == 3 and json.loads((out / "bench_store_sharded.json").read_text())["sharded"] is True  # 2 writes, 1 read
     # the image-folder rows: each image decoded once for its views (1/2 with 2 views), counted
     once = [r for r in payload["rows"] if "decode once (after)" in r["what"]]
     assert len(once) == 1 and "(0.500 decoded/row)" in once[0]["what"] and once[0]["value"] > 0
