@@ -110,11 +110,10 @@ def check_inputs_outside(location: str, entries: tuple[str, ...], inputs: dict):
 
 def write_local_object(store, key: str, parts) -> None:
     """Writes object ``key`` (its bytes in ``parts``, one after the other) of a local store (a
-    ``LocalStore``) from the calling thread, as Zarr's
-    LocalStore writes one: into a ``*.partial`` file renamed into place, so no reader sees half an
-    object and a killed writer leaves only ``*.partial`` files (``store_audit.remove_leftovers``
-    deletes them). Writer threads then share the file system's work, which Zarr's one I/O loop
-    would take in turn."""
+    ``LocalStore``) from the calling thread, as Zarr's LocalStore writes one: into a
+    ``*.partial`` file renamed into place, so no reader sees half an object and a killed writer
+    leaves only ``*.partial`` files (``store_audit.remove_leftovers`` deletes them). Writer
+    threads then share the file system's work, which Zarr's one I/O loop would take in turn."""
     if store.read_only:  # as Zarr's own writes refuse
         raise ValueError(f"store {store.root} was opened read-only")
     path = store.root / key
