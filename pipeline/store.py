@@ -5,7 +5,9 @@ Everything the store logic needs from storage goes through Zarr's store API by k
 (``zarr.storage.LocalStore`` for local paths, ``zarr.storage.FsspecStore`` for URLs), never
 ``os.path``, so the same code runs on a local disk, a shared filesystem and object storage.
 :class:`StoreObjects` gives that API synchronously, a few small calls (exists, list, size, read,
-write, delete) on which the store's checks are built.
+write, delete) on which the store's checks are built. One exception, for speed: stage 1's writer
+threads write a unit's files on a local disk themselves (:func:`write_local_object`, the same
+files as the LocalStore's), instead of queueing them on Zarr's one I/O loop.
 
 Credentials and endpoints come the usual way, from the environment: for ``s3://`` botocore's chain
 (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``, ``AWS_PROFILE``,
