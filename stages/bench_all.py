@@ -31,7 +31,7 @@ SIZES = {
                 cache_model="resnet8x4", cache_batch=64, cache_steps=4,
                 image_model="resnet18", images=16, views=4, resolution=224, image_batch=16,
                 distill_teacher="resnet8x4", distill_student="resnet8", distill_batch=32, distill_steps=6, distill_compile=True,
-                store_rows=20_000, store_sharded_rows=100_000, store_classes=1000, s3=True),
+                store_rows=20_000, store_sharded_rows=400_000, store_classes=1000, s3=True),
     "tiny": dict(kernel_sizes=["16,10,fp32"], kernel_reps=2, kernel_compile=False,
                  cache_model="resnet8", cache_batch=16, cache_steps=2,
                  image_model="resnet8", images=4, views=2, resolution=32, image_batch=8,
