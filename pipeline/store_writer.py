@@ -124,20 +124,18 @@ def write_unit(cache: LogitCache, epoch: int, first_chunk: int, logits, order, v
     if scale is not None:
         data["logit_scale"] = scale
     data["done"] = np.ones(last + 1 - first_chunk, bool)
-    unit = (epoch, first_chunk // cache.shard_chunks)
-    arrays = {name: cache.array(name) for name in data}
-    keys = {name: a.metadata.encode_chunk_key(unit + (0,) * (a.ndim - 2)) for name, a in arrays.items()}
+    keys = cache.unit_keys(epoch, first_chunk)
     # encoded on this thread (Blosc and CRC32C release the GIL), so writer threads share the work;
     # None: an array whose codec chain only Zarr encodes
     parts = {name: None if encoder is None else encoder.parts(data[name][None]) for name, encoder in cache.encoders().items()}
-    store = arrays["logits"].store_path.store
+    store = cache.array("logits").store_path.store
 
     async def put(name):
         if parts[name] is None:
             columns = slice(first_chunk, last + 1) if name == "done" else slice(start, stop)
-            await arrays[name].async_array.setitem((epoch, columns), data[name])
+            await cache.array(name).async_array.setitem((epoch, columns), data[name])
         else:
-            await (arrays[name].store_path / keys[name]).set(default_buffer_prototype().buffer.from_bytes(b"".join(parts[name])))
+            await store.set(keys[name], default_buffer_prototype().buffer.from_bytes(b"".join(parts[name])))
 
     async def write_all():  # the unit's data objects at once (one round trip on object storage, not four), then its flags
         await asyncio.gather(*(put(name) for name in data if name != "done"))
@@ -146,7 +144,7 @@ def write_unit(cache: LogitCache, epoch: int, first_chunk: int, logits, order, v
     try:
         if isinstance(store, LocalStore) and all(p is not None for p in parts.values()):
             for name in data:  # done last
-                write_local_object(store, f"{arrays[name].store_path.path}/{keys[name]}", parts[name])
+                write_local_object(store, keys[name], parts[name])
         else:
             sync(write_all())
     except storage_errors() as e:
