@@ -14,6 +14,7 @@ from .errors import DhkdError
 FP16_RELATIVE_ERROR = 2.0**-11  # |x| in fp16's normal range (6.1e-5 .. 65504); below, 2^-25 absolute
 FP16_ABSOLUTE_FLOOR = 2.0**-25
 FP16_MAX = 65504.0
+FP16_MAX_BITS = 0x7BFF  # its bits: above them (sign cleared) lie infinity and NaN
 BF16_RELATIVE_ERROR = 2.0**-8  # 8-bit significand, fp32's exponent range
 INT8_LEVELS = 127  # per-row scale max|row| / 127: absolute error <= scale / 2 = max|row| / 254
 
@@ -39,6 +40,11 @@ class Codec:
     def check_range(self, amax):
         """Refuses rows the codec cannot hold (beyond finiteness, checked for every codec)."""
 
+    def encode_checked(self, x, where: str):
+        """:meth:`encode` of float32 rows after :func:`check_encodable` has accepted them (it
+        raises for rows the store must not hold)."""
+        return self.encode(x, check_encodable(x, self.name, where))
+
     def __repr__(self):
         return f"<codec {self.name}>"
 
@@ -63,6 +69,19 @@ class Fp16(Codec):
         # about 8x faster (0.56 against 4.6 ms for 1024 x 1000 on one core), which is most of a
         # writer thread's time per unit
         return torch.from_numpy(x).to(torch.float16).numpy(), None
+
+    def encode_checked(self, x, where: str):
+        """Converts first, then checks the halves' bits: rounding is monotonic and 65504 is an
+        fp16, so every row :func:`check_encodable` refuses (NaN, infinite, |x| > 65504) holds a
+        half of magnitude 65504 or more, and only then are the float32 rows checked (refused or
+        not exactly as before, with its message). One pass over the halves instead of two over
+        the float32 rows: 0.08 against 0.24 ms for 1024 x 1000 on one core."""
+        import numpy as np
+
+        values, _ = self.encode(x, None)
+        if values.size and (values.view(np.uint16) & 0x7FFF).max() >= FP16_MAX_BITS:
+            check_encodable(x, self.name, where)
+        return values, None
 
     def tolerance(self, amax):  # half an ulp of an 11-bit significand, plus the subnormal floor
         return amax * FP16_RELATIVE_ERROR + FP16_ABSOLUTE_FLOOR
@@ -160,7 +179,7 @@ def encode_logits(logits, codec: str, where: str = "of the unit"):
     import numpy as np
 
     x = np.ascontiguousarray(logits, dtype=np.float32)
-    return codec_named(codec).encode(x, check_encodable(x, codec, where))
+    return codec_named(codec).encode_checked(x, where)
 
 
 class EncodedRows:

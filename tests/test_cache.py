@@ -137,6 +137,28 @@ def test_fp16_encoding_rounds_like_numpy_bit_for_bit():
     assert np.array_equal(values.view(np.uint16), x.astype(np.float16).view(np.uint16))
 
 
+def test_fp16_refuses_exactly_the_rows_out_of_its_range():
+    """The fp16 codec checks its halves, not the float32 rows, unless a half reaches 65504: what it
+    refuses, and the message, must still be exactly what the published check says (a value not
+    finite, or |x| > 65504), at the edge of the range and on either side of it."""
+    from dhkd_pipe.codecs import FP16_MAX, encode_logits
+
+    below = np.nextafter(np.float32(FP16_MAX), np.float32(0))
+    above = np.nextafter(np.float32(FP16_MAX), np.float32(np.inf))  # rounds to 65504 in fp16: refused all the same
+    cases = [(v, s) for v in (below, FP16_MAX, above, 65519.996, 65520.0, 1e30, np.inf, np.nan) for s in (1, -1)]
+    for value, sign in cases:
+        x = fake_logits(1, 10, 50)[0]
+        x[2, 17] = sign * np.float32(value)
+        refused = not np.isfinite(x).all() or np.abs(x).max() > FP16_MAX  # the rule, from its statement
+        if refused:
+            kind = "exceed the fp16 range" if np.isfinite(x).all() else ("NaN" if np.isnan(x).any() else "infinite") + " in row 2 of the unit"
+            with pytest.raises(DhkdError, match=kind):
+                encode_logits(x, "fp16")
+        else:
+            values, _ = encode_logits(x, "fp16")
+            assert np.array_equal(values.view(np.uint16), x.astype(np.float16).view(np.uint16))
+
+
 @pytest.mark.parametrize("codec", ["fp16", "int8"])
 def test_rows_encoded_ahead_are_written_as_is_and_must_match_the_codec(tmp_path, codec):
     from dhkd_pipe.codecs import EncodedRows, encode_logits
