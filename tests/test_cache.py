@@ -466,19 +466,22 @@ def test_an_unknown_codec_chain_is_written_through_zarr(tmp_path):
 
 @pytest.mark.parametrize("where", ["disk", "memory://"])
 def test_done_flag_is_the_last_object_written(tmp_path, monkeypatch, where):
-    """On disk a unit's objects are written from the writer's thread, elsewhere through Zarr's
-    store (all data objects at once); either way its done flags come after all its data."""
+    """On disk a unit's objects are written from the writer's thread (its data objects in place,
+    its flags renamed into place), elsewhere through Zarr's store (all data objects at once);
+    either way its done flags come after all its data."""
     import uuid
 
     from zarr.storage import FsspecStore
 
     from dhkd_pipe import store_writer
 
-    keys = []
+    keys, atomic_only_done = [], []  # on disk the flags, and only they, go through a *.partial file
     if where == "disk":
         c = create(tmp_path / "s.zarr", "int8")
         real_put = store_writer.write_local_object
-        monkeypatch.setattr(store_writer, "write_local_object", lambda store, key, data: (keys.append(key), real_put(store, key, data)))
+        monkeypatch.setattr(store_writer, "write_local_object",
+                            lambda store, key, data, atomic=True: (keys.append(key), atomic == key.startswith("done/") or atomic_only_done.append(key),
+                                                                   real_put(store, key, data, atomic=atomic)))
     else:
         c = create(f"memory://done-{uuid.uuid4().hex[:8]}/s.zarr", "int8")
         real_set = FsspecStore.set
@@ -490,6 +493,7 @@ def test_done_flag_is_the_last_object_written(tmp_path, monkeypatch, where):
         monkeypatch.setattr(FsspecStore, "set", recording_set)
     write(c, fake_logits(), [(1, [3])])
     assert keys[-1] == "done/c/1/3" and sorted(k.split("/")[0] for k in keys[:-1]) == ["logit_scale", "logits", "order", "views"]
+    assert atomic_only_done == []
 
 
 def test_a_store_opened_read_only_is_not_written(tmp_path):
@@ -602,6 +606,47 @@ def test_the_parallel_writer_writes_what_one_thread_writes(tmp_path, sharded):
     a, b = files(tmp_path / "one.zarr"), files(tmp_path / "four.zarr")
     assert LOCK_KEY not in a and a.keys() == b.keys() and all(a[k] == b[k] for k in a)
     LogitCache.open(str(tmp_path / "four.zarr")).check_complete()
+
+
+def test_a_unit_torn_by_a_killed_writer_is_rewritten_on_resume(tmp_path):
+    """On disk a unit's data objects are written in place: a writer killed mid-unit leaves them
+    torn in a unit not marked done. That is no damage (nothing reads them), and the resume
+    rewrites them: the store equals one written straight."""
+    from dhkd_pipe.store_audit import damage
+
+    x = fake_logits()
+    with open_writer(tmp_path / "straight.zarr", 2) as w:
+        put_all(w, x)
+    with pytest.raises(KeyboardInterrupt):
+        with open_writer(tmp_path / "resumed.zarr", 2) as w:
+            for e, chunks in w.todo()[:3]:
+                a, b = w.store.unit_rows(chunks[0])
+                w.put(e, chunks[0], x[e, a:b], fake_order(e)[a:b], fake_views(e)[a:b])
+            w.wait()
+            torn = w.todo()[0]
+            raise KeyboardInterrupt
+    c = LogitCache.open(str(tmp_path / "resumed.zarr"))
+    keys = c.unit_keys(torn[0], torn[1][0])
+    for name, cut in (("logits", 100), ("views", 7)):  # cut short, as a kill mid-write leaves them
+        whole = (tmp_path / "straight.zarr" / keys[name]).read_bytes()
+        (tmp_path / "resumed.zarr" / keys[name]).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "resumed.zarr" / keys[name]).write_bytes(whole[:cut])
+    assert c.done_mask().sum() == 3 and damage(c) == []
+    with open_writer(tmp_path / "resumed.zarr", 2) as w:
+        assert (torn[0], torn[1]) in w.todo()
+        put_all(w, x)
+    a, b = files(tmp_path / "straight.zarr"), files(tmp_path / "resumed.zarr")
+    assert a.keys() == b.keys() and all(a[k] == b[k] for k in a)
+
+
+def test_writer_threads_follow_the_cores_on_disk(tmp_path, monkeypatch):
+    """On disk a unit is CPU work (its encoding): one writer thread per core, at most 4; on object
+    storage it waits on round trips: 8."""
+    from dhkd_pipe.store_writer import write_threads
+
+    for cores, threads in ((1, 1), (2, 2), (3, 3), (16, 4)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        assert write_threads(str(tmp_path / "s.zarr")) == threads and write_threads("s3://bucket/s.zarr") == 8
 
 
 def test_the_writer_holds_a_bounded_number_of_units(tmp_path, monkeypatch):
