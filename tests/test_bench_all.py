@@ -28,6 +28,11 @@ def test_bench_all_tiny_writes_one_table_and_one_json(tmp_path):
         assert (out / f"bench_{name}.json").exists()
     sharded = [r["what"] for r in payload["rows"] if "local, sharded" in r["what"]]
     assert len(sharded) == 3 and json.loads((out / "bench_store_sharded.json").read_text())["sharded"] is True  # 2 writes, 1 read
+    # the parallel writer's row on disk: its rate against one reader's, the goal (>= 1)
+    for r in json.loads((out / "bench_store.json").read_text())["results"][1:]:
+        row = next(x for x in payload["rows"] if x["what"] == f"2048 rows x 100 fp16, local, {r['writer_threads']} writer threads: write")
+        assert row["ratio_of"] == "x one reader" and row["ratio"] == r["write_rows_per_sec"] / r["read_rows_per_sec"]
+    assert list(payload["seconds"]) == ["kernels", "store", "cache", "distill"]  # the store before the others delete files
     # the image-folder rows: each image decoded once for its views (1/2 with 2 views), counted
     once = [r for r in payload["rows"] if "decode once (after)" in r["what"]]
     assert len(once) == 1 and "(0.500 decoded/row)" in once[0]["what"] and once[0]["value"] > 0
