@@ -23,10 +23,9 @@ from .store_layout import GEOMETRY, STORE_ENTRIES, check_geometry, check_target,
 from .store_lock import LOCK_KEY, StoreLock
 
 # Units written at once by one process; None: on a filesystem one per core up to 4 (there a unit
-# is CPU work, its encoding: on 2 cores 4 threads wrote 30% fewer rows/s than 2, at 4.3 against
-# 3.2 ms of CPU per 1024 x 1000 unit, each thread's 8 MB evicting the others' from the caches),
-# 8 on object storage, where each unit waits mostly on round trips (bench store measures one
-# thread against these).
+# is CPU work, its encoding: on 2 cores 4 threads wrote 6-29% fewer rows/s than 2 in four
+# comparisons, spending 0.2-1.1 ms more CPU per 1024 x 1000 unit), 8 on object storage, where
+# each unit waits mostly on round trips (bench store measures one thread against these).
 WRITE_THREADS: int | None = None
 QUEUED_UNITS = 2  # units waiting for a writer thread: with the threads, what bounds the memory held for writing
 
