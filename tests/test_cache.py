@@ -145,9 +145,10 @@ def test_fp16_refuses_exactly_the_rows_out_of_its_range():
 
     below = np.nextafter(np.float32(FP16_MAX), np.float32(0))
     above = np.nextafter(np.float32(FP16_MAX), np.float32(np.inf))  # rounds to 65504 in fp16: refused all the same
-    cases = [(v, s) for v in (below, FP16_MAX, above, 65519.996, 65520.0, 1e30, np.inf, np.nan) for s in (1, -1)]
-    for value, sign in cases:
+    values = (below, FP16_MAX, above, 65519.996, 65520.0, 1e30, np.inf, np.nan)
+    for value, sign, others in [(v, s, o) for v in values for s in (1, -1) for o in ("mixed", "negative", "positive")]:
         x = fake_logits(1, 10, 50)[0]
+        x = {"mixed": x, "negative": -np.abs(x) - 1, "positive": np.abs(x) + 1}[others]  # the rest of the rows' signs
         x[2, 17] = sign * np.float32(value)
         refused = not np.isfinite(x).all() or np.abs(x).max() > FP16_MAX  # the rule, from its statement
         if refused:
