@@ -95,9 +95,12 @@ def _check_same(existing: LogitCache, attrs: dict, geometry: dict):
             raise DhkdError(f"a different store exists at {existing.path} ({key} differs); pass --overwrite")
 
 
-def write_unit(cache: LogitCache, epoch: int, first_chunk: int, logits, order, views):
+def write_unit(cache: LogitCache, epoch: int, first_chunk: int, logits, order, views, scratch: threading.local | None = None):
     """Writes one write unit (all its rows) of an opened store, then its ``done`` flags.
-    ``logits``: float32 (rows, K), or :class:`EncodedRows` in the store's codec.
+    ``logits``: float32 (rows, K), or :class:`EncodedRows` in the store's codec. ``scratch``: the
+    calling thread's own, where it keeps a buffer to encode the rows into, reused unit after unit
+    (nothing refers to it once the call returns). A new array per unit costs page faults: 32 MB
+    per sharded unit, which glibc maps afresh each time (in arenas left by other threads too).
 
     The calling thread encodes the unit's objects (``chunk_objects.ObjectEncoder``: the bytes Zarr
     would write) and, on a local disk, writes their files too; elsewhere Zarr's store takes the
@@ -118,7 +121,7 @@ def write_unit(cache: LogitCache, epoch: int, first_chunk: int, logits, order, v
             f"({n}, 5) views; got {logits.shape}, {order.shape}, {views.shape}"
         )
     if encoded is None:
-        values, scale = encode_logits(logits, cache.codec)
+        values, scale = encode_logits(logits, cache.codec, out=_buffer(scratch, codec_named(cache.codec).stored_dtype, logits.shape))
     else:
         values, scale = logits, encoded.scale
         if values.dtype != np.dtype(codec_named(cache.codec).stored_dtype) or (scale is None) == codec_named(cache.codec).has_scale:
@@ -152,6 +155,18 @@ def write_unit(cache: LogitCache, epoch: int, first_chunk: int, logits, order, v
             sync(write_all())
     except storage_errors() as e:
         raise DhkdError(f"cannot write to store {cache.path}: {one_line(e)}") from None
+
+
+def _buffer(scratch: threading.local | None, dtype: str, shape: tuple) -> np.ndarray | None:
+    """An array of ``shape`` in the thread's reused buffer (grown when too small), or None
+    without ``scratch``."""
+    if scratch is None:
+        return None
+    size = int(np.prod(shape))
+    buffer = getattr(scratch, "buffer", None)
+    if buffer is None or buffer.dtype != np.dtype(dtype) or buffer.size < size:
+        buffer = scratch.buffer = np.empty(size, dtype)
+    return buffer[:size].reshape(shape)
 
 
 def _ignore():
@@ -202,6 +217,7 @@ class StoreWriter:
             if not self._main:
                 self.store = LogitCache.open(self.path, mode="r+")
             self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="store-writer")
+            self._scratch = threading.local()  # each writer thread's buffer for its units' encoded rows
             self._slots = threading.BoundedSemaphore(self._threads + QUEUED_UNITS)
             self._futures, self._error = [], None
         except BaseException:
@@ -249,7 +265,7 @@ class StoreWriter:
     def _write(self, *unit):
         try:
             if self._error is None:  # after a failure, what is queued is not written
-                write_unit(self.store, *unit)
+                write_unit(self.store, *unit, scratch=self._scratch)
         except BaseException as e:  # surfaced to the caller at the next put, wait or exit
             if self._error is None:
                 self._error = e

@@ -583,7 +583,7 @@ def open_writer(path, threads, **kw):
     from dhkd_pipe.store_writer import StoreWriter
 
     return StoreWriter(str(path), epochs=E, num_samples=kw.pop("n", N), num_classes=kw.pop("k", K), chunk_rows=C,
-                       labels=np.arange(kw.get("n_labels", N)) % K, codec="int8", attrs=attrs(), threads=threads, **kw)
+                       labels=np.arange(kw.get("n_labels", N)) % K, codec=kw.pop("codec", "int8"), attrs=attrs(), threads=threads, **kw)
 
 
 def put_all(writer, x, handed=None):
@@ -650,6 +650,18 @@ def test_writer_threads_follow_the_cores_on_disk(tmp_path, monkeypatch):
         assert write_threads(str(tmp_path / "s.zarr")) == threads and write_threads("s3://bucket/s.zarr") == 8
 
 
+@pytest.mark.parametrize("codec", ["fp16", "bf16", "fp32", "int8"])
+def test_reused_buffers_write_what_fresh_arrays_write(tmp_path, codec):
+    """Writer threads encode each unit into a buffer they reuse (``scratch``): the files equal a
+    store written unit by unit with fresh arrays, the short last chunk included."""
+    x = fake_logits()
+    write(create(tmp_path / "fresh.zarr", codec), x)
+    with open_writer(tmp_path / "reused.zarr", 2, codec=codec) as w:
+        put_all(w, x)
+    a, b = files(tmp_path / "fresh.zarr"), files(tmp_path / "reused.zarr")
+    assert a.keys() == b.keys() and all(a[k] == b[k] for k in a)
+
+
 def test_the_writer_holds_a_bounded_number_of_units(tmp_path, monkeypatch):
     """put waits while threads + QUEUED_UNITS units are unwritten: memory stays bounded."""
     import threading
@@ -660,10 +672,10 @@ def test_the_writer_holds_a_bounded_number_of_units(tmp_path, monkeypatch):
     release, started = threading.Event(), []
     real = store_writer.write_unit
 
-    def slow(cache, *unit):
+    def slow(cache, *unit, **kw):
         started.append(unit[:2])
         release.wait(30)
-        real(cache, *unit)
+        real(cache, *unit, **kw)
 
     monkeypatch.setattr(store_writer, "write_unit", slow)
     x = fake_logits()
@@ -684,7 +696,7 @@ def test_the_writer_holds_a_bounded_number_of_units(tmp_path, monkeypatch):
 def test_a_failed_write_surfaces_and_a_store_without_units_is_removed(tmp_path, monkeypatch):
     from dhkd_pipe import store_writer
 
-    def full(cache, *unit):
+    def full(cache, *unit, **kw):
         raise DhkdError(f"cannot write to store {cache.path}: No space left on device (ENOSPC)")
 
     monkeypatch.setattr(store_writer, "write_unit", full)
