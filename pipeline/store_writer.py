@@ -120,11 +120,12 @@ def write_unit(cache: LogitCache, epoch: int, first_chunk: int, logits, order, v
             f"unit (epoch {epoch}, chunks {first_chunk}-{last}) needs ({n}, {cache.num_classes}) logits, ({n},) order, "
             f"({n}, 5) views; got {logits.shape}, {order.shape}, {views.shape}"
         )
+    codec = codec_named(cache.codec)
     if encoded is None:
-        values, scale = encode_logits(logits, cache.codec, out=_buffer(scratch, codec_named(cache.codec).stored_dtype, logits.shape))
+        values, scale = encode_logits(logits, cache.codec, out=_buffer(scratch, codec.stored_dtype, logits.shape) if codec.fills_out else None)
     else:
         values, scale = logits, encoded.scale
-        if values.dtype != np.dtype(codec_named(cache.codec).stored_dtype) or (scale is None) == codec_named(cache.codec).has_scale:
+        if values.dtype != np.dtype(codec.stored_dtype) or (scale is None) == codec.has_scale:
             raise ValueError(f"rows encoded as {values.dtype} (scale: {scale is not None}) for a {cache.codec} store")
     data = {"logits": values, "order": order.astype(np.int32), "views": views.astype(np.int32)}
     if scale is not None:
