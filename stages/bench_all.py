@@ -129,9 +129,10 @@ def _store(out: str, s: dict) -> list[dict]:
     return rows
 
 
-# The store before stage 1's and distill's benchmarks delete their stores and folders: on an ext4 without a journal
-# (this machine's) a file created within minutes of many deletions costs up to 0.5 ms (ext4 skips
-# the inodes freed in the last 60-360 s), a cost of the benchmark's order, not of the writer.
+# The store before stage 1's and distill's benchmarks delete their stores and folders: on an ext4
+# without a journal (this machine's) a file created within minutes of many deletions costs up to
+# 0.5 ms (ext4 skips the inodes freed in the last 60-360 s), a cost of the benchmark's order, not
+# of the writer.
 BENCHES = {"kernels": _kernels, "store": _store, "cache": _cache, "distill": _distill}
 
 
