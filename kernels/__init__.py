@@ -9,10 +9,10 @@ launching it and a functional wrapper, all named ``Fused<Op>Loss`` / ``fused_<op
 ``_launch.py`` holds the host side every op shares (input checks, buffers, block size and warps,
 the launch, the stored-gradient autograd base); ``_rowmath.py`` the ``@triton.jit`` row helpers,
 among them ``load_teacher``, the kernels' only teacher-row loader (float32 ``q * scale``, the
-formula of ``losses.dequantize``).
+formula of ``teacher_logits.dequantize``).
 
 Which backend runs (Triton on CUDA tensors, the PyTorch reference elsewhere) is decided next to
-the reference losses, in ``dhkd_pipe.losses`` (``dhkd_loss``, ``cross_entropy``). Triton is
+the reference losses, in ``dhkd_pipe.methods.losses`` (``dhkd_loss``, ``cross_entropy``). Triton is
 imported lazily: importing this package, or computing a loss on CPU tensors with backend "auto"
 or "torch", never imports triton (the tests set ``TRITON_INTERPRET=1`` before triton's first
 import); the names below load their module on first access.

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from ..errors import DhkdError
+from dhkd_pipe.errors import DhkdError
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TEACHER_DTYPES = FLOAT_DTYPES + (torch.int8,)

@@ -4,7 +4,7 @@ of K logits in blocks of BLOCK columns (device code only; the host side is ``_la
 Every helper computes in float32 whatever the storage dtype, and uses log-sum-exp / softplus forms
 (softplus(x) = max(x, 0) + log(1 + exp(-|x|))) so logits of +-1e4 stay finite. A teacher row is
 read by ``load_teacher`` only: float32(stored value) * t_scale, the float32 ``q * scale`` of
-``dhkd_pipe.losses.dequantize`` (t_scale = 1 for float teachers, so their values are exact).
+``dhkd_pipe.teacher_logits.dequantize`` (t_scale = 1 for float teachers, so their values are exact).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def row_scale(t_scale_ptr, row, HAS_SCALE: tl.constexpr):
 @triton.jit
 def load_teacher(t_ptr, offs, mask, t_scale):
     """Teacher logits t[offs] as float32: float32(stored) * t_scale, the one dequantise formula
-    (``dhkd_pipe.losses.dequantize``), rounded once, before any temperature is applied."""
+    (``dhkd_pipe.teacher_logits.dequantize``), rounded once, before any temperature is applied."""
     return load_block(t_ptr, offs, mask) * t_scale
 
 

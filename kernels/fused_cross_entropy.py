@@ -9,8 +9,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._launch import StoredGradLoss, launch_rows, stored
-from ._rowmath import ce_row
+from dhkd_pipe.kernels._launch import StoredGradLoss, launch_rows, stored
+from dhkd_pipe.kernels._rowmath import ce_row
 
 
 @triton.jit

@@ -23,8 +23,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._launch import StoredGradLoss, kd_mode, launch_rows, stored
-from ._rowmath import ce_row, kd_mode_row, row_scale
+from dhkd_pipe.kernels._launch import StoredGradLoss, kd_mode, launch_rows, stored
+from dhkd_pipe.kernels._rowmath import ce_row, kd_mode_row, row_scale
 
 
 @triton.jit
@@ -79,7 +79,7 @@ def fused_dhkd_terms(
     two float32 scalars, each with its own backward (scaling the gradient stored by the forward).
 
     kd_loss: "binary_kl_norm" (published DHKD), "binary_kl" or "kd" (formulas in
-    ``dhkd_pipe.losses``). Logits float32/bfloat16/float16 (B, K), any row stride; teacher
+    ``dhkd_pipe.methods.losses``). Logits float32/bfloat16/float16 (B, K), any row stride; teacher
     float16/bfloat16/float32, or int8 with float ``teacher_scale`` (B,); target int64/int32 (B,).
     ``max_block`` caps the column block (tests use a small one to exercise several blocks).
     """

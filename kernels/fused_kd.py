@@ -1,5 +1,5 @@
 """Fused distillation loss of one student head against the teacher, value and gradient in one
-launch: any of ``dhkd_pipe.losses.KD_LOSSES`` (Hinton KD, BinaryKL, BinaryKL-norm), each
+launch: any of ``dhkd_pipe.methods.losses.KD_LOSSES`` (Hinton KD, BinaryKL, BinaryKL-norm), each
 T^2/B * sum_i KL_i.
 
 One program per row. "kd": pass 1 reads student and teacher rows once for the online statistics
@@ -14,8 +14,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._launch import StoredGradLoss, kd_mode, launch_rows, stored
-from ._rowmath import kd_mode_row, row_scale
+from dhkd_pipe.kernels._launch import StoredGradLoss, kd_mode, launch_rows, stored
+from dhkd_pipe.kernels._rowmath import kd_mode_row, row_scale
 
 
 @triton.jit

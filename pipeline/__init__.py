@@ -24,37 +24,37 @@ from typing import TYPE_CHECKING
 
 # public name -> the module (under dhkd_pipe) that defines it, imported on first access
 _API = {
-    "open_store": "replay",
-    "StoreReplay": "replay",
-    "ReplayDataset": "replay",
-    "ViewLoader": "loader",
-    "Batch": "loader",
-    "MethodLoss": "loss_modules",
-    "CELoss": "loss_modules",
-    "KDLoss": "loss_modules",
-    "DKDLoss": "loss_modules",
-    "BinaryKLLoss": "loss_modules",
-    "DHKDLoss": "loss_modules",
-    "DISTLoss": "loss_modules",
-    "create_loss": "loss_modules",
+    "open_store": "data.replay",
+    "StoreReplay": "data.replay",
+    "ReplayDataset": "data.replay",
+    "ViewLoader": "data.loader",
+    "Batch": "data.loader",
+    "MethodLoss": "methods.loss_modules",
+    "CELoss": "methods.loss_modules",
+    "KDLoss": "methods.loss_modules",
+    "DKDLoss": "methods.loss_modules",
+    "BinaryKLLoss": "methods.loss_modules",
+    "DHKDLoss": "methods.loss_modules",
+    "DISTLoss": "methods.loss_modules",
+    "create_loss": "methods.loss_modules",
     "create_model": "models",
     "list_models": "models",
     "load_checkpoint": "models",
     "DualHead": "models",
     "single_head": "models",
-    "evaluate": "engine",
+    "evaluate": "data.inference",
     "DhkdError": "errors",
 }
 
 __all__ = ["__version__", *_API]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
-    from .engine import evaluate
-    from .errors import DhkdError
-    from .loader import Batch, ViewLoader
-    from .loss_modules import BinaryKLLoss, CELoss, DHKDLoss, DISTLoss, DKDLoss, KDLoss, MethodLoss, create_loss
-    from .models import DualHead, create_model, list_models, load_checkpoint, single_head
-    from .replay import ReplayDataset, StoreReplay, open_store
+    from dhkd_pipe.data.inference import evaluate
+    from dhkd_pipe.errors import DhkdError
+    from dhkd_pipe.data.loader import Batch, ViewLoader
+    from dhkd_pipe.methods.loss_modules import BinaryKLLoss, CELoss, DHKDLoss, DISTLoss, DKDLoss, KDLoss, MethodLoss, create_loss
+    from dhkd_pipe.models import DualHead, create_model, list_models, load_checkpoint, single_head
+    from dhkd_pipe.data.replay import ReplayDataset, StoreReplay, open_store
 
 
 def __getattr__(name: str):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import yaml
 
-from .errors import DhkdError
+from dhkd_pipe.errors import DhkdError
 
 MAX_BYTES = 1 << 20  # a recipe is a screen of options; a megabyte is already absurd
 MAX_NODES = 100_000  # scalars, lists and mappings after expanding every alias
@@ -24,7 +24,7 @@ def read_text(path: str, what: str = "config") -> str:
         with open(path, "rb") as f:
             data = f.read(MAX_BYTES + 1)
     except OSError as e:
-        from .errors import io_error
+        from dhkd_pipe.errors import io_error
 
         raise io_error(path, e, "read") from None
     if len(data) > MAX_BYTES:

@@ -8,13 +8,13 @@ import sys
 
 import click
 
-from .config import (AccuracyBenchConfig, AllBenchConfig, CacheBenchConfig, CacheConfig, DistillBenchConfig, EvalConfig, ExportConfig,
+from dhkd_pipe.config import (AccuracyBenchConfig, AllBenchConfig, CacheBenchConfig, CacheConfig, DistillBenchConfig, EvalConfig, ExportConfig,
                      InspectConfig, QuickstartConfig, ReportConfig, RunStart, StoreBenchConfig, StoreLockOptions,
                      StudentSeeds, TrainConfig, VerifyCacheConfig, build_config)
-from .errors import ENVIRONMENT_ERRNOS, DhkdError, one_line
-from .methods import METHODS, OPTIONS, option_defaults
-from .native_stderr import NativeStderr
-from .options import click_params, given
+from dhkd_pipe.errors import ENVIRONMENT_ERRNOS, DhkdError, one_line
+from dhkd_pipe.methods.registry import METHODS, OPTIONS, option_defaults
+from dhkd_pipe.native_stderr import NativeStderr
+from dhkd_pipe.options import click_params, given
 
 
 # loggers of the object-storage stack: after the error line, a failed store's pending requests
@@ -44,7 +44,7 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from .interrupts import Interrupted
+        from dhkd_pipe.interrupts import Interrupted
 
         try:
             return fn(*args, **kwargs)
@@ -107,7 +107,7 @@ class ConfigCommand(click.Command):
 
     def effective_defaults(self, ctx) -> tuple[dict, str | None]:
         """(option name -> value, a note on the recipe that could not be read)."""
-        from .config import config_defaults, read_recipe
+        from dhkd_pipe.config import config_defaults, read_recipe
 
         values, note = {**config_defaults(self.config_cls), **self.defaults}, None
         recipe = ctx.meta.get("recipe")
@@ -157,7 +157,7 @@ class OneLineGroup(click.Group):
         global _CAPTURE
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        from .interrupts import Interrupted, handle_signals
+        from dhkd_pipe.interrupts import Interrupted, handle_signals
 
         with NativeStderr() as capture, handle_signals():
             _CAPTURE = capture
@@ -179,7 +179,7 @@ class OneLineGroup(click.Group):
 
 def _echo_json(obj):
     """Strict JSON (a non-finite number is null, never NaN)."""
-    from .run_folder import json_safe
+    from dhkd_pipe.training.run_folder import json_safe
 
     click.echo(json.dumps(json_safe(obj), indent=2, default=str, allow_nan=False))
 
@@ -221,8 +221,8 @@ DISTILL_FIRST = ("model", "teacher", "teacher_weights", "cache", "method", *OPTI
 @user_errors
 def train_teacher_cmd(config_file, resume, overwrite, **options):
     """Train a model alone with cross-entropy (a teacher for later distillation)."""
-    from .run_folder import RunMode
-    from .stages.train_teacher import train_teacher
+    from dhkd_pipe.training.run_folder import RunMode
+    from dhkd_pipe.stages.train_teacher import train_teacher
 
     cfg = _train_config(config_file, resume=resume, overwrite=overwrite, **TEACHER_FIXED, **options)
     _echo_json(_short(train_teacher(cfg, mode=RunMode.from_flags(bool(resume), bool(overwrite)))))
@@ -247,8 +247,8 @@ def _distill_help() -> str:
               params=_params(TrainConfig, "distill", DISTILL_FIRST, extra=(StudentSeeds, RunStart)))
 @user_errors
 def distill_cmd(config_file, resume, overwrite, seeds, **options):
-    from .run_folder import RunMode
-    from .stages.distill import distill
+    from dhkd_pipe.training.run_folder import RunMode
+    from dhkd_pipe.stages.distill import distill
 
     students = [name.strip() for name in (options["model"] or "").split(",") if name.strip()] or [None]
     seed_list = _int_list("--seeds", seeds)
@@ -277,8 +277,8 @@ def _int_list(flag: str, text: str | None) -> list[int] | None:
 def _distill_several(cfg, students, seeds, mode):
     """Several students from one pass: the summaries as JSON (by run folder), then exit 2 with one
     line naming the students that stopped alone, if any did."""
-    from .stages.distill import distill_students, student_configs
-    from .students import StudentPlan
+    from dhkd_pipe.stages.distill import distill_students, student_configs
+    from dhkd_pipe.training.students import StudentPlan
 
     if not cfg.cache:
         raise DhkdError("several students (--student A,B or --seeds) train from one pass over a stage-1 store: give --cache STORE")
@@ -310,7 +310,7 @@ def _config(cls, options: dict):
 @user_errors
 def eval_cmd(**options):
     """Top-1 and top-5 accuracy on the validation split."""
-    from .stages.evaluate import evaluate
+    from dhkd_pipe.stages.evaluate import evaluate
 
     cfg = _config(EvalConfig, options)
     _echo_json(evaluate(cfg.model, cfg.weights, cfg.data, cfg.batch_size, resolution=cfg.resolution))
@@ -325,7 +325,7 @@ def export_cmd(**options):
     axis and, where onnxruntime is installed, runs it on a test batch and reports the largest
     difference from PyTorch's logits (exit 1 if over the tolerance).
     """
-    from .stages.export import export_onnx
+    from dhkd_pipe.stages.export import export_onnx
 
     cfg = _config(ExportConfig, options)
     result = export_onnx(cfg.run, cfg.out, opset=cfg.opset)
@@ -337,8 +337,8 @@ def export_cmd(**options):
 @main.command("models")
 def models_cmd():
     """List the registered architectures: 32-pixel CIFAR models and ImageNet ones."""
-    from .models import list_families, list_models
-    from .models.registry import CIFAR_INPUT, case_twins, model_input_size, model_kind
+    from dhkd_pipe.models import list_families, list_models
+    from dhkd_pipe.models.registry import CIFAR_INPUT, case_twins, model_input_size, model_kind
 
     names = list_models()
     cifar = [n for n in names if model_input_size(n) == CIFAR_INPUT]
@@ -380,7 +380,7 @@ def cache_teacher_cmd(config_file, break_lock, **options):
     Re-run on an existing store, the same command resumes it: it verifies the chunks already
     written (presence and checksums) and rewrites damaged ones. One process writes a store at a
     time (its lock object, STORE/.lock, names the writer)."""
-    from .stages.cache_teacher import cache_teacher
+    from dhkd_pipe.stages.cache_teacher import cache_teacher
 
     cfg = build_config(CacheConfig, config_file, options)
     _echo_json(cache_teacher(cfg, break_lock=bool(break_lock)))
@@ -392,9 +392,9 @@ def inspect_cmd(**options):
     """What a logit store holds (STORE: a path or a URL such as s3://bucket/logits.zarr), and what
     of it is damaged: every written object is checked (present, and its CRC32C checksums right).
     A damaged store exits 1, with one line on stderr naming the fix."""
-    from .cache import LogitCache
-    from .store_audit import damage
-    from .terminal_text import escaped
+    from dhkd_pipe.store.reader import LogitCache
+    from dhkd_pipe.store.audit import damage
+    from dhkd_pipe.terminal_text import escaped
 
     cfg = _config(InspectConfig, options)
     cache = LogitCache.open(cfg.store)
@@ -420,7 +420,7 @@ def inspect_cmd(**options):
 @user_errors
 def verify_cache_cmd(**options):
     """Re-render sampled views, re-run the teacher and compare with the store (a path or a URL)."""
-    from .stages.cache_teacher import verify_cache
+    from dhkd_pipe.stages.cache_teacher import verify_cache
 
     cfg = _config(VerifyCacheConfig, options)
     result = verify_cache(cfg.store, cfg.data, cfg.teacher_weights, samples=cfg.samples, tolerance=cfg.tolerance)
@@ -433,7 +433,7 @@ def verify_cache_cmd(**options):
 @user_errors
 def report_cmd(**options):
     """Plot validation accuracy and training loss per epoch of runs; print a markdown table."""
-    from .report import write_report
+    from dhkd_pipe.stages.report import write_report
 
     cfg = _config(ReportConfig, options)
     click.echo(write_report(list(cfg.runs), cfg.out))
@@ -443,7 +443,7 @@ def report_cmd(**options):
 @user_errors
 def quickstart_cmd(**options):
     """The whole job on the bundled digits: teacher, cache, ce/kd/dhkd students, report."""
-    from .stages.quickstart import quickstart
+    from dhkd_pipe.stages.quickstart import quickstart
 
     cfg = _config(QuickstartConfig, options)
     quickstart(cfg.out, overwrite=cfg.overwrite)
@@ -459,7 +459,7 @@ def bench():
 def bench_cache_cmd(**options):
     """Stage-1 images/s against the teacher's bare forward pass (in-memory data and a JPEG folder,
     with images decoded per stored row and decoding alone); bytes per logit per codec."""
-    from .stages.bench import bench_cache
+    from dhkd_pipe.benchmarks.bench import bench_cache
 
     cfg = _config(CacheBenchConfig, options)
     bench_cache(cfg.json_path, model=cfg.model, batch_size=cfg.batch_size, steps=cfg.steps,
@@ -471,7 +471,7 @@ def bench_cache_cmd(**options):
 @user_errors
 def bench_accuracy_cmd(**options):
     """The paper's comparison in miniature: one teacher, one store, students by method and seed."""
-    from .stages.bench_accuracy import bench_accuracy
+    from dhkd_pipe.benchmarks.accuracy import bench_accuracy
 
     result = bench_accuracy(_config(AccuracyBenchConfig, options))
     click.echo("\n" + result["markdown"] + f"\nwrote {', '.join(result['files'].values())}")
@@ -482,7 +482,7 @@ def bench_accuracy_cmd(**options):
 def bench_all_cmd(**options):
     """Every benchmark in one command (kernels, stage 1 in memory and on a JPEG folder, distill,
     store): one markdown table and one JSON naming the device. The command to run on a GPU."""
-    from .stages.bench_all import bench_all
+    from dhkd_pipe.benchmarks.suite import bench_all
 
     cfg = _config(AllBenchConfig, options)
     bench_all(cfg.out, size="tiny" if cfg.tiny else cfg.size, only=tuple(cfg.only))
@@ -495,13 +495,13 @@ def bench_distill_cmd(**options):
     S-student pass against S solo runs (wall time, step time, the loader's share of a step)."""
     cfg = _config(DistillBenchConfig, options)
     if cfg.students is not None:
-        from .stages.bench_students import bench_students
+        from dhkd_pipe.benchmarks.students import bench_students
 
         bench_students(cfg.json_path, _int_list("--students", cfg.students), steps=cfg.steps, batch_size=cfg.batch_size,
                        student=cfg.student, teacher=cfg.teacher, folder_student=cfg.folder_student,
                        folder_batch_size=cfg.folder_batch_size, image_size=cfg.image_size, folder=cfg.folder)
         return
-    from .stages.bench import bench_distill
+    from dhkd_pipe.benchmarks.bench import bench_distill
 
     bench_distill(cfg.json_path, teacher=cfg.teacher, student=cfg.student, batch_size=cfg.batch_size, steps=cfg.steps)
 
@@ -510,7 +510,7 @@ def bench_distill_cmd(**options):
 @user_errors
 def bench_store_cmd(**options):
     """Store write and read rows/s of one process (stage 1's writer, stage 2's streaming), local and at URLs."""
-    from .stages.bench import bench_store
+    from dhkd_pipe.benchmarks.bench import bench_store
 
     cfg = _config(StoreBenchConfig, options)
     bench_store(cfg.json_path, rows=cfg.rows, classes=cfg.classes, chunk_rows=cfg.chunk_rows, codec=cfg.codec,

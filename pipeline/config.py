@@ -6,7 +6,7 @@ names, and a method's options come from the method classes' own fields (``method
 setting may take are declared by the module that owns them, in torch-free modules: codecs
 (``codecs.CODECS``), aux heads (``models.aux_heads.AUX_HEADS``), loss backends and kd losses
 (``loss_names``), data sets (``data.DATA_SETS``). The precisions are declared here: they are
-Accelerate's ``mixed_precision`` values, and both stages pass them to ``engine.make_accelerator``.
+Accelerate's ``mixed_precision`` values, and both stages pass them to ``training.accelerator.make_accelerator``.
 This module imports no torch: the CLI's help and usage errors cost nothing.
 """
 
@@ -16,13 +16,13 @@ import dataclasses
 import os
 from dataclasses import dataclass, fields
 
-from .codecs import CODECS
-from .errors import DhkdError
-from .loss_names import BACKENDS, KD_LOSS_NAMES
-from .methods import METHODS, method_option_fields
-from .models.aux_heads import AUX_HEADS
-from .options import option
-from .option_ranges import check_values
+from dhkd_pipe.store.codecs import CODECS
+from dhkd_pipe.errors import DhkdError
+from dhkd_pipe.methods.names import BACKENDS, KD_LOSS_NAMES
+from dhkd_pipe.methods.registry import METHODS, method_option_fields
+from dhkd_pipe.models.aux_heads import AUX_HEADS
+from dhkd_pipe.options import option
+from dhkd_pipe.option_ranges import check_values
 
 PRECISIONS = ("no", "bf16", "fp16")  # Accelerate's mixed_precision ("no": float32)
 EXPORT_FORMATS = ("onnx",)  # `dhkd-pipe export`; training itself writes model.pt and model.safetensors
@@ -34,7 +34,7 @@ WEIGHTS_HELP = ("a checkpoint file, or a published weight's name (torchvision: D
 
 def data_help(extra: str = "") -> str:
     """``--data``'s help, from the data sets ``data`` declares."""
-    from .data import DATA_SETS, SUBSET_MARK
+    from dhkd_pipe.data.datasets import DATA_SETS, SUBSET_MARK
 
     return (f"{' | '.join(DATA_SETS)}; SPEC{SUBSET_MARK}N: a fixed stratified subset of N training images."
             + (f" {extra}" if extra else ""))
@@ -53,7 +53,7 @@ class TrainConfig(MethodOptions):
 
     The method's options (``gamma``, ``alpha``, ``beta``, ``temperature``, ``kd_loss``,
     ``warmup_epochs``, ``kd_stop_epoch``) left as None take the method's published defaults; what each weighs depends
-    on the method (``dhkd_pipe.methods``), and setting one the method does not take is an error.
+    on the method (``dhkd_pipe.methods.registry``), and setting one the method does not take is an error.
     ``data`` has no default: it is named, or comes from the ``cache`` store, which records its data
     set.
     """
@@ -67,7 +67,7 @@ class TrainConfig(MethodOptions):
     cache: str | None = option(None, "Stage-1 logit store (a path or a URL: s3://, gs://, file://): distil with no "
                                "teacher forward pass.", commands=_DISTILL)
     aux_head: str = option("linear", choices=AUX_HEADS, commands=_DISTILL)
-    # the published PCGrad over parameter gradients (dhkd_pipe.grad_align)
+    # the published PCGrad over parameter gradients (dhkd_pipe.training.grad_align)
     grad_align: bool = option(False, "dhkd, dhkd_reviewkd only: gradient alignment as published (PCGrad over all "
                               "parameter gradients): where the distillation gradient conflicts with the CE gradient, its "
                               "component along the CE gradient is removed. With dhkd_reviewkd the projected objective is "
@@ -129,7 +129,7 @@ class TrainConfig(MethodOptions):
         if not self.data and not self.cache:
             raise DhkdError(missing_data("; or distil from a stage-1 store with --cache STORE, which records its data"))
         check_values(self.to_dict())
-        from .methods import from_config
+        from dhkd_pipe.methods.registry import from_config
 
         from_config(self)  # the method exists and takes the options that are set
         return self
@@ -187,7 +187,7 @@ class CacheConfig:
 
 def missing_data(extra: str = "") -> str:
     """The one line for a command run without ``--data``: no data set is ever assumed."""
-    from .data import DATA_SETS
+    from dhkd_pipe.data.datasets import DATA_SETS
 
     return f"missing --data: name the data set ({', '.join(DATA_SETS)}){extra}"
 
@@ -217,7 +217,7 @@ class AccuracyBenchConfig:
             raise DhkdError("threads and val_every must not be negative")
         if self.lr <= 0:
             raise DhkdError(f"bad lr {self.lr}: must be positive")
-        from .data import SUBSET_MARK
+        from dhkd_pipe.data.datasets import SUBSET_MARK
 
         if SUBSET_MARK in self.data:
             raise DhkdError(f"give the training subset as --train-size, not in --data {self.data!r}")
@@ -327,7 +327,7 @@ class CacheBenchConfig:
     views: int = option(4, "Views per image of the image-folder rows.")
 
 
-BENCHMARKS = ("kernels", "cache", "distill", "store")  # what ``bench all`` runs (stages/bench_all.py)
+BENCHMARKS = ("kernels", "cache", "distill", "store")  # what ``bench all`` runs (benchmarks/suite.py)
 BENCH_SIZES = ("gpu", "cpu", "tiny")
 
 
@@ -399,7 +399,7 @@ def build_config(cls, config_file: str | None, overrides: dict, defaults: dict |
 
 def read_recipe(config_file: str) -> dict:
     """The options a YAML recipe sets, keys with ``_`` (as the dataclasses name them)."""
-    from . import bounded_yaml
+    from dhkd_pipe import bounded_yaml
 
     if not os.path.isfile(config_file):
         raise DhkdError(f"config file not found: {config_file}")

@@ -28,7 +28,7 @@ def one_line(what, limit: int | None = None) -> str:
     ``\x1b`` is shown, never acted on); an exception with no text is named by its type, an OSError
     by its text and errno name (``No space left on device (ENOSPC)``); cut at ``limit`` characters
     with "..."."""
-    from .terminal_text import escaped
+    from dhkd_pipe.terminal_text import escaped
 
     if isinstance(what, BaseException):
         text = getattr(what, "strerror", None) or str(what) or type(what).__name__

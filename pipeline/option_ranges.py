@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .errors import DhkdError
+from dhkd_pipe.errors import DhkdError
 
 
 @dataclass(frozen=True)

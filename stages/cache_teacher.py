@@ -19,21 +19,22 @@ import numpy as np
 import torch
 
 from dhkd_pipe import __version__
-from dhkd_pipe.cache import LogitCache
-from dhkd_pipe.codecs import check_encodable, codec_tolerance
+from dhkd_pipe.store.reader import LogitCache
+from dhkd_pipe.store.codecs import check_encodable, codec_tolerance
 from dhkd_pipe.config import CacheConfig
 from dhkd_pipe.console import log_line
-from dhkd_pipe.data import Dataset, Renderer, absolute_spec, load_data, load_store_data
-from dhkd_pipe.decode_once import group_jobs, images_per_batch, run_jobs
-from dhkd_pipe.engine import evaluate, make_accelerator, memory_format
+from dhkd_pipe.data.datasets import Dataset, Renderer, absolute_spec, load_data, load_store_data
+from dhkd_pipe.data.decode_once import group_jobs, images_per_batch, run_jobs
+from dhkd_pipe.data.inference import evaluate, memory_format
+from dhkd_pipe.training.accelerator import make_accelerator
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.options import flag_of, option_fields
 from dhkd_pipe.option_ranges import check_value
-from dhkd_pipe.store import check_inputs_outside
-from dhkd_pipe.store_layout import STORE_ENTRIES, estimate_bytes
-from dhkd_pipe.store_writer import StoreWriter
-from dhkd_pipe.teacher import frozen_model, load_teacher, resolve_teacher
-from dhkd_pipe.views import UnitGroups, ViewPlan
+from dhkd_pipe.store.objects import check_inputs_outside
+from dhkd_pipe.store.layout import STORE_ENTRIES, estimate_bytes
+from dhkd_pipe.store.writer import StoreWriter
+from dhkd_pipe.data.teacher import frozen_model, load_teacher, resolve_teacher
+from dhkd_pipe.data.views import UnitGroups, ViewPlan
 
 
 def _human(nbytes: float) -> str:

@@ -1,6 +1,6 @@
 """``dhkd-pipe distill``: a student from a teacher, online (teacher run every step) or from a
 stage-1 store (``--cache``); one code path, only the source of the teacher logits differs.
-``distill_students``: several students from one pass over a store (``dhkd_pipe.students``,
+``distill_students``: several students from one pass over a store (``dhkd_pipe.training.students``,
 ``engine.train_runs``)."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import os
 
 from dhkd_pipe.config import TrainConfig
 from dhkd_pipe.console import log_line
-from dhkd_pipe.engine import prepare, train, train_runs
+from dhkd_pipe.training.engine import prepare, train, train_runs
 from dhkd_pipe.errors import DhkdError
-from dhkd_pipe.run_folder import RunMode
-from dhkd_pipe.students import StudentPlan, prepare_pass
+from dhkd_pipe.training.run_folder import RunMode
+from dhkd_pipe.training.students import StudentPlan, prepare_pass
 
 
 def distill(cfg: TrainConfig, *, mode: RunMode | str = RunMode.NEW, log=log_line) -> dict:

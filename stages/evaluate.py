@@ -9,12 +9,12 @@ from __future__ import annotations
 import torch
 
 from dhkd_pipe.config import missing_data
-from dhkd_pipe.data import load_data
-from dhkd_pipe.engine import evaluate as evaluate_model
+from dhkd_pipe.data.datasets import load_data
+from dhkd_pipe.data.inference import evaluate as evaluate_model
 from dhkd_pipe.errors import DhkdError
-from dhkd_pipe.teacher import frozen_model, resolve_teacher, teacher_plan
+from dhkd_pipe.data.teacher import frozen_model, resolve_teacher, teacher_plan
 from dhkd_pipe.option_ranges import check_value
-from dhkd_pipe.views import ViewPlan, with_preprocessing
+from dhkd_pipe.data.views import ViewPlan, with_preprocessing
 
 
 def _recorded_plan(path: str) -> dict | None:

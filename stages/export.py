@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from dhkd_pipe.errors import DhkdError, io_error
-from dhkd_pipe.exported import load_exported
-from dhkd_pipe.run_folder import ONNX, check_writable, claim_on_write, run_files
+from dhkd_pipe.training.exported import load_exported
+from dhkd_pipe.training.run_folder import ONNX, check_writable, claim_on_write, run_files
 
 ONNX_EXTRA = 'pip install "dhkd-pipe[onnx]" (onnx, onnxscript, onnxruntime)'
 # Weights inline up to this size; larger ones go to OUT.data beside the file (protobuf's 2 GiB cap).

@@ -14,11 +14,11 @@ from pathlib import Path
 from dhkd_pipe.config import CacheConfig, TrainConfig, build_config
 from dhkd_pipe.console import log_line
 from dhkd_pipe.errors import DhkdError, io_error
-from dhkd_pipe.report import markdown_table, write_report
+from dhkd_pipe.stages.report import markdown_table, write_report
 
-from .cache_teacher import cache_teacher
-from .distill import distill
-from .train_teacher import train_teacher
+from dhkd_pipe.stages.cache_teacher import cache_teacher
+from dhkd_pipe.stages.distill import distill
+from dhkd_pipe.stages.train_teacher import train_teacher
 
 RECIPES = Path(__file__).resolve().parent.parent / "configs" / "digits"
 STUDENTS = ("ce", "kd", "dhkd")

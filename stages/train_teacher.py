@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dhkd_pipe.config import TrainConfig
 from dhkd_pipe.console import log_line
-from dhkd_pipe.engine import prepare, train
-from dhkd_pipe.run_folder import RunMode
+from dhkd_pipe.training.engine import prepare, train
+from dhkd_pipe.training.run_folder import RunMode
 from dhkd_pipe.errors import DhkdError
 
 

@@ -43,11 +43,11 @@ def batches(seed: int = 13):
 
 
 def product_run(accelerator, aux_head: str, grad_align: bool, steps, bn_eval: bool = False, dtype=torch.float64) -> dict:
-    """Trains through ``dhkd_pipe.engine.train_step``; returns the final state dict (cpu)."""
+    """Trains through ``dhkd_pipe.training.engine.train_step``; returns the final state dict (cpu)."""
     from dhkd_pipe.config import TrainConfig
-    from dhkd_pipe.engine import Run, train_step
-    from dhkd_pipe.loader import Batch
-    from dhkd_pipe.methods import from_config
+    from dhkd_pipe.training.engine import Run, train_step
+    from dhkd_pipe.data.loader import Batch
+    from dhkd_pipe.methods.registry import from_config
 
     cfg = TrainConfig(aux_head=aux_head, grad_align=grad_align, **SETTINGS).validate()
     model = build_model(aux_head, dtype=dtype)
@@ -64,7 +64,7 @@ def product_run(accelerator, aux_head: str, grad_align: bool, steps, bn_eval: bo
 
 
 def main(out: str):
-    from dhkd_pipe.engine import make_accelerator
+    from dhkd_pipe.training.accelerator import make_accelerator
 
     acc = make_accelerator("no")
     world, rank = acc.num_processes, acc.process_index

@@ -12,7 +12,7 @@ import torch
 import dhkd_pipe
 from dhkd_pipe.config import CacheConfig, TrainConfig
 from dhkd_pipe.errors import DhkdError
-from dhkd_pipe.methods import METHODS, from_config
+from dhkd_pipe.methods.registry import METHODS, from_config
 from dhkd_pipe.stages.cache_teacher import cache_teacher
 
 from conftest import built_once, write_digits_store
@@ -57,7 +57,7 @@ def _same_batches(a, b):
 
 @pytest.mark.parametrize("codec_store", ["store", "int8_store"])
 def test_replay_equals_what_stage_2_trains_on(codec_store, request, tmp_path):
-    from dhkd_pipe.engine import prepare
+    from dhkd_pipe.training.engine import prepare
 
     location = request.getfixturevalue(codec_store)
     run = prepare(TrainConfig(cache=location, model="resnet8", method="dhkd", epochs=3, batch_size=64,
@@ -109,7 +109,7 @@ def test_open_store_refuses_what_is_not_a_store(tmp_path):
     with pytest.raises(DhkdError):
         dhkd_pipe.open_store(str(tmp_path), data="digits")
     with pytest.raises(DhkdError, match="process slot"):
-        from dhkd_pipe.replay import process_slot
+        from dhkd_pipe.data.replay import process_slot
 
         process_slot(2, 2)
 
@@ -172,7 +172,7 @@ def test_loss_module_int8_teacher_and_backend_dispatch():
     """The int8 path (a teacher with its scale) and the forced Triton backend (the interpreter on the
     CPU) give the method's values: the module adds no dispatch of its own."""
     from dhkd_pipe.kernels import triton_available
-    from dhkd_pipe.losses import dhkd_terms
+    from dhkd_pipe.methods.losses import dhkd_terms
 
     student, labels, _ = _inputs(METHODS["dhkd"])
     q = torch.randint(-127, 128, (16, 10), dtype=torch.int8)
@@ -207,7 +207,7 @@ def test_dual_head_wraps_any_classifier_and_comes_off_for_export():
 def test_replay_under_dali_equals_what_stage_2_trains_on(tmp_path, digit_jpegs, random_teacher3):
     """An image folder's store: the API's DALI batches (CPU decoding here) are the engine's."""
     pytest.importorskip("nvidia.dali")
-    from dhkd_pipe.engine import prepare
+    from dhkd_pipe.training.engine import prepare
 
     store = str(tmp_path / "logits.zarr")
     cache_teacher(CacheConfig(data=f"imagefolder:{digit_jpegs}", model="resnet8", weights=str(random_teacher3), views=2,

@@ -9,8 +9,8 @@ from click.testing import CliRunner
 from dhkd_pipe.cli import main
 from dhkd_pipe.config import AccuracyBenchConfig
 from dhkd_pipe.errors import DhkdError
-from dhkd_pipe.stages import bench_accuracy as bench_module
-from dhkd_pipe.stages.bench_accuracy import ROWS, bench_accuracy, milestones
+from dhkd_pipe.benchmarks import accuracy as bench_module
+from dhkd_pipe.benchmarks.accuracy import ROWS, bench_accuracy, milestones
 from test_idx import write_mnist
 
 TINY = ["--train-size", "200", "--teacher", "resnet8", "--student", "resnet8", "--teacher-epochs", "1", "--epochs", "1",
@@ -116,7 +116,7 @@ def test_settings_are_checked_before_anything_runs(tmp_path):
 
 def test_records_accept_options_added_since_at_their_defaults(tmp_path):
     from dhkd_pipe.config import CacheConfig, TrainConfig
-    from dhkd_pipe.stages.bench_accuracy import _plain, _same_key, _same_method, _what
+    from dhkd_pipe.benchmarks.accuracy import _plain, _same_key, _same_method, _what
 
     cfg = TrainConfig(data="digits", method="kd", val_every=3, out=str(tmp_path))
     key = _plain({"config": _what(cfg), "store": {"config": _what(CacheConfig(data="digits", weights="w")), "teacher_weights": "ab"}})
@@ -128,7 +128,7 @@ def test_records_accept_options_added_since_at_their_defaults(tmp_path):
     assert not _same_key(older, key, TrainConfig)
     assert not _same_key({**key, "store": {**key["store"], "teacher_weights": "cd"}}, key, TrainConfig)
 
-    from dhkd_pipe.methods import from_config
+    from dhkd_pipe.methods.registry import from_config
 
     params = _plain(from_config(cfg).params())
     for recorded, same in ((params, True), ({k: v for k, v in params.items() if v is not None}, True),  # gained options at their defaults

@@ -49,7 +49,7 @@ def test_bench_all_refuses_an_unknown_benchmark(tmp_path):
 def test_one_failing_benchmark_keeps_the_others_figures(tmp_path, monkeypatch, capsys):
     """A lent GPU's minutes are few: a benchmark that breaks is a row of the table and an exit 2 at
     the end, after the others ran and the table and the JSON were written."""
-    from dhkd_pipe.stages import bench_all
+    from dhkd_pipe.benchmarks import suite as bench_all
 
     def broken(out, s):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
@@ -71,7 +71,7 @@ def test_one_failing_benchmark_keeps_the_others_figures(tmp_path, monkeypatch, c
 def test_bench_store_lays_the_stores_out_as_asked(tmp_path, monkeypatch, sharded):
     """``bench store --sharded`` writes its stores in shards (several chunks per write unit),
     as an ImageNet-sized store is; without it a small store has one chunk per unit."""
-    from dhkd_pipe.store_writer import write_threads
+    from dhkd_pipe.store.writer import write_threads
 
     args = ["bench", "store", "--rows", "1000", "--classes", "10", "--chunk-rows", "64", "--json", str(tmp_path / "b.json")]
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the stores' temporary folder

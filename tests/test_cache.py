@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from dhkd_pipe.cache import LogitCache
-from dhkd_pipe.chunk_objects import ObjectEncoder
-from dhkd_pipe.codecs import BF16_RELATIVE_ERROR, CODECS, FP16_RELATIVE_ERROR, codec_named, codec_tolerance, decode_logits, encode_logits
-from dhkd_pipe.store_layout import estimate_bytes
-from dhkd_pipe.store_writer import create_or_resume, write_unit
+from dhkd_pipe.store.reader import LogitCache
+from dhkd_pipe.store.chunk_objects import ObjectEncoder
+from dhkd_pipe.store.codecs import BF16_RELATIVE_ERROR, CODECS, FP16_RELATIVE_ERROR, codec_named, codec_tolerance, decode_logits, encode_logits
+from dhkd_pipe.store.layout import estimate_bytes
+from dhkd_pipe.store.writer import create_or_resume, write_unit
 from dhkd_pipe.errors import DhkdError
 
 E, N, K, C = 2, 300, 10, 64  # 5 chunks per epoch, the last one short
@@ -124,7 +124,7 @@ def test_fp16_encoding_rounds_like_numpy_bit_for_bit():
     """The fp16 codec converts with torch (fast); its bits must be numpy's round-to-nearest-even,
     the rounding older stores were written with: a stride over every finite fp16 magnitude,
     subnormals included, and the exact ties between neighbouring fp16 values."""
-    from dhkd_pipe.codecs import FP16_MAX, encode_logits
+    from dhkd_pipe.store.codecs import FP16_MAX, encode_logits
 
     bits = np.arange(0x33000000, 0x477FE000, 977, dtype=np.uint32)  # 2^-25 .. 65504
     x = bits.view(np.float32)
@@ -141,7 +141,7 @@ def test_fp16_refuses_exactly_the_rows_out_of_its_range():
     """The fp16 codec checks its halves, not the float32 rows, unless a half reaches 65504: what it
     refuses, and the message, must still be exactly what the published check says (a value not
     finite, or |x| > 65504), at the edge of the range and on either side of it."""
-    from dhkd_pipe.codecs import FP16_MAX, encode_logits
+    from dhkd_pipe.store.codecs import FP16_MAX, encode_logits
 
     below = np.nextafter(np.float32(FP16_MAX), np.float32(0))
     above = np.nextafter(np.float32(FP16_MAX), np.float32(np.inf))  # rounds to 65504 in fp16: refused all the same
@@ -162,8 +162,8 @@ def test_fp16_refuses_exactly_the_rows_out_of_its_range():
 
 @pytest.mark.parametrize("codec", ["fp16", "int8"])
 def test_rows_encoded_ahead_are_written_as_is_and_must_match_the_codec(tmp_path, codec):
-    from dhkd_pipe.codecs import EncodedRows, encode_logits
-    from dhkd_pipe.store_writer import write_unit
+    from dhkd_pipe.store.codecs import EncodedRows, encode_logits
+    from dhkd_pipe.store.writer import write_unit
 
     x = fake_logits()
     ahead, plain = create(tmp_path / "a.zarr", codec=codec), create(tmp_path / "b.zarr", codec=codec)
@@ -415,7 +415,7 @@ def test_unit_objects_are_the_bytes_zarr_writes(tmp_path, codec, sharded):
 def test_row_maxima_are_max_abs_bit_for_bit():
     """The writer's max|row| (from each row's max and min) is numpy's max(|x|), zeros of either
     sign included; a NaN or infinite row is refused as before."""
-    from dhkd_pipe.codecs import check_encodable
+    from dhkd_pipe.store.codecs import check_encodable
 
     x = fake_logits(1, 300, 50)[0]
     x[1], x[2], x[3, ::2] = -0.0, 0.0, -0.0
@@ -474,7 +474,7 @@ def test_done_flag_is_the_last_object_written(tmp_path, monkeypatch, where):
 
     from zarr.storage import FsspecStore
 
-    from dhkd_pipe import store_writer
+    from dhkd_pipe.store import writer as store_writer
 
     keys, atomic_only_done = [], []  # on disk the flags, and only they, go through a *.partial file
     if where == "disk":
@@ -508,7 +508,7 @@ def test_a_store_opened_read_only_is_not_written(tmp_path):
 def test_a_full_disk_is_a_one_line_error(tmp_path, monkeypatch):
     import zarr.storage
 
-    from dhkd_pipe import store_writer
+    from dhkd_pipe.store import writer as store_writer
 
     c = create(tmp_path / "s.zarr")
 
@@ -580,7 +580,7 @@ def test_a_half_created_store_is_recreated_by_the_same_command(tmp_path):
 
 
 def open_writer(path, threads, **kw):
-    from dhkd_pipe.store_writer import StoreWriter
+    from dhkd_pipe.store.writer import StoreWriter
 
     return StoreWriter(str(path), epochs=E, num_samples=kw.pop("n", N), num_classes=kw.pop("k", K), chunk_rows=C,
                        labels=np.arange(kw.get("n_labels", N)) % K, codec=kw.pop("codec", "int8"), attrs=attrs(), threads=threads, **kw)
@@ -596,7 +596,7 @@ def put_all(writer, x, handed=None):
 
 @pytest.mark.parametrize("sharded", [False, True])
 def test_the_parallel_writer_writes_what_one_thread_writes(tmp_path, sharded):
-    from dhkd_pipe.store_lock import LOCK_KEY
+    from dhkd_pipe.store.lock import LOCK_KEY
 
     geometry = dict(shard_threshold=4, shard_bytes=2 * C * K) if sharded else {}
     x = fake_logits()
@@ -613,7 +613,7 @@ def test_a_unit_torn_by_a_killed_writer_is_rewritten_on_resume(tmp_path):
     """On disk a unit's data objects are written in place: a writer killed mid-unit leaves them
     torn in a unit not marked done. That is no damage (nothing reads them), and the resume
     rewrites them: the store equals one written straight."""
-    from dhkd_pipe.store_audit import damage
+    from dhkd_pipe.store.audit import damage
 
     x = fake_logits()
     with open_writer(tmp_path / "straight.zarr", 2) as w:
@@ -643,7 +643,7 @@ def test_a_unit_torn_by_a_killed_writer_is_rewritten_on_resume(tmp_path):
 def test_writer_threads_follow_the_cores_on_disk(tmp_path, monkeypatch):
     """On disk a unit is CPU work (its encoding): one writer thread per core, at most 4; on object
     storage it waits on round trips: 8."""
-    from dhkd_pipe.store_writer import write_threads
+    from dhkd_pipe.store.writer import write_threads
 
     for cores, threads in ((1, 1), (2, 2), (3, 3), (16, 4)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
@@ -667,7 +667,7 @@ def test_the_writer_holds_a_bounded_number_of_units(tmp_path, monkeypatch):
     import threading
     import time
 
-    from dhkd_pipe import store_writer
+    from dhkd_pipe.store import writer as store_writer
 
     release, started = threading.Event(), []
     real = store_writer.write_unit
@@ -694,7 +694,7 @@ def test_the_writer_holds_a_bounded_number_of_units(tmp_path, monkeypatch):
 
 
 def test_a_failed_write_surfaces_and_a_store_without_units_is_removed(tmp_path, monkeypatch):
-    from dhkd_pipe import store_writer
+    from dhkd_pipe.store import writer as store_writer
 
     def full(cache, *unit, **kw):
         raise DhkdError(f"cannot write to store {cache.path}: No space left on device (ENOSPC)")

@@ -45,7 +45,7 @@ def test_every_recipe_parses(path):
     cfg = build_config(CacheConfig, path, {"weights": "given.pt"}) if is_cache else build_config(TrainConfig, path, {})
     assert cfg.model in list_models()
     if not is_cache:
-        from dhkd_pipe.methods import from_config
+        from dhkd_pipe.methods.registry import from_config
 
         from_config(cfg)  # the recipe's method takes every option the recipe sets
     if not is_cache and cfg.method == "dhkd" and "digits" not in path:

@@ -9,10 +9,10 @@ import torch
 
 pytest.importorskip("nvidia.dali")
 
-from dhkd_pipe.data import load_data  # noqa: E402
-from dhkd_pipe.dali_views import DaliViews, render_reference  # noqa: E402
+from dhkd_pipe.data.datasets import load_data  # noqa: E402
+from dhkd_pipe.data.dali_renderer import DaliViews, render_reference  # noqa: E402
 from dhkd_pipe.errors import DhkdError  # noqa: E402
-from dhkd_pipe.imagefolder import ImageFolderData  # noqa: E402
+from dhkd_pipe.data.imagefolder import ImageFolderData  # noqa: E402
 
 RES = 32
 HEIGHT, WIDTH = 40, 48
@@ -200,7 +200,7 @@ def test_empty_class_and_unknown_val_class_are_user_errors(folder, tmp_path):
 
 
 def test_classes_digest_and_threaded_header_reads(folder, data, tmp_path):
-    from dhkd_pipe.imagefolder import _image_sizes
+    from dhkd_pipe.data.imagefolder import _image_sizes
 
     root = tmp_path / "renamed"
     shutil.copytree(folder, root)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from dhkd_pipe.data import load_data, stratified_subset
+from dhkd_pipe.data.datasets import load_data, stratified_subset
 from dhkd_pipe.errors import DhkdError
 from test_idx import NAMES, idx_bytes, write_file
 

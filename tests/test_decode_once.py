@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from dhkd_pipe.views import UnitGroups
+from dhkd_pipe.data.views import UnitGroups
 
 
 def test_unit_groups_keep_each_units_samples_across_epochs():
@@ -33,8 +33,8 @@ def test_one_group_is_a_plain_permutation():
 
 
 def test_group_jobs_split_the_groups_and_skip_what_is_done():
-    from dhkd_pipe.decode_once import group_jobs
-    from dhkd_pipe.views import ViewPlan
+    from dhkd_pipe.data.decode_once import group_jobs
+    from dhkd_pipe.data.views import ViewPlan
 
     n, unit_rows, shard, epochs = 50, 8, 2, 3  # units of 2 chunks of 4 rows: 7 groups, the last of 2 samples
     plan = ViewPlan(seed=1, policy="random_resized_crop_flip", resolution=16)
@@ -147,8 +147,8 @@ def test_decode_once_writes_the_store_the_view_by_view_pass_writes(jpegs, tmp_pa
 def test_decode_once_resumes_exactly(jpegs, tmp_path, monkeypatch):
     """Stopped once its fifth unit is written (the writer's threads may finish a few more), then
     re-run: only the units not written are rendered again, and the store is a straight run's."""
-    from dhkd_pipe import store_writer
-    from dhkd_pipe.cache import LogitCache
+    from dhkd_pipe.store import writer as store_writer
+    from dhkd_pipe.store.reader import LogitCache
     from dhkd_pipe.stages.cache_teacher import cache_teacher
 
     cache_teacher(_config(jpegs, tmp_path / "straight.zarr"), log=lambda *a: None)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dhkd_pipe.errors import DhkdError
-from dhkd_pipe.exported import load_exported, read_exported, write_exported
+from dhkd_pipe.training.exported import load_exported, read_exported, write_exported
 from dhkd_pipe.models import create_model, load_checkpoint
 from conftest import cli_here
 

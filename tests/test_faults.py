@@ -387,7 +387,7 @@ def fail_makedirs(code: int):
         def makedirs(path, *a, **k):
             raise OSError(code, os.strerror(code), str(path))
 
-        w.monkeypatch.setattr("dhkd_pipe.run_folder.os.makedirs", makedirs)
+        w.monkeypatch.setattr("dhkd_pipe.training.run_folder.os.makedirs", makedirs)
 
     return setup
 
@@ -854,7 +854,7 @@ ISSUE_19_CASES = [
          setup=raises("dhkd_pipe.models.create_model", RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")),
          **REFUSED),
     Case("recursion-is-one-line", TRAIN, "nests too deep to be read \\(RecursionError\\)",
-         setup=raises("dhkd_pipe.data.load_data", RecursionError()), **REFUSED),
+         setup=raises("dhkd_pipe.data.datasets.load_data", RecursionError()), **REFUSED),
 ]
 
 
@@ -973,7 +973,7 @@ CASES = [
     Case("quickstart-overwrite-a-user-folder", "quickstart --out {out} --overwrite", "is not a quickstart folder",
          setup=make_user_folder),
     Case("environment-error-anywhere", TRAIN, "cannot access /data/x: Permission denied \\(EACCES\\)",
-         setup=lambda w: w.monkeypatch.setattr("dhkd_pipe.data.load_data", eacces("/data/x"))),
+         setup=lambda w: w.monkeypatch.setattr("dhkd_pipe.data.datasets.load_data", eacces("/data/x"))),
     Case("resume-past-a-stale-lock", TRAIN + " --resume", code=0, setup=plant_lock(dead_pid, checkpoint=True), check=finished, changes_out=True),
     Case("resumed-epoch-reports-the-same-train-loss", code=0, run=resumed_epoch_same_train_loss, check=same_as_reference,
          changes_out=True, slow=True),  # two training runs
@@ -1048,8 +1048,8 @@ def test_a_skipped_step_does_no_update(tmp_path, monkeypatch):
     import copy
 
     from dhkd_pipe.config import TrainConfig
-    from dhkd_pipe.engine import prepare, train_step
-    from dhkd_pipe.nonfinite import NonFiniteGuard
+    from dhkd_pipe.training.engine import prepare, train_step
+    from dhkd_pipe.training.nonfinite import NonFiniteGuard
     from dhkd_pipe.errors import DhkdError
 
     cfg = TrainConfig(data="digits@100", model="resnet8", method="ce", epochs=1, batch_size=32, max_nonfinite=1,

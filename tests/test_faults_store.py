@@ -36,14 +36,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from dhkd_pipe.cache import LogitCache
+from dhkd_pipe.store.reader import LogitCache
 from dhkd_pipe.cli import main
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.models import create_model
-from dhkd_pipe.store import StoreObjects, is_url, open_store
-from dhkd_pipe.store_audit import damage
-from dhkd_pipe.store_lock import LOCK_KEY, StoreLock, read_holder
-from dhkd_pipe.store_writer import create_or_resume
+from dhkd_pipe.store.objects import StoreObjects, is_url, open_store
+from dhkd_pipe.store.audit import damage
+from dhkd_pipe.store.lock import LOCK_KEY, StoreLock, read_holder
+from dhkd_pipe.store.writer import create_or_resume
 
 import hostile_stores as hs
 from conftest import S3_BUCKET as BUCKET  # the moto server is the session fixture ``s3``
@@ -897,7 +897,7 @@ def test_the_lock_is_released_on_an_interrupt(shared, tmp_path, monkeypatch):
     """The lock is held while units are written; a KeyboardInterrupt in the middle of stage 1
     releases it and keeps the units written, and the re-run completes the store."""
     from dhkd_pipe.config import CacheConfig
-    from dhkd_pipe import store_writer
+    from dhkd_pipe.store import writer as store_writer
     from dhkd_pipe.stages import cache_teacher as stage
 
     out = tmp_path / "s.zarr"
@@ -1067,7 +1067,7 @@ def test_a_frozen_object_store_ends_in_one_line_by_the_storage_timeouts(shared, 
 
 
 def test_storage_timeouts_come_from_the_environment(monkeypatch):
-    from dhkd_pipe.store import CONNECT_TIMEOUT_S, READ_TIMEOUT_S, storage_timeouts
+    from dhkd_pipe.store.objects import CONNECT_TIMEOUT_S, READ_TIMEOUT_S, storage_timeouts
 
     monkeypatch.delenv("DHKD_STORE_CONNECT_TIMEOUT", raising=False)
     monkeypatch.delenv("DHKD_STORE_READ_TIMEOUT", raising=False)

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dhkd_pipe.methods import get_method
+from dhkd_pipe.methods.registry import get_method
 from dhkd_pipe.models import create_model
 from dhkd_pipe.models.feature_taps import forward_taps
 

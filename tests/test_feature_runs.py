@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from dhkd_pipe.config import TrainConfig
-from dhkd_pipe.engine import prepare
+from dhkd_pipe.training.engine import prepare
 from dhkd_pipe.errors import DhkdError
-from dhkd_pipe.exported import read_exported
-from dhkd_pipe.methods import get_method
+from dhkd_pipe.training.exported import read_exported
+from dhkd_pipe.methods.registry import get_method
 from dhkd_pipe.models import create_model
 from dhkd_pipe.stages.distill import distill
 
@@ -136,7 +136,7 @@ FEATURE_RECIPES = sorted(glob.glob(os.path.join(ROOT, "configs", "*", "reviewkd"
 @pytest.mark.parametrize("path", FEATURE_RECIPES)
 def test_every_feature_recipe_parses_runs_online_and_names_its_source(path):
     from dhkd_pipe.config import build_config
-    from dhkd_pipe.methods import from_config
+    from dhkd_pipe.methods.registry import from_config
     from dhkd_pipe.models import list_models
 
     cfg = build_config(TrainConfig, path, {})
@@ -167,7 +167,7 @@ def test_feature_recipes_hold_mdistillers_weights():
 
 def test_bench_accuracy_trains_the_feature_rows_online_from_the_same_teacher(tmp_path):
     from dhkd_pipe.config import AccuracyBenchConfig
-    from dhkd_pipe.stages import bench_accuracy as bench_module
+    from dhkd_pipe.benchmarks import accuracy as bench_module
 
     rows = {r.name: r for r in bench_module.ROWS}
     assert {"fitnet", "reviewkd", "dhkd_reviewkd"} <= set(rows)
@@ -191,7 +191,7 @@ def test_bench_accuracy_trains_the_feature_rows_online_from_the_same_teacher(tmp
 
 @pytest.mark.slow
 def test_bench_distill_has_an_online_reviewkd_row(tmp_path):
-    from dhkd_pipe.stages.bench import bench_distill
+    from dhkd_pipe.benchmarks.bench import bench_distill
 
     rows, ratios = bench_distill(str(tmp_path / "bench.json"), teacher="resnet8", student="resnet8", batch_size=8, steps=2,
                                  warmup=1)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from dhkd_pipe.errors import DhkdError
-from dhkd_pipe.feature_kd import ConvReg, ReviewKDFusion, hcl_loss
+from dhkd_pipe.methods.connectors import ConvReg, ReviewKDFusion, hcl_loss
 from dhkd_pipe.models import DualHead, create_model
 from dhkd_pipe.models.blocks import ShuffleBlock
 from dhkd_pipe.models.feature_taps import forward_taps, tap_shapes

@@ -20,9 +20,10 @@ import torch.nn.functional as F
 
 import grad_align_case as case
 from dhkd_pipe.config import TrainConfig
-from dhkd_pipe.engine import make_accelerator, prepare
+from dhkd_pipe.training.accelerator import make_accelerator
+from dhkd_pipe.training.engine import prepare
 from dhkd_pipe.errors import DhkdError
-from dhkd_pipe.grad_align import aligned_backward, project_conflicting
+from dhkd_pipe.training.grad_align import aligned_backward, project_conflicting
 
 TOL = 1e-10
 

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from dhkd_pipe.cli import main
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.models import create_model, resolve_weights
-from dhkd_pipe.views import ViewPlan, validation_views, with_preprocessing
+from dhkd_pipe.data.views import ViewPlan, validation_views, with_preprocessing
 from conftest import cli_here, cli_process as run_cli
 
 QUIET = dict(log=lambda *a: None)
@@ -175,8 +175,8 @@ def test_the_plan_carries_preprocessing_and_reads_old_plans():
 
 def test_dali_renders_the_plans_interpolation_and_normalisation(folder):
     pytest.importorskip("nvidia.dali")
-    from dhkd_pipe.dali_views import DaliViews, render_reference
-    from dhkd_pipe.data import load_data
+    from dhkd_pipe.data.dali_renderer import DaliViews, render_reference
+    from dhkd_pipe.data.datasets import load_data
 
     data = load_data(f"imagefolder:{folder}")
     plan = with_preprocessing(data.default_plan(seed=2), {"resolution": 24, "crop_pct": 0.95, "interpolation": "bicubic",
@@ -208,9 +208,9 @@ def resnet8_file(random_teacher3):
 
 def test_moved_folder_with_data_works_and_a_wrong_one_is_refused(folder, resnet8_file, tmp_path):
     pytest.importorskip("nvidia.dali")
-    from dhkd_pipe.cache import LogitCache
+    from dhkd_pipe.store.reader import LogitCache
     from dhkd_pipe.config import CacheConfig, TrainConfig
-    from dhkd_pipe.engine import prepare
+    from dhkd_pipe.training.engine import prepare
     from dhkd_pipe.stages.cache_teacher import cache_teacher, verify_cache
 
     here = tmp_path / "here"
@@ -259,7 +259,7 @@ def test_headline_pair_as_typed_offline(folder, tmp_path):
     logits.zarr (no --data: the store's). No network: DHKD_OFFLINE=1."""
     import torchvision
 
-    from dhkd_pipe.cache import LogitCache
+    from dhkd_pipe.store.reader import LogitCache
     from dhkd_pipe.models import file_digest
 
     hub = tmp_path / "torch" / "hub" / "checkpoints"
@@ -384,7 +384,7 @@ def test_timm_pretrained_from_the_hugging_face_cache(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_timm_teacher_and_student_through_both_stages(folder, tmp_path):
     timm = pytest.importorskip("timm")
-    from dhkd_pipe.cache import LogitCache
+    from dhkd_pipe.store.reader import LogitCache
 
     torch.manual_seed(0)
     weights = tmp_path / "teacher.pth"

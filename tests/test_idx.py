@@ -12,9 +12,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from dhkd_pipe import data as data_module
+from dhkd_pipe.data import datasets as data_module
 from dhkd_pipe.cli import main
-from dhkd_pipe.data import load_data
+from dhkd_pipe.data.datasets import load_data
 from dhkd_pipe.errors import DhkdError
 
 NAMES = {

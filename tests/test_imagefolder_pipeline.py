@@ -8,9 +8,9 @@ import torch
 pytest.importorskip("nvidia.dali")
 pytestmark = pytest.mark.slow  # image-folder pipelines end to end: DALI workers, stage 1 and 2
 
-from dhkd_pipe.cache import LogitCache  # noqa: E402
+from dhkd_pipe.store.reader import LogitCache  # noqa: E402
 from dhkd_pipe.config import CacheConfig, TrainConfig  # noqa: E402
-from dhkd_pipe.engine import prepare  # noqa: E402
+from dhkd_pipe.training.engine import prepare  # noqa: E402
 from dhkd_pipe.stages.cache_teacher import cache_teacher, verify_cache  # noqa: E402
 from conftest import cli_here  # noqa: E402
 

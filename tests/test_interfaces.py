@@ -13,10 +13,10 @@ import inspect
 import pytest
 import torch
 
-from dhkd_pipe.store_writer import create_or_resume
-from dhkd_pipe.data import Dataset, InMemoryData, InMemoryViews, Renderer
-from dhkd_pipe.imagefolder import ImageFolderData
-from dhkd_pipe.loader import EpochSource, PlanEpochs, StoreEpochs
+from dhkd_pipe.store.writer import create_or_resume
+from dhkd_pipe.data.datasets import Dataset, InMemoryData, InMemoryViews, Renderer
+from dhkd_pipe.data.imagefolder import ImageFolderData
+from dhkd_pipe.data.loader import EpochSource, PlanEpochs, StoreEpochs
 
 
 def _members(proto) -> dict:

@@ -1,5 +1,5 @@
-"""The fused Triton losses (``dhkd_pipe.kernels``) and the backend dispatch (``dhkd_pipe.losses``)
-against float64 references of ``dhkd_pipe.losses``: values and both gradients, every kd_loss and
+"""The fused Triton losses (``dhkd_pipe.kernels``) and the backend dispatch (``dhkd_pipe.methods.losses``)
+against float64 references of ``dhkd_pipe.methods.losses``: values and both gradients, every kd_loss and
 teacher dtype, awkward shapes and strides, extreme logits, gradient buffers poisoned with NaN so
 an element the kernel fails to write shows up, and the one int8 dequantise.
 
@@ -15,8 +15,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from dhkd_pipe import losses  # noqa: E402
-from dhkd_pipe.codecs import decode_logits  # noqa: E402
+from dhkd_pipe.methods import losses  # noqa: E402
+from dhkd_pipe.store.codecs import decode_logits  # noqa: E402
 from dhkd_pipe.errors import DhkdError  # noqa: E402
 from dhkd_pipe.kernels import (  # noqa: E402
     fused_cross_entropy_loss,
@@ -25,7 +25,7 @@ from dhkd_pipe.kernels import (  # noqa: E402
     triton_available,
 )
 from dhkd_pipe.kernels.fused_dhkd import dhkd_forward  # noqa: E402
-from dhkd_pipe.losses import cross_entropy, dhkd_loss, dhkd_terms  # noqa: E402
+from dhkd_pipe.methods.losses import cross_entropy, dhkd_loss, dhkd_terms  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 BLOCK = 16
@@ -287,8 +287,8 @@ def test_torch_backend_does_not_import_triton():
     (auto and torch) leave triton unimported; the last line shows the check can fail."""
     code = (
         "import sys, torch\n"
-        "import dhkd_pipe.kernels, dhkd_pipe.cli, dhkd_pipe.methods\n"
-        "from dhkd_pipe.losses import cross_entropy, dhkd_loss\n"
+        "import dhkd_pipe.kernels, dhkd_pipe.cli, dhkd_pipe.methods.registry\n"
+        "from dhkd_pipe.methods.losses import cross_entropy, dhkd_loss\n"
         "s, y = torch.randn(2, 3, requires_grad=True), torch.tensor([0, 2])\n"
         "q, scale = torch.randint(-127, 128, (2, 3), dtype=torch.int8), torch.rand(2)\n"
         "for backend in ('auto', 'torch'):\n"

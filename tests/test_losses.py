@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dhkd_pipe import losses
+from dhkd_pipe.methods import losses
 from dhkd_pipe.errors import DhkdError
 
 T = 4.0

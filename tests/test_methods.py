@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dhkd_pipe import methods
+from dhkd_pipe.methods import registry as methods
 from dhkd_pipe.config import TrainConfig, build_config
-from dhkd_pipe.engine import lr_at, metric_names
+from dhkd_pipe.training.engine import lr_at, metric_names
 from dhkd_pipe.errors import DhkdError
-from dhkd_pipe.methods import CE, DHKD, DIST, DKD, KD, METHODS, BinaryKL, from_config
+from dhkd_pipe.methods.registry import CE, DHKD, DIST, DKD, KD, METHODS, BinaryKL, from_config
 
 B, K = 6, 7
 
@@ -366,7 +366,7 @@ def test_metric_names_follow_the_terms():
 
 
 def test_report_plots_the_named_terms(tmp_path):
-    from dhkd_pipe.report import loss_terms, write_report
+    from dhkd_pipe.stages.report import loss_terms, write_report
 
     runs = []
     for name, terms in (("a", ("ce", "kd")), ("b", ("ce",)), ("old", ())):

@@ -12,20 +12,34 @@ import os
 
 import pytest
 
-from dhkd_pipe import cache, cli, codecs, config, data, loss_names, losses, methods, views
+from dhkd_pipe import cli, config
+
+from dhkd_pipe.store import reader as cache
+
+from dhkd_pipe.store import codecs
+
+from dhkd_pipe.data import datasets as data
+
+from dhkd_pipe.methods import names as loss_names
+
+from dhkd_pipe.methods import losses
+
+from dhkd_pipe.methods import registry as methods
+
+from dhkd_pipe.data import views
 from dhkd_pipe.models import aux_heads, dual_head
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # name list -> the module that declares it, and that module's file
 OWNERS = {
-    "BACKENDS": (loss_names, "pipeline/loss_names.py"),
-    "KD_LOSS_NAMES": (loss_names, "pipeline/loss_names.py"),  # losses.KD_LOSSES: a dict built from it
-    "CODECS": (codecs, "pipeline/codecs.py"),
+    "BACKENDS": (loss_names, "pipeline/methods/names.py"),
+    "KD_LOSS_NAMES": (loss_names, "pipeline/methods/names.py"),  # losses.KD_LOSSES: a dict built from it
+    "CODECS": (codecs, "pipeline/store/codecs.py"),
     "AUX_HEADS": (aux_heads, "pipeline/models/aux_heads.py"),
-    "DATA_SETS": (data, "pipeline/data.py"),
+    "DATA_SETS": (data, "pipeline/data/datasets.py"),
     "PRECISIONS": (config, "pipeline/config.py"),
-    "POLICIES": (views, "pipeline/views.py"),
+    "POLICIES": (views, "pipeline/data/views.py"),
 }
 
 

@@ -73,7 +73,7 @@ def test_each_command_offers_each_option_once_and_only_declared_ones():
 
 
 def test_method_options_come_from_the_methods():
-    from dhkd_pipe.methods import METHODS, OPTIONS
+    from dhkd_pipe.methods.registry import METHODS, OPTIONS
 
     taken = {f.name for cls in METHODS.values() for f in dataclasses.fields(cls)} - {"backend"}
     assert set(OPTIONS) == taken
@@ -85,7 +85,7 @@ def test_method_options_come_from_the_methods():
 
 
 def test_data_sets_in_help_come_from_data():
-    from dhkd_pipe.data import DATA_SETS
+    from dhkd_pipe.data.datasets import DATA_SETS
 
     text = " ".join(config.TrainConfig.__dataclass_fields__["data"].metadata["option"]["help"].split())
     assert " | ".join(DATA_SETS) in text

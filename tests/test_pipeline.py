@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 import torch
 
-from dhkd_pipe.cache import LogitCache
-from dhkd_pipe.codecs import codec_tolerance
+from dhkd_pipe.store.reader import LogitCache
+from dhkd_pipe.store.codecs import codec_tolerance
 from dhkd_pipe.config import CacheConfig, TrainConfig
-from dhkd_pipe.engine import prepare
+from dhkd_pipe.training.engine import prepare
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.stages.cache_teacher import cache_teacher, verify_cache
 from dhkd_pipe.stages.distill import distill
@@ -304,8 +304,8 @@ def test_resume_restores_the_generators_dropout_draws_from(tmp_path, small_store
 
 
 def test_checkpoint_holds_the_grad_scaler_and_every_generator(tmp_path, quick_store):
-    from dhkd_pipe.run_folder import CHECKPOINT
-    from dhkd_pipe.training_state import restore_training_state, save_training_state
+    from dhkd_pipe.training.run_folder import CHECKPOINT
+    from dhkd_pipe.training.state import restore_training_state, save_training_state
 
     run = prepare(train_cfg(tmp_path / "scaler", cache=str(quick_store)), mode="overwrite")
     run.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=7)
@@ -357,7 +357,7 @@ def test_store_errors_in_stage_2(tmp_path, quick_store):
     assert_one_line_error(result, "incomplete")
     assert not (tmp_path / "r1").exists()
 
-    from dhkd_pipe.stages.bench import write_synthetic_cifar
+    from dhkd_pipe.benchmarks.bench import write_synthetic_cifar
 
     spec = write_synthetic_cifar(str(tmp_path / "cifar"), num_train=50, num_val=10)
     result = cli_here("distill", "--student", "resnet8", "--cache", quick_store, "--data", spec, "--out", tmp_path / "r2", check=False)

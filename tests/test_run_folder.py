@@ -1,6 +1,6 @@
 """The run folder's --out check: a run killed while writing its first checkpoint is a killed run."""
 
-from dhkd_pipe.run_folder import CHECKPOINT, LOCK, check_out
+from dhkd_pipe.training.run_folder import CHECKPOINT, LOCK, check_out
 
 
 def test_a_leftover_first_checkpoint_tmp_is_a_killed_run(tmp_path):

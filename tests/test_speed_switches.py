@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from dhkd_pipe.config import CacheConfig, TrainConfig
-from dhkd_pipe.engine import prepare, train
-from dhkd_pipe.run_folder import CHECKPOINT
+from dhkd_pipe.training.engine import prepare, train
+from dhkd_pipe.training.run_folder import CHECKPOINT
 from dhkd_pipe.stages.cache_teacher import cache_teacher
 
 QUIET = dict(log=lambda *a: None)
@@ -54,7 +54,7 @@ def test_channels_last_trains_like_the_default(tmp_path):
 def test_stage_2_channels_last_default_follows_the_device(tmp_path):
     """Not given, --channels-last is on for a CUDA device (bench distill: 1.53x on an H200) and off
     on the CPU (0.61x-1.42x here); given, it is what was given. This machine's runs are NCHW."""
-    from dhkd_pipe.engine import memory_format
+    from dhkd_pipe.data.inference import memory_format
 
     default = cfg(tmp_path / "d")
     assert default.channels_last is None
@@ -78,7 +78,7 @@ def test_stage_1_with_channels_last_writes_the_same_logits(tmp_path):
         out = tmp_path / f"store-{flag}.zarr"
         cache_teacher(CacheConfig(data="digits", model="resnet8", weights=str(weights), views=1, out=str(out),
                                   codec="fp32", chunk_rows=512, channels_last=flag).validate(), **QUIET)
-        from dhkd_pipe.cache import LogitCache
+        from dhkd_pipe.store.reader import LogitCache
 
         c = LogitCache.open(str(out))
         stores[flag] = torch.cat([c.read_rows(0, k) for k in range(c.num_chunks)])

@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from dhkd_pipe.cache import LogitCache
+from dhkd_pipe.store.reader import LogitCache
 from dhkd_pipe.errors import DhkdError
-from dhkd_pipe.loader import StoreEpochs, row_batches, read_ahead_chunks
-from dhkd_pipe.store import StoreObjects, open_store
-from dhkd_pipe.store_writer import create_or_resume, write_unit
+from dhkd_pipe.data.loader import StoreEpochs, row_batches, read_ahead_chunks
+from dhkd_pipe.store.objects import StoreObjects, open_store
+from dhkd_pipe.store.writer import create_or_resume, write_unit
 
 from conftest import BIN, S3_BUCKET, cli_here, cli_process as cli
 
@@ -436,7 +436,7 @@ def test_bench_stores_local_server_adds_the_round_trip_it_is_given(caplog):
     import gc
 
     pytest.importorskip("moto")
-    from dhkd_pipe.stages.bench import local_s3_server
+    from dhkd_pipe.benchmarks.bench import local_s3_server
 
     before = os.environ.get("AWS_ENDPOINT_URL_S3")
     timings = {}

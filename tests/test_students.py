@@ -15,7 +15,7 @@ from dhkd_pipe.cli import main
 from dhkd_pipe.config import TrainConfig
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.stages.distill import distill, distill_students
-from dhkd_pipe.students import StudentPlan, check_pass
+from dhkd_pipe.training.students import StudentPlan, check_pass
 
 QUIET = dict(log=lambda *a: None)
 # the per-epoch metrics that depend on the numbers alone (not on time)
@@ -151,7 +151,7 @@ def test_cli_students_and_seeds(store, tmp_path):
 
 @pytest.mark.slow
 def test_bench_students_table(tmp_path, capsys):
-    from dhkd_pipe.stages.bench_students import bench_students
+    from dhkd_pipe.benchmarks.students import bench_students
 
     rows = bench_students(str(tmp_path / "b.json"), [1, 2], steps=1, warmup=1, batch_size=16, student="resnet8", teacher="resnet8",
                           folder=False, log=lambda *a: None)
@@ -166,7 +166,7 @@ def test_bench_students_table(tmp_path, capsys):
 def test_a_signal_stops_the_pass_with_every_student_saved_and_resume_continues(store, solo, tmp_path, monkeypatch):
     import signal
 
-    from dhkd_pipe import engine
+    from dhkd_pipe.training import engine
     from dhkd_pipe.interrupts import Interrupted
 
     asked = {"n": 0}

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from dhkd_pipe.config import TrainConfig
-from dhkd_pipe.engine import prepare, train
+from dhkd_pipe.training.engine import prepare, train
 from dhkd_pipe.errors import DhkdError
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from dhkd_pipe.config import TrainConfig, build_config
 from dhkd_pipe.errors import DhkdError
-from dhkd_pipe.report import write_report
+from dhkd_pipe.stages.report import write_report
 from dhkd_pipe.stages.train_teacher import train_teacher
 
 

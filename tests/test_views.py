@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dhkd_pipe.errors import DhkdError
-from dhkd_pipe.views import ViewPlan, center_boxes, uniform, validation_views
+from dhkd_pipe.data.views import ViewPlan, center_boxes, uniform, validation_views
 
 
 def test_uniform_is_a_pure_function_of_its_key():

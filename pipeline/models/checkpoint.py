@@ -27,9 +27,9 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from ..errors import DhkdError, one_line
-from .dual_head import DualHead, find_classifier
-from .pretrained import WeightsSource, looks_like_weight_name, resolve_weights, timm_pretrained_state_dict
+from dhkd_pipe.errors import DhkdError, one_line
+from dhkd_pipe.models.dual_head import DualHead, find_classifier
+from dhkd_pipe.models.pretrained import WeightsSource, looks_like_weight_name, resolve_weights, timm_pretrained_state_dict
 
 _SHOW = 5  # keys shown per category in a mismatch message
 

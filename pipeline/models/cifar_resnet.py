@@ -7,8 +7,8 @@ Module names and state-dict layout are those of the CIFAR-100 teacher checkpoint
 
 import torch.nn as nn
 
-from .blocks import PreactBlock, kaiming_fan_out_init, run_stage_with_preact
-from .feature_taps import FeatureTaps
+from dhkd_pipe.models.blocks import PreactBlock, kaiming_fan_out_init, run_stage_with_preact
+from dhkd_pipe.models.feature_taps import FeatureTaps
 
 
 def conv3x3(in_planes, out_planes, stride=1):

@@ -13,14 +13,14 @@ import copy
 import torch
 import torch.nn as nn
 
-from ..errors import DhkdError
-from .aux_heads import AUX_HEADS
+from dhkd_pipe.errors import DhkdError
+from dhkd_pipe.models.aux_heads import AUX_HEADS
 
 
 class AlignedSplit(torch.autograd.Function):
     """Identity into two branches whose gradients are merged per sample (``--grad-align-features``).
 
-    This project's variant, NOT the published algorithm (that is ``dhkd_pipe.grad_align``, PCGrad
+    This project's variant, NOT the published algorithm (that is ``dhkd_pipe.training.grad_align``, PCGrad
     over the parameter gradients, ``--grad-align``): it aligns only the gradient that reaches the
     shared features, row by row, and leaves the heads' own gradients alone.
     Forward returns two copies of the features (branch 1 feeds head 1, branch 2 feeds head 2).
@@ -135,7 +135,7 @@ class DualHead(nn.Module):
 
     def forward_taps(self, x):
         """((head 1, head 2), FeatureTaps): the backbone's taps passed through."""
-        from .feature_taps import forward_taps
+        from dhkd_pipe.models.feature_taps import forward_taps
 
         feat, taps = forward_taps(self.backbone, x)
         return self.heads(feat), taps

@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from ..errors import DhkdError
+from dhkd_pipe.errors import DhkdError
 
 
 class FeatureTaps(NamedTuple):

@@ -8,7 +8,7 @@ pw conv, BN, ReLU), ``model.14`` = pooling, ``fc = Linear(1024, num_classes)``.
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .feature_taps import FeatureTaps
+from dhkd_pipe.models.feature_taps import FeatureTaps
 
 
 def conv_bn(inp, oup, stride):

@@ -7,8 +7,8 @@ Layout of RepDistiller ``models/mobilenetv2.py`` / mdistiller ``mdistiller/model
 
 import torch.nn as nn
 
-from .blocks import kaiming_fan_out_init
-from .feature_taps import FeatureTaps
+from dhkd_pipe.models.blocks import kaiming_fan_out_init
+from dhkd_pipe.models.feature_taps import FeatureTaps
 
 
 def conv_bn(inp, oup, stride):

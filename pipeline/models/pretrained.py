@@ -30,7 +30,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 
-from ..errors import DhkdError, one_line
+from dhkd_pipe.errors import DhkdError, one_line
 
 PROBE_TIMEOUT = 5.0  # seconds to reach the weights' host before calling the machine offline
 DOWNLOAD_TIMEOUT = 60.0  # seconds a download may wait for data before it fails
@@ -117,7 +117,7 @@ def looks_like_weight_name(spec: str) -> bool:
 def resolve_weights(arch: str, spec: str | None, fetch: bool = True) -> WeightsSource:
     """``spec`` (a file, a weight name, or None for the architecture's published default) as a
     ``WeightsSource`` whose file exists; fetches a named weight's file when ``fetch`` and online."""
-    from .registry import default_weights, is_timm, torchvision_arch
+    from dhkd_pipe.models.registry import default_weights, is_timm, torchvision_arch
 
     if spec is None:
         spec = default_weights(arch)
@@ -190,7 +190,7 @@ def torchvision_weight_file(arch: str, name: str, fetch: bool = True) -> str:
 
 def torchvision_preprocessing(arch: str, name: str) -> dict:
     """torchvision's ``ImageClassification`` transform of the weight: crop, resize, mean, std."""
-    from .registry import torchvision_arch
+    from dhkd_pipe.models.registry import torchvision_arch
 
     weights = torchvision_weights(torchvision_arch(arch) or arch, name)
     t = weights.transforms()
@@ -201,7 +201,7 @@ def torchvision_preprocessing(arch: str, name: str) -> dict:
 
 
 def _preprocessing(source, resolution, crop_pct, interpolation, mean, std, resize=None) -> dict:
-    from ..views import INTERPOLATIONS
+    from dhkd_pipe.data.views import INTERPOLATIONS
 
     if interpolation not in INTERPOLATIONS:
         raise DhkdError(f"{source} preprocesses with {interpolation} interpolation; dhkd-pipe renders "

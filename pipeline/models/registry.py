@@ -15,9 +15,9 @@ import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from ..errors import DhkdError
-from .aux_heads import AUX_HEADS
-from .catalog import CATALOG, CIFAR_INPUT, Architecture
+from dhkd_pipe.errors import DhkdError
+from dhkd_pipe.models.aux_heads import AUX_HEADS
+from dhkd_pipe.models.catalog import CATALOG, CIFAR_INPUT, Architecture
 
 if TYPE_CHECKING:
     import torch.nn as nn
@@ -209,7 +209,7 @@ def create_model(name: str, num_classes: int, dual_head: bool = False, aux_head:
     model = entry.build(num_classes=num_classes)
     model.arch_name = name  # lets load_checkpoint resolve a torchvision weight name without arch=
     if dual_head:
-        from .dual_head import DualHead
+        from dhkd_pipe.models.dual_head import DualHead
 
         model = DualHead(model, aux_head=aux_head, align_features=align_features, num_classes=num_classes)
         model.arch_name = name

@@ -7,8 +7,8 @@ Layout of RepDistiller ``models/resnetv2.py`` / mdistiller ``mdistiller/models/c
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .blocks import PreactBlock, kaiming_fan_out_init, run_stage_with_preact
-from .feature_taps import FeatureTaps
+from dhkd_pipe.models.blocks import PreactBlock, kaiming_fan_out_init, run_stage_with_preact
+from dhkd_pipe.models.feature_taps import FeatureTaps
 
 
 def _shortcut(in_planes, out_planes, stride):

@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .blocks import PreactBlock, ShuffleBlock, run_stage_with_preact
-from .feature_taps import FeatureTaps
+from dhkd_pipe.models.blocks import PreactBlock, ShuffleBlock, run_stage_with_preact
+from dhkd_pipe.models.feature_taps import FeatureTaps
 
 
 class Bottleneck(PreactBlock):

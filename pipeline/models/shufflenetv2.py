@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .blocks import ShuffleBlock, run_stage_with_preact
-from .feature_taps import FeatureTaps
+from dhkd_pipe.models.blocks import ShuffleBlock, run_stage_with_preact
+from dhkd_pipe.models.feature_taps import FeatureTaps
 
 
 class SplitBlock(nn.Module):

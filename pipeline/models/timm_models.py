@@ -3,8 +3,8 @@ pretrained tag: ``timm:resnet18.a1_in1k``). timm is an optional dependency, impo
 ``timm:`` name is used. Built with ``pretrained=False``; published weights are loaded by
 ``load_checkpoint`` through timm's own loading (``pretrained.py``)."""
 
-from .pretrained import check_timm_name, import_timm, timm_input_size
-from .registry import ModelFamily, register_family
+from dhkd_pipe.models.pretrained import check_timm_name, import_timm, timm_input_size
+from dhkd_pipe.models.registry import ModelFamily, register_family
 
 
 def _build(name: str, num_classes: int):

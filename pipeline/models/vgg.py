@@ -9,8 +9,8 @@ Layout of mdistiller ``mdistiller/models/cifar/vgg.py``: five ``block{0..4}`` Se
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .blocks import kaiming_fan_out_init
-from .feature_taps import FeatureTaps
+from dhkd_pipe.models.blocks import kaiming_fan_out_init
+from dhkd_pipe.models.feature_taps import FeatureTaps
 
 CFG = {
     "S": [[64], [128], [256], [512], [512]],

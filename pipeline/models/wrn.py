@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .blocks import batch_norm_without_update, kaiming_fan_out_init
-from .feature_taps import FeatureTaps
+from dhkd_pipe.models.blocks import batch_norm_without_update, kaiming_fan_out_init
+from dhkd_pipe.models.feature_taps import FeatureTaps
 
 
 class BasicBlock(nn.Module):

@@ -1,0 +1,260 @@
+"""The view loader: batches of (rendered views, labels, teacher logits) in training order.
+
+One loader serves online and cached training; they differ only in where an epoch's order, views
+and teacher logits come from:
+
+- ``PlanEpochs``: the ``ViewPlan`` draws them (online distillation, teacher training); there
+  are no stored logits, the engine runs the teacher.
+- ``StoreEpochs``: the store recorded them in stage 1; training epoch ``k`` replays stored
+  view-epoch ``k mod E`` and a few reader threads stream that epoch's logits chunk by chunk, in
+  training order, ahead of the step.
+
+Both are an ``EpochSource`` (the protocol below). Positions are split across processes in whole chunks (rank ``r`` of ``W`` takes chunks
+``r, r+W, ...``), and every rank runs the same number of steps so collective ops line up.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from dhkd_pipe.data.datasets import Dataset, Renderer
+from dhkd_pipe.data.views import ViewPlan
+
+if TYPE_CHECKING:
+    from dhkd_pipe.store.reader import LogitCache
+
+
+@dataclass
+class Batch:
+    """One step's data: ``images`` (B, 3, R, R) float32 normalised, ``labels`` (B,) int64 and the
+    teacher's logits as stored (``teacher``, with ``teacher_scale`` for int8), all on the device.
+    Unpacks as ``images, labels, teacher_logits = batch`` (``teacher_logits`` dequantised)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    teacher: torch.Tensor | None = None  # stored dtype: fp16/bf16/fp32, or int8 with teacher_scale
+    teacher_scale: torch.Tensor | None = None
+
+    @property
+    def teacher_logits(self) -> torch.Tensor | None:
+        """The teacher's logits as float32 (``teacher_logits.dequantize``), or None where none are streamed."""
+        from dhkd_pipe.teacher_logits import dequantize
+
+        return dequantize(self.teacher, self.teacher_scale)
+
+    def __iter__(self):
+        return iter((self.images, self.labels, self.teacher_logits))
+
+
+def rank_chunks(num_chunks: int, rank: int, world: int) -> list[int]:
+    return list(range(rank, num_chunks, world))
+
+
+@runtime_checkable
+class EpochSource(Protocol):
+    """Where a training epoch's order, views and (when ``has_logits``) teacher logits come from:
+    ``PlanEpochs`` and ``StoreEpochs``. Positions are grouped in chunks of ``chunk_rows``."""
+
+    has_logits: bool  # whether ``logits`` streams the teacher's logits
+    num_samples: int
+    chunk_rows: int
+
+    def view_epoch(self, epoch: int) -> int:
+        """The augmentation epoch that training epoch ``epoch`` replays."""
+        ...
+
+    def distinct_views(self, epochs: int) -> int:
+        """How many distinct views of each sample a run of ``epochs`` epochs sees."""
+        ...
+
+    def positions(self, epoch: int, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(dataset indices, views) at the given training positions of the epoch."""
+        ...
+
+    def logits(self, epoch: int, chunks: list[int], skip_rows: int,
+               total_rows: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(teacher, scale) on the device for rows ``skip_rows:total_rows`` of the concatenated
+        ``chunks``, in training order; called only when ``has_logits``."""
+        ...
+
+
+class PlanEpochs:
+    """Order and views drawn from the plan; each training epoch is its own augmentation epoch."""
+
+    has_logits = False
+
+    def __init__(self, plan: ViewPlan, data: Dataset, chunk_rows: int = 1024):
+        self.plan, self.data, self.chunk_rows = plan, data, chunk_rows
+        self.num_samples = data.num_train
+
+    def view_epoch(self, epoch: int) -> int:
+        return epoch
+
+    def distinct_views(self, epochs: int) -> int:
+        return epochs
+
+    def positions(self, epoch: int, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        order = self.plan.order(self.view_epoch(epoch), self.num_samples)[positions]
+        return order, self.plan.views(self.view_epoch(epoch), order, self.data.train_sizes(order))
+
+    def logits(self, epoch: int, chunks: list[int], skip_rows: int, total_rows: int):
+        # has_logits is False: the engine runs the teacher itself, so a call here is a bug
+        raise RuntimeError("PlanEpochs holds no teacher logits (has_logits is False)")
+
+
+class StoreEpochs:
+    """Order, views and logits recorded by stage 1 in a ``LogitCache``.
+
+    Logits stream chunk by chunk with several chunks fetched at once ahead of the step: from
+    object storage each chunk is a request whose latency, not the bandwidth, limits one fetch at a
+    time. At most ``prefetch_chunks`` chunks are in flight (bounded memory), yielded in order.
+    """
+
+    def __init__(self, cache: LogitCache, device, with_logits: bool = True, prefetch_chunks: int | None = None):
+        self.cache, self.device = cache, torch.device(device)
+        self.prefetch = prefetch_chunks or read_ahead_chunks(cache)
+        self.has_logits = with_logits
+        self.num_samples, self.chunk_rows = cache.num_samples, cache.chunk_rows
+
+    def view_epoch(self, epoch: int) -> int:
+        return epoch % self.cache.epochs
+
+    def distinct_views(self, epochs: int) -> int:
+        return min(epochs, self.cache.epochs)
+
+    def positions(self, epoch: int, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        e = self.view_epoch(epoch)
+        return self.cache.read_order(e)[positions], self.cache.read_views(e)[positions]
+
+    def _fetch(self, epoch: int, chunk: int, lo: int, hi: int, pin: bool):
+        values, scale = self.cache.read_chunk_tensors(epoch, chunk)
+        values = values[lo:hi]
+        scale = None if scale is None else scale[lo:hi]
+        if pin:
+            values = values.pin_memory()
+            scale = None if scale is None else scale.pin_memory()
+        return values, scale
+
+    def logits(self, epoch: int, chunks: list[int], skip_rows: int, total_rows: int):
+        """Yields (teacher, scale) tensors on the device, chunk by chunk, for rows
+        ``skip_rows:total_rows`` of the concatenated chunks; up to ``prefetch`` chunks are read
+        concurrently ahead of the consumer."""
+        e = self.view_epoch(epoch)
+        pin = self.device.type == "cuda"
+        wanted, seen = [], 0
+        for c in chunks:
+            start, stop_row = self.cache.rows(c)
+            n = stop_row - start
+            lo, hi = max(skip_rows - seen, 0), min(total_rows - seen, n)
+            seen += n
+            if hi > lo:
+                wanted.append((c, lo, hi))
+            if seen >= total_rows:
+                break
+        todo = iter(wanted)
+        pool = ThreadPoolExecutor(max_workers=self.prefetch, thread_name_prefix="logit-reader")
+        in_flight: deque = deque()
+
+        def submit():
+            for c, lo, hi in todo:
+                in_flight.append(pool.submit(self._fetch, e, c, lo, hi, pin))
+                return
+
+        try:
+            for _ in range(self.prefetch):
+                submit()
+            while in_flight:
+                values, scale = in_flight.popleft().result()
+                submit()
+                yield (
+                    values.to(self.device, non_blocking=True),
+                    None if scale is None else scale.to(self.device, non_blocking=True),
+                )
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+READ_AHEAD_BYTES = 64 << 20  # bound on stored logit bytes in flight per process
+
+
+def read_ahead_chunks(cache) -> int:
+    """Chunks to fetch at once: 4 from a local disk; from object storage as many as fit in
+    ``READ_AHEAD_BYTES`` (2 to 16), since each fetch there waits mostly on the request's latency."""
+    if cache.is_local:
+        return 4
+    return max(2, min(16, READ_AHEAD_BYTES // max(cache.chunk_nbytes, 1)))
+
+
+def row_batches(chunks, batch_size: int):
+    """Re-cuts a stream of (values, scale) chunks into batches of ``batch_size`` rows."""
+    pending, pending_scale, have = [], [], 0
+    for values, scale in chunks:
+        pending.append(values)
+        pending_scale.append(scale)
+        have += len(values)
+        while have >= batch_size:
+            v = torch.cat(pending) if len(pending) > 1 else pending[0]
+            s = None if pending_scale[0] is None else (torch.cat(pending_scale) if len(pending_scale) > 1 else pending_scale[0])
+            yield v[:batch_size], None if s is None else s[:batch_size]
+            pending, pending_scale = [v[batch_size:]], [None if s is None else s[batch_size:]]
+            have -= batch_size
+    if have:
+        v = torch.cat(pending)
+        yield v, None if pending_scale[0] is None else torch.cat(pending_scale)
+
+
+class ViewLoader:
+    """Batches for one process: its share of each epoch's positions, ``batch_size`` at a time."""
+
+    def __init__(self, epochs: EpochSource, renderer: Renderer, labels: torch.Tensor, batch_size: int,
+                 rank: int = 0, world: int = 1, memory_format: torch.memory_format = torch.contiguous_format):
+        self.epochs, self.renderer, self.labels = epochs, renderer, labels
+        self.memory_format = memory_format  # of the images handed out (channels_last for NHWC models)
+        self.batch_size, self.rank, self.world = batch_size, rank, world
+        n, c = epochs.num_samples, epochs.chunk_rows
+        self.num_chunks = -(-n // c)
+        if self.num_chunks < world:
+            from dhkd_pipe.errors import DhkdError
+
+            raise DhkdError(f"{n} samples in chunks of {c} give {self.num_chunks} chunks, fewer than {world} processes")
+        rows = [sum(min(c, n - k * c) for k in rank_chunks(self.num_chunks, r, world)) for r in range(world)]
+        self.steps = min(-(-r // batch_size) for r in rows)
+        # Every rank runs the same number of steps; a lone trailing sample would break BatchNorm.
+        if world == 1 and rows[0] % batch_size == 1 and self.steps > 1:
+            self.steps -= 1
+        self.rows = min(rows[rank], self.steps * batch_size)
+        self.my_chunks = rank_chunks(self.num_chunks, rank, world)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def _my_positions(self) -> np.ndarray:
+        c, n = self.epochs.chunk_rows, self.epochs.num_samples
+        pos = np.concatenate([np.arange(k * c, min((k + 1) * c, n)) for k in self.my_chunks])
+        return pos[: self.rows]
+
+    def epoch(self, epoch: int, skip_steps: int = 0):
+        """Yields ``Batch``es of training epoch ``epoch``, starting after ``skip_steps`` batches."""
+        skip = skip_steps * self.batch_size
+        positions = self._my_positions()[skip:]
+        indices, views = self.epochs.positions(epoch, positions)
+        images = self.renderer.train_batches(indices, views, self.batch_size)
+        labels = self.labels[torch.as_tensor(indices, device=self.labels.device)]
+        if self.epochs.has_logits:
+            logits = row_batches(self.epochs.logits(epoch, self.my_chunks, skip, self.rows), self.batch_size)
+        else:
+            logits = None
+        for step, x in enumerate(images):
+            x = x.contiguous(memory_format=self.memory_format)
+            lab = labels[step * self.batch_size : step * self.batch_size + len(x)]
+            if logits is None:
+                yield Batch(x, lab)
+            else:
+                t, s = next(logits)
+                yield Batch(x, lab, t, s)

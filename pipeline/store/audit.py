@@ -1,0 +1,161 @@
+"""Finding and undoing damage in a logit store: objects of units marked done that are missing,
+short or fail their checksums, and what writers killed mid-write leave behind.
+
+``inspect`` and ``LogitCache.check_complete`` find; ``store_writer.StoreWriter`` repairs before a
+resume, so the resume rewrites what was damaged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from dhkd_pipe.store.chunk_objects import object_problem, shard_in_bounds
+from dhkd_pipe.errors import DhkdError, one_line
+from dhkd_pipe.store.objects import storage_errors
+from dhkd_pipe.store.layout import STORE_ENTRIES
+from dhkd_pipe.store.lock import LOCK_KEY
+
+if TYPE_CHECKING:
+    from dhkd_pipe.store.reader import LogitCache
+
+LABELS_KEY = "labels/c/0"
+
+
+def _checks(cache: "LogitCache", key: str):
+    """(codecs, in_bounds) to check object ``key`` with (see ``chunk_objects.object_problem``)."""
+    name, _, coords = key.partition("/c/")
+    metadata = cache.array(name).metadata
+    return metadata.codecs, shard_in_bounds(metadata, tuple(int(v) for v in coords.split("/")))
+
+
+def _min_size(cache: "LogitCache", key: str) -> int:
+    """The fewest bytes a sound object ``key`` can have: a listing's size below it is damage.
+
+    Per chunk a Blosc frame (16-byte header at least) and the 4-byte CRC32C; an uncompressed
+    chunk (``done``) has exactly its bytes and the CRC; a shard its index (16 bytes per entry
+    and its CRC) besides its chunks.
+    """
+    from zarr.codecs import BloscCodec
+
+    arr = cache.array(key.split("/", 1)[0])
+    codecs, in_bounds = _checks(cache, key)
+    if in_bounds is not None:
+        return 16 * in_bounds.size + 4 + 20 * int(in_bounds.sum())
+    if any(isinstance(c, BloscCodec) for c in codecs):
+        return 20
+    return int(np.prod(arr.chunks)) * arr.dtype.itemsize + 4
+
+
+def object_problems(cache: "LogitCache", keys, checksums: bool = True, sizes: dict | None = None) -> dict[str, str]:
+    """{key: problem} of the objects ``keys`` that are damaged.
+
+    ``checksums``: every object is read and its CRC32C checked (shards through their index),
+    no decoding; else one listing answers presence and size (an object shorter than any
+    sound one is damaged), which finds deletions and truncations but not changed bytes.
+    """
+    keys = list(keys)
+    if not checksums:
+        sizes = cache.objects.sizes() if sizes is None else sizes
+        problems = {}
+        for key in keys:
+            if key not in sizes:
+                problems[key] = "missing"
+            elif sizes[key] < _min_size(cache, key):
+                problems[key] = f"truncated ({sizes[key]} bytes)"
+        return problems
+    from zarr.core.buffer import default_buffer_prototype
+
+    store, prototype = cache.objects.store, default_buffer_prototype()
+    # a few objects in flight: latency-bound on object storage, bounded memory (shards: tens of MB)
+    limit = asyncio.Semaphore(4 if cache.is_local else 16)
+
+    async def check(key):
+        async with limit:
+            value = await store.get(key, prototype=prototype)
+            codecs, in_bounds = _checks(cache, key)
+            return key, object_problem(None if value is None else value.as_numpy_array(), codecs, in_bounds)
+
+    async def check_all():
+        return await asyncio.gather(*(check(key) for key in keys))
+
+    found = cache.objects.call("read the objects to check them", check_all()) if keys else []
+    return {key: problem for key, problem in found if problem}
+
+
+def damage(cache: "LogitCache", checksums: bool = True) -> list[str]:
+    """What is damaged in the store, one line each: data objects of units marked done (and the
+    labels, and any ``done`` object) that are missing or fail their checksum (listing only
+    with ``checksums=False``). Units not marked done are not damage: they are still to write."""
+    return _lines(cache, _damaged_objects(cache, checksums))
+
+
+def _lines(cache: "LogitCache", problems: dict) -> list[str]:
+    return [f"{cache.what(key)} ({key}): {problem}" for key, problem in sorted(problems.items())]
+
+
+def _damaged_objects(cache: "LogitCache", checksums: bool) -> dict[str, str]:
+    sizes = None if checksums else cache.objects.sizes()
+    units = cache.write_units()
+    done_keys = [cache.unit_keys(e, chunks[0])["done"] for e, chunks in units]
+    flag_problems = {k: p for k, p in object_problems(cache, done_keys, checksums, sizes).items() if p != "missing"}
+    done = _done_units(cache, set(flag_problems))
+    keys = [LABELS_KEY]
+    for e, chunks in units:
+        if done[e, chunks].all():
+            keys += [k for name, k in cache.unit_keys(e, chunks[0]).items() if name != "done"]
+    return {**flag_problems, **object_problems(cache, keys, checksums, sizes)}
+
+
+def _done_units(cache: "LogitCache", damaged: set) -> np.ndarray:
+    """The done mask, a unit whose flags object is in ``damaged`` counted as not done."""
+    if not damaged:
+        return cache.done_mask()
+    done = np.zeros((cache.epochs, cache.num_chunks), bool)
+    for e, chunks in cache.write_units():
+        if cache.unit_keys(e, chunks[0])["done"] not in damaged:
+            done[e, chunks[0] : chunks[-1] + 1] = cache.read("done", (e, slice(chunks[0], chunks[-1] + 1)), e, chunks[0])
+    return done
+
+
+def remove_leftovers(cache: "LogitCache") -> list[str]:
+    """Deletes what writers killed mid-write leave in a local store (Zarr's ``*.partial`` temp
+    files, the lock's ``.lock.*.tmp``; object storage writes whole objects and leaves none);
+    only while holding the store's lock, when no writer can be running. Returns their keys."""
+    if not cache.is_local:
+        return []
+    # Zarr's temp files inside the store's arrays, the lock's at its root; a user's own file is never one of them
+    keys = [k for k in cache.objects.list() if (k.endswith(".partial") and "/" in k and k.split("/", 1)[0] in STORE_ENTRIES)
+            or (k.startswith(LOCK_KEY + ".") and k.endswith(".tmp") and "/" not in k)]
+    for key in keys:
+        cache.objects.delete(key)
+    return keys
+
+
+def repair(cache: "LogitCache", labels=None) -> list[str]:
+    """Before a resume: finds what is damaged (every object of the units marked done read and
+    checked, see :func:`damage`) and undoes it, so the resume rewrites it: a damaged unit's
+    ``done`` object is deleted first (a crash meanwhile leaves it "not done"), then its data
+    objects (a rewrite of a short last shard reads the old one back). Damaged labels are
+    rewritten from ``labels``. Returns the damage found, one line each."""
+    problems = _damaged_objects(cache, checksums=True)
+    if not problems:
+        return []
+    damaged_keys = set(problems)
+    for e, chunks in cache.write_units():
+        keys = cache.unit_keys(e, chunks[0])
+        if damaged_keys & set(keys.values()):
+            cache.objects.delete(keys["done"])
+            for name, key in keys.items():
+                if name != "done":
+                    cache.objects.delete(key)
+    if LABELS_KEY in damaged_keys:
+        if labels is None:
+            raise DhkdError(f"store {cache.path}: its labels are damaged; {cache.repair_hint()}")
+        try:
+            cache.array("labels")[:] = np.asarray(labels).astype(np.int32)
+        except storage_errors() as e:
+            raise DhkdError(f"cannot write to store {cache.path}: {one_line(e)}") from None
+    return _lines(cache, problems)

@@ -1,0 +1,194 @@
+"""What a logit store may claim, checked against what its objects can hold before anything is
+allocated or read in bulk.
+
+A store is input like any other: whoever can write it can forge it. Zarr trusts its metadata (a
+shape of a billion rows is a billion rows of labels, an 931 GiB ``done`` mask, a walk over
+millions of chunk keys) and reads whatever a path holds (a FIFO blocks forever, a link to
+``/dev/zero`` never ends). These checks come first:
+
+- on a local disk, every entry of the store is a regular file or folder inside it: FIFOs,
+  devices, sockets and links that leave the store (or end anywhere but a regular file or folder)
+  are refused;
+- a metadata document is at most ``MAX_METADATA_BYTES`` and nests at most as deep as JSON allows;
+- the arrays' shapes and chunks agree with the schema and with each other, no array has more than
+  ``MAX_CHUNKS`` chunks or a chunk over ``MAX_CHUNK_BYTES``, and the labels object (written when
+  the store is created) holds exactly the rows the shapes claim.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+from dhkd_pipe.errors import DhkdError
+
+MAX_METADATA_BYTES = 1 << 20
+MAX_CHUNKS = 10_000_000  # per array: ImageNet x 1000 views in chunks of 1024 rows is 1.25 million
+MAX_CHUNK_BYTES = 1 << 30  # one decoded chunk (a shard: tens of MB)
+ARRAYS = ("logits", "order", "views", "labels", "done")
+
+
+def check_local_tree(root: str, location: str):
+    """Refuses a local store holding an entry that is not a regular file or folder inside it."""
+    real_root = os.path.realpath(root)
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except FileNotFoundError:
+            continue
+        except NotADirectoryError:
+            return
+        except OSError as e:
+            from dhkd_pipe.errors import io_error
+
+            raise io_error(folder, e, "read") from None
+        for entry in entries:
+            key = os.path.relpath(entry.path, root)
+            st = entry.stat(follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                target = os.path.realpath(entry.path)
+                inside = target == real_root or target.startswith(real_root + os.sep)
+                try:
+                    kind = os.stat(entry.path).st_mode
+                except OSError:
+                    kind = 0
+                if not inside:
+                    raise DhkdError(f"store {location}: {key} is a link that leaves the store (to {target}); "
+                                    "a store holds its own objects only")
+                if not (stat.S_ISREG(kind) or stat.S_ISDIR(kind)):
+                    raise DhkdError(f"store {location}: {key} is a link to {_kind(kind)}, not to a file")
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                stack.append(entry.path)
+            elif not stat.S_ISREG(st.st_mode):
+                raise DhkdError(f"store {location}: {key} is {_kind(st.st_mode)}, not a file; "
+                                "a store holds regular files only")
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "nothing (a dangling link)" if mode == 0 else "a special file"
+
+
+def parse_metadata(data: bytes | None, key: str, location: str) -> dict | None:
+    """A metadata document (``zarr.json``) as a dict, bounded; None if absent."""
+    if data is None:
+        return None
+    if len(data) > MAX_METADATA_BYTES:
+        raise DhkdError(f"store {location}: {key} is {len(data)} bytes, more than any logit store's metadata "
+                        f"({MAX_METADATA_BYTES >> 20} MiB at most)")
+    try:
+        meta = json.loads(data)
+    except RecursionError:
+        raise DhkdError(f"store {location}: {key} nests too deep to be a logit store's metadata") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DhkdError(f"{location} is not a logit store: {key} is not JSON ({' '.join(str(e).split())})") from None
+    if not isinstance(meta, dict):
+        raise DhkdError(f"{location} is not a logit store: {key} is not a metadata document")
+    return meta
+
+
+def _ints(value, what: str, location: str, minimum: int) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in value):
+        raise DhkdError(f"store {location}: {what} is {_short(value)}; a logit store's are whole numbers >= {minimum}")
+    return value
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _geometry(meta: dict, name: str, location: str) -> tuple[list[int], list[int], list[int]]:
+    """(shape, grid chunk shape (shard shape if sharded), inner chunk shape) of array ``name``."""
+    if meta.get("node_type") != "array":
+        raise DhkdError(f"store {location}: {name} is not an array")
+    shape = _ints(meta.get("shape"), f"the shape of {name}", location, 0)
+    grid = (meta.get("chunk_grid") or {}).get("configuration") or {}
+    chunks = _ints(grid.get("chunk_shape"), f"the chunk shape of {name}", location, 1)
+    inner = chunks
+    codecs = meta.get("codecs") or []
+    if codecs and isinstance(codecs[0], dict) and codecs[0].get("name") == "sharding_indexed":
+        inner = _ints((codecs[0].get("configuration") or {}).get("chunk_shape"), f"the inner chunk shape of {name}", location, 1)
+    if not (len(shape) == len(chunks) == len(inner)):
+        raise DhkdError(f"store {location}: {name} has shape {_short(shape)} but chunks {_short(chunks)}")
+    count, nbytes = 1, 1
+    for s, c in zip(shape, inner):
+        count *= -(-s // c)
+    for c in chunks:
+        nbytes *= c
+    nbytes *= 8  # the widest dtype a logit store holds is 4 bytes (8 as int64 once read): an upper bound
+    if count > MAX_CHUNKS:
+        raise DhkdError(f"store {location}: {name} claims {count} chunks (shape {_short(shape)}, chunks {_short(inner)}); "
+                        f"a logit store has at most {MAX_CHUNKS}")
+    if nbytes > MAX_CHUNK_BYTES * 2:
+        raise DhkdError(f"store {location}: {name} claims chunks of {_short(chunks)} values, more than any logit store's")
+    return shape, chunks, inner
+
+
+def check_shapes(metas: dict[str, dict | None], location: str, int8: bool = False) -> tuple[int, int, int]:
+    """Refuses arrays whose shapes or chunks disagree with the schema or with each other; returns
+    (epochs, samples, classes)."""
+    names = ARRAYS + (("logit_scale",) if int8 else ())
+    missing = [n for n in names if metas.get(n) is None]
+    if missing:
+        raise DhkdError(f"{location} is not a complete logit store (no {', '.join(missing)} array)")
+    geo = {n: _geometry(metas[n], n, location) for n in names}
+    shape = geo["logits"][0]
+    if len(shape) != 3 or min(shape) < 1:
+        raise DhkdError(f"store {location}: logits have shape {_short(shape)}; a logit store's is (views, samples, classes), each at least 1")
+    e, n, k = shape
+    rows = geo["logits"][2][1]
+    expected = {"order": [e, n], "views": [e, n, 5], "labels": [n], "done": [e, -(-n // rows)]}
+    if int8:
+        expected["logit_scale"] = [e, n]
+    for name, want in expected.items():
+        if geo[name][0] != want:
+            raise DhkdError(f"store {location}: {name} has shape {_short(geo[name][0])} where logits of shape {_short(shape)} "
+                            f"need {_short(want)}; the store is damaged or forged")
+    return e, n, k
+
+
+def check_labels_object(data: bytes | None, num_samples: int, location: str):
+    """The labels object (Blosc frame and CRC32C) must decode to exactly ``num_samples`` int32
+    values: its frame header states its size, so a forged shape is found before any allocation."""
+    if data is None or len(data) < 20:
+        return  # missing or truncated: the ordinary read reports it
+    nbytes = int.from_bytes(data[4:8], "little")
+    if nbytes != 4 * num_samples:
+        raise DhkdError(f"store {location}: its metadata claims {num_samples} samples but its labels object holds "
+                        f"{nbytes // 4}; the store is damaged or forged")
+
+
+def read_metadata(objects, key: str) -> dict | None:
+    """The metadata document ``key`` of the store ``objects`` (``logits/zarr.json``), its size
+    checked before it is read; None if there is no such object."""
+    if not objects.exists(key):
+        return None
+    size = objects.size(key)
+    if size > MAX_METADATA_BYTES:
+        raise DhkdError(f"store {objects.location}: {key} is {size} bytes, more than any logit store's metadata "
+                        f"({MAX_METADATA_BYTES >> 20} MiB at most)")
+    return parse_metadata(objects.read(key), key, objects.location)
+
+
+def check_store(objects):
+    """Before Zarr reads anything of the store ``objects``: every metadata document bounded, and the
+    shapes agreeing with the schema, with each other and with the labels object's own size. (A
+    local store's entries are checked first, by ``check_local_tree``.)"""
+    root = read_metadata(objects, "zarr.json")
+    attrs = (root or {}).get("attributes") or {}
+    if not isinstance(attrs, dict) or "format_version" not in attrs:
+        return  # not (yet) a logit store: opening refuses it by its attributes
+    names = ARRAYS + ("logit_scale",)
+    metas = {name: read_metadata(objects, f"{name}/zarr.json") for name in names}
+    _, num_samples, _ = check_shapes(metas, objects.location, int8=attrs.get("codec") == "int8")
+    check_labels_object(objects.read("labels/c/0") if objects.exists("labels/c/0") else None, num_samples, objects.location)

@@ -1,0 +1,223 @@
+"""What changes as a run trains (``Progress``), and the checkpoint that holds it.
+
+``checkpoint.pt`` is one weights-only torch file: the model's and optimizer's state dicts, every
+process's random generators, the fp16 grad scaler, the config, and ``Progress.to_state()`` (the
+loader position, the history of finished epochs, the running sums of a stopped epoch, the steps
+skipped as non-finite). ``torch.load(..., weights_only=True)`` reads it back.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from dhkd_pipe.errors import DhkdError
+from dhkd_pipe.training.run_folder import CHECKPOINT, write_atomic, write_metrics
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from dhkd_pipe.store.reader import LogitCache
+    from dhkd_pipe.config import TrainConfig
+    from dhkd_pipe.data.loader import ViewLoader
+    from dhkd_pipe.methods.registry import Method
+
+# Options that may change between a run and its resume.
+RESUMABLE_CHANGES = {"epochs", "out", "workers", "max_steps", "checkpoint_every", "log_with", "val_every",
+                     "channels_last", "compile", "max_nonfinite"}
+
+# What save_training_state writes, with the types a resume relies on.
+_STATE_KEYS = {"model": dict, "optimizer": dict, "epoch": int, "step": int, "config": dict, "history": list}
+
+
+@dataclass
+class EpochTally:
+    """An epoch's running sums. They go into every mid-epoch checkpoint, so a resumed epoch reports
+    the ``train_loss`` (and image count) an uninterrupted one would."""
+
+    term_sums: torch.Tensor  # the loss terms (total first), summed on the device: no sync per step
+    steps: int = 0  # steps whose terms are in the sums (skipped steps are not)
+    seen: int = 0  # images this process trained on
+    elapsed: float = 0.0  # training seconds before this process took the epoch over
+    clock_start: float = 0.0  # perf_counter() at which this epoch would have started, uninterrupted
+
+    @classmethod
+    def fresh(cls, terms: int, device) -> "EpochTally":
+        return cls(torch.zeros(terms, dtype=torch.float32, device=device))
+
+    def add(self, terms: dict[str, torch.Tensor] | None, images: int, names: tuple[str, ...]):
+        """One step's images, and its terms unless the step was skipped (None)."""
+        if terms is not None:
+            self.term_sums += torch.stack([terms[k].detach().float() for k in names])
+            self.steps += 1
+        self.seen += images
+
+    def means(self, acc: Accelerator) -> list[float]:
+        """Per-step means over all processes (a collective); NaN (null in metrics.jsonl) when every
+        step of the epoch was skipped."""
+        total = acc.reduce(self.term_sums, "sum")
+        return (total / (self.steps * acc.num_processes)).tolist() if self.steps else [float("nan")] * len(total)
+
+    def state(self, acc: Accelerator) -> dict:
+        """The sums over all processes (every process calls this), for the checkpoint."""
+        self.elapsed = time.perf_counter() - self.clock_start
+        total = acc.reduce(self.term_sums.clone(), "sum") if acc.num_processes > 1 else self.term_sums
+        seen = self.seen * acc.num_processes
+        return {"term_sums": total.detach().cpu(), "steps": self.steps, "seen": seen, "elapsed": self.elapsed}
+
+    @classmethod
+    def from_state(cls, state: dict, terms: int, acc: Accelerator) -> "EpochTally | None":
+        """The main process continues the saved sums; the others start from zero, so that the
+        epoch's final sum over processes is the saved one plus what follows. None if the saved
+        sums do not fit (another method's terms)."""
+        sums = state.get("term_sums")
+        if not isinstance(sums, torch.Tensor) or sums.shape != (terms,):
+            return None
+        main = acc.is_main_process
+        sums = sums.to(acc.device, torch.float32) if main else torch.zeros(terms, device=acc.device)
+        seen = int(state["seen"]) // acc.num_processes
+        return cls(sums, int(state["steps"]), seen, float(state["elapsed"]))
+
+
+@dataclass
+class Progress:
+    """Where a run stands: ``step`` steps of ``epoch`` done (``step`` == steps per epoch: the epoch
+    is finished), the metrics of the finished epochs, the running sums of the current one, and the
+    steps skipped as non-finite over the whole run (``--max-nonfinite`` counts them all)."""
+
+    epoch: int = 0
+    step: int = 0
+    history: list = field(default_factory=list)
+    tally: EpochTally | None = None
+    skipped: int = 0
+
+    def begin_epoch(self, epoch: int, terms: int, device) -> int:
+        """Starts (or, resumed mid-epoch, continues) ``epoch``; returns the steps already done."""
+        skip = self.step if epoch == self.epoch else 0
+        if not (skip and self.tally is not None):
+            self.tally = EpochTally.fresh(terms, device)
+        self.epoch, self.step = epoch, skip
+        self.tally.clock_start = time.perf_counter() - self.tally.elapsed
+        return skip
+
+    def end_epoch(self, metrics: dict):
+        self.history.append(metrics)
+        self.tally = None
+
+    def to_state(self, acc: Accelerator) -> dict:
+        """The checkpoint's training state (a collective: every process calls it)."""
+        running = self.tally.state(acc) if self.tally is not None else None  # mid-epoch: its train_loss survives a resume
+        return {"epoch": self.epoch, "step": self.step, "history": self.history, "tally": running,
+                "skipped_nonfinite": self.skipped}
+
+    @classmethod
+    def from_state(cls, state: dict, steps_per_epoch: int, terms: int, acc: Accelerator) -> "Progress":
+        epoch, step = state["epoch"], state["step"]
+        epoch, step = (epoch + 1, 0) if step >= steps_per_epoch else (epoch, step)
+        tally = EpochTally.from_state(state["tally"], terms, acc) if step and isinstance(state.get("tally"), dict) else None
+        return cls(epoch, step, list(state["history"]), tally, int(state.get("skipped_nonfinite") or 0))
+
+
+class Checkpointed(Protocol):
+    """What a checkpoint is saved from and restored into (``engine.Run``)."""
+
+    cfg: TrainConfig
+    accelerator: Accelerator
+    method: Method
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: ViewLoader
+    progress: Progress
+    cache: LogitCache | None  # the store a cached run reads: its identity is saved, and a resume compares
+
+
+def rng_state(device: torch.device) -> dict:
+    """This process's random generators: the CPU one, and its CUDA device's where it has one."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+
+def set_rng_state(state: dict, device: torch.device):
+    """Puts back what ``rng_state`` took."""
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_training_state(run: Checkpointed):
+    """The run's state at its ``progress`` (all ranks call this; rank 0 writes ``checkpoint.pt``).
+
+    Everything a resumed run needs to continue as if never stopped: weights, optimizer, every
+    process's CPU and CUDA generators (dropout; views need none, they are keyed by position), the
+    fp16 grad scaler and the progress. Plain values and tensors only, read back with
+    ``weights_only=True`` (Accelerate's ``save_state`` pickles its RNG files, which only a full
+    unpickler reads).
+    """
+    from accelerate.utils import gather_object
+
+    acc = run.accelerator
+    rng = gather_object([rng_state(acc.device)])  # one entry per process, in rank order
+    progress = run.progress.to_state(acc)
+    if not acc.is_main_process:
+        return
+    scaler = getattr(acc, "scaler", None)
+    state = {
+        "model": acc.unwrap_model(run.model, keep_torch_compile=False).state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "epoch": progress.pop("epoch"),
+        "step": progress.pop("step"),
+        "rng": rng,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "config": run.cfg.to_dict(),
+        "store": run.cache.identity if run.cache is not None else None,  # a resume refuses another store
+        **progress,  # history, tally, skipped_nonfinite
+    }
+    write_atomic(os.path.join(run.cfg.out, CHECKPOINT), lambda f: torch.save(state, f))
+
+
+def read_state(path: str) -> dict:
+    """A training checkpoint written by ``save_training_state``; anything else is one DhkdError line."""
+    from dhkd_pipe.models.checkpoint import torch_load_reason
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise DhkdError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+    except Exception as e:
+        raise DhkdError(f"cannot read checkpoint {path}: not a weights-only torch file, or damaged ({torch_load_reason(e)})") from None
+    lacking = [k for k, kind in _STATE_KEYS.items() if not isinstance(state, dict) or not isinstance(state.get(k), kind)]
+    if lacking:
+        raise DhkdError(f"{path} is not a dhkd-pipe training checkpoint (no {', '.join(lacking)}): --resume continues a run "
+                        "this tool stopped; to start over in this folder pass --overwrite instead")
+    return state
+
+
+def restore_training_state(run: Checkpointed):
+    """Continues ``run`` from its folder's checkpoint: weights, optimizer, generators, scaler, progress."""
+    path = os.path.join(run.cfg.out, CHECKPOINT)
+    state = read_state(path)
+    saved, now = state["config"], run.cfg.to_dict()
+    for key in sorted(set(saved) | set(now)):
+        if key not in RESUMABLE_CHANGES and saved.get(key) != now.get(key):
+            raise DhkdError(f"--resume with a different config: {key} was {saved.get(key)!r}, now {now.get(key)!r}")
+    if run.cache is not None:
+        run.cache.check_same_store(state.get("store"))
+    acc = run.accelerator
+    try:
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise DhkdError(f"{path} does not fit this run's model or optimizer: {' '.join(str(e).split())[:200]}") from None
+    rng = state["rng"]
+    # a different process count cannot continue identically anyway; each rank takes a saved stream
+    set_rng_state(rng[acc.process_index % len(rng)], acc.device)
+    scaler = getattr(acc, "scaler", None)
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    run.progress = Progress.from_state(state, len(run.loader), 1 + len(run.method.term_names), acc)
+    if acc.is_main_process:  # metrics.jsonl says what the checkpoint says (a kill may have left it ahead)
+        write_metrics(run.cfg.out, run.progress.history)
