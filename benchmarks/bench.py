@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from dhkd_pipe.benchmarks.measure import clock, machine, print_table, write_results
+from dhkd_pipe.benchmarks.measure import clock, machine, memory_formats, print_table, write_results
 from dhkd_pipe.config import CacheConfig, TrainConfig
 from dhkd_pipe.training.engine import prepare, train
 from dhkd_pipe.models import create_model
@@ -123,14 +123,6 @@ def bench_distill(json_path: str, teacher: str = "resnet32x4", student: str = "r
     print("\n" + "  ".join(f"{k} = {v:.2f}" for k, v in ratios.items()))
     write_results(json_path, {"bench": "distill", "machine": machine(), "teacher": teacher, "student": student, "batch_size": batch_size, "steps": steps, "rows": rows, "ratios": ratios})
     return rows, ratios
-
-
-def memory_formats() -> list[tuple[str, torch.memory_format]]:
-    """(name, format): stage 1's default first, then the other (``--channels-last`` measured)."""
-    from dhkd_pipe.data.inference import memory_format
-
-    both = [("NCHW", torch.contiguous_format), ("channels_last", torch.channels_last)]
-    return sorted(both, key=lambda f: f[1] != memory_format(CacheConfig()))
 
 
 def _bare_forward(arch: str, num_classes: int, batch_size: int, steps: int, precision: str = "no",
@@ -260,12 +252,12 @@ def _timed_store_write(location: str, rows: int, classes: int, chunk_rows: int, 
     """Writes a one-epoch teacher-like store at ``location`` through ``StoreWriter`` (the way stage
     1 does) with ``threads`` writer threads, ``sharded`` as a store of many chunks is (write units
     of about 32 MB) whatever its size; returns (seconds, the writer's store)."""
-    from dhkd_pipe import __version__
+    from dhkd_pipe.version import tool_version
     from dhkd_pipe.store.writer import StoreWriter
 
     command = {"bench": "store", "rows": rows, "classes": classes, "chunk_rows": chunk_rows, "codec": codec, "sharded": sharded}
     writer = StoreWriter(location, epochs=1, num_samples=rows, num_classes=classes, chunk_rows=chunk_rows, labels=np.zeros(rows, np.int32),
-                         codec=codec, attrs={"command": command, "tool_version": __version__}, overwrite=_is_bench_store(location),
+                         codec=codec, attrs={"command": command, "tool_version": tool_version()}, overwrite=_is_bench_store(location),
                          holder="dhkd-pipe bench store", threads=threads, **({"shard_threshold": 1} if sharded else {}))
     with writer:
         store = writer.store

@@ -102,7 +102,7 @@ def bench_image_folder(work: str, model: str = "resnet18", images: int = 48, vie
     from dhkd_pipe.training.accelerator import make_accelerator
     from dhkd_pipe.models import create_model
 
-    from dhkd_pipe.benchmarks.bench import memory_formats
+    from dhkd_pipe.benchmarks.measure import memory_formats
     from dhkd_pipe.stages.cache_teacher import cache_teacher
 
     spec = write_jpeg_folder(os.path.join(work, "jpegs"), images, classes)

@@ -54,3 +54,14 @@ def write_results(path: str, payload: dict, log=log_line):
     """The benchmark's JSON at ``path``, written atomically; non-finite numbers become null."""
     write_json(path, payload)
     log(f"wrote {path}")
+
+
+def memory_formats() -> list[tuple]:
+    """(name, format): stage 1's default first, then the other (``--channels-last`` measured)."""
+    import torch
+
+    from dhkd_pipe.config import CacheConfig
+    from dhkd_pipe.data.inference import memory_format
+
+    both = [("NCHW", torch.contiguous_format), ("channels_last", torch.channels_last)]
+    return sorted(both, key=lambda f: f[1] != memory_format(CacheConfig()))

@@ -58,22 +58,15 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
 
 
 def __getattr__(name: str):
-    if name == "__version__":  # on first use: importlib.metadata costs the CLI's start-up ~50 ms
-        return _version()
+    if name == "__version__":  # on first use: importlib.metadata slows the CLI's start-up
+        from dhkd_pipe.version import tool_version
+
+        return tool_version()
     if name in _API:
         value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
         globals()[name] = value  # later look-ups skip this function
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("dhkd-pipe")
-    except PackageNotFoundError:  # running from a source tree that is not installed
-        return "0.0.0"
 
 
 def __dir__() -> list[str]:

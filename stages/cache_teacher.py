@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dhkd_pipe import __version__
+from dhkd_pipe.version import tool_version
 from dhkd_pipe.store.reader import LogitCache
 from dhkd_pipe.store.codecs import check_encodable, codec_tolerance
 from dhkd_pipe.config import CacheConfig
@@ -96,7 +96,7 @@ class TeacherPass:
             "seed": cfg.seed,
             "codec": cfg.codec,
             "precision": cfg.precision,
-            "tool_version": __version__,
+            "tool_version": tool_version(),
             "command": command,
             "command_line": command_line(cfg, data_spec),  # what re-runs this command (with --out): named by repair messages
         }

@@ -201,11 +201,7 @@ def torchvision_preprocessing(arch: str, name: str) -> dict:
 
 
 def _preprocessing(source, resolution, crop_pct, interpolation, mean, std, resize=None) -> dict:
-    from dhkd_pipe.data.views import INTERPOLATIONS
-
-    if interpolation not in INTERPOLATIONS:
-        raise DhkdError(f"{source} preprocesses with {interpolation} interpolation; dhkd-pipe renders "
-                        f"{' or '.join(INTERPOLATIONS)} only: pass a checkpoint file to use the data set's")
+    # the renderer checks the interpolation (data.views.with_preprocessing): it owns the names
     return {
         "source": source,
         "resolution": int(resolution),
