@@ -29,19 +29,18 @@ from dataclasses import MISSING, asdict, dataclass, fields
 import torch
 
 from dhkd_pipe.benchmarks.measure import machine, write_results
-from dhkd_pipe.store.reader import LogitCache
 from dhkd_pipe.config import AccuracyBenchConfig, CacheConfig, TrainConfig
 from dhkd_pipe.data.datasets import SUBSET_MARK
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.methods.registry import from_config, get_method, option_defaults
 from dhkd_pipe.models import file_digest
-from dhkd_pipe.stages.report import markdown_table, write_method_report
-from dhkd_pipe.training.run_folder import CHECKPOINT, write_atomic, write_json
-from dhkd_pipe.training.students import StudentPlan
-
 from dhkd_pipe.stages.cache_teacher import cache_teacher
 from dhkd_pipe.stages.distill import distill, distill_students
+from dhkd_pipe.stages.report import markdown_table, write_method_report
 from dhkd_pipe.stages.train_teacher import train_teacher
+from dhkd_pipe.store.reader import LogitCache
+from dhkd_pipe.training.run_folder import CHECKPOINT, write_atomic, write_json
+from dhkd_pipe.training.students import StudentPlan
 
 
 @dataclass(frozen=True)
@@ -78,7 +77,17 @@ ROWS = (
 WARMED_UP = ("dkd", "reviewkd", "dhkd_reviewkd")
 
 # Config fields that say where things are, not what they are: left out of the records.
-WHERE = {"out", "cache", "weights", "teacher_weights", "workers", "log_with", "overwrite", "checkpoint_every", "max_steps"}
+WHERE = {
+    "out",
+    "cache",
+    "weights",
+    "teacher_weights",
+    "workers",
+    "log_with",
+    "overwrite",
+    "checkpoint_every",
+    "max_steps",
+}
 
 
 def data_spec(bench: AccuracyBenchConfig) -> str:
@@ -133,7 +142,9 @@ def _same_key(recorded, key: dict, cls) -> bool:
     defaults = _field_defaults(cls)
     for name, value in key.items():
         if name == "config" and isinstance(recorded[name], dict):
-            value = {k: v for k, v in value.items() if k in recorded[name] or k not in defaults or _plain(defaults[k]) != v}
+            value = {
+                k: v for k, v in value.items() if k in recorded[name] or k not in defaults or _plain(defaults[k]) != v
+            }
             same = recorded[name] == value
         elif name == "store":
             same = _same_key(recorded[name], value, CacheConfig)
@@ -165,8 +176,12 @@ def _run_training(steps: Steps, step: str, key: dict, cfg: TrainConfig, stage, l
     log(f"{'resuming' if resume else 'training'} {step}: {cfg.out}")
     t0 = time.perf_counter()
     summary = stage(cfg, mode="resume" if resume else "overwrite", log=lambda msg: log(f"  {msg}"))
-    record = {"key": _plain(key), "done": True, "wall_s": wall + time.perf_counter() - t0,
-              "summary": {k: v for k, v in summary.items() if k != "config"}}
+    record = {
+        "key": _plain(key),
+        "done": True,
+        "wall_s": wall + time.perf_counter() - t0,
+        "summary": {k: v for k, v in summary.items() if k != "config"},
+    }
     steps.write(step, record)
     return {**record, "reused": False}
 
@@ -241,16 +256,29 @@ def _bench(bench: AccuracyBenchConfig, started: float, log) -> dict:
         log(f"[{clock():7.0f} s] {msg}")
 
     def train_cfg(**kw) -> TrainConfig:
-        base = dict(data=data_spec(bench), batch_size=bench.batch_size, lr=bench.lr, val_every=bench.val_every, workers=0)
+        base = dict(
+            data=data_spec(bench), batch_size=bench.batch_size, lr=bench.lr, val_every=bench.val_every, workers=0
+        )
         return TrainConfig(**{**base, **kw}).validate()
 
-    teacher_cfg = train_cfg(model=bench.teacher, method="ce", epochs=bench.teacher_epochs,
-                            lr_milestones=milestones(bench.teacher_epochs), out=os.path.join(out, "teacher"))
+    teacher_cfg = train_cfg(
+        model=bench.teacher,
+        method="ce",
+        epochs=bench.teacher_epochs,
+        lr_milestones=milestones(bench.teacher_epochs),
+        out=os.path.join(out, "teacher"),
+    )
     teacher = _run_training(steps, "teacher", {"config": _what(teacher_cfg)}, teacher_cfg, train_teacher, say)
     weights = os.path.join(teacher_cfg.out, "model.pt")
 
-    store_cfg = CacheConfig(data=data_spec(bench), model=bench.teacher, weights=weights, views=bench.epochs,
-                            out=os.path.join(out, "logits.zarr"), workers=0).validate()
+    store_cfg = CacheConfig(
+        data=data_spec(bench),
+        model=bench.teacher,
+        weights=weights,
+        views=bench.epochs,
+        out=os.path.join(out, "logits.zarr"),
+        workers=0,
+    ).validate()
     store_key = {"config": _what(store_cfg), "teacher_weights": file_digest(weights)}
     store = _run_store(steps, store_key, store_cfg, say)
 
@@ -268,23 +296,43 @@ def _bench(bench: AccuracyBenchConfig, started: float, log) -> dict:
     runs = []
     for row, seed, cfg, step, _ in students:
         result = results[step]
-        runs.append({"row": row.name, "method": row.method, "options": dict(row.options), "seed": seed, "dir": cfg.out,
-                     "top1": result["summary"]["val_top1"], "images_per_sec": result["summary"]["images_per_sec"],
-                     "wall_s": result["wall_s"], "reused": result["reused"]})
+        runs.append(
+            {
+                "row": row.name,
+                "method": row.method,
+                "options": dict(row.options),
+                "seed": seed,
+                "dir": cfg.out,
+                "top1": result["summary"]["val_top1"],
+                "images_per_sec": result["summary"]["images_per_sec"],
+                "wall_s": result["wall_s"],
+                "reused": result["reused"],
+            }
+        )
         say(f"{row.name} seed {seed}: top-1 {runs[-1]['top1']:.2f}%")
 
     return _write_results(bench, teacher, store, runs, rows, clock())
 
 
-def student_run(bench, row: Row, seed: int, train_cfg, store: str, store_key: dict, weights: str) -> tuple[TrainConfig, dict]:
+def student_run(
+    bench, row: Row, seed: int, train_cfg, store: str, store_key: dict, weights: str
+) -> tuple[TrainConfig, dict]:
     """A row's student config and the key of its record: from the store, or online from the
     teacher's weights file (``row.online``), whose digest is then in the key."""
     options = dict(row.options)
     if row.method in WARMED_UP:
         options["warmup_epochs"] = max(1, round(bench.epochs * 20 / 240))
     source = dict(teacher=bench.teacher, teacher_weights=weights) if row.online else dict(cache=store)
-    cfg = train_cfg(model=bench.student, method=row.method, epochs=bench.epochs, seed=seed, lr_milestones=milestones(bench.epochs),
-                    out=os.path.join(bench.out, "students", f"{row.slug}-s{seed}"), **source, **options)
+    cfg = train_cfg(
+        model=bench.student,
+        method=row.method,
+        epochs=bench.epochs,
+        seed=seed,
+        lr_milestones=milestones(bench.epochs),
+        out=os.path.join(bench.out, "students", f"{row.slug}-s{seed}"),
+        **source,
+        **options,
+    )
     key = {"config": _what(cfg), **({"teacher_weights": file_digest(weights)} if row.online else {"store": store_key})}
     return cfg, key
 
@@ -318,12 +366,19 @@ def _run_students(steps: Steps, students: list[tuple[str, dict, TrainConfig]], l
         if isinstance(result, DhkdError):
             failed.append(f"{step}: {result}")
             continue
-        record = {"key": _plain(key), "done": True, "wall_s": wall + share, "pass_students": len(plans),
-                  "summary": {k: v for k, v in result.items() if k != "config"}}
+        record = {
+            "key": _plain(key),
+            "done": True,
+            "wall_s": wall + share,
+            "pass_students": len(plans),
+            "summary": {k: v for k, v in result.items() if k != "config"},
+        }
         steps.write(step, record)
         records[i] = {**record, "reused": False}
     if failed:
-        raise DhkdError(f"{len(failed)} of {len(plans)} students stopped (the others are recorded): " + "; ".join(failed))
+        raise DhkdError(
+            f"{len(failed)} of {len(plans)} students stopped (the others are recorded): " + "; ".join(failed)
+        )
     return records
 
 
@@ -333,11 +388,18 @@ def _write_results(bench, teacher, store, runs, rows, invocation_s) -> dict:
     methods = []
     for row in rows:
         mine = [r for r in runs if r["row"] == row.name]
-        methods.append({"name": row.name, "method": row.method, "options": dict(row.options),
-                        "seeds": [r["seed"] for r in mine], "top1": [r["top1"] for r in mine],
-                        **_spread([r["top1"] for r in mine]),
-                        "images_per_sec": statistics.median(r["images_per_sec"] for r in mine),
-                        "wall_s": sum(r["wall_s"] for r in mine)})
+        methods.append(
+            {
+                "name": row.name,
+                "method": row.method,
+                "options": dict(row.options),
+                "seeds": [r["seed"] for r in mine],
+                "top1": [r["top1"] for r in mine],
+                **_spread([r["top1"] for r in mine]),
+                "images_per_sec": statistics.median(r["images_per_sec"] for r in mine),
+                "wall_s": sum(r["wall_s"] for r in mine),
+            }
+        )
     ce_mean = next((m["mean"] for m in methods if m["name"] == "ce"), None)
     for m in methods:
         m["vs_ce"] = m["mean"] - ce_mean if ce_mean is not None else None
@@ -345,36 +407,73 @@ def _write_results(bench, teacher, store, runs, rows, invocation_s) -> dict:
     wall["total"] = sum(wall.values())
     wall["this_invocation"] = invocation_s
     settings = asdict(bench)
-    settings.update(data_spec=data_spec(bench), views=bench.epochs, teacher_lr_milestones=milestones(bench.teacher_epochs),
-                    lr_milestones=milestones(bench.epochs))
+    settings.update(
+        data_spec=data_spec(bench),
+        views=bench.epochs,
+        teacher_lr_milestones=milestones(bench.teacher_epochs),
+        lr_milestones=milestones(bench.epochs),
+    )
     result = {
         "bench": "accuracy",
         "machine": {**machine(), "torch_threads": bench.threads or os.cpu_count()},
         "settings": settings,
-        "teacher": {"arch": bench.teacher, "val_top1": teacher_top1, "wall_s": teacher["wall_s"], "reused": teacher["reused"]},
-        "store": {"path": os.path.join(out, "logits.zarr"), "views": bench.epochs, "wall_s": store["wall_s"], "reused": store["reused"],
-                  "bytes_on_disk": store["summary"].get("bytes_on_disk")},
+        "teacher": {
+            "arch": bench.teacher,
+            "val_top1": teacher_top1,
+            "wall_s": teacher["wall_s"],
+            "reused": teacher["reused"],
+        },
+        "store": {
+            "path": os.path.join(out, "logits.zarr"),
+            "views": bench.epochs,
+            "wall_s": store["wall_s"],
+            "reused": store["reused"],
+            "bytes_on_disk": store["summary"].get("bytes_on_disk"),
+        },
         "methods": methods,
         "runs": runs,
         "wall_s": wall,
     }
-    title = (f"{bench.data}, {bench.train_size} training images (fixed stratified subset), validated on the whole test split: "
-             f"{bench.teacher} teacher {teacher_top1:.2f}%, {bench.student} students from the store "
-             f"(the feature methods online from the same teacher), {bench.epochs} epochs")
-    table = markdown_table(methods, [("name", "method", "s"), ("n", "runs", "d"), ("mean", "top-1 mean", ".2f"), ("std", "std", ".2f"),
-                                     ("min", "min", ".2f"), ("max", "max", ".2f"), ("vs_ce", "vs ce", "+.2f"),
-                                     ("images_per_sec", "img/s", ".0f"), ("wall_s", "wall s", ".0f")])
-    stages = markdown_table([{"stage": f"teacher {bench.teacher} ({bench.teacher_epochs} epochs)", "wall_s": wall["teacher"]},
-                             {"stage": f"store ({bench.epochs} views)", "wall_s": wall["store"]},
-                             {"stage": f"students ({len(runs)} runs)", "wall_s": wall["students"]},
-                             {"stage": "total", "wall_s": wall["total"]}],
-                            [("stage", "stage", "s"), ("wall_s", "wall s", ".0f")])
-    markdown = (f"{title}.\n\nTop-1 (%) at the last epoch; std over runs (seeds 0..{bench.seeds - 1} for "
-                f"{', '.join(r.name for r in rows if r.seeded)}, seed 0 for the others).\n\n{table}\n\n{stages}\n")
+    title = (
+        f"{bench.data}, {bench.train_size} training images (fixed stratified subset), validated on the whole test split: "
+        f"{bench.teacher} teacher {teacher_top1:.2f}%, {bench.student} students from the store "
+        f"(the feature methods online from the same teacher), {bench.epochs} epochs"
+    )
+    table = markdown_table(
+        methods,
+        [
+            ("name", "method", "s"),
+            ("n", "runs", "d"),
+            ("mean", "top-1 mean", ".2f"),
+            ("std", "std", ".2f"),
+            ("min", "min", ".2f"),
+            ("max", "max", ".2f"),
+            ("vs_ce", "vs ce", "+.2f"),
+            ("images_per_sec", "img/s", ".0f"),
+            ("wall_s", "wall s", ".0f"),
+        ],
+    )
+    stages = markdown_table(
+        [
+            {"stage": f"teacher {bench.teacher} ({bench.teacher_epochs} epochs)", "wall_s": wall["teacher"]},
+            {"stage": f"store ({bench.epochs} views)", "wall_s": wall["store"]},
+            {"stage": f"students ({len(runs)} runs)", "wall_s": wall["students"]},
+            {"stage": "total", "wall_s": wall["total"]},
+        ],
+        [("stage", "stage", "s"), ("wall_s", "wall s", ".0f")],
+    )
+    markdown = (
+        f"{title}.\n\nTop-1 (%) at the last epoch; std over runs (seeds 0..{bench.seeds - 1} for "
+        f"{', '.join(r.name for r in rows if r.seeded)}, seed 0 for the others).\n\n{table}\n\n{stages}\n"
+    )
     picture = os.path.join(out, "bench_accuracy.png")
     groups = [(m["name"], [r["dir"] for r in runs if r["row"] == m["name"]]) for m in methods]
     write_method_report(groups, picture, title=title, reference=(f"teacher {bench.teacher}", teacher_top1))
-    result["files"] = {"json": os.path.join(out, "bench_accuracy.json"), "markdown": os.path.join(out, "bench_accuracy.md"), "png": picture}
+    result["files"] = {
+        "json": os.path.join(out, "bench_accuracy.json"),
+        "markdown": os.path.join(out, "bench_accuracy.md"),
+        "png": picture,
+    }
     write_atomic(result["files"]["markdown"], lambda f: f.write(markdown), mode="w")
     write_results(result["files"]["json"], result, log=lambda *_: None)
     result["markdown"] = markdown

@@ -22,16 +22,21 @@ import torch
 
 from dhkd_pipe.benchmarks.measure import clock, machine, memory_formats, print_table, write_results
 from dhkd_pipe.config import CacheConfig, TrainConfig
-from dhkd_pipe.training.engine import prepare, train
 from dhkd_pipe.models import create_model
+from dhkd_pipe.training.engine import prepare, train
 
 
-def write_synthetic_cifar(root: str, num_train: int = 2560, num_val: int = 256, classes: int = 100, seed: int = 0) -> str:
+def write_synthetic_cifar(
+    root: str, num_train: int = 2560, num_val: int = 256, classes: int = 100, seed: int = 0
+) -> str:
     """A CIFAR-100 python-pickle folder of random images; returns the ``cifar100:DIR`` spec."""
     rng = np.random.default_rng(seed)
     os.makedirs(root, exist_ok=True)
     for name, n in (("train", num_train), ("test", num_val)):
-        blob = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"fine_labels": rng.integers(0, classes, n).tolist()}
+        blob = {
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            b"fine_labels": rng.integers(0, classes, n).tolist(),
+        }
         with open(os.path.join(root, name), "wb") as f:
             pickle.dump(blob, f)
     return f"cifar100:{root}"
@@ -51,8 +56,10 @@ def _timed_training(cfg: TrainConfig, warmup: int) -> dict:
     start = clock(run.accelerator.device)
     train(run, log=lambda *_: None, on_step_end=lambda epoch, step: ends.append(clock(run.accelerator.device)))
     steady = ends[warmup:]
-    return {"images_per_sec": cfg.batch_size * (len(steady) - 1) / (steady[-1] - steady[0]),
-            "run_images_per_sec": cfg.batch_size * len(ends) / (ends[-1] - start)}
+    return {
+        "images_per_sec": cfg.batch_size * (len(steady) - 1) / (steady[-1] - steady[0]),
+        "run_images_per_sec": cfg.batch_size * len(ends) / (ends[-1] - start),
+    }
 
 
 def _timed_loader(run, steps: int) -> float:
@@ -70,8 +77,15 @@ def _timed_loader(run, steps: int) -> float:
     return n / (clock(run.accelerator.device) - t0)
 
 
-def bench_distill(json_path: str, teacher: str = "resnet32x4", student: str = "resnet8x4", batch_size: int = 64, steps: int = 30, warmup: int = 3,
-                  compile_row: bool = True):
+def bench_distill(
+    json_path: str,
+    teacher: str = "resnet32x4",
+    student: str = "resnet8x4",
+    batch_size: int = 64,
+    steps: int = 30,
+    warmup: int = 3,
+    compile_row: bool = True,
+):
     from dhkd_pipe.stages.cache_teacher import cache_teacher
 
     work = tempfile.mkdtemp(prefix="dhkd-bench-")
@@ -79,26 +93,58 @@ def bench_distill(json_path: str, teacher: str = "resnet32x4", student: str = "r
     data = write_synthetic_cifar(os.path.join(work, "cifar"), num_train=per_epoch * batch_size)
     weights = _random_teacher(teacher, 100, os.path.join(work, "teacher.pt"))
     store = os.path.join(work, "logits.zarr")
-    cache_teacher(CacheConfig(data=data, model=teacher, weights=weights, views=1, out=store, batch_size=batch_size).validate(), log=lambda *_: None)
+    cache_teacher(
+        CacheConfig(data=data, model=teacher, weights=weights, views=1, out=store, batch_size=batch_size).validate(),
+        log=lambda *_: None,
+    )
 
     def cfg(name, method, channels_last=False, **kw):  # NCHW unless a row says otherwise, on every device
-        return TrainConfig(data=data, model=student, method=method, batch_size=batch_size, epochs=1, max_steps=warmup + steps, out=os.path.join(work, name),
-                           channels_last=channels_last, **kw).validate()
+        return TrainConfig(
+            data=data,
+            model=student,
+            method=method,
+            batch_size=batch_size,
+            epochs=1,
+            max_steps=warmup + steps,
+            out=os.path.join(work, name),
+            channels_last=channels_last,
+            **kw,
+        ).validate()
 
     rows = [
-        {"path": "online DHKD (teacher forward every step)", **_timed_training(cfg("online", "dhkd", teacher=teacher, teacher_weights=weights), warmup)},
+        {
+            "path": "online DHKD (teacher forward every step)",
+            **_timed_training(cfg("online", "dhkd", teacher=teacher, teacher_weights=weights), warmup),
+        },
         {"path": "cached DHKD (logits from the store)", **_timed_training(cfg("cached", "dhkd", cache=store), warmup)},
-        {"path": "student alone, CE (same loader, stored views)", **_timed_training(cfg("alone", "ce", cache=store), warmup)},
+        {
+            "path": "student alone, CE (same loader, stored views)",
+            **_timed_training(cfg("alone", "ce", cache=store), warmup),
+        },
     ]
     loader_run = prepare(cfg("loader", "dhkd", cache=store), mode="overwrite")
     rows.append({"path": "loader only (views + logits, no model)", "images_per_sec": _timed_loader(loader_run, steps)})
     # timm's speed switches on the cached path; compiling happens in the warm-up steps
-    rows.append({"path": "cached DHKD, --channels-last (the default on CUDA)", **_timed_training(cfg("channels-last", "dhkd", cache=store, channels_last=True), warmup)})
+    rows.append(
+        {
+            "path": "cached DHKD, --channels-last (the default on CUDA)",
+            **_timed_training(cfg("channels-last", "dhkd", cache=store, channels_last=True), warmup),
+        }
+    )
     if compile_row:
-        rows.append({"path": "cached DHKD, --compile (student)", **_timed_training(cfg("compile", "dhkd", cache=store, compile=True), warmup)})
+        rows.append(
+            {
+                "path": "cached DHKD, --compile (student)",
+                **_timed_training(cfg("compile", "dhkd", cache=store, compile=True), warmup),
+            }
+        )
     # a feature method cannot use the store: online ReviewKD against online DHKD (its connector and the teacher's taps)
-    rows.append({"path": "online ReviewKD (teacher features every step)",
-                 **_timed_training(cfg("reviewkd", "reviewkd", teacher=teacher, teacher_weights=weights), warmup)})
+    rows.append(
+        {
+            "path": "online ReviewKD (teacher features every step)",
+            **_timed_training(cfg("reviewkd", "reviewkd", teacher=teacher, teacher_weights=weights), warmup),
+        }
+    )
     online, cached, alone, loader, channels_last = (r["images_per_sec"] for r in rows[:5])
     reviewkd = rows[-1]["images_per_sec"]
     ratios = {
@@ -117,16 +163,39 @@ def bench_distill(json_path: str, teacher: str = "resnet32x4", student: str = "r
     print_table(
         f"bench distill: {teacher} -> {student}, batch {batch_size}, {steps} timed steps, 32x32, 100 classes, NCHW unless said, {machine()['device']}",
         rows,
-        [("path", "path", "s"), ("images_per_sec", "img/s", ".1f"), ("vs_cached", "x cached", ".2f"),
-         ("run_images_per_sec", "img/s, whole run", ".1f"), ("run_vs_cached", "x cached, whole run", ".2f")],
+        [
+            ("path", "path", "s"),
+            ("images_per_sec", "img/s", ".1f"),
+            ("vs_cached", "x cached", ".2f"),
+            ("run_images_per_sec", "img/s, whole run", ".1f"),
+            ("run_vs_cached", "x cached, whole run", ".2f"),
+        ],
     )
     print("\n" + "  ".join(f"{k} = {v:.2f}" for k, v in ratios.items()))
-    write_results(json_path, {"bench": "distill", "machine": machine(), "teacher": teacher, "student": student, "batch_size": batch_size, "steps": steps, "rows": rows, "ratios": ratios})
+    write_results(
+        json_path,
+        {
+            "bench": "distill",
+            "machine": machine(),
+            "teacher": teacher,
+            "student": student,
+            "batch_size": batch_size,
+            "steps": steps,
+            "rows": rows,
+            "ratios": ratios,
+        },
+    )
     return rows, ratios
 
 
-def _bare_forward(arch: str, num_classes: int, batch_size: int, steps: int, precision: str = "no",
-                  fmt: torch.memory_format = torch.contiguous_format) -> float:
+def _bare_forward(
+    arch: str,
+    num_classes: int,
+    batch_size: int,
+    steps: int,
+    precision: str = "no",
+    fmt: torch.memory_format = torch.contiguous_format,
+) -> float:
     """The teacher's forward pass alone on a pre-made batch, as stage 1 runs it (inference mode,
     memory format ``fmt``): the ceiling for stage 1."""
     from dhkd_pipe.training.accelerator import make_accelerator
@@ -145,19 +214,28 @@ def _bare_forward(arch: str, num_classes: int, batch_size: int, steps: int, prec
     return batch_size * steps / elapsed
 
 
-def bench_cache(json_path: str, model: str = "resnet32x4", batch_size: int = 64, steps: int = 20, teacher_weights: str | None = None,
-                image_model: str | None = "resnet18", images: int = 48, views: int = 4, resolution: int = 224, image_batch: int = 32,
-                codecs: bool = True):
+def bench_cache(
+    json_path: str,
+    model: str = "resnet32x4",
+    batch_size: int = 64,
+    steps: int = 20,
+    teacher_weights: str | None = None,
+    image_model: str | None = "resnet18",
+    images: int = 48,
+    views: int = 4,
+    resolution: int = 224,
+    image_batch: int = 32,
+    codecs: bool = True,
+):
     """Stage 1 against the teacher's bare forward pass on in-memory data and (``image_model``
     not None, DALI installed) on a generated JPEG folder at 224 px; then the codecs' errors."""
     import importlib.util
 
-    from dhkd_pipe.store.reader import LogitCache
-    from dhkd_pipe.store.codecs import CODECS
-
     from dhkd_pipe.benchmarks.images import bench_image_folder
     from dhkd_pipe.stages.cache_teacher import cache_teacher
     from dhkd_pipe.stages.train_teacher import train_teacher
+    from dhkd_pipe.store.codecs import CODECS
+    from dhkd_pipe.store.reader import LogitCache
 
     work = tempfile.mkdtemp(prefix="dhkd-bench-")
     data = write_synthetic_cifar(os.path.join(work, "cifar"), num_train=steps * batch_size)
@@ -166,56 +244,110 @@ def bench_cache(json_path: str, model: str = "resnet32x4", batch_size: int = 64,
     bare = _bare_forward(model, 100, batch_size, steps, fmt=fmt)
     other = _bare_forward(model, 100, batch_size, steps, fmt=other_fmt)
     result = cache_teacher(
-        CacheConfig(data=data, model=model, weights=weights, views=1, out=os.path.join(work, "speed.zarr"), batch_size=batch_size).validate(),
+        CacheConfig(
+            data=data,
+            model=model,
+            weights=weights,
+            views=1,
+            out=os.path.join(work, "speed.zarr"),
+            batch_size=batch_size,
+        ).validate(),
         log=lambda *_: None,
     )
     stage1 = result["images_per_sec"]
     speed_rows = [
-        {"path": f"{model} bare forward, pre-made tensors ({name}, stage 1's default)", "images_per_sec": bare, "ratio": 1.0},
-        {"path": f"{model} bare forward, pre-made tensors ({other_name})", "images_per_sec": other, "ratio": other / bare},
+        {
+            "path": f"{model} bare forward, pre-made tensors ({name}, stage 1's default)",
+            "images_per_sec": bare,
+            "ratio": 1.0,
+        },
+        {
+            "path": f"{model} bare forward, pre-made tensors ({other_name})",
+            "images_per_sec": other,
+            "ratio": other / bare,
+        },
         {"path": "stage 1: render + teacher + encode + write", "images_per_sec": stage1, "ratio": stage1 / bare},
     ]
-    print_table(f"bench cache: {model}, batch {batch_size}, {steps * batch_size} images, {machine()['device']}", speed_rows,
-                 [("path", "path", "s"), ("images_per_sec", "img/s", ".1f"), ("ratio", "x bare", ".2f")])
+    print_table(
+        f"bench cache: {model}, batch {batch_size}, {steps * batch_size} images, {machine()['device']}",
+        speed_rows,
+        [("path", "path", "s"), ("images_per_sec", "img/s", ".1f"), ("ratio", "x bare", ".2f")],
+    )
     folder = None
     if image_model and importlib.util.find_spec("nvidia.dali") is not None:
-        folder = bench_image_folder(work, image_model, images=images, views=views, resolution=resolution, batch_size=image_batch)
-        print_table(f"bench cache, image folder: {image_model}, {images} JPEGs 500x375 x {views} views at {resolution} px, batch {image_batch}, "
-                     f"DALI on {folder['device']} (goal: decoded per row = 1/{views}, stage 1 >= 0.9 x bare)", folder["rows"],
-                     [("path", "path", "s"), ("views_per_sec", "views/s", ".1f"), ("decoded_per_row", "decoded / row", ".3f"),
-                      ("ratio", "x bare", ".2f")])
-    payload = {"bench": "cache", "machine": machine(), "model": model, "batch_size": batch_size, "speed": speed_rows,
-               "stage1_over_bare_forward": stage1 / bare, "image_folder": folder}
+        folder = bench_image_folder(
+            work, image_model, images=images, views=views, resolution=resolution, batch_size=image_batch
+        )
+        print_table(
+            f"bench cache, image folder: {image_model}, {images} JPEGs 500x375 x {views} views at {resolution} px, batch {image_batch}, "
+            f"DALI on {folder['device']} (goal: decoded per row = 1/{views}, stage 1 >= 0.9 x bare)",
+            folder["rows"],
+            [
+                ("path", "path", "s"),
+                ("views_per_sec", "views/s", ".1f"),
+                ("decoded_per_row", "decoded / row", ".3f"),
+                ("ratio", "x bare", ".2f"),
+            ],
+        )
+    payload = {
+        "bench": "cache",
+        "machine": machine(),
+        "model": model,
+        "batch_size": batch_size,
+        "speed": speed_rows,
+        "stage1_over_bare_forward": stage1 / bare,
+        "image_folder": folder,
+    }
     if not codecs:
         write_results(json_path, payload)
         return payload
 
     if teacher_weights is None:
         teacher_out = os.path.join(work, "digits-teacher")
-        train_teacher(TrainConfig(data="digits", model="resnet8", epochs=8, lr=0.05, lr_milestones=[6], out=teacher_out).validate(), log=lambda *_: None)
+        train_teacher(
+            TrainConfig(
+                data="digits", model="resnet8", epochs=8, lr=0.05, lr_milestones=[6], out=teacher_out
+            ).validate(),
+            log=lambda *_: None,
+        )
         teacher_weights, teacher_arch = os.path.join(teacher_out, "model.pt"), "resnet8"
     else:
         teacher_arch = "resnet8"
     codec_rows, reference = [], None
     for codec in sorted(CODECS, key=lambda c: c != "fp32"):  # fp32 first: the others' reference
         out = os.path.join(work, f"digits-{codec}.zarr")
-        cache_teacher(CacheConfig(data="digits", model=teacher_arch, weights=teacher_weights, views=2, codec=codec, out=out).validate(), log=lambda *_: None)
+        cache_teacher(
+            CacheConfig(
+                data="digits", model=teacher_arch, weights=teacher_weights, views=2, codec=codec, out=out
+            ).validate(),
+            log=lambda *_: None,
+        )
         store = LogitCache.open(out)
         logits = torch.cat([store.read_rows(e, c) for e in range(store.epochs) for c in range(store.num_chunks)])
         reference = logits if reference is None else reference
         err = (logits - reference).abs()
         summary = store.summary()
-        codec_rows.append({
-            "codec": codec,
-            "bytes_per_logit": summary["bytes_per_logit"],
-            "bytes_on_disk": summary["bytes_on_disk"],
-            "max_abs_err": float(err.max()),
-            "max_rel_err": float((err / reference.abs().amax(1, keepdim=True)).max()),
-            "top1_agreement": float((logits.argmax(1) == reference.argmax(1)).float().mean()),
-        })
-    print_table(f"codecs: digits {teacher_arch} teacher logits, 2 views x 1437 x 10 (errors against fp32)", codec_rows,
-                 [("codec", "codec", "s"), ("bytes_per_logit", "bytes/logit on disk", ".3f"), ("max_abs_err", "max abs err", ".2e"),
-                  ("max_rel_err", "max err / row max", ".2e"), ("top1_agreement", "top-1 agree", ".4f")])
+        codec_rows.append(
+            {
+                "codec": codec,
+                "bytes_per_logit": summary["bytes_per_logit"],
+                "bytes_on_disk": summary["bytes_on_disk"],
+                "max_abs_err": float(err.max()),
+                "max_rel_err": float((err / reference.abs().amax(1, keepdim=True)).max()),
+                "top1_agreement": float((logits.argmax(1) == reference.argmax(1)).float().mean()),
+            }
+        )
+    print_table(
+        f"codecs: digits {teacher_arch} teacher logits, 2 views x 1437 x 10 (errors against fp32)",
+        codec_rows,
+        [
+            ("codec", "codec", "s"),
+            ("bytes_per_logit", "bytes/logit on disk", ".3f"),
+            ("max_abs_err", "max abs err", ".2e"),
+            ("max_rel_err", "max err / row max", ".2e"),
+            ("top1_agreement", "top-1 agree", ".4f"),
+        ],
+    )
     payload["codecs"] = codec_rows
     write_results(json_path, payload)
     return payload
@@ -239,8 +371,8 @@ def _teacher_like_blocks(rows: int, classes: int, count: int = 4, seed: int = 0)
 
 
 def _is_bench_store(location: str) -> bool:
-    from dhkd_pipe.store.reader import LogitCache
     from dhkd_pipe.errors import DhkdError
+    from dhkd_pipe.store.reader import LogitCache
 
     try:
         return (LogitCache.open(location).attrs.get("command") or {}).get("bench") == "store"
@@ -248,17 +380,37 @@ def _is_bench_store(location: str) -> bool:
         return False
 
 
-def _timed_store_write(location: str, rows: int, classes: int, chunk_rows: int, codec: str, threads: int, sharded: bool = False):
+def _timed_store_write(
+    location: str, rows: int, classes: int, chunk_rows: int, codec: str, threads: int, sharded: bool = False
+):
     """Writes a one-epoch teacher-like store at ``location`` through ``StoreWriter`` (the way stage
     1 does) with ``threads`` writer threads, ``sharded`` as a store of many chunks is (write units
     of about 32 MB) whatever its size; returns (seconds, the writer's store)."""
-    from dhkd_pipe.version import tool_version
     from dhkd_pipe.store.writer import StoreWriter
+    from dhkd_pipe.version import tool_version
 
-    command = {"bench": "store", "rows": rows, "classes": classes, "chunk_rows": chunk_rows, "codec": codec, "sharded": sharded}
-    writer = StoreWriter(location, epochs=1, num_samples=rows, num_classes=classes, chunk_rows=chunk_rows, labels=np.zeros(rows, np.int32),
-                         codec=codec, attrs={"command": command, "tool_version": tool_version()}, overwrite=_is_bench_store(location),
-                         holder="dhkd-pipe bench store", threads=threads, **({"shard_threshold": 1} if sharded else {}))
+    command = {
+        "bench": "store",
+        "rows": rows,
+        "classes": classes,
+        "chunk_rows": chunk_rows,
+        "codec": codec,
+        "sharded": sharded,
+    }
+    writer = StoreWriter(
+        location,
+        epochs=1,
+        num_samples=rows,
+        num_classes=classes,
+        chunk_rows=chunk_rows,
+        labels=np.zeros(rows, np.int32),
+        codec=codec,
+        attrs={"command": command, "tool_version": tool_version()},
+        overwrite=_is_bench_store(location),
+        holder="dhkd-pipe bench store",
+        threads=threads,
+        **({"shard_threshold": 1} if sharded else {}),
+    )
     with writer:
         store = writer.store
         blocks = _teacher_like_blocks(min(store.shard_chunks * chunk_rows, rows), classes)
@@ -274,8 +426,8 @@ def _timed_store_write(location: str, rows: int, classes: int, chunk_rows: int, 
 
 def _timed_store_read(location: str, rows: int, batch_size: int) -> dict:
     """Streams the store at ``location`` the way stage 2 does (one process)."""
-    from dhkd_pipe.store.reader import LogitCache
     from dhkd_pipe.data.loader import StoreEpochs, row_batches
+    from dhkd_pipe.store.reader import LogitCache
 
     reader = LogitCache.open(location)
     reader.check_complete()
@@ -290,8 +442,16 @@ def _timed_store_read(location: str, rows: int, batch_size: int) -> dict:
     return {"read_rows_per_sec": rows / seconds, "read_ahead_chunks": epochs.prefetch, "summary": reader.summary()}
 
 
-def _bench_store_at(location: str, rows: int, classes: int, chunk_rows: int, codec: str, batch_size: int,
-                    server_cpu=None, sharded: bool = False) -> list[dict]:
+def _bench_store_at(
+    location: str,
+    rows: int,
+    classes: int,
+    chunk_rows: int,
+    codec: str,
+    batch_size: int,
+    server_cpu=None,
+    sharded: bool = False,
+) -> list[dict]:
     """Two rows for one location: the store written by one writer thread, then by the parallel
     writer (stage 1's default thread count there), which is then streamed as stage 2 does. The
     two stores lie side by side (``location``-single and ``location``) and are deleted at the end: a
@@ -313,16 +473,27 @@ def _bench_store_at(location: str, rows: int, classes: int, chunk_rows: int, cod
             read = _timed_store_read(at, rows, batch_size) if threads > 1 else {}
             summary = read.pop("summary", None) or store.summary()
             stored = summary["bytes_per_logit"] * rows * classes
-            results.append({"writer_threads": threads, "chunks_per_write_unit": store.shard_chunks,
-                            "write_rows_per_sec": rows / write_s, "write_mb_per_sec": stored / write_s / 1e6,
-                            "bytes_per_logit": summary["bytes_per_logit"], "stored_mb": summary["bytes_on_disk"] / 1e6, **busy, **read})
+            results.append(
+                {
+                    "writer_threads": threads,
+                    "chunks_per_write_unit": store.shard_chunks,
+                    "write_rows_per_sec": rows / write_s,
+                    "write_mb_per_sec": stored / write_s / 1e6,
+                    "bytes_per_logit": summary["bytes_per_logit"],
+                    "stored_mb": summary["bytes_on_disk"] / 1e6,
+                    **busy,
+                    **read,
+                }
+            )
     finally:
         for store in stores:
             store.objects.delete_all()
     single, parallel = results
     parallel["write_speedup"] = parallel["write_rows_per_sec"] / single["write_rows_per_sec"]
     parallel["read_mb_per_sec"] = parallel["read_rows_per_sec"] * classes * parallel["bytes_per_logit"] / 1e6
-    parallel["write_keeps_up"] = parallel["write_rows_per_sec"] >= parallel["read_rows_per_sec"]  # vs one stage-2 reader
+    parallel["write_keeps_up"] = (
+        parallel["write_rows_per_sec"] >= parallel["read_rows_per_sec"]
+    )  # vs one stage-2 reader
     return results
 
 
@@ -369,16 +540,26 @@ def local_s3_server(bucket: str = "dhkd-bench", latency_ms: float = 0.0):
         "print(server.get_host_and_port()[1], flush=True)\n"
         "sys.stdin.read()\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code, str(float(latency_ms))], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(float(latency_ms))],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     saved = {k: os.environ.get(k) for k in _S3_ENV}
     try:
         port = proc.stdout.readline().strip()
         if not port.isdigit():
             raise DhkdError("the local S3 server (moto) did not start")
-        os.environ.update({
-            "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-            "AWS_DEFAULT_REGION": "us-east-1",
-        })
+        os.environ.update(
+            {
+                "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}",
+                "AWS_ACCESS_KEY_ID": "bench",
+                "AWS_SECRET_ACCESS_KEY": "bench",
+                "AWS_DEFAULT_REGION": "us-east-1",
+            }
+        )
         for k in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
             os.environ.pop(k, None)
         _forget_s3_instances()  # one made for another endpoint (--url s3://..., the previous server) is not reused
@@ -417,13 +598,30 @@ def _forget_s3_instances():
     s3fs.S3FileSystem.clear_instance_cache()
 
 
-_S3_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-           "AWS_PROFILE", "AWS_DEFAULT_REGION")
+_S3_ENV = (
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_REGION",
+)
 
 
-def bench_store(json_path: str, rows: int = 100_000, classes: int = 1000, chunk_rows: int = 1024, codec: str = "fp16",
-                batch_size: int = 256, urls: tuple = (), s3_local: bool = False, local: bool = True, s3_latency_ms: float = 0.0,
-                sharded: bool = False):
+def bench_store(
+    json_path: str,
+    rows: int = 100_000,
+    classes: int = 1000,
+    chunk_rows: int = 1024,
+    codec: str = "fp16",
+    batch_size: int = 256,
+    urls: tuple = (),
+    s3_local: bool = False,
+    local: bool = True,
+    s3_latency_ms: float = 0.0,
+    sharded: bool = False,
+):
     """Write rows/s (and MB/s of stored bytes) of one process with one writer thread and with the
     parallel writer, and read rows/s of one stage-2 process, per store location. With
     ``s3_local``, the local S3 server as it is and, for ``s3_latency_ms`` > 0, a second server
@@ -466,11 +664,34 @@ def bench_store(json_path: str, rows: int = 100_000, classes: int = 1000, chunk_
         f"bench store: {rows} rows x {classes} classes ({codec}), chunks of {chunk_rows} rows{', sharded' if sharded else ''}, one process, {machine()['device']}, "
         f"load {os.getloadavg()[0]:.2f}",
         results,
-        [("location", "location", "s"), ("writer_threads", "writer threads", "d"), ("write_rows_per_sec", "write rows/s", ",.0f"),
-         ("write_mb_per_sec", "write MB/s", ".1f"), ("write_speedup", "vs 1 thread", ".2f"), ("read_rows_per_sec", "read rows/s", ",.0f"),
-         ("write_keeps_up", "write >= read", ""), ("server_cpu_share", "server CPU", ".2f"), ("bytes_per_logit", "bytes/logit", ".3f"), ("read_target_rows_per_sec", "read target", ",.0f"),
-         ("meets_target", "meets", "")],
+        [
+            ("location", "location", "s"),
+            ("writer_threads", "writer threads", "d"),
+            ("write_rows_per_sec", "write rows/s", ",.0f"),
+            ("write_mb_per_sec", "write MB/s", ".1f"),
+            ("write_speedup", "vs 1 thread", ".2f"),
+            ("read_rows_per_sec", "read rows/s", ",.0f"),
+            ("write_keeps_up", "write >= read", ""),
+            ("server_cpu_share", "server CPU", ".2f"),
+            ("bytes_per_logit", "bytes/logit", ".3f"),
+            ("read_target_rows_per_sec", "read target", ",.0f"),
+            ("meets_target", "meets", ""),
+        ],
     )
-    write_results(json_path, {"bench": "store", "machine": machine(), "load_1min": os.getloadavg()[0], "rows": rows, "classes": classes, "codec": codec, "chunk_rows": chunk_rows,
-                      "batch_size": batch_size, "s3_latency_ms": s3_latency_ms, "sharded": sharded, "results": results})
+    write_results(
+        json_path,
+        {
+            "bench": "store",
+            "machine": machine(),
+            "load_1min": os.getloadavg()[0],
+            "rows": rows,
+            "classes": classes,
+            "codec": codec,
+            "chunk_rows": chunk_rows,
+            "batch_size": batch_size,
+            "s3_latency_ms": s3_latency_ms,
+            "sharded": sharded,
+            "results": results,
+        },
+    )
     return results

@@ -15,7 +15,9 @@ import numpy as np
 import torch
 
 
-def write_jpeg_folder(root: str, num_train: int, classes: int = 4, num_val: int = 0, size=(500, 375), seed: int = 0) -> str:
+def write_jpeg_folder(
+    root: str, num_train: int, classes: int = 4, num_val: int = 0, size=(500, 375), seed: int = 0
+) -> str:
     """``root/train/cK/*.JPEG`` (and ``val``); returns the ``imagefolder:DIR`` spec."""
     from PIL import Image
 
@@ -56,8 +58,13 @@ def decoding_alone(data, plan, views: np.ndarray, device, batch_size: int, worke
         while not done or time.perf_counter() - t0 < MIN_SECONDS:  # passes enough to time
             done += sum(x.shape[0] * x.shape[1] for x in renderer.image_batches(idx, views, images))
         seconds = time.perf_counter() - t0
-        rows.append({"path": f"decoding alone: each image once, {count} views rendered from it", "views_per_sec": _rate(done, seconds),
-                     "decoded_per_row": (renderer.decoded_images - before) / done})
+        rows.append(
+            {
+                "path": f"decoding alone: each image once, {count} views rendered from it",
+                "views_per_sec": _rate(done, seconds),
+                "decoded_per_row": (renderer.decoded_images - before) / done,
+            }
+        )
     finally:
         renderer.close()
     first = {}
@@ -65,13 +72,20 @@ def decoding_alone(data, plan, views: np.ndarray, device, batch_size: int, worke
         renderer = DaliViews(data, plan, device, num_workers=workers, decode=decode)
         try:
             flat_idx, flat_views = np.repeat(idx, count), views.reshape(-1, 5)
-            first[decode] = torch.cat(list(renderer.train_batches(flat_idx[:batch_size], flat_views[:batch_size], batch_size))).cpu()
+            first[decode] = torch.cat(
+                list(renderer.train_batches(flat_idx[:batch_size], flat_views[:batch_size], batch_size))
+            ).cpu()
             before, t0, done = renderer.decoded_images, time.perf_counter(), 0
             while not done or time.perf_counter() - t0 < MIN_SECONDS:
                 done += sum(len(x) for x in renderer.train_batches(flat_idx, flat_views, batch_size))
             seconds = time.perf_counter() - t0
-            rows.append({"path": f"decoding alone: once per view, {decode} decode (stage 2's replay)", "views_per_sec": _rate(done, seconds),
-                         "decoded_per_row": (renderer.decoded_images - before) / done})
+            rows.append(
+                {
+                    "path": f"decoding alone: once per view, {decode} decode (stage 2's replay)",
+                    "views_per_sec": _rate(done, seconds),
+                    "decoded_per_row": (renderer.decoded_images - before) / done,
+                }
+            )
         finally:
             renderer.close()
     diff = float((first["region"] - first["full"]).abs().max())
@@ -93,17 +107,24 @@ def bare_forward(model, batch: torch.Tensor, rows: int, acc, memory_format) -> f
     return _rate(steps * len(batch), clock(acc.device) - t0)
 
 
-def bench_image_folder(work: str, model: str = "resnet18", images: int = 48, views: int = 4, resolution: int = 224, batch_size: int = 32,
-                       classes: int = 4, workers: int | None = None) -> dict:
+def bench_image_folder(
+    work: str,
+    model: str = "resnet18",
+    images: int = 48,
+    views: int = 4,
+    resolution: int = 224,
+    batch_size: int = 32,
+    classes: int = 4,
+    workers: int | None = None,
+) -> dict:
     """The image-folder rows of ``bench cache`` (one process, the accelerator's device)."""
+    from dhkd_pipe.benchmarks.measure import memory_formats
     from dhkd_pipe.config import CacheConfig
     from dhkd_pipe.data.dali_renderer import DaliViews
     from dhkd_pipe.data.datasets import load_data
-    from dhkd_pipe.training.accelerator import make_accelerator
     from dhkd_pipe.models import create_model
-
-    from dhkd_pipe.benchmarks.measure import memory_formats
     from dhkd_pipe.stages.cache_teacher import cache_teacher
+    from dhkd_pipe.training.accelerator import make_accelerator
 
     spec = write_jpeg_folder(os.path.join(work, "jpegs"), images, classes)
     torch.manual_seed(0)
@@ -118,12 +139,22 @@ def bench_image_folder(work: str, model: str = "resnet18", images: int = 48, vie
     view_table = np.stack([plan.views(e, idx, data.train_sizes(idx)) for e in range(views)], axis=1)
     decode_rows, agreement = decoding_alone(data, plan, view_table, acc.device, batch_size, workers)
 
-    cfg = dict(data=spec, model=model, weights=weights, views=views, resolution=resolution, batch_size=batch_size, workers=workers)
+    cfg = dict(
+        data=spec,
+        model=model,
+        weights=weights,
+        views=views,
+        resolution=resolution,
+        batch_size=batch_size,
+        workers=workers,
+    )
     (fmt_name, fmt), (other_name, other_fmt) = memory_formats()
     renderer = DaliViews(data, plan, acc.device, num_workers=workers)
     try:
         first = max(1, -(-batch_size // views))
-        batch = torch.cat(list(renderer.image_batches(idx[:first], view_table[:first], first))).flatten(0, 1)[:batch_size]
+        batch = torch.cat(list(renderer.image_batches(idx[:first], view_table[:first], first))).flatten(0, 1)[
+            :batch_size
+        ]
     finally:
         renderer.close()
     before = bare_forward(teacher.to(acc.device, memory_format=fmt), batch, images * views, acc, fmt)
@@ -137,15 +168,41 @@ def bench_image_folder(work: str, model: str = "resnet18", images: int = 48, vie
         stage1[name] = result
     # on a shared machine the rate drifts: the bare pass is timed before and after stage 1, averaged
     bare = (before + bare_forward(teacher, batch, images * views, acc, fmt)) / 2
-    rows = [{"path": f"{model} bare forward, pre-rendered tensors ({fmt_name}, stage 1's default)", "views_per_sec": bare,
-             "decoded_per_row": None, "ratio": 1.0},
-            {"path": f"{model} bare forward, pre-rendered tensors ({other_name})", "views_per_sec": other, "decoded_per_row": None,
-             "ratio": other / bare}]
+    rows = [
+        {
+            "path": f"{model} bare forward, pre-rendered tensors ({fmt_name}, stage 1's default)",
+            "views_per_sec": bare,
+            "decoded_per_row": None,
+            "ratio": 1.0,
+        },
+        {
+            "path": f"{model} bare forward, pre-rendered tensors ({other_name})",
+            "views_per_sec": other,
+            "decoded_per_row": None,
+            "ratio": other / bare,
+        },
+    ]
     rows += [{**r, "ratio": r["views_per_sec"] / bare} for r in decode_rows]
     for name, result in stage1.items():
-        rows.append({"path": f"stage 1, {name}: decode + teacher + encode + write", "views_per_sec": result["images_per_sec"],
-                     "decoded_per_row": result["decoded_per_row"], "ratio": result["images_per_sec"] / bare})
-    return {"model": model, "images": images, "views": views, "resolution": resolution, "batch_size": batch_size,
-            "image_size": [375, 500], "device": str(acc.device), "rows": rows,
-            "stage1_over_bare_forward": stage1["decode once (after)"]["images_per_sec"] / bare,
-            "decoded_per_row": stage1["decode once (after)"]["decoded_per_row"], "goal_decoded_per_row": 1 / views, **agreement}
+        rows.append(
+            {
+                "path": f"stage 1, {name}: decode + teacher + encode + write",
+                "views_per_sec": result["images_per_sec"],
+                "decoded_per_row": result["decoded_per_row"],
+                "ratio": result["images_per_sec"] / bare,
+            }
+        )
+    return {
+        "model": model,
+        "images": images,
+        "views": views,
+        "resolution": resolution,
+        "batch_size": batch_size,
+        "image_size": [375, 500],
+        "device": str(acc.device),
+        "rows": rows,
+        "stage1_over_bare_forward": stage1["decode once (after)"]["images_per_sec"] / bare,
+        "decoded_per_row": stage1["decode once (after)"]["decoded_per_row"],
+        "goal_decoded_per_row": 1 / views,
+        **agreement,
+    }

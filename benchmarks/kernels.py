@@ -21,18 +21,28 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from dhkd_pipe.methods import losses
 from dhkd_pipe.benchmarks.measure import clock, machine, median_seconds, print_table, write_results
+from dhkd_pipe.methods import losses
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
 GPU_SIZES = ["256,1000,fp32", "256,1000,bf16", "8192,32000,bf16"]
 CPU_SIZES = ["64,100,fp32", "256,1000,fp32", "256,1000,bf16"]
 T, ALPHA, GAMMA = 4.0, 1.0, 1.0
-COLUMNS = [("B", "B", "d"), ("K", "K", "d"), ("dtype", "dtype", "s"), ("method", "method", "s"), ("median_ms", "ms", ".3f"),
-           ("peak_mem_MB", "peak MB", ".1f"), ("GBps", "GB/s", ".2f"), ("pct_of_copy", "% copy", ".1f")]
+COLUMNS = [
+    ("B", "B", "d"),
+    ("K", "K", "d"),
+    ("dtype", "dtype", "s"),
+    ("method", "method", "s"),
+    ("median_ms", "ms", ".3f"),
+    ("peak_mem_MB", "peak MB", ".1f"),
+    ("GBps", "GB/s", ".2f"),
+    ("pct_of_copy", "% copy", ".1f"),
+]
 
 
-def published_dhkd(h1, h2, teacher, target, temperature=T, alpha=ALPHA, gamma=GAMMA, kd_loss="binary_kl_norm", eps=1e-8):
+def published_dhkd(
+    h1, h2, teacher, target, temperature=T, alpha=ALPHA, gamma=GAMMA, kd_loss="binary_kl_norm", eps=1e-8
+):
     """CE + BinaryKL(-norm) as the published DHKD code computes them (clamped sigmoid, log, KLDivLoss)."""
     ce = F.cross_entropy(h1, target)
     crit = torch.nn.KLDivLoss(reduction="none")
@@ -47,7 +57,9 @@ def published_dhkd(h1, h2, teacher, target, temperature=T, alpha=ALPHA, gamma=GA
 
 
 def reference_dhkd(h1, h2, teacher, target, kd_loss="binary_kl_norm"):
-    return losses.dhkd_loss(h1, h2, teacher, target, temperature=T, alpha=ALPHA, gamma=GAMMA, kd_loss=kd_loss, backend="torch")
+    return losses.dhkd_loss(
+        h1, h2, teacher, target, temperature=T, alpha=ALPHA, gamma=GAMMA, kd_loss=kd_loss, backend="torch"
+    )
 
 
 def copy_bandwidth(dev, nbytes):
@@ -92,8 +104,14 @@ def main(argv=None):
     run(args.sizes, args.kd_loss, args.json, args.reps, not args.no_compile, args.plot)
 
 
-def run(sizes=None, kd_loss: str = "binary_kl_norm", json_path: str = "bench_dhkd_loss.json", reps: int | None = None,
-        compile: bool = True, plot: str | None = None) -> dict:
+def run(
+    sizes=None,
+    kd_loss: str = "binary_kl_norm",
+    json_path: str = "bench_dhkd_loss.json",
+    reps: int | None = None,
+    compile: bool = True,
+    plot: str | None = None,
+) -> dict:
     """The benchmark (``main``'s options as arguments); prints the table, writes ``json_path``,
     returns what it wrote."""
     gpu = torch.cuda.is_available()
@@ -109,16 +127,22 @@ def run(sizes=None, kd_loss: str = "binary_kl_norm", json_path: str = "bench_dhk
         print("# small sizes; peak memory not measured on CPU.")
     print(f"# device-to-device copy bandwidth: {copy_gbps:.1f} GB/s")
 
-    methods = {"eager published": lambda a, b, t, y: published_dhkd(a, b, t, y, kd_loss=kd),
-               "torch reference": lambda a, b, t, y: reference_dhkd(a, b, t, y, kd_loss=kd)}
+    methods = {
+        "eager published": lambda a, b, t, y: published_dhkd(a, b, t, y, kd_loss=kd),
+        "torch reference": lambda a, b, t, y: reference_dhkd(a, b, t, y, kd_loss=kd),
+    }
     if compile:
         compiled = torch.compile(lambda a, b, t, y: published_dhkd(a, b, t, y, kd_loss=kd))
         methods["compiled published"] = compiled
     if gpu:
         from dhkd_pipe.kernels import fused_dhkd_loss
 
-        methods = {"fused": lambda a, b, t, y: fused_dhkd_loss(
-            a, b, t, y, temperature=T, alpha=ALPHA, gamma=GAMMA, kd_loss=kd), **methods}
+        methods = {
+            "fused": lambda a, b, t, y: fused_dhkd_loss(
+                a, b, t, y, temperature=T, alpha=ALPHA, gamma=GAMMA, kd_loss=kd
+            ),
+            **methods,
+        }
 
     rows = []
     for spec in sizes:
@@ -142,9 +166,19 @@ def run(sizes=None, kd_loss: str = "binary_kl_norm", json_path: str = "bench_dhk
                 print(f"# {B}x{K} {parts[2]} {mname} failed: {type(e).__name__}: {str(e)[:60]}")
                 continue
             gbps = nbytes / sec / 1e9
-            r = dict(B=B, K=K, dtype=parts[2], teacher_dtype=str(tdt).replace("torch.", ""), method=mname,
-                     median_ms=sec * 1e3, peak_mem_MB=None if peak is None else peak / 2**20,
-                     bytes=nbytes, GBps=gbps, frac_of_copy=gbps / copy_gbps, pct_of_copy=100 * gbps / copy_gbps)
+            r = dict(
+                B=B,
+                K=K,
+                dtype=parts[2],
+                teacher_dtype=str(tdt).replace("torch.", ""),
+                method=mname,
+                median_ms=sec * 1e3,
+                peak_mem_MB=None if peak is None else peak / 2**20,
+                bytes=nbytes,
+                GBps=gbps,
+                frac_of_copy=gbps / copy_gbps,
+                pct_of_copy=100 * gbps / copy_gbps,
+            )
             rows.append(r)
 
     print_table(f"kd_loss={kd}, forward+backward, median of {reps}", rows, COLUMNS)

@@ -22,8 +22,12 @@ Column = tuple[str, str, str]  # (row key, header, format spec)
 def machine() -> dict:
     """The device (a GPU's name, else the CPU's cores), torch's and Python's versions, torch's threads."""
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"device": gpu or f"cpu ({os.cpu_count()} cores)", "torch": torch.__version__, "python": platform.python_version(),
-            "torch_threads": torch.get_num_threads()}
+    return {
+        "device": gpu or f"cpu ({os.cpu_count()} cores)",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def clock(device) -> float:

@@ -23,9 +23,9 @@ import torch
 
 from dhkd_pipe.benchmarks.measure import clock, machine, print_table, write_results
 from dhkd_pipe.config import CacheConfig, TrainConfig
-from dhkd_pipe.training.engine import prepare, train, train_runs
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.models import create_model
+from dhkd_pipe.training.engine import prepare, train, train_runs
 from dhkd_pipe.training.students import StudentPlan, prepare_pass
 
 
@@ -83,8 +83,18 @@ def _random_weights(arch: str, num_classes: int, path: str) -> str:
 
 
 def _student(store: str, arch: str, batch_size: int, steps: int, seed: int, out: str) -> TrainConfig:
-    return TrainConfig(cache=store, model=arch, method="dhkd", batch_size=batch_size, epochs=1, max_steps=steps, seed=seed,
-                       val_every=0, workers=2, out=out).validate()
+    return TrainConfig(
+        cache=store,
+        model=arch,
+        method="dhkd",
+        batch_size=batch_size,
+        epochs=1,
+        max_steps=steps,
+        seed=seed,
+        val_every=0,
+        workers=2,
+        out=out,
+    ).validate()
 
 
 def _timed(runs: list, warmup: int) -> dict:
@@ -100,8 +110,11 @@ def _timed(runs: list, warmup: int) -> dict:
     failed = [r for r in results if isinstance(r, DhkdError)]
     if failed:
         raise failed[0]
-    waits, steps = sum(timed.waits[warmup:len(timed.steps)]), sum(timed.steps[warmup:])
-    return {"step_s": steps / max(len(timed.steps) - warmup, 1), "loader_share": waits / steps if steps else float("nan")}
+    waits, steps = sum(timed.waits[warmup : len(timed.steps)]), sum(timed.steps[warmup:])
+    return {
+        "step_s": steps / max(len(timed.steps) - warmup, 1),
+        "loader_share": waits / steps if steps else float("nan"),
+    }
 
 
 def _solo(store: str, arch: str, batch_size: int, steps: int, warmup: int, seed: int, out: str) -> dict:
@@ -112,14 +125,19 @@ def _solo(store: str, arch: str, batch_size: int, steps: int, warmup: int, seed:
 
 def _pass(store: str, arch: str, batch_size: int, steps: int, warmup: int, count: int, work: str) -> dict:
     t0 = time.perf_counter()
-    plans = [StudentPlan(_student(store, arch, batch_size, steps, seed, os.path.join(work, f"pass{count}-s{seed}")), "overwrite")
-             for seed in range(count)]
+    plans = [
+        StudentPlan(
+            _student(store, arch, batch_size, steps, seed, os.path.join(work, f"pass{count}-s{seed}")), "overwrite"
+        )
+        for seed in range(count)
+    ]
     timed = _timed(prepare_pass(plans), warmup)
     return {"wall_s": time.perf_counter() - t0, **timed}
 
 
-def _measure(kind: str, store: str, arch: str, batch_size: int, steps: int, warmup: int, counts: list[int], work: str,
-             log) -> list[dict]:
+def _measure(
+    kind: str, store: str, arch: str, batch_size: int, steps: int, warmup: int, counts: list[int], work: str, log
+) -> list[dict]:
     solo = []
     for seed in range(max(counts)):
         log(f"{kind}: solo run {seed + 1} of {max(counts)}")
@@ -130,16 +148,39 @@ def _measure(kind: str, store: str, arch: str, batch_size: int, steps: int, warm
         together = _pass(store, arch, batch_size, warmup + steps, warmup, count, work)
         alone_wall = sum(r["wall_s"] for r in solo[:count])
         alone_step = sum(r["step_s"] for r in solo[:count])
-        rows.append({"data": kind, "student": arch, "students": count, "batch_size": batch_size,
-                     "pass_wall_s": together["wall_s"], "solo_wall_s": alone_wall, "wall_speedup": alone_wall / together["wall_s"],
-                     "pass_step_s": together["step_s"], "solo_step_s": alone_step, "step_speedup": alone_step / together["step_s"],
-                     "loader_share": together["loader_share"], "solo_loader_share": solo[0]["loader_share"]})
+        rows.append(
+            {
+                "data": kind,
+                "student": arch,
+                "students": count,
+                "batch_size": batch_size,
+                "pass_wall_s": together["wall_s"],
+                "solo_wall_s": alone_wall,
+                "wall_speedup": alone_wall / together["wall_s"],
+                "pass_step_s": together["step_s"],
+                "solo_step_s": alone_step,
+                "step_speedup": alone_step / together["step_s"],
+                "loader_share": together["loader_share"],
+                "solo_loader_share": solo[0]["loader_share"],
+            }
+        )
     return rows
 
 
-def bench_students(json_path: str, counts: list[int], steps: int = 20, warmup: int = 2, batch_size: int = 64,
-                   student: str = "resnet8x4", teacher: str = "resnet32x4", folder_student: str = "mobilenet_v3_small",
-                   folder_batch_size: int = 16, image_size: int = 224, folder: bool = True, log=print) -> list[dict]:
+def bench_students(
+    json_path: str,
+    counts: list[int],
+    steps: int = 20,
+    warmup: int = 2,
+    batch_size: int = 64,
+    student: str = "resnet8x4",
+    teacher: str = "resnet32x4",
+    folder_student: str = "mobilenet_v3_small",
+    folder_batch_size: int = 16,
+    image_size: int = 224,
+    folder: bool = True,
+    log=print,
+) -> list[dict]:
     """Measures every S of ``counts`` on in-memory data and (``folder``) on a JPEG folder; prints the
     table and writes ``json_path``."""
     from dhkd_pipe.benchmarks.bench import write_synthetic_cifar
@@ -154,29 +195,71 @@ def bench_students(json_path: str, counts: list[int], steps: int = 20, warmup: i
         data = write_synthetic_cifar(os.path.join(work, "cifar"), num_train=per_epoch * batch_size, num_val=64)
         store = os.path.join(work, "cifar.zarr")
         weights = _random_weights(teacher, 100, os.path.join(work, "teacher.pt"))
-        cache_teacher(CacheConfig(data=data, model=teacher, weights=weights, views=1, out=store, batch_size=batch_size).validate(),
-                      log=lambda *_: None)
+        cache_teacher(
+            CacheConfig(
+                data=data, model=teacher, weights=weights, views=1, out=store, batch_size=batch_size
+            ).validate(),
+            log=lambda *_: None,
+        )
         rows += _measure("in-memory 32 px", store, student, batch_size, steps, warmup, counts, work, log)
         if folder:
             images = _write_jpegs(os.path.join(work, "jpegs"), per_epoch * folder_batch_size, 10, classes=10)
             store = os.path.join(work, "jpegs.zarr")
             weights = _random_weights(folder_student, 10, os.path.join(work, "folder-teacher.pt"))
-            cache_teacher(CacheConfig(data=images, model=folder_student, weights=weights, views=1, out=store, resolution=image_size,
-                                      batch_size=folder_batch_size, chunk_rows=folder_batch_size * 4).validate(), log=lambda *_: None)
-            rows += _measure(f"JPEG folder {image_size} px (DALI)", store, folder_student, folder_batch_size, steps, warmup, counts,
-                             work, log)
+            cache_teacher(
+                CacheConfig(
+                    data=images,
+                    model=folder_student,
+                    weights=weights,
+                    views=1,
+                    out=store,
+                    resolution=image_size,
+                    batch_size=folder_batch_size,
+                    chunk_rows=folder_batch_size * 4,
+                ).validate(),
+                log=lambda *_: None,
+            )
+            rows += _measure(
+                f"JPEG folder {image_size} px (DALI)",
+                store,
+                folder_student,
+                folder_batch_size,
+                steps,
+                warmup,
+                counts,
+                work,
+                log,
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print_table(
         f"bench distill --students: one S-student pass against S solo runs, {steps} timed steps after {warmup}, "
         f"cached DHKD, {machine()['device']}",
         rows,
-        [("data", "data", "s"), ("student", "student", "s"), ("students", "S", "d"), ("pass_wall_s", "pass wall s", ".1f"),
-         ("solo_wall_s", "S solo wall s", ".1f"), ("wall_speedup", "x wall", ".2f"), ("pass_step_s", "pass step s", ".3f"),
-         ("solo_step_s", "S solo step s", ".3f"), ("step_speedup", "x step", ".2f"), ("loader_share", "loader share of a pass step", ".0%")],
+        [
+            ("data", "data", "s"),
+            ("student", "student", "s"),
+            ("students", "S", "d"),
+            ("pass_wall_s", "pass wall s", ".1f"),
+            ("solo_wall_s", "S solo wall s", ".1f"),
+            ("wall_speedup", "x wall", ".2f"),
+            ("pass_step_s", "pass step s", ".3f"),
+            ("solo_step_s", "S solo step s", ".3f"),
+            ("step_speedup", "x step", ".2f"),
+            ("loader_share", "loader share of a pass step", ".0%"),
+        ],
     )
-    write_results(json_path, {"bench": "distill --students", "machine": machine(), "steps": steps, "warmup": warmup,
-                              "rows": rows, "load_average": _load()})
+    write_results(
+        json_path,
+        {
+            "bench": "distill --students",
+            "machine": machine(),
+            "steps": steps,
+            "warmup": warmup,
+            "rows": rows,
+            "load_average": _load(),
+        },
+    )
     return rows
 
 

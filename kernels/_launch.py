@@ -100,8 +100,18 @@ class RowLaunch:
 
 
 def launch_rows(
-    kernel, heads, *, weights, teacher=None, teacher_scale=None, target=None, temperature=None,
-    grads=None, max_block=None, terms=1, **constexprs,
+    kernel,
+    heads,
+    *,
+    weights,
+    teacher=None,
+    teacher_scale=None,
+    target=None,
+    temperature=None,
+    grads=None,
+    max_block=None,
+    terms=1,
+    **constexprs,
 ) -> RowLaunch:
     """Checks the inputs, allocates the buffers and launches ``kernel`` one program per row.
 
@@ -118,8 +128,10 @@ def launch_rows(
     B, K = rows[0].shape
     if any(x.shape != rows[0].shape for x in rows):
         raise DhkdError(f"the heads differ in shape: {', '.join(str(tuple(x.shape)) for x in rows)}")
-    grads = [torch.empty((B, K), dtype=x.dtype, device=x.device) if g is None else g
-             for x, g in zip(rows, grads or [None] * len(rows))]
+    grads = [
+        torch.empty((B, K), dtype=x.dtype, device=x.device) if g is None else g
+        for x, g in zip(rows, grads or [None] * len(rows))
+    ]
     loss = torch.empty((B,) if terms == 1 else (B, terms), dtype=torch.float32, device=rows[0].device)
     args = [a for x in rows for a in (x, x.stride(0))]
     if ("t_ptr" in kernel.arg_names) != (teacher is not None):

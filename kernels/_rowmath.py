@@ -57,7 +57,9 @@ def load_student_teacher(s_ptr, t_ptr, t_scale, offs, mask, inv_T):
 
 
 @triton.jit
-def dequantize_kernel(t_ptr, t_stride, t_scale_ptr, out_ptr, out_stride, K, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+def dequantize_kernel(
+    t_ptr, t_stride, t_scale_ptr, out_ptr, out_stride, K, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr
+):
     """Writes the float32 teacher rows exactly as the loss kernels read them (``load_teacher``),
     so tests can compare them bit for bit with the store's decode and the reference dequantise."""
     row = tl.program_id(0).to(tl.int64)
@@ -65,7 +67,9 @@ def dequantize_kernel(t_ptr, t_stride, t_scale_ptr, out_ptr, out_stride, K, HAS_
     for start in range(0, K, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < K
-        tl.store(out_ptr + row * out_stride + offs, load_teacher(t_ptr + row * t_stride, offs, mask, t_scale), mask=mask)
+        tl.store(
+            out_ptr + row * out_stride + offs, load_teacher(t_ptr + row * t_stride, offs, mask, t_scale), mask=mask
+        )
 
 
 @triton.jit

@@ -24,7 +24,11 @@ def cross_entropy_forward(logits, target, *, grad=None, max_block=None):
     """Launches the kernel; ``.loss``: row losses (B,) float32 already divided by B, ``.grads``:
     the gradient of their sum in the input dtype (into ``grad`` when a buffer is given)."""
     return launch_rows(
-        _ce_kernel, {"logits": logits}, target=target, grads=[grad], max_block=max_block,
+        _ce_kernel,
+        {"logits": logits},
+        target=target,
+        grads=[grad],
+        max_block=max_block,
         weights=lambda B, T: (1.0 / B,),
     )
 

@@ -20,12 +20,27 @@ from dhkd_pipe.kernels._rowmath import kd_mode_row, row_scale
 
 @triton.jit
 def _kd_kernel(
-    s_ptr, s_stride, t_ptr, t_stride, t_scale_ptr, g_ptr, g_stride, loss_ptr, K, inv_T, w, gw,
-    KD_MODE: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr,
+    s_ptr,
+    s_stride,
+    t_ptr,
+    t_stride,
+    t_scale_ptr,
+    g_ptr,
+    g_stride,
+    loss_ptr,
+    K,
+    inv_T,
+    w,
+    gw,
+    KD_MODE: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     t_scale = row_scale(t_scale_ptr, row, HAS_SCALE)
-    kl = kd_mode_row(s_ptr + row * s_stride, t_ptr + row * t_stride, t_scale, g_ptr + row * g_stride, K, inv_T, gw, KD_MODE, BLOCK)
+    kl = kd_mode_row(
+        s_ptr + row * s_stride, t_ptr + row * t_stride, t_scale, g_ptr + row * g_stride, K, inv_T, gw, KD_MODE, BLOCK
+    )
     tl.store(loss_ptr + row, w * kl)
 
 
@@ -33,8 +48,14 @@ def kd_forward(student, teacher, temperature, *, kd_loss="kd", teacher_scale=Non
     """Launches the kernel; ``.loss``: row losses (B,) float32 with the T^2/B factor, ``.grads``:
     the gradient of their sum in the student's dtype (into ``grad`` when a (B, K) buffer is given)."""
     return launch_rows(
-        _kd_kernel, {"student logits": student}, teacher=teacher, teacher_scale=teacher_scale,
-        temperature=temperature, grads=[grad], max_block=max_block, KD_MODE=kd_mode(kd_loss),
+        _kd_kernel,
+        {"student logits": student},
+        teacher=teacher,
+        teacher_scale=teacher_scale,
+        temperature=temperature,
+        grads=[grad],
+        max_block=max_block,
+        KD_MODE=kd_mode(kd_loss),
         weights=lambda B, T: (T * T / B, T / B),
     )
 
@@ -42,9 +63,12 @@ def kd_forward(student, teacher, temperature, *, kd_loss="kd", teacher_scale=Non
 class FusedKdLoss(StoredGradLoss):
     @staticmethod
     def forward(ctx, student, teacher, temperature, kd_loss, teacher_scale, max_block):
-        return stored(ctx, kd_forward(
-            student, teacher, temperature, kd_loss=kd_loss, teacher_scale=teacher_scale, max_block=max_block
-        ))
+        return stored(
+            ctx,
+            kd_forward(
+                student, teacher, temperature, kd_loss=kd_loss, teacher_scale=teacher_scale, max_block=max_block
+            ),
+        )
 
 
 def fused_kd_loss(student, teacher, temperature, *, kd_loss="kd", teacher_scale=None, max_block=None):

@@ -50,11 +50,20 @@ __all__ = ["__version__", *_API]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
     from dhkd_pipe.data.inference import evaluate
-    from dhkd_pipe.errors import DhkdError
     from dhkd_pipe.data.loader import Batch, ViewLoader
-    from dhkd_pipe.methods.loss_modules import BinaryKLLoss, CELoss, DHKDLoss, DISTLoss, DKDLoss, KDLoss, MethodLoss, create_loss
-    from dhkd_pipe.models import DualHead, create_model, list_models, load_checkpoint, single_head
     from dhkd_pipe.data.replay import ReplayDataset, StoreReplay, open_store
+    from dhkd_pipe.errors import DhkdError
+    from dhkd_pipe.methods.loss_modules import (
+        BinaryKLLoss,
+        CELoss,
+        DHKDLoss,
+        DISTLoss,
+        DKDLoss,
+        KDLoss,
+        MethodLoss,
+        create_loss,
+    )
+    from dhkd_pipe.models import DualHead, create_model, list_models, load_checkpoint, single_head
 
 
 def __getattr__(name: str):

@@ -32,8 +32,9 @@ def read_text(path: str, what: str = "config") -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DhkdError(f"{what} {path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
-                        "save it as UTF-8") from None
+        raise DhkdError(
+            f"{what} {path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); save it as UTF-8"
+        ) from None
 
 
 def load(text: str, source: str, what: str = "config"):
@@ -73,8 +74,9 @@ def _check_size(root: yaml.Node, source: str, what: str):
             total += sum(size(k, depth + 1) + size(v, depth + 1) for k, v in node.value)
         sizes[key] = min(total, MAX_NODES + 1)
         if total > MAX_NODES:
-            raise DhkdError(f"{what} {source} expands (through YAML aliases) to more than {MAX_NODES} values; "
-                            "write the values out")
+            raise DhkdError(
+                f"{what} {source} expands (through YAML aliases) to more than {MAX_NODES} values; write the values out"
+            )
         return sizes[key]
 
     size(root, 0)

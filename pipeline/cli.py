@@ -8,14 +8,29 @@ import sys
 
 import click
 
-from dhkd_pipe.config import (AccuracyBenchConfig, AllBenchConfig, CacheBenchConfig, CacheConfig, DistillBenchConfig, EvalConfig, ExportConfig,
-                     InspectConfig, QuickstartConfig, ReportConfig, RunStart, StoreBenchConfig, StoreLockOptions,
-                     StudentSeeds, TrainConfig, VerifyCacheConfig, build_config)
+from dhkd_pipe.config import (
+    AccuracyBenchConfig,
+    AllBenchConfig,
+    CacheBenchConfig,
+    CacheConfig,
+    DistillBenchConfig,
+    EvalConfig,
+    ExportConfig,
+    InspectConfig,
+    QuickstartConfig,
+    ReportConfig,
+    RunStart,
+    StoreBenchConfig,
+    StoreLockOptions,
+    StudentSeeds,
+    TrainConfig,
+    VerifyCacheConfig,
+    build_config,
+)
 from dhkd_pipe.errors import ENVIRONMENT_ERRNOS, DhkdError, one_line
 from dhkd_pipe.methods.registry import METHODS, OPTIONS, option_defaults
 from dhkd_pipe.native_stderr import NativeStderr
 from dhkd_pipe.options import click_params, given
-
 
 # loggers of the object-storage stack: after the error line, a failed store's pending requests
 # must not add their tracebacks ("Task exception was never retrieved", "Unclosed client session")
@@ -34,7 +49,6 @@ def _exit_with(line: str, code: int):
         logging.getLogger(name).disabled = True
     sys.unraisablehook = lambda unraisable: None
     sys.exit(code)
-
 
 
 def user_errors(fn):
@@ -60,7 +74,9 @@ def user_errors(fn):
         except MemoryError:
             _exit_with(f"error: out of memory; {_size_options(kwargs)}", 2)
         except RecursionError:
-            _exit_with("error: an input nests too deep to be read (RecursionError); check the files this command reads", 2)
+            _exit_with(
+                "error: an input nests too deep to be read (RecursionError); check the files this command reads", 2
+            )
         except RuntimeError as e:
             if not _allocation_failed(e):
                 raise
@@ -83,7 +99,9 @@ def _size_options(options: dict) -> str:
 def _allocation_failed(exc: RuntimeError) -> bool:
     """torch's allocators fail with a RuntimeError (CPU) or its OutOfMemoryError subclass (CUDA)."""
     text = str(exc)
-    return type(exc).__name__ == "OutOfMemoryError" or "can't allocate memory" in text or "out of memory" in text.lower()
+    return (
+        type(exc).__name__ == "OutOfMemoryError" or "can't allocate memory" in text or "out of memory" in text.lower()
+    )
 
 
 class ConfigCommand(click.Command):
@@ -142,8 +160,10 @@ class ConfigCommand(click.Command):
             if recipe and note is None:
                 formatter.write_text(f"Shown defaults: the command's, overridden by the recipe {recipe}.")
             else:
-                formatter.write_text("Shown defaults: the command's" + (f" {note}." if note else
-                                     ". Give --config FILE before --help to see a recipe's values."))
+                formatter.write_text(
+                    "Shown defaults: the command's"
+                    + (f" {note}." if note else ". Give --config FILE before --help to see a recipe's values.")
+                )
 
 
 _CAPTURE: NativeStderr | None = None  # the running command's, while main() runs
@@ -191,8 +211,9 @@ def main():
 
 
 # the one option that is no config field: the recipe the others override
-CONFIG_FILE = click.Option(["--config", "config_file"], type=click.Path(dir_okay=False),
-                           help="YAML recipe; options given here override it.")
+CONFIG_FILE = click.Option(
+    ["--config", "config_file"], type=click.Path(dir_okay=False), help="YAML recipe; options given here override it."
+)
 
 
 def _params(cls, command: str, first: tuple[str, ...] = (), extra: tuple = ()) -> list:
@@ -212,17 +233,32 @@ def _train_config(config_file, defaults=None, **options) -> TrainConfig:
 
 TEACHER_FIXED = {"method": "ce"}  # train-teacher trains with cross-entropy, whatever a recipe says
 DISTILL_DEFAULTS = {"method": "dhkd"}
-DISTILL_FIRST = ("model", "teacher", "teacher_weights", "cache", "method", *OPTIONS, "aux_head", "grad_align",
-                 "grad_align_features", "kernels")
+DISTILL_FIRST = (
+    "model",
+    "teacher",
+    "teacher_weights",
+    "cache",
+    "method",
+    *OPTIONS,
+    "aux_head",
+    "grad_align",
+    "grad_align_features",
+    "kernels",
+)
 
 
-@main.command("train-teacher", cls=ConfigCommand, config_cls=TrainConfig, fixed=TEACHER_FIXED,
-              params=_params(TrainConfig, "train-teacher", ("model",), extra=(RunStart,)))
+@main.command(
+    "train-teacher",
+    cls=ConfigCommand,
+    config_cls=TrainConfig,
+    fixed=TEACHER_FIXED,
+    params=_params(TrainConfig, "train-teacher", ("model",), extra=(RunStart,)),
+)
 @user_errors
 def train_teacher_cmd(config_file, resume, overwrite, **options):
     """Train a model alone with cross-entropy (a teacher for later distillation)."""
-    from dhkd_pipe.training.run_folder import RunMode
     from dhkd_pipe.stages.train_teacher import train_teacher
+    from dhkd_pipe.training.run_folder import RunMode
 
     cfg = _train_config(config_file, resume=resume, overwrite=overwrite, **TEACHER_FIXED, **options)
     _echo_json(_short(train_teacher(cfg, mode=RunMode.from_flags(bool(resume), bool(overwrite)))))
@@ -243,18 +279,26 @@ def _distill_help() -> str:
     )
 
 
-@main.command("distill", cls=ConfigCommand, config_cls=TrainConfig, defaults=DISTILL_DEFAULTS, help=_distill_help(),
-              params=_params(TrainConfig, "distill", DISTILL_FIRST, extra=(StudentSeeds, RunStart)))
+@main.command(
+    "distill",
+    cls=ConfigCommand,
+    config_cls=TrainConfig,
+    defaults=DISTILL_DEFAULTS,
+    help=_distill_help(),
+    params=_params(TrainConfig, "distill", DISTILL_FIRST, extra=(StudentSeeds, RunStart)),
+)
 @user_errors
 def distill_cmd(config_file, resume, overwrite, seeds, **options):
-    from dhkd_pipe.training.run_folder import RunMode
     from dhkd_pipe.stages.distill import distill
+    from dhkd_pipe.training.run_folder import RunMode
 
     students = [name.strip() for name in (options["model"] or "").split(",") if name.strip()] or [None]
     seed_list = _int_list("--seeds", seeds)
     if seed_list is not None and options["seed"] is not None:
         raise DhkdError("give --seed (one run) or --seeds (several), not both")
-    cfg = _train_config(config_file, DISTILL_DEFAULTS, resume=resume, overwrite=overwrite, **{**options, "model": students[0]})
+    cfg = _train_config(
+        config_file, DISTILL_DEFAULTS, resume=resume, overwrite=overwrite, **{**options, "model": students[0]}
+    )
     mode = RunMode.from_flags(bool(resume), bool(overwrite))
     if len(students) == 1 and seed_list is None:
         _echo_json(_short(distill(cfg, mode=mode)))
@@ -281,7 +325,9 @@ def _distill_several(cfg, students, seeds, mode):
     from dhkd_pipe.training.students import StudentPlan
 
     if not cfg.cache:
-        raise DhkdError("several students (--student A,B or --seeds) train from one pass over a stage-1 store: give --cache STORE")
+        raise DhkdError(
+            "several students (--student A,B or --seeds) train from one pass over a stage-1 store: give --cache STORE"
+        )
     if len(set(students)) != len(students):
         raise DhkdError(f"--student names a student twice: {','.join(students)}")
     cfgs = student_configs(cfg, students, seeds)
@@ -289,8 +335,10 @@ def _distill_several(cfg, students, seeds, mode):
     _echo_json({c.out: ({"error": str(r)} if isinstance(r, DhkdError) else _short(r)) for c, r in zip(cfgs, results)})
     failed = [(c.out, r) for c, r in zip(cfgs, results) if isinstance(r, DhkdError)]
     if failed:
-        raise DhkdError(f"{len(failed)} of {len(cfgs)} students stopped, the others finished: "
-                        + "; ".join(f"{out}: {error}" for out, error in failed))
+        raise DhkdError(
+            f"{len(failed)} of {len(cfgs)} students stopped, the others finished: "
+            + "; ".join(f"{out}: {error}" for out, error in failed)
+        )
 
 
 def _short(summary: dict) -> dict:
@@ -343,10 +391,14 @@ def models_cmd():
     names = list_models()
     cifar = [n for n in names if model_input_size(n) == CIFAR_INPUT]
     imagenet = [n if model_input_size(n) == 224 else f"{n} ({model_input_size(n)}px)" for n in names if n not in cifar]
-    click.echo(f"CIFAR models, {CIFAR_INPUT}x{CIFAR_INPUT} inputs (cifar10/100, digits, mnist): the KD zoo, with the "
-               "public CIFAR-100 teachers' module names")
+    click.echo(
+        f"CIFAR models, {CIFAR_INPUT}x{CIFAR_INPUT} inputs (cifar10/100, digits, mnist): the KD zoo, with the "
+        "public CIFAR-100 teachers' module names"
+    )
     _echo_wrapped(cifar)
-    click.echo("ImageNet models, 224x224 inputs unless noted (imagefolder data): torchvision architectures, MobileNetV1")
+    click.echo(
+        "ImageNet models, 224x224 inputs unless noted (imagefolder data): torchvision architectures, MobileNetV1"
+    )
     _echo_wrapped(imagenet)
     twins = case_twins()
     if twins:
@@ -371,8 +423,12 @@ def _echo_wrapped(items: list[str], width: int = 100):
         click.echo(line)
 
 
-@main.command("cache-teacher", cls=ConfigCommand, config_cls=CacheConfig,
-              params=_params(CacheConfig, "cache-teacher", extra=(StoreLockOptions,)))
+@main.command(
+    "cache-teacher",
+    cls=ConfigCommand,
+    config_cls=CacheConfig,
+    params=_params(CacheConfig, "cache-teacher", extra=(StoreLockOptions,)),
+)
 @user_errors
 def cache_teacher_cmd(config_file, break_lock, **options):
     """Stage 1: run the teacher once over seeded views and write the logit store.
@@ -392,8 +448,8 @@ def inspect_cmd(**options):
     """What a logit store holds (STORE: a path or a URL such as s3://bucket/logits.zarr), and what
     of it is damaged: every written object is checked (present, and its CRC32C checksums right).
     A damaged store exits 1, with one line on stderr naming the fix."""
-    from dhkd_pipe.store.reader import LogitCache
     from dhkd_pipe.store.audit import damage
+    from dhkd_pipe.store.reader import LogitCache
     from dhkd_pipe.terminal_text import escaped
 
     cfg = _config(InspectConfig, options)
@@ -412,7 +468,9 @@ def inspect_cmd(**options):
             click.echo(f"{key:<{width}}  {json.dumps(value) if isinstance(value, (dict, list)) else escaped(value)}")
     if damaged:
         more = f" and {len(damaged) - 1} more" if len(damaged) > 1 else ""
-        click.echo(one_line(f"error: store {cache.path} is damaged: {damaged[0]}{more}; {cache.repair_hint()}"), err=True)
+        click.echo(
+            one_line(f"error: store {cache.path} is damaged: {damaged[0]}{more}; {cache.repair_hint()}"), err=True
+        )
         sys.exit(1)
 
 
@@ -462,9 +520,16 @@ def bench_cache_cmd(**options):
     from dhkd_pipe.benchmarks.bench import bench_cache
 
     cfg = _config(CacheBenchConfig, options)
-    bench_cache(cfg.json_path, model=cfg.model, batch_size=cfg.batch_size, steps=cfg.steps,
-                teacher_weights=cfg.teacher_weights, image_model=None if cfg.image_model == "none" else cfg.image_model,
-                images=cfg.images, views=cfg.views)
+    bench_cache(
+        cfg.json_path,
+        model=cfg.model,
+        batch_size=cfg.batch_size,
+        steps=cfg.steps,
+        teacher_weights=cfg.teacher_weights,
+        image_model=None if cfg.image_model == "none" else cfg.image_model,
+        images=cfg.images,
+        views=cfg.views,
+    )
 
 
 @_command(bench, "accuracy", AccuracyBenchConfig)
@@ -497,9 +562,18 @@ def bench_distill_cmd(**options):
     if cfg.students is not None:
         from dhkd_pipe.benchmarks.students import bench_students
 
-        bench_students(cfg.json_path, _int_list("--students", cfg.students), steps=cfg.steps, batch_size=cfg.batch_size,
-                       student=cfg.student, teacher=cfg.teacher, folder_student=cfg.folder_student,
-                       folder_batch_size=cfg.folder_batch_size, image_size=cfg.image_size, folder=cfg.folder)
+        bench_students(
+            cfg.json_path,
+            _int_list("--students", cfg.students),
+            steps=cfg.steps,
+            batch_size=cfg.batch_size,
+            student=cfg.student,
+            teacher=cfg.teacher,
+            folder_student=cfg.folder_student,
+            folder_batch_size=cfg.folder_batch_size,
+            image_size=cfg.image_size,
+            folder=cfg.folder,
+        )
         return
     from dhkd_pipe.benchmarks.bench import bench_distill
 
@@ -513,9 +587,19 @@ def bench_store_cmd(**options):
     from dhkd_pipe.benchmarks.bench import bench_store
 
     cfg = _config(StoreBenchConfig, options)
-    bench_store(cfg.json_path, rows=cfg.rows, classes=cfg.classes, chunk_rows=cfg.chunk_rows, codec=cfg.codec,
-                batch_size=cfg.batch_size, urls=tuple(cfg.urls), s3_local=cfg.s3_local, local=cfg.local,
-                s3_latency_ms=cfg.s3_latency_ms, sharded=cfg.sharded)
+    bench_store(
+        cfg.json_path,
+        rows=cfg.rows,
+        classes=cfg.classes,
+        chunk_rows=cfg.chunk_rows,
+        codec=cfg.codec,
+        batch_size=cfg.batch_size,
+        urls=tuple(cfg.urls),
+        s3_local=cfg.s3_local,
+        local=cfg.local,
+        s3_latency_ms=cfg.s3_latency_ms,
+        sharded=cfg.sharded,
+    )
 
 
 if __name__ == "__main__":

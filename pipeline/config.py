@@ -16,28 +16,31 @@ import dataclasses
 import os
 from dataclasses import dataclass, fields
 
-from dhkd_pipe.store.codecs import CODECS
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.methods.names import BACKENDS, KD_LOSS_NAMES
 from dhkd_pipe.methods.registry import METHODS, method_option_fields
 from dhkd_pipe.models.aux_heads import AUX_HEADS
-from dhkd_pipe.options import option
 from dhkd_pipe.option_ranges import check_values
+from dhkd_pipe.options import option
+from dhkd_pipe.store.codecs import CODECS
 
 PRECISIONS = ("no", "bf16", "fp16")  # Accelerate's mixed_precision ("no": float32)
 EXPORT_FORMATS = ("onnx",)  # `dhkd-pipe export`; training itself writes model.pt and model.safetensors
 
-WEIGHTS_HELP = ("a checkpoint file, or a published weight's name (torchvision: DEFAULT, IMAGENET1K_V2, ...; "
-                "timm: pretrained or a tag); default: the architecture's published weights, fetched into the "
-                "torch hub / Hugging Face cache when online (KD-zoo models have none)")
+WEIGHTS_HELP = (
+    "a checkpoint file, or a published weight's name (torchvision: DEFAULT, IMAGENET1K_V2, ...; "
+    "timm: pretrained or a tag); default: the architecture's published weights, fetched into the "
+    "torch hub / Hugging Face cache when online (KD-zoo models have none)"
+)
 
 
 def data_help(extra: str = "") -> str:
     """``--data``'s help, from the data sets ``data`` declares."""
     from dhkd_pipe.data.datasets import DATA_SETS, SUBSET_MARK
 
-    return (f"{' | '.join(DATA_SETS)}; SPEC{SUBSET_MARK}N: a fixed stratified subset of N training images."
-            + (f" {extra}" if extra else ""))
+    return f"{' | '.join(DATA_SETS)}; SPEC{SUBSET_MARK}N: a fixed stratified subset of N training images." + (
+        f" {extra}" if extra else ""
+    )
 
 
 # A method's options (gamma, alpha, ...), declared by the method classes' own fields: None means the
@@ -59,33 +62,54 @@ class TrainConfig(MethodOptions):
     """
 
     data: str | None = option(None, data_help("Required, except for distill --cache (the store records it)."))
-    model: str = option("resnet8", "Architecture (see `dhkd-pipe models`).",
-                        per_command={"distill": {"flag": "--student", "help": "Student architecture."}})
+    model: str = option(
+        "resnet8",
+        "Architecture (see `dhkd-pipe models`).",
+        per_command={"distill": {"flag": "--student", "help": "Student architecture."}},
+    )
     method: str = option("ce", "Distillation method (see above).", choices=tuple(METHODS), commands=_DISTILL)
     teacher: str | None = option(None, "Teacher architecture (online distillation).", commands=_DISTILL)
-    teacher_weights: str | None = option(None, f"Teacher weights (online distillation): {WEIGHTS_HELP}.", commands=_DISTILL)
-    cache: str | None = option(None, "Stage-1 logit store (a path or a URL: s3://, gs://, file://): distil with no "
-                               "teacher forward pass.", commands=_DISTILL)
+    teacher_weights: str | None = option(
+        None, f"Teacher weights (online distillation): {WEIGHTS_HELP}.", commands=_DISTILL
+    )
+    cache: str | None = option(
+        None,
+        "Stage-1 logit store (a path or a URL: s3://, gs://, file://): distil with no teacher forward pass.",
+        commands=_DISTILL,
+    )
     aux_head: str = option("linear", choices=AUX_HEADS, commands=_DISTILL)
     # the published PCGrad over parameter gradients (dhkd_pipe.training.grad_align)
-    grad_align: bool = option(False, "dhkd, dhkd_reviewkd only: gradient alignment as published (PCGrad over all "
-                              "parameter gradients): where the distillation gradient conflicts with the CE gradient, its "
-                              "component along the CE gradient is removed. With dhkd_reviewkd the projected objective is "
-                              "alpha KD(head 2) + the ReviewKD term, against gamma CE(head 1) (this project's choice: the "
-                              "published DHKD code has no ReviewKD).", switch=True, commands=_DISTILL)
+    grad_align: bool = option(
+        False,
+        "dhkd, dhkd_reviewkd only: gradient alignment as published (PCGrad over all "
+        "parameter gradients): where the distillation gradient conflicts with the CE gradient, its "
+        "component along the CE gradient is removed. With dhkd_reviewkd the projected objective is "
+        "alpha KD(head 2) + the ReviewKD term, against gamma CE(head 1) (this project's choice: the "
+        "published DHKD code has no ReviewKD).",
+        switch=True,
+        commands=_DISTILL,
+    )
     # this project's per-sample feature variant (AlignedSplit)
-    grad_align_features: bool = option(False, "dhkd only: this project's per-sample variant (not the published algorithm): "
-                                       "aligns only the gradient reaching the shared features, row by row. Excludes "
-                                       "--grad-align.", switch=True, commands=_DISTILL)
-    kernels: str = option("auto", "Fused Triton losses (CUDA) or the PyTorch reference.", choices=BACKENDS, commands=_DISTILL)
+    grad_align_features: bool = option(
+        False,
+        "dhkd only: this project's per-sample variant (not the published algorithm): "
+        "aligns only the gradient reaching the shared features, row by row. Excludes "
+        "--grad-align.",
+        switch=True,
+        commands=_DISTILL,
+    )
+    kernels: str = option(
+        "auto", "Fused Triton losses (CUDA) or the PyTorch reference.", choices=BACKENDS, commands=_DISTILL
+    )
     out: str = option("runs/run", "Run folder.")
     epochs: int = option(240)
     batch_size: int = option(64)
     lr: float = option(0.05)
     momentum: float = option(0.9)
     weight_decay: float = option(5e-4)
-    lr_milestones: list[int] = option(help="Epochs at which the learning rate decays, e.g. 150,180,210.",
-                                      default_factory=lambda: [150, 180, 210])
+    lr_milestones: list[int] = option(
+        help="Epochs at which the learning rate decays, e.g. 150,180,210.", default_factory=lambda: [150, 180, 210]
+    )
     lr_decay: float = option(0.1)
     precision: str = option("no", choices=PRECISIONS)
     seed: int = option(0)
@@ -93,15 +117,29 @@ class TrainConfig(MethodOptions):
     checkpoint_every: int = option(0, "Also checkpoint every N steps within an epoch.")
     val_every: int = option(1, "Validate after every N-th epoch and after the last (0: the last only; default 1).")
     max_steps: int = option(0, "Stop (with a checkpoint) after N steps; for smoke runs and benchmarks.")
-    resolution: int | None = option(None, "Input side in pixels (default: the store's, else the data set's: 32 for the "
-                                    "in-memory sets, 224 for image folders); the model must take it.")
-    max_nonfinite: int = option(0, "Skip up to N steps whose loss is not finite (no update) before the run stops "
-                                "(default 0: stop at the first).")
-    log_with: str | None = option(None, "Experiment trackers (Accelerate's), comma-separated: tensorboard, wandb, "
-                                  "mlflow, ...; they get the per-epoch metrics of metrics.jsonl.")
-    channels_last: bool | None = option(None, "NHWC weights and inputs (default: on a CUDA device, where bench distill measured "
-                                        "1.53x on an H200; off on the CPU, where it measured 0.61x-1.42x).", switch=True)
-    compile: bool = option(False, "torch.compile the student (through Accelerate; the first steps compile).", switch=True)
+    resolution: int | None = option(
+        None,
+        "Input side in pixels (default: the store's, else the data set's: 32 for the "
+        "in-memory sets, 224 for image folders); the model must take it.",
+    )
+    max_nonfinite: int = option(
+        0,
+        "Skip up to N steps whose loss is not finite (no update) before the run stops (default 0: stop at the first).",
+    )
+    log_with: str | None = option(
+        None,
+        "Experiment trackers (Accelerate's), comma-separated: tensorboard, wandb, "
+        "mlflow, ...; they get the per-epoch metrics of metrics.jsonl.",
+    )
+    channels_last: bool | None = option(
+        None,
+        "NHWC weights and inputs (default: on a CUDA device, where bench distill measured "
+        "1.53x on an H200; off on the CPU, where it measured 0.61x-1.42x).",
+        switch=True,
+    )
+    compile: bool = option(
+        False, "torch.compile the student (through Accelerate; the first steps compile).", switch=True
+    )
 
     def validate(self) -> "TrainConfig":
         def choose(name, value, allowed):
@@ -122,7 +160,13 @@ class TrainConfig(MethodOptions):
             raise DhkdError(f"bad temperature {self.temperature}: must be positive")
         if self.grad_align and self.grad_align_features:
             raise DhkdError("choose one gradient alignment: grad_align (published, parameters) or grad_align_features")
-        if self.workers < 0 or self.checkpoint_every < 0 or self.max_steps < 0 or self.val_every < 0 or self.max_nonfinite < 0:
+        if (
+            self.workers < 0
+            or self.checkpoint_every < 0
+            or self.max_steps < 0
+            or self.val_every < 0
+            or self.max_nonfinite < 0
+        ):
             raise DhkdError("workers, checkpoint_every, max_steps, val_every and max_nonfinite must not be negative")
         if self.resolution is not None and self.resolution < 8:
             raise DhkdError(f"bad resolution {self.resolution}: must be at least 8")
@@ -146,8 +190,9 @@ class CacheConfig:
     ``pretrained``); KD-zoo models have none and need a file.
     """
 
-    model: str = option("resnet32x4", "Teacher architecture (see `dhkd-pipe models`; timm:NAME for timm models).",
-                        record=True)
+    model: str = option(
+        "resnet32x4", "Teacher architecture (see `dhkd-pipe models`; timm:NAME for timm models).", record=True
+    )
     weights: str | None = option(None, f"Teacher weights: {WEIGHTS_HELP}.", record=True)
     data: str | None = option(None, data_help("Required; recorded in the store (absolute path)."), record=True)
     views: int = option(8, "Augmentation epochs (views per image) to record.", record=True)
@@ -157,14 +202,21 @@ class CacheConfig:
     batch_size: int = option(256)
     chunk_rows: int = option(1024, record=True)
     precision: str = option("no", choices=PRECISIONS, record=True)
-    resolution: int | None = option(None, "View side in pixels (default: the teacher weights' own, else the data set's).",
-                                    record=True)
+    resolution: int | None = option(
+        None, "View side in pixels (default: the teacher weights' own, else the data set's).", record=True
+    )
     workers: int = option(2)
-    channels_last: bool = option(True, "NHWC teacher and inputs (on by default: measured as fast or faster for every "
-                                 "teacher on a CPU, README).", switch=True)
+    channels_last: bool = option(
+        True,
+        "NHWC teacher and inputs (on by default: measured as fast or faster for every teacher on a CPU, README).",
+        switch=True,
+    )
     compile: bool = option(False, "torch.compile the teacher (the first batches compile).", switch=True)
-    overwrite: bool = option(False, "Replace a logit store written by a different command (never a file or a folder "
-                             "that is not a logit store).", is_flag=True)
+    overwrite: bool = option(
+        False,
+        "Replace a logit store written by a different command (never a file or a folder that is not a logit store).",
+        is_flag=True,
+    )
 
     def validate(self) -> "CacheConfig":
         if self.codec not in CODECS:
@@ -196,7 +248,9 @@ def missing_data(extra: str = "") -> str:
 class AccuracyBenchConfig:
     """``dhkd-pipe bench accuracy``: the defaults made the table in the README (about 30 minutes on 2 cores)."""
 
-    out: str = option("bench_accuracy", "Folder of the runs, the store and the results; re-running reuses what is finished.")
+    out: str = option(
+        "bench_accuracy", "Folder of the runs, the store and the results; re-running reuses what is finished."
+    )
     data: str = option("fashion-mnist", "An in-memory data set (fashion-mnist, fashion-mnist:DIR, mnist:DIR, ...).")
     train_size: int = option(6000, "A fixed stratified subset of the training split.")
     teacher: str = option("resnet20")
@@ -240,17 +294,23 @@ class RunStart:
 class StudentSeeds:
     """``distill``'s seeds of several students in one pass (each student's config gets one)."""
 
-    seeds: str | None = option(None, "With --cache: train each --student with each of these seeds (comma-separated, "
-                               "e.g. 0,1,2) in one pass over the store, each in OUT/NAME-sSEED; instead of --seed "
-                               "(see 'Several students' above).")
+    seeds: str | None = option(
+        None,
+        "With --cache: train each --student with each of these seeds (comma-separated, "
+        "e.g. 0,1,2) in one pass over the store, each in OUT/NAME-sSEED; instead of --seed "
+        "(see 'Several students' above).",
+    )
 
 
 @dataclass
 class StoreLockOptions:
     """``cache-teacher``'s handling of another writer's lock (not part of the store's config)."""
 
-    break_lock: bool = option(False, "Take over the store's lock held by a process on another host; only when you know "
-                              "that process is gone.", is_flag=True)
+    break_lock: bool = option(
+        False,
+        "Take over the store's lock held by a process on another host; only when you know that process is gone.",
+        is_flag=True,
+    )
 
 
 @dataclass
@@ -261,8 +321,9 @@ class EvalConfig:
     weights: str | None = option(None, f"Model weights: {WEIGHTS_HELP}.")
     data: str | None = option(None, data_help("Required."))
     batch_size: int = option(256)
-    resolution: int | None = option(None, "Input side in pixels (default: the run's recorded one, the weights' own, "
-                                    "else the data set's).")
+    resolution: int | None = option(
+        None, "Input side in pixels (default: the run's recorded one, the weights' own, else the data set's)."
+    )
 
 
 @dataclass
@@ -281,8 +342,11 @@ class InspectConfig:
 
     store: str | None = option(None, argument=True, required=True)
     as_json: bool = option(False, flag="--json", is_flag=True)
-    quick: bool = option(False, "Check presence and sizes from one listing only, not the checksums (which read every "
-                         "written object once).", is_flag=True)
+    quick: bool = option(
+        False,
+        "Check presence and sizes from one listing only, not the checksums (which read every written object once).",
+        is_flag=True,
+    )
 
 
 @dataclass
@@ -291,7 +355,9 @@ class VerifyCacheConfig:
 
     store: str | None = option(None, argument=True, required=True)
     data: str | None = option(None, "The store's data set, if it has moved (default: the spec the store records).")
-    teacher_weights: str | None = option(None, "The teacher's weights (default: those the store records; must be the same).")
+    teacher_weights: str | None = option(
+        None, "The teacher's weights (default: those the store records; must be the same)."
+    )
     samples: int = option(256)
     tolerance: float | None = option(None, "Largest allowed logit difference (default: from the codec).")
 
@@ -320,9 +386,12 @@ class CacheBenchConfig:
     model: str = option("resnet32x4")
     batch_size: int = option(64)
     steps: int = option(20)
-    teacher_weights: str | None = option(None, "A trained digits resnet8 teacher for the codec table (default: train "
-                                         "one, ~30 s).")
-    image_model: str = option("resnet18", "Teacher of the image-folder rows (generated JPEGs at 224 px, DALI); 'none' skips them.")
+    teacher_weights: str | None = option(
+        None, "A trained digits resnet8 teacher for the codec table (default: train one, ~30 s)."
+    )
+    image_model: str = option(
+        "resnet18", "Teacher of the image-folder rows (generated JPEGs at 224 px, DALI); 'none' skips them."
+    )
     images: int = option(48, "JPEGs in the generated folder.")
     views: int = option(4, "Views per image of the image-folder rows.")
 
@@ -337,7 +406,9 @@ class AllBenchConfig:
 
     out: str = option("bench-all", "Folder for bench_all.md, bench_all.json and each benchmark's JSON.")
     size: str | None = option(None, "Sizes to run at (default: gpu on a CUDA machine, else cpu).", choices=BENCH_SIZES)
-    tiny: bool = option(False, "The same as --size tiny: every benchmark in about a minute (a smoke run).", is_flag=True)
+    tiny: bool = option(
+        False, "The same as --size tiny: every benchmark in about a minute (a smoke run).", is_flag=True
+    )
     only: tuple = option((), "Run only these (repeatable).", choices=BENCHMARKS, multiple=True)
 
 
@@ -350,8 +421,11 @@ class DistillBenchConfig:
     student: str = option("resnet8x4")
     batch_size: int = option(64)
     steps: int = option(30)
-    students: str | None = option(None, "Instead: one S-student pass against S solo runs for each S given (e.g. 1,2,4), "
-                                  "on in-memory data and on a JPEG folder, with the loader's share of a step.")
+    students: str | None = option(
+        None,
+        "Instead: one S-student pass against S solo runs for each S given (e.g. 1,2,4), "
+        "on in-memory data and on a JPEG folder, with the loader's share of a step.",
+    )
     folder: bool = option(True, "With --students: also the JPEG folder (DALI).", switch=True)
     folder_student: str = option("mobilenet_v3_small", "With --students: the folder's student (and random teacher).")
     folder_batch_size: int = option(16, "With --students: the folder's batch size.")
@@ -368,15 +442,27 @@ class StoreBenchConfig:
     chunk_rows: int = option(1024)
     codec: str = option("fp16", choices=CODECS)
     batch_size: int = option(256, "Rows per step when streaming, as stage 2 cuts them.")
-    urls: tuple = option((), "Also measure a store at this URL or path (s3://bucket/x.zarr); it is deleted afterwards.",
-                         flag="--url", multiple=True)
-    s3_local: bool = option(False, "Also measure against a moto S3 server this command starts on 127.0.0.1.", is_flag=True)
-    s3_latency_ms: float = option(0.0, "With --s3-local: also measure with this many milliseconds added to each request "
-                                       "of the local server, as a network round trip adds them (0: only the bare server).")
+    urls: tuple = option(
+        (),
+        "Also measure a store at this URL or path (s3://bucket/x.zarr); it is deleted afterwards.",
+        flag="--url",
+        multiple=True,
+    )
+    s3_local: bool = option(
+        False, "Also measure against a moto S3 server this command starts on 127.0.0.1.", is_flag=True
+    )
+    s3_latency_ms: float = option(
+        0.0,
+        "With --s3-local: also measure with this many milliseconds added to each request "
+        "of the local server, as a network round trip adds them (0: only the bare server).",
+    )
     local: bool = option(True, "Measure a store in a temporary folder on local disk.", switch=True)
-    sharded: bool = option(False, "Lay the stores out in shards of about 32 MB (16 chunks at K=1000 fp16), as stage 1 does for a "
-                                  "store of 10,000 chunks or more (ImageNet); give --rows for several shards per writer thread.",
-                           is_flag=True)
+    sharded: bool = option(
+        False,
+        "Lay the stores out in shards of about 32 MB (16 chunks at K=1000 fp16), as stage 1 does for a "
+        "store of 10,000 chunks or more (ImageNet); give --rows for several shards per writer thread.",
+        is_flag=True,
+    )
 
 
 def build_config(cls, config_file: str | None, overrides: dict, defaults: dict | None = None):
@@ -448,5 +534,9 @@ def _coerce(name, value, annotation):
 
 
 def _short_repr(value) -> str:
-    text = repr(value) if not isinstance(value, (list, dict)) or len(value) < 100 else f"a {type(value).__name__} of {len(value)} items"
+    text = (
+        repr(value)
+        if not isinstance(value, (list, dict)) or len(value) < 100
+        else f"a {type(value).__name__} of {len(value)} items"
+    )
     return text if len(text) <= 80 else text[:77] + "..."

@@ -17,7 +17,8 @@ class DhkdError(Exception):
 # errno values that are the environment's doing, not a bug: the CLI turns them into one line
 # wherever they escape (file writes in the stages also catch them where they happen).
 ENVIRONMENT_ERRNOS = frozenset(
-    getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EACCES", "EPERM", "EROFS", "EIO", "ENAMETOOLONG", "EMFILE", "ENFILE")
+    getattr(errno, name)
+    for name in ("ENOSPC", "EDQUOT", "EACCES", "EPERM", "EROFS", "EIO", "ENAMETOOLONG", "EMFILE", "ENFILE")
     if hasattr(errno, name)
 )
 

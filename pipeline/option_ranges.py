@@ -28,7 +28,9 @@ class Range:
         if isinstance(value, float) and not math.isfinite(value):
             return "must be a finite number"
         if self.low is not None and (value <= self.low if self.strict_low else value < self.low):
-            return f"must be {'greater than' if self.strict_low else 'at least'} {_num(self.low)}" + (f" ({self.why})" if self.why else "")
+            return f"must be {'greater than' if self.strict_low else 'at least'} {_num(self.low)}" + (
+                f" ({self.why})" if self.why else ""
+            )
         if self.high is not None and value > self.high:
             return f"must be at most {_num(self.high)}" + (f" ({self.why})" if self.why else "")
         return None

@@ -14,17 +14,41 @@ from dataclasses import field
 _MISSING = dataclasses.MISSING
 
 
-def option(default=_MISSING, help: str | None = None, *, flag: str | None = None, choices=None,
-           switch: bool = False, is_flag: bool = False, argument: bool = False, nargs: int = 1,
-           multiple: bool = False, required: bool = False, default_factory=_MISSING, record: bool = False,
-           commands: tuple[str, ...] | None = None, per_command: dict | None = None):
+def option(
+    default=_MISSING,
+    help: str | None = None,
+    *,
+    flag: str | None = None,
+    choices=None,
+    switch: bool = False,
+    is_flag: bool = False,
+    argument: bool = False,
+    nargs: int = 1,
+    multiple: bool = False,
+    required: bool = False,
+    default_factory=_MISSING,
+    record: bool = False,
+    commands: tuple[str, ...] | None = None,
+    per_command: dict | None = None,
+):
     """A config field that is also a command-line option (see the module docstring). ``record``:
     part of the command line a logit store records (``cache_teacher.command_line``); ``commands``:
     the only commands that offer it (default: every command of its config); ``per_command``:
     command -> {"flag": ..., "help": ...} where a command names it otherwise (distill's ``--student``)."""
-    meta = {"help": help, "flag": flag, "choices": choices, "switch": switch, "is_flag": is_flag,
-            "argument": argument, "nargs": nargs, "multiple": multiple, "required": required, "record": record,
-            "commands": commands, "per_command": per_command or {}}
+    meta = {
+        "help": help,
+        "flag": flag,
+        "choices": choices,
+        "switch": switch,
+        "is_flag": is_flag,
+        "argument": argument,
+        "nargs": nargs,
+        "multiple": multiple,
+        "required": required,
+        "record": record,
+        "commands": commands,
+        "per_command": per_command or {},
+    }
     if default_factory is not _MISSING:
         return field(default_factory=default_factory, metadata={"option": meta})
     return field(default=default, metadata={"option": meta})
@@ -75,8 +99,15 @@ def click_params(cls, command: str, skip: tuple[str, ...] = ()) -> list:
         elif meta["is_flag"]:
             params.append(click.Option([flag_of(f, command), f.name], is_flag=True, default=None, help=meta["help"]))
         else:
-            params.append(click.Option([flag_of(f, command), f.name], type=kind, multiple=meta["multiple"],
-                                       required=meta["required"], help=meta["help"]))
+            params.append(
+                click.Option(
+                    [flag_of(f, command), f.name],
+                    type=kind,
+                    multiple=meta["multiple"],
+                    required=meta["required"],
+                    help=meta["help"],
+                )
+            )
     return params
 
 

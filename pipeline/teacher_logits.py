@@ -27,9 +27,7 @@ def dequantize(teacher: torch.Tensor | None, teacher_scale: torch.Tensor | None 
         if teacher_scale is None:
             raise DhkdError("int8 teacher logits need teacher_scale (one float per row)")
         if teacher_scale.dim() != 1 or teacher_scale.shape[0] != teacher.shape[0]:
-            raise DhkdError(
-                f"teacher_scale must have shape ({teacher.shape[0]},), got {tuple(teacher_scale.shape)}"
-            )
+            raise DhkdError(f"teacher_scale must have shape ({teacher.shape[0]},), got {tuple(teacher_scale.shape)}")
         return teacher.float() * teacher_scale.to(device=teacher.device, dtype=torch.float32)[:, None]
     if teacher.dtype not in _FLOAT_TEACHER:
         raise DhkdError(f"teacher logits must be float16/bfloat16/float32 or int8, got {teacher.dtype}")

@@ -18,23 +18,23 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dhkd_pipe.version import tool_version
-from dhkd_pipe.store.reader import LogitCache
-from dhkd_pipe.store.codecs import check_encodable, codec_tolerance
 from dhkd_pipe.config import CacheConfig
 from dhkd_pipe.console import log_line
 from dhkd_pipe.data.datasets import Dataset, Renderer, absolute_spec, load_data, load_store_data
 from dhkd_pipe.data.decode_once import group_jobs, images_per_batch, run_jobs
 from dhkd_pipe.data.inference import evaluate, memory_format
-from dhkd_pipe.training.accelerator import make_accelerator
-from dhkd_pipe.errors import DhkdError
-from dhkd_pipe.options import flag_of, option_fields
-from dhkd_pipe.option_ranges import check_value
-from dhkd_pipe.store.objects import check_inputs_outside
-from dhkd_pipe.store.layout import STORE_ENTRIES, estimate_bytes
-from dhkd_pipe.store.writer import StoreWriter
 from dhkd_pipe.data.teacher import frozen_model, load_teacher, resolve_teacher
 from dhkd_pipe.data.views import UnitGroups, ViewPlan
+from dhkd_pipe.errors import DhkdError
+from dhkd_pipe.option_ranges import check_value
+from dhkd_pipe.options import flag_of, option_fields
+from dhkd_pipe.store.codecs import check_encodable, codec_tolerance
+from dhkd_pipe.store.layout import STORE_ENTRIES, estimate_bytes
+from dhkd_pipe.store.objects import check_inputs_outside
+from dhkd_pipe.store.reader import LogitCache
+from dhkd_pipe.store.writer import StoreWriter
+from dhkd_pipe.training.accelerator import make_accelerator
+from dhkd_pipe.version import tool_version
 
 
 def _human(nbytes: float) -> str:
@@ -74,21 +74,41 @@ class TeacherPass:
     def store_layout(self) -> dict:
         """The store's geometry and labels, as ``StoreWriter`` takes them."""
         cfg, data = self.cfg, self.data
-        return dict(epochs=cfg.views, num_samples=data.num_train, num_classes=data.num_classes, chunk_rows=cfg.chunk_rows,
-                    codec=cfg.codec, labels=data.train_labels.cpu().numpy())
+        return dict(
+            epochs=cfg.views,
+            num_samples=data.num_train,
+            num_classes=data.num_classes,
+            chunk_rows=cfg.chunk_rows,
+            codec=cfg.codec,
+            labels=data.train_labels.cpu().numpy(),
+        )
 
     def store_attrs(self) -> dict:
         """What the store records: the teacher, the data, the plan, and the command that wrote it
         (which a resume must match) with its shell line (which repair messages name)."""
         cfg, digest, fingerprint = self.cfg, self.source.digest(), self.data.fingerprint()
         data_spec = absolute_spec(cfg.data)
-        command = {"teacher": cfg.model, "weights_digest": digest, "dataset": fingerprint, "views": cfg.views, "seed": cfg.seed,
-                   "codec": cfg.codec, "chunk_rows": cfg.chunk_rows, "policy": self.plan.to_dict(), "precision": cfg.precision}
+        command = {
+            "teacher": cfg.model,
+            "weights_digest": digest,
+            "dataset": fingerprint,
+            "views": cfg.views,
+            "seed": cfg.seed,
+            "codec": cfg.codec,
+            "chunk_rows": cfg.chunk_rows,
+            "policy": self.plan.to_dict(),
+            "precision": cfg.precision,
+        }
         if self.data.kind == "imagefolder":  # a unit holds the same samples in every epoch (views.UnitGroups)
             command["order"] = "unit_groups"
         return {
-            "teacher": {"arch": cfg.model, "weights_digest": digest, "weights": self.source.record, "weights_label": self.source.label,
-                        "val_top1": None},
+            "teacher": {
+                "arch": cfg.model,
+                "weights_digest": digest,
+                "weights": self.source.record,
+                "weights_label": self.source.label,
+                "val_top1": None,
+            },
             "dataset": fingerprint,
             "data_spec": data_spec,  # where the data was; stage 2 and verify-cache use it when --data is not given
             "policy": self.plan.to_dict(),
@@ -98,7 +118,9 @@ class TeacherPass:
             "precision": cfg.precision,
             "tool_version": tool_version(),
             "command": command,
-            "command_line": command_line(cfg, data_spec),  # what re-runs this command (with --out): named by repair messages
+            "command_line": command_line(
+                cfg, data_spec
+            ),  # what re-runs this command (with --out): named by repair messages
         }
 
 
@@ -107,7 +129,9 @@ def prepare(cfg: CacheConfig) -> TeacherPass:
     acc = make_accelerator(cfg.precision)
     data = load_data(cfg.data)
     fmt = memory_format(cfg, acc.device)
-    loaded = load_teacher(cfg.model, cfg.weights, data, data.default_plan(seed=cfg.seed), acc.device, cfg.resolution, acc, fmt)
+    loaded = load_teacher(
+        cfg.model, cfg.weights, data, data.default_plan(seed=cfg.seed), acc.device, cfg.resolution, acc, fmt
+    )
     source, plan, preprocessing, teacher = loaded.source, loaded.plan, loaded.preprocessing, loaded.model
     if cfg.compile:  # the views' shapes are fixed: one graph for full batches, one for the last
         teacher = torch.compile(teacher)
@@ -125,9 +149,18 @@ def cache_teacher(cfg: CacheConfig, log=log_line, break_lock: bool = False, deco
     (False: the same store, slower; the check that they agree)."""
     run = prepare(cfg)
     acc, attrs = run.acc, run.store_attrs()
-    writer = StoreWriter(cfg.out, attrs=attrs, overwrite=bool(cfg.overwrite), refresh=("data_spec", "command_line"),
-                         holder=f"{attrs['command_line']} --out {shlex.quote(str(cfg.out))}", break_lock=break_lock,
-                         main=acc.is_main_process, barrier=acc.wait_for_everyone, log=log, **run.store_layout())
+    writer = StoreWriter(
+        cfg.out,
+        attrs=attrs,
+        overwrite=bool(cfg.overwrite),
+        refresh=("data_spec", "command_line"),
+        holder=f"{attrs['command_line']} --out {shlex.quote(str(cfg.out))}",
+        break_lock=break_lock,
+        main=acc.is_main_process,
+        barrier=acc.wait_for_everyone,
+        log=log,
+        **run.store_layout(),
+    )
     if cfg.overwrite:  # an input inside what replacing the store removes is refused before anything is touched
         check_inputs_outside(cfg.out, STORE_ENTRIES, {"--weights": cfg.weights, "--data": cfg.data})
     run.renderer = run.data.renderer(acc.device, run.plan, workers=cfg.workers)
@@ -141,8 +174,16 @@ def cache_teacher(cfg: CacheConfig, log=log_line, break_lock: bool = False, deco
             validate_teacher(run, store, log)
         decoded = getattr(run.renderer, "decoded_images", 0)
         if run.groups is not None and decode_once is not False:
-            jobs = group_jobs(run.groups, run.plan, run.data.train_sizes, cfg.views, store.shard_chunks, store.done_mask(),
-                              acc.process_index, acc.num_processes)
+            jobs = group_jobs(
+                run.groups,
+                run.plan,
+                run.data.train_sizes,
+                cfg.views,
+                store.shard_chunks,
+                store.done_mask(),
+                acc.process_index,
+                acc.num_processes,
+            )
             images, elapsed = write_groups(run, writer, jobs)
         else:
             images, elapsed = write_units(run, writer, writer.todo(acc.process_index, acc.num_processes))
@@ -151,8 +192,14 @@ def cache_teacher(cfg: CacheConfig, log=log_line, break_lock: bool = False, deco
         acc.wait_for_everyone()
         total_images = int(acc.reduce(torch.tensor(images, device=acc.device), "sum"))
         total_decoded = int(acc.reduce(torch.tensor(decoded, device=acc.device), "sum"))
-    result = {"store": cfg.out, "images": total_images, "seconds": elapsed, "images_per_sec": total_images / elapsed if elapsed else None,
-              "decoded_images": total_decoded, "decoded_per_row": total_decoded / total_images if total_images else None}
+    result = {
+        "store": cfg.out,
+        "images": total_images,
+        "seconds": elapsed,
+        "images_per_sec": total_images / elapsed if elapsed else None,
+        "decoded_images": total_decoded,
+        "decoded_per_row": total_decoded / total_images if total_images else None,
+    }
     if acc.is_main_process:
         result.update({k: store.summary()[k] for k in ("shape", "codec", "bytes_on_disk", "bytes_per_logit")})
         result["teacher_val_top1"] = store.attrs["teacher"].get("val_top1")
@@ -162,8 +209,10 @@ def cache_teacher(cfg: CacheConfig, log=log_line, break_lock: bool = False, deco
 def announce(run: TeacherPass, store: LogitCache, log):
     """The teacher, its views, and what is to be written (and how much is left on a resume)."""
     cfg, plan, data = run.cfg, run.plan, run.data
-    log(f"teacher {cfg.model} ({run.source.label}); views {plan.resolution} px, {plan.interpolation}, "
-        f"mean {list(plan.mean)} std {list(plan.std)}: {run.preprocessing['source']}")
+    log(
+        f"teacher {cfg.model} ({run.source.label}); views {plan.resolution} px, {plan.interpolation}, "
+        f"mean {list(plan.mean)} std {list(plan.std)}: {run.preprocessing['source']}"
+    )
     done = store.done_mask()
     raw = estimate_bytes(cfg.views, data.num_train, data.num_classes, cfg.codec)
     remaining = int((~done).sum())
@@ -204,7 +253,11 @@ def command_line(cfg: CacheConfig, data_spec: str) -> str:
     weights = cfg.weights
     if weights and os.path.isfile(weights):
         weights = os.path.abspath(weights)
-    values = {**{f.name: getattr(cfg, f.name) for f in option_fields(CacheConfig)}, "weights": weights, "data": data_spec}
+    values = {
+        **{f.name: getattr(cfg, f.name) for f in option_fields(CacheConfig)},
+        "weights": weights,
+        "data": data_spec,
+    }
     args = ["dhkd-pipe", "cache-teacher"]
     for f in option_fields(CacheConfig):
         if f.metadata["option"]["record"] and values[f.name] not in (None, ""):
@@ -219,7 +272,9 @@ def write_units(run: TeacherPass, writer: StoreWriter, todo) -> tuple[int, float
 
     store = writer.store
     total = sum(store.unit_rows(chunks[0])[1] - store.unit_rows(chunks[0])[0] for _, chunks in todo)
-    bar = tqdm(total=total, unit="img", disable=not run.acc.is_main_process or None, file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(
+        total=total, unit="img", disable=not run.acc.is_main_process or None, file=sys.stderr, dynamic_ncols=True
+    )
     start, images = time.perf_counter(), 0
     try:
         for epoch in sorted({e for e, _ in todo}):
@@ -255,21 +310,33 @@ def write_groups(run: TeacherPass, writer: StoreWriter, jobs) -> tuple[int, floa
     each group's units to the writer (``decode_once``); returns (views, seconds)."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=sum(j.num_views for j in jobs), unit="img", disable=not run.acc.is_main_process or None, file=sys.stderr,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=sum(j.num_views for j in jobs),
+        unit="img",
+        disable=not run.acc.is_main_process or None,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
     if jobs:  # the decoding pipeline's workers start before the clock does, as the view-by-view pipeline's did
         count = len(jobs[0].epochs)
         run.renderer.start_images(count, images_per_batch(run.cfg.batch_size, count))
     start = time.perf_counter()
     try:
-        images = sum(run_jobs(jobs, run.renderer, run.logits, writer.put, run.cfg.batch_size, bar.update, codec=run.cfg.codec))
+        images = sum(
+            run_jobs(jobs, run.renderer, run.logits, writer.put, run.cfg.batch_size, bar.update, codec=run.cfg.codec)
+        )
     finally:
         bar.close()
     return images, time.perf_counter() - start
 
 
-def verify_cache(store: str, data_spec: str | None = None, teacher_weights: str | None = None, samples: int = 256,
-                 tolerance: float | None = None) -> dict:
+def verify_cache(
+    store: str,
+    data_spec: str | None = None,
+    teacher_weights: str | None = None,
+    samples: int = 256,
+    tolerance: float | None = None,
+) -> dict:
     """Re-renders sampled stored views through the replay path, re-runs the teacher and compares.
 
     ``data_spec`` and ``teacher_weights`` default to what the store records; weights given here
@@ -283,20 +350,29 @@ def verify_cache(store: str, data_spec: str | None = None, teacher_weights: str 
     recorded = cache.attrs["teacher"]
     source = resolve_teacher(recorded["arch"], teacher_weights or recorded.get("weights"))
     if source.digest() != recorded.get("weights_digest"):
-        raise DhkdError(f"teacher weights {source.label} are not the store's: digest {source.digest()}, "
-                        f"the store was written with {recorded.get('weights_digest')} ({recorded.get('weights')})")
+        raise DhkdError(
+            f"teacher weights {source.label} are not the store's: digest {source.digest()}, "
+            f"the store was written with {recorded.get('weights_digest')} ({recorded.get('weights')})"
+        )
     plan = ViewPlan.from_dict(cache.attrs["policy"])
     teacher = frozen_model(source, data.num_classes, plan.resolution, acc.device)
     renderer = data.renderer(acc.device, plan)
     rng = np.random.default_rng(0)
-    picks = rng.choice(cache.epochs * cache.num_samples, size=min(samples, cache.epochs * cache.num_samples), replace=False)
+    picks = rng.choice(
+        cache.epochs * cache.num_samples, size=min(samples, cache.epochs * cache.num_samples), replace=False
+    )
     worst, agree, total, tol_used = 0.0, 0, 0, 0.0
     for epoch in range(cache.epochs):
         pos = np.sort(picks[picks // cache.num_samples == epoch] % cache.num_samples)
         if len(pos) == 0:
             continue
         order, views = cache.read_order(epoch)[pos], cache.read_views(epoch)[pos]
-        stored = torch.cat([cache.read_rows(epoch, c, pos[(pos // cache.chunk_rows) == c] - c * cache.chunk_rows) for c in np.unique(pos // cache.chunk_rows)])
+        stored = torch.cat(
+            [
+                cache.read_rows(epoch, c, pos[(pos // cache.chunk_rows) == c] - c * cache.chunk_rows)
+                for c in np.unique(pos // cache.chunk_rows)
+            ]
+        )
         fresh = []
         for x in renderer.train_batches(order, views, 64):
             with torch.inference_mode(), acc.autocast():
@@ -305,7 +381,12 @@ def verify_cache(store: str, data_spec: str | None = None, teacher_weights: str 
         worst = max(worst, float((fresh - stored).abs().max()))
         agree += int((fresh.argmax(1) == stored.argmax(1)).sum())
         total += len(pos)
-        tol_used = max(tol_used, tolerance if tolerance is not None else codec_tolerance(cache.codec, fresh) + 1e-3 * (1 + float(fresh.abs().max())))
+        tol_used = max(
+            tol_used,
+            tolerance
+            if tolerance is not None
+            else codec_tolerance(cache.codec, fresh) + 1e-3 * (1 + float(fresh.abs().max())),
+        )
     ok = worst <= tol_used
     return {
         "store": store,

@@ -10,8 +10,8 @@ import os
 
 from dhkd_pipe.config import TrainConfig
 from dhkd_pipe.console import log_line
-from dhkd_pipe.training.engine import prepare, train, train_runs
 from dhkd_pipe.errors import DhkdError
+from dhkd_pipe.training.engine import prepare, train, train_runs
 from dhkd_pipe.training.run_folder import RunMode
 from dhkd_pipe.training.students import StudentPlan, prepare_pass
 
@@ -40,8 +40,10 @@ def distill_students(plans: list[StudentPlan], log=log_line) -> list[dict | Dhkd
     first = runs[0]
     if first.accelerator.is_main_process:
         who = ", ".join(f"{_name(r)} ({r.cfg.model}, {r.cfg.method}, seed {r.cfg.seed})" for r in runs)
-        log(f"distilling {len(runs)} students from {first.cfg.cache} in one pass (each batch rendered and its logits "
-            f"read once): {who}; {first.cache.epochs} stored view-epochs, {first.cfg.epochs} epochs")
+        log(
+            f"distilling {len(runs)} students from {first.cfg.cache} in one pass (each batch rendered and its logits "
+            f"read once): {who}; {first.cache.epochs} stored view-epochs, {first.cfg.epochs} epochs"
+        )
     return train_runs(runs, log=log)
 
 

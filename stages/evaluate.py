@@ -11,10 +11,10 @@ import torch
 from dhkd_pipe.config import missing_data
 from dhkd_pipe.data.datasets import load_data
 from dhkd_pipe.data.inference import evaluate as evaluate_model
-from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.data.teacher import frozen_model, resolve_teacher, teacher_plan
-from dhkd_pipe.option_ranges import check_value
 from dhkd_pipe.data.views import ViewPlan, with_preprocessing
+from dhkd_pipe.errors import DhkdError
+from dhkd_pipe.option_ranges import check_value
 
 
 def _recorded_plan(path: str) -> dict | None:
@@ -26,7 +26,9 @@ def _recorded_plan(path: str) -> dict | None:
     return obj.get("plan") if isinstance(obj, dict) and isinstance(obj.get("plan"), dict) else None
 
 
-def evaluate(model: str, weights: str | None, data: str | None, batch_size: int = 256, resolution: int | None = None) -> dict:
+def evaluate(
+    model: str, weights: str | None, data: str | None, batch_size: int = 256, resolution: int | None = None
+) -> dict:
     if not data:
         raise DhkdError(missing_data())
     if resolution is not None and resolution < 8:
@@ -44,8 +46,16 @@ def evaluate(model: str, weights: str | None, data: str | None, batch_size: int 
     else:
         plan, _ = teacher_plan(plan, source, dataset.kind, resolution)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    net = frozen_model(source, dataset.num_classes, plan.resolution, device, role="model")  # NaN weights: refused, not a NaN accuracy
+    net = frozen_model(
+        source, dataset.num_classes, plan.resolution, device, role="model"
+    )  # NaN weights: refused, not a NaN accuracy
     renderer = dataset.renderer(device, plan)
     result = evaluate_model(net, renderer, batch_size)
-    return {"model": model, "weights": source.record, "data": data, "num_val": dataset.num_val,
-            "resolution": plan.resolution, **result}
+    return {
+        "model": model,
+        "weights": source.record,
+        "data": data,
+        "num_val": dataset.num_val,
+        "resolution": plan.resolution,
+        **result,
+    }

@@ -47,9 +47,15 @@ def check_export_target(run_dir: str, out: str):
     own = run_files(run_dir)
     if os.path.realpath(out) in own and own[os.path.realpath(out)] != ONNX:
         raise DhkdError(f"--out {out} is the run's own {own[os.path.realpath(out)]}; name another file")
-    if os.path.realpath(out) == os.path.realpath(os.path.join(run_dir, ONNX)) and os.path.lexists(out) and os.path.realpath(out) not in own:
-        raise DhkdError(f"{out} was not written by dhkd-pipe (the run's manifest does not list it); "
-                        "name another --out, or move that file away")
+    if (
+        os.path.realpath(out) == os.path.realpath(os.path.join(run_dir, ONNX))
+        and os.path.lexists(out)
+        and os.path.realpath(out) not in own
+    ):
+        raise DhkdError(
+            f"{out} was not written by dhkd-pipe (the run's manifest does not list it); "
+            "name another --out, or move that file away"
+        )
     if not out.lower().endswith(".onnx"):
         raise DhkdError(f"--out {out}: export writes ONNX; name a file ending in .onnx")
     parent = os.path.dirname(os.path.abspath(out))
@@ -82,22 +88,33 @@ def export_onnx(run_dir: str, out: str | None = None, opset: int | None = None, 
     try:
         try:
             torch.onnx.export(
-                model, (example,), staged, input_names=["images"], output_names=["logits"],
-                dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=opset, dynamo=True,
-                external_data=nbytes > INLINE_BYTES, verbose=False,
+                model,
+                (example,),
+                staged,
+                input_names=["images"],
+                output_names=["logits"],
+                dynamic_shapes=({0: torch.export.Dim("batch")},),
+                opset_version=opset,
+                dynamo=True,
+                external_data=nbytes > INLINE_BYTES,
+                verbose=False,
             )
         except OSError as e:  # the file cannot be written (a read-only folder, a full disk)
             raise io_error(out, e) from None
         except Exception as e:
             if opset is None:
                 raise
-            raise DhkdError(f"cannot export {facts['arch']} at --opset {opset}: {' '.join(str(e).split())[:200]}") from None
+            raise DhkdError(
+                f"cannot export {facts['arch']} at --opset {opset}: {' '.join(str(e).split())[:200]}"
+            ) from None
         import onnx
 
         proto = onnx.load(staged, load_external_data=False)
         written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
         if opset is not None and written != opset:
-            raise DhkdError(f"the exporter wrote opset {written}, not the asked --opset {opset}; choose an opset it writes")
+            raise DhkdError(
+                f"the exporter wrote opset {written}, not the asked --opset {opset}; choose an opset it writes"
+            )
         result = {
             "onnx": out,
             "arch": facts["arch"],
@@ -109,7 +126,9 @@ def export_onnx(run_dir: str, out: str | None = None, opset: int | None = None, 
             "bytes": os.path.getsize(staged),
         }
         result.update(check_onnx(staged, model, res, test_batch))
-        claim_on_write(os.path.join(os.path.dirname(os.path.abspath(out)), os.path.basename(out)))  # the run's, if in its folder
+        claim_on_write(
+            os.path.join(os.path.dirname(os.path.abspath(out)), os.path.basename(out))
+        )  # the run's, if in its folder
         _move_into_place(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -139,7 +158,10 @@ def check_onnx(path: str, model: torch.nn.Module, resolution: int, batch: int) -
     (logits,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     diff = float(np.abs(logits - reference.numpy()).max())
     tol = onnx_tolerance(reference)
-    return {"checked_with": f"onnxruntime {ort.__version__}", "test_batch": batch, "max_abs_diff": diff,
-            "tolerance": tol, "ok": diff <= tol}
-
-
+    return {
+        "checked_with": f"onnxruntime {ort.__version__}",
+        "test_batch": batch,
+        "max_abs_diff": diff,
+        "tolerance": tol,
+        "ok": diff <= tol,
+    }

@@ -14,10 +14,9 @@ from pathlib import Path
 from dhkd_pipe.config import CacheConfig, TrainConfig, build_config
 from dhkd_pipe.console import log_line
 from dhkd_pipe.errors import DhkdError, io_error
-from dhkd_pipe.stages.report import markdown_table, write_report
-
 from dhkd_pipe.stages.cache_teacher import cache_teacher
 from dhkd_pipe.stages.distill import distill
+from dhkd_pipe.stages.report import markdown_table, write_report
 from dhkd_pipe.stages.train_teacher import train_teacher
 
 RECIPES = Path(__file__).resolve().parent.parent / "configs" / "digits"
@@ -33,8 +32,9 @@ def _remove_quickstart(out: str):
     parts = _parts()
     others = sorted(set(os.listdir(out)) - set(parts))
     if others:
-        raise DhkdError(f"--overwrite: {out} is not a quickstart folder (it holds {', '.join(others[:3])}); "
-                        "choose another --out")
+        raise DhkdError(
+            f"--overwrite: {out} is not a quickstart folder (it holds {', '.join(others[:3])}); choose another --out"
+        )
     for name in parts:
         path = os.path.join(out, name)
         try:
@@ -52,7 +52,9 @@ def quickstart(out: str = "runs/quickstart", overwrite: bool = False, log=log_li
         raise DhkdError(f"recipes not found at {RECIPES}; run quickstart from a source checkout (pip install -e .)")
     if os.path.lexists(out):
         if not os.path.isdir(out):
-            raise DhkdError(f"--out {out} is a file; choose another --out (--overwrite replaces only a quickstart folder)")
+            raise DhkdError(
+                f"--out {out} is a file; choose another --out (--overwrite replaces only a quickstart folder)"
+            )
         if not overwrite:
             raise DhkdError(f"{out} exists; pass --overwrite or choose another --out")
         _remove_quickstart(out)
@@ -63,15 +65,23 @@ def quickstart(out: str = "runs/quickstart", overwrite: bool = False, log=log_li
         t0 = time.perf_counter()
         result = fn(cfg, log=log, **kw)
         wall = time.perf_counter() - t0
-        rows.append({"stage": name, "val_top1": result.get("val_top1", result.get("teacher_val_top1")),
-                     "images_per_sec": result.get("images_per_sec"), "wall_s": wall})
+        rows.append(
+            {
+                "stage": name,
+                "val_top1": result.get("val_top1", result.get("teacher_val_top1")),
+                "images_per_sec": result.get("images_per_sec"),
+                "wall_s": wall,
+            }
+        )
         return result
 
     teacher_dir = os.path.join(out, "teacher")
     teacher_cfg = build_config(TrainConfig, str(RECIPES / "teacher.yaml"), {"out": teacher_dir})
     stage(f"teacher {teacher_cfg.model} (ce)", train_teacher, teacher_cfg)
     store = os.path.join(out, "logits.zarr")
-    cache_cfg = build_config(CacheConfig, str(RECIPES / "cache.yaml"), {"weights": os.path.join(teacher_dir, "model.pt"), "out": store})
+    cache_cfg = build_config(
+        CacheConfig, str(RECIPES / "cache.yaml"), {"weights": os.path.join(teacher_dir, "model.pt"), "out": store}
+    )
     stage(f"cache-teacher ({cache_cfg.views} views, {cache_cfg.codec})", cache_teacher, cache_cfg)
     runs = [teacher_dir]
     for method in STUDENTS:
@@ -83,8 +93,15 @@ def quickstart(out: str = "runs/quickstart", overwrite: bool = False, log=log_li
     rows.append({"stage": "total", "wall_s": total})
     picture = os.path.join(out, "report.png")
     write_report(runs, picture)
-    table = markdown_table(rows, [("stage", "stage", "s"), ("val_top1", "val top-1 %", ".2f"),
-                                  ("images_per_sec", "img/s", ".0f"), ("wall_s", "wall s", ".1f")])
+    table = markdown_table(
+        rows,
+        [
+            ("stage", "stage", "s"),
+            ("val_top1", "val top-1 %", ".2f"),
+            ("images_per_sec", "img/s", ".0f"),
+            ("wall_s", "wall s", ".1f"),
+        ],
+    )
     show(table)
     log(f"report: {picture}")
     return rows

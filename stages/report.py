@@ -33,7 +33,7 @@ def loss_terms(history: list[dict]) -> list[str]:
     ``train_loss``), in the order first seen. Runs written before terms were logged have none."""
     names = {}
     for h in history:
-        names.update({k[len("train_"):]: None for k in h if k.startswith("train_") and k != "train_loss"})
+        names.update({k[len("train_") :]: None for k in h if k.startswith("train_") and k != "train_loss"})
     return list(names)
 
 
@@ -69,10 +69,14 @@ def check_report_target(out: str, run_dirs: list[str]) -> str:
     for run_dir in run_dirs:
         own = run_files(run_dir)
         if os.path.realpath(out) in own:
-            raise DhkdError(f"--out {out} is the run's own {own[os.path.realpath(out)]} (in {run_dir}); name another file")
+            raise DhkdError(
+                f"--out {out} is the run's own {own[os.path.realpath(out)]} (in {run_dir}); name another file"
+            )
     fmt = os.path.splitext(out)[1].lstrip(".").lower()
     if fmt not in IMAGE_FORMATS:
-        raise DhkdError(f"--out {out}: report writes images ({', '.join(IMAGE_FORMATS)}); name a file ending in one of them")
+        raise DhkdError(
+            f"--out {out}: report writes images ({', '.join(IMAGE_FORMATS)}); name a file ending in one of them"
+        )
     return fmt
 
 
@@ -105,9 +109,16 @@ def write_report(run_dirs: list[str], out: str) -> str:
         label = run_label(run_dir, summary)
         # --val-every N skips some epochs; null: a data set without a validation split
         validated = [h for h in history if h.get("val_top1") is not None]
-        (line,) = ax_acc.plot([h["epoch"] for h in validated], [h["val_top1"] for h in validated], marker=".", label=label)
-        ax_loss.plot([h["epoch"] for h in history], [h["train_loss"] for h in history], marker=".", label=label,
-                     color=line.get_color())
+        (line,) = ax_acc.plot(
+            [h["epoch"] for h in validated], [h["val_top1"] for h in validated], marker=".", label=label
+        )
+        ax_loss.plot(
+            [h["epoch"] for h in history],
+            [h["train_loss"] for h in history],
+            marker=".",
+            label=label,
+            color=line.get_color(),
+        )
         for term in loss_terms(history):
             style = styles.setdefault(term, ("-", "--", ":", "-.")[len(styles) % 4])
             points = [(h["epoch"], h[f"train_{term}"]) for h in history if h.get(f"train_{term}") is not None]
@@ -149,7 +160,9 @@ def write_report(run_dirs: list[str], out: str) -> str:
     )
 
 
-def write_method_report(groups: list[tuple[str, list[str]]], out: str, title: str = "", reference: tuple[str, float] | None = None):
+def write_method_report(
+    groups: list[tuple[str, list[str]]], out: str, title: str = "", reference: tuple[str, float] | None = None
+):
     """One picture for runs grouped by method (``groups``: (label, run folders), e.g. one per seed).
 
     Left: each run's final validation top-1 as a dot, the group's mean as a bar and its min-max as
@@ -172,10 +185,15 @@ def write_method_report(groups: list[tuple[str, list[str]]], out: str, title: st
         ax_final.bar(x, mean, width=0.6, color=color, alpha=0.35)
         ax_final.plot([x, x], [min(finals), max(finals)], color=color, linewidth=2)
         ax_final.scatter([x] * len(finals), finals, color=color, s=14, zorder=3)
-        ax_final.annotate(f"{mean:.2f}", (x, max(finals)), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=8)
+        ax_final.annotate(
+            f"{mean:.2f}", (x, max(finals)), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=8
+        )
         epochs = sorted({h["epoch"] for run in histories for h in run})
-        means = [sum(h["val_top1"] for run in histories for h in run if h["epoch"] == e) /
-                 sum(1 for run in histories for h in run if h["epoch"] == e) for e in epochs]
+        means = [
+            sum(h["val_top1"] for run in histories for h in run if h["epoch"] == e)
+            / sum(1 for run in histories for h in run if h["epoch"] == e)
+            for e in epochs
+        ]
         ax_curve.plot(epochs, means, marker=".", color=color, label=f"{label} (n={len(finals)})")
     ax_final.set_xticks(range(len(groups)), [label for label, _ in groups], rotation=25, ha="right", fontsize=8)
     ax_final.set(ylabel="final validation top-1 (%)", title="Top-1 per method: runs, mean, min-max")
@@ -186,7 +204,9 @@ def write_method_report(groups: list[tuple[str, list[str]]], out: str, title: st
         ax_final.set_ylim(low - 0.6 * max(high - low, 1), high + 0.3 * max(high - low, 1))
     if reference:
         for ax in (ax_final, ax_curve):
-            ax.axhline(reference[1], color="grey", linestyle="--", linewidth=1, label=f"{reference[0]} {reference[1]:.2f}")
+            ax.axhline(
+                reference[1], color="grey", linestyle="--", linewidth=1, label=f"{reference[0]} {reference[1]:.2f}"
+            )
     ax_curve.set(xlabel="epoch", ylabel="validation top-1 (%)", title="Validation top-1 (mean over runs)")
     for ax in (ax_final, ax_curve):
         ax.grid(alpha=0.3)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dhkd_pipe.config import TrainConfig
 from dhkd_pipe.console import log_line
+from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.training.engine import prepare, train
 from dhkd_pipe.training.run_folder import RunMode
-from dhkd_pipe.errors import DhkdError
 
 
 def train_teacher(cfg: TrainConfig, *, mode: RunMode | str = RunMode.NEW, log=log_line) -> dict:
@@ -14,5 +14,7 @@ def train_teacher(cfg: TrainConfig, *, mode: RunMode | str = RunMode.NEW, log=lo
         raise DhkdError("train-teacher trains with cross-entropy only (method ce)")
     run = prepare(cfg, mode)
     if run.accelerator.is_main_process:
-        log(f"training {cfg.model} on {cfg.data}: {run.data.num_train} images, {run.data.num_classes} classes, {cfg.epochs} epochs")
+        log(
+            f"training {cfg.model} on {cfg.data}: {run.data.num_train} images, {run.data.num_classes} classes, {cfg.epochs} epochs"
+        )
     return train(run, log=log)

@@ -33,12 +33,17 @@ BIN = os.path.join(os.path.dirname(sys.executable), "dhkd-pipe")
 def cli_process(*args, check=True, env=None, cwd=None, timeout=300):
     """The console script in its own process (one torch thread), for tests whose subject is the
     process. ``env``: variables added to this process's. Returns the CompletedProcess."""
-    proc = subprocess.run([BIN, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    proc = subprocess.run(
+        [BIN, *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"dhkd-pipe {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
-
 
 
 def cli_here(*args, check=True, env=None, cwd=None):
@@ -57,8 +62,10 @@ def cli_here(*args, check=True, env=None, cwd=None):
     finally:
         os.chdir(here)
     if check and result.exit_code != 0:
-        raise AssertionError(f"dhkd-pipe {' '.join(map(str, args))} failed ({result.exit_code}):\n{result.stderr[-3000:]}"
-                             f"\n{result.exception!r}")
+        raise AssertionError(
+            f"dhkd-pipe {' '.join(map(str, args))} failed ({result.exit_code}):\n{result.stderr[-3000:]}"
+            f"\n{result.exception!r}"
+        )
     return result
 
 
@@ -90,15 +97,31 @@ def s3():
     try:
         endpoint = "http://127.0.0.1:%d" % server.get_host_and_port()[1]
         _post(endpoint + "/moto-api/reset-auth", b"3")  # three requests without a signature, then IAM
-        iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="setup", aws_secret_access_key="setup")
+        iam = boto3.client(
+            "iam",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="setup",
+            aws_secret_access_key="setup",
+        )
         iam.create_user(UserName="dhkd")
         policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
         iam.put_user_policy(UserName="dhkd", PolicyName="s3", PolicyDocument=json.dumps(policy))
         key = iam.create_access_key(UserName="dhkd")["AccessKey"]
-        env = {"AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
-               "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=key["AccessKeyId"],
-                     aws_secret_access_key=key["SecretAccessKey"]).create_bucket(Bucket=S3_BUCKET)
+        env = {
+            "AWS_ENDPOINT_URL_S3": endpoint,
+            "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+            "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+        boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=key["AccessKeyId"],
+            aws_secret_access_key=key["SecretAccessKey"],
+        ).create_bucket(Bucket=S3_BUCKET)
         with pytest.MonkeyPatch.context() as mp_env:
             for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
                 mp_env.delenv(name, raising=False)
@@ -147,13 +170,18 @@ def save_random_teacher(path, num_classes: int):
 @pytest.fixture(scope="session")
 def random_teacher(tmp_path_factory):
     """A resnet8 digits teacher (10 classes) with seeded random weights."""
-    return built_once(tmp_path_factory, "random-teacher", lambda d: save_random_teacher(d / "model.pt", 10)) / "model.pt"
+    return (
+        built_once(tmp_path_factory, "random-teacher", lambda d: save_random_teacher(d / "model.pt", 10)) / "model.pt"
+    )
 
 
 @pytest.fixture(scope="session")
 def random_teacher3(tmp_path_factory):
     """A resnet8 with seeded random weights for the 3 classes of ``digit_jpegs``."""
-    return built_once(tmp_path_factory, "random-teacher3", lambda d: save_random_teacher(d / "resnet8.pt", 3)) / "resnet8.pt"
+    return (
+        built_once(tmp_path_factory, "random-teacher3", lambda d: save_random_teacher(d / "resnet8.pt", 3))
+        / "resnet8.pt"
+    )
 
 
 def write_digit_jpegs(root, classes=3, train=8, val=2):
@@ -190,14 +218,19 @@ def write_digits_store(teacher, out, **kw):
     from dhkd_pipe.config import CacheConfig
     from dhkd_pipe.stages.cache_teacher import cache_teacher
 
-    cache_teacher(CacheConfig(**{**DIGITS_STORE, "weights": str(teacher), "out": str(out), **kw}).validate(), log=lambda *a: None)
+    cache_teacher(
+        CacheConfig(**{**DIGITS_STORE, "weights": str(teacher), "out": str(out), **kw}).validate(), log=lambda *a: None
+    )
     return out
 
 
 @pytest.fixture(scope="session")
 def quick_store(tmp_path_factory, random_teacher):
     """The digits store of ``random_teacher``."""
-    return built_once(tmp_path_factory, "quick-store", lambda d: write_digits_store(random_teacher, d / "logits.zarr")) / "logits.zarr"
+    return (
+        built_once(tmp_path_factory, "quick-store", lambda d: write_digits_store(random_teacher, d / "logits.zarr"))
+        / "logits.zarr"
+    )
 
 
 # A smaller one for tests that train many short runs: 256 training images in chunks of 64, 8 steps an epoch at batch 32.
@@ -207,21 +240,44 @@ SMALL_DATA = "digits@256"
 @pytest.fixture(scope="session")
 def small_store(tmp_path_factory, random_teacher):
     """The ``SMALL_DATA`` store of ``random_teacher`` (2 views)."""
-    return built_once(tmp_path_factory, "small-store", lambda d: write_digits_store(
-        random_teacher, d / "logits.zarr", data=SMALL_DATA, chunk_rows=64)) / "logits.zarr"
+    return (
+        built_once(
+            tmp_path_factory,
+            "small-store",
+            lambda d: write_digits_store(random_teacher, d / "logits.zarr", data=SMALL_DATA, chunk_rows=64),
+        )
+        / "logits.zarr"
+    )
 
 
 @pytest.fixture(scope="session")
 def trained_teacher(tmp_path_factory):
     """A small digits teacher trained through the CLI (in this process): 3 epochs of resnet8."""
+
     def build(folder):
         from click.testing import CliRunner
 
         from dhkd_pipe.cli import main
 
         out = folder / "run"
-        result = CliRunner().invoke(main, ["train-teacher", "--model", "resnet8", "--data", "digits", "--epochs", "3", "--lr", "0.1",
-                                           "--lr-milestones", "2", "--out", str(out)])
+        result = CliRunner().invoke(
+            main,
+            [
+                "train-teacher",
+                "--model",
+                "resnet8",
+                "--data",
+                "digits",
+                "--epochs",
+                "3",
+                "--lr",
+                "0.1",
+                "--lr-milestones",
+                "2",
+                "--out",
+                str(out),
+            ],
+        )
         assert result.exit_code == 0, (result.stderr[-3000:], result.exception)
         summary = json.loads((out / "summary.json").read_text())
         assert summary["val_top1"] > 50  # 3 epochs of resnet8 (66% here): far above chance (10%)
@@ -232,4 +288,7 @@ def trained_teacher(tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained_store(tmp_path_factory, trained_teacher):
     """The digits store of ``trained_teacher``."""
-    return built_once(tmp_path_factory, "trained-store", lambda d: write_digits_store(trained_teacher, d / "logits.zarr")) / "logits.zarr"
+    return (
+        built_once(tmp_path_factory, "trained-store", lambda d: write_digits_store(trained_teacher, d / "logits.zarr"))
+        / "logits.zarr"
+    )

@@ -10,8 +10,19 @@ import sys
 import torch
 
 K, B, STEPS = 5, 8, 3
-SETTINGS = dict(data="digits", method="dhkd", kd_loss="binary_kl_norm", alpha=0.7, gamma=1.3, temperature=2.0,
-                lr=0.1, momentum=0.9, weight_decay=5e-4, kernels="torch", precision="no")
+SETTINGS = dict(
+    data="digits",
+    method="dhkd",
+    kd_loss="binary_kl_norm",
+    alpha=0.7,
+    gamma=1.3,
+    temperature=2.0,
+    lr=0.1,
+    momentum=0.9,
+    weight_decay=5e-4,
+    kernels="torch",
+    precision="no",
+)
 MULTI_CASES = [("linear", True), ("nonlinear", True), ("linear", False)]
 
 
@@ -42,12 +53,14 @@ def batches(seed: int = 13):
     return out
 
 
-def product_run(accelerator, aux_head: str, grad_align: bool, steps, bn_eval: bool = False, dtype=torch.float64) -> dict:
+def product_run(
+    accelerator, aux_head: str, grad_align: bool, steps, bn_eval: bool = False, dtype=torch.float64
+) -> dict:
     """Trains through ``dhkd_pipe.training.engine.train_step``; returns the final state dict (cpu)."""
     from dhkd_pipe.config import TrainConfig
-    from dhkd_pipe.training.engine import Run, train_step
     from dhkd_pipe.data.loader import Batch
     from dhkd_pipe.methods.registry import from_config
+    from dhkd_pipe.training.engine import Run, train_step
 
     cfg = TrainConfig(aux_head=aux_head, grad_align=grad_align, **SETTINGS).validate()
     model = build_model(aux_head, dtype=dtype)
@@ -69,8 +82,14 @@ def main(out: str):
     acc = make_accelerator("no")
     world, rank = acc.num_processes, acc.process_index
     share = B // world
-    local = [(x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share], t[rank * share:(rank + 1) * share])
-             for x, y, t in batches()]
+    local = [
+        (
+            x[rank * share : (rank + 1) * share],
+            y[rank * share : (rank + 1) * share],
+            t[rank * share : (rank + 1) * share],
+        )
+        for x, y, t in batches()
+    ]
     results = {f"{aux}-{align}": product_run(acc, aux, align, local, bn_eval=True) for aux, align in MULTI_CASES}
     if acc.is_main_process:
         torch.save({"world": world, "results": results}, out)

@@ -54,6 +54,7 @@ def forge_samples(store: Path, n: int = 10**9):
     check against the objects finds the lie."""
     rows = rows_per_chunk(store)
     for name in ("logits", "order", "views", "labels", "done"):
+
         def fn(m, name=name):
             if name == "labels":
                 m["shape"] = [n]
@@ -62,6 +63,7 @@ def forge_samples(store: Path, n: int = 10**9):
                 m["shape"] = [m["shape"][0], -(-n // rows)]
             else:
                 m["shape"][1] = n
+
         edit_meta(store, name, fn)
 
 
@@ -71,11 +73,17 @@ def forge_done_chunks(store: Path, n: int = 10**12):
 
 
 def forge_chunk_rows(store: Path, rows):
-    edit_meta(store, "logits", lambda m: m["chunk_grid"]["configuration"].__setitem__("chunk_shape", [1, rows, m["shape"][2]]))
+    edit_meta(
+        store, "logits", lambda m: m["chunk_grid"]["configuration"].__setitem__("chunk_shape", [1, rows, m["shape"][2]])
+    )
 
 
 def forge_labels_short(store: Path):
-    edit_meta(store, "labels", lambda m: (m.__setitem__("shape", [50]), m["chunk_grid"]["configuration"].__setitem__("chunk_shape", [50])))
+    edit_meta(
+        store,
+        "labels",
+        lambda m: (m.__setitem__("shape", [50]), m["chunk_grid"]["configuration"].__setitem__("chunk_shape", [50])),
+    )
 
 
 def forge_shape(store: Path, array: str, shape):

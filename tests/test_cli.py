@@ -18,7 +18,10 @@ def help_text(*args) -> str:
 
 def test_help_shows_the_commands_defaults():
     text = help_text("distill")
-    assert "--method [ce|kd|dkd|binary_kl|dhkd|dist|fitnet|reviewkd|dhkd_reviewkd] Distillation method (see above). [default: dhkd]" in text
+    assert (
+        "--method [ce|kd|dkd|binary_kl|dhkd|dist|fitnet|reviewkd|dhkd_reviewkd] Distillation method (see above). [default: dhkd]"
+        in text
+    )
     assert "--epochs INTEGER [default: 240]" in text and "[default: 150, 180, 210]" in text
     # each method's meaning and default, then the chosen method's (dhkd's published weight)
     assert "--alpha FLOAT kd: weight of the softmax KL, default 0.9; dkd: weight of TCKD" in text
@@ -48,8 +51,22 @@ def test_help_shows_the_recipes_values(tmp_path):
 
 def test_results_on_stdout_progress_on_stderr(tmp_path):
     out = tmp_path / "run"
-    result = CliRunner().invoke(main, ["train-teacher", "--model", "resnet8", "--data", "digits", "--epochs", "1",
-                                       "--max-steps", "2", "--out", str(out)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "train-teacher",
+            "--model",
+            "resnet8",
+            "--data",
+            "digits",
+            "--epochs",
+            "1",
+            "--max-steps",
+            "2",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout) == {"stopped_at": {"epoch": 0, "step": 2}}  # the result alone
     assert "training resnet8 on digits" in result.stderr

@@ -21,8 +21,14 @@ def test_command_line_overrides_yaml(tmp_path):
 
 @pytest.mark.parametrize(
     "text, message",
-    [("epochs: 0\n", "bad epochs"), ("precision: fp8\n", "bad precision"), ("colour: red\n", "unknown config option"),
-     ("epochs: three\n", "bad value for epochs"), ("- a\n- b\n", "must be a mapping"), ("a: [\n", "cannot parse")],
+    [
+        ("epochs: 0\n", "bad epochs"),
+        ("precision: fp8\n", "bad precision"),
+        ("colour: red\n", "unknown config option"),
+        ("epochs: three\n", "bad value for epochs"),
+        ("- a\n- b\n", "must be a mapping"),
+        ("a: [\n", "cannot parse"),
+    ],
 )
 def test_bad_configs_are_user_errors(tmp_path, text, message):
     f = tmp_path / "r.yaml"
@@ -59,11 +65,25 @@ def _recipe(name):
 def test_recipes_follow_the_published_commands():
     # the published DHKD code's CIFAR-100 command (resnet32x4 -> ShuffleV2) and ImageNet command (ResNet-34 -> ResNet-18)
     c = _recipe("cifar100/resnet32x4_ShuffleV2.yaml")
-    assert (c.alpha, c.gamma, c.temperature, c.aux_head, c.grad_align, c.kd_loss) == (1.0, 1.0, 2.0, "nonlinear", True, "binary_kl_norm")
+    assert (c.alpha, c.gamma, c.temperature, c.aux_head, c.grad_align, c.kd_loss) == (
+        1.0,
+        1.0,
+        2.0,
+        "nonlinear",
+        True,
+        "binary_kl_norm",
+    )
     assert (c.lr, c.weight_decay, c.batch_size, c.epochs, c.lr_milestones) == (0.01, 5e-4, 64, 240, [150, 180, 210])
     i = _recipe("imagenet/resnet34_resnet18.yaml")
     assert (i.alpha, i.gamma, i.temperature, i.aux_head, i.grad_align) == (0.1, 1.0, 2.0, "linear", False)
-    assert (i.lr, i.weight_decay, i.momentum, i.epochs, i.lr_milestones, i.lr_decay) == (0.1, 1e-4, 0.9, 100, [30, 60, 90], 0.1)
+    assert (i.lr, i.weight_decay, i.momentum, i.epochs, i.lr_milestones, i.lr_decay) == (
+        0.1,
+        1e-4,
+        0.9,
+        100,
+        [30, 60, 90],
+        0.1,
+    )
     # train_student_imagenet.py's --early_stop_epoch default (alpha 0 from its 1-based epoch 50 on),
     # in both ImageNet recipes; its CIFAR script has no such switch
     for name in ("imagenet/resnet34_resnet18.yaml", "imagenet/resnet50_mobilenet.yaml"):
@@ -73,8 +93,13 @@ def test_recipes_follow_the_published_commands():
             assert build_config(TrainConfig, path, {}).kd_stop_epoch is None, path
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "cifar100", "*.yaml"))
-                                        + glob.glob(os.path.join(ROOT, "configs", "imagenet", "*.yaml"))))
+@pytest.mark.parametrize(
+    "path",
+    sorted(
+        glob.glob(os.path.join(ROOT, "configs", "cifar100", "*.yaml"))
+        + glob.glob(os.path.join(ROOT, "configs", "imagenet", "*.yaml"))
+    ),
+)
 def test_every_distillation_recipe_says_what_it_follows(path):
     if os.path.basename(path).startswith("cache"):
         return

@@ -9,10 +9,10 @@ import torch
 
 pytest.importorskip("nvidia.dali")
 
-from dhkd_pipe.data.datasets import load_data  # noqa: E402
 from dhkd_pipe.data.dali_renderer import DaliViews, render_reference  # noqa: E402
-from dhkd_pipe.errors import DhkdError  # noqa: E402
+from dhkd_pipe.data.datasets import load_data  # noqa: E402
 from dhkd_pipe.data.imagefolder import ImageFolderData  # noqa: E402
+from dhkd_pipe.errors import DhkdError  # noqa: E402
 
 RES = 32
 HEIGHT, WIDTH = 40, 48
@@ -52,7 +52,11 @@ def data(folder):
 def renderer(data):
     r = DaliViews(data, data.default_plan(resolution=RES), "cpu", num_workers=2)
     # the first call sizes the pipeline for batches of 8: smaller batches reuse it
-    list(r.train_batches(np.arange(8), data.default_plan(resolution=RES).views(0, np.arange(8), data.train_sizes(np.arange(8))), 8))
+    list(
+        r.train_batches(
+            np.arange(8), data.default_plan(resolution=RES).views(0, np.arange(8), data.train_sizes(np.arange(8))), 8
+        )
+    )
     yield r
     r.close()
 
@@ -264,7 +268,12 @@ def test_region_decode_equals_the_region_of_a_whole_decode(tmp_path):
     yy, xx = np.mgrid[0:height, 0:width]
     pixels = np.stack([xx * 2.5, yy * 3.0, 128 + 100 * np.sin(xx / 3.0) * np.cos(yy / 2.0)], -1)
     pixels = np.clip(pixels + rng.normal(0, 20, pixels.shape), 0, 255).astype(np.uint8)
-    variants = {"420": dict(subsampling=2), "422": dict(subsampling=1), "444": dict(subsampling=0), "progressive": dict(progressive=True)}
+    variants = {
+        "420": dict(subsampling=2),
+        "422": dict(subsampling=1),
+        "444": dict(subsampling=0),
+        "progressive": dict(progressive=True),
+    }
     os.makedirs(tmp_path / "train" / "a")
     for name, options in variants.items():
         Image.fromarray(pixels).save(tmp_path / "train" / "a" / f"{name}.jpg", quality=90, **options)
@@ -273,7 +282,9 @@ def test_region_decode_equals_the_region_of_a_whole_decode(tmp_path):
     n, per = data.num_train, 40
     h = rng.integers(1, height + 1, (n, per))
     w = rng.integers(1, width + 1, (n, per))
-    views = np.stack([rng.integers(0, height - h + 1), rng.integers(0, width - w + 1), h, w, rng.integers(0, 2, (n, per))], -1)
+    views = np.stack(
+        [rng.integers(0, height - h + 1), rng.integers(0, width - w + 1), h, w, rng.integers(0, 2, (n, per))], -1
+    )
     plan = data.default_plan(resolution=RES)
     rendered = {}
     for decode in ("region", "full"):

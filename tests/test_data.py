@@ -15,11 +15,17 @@ from dhkd_pipe.errors import DhkdError
 def write_cifar(root, kind="cifar100", n_train=40, n_val=10, seed=0):
     rng = np.random.default_rng(seed)
     classes, key = (100, b"fine_labels") if kind == "cifar100" else (10, b"labels")
-    files = {"train": n_train, "test": n_val} if kind == "cifar100" else {**{f"data_batch_{i}": n_train // 5 for i in range(1, 6)}, "test_batch": n_val}
+    files = (
+        {"train": n_train, "test": n_val}
+        if kind == "cifar100"
+        else {**{f"data_batch_{i}": n_train // 5 for i in range(1, 6)}, "test_batch": n_val}
+    )
     os.makedirs(root, exist_ok=True)
     for name, n in files.items():
         with open(os.path.join(root, name), "wb") as f:
-            pickle.dump({b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), key: rng.integers(0, classes, n).tolist()}, f)
+            pickle.dump(
+                {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), key: rng.integers(0, classes, n).tolist()}, f
+            )
     return root
 
 
@@ -54,7 +60,10 @@ def test_loading_digits_imports_no_scikit_learn():
     import sys
 
     code = "import sys; from dhkd_pipe.data.datasets import load_data; load_data('digits'); print(any(m.startswith('sklearn') for m in sys.modules))"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+        == "False"
+    )
 
 
 @pytest.mark.parametrize("kind", ["cifar10", "cifar100"])

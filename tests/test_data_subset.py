@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 import torch
+from test_idx import NAMES, idx_bytes, write_file
 
 from dhkd_pipe.data.datasets import load_data, stratified_subset
 from dhkd_pipe.errors import DhkdError
-from test_idx import NAMES, idx_bytes, write_file
 
 
 def write_labelled_mnist(root, train_labels, n_val=7, seed=0):
@@ -14,8 +14,10 @@ def write_labelled_mnist(root, train_labels, n_val=7, seed=0):
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     train_labels = np.asarray(train_labels, dtype=np.uint8)
-    splits = {"train": (rng.integers(0, 256, (len(train_labels), 28, 28), dtype=np.uint8), train_labels),
-              "t10k": (rng.integers(0, 256, (n_val, 28, 28), dtype=np.uint8), rng.integers(0, 10, n_val).astype(np.uint8))}
+    splits = {
+        "train": (rng.integers(0, 256, (len(train_labels), 28, 28), dtype=np.uint8), train_labels),
+        "t10k": (rng.integers(0, 256, (n_val, 28, 28), dtype=np.uint8), rng.integers(0, 10, n_val).astype(np.uint8)),
+    }
     for split, (images, labels) in splits.items():
         write_file(root, NAMES[split, "images"], idx_bytes(images), True)
         write_file(root, NAMES[split, "labels"], idx_bytes(labels), True)
@@ -36,7 +38,9 @@ def test_subset_is_stratified_fixed_and_a_slice_of_the_split(tmp_path):
     assert np.bincount(sub.train_labels.numpy(), minlength=10).tolist() == expect
     keep = stratified_subset(full.train_labels.numpy(), 57, 10)
     assert np.all(np.diff(keep) > 0)  # sorted, no repeats: the split's order is kept
-    assert torch.equal(sub.train_images, full.train_images[keep]) and torch.equal(sub.train_labels, full.train_labels[keep])
+    assert torch.equal(sub.train_images, full.train_images[keep]) and torch.equal(
+        sub.train_labels, full.train_labels[keep]
+    )
     assert torch.equal(sub.val_images, full.val_images) and (sub.mean, sub.std) == (full.mean, full.std)
     again = load_data(f"fashion-mnist:{tmp_path / 'm'}@57")
     assert again.fingerprint() == sub.fingerprint()

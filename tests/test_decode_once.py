@@ -106,8 +106,18 @@ def _config(jpegs, out, **kw):
     from dhkd_pipe.config import CacheConfig
 
     root, weights = jpegs
-    options = dict(data=f"imagefolder:{root}", model="resnet8", weights=str(weights), views=3, resolution=32, batch_size=8,
-                   chunk_rows=4, codec="fp32", workers=1, out=str(out))
+    options = dict(
+        data=f"imagefolder:{root}",
+        model="resnet8",
+        weights=str(weights),
+        views=3,
+        resolution=32,
+        batch_size=8,
+        chunk_rows=4,
+        codec="fp32",
+        workers=1,
+        out=str(out),
+    )
     return CacheConfig(**{**options, **kw}).validate()
 
 
@@ -128,7 +138,9 @@ def test_decode_once_writes_the_store_the_view_by_view_pass_writes(jpegs, tmp_pa
     from dhkd_pipe.stages.cache_teacher import cache_teacher
 
     once = cache_teacher(_config(jpegs, tmp_path / "once.zarr", codec=codec), log=lambda *a: None)
-    per_view = cache_teacher(_config(jpegs, tmp_path / "per-view.zarr", codec=codec), log=lambda *a: None, decode_once=False)
+    per_view = cache_teacher(
+        _config(jpegs, tmp_path / "per-view.zarr", codec=codec), log=lambda *a: None, decode_once=False
+    )
     assert once["images"] == per_view["images"] == 27 * 3
     assert once["decoded_images"] == 27 and once["decoded_per_row"] == pytest.approx(1 / 3)
     assert per_view["decoded_images"] == 27 * 3
@@ -147,9 +159,9 @@ def test_decode_once_writes_the_store_the_view_by_view_pass_writes(jpegs, tmp_pa
 def test_decode_once_resumes_exactly(jpegs, tmp_path, monkeypatch):
     """Stopped once its fifth unit is written (the writer's threads may finish a few more), then
     re-run: only the units not written are rendered again, and the store is a straight run's."""
+    from dhkd_pipe.stages.cache_teacher import cache_teacher
     from dhkd_pipe.store import writer as store_writer
     from dhkd_pipe.store.reader import LogitCache
-    from dhkd_pipe.stages.cache_teacher import cache_teacher
 
     cache_teacher(_config(jpegs, tmp_path / "straight.zarr"), log=lambda *a: None)
     real, calls = store_writer.write_unit, []
@@ -183,8 +195,29 @@ def test_two_processes_split_the_groups_and_write_the_same_store(jpegs, tmp_path
     cache_teacher(_config(jpegs, tmp_path / "one.zarr"), log=lambda *a: None)
     root, weights = jpegs
     # DALI without worker processes in the ranks (--workers 0): the split between ranks is the subject
-    accelerate("cache-teacher", "--model", "resnet8", "--weights", weights, "--data", f"imagefolder:{root}", "--views", 3,
-               "--resolution", 32, "--batch-size", 8, "--chunk-rows", 4, "--codec", "fp32", "--workers", 0, "--out", tmp_path / "two.zarr")
+    accelerate(
+        "cache-teacher",
+        "--model",
+        "resnet8",
+        "--weights",
+        weights,
+        "--data",
+        f"imagefolder:{root}",
+        "--views",
+        3,
+        "--resolution",
+        32,
+        "--batch-size",
+        8,
+        "--chunk-rows",
+        4,
+        "--codec",
+        "fp32",
+        "--workers",
+        0,
+        "--out",
+        tmp_path / "two.zarr",
+    )
     a, b = _arrays(tmp_path / "one.zarr"), _arrays(tmp_path / "two.zarr")
     for name in a:
         assert np.array_equal(a[name], b[name]), name

@@ -8,11 +8,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import cli_here
 
 from dhkd_pipe.errors import DhkdError
-from dhkd_pipe.training.exported import load_exported, read_exported, write_exported
 from dhkd_pipe.models import create_model, load_checkpoint
-from conftest import cli_here
+from dhkd_pipe.training.exported import load_exported, read_exported, write_exported
 
 BIN = os.path.join(os.path.dirname(sys.executable), "dhkd-pipe")
 
@@ -90,7 +90,9 @@ def test_training_writes_safetensors_and_the_export_command_checks_onnx(tmp_path
     cli_here("train-teacher", "--model", "resnet8", "--data", "digits@256", "--epochs", "1", "--out", run)
     assert (run / "model.safetensors").is_file() and (run / "model.pt").is_file()
     out = tmp_path / "student.onnx"
-    proc = subprocess.run([BIN, "export", str(run), "--format", "onnx", "--out", str(out)], capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [BIN, "export", str(run), "--format", "onnx", "--out", str(out)], capture_output=True, text=True, env=env
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)  # stdout is the JSON result alone
     assert result["ok"] is True and out.is_file() and result["checked_with"].startswith("onnxruntime")

@@ -24,9 +24,9 @@ import shlex
 import shutil
 import signal
 import socket
-import tempfile
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,8 +93,15 @@ def store(shared, tmp_path_factory):
     from dhkd_pipe.stages.cache_teacher import cache_teacher
 
     out = tmp_path_factory.mktemp("faults-store") / "logits.zarr"
-    cfg = CacheConfig(data="digits@100", model="resnet8", weights=str(shared["teacher"]), views=1, chunk_rows=64,
-                      batch_size=64, out=str(out)).validate()
+    cfg = CacheConfig(
+        data="digits@100",
+        model="resnet8",
+        weights=str(shared["teacher"]),
+        views=1,
+        chunk_rows=64,
+        batch_size=64,
+        out=str(out),
+    ).validate()
     cache_teacher(cfg, log=lambda *a: None)
     return out
 
@@ -164,8 +171,15 @@ class Work:
 
     @property
     def vars(self) -> dict:
-        v = {"out": self.tmp / "run", "run": self.tmp / "run", "tmp": self.tmp, "teacher": self.shared["teacher"], "images": self.shared["images"],
-             "noval": self.shared["noval"], "file": self.tmp / "notes.txt"}
+        v = {
+            "out": self.tmp / "run",
+            "run": self.tmp / "run",
+            "tmp": self.tmp,
+            "teacher": self.shared["teacher"],
+            "images": self.shared["images"],
+            "noval": self.shared["noval"],
+            "file": self.tmp / "notes.txt",
+        }
         v.update(getattr(self, "_extra", {}))
         return v
 
@@ -266,7 +280,18 @@ class Payload:
 
 
 def hostile_checkpoint(w: Work):
-    checkpoint_file(w, {"model": {}, "optimizer": {}, "epoch": 0, "step": 1, "config": {}, "history": [], "x": Payload(w.tmp / "PWNED")})
+    checkpoint_file(
+        w,
+        {
+            "model": {},
+            "optimizer": {},
+            "epoch": 0,
+            "step": 1,
+            "config": {},
+            "history": [],
+            "x": Payload(w.tmp / "PWNED"),
+        },
+    )
 
 
 def hostile_teacher(w: Work):
@@ -333,7 +358,12 @@ def zombie_pid(w: Work) -> dict:
 def live_pid(w: Work) -> dict:
     proc = subprocess.Popen(["sleep", "60"])
     w.cleanup.append(lambda: (proc.kill(), proc.wait()))
-    return {"host": socket.gethostname(), "pid": proc.pid, "started": time.time() - 1, "command": "dhkd-pipe distill ..."}
+    return {
+        "host": socket.gethostname(),
+        "pid": proc.pid,
+        "started": time.time() - 1,
+        "command": "dhkd-pipe distill ...",
+    }
 
 
 def other_host(w: Work) -> dict:
@@ -432,7 +462,9 @@ def start(args: str, w: Work) -> subprocess.Popen:
     """The CLI in its own process (same thread count as this one, so results compare bitwise)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     err = open(w.tmp / f"stderr-{len(list(w.tmp.glob('stderr-*')))}.txt", "w+")
-    proc = subprocess.Popen([BIN, *shlex.split(args.format(**w.vars))], stdout=subprocess.DEVNULL, stderr=err, text=True, env=env)
+    proc = subprocess.Popen(
+        [BIN, *shlex.split(args.format(**w.vars))], stdout=subprocess.DEVNULL, stderr=err, text=True, env=env
+    )
     proc.stderr_file = err
     w.cleanup.append(lambda: (proc.kill(), proc.wait()) if proc.poll() is None else None)
     return proc
@@ -741,7 +773,9 @@ def failing_savefig(w: Work):
 
 def sigterm_during_export(w: Work):
     proc = start(f"export {w.out}", w)
-    wait_for(lambda: any(p.name.startswith(".export-") for p in w.out.iterdir()), proc, what="the export's staging folder")
+    wait_for(
+        lambda: any(p.name.startswith(".export-") for p in w.out.iterdir()), proc, what="the export's staging folder"
+    )
     proc.send_signal(signal.SIGTERM)
     return finish(proc)
 
@@ -767,8 +801,12 @@ def file_of(name: str):
     return lambda w: [w.tmp / name]
 
 
-BILLION_LAUGHS = "lr_milestones:\n  - &a [" + ",".join(["x"] * 10) + "]\n" + "".join(
-    f"  - &{chr(98 + i)} [" + ",".join([f"*{chr(97 + i)}"] * 10) + "]\n" for i in range(8))
+BILLION_LAUGHS = (
+    "lr_milestones:\n  - &a ["
+    + ",".join(["x"] * 10)
+    + "]\n"
+    + "".join(f"  - &{chr(98 + i)} [" + ",".join([f"*{chr(97 + i)}"] * 10) + "]\n" for i in range(8))
+)
 RECIPE = TRAIN + " --config {tmp}/recipe.yaml"
 IMG = "train-teacher --model resnet18 --data imagefolder:{images} --workers 0 --epochs 1 --batch-size 2 --out {out}"
 REFUSED = dict(bound=60)
@@ -782,79 +820,267 @@ def recipe(text: str | bytes):
 RECIPE_KEPT = dict(bound=60, keep=file_of("recipe.yaml"))
 ISSUE_19_CASES = [
     # ownership: a folder is a run only by what the tool recorded; --overwrite removes only that
-    Case("own-user-folder-with-metrics-is-no-run", TRAIN, "holds no run of dhkd-pipe .*such as", setup=user_folder_with_metrics, **REFUSED),
-    Case("own-user-folder-with-metrics-overwrite", TRAIN + " --overwrite", "holds no run of dhkd-pipe", setup=user_folder_with_metrics,
-         **REFUSED),
-    Case("own-foreign-lock-and-tool-named-folder", TRAIN, "holds no run of dhkd-pipe", setup=user_folder_with_lock_and_tool_named_folder,
-         check=lock_untouched, **REFUSED),
-    Case("own-users-onnx-kept-by-overwrite", TRAIN + " --overwrite", code=0, setup=users_onnx_in_a_run, check=users_onnx_kept,
-         changes_out=True, bound=120),
-    Case("own-killed-run-cleared-user-file-kept", TRAIN, code=0, setup=killed_run_with_user_file, check=notes_kept, changes_out=True,
-         bound=120),
-    Case("own-overwrite-refuses-its-teacher-inside", ONLINE.replace("{teacher}", "{out}/model.pt") + " --overwrite",
-         "--teacher-weights \\S+/model.pt lies inside what --overwrite would remove", setup=make_finished_run, **REFUSED),
-    Case("own-overwrite-refuses-its-safetensors-inside", ONLINE.replace("{teacher}", "{out}/model.safetensors") + " --overwrite",
-         "lies inside what --overwrite would remove .*model.safetensors", setup=make_finished_run, **REFUSED),
+    Case(
+        "own-user-folder-with-metrics-is-no-run",
+        TRAIN,
+        "holds no run of dhkd-pipe .*such as",
+        setup=user_folder_with_metrics,
+        **REFUSED,
+    ),
+    Case(
+        "own-user-folder-with-metrics-overwrite",
+        TRAIN + " --overwrite",
+        "holds no run of dhkd-pipe",
+        setup=user_folder_with_metrics,
+        **REFUSED,
+    ),
+    Case(
+        "own-foreign-lock-and-tool-named-folder",
+        TRAIN,
+        "holds no run of dhkd-pipe",
+        setup=user_folder_with_lock_and_tool_named_folder,
+        check=lock_untouched,
+        **REFUSED,
+    ),
+    Case(
+        "own-users-onnx-kept-by-overwrite",
+        TRAIN + " --overwrite",
+        code=0,
+        setup=users_onnx_in_a_run,
+        check=users_onnx_kept,
+        changes_out=True,
+        bound=120,
+    ),
+    Case(
+        "own-killed-run-cleared-user-file-kept",
+        TRAIN,
+        code=0,
+        setup=killed_run_with_user_file,
+        check=notes_kept,
+        changes_out=True,
+        bound=120,
+    ),
+    Case(
+        "own-overwrite-refuses-its-teacher-inside",
+        ONLINE.replace("{teacher}", "{out}/model.pt") + " --overwrite",
+        "--teacher-weights \\S+/model.pt lies inside what --overwrite would remove",
+        setup=make_finished_run,
+        **REFUSED,
+    ),
+    Case(
+        "own-overwrite-refuses-its-safetensors-inside",
+        ONLINE.replace("{teacher}", "{out}/model.safetensors") + " --overwrite",
+        "lies inside what --overwrite would remove .*model.safetensors",
+        setup=make_finished_run,
+        **REFUSED,
+    ),
     # export and report: never over the run's own files, a folder, or a format they cannot write; written whole
-    Case("export-over-the-runs-checkpoint", "export {run} --out {run}/checkpoint.pt", "is the run's own checkpoint.pt",
-         setup=make_finished_run, **REFUSED),
-    Case("export-over-the-runs-metrics", "export {run} --out {run}/metrics.jsonl", "is the run's own metrics.jsonl",
-         setup=make_finished_run, **REFUSED),
-    Case("export-over-the-runs-manifest", "export {run} --out {run}/dhkd-run.json", "is the run's own dhkd-run.json",
-         setup=make_finished_run, **REFUSED),
-    Case("export-to-a-text-file", "export {run} --out {tmp}/m.txt", "export writes ONNX; name a file ending in .onnx",
-         setup=make_finished_run, **REFUSED),
-    Case("export-over-a-users-onnx", "export {run}", "model.onnx was not written by dhkd-pipe", setup=users_onnx_in_a_run, **REFUSED),
-    Case("export-opset-too-high", "export {run} --opset 999", "bad --opset 999: this exporter writes opsets \\d+ to \\d+",
-         setup=make_finished_run, **REFUSED),
+    Case(
+        "export-over-the-runs-checkpoint",
+        "export {run} --out {run}/checkpoint.pt",
+        "is the run's own checkpoint.pt",
+        setup=make_finished_run,
+        **REFUSED,
+    ),
+    Case(
+        "export-over-the-runs-metrics",
+        "export {run} --out {run}/metrics.jsonl",
+        "is the run's own metrics.jsonl",
+        setup=make_finished_run,
+        **REFUSED,
+    ),
+    Case(
+        "export-over-the-runs-manifest",
+        "export {run} --out {run}/dhkd-run.json",
+        "is the run's own dhkd-run.json",
+        setup=make_finished_run,
+        **REFUSED,
+    ),
+    Case(
+        "export-to-a-text-file",
+        "export {run} --out {tmp}/m.txt",
+        "export writes ONNX; name a file ending in .onnx",
+        setup=make_finished_run,
+        **REFUSED,
+    ),
+    Case(
+        "export-over-a-users-onnx",
+        "export {run}",
+        "model.onnx was not written by dhkd-pipe",
+        setup=users_onnx_in_a_run,
+        **REFUSED,
+    ),
+    Case(
+        "export-opset-too-high",
+        "export {run} --opset 999",
+        "bad --opset 999: this exporter writes opsets \\d+ to \\d+",
+        setup=make_finished_run,
+        **REFUSED,
+    ),
     Case("export-opset-too-low", "export {run} --opset 1", "bad --opset 1", setup=make_finished_run, **REFUSED),
-    Case("export-failure-keeps-the-previous-onnx", "export {run}", "cannot write .*model.onnx: No space left on device",
-         setup=failing_onnx_export, **REFUSED),
-    Case("export-sigterm-keeps-the-previous-onnx", "", "interrupted by SIGTERM", code=143, setup=run_with_onnx, run=sigterm_during_export,
-         slow=True, bound=180),
-    Case("report-over-the-runs-summary", "report {run} --out {run}/summary.json", "is the run's own summary.json",
-         setup=make_finished_run, **REFUSED),
-    Case("report-over-the-runs-checkpoint", "report {run} --out {run}/checkpoint.pt", "is the run's own checkpoint.pt",
-         setup=make_finished_run, **REFUSED),
-    Case("report-to-a-folder", "report {run} --out {tmp}", "is a folder; name the image file", setup=make_finished_run, **REFUSED),
-    Case("report-to-a-text-file", "report {run} --out {tmp}/r.txt", "report writes images", setup=make_finished_run, **REFUSED),
-    Case("report-failure-keeps-the-previous-png", "report {run} --out {tmp}/r.png", "cannot write .*r.png: No space left on device",
-         setup=failing_savefig, keep=file_of("r.png"), **REFUSED),
+    Case(
+        "export-failure-keeps-the-previous-onnx",
+        "export {run}",
+        "cannot write .*model.onnx: No space left on device",
+        setup=failing_onnx_export,
+        **REFUSED,
+    ),
+    Case(
+        "export-sigterm-keeps-the-previous-onnx",
+        "",
+        "interrupted by SIGTERM",
+        code=143,
+        setup=run_with_onnx,
+        run=sigterm_during_export,
+        slow=True,
+        bound=180,
+    ),
+    Case(
+        "report-over-the-runs-summary",
+        "report {run} --out {run}/summary.json",
+        "is the run's own summary.json",
+        setup=make_finished_run,
+        **REFUSED,
+    ),
+    Case(
+        "report-over-the-runs-checkpoint",
+        "report {run} --out {run}/checkpoint.pt",
+        "is the run's own checkpoint.pt",
+        setup=make_finished_run,
+        **REFUSED,
+    ),
+    Case(
+        "report-to-a-folder",
+        "report {run} --out {tmp}",
+        "is a folder; name the image file",
+        setup=make_finished_run,
+        **REFUSED,
+    ),
+    Case(
+        "report-to-a-text-file",
+        "report {run} --out {tmp}/r.txt",
+        "report writes images",
+        setup=make_finished_run,
+        **REFUSED,
+    ),
+    Case(
+        "report-failure-keeps-the-previous-png",
+        "report {run} --out {tmp}/r.png",
+        "cannot write .*r.png: No space left on device",
+        setup=failing_savefig,
+        keep=file_of("r.png"),
+        **REFUSED,
+    ),
     # every option checked where it enters: ranges and finiteness, before any work
     Case("seed-negative", TRAIN + " --seed -1", "bad --seed -1: must be at least 0", **REFUSED),
-    Case("seed-beyond-64-bits", TRAIN + " --seed 99999999999999999999999", "bad --seed 99999999999999999999999: must be at most", **REFUSED),
+    Case(
+        "seed-beyond-64-bits",
+        TRAIN + " --seed 99999999999999999999999",
+        "bad --seed 99999999999999999999999: must be at most",
+        **REFUSED,
+    ),
     Case("lr-nan", TRAIN + " --lr nan", "bad --lr nan: must be a finite number", **REFUSED),
-    Case("lr-inf-from-a-recipe", RECIPE, "bad --lr inf: must be a finite number", setup=recipe("lr: .inf\n"), **RECIPE_KEPT),
+    Case(
+        "lr-inf-from-a-recipe",
+        RECIPE,
+        "bad --lr inf: must be a finite number",
+        setup=recipe("lr: .inf\n"),
+        **RECIPE_KEPT,
+    ),
     Case("momentum-negative", TRAIN + " --momentum -1", "bad --momentum -1: must be at least 0", **REFUSED),
     Case("weight-decay-nan", TRAIN + " --weight-decay nan", "bad --weight-decay nan", **REFUSED),
     Case("lr-decay-negative", TRAIN + " --lr-decay -1", "bad --lr-decay -1: must be greater than 0", **REFUSED),
-    Case("lr-milestones-negative", TRAIN + " --lr-milestones 0,-5", "bad --lr-milestones 0: must be at least 1", **REFUSED),
+    Case(
+        "lr-milestones-negative",
+        TRAIN + " --lr-milestones 0,-5",
+        "bad --lr-milestones 0: must be at least 1",
+        **REFUSED,
+    ),
     Case("alpha-infinite", ONLINE + " --method kd --alpha inf", "bad --alpha inf: must be a finite number", **REFUSED),
     Case("temperature-nan", ONLINE + " --method kd --temperature nan", "bad --temperature nan", **REFUSED),
-    Case("eval-batch-size-zero", "eval --model resnet8 --weights {teacher} --data digits --batch-size 0", "bad --batch-size 0", **REFUSED),
-    Case("eval-nan-weights", "eval --model resnet8 --weights {tmp}/nan.pt --data digits", "the weights in .*nan.pt are not finite",
-         setup=nan_weights, keep=file_of("nan.pt"), bound=60),
+    Case(
+        "eval-batch-size-zero",
+        "eval --model resnet8 --weights {teacher} --data digits --batch-size 0",
+        "bad --batch-size 0",
+        **REFUSED,
+    ),
+    Case(
+        "eval-nan-weights",
+        "eval --model resnet8 --weights {tmp}/nan.pt --data digits",
+        "the weights in .*nan.pt are not finite",
+        setup=nan_weights,
+        keep=file_of("nan.pt"),
+        bound=60,
+    ),
     Case("absurd-resolution", IMG + " --resolution 100000", "bad --resolution 100000: must be at most 8192", **REFUSED),
     # recipes: UTF-8, bounded size, aliases and nesting
-    Case("config-not-utf8", RECIPE, "recipe.yaml is not UTF-8 text \\(byte 0xe9 at offset \\d+\\)",
-         setup=recipe("# r\xe9glages\nepochs: 1\n".encode("latin-1")), **RECIPE_KEPT),
-    Case("config-billion-laughs", RECIPE, "expands \\(through YAML aliases\\) to more than 100000 values", setup=recipe(BILLION_LAUGHS),
-         **RECIPE_KEPT),
-    Case("config-nested-deep", RECIPE, "cannot parse config .*nested deeper than 64 levels",
-         setup=recipe("lr_milestones: " + "[" * 5000 + "]" * 5000 + "\n"), **RECIPE_KEPT),
-    Case("config-alias-to-itself", RECIPE, "an alias refers to itself", setup=recipe("lr_milestones: &a [1, *a]\n"), **RECIPE_KEPT),
-    Case("config-larger-than-a-megabyte", RECIPE, "larger than 1 MiB", setup=recipe("# " + "x" * (2 << 20) + "\nepochs: 1\n"),
-         **RECIPE_KEPT),
-    Case("config-python-tag-not-run", RECIPE, "cannot parse config", setup=recipe("epochs: !!python/object/apply:os.system ['true']\n"),
-         **RECIPE_KEPT),
+    Case(
+        "config-not-utf8",
+        RECIPE,
+        "recipe.yaml is not UTF-8 text \\(byte 0xe9 at offset \\d+\\)",
+        setup=recipe("# r\xe9glages\nepochs: 1\n".encode("latin-1")),
+        **RECIPE_KEPT,
+    ),
+    Case(
+        "config-billion-laughs",
+        RECIPE,
+        "expands \\(through YAML aliases\\) to more than 100000 values",
+        setup=recipe(BILLION_LAUGHS),
+        **RECIPE_KEPT,
+    ),
+    Case(
+        "config-nested-deep",
+        RECIPE,
+        "cannot parse config .*nested deeper than 64 levels",
+        setup=recipe("lr_milestones: " + "[" * 5000 + "]" * 5000 + "\n"),
+        **RECIPE_KEPT,
+    ),
+    Case(
+        "config-alias-to-itself",
+        RECIPE,
+        "an alias refers to itself",
+        setup=recipe("lr_milestones: &a [1, *a]\n"),
+        **RECIPE_KEPT,
+    ),
+    Case(
+        "config-larger-than-a-megabyte",
+        RECIPE,
+        "larger than 1 MiB",
+        setup=recipe("# " + "x" * (2 << 20) + "\nepochs: 1\n"),
+        **RECIPE_KEPT,
+    ),
+    Case(
+        "config-python-tag-not-run",
+        RECIPE,
+        "cannot parse config",
+        setup=recipe("epochs: !!python/object/apply:os.system ['true']\n"),
+        **RECIPE_KEPT,
+    ),
     # memory and recursion failures: one line naming what to change
-    Case("out-of-memory-names-the-options", TRAIN, "out of memory; lower --batch-size \\(now 32\\)",
-         setup=raises("dhkd_pipe.models.create_model", MemoryError()), **REFUSED),
-    Case("cpu-allocator-failure-names-the-options", TRAIN, "out of memory \\(.*can't allocate memory.*\\); lower --batch-size",
-         setup=raises("dhkd_pipe.models.create_model", RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")),
-         **REFUSED),
-    Case("recursion-is-one-line", TRAIN, "nests too deep to be read \\(RecursionError\\)",
-         setup=raises("dhkd_pipe.data.datasets.load_data", RecursionError()), **REFUSED),
+    Case(
+        "out-of-memory-names-the-options",
+        TRAIN,
+        "out of memory; lower --batch-size \\(now 32\\)",
+        setup=raises("dhkd_pipe.models.create_model", MemoryError()),
+        **REFUSED,
+    ),
+    Case(
+        "cpu-allocator-failure-names-the-options",
+        TRAIN,
+        "out of memory \\(.*can't allocate memory.*\\); lower --batch-size",
+        setup=raises(
+            "dhkd_pipe.models.create_model",
+            RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"),
+        ),
+        **REFUSED,
+    ),
+    Case(
+        "recursion-is-one-line",
+        TRAIN,
+        "nests too deep to be read \\(RecursionError\\)",
+        setup=raises("dhkd_pipe.data.datasets.load_data", RecursionError()),
+        **REFUSED,
+    ),
 ]
 
 
@@ -866,37 +1092,98 @@ CASES = [
     Case("out-folder-of-user-files", TRAIN, "holds no run", setup=make_user_folder),
     Case("out-folder-of-user-files-overwrite", TRAIN + " --overwrite", "holds no run", setup=make_user_folder),
     Case("out-holds-a-run", TRAIN, "already holds a run; pass --resume", setup=make_finished_run),
-    Case("out-holds-a-run-overwrite", TRAIN + " --overwrite", code=0, setup=make_run_with_user_file, check=user_file_kept, changes_out=True),
+    Case(
+        "out-holds-a-run-overwrite",
+        TRAIN + " --overwrite",
+        code=0,
+        setup=make_run_with_user_file,
+        check=user_file_kept,
+        changes_out=True,
+    ),
     Case("out-empty-folder", TRAIN, code=0, setup=make_empty_folder, check=finished, changes_out=True),
     Case("out-empty-string", TRAIN.replace("{out}", "''"), "--out is empty"),
     Case("out-read-only-fs", TRAIN, "read-only file system \\(EROFS\\)", setup=on_readonly("new-run")),
-    Case("out-cannot-create-eacces", TRAIN, "cannot create .*Permission denied \\(EACCES\\)", setup=fail_makedirs(errno.EACCES)),
+    Case(
+        "out-cannot-create-eacces",
+        TRAIN,
+        "cannot create .*Permission denied \\(EACCES\\)",
+        setup=fail_makedirs(errno.EACCES),
+    ),
     # --resume
     Case("resume-and-overwrite", TRAIN + " --resume --overwrite", "choose one", setup=make_finished_run),
     Case("resume-missing-folder", TRAIN + " --resume", "does not exist"),
     Case("resume-empty-folder", TRAIN + " --resume", "no checkpoint.pt", setup=make_empty_folder),
     Case("resume-finished-run", TRAIN + " --resume", code=0, setup=make_finished_run, check=finished, changes_out=True),
-    Case("resume-weights-only-file", TRAIN + " --resume", "not a dhkd-pipe training checkpoint \\(no optimizer, epoch",
-         setup=lambda w: checkpoint_file(w, {"model": create_model("resnet8", 10).state_dict()})),
-    Case("resume-hostile-pickle", TRAIN + " --resume", "cannot read checkpoint .*(GLOBAL|global)", setup=hostile_checkpoint, check=payload_not_run),
-    Case("resume-garbage", TRAIN + " --resume", "cannot read checkpoint", setup=lambda w: checkpoint_file(w, raw=b"garbage" * 99)),
-    Case("resume-empty-checkpoint", TRAIN + " --resume", "cannot read checkpoint", setup=lambda w: checkpoint_file(w, raw=b"")),
+    Case(
+        "resume-weights-only-file",
+        TRAIN + " --resume",
+        "not a dhkd-pipe training checkpoint \\(no optimizer, epoch",
+        setup=lambda w: checkpoint_file(w, {"model": create_model("resnet8", 10).state_dict()}),
+    ),
+    Case(
+        "resume-hostile-pickle",
+        TRAIN + " --resume",
+        "cannot read checkpoint .*(GLOBAL|global)",
+        setup=hostile_checkpoint,
+        check=payload_not_run,
+    ),
+    Case(
+        "resume-garbage",
+        TRAIN + " --resume",
+        "cannot read checkpoint",
+        setup=lambda w: checkpoint_file(w, raw=b"garbage" * 99),
+    ),
+    Case(
+        "resume-empty-checkpoint",
+        TRAIN + " --resume",
+        "cannot read checkpoint",
+        setup=lambda w: checkpoint_file(w, raw=b""),
+    ),
     Case("resume-truncated-checkpoint", TRAIN + " --resume", "cannot read checkpoint", setup=truncated_checkpoint),
-    Case("resume-bare-tensor", TRAIN + " --resume", "not a dhkd-pipe training checkpoint", setup=lambda w: checkpoint_file(w, torch.zeros(3))),
-    Case("resume-checkpoint-is-a-folder", TRAIN + " --resume", "cannot read checkpoint",
-         setup=lambda w: (w.out.mkdir(), (w.out / "checkpoint.pt").mkdir())),
+    Case(
+        "resume-bare-tensor",
+        TRAIN + " --resume",
+        "not a dhkd-pipe training checkpoint",
+        setup=lambda w: checkpoint_file(w, torch.zeros(3)),
+    ),
+    Case(
+        "resume-checkpoint-is-a-folder",
+        TRAIN + " --resume",
+        "cannot read checkpoint",
+        setup=lambda w: (w.out.mkdir(), (w.out / "checkpoint.pt").mkdir()),
+    ),
     Case("resume-different-lr", TRAIN + " --resume --lr 0.5", "different config: lr", setup=make_finished_run),
-    Case("resume-different-model", TRAIN.replace("resnet8", "resnet20") + " --resume", "different config: model", setup=make_finished_run),
-    Case("resume-read-only-fs", TRAIN.replace("{out}", "{ro}/run") + " --resume", "read-only file system",
-         setup=lambda w: w.set(ro=w.fixture("readonly"))),
+    Case(
+        "resume-different-model",
+        TRAIN.replace("resnet8", "resnet20") + " --resume",
+        "different config: model",
+        setup=make_finished_run,
+    ),
+    Case(
+        "resume-read-only-fs",
+        TRAIN.replace("{out}", "{ro}/run") + " --resume",
+        "read-only file system",
+        setup=lambda w: w.set(ro=w.fixture("readonly")),
+    ),
     # teacher weights (online distillation)
     Case("teacher-weights-missing", ONLINE.replace("{teacher}", "{tmp}/nope.pt"), "not found"),
-    Case("teacher-weights-hostile", ONLINE, "cannot read checkpoint .*(GLOBAL|global)", setup=hostile_teacher, check=payload_not_run),
+    Case(
+        "teacher-weights-hostile",
+        ONLINE,
+        "cannot read checkpoint .*(GLOBAL|global)",
+        setup=hostile_teacher,
+        check=payload_not_run,
+    ),
     Case("teacher-weights-nan", ONLINE, "weights in .* are not finite", setup=teacher_variant(nan=True)),
     Case("teacher-weights-a-folder", ONLINE.replace("{teacher}", "{tmp}"), "not found"),
     Case("teacher-wrong-architecture", ONLINE.replace("--teacher resnet8", "--teacher resnet20"), "missing|unexpected"),
-    Case("teacher-logits-overflow", ONLINE, "teacher's logits are not finite at epoch 1, step 1", setup=teacher_variant(huge=True),
-         only_line=False),
+    Case(
+        "teacher-logits-overflow",
+        ONLINE,
+        "teacher's logits are not finite at epoch 1, step 1",
+        setup=teacher_variant(huge=True),
+        only_line=False,
+    ),
     # options and configs
     Case("unknown-option", TRAIN + " --bogus", "No such option"),
     Case("option-without-value", TRAIN + " --epochs", "requires an argument"),
@@ -905,9 +1192,19 @@ CASES = [
     Case("max-nonfinite-negative", TRAIN + " --max-nonfinite -1", "must not be negative"),
     Case("resolution-too-small", TRAIN + " --resolution 4", "bad resolution 4"),
     Case("config-missing", TRAIN + " --config {tmp}/none.yaml", "config file not found"),
-    Case("config-bad-yaml", TRAIN + " --config {tmp}/recipe.yaml", "cannot parse config", setup=bad_config("epochs: [1, 2\n")),
+    Case(
+        "config-bad-yaml",
+        TRAIN + " --config {tmp}/recipe.yaml",
+        "cannot parse config",
+        setup=bad_config("epochs: [1, 2\n"),
+    ),
     Case("config-a-list", TRAIN + " --config {tmp}/recipe.yaml", "must be a mapping", setup=bad_config("- 1\n- 2\n")),
-    Case("config-unknown-key", TRAIN + " --config {tmp}/recipe.yaml", "unknown config option\\(s\\): epochz", setup=bad_config("epochz: 3\n")),
+    Case(
+        "config-unknown-key",
+        TRAIN + " --config {tmp}/recipe.yaml",
+        "unknown config option\\(s\\): epochz",
+        setup=bad_config("epochz: 3\n"),
+    ),
     Case("config-bad-value", TRAIN + " --config {tmp}/recipe.yaml", "bad value for lr", setup=bad_config("lr: fast\n")),
     Case("unknown-model", TRAIN.replace("resnet8", "resnet9000"), "unknown model"),
     Case("unknown-method", ONLINE + " --method magic", "unknown method|Invalid value for '--method'"),
@@ -915,79 +1212,259 @@ CASES = [
     Case("data-folder-missing", TRAIN.replace("digits@100", "imagefolder:{tmp}/none"), "not found"),
     Case("fp16-without-gpu", TRAIN + " --precision fp16", "needs a GPU"),
     Case("unknown-tracker", TRAIN + " --log-with tensorbord", "unknown tracker"),
-    Case("method-needs-a-teacher", "distill --student resnet8 --data digits@100 --method kd --out {out}", "needs a teacher"),
+    Case(
+        "method-needs-a-teacher",
+        "distill --student resnet8 --data digits@100 --method kd --out {out}",
+        "needs a teacher",
+    ),
     Case("grad-align-single-head", ONLINE + " --method kd --grad-align", "only --method dhkd"),
     # the model's input size against the data
-    Case("cifar-model-on-image-folder", "train-teacher --model resnet8 --data imagefolder:{images} --workers 0 --out {out}",
-         "resnet8 is built for 32x32 inputs and cannot take the data's 224x224 images; pass --resolution 32"),
-    Case("cifar-teacher-on-image-folder", "distill --student resnet18 --teacher resnet8 --teacher-weights {teacher} "
-         "--data imagefolder:{images} --workers 0 --out {out}", "the teacher resnet8 is built for 32x32"),
+    Case(
+        "cifar-model-on-image-folder",
+        "train-teacher --model resnet8 --data imagefolder:{images} --workers 0 --out {out}",
+        "resnet8 is built for 32x32 inputs and cannot take the data's 224x224 images; pass --resolution 32",
+    ),
+    Case(
+        "cifar-teacher-on-image-folder",
+        "distill --student resnet18 --teacher resnet8 --teacher-weights {teacher} "
+        "--data imagefolder:{images} --workers 0 --out {out}",
+        "the teacher resnet8 is built for 32x32",
+    ),
     Case("cifar-model-at-64-pixels", TRAIN + " --resolution 64", "cannot take the data's 64x64 images"),
-    Case("image-folder-at-32-pixels", "train-teacher --model resnet8 --data imagefolder:{images} --resolution 32 --workers 0 "
-         "--epochs 1 --batch-size 4 --out {out}", code=0, check=finished, changes_out=True),
-    Case("resolution-against-the-store", "distill --student resnet8 --cache {store} --data digits@100 --resolution 64 --out {out}",
-         "the store .* holds views rendered at 32", setup=lambda w: w.set(store=w.fixture("store"))),
-    Case("image-folder-without-val-split", "train-teacher --model resnet8 --data imagefolder:{noval} --resolution 32 --workers 0 "
-         "--epochs 1 --batch-size 4 --out {out}", code=0, check=metrics_valid_with_null_val, changes_out=True),
+    Case(
+        "image-folder-at-32-pixels",
+        "train-teacher --model resnet8 --data imagefolder:{images} --resolution 32 --workers 0 "
+        "--epochs 1 --batch-size 4 --out {out}",
+        code=0,
+        check=finished,
+        changes_out=True,
+    ),
+    Case(
+        "resolution-against-the-store",
+        "distill --student resnet8 --cache {store} --data digits@100 --resolution 64 --out {out}",
+        "the store .* holds views rendered at 32",
+        setup=lambda w: w.set(store=w.fixture("store")),
+    ),
+    Case(
+        "image-folder-without-val-split",
+        "train-teacher --model resnet8 --data imagefolder:{noval} --resolution 32 --workers 0 "
+        "--epochs 1 --batch-size 4 --out {out}",
+        code=0,
+        check=metrics_valid_with_null_val,
+        changes_out=True,
+    ),
     # non-finite training
-    Case("loss-diverges-in-epoch-2", TRAIN + " --epochs 2 --lr-milestones 1 --lr-decay 1e30", "loss is not finite at epoch 2, step",
-         check=first_epoch_kept, changes_out=True, only_line=False),
-    Case("loss-diverges-after-skips", TRAIN + " --epochs 2 --lr-milestones 1 --lr-decay 1e30 --max-nonfinite 2",
-         "loss is not finite at epoch 2, step \\d+ after 2 skipped", check=first_epoch_kept, changes_out=True, only_line=False),
+    Case(
+        "loss-diverges-in-epoch-2",
+        TRAIN + " --epochs 2 --lr-milestones 1 --lr-decay 1e30",
+        "loss is not finite at epoch 2, step",
+        check=first_epoch_kept,
+        changes_out=True,
+        only_line=False,
+    ),
+    Case(
+        "loss-diverges-after-skips",
+        TRAIN + " --epochs 2 --lr-milestones 1 --lr-decay 1e30 --max-nonfinite 2",
+        "loss is not finite at epoch 2, step \\d+ after 2 skipped",
+        check=first_epoch_kept,
+        changes_out=True,
+        only_line=False,
+    ),
     # disk full, permissions (tmpfs where root can mount one; else skipped)
-    Case("disk-full-at-first-checkpoint", TRAIN, "cannot write .*checkpoint.pt: No space left on device \\(ENOSPC\\)",
-         setup=fill_disk(100_000), check=disk_freed_then(resume=False), only_line=False),
-    Case("disk-full-at-second-checkpoint", TRAIN + " --checkpoint-every 1", "checkpoint.pt: No space left on device \\(ENOSPC\\)",
-         setup=fill_disk(1_000_000), check=checkpoint_intact, changes_out=True, only_line=False),
-    Case("metrics-append-fails-enospc", TRAIN + " --epochs 2", "cannot write .*metrics.jsonl: No space left on device \\(ENOSPC\\)",
-         setup=fail_fsync_of("metrics.jsonl", after=1), check=metrics_not_partial, changes_out=True, only_line=False),
-    Case("export-fails-eio", TRAIN, "cannot write .*model.safetensors: Input/output error \\(EIO\\)",
-         setup=fail_fsync_of("model.safetensors.tmp", errno.EIO), check=lambda w: disk_ok_resume(w), changes_out=True, only_line=False),
+    Case(
+        "disk-full-at-first-checkpoint",
+        TRAIN,
+        "cannot write .*checkpoint.pt: No space left on device \\(ENOSPC\\)",
+        setup=fill_disk(100_000),
+        check=disk_freed_then(resume=False),
+        only_line=False,
+    ),
+    Case(
+        "disk-full-at-second-checkpoint",
+        TRAIN + " --checkpoint-every 1",
+        "checkpoint.pt: No space left on device \\(ENOSPC\\)",
+        setup=fill_disk(1_000_000),
+        check=checkpoint_intact,
+        changes_out=True,
+        only_line=False,
+    ),
+    Case(
+        "metrics-append-fails-enospc",
+        TRAIN + " --epochs 2",
+        "cannot write .*metrics.jsonl: No space left on device \\(ENOSPC\\)",
+        setup=fail_fsync_of("metrics.jsonl", after=1),
+        check=metrics_not_partial,
+        changes_out=True,
+        only_line=False,
+    ),
+    Case(
+        "export-fails-eio",
+        TRAIN,
+        "cannot write .*model.safetensors: Input/output error \\(EIO\\)",
+        setup=fail_fsync_of("model.safetensors.tmp", errno.EIO),
+        check=lambda w: disk_ok_resume(w),
+        changes_out=True,
+        only_line=False,
+    ),
     # one writer per run folder
-    Case("lock-held-by-a-live-process", TRAIN, "in use by another run: pid \\d+ on .*kill \\d+", setup=plant_lock(live_pid), check=lock_untouched),
-    Case("lock-held-on-another-host", TRAIN + " --resume", "in use by another run: pid 4242 on elsewhere.example.*remove .*run.lock",
-         setup=plant_lock(other_host, checkpoint=True), check=lock_untouched),
+    Case(
+        "lock-held-by-a-live-process",
+        TRAIN,
+        "in use by another run: pid \\d+ on .*kill \\d+",
+        setup=plant_lock(live_pid),
+        check=lock_untouched,
+    ),
+    Case(
+        "lock-held-on-another-host",
+        TRAIN + " --resume",
+        "in use by another run: pid 4242 on elsewhere.example.*remove .*run.lock",
+        setup=plant_lock(other_host, checkpoint=True),
+        check=lock_untouched,
+    ),
     Case("lock-of-a-dead-process", TRAIN, code=0, setup=plant_lock(dead_pid), check=finished, changes_out=True),
     Case("lock-of-a-zombie", TRAIN, code=0, setup=plant_lock(zombie_pid), check=finished, changes_out=True),
-    Case("lock-garbled-and-old", TRAIN, code=0, setup=plant_lock(raw=b"\0\0garbage", age=60), check=finished, changes_out=True),
+    Case(
+        "lock-garbled-and-old",
+        TRAIN,
+        code=0,
+        setup=plant_lock(raw=b"\0\0garbage", age=60),
+        check=finished,
+        changes_out=True,
+    ),
     # the other commands of the run side
-    Case("eval-hostile-weights", "eval --model resnet8 --weights {teacher} --data digits", "cannot read checkpoint .*(GLOBAL|global)",
-         setup=hostile_teacher, check=payload_not_run),
+    Case(
+        "eval-hostile-weights",
+        "eval --model resnet8 --weights {teacher} --data digits",
+        "cannot read checkpoint .*(GLOBAL|global)",
+        setup=hostile_teacher,
+        check=payload_not_run,
+    ),
     Case("eval-weights-missing", "eval --model resnet8 --weights {tmp}/none.pt --data digits", "not found"),
-    Case("eval-cifar-model-on-image-folder", "eval --model resnet8 --weights {teacher} --data imagefolder:{images}",
-         "built for 32x32 inputs and cannot take the data's 224x224"),
-    Case("eval-data-without-val-split", "eval --model resnet8 --weights {teacher} --data imagefolder:{noval} --resolution 32",
-         "has no validation split"),
+    Case(
+        "eval-cifar-model-on-image-folder",
+        "eval --model resnet8 --weights {teacher} --data imagefolder:{images}",
+        "built for 32x32 inputs and cannot take the data's 224x224",
+    ),
+    Case(
+        "eval-data-without-val-split",
+        "eval --model resnet8 --weights {teacher} --data imagefolder:{noval} --resolution 32",
+        "has no validation split",
+    ),
     Case("export-not-a-run", "export {tmp}", "holds no exported model"),
-    Case("export-out-in-a-missing-folder", "export {run} --out {tmp}/no/such/folder/m.onnx", "is not a folder",
-         setup=make_finished_run),
-    Case("export-out-is-a-folder", "export {run} --out {tmp}", "is a folder; name the ONNX file", setup=make_finished_run),
-    Case("export-out-read-only-fs", "export {run} --out {ro}/m.onnx", "cannot write to .*m.onnx: .* read-only file system \\(EROFS\\)",
-         setup=several(make_finished_run, lambda w: w.set(ro=w.fixture("readonly")))),
+    Case(
+        "export-out-in-a-missing-folder",
+        "export {run} --out {tmp}/no/such/folder/m.onnx",
+        "is not a folder",
+        setup=make_finished_run,
+    ),
+    Case(
+        "export-out-is-a-folder", "export {run} --out {tmp}", "is a folder; name the ONNX file", setup=make_finished_run
+    ),
+    Case(
+        "export-out-read-only-fs",
+        "export {run} --out {ro}/m.onnx",
+        "cannot write to .*m.onnx: .* read-only file system \\(EROFS\\)",
+        setup=several(make_finished_run, lambda w: w.set(ro=w.fixture("readonly"))),
+    ),
     Case("report-not-a-run", "report {tmp} --out {tmp}/r.png", "is not a run folder: no metrics.jsonl"),
-    Case("report-garbled-metrics", "report {run} --out {tmp}/r.png", "corrupt metrics",
-         setup=several(make_finished_run, lambda w: (w.out / "metrics.jsonl").write_text('{"epoch": 1, "train_lo')), check=None),
-    Case("report-out-read-only-fs", "report {run} --out {ro}/r.png", "cannot write .*r.png: Read-only file system \\(EROFS\\)",
-         setup=several(make_finished_run, lambda w: w.set(ro=w.fixture("readonly")))),
+    Case(
+        "report-garbled-metrics",
+        "report {run} --out {tmp}/r.png",
+        "corrupt metrics",
+        setup=several(make_finished_run, lambda w: (w.out / "metrics.jsonl").write_text('{"epoch": 1, "train_lo')),
+        check=None,
+    ),
+    Case(
+        "report-out-read-only-fs",
+        "report {run} --out {ro}/r.png",
+        "cannot write .*r.png: Read-only file system \\(EROFS\\)",
+        setup=several(make_finished_run, lambda w: w.set(ro=w.fixture("readonly"))),
+    ),
     Case("quickstart-out-a-file", "quickstart --out {file}", "is a file", setup=make_file),
-    Case("quickstart-overwrite-a-user-folder", "quickstart --out {out} --overwrite", "is not a quickstart folder",
-         setup=make_user_folder),
-    Case("environment-error-anywhere", TRAIN, "cannot access /data/x: Permission denied \\(EACCES\\)",
-         setup=lambda w: w.monkeypatch.setattr("dhkd_pipe.data.datasets.load_data", eacces("/data/x"))),
-    Case("resume-past-a-stale-lock", TRAIN + " --resume", code=0, setup=plant_lock(dead_pid, checkpoint=True), check=finished, changes_out=True),
-    Case("resumed-epoch-reports-the-same-train-loss", code=0, run=resumed_epoch_same_train_loss, check=same_as_reference,
-         changes_out=True, slow=True),  # two training runs
+    Case(
+        "quickstart-overwrite-a-user-folder",
+        "quickstart --out {out} --overwrite",
+        "is not a quickstart folder",
+        setup=make_user_folder,
+    ),
+    Case(
+        "environment-error-anywhere",
+        TRAIN,
+        "cannot access /data/x: Permission denied \\(EACCES\\)",
+        setup=lambda w: w.monkeypatch.setattr("dhkd_pipe.data.datasets.load_data", eacces("/data/x")),
+    ),
+    Case(
+        "resume-past-a-stale-lock",
+        TRAIN + " --resume",
+        code=0,
+        setup=plant_lock(dead_pid, checkpoint=True),
+        check=finished,
+        changes_out=True,
+    ),
+    Case(
+        "resumed-epoch-reports-the-same-train-loss",
+        code=0,
+        run=resumed_epoch_same_train_loss,
+        check=same_as_reference,
+        changes_out=True,
+        slow=True,
+    ),  # two training runs
     # processes: signals, kills, native output, two writers (slow)
-    Case("truncated-jpeg-no-native-chatter", IMAGES + " --epochs 1 --workers 2", "cannot decode image .*2.JPEG: .*truncated",
-         setup=truncated_jpeg_folder, sub=True, slow=True, only_line=False),
-    Case("sigterm-mid-run-saves-and-resumes", "", "interrupted by SIGTERM (at epoch \\d+, step \\d+|after epoch \\d+): .*--resume",
-         code=143, run=interrupt(signal.SIGTERM), check=resume_then_same, changes_out=True, only_line=False, slow=True),
-    Case("sigint-mid-run-saves-and-resumes", "", "interrupted by SIGINT (at epoch \\d+, step \\d+|after epoch \\d+): .*--resume",
-         code=130, run=interrupt(signal.SIGINT), check=resume_then_same, changes_out=True, only_line=False, slow=True),
-    Case("sigkill-at-a-random-point-1", code=0, run=kill_at_random_point(1), check=same_as_reference, changes_out=True, slow=True),
-    Case("sigkill-at-a-random-point-2", code=0, run=kill_at_random_point(2), check=same_as_reference, changes_out=True, slow=True),
-    Case("second-run-on-a-busy-folder", "", "in use by another run: pid \\d+", run=second_run_while_the_first_runs,
-         changes_out=True, slow=True),
+    Case(
+        "truncated-jpeg-no-native-chatter",
+        IMAGES + " --epochs 1 --workers 2",
+        "cannot decode image .*2.JPEG: .*truncated",
+        setup=truncated_jpeg_folder,
+        sub=True,
+        slow=True,
+        only_line=False,
+    ),
+    Case(
+        "sigterm-mid-run-saves-and-resumes",
+        "",
+        "interrupted by SIGTERM (at epoch \\d+, step \\d+|after epoch \\d+): .*--resume",
+        code=143,
+        run=interrupt(signal.SIGTERM),
+        check=resume_then_same,
+        changes_out=True,
+        only_line=False,
+        slow=True,
+    ),
+    Case(
+        "sigint-mid-run-saves-and-resumes",
+        "",
+        "interrupted by SIGINT (at epoch \\d+, step \\d+|after epoch \\d+): .*--resume",
+        code=130,
+        run=interrupt(signal.SIGINT),
+        check=resume_then_same,
+        changes_out=True,
+        only_line=False,
+        slow=True,
+    ),
+    Case(
+        "sigkill-at-a-random-point-1",
+        code=0,
+        run=kill_at_random_point(1),
+        check=same_as_reference,
+        changes_out=True,
+        slow=True,
+    ),
+    Case(
+        "sigkill-at-a-random-point-2",
+        code=0,
+        run=kill_at_random_point(2),
+        check=same_as_reference,
+        changes_out=True,
+        slow=True,
+    ),
+    Case(
+        "second-run-on-a-busy-folder",
+        "",
+        "in use by another run: pid \\d+",
+        run=second_run_while_the_first_runs,
+        changes_out=True,
+        slow=True,
+    ),
     Case("sigkill-image-folder-run-leaves-no-workers", code=0, run=kill_image_folder_run, changes_out=True, slow=True),
     *ISSUE_19_CASES,
 ]
@@ -1048,12 +1525,19 @@ def test_a_skipped_step_does_no_update(tmp_path, monkeypatch):
     import copy
 
     from dhkd_pipe.config import TrainConfig
+    from dhkd_pipe.errors import DhkdError
     from dhkd_pipe.training.engine import prepare, train_step
     from dhkd_pipe.training.nonfinite import NonFiniteGuard
-    from dhkd_pipe.errors import DhkdError
 
-    cfg = TrainConfig(data="digits@100", model="resnet8", method="ce", epochs=1, batch_size=32, max_nonfinite=1,
-                      out=str(tmp_path / "run")).validate()
+    cfg = TrainConfig(
+        data="digits@100",
+        model="resnet8",
+        method="ce",
+        epochs=1,
+        batch_size=32,
+        max_nonfinite=1,
+        out=str(tmp_path / "run"),
+    ).validate()
     run = prepare(cfg)
     try:
         run.guard = NonFiniteGuard(run.accelerator.device, cfg.max_nonfinite, 1, run.progress)
@@ -1062,7 +1546,11 @@ def test_a_skipped_step_does_no_update(tmp_path, monkeypatch):
         weights = copy.deepcopy(run.model.state_dict())
         optimizer = copy.deepcopy(run.optimizer.state_dict())
         real = type(run.method).terms
-        monkeypatch.setattr(type(run.method), "terms", lambda self, *a, **k: {n: t * float("nan") for n, t in real(self, *a, **k).items()})
+        monkeypatch.setattr(
+            type(run.method),
+            "terms",
+            lambda self, *a, **k: {n: t * float("nan") for n, t in real(self, *a, **k).items()},
+        )
         assert train_step(run, next(batches), 0, 1) is None
         after = run.model.state_dict()
         assert all(torch.equal(weights[k], after[k]) for k in weights)

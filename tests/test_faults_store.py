@@ -31,30 +31,38 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import hostile_stores as hs
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import S3_BUCKET as BUCKET  # the moto server is the session fixture ``s3``
+from test_faults import (
+    CHATTER,
+    assert_one_error_line,
+    dead_pid,
+    live_pid,
+    other_host,
+    zombie_pid,
+)  # the run side's matrix helpers
 
-from dhkd_pipe.store.reader import LogitCache
 from dhkd_pipe.cli import main
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.models import create_model
-from dhkd_pipe.store.objects import StoreObjects, is_url, open_store
 from dhkd_pipe.store.audit import damage
 from dhkd_pipe.store.lock import LOCK_KEY, StoreLock, read_holder
+from dhkd_pipe.store.objects import StoreObjects, is_url, open_store
+from dhkd_pipe.store.reader import LogitCache
 from dhkd_pipe.store.writer import create_or_resume
-
-import hostile_stores as hs
-from conftest import S3_BUCKET as BUCKET  # the moto server is the session fixture ``s3``
-from test_faults import CHATTER, assert_one_error_line, dead_pid, live_pid, other_host, zombie_pid  # the run side's matrix helpers
 
 BIN = os.path.join(os.path.dirname(sys.executable), "dhkd-pipe")
 HOST = socket.gethostname()
 
 CACHE = "cache-teacher --model resnet8 --weights {teacher} --data digits@256 --views 2 --chunk-rows 64 --batch-size 64 --out {out}"
-IMAGES = ("cache-teacher --model resnet8 --weights {teacher2} --data imagefolder:{images} --resolution 32 --views 2 "
-          "--chunk-rows 8 --batch-size 16 --out {out}")
+IMAGES = (
+    "cache-teacher --model resnet8 --weights {teacher2} --data imagefolder:{images} --resolution 32 --views 2 "
+    "--chunk-rows 8 --batch-size 16 --out {out}"
+)
 DISTILL = "distill --student resnet8 --cache {out} --epochs 1 --batch-size 64 --out {run}"
 HELD = r"store \S+ is being written by another process: pid \d+ on "
 
@@ -105,7 +113,12 @@ def shared(tmp_path_factory):
     and the reference store of ``CACHE``, written once."""
     root = tmp_path_factory.mktemp("faults-store")
     teacher = _save_teacher(root / "teacher.pt", 10)
-    shared = {"root": root, "teacher": teacher, "teacher2": _save_teacher(root / "teacher2.pt", 2), "images": root / "images"}
+    shared = {
+        "root": root,
+        "teacher": teacher,
+        "teacher2": _save_teacher(root / "teacher2.pt", 2),
+        "images": root / "images",
+    }
     _write_images(shared["images"])
     reference = root / "reference.zarr"
     code, _, err = invoke(shlex.split(CACHE.format(teacher=teacher, out=reference)))
@@ -127,8 +140,13 @@ class Work:
     before: dict | None = None  # the store's objects before the command, where a case keeps them
 
     def __post_init__(self):
-        self.vars = {"out": str(self.tmp / "s.zarr"), "run": str(self.tmp / "run"), "tmp": str(self.tmp),
-                     "file": str(self.tmp / "notes.txt"), **{k: str(v) for k, v in self.shared.items()}}
+        self.vars = {
+            "out": str(self.tmp / "s.zarr"),
+            "run": str(self.tmp / "run"),
+            "tmp": str(self.tmp),
+            "file": str(self.tmp / "notes.txt"),
+            **{k: str(v) for k, v in self.shared.items()},
+        }
 
     @property
     def out(self) -> str:
@@ -163,7 +181,11 @@ def assert_no_partial_writes(location: str):
     if is_url(location) or not os.path.isdir(location):
         return
     root = Path(location)  # a file of the user's at the store's root is theirs, whatever its name
-    left = [p for p in root.rglob("*") if p.name.endswith((".partial", ".tmp")) and (p.parent != root or p.name.startswith(".lock"))]
+    left = [
+        p
+        for p in root.rglob("*")
+        if p.name.endswith((".partial", ".tmp")) and (p.parent != root or p.name.startswith(".lock"))
+    ]
     assert not left, f"half-written files left: {left}"
 
 
@@ -247,8 +269,15 @@ def image_folder(damage: str):
 
 def empty_store_of_another_command(w: Work):
     """What an earlier failed or killed stage 1 left: a created store with no unit written."""
-    create_or_resume(w.out, epochs=2, num_samples=256, num_classes=10, chunk_rows=64, labels=np.zeros(256),
-                      attrs={"command": {"teacher": "resnet8", "weights_digest": "of the NaN weights"}})
+    create_or_resume(
+        w.out,
+        epochs=2,
+        num_samples=256,
+        num_classes=10,
+        chunk_rows=64,
+        labels=np.zeros(256),
+        attrs={"command": {"teacher": "resnet8", "weights_digest": "of the NaN weights"}},
+    )
 
 
 def damage_unit(array: str, how: str, epoch: int = 1, chunk: int = 2):
@@ -298,8 +327,10 @@ def same_as_reference(location: str, reference: str):
     a.check_complete()
     assert damage(a) == []
     for e in range(b.epochs):
-        assert np.array_equal(np.concatenate([a.read_chunk(e, k)[0] for k in range(a.num_chunks)]),
-                              np.concatenate([b.read_chunk(e, k)[0] for k in range(b.num_chunks)])), e
+        assert np.array_equal(
+            np.concatenate([a.read_chunk(e, k)[0] for k in range(a.num_chunks)]),
+            np.concatenate([b.read_chunk(e, k)[0] for k in range(b.num_chunks)]),
+        ), e
         assert np.array_equal(a.read_order(e), b.read_order(e)) and np.array_equal(a.read_views(e), b.read_views(e))
     assert np.array_equal(a.labels, b.labels)
 
@@ -318,7 +349,11 @@ def no_store(w: Work):
     assert not found, f"left behind at {w.out}: {sorted(found)[:10]}"
 
 
-def rerun(fix: Callable[[Work], None] | None = None, template: str = CACHE, check: Callable[[Work], None] = complete_and_unlocked):
+def rerun(
+    fix: Callable[[Work], None] | None = None,
+    template: str = CACHE,
+    check: Callable[[Work], None] = complete_and_unlocked,
+):
     """After the fix (if any), the same command just works."""
 
     def after(w: Work):
@@ -355,7 +390,9 @@ def inspect_clean(w: Work):
 def inspect_names_damage(w: Work):
     code, out, err = invoke(["inspect", "--json", w.out])
     assert code == 1, err
-    assert_one_error_line(err, rf"is damaged: .*\({re.escape(w.vars['damaged'])}\).*re-run cache-teacher with the same command")
+    assert_one_error_line(
+        err, rf"is damaged: .*\({re.escape(w.vars['damaged'])}\).*re-run cache-teacher with the same command"
+    )
     assert any(w.vars["damaged"] in line for line in json.loads(out)["damaged"])
 
 
@@ -436,9 +473,12 @@ class Case:
     only_line: bool = True  # False: log lines may come before the error line
     after: Callable[[Work], None] | None = None
     slow: bool = False
-    keep: Callable[[Work], list] | None = None  # the user's paths: byte-identical afterwards (links and FIFOs as they were)
+    keep: Callable[[Work], list] | None = (
+        None  # the user's paths: byte-identical afterwards (links and FIFOs as they were)
+    )
     bound: float | None = None  # seconds the command may take: a hostile input must not make it hang
     measure: bool = False  # record the command's time and peak memory (tracemalloc): the hostile-store family
+
 
 # ---- issue 19: hostile stores, foreign objects, stored strings, a replaced store -----------------------
 
@@ -512,7 +552,9 @@ def hint_is_quoted(w: Work):
 
 
 def forged_command_not_suggested(w: Work):
-    assert w.vars["stderr"].strip().splitlines()[-1].endswith("re-run cache-teacher with the same command to rewrite it"), w.vars["stderr"]
+    assert (
+        w.vars["stderr"].strip().splitlines()[-1].endswith("re-run cache-teacher with the same command to rewrite it")
+    ), w.vars["stderr"]
 
 
 def replaced_after_a_stopped_run(w: Work):
@@ -563,103 +605,372 @@ FORGED = r"store \S+: "
 HOSTILE = dict(keep=the_store, bound=30, measure=True)
 HOSTILE_CASES = [
     # forged shapes: checked against the objects before anything is allocated
-    Case("hostile-forged-samples-inspect", "inspect {out}", hostile(hs.forge_samples, 10**8),
-         error=FORGED + r"its metadata claims 100000000 samples but its labels object holds 256", **HOSTILE),
-    Case("hostile-forged-samples-distill", DISTILL, hostile(hs.forge_samples, 10**8), error=r"claims 100000000 samples .* holds 256",
-         after=no_run_folder, **HOSTILE),
-    Case("hostile-forged-samples-resume", CACHE, hostile(hs.forge_samples, 10**8), error=r"claims 100000000 samples", only_line=False,
-         **{**HOSTILE, "bound": 60}),
-    Case("hostile-forged-billion-samples", "inspect {out}", hostile(hs.forge_samples, 10**9),
-         error=FORGED + r"logits claims 31250000 chunks .*a logit store has at most 10000000", **HOSTILE),
-    Case("hostile-forged-done-chunks", "inspect {out}", hostile(hs.forge_done_chunks), error=FORGED + r"done claims \d+ chunks", **HOSTILE),
-    Case("hostile-chunk-rows-zero", "inspect {out}", hostile(hs.forge_chunk_rows, 0), error=FORGED + r"the chunk shape of logits is",
-         **HOSTILE),
-    Case("hostile-chunk-rows-not-a-number", "inspect {out}", hostile(hs.forge_chunk_rows, "many"), error=r"the chunk shape of logits is",
-         **HOSTILE),
-    Case("hostile-labels-shorter-than-logits", DISTILL, hostile(hs.forge_labels_short), error=FORGED + r"labels has shape \[50\]",
-         after=no_run_folder, **HOSTILE),
-    Case("hostile-negative-shape", "inspect {out}", hostile(hs.forge_shape, "logits", [2, -5, 10]), error=r"the shape of logits is",
-         **HOSTILE),
-    Case("hostile-shape-not-a-list", DISTILL, hostile(hs.forge_shape, "order", "big"), error=r"the shape of order is \"big\"", **HOSTILE),
+    Case(
+        "hostile-forged-samples-inspect",
+        "inspect {out}",
+        hostile(hs.forge_samples, 10**8),
+        error=FORGED + r"its metadata claims 100000000 samples but its labels object holds 256",
+        **HOSTILE,
+    ),
+    Case(
+        "hostile-forged-samples-distill",
+        DISTILL,
+        hostile(hs.forge_samples, 10**8),
+        error=r"claims 100000000 samples .* holds 256",
+        after=no_run_folder,
+        **HOSTILE,
+    ),
+    Case(
+        "hostile-forged-samples-resume",
+        CACHE,
+        hostile(hs.forge_samples, 10**8),
+        error=r"claims 100000000 samples",
+        only_line=False,
+        **{**HOSTILE, "bound": 60},
+    ),
+    Case(
+        "hostile-forged-billion-samples",
+        "inspect {out}",
+        hostile(hs.forge_samples, 10**9),
+        error=FORGED + r"logits claims 31250000 chunks .*a logit store has at most 10000000",
+        **HOSTILE,
+    ),
+    Case(
+        "hostile-forged-done-chunks",
+        "inspect {out}",
+        hostile(hs.forge_done_chunks),
+        error=FORGED + r"done claims \d+ chunks",
+        **HOSTILE,
+    ),
+    Case(
+        "hostile-chunk-rows-zero",
+        "inspect {out}",
+        hostile(hs.forge_chunk_rows, 0),
+        error=FORGED + r"the chunk shape of logits is",
+        **HOSTILE,
+    ),
+    Case(
+        "hostile-chunk-rows-not-a-number",
+        "inspect {out}",
+        hostile(hs.forge_chunk_rows, "many"),
+        error=r"the chunk shape of logits is",
+        **HOSTILE,
+    ),
+    Case(
+        "hostile-labels-shorter-than-logits",
+        DISTILL,
+        hostile(hs.forge_labels_short),
+        error=FORGED + r"labels has shape \[50\]",
+        after=no_run_folder,
+        **HOSTILE,
+    ),
+    Case(
+        "hostile-negative-shape",
+        "inspect {out}",
+        hostile(hs.forge_shape, "logits", [2, -5, 10]),
+        error=r"the shape of logits is",
+        **HOSTILE,
+    ),
+    Case(
+        "hostile-shape-not-a-list",
+        DISTILL,
+        hostile(hs.forge_shape, "order", "big"),
+        error=r"the shape of order is \"big\"",
+        **HOSTILE,
+    ),
     # nested, inflated, garbled metadata
-    Case("hostile-nested-root-metadata", "inspect {out}", hostile(hs.nest_metadata), error=FORGED + r"zarr.json nests too deep", **HOSTILE),
-    Case("hostile-nested-array-metadata", DISTILL, hostile(hs.nest_metadata, "views"), error=r"views/zarr.json nests too deep", **HOSTILE),
-    Case("hostile-inflated-metadata", "inspect {out}", hostile(hs.inflate_metadata), error=r"zarr.json is \d+ bytes, more than any",
-         **HOSTILE),
-    Case("hostile-garbled-array-metadata", "inspect {out}", hostile(hs.garble_metadata, "logits"), error=r"logits/zarr.json is not JSON",
-         **HOSTILE),
+    Case(
+        "hostile-nested-root-metadata",
+        "inspect {out}",
+        hostile(hs.nest_metadata),
+        error=FORGED + r"zarr.json nests too deep",
+        **HOSTILE,
+    ),
+    Case(
+        "hostile-nested-array-metadata",
+        DISTILL,
+        hostile(hs.nest_metadata, "views"),
+        error=r"views/zarr.json nests too deep",
+        **HOSTILE,
+    ),
+    Case(
+        "hostile-inflated-metadata",
+        "inspect {out}",
+        hostile(hs.inflate_metadata),
+        error=r"zarr.json is \d+ bytes, more than any",
+        **HOSTILE,
+    ),
+    Case(
+        "hostile-garbled-array-metadata",
+        "inspect {out}",
+        hostile(hs.garble_metadata, "logits"),
+        error=r"logits/zarr.json is not JSON",
+        **HOSTILE,
+    ),
     # special files and links
-    Case("hostile-chunk-fifo-inspect", "inspect {out}", hostile(hs.chunk_fifo), error=FORGED + r"logits/c/0/0/0 is a FIFO, not a file",
-         **HOSTILE),
-    Case("hostile-chunk-fifo-distill", DISTILL, hostile(hs.chunk_fifo), error=r"is a FIFO", after=no_run_folder, **HOSTILE),
-    Case("hostile-chunk-fifo-resume", CACHE, hostile(hs.chunk_fifo, "order"), error=r"order/c/0/0 is a FIFO", only_line=False,
-         **{**HOSTILE, "bound": 60}),
-    Case("hostile-chunk-links-to-dev-zero", "inspect {out}", hostile(hs.chunk_link, "/dev/zero"),
-         error=r"logits/c/0/0/0 is a link that leaves the store \(to /dev/zero\)", **HOSTILE),
-    Case("hostile-chunk-links-outside", "inspect {out}", hostile(hs.chunk_link_outside, extra=lambda w: (w.tmp / "outside.bin",)),
-         error=r"is a link that leaves the store", **{**HOSTILE, "keep": store_and("outside.bin")}),
-    Case("hostile-array-links-outside", DISTILL, hostile(hs.array_link_outside, extra=lambda w: (w.tmp / "elsewhere",)),
-         error=r"order is a link that leaves the store", after=no_run_folder, **{**HOSTILE, "keep": store_and("elsewhere")}),
-    Case("hostile-metadata-links-to-dev-zero", "inspect {out}", hostile(hs.metadata_link), error=r"zarr.json is a link that leaves the store",
-         **HOSTILE),
-    Case("hostile-lock-is-a-fifo-inspect", "inspect {out}", hostile(hs.lock_fifo), error=r"\.lock is a FIFO", **HOSTILE),
-    Case("hostile-lock-is-a-fifo-cache", CACHE, hostile(hs.lock_fifo), error=r"\.lock is a FIFO", only_line=False, **{**HOSTILE, "bound": 60}),
+    Case(
+        "hostile-chunk-fifo-inspect",
+        "inspect {out}",
+        hostile(hs.chunk_fifo),
+        error=FORGED + r"logits/c/0/0/0 is a FIFO, not a file",
+        **HOSTILE,
+    ),
+    Case(
+        "hostile-chunk-fifo-distill",
+        DISTILL,
+        hostile(hs.chunk_fifo),
+        error=r"is a FIFO",
+        after=no_run_folder,
+        **HOSTILE,
+    ),
+    Case(
+        "hostile-chunk-fifo-resume",
+        CACHE,
+        hostile(hs.chunk_fifo, "order"),
+        error=r"order/c/0/0 is a FIFO",
+        only_line=False,
+        **{**HOSTILE, "bound": 60},
+    ),
+    Case(
+        "hostile-chunk-links-to-dev-zero",
+        "inspect {out}",
+        hostile(hs.chunk_link, "/dev/zero"),
+        error=r"logits/c/0/0/0 is a link that leaves the store \(to /dev/zero\)",
+        **HOSTILE,
+    ),
+    Case(
+        "hostile-chunk-links-outside",
+        "inspect {out}",
+        hostile(hs.chunk_link_outside, extra=lambda w: (w.tmp / "outside.bin",)),
+        error=r"is a link that leaves the store",
+        **{**HOSTILE, "keep": store_and("outside.bin")},
+    ),
+    Case(
+        "hostile-array-links-outside",
+        DISTILL,
+        hostile(hs.array_link_outside, extra=lambda w: (w.tmp / "elsewhere",)),
+        error=r"order is a link that leaves the store",
+        after=no_run_folder,
+        **{**HOSTILE, "keep": store_and("elsewhere")},
+    ),
+    Case(
+        "hostile-metadata-links-to-dev-zero",
+        "inspect {out}",
+        hostile(hs.metadata_link),
+        error=r"zarr.json is a link that leaves the store",
+        **HOSTILE,
+    ),
+    Case(
+        "hostile-lock-is-a-fifo-inspect", "inspect {out}", hostile(hs.lock_fifo), error=r"\.lock is a FIFO", **HOSTILE
+    ),
+    Case(
+        "hostile-lock-is-a-fifo-cache",
+        CACHE,
+        hostile(hs.lock_fifo),
+        error=r"\.lock is a FIFO",
+        only_line=False,
+        **{**HOSTILE, "bound": 60},
+    ),
     Case("hostile-socket-in-the-store", "inspect {out}", a_socket, error=r"logits/sock is a socket", **HOSTILE),
-    Case("hostile-dangling-link", "inspect {out}", hostile(hs.dangling_link), error=r"is a link to nothing \(a dangling link\)", **HOSTILE),
+    Case(
+        "hostile-dangling-link",
+        "inspect {out}",
+        hostile(hs.dangling_link),
+        error=r"is a link to nothing \(a dangling link\)",
+        **HOSTILE,
+    ),
     # foreign objects: a store removes and replaces only what it wrote
-    Case("foreign-notes-kept-by-overwrite", CACHE + " --seed 3 --overwrite", foreign_entry("notes.txt"), code=0,
-         keep=lambda w: [Path(w.out) / "notes.txt"], bound=120),
-    Case("foreign-folder-kept-by-overwrite", CACHE + " --seed 3 --overwrite", foreign_entry("my-notes", None), code=0,
-         keep=lambda w: [Path(w.out) / "my-notes"], bound=120),
-    Case("foreign-partial-file-kept-by-resume", CACHE, foreign_entry("download.partial"), code=0,
-         keep=lambda w: [Path(w.out) / "download.partial"], bound=120, after=complete_and_unlocked),
-    Case("weights-inside-the-store-kept-by-overwrite", CACHE + " --seed 3 --overwrite", weights_inside_the_store, code=0,
-         keep=lambda w: [Path(w.out) / "teacher.pt"], bound=120),
-    Case("weights-inside-what-overwrite-removes-refused", CACHE + " --seed 3 --overwrite", weights_inside_the_stores_own_entry,
-         error=r"--weights \S+/logits/teacher.pt lies inside what --overwrite would remove from the store", only_line=False,
-         keep=the_store, bound=120),
-    Case("s3-no-store-at-an-empty-bucket-root", CACHE, s3_bucket("empty", foreign=False), only_line=False,
-         error=r"s3://empty-\w+ is a whole bucket: .*name a prefix such as s3://empty-\w+/logits.zarr", after=unchanged, slow=True),
-    Case("s3-bucket-root-store-not-replaced", CACHE + " --seed 3 --overwrite", s3_bucket("photos", store_at_root=True), only_line=False,
-         error=r"is a whole bucket", after=unchanged, slow=True),
-    Case("s3-foreign-object-kept-by-overwrite", CACHE + " --seed 3 --overwrite", s3_prefix_with_foreign, code=0, after=s3_foreign_kept,
-         slow=True),
+    Case(
+        "foreign-notes-kept-by-overwrite",
+        CACHE + " --seed 3 --overwrite",
+        foreign_entry("notes.txt"),
+        code=0,
+        keep=lambda w: [Path(w.out) / "notes.txt"],
+        bound=120,
+    ),
+    Case(
+        "foreign-folder-kept-by-overwrite",
+        CACHE + " --seed 3 --overwrite",
+        foreign_entry("my-notes", None),
+        code=0,
+        keep=lambda w: [Path(w.out) / "my-notes"],
+        bound=120,
+    ),
+    Case(
+        "foreign-partial-file-kept-by-resume",
+        CACHE,
+        foreign_entry("download.partial"),
+        code=0,
+        keep=lambda w: [Path(w.out) / "download.partial"],
+        bound=120,
+        after=complete_and_unlocked,
+    ),
+    Case(
+        "weights-inside-the-store-kept-by-overwrite",
+        CACHE + " --seed 3 --overwrite",
+        weights_inside_the_store,
+        code=0,
+        keep=lambda w: [Path(w.out) / "teacher.pt"],
+        bound=120,
+    ),
+    Case(
+        "weights-inside-what-overwrite-removes-refused",
+        CACHE + " --seed 3 --overwrite",
+        weights_inside_the_stores_own_entry,
+        error=r"--weights \S+/logits/teacher.pt lies inside what --overwrite would remove from the store",
+        only_line=False,
+        keep=the_store,
+        bound=120,
+    ),
+    Case(
+        "s3-no-store-at-an-empty-bucket-root",
+        CACHE,
+        s3_bucket("empty", foreign=False),
+        only_line=False,
+        error=r"s3://empty-\w+ is a whole bucket: .*name a prefix such as s3://empty-\w+/logits.zarr",
+        after=unchanged,
+        slow=True,
+    ),
+    Case(
+        "s3-bucket-root-store-not-replaced",
+        CACHE + " --seed 3 --overwrite",
+        s3_bucket("photos", store_at_root=True),
+        only_line=False,
+        error=r"is a whole bucket",
+        after=unchanged,
+        slow=True,
+    ),
+    Case(
+        "s3-foreign-object-kept-by-overwrite",
+        CACHE + " --seed 3 --overwrite",
+        s3_prefix_with_foreign,
+        code=0,
+        after=s3_foreign_kept,
+        slow=True,
+    ),
     # stored strings shown safely
-    Case("strings-control-characters-escaped", "inspect {out}",
-         several(hostile(hs.set_attr, "command_line", "dhkd-pipe cache-teacher --model resnet8 " + hs.ESCAPES), damaged_chunk),
-         code=1, error=r"is damaged: .*\\x1b\[2J", after=no_raw_control, keep=the_store, bound=30),
-    Case("strings-repair-hint-quoted", "inspect {out}",
-         several(hostile(hs.set_attr, "command_line", "dhkd-pipe cache-teacher --model resnet8" + hs.SHELL_TAIL), damaged_chunk),
-         code=1, error=r"is damaged", after=hint_is_quoted, keep=the_store, bound=30),
-    Case("strings-forged-command-not-suggested", "inspect {out}", several(hostile(hs.set_attr, "command_line", "rm -rf ~"), damaged_chunk),
-         code=1, error=r"is damaged", after=forged_command_not_suggested, keep=the_store, bound=30),
-    Case("strings-tool-version-escaped", "inspect {out}", hostile(hs.set_attr, "tool_version", "1.0" + hs.ESCAPES), code=0,
-         after=no_raw_control, keep=the_store, bound=30),
-    Case("strings-dataset-name-escaped", DISTILL + " --data digits@256", hostile(hs.set_dataset_field, "kind", "digits" + hs.ESCAPES),
-         error=r"store does not match the data: kind is digits\\x1b", after=no_raw_control, keep=the_store, bound=60),
+    Case(
+        "strings-control-characters-escaped",
+        "inspect {out}",
+        several(
+            hostile(hs.set_attr, "command_line", "dhkd-pipe cache-teacher --model resnet8 " + hs.ESCAPES), damaged_chunk
+        ),
+        code=1,
+        error=r"is damaged: .*\\x1b\[2J",
+        after=no_raw_control,
+        keep=the_store,
+        bound=30,
+    ),
+    Case(
+        "strings-repair-hint-quoted",
+        "inspect {out}",
+        several(
+            hostile(hs.set_attr, "command_line", "dhkd-pipe cache-teacher --model resnet8" + hs.SHELL_TAIL),
+            damaged_chunk,
+        ),
+        code=1,
+        error=r"is damaged",
+        after=hint_is_quoted,
+        keep=the_store,
+        bound=30,
+    ),
+    Case(
+        "strings-forged-command-not-suggested",
+        "inspect {out}",
+        several(hostile(hs.set_attr, "command_line", "rm -rf ~"), damaged_chunk),
+        code=1,
+        error=r"is damaged",
+        after=forged_command_not_suggested,
+        keep=the_store,
+        bound=30,
+    ),
+    Case(
+        "strings-tool-version-escaped",
+        "inspect {out}",
+        hostile(hs.set_attr, "tool_version", "1.0" + hs.ESCAPES),
+        code=0,
+        after=no_raw_control,
+        keep=the_store,
+        bound=30,
+    ),
+    Case(
+        "strings-dataset-name-escaped",
+        DISTILL + " --data digits@256",
+        hostile(hs.set_dataset_field, "kind", "digits" + hs.ESCAPES),
+        error=r"store does not match the data: kind is digits\\x1b",
+        after=no_raw_control,
+        keep=the_store,
+        bound=60,
+    ),
     # a resumed run refuses another store; values checked where they enter
-    Case("resume-refuses-a-replaced-store", DISTILL + " --epochs 2 --resume", replaced_after_a_stopped_run,
-         error=r"--resume: the store is not the one this run started from: it started from \S+ \(command \w+\), --cache now holds "
-               r"\S+ \(command \w+\); seed was 0, now 1", keep=the_store, bound=120),
-    Case("verify-cache-zero-samples", "verify-cache {out} --samples 0", reference_copy, error=r"bad --samples 0: must be at least 1",
-         keep=the_store, bound=30),
-    Case("verify-cache-nan-tolerance", "verify-cache {out} --tolerance nan", reference_copy, error=r"bad --tolerance nan: must be a finite",
-         keep=the_store, bound=30),
-    Case("verify-cache-negative-tolerance", "verify-cache {out} --tolerance -1", reference_copy, error=r"bad --tolerance -1",
-         keep=the_store, bound=30),
+    Case(
+        "resume-refuses-a-replaced-store",
+        DISTILL + " --epochs 2 --resume",
+        replaced_after_a_stopped_run,
+        error=r"--resume: the store is not the one this run started from: it started from \S+ \(command \w+\), --cache now holds "
+        r"\S+ \(command \w+\); seed was 0, now 1",
+        keep=the_store,
+        bound=120,
+    ),
+    Case(
+        "verify-cache-zero-samples",
+        "verify-cache {out} --samples 0",
+        reference_copy,
+        error=r"bad --samples 0: must be at least 1",
+        keep=the_store,
+        bound=30,
+    ),
+    Case(
+        "verify-cache-nan-tolerance",
+        "verify-cache {out} --tolerance nan",
+        reference_copy,
+        error=r"bad --tolerance nan: must be a finite",
+        keep=the_store,
+        bound=30,
+    ),
+    Case(
+        "verify-cache-negative-tolerance",
+        "verify-cache {out} --tolerance -1",
+        reference_copy,
+        error=r"bad --tolerance -1",
+        keep=the_store,
+        bound=30,
+    ),
 ]
 
 
 CASES = [
     # one writer per store: the lock, its holder and the stale-lock rule
-    Case("lock-held-by-live-process", CACHE, plant_lock(live_pid), error=HELD + r".*\(dhkd-pipe distill \.\.\.\); wait for it to finish or stop it \(kill \d+\)",
-         after=holder_kept),
+    Case(
+        "lock-held-by-live-process",
+        CACHE,
+        plant_lock(live_pid),
+        error=HELD + r".*\(dhkd-pipe distill \.\.\.\); wait for it to finish or stop it \(kill \d+\)",
+        after=holder_kept,
+    ),
     Case("lock-held-on-empty-location", CACHE, plant_lock(live_pid, store=False), error=HELD, after=holder_kept),
     Case("overwrite-refused-while-held", CACHE + " --overwrite", plant_lock(live_pid), error=HELD, after=holder_kept),
-    Case("lock-held-on-another-host", CACHE, plant_lock(other_host),
-         error=HELD + r"elsewhere\.example, .*if it is no longer running, run again with --break-lock", after=holder_kept),
-    Case("break-lock-of-another-host", CACHE + " --break-lock", plant_lock(other_host), code=0, after=complete_and_unlocked),
-    Case("break-lock-refuses-a-live-local-holder", CACHE + " --break-lock", plant_lock(live_pid), error=HELD, after=holder_kept),
+    Case(
+        "lock-held-on-another-host",
+        CACHE,
+        plant_lock(other_host),
+        error=HELD + r"elsewhere\.example, .*if it is no longer running, run again with --break-lock",
+        after=holder_kept,
+    ),
+    Case(
+        "break-lock-of-another-host",
+        CACHE + " --break-lock",
+        plant_lock(other_host),
+        code=0,
+        after=complete_and_unlocked,
+    ),
+    Case(
+        "break-lock-refuses-a-live-local-holder",
+        CACHE + " --break-lock",
+        plant_lock(live_pid),
+        error=HELD,
+        after=holder_kept,
+    ),
     Case("stale-lock-dead-pid", CACHE, plant_lock(dead_pid), code=0, after=complete_and_unlocked),
     Case("stale-lock-zombie", CACHE, plant_lock(zombie_pid), code=0, after=complete_and_unlocked),
     Case("stale-lock-reused-pid", CACHE, plant_lock(reused_pid), code=0, after=complete_and_unlocked),
@@ -667,67 +978,221 @@ CASES = [
     Case("memory-lock-held", CACHE, several(memory_store, plant_lock(live_pid)), error=HELD, after=holder_kept),
     Case("memory-stale-lock", CACHE, several(memory_store, plant_lock(dead_pid)), code=0, after=complete_and_unlocked),
     # --overwrite replaces only a logit store
-    Case("overwrite-a-file", CACHE + " --overwrite", user_file, error=r"is a file, not a logit store; .*never a file", after=unchanged),
-    Case("out-is-a-file", CACHE, user_file, error=r"is a file, not a logit store; choose another path$", after=unchanged),
-    Case("overwrite-a-user-folder", CACHE + " --overwrite", user_folder, error=r"exists and is not a logit store; refusing to delete it",
-         after=unchanged),
-    Case("overwrite-another-zarr-store", CACHE + " --overwrite", foreign_zarr,
-         error=r"holds a Zarr store that is not a logit store; refusing to delete it", after=unchanged),
+    Case(
+        "overwrite-a-file",
+        CACHE + " --overwrite",
+        user_file,
+        error=r"is a file, not a logit store; .*never a file",
+        after=unchanged,
+    ),
+    Case(
+        "out-is-a-file", CACHE, user_file, error=r"is a file, not a logit store; choose another path$", after=unchanged
+    ),
+    Case(
+        "overwrite-a-user-folder",
+        CACHE + " --overwrite",
+        user_folder,
+        error=r"exists and is not a logit store; refusing to delete it",
+        after=unchanged,
+    ),
+    Case(
+        "overwrite-another-zarr-store",
+        CACHE + " --overwrite",
+        foreign_zarr,
+        error=r"holds a Zarr store that is not a logit store; refusing to delete it",
+        after=unchanged,
+    ),
     # nothing half-written: inputs checked before the store exists, a failed store removed
-    Case("nan-teacher-weights", CACHE, teacher_file(nan=True), error=r"the weights in \S+bad-teacher\.pt are not finite",
-         after=then(no_store, rerun(good_teacher))),
-    Case("teacher-logits-overflow", CACHE, teacher_file(huge=True), error=r"teacher logits are not finite \(infinite in row \d+ of the first batch\)",
-         after=then(no_store, rerun(good_teacher))),
-    Case("fp16-range-exceeded", CACHE, teacher_file(scale=1e5), error=r"exceed the fp16 range .*use --codec bf16 or fp32",
-         after=then(no_store, rerun(good_teacher))),
-    Case("nan-teacher-on-memory", CACHE, several(memory_store, teacher_file(nan=True)), error=r"not finite",
-         after=then(no_store, rerun(good_teacher))),
-    Case("teacher-cannot-take-the-images", IMAGES.replace(" --resolution 32", ""), code=2,
-         error=r"the teacher resnet8 is built for 32x32 inputs and cannot take the data's 224x224 images; pass --resolution 32",
-         after=no_store),
+    Case(
+        "nan-teacher-weights",
+        CACHE,
+        teacher_file(nan=True),
+        error=r"the weights in \S+bad-teacher\.pt are not finite",
+        after=then(no_store, rerun(good_teacher)),
+    ),
+    Case(
+        "teacher-logits-overflow",
+        CACHE,
+        teacher_file(huge=True),
+        error=r"teacher logits are not finite \(infinite in row \d+ of the first batch\)",
+        after=then(no_store, rerun(good_teacher)),
+    ),
+    Case(
+        "fp16-range-exceeded",
+        CACHE,
+        teacher_file(scale=1e5),
+        error=r"exceed the fp16 range .*use --codec bf16 or fp32",
+        after=then(no_store, rerun(good_teacher)),
+    ),
+    Case(
+        "nan-teacher-on-memory",
+        CACHE,
+        several(memory_store, teacher_file(nan=True)),
+        error=r"not finite",
+        after=then(no_store, rerun(good_teacher)),
+    ),
+    Case(
+        "teacher-cannot-take-the-images",
+        IMAGES.replace(" --resolution 32", ""),
+        code=2,
+        error=r"the teacher resnet8 is built for 32x32 inputs and cannot take the data's 224x224 images; pass --resolution 32",
+        after=no_store,
+    ),
     Case("empty-store-of-a-failed-run", CACHE, empty_store_of_another_command, code=0, after=complete_and_unlocked),
-    Case("zero-byte-image", IMAGES, image_folder("empty"), error=r"cannot read image header of \S+2\.JPEG",
-         after=then(no_store, rerun(restore_image, IMAGES, image_store_sound)), slow=True),
-    Case("truncated-image", IMAGES, image_folder("truncated"), error=r"2\.JPEG",
-         after=then(no_store, rerun(restore_image, IMAGES, image_store_sound)), slow=True),
+    Case(
+        "zero-byte-image",
+        IMAGES,
+        image_folder("empty"),
+        error=r"cannot read image header of \S+2\.JPEG",
+        after=then(no_store, rerun(restore_image, IMAGES, image_store_sound)),
+        slow=True,
+    ),
+    Case(
+        "truncated-image",
+        IMAGES,
+        image_folder("truncated"),
+        error=r"2\.JPEG",
+        after=then(no_store, rerun(restore_image, IMAGES, image_store_sound)),
+        slow=True,
+    ),
     # damage is found and repaired
-    Case("inspect-deleted-chunk", "inspect {out}", damage_unit("logits", "delete"), code=1,
-         error=r"is damaged: logits epoch 1 chunk 2 \(logits/c/1/2/0\): missing; re-run cache-teacher with the same command to rewrite it: dhkd-pipe cache-teacher ",
-         after=then(rerun(), inspect_clean)),
-    Case("inspect-flipped-bit", "inspect {out}", damage_unit("logits", "flip"), code=1, error=r"logits epoch 1 chunk 2 \(\S+\): checksum mismatch",
-         after=then(rerun(), inspect_clean)),
-    Case("inspect-quick-truncated", "inspect --quick {out}", damage_unit("views", "empty"), code=1, error=r"views epoch 1 chunk 2 \(\S+\): truncated",
-         after=then(inspect_names_damage, rerun(), inspect_clean)),
+    Case(
+        "inspect-deleted-chunk",
+        "inspect {out}",
+        damage_unit("logits", "delete"),
+        code=1,
+        error=r"is damaged: logits epoch 1 chunk 2 \(logits/c/1/2/0\): missing; re-run cache-teacher with the same command to rewrite it: dhkd-pipe cache-teacher ",
+        after=then(rerun(), inspect_clean),
+    ),
+    Case(
+        "inspect-flipped-bit",
+        "inspect {out}",
+        damage_unit("logits", "flip"),
+        code=1,
+        error=r"logits epoch 1 chunk 2 \(\S+\): checksum mismatch",
+        after=then(rerun(), inspect_clean),
+    ),
+    Case(
+        "inspect-quick-truncated",
+        "inspect --quick {out}",
+        damage_unit("views", "empty"),
+        code=1,
+        error=r"views epoch 1 chunk 2 \(\S+\): truncated",
+        after=then(inspect_names_damage, rerun(), inspect_clean),
+    ),
     Case("leftovers-of-killed-writers-removed", CACHE, killed_writers_leftovers, code=0, after=complete_and_unlocked),
-    Case("repair-deleted-chunk", CACHE, damage_unit("order", "delete", epoch=0, chunk=3), code=0, after=then(complete_and_unlocked, inspect_clean)),
-    Case("repair-flipped-bit", CACHE, damage_unit("logits", "flip"), code=0, after=then(complete_and_unlocked, inspect_clean)),
-    Case("repair-truncated-chunk", CACHE, damage_unit("views", "truncate", epoch=0, chunk=0), code=0, after=complete_and_unlocked),
+    Case(
+        "repair-deleted-chunk",
+        CACHE,
+        damage_unit("order", "delete", epoch=0, chunk=3),
+        code=0,
+        after=then(complete_and_unlocked, inspect_clean),
+    ),
+    Case(
+        "repair-flipped-bit",
+        CACHE,
+        damage_unit("logits", "flip"),
+        code=0,
+        after=then(complete_and_unlocked, inspect_clean),
+    ),
+    Case(
+        "repair-truncated-chunk",
+        CACHE,
+        damage_unit("views", "truncate", epoch=0, chunk=0),
+        code=0,
+        after=complete_and_unlocked,
+    ),
     Case("repair-done-flags", CACHE, damage_unit("done", "flip"), code=0, after=complete_and_unlocked),
     Case("repair-labels", CACHE, damage_unit("labels", "flip"), code=0, after=complete_and_unlocked),
-    Case("repair-on-memory", CACHE, several(memory_store, damage_unit("logits", "flip", epoch=0, chunk=1)), code=0,
-         after=complete_and_unlocked),
-    Case("distill-deleted-chunk", DISTILL, damage_unit("logits", "delete"),
-         error=r"store \S+ is damaged: logits epoch 1 chunk 2 \(logits/c/1/2/0\): missing; re-run cache-teacher with the same command",
-         after=then(no_run_folder, rerun())),
-    Case("distill-truncated-chunk", DISTILL, damage_unit("views", "empty", epoch=0, chunk=0), error=r"views epoch 0 chunk 0 .*truncated",
-         after=no_run_folder),
-    Case("distill-flipped-bit", DISTILL, damage_unit("logits", "flip", epoch=0, chunk=0), only_line=False,
-         error=r"logits epoch 0 chunk 0 is damaged \(checksum mismatch\); re-run cache-teacher with the same command"),
+    Case(
+        "repair-on-memory",
+        CACHE,
+        several(memory_store, damage_unit("logits", "flip", epoch=0, chunk=1)),
+        code=0,
+        after=complete_and_unlocked,
+    ),
+    Case(
+        "distill-deleted-chunk",
+        DISTILL,
+        damage_unit("logits", "delete"),
+        error=r"store \S+ is damaged: logits epoch 1 chunk 2 \(logits/c/1/2/0\): missing; re-run cache-teacher with the same command",
+        after=then(no_run_folder, rerun()),
+    ),
+    Case(
+        "distill-truncated-chunk",
+        DISTILL,
+        damage_unit("views", "empty", epoch=0, chunk=0),
+        error=r"views epoch 0 chunk 0 .*truncated",
+        after=no_run_folder,
+    ),
+    Case(
+        "distill-flipped-bit",
+        DISTILL,
+        damage_unit("logits", "flip", epoch=0, chunk=0),
+        only_line=False,
+        error=r"logits epoch 0 chunk 0 is damaged \(checksum mismatch\); re-run cache-teacher with the same command",
+    ),
     # the disk fills up during stage 1
-    Case("disk-full-before-first-unit", CACHE, full_disk(12 << 10), only_line=False, error=r"No space left on device \(ENOSPC\)",
-         after=then(no_store, rerun(free_disk))),
-    Case("disk-full-mid-store", CACHE, full_disk(96 << 10), only_line=False, error=r"No space left on device \(ENOSPC\)",
-         after=then(units_kept, rerun(free_disk))),
+    Case(
+        "disk-full-before-first-unit",
+        CACHE,
+        full_disk(12 << 10),
+        only_line=False,
+        error=r"No space left on device \(ENOSPC\)",
+        after=then(no_store, rerun(free_disk)),
+    ),
+    Case(
+        "disk-full-mid-store",
+        CACHE,
+        full_disk(96 << 10),
+        only_line=False,
+        error=r"No space left on device \(ENOSPC\)",
+        after=then(units_kept, rerun(free_disk)),
+    ),
     # the same on S3 (a moto server): conditional PUTs make the lock
-    Case("s3-lock-held", CACHE, several(s3_store, plant_lock(live_pid)), error=HELD + r".*kill \d+\)$", after=holder_kept, slow=True),
-    Case("s3-lock-of-another-host", CACHE, several(s3_store, plant_lock(other_host)), error=HELD + r".*--break-lock$",
-         after=then(holder_kept, rerun(template=CACHE + " --break-lock")), slow=True),
-    Case("s3-stale-lock", CACHE, several(s3_store, plant_lock(dead_pid)), code=0, after=complete_and_unlocked, slow=True),
-    Case("s3-nan-teacher", CACHE, several(s3_store, teacher_file(nan=True)), error=r"not finite", after=then(no_store, rerun(good_teacher)),
-         slow=True),
-    Case("s3-repair-flipped-bit", CACHE, several(s3_store, damage_unit("logits", "flip")), code=0, after=complete_and_unlocked, slow=True),
-    Case("s3-distill-deleted-chunk", DISTILL, several(s3_store, damage_unit("order", "delete", epoch=0, chunk=1)),
-         error=r"is damaged: order epoch 0 chunk 1 \(order/c/0/1\): missing; re-run cache-teacher", after=no_run_folder, slow=True),
+    Case(
+        "s3-lock-held",
+        CACHE,
+        several(s3_store, plant_lock(live_pid)),
+        error=HELD + r".*kill \d+\)$",
+        after=holder_kept,
+        slow=True,
+    ),
+    Case(
+        "s3-lock-of-another-host",
+        CACHE,
+        several(s3_store, plant_lock(other_host)),
+        error=HELD + r".*--break-lock$",
+        after=then(holder_kept, rerun(template=CACHE + " --break-lock")),
+        slow=True,
+    ),
+    Case(
+        "s3-stale-lock", CACHE, several(s3_store, plant_lock(dead_pid)), code=0, after=complete_and_unlocked, slow=True
+    ),
+    Case(
+        "s3-nan-teacher",
+        CACHE,
+        several(s3_store, teacher_file(nan=True)),
+        error=r"not finite",
+        after=then(no_store, rerun(good_teacher)),
+        slow=True,
+    ),
+    Case(
+        "s3-repair-flipped-bit",
+        CACHE,
+        several(s3_store, damage_unit("logits", "flip")),
+        code=0,
+        after=complete_and_unlocked,
+        slow=True,
+    ),
+    Case(
+        "s3-distill-deleted-chunk",
+        DISTILL,
+        several(s3_store, damage_unit("order", "delete", epoch=0, chunk=1)),
+        error=r"is damaged: order epoch 0 chunk 1 \(order/c/0/1\): missing; re-run cache-teacher",
+        after=no_run_folder,
+        slow=True,
+    ),
     *HOSTILE_CASES,
 ]
 
@@ -897,8 +1362,8 @@ def test_the_lock_is_released_on_an_interrupt(shared, tmp_path, monkeypatch):
     """The lock is held while units are written; a KeyboardInterrupt in the middle of stage 1
     releases it and keeps the units written, and the re-run completes the store."""
     from dhkd_pipe.config import CacheConfig
-    from dhkd_pipe.store import writer as store_writer
     from dhkd_pipe.stages import cache_teacher as stage
+    from dhkd_pipe.store import writer as store_writer
 
     out = tmp_path / "s.zarr"
     calls = []
@@ -914,8 +1379,15 @@ def test_the_lock_is_released_on_an_interrupt(shared, tmp_path, monkeypatch):
 
     monkeypatch.setattr(store_writer, "write_unit", write_then_stop)
     monkeypatch.setattr(store_writer, "WRITE_THREADS", 1)  # one unit at a time: exactly two are written before the stop
-    cfg = CacheConfig(data="digits@256", model="resnet8", weights=str(shared["teacher"]), views=2, chunk_rows=64, batch_size=64,
-                      out=str(out)).validate()
+    cfg = CacheConfig(
+        data="digits@256",
+        model="resnet8",
+        weights=str(shared["teacher"]),
+        views=2,
+        chunk_rows=64,
+        batch_size=64,
+        out=str(out),
+    ).validate()
     with pytest.raises(KeyboardInterrupt):
         stage.cache_teacher(cfg, log=lambda *a: None)
     objects = StoreObjects(open_store(str(out)), str(out))
@@ -936,7 +1408,9 @@ def test_two_cache_teacher_runs_on_one_store(shared, tmp_path):
     out = tmp_path / "s.zarr"
     args = [BIN, *shlex.split(CACHE.format(teacher=shared["teacher"], out=out))]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    procs = [
+        subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)
+    ]
     results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
     for p in procs:
         p.stdout.close(), p.stderr.close()
@@ -955,8 +1429,17 @@ def test_a_second_run_while_one_writes(shared, tmp_path):
     """While a cache-teacher process writes the store, a second run (here, in this process) is
     refused at once; the first completes."""
     out = tmp_path / "s.zarr"
-    args = [BIN, *shlex.split(CACHE.replace("digits@256", "digits").replace("--views 2", "--views 6").format(teacher=shared["teacher"], out=out))]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    args = [
+        BIN,
+        *shlex.split(
+            CACHE.replace("digits@256", "digits")
+            .replace("--views 2", "--views 6")
+            .format(teacher=shared["teacher"], out=out)
+        ),
+    ]
+    proc = subprocess.Popen(
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     try:
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
@@ -966,7 +1449,9 @@ def test_a_second_run_while_one_writes(shared, tmp_path):
         assert proc.poll() is None, proc.stderr.read()
         code, _, err = invoke(shlex.split(CACHE.format(teacher=shared["teacher"], out=out)) + ["--overwrite"])
         assert code == 2
-        assert_one_error_line(err, rf"is being written by another process: pid {proc.pid} on {re.escape(HOST)}, .*\(kill {proc.pid}\)$")
+        assert_one_error_line(
+            err, rf"is being written by another process: pid {proc.pid} on {re.escape(HOST)}, .*\(kill {proc.pid}\)$"
+        )
         assert proc.wait(timeout=300) == 0, proc.stderr.read()
     finally:
         if proc.poll() is None:
@@ -985,9 +1470,18 @@ def test_sigterm_mid_store_releases_the_lock_and_keeps_the_units(shared, tmp_pat
     import signal
 
     out = tmp_path / "s.zarr"
-    command = CACHE.replace("digits@256", "digits").replace("--views 2", "--views 6").format(teacher=shared["teacher"], out=out)
-    proc = subprocess.Popen([BIN, *shlex.split(command)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = (
+        CACHE.replace("digits@256", "digits")
+        .replace("--views 2", "--views 6")
+        .format(teacher=shared["teacher"], out=out)
+    )
+    proc = subprocess.Popen(
+        [BIN, *shlex.split(command)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     try:
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
@@ -1021,11 +1515,31 @@ def test_two_ranks_write_one_store_under_one_lock(shared, tmp_path):
     """accelerate launch: rank 0 takes the lock for the run, both ranks write; the store is the
     one-process store and the lock is gone."""
     out = tmp_path / "s.zarr"
-    cmd = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-           "--main_process_port", "0", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dhkd_pipe.cli",
-           *shlex.split(CACHE.format(teacher=shared["teacher"], out=out))]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
-                          timeout=600)
+    cmd = [
+        os.path.join(os.path.dirname(sys.executable), "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        "0",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "dhkd_pipe.cli",
+        *shlex.split(CACHE.format(teacher=shared["teacher"], out=out)),
+    ]
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     same_as_reference(str(out), str(shared["reference"]))
     assert not (out / LOCK_KEY).exists()
@@ -1040,15 +1554,26 @@ def test_a_frozen_object_store_ends_in_one_line_by_the_storage_timeouts(shared, 
     frozen = socket.socket()
     frozen.bind(("127.0.0.1", 0))
     frozen.listen(64)
-    env = {**os.environ, "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{frozen.getsockname()[1]}", "AWS_ACCESS_KEY_ID": "x",
-           "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
-           "DHKD_STORE_CONNECT_TIMEOUT": "1", "DHKD_STORE_READ_TIMEOUT": "2"}
-    commands = {"inspect": ["inspect", "s3://dhkd/frozen.zarr"],
-                "cache-teacher": shlex.split(CACHE.format(teacher=shared["teacher"], out="s3://dhkd/frozen.zarr"))}
+    env = {
+        **os.environ,
+        "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{frozen.getsockname()[1]}",
+        "AWS_ACCESS_KEY_ID": "x",
+        "AWS_SECRET_ACCESS_KEY": "x",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "DHKD_STORE_CONNECT_TIMEOUT": "1",
+        "DHKD_STORE_READ_TIMEOUT": "2",
+    }
+    commands = {
+        "inspect": ["inspect", "s3://dhkd/frozen.zarr"],
+        "cache-teacher": shlex.split(CACHE.format(teacher=shared["teacher"], out="s3://dhkd/frozen.zarr")),
+    }
     began, ended, procs = time.monotonic(), {}, {}
     try:
         for name, args in commands.items():
-            procs[name] = subprocess.Popen([BIN, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            procs[name] = subprocess.Popen(
+                [BIN, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+            )
         outputs = {}
         for name, proc in procs.items():  # each one's end is known no later than its communicate returns
             outputs[name] = proc.communicate(timeout=120)
@@ -1061,9 +1586,14 @@ def test_a_frozen_object_store_ends_in_one_line_by_the_storage_timeouts(shared, 
     for name, proc in procs.items():
         stderr = outputs[name][1]
         assert proc.returncode == 2, (name, stderr[-3000:])
-        assert_one_error_line(stderr, r"store s3://dhkd/frozen.zarr: cannot .*(timeout|timed out|Read timeout|Connect timeout)",
-                              only_line=name == "inspect")
-        assert ended[name] - began < 30, f"{name} took {ended[name] - began:.0f} s"  # (1 + 2) s x 2 attempts per call, a few calls
+        assert_one_error_line(
+            stderr,
+            r"store s3://dhkd/frozen.zarr: cannot .*(timeout|timed out|Read timeout|Connect timeout)",
+            only_line=name == "inspect",
+        )
+        assert ended[name] - began < 30, (
+            f"{name} took {ended[name] - began:.0f} s"
+        )  # (1 + 2) s x 2 attempts per call, a few calls
 
 
 def test_storage_timeouts_come_from_the_environment(monkeypatch):
@@ -1071,7 +1601,11 @@ def test_storage_timeouts_come_from_the_environment(monkeypatch):
 
     monkeypatch.delenv("DHKD_STORE_CONNECT_TIMEOUT", raising=False)
     monkeypatch.delenv("DHKD_STORE_READ_TIMEOUT", raising=False)
-    assert storage_timeouts() == {"connect_timeout": CONNECT_TIMEOUT_S, "read_timeout": READ_TIMEOUT_S} == {"connect_timeout": 5, "read_timeout": 8}
+    assert (
+        storage_timeouts()
+        == {"connect_timeout": CONNECT_TIMEOUT_S, "read_timeout": READ_TIMEOUT_S}
+        == {"connect_timeout": 5, "read_timeout": 8}
+    )
     monkeypatch.setenv("DHKD_STORE_READ_TIMEOUT", "120.5")
     assert storage_timeouts() == {"connect_timeout": 5, "read_timeout": 120.5}
     for bad in ("0", "-1", "nan", "inf", "soon", "7200"):

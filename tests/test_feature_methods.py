@@ -22,6 +22,7 @@ TOLERANCE = 1e-6
 
 # --- the reference: mdistiller's feature taps, written out per family ----------------------------------
 
+
 def ref_resnet_taps(m, x):
     """CIFAR ResNet: stem after ReLU; per stage, each block's conv-BN-ReLU-conv-BN plus shortcut;
     the stage's last sum is its pre-activation feature, its ReLU the stage's feature."""
@@ -74,6 +75,7 @@ REF_TAPS = {"resnet8x4": ref_resnet_taps, "ShuffleV2": ref_shufflev2_taps}
 
 
 # --- the reference connectors and losses ------------------------------------------------------------
+
 
 class RefConvReg(nn.Module):
     def __init__(self, s, t):
@@ -137,13 +139,14 @@ class RefReviewKD(nn.Module):
     def __init__(self, s_feats, s_pooled, t_pre, t_pooled):
         super().__init__()
         teacher = [f.shape[1:] for f in t_pre[1:]] + [(t_pooled.shape[1], 1, 1)]
-        student = ([f.shape[1:] for f in s_feats] + [(s_pooled.shape[1], 1, 1)])[-len(teacher):]
+        student = ([f.shape[1:] for f in s_feats] + [(s_pooled.shape[1], 1, 1)])[-len(teacher) :]
         mid = min(512, student[-1][0])
-        self.abfs = nn.ModuleList([RefABF(s[0], mid, t[0], i > 0)
-                                   for i, (s, t) in enumerate(zip(student[::-1], teacher[::-1]))])
+        self.abfs = nn.ModuleList(
+            [RefABF(s[0], mid, t[0], i > 0) for i, (s, t) in enumerate(zip(student[::-1], teacher[::-1]))]
+        )
 
     def loss(self, s_feats, s_pre, s_pooled, t_feats, t_pre, t_pooled):
-        levels = (list(s_feats) + [s_pooled[:, :, None, None]])[-len(self.abfs):][::-1]
+        levels = (list(s_feats) + [s_pooled[:, :, None, None]])[-len(self.abfs) :][::-1]
         targets = (list(t_pre[1:]) + [t_pooled[:, :, None, None]])[::-1]
         total, residual = 0.0, None
         for x, abf, target in zip(levels, self.abfs, targets):
@@ -155,8 +158,9 @@ class RefReviewKD(nn.Module):
 def ref_steps(student, ref_taps, teacher, connector, method, x, y):
     with torch.no_grad():
         _, t_feats, t_pre, t_pooled = ref_resnet_taps(teacher, x)
-    opt = torch.optim.SGD([*student.parameters(), *connector.parameters()], lr=LR, momentum=MOMENTUM,
-                          weight_decay=WEIGHT_DECAY)
+    opt = torch.optim.SGD(
+        [*student.parameters(), *connector.parameters()], lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY
+    )
     for epoch in range(1, STEPS + 1):  # the reference counts epochs from 1
         opt.zero_grad()
         logits, s_feats, s_pre, s_pooled = ref_taps(student, x)
@@ -172,8 +176,9 @@ def ref_steps(student, ref_taps, teacher, connector, method, x, y):
 def ours_steps(student, teacher, connector, method, x, y):
     with torch.no_grad():
         _, t_taps = forward_taps(teacher, x)
-    opt = torch.optim.SGD([*student.parameters(), *connector.parameters()], lr=LR, momentum=MOMENTUM,
-                          weight_decay=WEIGHT_DECAY)
+    opt = torch.optim.SGD(
+        [*student.parameters(), *connector.parameters()], lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY
+    )
     for epoch in range(STEPS):
         opt.zero_grad()
         logits, s_taps = forward_taps(student, x)
@@ -188,8 +193,10 @@ def _relative(a: dict, b: dict, scale: dict) -> list[float]:
 
 
 def _state(student, connector):
-    return {**{f"s.{k}": v.detach().clone() for k, v in student.state_dict().items()},
-            **{f"c.{k}": v.detach().clone() for k, v in connector.state_dict().items()}}
+    return {
+        **{f"s.{k}": v.detach().clone() for k, v in student.state_dict().items()},
+        **{f"c.{k}": v.detach().clone() for k, v in connector.state_dict().items()},
+    }
 
 
 @pytest.mark.slow
@@ -208,8 +215,11 @@ def test_three_float64_steps_equal_the_reference(method_name, student_name):
     with torch.no_grad():
         _, s_feats, s_pre, s_pooled = REF_TAPS[student_name](copy.deepcopy(student), x)
         _, t_feats, t_pre, t_pooled = ref_resnet_taps(teacher, x)
-    ref_connector = (RefFitNet(s_feats, t_feats) if method_name == "fitnet"
-                     else RefReviewKD(s_feats, s_pooled, t_pre, t_pooled)).double().train()
+    ref_connector = (
+        (RefFitNet(s_feats, t_feats) if method_name == "fitnet" else RefReviewKD(s_feats, s_pooled, t_pre, t_pooled))
+        .double()
+        .train()
+    )
     ref_connector.load_state_dict(connector.state_dict())  # the same starting weights, name for name
 
     before = _state(student, connector)
@@ -218,9 +228,13 @@ def test_three_float64_steps_equal_the_reference(method_name, student_name):
     ours, ref = _state(student, connector), _state(ref_student, ref_connector)
 
     difference = max(_relative(ours, ref, ref))
-    params = {f"s.{k}" for k, _ in ref_student.named_parameters()} | {f"c.{k}" for k, _ in ref_connector.named_parameters()}
+    params = {f"s.{k}" for k, _ in ref_student.named_parameters()} | {
+        f"c.{k}" for k, _ in ref_connector.named_parameters()
+    }
     moved = sorted(_relative({k: ref[k] for k in params}, before, {k: ref[k] for k in params}))
-    print(f"{method_name} resnet32x4->{student_name}: relative max difference {difference:.3g}; "
-          f"parameters moved: median tensor {moved[len(moved) // 2]:.3g}, largest {moved[-1]:.3g}")
+    print(
+        f"{method_name} resnet32x4->{student_name}: relative max difference {difference:.3g}; "
+        f"parameters moved: median tensor {moved[len(moved) // 2]:.3g}, largest {moved[-1]:.3g}"
+    )
     assert difference <= TOLERANCE
     assert moved[len(moved) // 2] > 1e3 * TOLERANCE  # the steps move most tensors far beyond the tolerance

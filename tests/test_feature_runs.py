@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from dhkd_pipe.config import TrainConfig
-from dhkd_pipe.training.engine import prepare
 from dhkd_pipe.errors import DhkdError
-from dhkd_pipe.training.exported import read_exported
 from dhkd_pipe.methods.registry import get_method
 from dhkd_pipe.models import create_model
 from dhkd_pipe.stages.distill import distill
+from dhkd_pipe.training.engine import prepare
+from dhkd_pipe.training.exported import read_exported
 
 QUIET = dict(log=lambda *a: None)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,8 +31,17 @@ def teacher_file(tmp_path_factory):
 
 
 def feature_cfg(out, teacher_file, method, **kw):
-    base = dict(data="digits@96", model="resnet8", teacher="resnet8", teacher_weights=teacher_file, method=method,
-                epochs=2, batch_size=32, lr_milestones=[1], out=str(out))
+    base = dict(
+        data="digits@96",
+        model="resnet8",
+        teacher="resnet8",
+        teacher_weights=teacher_file,
+        method=method,
+        epochs=2,
+        batch_size=32,
+        lr_milestones=[1],
+        out=str(out),
+    )
     return TrainConfig(**{**base, **kw}).validate()
 
 
@@ -42,8 +51,9 @@ def _checkpoint(out):
 
 @pytest.mark.parametrize("method", ["fitnet", "reviewkd", "dhkd_reviewkd"])
 def test_a_feature_method_with_a_store_is_refused_in_one_line(tmp_path, method):
-    cfg = TrainConfig(data="digits", model="resnet8", method=method, cache=str(tmp_path / "logits.zarr"),
-                      out=str(tmp_path / "run")).validate()
+    cfg = TrainConfig(
+        data="digits", model="resnet8", method=method, cache=str(tmp_path / "logits.zarr"), out=str(tmp_path / "run")
+    ).validate()
     with pytest.raises(DhkdError, match=r"--method .* intermediate features.* run it online: --teacher") as e:
         prepare(cfg)
     assert "\n" not in str(e.value)
@@ -55,8 +65,22 @@ def test_the_cli_refuses_a_feature_method_with_a_store_with_exit_2(tmp_path):
 
     from dhkd_pipe.cli import main
 
-    result = CliRunner().invoke(main, ["distill", "--student", "resnet8", "--data", "digits", "--method", "reviewkd",
-                                       "--cache", str(tmp_path / "logits.zarr"), "--out", str(tmp_path / "run")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "distill",
+            "--student",
+            "resnet8",
+            "--data",
+            "digits",
+            "--method",
+            "reviewkd",
+            "--cache",
+            str(tmp_path / "logits.zarr"),
+            "--out",
+            str(tmp_path / "run"),
+        ],
+    )
     assert result.exit_code == 2 and result.output.count("\n") == 1
     assert "run it online: --teacher" in result.output and not (tmp_path / "run").exists()
 
@@ -74,7 +98,7 @@ def test_connector_trains_with_the_student_and_is_checkpointed_not_exported(tmp_
     distill(feature_cfg(out, teacher_file, "dhkd_reviewkd"), mode="overwrite", **QUIET)
     saved = _checkpoint(out)["model"]
     connector_keys = [k for k in saved if k.startswith("connector.")]
-    assert connector_keys and any(not torch.equal(saved[k], before[k[len("connector."):]]) for k in connector_keys)
+    assert connector_keys and any(not torch.equal(saved[k], before[k[len("connector.") :]]) for k in connector_keys)
     exported, _ = read_exported(str(out))
     plain = create_model("resnet8", 10).state_dict()
     assert set(exported) == set(plain)  # the student alone, in the plain architecture's layout
@@ -117,8 +141,9 @@ def test_a_dhkd_reviewkd_run_exports_to_onnx_without_connector_weights(tmp_path,
 
     out = tmp_path / "run"
     distill(feature_cfg(out, teacher_file, "dhkd_reviewkd", epochs=1), **QUIET)
-    connector_shapes = {tuple(v.shape) for k, v in _checkpoint(out)["model"].items()
-                        if k.startswith("connector.") and v.dim() > 1}
+    connector_shapes = {
+        tuple(v.shape) for k, v in _checkpoint(out)["model"].items() if k.startswith("connector.") and v.dim() > 1
+    }
     student = create_model("resnet8", 10).state_dict()
     result = export_onnx(str(out))
     proto = onnx.load(result["onnx"])
@@ -129,8 +154,10 @@ def test_a_dhkd_reviewkd_run_exports_to_onnx_without_connector_weights(tmp_path,
     assert held <= sum(v.numel() for v in student.values())
 
 
-FEATURE_RECIPES = sorted(glob.glob(os.path.join(ROOT, "configs", "*", "reviewkd", "*.yaml"))
-                         + glob.glob(os.path.join(ROOT, "configs", "*", "dhkd_reviewkd", "*.yaml")))
+FEATURE_RECIPES = sorted(
+    glob.glob(os.path.join(ROOT, "configs", "*", "reviewkd", "*.yaml"))
+    + glob.glob(os.path.join(ROOT, "configs", "*", "dhkd_reviewkd", "*.yaml"))
+)
 
 
 @pytest.mark.parametrize("path", FEATURE_RECIPES)
@@ -166,8 +193,8 @@ def test_feature_recipes_hold_mdistillers_weights():
 
 
 def test_bench_accuracy_trains_the_feature_rows_online_from_the_same_teacher(tmp_path):
-    from dhkd_pipe.config import AccuracyBenchConfig
     from dhkd_pipe.benchmarks import accuracy as bench_module
+    from dhkd_pipe.config import AccuracyBenchConfig
 
     rows = {r.name: r for r in bench_module.ROWS}
     assert {"fitnet", "reviewkd", "dhkd_reviewkd"} <= set(rows)
@@ -193,8 +220,9 @@ def test_bench_accuracy_trains_the_feature_rows_online_from_the_same_teacher(tmp
 def test_bench_distill_has_an_online_reviewkd_row(tmp_path):
     from dhkd_pipe.benchmarks.bench import bench_distill
 
-    rows, ratios = bench_distill(str(tmp_path / "bench.json"), teacher="resnet8", student="resnet8", batch_size=8, steps=2,
-                                 warmup=1)
+    rows, ratios = bench_distill(
+        str(tmp_path / "bench.json"), teacher="resnet8", student="resnet8", batch_size=8, steps=2, warmup=1
+    )
     row = next(r for r in rows if r["path"].startswith("online ReviewKD"))
     assert row["images_per_sec"] > 0
     online = next(r for r in rows if r["path"].startswith("online DHKD"))["images_per_sec"]
@@ -207,11 +235,43 @@ def test_a_feature_method_runs_in_two_processes(tmp_path, teacher_file):
     import sys
 
     out = tmp_path / "mp"
-    cmd = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dhkd_pipe.cli", "distill",
-           "--student", "resnet8", "--teacher", "resnet8", "--teacher-weights", teacher_file, "--data", "digits",
-           "--method", "dhkd_reviewkd", "--epochs", "1", "--max-steps", "2", "--batch-size", "16", "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    cmd = [
+        os.path.join(os.path.dirname(sys.executable), "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "dhkd_pipe.cli",
+        "distill",
+        "--student",
+        "resnet8",
+        "--teacher",
+        "resnet8",
+        "--teacher-weights",
+        teacher_file,
+        "--data",
+        "digits",
+        "--method",
+        "dhkd_reviewkd",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "16",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     saved = _checkpoint(out)
     assert saved["step"] == 2 and any(k.startswith("connector.abfs.") for k in saved["model"])

@@ -15,8 +15,21 @@ from dhkd_pipe.models import DualHead, create_model
 from dhkd_pipe.models.blocks import ShuffleBlock
 from dhkd_pipe.models.feature_taps import forward_taps, tap_shapes
 
-CIFAR = ["resnet8", "resnet56", "resnet8x4", "resnet32x4", "ResNet18", "ResNet50", "wrn_16_2", "wrn_40_1",
-         "vgg8", "vgg13", "MobileNetV2", "ShuffleV1", "ShuffleV2"]
+CIFAR = [
+    "resnet8",
+    "resnet56",
+    "resnet8x4",
+    "resnet32x4",
+    "ResNet18",
+    "ResNet50",
+    "wrn_16_2",
+    "wrn_40_1",
+    "vgg8",
+    "vgg13",
+    "MobileNetV2",
+    "ShuffleV1",
+    "ShuffleV2",
+]
 IMAGENET = ["MobileNetV1", "resnet18", "resnet50"]
 
 
@@ -109,8 +122,10 @@ def test_models_without_taps_are_refused_in_one_line():
         forward_taps(torch.nn.Linear(3, 2), torch.randn(1, 3))
 
 
-@pytest.mark.parametrize("s_side,t_side,kind", [(16, 8, torch.nn.Conv2d), (8, 16, torch.nn.ConvTranspose2d),
-                                                 (16, 16, torch.nn.Conv2d), (10, 8, torch.nn.Conv2d)])
+@pytest.mark.parametrize(
+    "s_side,t_side,kind",
+    [(16, 8, torch.nn.Conv2d), (8, 16, torch.nn.ConvTranspose2d), (16, 16, torch.nn.Conv2d), (10, 8, torch.nn.Conv2d)],
+)
 def test_conv_reg_maps_the_student_to_the_teacher_shape(s_side, t_side, kind):
     reg = ConvReg((7, s_side, s_side), (5, t_side, t_side))
     assert type(reg.conv) is kind
@@ -124,8 +139,9 @@ def test_conv_reg_refuses_a_student_map_smaller_than_the_teachers():
 
 def test_hcl_weights_halve_over_the_pooled_levels():
     fs, ft = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
-    parts = [F.mse_loss(fs, ft)] + [F.mse_loss(F.adaptive_avg_pool2d(fs, s), F.adaptive_avg_pool2d(ft, s))
-                                    for s in (4, 2, 1)]
+    parts = [F.mse_loss(fs, ft)] + [
+        F.mse_loss(F.adaptive_avg_pool2d(fs, s), F.adaptive_avg_pool2d(ft, s)) for s in (4, 2, 1)
+    ]
     expected = (parts[0] + parts[1] / 2 + parts[2] / 4 + parts[3] / 8) / (1 + 1 / 2 + 1 / 4 + 1 / 8)
     torch.testing.assert_close(hcl_loss([fs], [ft]), expected)
     one = torch.randn(2, 3, 1, 1), torch.randn(2, 3, 1, 1)
@@ -135,14 +151,25 @@ def test_hcl_weights_halve_over_the_pooled_levels():
 def test_reviewkd_fusion_matches_mdistillers_recipes():
     """mdistiller's configs: resnet32x4 -> resnet8x4 (CIFAR defaults) and ResNet-34 -> ResNet-18,
     ResNet-50 -> MobileNetV1 (its ImageNet reviewkd.yaml: SHAPES, IN_CHANNELS, OUT_CHANNELS)."""
-    cases = [("resnet8x4", "resnet32x4", 32, False, [1, 8, 16, 32], [64, 128, 256, 256], [64, 128, 256, 256]),
-             ("resnet18", "resnet34", 224, True, [1, 7, 14, 28, 56], [64, 128, 256, 512, 512],
-              [64, 128, 256, 512, 512]),
-             ("MobileNetV1", "resnet50", 224, True, [1, 7, 14, 28, 56], [128, 256, 512, 1024, 1024],
-              [256, 512, 1024, 2048, 2048])]
+    cases = [
+        ("resnet8x4", "resnet32x4", 32, False, [1, 8, 16, 32], [64, 128, 256, 256], [64, 128, 256, 256]),
+        ("resnet18", "resnet34", 224, True, [1, 7, 14, 28, 56], [64, 128, 256, 512, 512], [64, 128, 256, 512, 512]),
+        (
+            "MobileNetV1",
+            "resnet50",
+            224,
+            True,
+            [1, 7, 14, 28, 56],
+            [128, 256, 512, 1024, 1024],
+            [256, 512, 1024, 2048, 2048],
+        ),
+    ]
     for student, teacher, side, preact, sizes, in_channels, out_channels in cases:
-        fusion = ReviewKDFusion(tap_shapes(create_model(student, 10), side), tap_shapes(create_model(teacher, 10), side),
-                                student_preact=preact)
+        fusion = ReviewKDFusion(
+            tap_shapes(create_model(student, 10), side),
+            tap_shapes(create_model(teacher, 10), side),
+            student_preact=preact,
+        )
         assert fusion.sizes == sizes and fusion.out_sizes == sizes
         assert [abf.conv1[0].in_channels for abf in fusion.abfs][::-1] == in_channels
         assert [abf.conv2[0].out_channels for abf in fusion.abfs][::-1] == out_channels

@@ -14,21 +14,22 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import grad_align_case as case
 import pytest
 import torch
 import torch.nn.functional as F
 
-import grad_align_case as case
 from dhkd_pipe.config import TrainConfig
+from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.training.accelerator import make_accelerator
 from dhkd_pipe.training.engine import prepare
-from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.training.grad_align import aligned_backward, project_conflicting
 
 TOL = 1e-10
 
 
 # ---- the published step, re-implemented ---------------------------------------------------------
+
 
 def reference_losses(model, x, y, t):
     s = case.SETTINGS
@@ -74,7 +75,7 @@ def reference_run(aux_head, align, steps, bn_eval=False, dtype=torch.float64):
             total = projected[0] + projected[1]
             offset = 0
             for p in params:
-                p.grad = total[offset:offset + p.numel()].view_as(p).clone()
+                p.grad = total[offset : offset + p.numel()].view_as(p).clone()
                 offset += p.numel()
         opt.step()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, dots
@@ -85,6 +86,7 @@ def max_diff(a, b):
 
 
 # ---- the product's training step against it ----------------------------------------------------
+
 
 @pytest.mark.parametrize("align", [False, True], ids=["plain", "grad_align"])
 @pytest.mark.parametrize("aux_head", ["linear", "nonlinear"])
@@ -243,12 +245,28 @@ def test_grad_align_needs_dhkd(tmp_path):
 
 # ---- several processes ----------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_two_processes_give_the_one_process_result(tmp_path):
     out = tmp_path / "ranks.pt"
     script = os.path.join(os.path.dirname(__file__), "grad_align_case.py")
-    cmd = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-           "--main_process_port", "0", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", script, str(out)]
+    cmd = [
+        os.path.join(os.path.dirname(sys.executable), "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        "0",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        script,
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]

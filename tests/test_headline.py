@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import cli_here
+from conftest import cli_process as run_cli
 
 from dhkd_pipe.cli import main
+from dhkd_pipe.data.views import ViewPlan, validation_views, with_preprocessing
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.models import create_model, resolve_weights
-from dhkd_pipe.data.views import ViewPlan, validation_views, with_preprocessing
-from conftest import cli_here, cli_process as run_cli
 
 QUIET = dict(log=lambda *a: None)
 TV_ARCH = "mobilenet_v3_small"  # small and fast on a CPU; DEFAULT is IMAGENET1K_V1
@@ -47,13 +48,16 @@ def folder(digit_jpegs):
 # ---- --data is required wherever no store supplies it ----------------------------------------------
 
 
-@pytest.mark.parametrize("args", [
-    ["train-teacher", "--model", "resnet8"],
-    ["cache-teacher", "--model", "resnet8", "--weights", "t.pt"],
-    ["distill", "--student", "resnet8", "--teacher", "resnet8", "--teacher-weights", "t.pt"],
-    ["distill", "--student", "resnet8", "--method", "ce"],
-    ["eval", "--model", "resnet8", "--weights", "t.pt"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train-teacher", "--model", "resnet8"],
+        ["cache-teacher", "--model", "resnet8", "--weights", "t.pt"],
+        ["distill", "--student", "resnet8", "--teacher", "resnet8", "--teacher-weights", "t.pt"],
+        ["distill", "--student", "resnet8", "--method", "ce"],
+        ["eval", "--model", "resnet8", "--weights", "t.pt"],
+    ],
+)
 def test_missing_data_is_one_line(tmp_path, args):
     out = tmp_path / "out"
     extra = [] if args[0] == "eval" else ["--out", str(out)]
@@ -64,10 +68,28 @@ def test_missing_data_is_one_line(tmp_path, args):
 
 def test_a_zoo_teacher_without_weights_is_one_line(tmp_path):
     out = tmp_path / "s.zarr"
-    one_line_error(CliRunner().invoke(main, ["cache-teacher", "--model", "resnet8", "--data", "digits", "--out", str(out)]),
-                   "resnet8 has no published weights", "--weights FILE")
-    one_line_error(CliRunner().invoke(main, ["distill", "--student", "resnet8", "--teacher", "resnet20", "--data", "digits",
-                                             "--out", str(tmp_path / "r")]), "resnet20 has no published weights")
+    one_line_error(
+        CliRunner().invoke(main, ["cache-teacher", "--model", "resnet8", "--data", "digits", "--out", str(out)]),
+        "resnet8 has no published weights",
+        "--weights FILE",
+    )
+    one_line_error(
+        CliRunner().invoke(
+            main,
+            [
+                "distill",
+                "--student",
+                "resnet8",
+                "--teacher",
+                "resnet20",
+                "--data",
+                "digits",
+                "--out",
+                str(tmp_path / "r"),
+            ],
+        ),
+        "resnet20 has no published weights",
+    )
     assert not out.exists() and not (tmp_path / "r").exists()
 
 
@@ -149,7 +171,9 @@ def test_torchvision_and_timm_preprocessing():
         pre = torchvision_preprocessing(arch, "DEFAULT")
         assert pre["resolution"] == t.crop_size[0] and pre["resize"] == t.resize_size[0]
         assert pre["crop_pct"] == pytest.approx(t.crop_size[0] / t.resize_size[0])
-        assert pre["interpolation"] == t.interpolation.value and pre["mean"] == list(t.mean) and pre["std"] == list(t.std)
+        assert (
+            pre["interpolation"] == t.interpolation.value and pre["mean"] == list(t.mean) and pre["std"] == list(t.std)
+        )
     assert torchvision_preprocessing("resnet50", "DEFAULT")["resize"] == 232  # IMAGENET1K_V2
     assert torchvision_preprocessing("efficientnet_b0", "DEFAULT")["interpolation"] == "bicubic"
     pytest.importorskip("timm")
@@ -179,8 +203,16 @@ def test_dali_renders_the_plans_interpolation_and_normalisation(folder):
     from dhkd_pipe.data.datasets import load_data
 
     data = load_data(f"imagefolder:{folder}")
-    plan = with_preprocessing(data.default_plan(seed=2), {"resolution": 24, "crop_pct": 0.95, "interpolation": "bicubic",
-                                                          "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]})
+    plan = with_preprocessing(
+        data.default_plan(seed=2),
+        {
+            "resolution": 24,
+            "crop_pct": 0.95,
+            "interpolation": "bicubic",
+            "mean": [0.5, 0.4, 0.3],
+            "std": [0.2, 0.25, 0.3],
+        },
+    )
     idx = np.arange(data.num_train)
     views = plan.views(0, idx, data.train_sizes(idx))
     r = DaliViews(data, plan, "cpu", num_workers=0)
@@ -189,7 +221,9 @@ def test_dali_renders_the_plans_interpolation_and_normalisation(folder):
         ref = render_reference(data.train_files[i], views[i], 24, plan.mean, plan.std, interpolation="bicubic")
         assert (out[i] - ref).abs().mean() < 0.03, i
         # the plan's normalisation, not the data set's (ImageNet's): far apart at this tolerance
-        assert (out[i] - render_reference(data.train_files[i], views[i], 24, data.mean, data.std, "bicubic")).abs().mean() > 0.1
+        assert (
+            out[i] - render_reference(data.train_files[i], views[i], 24, data.mean, data.std, "bicubic")
+        ).abs().mean() > 0.1
     val = torch.cat([x for x, _ in r.val_batches(8)])
     vv = data.val_views(plan)
     assert vv[0, 2] == round(min(data.val_sizes()[0]) * 0.95)
@@ -208,20 +242,34 @@ def resnet8_file(random_teacher3):
 
 def test_moved_folder_with_data_works_and_a_wrong_one_is_refused(folder, resnet8_file, tmp_path):
     pytest.importorskip("nvidia.dali")
-    from dhkd_pipe.store.reader import LogitCache
     from dhkd_pipe.config import CacheConfig, TrainConfig
-    from dhkd_pipe.training.engine import prepare
     from dhkd_pipe.stages.cache_teacher import cache_teacher, verify_cache
+    from dhkd_pipe.store.reader import LogitCache
+    from dhkd_pipe.training.engine import prepare
 
     here = tmp_path / "here"
     shutil.copytree(folder, here)
     store = tmp_path / "s.zarr"
-    cache_teacher(CacheConfig(data=f"imagefolder:{os.path.relpath(here)}", model="resnet8", weights=str(resnet8_file),
-                              views=1, resolution=32, batch_size=8, chunk_rows=8, workers=1, out=str(store)).validate(), **QUIET)
+    cache_teacher(
+        CacheConfig(
+            data=f"imagefolder:{os.path.relpath(here)}",
+            model="resnet8",
+            weights=str(resnet8_file),
+            views=1,
+            resolution=32,
+            batch_size=8,
+            chunk_rows=8,
+            workers=1,
+            out=str(store),
+        ).validate(),
+        **QUIET,
+    )
     assert LogitCache.open(str(store)).attrs["data_spec"] == f"imagefolder:{here}"  # absolute, whatever was typed
 
     def train(**kw):
-        return TrainConfig(model="resnet8", method="dhkd", cache=str(store), epochs=1, batch_size=8, workers=1, **kw).validate()
+        return TrainConfig(
+            model="resnet8", method="dhkd", cache=str(store), epochs=1, batch_size=8, workers=1, **kw
+        ).validate()
 
     run = prepare(train(out=str(tmp_path / "r0")))  # no --data: the store's
     assert run.data.root == str(here) and run.data_spec == f"imagefolder:{here}"
@@ -229,7 +277,9 @@ def test_moved_folder_with_data_works_and_a_wrong_one_is_refused(folder, resnet8
 
     moved = tmp_path / "moved"
     os.rename(here, moved)
-    with pytest.raises(DhkdError, match=r"the store's data set imagefolder:.*here: image folder not found.*pass --data"):
+    with pytest.raises(
+        DhkdError, match=r"the store's data set imagefolder:.*here: image folder not found.*pass --data"
+    ):
         prepare(train(out=str(tmp_path / "r1")))
     run = prepare(train(out=str(tmp_path / "r2"), data=f"imagefolder:{moved}"))  # the fingerprint still matches
     assert run.data.root == str(moved) and run.data_spec == f"imagefolder:{moved}"
@@ -242,7 +292,9 @@ def test_moved_folder_with_data_works_and_a_wrong_one_is_refused(folder, resnet8
         prepare(train(out=str(tmp_path / "r3"), data=f"imagefolder:{wrong}"))
     shutil.rmtree(wrong / "train" / "class2")
     shutil.rmtree(wrong / "val" / "class2")
-    with pytest.raises(DhkdError, match="store does not match the data: num_samples is 24 in the store, 16 in the data"):
+    with pytest.raises(
+        DhkdError, match="store does not match the data: num_samples is 24 in the store, 16 in the data"
+    ):
         verify_cache(str(store), f"imagefolder:{wrong}", samples=8)
     assert not (tmp_path / "r1").exists() and not (tmp_path / "r3").exists()
 
@@ -259,8 +311,8 @@ def test_headline_pair_as_typed_offline(folder, tmp_path):
     logits.zarr (no --data: the store's). No network: DHKD_OFFLINE=1."""
     import torchvision
 
-    from dhkd_pipe.store.reader import LogitCache
     from dhkd_pipe.models import file_digest
+    from dhkd_pipe.store.reader import LogitCache
 
     hub = tmp_path / "torch" / "hub" / "checkpoints"
     hub.mkdir(parents=True)
@@ -272,10 +324,21 @@ def test_headline_pair_as_typed_offline(folder, tmp_path):
     data = tmp_path / "imagenet"
     # 2 images of each of the 3 classes and split: 8 views of 6 images at 224 px (the defaults) is
     # the longest part of this test; the whole folder adds time, not cases
-    shutil.copytree(folder, data, ignore=lambda d, names: [n for n in names if n.endswith(".JPEG") and n not in sorted(names)[:2]])
+    shutil.copytree(
+        folder, data, ignore=lambda d, names: [n for n in names if n.endswith(".JPEG") and n not in sorted(names)[:2]]
+    )
 
-    run_cli("cache-teacher", "--model", TV_ARCH, "--data", f"imagefolder:{os.path.relpath(data, work)}", "--out", "logits.zarr",
-            env=env, cwd=work)
+    run_cli(
+        "cache-teacher",
+        "--model",
+        TV_ARCH,
+        "--data",
+        f"imagefolder:{os.path.relpath(data, work)}",
+        "--out",
+        "logits.zarr",
+        env=env,
+        cwd=work,
+    )
     store = LogitCache.open(str(work / "logits.zarr"))
     attrs = store.attrs
     assert attrs["data_spec"] == f"imagefolder:{data}"
@@ -284,7 +347,11 @@ def test_headline_pair_as_typed_offline(folder, tmp_path):
     t = torchvision.models.get_model_weights(TV_ARCH).DEFAULT.transforms()
     pre = attrs["preprocessing"]
     assert pre["source"] == "torchvision MobileNet_V3_Small_Weights.IMAGENET1K_V1"
-    assert (pre["resolution"], pre["resize"], pre["interpolation"]) == (t.crop_size[0], t.resize_size[0], t.interpolation.value)
+    assert (pre["resolution"], pre["resize"], pre["interpolation"]) == (
+        t.crop_size[0],
+        t.resize_size[0],
+        t.interpolation.value,
+    )
     assert pre["mean"] == list(t.mean) and pre["std"] == list(t.std)
     assert store.epochs == 8 and store.num_samples == 6  # the defaults: 8 views of every image
 
@@ -293,11 +360,25 @@ def test_headline_pair_as_typed_offline(folder, tmp_path):
     assert info["data"] == f"imagefolder:{data}" and info["preprocessing"]["resolution"] == 224
     assert f"imagefolder:{data}" in cli_here("inspect", "logits.zarr", env=env, cwd=work).stdout
 
-    run_cli("distill", "--student", "mobilenet", "--cache", "logits.zarr", "--out", "runs/s", "--epochs", 1, env=env, cwd=work)
+    run_cli(
+        "distill",
+        "--student",
+        "mobilenet",
+        "--cache",
+        "logits.zarr",
+        "--out",
+        "runs/s",
+        "--epochs",
+        1,
+        env=env,
+        cwd=work,
+    )
     summary = json.loads((work / "runs" / "s" / "summary.json").read_text())
     assert summary["teacher_source"] == "cache" and summary["data"] == f"imagefolder:{data}"
     saved = torch.load(work / "runs" / "s" / "model.pt", weights_only=True)
-    assert ViewPlan.from_dict(saved["plan"]) == ViewPlan.from_dict(attrs["policy"])  # stage 2 rendered with the store's plan
+    assert ViewPlan.from_dict(saved["plan"]) == ViewPlan.from_dict(
+        attrs["policy"]
+    )  # stage 2 rendered with the store's plan
 
     result = json.loads(cli_here("verify-cache", "logits.zarr", "--samples", 16, env=env, cwd=work).stdout)
     assert result["ok"], result
@@ -307,25 +388,54 @@ def test_headline_pair_as_typed_offline(folder, tmp_path):
 def test_distill_without_data_after_the_folder_moved_is_one_line(folder, resnet8_file, tmp_path):
     data = tmp_path / "d"
     shutil.copytree(folder, data)
-    cli_here("cache-teacher", "--model", "resnet8", "--weights", resnet8_file, "--data", f"imagefolder:{data}", "--views", 1,
-             "--resolution", 32, "--workers", 1, "--out", tmp_path / "s.zarr")
+    cli_here(
+        "cache-teacher",
+        "--model",
+        "resnet8",
+        "--weights",
+        resnet8_file,
+        "--data",
+        f"imagefolder:{data}",
+        "--views",
+        1,
+        "--resolution",
+        32,
+        "--workers",
+        1,
+        "--out",
+        tmp_path / "s.zarr",
+    )
     os.rename(data, tmp_path / "d2")
-    result = cli_here("distill", "--student", "resnet8", "--cache", tmp_path / "s.zarr", "--out", tmp_path / "r", check=False)
-    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "pass --data SPEC if it has moved" in result.stderr
+    result = cli_here(
+        "distill", "--student", "resnet8", "--cache", tmp_path / "s.zarr", "--out", tmp_path / "r", check=False
+    )
+    assert (
+        result.exit_code == 2 and result.stderr.count("\n") == 1 and "pass --data SPEC if it has moved" in result.stderr
+    )
     assert not (tmp_path / "r").exists()
 
 
 # ---- timm models -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, head", [("test_resnet", "fc"), ("test_vit", "head"), ("test_convnext", "head.fc"),
-                                        ("mobilenetv3_small_050", "classifier")])
+@pytest.mark.parametrize(
+    "name, head",
+    [
+        ("test_resnet", "fc"),
+        ("test_vit", "head"),
+        ("test_convnext", "head.fc"),
+        ("mobilenetv3_small_050", "classifier"),
+    ],
+)
 def test_timm_models_wrap_in_a_dual_head(name, head):
     timm = pytest.importorskip("timm")
     from dhkd_pipe.models import model_input_size
 
     model = create_model(f"timm:{name}", 5, dual_head=True)
-    assert model.head_path == head and model_input_size(f"timm:{name}") == timm.models.get_pretrained_cfg(name).input_size[-1]
+    assert (
+        model.head_path == head
+        and model_input_size(f"timm:{name}") == timm.models.get_pretrained_cfg(name).input_size[-1]
+    )
     x = torch.randn(2, 3, 64, 64)
     model.eval()
     a, b = model(x)
@@ -356,8 +466,11 @@ def test_timm_pretrained_from_the_hugging_face_cache(tmp_path, monkeypatch):
 
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setenv("DHKD_OFFLINE", "1")
-    with pytest.raises(DhkdError, match=r"test_resnet.r160_in1k are not cached: put model.safetensors of "
-                                        r"https://huggingface.co/timm/test_resnet.r160_in1k in the Hugging Face cache .*hf"):
+    with pytest.raises(
+        DhkdError,
+        match=r"test_resnet.r160_in1k are not cached: put model.safetensors of "
+        r"https://huggingface.co/timm/test_resnet.r160_in1k in the Hugging Face cache .*hf",
+    ):
         resolve_weights("timm:test_resnet", None)
     repo = tmp_path / "hf" / "models--timm--test_resnet.r160_in1k"
     commit = "0123456789abcdef0123456789abcdef01234567"
@@ -366,7 +479,10 @@ def test_timm_pretrained_from_the_hugging_face_cache(tmp_path, monkeypatch):
     (repo / "snapshots" / commit).mkdir(parents=True)
     torch.manual_seed(1)
     published = timm.create_model("test_resnet", pretrained=False)
-    save_file({k: v.contiguous() for k, v in published.state_dict().items()}, repo / "snapshots" / commit / "model.safetensors")
+    save_file(
+        {k: v.contiguous() for k, v in published.state_dict().items()},
+        repo / "snapshots" / commit / "model.safetensors",
+    )
 
     source = resolve_weights("timm:test_resnet", None)
     assert source.kind == "timm" and source.record == "r160_in1k" and source.label == "timm test_resnet.r160_in1k"
@@ -388,23 +504,64 @@ def test_timm_teacher_and_student_through_both_stages(folder, tmp_path):
 
     torch.manual_seed(0)
     weights = tmp_path / "teacher.pth"
-    torch.save({"state_dict": timm.create_model("test_resnet", num_classes=3).state_dict()}, weights)  # timm's train.py layout
+    torch.save(
+        {"state_dict": timm.create_model("test_resnet", num_classes=3).state_dict()}, weights
+    )  # timm's train.py layout
     store, out = tmp_path / "s.zarr", tmp_path / "run"
-    cli_here("cache-teacher", "--model", "timm:test_resnet", "--weights", weights, "--data", f"imagefolder:{folder}",
-             "--resolution", 48, "--views", 2, "--batch-size", 8, "--workers", 1, "--out", store)
+    cli_here(
+        "cache-teacher",
+        "--model",
+        "timm:test_resnet",
+        "--weights",
+        weights,
+        "--data",
+        f"imagefolder:{folder}",
+        "--resolution",
+        48,
+        "--views",
+        2,
+        "--batch-size",
+        8,
+        "--workers",
+        1,
+        "--out",
+        store,
+    )
     attrs = LogitCache.open(str(store)).attrs
     pre = attrs["preprocessing"]
     assert pre["source"] == "timm test_resnet.r160_in1k pretrained_cfg" and pre["resolution"] == 48  # --resolution wins
     assert (pre["crop_pct"], pre["interpolation"], pre["mean"], pre["std"]) == (0.95, "bilinear", [0.5] * 3, [0.5] * 3)
     assert attrs["teacher"]["val_top1"] is not None
-    cli_here("distill", "--student", "timm:test_efficientnet", "--cache", store, "--epochs", 1, "--batch-size", 8,
-             "--workers", 1, "--out", out)
+    cli_here(
+        "distill",
+        "--student",
+        "timm:test_efficientnet",
+        "--cache",
+        store,
+        "--epochs",
+        1,
+        "--batch-size",
+        8,
+        "--workers",
+        1,
+        "--out",
+        out,
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["teacher_source"] == "cache" and summary["model"] == "timm:test_efficientnet"
     saved = torch.load(out / "model.pt", weights_only=True)
     plan = ViewPlan.from_dict(saved["plan"])
     assert (plan.resolution, plan.crop_pct, plan.mean, plan.std) == (48, 0.95, (0.5,) * 3, (0.5,) * 3)
     timm.create_model("test_efficientnet", num_classes=3).load_state_dict(saved["model"])  # a plain timm model again
-    result = json.loads(cli_here("eval", "--model", "timm:test_efficientnet", "--weights", out / "model.pt",
-                                "--data", f"imagefolder:{folder}").stdout)
+    result = json.loads(
+        cli_here(
+            "eval",
+            "--model",
+            "timm:test_efficientnet",
+            "--weights",
+            out / "model.pt",
+            "--data",
+            f"imagefolder:{folder}",
+        ).stdout
+    )
     assert result["resolution"] == 48 and result["top1"] == pytest.approx(summary["val_top1"])

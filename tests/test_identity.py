@@ -5,7 +5,6 @@ and a two-epoch cached DHKD run ends with the same parameters and metrics as the
 import json
 
 import pytest
-
 from identity_case import RECORD, make
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from dhkd_pipe.data import datasets as data_module
 from dhkd_pipe.cli import main
+from dhkd_pipe.data import datasets as data_module
 from dhkd_pipe.data.datasets import load_data
 from dhkd_pipe.errors import DhkdError
 
@@ -72,7 +72,9 @@ def test_idx_files_load_padded_rgb_with_train_statistics(tmp_path, compress):
     assert d.std == (round(padded.std(ddof=1), 4),) * 3
     # Validation views render the whole padded image, normalised with the training statistics.
     r = d.renderer("cpu", d.default_plan())
-    expect = (torch.from_numpy(np.pad(arrays["t10k"][0], ((0, 0), (2, 2), (2, 2)))).float() / 255 - d.mean[0]) / d.std[0]
+    expect = (torch.from_numpy(np.pad(arrays["t10k"][0], ((0, 0), (2, 2), (2, 2)))).float() / 255 - d.mean[0]) / d.std[
+        0
+    ]
     assert torch.allclose(r.val(np.arange(5)), expect[:, None].expand(-1, 3, -1, -1), atol=1e-5)
 
 
@@ -155,6 +157,8 @@ def test_missing_file_dims_and_count_mismatch_are_one_line(tmp_path):
 
 
 def test_cli_prints_one_line_and_exits_2(tmp_path):
-    result = CliRunner().invoke(main, ["eval", "--model", "resnet8", "--weights", "w.pt", "--data", f"mnist:{tmp_path}"])
+    result = CliRunner().invoke(
+        main, ["eval", "--model", "resnet8", "--weights", "w.pt", "--data", f"mnist:{tmp_path}"]
+    )
     assert result.exit_code == 2
     assert result.output.strip().count("\n") == 0 and "missing IDX file" in result.output

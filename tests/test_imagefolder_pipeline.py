@@ -8,11 +8,12 @@ import torch
 pytest.importorskip("nvidia.dali")
 pytestmark = pytest.mark.slow  # image-folder pipelines end to end: DALI workers, stage 1 and 2
 
-from dhkd_pipe.store.reader import LogitCache  # noqa: E402
-from dhkd_pipe.config import CacheConfig, TrainConfig  # noqa: E402
-from dhkd_pipe.training.engine import prepare  # noqa: E402
-from dhkd_pipe.stages.cache_teacher import cache_teacher, verify_cache  # noqa: E402
 from conftest import cli_here  # noqa: E402
+
+from dhkd_pipe.config import CacheConfig, TrainConfig  # noqa: E402
+from dhkd_pipe.stages.cache_teacher import cache_teacher, verify_cache  # noqa: E402
+from dhkd_pipe.store.reader import LogitCache  # noqa: E402
+from dhkd_pipe.training.engine import prepare  # noqa: E402
 
 QUIET = dict(log=lambda *a: None)
 
@@ -30,8 +31,18 @@ def teacher_weights(random_teacher3):
 
 def test_stage1_and_stage2_replay_the_same_pixels(folder, teacher_weights, tmp_path):
     store = tmp_path / "logits.zarr"
-    cfg = CacheConfig(data=f"imagefolder:{folder}", model="resnet8", weights=str(teacher_weights), views=2,
-                      resolution=32, batch_size=8, chunk_rows=8, codec="fp32", workers=1, out=str(store)).validate()
+    cfg = CacheConfig(
+        data=f"imagefolder:{folder}",
+        model="resnet8",
+        weights=str(teacher_weights),
+        views=2,
+        resolution=32,
+        batch_size=8,
+        chunk_rows=8,
+        codec="fp32",
+        workers=1,
+        out=str(store),
+    ).validate()
     cache_teacher(cfg, **QUIET)
     c = LogitCache.open(str(store))
     assert c.attrs["policy"]["policy"] == "random_resized_crop_flip" and c.attrs["policy"]["resolution"] == 32
@@ -41,8 +52,17 @@ def test_stage1_and_stage2_replay_the_same_pixels(folder, teacher_weights, tmp_p
     result = verify_cache(str(store), f"imagefolder:{folder}", str(teacher_weights), samples=48)
     assert result["ok"] and result["max_abs_diff"] < 1e-4, result
     # and the training loader hands the student those views with the stored logits, in order
-    run = prepare(TrainConfig(data=f"imagefolder:{folder}", model="resnet8", method="dhkd", cache=str(store),
-                              epochs=1, batch_size=8, out=str(tmp_path / "run")).validate())
+    run = prepare(
+        TrainConfig(
+            data=f"imagefolder:{folder}",
+            model="resnet8",
+            method="dhkd",
+            cache=str(store),
+            epochs=1,
+            batch_size=8,
+            out=str(tmp_path / "run"),
+        ).validate()
+    )
     teacher = run.teacher or _teacher(teacher_weights)
     for batch in run.loader.epoch(1):
         with torch.no_grad():
@@ -60,9 +80,43 @@ def _teacher(path):
 def test_distill_from_an_image_folder_store_through_the_cli(folder, teacher_weights, tmp_path):
     store, out = tmp_path / "s.zarr", tmp_path / "run"
     run = cli_here  # the commands' parsing and wiring; their processes are tested elsewhere
-    run("cache-teacher", "--model", "resnet8", "--weights", teacher_weights, "--data", f"imagefolder:{folder}",
-        "--views", 1, "--resolution", 32, "--chunk-rows", 8, "--batch-size", 8, "--workers", 1, "--out", store)
-    run("distill", "--student", "resnet8", "--cache", store, "--data", f"imagefolder:{folder}", "--epochs", 1,
-        "--batch-size", 8, "--workers", 1, "--out", out)
+    run(
+        "cache-teacher",
+        "--model",
+        "resnet8",
+        "--weights",
+        teacher_weights,
+        "--data",
+        f"imagefolder:{folder}",
+        "--views",
+        1,
+        "--resolution",
+        32,
+        "--chunk-rows",
+        8,
+        "--batch-size",
+        8,
+        "--workers",
+        1,
+        "--out",
+        store,
+    )
+    run(
+        "distill",
+        "--student",
+        "resnet8",
+        "--cache",
+        store,
+        "--data",
+        f"imagefolder:{folder}",
+        "--epochs",
+        1,
+        "--batch-size",
+        8,
+        "--workers",
+        1,
+        "--out",
+        out,
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["teacher_source"] == "cache" and summary["val_top1"] is not None

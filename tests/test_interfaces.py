@@ -13,10 +13,10 @@ import inspect
 import pytest
 import torch
 
-from dhkd_pipe.store.writer import create_or_resume
 from dhkd_pipe.data.datasets import Dataset, InMemoryData, InMemoryViews, Renderer
 from dhkd_pipe.data.imagefolder import ImageFolderData
 from dhkd_pipe.data.loader import EpochSource, PlanEpochs, StoreEpochs
+from dhkd_pipe.store.writer import create_or_resume
 
 
 def _members(proto) -> dict:
@@ -48,8 +48,13 @@ def _mismatches(obj, proto) -> list[str]:
                 problems.append(f"{name}() lacks parameter {p.name}")
             elif p.default is not inspect.Parameter.empty and have[p.name].default is inspect.Parameter.empty:
                 problems.append(f"{name}() parameter {p.name} has no default")
-        extra = [n for n, p in have.items() if n not in {q.name for q in want}
-                 and p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        extra = [
+            n
+            for n, p in have.items()
+            if n not in {q.name for q in want}
+            and p.default is inspect.Parameter.empty
+            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
         problems += [f"{name}() requires undeclared parameter {n}" for n in extra]
     return problems
 
@@ -57,8 +62,9 @@ def _mismatches(obj, proto) -> list[str]:
 def _in_memory() -> InMemoryData:
     g = torch.Generator().manual_seed(0)
     images = lambda n: torch.randint(0, 256, (n, 3, 8, 8), generator=g, dtype=torch.uint8)  # noqa: E731
-    return InMemoryData("tiny", images(6), torch.arange(6) % 3, images(3), torch.arange(3), 3,
-                        (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    return InMemoryData(
+        "tiny", images(6), torch.arange(6) % 3, images(3), torch.arange(3), 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +99,14 @@ def test_renderers_are_renderers(image_folder):
 
 def test_epoch_sources_are_epoch_sources(tmp_path):
     data = _in_memory()
-    cache = create_or_resume(str(tmp_path / "s.zarr"), epochs=1, num_samples=data.num_train,
-                             num_classes=data.num_classes, chunk_rows=4, labels=data.train_labels.numpy())
+    cache = create_or_resume(
+        str(tmp_path / "s.zarr"),
+        epochs=1,
+        num_samples=data.num_train,
+        num_classes=data.num_classes,
+        chunk_rows=4,
+        labels=data.train_labels.numpy(),
+    )
     for source in (PlanEpochs(data.default_plan(), data), StoreEpochs(cache, "cpu")):
         assert isinstance(source, EpochSource)
         assert _mismatches(source, EpochSource) == [], type(source).__name__
@@ -111,7 +123,16 @@ def test_the_check_finds_a_missing_member_and_a_wrong_signature():
 
     assert not isinstance(NoVal(), Renderer)
     assert _mismatches(NoVal(), Renderer) == ["no val_batches"]
-    assert _mismatches(WrongName(), Renderer) == ["val_batches() lacks parameter batch_size",
-                                                   "val_batches() requires undeclared parameter size"]
-    assert set(_members(EpochSource)) == {"has_logits", "num_samples", "chunk_rows", "view_epoch",
-                                          "distinct_views", "positions", "logits"}
+    assert _mismatches(WrongName(), Renderer) == [
+        "val_batches() lacks parameter batch_size",
+        "val_batches() requires undeclared parameter size",
+    ]
+    assert set(_members(EpochSource)) == {
+        "has_logits",
+        "num_samples",
+        "chunk_rows",
+        "view_epoch",
+        "distinct_views",
+        "positions",
+        "logits",
+    }

@@ -15,8 +15,6 @@ import torch
 
 pytest.importorskip("triton")
 
-from dhkd_pipe.methods import losses  # noqa: E402
-from dhkd_pipe.store.codecs import decode_logits  # noqa: E402
 from dhkd_pipe.errors import DhkdError  # noqa: E402
 from dhkd_pipe.kernels import (  # noqa: E402
     fused_cross_entropy_loss,
@@ -25,7 +23,9 @@ from dhkd_pipe.kernels import (  # noqa: E402
     triton_available,
 )
 from dhkd_pipe.kernels.fused_dhkd import dhkd_forward  # noqa: E402
+from dhkd_pipe.methods import losses  # noqa: E402
 from dhkd_pipe.methods.losses import cross_entropy, dhkd_loss, dhkd_terms  # noqa: E402
+from dhkd_pipe.store.codecs import decode_logits  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 BLOCK = 16
@@ -72,8 +72,18 @@ def _launch(h1, h2, teacher, scale, y, kd_loss, **kw):
     """The kernel with NaN-filled gradient buffers: (loss, grad head 1, grad head 2)."""
     g1, g2 = _poisoned(h1), _poisoned(h2)
     run = dhkd_forward(
-        h1, h2, teacher, y, temperature=kw.get("T", T), alpha=ALPHA, gamma=GAMMA, kd_loss=kd_loss,
-        teacher_scale=scale, grad_ce=g1, grad_kd=g2, max_block=BLOCK,
+        h1,
+        h2,
+        teacher,
+        y,
+        temperature=kw.get("T", T),
+        alpha=ALPHA,
+        gamma=GAMMA,
+        kd_loss=kd_loss,
+        teacher_scale=scale,
+        grad_ce=g1,
+        grad_kd=g2,
+        max_block=BLOCK,
     )
     assert run.grads[0] is g1 and run.grads[1] is g2
     return run.loss.sum(), g1, g2
@@ -162,8 +172,16 @@ def test_backends_agree_including_one_head(kd_loss):
             h1 = _logits(B, K, 19).requires_grad_()
             h2 = h1 if same else _logits(B, K, 20).requires_grad_()
             v = dhkd_loss(
-                h1, h2, teacher, y, temperature=T, alpha=ALPHA, gamma=GAMMA, kd_loss=kd_loss,
-                teacher_scale=scale, backend=backend,
+                h1,
+                h2,
+                teacher,
+                y,
+                temperature=T,
+                alpha=ALPHA,
+                gamma=GAMMA,
+                kd_loss=kd_loss,
+                teacher_scale=scale,
+                backend=backend,
             )
             (3.0 * v).backward()  # a grad_output other than 1
             values.append(v.detach())
@@ -185,8 +203,18 @@ def test_terms_apart_match_reference(kd_loss):
         for backend in ("torch", "triton"):
             h1 = _logits(B, K, 33).requires_grad_()
             h2 = h1 if same else _logits(B, K, 34).requires_grad_()
-            ce, kd = dhkd_terms(h1, h2, teacher, y, temperature=T, alpha=ALPHA, gamma=GAMMA, kd_loss=kd_loss,
-                                teacher_scale=scale, backend=backend)
+            ce, kd = dhkd_terms(
+                h1,
+                h2,
+                teacher,
+                y,
+                temperature=T,
+                alpha=ALPHA,
+                gamma=GAMMA,
+                kd_loss=kd_loss,
+                teacher_scale=scale,
+                backend=backend,
+            )
             g_ce = torch.autograd.grad(ce, (h1, h2), retain_graph=True, allow_unused=True, materialize_grads=True)
             g_kd = torch.autograd.grad(2.0 * kd, (h1, h2), allow_unused=True, materialize_grads=True)
             got[backend] = (ce.detach(), kd.detach(), g_ce, g_kd)
@@ -277,8 +305,9 @@ def test_empty_batch_and_bad_label_in_kernel():
     _ce_kernel[(B,)](x, K, y, g1, K, rows, K, 1.0 / B, BLOCK=8)
     assert torch.isfinite(rows[0]) and torch.isnan(rows[1:]).all()
     rows2 = torch.empty(B, 2, device=DEV)  # (CE term, KD term) per row
-    _dhkd_kernel[(B,)](x, K, x, K, t, K, rows, y, g1, K, g2, K, rows2, K, 1.0 / T, 1.0, 1.0, 1.0,
-                       KD_MODE=2, HAS_SCALE=False, BLOCK=8)
+    _dhkd_kernel[(B,)](
+        x, K, x, K, t, K, rows, y, g1, K, g2, K, rows2, K, 1.0 / T, 1.0, 1.0, 1.0, KD_MODE=2, HAS_SCALE=False, BLOCK=8
+    )
     assert torch.isfinite(rows2[0, 0]) and torch.isnan(rows2[1:, 0]).all()
 
 

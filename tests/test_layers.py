@@ -14,8 +14,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # source folder -> the package it installs as (setup.cfg's package_dir)
-FOLDERS = {"pipeline": "dhkd_pipe", "stages": "dhkd_pipe.stages", "kernels": "dhkd_pipe.kernels",
-           "benchmarks": "dhkd_pipe.benchmarks"}
+FOLDERS = {
+    "pipeline": "dhkd_pipe",
+    "stages": "dhkd_pipe.stages",
+    "kernels": "dhkd_pipe.kernels",
+    "benchmarks": "dhkd_pipe.benchmarks",
+}
 FRONT = {"dhkd_pipe", "dhkd_pipe.cli"}  # the CLI and the lazy public API sit above everything
 SUBPACKAGES = ("models", "kernels", "store", "data", "methods", "training", "stages", "benchmarks")
 BASE_BELOW = {"base"}
@@ -29,8 +33,18 @@ ALLOWED = {
     "config": {"base", "models", "kernels", "store", "data", "methods", "config"},
     "training": {"base", "models", "kernels", "store", "data", "methods", "config", "training"},
     "stages": {"base", "models", "kernels", "store", "data", "methods", "config", "training", "stages"},
-    "benchmarks": {"base", "models", "kernels", "store", "data", "methods", "config", "training", "stages",
-                   "benchmarks"},
+    "benchmarks": {
+        "base",
+        "models",
+        "kernels",
+        "store",
+        "data",
+        "methods",
+        "config",
+        "training",
+        "stages",
+        "benchmarks",
+    },
     "front": set(),  # anything
 }
 # ``python kernels/bench.py``, the documented path of the kernels' benchmark, is a script that runs
@@ -60,15 +74,21 @@ def layer(name: str) -> str:
 
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def imports(path: Path, name: str, known: set[str]) -> set[str]:
     """The dhkd_pipe modules ``path`` imports when it runs (a name imported from a package counts as
     the submodule where one of that name exists, else as the package)."""
     tree = ast.parse(path.read_text())
-    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and _is_type_checking(node.test)
-            for part in node.body for n in ast.walk(part)}
+    skip = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and _is_type_checking(node.test)
+        for part in node.body
+        for n in ast.walk(part)
+    }
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out = set()
     for node in ast.walk(tree):
@@ -79,7 +99,9 @@ def imports(path: Path, name: str, known: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             if not base.startswith("dhkd_pipe"):
                 continue
             for alias in node.names:
@@ -100,8 +122,9 @@ def test_every_module_imports_only_the_layers_below_it(graph):
         allowed = ALLOWED[layer(name)]
         if layer(name) == "front":
             continue
-        wrong += [f"{name} ({layer(name)}) imports {t} ({layer(t)})" for t in sorted(targets)
-                  if layer(t) not in allowed]
+        wrong += [
+            f"{name} ({layer(name)}) imports {t} ({layer(t)})" for t in sorted(targets) if layer(t) not in allowed
+        ]
     assert not wrong, "\n".join(wrong)
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dhkd_pipe.methods import losses
 from dhkd_pipe.errors import DhkdError
+from dhkd_pipe.methods import losses
 
 T = 4.0
 
@@ -229,7 +229,9 @@ def test_dkd_matches_mdistiller():
         a.backward(), b.backward()
         assert torch.allclose(sa.grad, sb.grad, rtol=1e-8, atol=1e-12)
     # float32 inputs are computed in float32
-    assert torch.allclose(losses.dkd_loss(s.float(), t.float(), y, 1.0, 8.0, T).double(), _mdistiller_dkd(s, t, y, 1.0, 8.0, T), rtol=1e-5)
+    assert torch.allclose(
+        losses.dkd_loss(s.float(), t.float(), y, 1.0, 8.0, T).double(), _mdistiller_dkd(s, t, y, 1.0, 8.0, T), rtol=1e-5
+    )
 
 
 def test_dkd_small_k():
@@ -239,7 +241,9 @@ def test_dkd_small_k():
     assert v == 0 and (s.grad == 0).all()
     s2, t2, y2 = _logits(3, 2, seed=17), _logits(3, 2, seed=18), _labels(3, 2)
     # K = 2: NCKD is a KL between two one-point distributions, zero; TCKD is the whole loss
-    assert torch.allclose(losses.dkd_loss(s2, t2, y2, 1.0, 8.0, T), _mdistiller_dkd(s2, t2, y2, 1.0, 8.0, T), rtol=1e-10)
+    assert torch.allclose(
+        losses.dkd_loss(s2, t2, y2, 1.0, 8.0, T), _mdistiller_dkd(s2, t2, y2, 1.0, 8.0, T), rtol=1e-10
+    )
 
 
 def test_registry_and_dequantize():
@@ -273,8 +277,9 @@ def test_dispatch_reference_backend():
     scale = torch.tensor([0.02, 0.05, 0.1, 0.03])
     for backend in ("auto", "torch"):
         for name, fn in losses.KD_LOSSES.items():
-            got = losses.dhkd_loss(s1, s2, q, y, temperature=T, alpha=0.7, gamma=1.3, kd_loss=name,
-                                   teacher_scale=scale, backend=backend)
+            got = losses.dhkd_loss(
+                s1, s2, q, y, temperature=T, alpha=0.7, gamma=1.3, kd_loss=name, teacher_scale=scale, backend=backend
+            )
             want = 1.3 * losses.ce_loss(s1, y) + 0.7 * fn(s2, q.float() * scale[:, None], T)
             assert torch.equal(got, want), (backend, name)
         ce_only = losses.dhkd_loss(s1, s2, None, y, temperature=T, alpha=0.0, gamma=1.3, kd_loss="kd", backend=backend)

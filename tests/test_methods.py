@@ -8,13 +8,12 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from dhkd_pipe.methods import registry as methods
 from dhkd_pipe.config import TrainConfig, build_config
-from dhkd_pipe.training.engine import lr_at, metric_names
 from dhkd_pipe.errors import DhkdError
+from dhkd_pipe.methods import registry as methods
 from dhkd_pipe.methods.registry import CE, DHKD, DIST, DKD, KD, METHODS, BinaryKL, from_config
+from dhkd_pipe.training.engine import lr_at, metric_names
 
 B, K = 6, 7
 
@@ -69,8 +68,9 @@ def dkd_parts_direct(s, t, y, T):
 
 
 def _close(a, b, tol=1e-10):
-    assert torch.allclose(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64),
-                          rtol=tol, atol=tol), (float(a), float(b))
+    assert torch.allclose(
+        torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64), rtol=tol, atol=tol
+    ), (float(a), float(b))
 
 
 def _check_keys(method, terms):
@@ -154,12 +154,19 @@ def test_dkd_alpha_and_beta_weigh_one_term_each():
     _close(more_beta["nckd"], base["nckd"] / 4.0)
 
 
-@pytest.mark.parametrize("kd_loss, direct", [("binary_kl_norm", binary_kl_norm_direct), ("binary_kl", binary_kl_direct), ("kd", kd_direct)])
+@pytest.mark.parametrize(
+    "kd_loss, direct", [("binary_kl_norm", binary_kl_norm_direct), ("binary_kl", binary_kl_direct), ("kd", kd_direct)]
+)
 def test_dhkd_ce_on_head_1_kd_on_head_2(kd_loss, direct):
     h1, h2 = _logits(16).requires_grad_(), _logits(17).requires_grad_()
     t, y = _logits(18), _labels(19)
-    assert DHKD().params() == {"gamma": 1.0, "alpha": 1.0, "temperature": 2.0, "kd_loss": "binary_kl_norm",
-                               "kd_stop_epoch": None}  # published
+    assert DHKD().params() == {
+        "gamma": 1.0,
+        "alpha": 1.0,
+        "temperature": 2.0,
+        "kd_loss": "binary_kl_norm",
+        "kd_stop_epoch": None,
+    }  # published
     m = DHKD(gamma=0.7, alpha=1.3, temperature=2.5, kd_loss=kd_loss, backend="torch")
     assert m.dual_head
     terms = m.terms((h1, h2), y, t)
@@ -198,6 +205,7 @@ def test_binary_kl_is_ce_and_binary_kl_on_one_head():
 def dist_parts_direct(s, t, T, eps=1e-8):
     """(inter, intra) times T^2: 1 - mean Pearson r of softmax rows, then of softmax columns (the
     authors' code adds eps to the product of the norms)."""
+
     def r(u, v):
         u, v = u - u.mean(), v - v.mean()
         return (u * v).sum() / ((u * u).sum().sqrt() * (v * v).sum().sqrt() + eps)
@@ -379,7 +387,10 @@ def test_report_plots_the_named_terms(tmp_path):
             rows.append(json.dumps(row))
         (d / "metrics.jsonl").write_text("\n".join(rows) + "\n")
         runs.append(str(d))
-    assert loss_terms([json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]) == ["ce", "kd"]
+    assert loss_terms([json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]) == [
+        "ce",
+        "kd",
+    ]
     out = tmp_path / "r.png"
     table = write_report(runs, str(out))
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "| a |" in table and math.isfinite(out.stat().st_size)

@@ -1,6 +1,5 @@
 """Model zoo, DualHead and checkpoint loading."""
 
-import os
 import subprocess
 import sys
 
@@ -9,9 +8,18 @@ import torch
 import torch.nn as nn
 
 from dhkd_pipe.errors import DhkdError
-from dhkd_pipe.models import (DualHead, create_model, file_digest, list_models, load_checkpoint,
-                              model_input_size, read_state_dict, torchvision_arch)
+from dhkd_pipe.models import (
+    DualHead,
+    create_model,
+    file_digest,
+    list_models,
+    load_checkpoint,
+    model_input_size,
+    read_state_dict,
+    torchvision_arch,
+)
 from dhkd_pipe.models.dual_head import AlignedSplit, align_feature_gradients
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -22,10 +30,32 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-CIFAR_ZOO = ["resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
-             "resnet8x4", "resnet32x4", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2",
-             "vgg8", "vgg11", "vgg13", "vgg16", "vgg19", "MobileNetV2",
-             "ShuffleV1", "ShuffleV2", "ResNet18", "ResNet34", "ResNet50"]
+CIFAR_ZOO = [
+    "resnet8",
+    "resnet14",
+    "resnet20",
+    "resnet32",
+    "resnet44",
+    "resnet56",
+    "resnet110",
+    "resnet8x4",
+    "resnet32x4",
+    "wrn_16_1",
+    "wrn_16_2",
+    "wrn_40_1",
+    "wrn_40_2",
+    "vgg8",
+    "vgg11",
+    "vgg13",
+    "vgg16",
+    "vgg19",
+    "MobileNetV2",
+    "ShuffleV1",
+    "ShuffleV2",
+    "ResNet18",
+    "ResNet34",
+    "ResNet50",
+]
 IMAGENET = ["MobileNetV1", "resnet18", "mobilenet_v2"]
 ALIASES = {"mobile_half": "MobileNetV2", "mobilenet": "MobileNetV1"}
 
@@ -109,28 +139,91 @@ def test_unknown_model_suggests_close_names():
 # (the CRD / DKD papers list them rounded: resnet32x4 7.43M, wrn_40_2 2.26M, vgg13 9.46M,
 # MobileNetV2 0.81M, ShuffleV1 0.95M, ShuffleV2 1.36M, ResNet50 23.71M, resnet8x4 1.23M).
 LAYOUT = {
-    "resnet8x4": (1233540, {"conv1.weight": (32, 3, 3, 3), "layer1.0.downsample.0.weight": (64, 32, 1, 1),
-                            "layer3.0.bn2.running_var": (256,), "fc.weight": (100, 256)}),
-    "resnet32x4": (7433860, {"layer1.4.conv2.weight": (64, 64, 3, 3), "layer3.4.bn2.num_batches_tracked": (),
-                             "layer2.0.downsample.1.weight": (128,), "fc.bias": (100,)}),
-    "wrn_40_2": (2255156, {"block1.layer.0.convShortcut.weight": (32, 16, 1, 1),
-                           "block3.layer.5.conv2.weight": (128, 128, 3, 3), "bn1.weight": (128,),
-                           "fc.weight": (100, 128)}),
-    "vgg13": (9462180, {"block0.0.weight": (64, 3, 3, 3), "block0.0.bias": (64,), "block0.4.weight": (64,),
-                        "block4.3.weight": (512, 512, 3, 3), "classifier.weight": (100, 512)}),
-    "MobileNetV2": (812836, {"conv1.0.weight": (16, 3, 3, 3), "blocks.0.0.conv.0.weight": (16, 16, 1, 1),
-                             "blocks.6.0.conv.7.running_mean": (160,), "conv2.0.weight": (1280, 160, 1, 1),
-                             "classifier.0.weight": (100, 1280)}),
-    "ShuffleV1": (949258, {"conv1.weight": (24, 3, 1, 1), "layer1.0.conv1.weight": (54, 24, 1, 1),
-                           "layer1.1.conv1.weight": (60, 80, 1, 1), "layer3.3.conv3.weight": (960, 80, 1, 1),
-                           "linear.weight": (100, 960)}),
-    "ShuffleV2": (1355528, {"layer1.0.conv1.weight": (24, 1, 3, 3), "layer1.0.conv5.weight": (58, 58, 1, 1),
-                            "layer2.7.bn3.weight": (116,), "conv2.weight": (1024, 464, 1, 1),
-                            "linear.weight": (100, 1024)}),
-    "ResNet50": (23705252, {"conv1.weight": (64, 3, 3, 3), "layer1.0.shortcut.0.weight": (256, 64, 1, 1),
-                            "layer4.2.conv3.weight": (2048, 512, 1, 1), "linear.weight": (100, 2048)}),
-    "MobileNetV1": (3309476, {"model.0.0.weight": (32, 3, 3, 3), "model.1.0.weight": (32, 1, 3, 3),
-                              "model.13.3.weight": (1024, 1024, 1, 1), "fc.weight": (100, 1024)}),
+    "resnet8x4": (
+        1233540,
+        {
+            "conv1.weight": (32, 3, 3, 3),
+            "layer1.0.downsample.0.weight": (64, 32, 1, 1),
+            "layer3.0.bn2.running_var": (256,),
+            "fc.weight": (100, 256),
+        },
+    ),
+    "resnet32x4": (
+        7433860,
+        {
+            "layer1.4.conv2.weight": (64, 64, 3, 3),
+            "layer3.4.bn2.num_batches_tracked": (),
+            "layer2.0.downsample.1.weight": (128,),
+            "fc.bias": (100,),
+        },
+    ),
+    "wrn_40_2": (
+        2255156,
+        {
+            "block1.layer.0.convShortcut.weight": (32, 16, 1, 1),
+            "block3.layer.5.conv2.weight": (128, 128, 3, 3),
+            "bn1.weight": (128,),
+            "fc.weight": (100, 128),
+        },
+    ),
+    "vgg13": (
+        9462180,
+        {
+            "block0.0.weight": (64, 3, 3, 3),
+            "block0.0.bias": (64,),
+            "block0.4.weight": (64,),
+            "block4.3.weight": (512, 512, 3, 3),
+            "classifier.weight": (100, 512),
+        },
+    ),
+    "MobileNetV2": (
+        812836,
+        {
+            "conv1.0.weight": (16, 3, 3, 3),
+            "blocks.0.0.conv.0.weight": (16, 16, 1, 1),
+            "blocks.6.0.conv.7.running_mean": (160,),
+            "conv2.0.weight": (1280, 160, 1, 1),
+            "classifier.0.weight": (100, 1280),
+        },
+    ),
+    "ShuffleV1": (
+        949258,
+        {
+            "conv1.weight": (24, 3, 1, 1),
+            "layer1.0.conv1.weight": (54, 24, 1, 1),
+            "layer1.1.conv1.weight": (60, 80, 1, 1),
+            "layer3.3.conv3.weight": (960, 80, 1, 1),
+            "linear.weight": (100, 960),
+        },
+    ),
+    "ShuffleV2": (
+        1355528,
+        {
+            "layer1.0.conv1.weight": (24, 1, 3, 3),
+            "layer1.0.conv5.weight": (58, 58, 1, 1),
+            "layer2.7.bn3.weight": (116,),
+            "conv2.weight": (1024, 464, 1, 1),
+            "linear.weight": (100, 1024),
+        },
+    ),
+    "ResNet50": (
+        23705252,
+        {
+            "conv1.weight": (64, 3, 3, 3),
+            "layer1.0.shortcut.0.weight": (256, 64, 1, 1),
+            "layer4.2.conv3.weight": (2048, 512, 1, 1),
+            "linear.weight": (100, 2048),
+        },
+    ),
+    "MobileNetV1": (
+        3309476,
+        {
+            "model.0.0.weight": (32, 3, 3, 3),
+            "model.1.0.weight": (32, 1, 3, 3),
+            "model.13.3.weight": (1024, 1024, 1, 1),
+            "fc.weight": (100, 1024),
+        },
+    ),
 }
 
 
@@ -147,6 +240,7 @@ def test_public_layout(name):
 
 
 # ---- DualHead ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
 def test_dual_head_on_torchvision(arch):
@@ -221,6 +315,7 @@ def test_feature_grad_align_in_autograd():
 
 # ---- checkpoint formats -----------------------------------------------------------------------
 
+
 @pytest.fixture
 def small():
     torch.manual_seed(0)
@@ -232,12 +327,18 @@ def test_checkpoint_formats(fmt, small, tmp_path):
     sd = small.state_dict()
     if fmt == "safetensors":
         from safetensors.torch import save_file
+
         path = tmp_path / "w.safetensors"
         save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
     else:
         path = tmp_path / ("w.tar" if fmt == "tar" else "w.pth")
-        obj = {"plain": sd, "model": {"model": sd, "epoch": 3}, "state_dict": {"state_dict": sd},
-               "module": {f"module.{k}": v for k, v in sd.items()}, "tar": {"state_dict": sd}}[fmt]
+        obj = {
+            "plain": sd,
+            "model": {"model": sd, "epoch": 3},
+            "state_dict": {"state_dict": sd},
+            "module": {f"module.{k}": v for k, v in sd.items()},
+            "tar": {"state_dict": sd},
+        }[fmt]
         torch.save(obj, path)
     got = read_state_dict(path)
     assert sorted(got) == sorted(sd) and all(torch.equal(got[k], sd[k]) for k in sd)

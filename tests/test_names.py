@@ -13,21 +13,13 @@ import os
 import pytest
 
 from dhkd_pipe import cli, config
-
-from dhkd_pipe.store import reader as cache
-
-from dhkd_pipe.store import codecs
-
 from dhkd_pipe.data import datasets as data
-
-from dhkd_pipe.methods import names as loss_names
-
-from dhkd_pipe.methods import losses
-
-from dhkd_pipe.methods import registry as methods
-
 from dhkd_pipe.data import views
+from dhkd_pipe.methods import losses
+from dhkd_pipe.methods import names as loss_names
+from dhkd_pipe.methods import registry as methods
 from dhkd_pipe.models import aux_heads, dual_head
+from dhkd_pipe.store import codecs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,8 +51,11 @@ def _walk_string_collections():
                 with open(path) as f:
                     tree = ast.parse(f.read(), path)
                 for node in ast.walk(tree):
-                    if isinstance(node, (ast.Tuple, ast.List, ast.Set)) and len(node.elts) >= 2 and all(
-                            isinstance(e, ast.Constant) and isinstance(e.value, str) for e in node.elts):
+                    if (
+                        isinstance(node, (ast.Tuple, ast.List, ast.Set))
+                        and len(node.elts) >= 2
+                        and all(isinstance(e, ast.Constant) and isinstance(e.value, str) for e in node.elts)
+                    ):
                         yield os.path.relpath(path, ROOT), node.lineno, {e.value for e in node.elts}
 
 
@@ -75,8 +70,11 @@ def test_each_name_list_is_declared_once_by_its_owner(list_name):
 
 
 def test_the_cli_offers_the_owners_names():
-    params = {p.name: p for command in (cli.main.commands["distill"], cli.main.commands["cache-teacher"])
-              for p in command.params}
+    params = {
+        p.name: p
+        for command in (cli.main.commands["distill"], cli.main.commands["cache-teacher"])
+        for p in command.params
+    }
     assert tuple(params["aux_head"].type.choices) == dual_head.AUX_HEADS
     assert tuple(params["codec"].type.choices) == codecs.CODECS
     assert tuple(params["precision"].type.choices) == config.PRECISIONS

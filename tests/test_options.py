@@ -16,8 +16,11 @@ from dhkd_pipe import cli, config
 from dhkd_pipe.options import flag_of, option_fields
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = [obj for obj in vars(config).values()
-           if isinstance(obj, type) and dataclasses.is_dataclass(obj) and option_fields(obj)]
+CONFIGS = [
+    obj
+    for obj in vars(config).values()
+    if isinstance(obj, type) and dataclasses.is_dataclass(obj) and option_fields(obj)
+]
 
 
 def _sources():
@@ -35,10 +38,17 @@ def test_no_option_is_written_by_hand():
     hand_written = []
     for path, text in _sources():
         for node in ast.walk(ast.parse(text, path)):
-            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) in ("option", "Option", "argument", "Argument") \
-                    and getattr(node.func.value, "id", None) == "click":
-                names = [e.value for arg in node.args for e in (arg.elts if isinstance(arg, (ast.List, ast.Tuple)) else [arg])
-                         if isinstance(e, ast.Constant) and isinstance(e.value, str)]
+            if (
+                isinstance(node, ast.Call)
+                and getattr(node.func, "attr", None) in ("option", "Option", "argument", "Argument")
+                and getattr(node.func.value, "id", None) == "click"
+            ):
+                names = [
+                    e.value
+                    for arg in node.args
+                    for e in (arg.elts if isinstance(arg, (ast.List, ast.Tuple)) else [arg])
+                    if isinstance(e, ast.Constant) and isinstance(e.value, str)
+                ]
                 if names and names != ["--config", "config_file"]:  # the generator (options.py) names none
                     hand_written.append((path, node.lineno, names))
     assert hand_written == []
@@ -48,14 +58,22 @@ def test_no_config_flag_is_written_into_a_command_line_by_hand():
     # a config field's flag (--views) as an item of a list or tuple is a command line built by hand (the
     # store's recorded one is generated from CacheConfig); messages may still name a flag in prose
     flags = {flag_of(f) for cls in CONFIGS for f in option_fields(cls)}
-    flags |= {meta["flag"] for cls in CONFIGS for f in option_fields(cls)
-              for meta in f.metadata["option"]["per_command"].values() if "flag" in meta}
+    flags |= {
+        meta["flag"]
+        for cls in CONFIGS
+        for f in option_fields(cls)
+        for meta in f.metadata["option"]["per_command"].values()
+        if "flag" in meta
+    }
     found = []
     for path, text in _sources():
         for node in ast.walk(ast.parse(text, path)):
             if isinstance(node, (ast.List, ast.Tuple)):
-                found += [(path, e.lineno, e.value) for e in node.elts
-                          if isinstance(e, ast.Constant) and isinstance(e.value, str) and e.value in flags]
+                found += [
+                    (path, e.lineno, e.value)
+                    for e in node.elts
+                    if isinstance(e, ast.Constant) and isinstance(e.value, str) and e.value in flags
+                ]
     assert found == []
 
 
@@ -105,20 +123,28 @@ print("HEAVY", ",".join(heavy), "EXIT", code, file=sys.stderr)
 """
 
 
-@pytest.mark.parametrize("args, code", [
-    (["--help"], 0),
-    (["distill", "--help"], 0),
-    (["cache-teacher", "--help"], 0),
-    (["train-teacher", "--help"], 0),
-    (["eval", "--help"], 0),
-    (["bench", "store", "--help"], 0),
-    (["models"], 0),  # the names from models/catalog.py, no model module imported
-    (["distill", "--method", "nope"], 2),  # a bad choice
-    (["eval", "--data", "digits"], 2),  # a missing required option
-])
+@pytest.mark.parametrize(
+    "args, code",
+    [
+        (["--help"], 0),
+        (["distill", "--help"], 0),
+        (["cache-teacher", "--help"], 0),
+        (["train-teacher", "--help"], 0),
+        (["eval", "--help"], 0),
+        (["bench", "store", "--help"], 0),
+        (["models"], 0),  # the names from models/catalog.py, no model module imported
+        (["distill", "--method", "nope"], 2),  # a bad choice
+        (["eval", "--data", "digits"], 2),  # a missing required option
+    ],
+)
 def test_help_and_usage_errors_import_no_torch(args, code):
-    result = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     line = [ln for ln in result.stderr.splitlines() if ln.startswith("HEAVY")][-1]
     assert line == f"HEAVY  EXIT {code}", result.stderr
 
@@ -144,7 +170,10 @@ def test_bench_stores_latency_without_the_local_server_is_one_line(tmp_path):
     from conftest import cli_here
 
     result = cli_here("bench", "store", "--s3-latency-ms", "20", "--json", tmp_path / "b.json", check=False)
-    assert result.exit_code == 2 and result.stderr == "error: --s3-latency-ms is added to the local S3 server's requests: give --s3-local too\n"
+    assert (
+        result.exit_code == 2
+        and result.stderr == "error: --s3-latency-ms is added to the local S3 server's requests: give --s3-local too\n"
+    )
     assert not (tmp_path / "b.json").exists()
     result = cli_here("bench", "store", "--s3-local", "--s3-latency-ms", "-1", check=False)
     assert result.exit_code == 2 and "bad --s3-latency-ms -1" in result.stderr

@@ -19,15 +19,16 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import BIN, SMALL_DATA, cli_here
+from conftest import cli_process as cli
 
-from dhkd_pipe.store.reader import LogitCache
-from dhkd_pipe.store.codecs import codec_tolerance
 from dhkd_pipe.config import CacheConfig, TrainConfig
-from dhkd_pipe.training.engine import prepare
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.stages.cache_teacher import cache_teacher, verify_cache
 from dhkd_pipe.stages.distill import distill
-from conftest import BIN, SMALL_DATA, cli_here, cli_process as cli
+from dhkd_pipe.store.codecs import codec_tolerance
+from dhkd_pipe.store.reader import LogitCache
+from dhkd_pipe.training.engine import prepare
 
 QUIET = dict(log=lambda *a: None)
 slow = pytest.mark.slow
@@ -37,14 +38,32 @@ def assert_one_line_error(result, message):
     """Exit code 2 and one line ``error: ...`` naming ``message`` (a subprocess or a click Result)."""
     code = result.returncode if hasattr(result, "returncode") else result.exit_code
     assert code == 2, result.stderr
-    assert message in result.stderr and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert message in result.stderr and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, (
+        result.stderr
+    )
 
 
 def accelerate(*args, processes=2):
     # accelerate 1.15's `--cpu` launcher starts one process; torchrun's (`--multi_gpu`) on a machine
     # without a GPU gives MULTI_CPU (gloo) ranks, which is what we test.
-    cmd = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--multi_gpu", "--num_processes", str(processes),
-           "--main_process_port", "0", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dhkd_pipe.cli", *map(str, args)]
+    cmd = [
+        os.path.join(os.path.dirname(sys.executable), "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--main_process_port",
+        "0",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "dhkd_pipe.cli",
+        *map(str, args),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -52,11 +71,31 @@ def accelerate(*args, processes=2):
 
 
 def store_cfg(teacher, out, **kw):
-    base = dict(data="digits", model="resnet8", weights=str(teacher), views=2, seed=0, out=str(out), batch_size=64, chunk_rows=256)
+    base = dict(
+        data="digits",
+        model="resnet8",
+        weights=str(teacher),
+        views=2,
+        seed=0,
+        out=str(out),
+        batch_size=64,
+        chunk_rows=256,
+    )
     return CacheConfig(**{**base, **kw}).validate()
 
 
-STORE_ARGS = ["--model", "resnet8", "--data", "digits", "--views", 2, "--chunk-rows", 256, "--batch-size", 64]  # = store_cfg
+STORE_ARGS = [
+    "--model",
+    "resnet8",
+    "--data",
+    "digits",
+    "--views",
+    2,
+    "--chunk-rows",
+    256,
+    "--batch-size",
+    64,
+]  # = store_cfg
 
 
 # random_teacher, quick_store, trained_teacher and trained_store: session fixtures of conftest.py
@@ -65,7 +104,9 @@ STORE_ARGS = ["--model", "resnet8", "--data", "digits", "--views", 2, "--chunk-r
 def read_all(path):
     c = LogitCache.open(str(path))
     return {
-        "logits": np.stack([np.concatenate([c.read_chunk(e, k)[0] for k in range(c.num_chunks)]) for e in range(c.epochs)]),
+        "logits": np.stack(
+            [np.concatenate([c.read_chunk(e, k)[0] for k in range(c.num_chunks)]) for e in range(c.epochs)]
+        ),
         "order": np.stack([c.read_order(e) for e in range(c.epochs)]),
         "views": np.stack([c.read_views(e) for e in range(c.epochs)]),
     }
@@ -105,9 +146,14 @@ def test_store_does_not_depend_on_batch_size(tmp_path, random_teacher, quick_sto
 def test_two_processes_write_the_one_process_store(tmp_path, random_teacher, small_store):
     out = tmp_path / "two.zarr"
     args = [a if a != "digits" else SMALL_DATA for a in STORE_ARGS]
-    accelerate("cache-teacher", "--weights", random_teacher, *[a if a != 256 else 64 for a in args], "--out", out)  # = small_store
+    accelerate(
+        "cache-teacher", "--weights", random_teacher, *[a if a != 256 else 64 for a in args], "--out", out
+    )  # = small_store
     assert_same_store(small_store, out)
-    assert LogitCache.open(str(out)).attrs["teacher"]["val_top1"] == LogitCache.open(str(small_store)).attrs["teacher"]["val_top1"]
+    assert (
+        LogitCache.open(str(out)).attrs["teacher"]["val_top1"]
+        == LogitCache.open(str(small_store)).attrs["teacher"]["val_top1"]
+    )
 
 
 @slow
@@ -145,19 +191,36 @@ def test_a_different_command_is_refused_unless_overwrite(tmp_path, random_teache
     store = tmp_path / "logits.zarr"
     shutil.copytree(quick_store, store)
     before = read_all(store)
-    result = cli_here("cache-teacher", "--model", "resnet8", "--weights", random_teacher, "--data", "digits", "--views", 3,
-                      "--chunk-rows", 256, "--out", store, check=False)
+    result = cli_here(
+        "cache-teacher",
+        "--model",
+        "resnet8",
+        "--weights",
+        random_teacher,
+        "--data",
+        "digits",
+        "--views",
+        3,
+        "--chunk-rows",
+        256,
+        "--out",
+        store,
+        check=False,
+    )
     assert_one_line_error(result, "--overwrite")
     after = read_all(store)
     assert all(np.array_equal(before[k], after[k]) for k in before)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--weights", "BAD"], "missing"),
-    (["--weights", "NOPE"], "nope.pt"),
-    (["--codec", "int4"], "int4"),
-    (["--data", "cifar100:MISSING"], "not found"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--weights", "BAD"], "missing"),
+        (["--weights", "NOPE"], "nope.pt"),
+        (["--codec", "int4"], "int4"),
+        (["--data", "cifar100:MISSING"], "not found"),
+    ],
+)
 def test_cache_teacher_user_errors(tmp_path, random_teacher, args, message):
     bad = tmp_path / "bad.pt"
     torch.save({"model": {"nonsense": torch.zeros(1)}}, bad)
@@ -166,7 +229,9 @@ def test_cache_teacher_user_errors(tmp_path, random_teacher, args, message):
     given["--weights"] = {"BAD": bad, "NOPE": tmp_path / "nope.pt"}.get(given["--weights"], given["--weights"])
     given["--data"] = given["--data"].replace("MISSING", str(tmp_path / "missing"))
     out = tmp_path / "err.zarr"
-    result = cli_here("cache-teacher", "--model", "resnet8", "--out", out, *[x for kv in given.items() for x in kv], check=False)
+    result = cli_here(
+        "cache-teacher", "--model", "resnet8", "--out", out, *[x for kv in given.items() for x in kv], check=False
+    )
     assert result.exit_code == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not out.exists()
@@ -185,8 +250,26 @@ def test_inspect(quick_store):
 @slow
 def test_online_dhkd_through_the_cli(tmp_path, random_teacher):
     out = tmp_path / "online"
-    cli_here("distill", "--student", "resnet8", "--teacher", "resnet8", "--teacher-weights", random_teacher, "--data", SMALL_DATA,
-             "--method", "dhkd", "--epochs", 1, "--aux-head", "nonlinear", "--grad-align", "--out", out)
+    cli_here(
+        "distill",
+        "--student",
+        "resnet8",
+        "--teacher",
+        "resnet8",
+        "--teacher-weights",
+        random_teacher,
+        "--data",
+        SMALL_DATA,
+        "--method",
+        "dhkd",
+        "--epochs",
+        1,
+        "--aux-head",
+        "nonlinear",
+        "--grad-align",
+        "--out",
+        out,
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["teacher_source"] == "online" and summary["method"] == "dhkd"
     exported = torch.load(out / "model.pt", weights_only=True)["model"]
@@ -204,8 +287,16 @@ DISTILL_ERRORS = [
 
 
 def distill_args(teacher, out, args):
-    base = {"--student": "resnet8", "--teacher": "resnet8", "--teacher-weights": str(teacher), "--data": "digits", "--method": "dhkd"}
-    base.update((flag, value.replace("MISSING", str(out.parent / "missing"))) for flag, value in zip(args[::2], args[1::2]))
+    base = {
+        "--student": "resnet8",
+        "--teacher": "resnet8",
+        "--teacher-weights": str(teacher),
+        "--data": "digits",
+        "--method": "dhkd",
+    }
+    base.update(
+        (flag, value.replace("MISSING", str(out.parent / "missing"))) for flag, value in zip(args[::2], args[1::2])
+    )
     return ["distill", *[x for kv in base.items() for x in kv], "--out", out]
 
 
@@ -224,13 +315,27 @@ def test_user_errors_are_one_line_and_leave_nothing(tmp_path, random_teacher, ar
 def test_a_user_error_from_the_console_script_is_one_line(tmp_path, random_teacher):
     # the real process: nothing else (a warning, a traceback) reaches stderr
     out = tmp_path / "never"
-    assert_one_line_error(cli(*distill_args(random_teacher, out, ["--student", "resnet9000"]), check=False), "did you mean")
+    assert_one_line_error(
+        cli(*distill_args(random_teacher, out, ["--student", "resnet9000"]), check=False), "did you mean"
+    )
     assert not out.exists()
 
 
 def test_teacher_checkpoint_that_does_not_fit(tmp_path, random_teacher):
-    result = cli_here("distill", "--student", "resnet8", "--teacher", "resnet20", "--teacher-weights", random_teacher,
-                      "--data", "digits", "--out", tmp_path / "never", check=False)
+    result = cli_here(
+        "distill",
+        "--student",
+        "resnet8",
+        "--teacher",
+        "resnet20",
+        "--teacher-weights",
+        random_teacher,
+        "--data",
+        "digits",
+        "--out",
+        tmp_path / "never",
+        check=False,
+    )
     assert result.exit_code == 2 and ("missing" in result.stderr or "unexpected" in result.stderr)
     assert not (tmp_path / "never").exists()
 
@@ -277,8 +382,13 @@ def test_resume_mid_epoch_continues_identically(tmp_path, small_store):
 
 @slow
 def test_dist_trains_online_and_from_the_store(tmp_path, random_teacher, small_store):
-    for name, source in (("cache", dict(cache=str(small_store))), ("online", dict(teacher="resnet8", teacher_weights=str(random_teacher)))):
-        summary = distill(train_cfg(tmp_path / name, method="dist", epochs=1, batch_size=64, data=SMALL_DATA, **source), **QUIET)
+    for name, source in (
+        ("cache", dict(cache=str(small_store))),
+        ("online", dict(teacher="resnet8", teacher_weights=str(random_teacher))),
+    ):
+        summary = distill(
+            train_cfg(tmp_path / name, method="dist", epochs=1, batch_size=64, data=SMALL_DATA, **source), **QUIET
+        )
         assert summary["teacher_source"] == name and summary["method_params"]["alpha"] == 2.0
         (m,) = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         assert m["train_kd"] == pytest.approx(m["train_inter"] + m["train_intra"], rel=1e-5)
@@ -335,8 +445,21 @@ def test_resume_with_a_different_config_is_refused(tmp_path, quick_store):
 @slow
 def test_two_process_training_and_its_checkpoint(tmp_path, small_store):
     out = tmp_path / "ddp"
-    accelerate("distill", "--student", "resnet8", "--cache", small_store, "--data", SMALL_DATA, "--method", "dhkd",
-               "--epochs", 1, "--out", out)
+    accelerate(
+        "distill",
+        "--student",
+        "resnet8",
+        "--cache",
+        small_store,
+        "--data",
+        SMALL_DATA,
+        "--method",
+        "dhkd",
+        "--epochs",
+        1,
+        "--out",
+        out,
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["processes"] == 2
     assert not (out / "run.lock").exists()  # taken once, by the main process, and released
@@ -344,7 +467,9 @@ def test_two_process_training_and_its_checkpoint(tmp_path, small_store):
     assert len(lines) == 1  # written once
     m = json.loads(lines[0])  # terms reduced over the processes like the total
     assert m["train_loss"] == pytest.approx(m["train_ce"] + m["train_kd"], rel=1e-5)
-    result = json.loads(cli_here("eval", "--model", "resnet8", "--weights", out / "model.pt", "--data", "digits").stdout)
+    result = json.loads(
+        cli_here("eval", "--model", "resnet8", "--weights", out / "model.pt", "--data", "digits").stdout
+    )
     assert result["top1"] == pytest.approx(summary["val_top1"])
 
 
@@ -353,14 +478,27 @@ def test_store_errors_in_stage_2(tmp_path, quick_store):
     shutil.copytree(quick_store, incomplete)
     done_dir = incomplete / "done"
     shutil.rmtree(done_dir / "c")  # no chunk is done any more
-    result = cli_here("distill", "--student", "resnet8", "--cache", incomplete, "--data", "digits", "--out", tmp_path / "r1", check=False)
+    result = cli_here(
+        "distill",
+        "--student",
+        "resnet8",
+        "--cache",
+        incomplete,
+        "--data",
+        "digits",
+        "--out",
+        tmp_path / "r1",
+        check=False,
+    )
     assert_one_line_error(result, "incomplete")
     assert not (tmp_path / "r1").exists()
 
     from dhkd_pipe.benchmarks.bench import write_synthetic_cifar
 
     spec = write_synthetic_cifar(str(tmp_path / "cifar"), num_train=50, num_val=10)
-    result = cli_here("distill", "--student", "resnet8", "--cache", quick_store, "--data", spec, "--out", tmp_path / "r2", check=False)
+    result = cli_here(
+        "distill", "--student", "resnet8", "--cache", quick_store, "--data", spec, "--out", tmp_path / "r2", check=False
+    )
     assert_one_line_error(result, "does not match")
     assert not (tmp_path / "r2").exists()
 
@@ -368,15 +506,29 @@ def test_store_errors_in_stage_2(tmp_path, quick_store):
     shutil.copytree(quick_store, corrupt)
     chunk = sorted(p for p in (corrupt / "logits").rglob("*") if p.is_file() and p.name != "zarr.json")[0]
     chunk.write_bytes(b"garbage" * 10)
-    result = cli_here("distill", "--student", "resnet8", "--cache", corrupt, "--data", "digits", "--epochs", 1,
-                      "--out", tmp_path / "r3", check=False)
+    result = cli_here(
+        "distill",
+        "--student",
+        "resnet8",
+        "--cache",
+        corrupt,
+        "--data",
+        "digits",
+        "--epochs",
+        1,
+        "--out",
+        tmp_path / "r3",
+        check=False,
+    )
     assert result.exit_code == 2 and "chunk" in result.stderr and "Traceback" not in result.stderr
 
 
 @slow
 def test_report_draws_runs(tmp_path, small_store):
     for name, method in (("straight", "dhkd"), ("alone", "ce")):
-        distill(train_cfg(tmp_path / name, cache=str(small_store), data=SMALL_DATA, method=method, batch_size=64), **QUIET)
+        distill(
+            train_cfg(tmp_path / name, cache=str(small_store), data=SMALL_DATA, method=method, batch_size=64), **QUIET
+        )
     out = tmp_path / "report.png"
     table = cli_here("report", tmp_path / "straight", tmp_path / "alone", "--out", out).stdout
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000

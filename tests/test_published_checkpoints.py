@@ -42,20 +42,48 @@ SIDE = {"resnet8x4": 32, "ShuffleV2": 32, "MobileNetV2": 32, "MobileNetV1": 64}
 
 # Hand-checked against penghui-yang/DHKD models/*.py: key -> shape.
 PUBLISHED_KEYS = {
-    ("resnet8x4", "linear"): {"conv1.weight": (32, 3, 3, 3), "layer3.0.downsample.1.running_var": (256,),
-                              "fc.weight": (100, 256), "fc2.weight": (100, 256), "fc2.bias": (100,)},
-    ("resnet8x4", "nonlinear"): {"fc.weight": (100, 256), "fc2.net.0.weight": (200, 256), "fc2.net.0.bias": (200,),
-                                 "fc2.net.2.weight": (200,), "fc2.net.2.running_mean": (200,),
-                                 "fc2.net.2.num_batches_tracked": (), "fc2.net.4.weight": (100, 200)},
-    ("ShuffleV2", "nonlinear"): {"layer1.0.conv1.weight": (24, 1, 3, 3), "conv2.weight": (1024, 464, 1, 1),
-                                 "linear.weight": (100, 1024), "linear2.net.0.weight": (200, 1024),
-                                 "linear2.net.2.running_var": (200,), "linear2.net.4.bias": (100,)},
-    ("MobileNetV2", "linear"): {"conv2.0.weight": (1280, 160, 1, 1), "classifier.weight": (100, 1280),
-                                "classifier.bias": (100,), "classifier2.weight": (100, 1280)},
-    ("MobileNetV2", "nonlinear"): {"blocks.6.0.conv.7.running_mean": (160,), "classifier.weight": (100, 1280),
-                                   "classifier2.net.0.weight": (200, 1280), "classifier2.net.4.weight": (100, 200)},
-    ("MobileNetV1", "nonlinear"): {"model.13.3.weight": (1024, 1024, 1, 1), "classifier.weight": (1000, 1024),
-                                   "classifier2.net.0.weight": (200, 1024), "classifier2.net.4.weight": (1000, 200)},
+    ("resnet8x4", "linear"): {
+        "conv1.weight": (32, 3, 3, 3),
+        "layer3.0.downsample.1.running_var": (256,),
+        "fc.weight": (100, 256),
+        "fc2.weight": (100, 256),
+        "fc2.bias": (100,),
+    },
+    ("resnet8x4", "nonlinear"): {
+        "fc.weight": (100, 256),
+        "fc2.net.0.weight": (200, 256),
+        "fc2.net.0.bias": (200,),
+        "fc2.net.2.weight": (200,),
+        "fc2.net.2.running_mean": (200,),
+        "fc2.net.2.num_batches_tracked": (),
+        "fc2.net.4.weight": (100, 200),
+    },
+    ("ShuffleV2", "nonlinear"): {
+        "layer1.0.conv1.weight": (24, 1, 3, 3),
+        "conv2.weight": (1024, 464, 1, 1),
+        "linear.weight": (100, 1024),
+        "linear2.net.0.weight": (200, 1024),
+        "linear2.net.2.running_var": (200,),
+        "linear2.net.4.bias": (100,),
+    },
+    ("MobileNetV2", "linear"): {
+        "conv2.0.weight": (1280, 160, 1, 1),
+        "classifier.weight": (100, 1280),
+        "classifier.bias": (100,),
+        "classifier2.weight": (100, 1280),
+    },
+    ("MobileNetV2", "nonlinear"): {
+        "blocks.6.0.conv.7.running_mean": (160,),
+        "classifier.weight": (100, 1280),
+        "classifier2.net.0.weight": (200, 1280),
+        "classifier2.net.4.weight": (100, 200),
+    },
+    ("MobileNetV1", "nonlinear"): {
+        "model.13.3.weight": (1024, 1024, 1, 1),
+        "classifier.weight": (1000, 1024),
+        "classifier2.net.0.weight": (200, 1024),
+        "classifier2.net.4.weight": (1000, 200),
+    },
 }
 
 
@@ -89,7 +117,7 @@ def published_plain_keys(arch, sd):
     ours, theirs = PUBLISHED_CLASSIFIER.get(arch, (None, None))
     if ours is None:
         return dict(sd)
-    return {theirs + k[len(ours):] if k.startswith(ours + ".") else k: v for k, v in sd.items()}
+    return {theirs + k[len(ours) :] if k.startswith(ours + ".") else k: v for k, v in sd.items()}
 
 
 def published_student(arch, kind):
@@ -125,8 +153,14 @@ def save_as_published(sd, path, how):
     return path
 
 
-CASES = [("resnet8x4", "linear"), ("resnet8x4", "nonlinear"), ("ShuffleV2", "nonlinear"),
-         ("MobileNetV2", "linear"), ("MobileNetV2", "nonlinear"), ("MobileNetV1", "nonlinear")]
+CASES = [
+    ("resnet8x4", "linear"),
+    ("resnet8x4", "nonlinear"),
+    ("ShuffleV2", "nonlinear"),
+    ("MobileNetV2", "linear"),
+    ("MobileNetV2", "nonlinear"),
+    ("MobileNetV1", "nonlinear"),
+]
 
 
 @pytest.mark.parametrize("arch,kind", CASES)
@@ -172,8 +206,12 @@ def test_published_teacher_loads(arch, tmp_path):
     x = torch.randn(2, 3, SIDE[arch], SIDE[arch])
     with torch.no_grad():
         want = teacher(x)
-    for i, obj in enumerate([{"epoch": 240, "model": sd, "best_acc": torch.tensor(79.4), "optimizer": optimizer.state_dict()},
-                             {"args": argparse.Namespace(model=arch), "model": sd, "optimizer": optimizer.state_dict()}]):
+    for i, obj in enumerate(
+        [
+            {"epoch": 240, "model": sd, "best_acc": torch.tensor(79.4), "optimizer": optimizer.state_dict()},
+            {"args": argparse.Namespace(model=arch), "model": sd, "optimizer": optimizer.state_dict()},
+        ]
+    ):
         torch.save(obj, tmp_path / f"t{i}.pth")
         fresh = create_model(arch, CLASSES[arch]).eval()
         assert load_checkpoint(fresh, tmp_path / f"t{i}.pth") == ([], [])
@@ -194,7 +232,9 @@ def test_mdistiller_distiller_checkpoint_gives_the_student(tmp_path):
     sd = {f"module.student.{k}": v for k, v in student.state_dict().items()}
     sd.update({f"module.student.classifier2.{k}": v for k, v in head2.state_dict().items()})
     sd.update({f"module.teacher.{k}": v for k, v in teacher.state_dict().items()})
-    torch.save({"epoch": 3, "model": sd, "optimizer": {"state": {}, "param_groups": []}, "best_acc": 1.0}, tmp_path / "latest")
+    torch.save(
+        {"epoch": 3, "model": sd, "optimizer": {"state": {}, "param_groups": []}, "best_acc": 1.0}, tmp_path / "latest"
+    )
     dual = create_model("MobileNetV2", 100, dual_head=True).eval()
     load_checkpoint(dual, tmp_path / "latest")
     assert torch.equal(dual.head1.weight, student.classifier[0].weight)
@@ -211,8 +251,11 @@ def test_wrong_aux_head_and_missing_keys_are_one_line(tmp_path):
     sd.pop("layer1.0.bn1.weight")
     sd["fc2.net.9.weight"] = torch.zeros(1)
     path = save_as_published(sd, tmp_path / "bad.pth", "last")
-    with pytest.raises(DhkdError, match=r"2 missing keys \(backbone.layer1.0.bn1.weight, head2.2.running_mean\); "
-                                        r"1 unexpected keys \(head2.9.weight\)") as e:
+    with pytest.raises(
+        DhkdError,
+        match=r"2 missing keys \(backbone.layer1.0.bn1.weight, head2.2.running_mean\); "
+        r"1 unexpected keys \(head2.9.weight\)",
+    ) as e:
         load_checkpoint(create_model("resnet8x4", 100, dual_head=True, aux_head="nonlinear"), path)
     assert "\n" not in str(e.value)
     result = load_checkpoint(create_model("resnet8x4", 100, dual_head=True, aux_head="nonlinear"), path, strict=False)

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from dhkd_pipe.config import CacheConfig, TrainConfig
+from dhkd_pipe.stages.cache_teacher import cache_teacher
 from dhkd_pipe.training.engine import prepare, train
 from dhkd_pipe.training.run_folder import CHECKPOINT
-from dhkd_pipe.stages.cache_teacher import cache_teacher
 
 QUIET = dict(log=lambda *a: None)
 
@@ -61,7 +61,11 @@ def test_stage_2_channels_last_default_follows_the_device(tmp_path):
     assert memory_format(default, torch.device("cuda", 0)) == memory_format(default, "cuda") == torch.channels_last
     assert memory_format(default, "cpu") == memory_format(default) == torch.contiguous_format
     for given, fmt in ((True, torch.channels_last), (False, torch.contiguous_format)):
-        assert memory_format(cfg(tmp_path / "g", channels_last=given), "cuda") == fmt == memory_format(cfg(tmp_path / "g", channels_last=given), "cpu")
+        assert (
+            memory_format(cfg(tmp_path / "g", channels_last=given), "cuda")
+            == fmt
+            == memory_format(cfg(tmp_path / "g", channels_last=given), "cpu")
+        )
     if not torch.cuda.is_available():
         run = prepare(default, mode="overwrite")
         assert run.accelerator.unwrap_model(run.model).conv1.weight.is_contiguous()
@@ -76,8 +80,19 @@ def test_stage_1_with_channels_last_writes_the_same_logits(tmp_path):
     stores = {}
     for flag in (False, True):
         out = tmp_path / f"store-{flag}.zarr"
-        cache_teacher(CacheConfig(data="digits", model="resnet8", weights=str(weights), views=1, out=str(out),
-                                  codec="fp32", chunk_rows=512, channels_last=flag).validate(), **QUIET)
+        cache_teacher(
+            CacheConfig(
+                data="digits",
+                model="resnet8",
+                weights=str(weights),
+                views=1,
+                out=str(out),
+                codec="fp32",
+                chunk_rows=512,
+                channels_last=flag,
+            ).validate(),
+            **QUIET,
+        )
         from dhkd_pipe.store.reader import LogitCache
 
         c = LogitCache.open(str(out))

@@ -17,14 +17,14 @@ import uuid
 import numpy as np
 import pytest
 import torch
+from conftest import BIN, S3_BUCKET, cli_here
+from conftest import cli_process as cli
 
-from dhkd_pipe.store.reader import LogitCache
+from dhkd_pipe.data.loader import StoreEpochs, read_ahead_chunks, row_batches
 from dhkd_pipe.errors import DhkdError
-from dhkd_pipe.data.loader import StoreEpochs, row_batches, read_ahead_chunks
 from dhkd_pipe.store.objects import StoreObjects, open_store
+from dhkd_pipe.store.reader import LogitCache
 from dhkd_pipe.store.writer import create_or_resume, write_unit
-
-from conftest import BIN, S3_BUCKET, cli_here, cli_process as cli
 
 E, N, K, C = 2, 300, 10, 64  # 5 chunks per epoch, the last one short
 
@@ -38,8 +38,17 @@ def attrs(**kw):
 
 
 def create(location, n=N, k=K, codec="fp16", **kw):
-    return create_or_resume(location, epochs=E, num_samples=n, num_classes=k, chunk_rows=C, labels=np.arange(n) % k,
-                             codec=codec, attrs=kw.pop("attrs", attrs()), **kw)
+    return create_or_resume(
+        location,
+        epochs=E,
+        num_samples=n,
+        num_classes=k,
+        chunk_rows=C,
+        labels=np.arange(n) % k,
+        codec=codec,
+        attrs=kw.pop("attrs", attrs()),
+        **kw,
+    )
 
 
 def write(cache, x, units=None):
@@ -79,8 +88,16 @@ def test_object_primitives():
     objects.write("e", b"")
     sibling.write("a/b", b"sibling")
     assert objects.exists("a/b") and not objects.exists("a") and not objects.exists("a/x")
-    assert objects.list() == ["a/b", "a/c/d", "e"] and objects.list("a/") == ["a/b", "a/c/d"] and objects.list("a/c/") == ["a/c/d"]
-    assert objects.size("a/b") == 5 and objects.sizes() == {"a/b": 5, "a/c/d": 1, "e": 0} and objects.sizes("a/c/") == {"a/c/d": 1}
+    assert (
+        objects.list() == ["a/b", "a/c/d", "e"]
+        and objects.list("a/") == ["a/b", "a/c/d"]
+        and objects.list("a/c/") == ["a/c/d"]
+    )
+    assert (
+        objects.size("a/b") == 5
+        and objects.sizes() == {"a/b": 5, "a/c/d": 1, "e": 0}
+        and objects.sizes("a/c/") == {"a/c/d": 1}
+    )
     assert objects.read("a/b") == b"12345" and objects.read("nope") is None
     objects.write("a/b", b"9")  # whole-object replace
     assert objects.read("a/b") == b"9"
@@ -141,10 +158,17 @@ def test_unit_keys_are_the_objects_a_unit_writes_with_done_last(monkeypatch):
     monkeypatch.setattr(FsspecStore, "set", recording_set)
     write(c, fake_logits(n=n, k=k), [(1, [3, 4, 5])])
     keys = c.unit_keys(1, 3)
-    assert keys == {"logits": "logits/c/1/1/0", "logit_scale": "logit_scale/c/1/1", "order": "order/c/1/1",
-                    "views": "views/c/1/1/0", "done": "done/c/1/1"}
+    assert keys == {
+        "logits": "logits/c/1/1/0",
+        "logit_scale": "logit_scale/c/1/1",
+        "order": "order/c/1/1",
+        "views": "views/c/1/1/0",
+        "done": "done/c/1/1",
+    }
     assert set(c.objects.list()) - before == set(keys.values())
-    assert sorted(written[:-1]) == sorted(v for name, v in keys.items() if name != "done") and written[-1] == keys["done"]
+    assert (
+        sorted(written[:-1]) == sorted(v for name, v in keys.items() if name != "done") and written[-1] == keys["done"]
+    )
     with pytest.raises(ValueError):
         c.unit_keys(1, 4)
 
@@ -159,8 +183,11 @@ def test_a_missing_object_on_object_storage_is_refused():
     c.check_complete(objects=False)  # the flags still say done
     with pytest.raises(DhkdError, match=r"is damaged: logits epoch 1 chunk 3 \(logits/c/1/3/0\): missing and 1 more"):
         c.check_complete()  # one listing finds both
-    with pytest.raises(DhkdError, match=r"^store memory://\S+: logits epoch 1 chunk 3 missing from the store \(logits/c/1/3/0\); "
-                                        r"the store is incomplete or damaged; re-run cache-teacher with the same command to rewrite it$"):
+    with pytest.raises(
+        DhkdError,
+        match=r"^store memory://\S+: logits epoch 1 chunk 3 missing from the store \(logits/c/1/3/0\); "
+        r"the store is incomplete or damaged; re-run cache-teacher with the same command to rewrite it$",
+    ):
         c.read_chunk(1, 3)
     with pytest.raises(DhkdError, match=r"order epoch 0 chunk 2 missing from the store \(order/c/0/2\)"):
         c.read_order(0)
@@ -175,7 +202,9 @@ def test_create_overwrite_half_created_and_foreign_stores_on_object_storage():
     c = create(url)
     write(c, fake_logits(), c.write_units()[:2])
     assert create(url).done_mask().sum() == 2  # same command: resumed
-    with pytest.raises(DhkdError, match=r"a different store exists at memory://\S+ \(views differs\); pass --overwrite"):
+    with pytest.raises(
+        DhkdError, match=r"a different store exists at memory://\S+ \(views differs\); pass --overwrite"
+    ):
         create(url, attrs=attrs(views=3))
     assert create(url, attrs=attrs(views=3), overwrite=True).done_mask().sum() == 0
     group = zarr.open_group(store=open_store(url, read_only=False), mode="r+")
@@ -203,7 +232,12 @@ class SlowChunks:
 
     def __init__(self, num_chunks=12, chunk_rows=8, k=3, delay=0.05, fail_at=None):
         self.epochs, self.chunk_rows, self.num_classes, self.codec = 1, chunk_rows, k, "fp16"
-        self.num_samples, self.chunk_nbytes, self.is_local, self.path = num_chunks * chunk_rows, chunk_rows * k * 2, False, "memory://x"
+        self.num_samples, self.chunk_nbytes, self.is_local, self.path = (
+            num_chunks * chunk_rows,
+            chunk_rows * k * 2,
+            False,
+            "memory://x",
+        )
         self.delay, self.fail_at, self.lock = delay, fail_at, threading.Lock()
         self.active = self.most = 0
         self.started = []
@@ -291,7 +325,11 @@ def test_s3_store_round_trip(s3):
         assert np.array_equal(a, b)
     assert all_objects(url) == all_objects(local_like)  # the same objects, byte for byte
     s = LogitCache.open(url).summary()
-    assert s["path"] == url and s["complete"] == "10/10" and s["bytes_on_disk"] == sum(LogitCache.open(url).objects.sizes().values())
+    assert (
+        s["path"] == url
+        and s["complete"] == "10/10"
+        and s["bytes_on_disk"] == sum(LogitCache.open(url).objects.sizes().values())
+    )
     c = create(url, codec="int8", attrs=attrs(views=3), overwrite=True)
     assert not c.done_mask().any()
     c.objects.delete_all()
@@ -339,14 +377,26 @@ def resumed_store(s3, teacher_weights, tmp_path_factory):
     from dhkd_pipe.stages.cache_teacher import cache_teacher
 
     local = tmp_path_factory.mktemp("reference") / "logits.zarr"
-    cache_teacher(CacheConfig(model="resnet8", data=DATA, views=3, chunk_rows=32, batch_size=32, weights=str(teacher_weights),
-                              out=str(local)).validate(), log=lambda *a: None)
+    cache_teacher(
+        CacheConfig(
+            model="resnet8",
+            data=DATA,
+            views=3,
+            chunk_rows=32,
+            batch_size=32,
+            weights=str(teacher_weights),
+            out=str(local),
+        ).validate(),
+        log=lambda *a: None,
+    )
 
     url = f"s3://{BUCKET}/killed.zarr"
     args = [BIN, "cache-teacher", *STAGE1, "--weights", str(teacher_weights), "--out", url]
     log = tmp_path_factory.mktemp("killed") / "stderr.txt"
     with open(log, "w") as stderr:
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=stderr, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        proc = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=stderr, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        )
     done_flags = StoreObjects(open_store(url), url)
     total = 3 * 15  # 480 samples in chunks of 32: 15 chunks per view
     written, deadline = 0, time.time() + 240
@@ -362,7 +412,11 @@ def resumed_store(s3, teacher_weights, tmp_path_factory):
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
         proc.wait(30)
-    assert proc.returncode == -signal.SIGKILL and 0 < written < total, (proc.returncode, written, log.read_text()[-2000:])
+    assert proc.returncode == -signal.SIGKILL and 0 < written < total, (
+        proc.returncode,
+        written,
+        log.read_text()[-2000:],
+    )
     with pytest.raises(DhkdError, match="incomplete"):
         LogitCache.open(url).check_complete()
     cli_here(*args[1:])  # the resume: in this process, which need not die
@@ -380,12 +434,34 @@ def test_killed_stage_1_on_s3_resumes_to_the_uninterrupted_store(resumed_store):
 def test_inspect_verify_and_distill_from_s3(resumed_store, teacher_weights, tmp_path):
     url, _ = resumed_store
     info = json.loads(cli_here("inspect", url, "--json").stdout)
-    assert info["path"] == url and info["shape"] == [3, 480, 10] and info["complete"] == "45/45" and 0 < info["bytes_per_logit"] <= 2.5
-    result = json.loads(cli_here("verify-cache", url, "--data", DATA, "--teacher-weights", teacher_weights, "--samples", 64).stdout)
+    assert (
+        info["path"] == url
+        and info["shape"] == [3, 480, 10]
+        and info["complete"] == "45/45"
+        and 0 < info["bytes_per_logit"] <= 2.5
+    )
+    result = json.loads(
+        cli_here("verify-cache", url, "--data", DATA, "--teacher-weights", teacher_weights, "--samples", 64).stdout
+    )
     assert result["ok"] and result["samples"] == 64 and result["top1_agreement"] == 1.0
     out = tmp_path / "run"
-    proc = cli_here("distill", "--student", "resnet8", "--cache", url, "--data", DATA, "--epochs", 1, "--batch-size", 64,
-               "--max-steps", 3, "--out", out)
+    proc = cli_here(
+        "distill",
+        "--student",
+        "resnet8",
+        "--cache",
+        url,
+        "--data",
+        DATA,
+        "--epochs",
+        1,
+        "--batch-size",
+        64,
+        "--max-steps",
+        3,
+        "--out",
+        out,
+    )
     assert f"from {url}: 3 stored view-epochs" in proc.stderr
     assert json.loads(proc.stdout) == {"stopped_at": {"epoch": 0, "step": 3}}
 
@@ -399,11 +475,28 @@ def test_a_deleted_chunk_object_on_s3_is_refused(resumed_store, tmp_path):
         target.write(key, source.read(key))
     key = LogitCache.open(damaged).unit_keys(0, 0)["logits"]
     target.delete(key)
-    proc = cli_here("distill", "--student", "resnet8", "--cache", damaged, "--data", DATA, "--epochs", 1, "--max-steps", 2,
-                    "--out", tmp_path / "run", check=False)
+    proc = cli_here(
+        "distill",
+        "--student",
+        "resnet8",
+        "--cache",
+        damaged,
+        "--data",
+        DATA,
+        "--epochs",
+        1,
+        "--max-steps",
+        2,
+        "--out",
+        tmp_path / "run",
+        check=False,
+    )
     # found by the listing before training starts, with the fix
-    assert_one_line_error(proc, f"store {damaged} is damaged: logits epoch 0 chunk 0 ({key}): missing; re-run cache-teacher with the same "
-                                "command to rewrite it: dhkd-pipe cache-teacher --model resnet8 ")
+    assert_one_line_error(
+        proc,
+        f"store {damaged} is damaged: logits epoch 0 chunk 0 ({key}): missing; re-run cache-teacher with the same "
+        "command to rewrite it: dhkd-pipe cache-teacher --model resnet8 ",
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -412,17 +505,40 @@ def test_missing_bucket_and_bad_credentials_are_one_line(s3, resumed_store, teac
     url, _ = resumed_store
     proc = cli_here("inspect", "s3://no-such-bucket/logits.zarr", check=False)
     assert_one_line_error(proc, "s3://no-such-bucket/logits.zarr", "bucket does not exist")
-    proc = cli_here("cache-teacher", *STAGE1, "--weights", teacher_weights, "--out", "s3://no-such-bucket/logits.zarr", check=False)
+    proc = cli_here(
+        "cache-teacher", *STAGE1, "--weights", teacher_weights, "--out", "s3://no-such-bucket/logits.zarr", check=False
+    )
     assert_one_line_error(proc, "s3://no-such-bucket/logits.zarr", "bucket does not exist")
 
     # credentials in their own processes: a process keeps the file-system objects it made
     wrong = {"AWS_SECRET_ACCESS_KEY": "not-the-secret"}
     proc = cli("inspect", url, check=False, env=wrong)
     assert_one_line_error(proc, url, "check the credentials")
-    proc = cli("cache-teacher", *STAGE1, "--weights", teacher_weights, "--out", f"s3://{BUCKET}/new.zarr", check=False, env=wrong)
+    proc = cli(
+        "cache-teacher",
+        *STAGE1,
+        "--weights",
+        teacher_weights,
+        "--out",
+        f"s3://{BUCKET}/new.zarr",
+        check=False,
+        env=wrong,
+    )
     assert_one_line_error(proc, f"s3://{BUCKET}/new.zarr", "check the credentials")
     unknown = {"AWS_ACCESS_KEY_ID": "AKIANOSUCHKEY0000000", "AWS_SECRET_ACCESS_KEY": "x"}
-    proc = cli("distill", "--student", "resnet8", "--cache", url, "--data", DATA, "--out", tmp_path / "run", check=False, env=unknown)
+    proc = cli(
+        "distill",
+        "--student",
+        "resnet8",
+        "--cache",
+        url,
+        "--data",
+        DATA,
+        "--out",
+        tmp_path / "run",
+        check=False,
+        env=unknown,
+    )
     assert_one_line_error(proc, url)
     assert not (tmp_path / "run").exists()
     assert StoreObjects(open_store(f"s3://{BUCKET}/new.zarr"), "new").list() == []  # nothing half-written

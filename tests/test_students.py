@@ -31,8 +31,10 @@ def store(small_store):
 def params(run: str) -> dict:
     from safetensors.torch import load_file
 
-    return {k: hashlib.sha256(v.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-            for k, v in load_file(os.path.join(run, "model.safetensors")).items()}
+    return {
+        k: hashlib.sha256(v.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+        for k, v in load_file(os.path.join(run, "model.safetensors")).items()
+    }
 
 
 def metrics(run: str) -> list[dict]:
@@ -44,10 +46,14 @@ def students(store, out, **kw) -> list[TrainConfig]:
     """Four different students: dhkd seed 0, dhkd with the non-linear head (dropout: the generators
     must be each student's own) seed 1, kd seed 2 on another architecture, ce (no logits needed)."""
     base = dict(cache=store, epochs=2, batch_size=32, lr=0.05, lr_milestones=[1], val_every=0, workers=0, **kw)
-    return [TrainConfig(**base, model="resnet8", method="dhkd", seed=0, out=str(out / "dhkd")).validate(),
-            TrainConfig(**base, model="resnet8", method="dhkd", aux_head="nonlinear", seed=1, out=str(out / "dhkd-mlp")).validate(),
-            TrainConfig(**base, model="resnet14", method="kd", seed=2, out=str(out / "kd")).validate(),
-            TrainConfig(**base, model="resnet8", method="ce", seed=3, out=str(out / "ce")).validate()]
+    return [
+        TrainConfig(**base, model="resnet8", method="dhkd", seed=0, out=str(out / "dhkd")).validate(),
+        TrainConfig(
+            **base, model="resnet8", method="dhkd", aux_head="nonlinear", seed=1, out=str(out / "dhkd-mlp")
+        ).validate(),
+        TrainConfig(**base, model="resnet14", method="kd", seed=2, out=str(out / "kd")).validate(),
+        TrainConfig(**base, model="resnet8", method="ce", seed=3, out=str(out / "ce")).validate(),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -122,14 +128,29 @@ def test_a_pass_refuses_students_that_cannot_share_its_loader(store, tmp_path):
     with pytest.raises(DhkdError, match="share the run folder"):
         check_pass([a, dataclasses.replace(b, out=a.out)])
     with pytest.raises(DhkdError, match="--cache"):
-        check_pass([dataclasses.replace(a, cache=None, data="digits"), dataclasses.replace(b, cache=None, data="digits")])
+        check_pass(
+            [dataclasses.replace(a, cache=None, data="digits"), dataclasses.replace(b, cache=None, data="digits")]
+        )
     assert not os.listdir(tmp_path)
 
 
 def test_cli_students_and_seeds(store, tmp_path):
     out = tmp_path / "sweep"
-    args = ["distill", "--cache", store, "--student", "resnet8,resnet14", "--seeds", "0,1", "--epochs", "1",
-            "--max-steps", "2", "--out", str(out)]
+    args = [
+        "distill",
+        "--cache",
+        store,
+        "--student",
+        "resnet8,resnet14",
+        "--seeds",
+        "0,1",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "2",
+        "--out",
+        str(out),
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, (result.stderr, result.exception)
     names = sorted(os.listdir(out))
@@ -139,12 +160,27 @@ def test_cli_students_and_seeds(store, tmp_path):
         assert os.path.isfile(out / name / "checkpoint.pt")
     seed = torch.load(out / "resnet8-s1" / "checkpoint.pt", weights_only=True)["config"]["seed"]
     assert seed == 1
-    for bad, message in ((["--seeds", "0,x"], "comma-separated integers"), (["--seeds", "1", "--seed", "1"], "not both"),
-                         (["--student", "resnet8,resnet8"], "twice")):
+    for bad, message in (
+        (["--seeds", "0,x"], "comma-separated integers"),
+        (["--seeds", "1", "--seed", "1"], "not both"),
+        (["--student", "resnet8,resnet8"], "twice"),
+    ):
         result = CliRunner().invoke(main, ["distill", "--cache", store, "--out", str(tmp_path / "bad"), *bad])
         assert result.exit_code == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
-    result = CliRunner().invoke(main, ["distill", "--data", "digits", "--student", "resnet8,resnet14", "--method", "ce",
-                                       "--out", str(tmp_path / "bad")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "distill",
+            "--data",
+            "digits",
+            "--student",
+            "resnet8,resnet14",
+            "--method",
+            "ce",
+            "--out",
+            str(tmp_path / "bad"),
+        ],
+    )
     assert result.exit_code == 2 and "--cache" in result.stderr
     assert not os.path.exists(tmp_path / "bad")
 
@@ -153,8 +189,17 @@ def test_cli_students_and_seeds(store, tmp_path):
 def test_bench_students_table(tmp_path, capsys):
     from dhkd_pipe.benchmarks.students import bench_students
 
-    rows = bench_students(str(tmp_path / "b.json"), [1, 2], steps=1, warmup=1, batch_size=16, student="resnet8", teacher="resnet8",
-                          folder=False, log=lambda *a: None)
+    rows = bench_students(
+        str(tmp_path / "b.json"),
+        [1, 2],
+        steps=1,
+        warmup=1,
+        batch_size=16,
+        student="resnet8",
+        teacher="resnet8",
+        folder=False,
+        log=lambda *a: None,
+    )
     assert [r["students"] for r in rows] == [1, 2]
     for r in rows:
         assert r["pass_wall_s"] > 0 and r["solo_wall_s"] > 0 and 0 <= r["loader_share"] <= 1
@@ -166,8 +211,8 @@ def test_bench_students_table(tmp_path, capsys):
 def test_a_signal_stops_the_pass_with_every_student_saved_and_resume_continues(store, solo, tmp_path, monkeypatch):
     import signal
 
-    from dhkd_pipe.training import engine
     from dhkd_pipe.interrupts import Interrupted
+    from dhkd_pipe.training import engine
 
     asked = {"n": 0}
 
@@ -195,9 +240,33 @@ def test_a_pass_under_two_processes_equals_the_solo_runs_there(store, tmp_path):
     import sys
 
     def launch(*args):
-        cmd = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dhkd_pipe.cli", "distill",
-               "--cache", store, "--epochs", "1", "--batch-size", "16", "--lr-milestones", "1", "--workers", "0", *args]
+        cmd = [
+            os.path.join(os.path.dirname(sys.executable), "accelerate"),
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "dhkd_pipe.cli",
+            "distill",
+            "--cache",
+            store,
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--lr-milestones",
+            "1",
+            "--workers",
+            "0",
+            *args,
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         assert proc.returncode == 0, proc.stderr[-4000:]

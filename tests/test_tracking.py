@@ -7,8 +7,8 @@ import os
 import pytest
 
 from dhkd_pipe.config import TrainConfig
-from dhkd_pipe.training.engine import prepare, train
 from dhkd_pipe.errors import DhkdError
+from dhkd_pipe.training.engine import prepare, train
 
 
 def teacher_cfg(out, **kw):
@@ -50,6 +50,8 @@ def test_missing_tracker_package_is_one_line_and_writes_nothing(tmp_path, monkey
     import accelerate.tracking
 
     monkeypatch.setattr(accelerate.tracking, "get_available_trackers", lambda: [])
-    with pytest.raises(DhkdError, match=r"--log-with tensorboard: the tensorboard package is not installed; pip install"):
+    with pytest.raises(
+        DhkdError, match=r"--log-with tensorboard: the tensorboard package is not installed; pip install"
+    ):
         prepare(teacher_cfg(tmp_path / "run", log_with="tensorboard"))
     assert not (tmp_path / "run").exists()

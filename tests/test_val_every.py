@@ -13,8 +13,15 @@ from dhkd_pipe.stages.train_teacher import train_teacher
 @pytest.mark.slow  # five epochs of training per case
 @pytest.mark.parametrize("val_every, validated", [(1, [1, 2, 3, 4, 5]), (2, [2, 4, 5]), (0, [5])])
 def test_validation_epochs_and_summary(tmp_path, val_every, validated):
-    cfg = TrainConfig(data="digits@60", model="resnet8", epochs=5, batch_size=30, lr_milestones=[4],
-                      val_every=val_every, out=str(tmp_path / "run"))
+    cfg = TrainConfig(
+        data="digits@60",
+        model="resnet8",
+        epochs=5,
+        batch_size=30,
+        lr_milestones=[4],
+        val_every=val_every,
+        out=str(tmp_path / "run"),
+    )
     summary = train_teacher(cfg, log=lambda *a: None)
     history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5]

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.data.views import ViewPlan, center_boxes, uniform, validation_views
+from dhkd_pipe.errors import DhkdError
 
 
 def test_uniform_is_a_pure_function_of_its_key():
@@ -24,7 +24,11 @@ def test_uniform_is_a_pure_function_of_its_key():
 def test_views_do_not_depend_on_batching_or_order(policy):
     plan = ViewPlan(seed=7, policy=policy, resolution=32 if policy == "pad_crop_flip" else 224)
     n = 500
-    sizes = np.stack([np.full(n, 32), np.full(n, 32)], 1) if policy == "pad_crop_flip" else np.stack([300 + np.arange(n) % 97, 400 + np.arange(n) % 53], 1)
+    sizes = (
+        np.stack([np.full(n, 32), np.full(n, 32)], 1)
+        if policy == "pad_crop_flip"
+        else np.stack([300 + np.arange(n) % 97, 400 + np.arange(n) % 53], 1)
+    )
     whole = plan.views(1, np.arange(n), sizes)
     perm = np.random.default_rng(0).permutation(n)
     shuffled = plan.views(1, perm, sizes[perm])

@@ -327,8 +327,9 @@ class DaliViews:
             raise DhkdError(f"batch size must be positive, got {images}")
         count = views.shape[1]
         rows = np.concatenate([indices[:, None], views.reshape(len(indices), -1)], axis=1)
-        return self._image_requests(count).render(rows, images, self._pipeline_batch(images, per_sample=count),
-                                                  lambda e, a, b: self._fail(e, indices, a, b))
+        return self._image_requests(count).render(
+            rows, images, self._pipeline_batch(images, per_sample=count), lambda e, a, b: self._fail(e, indices, a, b)
+        )
 
     def start_images(self, count: int, images: int):
         """Starts the workers and builds the pipeline of ``image_batches`` (``count`` views,
@@ -367,8 +368,18 @@ class DaliViews:
         return max(1, min(256, max(32, batch_size * per_sample)) // per_sample)
 
     def _requests(self, source, graph, filler_row) -> DaliRequests:
-        return DaliRequests(self.folder, source.name, source, graph, filler_row, self.device, num_workers=self.num_workers,
-                            num_threads=self.num_threads, prefetch=self.prefetch, start_method=self.start_method)
+        return DaliRequests(
+            self.folder,
+            source.name,
+            source,
+            graph,
+            filler_row,
+            self.device,
+            num_workers=self.num_workers,
+            num_threads=self.num_threads,
+            prefetch=self.prefetch,
+            start_method=self.start_method,
+        )
 
     def _render_views(self, files: np.ndarray, views: np.ndarray, batch_size: int):
         if batch_size < 1:
@@ -379,14 +390,20 @@ class DaliViews:
             source = EncodedViewSource(self.folder, self._filler, regions=self.decode == "region")
             self._views = self._requests(source, self._view_graph, [-1, 0, 0, _FILLER_SIZE, _FILLER_SIZE, 0])
         rows = np.concatenate([files[:, None], views], axis=1)
-        return self._views.render(rows, batch_size, self._pipeline_batch(batch_size), lambda e, a, b: self._fail(e, files, a, b))
+        return self._views.render(
+            rows, batch_size, self._pipeline_batch(batch_size), lambda e, a, b: self._fail(e, files, a, b)
+        )
 
     def _normalise(self):
         """crop_mirror_normalize's arguments and the resize filter: the same for every graph."""
         from nvidia.dali import types
 
         mean, std = self.plan.normalization(self.data)
-        return [255 * float(m) for m in mean], [255 * float(s) for s in std], getattr(types, DALI_INTERPOLATION[self.plan.interpolation])
+        return (
+            [255 * float(m) for m in mean],
+            [255 * float(s) for s in std],
+            getattr(types, DALI_INTERPOLATION[self.plan.interpolation]),
+        )
 
     def _render_box(self, image, start, shape, flip):
         """Steps 3-4 of the module's docstring: one view of a decoded image (or region)."""
@@ -394,14 +411,23 @@ class DaliViews:
 
         mean, std, interp = self._normalise()
         box = fn.slice(image, start=start, shape=shape, axis_names="HW", out_of_bounds_policy="pad", fill_values=0)
-        x = fn.resize(box, size=[self.resolution, self.resolution], interp_type=interp, antialias=True, dtype=types.FLOAT)
+        x = fn.resize(
+            box, size=[self.resolution, self.resolution], interp_type=interp, antialias=True, dtype=types.FLOAT
+        )
         return fn.crop_mirror_normalize(x, mirror=flip, mean=mean, std=std, dtype=types.FLOAT, output_layout="CHW")
 
     def _external(self, source, count: int, parallel: bool, prefetch: int, dtypes, ndim):
         from nvidia.dali import fn
 
-        return fn.external_source(source=source, num_outputs=count, batch=False, parallel=parallel, dtype=dtypes, ndim=ndim,
-                                  **({"prefetch_queue_depth": prefetch} if parallel else {}))
+        return fn.external_source(
+            source=source,
+            num_outputs=count,
+            batch=False,
+            parallel=parallel,
+            dtype=dtypes,
+            ndim=ndim,
+            **({"prefetch_queue_depth": prefetch} if parallel else {}),
+        )
 
     def _view_graph(self, source, parallel: bool, prefetch: int):
         from nvidia.dali import fn, types
@@ -411,12 +437,21 @@ class DaliViews:
         if source.regions:
             i32 = types.INT32
             encoded, start, shape, box_start, box_shape, flip = self._external(
-                source, 6, parallel, prefetch, [types.UINT8, i32, i32, i32, i32, i32], [1, 1, 1, 1, 1, 0])
-            image = fn.decoders.image_slice(encoded, start=start, shape=shape, axis_names="HW", device=device,
-                                            output_type=types.RGB, adjust_orientation=False)
+                source, 6, parallel, prefetch, [types.UINT8, i32, i32, i32, i32, i32], [1, 1, 1, 1, 1, 0]
+            )
+            image = fn.decoders.image_slice(
+                encoded,
+                start=start,
+                shape=shape,
+                axis_names="HW",
+                device=device,
+                output_type=types.RGB,
+                adjust_orientation=False,
+            )
             return self._render_box(image, box_start, box_shape, flip)
         encoded, box_start, box_shape, flip = self._external(
-            source, 4, parallel, prefetch, [types.UINT8, types.INT32, types.INT32, types.INT32], [1, 1, 1, 0])
+            source, 4, parallel, prefetch, [types.UINT8, types.INT32, types.INT32, types.INT32], [1, 1, 1, 0]
+        )
         image = fn.decoders.image(encoded, device=device, output_type=types.RGB, adjust_orientation=False)
         return self._render_box(image, box_start, box_shape, flip)
 
@@ -467,9 +502,13 @@ def remove_orphan_folders(parent: str) -> list[str]:
     for entry in entries:
         if not entry.name.startswith(FOLDER_PREFIX):
             continue
-        pid = entry.name[len(FOLDER_PREFIX):].split("-", 1)[0]
+        pid = entry.name[len(FOLDER_PREFIX) :].split("-", 1)[0]
         try:
-            if not pid.isdigit() or not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != os.getuid():
+            if (
+                not pid.isdigit()
+                or not entry.is_dir(follow_symlinks=False)
+                or entry.stat(follow_symlinks=False).st_uid != os.getuid()
+            ):
                 continue
         except OSError:
             continue

@@ -49,13 +49,30 @@ class DaliRequests:
     per decoded image, since each sample's graph decodes its encoded file once.
     """
 
-    def __init__(self, folder: str, name: str, source, graph: Callable, filler_row, device, *, num_workers: int,
-                 num_threads: int, prefetch: int, start_method: str):
+    def __init__(
+        self,
+        folder: str,
+        name: str,
+        source,
+        graph: Callable,
+        filler_row,
+        device,
+        *,
+        num_workers: int,
+        num_threads: int,
+        prefetch: int,
+        start_method: str,
+    ):
         self.folder, self.name, self.source, self.graph = folder, name, source, graph
         self.filler_row = np.asarray(filler_row, dtype=np.int32)
         self.device = device
         self.device_id = device.index if device.type == "cuda" else None
-        self.num_workers, self.num_threads, self.prefetch, self.start_method = num_workers, num_threads, prefetch, start_method
+        self.num_workers, self.num_threads, self.prefetch, self.start_method = (
+            num_workers,
+            num_threads,
+            prefetch,
+            start_method,
+        )
         self.batch_size = None  # pipeline batch: fixed by the first request
         self.samples_rendered = 0
         self._pipe = None
@@ -78,7 +95,9 @@ class DaliRequests:
             device_id=self.device_id,
             prefetch_queue_depth=self.prefetch,
             # 0 workers: the source runs in the main process (no parallel external source)
-            **(dict(py_num_workers=self.num_workers, py_start_method=self.start_method) if self.num_workers > 0 else {}),
+            **(
+                dict(py_num_workers=self.num_workers, py_start_method=self.start_method) if self.num_workers > 0 else {}
+            ),
         )
         with pipe:
             pipe.set_outputs(self.graph(self.source, parallel=self.num_workers > 0, prefetch=self.prefetch))
@@ -141,7 +160,10 @@ class DaliRequests:
         epoch, b = self._epoch, self.batch_size
         batches = -(-n // b)
         schedule = np.lib.format.open_memmap(
-            schedule_path(self.folder, self.name, epoch), mode="w+", dtype=np.int32, shape=(1 + batches * b, rows.shape[1])
+            schedule_path(self.folder, self.name, epoch),
+            mode="w+",
+            dtype=np.int32,
+            shape=(1 + batches * b, rows.shape[1]),
         )
         schedule[0] = 0
         schedule[0, 0] = batches * b

@@ -21,13 +21,23 @@ from typing import TYPE_CHECKING, Iterator, Protocol, runtime_checkable
 
 from dhkd_pipe.errors import DhkdError
 
-if TYPE_CHECKING:  # numpy, torch and the views are imported where data is loaded: the CLI's help (DATA_SETS) stays light
+if (
+    TYPE_CHECKING
+):  # numpy, torch and the views are imported where data is loaded: the CLI's help (DATA_SETS) stays light
     import numpy as np
     import torch
 
     from dhkd_pipe.data.views import ViewPlan
 
-DATA_SETS = ("digits", "fashion-mnist", "fashion-mnist:DIR", "mnist:DIR", "cifar10:DIR", "cifar100:DIR", "imagefolder:DIR")
+DATA_SETS = (
+    "digits",
+    "fashion-mnist",
+    "fashion-mnist:DIR",
+    "mnist:DIR",
+    "cifar10:DIR",
+    "cifar100:DIR",
+    "imagefolder:DIR",
+)
 # ``SPEC@N``: a fixed stratified subset of N training images of an in-memory data set.
 SUBSET_MARK = "@"
 
@@ -123,7 +133,9 @@ class InMemoryData:
     def default_plan(self, seed: int = 0, resolution: int | None = None) -> ViewPlan:
         from dhkd_pipe.data.views import ViewPlan
 
-        return ViewPlan(seed=seed, policy="pad_crop_flip", resolution=resolution or self.resolution, mean=self.mean, std=self.std)
+        return ViewPlan(
+            seed=seed, policy="pad_crop_flip", resolution=resolution or self.resolution, mean=self.mean, std=self.std
+        )
 
     def train_sizes(self, indices: np.ndarray) -> np.ndarray:
         import numpy as np
@@ -133,6 +145,7 @@ class InMemoryData:
 
     def val_views(self, plan: ViewPlan) -> np.ndarray:
         import numpy as np
+
         from dhkd_pipe.data.views import validation_views
 
         h, w = self.val_images.shape[-2:]
@@ -387,7 +400,9 @@ def _mnist_split(root: str, split: str, classes: int):
     labels_path = _idx_path(root, f"{split}-labels-idx1-ubyte")
     images, labels = read_idx(images_path, IDX_IMAGES), read_idx(labels_path, IDX_LABELS)
     if images.shape[1:] != (MNIST_SIZE, MNIST_SIZE):
-        raise DhkdError(f"malformed IDX file {images_path}: images are {images.shape[1]}x{images.shape[2]}, expected 28x28")
+        raise DhkdError(
+            f"malformed IDX file {images_path}: images are {images.shape[1]}x{images.shape[2]}, expected 28x28"
+        )
     if len(images) != len(labels):
         raise DhkdError(f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels")
     if len(labels) == 0:
@@ -416,7 +431,6 @@ def load_mnist(kind: str, root: str) -> InMemoryData:
     The 28x28 grey images are zero-padded to 32x32 and repeated to 3 channels; the normalisation is
     the mean and std of the padded training images (what the network sees), rounded to 4 places.
     """
-    import numpy as np
     import torch
 
     if not os.path.isdir(root):
@@ -557,7 +571,9 @@ class InMemoryViews:
         pixels = images[idx[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (n, h, w, 3)
         pixels = pixels.permute(0, 3, 1, 2).float() * inside[:, None]
         if (h, w) != (self.plan.resolution,) * 2:
-            pixels = torch.nn.functional.interpolate(pixels, size=(self.plan.resolution,) * 2, mode=self.plan.interpolation, antialias=True)
+            pixels = torch.nn.functional.interpolate(
+                pixels, size=(self.plan.resolution,) * 2, mode=self.plan.interpolation, antialias=True
+            )
         return (pixels - self.mean) * self.inv_std
 
     def train(self, indices, views) -> torch.Tensor:

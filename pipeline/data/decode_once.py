@@ -44,8 +44,16 @@ def unit_groups(plan: ViewPlan, num_samples: int, unit_rows: int) -> UnitGroups:
     return UnitGroups(seed=plan.seed, num_samples=num_samples, group_rows=unit_rows)
 
 
-def group_jobs(groups: UnitGroups, plan: ViewPlan, sizes: Callable[[np.ndarray], np.ndarray], epochs: int, shard_chunks: int,
-               done: np.ndarray, rank: int = 0, processes: int = 1) -> list[GroupJob]:
+def group_jobs(
+    groups: UnitGroups,
+    plan: ViewPlan,
+    sizes: Callable[[np.ndarray], np.ndarray],
+    epochs: int,
+    shard_chunks: int,
+    done: np.ndarray,
+    rank: int = 0,
+    processes: int = 1,
+) -> list[GroupJob]:
     """The jobs of process ``rank`` of ``processes``: its groups with a unit not done in some epoch.
 
     ``done``: (epochs, num_chunks) bool, the store's done flags; ``sizes(indices)``: the images'
@@ -54,7 +62,11 @@ def group_jobs(groups: UnitGroups, plan: ViewPlan, sizes: Callable[[np.ndarray],
     members, g = groups.members(), groups.group_rows
     jobs = []
     for k in range(rank, groups.num_groups, processes):
-        todo = [e for e in range(epochs) if not done[e, per_epoch[e][1][k] * shard_chunks : (per_epoch[e][1][k] + 1) * shard_chunks].all()]
+        todo = [
+            e
+            for e in range(epochs)
+            if not done[e, per_epoch[e][1][k] * shard_chunks : (per_epoch[e][1][k] + 1) * shard_chunks].all()
+        ]
         if not todo:
             continue
         samples = members[k * g : (k + 1) * g]
@@ -67,7 +79,9 @@ def group_jobs(groups: UnitGroups, plan: ViewPlan, sizes: Callable[[np.ndarray],
             places.append(sorter[np.searchsorted(samples, at, sorter=sorter)])
         size = sizes(samples)
         views = np.stack([plan.views(e, samples, size) for e in todo], axis=1)
-        jobs.append(GroupJob(k, samples, todo, [int(per_epoch[e][1][k]) * shard_chunks for e in todo], rows, places, views))
+        jobs.append(
+            GroupJob(k, samples, todo, [int(per_epoch[e][1][k]) * shard_chunks for e in todo], rows, places, views)
+        )
     return jobs
 
 
@@ -76,8 +90,15 @@ def images_per_batch(batch_views: int, count: int) -> int:
     return max(1, -(-batch_views // count))
 
 
-def run_jobs(jobs: list[GroupJob], renderer, forward: Callable, put: Callable, batch_views: int,
-             progress: Callable[[int], None] = lambda n: None, codec: str = "fp32") -> Iterator[int]:
+def run_jobs(
+    jobs: list[GroupJob],
+    renderer,
+    forward: Callable,
+    put: Callable,
+    batch_views: int,
+    progress: Callable[[int], None] = lambda n: None,
+    codec: str = "fp32",
+) -> Iterator[int]:
     """Renders, runs ``forward`` (views (m, 3, R, R) -> float32 logits (m, K) on the CPU) and
     hands each finished unit to ``put(epoch, first_chunk, rows, order, views)``, ``rows`` the
     unit's logits as :class:`EncodedRows` in ``codec`` (each row encoded alone, so the same as the

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.data.views import ViewPlan, validation_views
+from dhkd_pipe.errors import DhkdError
 
 if TYPE_CHECKING:
     from dhkd_pipe.data.dali_renderer import DaliViews
@@ -51,7 +51,9 @@ def _image_size(path: str) -> tuple[int, int]:
         with Image.open(path) as im:
             width, height = im.size
     except Exception as e:
-        raise DhkdError(f"cannot read image header of {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise DhkdError(
+            f"cannot read image header of {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
     return height, width
 
 
@@ -101,7 +103,9 @@ class ImageFolderData:
         val_dir = os.path.join(root, "val")
         val_files, val_labels = [], []
         if os.path.isdir(val_dir):
-            unknown = sorted(e for e in os.listdir(val_dir) if os.path.isdir(os.path.join(val_dir, e)) and e not in classes)
+            unknown = sorted(
+                e for e in os.listdir(val_dir) if os.path.isdir(os.path.join(val_dir, e)) and e not in classes
+            )
             if unknown:
                 raise DhkdError(f"{val_dir} has class folders that train/ lacks: {', '.join(unknown[:5])}")
             val_files, val_labels = _scan(val_dir, classes, require_all=False)
@@ -116,7 +120,9 @@ class ImageFolderData:
         return len(self.val_files)
 
     def default_plan(self, seed: int = 0, resolution: int | None = None) -> ViewPlan:
-        return ViewPlan(seed=seed, policy="random_resized_crop_flip", resolution=resolution or 224, mean=self.mean, std=self.std)
+        return ViewPlan(
+            seed=seed, policy="random_resized_crop_flip", resolution=resolution or 224, mean=self.mean, std=self.std
+        )
 
     def train_sizes(self, indices) -> np.ndarray:
         """(n, 2) int64 (height, width) of training images ``indices``, from their headers."""

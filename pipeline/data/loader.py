@@ -77,8 +77,9 @@ class EpochSource(Protocol):
         """(dataset indices, views) at the given training positions of the epoch."""
         ...
 
-    def logits(self, epoch: int, chunks: list[int], skip_rows: int,
-               total_rows: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    def logits(
+        self, epoch: int, chunks: list[int], skip_rows: int, total_rows: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         """(teacher, scale) on the device for rows ``skip_rows:total_rows`` of the concatenated
         ``chunks``, in training order; called only when ``has_logits``."""
         ...
@@ -200,7 +201,11 @@ def row_batches(chunks, batch_size: int):
         have += len(values)
         while have >= batch_size:
             v = torch.cat(pending) if len(pending) > 1 else pending[0]
-            s = None if pending_scale[0] is None else (torch.cat(pending_scale) if len(pending_scale) > 1 else pending_scale[0])
+            s = (
+                None
+                if pending_scale[0] is None
+                else (torch.cat(pending_scale) if len(pending_scale) > 1 else pending_scale[0])
+            )
             yield v[:batch_size], None if s is None else s[:batch_size]
             pending, pending_scale = [v[batch_size:]], [None if s is None else s[batch_size:]]
             have -= batch_size
@@ -212,8 +217,16 @@ def row_batches(chunks, batch_size: int):
 class ViewLoader:
     """Batches for one process: its share of each epoch's positions, ``batch_size`` at a time."""
 
-    def __init__(self, epochs: EpochSource, renderer: Renderer, labels: torch.Tensor, batch_size: int,
-                 rank: int = 0, world: int = 1, memory_format: torch.memory_format = torch.contiguous_format):
+    def __init__(
+        self,
+        epochs: EpochSource,
+        renderer: Renderer,
+        labels: torch.Tensor,
+        batch_size: int,
+        rank: int = 0,
+        world: int = 1,
+        memory_format: torch.memory_format = torch.contiguous_format,
+    ):
         self.epochs, self.renderer, self.labels = epochs, renderer, labels
         self.memory_format = memory_format  # of the images handed out (channels_last for NHWC models)
         self.batch_size, self.rank, self.world = batch_size, rank, world

@@ -70,9 +70,17 @@ class StoreReplay:
     def resolution(self) -> int:
         return self.plan.resolution
 
-    def loader(self, batch_size: int, *, device: torch.device | str | None = None, rank: int | None = None,
-               world_size: int | None = None, workers: int | None = 2, with_logits: bool = True,
-               memory_format: torch.memory_format = torch.contiguous_format) -> ViewLoader:
+    def loader(
+        self,
+        batch_size: int,
+        *,
+        device: torch.device | str | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        workers: int | None = 2,
+        with_logits: bool = True,
+        memory_format: torch.memory_format = torch.contiguous_format,
+    ) -> ViewLoader:
         """Process ``rank`` of ``world_size``'s batches (default: torch.distributed's slot, else 0 of 1).
 
         ``loader.epoch(e)`` yields ``Batch``es of training epoch ``e`` (``images, labels,
@@ -101,8 +109,8 @@ def open_store(location: str, data: str | None = None) -> StoreReplay:
     Raises ``DhkdError`` for a store that is incomplete or damaged, or whose data set's
     fingerprint differs from the one recorded.
     """
-    from dhkd_pipe.store.reader import LogitCache
     from dhkd_pipe.data.datasets import load_store_data
+    from dhkd_pipe.store.reader import LogitCache
 
     cache = LogitCache.open(location)
     cache.check_complete()

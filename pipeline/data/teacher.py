@@ -24,7 +24,9 @@ if TYPE_CHECKING:
 WEIGHTS_PREPROCESS_POLICY = "random_resized_crop_flip"
 
 
-def teacher_plan(plan: ViewPlan, source: WeightsSource, data_kind: str, resolution: int | None = None) -> tuple[ViewPlan, dict]:
+def teacher_plan(
+    plan: ViewPlan, source: WeightsSource, data_kind: str, resolution: int | None = None
+) -> tuple[ViewPlan, dict]:
     """The plan the weights' views are rendered with, and what a store records of it: the
     weights' own preprocessing for image folders (torchvision transforms, timm's pretrained
     config), else the data set's; ``resolution`` (``--resolution``) wins over both."""
@@ -44,8 +46,15 @@ def resolve_teacher(arch: str, weights: str | None, accelerator: Accelerator | N
         return resolve_weights(arch, weights)
 
 
-def frozen_model(source: WeightsSource, num_classes: int, resolution: int, device, role: str = "teacher",
-                 memory_format: torch.memory_format = torch.contiguous_format, check_finite: bool = True) -> torch.nn.Module:
+def frozen_model(
+    source: WeightsSource,
+    num_classes: int,
+    resolution: int,
+    device,
+    role: str = "teacher",
+    memory_format: torch.memory_format = torch.contiguous_format,
+    check_finite: bool = True,
+) -> torch.nn.Module:
     """``source``'s architecture with its weights, in eval mode and without gradients, on ``device``.
     Refused before anything is written: a model that cannot take ``resolution`` inputs, and
     (``check_finite``) weights holding NaN or infinity."""
@@ -70,9 +79,16 @@ class Teacher:
     preprocessing: dict
 
 
-def load_teacher(arch: str, weights: str | None, data: Dataset, plan: ViewPlan, device, resolution: int | None = None,
-                 accelerator: Accelerator | None = None,
-                 memory_format: torch.memory_format = torch.contiguous_format) -> Teacher:
+def load_teacher(
+    arch: str,
+    weights: str | None,
+    data: Dataset,
+    plan: ViewPlan,
+    device,
+    resolution: int | None = None,
+    accelerator: Accelerator | None = None,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> Teacher:
     """The teacher ``arch`` with ``weights`` for ``data``, its views rendered from ``plan`` with the
     weights' preprocessing (``teacher_plan``)."""
     source = resolve_teacher(arch, weights, accelerator)

@@ -166,12 +166,19 @@ def with_preprocessing(plan: ViewPlan, preprocessing: dict | None, resolution: i
     interpolation, mean, std); an explicit ``resolution`` still wins."""
     if preprocessing:
         if preprocessing["interpolation"] not in INTERPOLATIONS:
-            raise DhkdError(f"{preprocessing.get('source', 'the weights')} preprocesses with {preprocessing['interpolation']} "
-                            f"interpolation; dhkd-pipe renders {' or '.join(INTERPOLATIONS)} only: pass a "
-                            "checkpoint file to use the data set's")
-        plan = replace(plan, resolution=int(preprocessing["resolution"]), crop_pct=float(preprocessing["crop_pct"]),
-                       interpolation=preprocessing["interpolation"], mean=tuple(preprocessing["mean"]),
-                       std=tuple(preprocessing["std"]))
+            raise DhkdError(
+                f"{preprocessing.get('source', 'the weights')} preprocesses with {preprocessing['interpolation']} "
+                f"interpolation; dhkd-pipe renders {' or '.join(INTERPOLATIONS)} only: pass a "
+                "checkpoint file to use the data set's"
+            )
+        plan = replace(
+            plan,
+            resolution=int(preprocessing["resolution"]),
+            crop_pct=float(preprocessing["crop_pct"]),
+            interpolation=preprocessing["interpolation"],
+            mean=tuple(preprocessing["mean"]),
+            std=tuple(preprocessing["std"]),
+        )
     return replace(plan, resolution=resolution) if resolution else plan
 
 

@@ -43,8 +43,10 @@ class ConvReg(nn.Module):
         elif s_h >= t_h:
             self.conv = nn.Conv2d(s_c, t_c, kernel_size=(1 + s_h - t_h, 1 + s_w - t_w))
         else:
-            raise DhkdError(f"FitNet cannot regress a {s_h}x{s_w} student feature to the teacher's {t_h}x{t_w} "
-                            "(it takes the same size, twice, half, or larger); choose another --hint-layer")
+            raise DhkdError(
+                f"FitNet cannot regress a {s_h}x{s_w} student feature to the teacher's {t_h}x{t_w} "
+                "(it takes the same size, twice, half, or larger); choose another --hint-layer"
+            )
         self.bn = nn.BatchNorm2d(t_c)
         self.relu = nn.ReLU(inplace=True)
         self.use_relu = use_relu
@@ -61,8 +63,10 @@ class FitNetHint(nn.Module):
         super().__init__()
         for who, shapes in (("student", student_shapes), ("teacher", teacher_shapes)):
             if not -len(shapes.feats) <= hint_layer < len(shapes.feats):
-                raise DhkdError(f"--hint-layer {hint_layer} is out of range: the {who} has {len(shapes.feats)} "
-                                f"feature taps (0 to {len(shapes.feats) - 1})")
+                raise DhkdError(
+                    f"--hint-layer {hint_layer} is out of range: the {who} has {len(shapes.feats)} "
+                    f"feature taps (0 to {len(shapes.feats) - 1})"
+                )
         self.hint_layer = hint_layer
         self.conv_reg = ConvReg(student_shapes.feats[hint_layer], teacher_shapes.feats[hint_layer])
 
@@ -77,10 +81,12 @@ class ABF(nn.Module):
 
     def __init__(self, in_channels: int, mid_channels: int, out_channels: int, fuse: bool):
         super().__init__()
-        self.conv1 = nn.Sequential(nn.Conv2d(in_channels, mid_channels, kernel_size=1, bias=False),
-                                   nn.BatchNorm2d(mid_channels))
-        self.conv2 = nn.Sequential(nn.Conv2d(mid_channels, out_channels, kernel_size=3, padding=1, bias=False),
-                                   nn.BatchNorm2d(out_channels))
+        self.conv1 = nn.Sequential(
+            nn.Conv2d(in_channels, mid_channels, kernel_size=1, bias=False), nn.BatchNorm2d(mid_channels)
+        )
+        self.conv2 = nn.Sequential(
+            nn.Conv2d(mid_channels, out_channels, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(out_channels)
+        )
         self.att_conv = nn.Sequential(nn.Conv2d(mid_channels * 2, 2, kernel_size=1), nn.Sigmoid()) if fuse else None
         nn.init.kaiming_uniform_(self.conv1[0].weight, a=1)
         nn.init.kaiming_uniform_(self.conv2[0].weight, a=1)
@@ -102,7 +108,7 @@ def review_levels(taps, preact: bool, count: int | None = None) -> list:
     """The (B, C, H, W) levels ReviewKD reads from ``taps``, shallow to deep: ``feats`` (or
     ``preact_feats``) then the pooled feature as a 1x1 map; the deepest ``count`` of them."""
     maps = list(taps.preact_feats if preact else taps.feats) + [taps.pooled[:, :, None, None]]
-    return maps if count is None else maps[len(maps) - count:]
+    return maps if count is None else maps[len(maps) - count :]
 
 
 def teacher_review_levels(taps) -> list:
@@ -123,9 +129,11 @@ class ReviewKDFusion(nn.Module):
         teacher = list(teacher_shapes.preact_feats[1:]) + [(teacher_shapes.pooled, 1, 1)]
         student = _level_shapes(student_shapes, student_preact)
         if len(student) < len(teacher):
-            raise DhkdError(f"ReviewKD needs as many student feature levels as the teacher's {len(teacher)}; "
-                            f"the student has {len(student)}")
-        student = student[len(student) - len(teacher):]
+            raise DhkdError(
+                f"ReviewKD needs as many student feature levels as the teacher's {len(teacher)}; "
+                f"the student has {len(student)}"
+            )
+        student = student[len(student) - len(teacher) :]
         self.student_preact = student_preact
         self.levels = len(teacher)
         self.sizes = [s[1] for s in student][::-1]  # deepest first, as the ABFs run
@@ -156,8 +164,9 @@ def hcl_loss(student_maps, teacher_maps) -> torch.Tensor:
             if side >= h:
                 continue
             weight /= 2.0
-            loss = loss + weight * F.mse_loss(F.adaptive_avg_pool2d(fs, (side, side)),
-                                              F.adaptive_avg_pool2d(ft, (side, side)))
+            loss = loss + weight * F.mse_loss(
+                F.adaptive_avg_pool2d(fs, (side, side)), F.adaptive_avg_pool2d(ft, (side, side))
+            )
             weights += weight
         total = total + loss / weights
     return total

@@ -49,13 +49,25 @@ class MethodLoss(torch.nn.Module):
     def term_names(self) -> tuple[str, ...]:
         return self.method.term_names
 
-    def forward(self, student, labels: torch.Tensor, teacher: torch.Tensor | None = None,
-                teacher_scale: torch.Tensor | None = None, epoch: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        student,
+        labels: torch.Tensor,
+        teacher: torch.Tensor | None = None,
+        teacher_scale: torch.Tensor | None = None,
+        epoch: int = 0,
+    ) -> torch.Tensor:
         """The method's total loss of the batch, a float32 scalar."""
         return self.terms(student, labels, teacher, teacher_scale, epoch)["total"]
 
-    def terms(self, student, labels: torch.Tensor, teacher: torch.Tensor | None = None,
-              teacher_scale: torch.Tensor | None = None, epoch: int = 0) -> dict[str, torch.Tensor]:
+    def terms(
+        self,
+        student,
+        labels: torch.Tensor,
+        teacher: torch.Tensor | None = None,
+        teacher_scale: torch.Tensor | None = None,
+        epoch: int = 0,
+    ) -> dict[str, torch.Tensor]:
         """The named terms (``total`` and ``term_names``), each with its own gradient."""
         return self.method.terms(student, labels, teacher, teacher_scale, epoch)
 
@@ -66,9 +78,13 @@ class MethodLoss(torch.nn.Module):
 def _loss_class(name: str, method: type[Method]) -> type[MethodLoss]:
     """A ``MethodLoss`` subclass for ``method`` whose signature and docstring are the method's."""
     fields = sorted(dataclasses.fields(method), key=lambda f: f.name == "backend")  # the options, then backend
-    params = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type) for f in fields]
-    doc = (f"``--method {method.name}`` as a loss module. {inspect.cleandoc(method.__doc__ or '')}\n\n"
-           f"Options (keywords, the CLI's defaults): {', '.join(f'{p.name}={p.default!r}' for p in params)}.")
+    params = [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type) for f in fields
+    ]
+    doc = (
+        f"``--method {method.name}`` as a loss module. {inspect.cleandoc(method.__doc__ or '')}\n\n"
+        f"Options (keywords, the CLI's defaults): {', '.join(f'{p.name}={p.default!r}' for p in params)}."
+    )
     cls = type(name, (MethodLoss,), {"method_class": method, "__doc__": doc, "__module__": __name__})
     cls.__signature__ = inspect.Signature(params)
     return cls
@@ -92,8 +108,10 @@ def loss_class(method: str) -> type[MethodLoss]:
     if method not in LOSS_MODULES:
         cls = get_method(method)  # an unknown name is one DhkdError line
         if getattr(cls, "needs_features", False):
-            raise DhkdError(f"--method {method} distils the teacher's intermediate features, not its logits: it has no "
-                            "loss module of (student, labels, teacher logits); train it with `dhkd-pipe distill --teacher`")
+            raise DhkdError(
+                f"--method {method} distils the teacher's intermediate features, not its logits: it has no "
+                "loss module of (student, labels, teacher logits); train it with `dhkd-pipe distill --teacher`"
+            )
         LOSS_MODULES[method] = _loss_class(f"{cls.__name__}Loss", cls)
     return LOSS_MODULES[method]
 
@@ -102,4 +120,16 @@ def create_loss(method: str, *, backend: str = "auto", **options) -> MethodLoss:
     """The loss module of ``--method NAME`` with its options, e.g. ``create_loss("dkd", beta=4.0)``."""
     return loss_class(method)(backend=backend, **options)
 
-__all__ = ["MethodLoss", "CELoss", "KDLoss", "DKDLoss", "BinaryKLLoss", "DHKDLoss", "DISTLoss", "LOSS_MODULES", "loss_class", "create_loss"]
+
+__all__ = [
+    "MethodLoss",
+    "CELoss",
+    "KDLoss",
+    "DKDLoss",
+    "BinaryKLLoss",
+    "DHKDLoss",
+    "DISTLoss",
+    "LOSS_MODULES",
+    "loss_class",
+    "create_loss",
+]

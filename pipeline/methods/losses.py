@@ -235,8 +235,15 @@ def dhkd_terms(
         from dhkd_pipe.kernels import fused_dhkd_terms
 
         return fused_dhkd_terms(
-            logits_ce, logits_kd, teacher, target, temperature=temperature, alpha=alpha, gamma=gamma,
-            kd_loss=kd_loss, teacher_scale=teacher_scale,
+            logits_ce,
+            logits_kd,
+            teacher,
+            target,
+            temperature=temperature,
+            alpha=alpha,
+            gamma=gamma,
+            kd_loss=kd_loss,
+            teacher_scale=teacher_scale,
         )
     return gamma * ce_loss(logits_ce, target), alpha * kd(logits_kd, dequantize(teacher, teacher_scale), temperature)
 
@@ -258,7 +265,15 @@ def dhkd_loss(
     scalar: the sum of ``dhkd_terms`` (same arguments and checks; one fused launch on the Triton
     path)."""
     ce, kd = dhkd_terms(
-        logits_ce, logits_kd, teacher, target, temperature=temperature, alpha=alpha, gamma=gamma,
-        kd_loss=kd_loss, teacher_scale=teacher_scale, backend=backend,
+        logits_ce,
+        logits_kd,
+        teacher,
+        target,
+        temperature=temperature,
+        alpha=alpha,
+        gamma=gamma,
+        kd_loss=kd_loss,
+        teacher_scale=teacher_scale,
+        backend=backend,
     )
     return ce + kd

@@ -85,8 +85,16 @@ class Method:
 
         alpha = self.alpha if alpha is None else alpha
         ce, kd = dhkd_terms(
-            head_ce, head_kd, teacher, target, temperature=self.temperature, alpha=alpha, gamma=self.gamma,
-            kd_loss=kd_loss, teacher_scale=teacher_scale, backend=self.backend,
+            head_ce,
+            head_kd,
+            teacher,
+            target,
+            temperature=self.temperature,
+            alpha=alpha,
+            gamma=self.gamma,
+            kd_loss=kd_loss,
+            teacher_scale=teacher_scale,
+            backend=self.backend,
         )
         return {"ce": ce, "kd": kd, "total": ce + kd}
 
@@ -304,9 +312,11 @@ class DIST(Method):
 # input_size)`` builds it from the taps' shapes (``feature_kd``), and ``terms(..., feature_loss=...)``
 # weighs its unweighted loss of the batch (the caller computes it from both models' ``forward_taps``).
 
-CACHE_REFUSAL = ("--method {name} distils the teacher's intermediate features, which a logit store does not hold "
-                 "(about 1,000 times a view's logits); run it online: --teacher NAME [--teacher-weights FILE] "
-                 "instead of --cache")
+CACHE_REFUSAL = (
+    "--method {name} distils the teacher's intermediate features, which a logit store does not hold "
+    "(about 1,000 times a view's logits); run it online: --teacher NAME [--teacher-weights FILE] "
+    "instead of --cache"
+)
 
 
 def review_warmup(warmup_epochs: int, epoch: int) -> float:
@@ -406,11 +416,14 @@ class ReviewKD(FeatureMethod):
         from dhkd_pipe.methods.connectors import ReviewKDFusion
         from dhkd_pipe.models.feature_taps import tap_shapes
 
-        return ReviewKDFusion(tap_shapes(student, input_size), tap_shapes(teacher, input_size),
-                              student_preact=_student_preact(input_size))
+        return ReviewKDFusion(
+            tap_shapes(student, input_size), tap_shapes(teacher, input_size), student_preact=_student_preact(input_size)
+        )
 
     def terms(self, outputs, target, teacher=None, teacher_scale=None, epoch=0, *, feature_loss=None):
-        return self._ce_plus_feature(outputs, target, self.alpha * review_warmup(self.warmup_epochs, epoch), feature_loss)
+        return self._ce_plus_feature(
+            outputs, target, self.alpha * review_warmup(self.warmup_epochs, epoch), feature_loss
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -460,7 +473,6 @@ class DHKDReviewKD(FeatureMethod):
         return {"ce": fused["ce"], "kd": kd, "head2": fused["kd"], "review": review, "total": fused["ce"] + kd}
 
 
-
 def is_feature_method(method) -> bool:
     return bool(getattr(method, "needs_features", False))
 
@@ -470,8 +482,9 @@ METHODS: dict[str, type[Method]] = {
 }
 # the config options the methods own (TrainConfig fields, from the methods' own fields); None there
 # means "the chosen method's default"
-OPTIONS: tuple[str, ...] = tuple(dict.fromkeys(
-    f.name for cls in METHODS.values() for f in dataclasses.fields(cls) if f.name != "backend"))
+OPTIONS: tuple[str, ...] = tuple(
+    dict.fromkeys(f.name for cls in METHODS.values() for f in dataclasses.fields(cls) if f.name != "backend")
+)
 
 
 def get_method(name: str) -> type[Method]:

@@ -7,13 +7,25 @@ package (``aux_heads``) costs nothing; the registry imports the families at its 
 import importlib
 
 _HOMES = {
-    "check_input_size": "registry", "create_model": "registry", "default_weights": "registry",
-    "list_families": "registry", "list_models": "registry", "model_input_size": "registry",
-    "register_model": "registry", "torchvision_arch": "registry",
-    "check_finite_weights": "checkpoint", "load_checkpoint": "checkpoint", "read_state_dict": "checkpoint",
-    "DualHead": "dual_head", "single_head": "dual_head",
-    "FeatureTaps": "feature_taps", "forward_taps": "feature_taps", "tap_shapes": "feature_taps",
-    "WeightsSource": "pretrained", "file_digest": "pretrained", "resolve_weights": "pretrained",
+    "check_input_size": "registry",
+    "create_model": "registry",
+    "default_weights": "registry",
+    "list_families": "registry",
+    "list_models": "registry",
+    "model_input_size": "registry",
+    "register_model": "registry",
+    "torchvision_arch": "registry",
+    "check_finite_weights": "checkpoint",
+    "load_checkpoint": "checkpoint",
+    "read_state_dict": "checkpoint",
+    "DualHead": "dual_head",
+    "single_head": "dual_head",
+    "FeatureTaps": "feature_taps",
+    "forward_taps": "feature_taps",
+    "tap_shapes": "feature_taps",
+    "WeightsSource": "pretrained",
+    "file_digest": "pretrained",
+    "resolve_weights": "pretrained",
 }
 
 __all__ = sorted(_HOMES)

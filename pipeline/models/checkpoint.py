@@ -29,7 +29,12 @@ import torch.nn as nn
 
 from dhkd_pipe.errors import DhkdError, one_line
 from dhkd_pipe.models.dual_head import DualHead, find_classifier
-from dhkd_pipe.models.pretrained import WeightsSource, looks_like_weight_name, resolve_weights, timm_pretrained_state_dict
+from dhkd_pipe.models.pretrained import (
+    WeightsSource,
+    looks_like_weight_name,
+    resolve_weights,
+    timm_pretrained_state_dict,
+)
 
 _SHOW = 5  # keys shown per category in a mismatch message
 
@@ -42,9 +47,9 @@ def _strip_module(sd: dict) -> dict:
     """Drops a DataParallel/DDP ``module.`` prefix; of a distiller's state (mdistiller's
     ``student.*`` / ``teacher.*`` and the method's own modules) keeps the student."""
     if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
     if any(k.startswith("student.") for k in sd):
-        sd = {k[len("student."):]: v for k, v in sd.items() if k.startswith("student.")}
+        sd = {k[len("student.") :]: v for k, v in sd.items() if k.startswith("student.")}
     return sd
 
 
@@ -59,17 +64,31 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
 
             obj = load_file(path, device="cpu")
         except Exception as e:  # safetensors raises its own error types for bad headers
-            raise DhkdError(f"cannot read checkpoint {path}: not a valid safetensors file ({one_line(e, 160)})") from None
+            raise DhkdError(
+                f"cannot read checkpoint {path}: not a valid safetensors file ({one_line(e, 160)})"
+            ) from None
     else:
         try:
             # the training scripts of RepDistiller and the published DHKD code store their
             # argparse options beside the weights; a Namespace is a plain attribute bag
             with torch.serialization.safe_globals([argparse.Namespace]):
                 obj = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError,
-                AttributeError, ImportError, IndexError, KeyError, TypeError, OSError) as e:
-            raise DhkdError(f"cannot read checkpoint {path}: corrupt or not a weights-only torch file "
-                            f"({torch_load_reason(e)})") from None
+        except (
+            pickle.UnpicklingError,
+            RuntimeError,
+            EOFError,
+            zipfile.BadZipFile,
+            ValueError,
+            AttributeError,
+            ImportError,
+            IndexError,
+            KeyError,
+            TypeError,
+            OSError,
+        ) as e:
+            raise DhkdError(
+                f"cannot read checkpoint {path}: corrupt or not a weights-only torch file ({torch_load_reason(e)})"
+            ) from None
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):
             inner = obj.get(key)
@@ -86,7 +105,12 @@ def _is_tensor_dict(d: dict) -> bool:
 
 
 # torch.load's advice around the reason (including to retry with weights_only=False: never do)
-_TORCH_LOAD_BOILERPLATE = ("Weights only load failed", "Check the documentation", "Please file an issue", "In PyTorch 2.6")
+_TORCH_LOAD_BOILERPLATE = (
+    "Weights only load failed",
+    "Check the documentation",
+    "Please file an issue",
+    "In PyTorch 2.6",
+)
 
 
 def torch_load_reason(e: Exception) -> str:
@@ -109,8 +133,11 @@ def check_state_dict(model_sd: dict, sd: dict, source: str, strict: bool = True)
     # BatchNorm counters absent from old (PyTorch < 0.4.1) checkpoints are not an error
     missing = [k for k in model_sd if k not in sd and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in sd if k not in model_sd]
-    shapes = [f"{k} {tuple(sd[k].shape)} vs model {tuple(model_sd[k].shape)}"
-              for k in model_sd if k in sd and tuple(sd[k].shape) != tuple(model_sd[k].shape)]
+    shapes = [
+        f"{k} {tuple(sd[k].shape)} vs model {tuple(model_sd[k].shape)}"
+        for k in model_sd
+        if k in sd and tuple(sd[k].shape) != tuple(model_sd[k].shape)
+    ]
     parts = []
     if strict and missing:
         parts.append(_keys_text("missing keys", missing))
@@ -148,27 +175,33 @@ def split_heads(sd: dict, head_path: str, body_keys) -> Heads:
         for k, v in sd.items():
             prefix = next((p for p in heads if k.startswith(p)), None)
             if prefix is None:
-                body[k[len("backbone."):] if k.startswith("backbone.") else k] = v
+                body[k[len("backbone.") :] if k.startswith("backbone.") else k] = v
             else:
-                heads[prefix][k[len(prefix):]] = v
+                heads[prefix][k[len(prefix) :]] = v
                 names += [k] if prefix == "head2." else []
         return Heads(body, heads["head1."], heads["head2."], names)
     h1 = _head1_name(sd, head_path, body_keys)
     if h1 is None:
         return Heads(dict(sd), {}, {}, [])
-    h2 = next((n for n in (h1 + "2", h1.split(".")[0] + "2")
-               if any(k.startswith(n + ".") for k in sd) and not any(k.startswith(n + ".") for k in body_keys)), None)
+    h2 = next(
+        (
+            n
+            for n in (h1 + "2", h1.split(".")[0] + "2")
+            if any(k.startswith(n + ".") for k in sd) and not any(k.startswith(n + ".") for k in body_keys)
+        ),
+        None,
+    )
     body, head1, head2, names = {}, {}, {}, []
     for k, v in sd.items():
         if k.startswith(h1 + "."):
-            head1[k[len(h1) + 1:]] = v
+            head1[k[len(h1) + 1 :]] = v
         elif h2 is not None and k.startswith(h2 + "."):
-            head2[k[len(h2) + 1:]] = v
+            head2[k[len(h2) + 1 :]] = v
             names.append(k)
         else:
             body[k] = v
     if head2 and all(k.startswith("net.") for k in head2):  # the published NonLinearClassifier
-        head2 = {k[len("net."):]: v for k, v in head2.items()}
+        head2 = {k[len("net.") :]: v for k, v in head2.items()}
     return Heads(body, head1, head2, names)
 
 
@@ -176,8 +209,11 @@ def _head1_name(sd: dict, head_path: str, body_keys) -> str | None:
     """Our classifier's name if the checkpoint has it, else the one published name it uses."""
     if f"{head_path}.weight" in sd:
         return head_path
-    found = [n for n in CLASSIFIER_NAMES if f"{n}.weight" in sd and f"{n}.weight" not in body_keys
-             and sd[f"{n}.weight"].dim() == 2]
+    found = [
+        n
+        for n in CLASSIFIER_NAMES
+        if f"{n}.weight" in sd and f"{n}.weight" not in body_keys and sd[f"{n}.weight"].dim() == 2
+    ]
     return found[0] if len(found) == 1 else None
 
 
@@ -195,8 +231,9 @@ def _check_aux_head(model, head2: dict, source: str) -> None:
         return
     kind = "nonlinear" if "0.weight" in head2 else "linear" if "weight" in head2 else None
     if kind is not None and kind != model.aux_head:
-        raise DhkdError(f"checkpoint {source} has a {kind} head 2, the model a {model.aux_head} one "
-                        f"(--aux-head {kind})")
+        raise DhkdError(
+            f"checkpoint {source} has a {kind} head 2, the model a {model.aux_head} one (--aux-head {kind})"
+        )
 
 
 def source_state_dict(source: WeightsSource) -> dict:
@@ -248,9 +285,11 @@ def load_checkpoint(model: nn.Module, path_or_weight_name, strict: bool = True, 
         if dual and heads.head2:
             _check_aux_head(model, heads.head2, path)
             single = False
-            sd = {**{f"backbone.{k}": v for k, v in heads.body.items()},
-                  **{f"head1.{k}": v for k, v in heads.head1.items()},
-                  **{f"head2.{k}": v for k, v in heads.head2.items()}}
+            sd = {
+                **{f"backbone.{k}": v for k, v in heads.body.items()},
+                **{f"head1.{k}": v for k, v in heads.head1.items()},
+                **{f"head2.{k}": v for k, v in heads.head2.items()},
+            }
         else:
             dropped = heads.head2_keys
             sd = {**heads.body, **{f"{head_path}.{k}": v for k, v in heads.head1.items()}}
@@ -266,7 +305,11 @@ def load_checkpoint(model: nn.Module, path_or_weight_name, strict: bool = True, 
 def check_finite_weights(model: nn.Module, source) -> None:
     """Refuses weights (parameters and buffers) holding NaN or infinity: such a teacher gives
     non-finite logits for every image, so it is refused before anything is written."""
-    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    bad = [
+        name for name, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
     if bad:
-        raise DhkdError(f"the weights in {source} are not finite ({_keys_text('tensors hold NaN or inf', bad)}); "
-                        "the file is damaged or the run that wrote it diverged")
+        raise DhkdError(
+            f"the weights in {source} are not finite ({_keys_text('tensors hold NaN or inf', bad)}); "
+            "the file is damaged or the run that wrote it diverged"
+        )

@@ -54,8 +54,13 @@ def align_feature_gradients(g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
 def nonlinear_head(in_features: int, num_classes: int, hidden: int = 200, drop: float = 0.1) -> nn.Sequential:
     """The published DHKD code's non-linear auxiliary head (its ``NonLinearClassifier``):
     Linear(in, 200) -> Dropout(0.1) -> BatchNorm1d(200) -> ReLU -> Linear(200, num_classes)."""
-    return nn.Sequential(nn.Linear(in_features, hidden), nn.Dropout(p=drop), nn.BatchNorm1d(hidden),
-                         nn.ReLU(inplace=True), nn.Linear(hidden, num_classes))
+    return nn.Sequential(
+        nn.Linear(in_features, hidden),
+        nn.Dropout(p=drop),
+        nn.BatchNorm1d(hidden),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden, num_classes),
+    )
 
 
 def find_classifier(model: nn.Module, num_classes: int | None = None) -> tuple[str, nn.Linear]:
@@ -64,8 +69,10 @@ def find_classifier(model: nn.Module, num_classes: int | None = None) -> tuple[s
     when ``num_classes`` is None)."""
     declared = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
     if isinstance(declared, (tuple, list)):
-        raise DhkdError(f"cannot add a second head to {type(model).__name__}: it has {len(declared)} "
-                        f"classifiers ({', '.join(declared)}), a DualHead needs one")
+        raise DhkdError(
+            f"cannot add a second head to {type(model).__name__}: it has {len(declared)} "
+            f"classifiers ({', '.join(declared)}), a DualHead needs one"
+        )
     if isinstance(declared, str):
         try:
             head = model.get_submodule(declared)
@@ -79,8 +86,7 @@ def find_classifier(model: nn.Module, num_classes: int | None = None) -> tuple[s
             found = (name, m)
     if found is None:
         what = "" if num_classes is None else f" with {num_classes} outputs"
-        raise DhkdError(f"cannot add a second head to {type(model).__name__}: "
-                        f"it has no nn.Linear classifier{what}")
+        raise DhkdError(f"cannot add a second head to {type(model).__name__}: it has no nn.Linear classifier{what}")
     return found
 
 
@@ -97,8 +103,9 @@ class DualHead(nn.Module):
     ``--grad-align-features``); the published parameter alignment lives in the training step.
     """
 
-    def __init__(self, model: nn.Module, aux_head: str = "linear", align_features: bool = False,
-                 num_classes: int | None = None):
+    def __init__(
+        self, model: nn.Module, aux_head: str = "linear", align_features: bool = False, num_classes: int | None = None
+    ):
         super().__init__()
         if aux_head not in AUX_HEADS:
             raise DhkdError(f"aux_head must be one of {', '.join(AUX_HEADS)}, got {aux_head!r}")
@@ -148,19 +155,21 @@ class DualHead(nn.Module):
 
     def single_head_state_dict(self) -> dict:
         """State dict in the unwrapped architecture's layout (what ``export()`` would save)."""
-        sd = {k[len("backbone."):]: v for k, v in self.state_dict().items() if k.startswith("backbone.")}
+        sd = {k[len("backbone.") :]: v for k, v in self.state_dict().items() if k.startswith("backbone.")}
         sd.update({f"{self.head_path}.{k}": v for k, v in self.head1.state_dict().items()})
         return sd
 
     def load_single_head_state_dict(self, state_dict: dict, strict: bool = True):
         """Loads a plain model's state dict into backbone + head 1 (head 2 keeps its values)."""
         prefix = self.head_path + "."
-        head = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        head = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
         body = {k: v for k, v in state_dict.items() if not k.startswith(prefix)}
         r1 = self.backbone.load_state_dict(body, strict=strict)
         r2 = self.head1.load_state_dict(head, strict=strict)
-        return type(r1)(r1.missing_keys + [prefix + k for k in r2.missing_keys],
-                        r1.unexpected_keys + [prefix + k for k in r2.unexpected_keys])
+        return type(r1)(
+            r1.missing_keys + [prefix + k for k in r2.missing_keys],
+            r1.unexpected_keys + [prefix + k for k in r2.unexpected_keys],
+        )
 
 
 def single_head(model: nn.Module) -> nn.Module:

@@ -54,15 +54,20 @@ def forward_taps(model: nn.Module, x: torch.Tensor):
         return _timm_taps(model, x)
     if _is_torchvision_resnet(model):
         return _torchvision_resnet_taps(model, x)
-    raise DhkdError(f"{type(model).__name__} has no feature taps: the feature methods take the CIFAR zoo, "
-                    "MobileNetV1, torchvision ResNets and timm models with forward_intermediates")
+    raise DhkdError(
+        f"{type(model).__name__} has no feature taps: the feature methods take the CIFAR zoo, "
+        "MobileNetV1, torchvision ResNets and timm models with forward_intermediates"
+    )
 
 
 def has_taps(model: nn.Module) -> bool:
     """Whether ``forward_taps`` can serve ``model``."""
     inner = getattr(model, "backbone", model) if type(model).__name__ == "DualHead" else model
-    return (hasattr(inner, "forward_taps") or _is_torchvision_resnet(inner)
-            or (hasattr(inner, "forward_intermediates") and hasattr(inner, "forward_head")))
+    return (
+        hasattr(inner, "forward_taps")
+        or _is_torchvision_resnet(inner)
+        or (hasattr(inner, "forward_intermediates") and hasattr(inner, "forward_head"))
+    )
 
 
 class _TapForward(nn.Module):
@@ -80,17 +85,22 @@ def tap_shapes(model: nn.Module, input_size: int, channels: int = 3) -> TapShape
     """The taps' per-sample shapes for a ``channels`` x ``input_size`` x ``input_size`` input,
     from one forward on the ``meta`` device (the model's own tensors are neither read nor changed)."""
     wrapper = _TapForward(model)
-    meta = {name: torch.empty_like(t, device="meta")
-            for name, t in [*wrapper.named_parameters(), *wrapper.named_buffers()]}
+    meta = {
+        name: torch.empty_like(t, device="meta") for name, t in [*wrapper.named_parameters(), *wrapper.named_buffers()]
+    }
     dtype = next((p.dtype for p in model.parameters()), torch.float32)
     x = torch.empty(2, channels, input_size, input_size, device="meta", dtype=dtype)  # 2: BatchNorm in training
     with torch.no_grad():
         _, taps = torch.func.functional_call(wrapper, meta, (x,))
-    return TapShapes([tuple(f.shape[1:]) for f in taps.feats], [tuple(f.shape[1:]) for f in taps.preact_feats],
-                     int(taps.pooled.shape[1]))
+    return TapShapes(
+        [tuple(f.shape[1:]) for f in taps.feats],
+        [tuple(f.shape[1:]) for f in taps.preact_feats],
+        int(taps.pooled.shape[1]),
+    )
 
 
 # --- torchvision: ResNet-family graphs through torchvision.models.feature_extraction -----------------
+
 
 def _is_torchvision_resnet(model) -> bool:
     return type(model).__name__ == "ResNet" and type(model).__module__.startswith("torchvision.")
@@ -135,6 +145,7 @@ def _torchvision_resnet_extractor(model):
 
 
 # --- timm ----------------------------------------------------------------------------------------------
+
 
 def _timm_taps(model, x):
     try:

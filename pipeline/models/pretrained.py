@@ -63,7 +63,7 @@ class WeightsSource:
         if self.kind == "torchvision":
             return torchvision_preprocessing(self.arch, self.record)
         if self.arch.startswith(TIMM_PREFIX):
-            return timm_preprocessing(self.timm_name or self.arch[len(TIMM_PREFIX):])
+            return timm_preprocessing(self.timm_name or self.arch[len(TIMM_PREFIX) :])
         return None
 
 
@@ -110,8 +110,11 @@ def file_digest(path) -> str:
 
 def looks_like_weight_name(spec: str) -> bool:
     """A name (``DEFAULT``, ``IMAGENET1K_V2``, ``pretrained``), not a path to a checkpoint file."""
-    return os.sep not in spec and "/" not in spec and os.path.splitext(spec)[1].lower() not in (
-        ".pt", ".pth", ".tar", ".bin", ".ckpt", ".safetensors")
+    return (
+        os.sep not in spec
+        and "/" not in spec
+        and os.path.splitext(spec)[1].lower() not in (".pt", ".pth", ".tar", ".bin", ".ckpt", ".safetensors")
+    )
 
 
 def resolve_weights(arch: str, spec: str | None, fetch: bool = True) -> WeightsSource:
@@ -122,8 +125,10 @@ def resolve_weights(arch: str, spec: str | None, fetch: bool = True) -> WeightsS
     if spec is None:
         spec = default_weights(arch)
         if spec is None:
-            raise DhkdError(f"{arch} has no published weights (a KD-zoo model): pass --weights FILE, "
-                            f"e.g. a model.pt from train-teacher")
+            raise DhkdError(
+                f"{arch} has no published weights (a KD-zoo model): pass --weights FILE, "
+                f"e.g. a model.pt from train-teacher"
+            )
     spec = os.fspath(spec)
     if os.path.exists(spec) or not looks_like_weight_name(spec):
         if not os.path.isfile(spec):
@@ -134,8 +139,10 @@ def resolve_weights(arch: str, spec: str | None, fetch: bool = True) -> WeightsS
         return _timm_source(arch, spec, fetch)
     tv_arch = torchvision_arch(arch)
     if tv_arch is None:
-        raise DhkdError(f"checkpoint file not found: {spec} (named weights exist only for torchvision "
-                        f"and timm architectures, and {arch} is not one)")
+        raise DhkdError(
+            f"checkpoint file not found: {spec} (named weights exist only for torchvision "
+            f"and timm architectures, and {arch} is not one)"
+        )
     weights = torchvision_weights(tv_arch, spec)
     path = torchvision_weight_file(tv_arch, spec, fetch=fetch)
     record = f"{type(weights).__name__}.{weights.name}"
@@ -171,8 +178,10 @@ def torchvision_weight_file(arch: str, name: str, fetch: bool = True) -> str:
     path = os.path.join(torch.hub.get_dir(), "checkpoints", fname)
     if os.path.isfile(path):
         return path
-    where = (f"torchvision weight {arch} {type(weights).__name__}.{weights.name} is not cached: place "
-             f"{fname} (from {weights.url}) at {path}, or pass a checkpoint file path")
+    where = (
+        f"torchvision weight {arch} {type(weights).__name__}.{weights.name} is not cached: place "
+        f"{fname} (from {weights.url}) at {path}, or pass a checkpoint file path"
+    )
     host = urllib.parse.urlparse(weights.url).hostname
     if not fetch or offline():
         raise DhkdError(where + ("; DHKD_OFFLINE is set" if fetch else ""))
@@ -196,8 +205,15 @@ def torchvision_preprocessing(arch: str, name: str) -> dict:
     t = weights.transforms()
     crop, resize = int(t.crop_size[0]), int(t.resize_size[0])
     interpolation = getattr(t.interpolation, "value", str(t.interpolation))
-    return _preprocessing(f"torchvision {type(weights).__name__}.{weights.name}", crop, crop / resize, interpolation,
-                          t.mean, t.std, resize=resize)
+    return _preprocessing(
+        f"torchvision {type(weights).__name__}.{weights.name}",
+        crop,
+        crop / resize,
+        interpolation,
+        t.mean,
+        t.std,
+        resize=resize,
+    )
 
 
 def _preprocessing(source, resolution, crop_pct, interpolation, mean, std, resize=None) -> dict:
@@ -260,8 +276,14 @@ def timm_preprocessing(name: str) -> dict:
     if height != width:
         raise DhkdError(f"timm:{name} takes {height}x{width} inputs; dhkd-pipe renders square views only")
     tag = f"{cfg.get('architecture', name)}.{cfg['tag']}" if cfg.get("tag") else name
-    return _preprocessing(f"timm {tag} pretrained_cfg", height, cfg.get("crop_pct") or 0.875,
-                          cfg.get("interpolation") or "bicubic", cfg.get("mean"), cfg.get("std"))
+    return _preprocessing(
+        f"timm {tag} pretrained_cfg",
+        height,
+        cfg.get("crop_pct") or 0.875,
+        cfg.get("interpolation") or "bicubic",
+        cfg.get("mean"),
+        cfg.get("std"),
+    )
 
 
 def _timm_name(base: str, spec: str) -> str:
@@ -294,13 +316,15 @@ def _timm_cached(cfg: dict) -> str | None:
     if cfg.get("url"):
         import torch
 
-        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urllib.parse.urlparse(cfg["url"]).path))
+        path = os.path.join(
+            torch.hub.get_dir(), "checkpoints", os.path.basename(urllib.parse.urlparse(cfg["url"]).path)
+        )
         return path if os.path.isfile(path) else None
     return None
 
 
 def _timm_source(arch: str, spec: str, fetch: bool) -> WeightsSource:
-    base = arch[len(TIMM_PREFIX):]
+    base = arch[len(TIMM_PREFIX) :]
     name = _timm_name(base, spec)
     cfg = timm_pretrained_cfg(name)
     if not cfg.get("hf_hub_id") and not cfg.get("url"):
@@ -312,16 +336,20 @@ def _timm_source(arch: str, spec: str, fetch: bool) -> WeightsSource:
         if cfg.get("hf_hub_id"):
             from huggingface_hub.constants import HF_HUB_CACHE
 
-            where = (f"timm pretrained weights {tag} are not cached: put {_timm_files(cfg)[0]} of "
-                     f"https://huggingface.co/{cfg['hf_hub_id']} in the Hugging Face cache {HF_HUB_CACHE} "
-                     f"(e.g. copy that folder from a machine where timm.create_model('{tag}', pretrained=True) ran), "
-                     f"or pass --weights FILE")
+            where = (
+                f"timm pretrained weights {tag} are not cached: put {_timm_files(cfg)[0]} of "
+                f"https://huggingface.co/{cfg['hf_hub_id']} in the Hugging Face cache {HF_HUB_CACHE} "
+                f"(e.g. copy that folder from a machine where timm.create_model('{tag}', pretrained=True) ran), "
+                f"or pass --weights FILE"
+            )
             url = "https://huggingface.co"
         else:
             import torch
 
-            where = (f"timm pretrained weights {tag} are not cached: place {os.path.basename(cfg['url'])} "
-                     f"(from {cfg['url']}) in {os.path.join(torch.hub.get_dir(), 'checkpoints')}, or pass --weights FILE")
+            where = (
+                f"timm pretrained weights {tag} are not cached: place {os.path.basename(cfg['url'])} "
+                f"(from {cfg['url']}) in {os.path.join(torch.hub.get_dir(), 'checkpoints')}, or pass --weights FILE"
+            )
             url = cfg["url"]
         if not fetch or offline("HF_HUB_OFFLINE"):
             raise DhkdError(where + ("; offline (DHKD_OFFLINE or HF_HUB_OFFLINE is set)" if fetch else ""))
@@ -343,8 +371,12 @@ def timm_pretrained_state_dict(source: WeightsSource) -> dict:
     timm = import_timm()
     cfg = timm_pretrained_cfg(source.timm_name)
     try:
-        model = timm.create_model(source.timm_name, pretrained=True, num_classes=cfg.get("num_classes") or 1000,
-                                  pretrained_cfg_overlay={"file": source.path})
+        model = timm.create_model(
+            source.timm_name,
+            pretrained=True,
+            num_classes=cfg.get("num_classes") or 1000,
+            pretrained_cfg_overlay={"file": source.path},
+        )
     except Exception as e:  # a corrupt or foreign file in the cache
         raise DhkdError(f"cannot load timm pretrained weights {source.path}: {one_line(e, 200)}") from None
     return model.state_dict()

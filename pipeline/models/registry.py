@@ -114,8 +114,9 @@ def _entry(name: str) -> ModelEntry:
                 raise DhkdError(f"{prefix}: needs a model name, e.g. {family.describe}")
             if name not in _FAMILY_ENTRIES:
                 family.check(rest)
-                _FAMILY_ENTRIES[name] = ModelEntry(name, lambda num_classes: family.build(rest, num_classes),
-                                                   family.input_size(rest), family=prefix)
+                _FAMILY_ENTRIES[name] = ModelEntry(
+                    name, lambda num_classes: family.build(rest, num_classes), family.input_size(rest), family=prefix
+                )
             return _FAMILY_ENTRIES[name]
     try:
         return _REGISTRY[name]
@@ -130,7 +131,9 @@ def _unknown_model(name) -> DhkdError:
     for n in list_models():
         by_lower.setdefault(n.lower(), []).append(n)
     # families take names the registry cannot list: say how to name them
-    listing = "`dhkd-pipe models` lists the names" + "".join(f"; {f.prefix}:NAME for {f.prefix}'s models" for f in _FAMILIES.values())
+    listing = "`dhkd-pipe models` lists the names" + "".join(
+        f"; {f.prefix}:NAME for {f.prefix}'s models" for f in _FAMILIES.values()
+    )
     if not isinstance(name, str):
         return DhkdError(f"unknown model {name!r}; {listing}")
     if name.lower() in by_lower:
@@ -199,8 +202,9 @@ def default_weights(name: str) -> str | None:
     return "DEFAULT" if torchvision_arch(name) else None
 
 
-def create_model(name: str, num_classes: int, dual_head: bool = False, aux_head: str = "linear",
-                 align_features: bool = False) -> nn.Module:
+def create_model(
+    name: str, num_classes: int, dual_head: bool = False, aux_head: str = "linear", align_features: bool = False
+) -> nn.Module:
     """Builds ``name`` with ``num_classes`` outputs; ``dual_head`` wraps it in ``DualHead``
     (``aux_head`` and ``align_features`` are passed on to it)."""
     entry = _entry(name)
@@ -238,6 +242,8 @@ def check_input_size(name: str, resolution: int, num_classes: int, role: str = "
     except (RuntimeError, ValueError, IndexError):  # shapes that do not fit (e.g. the classifier's input)
         fits = False
     if not fits:
-        raise DhkdError(f"the {role} {name} is built for {expected}x{expected} inputs and cannot take the data's "
-                        f"{resolution}x{resolution} images; pass --resolution {expected} or choose a model for "
-                        f"{resolution}-pixel images (see `dhkd-pipe models`)")
+        raise DhkdError(
+            f"the {role} {name} is built for {expected}x{expected} inputs and cannot take the data's "
+            f"{resolution}x{resolution} images; pass --resolution {expected} or choose a model for "
+            f"{resolution}-pixel images (see `dhkd-pipe models`)"
+        )

@@ -14,8 +14,9 @@ from dhkd_pipe.models.feature_taps import FeatureTaps
 def _shortcut(in_planes, out_planes, stride):
     if stride == 1 and in_planes == out_planes:
         return nn.Sequential()
-    return nn.Sequential(nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False),
-                         nn.BatchNorm2d(out_planes))
+    return nn.Sequential(
+        nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(out_planes)
+    )
 
 
 class BasicBlock(PreactBlock):

@@ -26,9 +26,11 @@ class SplitBlock(nn.Module):
 def add_branch(block: nn.Module, first: int, in_channels: int, channels: int, stride: int):
     """Adds ShuffleNetV2's main branch to ``block`` as ``conv{first..first+2}`` / ``bn{...}`` (the
     published checkpoints' names): 1x1 conv, depthwise 3x3 conv with ``stride``, 1x1 conv."""
-    convs = [nn.Conv2d(in_channels, channels, kernel_size=1, bias=False),
-             nn.Conv2d(channels, channels, kernel_size=3, stride=stride, padding=1, groups=channels, bias=False),
-             nn.Conv2d(channels, channels, kernel_size=1, bias=False)]
+    convs = [
+        nn.Conv2d(in_channels, channels, kernel_size=1, bias=False),
+        nn.Conv2d(channels, channels, kernel_size=3, stride=stride, padding=1, groups=channels, bias=False),
+        nn.Conv2d(channels, channels, kernel_size=1, bias=False),
+    ]
     for i, conv in enumerate(convs, start=first):
         setattr(block, f"conv{i}", conv)
         setattr(block, f"bn{i}", nn.BatchNorm2d(channels))
@@ -71,8 +73,9 @@ class DownBlock(nn.Module):
     def __init__(self, in_channels, out_channels):
         super().__init__()
         mid = out_channels // 2
-        self.conv1 = nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=2, padding=1,
-                               groups=in_channels, bias=False)
+        self.conv1 = nn.Conv2d(
+            in_channels, in_channels, kernel_size=3, stride=2, padding=1, groups=in_channels, bias=False
+        )
         self.bn1 = nn.BatchNorm2d(in_channels)
         self.conv2 = nn.Conv2d(in_channels, mid, kernel_size=1, bias=False)
         self.bn2 = nn.BatchNorm2d(mid)

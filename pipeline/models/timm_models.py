@@ -11,11 +11,13 @@ def _build(name: str, num_classes: int):
     return import_timm().create_model(name, pretrained=False, num_classes=num_classes)
 
 
-register_family(ModelFamily(
-    prefix="timm",
-    check=check_timm_name,
-    build=_build,
-    input_size=timm_input_size,
-    default_weights="pretrained",
-    describe="timm:resnet18 (any timm.list_models() name, optionally .TAG; pip install 'dhkd-pipe[timm]')",
-))
+register_family(
+    ModelFamily(
+        prefix="timm",
+        check=check_timm_name,
+        build=_build,
+        input_size=timm_input_size,
+        default_weights="pretrained",
+        describe="timm:resnet18 (any timm.list_models() name, optionally .TAG; pip install 'dhkd-pipe[timm]')",
+    )
+)

@@ -24,8 +24,11 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_planes, out_planes, kernel_size=3, stride=1, padding=1, bias=False)
         self.droprate = drop_rate
         self.equalInOut = in_planes == out_planes
-        self.convShortcut = None if self.equalInOut else nn.Conv2d(
-            in_planes, out_planes, kernel_size=1, stride=stride, padding=0, bias=False)
+        self.convShortcut = (
+            None
+            if self.equalInOut
+            else nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, padding=0, bias=False)
+        )
 
     def forward(self, x):
         pre = self.relu1(self.bn1(x))
@@ -40,10 +43,12 @@ class BasicBlock(nn.Module):
 class NetworkBlock(nn.Module):
     def __init__(self, nb_layers, in_planes, out_planes, stride, drop_rate=0.0):
         super().__init__()
-        self.layer = nn.Sequential(*[
-            BasicBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1, drop_rate)
-            for i in range(nb_layers)
-        ])
+        self.layer = nn.Sequential(
+            *[
+                BasicBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1, drop_rate)
+                for i in range(nb_layers)
+            ]
+        )
 
     def forward(self, x):
         return self.layer(x)
@@ -82,6 +87,10 @@ class WideResNet(nn.Module):
         f2 = self.block2(f1)
         f3 = self.block3(f2)
         pooled = F.avg_pool2d(self.relu(self.bn1(f3)), 8).reshape(-1, self.nChannels)
-        preacts = [f0, batch_norm_without_update(self.block2.layer[0].bn1, f1),
-                   batch_norm_without_update(self.block3.layer[0].bn1, f2), batch_norm_without_update(self.bn1, f3)]
+        preacts = [
+            f0,
+            batch_norm_without_update(self.block2.layer[0].bn1, f1),
+            batch_norm_without_update(self.block3.layer[0].bn1, f2),
+            batch_norm_without_update(self.bn1, f3),
+        ]
         return self.fc(pooled), FeatureTaps([f0, f1, f2, f3], preacts, pooled)

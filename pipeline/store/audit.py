@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dhkd_pipe.store.chunk_objects import object_problem, shard_in_bounds
 from dhkd_pipe.errors import DhkdError, one_line
-from dhkd_pipe.store.objects import storage_errors
+from dhkd_pipe.store.chunk_objects import object_problem, shard_in_bounds
 from dhkd_pipe.store.layout import STORE_ENTRIES
 from dhkd_pipe.store.lock import LOCK_KEY
+from dhkd_pipe.store.objects import storage_errors
 
 if TYPE_CHECKING:
     from dhkd_pipe.store.reader import LogitCache
@@ -116,7 +116,9 @@ def _done_units(cache: "LogitCache", damaged: set) -> np.ndarray:
     done = np.zeros((cache.epochs, cache.num_chunks), bool)
     for e, chunks in cache.write_units():
         if cache.unit_keys(e, chunks[0])["done"] not in damaged:
-            done[e, chunks[0] : chunks[-1] + 1] = cache.read("done", (e, slice(chunks[0], chunks[-1] + 1)), e, chunks[0])
+            done[e, chunks[0] : chunks[-1] + 1] = cache.read(
+                "done", (e, slice(chunks[0], chunks[-1] + 1)), e, chunks[0]
+            )
     return done
 
 
@@ -127,8 +129,12 @@ def remove_leftovers(cache: "LogitCache") -> list[str]:
     if not cache.is_local:
         return []
     # Zarr's temp files inside the store's arrays, the lock's at its root; a user's own file is never one of them
-    keys = [k for k in cache.objects.list() if (k.endswith(".partial") and "/" in k and k.split("/", 1)[0] in STORE_ENTRIES)
-            or (k.startswith(LOCK_KEY + ".") and k.endswith(".tmp") and "/" not in k)]
+    keys = [
+        k
+        for k in cache.objects.list()
+        if (k.endswith(".partial") and "/" in k and k.split("/", 1)[0] in STORE_ENTRIES)
+        or (k.startswith(LOCK_KEY + ".") and k.endswith(".tmp") and "/" not in k)
+    ]
     for key in keys:
         cache.objects.delete(key)
     return keys

@@ -56,16 +56,19 @@ def check_local_tree(root: str, location: str):
                 except OSError:
                     kind = 0
                 if not inside:
-                    raise DhkdError(f"store {location}: {key} is a link that leaves the store (to {target}); "
-                                    "a store holds its own objects only")
+                    raise DhkdError(
+                        f"store {location}: {key} is a link that leaves the store (to {target}); "
+                        "a store holds its own objects only"
+                    )
                 if not (stat.S_ISREG(kind) or stat.S_ISDIR(kind)):
                     raise DhkdError(f"store {location}: {key} is a link to {_kind(kind)}, not to a file")
                 continue
             if stat.S_ISDIR(st.st_mode):
                 stack.append(entry.path)
             elif not stat.S_ISREG(st.st_mode):
-                raise DhkdError(f"store {location}: {key} is {_kind(st.st_mode)}, not a file; "
-                                "a store holds regular files only")
+                raise DhkdError(
+                    f"store {location}: {key} is {_kind(st.st_mode)}, not a file; a store holds regular files only"
+                )
 
 
 def _kind(mode: int) -> str:
@@ -83,8 +86,10 @@ def parse_metadata(data: bytes | None, key: str, location: str) -> dict | None:
     if data is None:
         return None
     if len(data) > MAX_METADATA_BYTES:
-        raise DhkdError(f"store {location}: {key} is {len(data)} bytes, more than any logit store's metadata "
-                        f"({MAX_METADATA_BYTES >> 20} MiB at most)")
+        raise DhkdError(
+            f"store {location}: {key} is {len(data)} bytes, more than any logit store's metadata "
+            f"({MAX_METADATA_BYTES >> 20} MiB at most)"
+        )
     try:
         meta = json.loads(data)
     except RecursionError:
@@ -97,7 +102,9 @@ def parse_metadata(data: bytes | None, key: str, location: str) -> dict | None:
 
 
 def _ints(value, what: str, location: str, minimum: int) -> list[int]:
-    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in value):
+    if not isinstance(value, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in value
+    ):
         raise DhkdError(f"store {location}: {what} is {_short(value)}; a logit store's are whole numbers >= {minimum}")
     return value
 
@@ -117,7 +124,9 @@ def _geometry(meta: dict, name: str, location: str) -> tuple[list[int], list[int
     inner = chunks
     codecs = meta.get("codecs") or []
     if codecs and isinstance(codecs[0], dict) and codecs[0].get("name") == "sharding_indexed":
-        inner = _ints((codecs[0].get("configuration") or {}).get("chunk_shape"), f"the inner chunk shape of {name}", location, 1)
+        inner = _ints(
+            (codecs[0].get("configuration") or {}).get("chunk_shape"), f"the inner chunk shape of {name}", location, 1
+        )
     if not (len(shape) == len(chunks) == len(inner)):
         raise DhkdError(f"store {location}: {name} has shape {_short(shape)} but chunks {_short(chunks)}")
     count, nbytes = 1, 1
@@ -127,10 +136,14 @@ def _geometry(meta: dict, name: str, location: str) -> tuple[list[int], list[int
         nbytes *= c
     nbytes *= 8  # the widest dtype a logit store holds is 4 bytes (8 as int64 once read): an upper bound
     if count > MAX_CHUNKS:
-        raise DhkdError(f"store {location}: {name} claims {count} chunks (shape {_short(shape)}, chunks {_short(inner)}); "
-                        f"a logit store has at most {MAX_CHUNKS}")
+        raise DhkdError(
+            f"store {location}: {name} claims {count} chunks (shape {_short(shape)}, chunks {_short(inner)}); "
+            f"a logit store has at most {MAX_CHUNKS}"
+        )
     if nbytes > MAX_CHUNK_BYTES * 2:
-        raise DhkdError(f"store {location}: {name} claims chunks of {_short(chunks)} values, more than any logit store's")
+        raise DhkdError(
+            f"store {location}: {name} claims chunks of {_short(chunks)} values, more than any logit store's"
+        )
     return shape, chunks, inner
 
 
@@ -144,7 +157,9 @@ def check_shapes(metas: dict[str, dict | None], location: str, int8: bool = Fals
     geo = {n: _geometry(metas[n], n, location) for n in names}
     shape = geo["logits"][0]
     if len(shape) != 3 or min(shape) < 1:
-        raise DhkdError(f"store {location}: logits have shape {_short(shape)}; a logit store's is (views, samples, classes), each at least 1")
+        raise DhkdError(
+            f"store {location}: logits have shape {_short(shape)}; a logit store's is (views, samples, classes), each at least 1"
+        )
     e, n, k = shape
     rows = geo["logits"][2][1]
     expected = {"order": [e, n], "views": [e, n, 5], "labels": [n], "done": [e, -(-n // rows)]}
@@ -152,8 +167,10 @@ def check_shapes(metas: dict[str, dict | None], location: str, int8: bool = Fals
         expected["logit_scale"] = [e, n]
     for name, want in expected.items():
         if geo[name][0] != want:
-            raise DhkdError(f"store {location}: {name} has shape {_short(geo[name][0])} where logits of shape {_short(shape)} "
-                            f"need {_short(want)}; the store is damaged or forged")
+            raise DhkdError(
+                f"store {location}: {name} has shape {_short(geo[name][0])} where logits of shape {_short(shape)} "
+                f"need {_short(want)}; the store is damaged or forged"
+            )
     return e, n, k
 
 
@@ -164,8 +181,10 @@ def check_labels_object(data: bytes | None, num_samples: int, location: str):
         return  # missing or truncated: the ordinary read reports it
     nbytes = int.from_bytes(data[4:8], "little")
     if nbytes != 4 * num_samples:
-        raise DhkdError(f"store {location}: its metadata claims {num_samples} samples but its labels object holds "
-                        f"{nbytes // 4}; the store is damaged or forged")
+        raise DhkdError(
+            f"store {location}: its metadata claims {num_samples} samples but its labels object holds "
+            f"{nbytes // 4}; the store is damaged or forged"
+        )
 
 
 def read_metadata(objects, key: str) -> dict | None:
@@ -175,8 +194,10 @@ def read_metadata(objects, key: str) -> dict | None:
         return None
     size = objects.size(key)
     if size > MAX_METADATA_BYTES:
-        raise DhkdError(f"store {objects.location}: {key} is {size} bytes, more than any logit store's metadata "
-                        f"({MAX_METADATA_BYTES >> 20} MiB at most)")
+        raise DhkdError(
+            f"store {objects.location}: {key} is {size} bytes, more than any logit store's metadata "
+            f"({MAX_METADATA_BYTES >> 20} MiB at most)"
+        )
     return parse_metadata(objects.read(key), key, objects.location)
 
 
@@ -191,4 +212,6 @@ def check_store(objects):
     names = ARRAYS + ("logit_scale",)
     metas = {name: read_metadata(objects, f"{name}/zarr.json") for name in names}
     _, num_samples, _ = check_shapes(metas, objects.location, int8=attrs.get("codec") == "int8")
-    check_labels_object(objects.read("labels/c/0") if objects.exists("labels/c/0") else None, num_samples, objects.location)
+    check_labels_object(
+        objects.read("labels/c/0") if objects.exists("labels/c/0") else None, num_samples, objects.location
+    )

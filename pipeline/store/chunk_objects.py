@@ -16,6 +16,7 @@ _SHUFFLES = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}  # Blosc's own numbe
 
 # ---- encoding whole objects ---------------------------------------------------------------------------
 
+
 def _chain(codecs, dtype: np.dtype):
     """The steps of a codec chain (``bytes`` first, then Blosc or CRC32C steps), each from an
     object's bytes in parts to its encoded parts; None for a chain this module does not encode
@@ -34,8 +35,15 @@ def _chain(codecs, dtype: np.dtype):
             from numcodecs import Blosc
 
             config = codec.to_dict()["configuration"]
-            blosc = Blosc.from_config({"cname": config["cname"], "clevel": config["clevel"], "shuffle": _SHUFFLES[config["shuffle"]],
-                                       "blocksize": config["blocksize"], "typesize": config.get("typesize") or dtype.itemsize})
+            blosc = Blosc.from_config(
+                {
+                    "cname": config["cname"],
+                    "clevel": config["clevel"],
+                    "shuffle": _SHUFFLES[config["shuffle"]],
+                    "blocksize": config["blocksize"],
+                    "typesize": config.get("typesize") or dtype.itemsize,
+                }
+            )
             steps.append(lambda parts, encode=blosc.encode: [encode(parts[0] if len(parts) == 1 else b"".join(parts))])
         else:
             return None
@@ -47,7 +55,9 @@ def _with_crc32c(parts: list) -> list:
     the bytes before it are not copied)."""
     import google_crc32c
 
-    parts = [p if isinstance(p, bytes) else bytes(p) for p in parts]  # google_crc32c takes bytes (views only where no compressor ran)
+    parts = [
+        p if isinstance(p, bytes) else bytes(p) for p in parts
+    ]  # google_crc32c takes bytes (views only where no compressor ran)
     crc = 0
     for part in parts:
         crc = google_crc32c.extend(crc, part)
@@ -71,9 +81,23 @@ class ObjectEncoder:
     None for a codec chain it does not know; the caller then writes through Zarr.
     """
 
-    def __init__(self, shape, dtype: np.dtype, fill_value, steps, inner_shape=None, index_steps=None, index_at_start: bool = False):
+    def __init__(
+        self,
+        shape,
+        dtype: np.dtype,
+        fill_value,
+        steps,
+        inner_shape=None,
+        index_steps=None,
+        index_at_start: bool = False,
+    ):
         self.shape, self.dtype, self._fill = tuple(shape), dtype, fill_value
-        self._steps, self._inner, self._index_steps, self._index_at_start = steps, inner_shape, index_steps, index_at_start
+        self._steps, self._inner, self._index_steps, self._index_at_start = (
+            steps,
+            inner_shape,
+            index_steps,
+            index_at_start,
+        )
 
     @classmethod
     def of(cls, metadata) -> "ObjectEncoder | None":
@@ -93,7 +117,15 @@ class ObjectEncoder:
             # inner chunks are stored in Morton order, which is C order when at most one axis has several
             if len(codecs) > 1 or steps is None or index_steps is None or sum(n > 1 for n in per_shard) > 1:
                 return None
-            return cls(shape, dtype, fill, steps, inner, index_steps, sharding.index_location == ShardingCodecIndexLocation.start)
+            return cls(
+                shape,
+                dtype,
+                fill,
+                steps,
+                inner,
+                index_steps,
+                sharding.index_location == ShardingCodecIndexLocation.start,
+            )
         steps = _chain(codecs, dtype)
         return None if steps is None else cls(shape, dtype, fill, steps)
 
@@ -202,7 +234,7 @@ def object_problem(data, codecs, in_bounds=None) -> str | None:
     if len(view) < index_nbytes:
         return "truncated (no shard index)"
     at_start = sharding.index_location == ShardingCodecIndexLocation.start
-    index = view[:index_nbytes] if at_start else view[len(view) - index_nbytes:]
+    index = view[:index_nbytes] if at_start else view[len(view) - index_nbytes :]
     problem = _crc_problem(index, sharding.index_codecs)
     if problem:
         return f"shard index {problem}"

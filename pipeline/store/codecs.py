@@ -88,7 +88,10 @@ class Fp16(Codec):
         import numpy as np
 
         values, _ = self.encode(x, None, out)
-        if values.size and max(int(values.view(np.uint16).max()) & 0x7FFF, int(values.view(np.int16).max())) >= FP16_MAX_BITS:
+        if (
+            values.size
+            and max(int(values.view(np.uint16).max()) & 0x7FFF, int(values.view(np.int16).max())) >= FP16_MAX_BITS
+        ):
             check_encodable(x, self.name, where)
         return values, None
 
@@ -132,7 +135,9 @@ class Int8(Codec):
 
         scale = (amax / np.float32(INT8_LEVELS)).astype(np.float32)
         scale[scale == 0] = 1.0
-        q = np.clip(np.rint(x.astype(np.float64) / scale.astype(np.float64)[:, None]), -INT8_LEVELS, INT8_LEVELS).astype(np.int8)
+        q = np.clip(
+            np.rint(x.astype(np.float64) / scale.astype(np.float64)[:, None]), -INT8_LEVELS, INT8_LEVELS
+        ).astype(np.int8)
         return q, scale
 
     def tolerance(self, amax):  # max|row| / 254 for the worst row, plus float32 rounding of scale and of q * scale
@@ -181,7 +186,10 @@ def check_encodable(logits, codec: str, where: str = ""):
     if not np.all(np.isfinite(amax)):
         bad = int(np.flatnonzero(~np.isfinite(amax))[0])
         kind = "NaN" if np.isnan(x[bad]).any() else "infinite"
-        raise DhkdError(f"teacher logits are not finite ({kind} in row {bad} {where}".rstrip() + "); check the teacher and its weights")
+        raise DhkdError(
+            f"teacher logits are not finite ({kind} in row {bad} {where}".rstrip()
+            + "); check the teacher and its weights"
+        )
     codec_named(codec).check_range(amax)
     return amax
 
@@ -237,5 +245,7 @@ def decode_logits(values, scale=None, device="cpu"):
     if t.dtype == torch.int8:
         if scale is None:
             raise ValueError("int8 logits need their per-row scale")
-        scale = torch.from_numpy(np.ascontiguousarray(scale)) if isinstance(scale, np.ndarray) else torch.as_tensor(scale)
+        scale = (
+            torch.from_numpy(np.ascontiguousarray(scale)) if isinstance(scale, np.ndarray) else torch.as_tensor(scale)
+        )
     return dequantize(t, scale)

@@ -35,10 +35,10 @@ import os
 
 import numpy as np
 
-from dhkd_pipe.store.codecs import codec_named
 from dhkd_pipe.errors import DhkdError, one_line
-from dhkd_pipe.store.objects import StoreObjects, storage_errors
+from dhkd_pipe.store.codecs import codec_named
 from dhkd_pipe.store.lock import LOCK_KEY
+from dhkd_pipe.store.objects import StoreObjects, storage_errors
 
 FORMAT_VERSION = 1
 GEOMETRY = ("epochs", "num_samples", "num_classes", "chunk_rows", "codec")  # a resume must match all of them
@@ -73,23 +73,29 @@ def estimate_bytes(epochs: int, num_samples: int, num_classes: int, codec: str =
     en = int(epochs) * int(num_samples)
     logits = en * int(num_classes) * c.bytes_per_logit
     scale = en * 4 if c.has_scale else 0
-    return logits + scale + en * 4 + en * 20 + int(num_samples) * 4 + int(epochs) * -(-int(num_samples) // int(chunk_rows))
+    return (
+        logits + scale + en * 4 + en * 20 + int(num_samples) * 4 + int(epochs) * -(-int(num_samples) // int(chunk_rows))
+    )
 
 
 def check_target(objects: StoreObjects, overwrite: bool = False):
     """Refuses, reading only, a location that holds something other than a logit store: a
     file, a folder or prefix with other objects, another Zarr store. ``--overwrite`` replaces
     only a logit store (a store whose group carries this tool's ``command``)."""
-    from dhkd_pipe.store.objects import is_bucket_root, is_local, local_path
     from dhkd_pipe.store.bounds import check_local_tree, read_metadata
+    from dhkd_pipe.store.objects import is_bucket_root, is_local, local_path
 
     where = objects.location
     if is_bucket_root(where):
-        raise DhkdError(f"{where} is a whole bucket: a store there would share it with everything else in it; "
-                        f"name a prefix such as {where.rstrip('/')}/logits.zarr")
+        raise DhkdError(
+            f"{where} is a whole bucket: a store there would share it with everything else in it; "
+            f"name a prefix such as {where.rstrip('/')}/logits.zarr"
+        )
     if objects.is_file():
-        raise DhkdError(f"{where} is a file, not a logit store; choose another path"
-                        + (" (--overwrite replaces only a logit store, never a file)" if overwrite else ""))
+        raise DhkdError(
+            f"{where} is a file, not a logit store; choose another path"
+            + (" (--overwrite replaces only a logit store, never a file)" if overwrite else "")
+        )
     if is_local(where):  # before anything is read: a FIFO or a link to a device would never end
         check_local_tree(local_path(where), where)
     if not objects.exists("zarr.json"):
@@ -101,7 +107,9 @@ def check_target(objects: StoreObjects, overwrite: bool = False):
         meta = read_metadata(objects, "zarr.json")
     except DhkdError:
         meta = None
-    if not (isinstance(meta, dict) and meta.get("node_type") == "group" and "command" in (meta.get("attributes") or {})):
+    if not (
+        isinstance(meta, dict) and meta.get("node_type") == "group" and "command" in (meta.get("attributes") or {})
+    ):
         advice = "refusing to delete it with --overwrite" if overwrite else "choose another path or remove it"
         raise DhkdError(f"{where} holds a Zarr store that is not a logit store; {advice}")
 
@@ -112,7 +120,9 @@ def check_fingerprint(stored: dict, fingerprint: dict):
     for key in list(data) + [k for k in stored if k not in data]:
         a, b = stored.get(key), data.get(key)
         if a != b:
-            raise DhkdError(f"store does not match the data: {key} is {_short(a)} in the store, {_short(b)} in the data")
+            raise DhkdError(
+                f"store does not match the data: {key} is {_short(a)} in the store, {_short(b)} in the data"
+            )
 
 
 def _short(value) -> str:
@@ -122,7 +132,12 @@ def _short(value) -> str:
 
 def check_geometry(epochs: int, num_samples: int, num_classes: int, chunk_rows: int, labels) -> np.ndarray:
     """The labels as an array, after refusing a geometry no store can have."""
-    for name, v in (("epochs", epochs), ("num_samples", num_samples), ("num_classes", num_classes), ("chunk_rows", chunk_rows)):
+    for name, v in (
+        ("epochs", epochs),
+        ("num_samples", num_samples),
+        ("num_classes", num_classes),
+        ("chunk_rows", chunk_rows),
+    ):
         if v < 1:
             raise DhkdError(f"{name} must be at least 1, got {v}")
     labels = np.asarray(labels)
@@ -131,8 +146,19 @@ def check_geometry(epochs: int, num_samples: int, num_classes: int, chunk_rows: 
     return labels
 
 
-def create_arrays(objects: StoreObjects, *, epochs: int, num_samples: int, num_classes: int, chunk_rows: int, labels: np.ndarray,
-                  codec: str, attrs: dict, shard_threshold: int, shard_bytes: int):
+def create_arrays(
+    objects: StoreObjects,
+    *,
+    epochs: int,
+    num_samples: int,
+    num_classes: int,
+    chunk_rows: int,
+    labels: np.ndarray,
+    codec: str,
+    attrs: dict,
+    shard_threshold: int,
+    shard_bytes: int,
+):
     """Writes the group, its arrays and the labels into an empty location; ``format_version`` last."""
     import zarr
     from zarr.codecs import BloscCodec, Crc32cCodec
@@ -157,14 +183,33 @@ def create_arrays(objects: StoreObjects, *, epochs: int, num_samples: int, num_c
     def array(group, name, shape, chunks, dtype, compressors, fill_value, shard=True):
         shards = (1, rows_per_unit) + tuple(chunks[2:]) if sharded and shard else None
         return group.create_array(
-            name, shape=shape, chunks=chunks, shards=shards, dtype=dtype, compressors=compressors,
-            fill_value=fill_value, config={"write_empty_chunks": True},
+            name,
+            shape=shape,
+            chunks=chunks,
+            shards=shards,
+            dtype=dtype,
+            compressors=compressors,
+            fill_value=fill_value,
+            config={"write_empty_chunks": True},
         )
 
     try:
-        group = zarr.open_group(store=objects.store, mode="a", zarr_format=3, attributes={k: v for k, v in attrs.items() if k != "format_version"})
+        group = zarr.open_group(
+            store=objects.store,
+            mode="a",
+            zarr_format=3,
+            attributes={k: v for k, v in attrs.items() if k != "format_version"},
+        )
         # byte shuffle: measured smaller than bitshuffle for fp16/bf16/fp32 and int8 logits
-        array(group, "logits", (epochs, num_samples, num_classes), (1, chunk_rows, num_classes), np.dtype(c.stored_dtype), blosc("shuffle"), 0)
+        array(
+            group,
+            "logits",
+            (epochs, num_samples, num_classes),
+            (1, chunk_rows, num_classes),
+            np.dtype(c.stored_dtype),
+            blosc("shuffle"),
+            0,
+        )
         if c.has_scale:
             array(group, "logit_scale", (epochs, num_samples), (1, chunk_rows), np.float32, blosc("shuffle"), 1.0)
         array(group, "order", (epochs, num_samples), (1, chunk_rows), np.int32, blosc("shuffle"), -1)
@@ -272,7 +317,9 @@ class StoreLayout:
         if self._encoders is None:
             from dhkd_pipe.store.chunk_objects import ObjectEncoder
 
-            self._encoders = {name: ObjectEncoder.of(self._arrays[name].metadata) for name in PER_EPOCH if name in self._arrays}
+            self._encoders = {
+                name: ObjectEncoder.of(self._arrays[name].metadata) for name in PER_EPOCH if name in self._arrays
+            }
         return self._encoders
 
     def what(self, key: str) -> str:
@@ -283,5 +330,9 @@ class StoreLayout:
             epoch, unit = int(parts[2]), int(parts[3])
             first = unit * self._shard_chunks
             last = min(first + self._shard_chunks, self.num_chunks) - 1
-            return f"{name} epoch {epoch} chunk {first}" if first == last else f"{name} epoch {epoch} chunks {first}-{last}"
+            return (
+                f"{name} epoch {epoch} chunk {first}"
+                if first == last
+                else f"{name} epoch {epoch} chunks {first}-{last}"
+            )
         return name

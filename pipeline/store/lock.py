@@ -83,8 +83,13 @@ class StoreLock:
         ``break_lock``: take over a lock whose holder cannot be judged dead from here (another
         host), for when the user knows it is gone; a live process on this host is still refused.
         """
-        holder = {"host": HOST, "pid": os.getpid(), "started": time.time(), "command": command[:300],
-                  "token": uuid.uuid4().hex}
+        holder = {
+            "host": HOST,
+            "pid": os.getpid(),
+            "started": time.time(),
+            "command": command[:300],
+            "token": uuid.uuid4().hex,
+        }
         data = (json.dumps(holder) + "\n").encode()
         backend = _backend(objects)
         for _ in range(100):
@@ -161,7 +166,9 @@ class _FileLock:
                 os.link(tmp, self.path)  # fails if the name exists: the atomic create
             except FileExistsError:
                 return False
-            except FileNotFoundError:  # the holder's clean-up of killed writers' leftovers took our temp file: it is held
+            except (
+                FileNotFoundError
+            ):  # the holder's clean-up of killed writers' leftovers took our temp file: it is held
                 return False
             self.fd = os.open(self.path, os.O_RDWR)
             flock_exclusive(self.fd, block=True)  # a taker may hold it for a moment while it reads us
@@ -366,5 +373,3 @@ def _mtime(info: dict) -> float | None:
     if hasattr(value, "timestamp"):
         return value.timestamp()
     return float(value) if isinstance(value, (int, float)) else None
-
-

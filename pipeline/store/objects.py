@@ -30,8 +30,10 @@ METADATA_NAMES = ("zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata")
 # attempt, ATTEMPTS attempts (the command then ends in one line, well within a minute). A slow link
 # may need longer reads: DHKD_STORE_CONNECT_TIMEOUT and DHKD_STORE_READ_TIMEOUT (seconds) replace them.
 CONNECT_TIMEOUT_S, READ_TIMEOUT_S, ATTEMPTS = 5, 8, 2
-TIMEOUT_VARIABLES = {"connect_timeout": ("DHKD_STORE_CONNECT_TIMEOUT", CONNECT_TIMEOUT_S),
-                     "read_timeout": ("DHKD_STORE_READ_TIMEOUT", READ_TIMEOUT_S)}
+TIMEOUT_VARIABLES = {
+    "connect_timeout": ("DHKD_STORE_CONNECT_TIMEOUT", CONNECT_TIMEOUT_S),
+    "read_timeout": ("DHKD_STORE_READ_TIMEOUT", READ_TIMEOUT_S),
+}
 
 
 def storage_timeouts() -> dict:
@@ -70,7 +72,7 @@ def is_bucket_root(location: str) -> bool:
 def local_path(location: str) -> str:
     """The filesystem path of a local location (a plain path or a ``file://`` URL)."""
     location = str(location)
-    return location[len("file://"):] if location.startswith("file://") else location
+    return location[len("file://") :] if location.startswith("file://") else location
 
 
 def storage_errors() -> tuple[type[BaseException], ...]:
@@ -106,8 +108,10 @@ def check_inputs_outside(location: str, entries: tuple[str, ...], inputs: dict):
         real = os.path.realpath(str(path).split(":", 1)[-1] if str(path).startswith("imagefolder:") else str(path))
         for target in owned:
             if real == target or real.startswith(target + os.sep):
-                raise DhkdError(f"{option} {path} lies inside what --overwrite would remove from the store {location} "
-                                f"({os.path.basename(target)}); copy it elsewhere first")
+                raise DhkdError(
+                    f"{option} {path} lies inside what --overwrite would remove from the store {location} "
+                    f"({os.path.basename(target)}); copy it elsewhere first"
+                )
 
 
 def write_local_object(store, key: str, parts, atomic: bool = True) -> None:
@@ -159,8 +163,7 @@ def open_store(location: str, read_only: bool = True):
         # no listings cache: another process may write the objects this one checks
         options = {"use_listings_cache": False}
         if scheme in ("s3", "s3a"):
-            options["config_kwargs"] = {**storage_timeouts(),
-                                        "retries": {"max_attempts": 1, "mode": "standard"}}
+            options["config_kwargs"] = {**storage_timeouts(), "retries": {"max_attempts": 1, "mode": "standard"}}
         store = FsspecStore.from_url(location, read_only=read_only, storage_options=options)
         if hasattr(store.fs, "retries"):
             store.fs.retries = ATTEMPTS  # s3fs retries each call itself (5 by default: minutes on a frozen server)
@@ -233,7 +236,11 @@ class StoreObjects:
         except DhkdError:
             raise
         except Exception as e:  # the storage's own errors (OSError, botocore, aiohttp ...)
-            hint = " (check the credentials for this store)" if isinstance(e, PermissionError) and is_url(self.location) else ""
+            hint = (
+                " (check the credentials for this store)"
+                if isinstance(e, PermissionError) and is_url(self.location)
+                else ""
+            )
             raise DhkdError(f"store {self.location}: cannot {what}: {one_line(e)}{hint}") from None
 
     def exists(self, key: str) -> bool:
@@ -299,7 +306,11 @@ class StoreObjects:
             if isinstance(store, FsspecStore) and hasattr(store.fs, "_find"):
                 root = store.path.rstrip("/") + "/"
                 found = await store.fs._find(root + prefix, detail=True, withdirs=False)
-                return {path.removeprefix(root): int(info["size"]) for path, info in found.items() if info.get("size") is not None}
+                return {
+                    path.removeprefix(root): int(info["size"])
+                    for path, info in found.items()
+                    if info.get("size") is not None
+                }
             return {key: int(await store.getsize(key)) async for key in store.list_prefix(prefix)}
 
         return self.call(f"list {prefix or 'the store'}", listed())

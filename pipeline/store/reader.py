@@ -13,12 +13,21 @@ from collections import OrderedDict
 
 import numpy as np
 
-from dhkd_pipe.store.codecs import codec_named, decode_logits, stored_tensor
 from dhkd_pipe.errors import DhkdError, one_line
-from dhkd_pipe.store.objects import MissingObject, StoreObjects, is_chunk_key, is_local, local_path, open_store, require_objects, storage_errors
 from dhkd_pipe.store.bounds import check_local_tree, check_store
+from dhkd_pipe.store.codecs import codec_named, decode_logits, stored_tensor
 from dhkd_pipe.store.layout import FORMAT_VERSION, StoreLayout, check_fingerprint, jsonable, location
 from dhkd_pipe.store.lock import LOCK_KEY
+from dhkd_pipe.store.objects import (
+    MissingObject,
+    StoreObjects,
+    is_chunk_key,
+    is_local,
+    local_path,
+    open_store,
+    require_objects,
+    storage_errors,
+)
 
 
 class LogitCache(StoreLayout):
@@ -49,9 +58,14 @@ class LogitCache(StoreLayout):
             raise DhkdError(f"{path} is not a complete logit store ({one_line(e)})") from None
         super().__init__(arrays, codec.name)
         strict = require_objects(arrays["logits"].store_path.store)
-        self._readers = {name: a if name == "done" else zarr.Array(zarr.AsyncArray(metadata=a.metadata, store_path=StorePath(strict, a.path),
-                                                                                    config=a.async_array.config))
-                         for name, a in arrays.items()}
+        self._readers = {
+            name: a
+            if name == "done"
+            else zarr.Array(
+                zarr.AsyncArray(metadata=a.metadata, store_path=StorePath(strict, a.path), config=a.async_array.config)
+            )
+            for name, a in arrays.items()
+        }
         self._cached: OrderedDict = OrderedDict()  # (name, epoch) -> array, read-only stores only
         self._label_cache = None
 
@@ -98,7 +112,11 @@ class LogitCache(StoreLayout):
         checkpoint records it, and ``--resume`` compares."""
         command = self._attrs.get("command")
         text = json.dumps(command, sort_keys=True, default=str)
-        return {"path": self._path, "command": jsonable(command), "command_sha256": hashlib.sha256(text.encode()).hexdigest()[:16]}
+        return {
+            "path": self._path,
+            "command": jsonable(command),
+            "command_sha256": hashlib.sha256(text.encode()).hexdigest()[:16],
+        }
 
     def check_same_store(self, recorded: dict | None):
         """Refuses this store when ``recorded`` (an :attr:`identity` saved earlier) names another."""
@@ -108,12 +126,20 @@ class LogitCache(StoreLayout):
         if recorded.get("command_sha256") == now["command_sha256"]:
             return
         old, new = recorded.get("command") or {}, now["command"] or {}
-        fields = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)] if isinstance(old, dict) and isinstance(new, dict) else []
-        field = next((k for k in fields if not isinstance(new.get(k), (dict, list))), fields[0] if fields else None)  # a plain value first
+        fields = (
+            [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+            if isinstance(old, dict) and isinstance(new, dict)
+            else []
+        )
+        field = next(
+            (k for k in fields if not isinstance(new.get(k), (dict, list))), fields[0] if fields else None
+        )  # a plain value first
         differs = f"; {field} was {_short(old.get(field))}, now {_short(new.get(field))}" if field else ""
-        raise DhkdError(f"--resume: the store is not the one this run started from: it started from {recorded.get('path')} "
-                        f"(command {recorded.get('command_sha256')}), --cache now holds {now['path']} (command {now['command_sha256']})"
-                        f"{differs}; resume with that store, or start over with --overwrite")
+        raise DhkdError(
+            f"--resume: the store is not the one this run started from: it started from {recorded.get('path')} "
+            f"(command {recorded.get('command_sha256')}), --cache now holds {now['path']} (command {now['command_sha256']})"
+            f"{differs}; resume with that store, or start over with --overwrite"
+        )
 
     @property
     def is_local(self) -> bool:
@@ -154,12 +180,16 @@ class LogitCache(StoreLayout):
             raise
         except MissingObject as e:
             where = "not on disk" if self.is_local else "missing from the store"
-            raise DhkdError(f"store {self._path}: {self.what(e.key)} {where} ({e.key}); the store is incomplete or damaged; "
-                            f"{self.repair_hint()}") from None
+            raise DhkdError(
+                f"store {self._path}: {self.what(e.key)} {where} ({e.key}); the store is incomplete or damaged; "
+                f"{self.repair_hint()}"
+            ) from None
         except Exception as e:
             where = "" if epoch is None else f" epoch {epoch}" + ("" if chunk is None else f" chunk {chunk}")
             if "checksum" in str(e).lower():  # zarr's crc32c codec: the stored bytes changed
-                raise DhkdError(f"store {self._path}: {name}{where} is damaged (checksum mismatch); {self.repair_hint()}") from None
+                raise DhkdError(
+                    f"store {self._path}: {name}{where} is damaged (checksum mismatch); {self.repair_hint()}"
+                ) from None
             raise DhkdError(f"store {self._path}: cannot read {name}{where}: {one_line(e)}") from None
 
     def repair_hint(self) -> str:
@@ -170,7 +200,9 @@ class LogitCache(StoreLayout):
         from dhkd_pipe.terminal_text import escaped, quoted_command
 
         line = quoted_command(self._attrs.get("command_line"))  # a forged line is never suggested
-        return "re-run cache-teacher with the same command to rewrite it" + (f": {line} --out {escaped(shlex.quote(self._path))}" if line else "")
+        return "re-run cache-teacher with the same command to rewrite it" + (
+            f": {line} --out {escaped(shlex.quote(self._path))}" if line else ""
+        )
 
     def _epoch_array(self, name: str, epoch: int, dtype):
         key = (name, epoch)
@@ -256,7 +288,9 @@ class LogitCache(StoreLayout):
         sizes = self._objects.sizes()
         lock = sizes.pop(LOCK_KEY, None)
         holder = read_holder(self._objects) if lock is not None else None
-        logit_bytes = sum(n for key, n in sizes.items() if key.split("/")[0] in ("logits", "logit_scale") and is_chunk_key(key))
+        logit_bytes = sum(
+            n for key, n in sizes.items() if key.split("/")[0] in ("logits", "logit_scale") and is_chunk_key(key)
+        )
         count = self.epochs * self.num_samples * self.num_classes
         logits = self.array("logits")
         return {
@@ -269,7 +303,9 @@ class LogitCache(StoreLayout):
             "bytes_on_disk": sum(sizes.values()),
             "bytes_per_logit": logit_bytes / count if count else 0.0,
             "complete": f"{int(done.sum())}/{done.size}",
-            "writer": None if holder is None else describe_holder(holder),  # who holds the lock: a cache-teacher run writing it
+            "writer": None
+            if holder is None
+            else describe_holder(holder),  # who holds the lock: a cache-teacher run writing it
             "teacher": self._attrs.get("teacher"),
             "dataset": self._attrs.get("dataset"),
             "policy": self._attrs.get("policy"),

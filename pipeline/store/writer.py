@@ -14,13 +14,21 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from dhkd_pipe.store.reader import LogitCache
-from dhkd_pipe.store.codecs import EncodedRows, codec_named, encode_logits
 from dhkd_pipe.errors import DhkdError, one_line
-from dhkd_pipe.store.objects import StoreObjects, is_local, open_store, storage_errors, write_local_object
 from dhkd_pipe.store.audit import remove_leftovers, repair
-from dhkd_pipe.store.layout import GEOMETRY, STORE_ENTRIES, check_geometry, check_target, create_arrays, jsonable, location
+from dhkd_pipe.store.codecs import EncodedRows, codec_named, encode_logits
+from dhkd_pipe.store.layout import (
+    GEOMETRY,
+    STORE_ENTRIES,
+    check_geometry,
+    check_target,
+    create_arrays,
+    jsonable,
+    location,
+)
 from dhkd_pipe.store.lock import LOCK_KEY, StoreLock
+from dhkd_pipe.store.objects import StoreObjects, is_local, open_store, storage_errors, write_local_object
+from dhkd_pipe.store.reader import LogitCache
 
 # Units written at once by one process; None: on a filesystem one per core up to 4 (there a unit
 # is CPU work, its encoding: on 2 cores 4 threads wrote 6-29% fewer rows/s than 2 in four
@@ -37,9 +45,20 @@ def write_threads(path: str) -> int:
     return max(1, min(4, len(os.sched_getaffinity(0)))) if is_local(path) else 8
 
 
-def create_or_resume(path, *, epochs: int, num_samples: int, num_classes: int, chunk_rows: int, labels, codec: str = "fp16",
-                     attrs: dict | None = None, overwrite: bool = False, shard_threshold: int = 10_000,
-                     shard_bytes: int = 32 << 20) -> LogitCache:
+def create_or_resume(
+    path,
+    *,
+    epochs: int,
+    num_samples: int,
+    num_classes: int,
+    chunk_rows: int,
+    labels,
+    codec: str = "fp16",
+    attrs: dict | None = None,
+    overwrite: bool = False,
+    shard_threshold: int = 10_000,
+    shard_bytes: int = 32 << 20,
+) -> LogitCache:
     """Creates the store (or, for the same command and geometry, reopens it "r+" to resume)."""
     path = location(path)
     epochs, num_samples, num_classes, chunk_rows = int(epochs), int(num_samples), int(num_classes), int(chunk_rows)
@@ -53,13 +72,30 @@ def create_or_resume(path, *, epochs: int, num_samples: int, num_classes: int, c
     if objects.exists("zarr.json"):
         existing = None if overwrite else _existing(path, objects, attrs)
         if existing is not None:
-            _check_same(existing, attrs, dict(epochs=epochs, num_samples=num_samples, num_classes=num_classes, chunk_rows=chunk_rows,
-                                              codec=codec))
+            _check_same(
+                existing,
+                attrs,
+                dict(
+                    epochs=epochs, num_samples=num_samples, num_classes=num_classes, chunk_rows=chunk_rows, codec=codec
+                ),
+            )
             return existing
         # --overwrite; or a store of ours that holds no data: replaced (the lock, if held, stays)
-        objects.delete_all(keep=(LOCK_KEY,), only=STORE_ENTRIES)  # what else is there, the store did not write: it stays
-    create_arrays(objects, epochs=epochs, num_samples=num_samples, num_classes=num_classes, chunk_rows=chunk_rows, labels=labels,
-                  codec=codec, attrs=attrs, shard_threshold=shard_threshold, shard_bytes=shard_bytes)
+        objects.delete_all(
+            keep=(LOCK_KEY,), only=STORE_ENTRIES
+        )  # what else is there, the store did not write: it stays
+    create_arrays(
+        objects,
+        epochs=epochs,
+        num_samples=num_samples,
+        num_classes=num_classes,
+        chunk_rows=chunk_rows,
+        labels=labels,
+        codec=codec,
+        attrs=attrs,
+        shard_threshold=shard_threshold,
+        shard_bytes=shard_bytes,
+    )
     return LogitCache.open(path, mode="r+")
 
 
@@ -74,7 +110,12 @@ def _existing(path: str, objects: StoreObjects, attrs: dict) -> LogitCache | Non
         old = dict(zarr.open_group(store=objects.store, mode="r", zarr_format=3).attrs)
     except Exception:
         old = None
-    if old is not None and "format_version" not in old and attrs.get("command") is not None and old.get("command") == attrs.get("command"):
+    if (
+        old is not None
+        and "format_version" not in old
+        and attrs.get("command") is not None
+        and old.get("command") == attrs.get("command")
+    ):
         return None  # our own creation, killed before format_version
     existing = LogitCache.open(path, mode="r+")
     if existing.attrs.get("command") != attrs.get("command") and not existing.objects.list("done/c/"):
@@ -95,7 +136,9 @@ def _check_same(existing: LogitCache, attrs: dict, geometry: dict):
             raise DhkdError(f"a different store exists at {existing.path} ({key} differs); pass --overwrite")
 
 
-def write_unit(cache: LogitCache, epoch: int, first_chunk: int, logits, order, views, scratch: threading.local | None = None):
+def write_unit(
+    cache: LogitCache, epoch: int, first_chunk: int, logits, order, views, scratch: threading.local | None = None
+):
     """Writes one write unit (all its rows) of an opened store, then its ``done`` flags.
     ``logits``: float32 (rows, K), or :class:`EncodedRows` in the store's codec. ``scratch``: the
     calling thread's own, where it keeps a buffer to encode the rows into, reused unit after unit
@@ -122,7 +165,9 @@ def write_unit(cache: LogitCache, epoch: int, first_chunk: int, logits, order, v
         )
     codec = codec_named(cache.codec)
     if encoded is None:
-        values, scale = encode_logits(logits, cache.codec, out=_buffer(scratch, codec.stored_dtype, logits.shape) if codec.fills_out else None)
+        values, scale = encode_logits(
+            logits, cache.codec, out=_buffer(scratch, codec.stored_dtype, logits.shape) if codec.fills_out else None
+        )
     else:
         values, scale = logits, encoded.scale
         if values.dtype != np.dtype(codec.stored_dtype) or (scale is None) == codec.has_scale:
@@ -134,7 +179,9 @@ def write_unit(cache: LogitCache, epoch: int, first_chunk: int, logits, order, v
     keys = cache.unit_keys(epoch, first_chunk)
     # encoded on this thread (Blosc and CRC32C release the GIL), so writer threads share the work;
     # None: an array whose codec chain only Zarr encodes
-    parts = {name: None if encoder is None else encoder.parts(data[name][None]) for name, encoder in cache.encoders().items()}
+    parts = {
+        name: None if encoder is None else encoder.parts(data[name][None]) for name, encoder in cache.encoders().items()
+    }
     store = cache.array("logits").store_path.store
 
     async def put(name):
@@ -192,8 +239,22 @@ class StoreWriter:
     data lies, the command line), unlike the command, which a resume must match.
     """
 
-    def __init__(self, path, *, labels, attrs: dict | None = None, overwrite: bool = False, refresh: tuple = (), holder: str = "",
-                 break_lock: bool = False, main: bool = True, barrier=_ignore, log=None, threads: int | None = None, **layout):
+    def __init__(
+        self,
+        path,
+        *,
+        labels,
+        attrs: dict | None = None,
+        overwrite: bool = False,
+        refresh: tuple = (),
+        holder: str = "",
+        break_lock: bool = False,
+        main: bool = True,
+        barrier=_ignore,
+        log=None,
+        threads: int | None = None,
+        **layout,
+    ):
         self.path = location(path)
         self._create = dict(labels=labels, attrs=attrs, overwrite=bool(overwrite), **layout)
         self._refresh = {k: (attrs or {})[k] for k in refresh}

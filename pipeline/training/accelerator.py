@@ -72,7 +72,9 @@ def tracker_names(log_with: str | None) -> list[str]:
         if name not in LoggerType.list():
             raise DhkdError(f"unknown tracker {name!r} for --log-with; choose from: {', '.join(LoggerType.list())}")
         if name != "all" and name not in available:
-            raise DhkdError(f"--log-with {name}: the {name} package is not installed; pip install {_TRACKER_PACKAGES.get(name, name)}")
+            raise DhkdError(
+                f"--log-with {name}: the {name} package is not installed; pip install {_TRACKER_PACKAGES.get(name, name)}"
+            )
     return names
 
 

@@ -19,27 +19,37 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 
-from dhkd_pipe.training.accelerator import end_tracking, make_accelerator, start_tracking
 from dhkd_pipe.config import TrainConfig
 from dhkd_pipe.console import log_line
 from dhkd_pipe.data.datasets import Dataset, Renderer
+from dhkd_pipe.data.inference import evaluate, memory_format
+from dhkd_pipe.data.loader import PlanEpochs, ViewLoader
+from dhkd_pipe.data.views import ViewPlan
 from dhkd_pipe.errors import DhkdError
+from dhkd_pipe.interrupts import Interrupted, deferred, pending
+from dhkd_pipe.methods.registry import CACHE_REFUSAL, Method, from_config, is_feature_method
+from dhkd_pipe.training.accelerator import end_tracking, make_accelerator, start_tracking
 from dhkd_pipe.training.exported import write_exported
 from dhkd_pipe.training.grad_align import aligned_backward
-from dhkd_pipe.interrupts import Interrupted, deferred, pending
-from dhkd_pipe.data.loader import PlanEpochs, ViewLoader
-from dhkd_pipe.methods.registry import CACHE_REFUSAL, Method, from_config, is_feature_method
 from dhkd_pipe.training.nonfinite import NonFiniteGuard
-from dhkd_pipe.training.run_folder import METRICS, SUMMARY, RunFolder, RunMode, append_line, check_inputs_outside, check_out, metrics_line, write_json
+from dhkd_pipe.training.run_folder import (
+    METRICS,
+    SUMMARY,
+    RunFolder,
+    RunMode,
+    append_line,
+    check_inputs_outside,
+    check_out,
+    metrics_line,
+    write_json,
+)
 from dhkd_pipe.training.state import Progress, restore_training_state, rng_state, save_training_state, set_rng_state
-from dhkd_pipe.data.views import ViewPlan
-from dhkd_pipe.data.inference import evaluate, memory_format
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from dhkd_pipe.store.reader import LogitCache
     from dhkd_pipe.data.replay import StoreReplay
+    from dhkd_pipe.store.reader import LogitCache
 
 __all__ = ["Run", "prepare", "train", "train_runs", "Trainee", "train_step", "lr_at", "metric_names"]
 
@@ -73,8 +83,12 @@ class Run:
             self.folder = None
 
 
-def prepare(cfg: TrainConfig, mode: RunMode | str = RunMode.NEW, replay: StoreReplay | None = None,
-            loader: ViewLoader | None = None) -> Run:
+def prepare(
+    cfg: TrainConfig,
+    mode: RunMode | str = RunMode.NEW,
+    replay: StoreReplay | None = None,
+    loader: ViewLoader | None = None,
+) -> Run:
     """Loads and checks data, store, models and weights, then sets up the run folder (``mode``:
     start a new run, resume the one in ``cfg.out``, or overwrite it).
 
@@ -90,13 +104,19 @@ def prepare(cfg: TrainConfig, mode: RunMode | str = RunMode.NEW, replay: StoreRe
         raise DhkdError(CACHE_REFUSAL.format(name=method.name))
     online = method.needs_teacher and not cfg.cache
     if online and not cfg.teacher:
-        raise DhkdError(f"--method {method.name} needs a teacher: --cache STORE, or --teacher NAME [--teacher-weights FILE]")
+        raise DhkdError(
+            f"--method {method.name} needs a teacher: --cache STORE, or --teacher NAME [--teacher-weights FILE]"
+        )
     if online and not cfg.teacher_weights and default_weights(cfg.teacher) is None:
-        raise DhkdError(f"--teacher {cfg.teacher} has no published weights (a KD-zoo model): pass --teacher-weights FILE")
+        raise DhkdError(
+            f"--teacher {cfg.teacher} has no published weights (a KD-zoo model): pass --teacher-weights FILE"
+        )
     if (cfg.grad_align or cfg.grad_align_features) and not method.dual_head:
         flag = "--grad-align" if cfg.grad_align else "--grad-align-features"
-        raise DhkdError(f"{flag} aligns head 1's CE with head 2's distillation gradient: only --method dhkd and "
-                        "dhkd_reviewkd have two heads")
+        raise DhkdError(
+            f"{flag} aligns head 1's CE with head 2's distillation gradient: only --method dhkd and "
+            "dhkd_reviewkd have two heads"
+        )
     out_plan = check_out(cfg.out, mode)  # reads only; repeated under the folder's lock
     check_inputs_outside(out_plan, {"--teacher-weights": cfg.teacher_weights, "--cache": cfg.cache, "--data": cfg.data})
     acc = make_accelerator(cfg.precision, cfg.log_with, cfg.out)
@@ -109,15 +129,22 @@ def prepare(cfg: TrainConfig, mode: RunMode | str = RunMode.NEW, replay: StoreRe
         replay = replay or open_store(cfg.cache, cfg.data)
         cache, data, data_spec, plan = replay.cache, replay.data, replay.data_spec, replay.plan
         if cfg.resolution and cfg.resolution != plan.resolution:
-            raise DhkdError(f"--resolution {cfg.resolution}: the store {cfg.cache} holds views rendered at {plan.resolution}, "
-                            f"which stage 2 replays as recorded; drop --resolution, or cache the teacher at {cfg.resolution}")
+            raise DhkdError(
+                f"--resolution {cfg.resolution}: the store {cfg.cache} holds views rendered at {plan.resolution}, "
+                f"which stage 2 replays as recorded; drop --resolution, or cache the teacher at {cfg.resolution}"
+            )
     else:
         data, data_spec = load_data(cfg.data), cfg.data
         plan = data.default_plan(seed=cfg.seed, resolution=cfg.resolution)
 
     fmt = memory_format(cfg, acc.device)
-    model = create_model(cfg.model, data.num_classes, dual_head=method.dual_head, aux_head=cfg.aux_head,
-                         align_features=cfg.grad_align_features)
+    model = create_model(
+        cfg.model,
+        data.num_classes,
+        dual_head=method.dual_head,
+        aux_head=cfg.aux_head,
+        align_features=cfg.grad_align_features,
+    )
     teacher = None
     if online:  # the teacher's weights, and for image folders the preprocessing they were trained with
         from dhkd_pipe.data.teacher import load_teacher
@@ -131,12 +158,25 @@ def prepare(cfg: TrainConfig, mode: RunMode | str = RunMode.NEW, replay: StoreRe
         model = StudentWithConnector(model, method.connector(model, teacher, plan.resolution))
     model.to(memory_format=fmt)
     if loader is None and replay is not None:  # the store's replay, as the Python API hands it out
-        loader = replay.loader(cfg.batch_size, device=acc.device, rank=acc.process_index, world_size=acc.num_processes,
-                               workers=cfg.workers, with_logits=method.needs_teacher, memory_format=fmt)
+        loader = replay.loader(
+            cfg.batch_size,
+            device=acc.device,
+            rank=acc.process_index,
+            world_size=acc.num_processes,
+            workers=cfg.workers,
+            with_logits=method.needs_teacher,
+            memory_format=fmt,
+        )
     elif loader is None:
-        loader = ViewLoader(PlanEpochs(plan, data), data.renderer(acc.device, plan, workers=cfg.workers),
-                            data.train_labels.to(acc.device), cfg.batch_size, acc.process_index, acc.num_processes,
-                            memory_format=fmt)
+        loader = ViewLoader(
+            PlanEpochs(plan, data),
+            data.renderer(acc.device, plan, workers=cfg.workers),
+            data.train_labels.to(acc.device),
+            cfg.batch_size,
+            acc.process_index,
+            acc.num_processes,
+            memory_format=fmt,
+        )
     renderer = loader.renderer
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     run = Run(cfg, acc, method, model, optimizer, loader, renderer, data, data_spec, plan, teacher, cache)
@@ -394,8 +434,11 @@ def _train(trainees: list[Trainee], log, on_step_end: StepCallback | None) -> li
 def _interrupted(trainees: list[Trainee], signal: int, where: str):
     """The early exit at a signal, every run's state saved: raises ``Interrupted``."""
     trainees[0].run.accelerator.wait_for_everyone()
-    saved = (f"its state is saved in {trainees[0].run.cfg.out}" if len(trainees) == 1
-             else "every student's state is saved in its folder")
+    saved = (
+        f"its state is saved in {trainees[0].run.cfg.out}"
+        if len(trainees) == 1
+        else "every student's state is saved in its folder"
+    )
     raise Interrupted(signal, f"{where}: {saved}; continue with --resume")
 
 
@@ -410,14 +453,21 @@ def _end_epoch(run: Run, epoch: int, log):
     if progress.skipped:
         metrics["skipped_nonfinite"] = progress.skipped
     if _validates(cfg, epoch):
-        metrics.update({f"val_{k}": v for k, v in evaluate(acc.unwrap_model(run.model), run.renderer, cfg.batch_size * 2, acc).items()})
+        metrics.update(
+            {
+                f"val_{k}": v
+                for k, v in evaluate(acc.unwrap_model(run.model), run.renderer, cfg.batch_size * 2, acc).items()
+            }
+        )
     progress.end_epoch(metrics)
     if acc.is_main_process:
         append_line(os.path.join(cfg.out, METRICS), metrics_line(metrics))
         acc.log(metrics, step=metrics["epoch"])  # the trackers get exactly the metrics.jsonl line
         val = f"val top-1 {metrics['val_top1']:.2f}%  " if "val_top1" in metrics else ""
         parts = "  ".join(f"{k} {metrics['train_' + k]:.4f}" for k in run.method.term_names)
-        log(f"epoch {epoch + 1}/{cfg.epochs}  loss {metrics['train_loss']:.4f} ({parts})  {val}{metrics['images_per_sec']:.0f} img/s")
+        log(
+            f"epoch {epoch + 1}/{cfg.epochs}  loss {metrics['train_loss']:.4f} ({parts})  {val}{metrics['images_per_sec']:.0f} img/s"
+        )
     save_training_state(run)
     acc.wait_for_everyone()
 
@@ -455,16 +505,22 @@ def _finish(run: Run, wall: float) -> dict:
         "train_time": sum(h["epoch_time"] for h in history),
         "wall_time": wall,
         "processes": acc.num_processes,
-        "teacher_source": ("cache" if run.loader.epochs.has_logits and run.method.needs_teacher
-                           else "online" if run.teacher is not None else None),
+        "teacher_source": (
+            "cache"
+            if run.loader.epochs.has_logits and run.method.needs_teacher
+            else "online"
+            if run.teacher is not None
+            else None
+        ),
         "distinct_views": run.loader.epochs.distinct_views(cfg.epochs),
         "config": cfg.to_dict(),
     }
     if acc.is_main_process:
         # the plan says how images became pixels in training, so `eval` renders validation the same way
         mean, std = run.plan.normalization(run.data)
-        write_exported(cfg.out, exported, cfg.model, run.data.num_classes, run.plan.resolution, mean, std,
-                       plan=run.plan.to_dict())
+        write_exported(
+            cfg.out, exported, cfg.model, run.data.num_classes, run.plan.resolution, mean, std, plan=run.plan.to_dict()
+        )
         write_json(os.path.join(cfg.out, SUMMARY), summary)
     acc.wait_for_everyone()
     return summary

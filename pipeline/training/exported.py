@@ -18,16 +18,22 @@ from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.training.run_folder import EXPORTED, EXPORTED_SAFETENSORS, write_atomic
 
 
-def write_exported(out: str, model: nn.Module, arch: str, num_classes: int, resolution: int, mean, std,
-                   plan: dict | None = None):
+def write_exported(
+    out: str, model: nn.Module, arch: str, num_classes: int, resolution: int, mean, std, plan: dict | None = None
+):
     """Writes ``out/model.pt`` and ``out/model.safetensors`` (each atomically); ``plan`` (the
     run's ``ViewPlan.to_dict()``: crop, interpolation, normalisation) is kept beside the facts."""
     from safetensors.torch import save as safetensors_bytes
 
     # own, contiguous CPU copies: safetensors refuses views and tensors that share storage
     weights = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
-    facts = {"arch": arch, "num_classes": int(num_classes), "resolution": int(resolution),
-             "mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+    facts = {
+        "arch": arch,
+        "num_classes": int(num_classes),
+        "resolution": int(resolution),
+        "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std],
+    }
     if plan is not None:
         facts["plan"] = plan
     write_atomic(os.path.join(out, EXPORTED), lambda f: torch.save({"model": weights, **facts}, f))
@@ -62,7 +68,9 @@ def read_exported(run_dir: str) -> tuple[dict, dict]:
             raise DhkdError(f"{pt} is not an exported dhkd-pipe model")
         weights, facts = state["model"], {k: v for k, v in state.items() if k != "model"}
     else:
-        raise DhkdError(f"{run_dir} holds no exported model ({EXPORTED_SAFETENSORS} or {EXPORTED}); is the run finished?")
+        raise DhkdError(
+            f"{run_dir} holds no exported model ({EXPORTED_SAFETENSORS} or {EXPORTED}); is the run finished?"
+        )
     missing = [k for k in ("arch", "num_classes") if k not in facts]
     if missing:
         raise DhkdError(f"the exported model in {run_dir} does not say its {' or '.join(missing)}")

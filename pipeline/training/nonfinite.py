@@ -43,8 +43,14 @@ class NonFiniteGuard:
     def observe(self, loss: torch.Tensor, teacher: torch.Tensor | None):
         """Records (on the device) whether this step's loss and teacher logits are finite."""
         self.count += 1
-        bad = torch.stack([~torch.isfinite(loss.detach()).all(),
-                           ~torch.isfinite(teacher).all() if teacher is not None else torch.zeros((), dtype=torch.bool, device=loss.device)])
+        bad = torch.stack(
+            [
+                ~torch.isfinite(loss.detach()).all(),
+                ~torch.isfinite(teacher).all()
+                if teacher is not None
+                else torch.zeros((), dtype=torch.bool, device=loss.device),
+            ]
+        )
         self.first_bad.copy_(torch.where(bad & (self.first_bad == 0), self.count, self.first_bad))
 
     def skip(self, loss: torch.Tensor, teacher: torch.Tensor | None, acc, epoch: int, step: int) -> bool:
@@ -72,15 +78,23 @@ class NonFiniteGuard:
         if not (loss_bad or teacher_bad):
             self.step_names.clear()
             return
-        which, count = ("teacher", teacher_bad) if teacher_bad and (not loss_bad or teacher_bad <= loss_bad) else ("loss", loss_bad)
+        which, count = (
+            ("teacher", teacher_bad)
+            if teacher_bad and (not loss_bad or teacher_bad <= loss_bad)
+            else ("loss", loss_bad)
+        )
         raise self._error(which, *self.step_names.get(count, (epoch, 0)))
 
     def _error(self, which: str, epoch: int, step: int) -> DhkdError:
         where = f"at epoch {epoch + 1}, step {step + 1}"
         if which == "teacher":
-            return DhkdError(f"the teacher's logits are not finite {where}: the run stopped (its weights from that step are "
-                             "not saved); check the teacher and its weights (--teacher-weights)")
+            return DhkdError(
+                f"the teacher's logits are not finite {where}: the run stopped (its weights from that step are "
+                "not saved); check the teacher and its weights (--teacher-weights)"
+            )
         skipped = f" after {self.progress.skipped - 1} skipped non-finite steps" if self.progress.skipped > 1 else ""
-        return DhkdError(f"the loss is not finite {where}{skipped}: the run stopped (its weights from that step are not saved); "
-                         f"lower --lr, check the data and the teacher, or let --max-nonfinite N skip up to N such steps "
-                         f"(now {self.max_nonfinite})")
+        return DhkdError(
+            f"the loss is not finite {where}{skipped}: the run stopped (its weights from that step are not saved); "
+            f"lower --lr, check the data and the teacher, or let --max-nonfinite N skip up to N such steps "
+            f"(now {self.max_nonfinite})"
+        )

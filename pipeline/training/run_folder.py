@@ -229,13 +229,19 @@ def check_inputs_outside(plan: "OutPlan", inputs: dict):
     for option, path in inputs.items():
         if not path or "://" in str(path):
             continue
-        path = str(path).split(":", 1)[1] if str(path).startswith(("imagefolder:", "cifar10:", "cifar100:", "mnist:", "fashion-mnist:")) else str(path)
+        path = (
+            str(path).split(":", 1)[1]
+            if str(path).startswith(("imagefolder:", "cifar10:", "cifar100:", "mnist:", "fashion-mnist:"))
+            else str(path)
+        )
         real = os.path.realpath(path.split("@", 1)[0])
         for target in removed:
             if real == target or real.startswith(target + os.sep):
                 how = "--overwrite" if plan.mode is RunMode.OVERWRITE else "the clean-up of the run killed there"
-                raise DhkdError(f"{option} {path} lies inside what {how} would remove from {plan.path} "
-                                f"({os.path.basename(target)}); copy it elsewhere first")
+                raise DhkdError(
+                    f"{option} {path} lies inside what {how} would remove from {plan.path} "
+                    f"({os.path.basename(target)}); copy it elsewhere first"
+                )
 
 
 # ---- what --out may be ----------------------------------------------------------------------------
@@ -279,8 +285,10 @@ def check_out(out: str, mode: RunMode | str = RunMode.NEW, locked: bool = False)
     if not out:
         raise DhkdError("--out is empty: name a run folder")
     if os.path.lexists(out) and not os.path.isdir(out):
-        raise DhkdError(f"--out {out} is a file, not a run folder; choose another --out "
-                        "(--overwrite replaces only a run folder, never a file)")
+        raise DhkdError(
+            f"--out {out} is a file, not a run folder; choose another --out "
+            "(--overwrite replaces only a run folder, never a file)"
+        )
     if not os.path.isdir(out):
         if resume:
             raise DhkdError(f"--resume: {out} does not exist, so there is no run to continue")
@@ -302,8 +310,10 @@ def check_out(out: str, mode: RunMode | str = RunMode.NEW, locked: bool = False)
         if not has_checkpoint:
             raise DhkdError(f"--resume: no {CHECKPOINT} in {out}" + (" (the run there finished)" if finished else ""))
     elif owned is None and foreign:
-        raise DhkdError(f"--out {out} is a folder that holds no run of dhkd-pipe ({len(foreign)} entries it did not write, "
-                        f"such as {sorted(foreign)[0]}); choose a new or empty folder (--overwrite replaces only a run folder)")
+        raise DhkdError(
+            f"--out {out} is a folder that holds no run of dhkd-pipe ({len(foreign)} entries it did not write, "
+            f"such as {sorted(foreign)[0]}); choose a new or empty folder (--overwrite replaces only a run folder)"
+        )
     elif has_checkpoint or finished:
         if not overwrite:
             raise DhkdError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
@@ -557,7 +567,11 @@ def check_not_held(folder: str):
         holder = _read_holder(fd)
     finally:
         os.close(fd)
-    if holder is not None and not (holder.get("host") == HOST and holder["pid"] == os.getpid()) and holder_alive(holder):
+    if (
+        holder is not None
+        and not (holder.get("host") == HOST and holder["pid"] == os.getpid())
+        and holder_alive(holder)
+    ):
         raise _held_error(path, holder)
 
 

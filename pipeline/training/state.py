@@ -21,14 +21,24 @@ from dhkd_pipe.training.run_folder import CHECKPOINT, write_atomic, write_metric
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from dhkd_pipe.store.reader import LogitCache
     from dhkd_pipe.config import TrainConfig
     from dhkd_pipe.data.loader import ViewLoader
     from dhkd_pipe.methods.registry import Method
+    from dhkd_pipe.store.reader import LogitCache
 
 # Options that may change between a run and its resume.
-RESUMABLE_CHANGES = {"epochs", "out", "workers", "max_steps", "checkpoint_every", "log_with", "val_every",
-                     "channels_last", "compile", "max_nonfinite"}
+RESUMABLE_CHANGES = {
+    "epochs",
+    "out",
+    "workers",
+    "max_steps",
+    "checkpoint_every",
+    "log_with",
+    "val_every",
+    "channels_last",
+    "compile",
+    "max_nonfinite",
+}
 
 # What save_training_state writes, with the types a resume relies on.
 _STATE_KEYS = {"model": dict, "optimizer": dict, "epoch": int, "step": int, "config": dict, "history": list}
@@ -110,15 +120,24 @@ class Progress:
 
     def to_state(self, acc: Accelerator) -> dict:
         """The checkpoint's training state (a collective: every process calls it)."""
-        running = self.tally.state(acc) if self.tally is not None else None  # mid-epoch: its train_loss survives a resume
-        return {"epoch": self.epoch, "step": self.step, "history": self.history, "tally": running,
-                "skipped_nonfinite": self.skipped}
+        running = (
+            self.tally.state(acc) if self.tally is not None else None
+        )  # mid-epoch: its train_loss survives a resume
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "history": self.history,
+            "tally": running,
+            "skipped_nonfinite": self.skipped,
+        }
 
     @classmethod
     def from_state(cls, state: dict, steps_per_epoch: int, terms: int, acc: Accelerator) -> "Progress":
         epoch, step = state["epoch"], state["step"]
         epoch, step = (epoch + 1, 0) if step >= steps_per_epoch else (epoch, step)
-        tally = EpochTally.from_state(state["tally"], terms, acc) if step and isinstance(state.get("tally"), dict) else None
+        tally = (
+            EpochTally.from_state(state["tally"], terms, acc) if step and isinstance(state.get("tally"), dict) else None
+        )
         return cls(epoch, step, list(state["history"]), tally, int(state.get("skipped_nonfinite") or 0))
 
 
@@ -188,11 +207,17 @@ def read_state(path: str) -> dict:
     except OSError as e:
         raise DhkdError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
     except Exception as e:
-        raise DhkdError(f"cannot read checkpoint {path}: not a weights-only torch file, or damaged ({torch_load_reason(e)})") from None
-    lacking = [k for k, kind in _STATE_KEYS.items() if not isinstance(state, dict) or not isinstance(state.get(k), kind)]
+        raise DhkdError(
+            f"cannot read checkpoint {path}: not a weights-only torch file, or damaged ({torch_load_reason(e)})"
+        ) from None
+    lacking = [
+        k for k, kind in _STATE_KEYS.items() if not isinstance(state, dict) or not isinstance(state.get(k), kind)
+    ]
     if lacking:
-        raise DhkdError(f"{path} is not a dhkd-pipe training checkpoint (no {', '.join(lacking)}): --resume continues a run "
-                        "this tool stopped; to start over in this folder pass --overwrite instead")
+        raise DhkdError(
+            f"{path} is not a dhkd-pipe training checkpoint (no {', '.join(lacking)}): --resume continues a run "
+            "this tool stopped; to start over in this folder pass --overwrite instead"
+        )
     return state
 
 
@@ -211,7 +236,9 @@ def restore_training_state(run: Checkpointed):
         run.model.load_state_dict(state["model"])
         run.optimizer.load_state_dict(state["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
-        raise DhkdError(f"{path} does not fit this run's model or optimizer: {' '.join(str(e).split())[:200]}") from None
+        raise DhkdError(
+            f"{path} does not fit this run's model or optimizer: {' '.join(str(e).split())[:200]}"
+        ) from None
     rng = state["rng"]
     # a different process count cannot continue identically anyway; each rank takes a saved stream
     set_rng_state(rng[acc.process_index % len(rng)], acc.device)

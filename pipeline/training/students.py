@@ -43,8 +43,10 @@ def check_pass(cfgs: list[TrainConfig]) -> None:
     for cfg in cfgs[1:]:
         for name in SHARED:
             if getattr(cfg, name) != getattr(first, name):
-                raise DhkdError(f"the students of one pass share its loader, so {name} must be the same: "
-                                f"{getattr(first, name)!r} for {first.out}, {getattr(cfg, name)!r} for {cfg.out}")
+                raise DhkdError(
+                    f"the students of one pass share its loader, so {name} must be the same: "
+                    f"{getattr(first, name)!r} for {first.out}, {getattr(cfg, name)!r} for {cfg.out}"
+                )
     outs = [cfg.out for cfg in cfgs]
     twice = sorted({o for o in outs if outs.count(o) > 1})
     if twice:
@@ -56,11 +58,11 @@ def prepare_pass(plans: list[StudentPlan]):
     which streams the logits if any student's method needs them. Returns the runs, for
     ``engine.train_runs``. A student that cannot be prepared releases the runs prepared before it
     (folders they created are removed) and raises."""
-    from dhkd_pipe.training.accelerator import make_accelerator
     from dhkd_pipe.data.inference import memory_format
-    from dhkd_pipe.training.engine import prepare
-    from dhkd_pipe.methods.registry import from_config
     from dhkd_pipe.data.replay import open_store
+    from dhkd_pipe.methods.registry import from_config
+    from dhkd_pipe.training.accelerator import make_accelerator
+    from dhkd_pipe.training.engine import prepare
 
     cfgs = [plan.cfg for plan in plans]
     check_pass(cfgs)
@@ -69,9 +71,15 @@ def prepare_pass(plans: list[StudentPlan]):
     if first.cache:
         replay = open_store(first.cache, first.data)
         slot = make_accelerator(first.precision)  # the process's slot, set up as each student's run will see it
-        loader = replay.loader(first.batch_size, device=slot.device, rank=slot.process_index, world_size=slot.num_processes,
-                               workers=first.workers, with_logits=any(from_config(c).needs_teacher for c in cfgs),
-                               memory_format=memory_format(first, slot.device))
+        loader = replay.loader(
+            first.batch_size,
+            device=slot.device,
+            rank=slot.process_index,
+            world_size=slot.num_processes,
+            workers=first.workers,
+            with_logits=any(from_config(c).needs_teacher for c in cfgs),
+            memory_format=memory_format(first, slot.device),
+        )
     try:
         for plan in plans:
             runs.append(prepare(plan.cfg, plan.mode, replay=replay, loader=loader))
