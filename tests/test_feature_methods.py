@@ -238,3 +238,47 @@ def test_three_float64_steps_equal_the_reference(method_name, student_name):
     )
     assert difference <= TOLERANCE
     assert moved[len(moved) // 2] > 1e3 * TOLERANCE  # the steps move most tensors far beyond the tolerance
+
+
+# --- the recipes' ReviewKD weights ------------------------------------------------------------------
+
+# dvlab-research/ReviewKD, CIFAR-100/script/reviewKD.sh: each run's --kd-loss-weight, by (teacher, student).
+# vgg13 -> vgg8, vgg13 -> MobileNetV2 and ResNet50 -> MobileNetV2 have no run there: the authors'
+# train.py default, 1.0.
+AUTHORS_REVIEWKD_WEIGHTS = {
+    ("wrn_40_2", "wrn_16_2"): 5.0,
+    ("wrn_40_2", "wrn_40_1"): 5.0,
+    ("wrn_40_2", "ShuffleV1"): 5.0,
+    ("resnet32x4", "resnet8x4"): 5.0,
+    ("resnet32x4", "ShuffleV1"): 5.0,
+    ("resnet32x4", "ShuffleV2"): 8.0,
+    ("resnet56", "resnet20"): 0.6,
+    ("resnet110", "resnet32"): 1.0,
+    ("vgg13", "vgg8"): 1.0,
+    ("vgg13", "MobileNetV2"): 1.0,
+    ("ResNet50", "MobileNetV2"): 1.0,
+}
+
+
+@pytest.mark.parametrize("method, weight_key", [("reviewkd", "alpha"), ("dhkd_reviewkd", "beta")])
+def test_cifar_reviewkd_recipes_hold_the_authors_per_pair_weights(method, weight_key):
+    """Every CIFAR-100 ReviewKD and DHKD + ReviewKD recipe weighs the review term as the ReviewKD
+    authors' script does for its pair, and its comment names that script and the weight."""
+    import glob
+    import os
+    import re
+
+    from dhkd_pipe.config import TrainConfig, build_config
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "cifar100", method)
+    seen = set()
+    for path in sorted(glob.glob(os.path.join(root, "*.yaml"))):
+        cfg = build_config(TrainConfig, path, {})
+        pair = (cfg.teacher, cfg.model)
+        assert getattr(cfg, weight_key) == AUTHORS_REVIEWKD_WEIGHTS[pair], path
+        with open(path) as f:
+            comment = " ".join(line[1:].strip() for line in f if line.startswith("#"))
+        assert "dvlab-research/ReviewKD" in " ".join(comment.split()), path
+        assert re.search(rf"{weight_key}\)? {AUTHORS_REVIEWKD_WEIGHTS[pair]:g}\b", comment), path
+        seen.add(pair)
+    assert seen == set(AUTHORS_REVIEWKD_WEIGHTS)
