@@ -315,9 +315,10 @@ def bench_all(out: str, size: str | None = None, only: tuple = ()) -> dict:
     """Runs the benchmarks (``only``: a subset of ``BENCHES``) at ``size``; writes
     ``out/bench_all.md`` and ``out/bench_all.json`` (and each benchmark's own JSON beside them)."""
     from dhkd_pipe.benchmarks.measure import machine as describe_machine
-    from dhkd_pipe.benchmarks.measure import write_results
+    from dhkd_pipe.benchmarks.measure import results_path, write_results
     from dhkd_pipe.errors import DhkdError, one_line
 
+    out = results_path(out)  # --out 'benchmarks/results/{machine}': this machine's results folder
     size = size or default_size()
     if size not in SIZES:
         raise DhkdError(f"unknown size {size!r}; choose one of: {', '.join(SIZES)}")
