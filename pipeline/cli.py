@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 
 import click
 
+from dhkd_pipe.command_line import ConfigCommand, OneLineGroup, user_errors
 from dhkd_pipe.config import (
     AccuracyBenchConfig,
     AllBenchConfig,
@@ -27,174 +27,9 @@ from dhkd_pipe.config import (
     VerifyCacheConfig,
     build_config,
 )
-from dhkd_pipe.errors import ENVIRONMENT_ERRNOS, DhkdError, one_line
-from dhkd_pipe.methods.registry import METHODS, OPTIONS, option_defaults
-from dhkd_pipe.native_stderr import NativeStderr
+from dhkd_pipe.errors import DhkdError, one_line
+from dhkd_pipe.methods.registry import METHODS, OPTIONS
 from dhkd_pipe.options import click_params, given
-
-# loggers of the object-storage stack: after the error line, a failed store's pending requests
-# must not add their tracebacks ("Task exception was never retrieved", "Unclosed client session")
-STORAGE_LOGGERS = ("asyncio", "aiohttp", "aiobotocore", "botocore", "s3fs", "fsspec", "zarr")
-
-
-def _exit_with(line: str, code: int):
-    """Prints ``line`` as one line on stderr and exits; native log lines held back are dropped, and
-    nothing the interpreter's shutdown reports (pending I/O tasks, unclosed sessions) follows it."""
-    import logging
-
-    if _CAPTURE is not None:
-        _CAPTURE.drop = True
-    click.echo(one_line(line), err=True)
-    for name in STORAGE_LOGGERS:
-        logging.getLogger(name).disabled = True
-    sys.unraisablehook = lambda unraisable: None
-    sys.exit(code)
-
-
-def user_errors(fn):
-    """User mistakes and environment faults end the command with one line on stderr and exit 2;
-    an interrupt (SIGINT, SIGTERM) with one line and 128 + the signal number. Anything else is a
-    bug and keeps its traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from dhkd_pipe.interrupts import Interrupted
-
-        try:
-            return fn(*args, **kwargs)
-        except DhkdError as e:
-            _exit_with(f"error: {e}", 2)
-        except Interrupted as e:
-            _exit_with(f"interrupted by {e}", e.exit_code)
-        except OSError as e:
-            if e.errno not in ENVIRONMENT_ERRNOS:
-                raise
-            where = f"cannot access {e.filename}: " if e.filename else ""
-            _exit_with(f"error: {where}{one_line(e)}", 2)
-        except MemoryError:
-            _exit_with(f"error: out of memory; {_size_options(kwargs)}", 2)
-        except RecursionError:
-            _exit_with(
-                "error: an input nests too deep to be read (RecursionError); check the files this command reads", 2
-            )
-        except RuntimeError as e:
-            if not _allocation_failed(e):
-                raise
-            _exit_with(f"error: out of memory ({one_line(e, 120)}); {_size_options(kwargs)}", 2)
-
-    return wrapper
-
-
-# options whose value sets how much memory a command takes, as the advice to an out-of-memory end names them
-SIZE_OPTIONS = ("batch_size", "resolution", "chunk_rows", "views", "samples", "rows", "classes")
-
-
-def _size_options(options: dict) -> str:
-    named = [f"--{k.replace('_', '-')} (now {v})" for k, v in options.items() if k in SIZE_OPTIONS and v is not None]
-    if not named:
-        return "the input is larger than this machine's memory"
-    return "lower " + " or ".join(named) if len(named) < 3 else "lower " + ", ".join(named[:-1]) + " or " + named[-1]
-
-
-def _allocation_failed(exc: RuntimeError) -> bool:
-    """torch's allocators fail with a RuntimeError (CPU) or its OutOfMemoryError subclass (CUDA)."""
-    text = str(exc)
-    return (
-        type(exc).__name__ == "OutOfMemoryError" or "can't allocate memory" in text or "out of memory" in text.lower()
-    )
-
-
-class ConfigCommand(click.Command):
-    """A command whose options fill a config dataclass. ``--help`` shows each option's effective
-    default: the dataclass's, then the command's own, then the recipe's where ``--config FILE``
-    is on the command line; the method's options (alpha, gamma, ...) show the chosen method's values."""
-
-    def __init__(self, *args, config_cls, defaults=None, fixed=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        # defaults: under a recipe (distill's method); fixed: over it (train-teacher's ce)
-        self.config_cls, self.defaults, self.fixed = config_cls, dict(defaults or {}), dict(fixed or {})
-
-    def parse_args(self, ctx, args):
-        # --help is eager and prints before --config is parsed: find the recipe here first
-        for i, arg in enumerate(args):
-            if arg == "--config" and i + 1 < len(args):
-                ctx.meta["recipe"] = args[i + 1]
-            elif arg.startswith("--config="):
-                ctx.meta["recipe"] = arg.split("=", 1)[1]
-        return super().parse_args(ctx, args)
-
-    def effective_defaults(self, ctx) -> tuple[dict, str | None]:
-        """(option name -> value, a note on the recipe that could not be read)."""
-        from dhkd_pipe.config import config_defaults, read_recipe
-
-        values, note = {**config_defaults(self.config_cls), **self.defaults}, None
-        recipe = ctx.meta.get("recipe")
-        if recipe:
-            try:
-                values.update(read_recipe(recipe))
-            except DhkdError as e:
-                note = f"(not from the recipe: {e})"
-        values.update(self.fixed)
-        if self.config_cls is TrainConfig and values.get("method") in METHODS:
-            for name, default in option_defaults(METHODS[values["method"]]).items():
-                if values.get(name) is None:
-                    values[name] = default
-        return values, note
-
-    def format_options(self, ctx, formatter):
-        values, note = self.effective_defaults(ctx)
-        shown = []
-        for param in self.get_params(ctx):
-            if isinstance(param, click.Option) and values.get(param.name) is not None:
-                shown.append((param, param.default, param.show_default))
-                param.default, param.show_default = values[param.name], True
-        try:
-            super().format_options(ctx, formatter)
-        finally:  # help ends the command; restored all the same
-            for param, default, show in shown:
-                param.default, param.show_default = default, show
-        recipe = ctx.meta.get("recipe")
-        if not any(p.name == "config_file" for p in self.get_params(ctx)):
-            return
-        with formatter.section("Defaults"):
-            if recipe and note is None:
-                formatter.write_text(f"Shown defaults: the command's, overridden by the recipe {recipe}.")
-            else:
-                formatter.write_text(
-                    "Shown defaults: the command's"
-                    + (f" {note}." if note else ". Give --config FILE before --help to see a recipe's values.")
-                )
-
-
-_CAPTURE: NativeStderr | None = None  # the running command's, while main() runs
-
-
-class OneLineGroup(click.Group):
-    """The command group: a usage mistake is one line too, native library chatter is held back
-    (``NativeStderr``) and SIGINT/SIGTERM stop a command cleanly (``interrupts``)."""
-
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        global _CAPTURE
-        if not standalone_mode:
-            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        from dhkd_pipe.interrupts import Interrupted, handle_signals
-
-        with NativeStderr() as capture, handle_signals():
-            _CAPTURE = capture
-            try:
-                code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-            except click.exceptions.UsageError as e:
-                hint = f" (see {e.ctx.command_path} --help)" if e.ctx is not None else ""
-                _exit_with(f"error: {e.format_message()}{hint}", e.exit_code)
-            except click.ClickException as e:
-                _exit_with(f"error: {e.format_message()}", e.exit_code)
-            except click.exceptions.Abort:
-                _exit_with("interrupted", 130)
-            except Interrupted as e:
-                _exit_with(f"interrupted by {e}", e.exit_code)
-            finally:
-                _CAPTURE = None
-        sys.exit(code if isinstance(code, int) else 0)
 
 
 def _echo_json(obj):
@@ -289,56 +124,22 @@ def _distill_help() -> str:
 )
 @user_errors
 def distill_cmd(config_file, resume, overwrite, seeds, **options):
-    from dhkd_pipe.stages.distill import distill
+    from dhkd_pipe.stages.distill import check_finished, distill, distill_several
     from dhkd_pipe.training.run_folder import RunMode
+    from dhkd_pipe.training.students import seed_list, student_names
 
-    students = [name.strip() for name in (options["model"] or "").split(",") if name.strip()] or [None]
-    seed_list = _int_list("--seeds", seeds)
-    if seed_list is not None and options["seed"] is not None:
-        raise DhkdError("give --seed (one run) or --seeds (several), not both")
+    students = student_names(options["model"])
+    seed_values = seed_list(seeds, options["seed"])
     cfg = _train_config(
         config_file, DISTILL_DEFAULTS, resume=resume, overwrite=overwrite, **{**options, "model": students[0]}
     )
     mode = RunMode.from_flags(bool(resume), bool(overwrite))
-    if len(students) == 1 and seed_list is None:
+    if len(students) == 1 and seed_values is None:
         _echo_json(_short(distill(cfg, mode=mode)))
         return
-    _distill_several(cfg, [name or cfg.model for name in students], seed_list, mode)
-
-
-def _int_list(flag: str, text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise DhkdError(f"{flag} takes comma-separated integers, e.g. 0,1,2; got {text!r}") from None
-    if not values or len(set(values)) != len(values):
-        raise DhkdError(f"{flag} needs distinct integers, e.g. 0,1,2; got {text!r}")
-    return values
-
-
-def _distill_several(cfg, students, seeds, mode):
-    """Several students from one pass: the summaries as JSON (by run folder), then exit 2 with one
-    line naming the students that stopped alone, if any did."""
-    from dhkd_pipe.stages.distill import distill_students, student_configs
-    from dhkd_pipe.training.students import StudentPlan
-
-    if not cfg.cache:
-        raise DhkdError(
-            "several students (--student A,B or --seeds) train from one pass over a stage-1 store: give --cache STORE"
-        )
-    if len(set(students)) != len(students):
-        raise DhkdError(f"--student names a student twice: {','.join(students)}")
-    cfgs = student_configs(cfg, students, seeds)
-    results = distill_students([StudentPlan(c, mode) for c in cfgs])
-    _echo_json({c.out: ({"error": str(r)} if isinstance(r, DhkdError) else _short(r)) for c, r in zip(cfgs, results)})
-    failed = [(c.out, r) for c, r in zip(cfgs, results) if isinstance(r, DhkdError)]
-    if failed:
-        raise DhkdError(
-            f"{len(failed)} of {len(cfgs)} students stopped, the others finished: "
-            + "; ".join(f"{out}: {error}" for out, error in failed)
-        )
+    results = distill_several(cfg, [name or cfg.model for name in students], seed_values, mode=mode)
+    _echo_json({out: ({"error": str(r)} if isinstance(r, DhkdError) else _short(r)) for out, r in results.items()})
+    check_finished(results)
 
 
 def _short(summary: dict) -> dict:
@@ -385,41 +186,9 @@ def export_cmd(**options):
 @main.command("models")
 def models_cmd():
     """List the registered architectures: 32-pixel CIFAR models and ImageNet ones."""
-    from dhkd_pipe.models import list_families, list_models
-    from dhkd_pipe.models.registry import CIFAR_INPUT, case_twins, model_input_size, model_kind
+    from dhkd_pipe.stages.models import model_listing
 
-    names = list_models()
-    cifar = [n for n in names if model_input_size(n) == CIFAR_INPUT]
-    imagenet = [n if model_input_size(n) == 224 else f"{n} ({model_input_size(n)}px)" for n in names if n not in cifar]
-    click.echo(
-        f"CIFAR models, {CIFAR_INPUT}x{CIFAR_INPUT} inputs (cifar10/100, digits, mnist): the KD zoo, with the "
-        "public CIFAR-100 teachers' module names"
-    )
-    _echo_wrapped(cifar)
-    click.echo(
-        "ImageNet models, 224x224 inputs unless noted (imagefolder data): torchvision architectures, MobileNetV1"
-    )
-    _echo_wrapped(imagenet)
-    twins = case_twins()
-    if twins:
-        click.echo("Names are case-sensitive; these differ only in case:")
-        for group in twins:
-            click.echo("  " + " / ".join(f"{n} ({model_kind(n)})" for n in group))
-    families = list_families()
-    if families:
-        click.echo("Model families, any name the library knows (teachers or students):")
-        for family in families:
-            click.echo(f"  {family.describe}")
-
-
-def _echo_wrapped(items: list[str], width: int = 100):
-    line = ""
-    for item in items:
-        if line and len(line) + 2 + len(item) > width:
-            click.echo(line)
-            line = ""
-        line = f"{line}  {item}" if line else f"  {item}"
-    if line:
+    for line in model_listing():
         click.echo(line)
 
 
@@ -448,29 +217,17 @@ def inspect_cmd(**options):
     """What a logit store holds (STORE: a path or a URL such as s3://bucket/logits.zarr), and what
     of it is damaged: every written object is checked (present, and its CRC32C checksums right).
     A damaged store exits 1, with one line on stderr naming the fix."""
-    from dhkd_pipe.store.audit import damage
-    from dhkd_pipe.store.reader import LogitCache
-    from dhkd_pipe.terminal_text import escaped
+    from dhkd_pipe.stages.inspect import inspect_store
 
     cfg = _config(InspectConfig, options)
-    cache = LogitCache.open(cfg.store)
-    summary = cache.summary()
-    # where the data is and how views become pixels: attributes stage 1 writes
-    summary["data"] = cache.attrs.get("data_spec")
-    summary["preprocessing"] = cache.attrs.get("preprocessing")
-    damaged = damage(cache, checksums=not cfg.quick)
-    summary["damaged"] = damaged
+    result = inspect_store(cfg)
     if cfg.as_json:
-        _echo_json(summary)
+        _echo_json(result.summary)
     else:
-        width = max(len(k) for k in summary)
-        for key, value in summary.items():
-            click.echo(f"{key:<{width}}  {json.dumps(value) if isinstance(value, (dict, list)) else escaped(value)}")
-    if damaged:
-        more = f" and {len(damaged) - 1} more" if len(damaged) > 1 else ""
-        click.echo(
-            one_line(f"error: store {cache.path} is damaged: {damaged[0]}{more}; {cache.repair_hint()}"), err=True
-        )
+        for line in result.lines():
+            click.echo(line)
+    if result.error:
+        click.echo(one_line(result.error), err=True)
         sys.exit(1)
 
 
@@ -561,10 +318,11 @@ def bench_distill_cmd(**options):
     cfg = _config(DistillBenchConfig, options)
     if cfg.students is not None:
         from dhkd_pipe.benchmarks.students import bench_students
+        from dhkd_pipe.training.students import int_list
 
         bench_students(
             cfg.json_path,
-            _int_list("--students", cfg.students),
+            int_list("--students", cfg.students),
             steps=cfg.steps,
             batch_size=cfg.batch_size,
             student=cfg.student,

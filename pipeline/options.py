@@ -78,9 +78,10 @@ def value_type(annotation) -> type | None:
 
 
 def click_params(cls, command: str, skip: tuple[str, ...] = ()) -> list:
-    """The click parameters of ``cls``'s option fields that ``command`` offers, in declaration order. Their click default is None (a flag's False), so a value not given on the
-    command line comes from the recipe or the dataclass (``config.build_config``); ``--help``
-    shows the effective default (``cli.ConfigCommand``)."""
+    """The click parameters of ``cls``'s option fields that ``command`` offers, in declaration order.
+    Their click default is None (a flag's False), so a value not given on the command line comes
+    from the recipe or the dataclass (``config.build_config``); ``--help`` shows the effective
+    default (``command_line.ConfigCommand``)."""
     import click
 
     params = []

@@ -1,11 +1,10 @@
 """``dhkd-pipe distill``: a student from a teacher, online (teacher run every step) or from a
 stage-1 store (``--cache``); one code path, only the source of the teacher logits differs.
 ``distill_students``: several students from one pass over a store (``dhkd_pipe.training.students``,
-``engine.train_runs``)."""
+``engine.train_runs``); ``distill_several``: the same for ``--student A,B --seeds 0,1``."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 from dhkd_pipe.config import TrainConfig
@@ -13,7 +12,7 @@ from dhkd_pipe.console import log_line
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.training.engine import prepare, train, train_runs
 from dhkd_pipe.training.run_folder import RunMode
-from dhkd_pipe.training.students import StudentPlan, prepare_pass
+from dhkd_pipe.training.students import StudentPlan, prepare_pass, student_configs
 
 
 def distill(cfg: TrainConfig, *, mode: RunMode | str = RunMode.NEW, log=log_line) -> dict:
@@ -47,16 +46,25 @@ def distill_students(plans: list[StudentPlan], log=log_line) -> list[dict | Dhkd
     return train_runs(runs, log=log)
 
 
+def distill_several(
+    cfg: TrainConfig, students: list[str], seeds: list[int] | None, *, mode: RunMode | str = RunMode.NEW, log=log_line
+) -> dict[str, dict | DhkdError]:
+    """``dhkd-pipe distill --student A,B --seeds 0,1``: every student with every seed from one pass
+    (``student_configs``); returns each run folder's summary or the DhkdError that stopped it alone."""
+    cfgs = student_configs(cfg, students, seeds)
+    results = distill_students([StudentPlan(c, mode) for c in cfgs], log=log)
+    return {c.out: r for c, r in zip(cfgs, results, strict=True)}
+
+
+def check_finished(results: dict[str, dict | DhkdError]) -> None:
+    """Raises one line naming the students of a pass that stopped alone, if any did."""
+    failed = [(out, r) for out, r in results.items() if isinstance(r, DhkdError)]
+    if failed:
+        raise DhkdError(
+            f"{len(failed)} of {len(results)} students stopped, the others finished: "
+            + "; ".join(f"{out}: {error}" for out, error in failed)
+        )
+
+
 def _name(run) -> str:
     return os.path.basename(os.path.normpath(run.cfg.out))
-
-
-def student_configs(cfg: TrainConfig, students: list[str], seeds: list[int] | None) -> list[TrainConfig]:
-    """The configs of ``dhkd-pipe distill --student A,B --seeds 0,1``: every student with every seed
-    (``cfg.seed`` without ``--seeds``), each in ``cfg.out``/NAME, NAME the student (and -sSEED)."""
-    out = []
-    for student in students:
-        for seed in seeds if seeds is not None else [cfg.seed]:
-            name = student if seeds is None else f"{student}-s{seed}"
-            out.append(dataclasses.replace(cfg, model=student, seed=seed, out=os.path.join(cfg.out, name)).validate())
-    return out

@@ -20,7 +20,8 @@ FOLDERS = {
     "kernels": "dhkd_pipe.kernels",
     "benchmarks": "dhkd_pipe.benchmarks",
 }
-FRONT = {"dhkd_pipe", "dhkd_pipe.cli"}  # the CLI and the lazy public API sit above everything
+# the CLI, its machinery and the lazy public API sit above everything
+FRONT = {"dhkd_pipe", "dhkd_pipe.cli", "dhkd_pipe.command_line"}
 SUBPACKAGES = ("models", "kernels", "store", "data", "methods", "training", "stages", "benchmarks")
 BASE_BELOW = {"base"}
 ALLOWED = {

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from dhkd_pipe.cli import main
 from dhkd_pipe.config import TrainConfig
 from dhkd_pipe.errors import DhkdError
-from dhkd_pipe.stages.distill import distill, distill_students
+from dhkd_pipe.stages.distill import check_finished, distill, distill_students
 from dhkd_pipe.training.students import StudentPlan, check_pass
 
 QUIET = dict(log=lambda *a: None)
@@ -132,6 +132,12 @@ def test_a_pass_refuses_students_that_cannot_share_its_loader(store, tmp_path):
             [dataclasses.replace(a, cache=None, data="digits"), dataclasses.replace(b, cache=None, data="digits")]
         )
     assert not os.listdir(tmp_path)
+
+
+def test_a_pass_with_stopped_students_ends_with_one_line_naming_them():
+    check_finished({"out/a": {"epochs": 1}})
+    with pytest.raises(DhkdError, match=r"^1 of 2 students stopped, the others finished: out/b: loss is not finite$"):
+        check_finished({"out/a": {"epochs": 1}, "out/b": DhkdError("loss is not finite")})
 
 
 def test_cli_students_and_seeds(store, tmp_path):

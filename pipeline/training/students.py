@@ -1,4 +1,5 @@
-"""Several students from one loader pass: the set-up. Each student is a whole run of its own
+"""Several students from one loader pass: their options (``--student A,B``, ``--seeds``), the checks
+that refuse a pass they cannot share, and the set-up. Each student is a whole run of its own
 (``engine.Run``: its accelerator, model, optimizer, run folder, metrics, checkpoint and export);
 what they share is the store's replay and one loader, so the options that shape the loader must
 agree (``SHARED``). ``engine.train_runs`` then trains them from one pass: each batch rendered and
@@ -15,6 +16,8 @@ through the non-finite guard's collectives, so all ranks drop the same student a
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass
 
 from dhkd_pipe.config import TrainConfig
@@ -31,6 +34,50 @@ class StudentPlan:
 
     cfg: TrainConfig
     mode: RunMode | str = RunMode.NEW
+
+
+def int_list(flag: str, text: str | None) -> list[int] | None:
+    """``text`` (``0,1,2``) as distinct integers; None where the option was not given."""
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise DhkdError(f"{flag} takes comma-separated integers, e.g. 0,1,2; got {text!r}") from None
+    if not values or len(set(values)) != len(values):
+        raise DhkdError(f"{flag} needs distinct integers, e.g. 0,1,2; got {text!r}")
+    return values
+
+
+def student_names(text: str | None) -> list[str | None]:
+    """``--student A,B`` as names; ``[None]`` (the config's model) where none is given."""
+    return [name.strip() for name in (text or "").split(",") if name.strip()] or [None]
+
+
+def seed_list(seeds: str | None, seed: int | None) -> list[int] | None:
+    """``--seeds 0,1,2`` as integers; refused beside ``--seed``."""
+    values = int_list("--seeds", seeds)
+    if values is not None and seed is not None:
+        raise DhkdError("give --seed (one run) or --seeds (several), not both")
+    return values
+
+
+def student_configs(cfg: TrainConfig, students: list[str], seeds: list[int] | None) -> list[TrainConfig]:
+    """The configs of ``dhkd-pipe distill --student A,B --seeds 0,1``: every student with every seed
+    (``cfg.seed`` without ``--seeds``), each in ``cfg.out``/NAME, NAME the student (and -sSEED).
+    Refuses a pass without a store and a student named twice."""
+    if not cfg.cache:
+        raise DhkdError(
+            "several students (--student A,B or --seeds) train from one pass over a stage-1 store: give --cache STORE"
+        )
+    if len(set(students)) != len(students):
+        raise DhkdError(f"--student names a student twice: {','.join(students)}")
+    out = []
+    for student in students:
+        for seed in seeds if seeds is not None else [cfg.seed]:
+            name = student if seeds is None else f"{student}-s{seed}"
+            out.append(dataclasses.replace(cfg, model=student, seed=seed, out=os.path.join(cfg.out, name)).validate())
+    return out
 
 
 def check_pass(cfgs: list[TrainConfig]) -> None:
