@@ -72,7 +72,7 @@ def test_each_student_of_a_pass_equals_its_solo_run(store, solo, tmp_path):
     lines = []
     results = distill_students([StudentPlan(c) for c in cfgs], log=lines.append)
     assert not any(isinstance(r, DhkdError) for r in results)
-    for cfg, summary in zip(cfgs, results):
+    for cfg, summary in zip(cfgs, results, strict=True):
         name = os.path.basename(cfg.out)
         assert params(cfg.out) == params(solo[name]), name
         assert metrics(cfg.out) == metrics(solo[name]), name
