@@ -24,6 +24,23 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def require_dali():
+    """Refuses, in one line naming the extra to install, an image folder where DALI (its renderer)
+    is not installed: DALI is an extra of setup.cfg, one per CUDA major, so that each user gets the
+    build their drivers run. Looked up, not imported (an import takes seconds)."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("nvidia.dali") is not None
+    except (ImportError, ValueError):  # no ``nvidia`` package; or the module set to None (hidden)
+        found = False
+    if not found:
+        raise DhkdError(
+            "image folders are rendered by NVIDIA DALI, which is not installed: "
+            "pip install 'dhkd-pipe[cuda13]' (CUDA 13 drivers) or 'dhkd-pipe[cuda12]' (CUDA 12)"
+        )
+
+
 def _images_in(class_dir: str) -> list[str]:
     """Image files of one class folder, sorted by name (``scandir``: no stat per file on Linux)."""
     with os.scandir(class_dir) as entries:
@@ -93,6 +110,7 @@ class ImageFolderData:
         root = str(root)
         if not os.path.isdir(root):
             raise DhkdError(f"image folder not found: {root}")
+        require_dali()  # before the scan: a large folder takes a while to list
         train_dir = os.path.join(root, "train")
         if not os.path.isdir(train_dir):
             raise DhkdError(f"image folder {root} has no train/ folder (expected train/CLASS/*.JPEG)")
@@ -161,4 +179,5 @@ class ImageFolderData:
     def renderer(self, device, plan: ViewPlan, workers: int | None = None) -> "DaliViews":
         from dhkd_pipe.data.dali_renderer import DaliViews
 
+        require_dali()
         return DaliViews(self, plan, device, num_workers=workers)  # a data.Renderer
