@@ -70,7 +70,7 @@ def layer(name: str) -> str:
     parts = name.split(".")
     if len(parts) >= 2 and parts[1] in SUBPACKAGES:
         return parts[1]
-    return "config" if name == "dhkd_pipe.config" else "base"
+    return "config" if name == "dhkd_pipe.config" or name.startswith("dhkd_pipe.config.") else "base"
 
 
 def _is_type_checking(test: ast.expr) -> bool:

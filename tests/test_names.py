@@ -30,7 +30,7 @@ OWNERS = {
     "CODECS": (codecs, "pipeline/store/codecs.py"),
     "AUX_HEADS": (aux_heads, "pipeline/models/aux_heads.py"),
     "DATA_SETS": (data, "pipeline/data/datasets.py"),
-    "PRECISIONS": (config, "pipeline/config.py"),
+    "PRECISIONS": (config, "pipeline/config/common.py"),
     "POLICIES": (views, "pipeline/data/views.py"),
 }
 
