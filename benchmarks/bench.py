@@ -23,7 +23,8 @@ import torch
 from dhkd_pipe.benchmarks.measure import clock, machine, memory_formats, print_table, write_results
 from dhkd_pipe.config import CacheConfig, TrainConfig
 from dhkd_pipe.models import create_model
-from dhkd_pipe.training.engine import prepare, train
+from dhkd_pipe.training.engine import train
+from dhkd_pipe.training.run import prepare
 
 
 def write_synthetic_cifar(

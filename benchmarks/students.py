@@ -25,7 +25,8 @@ from dhkd_pipe.benchmarks.measure import clock, machine, print_table, write_resu
 from dhkd_pipe.config import CacheConfig, TrainConfig
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.models import create_model
-from dhkd_pipe.training.engine import prepare, train, train_runs
+from dhkd_pipe.training.engine import train, train_runs
+from dhkd_pipe.training.run import prepare
 from dhkd_pipe.training.students import StudentPlan, prepare_pass
 
 

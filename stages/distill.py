@@ -10,7 +10,8 @@ import os
 from dhkd_pipe.config import TrainConfig
 from dhkd_pipe.console import log_line
 from dhkd_pipe.errors import DhkdError
-from dhkd_pipe.training.engine import prepare, train, train_runs
+from dhkd_pipe.training.engine import train, train_runs
+from dhkd_pipe.training.run import prepare
 from dhkd_pipe.training.run_folder import RunMode
 from dhkd_pipe.training.students import StudentPlan, prepare_pass, student_configs
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dhkd_pipe.config import TrainConfig
 from dhkd_pipe.console import log_line
 from dhkd_pipe.errors import DhkdError
-from dhkd_pipe.training.engine import prepare, train
+from dhkd_pipe.training.engine import train
+from dhkd_pipe.training.run import prepare
 from dhkd_pipe.training.run_folder import RunMode
 
 

@@ -60,7 +60,8 @@ def product_run(
     from dhkd_pipe.config import TrainConfig
     from dhkd_pipe.data.loader import Batch
     from dhkd_pipe.methods.registry import from_config
-    from dhkd_pipe.training.engine import Run, train_step
+    from dhkd_pipe.training.engine import train_step
+    from dhkd_pipe.training.run import Run
 
     cfg = TrainConfig(aux_head=aux_head, grad_align=grad_align, **SETTINGS).validate()
     model = build_model(aux_head, dtype=dtype)

@@ -62,7 +62,7 @@ def _same_batches(a, b):
 
 @pytest.mark.parametrize("codec_store", ["store", "int8_store"])
 def test_replay_equals_what_stage_2_trains_on(codec_store, request, tmp_path):
-    from dhkd_pipe.training.engine import prepare
+    from dhkd_pipe.training.run import prepare
 
     location = request.getfixturevalue(codec_store)
     run = prepare(
@@ -223,7 +223,7 @@ def test_dual_head_wraps_any_classifier_and_comes_off_for_export():
 def test_replay_under_dali_equals_what_stage_2_trains_on(tmp_path, digit_jpegs, random_teacher3):
     """An image folder's store: the API's DALI batches (CPU decoding here) are the engine's."""
     pytest.importorskip("nvidia.dali")
-    from dhkd_pipe.training.engine import prepare
+    from dhkd_pipe.training.run import prepare
 
     store = str(tmp_path / "logits.zarr")
     cache_teacher(

@@ -1526,8 +1526,9 @@ def test_a_skipped_step_does_no_update(tmp_path, monkeypatch):
 
     from dhkd_pipe.config import TrainConfig
     from dhkd_pipe.errors import DhkdError
-    from dhkd_pipe.training.engine import prepare, train_step
+    from dhkd_pipe.training.engine import train_step
     from dhkd_pipe.training.nonfinite import NonFiniteGuard
+    from dhkd_pipe.training.run import prepare
 
     cfg = TrainConfig(
         data="digits@100",

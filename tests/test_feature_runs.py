@@ -15,8 +15,8 @@ from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.methods.registry import get_method
 from dhkd_pipe.models import create_model
 from dhkd_pipe.stages.distill import distill
-from dhkd_pipe.training.engine import prepare
 from dhkd_pipe.training.exported import read_exported
+from dhkd_pipe.training.run import prepare
 
 QUIET = dict(log=lambda *a: None)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

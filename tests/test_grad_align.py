@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from dhkd_pipe.config import TrainConfig
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.training.accelerator import make_accelerator
-from dhkd_pipe.training.engine import prepare
 from dhkd_pipe.training.grad_align import aligned_backward, project_conflicting
+from dhkd_pipe.training.run import prepare
 
 TOL = 1e-10
 

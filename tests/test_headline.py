@@ -245,7 +245,7 @@ def test_moved_folder_with_data_works_and_a_wrong_one_is_refused(folder, resnet8
     from dhkd_pipe.config import CacheConfig, TrainConfig
     from dhkd_pipe.stages.cache_teacher import cache_teacher, verify_cache
     from dhkd_pipe.store.reader import LogitCache
-    from dhkd_pipe.training.engine import prepare
+    from dhkd_pipe.training.run import prepare
 
     here = tmp_path / "here"
     shutil.copytree(folder, here)

@@ -13,7 +13,7 @@ from conftest import cli_here  # noqa: E402
 from dhkd_pipe.config import CacheConfig, TrainConfig  # noqa: E402
 from dhkd_pipe.stages.cache_teacher import cache_teacher, verify_cache  # noqa: E402
 from dhkd_pipe.store.reader import LogitCache  # noqa: E402
-from dhkd_pipe.training.engine import prepare  # noqa: E402
+from dhkd_pipe.training.run import prepare  # noqa: E402
 
 QUIET = dict(log=lambda *a: None)
 

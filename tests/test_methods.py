@@ -13,7 +13,7 @@ from dhkd_pipe.config import TrainConfig, build_config
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.methods import registry as methods
 from dhkd_pipe.methods.registry import CE, DHKD, DIST, DKD, KD, METHODS, BinaryKL, from_config
-from dhkd_pipe.training.engine import lr_at, metric_names
+from dhkd_pipe.training.epoch_end import lr_at, metric_names
 
 B, K = 6, 7
 

@@ -28,7 +28,7 @@ from dhkd_pipe.stages.cache_teacher import cache_teacher, verify_cache
 from dhkd_pipe.stages.distill import distill
 from dhkd_pipe.store.codecs import codec_tolerance
 from dhkd_pipe.store.reader import LogitCache
-from dhkd_pipe.training.engine import prepare
+from dhkd_pipe.training.run import prepare
 
 QUIET = dict(log=lambda *a: None)
 slow = pytest.mark.slow

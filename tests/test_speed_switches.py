@@ -5,7 +5,8 @@ import torch
 
 from dhkd_pipe.config import CacheConfig, TrainConfig
 from dhkd_pipe.stages.cache_teacher import cache_teacher
-from dhkd_pipe.training.engine import prepare, train
+from dhkd_pipe.training.engine import train
+from dhkd_pipe.training.run import prepare
 from dhkd_pipe.training.run_folder import CHECKPOINT
 
 QUIET = dict(log=lambda *a: None)

@@ -8,7 +8,8 @@ import pytest
 
 from dhkd_pipe.config import TrainConfig
 from dhkd_pipe.errors import DhkdError
-from dhkd_pipe.training.engine import prepare, train
+from dhkd_pipe.training.engine import train
+from dhkd_pipe.training.run import prepare
 
 
 def teacher_cfg(out, **kw):

@@ -109,7 +109,7 @@ def prepare_pass(plans: list[StudentPlan]):
     from dhkd_pipe.data.replay import open_store
     from dhkd_pipe.methods.registry import from_config
     from dhkd_pipe.training.accelerator import make_accelerator
-    from dhkd_pipe.training.engine import prepare
+    from dhkd_pipe.training.run import prepare
 
     cfgs = [plan.cfg for plan in plans]
     check_pass(cfgs)
