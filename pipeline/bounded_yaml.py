@@ -1,5 +1,6 @@
 """YAML recipes read with bounds: a small file cannot expand (through aliases) or nest into
-something that exhausts memory or the stack.
+something that exhausts memory or the stack; a key given twice, or a scalar that cannot be built
+(a date that does not exist, an integer of thousands of digits), is one line too.
 
 ``yaml.safe_load`` builds no objects from tags, but an alias is a reference: nine nested levels of
 ten aliases each are a billion leaves as soon as anything walks the result (an error message's
@@ -47,6 +48,10 @@ def load(text: str, source: str, what: str = "config"):
             return None
         _check_size(node, source, what)
         return loader.construct_document(node)
+    except (ValueError, OverflowError) as e:  # a scalar its constructor refuses: 2024-13-45, 5,000 digits
+        raise DhkdError(
+            f"cannot parse {what} {source}: a value cannot be read ({' '.join(str(e).split())[:120]})"
+        ) from None
     except yaml.YAMLError as e:
         raise DhkdError(f"cannot parse {what} {source}: {str(e).splitlines()[0]}") from None
     except RecursionError:
@@ -71,6 +76,7 @@ def _check_size(root: yaml.Node, source: str, what: str):
         if isinstance(node, yaml.SequenceNode):
             total += sum(size(child, depth + 1) for child in node.value)
         elif isinstance(node, yaml.MappingNode):
+            _check_keys(node, source, what)
             total += sum(size(k, depth + 1) + size(v, depth + 1) for k, v in node.value)
         sizes[key] = min(total, MAX_NODES + 1)
         if total > MAX_NODES:
@@ -80,3 +86,17 @@ def _check_size(root: yaml.Node, source: str, what: str):
         return sizes[key]
 
     size(root, 0)
+
+
+def _check_keys(node: yaml.MappingNode, source: str, what: str):
+    """A key given twice in one mapping is refused: YAML loaders keep one of them silently."""
+    seen: dict[tuple, int] = {}
+    for key, _ in node.value:
+        if isinstance(key, yaml.ScalarNode):
+            name = (key.tag, key.value)
+            if name in seen:
+                raise DhkdError(
+                    f"{what} {source} sets {key.value!r} twice"
+                    f" (lines {seen[name]} and {key.start_mark.line + 1}); keep one"
+                )
+            seen[name] = key.start_mark.line + 1

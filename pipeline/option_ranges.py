@@ -37,6 +37,8 @@ class Range:
 
 
 def _num(v) -> str:
+    if isinstance(v, int) and v.bit_length() > 200:  # str() of thousands of digits is refused (and no help)
+        return f"(an integer of {v.bit_length()} bits)"
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 

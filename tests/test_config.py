@@ -63,7 +63,8 @@ def _recipe(name):
 
 
 def test_recipes_follow_the_published_commands():
-    # the published DHKD code's CIFAR-100 command (resnet32x4 -> ShuffleV2) and ImageNet command (ResNet-34 -> ResNet-18)
+    # the published DHKD code's CIFAR-100 command (resnet32x4 -> ShuffleV2) and ImageNet command
+    # (ResNet-34 -> ResNet-18)
     c = _recipe("cifar100/resnet32x4_ShuffleV2.yaml")
     assert (c.alpha, c.gamma, c.temperature, c.aux_head, c.grad_align, c.kd_loss) == (
         1.0,
@@ -107,3 +108,70 @@ def test_every_distillation_recipe_says_what_it_follows(path):
         comment = " ".join(line for line in f if line.startswith("#"))
     assert "published" in comment and "penghui-yang/DHKD" in comment
     assert build_config(TrainConfig, path, {}).temperature == 2.0  # --BinaryKL_T, the published T
+
+
+# Values read back from a recipe, each refused in one line before any work: what a person may write
+# by mistake (a YAML bool or null where a number is meant, a key twice), and what no float32
+# optimizer can take. (recipe text, the message, a regex)
+READ_BACK_CASES = [
+    ("epochs: true\n", r"bad value for epochs: True; give an integer"),
+    ("seed: null\n", r"bad value for seed: null; give an integer, or leave seed out"),
+    ("lr: 1.0e308\n", r"bad --lr 1e\+308: the learning rate must stay at most 3.403e\+38"),
+    ("weight_decay: 1.0e308\n", r"bad --weight-decay 1e\+308: must be at most 3.403e\+38"),
+    ("compile: 5\n", r"bad value for compile: 5; give true or false"),
+    ("compile: maybe\n", r"bad value for compile: 'maybe'; give true or false"),
+    ("lr: true\n", r"bad value for lr: True; give a number"),
+    ("workers: true\n", r"bad value for workers: True; give an integer"),
+    ("resolution: false\n", r"bad value for resolution: False; give an integer"),
+    ("lr_milestones: [true, 2]\n", r"bad value for lr_milestones: \[True, 2\]; give a list of integers"),
+    ("lr_milestones: [1.5, 2]\n", r"bad value for lr_milestones: \[1.5, 2\]; give a list of integers"),
+    ("max_nonfinite: null\n", r"bad value for max_nonfinite: null"),
+    ("method: null\n", r"bad value for method: null"),
+    ("teacher: [resnet8, resnet20]\n", r"bad value for teacher: \['resnet8', 'resnet20'\]; give text"),
+    ("log_with: {tensorboard: 1}\n", r"bad value for log_with: \{'tensorboard': 1\}; give text"),
+    ("epochs: 1\nepochs: 3\n", r"sets 'epochs' twice \(lines 2 and 3\); keep one"),
+    ("batch_size: 32\nbatch-size: 16\n", r"sets batch_size twice \(as batch_size and batch-size\)"),
+    ("epochs: 1" + "0" * 5000 + "\n", r"cannot parse config .*: a value cannot be read"),
+    ("teacher_weights: 2024-13-45\n", r"cannot parse config .*: a value cannot be read"),
+    (
+        "epochs: 3\nlr: 1.0\nlr_decay: 1.0e20\nlr_milestones: [1, 2]\n",
+        r"bad --lr 1: the learning rate \(reached after 2 decays by 1e\+20\) must stay at most",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "text, message", READ_BACK_CASES, ids=[c[0].split(":")[0] + f"-{i}" for i, c in enumerate(READ_BACK_CASES)]
+)
+def test_recipe_values_read_back_are_checked(tmp_path, text, message):
+    """One DhkdError line naming the option, within a second; the recipe is left as it was."""
+    import time
+
+    f = tmp_path / "r.yaml"
+    f.write_text("data: digits\n" + text)
+    before = f.read_bytes()
+    began = time.perf_counter()
+    with pytest.raises(DhkdError, match=message) as info:
+        build_config(TrainConfig, str(f), {})
+    assert time.perf_counter() - began < 1.0
+    assert "\n" not in str(info.value) and len(str(info.value)) < 300
+    assert f.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"epochs": True}, "bad value for epochs: True"),
+        ({"seed": None}, "bad value for seed: None"),
+        ({"lr": 1e308}, "bad --lr 1e\\+308"),
+        ({"weight_decay": 1e308}, "bad --weight-decay"),
+        ({"lr_milestones": [1.5]}, "bad value for lr_milestones"),
+        ({"compile": 1}, "bad value for compile: 1; give true or false"),
+        ({"model": None}, "bad value for model: None; give text"),
+    ],
+)
+def test_configs_built_in_python_are_checked_as_recipes_are(options, message):
+    with pytest.raises(DhkdError, match=message):
+        TrainConfig(data="digits", **options).validate()
+    with pytest.raises(DhkdError, match="bad value for views: True"):
+        CacheConfig(data="digits", views=True).validate()

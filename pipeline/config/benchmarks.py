@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from dhkd_pipe.config.values import check_optimizer_scale, check_types
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.option_ranges import check_values
 from dhkd_pipe.options import option
@@ -31,6 +32,7 @@ class AccuracyBenchConfig:
     threads: int = option(0, "torch threads (0: one per core).")
 
     def validate(self) -> "AccuracyBenchConfig":
+        check_types(self)
         for name in ("train_size", "teacher_epochs", "epochs", "seeds", "batch_size"):
             if getattr(self, name) < 1:
                 raise DhkdError(f"bad {name} {getattr(self, name)}: must be at least 1")
@@ -38,6 +40,7 @@ class AccuracyBenchConfig:
             raise DhkdError("threads and val_every must not be negative")
         if self.lr <= 0:
             raise DhkdError(f"bad lr {self.lr}: must be positive")
+        check_optimizer_scale(self.lr, 0.0)
         from dhkd_pipe.data.datasets import SUBSET_MARK
 
         if SUBSET_MARK in self.data:

@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from dhkd_pipe.config.common import EXPORT_FORMATS, PRECISIONS, WEIGHTS_HELP, data_help, missing_data
+from dhkd_pipe.config.values import check_types
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.option_ranges import check_values
 from dhkd_pipe.options import option
@@ -50,6 +51,7 @@ class CacheConfig:
     )
 
     def validate(self) -> "CacheConfig":
+        check_types(self)
         if self.codec not in CODECS:
             raise DhkdError(f"bad codec {self.codec!r}; choose one of: {', '.join(CODECS)}")
         if self.precision not in PRECISIONS:

@@ -7,6 +7,7 @@ import dataclasses
 import os
 from dataclasses import fields
 
+from dhkd_pipe.config.values import coerce
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.option_ranges import check_values
 
@@ -22,7 +23,7 @@ def build_config(cls, config_file: str | None, overrides: dict, defaults: dict |
     if unknown:
         raise DhkdError(f"unknown config option(s): {', '.join(unknown)}")
     for name, value in values.items():
-        values[name] = _coerce(name, value, known[name].type)
+        values[name] = coerce(name, value, known[name].type)
     cfg = cls(**values)
     cfg = cfg.validate() if hasattr(cfg, "validate") else cfg
     check_values(values)  # every command's numeric options, ranges declared once (option_ranges)
@@ -38,7 +39,17 @@ def read_recipe(config_file: str) -> dict:
     loaded = bounded_yaml.load(bounded_yaml.read_text(config_file), config_file) or {}
     if not isinstance(loaded, dict):
         raise DhkdError(f"config {config_file} must be a mapping of option: value")
-    return {str(k).replace("-", "_"): v for k, v in loaded.items()}
+    options = {}
+    for key, value in loaded.items():
+        name = str(key).replace("-", "_")
+        if name in options:  # batch-size and batch_size: which one was meant?
+            raise DhkdError(f"config {config_file} sets {name} twice (as {_spelled(loaded, name)}); keep one")
+        options[name] = value
+    return options
+
+
+def _spelled(loaded: dict, name: str) -> str:
+    return " and ".join(str(k) for k in loaded if str(k).replace("-", "_") == name)
 
 
 def config_defaults(cls) -> dict:
@@ -50,39 +61,3 @@ def config_defaults(cls) -> dict:
         elif f.default_factory is not dataclasses.MISSING:
             out[f.name] = f.default_factory()
     return out
-
-
-def _coerce(name, value, annotation):
-    """YAML gives ints for floats and strings for lists; accept what a person would write."""
-    kind = str(annotation)
-    try:
-        if value is None:
-            return None
-        if kind.startswith("bool"):
-            if isinstance(value, str):
-                return value.lower() in ("1", "true", "yes", "on")
-            return bool(value)
-        if kind.startswith("float"):
-            return float(value)
-        if kind.startswith("int"):
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        if kind.startswith("tuple"):
-            return tuple(value) if isinstance(value, (list, tuple)) else (value,)
-        if kind.startswith("list"):
-            if isinstance(value, str):
-                value = [v for v in value.replace(",", " ").split() if v]
-            return [int(v) for v in value]
-        return value if isinstance(value, str) else str(value)
-    except (TypeError, ValueError, OverflowError):
-        raise DhkdError(f"bad value for {name}: {_short_repr(value)}") from None
-
-
-def _short_repr(value) -> str:
-    text = (
-        repr(value)
-        if not isinstance(value, (list, dict)) or len(value) < 100
-        else f"a {type(value).__name__} of {len(value)} items"
-    )
-    return text if len(text) <= 80 else text[:77] + "..."

@@ -8,6 +8,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from dhkd_pipe.config.common import PRECISIONS, WEIGHTS_HELP, data_help, missing_data
+from dhkd_pipe.config.values import check_optimizer_scale, check_types
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.methods.names import BACKENDS, KD_LOSS_NAMES
 from dhkd_pipe.methods.registry import METHODS, method_option_fields
@@ -114,6 +115,8 @@ class TrainConfig(MethodOptions):
     )
 
     def validate(self) -> "TrainConfig":
+        check_types(self)
+
         def choose(name, value, allowed):
             if value not in allowed:
                 raise DhkdError(f"bad {name} {value!r}; choose one of: {', '.join(allowed)}")
@@ -128,6 +131,9 @@ class TrainConfig(MethodOptions):
                 raise DhkdError(f"bad {name} {getattr(self, name)}: must be at least 1")
         if self.lr <= 0:
             raise DhkdError(f"bad lr {self.lr}: must be positive")
+        check_optimizer_scale(
+            self.lr, self.weight_decay, self.lr_decay, sum(1 for m in self.lr_milestones if m < self.epochs)
+        )
         if self.temperature is not None and self.temperature <= 0:
             raise DhkdError(f"bad temperature {self.temperature}: must be positive")
         if self.grad_align and self.grad_align_features:
