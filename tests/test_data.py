@@ -44,7 +44,7 @@ def test_digits_are_scikit_learns_images_and_split():
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    from dhkd_pipe.data.datasets import digits_arrays, digits_split
+    from dhkd_pipe.data.readers import digits_arrays, digits_split
 
     bunch = load_digits()
     pixels, target = digits_arrays()
@@ -59,11 +59,12 @@ def test_loading_digits_imports_no_scikit_learn():
     import subprocess
     import sys
 
-    code = "import sys; from dhkd_pipe.data.datasets import load_data; load_data('digits'); print(any(m.startswith('sklearn') for m in sys.modules))"
-    assert (
-        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-        == "False"
+    code = (
+        "import sys; from dhkd_pipe.data.datasets import load_data; load_data('digits'); "
+        "print(any(m.startswith('sklearn') for m in sys.modules))"
     )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
 
 
 @pytest.mark.parametrize("kind", ["cifar10", "cifar100"])

@@ -5,7 +5,8 @@ import pytest
 import torch
 from test_idx import NAMES, idx_bytes, write_file
 
-from dhkd_pipe.data.datasets import load_data, stratified_subset
+from dhkd_pipe.data.datasets import load_data
+from dhkd_pipe.data.in_memory import stratified_subset
 from dhkd_pipe.errors import DhkdError
 
 

@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from dhkd_pipe.cli import main
-from dhkd_pipe.data import datasets as data_module
+from dhkd_pipe.data import readers
 from dhkd_pipe.data.datasets import load_data
 from dhkd_pipe.errors import DhkdError
 
@@ -91,7 +91,7 @@ def test_fingerprint_is_stable_and_follows_the_content(tmp_path):
 
 
 def test_plain_fashion_mnist_reads_the_debian_folder(tmp_path, monkeypatch):
-    monkeypatch.setattr(data_module, "FASHION_MNIST_DIR", str(tmp_path / "deb"))
+    monkeypatch.setattr(readers, "FASHION_MNIST_DIR", str(tmp_path / "deb"))
     with pytest.raises(DhkdError, match="dataset-fashion-mnist"):
         load_data("fashion-mnist")
     write_mnist(tmp_path / "deb")

@@ -13,8 +13,9 @@ import inspect
 import pytest
 import torch
 
-from dhkd_pipe.data.datasets import Dataset, InMemoryData, InMemoryViews, Renderer
+from dhkd_pipe.data.datasets import Dataset, Renderer
 from dhkd_pipe.data.imagefolder import ImageFolderData
+from dhkd_pipe.data.in_memory import InMemoryData, InMemoryViews
 from dhkd_pipe.data.loader import EpochSource, PlanEpochs, StoreEpochs
 from dhkd_pipe.store.writer import create_or_resume
 
