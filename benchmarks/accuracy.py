@@ -32,6 +32,7 @@ from dhkd_pipe.benchmarks.measure import machine, write_results
 from dhkd_pipe.config import AccuracyBenchConfig, CacheConfig, TrainConfig
 from dhkd_pipe.data.datasets import SUBSET_MARK
 from dhkd_pipe.errors import DhkdError
+from dhkd_pipe.files import write_atomic, write_json
 from dhkd_pipe.methods.registry import from_config, get_method, option_defaults
 from dhkd_pipe.models import file_digest
 from dhkd_pipe.stages.cache_teacher import cache_teacher
@@ -39,7 +40,7 @@ from dhkd_pipe.stages.distill import distill, distill_students
 from dhkd_pipe.stages.report import markdown_table, write_method_report
 from dhkd_pipe.stages.train_teacher import train_teacher
 from dhkd_pipe.store.reader import LogitCache
-from dhkd_pipe.training.run_folder import CHECKPOINT, write_atomic, write_json
+from dhkd_pipe.training.run_folder import CHECKPOINT
 from dhkd_pipe.training.students import StudentPlan
 
 

@@ -4,7 +4,7 @@ the machine it ran on, a clock that waits for the device, a markdown table, and 
 A result file is data the docs are generated from: ``write_results`` records in it the machine
 (CPU and GPU model, cores, memory), the date (UTC), the git commit (``+dirty`` when tracked files
 differ from it), the command line and the tool's version, and writes it atomically
-(``run_folder.write_json``: a kill leaves the previous file, never half of one). Results worth
+(``files.write_json``: a kill leaves the previous file, never half of one). Results worth
 keeping live in ``benchmarks/results/<machine>/``; ``{machine}`` in a result path is replaced by
 ``machine_slug()``, so ``bench all --out 'benchmarks/results/{machine}'`` files them there."""
 
@@ -25,7 +25,7 @@ import torch
 
 from dhkd_pipe.console import log_line
 from dhkd_pipe.stages.report import markdown_table
-from dhkd_pipe.training.run_folder import write_json
+from dhkd_pipe.files import write_json
 from dhkd_pipe.version import tool_version
 
 Column = tuple[str, str, str]  # (row key, header, format spec)

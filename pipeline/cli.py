@@ -34,7 +34,7 @@ from dhkd_pipe.options import click_params, given
 
 def _echo_json(obj):
     """Strict JSON (a non-finite number is null, never NaN)."""
-    from dhkd_pipe.training.run_folder import json_safe
+    from dhkd_pipe.files import json_safe
 
     click.echo(json.dumps(json_safe(obj), indent=2, default=str, allow_nan=False))
 

@@ -1,11 +1,17 @@
-"""Whether a process id is alive, for the stale-lock rule of run folders (``run_folder``) and of
-logit stores (``store_lock``), and for the shared-memory folders a killed process leaves
-(``dali_views``). Linux's /proc also tells zombies and start times; elsewhere only ``kill(pid, 0)``
-is asked."""
+"""Processes and the holders of locks: whether a process id is alive, and who holds a lock.
+
+A lock of this tool (a run folder's ``run.lock``, ``training.run_lock``; a logit store's ``.lock``,
+``store.lock``) names its holder as JSON (``new_holder``: host, pid, start time, command). One
+rule judges it for both: a holder is gone only when it ran on this host and its pid is dead, a
+zombie, or reused since (``holder_alive``); a live holder is refused with one line naming it
+(``held_line``). The shared-memory folders a killed process leaves (``dali_views``) use the same
+pid test. Linux's /proc also tells zombies and start times; elsewhere only ``kill(pid, 0)`` is
+asked."""
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import socket
 import time
@@ -51,6 +57,37 @@ def holder_alive(holder: dict) -> bool:
         return True
     started = holder.get("started")
     return pid_alive(int(holder["pid"]), started if isinstance(started, (int, float)) else None)
+
+
+def new_holder(command: str = "", **extra) -> dict:
+    """The holder record of a lock this process takes: host, pid, start time, command (and ``extra``)."""
+    return {"host": HOST, "pid": os.getpid(), "started": time.time(), "command": command, **extra}
+
+
+def parse_holder(data: bytes | None) -> dict | None:
+    """The holder a lock file names, or None if it is empty or garbled (no integer pid, no host)."""
+    try:
+        holder = json.loads((data or b"").decode())
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if isinstance(holder, dict) and isinstance(holder.get("pid"), int) and isinstance(holder.get("host"), str):
+        return holder
+    return None
+
+
+def is_this_process(holder: dict) -> bool:
+    return holder.get("host") == HOST and holder.get("pid") == os.getpid()
+
+
+def held_line(what: str, holder: dict, elsewhere: str) -> str:
+    """The one line refusing a lock that ``holder`` holds: ``WHAT: pid 1 on host-a, started ...;
+    wait for it to finish or stop it (kill 1)``; ``elsewhere``: what to do when it runs on another
+    host (whose processes cannot be judged from here)."""
+    if holder.get("host") == HOST:
+        how = f"wait for it to finish or stop it (kill {holder['pid']})"
+    else:
+        how = f"wait for it to finish; {elsewhere}"
+    return f"{what}: {describe_holder(holder)}; {how}"
 
 
 def describe_holder(holder: dict) -> str:

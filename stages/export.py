@@ -18,10 +18,13 @@ import numpy as np
 import torch
 
 from dhkd_pipe.errors import DhkdError, io_error
+from dhkd_pipe.files import check_replaceable
 from dhkd_pipe.training.exported import load_exported
 from dhkd_pipe.training.run_folder import ONNX, check_writable, claim_on_write, run_files
 
 ONNX_EXTRA = 'pip install "dhkd-pipe[onnx]" (onnx, onnxscript, onnxruntime)'
+# An ONNX metadata property of every file export writes: the one file it may later replace.
+EXPORT_MARK = "written by dhkd-pipe export"
 # Weights inline up to this size; larger ones go to OUT.data beside the file (protobuf's 2 GiB cap).
 INLINE_BYTES = 1 << 30
 
@@ -40,8 +43,9 @@ def supported_opsets() -> tuple[int, int]:
 
 
 def check_export_target(run_dir: str, out: str):
-    """Refuses, before the export, an ``--out`` that is a folder, one of the run's own files, or not
-    an ``.onnx`` file name (the one format written here)."""
+    """Refuses, before the export, an ``--out`` that is a folder, one of the run's own files, not
+    an ``.onnx`` file name (the one format written here), or an existing file (or link) that
+    export did not write (the run's ``model.onnx`` is the run's when its manifest claims it)."""
     if os.path.isdir(out):
         raise DhkdError(f"--out {out} is a folder; name the ONNX file to write")
     own = run_files(run_dir)
@@ -58,6 +62,8 @@ def check_export_target(run_dir: str, out: str):
         )
     if not out.lower().endswith(".onnx"):
         raise DhkdError(f"--out {out}: export writes ONNX; name a file ending in .onnx")
+    if os.path.realpath(out) not in own:
+        check_replaceable(out, EXPORT_MARK, "export")
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise DhkdError(f"cannot write {out}: {parent} is not a folder")
@@ -115,6 +121,9 @@ def export_onnx(run_dir: str, out: str | None = None, opset: int | None = None, 
             raise DhkdError(
                 f"the exporter wrote opset {written}, not the asked --opset {opset}; choose an opset it writes"
             )
+        mark = proto.metadata_props.add()
+        mark.key, mark.value = "written_by", EXPORT_MARK
+        onnx.save(proto, staged)  # external data, if any, stays where the exporter wrote it
         result = {
             "onnx": out,
             "arch": facts["arch"],

@@ -4,28 +4,99 @@ named loss terms) and a table."""
 from __future__ import annotations
 
 import json
+import math
 import os
 
 from dhkd_pipe.errors import DhkdError, io_error
 
+MAX_RUN_FILE = 64 << 20  # a run's metrics.jsonl is a line per epoch: a 64 MiB one is not a run's
+
 
 def read_run(run_dir: str) -> tuple[list[dict], dict]:
-    """(per-epoch metrics, summary) of a run folder."""
+    """(per-epoch metrics, summary) of a run folder, each checked as it is read: a file that is
+    not what the tool writes (not UTF-8, not JSON objects, a field missing or of another type, a
+    NaN, too large to be a run's) is one DhkdError line naming the file and what is wrong."""
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(metrics_path):
         raise DhkdError(f"{run_dir} is not a run folder: no metrics.jsonl")
-    try:
-        with open(metrics_path) as f:
-            history = [json.loads(line) for line in f if line.strip()]
-        summary = {}
-        if os.path.isfile(os.path.join(run_dir, "summary.json")):
-            with open(os.path.join(run_dir, "summary.json")) as f:
-                summary = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DhkdError(f"corrupt metrics in {run_dir}: {e}") from None
-    except OSError as e:
-        raise io_error(run_dir, e, "read") from None
+    history = []
+    for number, line in enumerate(_read_text(metrics_path).splitlines(), 1):
+        if line.strip():
+            entry = _parse(line, f"corrupt metrics in {run_dir}: metrics.jsonl line {number}")
+            history.append(_checked_epoch(entry, f"corrupt metrics in {run_dir}: metrics.jsonl line {number}"))
+    summary = {}
+    summary_path = os.path.join(run_dir, "summary.json")
+    if os.path.isfile(summary_path):
+        where = f"corrupt summary in {run_dir}: summary.json"
+        summary = _parse(_read_text(summary_path), where)
+        if not isinstance(summary, dict):
+            raise DhkdError(f"{where} is {_kind(summary)}, not a JSON object")
+        for key in ("model", "method"):
+            if summary.get(key) is not None and not isinstance(summary[key], str):
+                raise DhkdError(f"{where}: {key} is {_kind(summary[key])}, not text")
+        for key in ("images_per_sec", "train_time"):
+            _check_number(summary.get(key), f"{where}: {key}")
     return history, summary
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_RUN_FILE + 1)
+    except OSError as e:
+        raise io_error(path, e, "read") from None
+    if len(data) > MAX_RUN_FILE:
+        raise DhkdError(f"{path} is larger than {MAX_RUN_FILE >> 20} MiB: not a file this tool wrote")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DhkdError(f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+
+
+def _parse(text: str, where: str):
+    def refuse(token):  # the tool writes null for a value that is not finite, never NaN or Infinity
+        raise ValueError(f"{token} is not JSON")
+
+    try:
+        return json.loads(text, parse_constant=refuse)
+    except RecursionError:
+        raise DhkdError(f"{where}: nested too deep") from None
+    except ValueError as e:  # json.JSONDecodeError is one
+        raise DhkdError(f"{where}: {' '.join(str(e).split())[:120]}") from None
+
+
+def _checked_epoch(entry, where: str) -> dict:
+    """One metrics line: a JSON object with an integer ``epoch``, and numbers or null for the
+    training loss, its terms and the validation accuracy (the fields report draws)."""
+    if not isinstance(entry, dict):
+        raise DhkdError(f"{where} is {_kind(entry)}, not a JSON object")
+    epoch = entry.get("epoch")
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise DhkdError(f"{where}: epoch is {_kind(epoch)}, not an epoch number")
+    if "train_loss" not in entry:
+        raise DhkdError(f"{where}: no train_loss")
+    for key, value in entry.items():
+        if key == "val_top1" or key.startswith("train_"):
+            _check_number(value, f"{where}: {key}")
+    return entry
+
+
+def _check_number(value, where: str):
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DhkdError(f"{where} is {_kind(value)}, not a number")
+    if not math.isfinite(value):
+        raise DhkdError(f"{where} is {value}, not a finite number")
+
+
+def _kind(value) -> str:
+    if value is None:
+        return "missing or null"
+    if isinstance(value, (dict, list)):
+        return f"a JSON {'object' if isinstance(value, dict) else 'list'}"
+    text = json.dumps(value) if isinstance(value, (str, int, float)) else type(value).__name__
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def loss_terms(history: list[dict]) -> list[str]:
@@ -61,7 +132,9 @@ IMAGE_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg", "webp", "tif", "tiff", "eps
 
 def check_report_target(out: str, run_dirs: list[str]) -> str:
     """Refuses, before any run is read, an ``--out`` that is a folder, one of the runs' own files,
-    or a name whose format matplotlib cannot write; returns the format."""
+    a name whose format matplotlib cannot write, or an existing file (or link) that report did not
+    write; returns the format."""
+    from dhkd_pipe.files import check_replaceable
     from dhkd_pipe.training.run_folder import run_files
 
     if os.path.isdir(out):
@@ -77,20 +150,38 @@ def check_report_target(out: str, run_dirs: list[str]) -> str:
         raise DhkdError(
             f"--out {out}: report writes images ({', '.join(IMAGE_FORMATS)}); name a file ending in one of them"
         )
+    check_replaceable(out, REPORT_MARK, "report")
     return fmt
+
+
+# Embedded in every picture report writes (its metadata): the one file report may later replace.
+REPORT_MARK = "written by dhkd-pipe report"
+
+
+def _mark_options(fmt: str) -> dict:
+    """savefig's options that embed ``REPORT_MARK`` in a file of format ``fmt``."""
+    if fmt == "png":
+        return {"metadata": {"Software": REPORT_MARK}}
+    if fmt in ("pdf", "svg", "eps", "ps"):
+        return {"metadata": {"Creator": REPORT_MARK}}
+    if fmt in ("jpg", "jpeg"):
+        return {"pil_kwargs": {"comment": REPORT_MARK}}
+    if fmt in ("tif", "tiff"):
+        return {"pil_kwargs": {"description": REPORT_MARK}}
+    return {"pil_kwargs": {"xmp": REPORT_MARK.encode()}}  # webp
 
 
 def save_figure(fig, out: str, fmt: str):
     """Writes the figure whole to ``out`` (a temporary file renamed into place: a failure or a
     signal leaves the previous file as it was)."""
-    from dhkd_pipe.training.run_folder import write_atomic
+    from dhkd_pipe.files import write_atomic
 
     folder = os.path.dirname(os.path.abspath(out))
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
         raise io_error(out, e) from None
-    write_atomic(out, lambda f: fig.savefig(f, dpi=110, format=fmt))
+    write_atomic(out, lambda f: fig.savefig(f, dpi=110, format=fmt, **_mark_options(fmt)))
 
 
 def write_report(run_dirs: list[str], out: str) -> str:
@@ -122,7 +213,7 @@ def write_report(run_dirs: list[str], out: str) -> str:
         for term in loss_terms(history):
             style = styles.setdefault(term, ("-", "--", ":", "-.")[len(styles) % 4])
             points = [(h["epoch"], h[f"train_{term}"]) for h in history if h.get(f"train_{term}") is not None]
-            ax_terms.plot(*zip(*points), linestyle=style, marker=".", color=line.get_color())
+            ax_terms.plot(*zip(*points, strict=True), linestyle=style, marker=".", color=line.get_color())
         rows.append(
             {
                 "run": label,

@@ -1084,6 +1084,205 @@ ISSUE_19_CASES = [
 ]
 
 
+# ---- a folder or file is the tool's only by what it recorded: nothing of the user's is replaced ----------
+
+
+def plain_torch_folder(w: Work):
+    """A plain PyTorch training folder of the user's: checkpoint, model and metrics, no manifest."""
+    w.out.mkdir()
+    torch.save({"model": {"w": torch.ones(2)}, "epoch": 3}, w.out / "checkpoint.pt")
+    torch.save({"w": torch.ones(2)}, w.out / "model.pt")
+    (w.out / "metrics.jsonl").write_text('{"epoch": 1, "loss": 0.5}\n')
+
+
+def users_summary_with_config(w: Work):
+    """The user's folder whose summary.json happens to record a config (another tool's)."""
+    w.out.mkdir()
+    (w.out / "summary.json").write_text(json.dumps({"config": {"lr": 0.1}, "accuracy": 0.9}))
+    (w.out / "notes.txt").write_text("mine\n")
+
+
+def other_tools_manifest(w: Work):
+    """A manifest-named file another program wrote, beside a checkpoint of the user's."""
+    plain_torch_folder(w)
+    (w.out / "dhkd-run.json").write_text(json.dumps({"tool": "other", "entries": ["checkpoint.pt", "model.pt"]}))
+
+
+def killed_run_and_users(name: str):
+    """A run killed before its first checkpoint (its manifest claims only metrics.jsonl), and a file
+    of the user's named as a run's file would be, which the run must not write over."""
+
+    def setup(w: Work):
+        w.out.mkdir()
+        (w.out / "dhkd-run.json").write_text(json.dumps({"tool": "dhkd-pipe", "entries": ["metrics.jsonl"]}))
+        (w.out / "metrics.jsonl").write_text('{"epoch": 1}\n')
+        if name == "checkpoint.pt":
+            torch.save({"model": {}, "epoch": 0}, w.out / name)
+        else:
+            (w.out / name).write_bytes(b"the user's own " + name.encode())
+
+    return setup
+
+
+def store_as_out(w: Work):
+    w.set(out=w.fixture("store"))
+
+
+def users_file(name: str, data: bytes = b"\x89PNG\r\n\x1a\n the user's picture"):
+    def setup(w: Work):
+        w.copy_run(w.tmp / "run")
+        (w.tmp / name).write_bytes(data)
+
+    return setup
+
+
+def users_file_behind_a_link(name: str, link: str):
+    def setup(w: Work):
+        users_file(name)(w)
+        os.symlink(w.tmp / name, w.tmp / link)
+
+    return setup
+
+
+def users_onnx_in_another_run(w: Work):
+    """A second run folder of the tool's whose model.onnx is the user's (its manifest does not list it)."""
+    w.copy_run(w.tmp / "run")
+    other = w.copy_run(w.tmp / "other")
+    (other / "model.onnx").write_bytes(b"the user's own onnx file")
+
+
+def exported_there(name: str):
+    def setup(w: Work):
+        w.copy_run(w.tmp / "run")
+        code, _, err, exc = invoke(["export", str(w.tmp / "run"), "--out", str(w.tmp / name)])
+        assert code == 0 and exc is None, err
+
+    return setup
+
+
+def reported_there(name: str):
+    def setup(w: Work):
+        w.copy_run(w.tmp / "run")
+        code, _, err, exc = invoke(["report", str(w.tmp / "run"), "--out", str(w.tmp / name)])
+        assert code == 0 and exc is None, err
+
+    return setup
+
+
+def replaced(name: str):
+    def check(w: Work):
+        assert (w.tmp / name).stat().st_size > 1000, "the tool's own earlier output was not replaced"
+
+    return check
+
+
+def files_of(*names: str):
+    return lambda w: [w.tmp / n for n in names]
+
+
+NO_RUN = "holds no run of dhkd-pipe"
+NOT_OURS = "was not written by dhkd-pipe"
+OWNERSHIP_CASES = [
+    Case("own-plain-torch-folder-overwrite", TRAIN + " --overwrite", NO_RUN, setup=plain_torch_folder, **REFUSED),
+    Case("own-plain-torch-folder", TRAIN, NO_RUN, setup=plain_torch_folder, **REFUSED),
+    Case("own-plain-torch-folder-resume", TRAIN + " --resume", NO_RUN, setup=plain_torch_folder, **REFUSED),
+    Case(
+        "own-users-summary-with-config-overwrite",
+        TRAIN + " --overwrite",
+        NO_RUN,
+        setup=users_summary_with_config,
+        **REFUSED,
+    ),
+    Case("own-other-tools-manifest-overwrite", TRAIN + " --overwrite", NO_RUN, setup=other_tools_manifest, **REFUSED),
+    Case("own-store-as-out-overwrite", TRAIN + " --overwrite", NO_RUN, setup=store_as_out, **REFUSED),
+    Case(
+        "own-users-model-beside-a-killed-run",
+        TRAIN,
+        "holds model.pt, which dhkd-pipe did not write",
+        setup=killed_run_and_users("model.pt"),
+        **REFUSED,
+    ),
+    Case(
+        "own-users-safetensors-beside-a-killed-run-overwrite",
+        TRAIN + " --overwrite",
+        "holds model.safetensors, which dhkd-pipe did not write",
+        setup=killed_run_and_users("model.safetensors"),
+        **REFUSED,
+    ),
+    Case(
+        "own-users-checkpoint-beside-a-killed-run-resume",
+        TRAIN + " --resume",
+        "holds checkpoint.pt, which dhkd-pipe did not write",
+        setup=killed_run_and_users("checkpoint.pt"),
+        **REFUSED,
+    ),
+    Case(
+        "report-over-a-users-image",
+        "report {run} --out {tmp}/photo.png",
+        NOT_OURS,
+        setup=users_file("photo.png"),
+        keep=files_of("photo.png"),
+        **REFUSED,
+    ),
+    Case(
+        "report-over-a-users-pdf",
+        "report {run} --out {tmp}/paper.pdf",
+        NOT_OURS,
+        setup=users_file("paper.pdf", b"%PDF-1.4 the user's paper"),
+        keep=files_of("paper.pdf"),
+        **REFUSED,
+    ),
+    Case(
+        "report-through-a-link-to-a-users-image",
+        "report {run} --out {tmp}/link.png",
+        NOT_OURS,
+        setup=users_file_behind_a_link("photo.png", "link.png"),
+        keep=files_of("photo.png", "link.png"),
+        **REFUSED,
+    ),
+    Case(
+        "report-replaces-its-own-image",
+        "report {run} --out {tmp}/r.png",
+        code=0,
+        setup=reported_there("r.png"),
+        check=replaced("r.png"),
+        bound=120,
+    ),
+    Case(
+        "export-over-a-users-onnx-named-by-out",
+        "export {run} --out {tmp}/mine.onnx",
+        NOT_OURS,
+        setup=users_file("mine.onnx", b"\x08\x07\x12\x07the user's own onnx"),
+        keep=files_of("mine.onnx"),
+        **REFUSED,
+    ),
+    Case(
+        "export-through-a-link-to-a-users-onnx",
+        "export {run} --out {tmp}/link.onnx",
+        NOT_OURS,
+        setup=users_file_behind_a_link("mine.onnx", "link.onnx"),
+        keep=files_of("mine.onnx", "link.onnx"),
+        **REFUSED,
+    ),
+    Case(
+        "export-over-a-users-onnx-in-another-run",
+        "export {run} --out {tmp}/other/model.onnx",
+        NOT_OURS,
+        setup=users_onnx_in_another_run,
+        keep=lambda w: [w.tmp / "other"],
+        **REFUSED,
+    ),
+    Case(
+        "export-replaces-its-own-onnx",
+        "export {run} --out {tmp}/m.onnx",
+        code=0,
+        setup=exported_there("m.onnx"),
+        check=replaced("m.onnx"),
+        bound=180,
+    ),
+]
+
+
 CASES = [
     # --out: a run folder, never anything else
     Case("out-is-a-file", TRAIN.replace("{out}", "{file}"), "is a file, not a run folder", setup=make_file),
@@ -1467,6 +1666,7 @@ CASES = [
     ),
     Case("sigkill-image-folder-run-leaves-no-workers", code=0, run=kill_image_folder_run, changes_out=True, slow=True),
     *ISSUE_19_CASES,
+    *OWNERSHIP_CASES,
 ]
 
 

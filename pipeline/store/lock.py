@@ -32,33 +32,25 @@ import time
 import uuid
 
 from dhkd_pipe.errors import DhkdError, one_line
-from dhkd_pipe.processes import HOST, describe_holder, flock_exclusive, holder_alive
+from dhkd_pipe.files import remove_quietly
+from dhkd_pipe.processes import HOST, flock_exclusive, held_line, holder_alive, new_holder, parse_holder
 from dhkd_pipe.store.objects import StoreObjects
 
 LOCK_KEY = ".lock"
 BREAK_LOCK = "--break-lock"  # the cache-teacher option that takes over a lock judged alive
 
 
-# ---- who holds it ---------------------------------------------------------------------------------
-
-
-def parse_holder(data: bytes | None) -> dict | None:
-    """The holder a lock object names, or None if it is empty or garbled."""
-    try:
-        holder = json.loads((data or b"").decode())
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if isinstance(holder, dict) and isinstance(holder.get("pid"), int) and isinstance(holder.get("host"), str):
-        return holder
-    return None
+# ---- who holds it (the rule is processes'; the advice for another host is --break-lock) ---------------
 
 
 def _held_error(location: str, holder: dict) -> DhkdError:
-    if holder.get("host") == HOST:
-        how = f"wait for it to finish or stop it (kill {holder['pid']})"
-    else:
-        how = f"wait for it to finish; if it is no longer running, run again with {BREAK_LOCK}"
-    return DhkdError(f"store {location} is being written by another process: {describe_holder(holder)}; {how}")
+    return DhkdError(
+        held_line(
+            f"store {location} is being written by another process",
+            holder,
+            f"if it is no longer running, run again with {BREAK_LOCK}",
+        )
+    )
 
 
 def read_holder(objects: StoreObjects) -> dict | None:
@@ -83,13 +75,7 @@ class StoreLock:
         ``break_lock``: take over a lock whose holder cannot be judged dead from here (another
         host), for when the user knows it is gone; a live process on this host is still refused.
         """
-        holder = {
-            "host": HOST,
-            "pid": os.getpid(),
-            "started": time.time(),
-            "command": command[:300],
-            "token": uuid.uuid4().hex,
-        }
+        holder = new_holder(command[:300], token=uuid.uuid4().hex)
         data = (json.dumps(holder) + "\n").encode()
         backend = _backend(objects)
         for _ in range(100):
@@ -176,7 +162,7 @@ class _FileLock:
         except OSError as e:
             raise self._fail("write", e) from None
         finally:
-            _remove_quietly(tmp)
+            remove_quietly(tmp)
 
     def confirm(self, token: str) -> bool:
         return True  # link() is atomic
@@ -247,13 +233,6 @@ class _FileLock:
         finally:
             os.close(self.fd)
             self.fd = -1
-
-
-def _remove_quietly(path: str):
-    try:
-        os.remove(path)
-    except OSError:
-        pass
 
 
 class _ObjectLock:

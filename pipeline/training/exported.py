@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from dhkd_pipe.errors import DhkdError
-from dhkd_pipe.training.run_folder import EXPORTED, EXPORTED_SAFETENSORS, write_atomic
+from dhkd_pipe.training.run_folder import EXPORTED, EXPORTED_SAFETENSORS, write_run_file
 
 
 def write_exported(
@@ -36,11 +36,11 @@ def write_exported(
     }
     if plan is not None:
         facts["plan"] = plan
-    write_atomic(os.path.join(out, EXPORTED), lambda f: torch.save({"model": weights, **facts}, f))
+    write_run_file(os.path.join(out, EXPORTED), lambda f: torch.save({"model": weights, **facts}, f))
     metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in facts.items()}
     metadata["format"] = "dhkd-pipe exported student (single head)"
     data = safetensors_bytes(weights, metadata=metadata)
-    write_atomic(os.path.join(out, EXPORTED_SAFETENSORS), lambda f: f.write(data))
+    write_run_file(os.path.join(out, EXPORTED_SAFETENSORS), lambda f: f.write(data))
 
 
 def read_exported(run_dir: str) -> tuple[dict, dict]:

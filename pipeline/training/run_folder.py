@@ -1,43 +1,40 @@
-"""A training run's folder: what it holds, one writer at a time, and no half-written file.
+"""A training run's folder: what the tool owns in it, what ``--out`` may be, and its life cycle.
 
 A run folder holds ``checkpoint.pt`` (the state a resume starts from), ``metrics.jsonl`` (one line
 per finished epoch), the exported student and ``summary.json`` (the run finished), and
-``run.lock`` while a process trains in it. Every file is written to ``NAME.tmp`` and renamed, so a
-kill or a full disk leaves the previous version; the environment's write errors (ENOSPC, EACCES,
-EROFS, ...) become one ``DhkdError`` naming the path and the errno.
+``run.lock`` while a process trains in it (``training.run_lock``). Every file is written whole
+(``dhkd_pipe.files``), so a kill or a full disk leaves the previous version.
 
 ``check_out`` decides, reading only, what a command may do with ``--out``; ``RunFolder.open``
 then creates the folder, takes the lock and, for ``--overwrite``, removes the old run's files.
 
-What the tool owns is recorded, not guessed from names: ``dhkd-run.json`` (the manifest) lists the
-entries a run claimed when it opened the folder, those of ``RUN_ENTRIES`` that were not there
-yet. ``--overwrite``, the clean-up after a run killed before its first checkpoint, and ``export``
-remove or replace only those; a folder without a manifest is a run only if it holds a run's
-checkpoint or summary as this tool writes them (runs from before the manifest), and a folder of
-other files (a ``metrics.jsonl`` of the user's own) is never one.
+What the tool owns is recorded, never guessed from names or contents: ``dhkd-run.json`` (the
+manifest) lists the entries a run claimed when it opened the folder, those of ``RUN_ENTRIES``
+that were not there yet. ``--overwrite``, ``--resume``, the clean-up after a run killed before its
+first checkpoint, and ``export`` remove, continue or replace only those. A folder without the
+manifest is the user's, whatever it holds (a plain PyTorch folder's ``checkpoint.pt``,
+``model.pt`` and ``metrics.jsonl`` included), and a run refuses a folder where a file it would
+write is there but not claimed.
 """
 
 from __future__ import annotations
 
-import io
 import json
-import math
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from enum import Enum
 from typing import Callable
 
 from dhkd_pipe.errors import DhkdError, io_error
-from dhkd_pipe.processes import HOST, describe_holder, flock_exclusive, holder_alive
+from dhkd_pipe.files import append_line, json_safe, json_text, write_atomic, write_json
+from dhkd_pipe.training.run_lock import LOCK, RunLock, check_not_held
 
 CHECKPOINT = "checkpoint.pt"
 EXPORTED = "model.pt"  # the exported single-head student (exported.py writes it)
 EXPORTED_SAFETENSORS = "model.safetensors"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
-LOCK = "run.lock"
 TRACKING_DIR = "dhkd-pipe"  # Accelerate's trackers write under RUN/dhkd-pipe (TensorBoard)
 ONNX = "model.onnx"  # `dhkd-pipe export`'s default output
 MANIFEST = "dhkd-run.json"  # the entries this tool wrote in the folder
@@ -46,66 +43,24 @@ MANIFEST = "dhkd-run.json"  # the entries this tool wrote in the folder
 RUN_ENTRIES = (CHECKPOINT, METRICS, SUMMARY, EXPORTED, EXPORTED_SAFETENSORS, ONNX, TRACKING_DIR)
 
 
-# ---- files written whole ------------------------------------------------------------------------
+# ---- a run's files: recorded in the manifest, then written whole (``dhkd_pipe.files``) --------------------
 
 
-def write_atomic(path: str, write: Callable, mode: str = "wb"):
-    """Writes ``path`` through ``write(file)`` into ``path.tmp``, flushes it to disk and renames it.
-
-    An OSError (full disk, no permission, read-only file system) is a DhkdError naming the path and
-    the errno; on any failure or interrupt the ``.tmp`` file is removed and ``path`` is untouched.
-    """
+def write_run_file(path: str, write: Callable, mode: str = "wb"):
+    """``files.write_atomic`` for a file of a run folder: its name joins the run's manifest first."""
     claim_on_write(path)
-    tmp = path + ".tmp"
-    # serialised in memory first: a full disk then fails the plain write below with its errno
-    # (torch's zip writer reports a failed write as a RuntimeError about positions)
-    buffer = io.BytesIO() if "b" in mode else io.StringIO()
-    try:
-        write(buffer)
-        with open(tmp, mode) as f:
-            f.write(buffer.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        _remove_quietly(tmp)
-        raise io_error(path, e) from None
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
+    write_atomic(path, write, mode)
 
 
-def json_safe(value):
-    """``value`` with non-finite floats as None: strict JSON (``json.dumps(allow_nan=False)``)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
+def write_run_json(path: str, obj, indent: int | None = 2):
+    text = json_text(obj, indent)
+    write_run_file(path, lambda f: f.write(text), mode="w")
 
 
-def write_json(path: str, obj, indent: int | None = 2):
-    text = json.dumps(json_safe(obj), indent=indent, allow_nan=False, default=str)
-    write_atomic(path, lambda f: f.write(text + "\n"), mode="w")
-
-
-def append_line(path: str, line: str):
-    """Appends one line; on an OSError the file is cut back to its old length (no partial line)."""
+def append_run_line(path: str, line: str):
+    """``files.append_line`` for a file of a run folder (``metrics.jsonl``), recorded first."""
     claim_on_write(path)
-    try:
-        with open(path, "a") as f:
-            start = f.tell()
-            try:
-                f.write(line.rstrip("\n") + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            except OSError:
-                f.truncate(start)
-                raise
-    except OSError as e:
-        raise io_error(path, e) from None
+    append_line(path, line)
 
 
 def metrics_line(metrics: dict) -> str:
@@ -116,14 +71,7 @@ def metrics_line(metrics: dict) -> str:
 def write_metrics(out: str, history: list[dict]):
     """Rewrites ``metrics.jsonl`` from the run's history (a resume makes the file match its checkpoint)."""
     text = "".join(metrics_line(m) + "\n" for m in history)
-    write_atomic(os.path.join(out, METRICS), lambda f: f.write(text), mode="w")
-
-
-def _remove_quietly(path: str):
-    try:
-        os.remove(path)
-    except OSError:
-        pass
+    write_run_file(os.path.join(out, METRICS), lambda f: f.write(text), mode="w")
 
 
 # ---- what the tool owns in a run folder -----------------------------------------------------------
@@ -144,47 +92,20 @@ def read_manifest(folder: str) -> set[str] | None:
     return {name for name in data["entries"] if isinstance(name, str) and name in RUN_ENTRIES}
 
 
-def _is_legacy_run(folder: str, names: set) -> bool:
-    """A run written before the manifest: a checkpoint as torch saves it (a zip) beside the run's
-    metrics or summary, or a summary that records the run's config."""
-    import zipfile
-
-    if SUMMARY in names:
-        try:
-            with open(os.path.join(folder, SUMMARY), encoding="utf-8") as f:
-                if isinstance(summary := json.load(f), dict) and isinstance(summary.get("config"), dict):
-                    return True
-        except (OSError, ValueError):
-            pass
-    path = os.path.join(folder, CHECKPOINT)
-    return bool(names & {METRICS, SUMMARY}) and os.path.isfile(path) and zipfile.is_zipfile(path)
-
-
 def owned_entries(folder: str, names: set | None = None) -> set[str] | None:
-    """The entries of ``folder`` this tool wrote (claimed in its manifest; for a run from before
-    the manifest, those of ``RUN_ENTRIES`` present), or None if the folder holds no run of ours."""
-    if names is None:
-        try:
-            names = set(os.listdir(folder))
-        except OSError:
-            return None
-    claimed = read_manifest(folder)
-    if claimed is not None:
-        return claimed
-    if _is_legacy_run(folder, names):
-        return set(RUN_ENTRIES) & names
-    return None
+    """The entries of ``folder`` this tool wrote (those its manifest claims), or None if the folder
+    holds no run of ours (no manifest of dhkd-pipe): then everything in it is the user's."""
+    return read_manifest(folder)
 
 
 def run_files(folder: str) -> dict[str, str]:
     """{real path: name} of the files a run folder holds that are the run's own (its manifest's
-    entries, the manifest and the lock, or for a run from before the manifest the names a run
-    writes): what ``export`` and ``report`` must never write over."""
+    entries, the manifest and the lock): what ``report`` must never write over, and ``export``
+    only over the run's own ``model.onnx``."""
     if not os.path.isdir(folder):
         return {}
-    owned = owned_entries(folder) or set()
-    names = owned | {MANIFEST, LOCK} | (set(RUN_ENTRIES) - {ONNX} if read_manifest(folder) is None else set())
-    return {os.path.realpath(os.path.join(folder, n)): n for n in names if n != ONNX or n in owned}
+    names = (owned_entries(folder) or set()) | {MANIFEST, LOCK}
+    return {os.path.realpath(os.path.join(folder, n)): n for n in names}
 
 
 _PENDING: dict[str, set] = {}  # real path of a run folder this process opened -> entries to claim with its first write
@@ -303,17 +224,26 @@ def check_out(out: str, mode: RunMode | str = RunMode.NEW, locked: bool = False)
     elif LOCK in names:
         check_not_held(out)
     plan = OutPlan(out, exists=True, replace=False, mode=mode)
-    has_checkpoint, finished = CHECKPOINT in names, SUMMARY in names
     owned = owned_entries(out, names)
     foreign = names - {LOCK, MANIFEST} - {n + ".tmp" for n in RUN_ENTRIES + (MANIFEST,)} - (owned or set())
+    if owned is None and foreign:
+        what = f"{len(foreign)} entries it did not write, such as {sorted(foreign)[0]}"
+        if resume:
+            raise DhkdError(f"--resume: {out} holds no run of dhkd-pipe (no {MANIFEST}; {what}): nothing to continue")
+        raise DhkdError(
+            f"--out {out} is a folder that holds no run of dhkd-pipe ({what}); "
+            "choose a new or empty folder (--overwrite replaces only a run folder)"
+        )
+    clash = sorted(foreign & (set(RUN_ENTRIES) - {ONNX}))  # a run writes these names: never over the user's
+    if clash:
+        raise DhkdError(
+            f"--out {out} holds {clash[0]}, which dhkd-pipe did not write (its {MANIFEST} does not list it) "
+            "and this run would write over; move it away or choose another --out"
+        )
+    has_checkpoint, finished = CHECKPOINT in names, SUMMARY in names
     if resume:
         if not has_checkpoint:
             raise DhkdError(f"--resume: no {CHECKPOINT} in {out}" + (" (the run there finished)" if finished else ""))
-    elif owned is None and foreign:
-        raise DhkdError(
-            f"--out {out} is a folder that holds no run of dhkd-pipe ({len(foreign)} entries it did not write, "
-            f"such as {sorted(foreign)[0]}); choose a new or empty folder (--overwrite replaces only a run folder)"
-        )
     elif has_checkpoint or finished:
         if not overwrite:
             raise DhkdError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
@@ -359,7 +289,7 @@ class RunFolder:
     first checkpoint, is removed again (it holds nothing to resume).
     """
 
-    def __init__(self, path: str, lock: "RunLock", created: bool):
+    def __init__(self, path: str, lock: RunLock, created: bool):
         self.path, self.lock, self.created = path, lock, created
 
     @classmethod
@@ -438,147 +368,3 @@ def _remove_empty(folder: str):
         os.rmdir(folder)
     except OSError:
         pass
-
-
-class RunLock:
-    """``run.lock``: one process trains in a run folder at a time.
-
-    The file is created with ``O_CREAT | O_EXCL`` and names its holder (host, pid, start time,
-    command); the holder keeps it open under ``flock`` while the run lives. A lock is stale when
-    its holder is on this host and its pid is dead (or is a zombie, or belongs to a process started
-    after the lock): it is taken over, under ``flock`` so two takers cannot both win. A lock held
-    on another host, or by a live process, is refused with the holder named and how to clear it.
-    A process that already holds a folder's lock takes it again (stages run one after another).
-    """
-
-    _held: dict[str, "RunLock"] = {}  # realpath -> the lock this process holds
-
-    def __init__(self, path: str, fd: int, holder: dict):
-        self.path, self.fd, self.holder, self.count = path, fd, holder, 1
-
-    @classmethod
-    def acquire(cls, folder: str, command: str = "") -> "RunLock":
-        path = os.path.join(folder, LOCK)
-        key = os.path.realpath(path)
-        mine = cls._held.get(key)
-        if mine is not None and mine._still_mine():
-            mine.count += 1
-            return mine
-        cls._held.pop(key, None)
-        holder = {"host": HOST, "pid": os.getpid(), "started": time.time(), "command": command}
-        for _ in range(100):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
-            except FileExistsError:
-                fd = _take_over(path)
-                if fd is None:  # changing under us: look again
-                    time.sleep(0.02)
-                    continue
-            except OSError as e:
-                raise io_error(path, e, "create") from None
-            else:
-                flock_exclusive(fd)
-            try:
-                data = (json.dumps(holder) + "\n").encode()
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, data, 0)
-                os.fsync(fd)
-            except OSError as e:
-                os.close(fd)
-                _remove_quietly(path)
-                raise io_error(path, e) from None
-            lock = cls(path, fd, holder)
-            cls._held[key] = lock
-            return lock
-        raise DhkdError(f"cannot take {path}: it keeps changing; is another run starting in {folder}?")
-
-    def _still_mine(self) -> bool:
-        try:
-            return self.fd >= 0 and os.fstat(self.fd).st_ino == os.stat(self.path).st_ino
-        except OSError:
-            return False
-
-    def release(self):
-        self.count -= 1
-        if self.count > 0 or self.fd < 0:
-            return
-        if self._still_mine():
-            _remove_quietly(self.path)
-        os.close(self.fd)
-        self.fd = -1
-        type(self)._held.pop(os.path.realpath(self.path), None)
-
-
-def _read_holder(fd: int) -> dict | None:
-    try:
-        data = os.pread(fd, 4096, 0)
-        holder = json.loads(data.decode())
-        if isinstance(holder, dict) and isinstance(holder.get("pid"), int):
-            return holder
-    except (OSError, ValueError, UnicodeDecodeError):
-        pass
-    return None
-
-
-def _take_over(path: str) -> int | None:
-    """An fd of the existing lock if it is stale (flocked, to be rewritten by the caller); None if
-    it changed meanwhile; raises DhkdError if it is held."""
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise io_error(path, e, "open") from None
-    try:
-        holder = _read_holder(fd)
-        if not flock_exclusive(fd):  # a live holder keeps it under flock
-            if holder is None:
-                os.close(fd)
-                return None  # being written
-            raise _held_error(path, holder)
-        if os.fstat(fd).st_ino != os.stat(path).st_ino:
-            os.close(fd)
-            return None  # replaced meanwhile
-        holder = _read_holder(fd)
-        if holder is None:
-            if time.time() - os.fstat(fd).st_mtime < 2:
-                os.close(fd)
-                return None  # its creator is about to write it
-            return fd  # an empty or garbled lock whose writer is gone
-        if holder_alive(holder):
-            raise _held_error(path, holder)
-        return fd
-    except FileNotFoundError:
-        os.close(fd)
-        return None
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def check_not_held(folder: str):
-    """Refuses a folder whose lock a live process (not this one) holds: a clear line before any work."""
-    path = os.path.join(folder, LOCK)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        holder = _read_holder(fd)
-    finally:
-        os.close(fd)
-    if (
-        holder is not None
-        and not (holder.get("host") == HOST and holder["pid"] == os.getpid())
-        and holder_alive(holder)
-    ):
-        raise _held_error(path, holder)
-
-
-def _held_error(path: str, holder: dict) -> DhkdError:
-    folder = os.path.dirname(path)
-    if holder.get("host") == HOST:
-        how = f"wait for it to finish or stop it (kill {holder['pid']})"
-    else:
-        how = f"wait for it to finish; if it is gone, remove {path}"
-    return DhkdError(f"{folder} is in use by another run: {describe_holder(holder)}; {how}")

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from dhkd_pipe.errors import DhkdError
-from dhkd_pipe.training.run_folder import CHECKPOINT, write_atomic, write_metrics
+from dhkd_pipe.training.run_folder import CHECKPOINT, write_metrics, write_run_file
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -195,7 +195,7 @@ def save_training_state(run: Checkpointed):
         "store": run.cache.identity if run.cache is not None else None,  # a resume refuses another store
         **progress,  # history, tally, skipped_nonfinite
     }
-    write_atomic(os.path.join(run.cfg.out, CHECKPOINT), lambda f: torch.save(state, f))
+    write_run_file(os.path.join(run.cfg.out, CHECKPOINT), lambda f: torch.save(state, f))
 
 
 def read_state(path: str) -> dict:
