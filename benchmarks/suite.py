@@ -92,7 +92,6 @@ SIZES = {
         s3=False,
     ),
 }
-GPU_BUDGET_S = 8 * 60
 
 
 def default_size() -> str:

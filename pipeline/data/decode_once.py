@@ -40,10 +40,6 @@ class GroupJob:
         return len(self.samples) * len(self.epochs)
 
 
-def unit_groups(plan: ViewPlan, num_samples: int, unit_rows: int) -> UnitGroups:
-    return UnitGroups(seed=plan.seed, num_samples=num_samples, group_rows=unit_rows)
-
-
 def group_jobs(
     groups: UnitGroups,
     plan: ViewPlan,

@@ -33,13 +33,6 @@ class MethodLoss(torch.nn.Module):
         super().__init__()
         self.method = self.method_class(backend=backend, **options)
 
-    @classmethod
-    def from_method(cls, method: Method) -> "MethodLoss":
-        """The module of an existing method object (the one a run built from its config)."""
-        module = loss_class(method.name)(backend=method.backend)  # the defaults, then the method itself
-        module.method = method
-        return module
-
     @property
     def dual_head(self) -> bool:
         """Whether the student must return (head 1, head 2): wrap it in ``DualHead``."""

@@ -60,16 +60,6 @@ def forward_taps(model: nn.Module, x: torch.Tensor):
     )
 
 
-def has_taps(model: nn.Module) -> bool:
-    """Whether ``forward_taps`` can serve ``model``."""
-    inner = getattr(model, "backbone", model) if type(model).__name__ == "DualHead" else model
-    return (
-        hasattr(inner, "forward_taps")
-        or _is_torchvision_resnet(inner)
-        or (hasattr(inner, "forward_intermediates") and hasattr(inner, "forward_head"))
-    )
-
-
 class _TapForward(nn.Module):
     """``forward_taps`` as a module's ``forward``, for ``torch.func.functional_call``."""
 
