@@ -112,3 +112,18 @@ def test_the_results_page_renders_each_result_file_with_its_provenance(tmp_path)
 def test_the_results_page_says_so_when_there_are_no_result_files(tmp_path):
     page = _hook().results_markdown(str(tmp_path))
     assert "No result files yet" in page and "| " not in page
+
+
+def test_the_readmes_links_point_at_files_that_exist():
+    """The README is the front page on a forge, outside the site build: its relative links are checked here."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    links = [t for t in re.findall(r"\]\(([^)]+)\)", text) if "://" not in t]
+    assert len(links) > 10
+    for target in links:
+        path, _, anchor = target.partition("#")
+        assert (ROOT / path).exists(), target
+        if anchor:
+            headings = re.findall(r"^#+ (.+)$", (ROOT / path).read_text(), re.M)
+            assert anchor in {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-") for h in headings}, target

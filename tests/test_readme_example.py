@@ -37,3 +37,10 @@ def test_readme_example_trains_a_student_from_a_store(tmp_path, monkeypatch, cap
     student.load_state_dict(torch.load(tmp_path / "student.pt", weights_only=True))
     top1 = ast.literal_eval(printed[-1][1])["top1"]  # the dict evaluate returned, as printed
     assert top1 > 10.0  # above chance (10 classes): it learned from the random teacher's labels + CE
+
+
+def test_the_guide_shows_the_example_the_readme_runs():
+    """The docs' "Your own training loop" page holds the same example, so the tested copy is the one both show."""
+    guide = os.path.join(os.path.dirname(README), "docs", "guide", "own-training-loop.md")
+    with open(guide) as f:
+        assert "```python\n" + readme_example() + "\n```" in f.read()
