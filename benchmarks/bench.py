@@ -456,7 +456,7 @@ def _bench_store_at(
     """Two rows for one location: the store written by one writer thread, then by the parallel
     writer (stage 1's default thread count there), which is then streamed as stage 2 does. The
     two stores lie side by side (``location``-single and ``location``) and are deleted at the end: a
-    write just after the other's deletion would, on an ext4 without a journal (this machine's), pay
+    write just after the other's deletion would, on an ext4 without a journal, pay
     for the freed inodes it skips (``recently_deleted`` in its inode allocation), a cost of the
     benchmark, not of the writer.
     ``server_cpu``: the CPU seconds a local server has used so far; its share of one core while

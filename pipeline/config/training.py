@@ -106,8 +106,8 @@ class TrainConfig(MethodOptions):
     )
     channels_last: bool | None = option(
         None,
-        "NHWC weights and inputs (default: on a CUDA device, where bench distill measured "
-        "1.53x on an H200; off on the CPU, where it measured 0.61x-1.42x).",
+        "NHWC weights and inputs (default: on a CUDA device, where it is faster; off on the CPU, where it is not "
+        "reliably faster; bench distill compares both on your machine).",
         switch=True,
     )
     compile: bool = option(

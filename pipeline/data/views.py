@@ -6,8 +6,8 @@ zero) and the horizontal flip bit. Views are drawn from a counter-based generato
 ``(seed, epoch, sample index, draw)``, so a sample's view never depends on batch size, process
 count, worker count or the order samples are visited in.
 
-Why a hash and not ``numpy.random.Philox``: a Philox generator per sample costs ~20 us to build,
-too slow for 1.28M samples x 32 views; the SplitMix64 finaliser below is a counter-based generator
+Why a hash and not ``numpy.random.Philox``: building a Philox generator per sample is too slow for
+1.28M samples x 32 views; the SplitMix64 finaliser below is a counter-based generator
 that numpy evaluates for a whole chunk of samples at once.
 """
 

@@ -75,9 +75,10 @@ class ObjectEncoder:
     """Encodes whole objects (chunks, or shards) of one Zarr v3 array, byte for byte as Zarr does
     for the store's arrays (``write_empty_chunks``: every inner chunk inside the array is stored,
     as ``object_problem`` requires), on the caller's thread. Through Zarr's setitem each of a
-    unit's small objects (order, views, flags) cost 0.6-0.9 ms, mostly Python, and every write of
-    every writer thread passed through Zarr's one I/O loop thread: the parallel writer gained
-    1.15x over one thread, and is 2.9 times as fast this way (``bench store``). :meth:`of` gives
+    unit's small objects (order, views, flags) costs a Python round through Zarr, and every write
+    of every writer thread passes through Zarr's one I/O loop thread, so parallel writer threads
+    gain little; encoding here lets them run side by side (``bench store`` compares one thread with
+    the parallel writer). :meth:`of` gives
     None for a codec chain it does not know; the caller then writes through Zarr.
     """
 

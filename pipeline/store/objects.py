@@ -122,8 +122,8 @@ def write_local_object(store, key: str, parts, atomic: bool = True) -> None:
     ``atomic``: as Zarr's LocalStore writes one, into a ``*.partial`` file renamed into place, so
     no reader sees half an object and a killed writer leaves only ``*.partial`` files
     (``store_audit.remove_leftovers`` deletes them). Otherwise into the object's own file, one
-    directory operation instead of two (the rename alone took 0.03 ms of CPU here, 0.15 ms with
-    4 threads renaming in the same folders): for a write unit's data objects, which nothing reads
+    directory operation instead of two (renames cost CPU, more so with several threads renaming in
+    the same folders): for a write unit's data objects, which nothing reads
     before the unit's ``done`` flags, written after them and atomically, say it is done. A writer
     killed meanwhile leaves a unit not done, which the resume rewrites. On an error the file is
     removed."""

@@ -31,9 +31,9 @@ from dhkd_pipe.store.objects import StoreObjects, is_local, open_store, storage_
 from dhkd_pipe.store.reader import LogitCache
 
 # Units written at once by one process; None: on a filesystem one per core up to 4 (there a unit
-# is CPU work, its encoding: on 2 cores 4 threads wrote 6-29% fewer rows/s than 2 in four
-# comparisons, spending 0.2-1.1 ms more CPU per 1024 x 1000 unit), 8 on object storage, where
-# each unit waits mostly on round trips (bench store measures one thread against these).
+# is CPU work, its encoding, so threads beyond the cores only add switching: fewer rows/s, more CPU
+# per unit), 8 on object storage, where each unit waits mostly on round trips (bench store measures
+# one thread against these).
 WRITE_THREADS: int | None = None
 QUEUED_UNITS = 2  # units waiting for a writer thread: with the threads, what bounds the memory held for writing
 
@@ -142,8 +142,9 @@ def write_unit(
     """Writes one write unit (all its rows) of an opened store, then its ``done`` flags.
     ``logits``: float32 (rows, K), or :class:`EncodedRows` in the store's codec. ``scratch``: the
     calling thread's own, where it keeps a buffer to encode the rows into, reused unit after unit
-    (nothing refers to it once the call returns). A new array per unit costs page faults: 32 MB
-    per sharded unit, which glibc maps afresh each time (in arenas left by other threads too).
+    (nothing refers to it once the call returns). A new array per unit costs page faults: a
+    sharded unit's rows are large enough that glibc maps them afresh each time (in arenas left by
+    other threads too).
 
     The calling thread encodes the unit's objects (``chunk_objects.ObjectEncoder``: the bytes Zarr
     would write) and, on a local disk, writes their files too; elsewhere Zarr's store takes the
