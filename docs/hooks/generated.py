@@ -107,7 +107,7 @@ def methods_markdown() -> str:
     from dhkd_pipe.methods.registry import METHODS, option_defaults
 
     def defaults(cls) -> str:
-        return ", ".join(f"{k} {v}" for k, v in option_defaults(cls).items() if v is not None)
+        return ", ".join(f"{k} {_cell(v)}" for k, v in option_defaults(cls).items() if v is not None)
 
     out = ["| method | what it is | defaults |", "| --- | --- | --- |"]
     out += [f"| `{name}` | {_cell(cls.summary)} | {defaults(cls)} |" for name, cls in METHODS.items()]
