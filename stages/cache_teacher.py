@@ -347,14 +347,14 @@ def verify_cache(
     cache.check_complete()
     data, _ = load_store_data(cache, data_spec)
     acc = make_accelerator(cache.attrs.get("precision", "no"))
-    recorded = cache.attrs["teacher"]
+    recorded = cache.recorded("teacher")
     source = resolve_teacher(recorded["arch"], teacher_weights or recorded.get("weights"))
     if source.digest() != recorded.get("weights_digest"):
         raise DhkdError(
             f"teacher weights {source.label} are not the store's: digest {source.digest()}, "
             f"the store was written with {recorded.get('weights_digest')} ({recorded.get('weights')})"
         )
-    plan = ViewPlan.from_dict(cache.attrs["policy"])
+    plan = ViewPlan.from_dict(cache.recorded("policy"))
     teacher = frozen_model(source, data.num_classes, plan.resolution, acc.device)
     renderer = data.renderer(acc.device, plan)
     rng = np.random.default_rng(0)

@@ -11,8 +11,8 @@ from dhkd_pipe.terminal_text import escaped
 
 @dataclass
 class Inspection:
-    """A store's summary (its ``damaged`` entry lists what is damaged) and, for a damaged store,
-    the error line naming the fix."""
+    """A store's summary (its ``metadata`` entry lists how its metadata differs from a logit
+    store's, its ``damaged`` entry what is damaged) and, for such a store, the error line naming the fix."""
 
     summary: dict
     error: str | None = None
@@ -27,19 +27,9 @@ class Inspection:
 
 
 def inspect_store(cfg: InspectConfig) -> Inspection:
-    """Opens ``cfg.store`` and checks every written object (present, and with ``cfg.quick`` unset,
-    its CRC32C checksums right)."""
-    from dhkd_pipe.store.audit import damage
-    from dhkd_pipe.store.reader import LogitCache
+    """Opens ``cfg.store``, compares its metadata with a logit store's and checks every written
+    object (present, and with ``cfg.quick`` unset, its CRC32C checksums right)."""
+    from dhkd_pipe.store.reader import inspection
 
-    cache = LogitCache.open(cfg.store)
-    summary = cache.summary()
-    # where the data is and how views become pixels: attributes stage 1 writes
-    summary["data"] = cache.attrs.get("data_spec")
-    summary["preprocessing"] = cache.attrs.get("preprocessing")
-    damaged = damage(cache, checksums=not cfg.quick)
-    summary["damaged"] = damaged
-    if not damaged:
-        return Inspection(summary)
-    more = f" and {len(damaged) - 1} more" if len(damaged) > 1 else ""
-    return Inspection(summary, f"error: store {cache.path} is damaged: {damaged[0]}{more}; {cache.repair_hint()}")
+    summary, error = inspection(cfg.store, checksums=not cfg.quick)
+    return Inspection(summary, error)

@@ -51,9 +51,9 @@ def command(**kw):
 
 def attrs(**kw):
     return {
-        "teacher": {"arch": "resnet8", "val_top1": None},
+        "teacher": {"arch": "resnet8", "weights_digest": "0123456789abcdef", "val_top1": None},
         "dataset": {"kind": "digits", "num_samples": N, "num_classes": K, "digest": "abc"},
-        "policy": {"policy": "pad_crop_flip", "seed": 0},
+        "policy": {"policy": "pad_crop_flip", "seed": 0, "scale": [0.08, 1.0], "ratio": [0.75, 4 / 3]},
         "seed": 0,
         "tool_version": "0.test",
         "command": command(**kw),
@@ -61,6 +61,9 @@ def attrs(**kw):
 
 
 def create(path, codec="fp16", n=N, k=K, **kw):
+    recorded = kw.pop("attrs", attrs())
+    if "dataset" in recorded:  # the data set's counts are the arrays'
+        recorded = {**recorded, "dataset": {**recorded["dataset"], "num_samples": n, "num_classes": k}}
     return create_or_resume(
         str(path),
         epochs=E,
@@ -69,7 +72,7 @@ def create(path, codec="fp16", n=N, k=K, **kw):
         chunk_rows=C,
         labels=np.arange(n) % k,
         codec=codec,
-        attrs=kw.pop("attrs", attrs()),
+        attrs=recorded,
         **kw,
     )
 

@@ -115,7 +115,7 @@ def open_store(location: str, data: str | None = None) -> StoreReplay:
     cache = LogitCache.open(location)
     cache.check_complete()
     dataset, spec = load_store_data(cache, data)
-    return StoreReplay(cache, dataset, spec, ViewPlan.from_dict(cache.attrs["policy"]))
+    return StoreReplay(cache, dataset, spec, ViewPlan.from_dict(cache.recorded("policy")))
 
 
 class ReplayDataset(torch.utils.data.IterableDataset):

@@ -201,17 +201,20 @@ def read_metadata(objects, key: str) -> dict | None:
     return parse_metadata(objects.read(key), key, objects.location)
 
 
-def check_store(objects):
+def check_store(objects) -> tuple[dict, dict[str, dict | None]] | None:
     """Before Zarr reads anything of the store ``objects``: every metadata document bounded, and the
     shapes agreeing with the schema, with each other and with the labels object's own size. (A
-    local store's entries are checked first, by ``check_local_tree``.)"""
+    local store's entries are checked first, by ``check_local_tree``.) Returns the documents read,
+    (the group's, {array: its own or None}), for the schema's check (``layout.metadata_problems``);
+    None where the group is not (yet) a logit store's."""
     root = read_metadata(objects, "zarr.json")
     attrs = (root or {}).get("attributes") or {}
     if not isinstance(attrs, dict) or "format_version" not in attrs:
-        return  # not (yet) a logit store: opening refuses it by its attributes
+        return None  # not (yet) a logit store: opening refuses it by its attributes
     names = ARRAYS + ("logit_scale",)
     metas = {name: read_metadata(objects, f"{name}/zarr.json") for name in names}
     _, num_samples, _ = check_shapes(metas, objects.location, int8=attrs.get("codec") == "int8")
     check_labels_object(
         objects.read("labels/c/0") if objects.exists("labels/c/0") else None, num_samples, objects.location
     )
+    return root, metas

@@ -16,7 +16,14 @@ import numpy as np
 from dhkd_pipe.errors import DhkdError, one_line
 from dhkd_pipe.store.bounds import check_local_tree, check_store
 from dhkd_pipe.store.codecs import codec_named, decode_logits, stored_tensor
-from dhkd_pipe.store.layout import FORMAT_VERSION, StoreLayout, check_fingerprint, jsonable, location
+from dhkd_pipe.store.layout import (
+    FORMAT_VERSION,
+    StoreLayout,
+    check_fingerprint,
+    jsonable,
+    location,
+    metadata_problems,
+)
 from dhkd_pipe.store.lock import LOCK_KEY
 from dhkd_pipe.store.objects import (
     MissingObject,
@@ -66,11 +73,15 @@ class LogitCache(StoreLayout):
             )
             for name, a in arrays.items()
         }
+        self._metadata_problems: list[str] = []
         self._cached: OrderedDict = OrderedDict()  # (name, epoch) -> array, read-only stores only
         self._label_cache = None
 
     @classmethod
-    def open(cls, path, mode: str = "r") -> "LogitCache":
+    def open(cls, path, mode: str = "r", schema: bool = True) -> "LogitCache":
+        """The store at ``path``, its metadata checked against the schema (``layout.metadata_problems``):
+        a store whose metadata differs is refused, or with ``schema=False`` (``inspect``) opened where
+        it can be and its differences kept in :attr:`metadata_problems`."""
         import zarr
 
         path = location(path)
@@ -85,7 +96,19 @@ class LogitCache(StoreLayout):
                     raise DhkdError(f"no logit store at {path} yet: cache-teacher is creating it")
                 raise DhkdError(f"no logit store at {path}")
             raise DhkdError(f"{path} is not a logit store (no zarr.json)")
-        check_store(objects)  # metadata bounded, shapes against the objects: before Zarr allocates anything
+        # metadata bounded, shapes against the objects: before Zarr allocates anything; then the schema
+        documents = check_store(objects)
+        problems = []
+        if documents is not None:
+            attrs = documents[0]["attributes"]
+            if attrs["format_version"] != FORMAT_VERSION:  # another version's schema is not this one's
+                raise DhkdError(
+                    f"store {path} has format version {_short(attrs['format_version'])}; "
+                    f"this tool reads version {FORMAT_VERSION}"
+                )
+            problems = metadata_problems(*documents)
+            if problems and schema:
+                raise DhkdError(metadata_error(path, attrs, problems))
         try:
             group = zarr.open_group(store=objects.store, mode=mode, zarr_format=3)
             version = dict(group.attrs).get("format_version")
@@ -95,11 +118,33 @@ class LogitCache(StoreLayout):
             raise DhkdError(f"{path} is not a logit store, or is still being created (no format_version)")
         if version != FORMAT_VERSION:
             raise DhkdError(f"store {path} has format version {version}; this tool reads version {FORMAT_VERSION}")
-        return cls(path, objects, group, mode)
+        if not problems:
+            return cls(path, objects, group, mode)
+        try:
+            cache = cls(path, objects, group, mode)
+        except DhkdError:  # the metadata does not describe a store to show
+            raise DhkdError(metadata_error(path, documents[0]["attributes"], problems)) from None
+        cache._metadata_problems = problems
+        return cache
 
     @property
     def path(self) -> str:
         return self._path
+
+    def recorded(self, key: str):
+        """The attribute ``key`` that stage 1 records (``policy``, ``teacher``, ...), its type checked
+        when the store was opened; a store without it is a one-line error."""
+        if key not in self._attrs:
+            raise DhkdError(
+                f"store {self._path} records no {key}: cache-teacher did not write it, or its metadata was edited; "
+                "write it anew with cache-teacher"
+            )
+        return self._attrs[key]
+
+    @property
+    def metadata_problems(self) -> list[str]:
+        """How the metadata differs from a logit store's (only a store opened with ``schema=False`` has any)."""
+        return list(self._metadata_problems)
 
     @property
     def attrs(self) -> dict:
@@ -321,3 +366,49 @@ class LogitCache(StoreLayout):
 def _short(value) -> str:
     text = json.dumps(value) if not isinstance(value, str) else value
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def metadata_error(path: str, attrs: dict, problems: list[str]) -> str:
+    """The one line for a store whose metadata differs from a logit store's, and what to do: a
+    resume trusts the metadata, so it cannot repair it; a copy of the metadata can, or writing the
+    store anew (``--overwrite`` replaces only a store whose group names its command)."""
+    import shlex
+
+    from dhkd_pipe.terminal_text import escaped, quoted_command
+
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    line = quoted_command(attrs.get("command_line"))  # a forged line is never suggested
+    where = escaped(shlex.quote(path))
+    if "command" in attrs:
+        anew = f"write it anew with --overwrite{f': {line} --out {where} --overwrite' if line else ''}"
+    else:
+        anew = "move it aside and write it anew with cache-teacher"
+    return (
+        f"store {path}: its metadata differs from a logit store's: {problems[0]}{more}; a resume cannot repair "
+        f"metadata: restore the store's zarr.json files from a copy, or {anew}"
+    )
+
+
+def inspection(location: str, checksums: bool = True) -> tuple[dict, str | None]:
+    """What ``inspect`` shows of the store at ``location``: its summary with ``metadata`` (how its
+    metadata differs from a logit store's, one line each) and ``damaged`` (its objects that are
+    missing or damaged, ``audit.damage``; None where the metadata differs, as the objects are read
+    through it), and the one error line naming the fix, or None for a sound store."""
+    from dhkd_pipe.store.audit import damage
+
+    cache = LogitCache.open(location, schema=False)
+    summary = cache.summary()
+    # where the data is and how views become pixels: attributes stage 1 writes
+    summary["data"] = cache.attrs.get("data_spec")
+    summary["preprocessing"] = cache.attrs.get("preprocessing")
+    problems = cache.metadata_problems
+    summary["metadata"] = problems
+    if problems:
+        summary["damaged"] = None
+        return summary, f"error: {metadata_error(cache.path, cache.attrs, problems)}"
+    damaged = damage(cache, checksums=checksums)
+    summary["damaged"] = damaged
+    if not damaged:
+        return summary, None
+    more = f" and {len(damaged) - 1} more" if len(damaged) > 1 else ""
+    return summary, f"error: store {cache.path} is damaged: {damaged[0]}{more}; {cache.repair_hint()}"
