@@ -78,7 +78,11 @@ BENCH_SIZES = ("gpu", "cpu", "tiny")
 class AllBenchConfig:
     """``dhkd-pipe bench all``."""
 
-    out: str = option("bench-all", "Folder for bench_all.md, bench_all.json and each benchmark's JSON.")
+    out: str = option(
+        "bench-all",
+        "Folder for bench_all.md, bench_all.json and each benchmark's JSON; {machine} in it is replaced by this "
+        "machine's folder name: --out 'benchmarks/results/{machine}' files results to keep.",
+    )
     size: str | None = option(None, "Sizes to run at (default: gpu on a CUDA machine, else cpu).", choices=BENCH_SIZES)
     tiny: bool = option(
         False, "The same as --size tiny: every benchmark in about a minute (a smoke run).", is_flag=True
