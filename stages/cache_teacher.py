@@ -22,15 +22,17 @@ from dhkd_pipe.config import CacheConfig
 from dhkd_pipe.console import log_line
 from dhkd_pipe.data.datasets import Dataset, Renderer, absolute_spec, load_data, load_store_data
 from dhkd_pipe.data.decode_once import group_jobs, images_per_batch, run_jobs
+from dhkd_pipe.data.in_memory import SUBSET_MARK
 from dhkd_pipe.data.inference import evaluate, memory_format
 from dhkd_pipe.data.teacher import frozen_model, load_teacher, resolve_teacher
 from dhkd_pipe.data.views import UnitGroups, ViewPlan
 from dhkd_pipe.errors import DhkdError
+from dhkd_pipe.models.pretrained import WeightsSource
 from dhkd_pipe.option_ranges import check_value
 from dhkd_pipe.options import flag_of, option_fields
 from dhkd_pipe.store.codecs import check_encodable, codec_tolerance
 from dhkd_pipe.store.layout import STORE_ENTRIES, estimate_bytes
-from dhkd_pipe.store.objects import check_inputs_outside
+from dhkd_pipe.store.objects import check_inputs_outside, check_outside_folders
 from dhkd_pipe.store.reader import LogitCache
 from dhkd_pipe.store.writer import StoreWriter
 from dhkd_pipe.training.accelerator import make_accelerator
@@ -107,6 +109,7 @@ class TeacherPass:
                 "weights_digest": digest,
                 "weights": self.source.record,
                 "weights_label": self.source.label,
+                "weights_bytes": os.path.getsize(self.source.path),  # verify-cache reads only a file of this size
                 "val_top1": None,
             },
             "dataset": fingerprint,
@@ -147,6 +150,7 @@ def cache_teacher(cfg: CacheConfig, log=log_line, break_lock: bool = False, deco
     ``break_lock``: take over a lock held from another host (``--break-lock``). ``decode_once``:
     for image folders, decode each image once for all its views (the default) or once per view
     (False: the same store, slower; the check that they agree)."""
+    check_outside_folders(cfg.out, {"--data": data_folder(cfg.data)})  # before the data and the teacher load
     run = prepare(cfg)
     acc, attrs = run.acc, run.store_attrs()
     writer = StoreWriter(
@@ -246,6 +250,16 @@ def check_inputs(run: TeacherPass):
     check_encodable(run.logits(x).numpy(), run.cfg.codec, "of the first batch")
 
 
+def data_folder(spec: str) -> str | None:
+    """The folder a data spec reads (``imagefolder:DIR``, ``cifar10:DIR``, ``mnist:DIR@N``), or None
+    (``digits``, bundled)."""
+    kind, sep, path = spec.partition(":")
+    if not sep or not path or "://" in spec:
+        return None
+    head, mark, size = path.rpartition(SUBSET_MARK)
+    return head if mark and size.isdigit() else path
+
+
 def command_line(cfg: CacheConfig, data_spec: str) -> str:
     """The cache-teacher command that writes (and repairs) this store, as a shell line: the options
     ``CacheConfig`` marks as recorded (``record=True``), all but ``--out`` (the store records no
@@ -330,17 +344,45 @@ def write_groups(run: TeacherPass, writer: StoreWriter, jobs) -> tuple[int, floa
     return images, time.perf_counter() - start
 
 
+MAX_UNSIZED_WEIGHTS_BYTES = 4 << 30  # a store that records no size: the largest file read as its teacher
+
+
+def verified_weights(recorded: dict, given: str | None, log) -> WeightsSource:
+    """The teacher weights ``verify-cache`` reads: the file (or named weights) the user gave, else
+    the store's record, read only where it can be the teacher the store's digest names: a regular
+    file of the size the store records (at most ``MAX_UNSIZED_WEIGHTS_BYTES`` where it records
+    none), so a record naming some other large file is refused before a byte of it is hashed."""
+    arch = recorded["arch"]
+    if given:
+        source = resolve_teacher(arch, given)
+        log(f"verify-cache: teacher weights {source.label} (--teacher-weights)")
+        return source
+    if not recorded.get("weights"):
+        raise DhkdError("the store records no teacher weights: pass --teacher-weights FILE")
+    source = resolve_teacher(arch, recorded["weights"])
+    size, expected = os.path.getsize(source.path), recorded.get("weights_bytes")
+    if (size != expected) if expected is not None else size > MAX_UNSIZED_WEIGHTS_BYTES:
+        wanted = f"{expected} bytes" if expected is not None else f"at most {MAX_UNSIZED_WEIGHTS_BYTES >> 30} GiB"
+        raise DhkdError(
+            f"the store's recorded teacher weights {source.label} are {size} bytes where its teacher's are "
+            f"{wanted}: not the file it was written with; pass --teacher-weights FILE"
+        )
+    log(f"verify-cache: teacher weights {source.label}, as the store records them")
+    return source
+
+
 def verify_cache(
     store: str,
     data_spec: str | None = None,
     teacher_weights: str | None = None,
     samples: int = 256,
     tolerance: float | None = None,
+    log=log_line,
 ) -> dict:
     """Re-renders sampled stored views through the replay path, re-runs the teacher and compares.
 
     ``data_spec`` and ``teacher_weights`` default to what the store records; weights given here
-    must be the store's (same digest)."""
+    must be the store's (same digest). Which weights are read is said in a line (``log``)."""
     check_value("samples", samples)
     check_value("tolerance", tolerance)
     cache = LogitCache.open(store)
@@ -348,7 +390,7 @@ def verify_cache(
     data, _ = load_store_data(cache, data_spec)
     acc = make_accelerator(cache.attrs.get("precision", "no"))
     recorded = cache.recorded("teacher")
-    source = resolve_teacher(recorded["arch"], teacher_weights or recorded.get("weights"))
+    source = verified_weights(recorded, teacher_weights, log)
     if source.digest() != recorded.get("weights_digest"):
         raise DhkdError(
             f"teacher weights {source.label} are not the store's: digest {source.digest()}, "
@@ -390,6 +432,7 @@ def verify_cache(
     ok = worst <= tol_used
     return {
         "store": store,
+        "teacher_weights": source.label,
         "samples": total,
         "max_abs_diff": worst,
         "tolerance": tol_used,

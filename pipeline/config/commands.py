@@ -37,7 +37,7 @@ class CacheConfig:
     resolution: int | None = option(
         None, "View side in pixels (default: the teacher weights' own, else the data set's).", record=True
     )
-    workers: int = option(2)
+    workers: int = option(2, "Image reader processes (DALI); at most one per usable CPU core, more are clamped.")
     channels_last: bool = option(
         True,
         "NHWC teacher and inputs (on by default: as fast or faster for the teachers tried, with the logits within "

@@ -66,6 +66,15 @@ def default_workers() -> int:
     return max(1, min(4, len(os.sched_getaffinity(0))))
 
 
+def worker_count(requested: int | None) -> int:
+    """Reader processes for ``--workers``: ``requested`` (default: ``default_workers()``), at most one
+    per usable CPU core. Each is a spawned interpreter holding its own memory; past the cores they
+    only compete for them, and a thousand of them exhaust the machine before the first image."""
+    if requested is None:
+        return default_workers()
+    return max(0, min(int(requested), len(os.sched_getaffinity(0))))
+
+
 def decode_box(y: int, x: int, h: int, w: int, height: int, width: int):
     """Splits a box into the region of the image to decode and where the box starts in it.
 
@@ -277,7 +286,7 @@ class DaliViews:
         self.decode = decode or ("full" if self.device.type == "cuda" else "region")
         if self.decode not in DECODES:
             raise DhkdError(f"unknown decode {self.decode!r}; known: {', '.join(DECODES)}")
-        self.num_workers = default_workers() if num_workers is None else num_workers
+        self.num_workers = worker_count(num_workers)
         self.num_threads = num_threads or default_workers()
         self.pipeline_batch_size = pipeline_batch_size
         self.prefetch, self.start_method = prefetch, start_method

@@ -114,6 +114,24 @@ def check_inputs_outside(location: str, entries: tuple[str, ...], inputs: dict):
                 )
 
 
+def check_outside_folders(location: str, folders: dict):
+    """Refuses a local store at ``location`` that is, or lies inside, one of the command's input
+    folders (``{option: folder}``: the data set's), before anything is written: there it would
+    become part of them (an image folder's ``train/`` would take its objects for a class of images)."""
+    if not is_local(location):
+        return
+    store = os.path.realpath(local_path(location))
+    for option, folder in folders.items():
+        if not folder or is_url(folder):
+            continue
+        root = os.path.realpath(folder)
+        if store == root or store.startswith(root.rstrip(os.sep) + os.sep):
+            raise DhkdError(
+                f"--out {location} lies inside the folder of {option} ({folder}): a store there would become "
+                "part of the data set; write it elsewhere"
+            )
+
+
 def write_local_object(store, key: str, parts, atomic: bool = True) -> None:
     """Writes object ``key`` (its bytes in ``parts``, one after the other) of a local store (a
     ``LocalStore``) from the calling thread. Writer threads then share the file system's work,
