@@ -16,6 +16,7 @@ import glob
 import inspect
 import json
 import os
+import re
 
 from mkdocs.structure.files import File
 
@@ -45,12 +46,18 @@ def on_page_content(html, page, config, files):
     return html.replace("<code>Sentinel.UNSET</code>", "")
 
 
+def _prose(text: str) -> str:
+    """Code prose as Markdown: ``*`` and ``<`` outside code spans are literal (``alpha*TCKD``, ``<g, h>``)."""
+    parts = re.split(r"(``.*?``|`[^`]*`)", text, flags=re.S)
+    return "".join(p if i % 2 else p.replace("*", "\\*").replace("<", "&lt;") for i, p in enumerate(parts))
+
+
 def _cell(value) -> str:
     if isinstance(value, float):
         value = f"{value:,.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
     elif isinstance(value, (list, dict)):
         value = json.dumps(value)
-    return "" if value is None else str(value).replace("|", "\\|").replace("\n", " ")
+    return "" if value is None else _prose(str(value)).replace("|", "\\|").replace("\n", " ")
 
 
 def table(rows: list[dict]) -> str:
@@ -112,7 +119,7 @@ def methods_markdown() -> str:
     out = ["| method | what it is | defaults |", "| --- | --- | --- |"]
     out += [f"| `{name}` | {_cell(cls.summary)} | {defaults(cls)} |" for name, cls in METHODS.items()]
     for name, cls in METHODS.items():
-        out += ["", f"### `{name}`", "", inspect.cleandoc(cls.__doc__ or ""), ""]
+        out += ["", f"### `{name}`", "", _prose(inspect.cleandoc(cls.__doc__ or "")), ""]
         out += ["| option | default | what it sets |", "| --- | --- | --- |"]
         for option, default in option_defaults(cls).items():
             flag = "--" + option.replace("_", "-")
