@@ -20,7 +20,7 @@ def read_run(run_dir: str) -> tuple[list[dict], dict]:
     if not os.path.isfile(metrics_path):
         raise DhkdError(f"{run_dir} is not a run folder: no metrics.jsonl")
     history = []
-    for number, line in enumerate(_read_text(metrics_path).splitlines(), 1):
+    for number, line in enumerate(_read_text(metrics_path).split("\n"), 1):
         if line.strip():
             entry = _parse(line, f"corrupt metrics in {run_dir}: metrics.jsonl line {number}")
             history.append(_checked_epoch(entry, f"corrupt metrics in {run_dir}: metrics.jsonl line {number}"))

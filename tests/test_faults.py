@@ -1283,6 +1283,274 @@ OWNERSHIP_CASES = [
 ]
 
 
+# ---- files and values read back: run files, checkpoints and recipes that are not what the tool wrote ----
+
+REPORT = "report {run} --out {tmp}/r.png"
+RECIPE = "train-teacher --config {tmp}/recipe.yaml --out {out}"
+RECIPE_BASE = "data: digits@100\nmodel: resnet8\nbatch_size: 32\n"
+
+
+def run_file(name: str, data):
+    """A finished run whose ``name`` holds ``data`` (bytes, text, or a function of the path) instead
+    of what the tool wrote."""
+
+    def setup(w: Work):
+        w.copy_run()
+        path = w.out / name
+        if callable(data):
+            data(path)
+        else:
+            path.write_bytes(data if isinstance(data, bytes) else data.encode())
+
+    return setup
+
+
+def sparse_file(size: int):
+    def write(path: Path):
+        path.unlink(missing_ok=True)
+        with open(path, "wb") as f:
+            f.truncate(size)
+
+    return write
+
+
+def no_report(w: Work):
+    assert not (w.tmp / "r.png").exists(), "a report was written from a damaged run"
+
+
+def tampered_checkpoint(change: Callable):
+    """A stopped run (no summary) whose checkpoint is the tool's own with ``change`` applied."""
+
+    def setup(w: Work):
+        w.copy_run()
+        (w.out / "summary.json").unlink()
+        state = torch.load(w.out / "checkpoint.pt", weights_only=True)
+        change(state)
+        torch.save(state, w.out / "checkpoint.pt")
+
+    return setup
+
+
+def _mid_epoch_tally_without_seen(state: dict):
+    state["step"] = 1
+    state["tally"] = {"term_sums": torch.zeros(2), "steps": 1, "elapsed": 0.5}
+
+
+READ_BACK_CASES = [
+    Case(
+        "report-metrics-line-a-json-list",
+        REPORT,
+        "corrupt metrics in .*: metrics.jsonl line 2 is a JSON list, not a JSON object",
+        setup=run_file("metrics.jsonl", '{"epoch": 1, "train_loss": 1.0}\n[1, 2]\n'),
+        check=no_report,
+        bound=20,
+    ),
+    Case(
+        "report-metrics-line-without-epoch",
+        REPORT,
+        "metrics.jsonl line 1: epoch is missing or null, not an epoch number",
+        setup=run_file("metrics.jsonl", '{"train_loss": 1.0, "val_top1": 50.0}\n'),
+        check=no_report,
+        bound=20,
+    ),
+    Case(
+        "report-metrics-not-utf8",
+        REPORT,
+        "metrics.jsonl is not UTF-8 text \\(byte 0xff at offset 10\\)",
+        setup=run_file("metrics.jsonl", b'{"epoch": \xff1}\n'),
+        check=no_report,
+        bound=20,
+    ),
+    Case(
+        "report-metrics-huge",
+        REPORT,
+        "metrics.jsonl is larger than 64 MiB: not a file this tool wrote",
+        setup=run_file("metrics.jsonl", sparse_file((64 << 20) + 1)),
+        check=no_report,
+        bound=20,
+    ),
+    Case(
+        "report-metrics-nan-as-text",
+        REPORT,
+        'metrics.jsonl line 1: val_top1 is "NaN", not a number',
+        setup=run_file("metrics.jsonl", '{"epoch": 1, "train_loss": 1.0, "val_top1": "NaN"}\n'),
+        check=no_report,
+        bound=20,
+    ),
+    Case(
+        "report-metrics-nan-token",
+        REPORT,
+        "metrics.jsonl line 1: NaN is not JSON",
+        setup=run_file("metrics.jsonl", '{"epoch": 1, "train_loss": NaN}\n'),
+        check=no_report,
+        bound=20,
+    ),
+    Case(
+        "report-metrics-overflowing-number",
+        REPORT,
+        "metrics.jsonl line 1: train_loss is inf, not a finite number",
+        setup=run_file("metrics.jsonl", '{"epoch": 1, "train_loss": 1e400}\n'),
+        check=no_report,
+        bound=20,
+    ),
+    Case(
+        "report-metrics-null-line",
+        REPORT,
+        "metrics.jsonl line 1 is missing or null, not a JSON object",
+        setup=run_file("metrics.jsonl", "null\n"),
+        check=no_report,
+        bound=20,
+    ),
+    Case(
+        "report-metrics-epoch-as-text",
+        REPORT,
+        'metrics.jsonl line 1: epoch is "1", not an epoch number',
+        setup=run_file("metrics.jsonl", '{"epoch": "1", "train_loss": 1.0}\n'),
+        check=no_report,
+        bound=20,
+    ),
+    Case(
+        "report-metrics-epoch-a-bool",
+        REPORT,
+        "metrics.jsonl line 1: epoch is true, not an epoch number",
+        setup=run_file("metrics.jsonl", '{"epoch": true, "train_loss": 1.0}\n'),
+        check=no_report,
+        bound=20,
+    ),
+    Case(
+        "report-metrics-without-train-loss",
+        REPORT,
+        "metrics.jsonl line 1: no train_loss",
+        setup=run_file("metrics.jsonl", '{"epoch": 1, "val_top1": 50.0}\n'),
+        check=no_report,
+        bound=20,
+    ),
+    Case(
+        "report-metrics-term-an-object",
+        REPORT,
+        "metrics.jsonl line 1: train_kd is a JSON object, not a number",
+        setup=run_file("metrics.jsonl", '{"epoch": 1, "train_loss": 1.0, "train_kd": {"x": 1}}\n'),
+        check=no_report,
+        bound=20,
+    ),
+    Case(
+        "report-metrics-nested-deep",
+        REPORT,
+        "metrics.jsonl line 1: nested too deep",
+        setup=run_file("metrics.jsonl", "[" * 200_000 + "]" * 200_000 + "\n"),
+        check=no_report,
+        bound=20,
+    ),
+    Case(
+        "report-summary-a-list",
+        REPORT,
+        "corrupt summary in .*: summary.json is a JSON list, not a JSON object",
+        setup=run_file("summary.json", "[1, 2, 3]"),
+        check=no_report,
+        bound=20,
+    ),
+    Case(
+        "report-summary-speed-as-text",
+        REPORT,
+        'summary.json: images_per_sec is "fast", not a number',
+        setup=run_file("summary.json", '{"model": "resnet8", "images_per_sec": "fast"}'),
+        check=no_report,
+        bound=20,
+    ),
+    Case(
+        "report-summary-not-utf8",
+        REPORT,
+        "summary.json is not UTF-8 text",
+        setup=run_file("summary.json", b'{"model": "r\xe9snet"}'),
+        check=no_report,
+        bound=20,
+    ),
+    Case(
+        "resume-checkpoint-without-generators",
+        TRAIN + " --resume",
+        "checkpoint.pt is damaged: its random generators' states are missing or not byte tensors",
+        setup=tampered_checkpoint(lambda s: s.pop("rng")),
+        bound=30,
+    ),
+    Case(
+        "resume-checkpoint-generator-of-another-size",
+        TRAIN + " --resume",
+        "checkpoint.pt is damaged: its random generators' states",
+        setup=tampered_checkpoint(lambda s: s.update(rng=[{"cpu": torch.zeros(7, dtype=torch.uint8)}])),
+        bound=30,
+    ),
+    Case(
+        "resume-checkpoint-history-not-metrics",
+        TRAIN + " --resume",
+        "checkpoint.pt is damaged: history entry 1 is not an epoch's metrics",
+        setup=tampered_checkpoint(lambda s: s.update(history=[1, 2])),
+        bound=30,
+    ),
+    Case(
+        "resume-checkpoint-history-holds-a-tensor",
+        TRAIN + " --resume",
+        "checkpoint.pt is damaged: history entry 1 holds 'train_loss': Tensor, not a number",
+        setup=tampered_checkpoint(lambda s: s["history"][0].update(train_loss=torch.ones(2))),
+        bound=30,
+    ),
+    Case(
+        "resume-checkpoint-tally-without-image-count",
+        TRAIN + " --resume",
+        "checkpoint.pt is damaged: the stopped epoch's step, image and time counts are not counts",
+        setup=tampered_checkpoint(_mid_epoch_tally_without_seen),
+        bound=30,
+    ),
+    Case(
+        "resume-checkpoint-skipped-count-as-text",
+        TRAIN + " --resume",
+        "checkpoint.pt is damaged: skipped_nonfinite is 'many', not a count",
+        setup=tampered_checkpoint(lambda s: s.update(skipped_nonfinite="many")),
+        bound=30,
+    ),
+    Case(
+        "resume-checkpoint-negative-epoch",
+        TRAIN + " --resume",
+        "checkpoint.pt is damaged: epoch -3, step 0 are not a position in a run",
+        setup=tampered_checkpoint(lambda s: s.update(epoch=-3, step=0)),
+        bound=30,
+    ),
+    Case(
+        "config-true-for-an-integer",
+        RECIPE,
+        "bad value for epochs: True; give an integer",
+        setup=bad_config(RECIPE_BASE + "epochs: true\n"),
+        bound=10,
+    ),
+    Case(
+        "config-null-seed",
+        RECIPE,
+        "bad value for seed: null; give an integer, or leave seed out for its default",
+        setup=bad_config(RECIPE_BASE + "seed: null\n"),
+        bound=10,
+    ),
+    Case(
+        "config-lr-past-float32",
+        RECIPE,
+        "bad --lr 1e\\+308: the learning rate must stay at most 3.403e\\+38",
+        setup=bad_config(RECIPE_BASE + "lr: 1.0e308\n"),
+        bound=10,
+    ),
+    Case(
+        "config-weight-decay-past-float32",
+        RECIPE,
+        "bad --weight-decay 1e\\+308: must be at most 3.403e\\+38",
+        setup=bad_config(RECIPE_BASE + "weight_decay: 1.0e308\n"),
+        bound=10,
+    ),
+    Case(
+        "config-cli-lr-past-float32",
+        TRAIN + " --lr 1e308",
+        "bad --lr 1e\\+308: the learning rate must stay at most",
+        bound=10,
+    ),
+]
+
+
 CASES = [
     # --out: a run folder, never anything else
     Case("out-is-a-file", TRAIN.replace("{out}", "{file}"), "is a file, not a run folder", setup=make_file),
@@ -1666,6 +1934,7 @@ CASES = [
     ),
     Case("sigkill-image-folder-run-leaves-no-workers", code=0, run=kill_image_folder_run, changes_out=True, slow=True),
     *ISSUE_19_CASES,
+    *READ_BACK_CASES,
     *OWNERSHIP_CASES,
 ]
 

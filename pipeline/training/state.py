@@ -218,7 +218,72 @@ def read_state(path: str) -> dict:
             f"{path} is not a dhkd-pipe training checkpoint (no {', '.join(lacking)}): --resume continues a run "
             "this tool stopped; to start over in this folder pass --overwrite instead"
         )
+    problem = _state_problem(state)
+    if problem:
+        raise DhkdError(
+            f"{path} is damaged: {problem}; --resume cannot continue from it (to start over in this folder pass "
+            "--overwrite instead)"
+        )
     return state
+
+
+MAX_EPOCHS = 1_000_000  # option_ranges' bound of --epochs
+
+
+def _state_problem(state: dict) -> str | None:
+    """What in a checkpoint's training state is not what ``save_training_state`` writes: counters
+    that are not counts, history lines that metrics.jsonl cannot hold, generator states that are not
+    byte tensors, running sums of another shape. None when all is well."""
+
+    def count(value, high=None) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= (high or value)
+
+    if not count(state["epoch"], MAX_EPOCHS) or not count(state["step"]):
+        return f"epoch {_brief(state['epoch'])}, step {_brief(state['step'])} are not a position in a run"
+    history = state["history"]
+    if len(history) > MAX_EPOCHS:
+        return f"its history holds {len(history)} epochs"
+    for number, entry in enumerate(history, 1):
+        if not isinstance(entry, dict) or not count(entry.get("epoch")):
+            return f"history entry {number} is not an epoch's metrics"
+        for key, value in entry.items():
+            if not isinstance(key, str) or not (value is None or isinstance(value, (int, float, str))):
+                return f"history entry {number} holds {_brief(key)}: {type(value).__name__}, not a number"
+    rng = state.get("rng")
+    if not isinstance(rng, list) or not rng or not all(_is_rng(r) for r in rng):
+        return "its random generators' states are missing or not byte tensors"
+    if state.get("skipped_nonfinite") is not None and not count(state["skipped_nonfinite"]):
+        return f"skipped_nonfinite is {_brief(state['skipped_nonfinite'])}, not a count"
+    tally = state.get("tally")
+    if tally is not None:
+        sums = tally.get("term_sums") if isinstance(tally, dict) else None
+        if not (isinstance(sums, torch.Tensor) and sums.dim() == 1 and sums.is_floating_point()):
+            return "the stopped epoch's running sums are not a vector of numbers"
+        elapsed = tally.get("elapsed")
+        if not (count(tally.get("steps")) and count(tally.get("seen"))) or not (
+            isinstance(elapsed, (int, float)) and not isinstance(elapsed, bool) and 0 <= elapsed < float("inf")
+        ):
+            return "the stopped epoch's step, image and time counts are not counts"
+    if state.get("scaler") is not None and not isinstance(state["scaler"], dict):
+        return "the grad scaler's state is not a mapping"
+    return None
+
+
+def _is_rng(entry) -> bool:
+    def byte_tensor(t) -> bool:
+        return isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.dim() == 1
+
+    cpu = entry.get("cpu") if isinstance(entry, dict) else None
+    return (
+        byte_tensor(cpu)
+        and cpu.numel() == torch.get_rng_state().numel()  # the CPU generator's state has one size
+        and (entry.get("cuda") is None or byte_tensor(entry["cuda"]))
+    )
+
+
+def _brief(value) -> str:
+    text = repr(value) if isinstance(value, (int, float, str, bool, type(None))) else type(value).__name__
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def restore_training_state(run: Checkpointed):
