@@ -24,8 +24,8 @@ from typing import Callable
 import torch
 
 from dhkd_pipe.console import log_line
-from dhkd_pipe.stages.report import markdown_table
 from dhkd_pipe.files import write_json
+from dhkd_pipe.stages.report import markdown_table
 from dhkd_pipe.version import tool_version
 
 Column = tuple[str, str, str]  # (row key, header, format spec)
