@@ -3,11 +3,11 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import urllib.request
 
 import numpy as np
 import pytest
+from console_script import BIN
 
 # Under pytest-xdist the workers share the cores: one torch thread each (and in the processes they
 # start), else 2 workers x N threads oversubscribe the machine. Set before torch's first import.
@@ -26,8 +26,6 @@ if not torch.cuda.is_available():
 
 
 # ---- the CLI in its own process, and in this one ----------------------------------------------------
-
-BIN = os.path.join(os.path.dirname(sys.executable), "dhkd-pipe")
 
 
 def cli_process(*args, check=True, env=None, cwd=None, timeout=300):
@@ -67,6 +65,19 @@ def cli_here(*args, check=True, env=None, cwd=None):
             f"\n{result.exception!r}"
         )
     return result
+
+
+def invoke(args: list) -> tuple[int, str, str]:
+    """The CLI in this process: (exit code, stdout, stderr). An exception other than the exit is a
+    bug, not a user error, and is raised here with its traceback."""
+    from click.testing import CliRunner
+
+    from dhkd_pipe.cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
 
 
 # ---- a real S3 server (moto) on 127.0.0.1, for the tests of stores on object storage --------------

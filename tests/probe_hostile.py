@@ -25,7 +25,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -33,12 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from console_script import BIN, CHATTER
+
 HERE = Path(__file__).resolve().parent
-BIN = os.path.join(
-    os.path.dirname(sys.executable), "dhkd-pipe"
-)  # PYTHONPATH may point it at another copy of the package
 MEMORY_LIMIT = 6 << 30  # address space per case: a hostile case ends in MemoryError, not the machine's OOM
-CHATTER = re.compile(r"Traceback|\[ERROR\]|\[WARNING\]|Warning:|^\s+File \"|Task exception|Unclosed|asyncio", re.M)
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # raw control characters (not \t \n) reaching the terminal
 BUCKET = "dhkd"
 

@@ -3,18 +3,16 @@
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from conftest import cli_here
+from console_script import BIN
 
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.models import create_model, load_checkpoint
 from dhkd_pipe.training.exported import load_exported, read_exported, write_exported
-
-BIN = os.path.join(os.path.dirname(sys.executable), "dhkd-pipe")
 
 
 def trained_like(arch="resnet8", classes=10, seed=0):

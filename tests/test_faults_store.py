@@ -35,10 +35,10 @@ import hostile_stores as hs
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from conftest import S3_BUCKET as BUCKET  # the moto server is the session fixture ``s3``
+from conftest import invoke
+from console_script import BIN, CHATTER
 from test_faults import (
-    CHATTER,
     assert_one_error_line,
     dead_pid,
     live_pid,
@@ -46,7 +46,6 @@ from test_faults import (
     zombie_pid,
 )  # the run side's matrix helpers
 
-from dhkd_pipe.cli import main
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.models import create_model
 from dhkd_pipe.store.audit import damage
@@ -55,7 +54,6 @@ from dhkd_pipe.store.objects import StoreObjects, is_url, open_store
 from dhkd_pipe.store.reader import LogitCache
 from dhkd_pipe.store.writer import create_or_resume
 
-BIN = os.path.join(os.path.dirname(sys.executable), "dhkd-pipe")
 HOST = socket.gethostname()
 
 CACHE = "cache-teacher --model resnet8 --weights {teacher} --data digits@256 --views 2 --chunk-rows 64 --batch-size 64 --out {out}"
@@ -68,14 +66,6 @@ HELD = r"store \S+ is being written by another process: pid \d+ on "
 
 
 # ---- module fixtures (built once, only read) -------------------------------------------------------
-
-
-def invoke(args: list[str]):
-    """The CLI in this process: (exit code, stdout, stderr)."""
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.stdout, result.stderr
 
 
 def _save_teacher(path: Path, num_classes: int, scale: float | None = None, nan: bool = False, huge: bool = False):

@@ -15,6 +15,8 @@ import torch
 
 pytest.importorskip("triton")
 
+from tensors import assert_close, generator, random_labels, random_logits  # noqa: E402
+
 from dhkd_pipe.errors import DhkdError  # noqa: E402
 from dhkd_pipe.kernels import (  # noqa: E402
     fused_cross_entropy_loss,
@@ -28,30 +30,19 @@ from dhkd_pipe.methods.losses import cross_entropy, dhkd_loss, dhkd_terms  # noq
 from dhkd_pipe.store.codecs import decode_logits  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+ON_DEV = dict(dtype=torch.float32, device=DEV)  # the kernels' inputs
 BLOCK = 16
 T, ALPHA, GAMMA = 4.0, 0.7, 1.3
 KD_NAMES = ["kd", "binary_kl", "binary_kl_norm"]
 
 
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def _logits(B, K, seed, scale=3.0):
-    return (torch.randn(B, K, generator=_gen(seed)) * scale).to(DEV)
-
-
 def _teacher(B, K, dtype, seed):
     """(teacher as stored, teacher_scale or None)."""
     if dtype == torch.int8:
-        q = torch.randint(-127, 128, (B, K), generator=_gen(seed), dtype=torch.int8)
-        scale = torch.rand(B, generator=_gen(seed + 1)) * 0.05 + 0.01
+        q = torch.randint(-127, 128, (B, K), generator=generator(seed), dtype=torch.int8)
+        scale = torch.rand(B, generator=generator(seed + 1)) * 0.05 + 0.01
         return q.to(DEV), scale.to(DEV)
-    return _logits(B, K, seed).to(dtype), None
-
-
-def _labels(B, K, seed, dtype=torch.int64):
-    return torch.randint(0, K, (B,), generator=_gen(seed)).to(dtype).to(DEV)
+    return random_logits(B, K, seed, **ON_DEV).to(dtype), None
 
 
 def _reference(h1, h2, teacher, scale, y, kd_loss, T=T, alpha=ALPHA, gamma=GAMMA):
@@ -89,13 +80,6 @@ def _launch(h1, h2, teacher, scale, y, kd_loss, **kw):
     return run.loss.sum(), g1, g2
 
 
-def _close(got, want, rtol, atol, what):
-    got = got.double().cpu()
-    want = want.cpu()
-    assert torch.isfinite(got).all(), f"{what}: non-finite (an element left unwritten?)"
-    assert torch.allclose(got, want, rtol=rtol, atol=atol), f"{what}: max err {(got - want).abs().max():.3g}"
-
-
 # (B, K): one row; K < block; K = 1; K = the block; K spanning several blocks, not a multiple
 SHAPES = [(1, 37), (2, 5), (3, 1), (4, 16), (5, 50)]
 TEACHER_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int8]
@@ -105,14 +89,14 @@ TEACHER_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int8]
 @pytest.mark.parametrize("kd_loss", KD_NAMES)
 @pytest.mark.parametrize("tdtype", TEACHER_DTYPES, ids=str)
 def test_fused_dhkd_matches_reference(B, K, kd_loss, tdtype):
-    h1, h2 = _logits(B, K, 1), _logits(B, K, 2)
+    h1, h2 = random_logits(B, K, 1, **ON_DEV), random_logits(B, K, 2, **ON_DEV)
     teacher, scale = _teacher(B, K, tdtype, 3)
-    y = _labels(B, K, 4, torch.int32 if K % 2 else torch.int64)
+    y = random_labels(B, K, 4, dtype=torch.int32 if K % 2 else torch.int64, device=DEV)
     loss, g1, g2 = _launch(h1, h2, teacher, scale, y, kd_loss)
     want, w1, w2 = _reference(h1, h2, teacher, scale, y, kd_loss)
-    _close(loss, want, 1e-5, 1e-5, "loss")
-    _close(g1, w1, 1e-4, 1e-6, "grad head 1")
-    _close(g2, w2, 1e-4, 1e-6, "grad head 2")
+    assert_close(loss, want, 1e-5, 1e-5, "loss")
+    assert_close(g1, w1, 1e-4, 1e-6, "grad head 1")
+    assert_close(g2, w2, 1e-4, 1e-6, "grad head 2")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -120,57 +104,60 @@ def test_fused_dhkd_matches_reference(B, K, kd_loss, tdtype):
 def test_half_inputs(dtype, kd_loss):
     """Half logits: float32 arithmetic, so the loss is tight; gradients are stored rounded."""
     B, K = 3, 37
-    h1, h2 = _logits(B, K, 5).to(dtype), _logits(B, K, 6).to(dtype)
+    h1, h2 = random_logits(B, K, 5, **ON_DEV).to(dtype), random_logits(B, K, 6, **ON_DEV).to(dtype)
     teacher, scale = _teacher(B, K, dtype, 7)
-    y = _labels(B, K, 8)
+    y = random_labels(B, K, 8, device=DEV)
     loss, g1, g2 = _launch(h1, h2, teacher, scale, y, kd_loss)
     assert g1.dtype == dtype and g2.dtype == dtype
     want, w1, w2 = _reference(h1, h2, teacher, scale, y, kd_loss)
-    _close(loss, want, 1e-5, 1e-5, "loss")
+    assert_close(loss, want, 1e-5, 1e-5, "loss")
     eps = 1e-2 if dtype == torch.bfloat16 else 2e-3
-    _close(g1, w1, eps, eps * w1.abs().max().item(), "grad head 1")
-    _close(g2, w2, eps, eps * w2.abs().max().item(), "grad head 2")
+    assert_close(g1, w1, eps, eps * w1.abs().max().item(), "grad head 1")
+    assert_close(g2, w2, eps, eps * w2.abs().max().item(), "grad head 2")
 
 
 @pytest.mark.parametrize("kd_loss", KD_NAMES)
 def test_row_and_column_strided_inputs(kd_loss):
     B, K = 4, 21
-    h1 = _logits(B, K + 9, 9)[:, 3 : 3 + K]  # row stride K + 9
-    h2 = _logits(B, 2 * K, 10)[:, ::2]  # column stride 2: copied to unit stride
+    h1 = random_logits(B, K + 9, 9, **ON_DEV)[:, 3 : 3 + K]  # row stride K + 9
+    h2 = random_logits(B, 2 * K, 10, **ON_DEV)[:, ::2]  # column stride 2: copied to unit stride
     tbig, scale = _teacher(B, K + 5, torch.int8, 11)
     teacher = tbig[:, :K]
-    y = _labels(B, K, 12)
+    y = random_labels(B, K, 12, device=DEV)
     assert h1.stride(0) != K and h2.stride(1) == 2 and teacher.stride(0) != K
     loss, g1, g2 = _launch(h1, h2, teacher, scale, y, kd_loss)
     want, w1, w2 = _reference(h1, h2, teacher, scale, y, kd_loss)
-    _close(loss, want, 1e-5, 1e-5, "loss")
-    _close(g1, w1, 1e-4, 1e-6, "grad head 1")
-    _close(g2, w2, 1e-4, 1e-6, "grad head 2")
+    assert_close(loss, want, 1e-5, 1e-5, "loss")
+    assert_close(g1, w1, 1e-4, 1e-6, "grad head 1")
+    assert_close(g2, w2, 1e-4, 1e-6, "grad head 2")
 
 
 @pytest.mark.parametrize("kd_loss", KD_NAMES)
 def test_extreme_logits(kd_loss):
     B, K = 3, 20
-    sign = lambda seed: torch.where(_logits(B, K, seed) > 0, 1.0, -1.0)  # noqa: E731
+
+    def sign(seed):
+        return torch.where(random_logits(B, K, seed, **ON_DEV) > 0, 1.0, -1.0)
+
     h1, h2, teacher = sign(13) * 1e4, sign(14) * 1e4, sign(15) * 1e4
-    y = _labels(B, K, 16)
+    y = random_labels(B, K, 16, device=DEV)
     loss, g1, g2 = _launch(h1, h2, teacher, None, y, kd_loss)
     want, w1, w2 = _reference(h1, h2, teacher, None, y, kd_loss)
-    _close(loss, want, 1e-4, 1e-3, "loss")
-    _close(g1, w1, 1e-4, 1e-6, "grad head 1")
-    _close(g2, w2, 1e-4, 1e-6, "grad head 2")
+    assert_close(loss, want, 1e-4, 1e-3, "loss")
+    assert_close(g1, w1, 1e-4, 1e-6, "grad head 1")
+    assert_close(g2, w2, 1e-4, 1e-6, "grad head 2")
 
 
 @pytest.mark.parametrize("kd_loss", KD_NAMES)
 def test_backends_agree_including_one_head(kd_loss):
     B, K = 3, 23
     teacher, scale = _teacher(B, K, torch.int8, 17)
-    y = _labels(B, K, 18)
+    y = random_labels(B, K, 18, device=DEV)
     for same in (False, True):
         grads, values = [], []
         for backend in ("torch", "triton"):
-            h1 = _logits(B, K, 19).requires_grad_()
-            h2 = h1 if same else _logits(B, K, 20).requires_grad_()
+            h1 = random_logits(B, K, 19, **ON_DEV).requires_grad_()
+            h2 = h1 if same else random_logits(B, K, 20, **ON_DEV).requires_grad_()
             v = dhkd_loss(
                 h1,
                 h2,
@@ -186,9 +173,9 @@ def test_backends_agree_including_one_head(kd_loss):
             (3.0 * v).backward()  # a grad_output other than 1
             values.append(v.detach())
             grads.append((h1.grad, h2.grad))
-        _close(values[1], values[0].double(), 1e-5, 1e-5, f"loss same={same}")
-        for a, b in zip(grads[1], grads[0]):
-            _close(a, b.double(), 1e-4, 1e-6, f"grad same={same}")
+        assert_close(values[1], values[0].double(), 1e-5, 1e-5, f"loss same={same}")
+        for a, b in zip(grads[1], grads[0], strict=True):
+            assert_close(a, b.double(), 1e-4, 1e-6, f"grad same={same}")
 
 
 @pytest.mark.parametrize("kd_loss", KD_NAMES)
@@ -197,12 +184,12 @@ def test_terms_apart_match_reference(kd_loss):
     takes), equal the reference's; one head or two."""
     B, K = 3, 23
     teacher, scale = _teacher(B, K, torch.int8, 31)
-    y = _labels(B, K, 32)
+    y = random_labels(B, K, 32, device=DEV)
     for same in (False, True):
         got = {}
         for backend in ("torch", "triton"):
-            h1 = _logits(B, K, 33).requires_grad_()
-            h2 = h1 if same else _logits(B, K, 34).requires_grad_()
+            h1 = random_logits(B, K, 33, **ON_DEV).requires_grad_()
+            h2 = h1 if same else random_logits(B, K, 34, **ON_DEV).requires_grad_()
             ce, kd = dhkd_terms(
                 h1,
                 h2,
@@ -219,15 +206,15 @@ def test_terms_apart_match_reference(kd_loss):
             g_kd = torch.autograd.grad(2.0 * kd, (h1, h2), allow_unused=True, materialize_grads=True)
             got[backend] = (ce.detach(), kd.detach(), g_ce, g_kd)
         (ce0, kd0, gce0, gkd0), (ce1, kd1, gce1, gkd1) = got["torch"], got["triton"]
-        _close(ce1, ce0.double(), 1e-5, 1e-5, f"ce same={same}")
-        _close(kd1, kd0.double(), 1e-5, 1e-5, f"kd same={same}")
-        for a, b in zip(gce1 + gkd1, gce0 + gkd0):
-            _close(a, b.double(), 1e-4, 1e-6, f"grad of one term, same={same}")
+        assert_close(ce1, ce0.double(), 1e-5, 1e-5, f"ce same={same}")
+        assert_close(kd1, kd0.double(), 1e-5, 1e-5, f"kd same={same}")
+        for a, b in zip(gce1 + gkd1, gce0 + gkd0, strict=True):
+            assert_close(a, b.double(), 1e-4, 1e-6, f"grad of one term, same={same}")
 
 
 def test_single_fused_losses():
     B, K = 4, 37
-    s = _logits(B, K, 21)
+    s = random_logits(B, K, 21, **ON_DEV)
     for tdtype in (torch.float32, torch.int8):
         teacher, scale = _teacher(B, K, tdtype, 22)
         t = losses.dequantize(teacher, scale).double()
@@ -236,21 +223,21 @@ def test_single_fused_losses():
             got = fused_kd_loss(a, teacher, T, kd_loss=name, teacher_scale=scale, max_block=BLOCK)
             want = ref(b, t, T)
             got.backward(), want.backward()
-            _close(got.detach(), want.detach(), 1e-5, 1e-5, name)
-            _close(a.grad, b.grad, 1e-4, 1e-6, name + " grad")
+            assert_close(got.detach(), want.detach(), 1e-5, 1e-5, name)
+            assert_close(a.grad, b.grad, 1e-4, 1e-6, name + " grad")
     for K in (1, 37):
-        s, y = _logits(B, K, 23), _labels(B, K, 24)
+        s, y = random_logits(B, K, 23, **ON_DEV), random_labels(B, K, 24, device=DEV)
         a, b = s.clone().requires_grad_(), s.double().requires_grad_()
         got, want = fused_cross_entropy_loss(a, y, max_block=BLOCK), losses.ce_loss(b, y)
         got.backward(), want.backward()
-        _close(got.detach(), want.detach(), 1e-5, 1e-5, "ce")
-        _close(a.grad, b.grad, 1e-4, 1e-6, "ce grad")
+        assert_close(got.detach(), want.detach(), 1e-5, 1e-5, "ce")
+        assert_close(a.grad, b.grad, 1e-4, 1e-6, "ce grad")
 
 
 def test_dispatch_and_errors():
     assert triton_available()
     B, K = 2, 6
-    s, t, y = _logits(B, K, 25), _logits(B, K, 26), _labels(B, K, 27)
+    s, t, y = random_logits(B, K, 25, **ON_DEV), random_logits(B, K, 26, **ON_DEV), random_labels(B, K, 27, device=DEV)
     kw = dict(temperature=T, alpha=ALPHA, gamma=GAMMA, kd_loss="binary_kl_norm")
     # no teacher and alpha 0: CE only, both backends
     ce = [dhkd_loss(s, s, None, y, **{**kw, "alpha": 0.0}, backend=b) for b in ("torch", "triton")]
@@ -262,8 +249,8 @@ def test_dispatch_and_errors():
         v = cross_entropy(a, y, backend=b)
         v.backward()
         grads.append((v.detach(), a.grad))
-    _close(grads[1][0], grads[0][0].double(), 1e-5, 1e-6, "cross_entropy")
-    _close(grads[1][1], grads[0][1].double(), 1e-4, 1e-6, "cross_entropy grad")
+    assert_close(grads[1][0], grads[0][0].double(), 1e-5, 1e-6, "cross_entropy")
+    assert_close(grads[1][1], grads[0][1].double(), 1e-4, 1e-6, "cross_entropy grad")
     with pytest.raises(DhkdError):
         cross_entropy(s, y, backend="cuda")
     with pytest.raises(DhkdError):
@@ -299,7 +286,7 @@ def test_empty_batch_and_bad_label_in_kernel():
     from dhkd_pipe.kernels.fused_dhkd import _dhkd_kernel
 
     B, K = 3, 5
-    x, t = _logits(B, K, 28), _logits(B, K, 29)
+    x, t = random_logits(B, K, 28, **ON_DEV), random_logits(B, K, 29, **ON_DEV)
     y = torch.tensor([1, K, -1], device=DEV)
     g1, g2, rows = _poisoned(x), _poisoned(x), torch.empty(B, device=DEV)
     _ce_kernel[(B,)](x, K, y, g1, K, rows, K, 1.0 / B, BLOCK=8)
@@ -355,13 +342,17 @@ def test_one_int8_dequantise_bit_identical(tmp_path):
     bits = lambda x: x.cpu().view(torch.int32)  # noqa: E731
     assert torch.equal(bits(decoded), bits(reference)) and torch.equal(bits(kernel), bits(reference))
     assert not torch.equal(bits(reference), bits(q.float()))  # the scale was applied
-    h1, h2, y = _logits(B, K, 30), _logits(B, K, 31), _labels(B, K, 32)
+    h1, h2, y = (
+        random_logits(B, K, 30, **ON_DEV),
+        random_logits(B, K, 31, **ON_DEV),
+        random_labels(B, K, 32, device=DEV),
+    )
     kw = dict(temperature=3.0, alpha=ALPHA, gamma=GAMMA, max_block=BLOCK)  # 1/3 rounds: scale first
     for kd_loss in KD_NAMES:
         from_int8 = dhkd_forward(h1, h2, q, y, kd_loss=kd_loss, teacher_scale=s, **kw)
         from_f32 = dhkd_forward(h1, h2, reference, y, kd_loss=kd_loss, **kw)
         assert torch.equal(from_int8.loss, from_f32.loss), kd_loss
-        assert all(torch.equal(a, b) for a, b in zip(from_int8.grads, from_f32.grads)), kd_loss
+        assert all(torch.equal(a, b) for a, b in zip(from_int8.grads, from_f32.grads, strict=True)), kd_loss
 
 
 _COMPILE_SCRIPT = r"""
@@ -377,7 +368,8 @@ FLOATS = {"inv_T", "ce_w", "kd_w", "kd_gw", "w", "gw"}
 
 def build(fn, ptrs, consts, num_warps=4):
     sig = {n: "constexpr" if n in consts else ptrs.get(n, "fp32" if n in FLOATS else "i32") for n in fn.arg_names}
-    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+    source = ASTSource(fn=fn, signature=sig, constexprs=consts)
+    triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
 
 for mode in (0, 1, 2):
     for tptr, has_scale in (("*bf16", False), ("*i8", True)):

@@ -6,20 +6,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tensors import random_labels, random_logits
 
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.methods import losses
 
 T = 4.0
-
-
-def _logits(B, K, scale=3.0, seed=0, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, K, generator=g, dtype=torch.float64) * scale).to(dtype)
-
-
-def _labels(B, K, seed=0):
-    return torch.randint(0, K, (B,), generator=torch.Generator().manual_seed(seed))
 
 
 # --- float64 transcriptions of the formulas, written as literally as possible -------------------
@@ -101,7 +93,7 @@ PAIR_LOSSES = [
 
 @pytest.mark.parametrize("fn,ref", PAIR_LOSSES, ids=["kd", "binary_kl", "binary_kl_norm"])
 def test_pair_losses_match_float64_formula(fn, ref):
-    s, t = _logits(5, 7, seed=1), _logits(5, 7, seed=2)
+    s, t = random_logits(5, 7, seed=1), random_logits(5, 7, seed=2)
     assert torch.allclose(fn(s, t, T), ref(s, t, T), rtol=1e-12, atol=1e-12)
     # float32 inputs: computed in float32, close to the float64 truth
     got32 = fn(s.float(), t.float(), T)
@@ -114,7 +106,7 @@ def test_pair_losses_match_float64_formula(fn, ref):
 
 
 def test_ce_matches_float64_formula():
-    s, y = _logits(6, 9, seed=3), _labels(6, 9)
+    s, y = random_logits(6, 9, seed=3), random_labels(6, 9)
     assert torch.allclose(losses.ce_loss(s, y), _ce64(s, y), rtol=1e-12)
     assert torch.allclose(losses.ce_loss(s, y.int()), _ce64(s, y), rtol=1e-12)  # int32 labels
     assert torch.allclose(losses.ce_loss(s.float(), y).double(), _ce64(s, y), rtol=1e-5)
@@ -122,14 +114,18 @@ def test_ce_matches_float64_formula():
 
 @pytest.mark.parametrize("fn", [f for f, _ in PAIR_LOSSES], ids=["kd", "binary_kl", "binary_kl_norm"])
 def test_pair_losses_gradcheck(fn):
-    s = _logits(3, 5, seed=4).requires_grad_()
-    t = _logits(3, 5, seed=5).requires_grad_()
+    s = random_logits(3, 5, seed=4).requires_grad_()
+    t = random_logits(3, 5, seed=5).requires_grad_()
     assert torch.autograd.gradcheck(lambda a, b: fn(a, b, T), (s, t))
     assert torch.autograd.gradgradcheck(lambda a, b: fn(a, b, 2.0), (s, t))
 
 
 def test_ce_and_dkd_gradcheck():
-    s, t, y = _logits(4, 6, seed=6).requires_grad_(), _logits(4, 6, seed=7).requires_grad_(), _labels(4, 6)
+    s, t, y = (
+        random_logits(4, 6, seed=6).requires_grad_(),
+        random_logits(4, 6, seed=7).requires_grad_(),
+        random_labels(4, 6),
+    )
     assert torch.autograd.gradcheck(lambda a: losses.ce_loss(a, y), (s,))
     assert torch.autograd.gradcheck(lambda a, b: losses.dkd_loss(a, b, y, alpha=1.0, beta=8.0, T=T), (s, t))
 
@@ -155,15 +151,19 @@ def _grad(fn, s):
 def test_gradients_are_the_closed_forms(scale):
     """At moderate logits and at +-1e4 (where clamped or naive forms saturate) the autograd gradient
     of each reference is the table's closed form."""
-    s64, t64, y = _logits(4, 11, scale, seed=8), _logits(4, 11, scale, seed=9), _labels(4, 11)
+    s64, t64, y = (
+        random_logits(4, 11, seed=8, scale=scale),
+        random_logits(4, 11, seed=9, scale=scale),
+        random_labels(4, 11),
+    )
     want = _closed_form_grads(s64, t64, y, T)
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-6)):
         s, t = s64.to(dtype), t64.to(dtype)
         got = {
             "ce": _grad(lambda a: losses.ce_loss(a, y), s),
-            "kd": _grad(lambda a: losses.kd_loss(a, t, T), s),
-            "binary_kl": _grad(lambda a: losses.binary_kl_loss(a, t, T), s),
-            "binary_kl_norm": _grad(lambda a: losses.binary_kl_norm_loss(a, t, T), s),
+            "kd": _grad(lambda a, t=t: losses.kd_loss(a, t, T), s),
+            "binary_kl": _grad(lambda a, t=t: losses.binary_kl_loss(a, t, T), s),
+            "binary_kl_norm": _grad(lambda a, t=t: losses.binary_kl_norm_loss(a, t, T), s),
         }
         for name in want:
             assert torch.isfinite(got[name]).all(), name
@@ -174,7 +174,10 @@ def test_gradients_are_the_closed_forms(scale):
 def test_binary_kl_equals_published_clamped_form_where_clamp_inactive(name):
     ours = {"binary_kl": losses.binary_kl_loss, "binary_kl_norm": losses.binary_kl_norm_loss}[name]
     published = {"binary_kl": _published_binary_kl, "binary_kl_norm": _published_binary_kl_norm}[name]
-    s, t = _logits(6, 10, 8.0, seed=10), _logits(6, 10, 8.0, seed=11)  # |x/T| << 18: sigma in (1e-8, 1-1e-8)
+    s, t = (
+        random_logits(6, 10, seed=10, scale=8.0),
+        random_logits(6, 10, seed=11, scale=8.0),
+    )  # |x/T| << 18: sigma in (1e-8, 1-1e-8)
     assert (torch.sigmoid(torch.cat([s, t, s - t]) / T) > 1e-7).all()
     assert (torch.sigmoid(torch.cat([s, t, s - t]) / T) < 1 - 1e-7).all()
     sa, sb = s.clone().requires_grad_(), s.clone().requires_grad_()
@@ -199,11 +202,11 @@ def test_published_clamp_saturates_where_ours_does_not():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_extreme_logits_finite(dtype):
     B, K = 4, 9
-    sign = torch.where(_logits(B, K, seed=12) > 0, 1.0, -1.0)
+    sign = torch.where(random_logits(B, K, seed=12) > 0, 1.0, -1.0)
     big = min(1e4, torch.finfo(dtype).max / 4)
     s = (sign * big).to(dtype)
     t = (-torch.roll(sign, 1, dims=1) * big).to(dtype)
-    y = _labels(B, K)
+    y = random_labels(B, K)
     fns = {
         "ce": lambda a: losses.ce_loss(a, y),
         "dkd": lambda a: losses.dkd_loss(a, t, y, alpha=1.0, beta=8.0, T=T),
@@ -220,7 +223,7 @@ def test_extreme_logits_finite(dtype):
 
 
 def test_dkd_matches_mdistiller():
-    s, t, y = _logits(8, 10, seed=13), _logits(8, 10, seed=14), _labels(8, 10, seed=2)
+    s, t, y = random_logits(8, 10, seed=13), random_logits(8, 10, seed=14), random_labels(8, 10, seed=2)
     for alpha, beta, temp in ((1.0, 8.0, 4.0), (0.5, 2.0, 1.0)):
         sa, sb = s.clone().requires_grad_(), s.clone().requires_grad_()
         a = losses.dkd_loss(sa, t, y, alpha=alpha, beta=beta, T=temp)
@@ -235,11 +238,11 @@ def test_dkd_matches_mdistiller():
 
 
 def test_dkd_small_k():
-    s, t = _logits(3, 1, seed=15).requires_grad_(), _logits(3, 1, seed=16)
+    s, t = random_logits(3, 1, seed=15).requires_grad_(), random_logits(3, 1, seed=16)
     v = losses.dkd_loss(s, t, torch.zeros(3, dtype=torch.long), 1.0, 8.0, T)
     v.backward()
     assert v == 0 and (s.grad == 0).all()
-    s2, t2, y2 = _logits(3, 2, seed=17), _logits(3, 2, seed=18), _labels(3, 2)
+    s2, t2, y2 = random_logits(3, 2, seed=17), random_logits(3, 2, seed=18), random_labels(3, 2)
     # K = 2: NCKD is a KL between two one-point distributions, zero; TCKD is the whole loss
     assert torch.allclose(
         losses.dkd_loss(s2, t2, y2, 1.0, 8.0, T), _mdistiller_dkd(s2, t2, y2, 1.0, 8.0, T), rtol=1e-10
@@ -264,7 +267,7 @@ def test_registry_and_dequantize():
 
 
 def test_kl_losses_vanish_on_equal_logits():
-    s = _logits(3, 6, seed=19)
+    s = random_logits(3, 6, seed=19)
     for name, fn in losses.KD_LOSSES.items():
         assert math.isclose(fn(s, s.clone(), T).item(), 0.0, abs_tol=1e-12), name
 
@@ -272,7 +275,11 @@ def test_kl_losses_vanish_on_equal_logits():
 def test_dispatch_reference_backend():
     """``losses.dhkd_loss`` / ``cross_entropy`` on CPU tensors ("auto" and "torch") are the reference
     composition exactly; bad names and shapes are user errors whatever the backend."""
-    s1, s2, y = _logits(4, 6, seed=20, dtype=torch.float32), _logits(4, 6, seed=21, dtype=torch.float32), _labels(4, 6)
+    s1, s2, y = (
+        random_logits(4, 6, seed=20, dtype=torch.float32),
+        random_logits(4, 6, seed=21, dtype=torch.float32),
+        random_labels(4, 6),
+    )
     q = torch.randint(-127, 128, (4, 6), dtype=torch.int8, generator=torch.Generator().manual_seed(22))
     scale = torch.tensor([0.02, 0.05, 0.1, 0.03])
     for backend in ("auto", "torch"):
@@ -328,8 +335,8 @@ def _dist64(s, t, T, beta, gamma, eps=1e-8):
 
 @pytest.mark.parametrize("B, K, temp", [(6, 7, 4.0), (5, 3, 1.0), (2, 10, 2.0), (1, 4, 1.0)])
 def test_dist_matches_plain_reimplementation(B, K, temp):
-    s = _logits(B, K, seed=B + K).requires_grad_()
-    t = _logits(B, K, seed=100 + B)
+    s = random_logits(B, K, seed=B + K).requires_grad_()
+    t = random_logits(B, K, seed=100 + B)
     got = losses.dist_loss(s, t, temp, beta=1.5, gamma=0.5)
     want = _dist64(s, t, temp, 1.5, 0.5)
     assert torch.allclose(got, want, rtol=1e-12, atol=1e-12), (float(got), float(want))
@@ -346,7 +353,7 @@ def test_dist_matches_plain_reimplementation(B, K, temp):
 
 
 def test_dist_gradcheck_and_correlation():
-    s, t = _logits(5, 6, seed=3).requires_grad_(), _logits(5, 6, seed=4)
+    s, t = random_logits(5, 6, seed=3).requires_grad_(), random_logits(5, 6, seed=4)
     assert torch.autograd.gradcheck(lambda a: losses.dist_loss(a, t, 2.0, beta=1.0, gamma=2.0), (s,))
     # the correlation is Pearson's r: torch.corrcoef (no eps) agrees to the eps's size
     ys, yt = F.softmax(s / 2.0, 1), F.softmax(t / 2.0, 1)
@@ -361,11 +368,11 @@ def test_dist_gradcheck_and_correlation():
 
 
 def test_dist_half_inputs_and_extremes():
-    s, t = _logits(4, 9, seed=5), _logits(4, 9, seed=6)
+    s, t = random_logits(4, 9, seed=5), random_logits(4, 9, seed=6)
     v = losses.dist_loss(s.to(torch.bfloat16), t.to(torch.float16), 1.0)
     assert v.dtype == torch.float32
     assert torch.allclose(v.double(), losses.dist_loss(s.bfloat16().double(), t.half().double(), 1.0), rtol=1e-5)
-    big = (_logits(4, 9, seed=7) * 1e4).float().requires_grad_()
-    e = losses.dist_loss(big, _logits(4, 9, seed=8).float() * 1e4, 4.0)
+    big = (random_logits(4, 9, seed=7) * 1e4).float().requires_grad_()
+    e = losses.dist_loss(big, random_logits(4, 9, seed=8).float() * 1e4, 4.0)
     e.backward()
     assert torch.isfinite(e) and torch.isfinite(big.grad).all()

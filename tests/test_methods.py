@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from tensors import assert_close, generator, random_labels, random_logits
 
 from dhkd_pipe.config import TrainConfig, build_config
 from dhkd_pipe.errors import DhkdError
@@ -16,18 +17,7 @@ from dhkd_pipe.methods.registry import CE, DHKD, DIST, DKD, KD, METHODS, BinaryK
 from dhkd_pipe.training.epoch_end import lr_at, metric_names
 
 B, K = 6, 7
-
-
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def _logits(seed, scale=2.0, dtype=torch.float64):
-    return (torch.randn(B, K, generator=_gen(seed)) * scale).to(dtype)
-
-
-def _labels(seed):
-    return torch.randint(0, K, (B,), generator=_gen(seed))
+SCALE = 2.0  # of the random logits
 
 
 # --- direct formulas, written from the definitions (float64) ---------------------------------------
@@ -67,15 +57,9 @@ def dkd_parts_direct(s, t, y, T):
     return T * T / len(s) * tckd, T * T / len(s) * nckd
 
 
-def _close(a, b, tol=1e-10):
-    assert torch.allclose(
-        torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64), rtol=tol, atol=tol
-    ), (float(a), float(b))
-
-
 def _check_keys(method, terms):
     assert set(terms) == set(method.term_names) | {"total"}
-    _close(terms["total"], terms["ce"] + terms.get("kd", 0.0))
+    assert_close(terms["total"], terms["ce"] + terms.get("kd", 0.0))
 
 
 # --- the registry ------------------------------------------------------------------------------------
@@ -102,64 +86,64 @@ def test_help_says_what_each_option_weighs():
 
 
 def test_ce_alone_needs_no_teacher():
-    s, y = _logits(1).requires_grad_(), _labels(2)
+    s, y = random_logits(B, K, 1, SCALE).requires_grad_(), random_labels(B, K, 2)
     m = CE(gamma=0.5, backend="torch")
     terms = m.terms(s, y)
     _check_keys(m, terms)
-    _close(terms["ce"], 0.5 * ce_direct(s, y))
+    assert_close(terms["ce"], 0.5 * ce_direct(s, y))
     assert not m.needs_teacher and not m.dual_head
 
 
 def test_kd_weights_and_temperature():
-    s, t, y = _logits(3).requires_grad_(), _logits(4), _labels(5)
+    s, t, y = random_logits(B, K, 3, SCALE).requires_grad_(), random_logits(B, K, 4, SCALE), random_labels(B, K, 5)
     m = KD(backend="torch")
     assert (m.gamma, m.alpha, m.temperature) == (0.1, 0.9, 4.0)  # mdistiller's KD
     terms = m.terms(s, y, t)
     _check_keys(m, terms)
-    _close(terms["ce"], 0.1 * ce_direct(s, y))
-    _close(terms["kd"], 0.9 * kd_direct(s, t, 4.0))
+    assert_close(terms["ce"], 0.1 * ce_direct(s, y))
+    assert_close(terms["kd"], 0.9 * kd_direct(s, t, 4.0))
 
 
 def test_kd_int8_teacher_is_dequantized():
-    s, y = _logits(6), _labels(7)
-    q = torch.randint(-127, 128, (B, K), generator=_gen(8), dtype=torch.int8)
-    scale = torch.rand(B, generator=_gen(9)) * 0.05 + 0.01
+    s, y = random_logits(B, K, 6, SCALE), random_labels(B, K, 7)
+    q = torch.randint(-127, 128, (B, K), generator=generator(8), dtype=torch.int8)
+    scale = torch.rand(B, generator=generator(9)) * 0.05 + 0.01
     terms = KD(alpha=2.0, temperature=3.0, backend="torch").terms(s, y, q, scale)
     # int8 rows are float32(q) * float32(scale), the store's and the kernels' dequantise
-    _close(terms["kd"], 2.0 * kd_direct(s, (q.float() * scale[:, None]).double(), 3.0))
+    assert_close(terms["kd"], 2.0 * kd_direct(s, (q.float() * scale[:, None]).double(), 3.0))
 
 
 @pytest.mark.parametrize("epoch, warm", [(0, 1 / 20), (9, 10 / 20), (18, 19 / 20), (19, 1.0), (200, 1.0)])
 def test_dkd_terms_and_warmup(epoch, warm):
-    s, t, y = _logits(10).requires_grad_(), _logits(11), _labels(12)
+    s, t, y = random_logits(B, K, 10, SCALE).requires_grad_(), random_logits(B, K, 11, SCALE), random_labels(B, K, 12)
     m = DKD(backend="torch")
     assert (m.gamma, m.alpha, m.beta, m.temperature, m.warmup_epochs) == (1.0, 1.0, 8.0, 4.0, 20)  # mdistiller DKD
     terms = m.terms(s, y, t, epoch=epoch)
     _check_keys(m, terms)
     tckd, nckd = dkd_parts_direct(s, t, y, 4.0)
-    _close(terms["ce"], ce_direct(s, y))  # CE weight 1, never warmed up
-    _close(terms["tckd"], warm * 1.0 * tckd)  # alpha weighs TCKD only
-    _close(terms["nckd"], warm * 8.0 * nckd)  # beta weighs NCKD only
-    _close(terms["kd"], warm * (tckd + 8.0 * nckd))
+    assert_close(terms["ce"], ce_direct(s, y))  # CE weight 1, never warmed up
+    assert_close(terms["tckd"], warm * 1.0 * tckd)  # alpha weighs TCKD only
+    assert_close(terms["nckd"], warm * 8.0 * nckd)  # beta weighs NCKD only
+    assert_close(terms["kd"], warm * (tckd + 8.0 * nckd))
 
 
 def test_dkd_alpha_and_beta_weigh_one_term_each():
-    s, t, y = _logits(13), _logits(14), _labels(15)
+    s, t, y = random_logits(B, K, 13, SCALE), random_logits(B, K, 14, SCALE), random_labels(B, K, 15)
     base = DKD(warmup_epochs=0, backend="torch").terms(s, y, t)
     more_alpha = DKD(alpha=3.0, warmup_epochs=0, backend="torch").terms(s, y, t)
     more_beta = DKD(beta=2.0, warmup_epochs=0, backend="torch").terms(s, y, t)
-    _close(more_alpha["tckd"], 3.0 * base["tckd"])
-    _close(more_alpha["nckd"], base["nckd"])
-    _close(more_beta["tckd"], base["tckd"])
-    _close(more_beta["nckd"], base["nckd"] / 4.0)
+    assert_close(more_alpha["tckd"], 3.0 * base["tckd"])
+    assert_close(more_alpha["nckd"], base["nckd"])
+    assert_close(more_beta["tckd"], base["tckd"])
+    assert_close(more_beta["nckd"], base["nckd"] / 4.0)
 
 
 @pytest.mark.parametrize(
     "kd_loss, direct", [("binary_kl_norm", binary_kl_norm_direct), ("binary_kl", binary_kl_direct), ("kd", kd_direct)]
 )
 def test_dhkd_ce_on_head_1_kd_on_head_2(kd_loss, direct):
-    h1, h2 = _logits(16).requires_grad_(), _logits(17).requires_grad_()
-    t, y = _logits(18), _labels(19)
+    h1, h2 = random_logits(B, K, 16, SCALE).requires_grad_(), random_logits(B, K, 17, SCALE).requires_grad_()
+    t, y = random_logits(B, K, 18, SCALE), random_labels(B, K, 19)
     assert DHKD().params() == {
         "gamma": 1.0,
         "alpha": 1.0,
@@ -171,8 +155,8 @@ def test_dhkd_ce_on_head_1_kd_on_head_2(kd_loss, direct):
     assert m.dual_head
     terms = m.terms((h1, h2), y, t)
     _check_keys(m, terms)
-    _close(terms["ce"], 0.7 * ce_direct(h1, y))
-    _close(terms["kd"], 1.3 * direct(h2, t, 2.5))
+    assert_close(terms["ce"], 0.7 * ce_direct(h1, y))
+    assert_close(terms["kd"], 1.3 * direct(h2, t, 2.5))
     # the terms are apart: CE reaches head 1 only, the distillation term head 2 only
     g_ce = torch.autograd.grad(terms["ce"], (h1, h2), retain_graph=True, allow_unused=True)
     g_kd = torch.autograd.grad(terms["kd"], (h1, h2), allow_unused=True)
@@ -181,7 +165,7 @@ def test_dhkd_ce_on_head_1_kd_on_head_2(kd_loss, direct):
 
 
 def test_binary_kl_is_ce_and_binary_kl_on_one_head():
-    s, t, y = _logits(20).requires_grad_(), _logits(21), _labels(22)
+    s, t, y = random_logits(B, K, 20, SCALE).requires_grad_(), random_logits(B, K, 21, SCALE), random_labels(B, K, 22)
     # the ablation differs from dhkd only in its heads (and kd_stop_epoch, the ImageNet script's, which
     # applies only to that script's methods, kd and dhkd)
     dhkd_params = {k: v for k, v in DHKD().params().items() if k != "kd_stop_epoch"}
@@ -191,13 +175,13 @@ def test_binary_kl_is_ce_and_binary_kl_on_one_head():
         assert not m.dual_head
         terms = m.terms(s, y, t)
         _check_keys(m, terms)
-        _close(terms["ce"], 1.0 * ce_direct(s, y))
-        _close(terms["kd"], 1.0 * direct(s, t, m.temperature))
+        assert_close(terms["ce"], 1.0 * ce_direct(s, y))
+        assert_close(terms["kd"], 1.0 * direct(s, t, m.temperature))
         # one head: the total's gradient is both terms' gradients on the same logits
         (g,) = torch.autograd.grad(terms["total"], s)
         a = s.detach().requires_grad_()
         (want,) = torch.autograd.grad(ce_direct(a, y) + direct(a, t, m.temperature), a)
-        _close(g, want)
+        assert_close(g, want)
     with pytest.raises(DhkdError, match="--method kd"):
         BinaryKL(kd_loss="kd")
 
@@ -217,7 +201,7 @@ def dist_parts_direct(s, t, T, eps=1e-8):
 
 
 def test_dist_terms_and_published_defaults():
-    s, t, y = _logits(27).requires_grad_(), _logits(28), _labels(29)
+    s, t, y = random_logits(B, K, 27, SCALE).requires_grad_(), random_logits(B, K, 28, SCALE), random_labels(B, K, 29)
     m = DIST(backend="torch")
     # the authors' recipes: CE weight 1, kd_loss_weight 2 x DIST(beta=1, gamma=1), tau 1 (ImageNet)
     assert m.params() == {"gamma": 1.0, "alpha": 2.0, "beta": 2.0, "temperature": 1.0}
@@ -227,10 +211,10 @@ def test_dist_terms_and_published_defaults():
         terms = m.terms(s, y, t)
         _check_keys(m, terms)
         inter, intra = dist_parts_direct(s, t, T)
-        _close(terms["ce"], 0.3 * ce_direct(s, y))
-        _close(terms["inter"], 1.5 * inter)  # alpha weighs the inter-class relation
-        _close(terms["intra"], 0.5 * intra)  # beta the intra-class one
-        _close(terms["kd"], 1.5 * inter + 0.5 * intra)
+        assert_close(terms["ce"], 0.3 * ce_direct(s, y))
+        assert_close(terms["inter"], 1.5 * inter)  # alpha weighs the inter-class relation
+        assert_close(terms["intra"], 0.5 * intra)  # beta the intra-class one
+        assert_close(terms["kd"], 1.5 * inter + 0.5 * intra)
 
 
 def test_dist_from_a_config():
@@ -248,8 +232,11 @@ def test_fused_backend_gives_the_same_terms():
     if not triton_available():
         pytest.skip("triton cannot run here")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    h1, h2 = _logits(23, dtype=torch.float32).to(dev), _logits(24, dtype=torch.float32).to(dev)
-    t, y = _logits(25, dtype=torch.float32).to(dev), _labels(26).to(dev)
+    h1, h2 = (
+        random_logits(B, K, 23, SCALE, dtype=torch.float32).to(dev),
+        random_logits(B, K, 24, SCALE, dtype=torch.float32).to(dev),
+    )
+    t, y = random_logits(B, K, 25, SCALE, dtype=torch.float32).to(dev), random_labels(B, K, 26).to(dev)
     cases = [(DHKD, (h1, h2)), (BinaryKL, h1), (KD, h1), (CE, h1)]
     for cls, outputs in cases:
         got = cls(backend="triton").terms(outputs, y, t)
@@ -270,18 +257,23 @@ def published_alpha(alpha, early_stop_epoch, epoch0):
 @pytest.mark.parametrize("stop", [None, 0, 1, 3, 50])
 @pytest.mark.parametrize("method", ["kd", "dhkd"])
 def test_kd_stop_epoch_turns_the_kd_term_off_from_that_epoch(method, stop):
-    s, h2, t, y = _logits(40).requires_grad_(), _logits(41).requires_grad_(), _logits(42), _labels(43)
+    s, h2, t, y = (
+        random_logits(B, K, 40, SCALE).requires_grad_(),
+        random_logits(B, K, 41, SCALE).requires_grad_(),
+        random_logits(B, K, 42, SCALE),
+        random_labels(B, K, 43),
+    )
     if method == "kd":
         m, outputs = KD(alpha=0.6, temperature=3.0, kd_stop_epoch=stop, backend="torch"), s
-        direct = lambda: kd_direct(s, t, 3.0)
+        direct = kd_direct(s, t, 3.0)
     else:
         m, outputs = DHKD(alpha=0.1, temperature=2.0, kd_stop_epoch=stop, backend="torch"), (s, h2)
-        direct = lambda: binary_kl_norm_direct(h2, t, 2.0)
+        direct = binary_kl_norm_direct(h2, t, 2.0)
     ce = m.gamma * ce_direct(s, y)
     for epoch in (0, 1, 2, 3, 48, 49, 50, 99):
         terms = m.terms(outputs, y, t, epoch=epoch)
         _check_keys(m, terms)
-        _close(terms["ce"], ce)
+        assert_close(terms["ce"], ce)
         weight = published_alpha(m.alpha, stop, epoch)
         if weight == 0.0:
             assert float(terms["kd"].detach()) == 0.0, (epoch, stop)
@@ -289,7 +281,7 @@ def test_kd_stop_epoch_turns_the_kd_term_off_from_that_epoch(method, stop):
             grads = torch.autograd.grad(terms["kd"], (s, h2), allow_unused=True)
             assert all(g is None or not g.any() for g in grads)
         else:
-            _close(terms["kd"], weight * direct())
+            assert_close(terms["kd"], weight * direct)
     # where it first bites: 1-based epoch `stop` is our 0-based `stop - 1`
     if stop:
         assert float(m.terms(outputs, y, t, epoch=stop - 1)["kd"].detach()) == 0.0
