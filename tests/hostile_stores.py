@@ -1,4 +1,4 @@
-"""Hostile logit stores (issue 19), made from a sound local copy: forged shapes, special files,
+"""Hostile logit stores, made from a sound local copy: forged shapes, special files,
 links that leave the store, nested or inflated metadata, foreign objects, forged strings. Each
 function changes the store at ``store`` in place. ``files_of`` snapshots what a user had (links
 and FIFOs as what they are, never read through), so a case can assert it is byte-identical.

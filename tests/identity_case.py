@@ -1,5 +1,5 @@
-"""The behaviour record of issue 15 ("one home per concept"): a digits store's bytes and a two-epoch
-cached DHKD run's final parameters and metrics, as the code made them before the restructuring.
+"""The behaviour record: a digits store's bytes and a two-epoch cached DHKD run's final parameters
+and metrics, as the code made them before it was restructured into one home per concept.
 
 ``python tests/identity_case.py`` writes ``tests/data/identity_digits.json`` (run once, on the code
 before the change); ``tests/test_identity.py`` recomputes the same digests and compares. Only the
@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 RECORD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "identity_digits.json")
-# --no-channels-last: the record was made with the NCHW teacher, stage 1's default before issue 17 made
-# channels-last the default (its logits differ from NCHW's by float rounding, within the codec's tolerance)
+# --no-channels-last: the record was made with the NCHW teacher, stage 1's default before channels-last
+# became the default (its logits differ from NCHW's by float rounding, within the codec's tolerance)
 STORE_ARGS = [
     "--model",
     "resnet8",

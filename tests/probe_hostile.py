@@ -1,4 +1,4 @@
-"""Issue 19's probe: hostile but realistic uses of the CLI, each run as its own process under a time
+"""The hostile-use probe: hostile but realistic uses of the CLI, each run as its own process under a time
 and memory bound, each judged "held" or "broke".
 
 Run by hand (not collected by pytest: the name does not start with ``test_``)::
@@ -8,7 +8,7 @@ Run by hand (not collected by pytest: the name does not start with ``test_``)::
 A case holds when the command ends with the exit code the case expects, stderr holds no traceback
 or native chatter and (on failure) ends in one ``error:`` line, it ran within its time bound and
 under the memory limit, every file the user had is byte-identical afterwards, and the case's own
-check passes. The cases marked ``issue`` reproduce the breaks issue 19 names; the others are this
+check passes. The cases marked ``issue`` reproduce breaks reported in review; the others are this
 probe's own, in the same classes (ownership, unbounded input, unchecked values, object storage
 failing, stored strings, resume changing data).
 """
@@ -1200,7 +1200,7 @@ def main():
     issue = [r for r in results if r["origin"] == "issue"]
     new = [r for r in results if r["origin"] == "new"]
     print(
-        f"\n{held}/{len(results)} held; the issue's breaks: {sum(r['held'] for r in issue)}/{len(issue)}; "
+        f"\n{held}/{len(results)} held; the reported breaks: {sum(r['held'] for r in issue)}/{len(issue)}; "
         f"this probe's own cases: {sum(r['held'] for r in new)}/{len(new)}"
     )
     if opts.json:

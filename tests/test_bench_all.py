@@ -30,7 +30,7 @@ def test_bench_all_tiny_writes_one_table_and_one_json(tmp_path):
     assert (
         len(sharded) == 3 and json.loads((out / "bench_store_sharded.json").read_text())["sharded"] is True
     )  # 2 writes, 1 read
-    # the parallel writer's row on disk: its rate against one reader's, the goal (>= 1)
+    # the parallel writer's row on disk: its rate against one reader's, the goal (>= 1)
     for r in json.loads((out / "bench_store.json").read_text())["results"][1:]:
         row = next(
             x

@@ -653,7 +653,7 @@ def test_a_half_created_store_is_recreated_by_the_same_command(tmp_path):
     assert c.attrs["format_version"] == 1 and not c.done_mask().any()
 
 
-# ---- StoreWriter: the store's life while written, parallel writes (issue 17) ----------------------
+# ---- StoreWriter: the store's life while written, parallel writes ---------------------------------
 
 
 def open_writer(path, threads, **kw):

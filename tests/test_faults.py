@@ -1,4 +1,4 @@
-"""The fault matrix, run side (issue 12): every user mistake and environment fault of a training
+"""The fault matrix, run side: every user mistake and environment fault of a training
 command is one line on stderr and exit 2 (no traceback, no native library chatter), an interrupt
 exits cleanly and resumes, and nothing is half-written or lost.
 
@@ -682,7 +682,7 @@ class Case:
     bound: float | None = None  # seconds the command may take
 
 
-# ---- issue 19: ownership, atomic exports and reports, values checked where they enter -------------------
+# ---- ownership, atomic exports and reports, values checked where they enter ----------------------------
 
 
 def user_folder_with_metrics(w: Work):
@@ -805,7 +805,7 @@ def recipe(text: str | bytes):
 
 
 RECIPE_KEPT = dict(bound=60, keep=file_of("recipe.yaml"))
-ISSUE_19_CASES = [
+OWNERSHIP_AND_VALUE_CASES = [
     # ownership: a folder is a run only by what the tool recorded; --overwrite removes only that
     Case(
         "own-user-folder-with-metrics-is-no-run",
@@ -1920,7 +1920,7 @@ CASES = [
         slow=True,
     ),
     Case("sigkill-image-folder-run-leaves-no-workers", code=0, run=kill_image_folder_run, changes_out=True, slow=True),
-    *ISSUE_19_CASES,
+    *OWNERSHIP_AND_VALUE_CASES,
     *READ_BACK_CASES,
     *OWNERSHIP_CASES,
 ]

@@ -1,4 +1,4 @@
-"""The fault matrix, store side (issue 12): one writer per logit store, nothing half-written, damage
+"""The fault matrix, store side: one writer per logit store, nothing half-written, damage
 found and repaired.
 
 One table (``CASES``) drives one test. A case names its command line (``{out}``, ``{teacher}``, ...
@@ -470,7 +470,7 @@ class Case:
     measure: bool = False  # record the command's time and peak memory (tracemalloc): the hostile-store family
 
 
-# ---- issue 19: hostile stores, foreign objects, stored strings, a replaced store -----------------------
+# ---- hostile stores, foreign objects, stored strings, a replaced store ----------------------------------
 
 
 def hostile(fn, *args, extra: Callable[[Work], tuple] = lambda w: ()):

@@ -1,5 +1,5 @@
-"""Issue 15's behaviour record: the restructured code writes the same digits store, byte for byte,
-and a two-epoch cached DHKD run ends with the same parameters and metrics as the code before it
+"""The behaviour record: the code writes the same digits store, byte for byte, and a two-epoch
+cached DHKD run ends with the same parameters and metrics as the code before its restructuring
 (``tests/data/identity_digits.json``, written by ``tests/identity_case.py`` at 0167df8)."""
 
 import json
