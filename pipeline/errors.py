@@ -14,6 +14,16 @@ class DhkdError(Exception):
     """
 
 
+class BadArgument(DhkdError, ValueError):
+    """A value an argument does not take (a NaN temperature, a batch size of 0): a ``ValueError``
+    for the Python API, one line and exit code 2 on the command line."""
+
+
+class WrongType(DhkdError, TypeError):
+    """An argument of the wrong type (float labels, one head where two are needed): a ``TypeError``
+    for the Python API, one line and exit code 2 on the command line."""
+
+
 # errno values that are the environment's doing, not a bug: the CLI turns them into one line
 # wherever they escape (file writes in the stages also catch them where they happen).
 ENVIRONMENT_ERRNOS = frozenset(

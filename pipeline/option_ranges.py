@@ -8,6 +8,7 @@ A value outside its range, or not finite (``--lr nan``: click and YAML both read
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 from dhkd_pipe.errors import DhkdError
@@ -25,18 +26,18 @@ class Range:
     def problem(self, value) -> str | None:
         if isinstance(value, bool) or value is None:
             return None
-        if isinstance(value, float) and not math.isfinite(value):
+        if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral) and not math.isfinite(value):
             return "must be a finite number"
         if self.low is not None and (value <= self.low if self.strict_low else value < self.low):
-            return f"must be {'greater than' if self.strict_low else 'at least'} {_num(self.low)}" + (
+            return f"must be {'greater than' if self.strict_low else 'at least'} {number_text(self.low)}" + (
                 f" ({self.why})" if self.why else ""
             )
         if self.high is not None and value > self.high:
-            return f"must be at most {_num(self.high)}" + (f" ({self.why})" if self.why else "")
+            return f"must be at most {number_text(self.high)}" + (f" ({self.why})" if self.why else "")
         return None
 
 
-def _num(v) -> str:
+def number_text(v) -> str:
     if isinstance(v, int) and v.bit_length() > 200:  # str() of thousands of digits is refused (and no help)
         return f"(an integer of {v.bit_length()} bits)"
     return f"{v:g}" if isinstance(v, float) else str(v)
@@ -93,7 +94,7 @@ def check_value(name: str, value, flag_name: str | None = None):
     for v in value if isinstance(value, (list, tuple)) else (value,):
         problem = rule.problem(v)
         if problem:
-            text = _num(v) if isinstance(v, (int, float)) else repr(v)
+            text = number_text(v) if isinstance(v, (int, float)) else repr(v)
             raise DhkdError(f"bad {flag_name or flag(name)} {text}: {problem}")
 
 

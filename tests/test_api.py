@@ -4,6 +4,7 @@ the package stays torch-free."""
 
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -253,3 +254,151 @@ def test_replay_under_dali_equals_what_stage_2_trains_on(tmp_path, digit_jpegs, 
         assert images.shape == (8, 3, 32, 32) and teacher.dtype == torch.float32
     finally:
         run.close()
+
+
+# ---- the API refuses what the CLI refuses: each argument checked where its value is owned ----------------
+
+
+def _batch(b=8, k=10, dual=False, labels=None, teacher=None):
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(b, k, generator=g)
+    student = (s, s * 0.5) if dual else s
+    y = torch.randint(0, k, (b,), generator=g) if labels is None else labels
+    t = torch.randn(b, k, generator=g) if teacher is None else teacher
+    return student, y, t
+
+
+def _call(loss, **batch):
+    return lambda: loss(*_batch(**batch))
+
+
+def _loader(store, batch_size=64, **kw):
+    return lambda: dhkd_pipe.open_store(store).loader(batch_size, **{"device": "cpu", "workers": 0, **kw})
+
+
+# (id, what to call: () -> ..., or (store) -> () -> ... for the loader, exception type, message)
+API_CASES = [
+    # method options: the ranges option_ranges declares, finite, of their type
+    (
+        "temperature-nan",
+        lambda: dhkd_pipe.create_loss("kd", temperature=float("nan")),
+        ValueError,
+        "bad temperature nan .*finite",
+    ),
+    ("temperature-zero", lambda: dhkd_pipe.KDLoss(temperature=0), ValueError, "bad temperature 0 .*greater than 0"),
+    ("temperature-negative", lambda: dhkd_pipe.DHKDLoss(temperature=-2.0), ValueError, "bad temperature -2"),
+    ("alpha-negative-flips-the-sign", lambda: dhkd_pipe.DHKDLoss(alpha=-1.0), ValueError, "bad alpha -1 .*at least 0"),
+    ("beta-infinite", lambda: dhkd_pipe.DKDLoss(beta=float("inf")), ValueError, "bad beta inf .*finite"),
+    ("gamma-nan", lambda: dhkd_pipe.CELoss(gamma=float("nan")), ValueError, "bad gamma nan"),
+    ("gamma-numpy-nan", lambda: dhkd_pipe.KDLoss(gamma=np.float32("nan")), ValueError, "bad gamma nan"),
+    (
+        "temperature-a-string",
+        lambda: dhkd_pipe.DISTLoss(temperature="4"),
+        TypeError,
+        "temperature .*must be a number, not str",
+    ),
+    ("alpha-a-bool", lambda: dhkd_pipe.KDLoss(alpha=True), TypeError, "alpha .*must be a number, not bool"),
+    ("alpha-a-tensor", lambda: dhkd_pipe.KDLoss(alpha=torch.tensor(0.5)), TypeError, "alpha .*not Tensor"),
+    ("warmup-fractional", lambda: dhkd_pipe.DKDLoss(warmup_epochs=2.5), TypeError, "warmup_epochs .*an integer"),
+    ("warmup-negative", lambda: dhkd_pipe.DKDLoss(warmup_epochs=-1), ValueError, "bad warmup_epochs -1"),
+    ("kd-stop-negative", lambda: dhkd_pipe.KDLoss(kd_stop_epoch=-3), ValueError, "bad kd_stop_epoch -3"),
+    ("backend-unknown", lambda: dhkd_pipe.create_loss("kd", backend="cuda"), ValueError, "bad backend 'cuda'"),
+    ("kd-loss-unknown", lambda: dhkd_pipe.DHKDLoss(kd_loss="mse"), ValueError, "unknown kd_loss 'mse'"),
+    ("method-unknown", lambda: dhkd_pipe.create_loss("no_such_method"), ValueError, "unknown method"),
+    # batches: one head or two, integer labels, one shape, not empty
+    ("dhkd-given-one-head", _call(dhkd_pipe.DHKDLoss()), TypeError, "student: .*pair \\(head 1, head 2\\)"),
+    ("dhkd-given-a-2-row-tensor", lambda: dhkd_pipe.DHKDLoss()(*_batch(b=2)), TypeError, "pair \\(head 1, head 2\\)"),
+    ("kd-given-two-heads", _call(dhkd_pipe.KDLoss(), dual=True), TypeError, "one tensor of logits"),
+    (
+        "heads-of-two-shapes",
+        lambda: dhkd_pipe.DHKDLoss()(
+            (torch.randn(4, 10), torch.randn(4, 9)), torch.zeros(4, dtype=torch.long), torch.randn(4, 10)
+        ),
+        ValueError,
+        "one shape for both heads",
+    ),
+    ("empty-batch", _call(dhkd_pipe.KDLoss(), b=0), ValueError, "empty batch"),
+    (
+        "float-labels",
+        _call(dhkd_pipe.KDLoss(), labels=torch.tensor([1.7] * 8)),
+        TypeError,
+        "labels: .*integer class indices",
+    ),
+    (
+        "labels-of-another-shape",
+        _call(dhkd_pipe.KDLoss(), labels=torch.zeros(8, 1, dtype=torch.long)),
+        ValueError,
+        "labels: must be \\(8,\\)",
+    ),
+    (
+        "label-beyond-the-classes",
+        _call(dhkd_pipe.CELoss(), labels=torch.full((8,), 10)),
+        ValueError,
+        "class 10 is outside 0..9",
+    ),
+    (
+        "label-negative",
+        _call(dhkd_pipe.DHKDLoss(), dual=True, labels=torch.full((8,), -1)),
+        ValueError,
+        "class -1 is outside",
+    ),
+    ("labels-a-list", _call(dhkd_pipe.KDLoss(), labels=[0] * 8), TypeError, "labels: .*not list"),
+    (
+        "teacher-of-other-classes",
+        _call(dhkd_pipe.KDLoss(), teacher=torch.randn(8, 11)),
+        ValueError,
+        "teacher: .*\\(8, 10\\)",
+    ),
+    (
+        "teacher-missing",
+        lambda: dhkd_pipe.KDLoss()(torch.randn(4, 10), torch.zeros(4, dtype=torch.long)),
+        ValueError,
+        "teacher: --method kd needs",
+    ),
+    (
+        "int8-teacher-without-scale",
+        _call(dhkd_pipe.KDLoss(), teacher=torch.zeros(8, 10, dtype=torch.int8)),
+        ValueError,
+        "teacher_scale",
+    ),
+    (
+        "integer-student",
+        lambda: dhkd_pipe.KDLoss()(
+            torch.zeros(4, 10, dtype=torch.long), torch.zeros(4, dtype=torch.long), torch.randn(4, 10)
+        ),
+        TypeError,
+        "student: logits must be a float tensor",
+    ),
+    (
+        "one-dimensional-student",
+        lambda: dhkd_pipe.KDLoss()(torch.randn(10), torch.zeros(10, dtype=torch.long), torch.randn(10)),
+        ValueError,
+        "must be \\(B, K\\)",
+    ),
+    # the loader: batch size and process slot
+    ("loader-batch-size-zero", lambda s: _loader(s, batch_size=0), ValueError, "bad batch_size 0: must be at least 1"),
+    ("loader-batch-size-negative", lambda s: _loader(s, batch_size=-8), ValueError, "bad batch_size -8"),
+    ("loader-batch-size-fractional", lambda s: _loader(s, batch_size=2.5), TypeError, "batch_size must be an integer"),
+    (
+        "loader-batch-size-huge",
+        lambda s: _loader(s, batch_size=1 << 40),
+        ValueError,
+        "bad batch_size 1099511627776: must be at most",
+    ),
+    ("loader-rank-beyond-world", lambda s: _loader(s, rank=2, world_size=2), ValueError, "rank 2 of world_size 2"),
+    ("loader-world-size-zero", lambda s: _loader(s, rank=0, world_size=0), ValueError, "world_size 0"),
+    ("loader-rank-negative", lambda s: _loader(s, rank=-1, world_size=2), ValueError, "rank -1"),
+    ("loader-device-unknown", lambda s: _loader(s, device="gpu0"), ValueError, "bad device 'gpu0'"),
+]
+
+
+@pytest.mark.parametrize("case", API_CASES, ids=[c[0] for c in API_CASES])
+def test_the_api_refuses_what_the_cli_refuses(case, request):
+    """Each bad argument is a ValueError or TypeError naming it, raised at once (no work done first)."""
+    _, make, exc, message = case
+    call = make(request.getfixturevalue("store")) if case[0].startswith("loader-") else make
+    began = time.perf_counter()
+    with pytest.raises(exc, match=message) as info:
+        call()
+    assert time.perf_counter() - began < 5
+    assert isinstance(info.value, DhkdError), "the CLI prints it as one line"

@@ -251,7 +251,9 @@ def make_empty_folder(w: Work):
 
 
 def checkpoint_file(w: Work, obj=None, raw: bytes | None = None):
+    """A run folder of the tool's (its manifest claims the checkpoint) whose checkpoint is ``obj`` or ``raw``."""
     w.out.mkdir()
+    (w.out / "dhkd-run.json").write_text(json.dumps({"tool": "dhkd-pipe", "entries": ["checkpoint.pt"]}))
     path = w.out / "checkpoint.pt"
     if raw is not None:
         path.write_bytes(raw)
@@ -1604,7 +1606,11 @@ CASES = [
         "resume-checkpoint-is-a-folder",
         TRAIN + " --resume",
         "cannot read checkpoint",
-        setup=lambda w: (w.out.mkdir(), (w.out / "checkpoint.pt").mkdir()),
+        setup=lambda w: (
+            checkpoint_file(w, raw=b""),
+            (w.out / "checkpoint.pt").unlink(),
+            (w.out / "checkpoint.pt").mkdir(),
+        ),
     ),
     Case("resume-different-lr", TRAIN + " --resume --lr 0.5", "different config: lr", setup=make_finished_run),
     Case(

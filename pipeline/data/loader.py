@@ -214,6 +214,37 @@ def row_batches(chunks, batch_size: int):
         yield v, None if pending_scale[0] is None else torch.cat(pending_scale)
 
 
+def check_batch_size(batch_size) -> int:
+    """``batch_size`` as an int, or a ``WrongType`` (TypeError) / ``BadArgument`` (ValueError)
+    naming it: a loader's batches hold 1 to ``option_ranges``' most images."""
+    from dhkd_pipe.errors import BadArgument
+    from dhkd_pipe.option_ranges import RANGES
+
+    _check_integer("batch_size", batch_size)
+    problem = RANGES["batch_size"].problem(int(batch_size))
+    if problem:
+        raise BadArgument(f"bad batch_size {batch_size}: {problem}")
+    return int(batch_size)
+
+
+def check_slot(rank, world_size) -> tuple[int, int]:
+    """(rank, world_size) as ints, or an error naming them: a rank is 0..world_size-1."""
+    from dhkd_pipe.errors import BadArgument
+
+    _check_integer("rank", rank)
+    _check_integer("world_size", world_size)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise BadArgument(f"bad process slot: rank {rank} of world_size {world_size} (a rank is 0..world_size-1)")
+    return int(rank), int(world_size)
+
+
+def _check_integer(name: str, value):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        from dhkd_pipe.errors import WrongType
+
+        raise WrongType(f"{name} must be an integer, not {type(value).__name__} {value!r}")
+
+
 class ViewLoader:
     """Batches for one process: its share of each epoch's positions, ``batch_size`` at a time."""
 
@@ -227,6 +258,7 @@ class ViewLoader:
         world: int = 1,
         memory_format: torch.memory_format = torch.contiguous_format,
     ):
+        batch_size, (rank, world) = check_batch_size(batch_size), check_slot(rank, world)
         self.epochs, self.renderer, self.labels = epochs, renderer, labels
         self.memory_format = memory_format  # of the images handed out (channels_last for NHWC models)
         self.batch_size, self.rank, self.world = batch_size, rank, world

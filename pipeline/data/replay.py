@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 
 from dhkd_pipe.data.datasets import Dataset
-from dhkd_pipe.data.loader import Batch, StoreEpochs, ViewLoader
+from dhkd_pipe.data.loader import Batch, StoreEpochs, ViewLoader, check_batch_size, check_slot
 from dhkd_pipe.data.views import ViewPlan
 
 if TYPE_CHECKING:
@@ -29,6 +29,18 @@ def default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def _device(device) -> torch.device:
+    """``device`` as a torch.device (default: ``default_device()``), or a ``BadArgument`` naming it."""
+    if device is None:
+        return default_device()
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        from dhkd_pipe.errors import BadArgument
+
+        raise BadArgument(f"bad device {device!r}: name one torch knows, such as 'cpu' or 'cuda:0'") from None
+
+
 def process_slot(rank: int | None, world_size: int | None) -> tuple[int, int]:
     """(rank, world size): as given, else torch.distributed's when a process group is up, else (0, 1)."""
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -36,11 +48,7 @@ def process_slot(rank: int | None, world_size: int | None) -> tuple[int, int]:
         rank = torch.distributed.get_rank() if distributed else 0
     if world_size is None:
         world_size = torch.distributed.get_world_size() if distributed else 1
-    if world_size < 1 or not 0 <= rank < world_size:
-        from dhkd_pipe.errors import DhkdError
-
-        raise DhkdError(f"bad process slot: rank {rank} of world size {world_size}")
-    return rank, world_size
+    return check_slot(rank, world_size)
 
 
 @dataclass
@@ -90,8 +98,9 @@ class StoreReplay:
         takes whole chunks of positions (rank r of W: chunks r, r+W, ...) and every process runs
         the same number of steps. ``with_logits=False`` streams no logits (``batch.teacher`` None).
         """
-        device = torch.device(device) if device is not None else default_device()
+        check_batch_size(batch_size)  # before any renderer starts
         rank, world_size = process_slot(rank, world_size)
+        device = _device(device)
         epochs = StoreEpochs(self.cache, device, with_logits=with_logits)
         renderer = self.data.renderer(device, self.plan, workers=workers)
         labels = self.data.train_labels.to(device)

@@ -61,7 +61,10 @@ class MethodLoss(torch.nn.Module):
         teacher_scale: torch.Tensor | None = None,
         epoch: int = 0,
     ) -> dict[str, torch.Tensor]:
-        """The named terms (``total`` and ``term_names``), each with its own gradient."""
+        """The named terms (``total`` and ``term_names``), each with its own gradient. A batch the
+        method cannot compute (one head where it needs two, float labels, an empty batch, shapes
+        that differ) is refused first, naming the argument (``Method.check_batch``)."""
+        self.method.check_batch(student, labels, teacher, teacher_scale)
         return self.method.terms(student, labels, teacher, teacher_scale, epoch)
 
     def extra_repr(self) -> str:
