@@ -24,6 +24,7 @@ from dhkd_pipe.config import (
     StoreLockOptions,
     StudentSeeds,
     TrainConfig,
+    SweepOptions,
     VerifyCacheConfig,
     build_config,
 )
@@ -51,10 +52,11 @@ CONFIG_FILE = click.Option(
 )
 
 
-def _params(cls, command: str, first: tuple[str, ...] = (), extra: tuple = ()) -> list:
+def _params(cls, command: str, first: tuple[str, ...] = (), extra: tuple = (), sweeps: bool = False) -> list:
     """``cls``'s options that ``command`` offers: those named in ``first`` first (in that order),
-    then ``--config`` where a recipe applies, the rest in declaration order, then ``extra``'s."""
-    params = click_params(cls, command)
+    then ``--config`` where a recipe applies, the rest in declaration order, then ``extra``'s.
+    ``sweeps``: the options declared ``sweep`` take comma-separated values (``options.click_params``)."""
+    params = click_params(cls, command, sweeps=sweeps)
     head = sorted((p for p in params if p.name in first), key=lambda p: first.index(p.name))
     recipe = [CONFIG_FILE] if cls in (TrainConfig, CacheConfig) else []
     more = [p for e in extra for p in click_params(e, command)]
@@ -112,32 +114,54 @@ def _distill_help() -> str:
         "OUT/NAME (OUT/NAME-sSEED with --seeds) with its own optimizer, metrics, checkpoint, --resume and export, "
         "exactly as if run alone; a student whose loss is not finite stops alone and is named at the end (exit 2)."
     )
+        "\n\nSweeps (with --cache): " + ", ".join(_sweeps(on_command_line=True)) + " take comma-separated values "
+        "(a --sweep FILE may set them and " + ", ".join(_sweeps(on_command_line=False)) + "), e.g. "
+        "--method kd,dhkd --temperature 1,2,4 --seeds 0,1: the whole product trains in one pass, each run in "
+        "OUT/NAME, NAME the values it differs in (method=kd,temperature=2,seed=0), each equal to its solo run; "
+        "OUT/sweep.json lists the runs for 'dhkd-pipe report OUT'. The other options are one for every run. "
+        "Before any folder is created the pass's memory (parameters, gradients, optimizer state, one batch's "
+        "activations) is estimated and a pass over the device's free memory refused (--memory-limit)."
 
 
 @main.command(
+def _sweeps(on_command_line: bool) -> list[str]:
+    """The flags of the options that sweep: with comma-separated values, or (switches and lists)
+    in a sweep file only."""
+    from dhkd_pipe.options import flag_of, listed_on_command_line, option_fields, sweepable
+
+    return [
+        flag_of(f, "distill")
+        for f in option_fields(TrainConfig)
+        if sweepable(f) and listed_on_command_line(f) == on_command_line
+    ]
+
+
     "distill",
     cls=ConfigCommand,
     config_cls=TrainConfig,
     defaults=DISTILL_DEFAULTS,
     help=_distill_help(),
-    params=_params(TrainConfig, "distill", DISTILL_FIRST, extra=(StudentSeeds, RunStart)),
+    params=_params(TrainConfig, "distill", DISTILL_FIRST, extra=(StudentSeeds, SweepOptions, RunStart), sweeps=True),
 )
 @user_errors
-def distill_cmd(config_file, resume, overwrite, seeds, **options):
-    from dhkd_pipe.stages.distill import check_finished, distill, distill_several
+def distill_cmd(config_file, resume, overwrite, seeds, sweep, memory_limit, **options):
+    from dhkd_pipe.stages.distill import check_finished, distill, distill_sweep
     from dhkd_pipe.training.run_folder import RunMode
-    from dhkd_pipe.training.students import seed_list, student_names
+    from dhkd_pipe.training.students import seed_list
+    from dhkd_pipe.training.sweep import merge, read_sweep_file, split_command_line, sweep_runs
 
-    students = student_names(options["model"])
     seed_values = seed_list(seeds, options["seed"])
-    cfg = _train_config(
-        config_file, DISTILL_DEFAULTS, resume=resume, overwrite=overwrite, **{**options, "model": students[0]}
-    )
+    options, grid = split_command_line(options)
+    if seed_values is not None:
+        grid["seed"] = seed_values
+    file_grid, file_runs = read_sweep_file(sweep) if sweep else ({}, [{}])
+    grid = merge(grid, file_grid, file_runs, sweep)
+    cfg = _train_config(config_file, DISTILL_DEFAULTS, resume=resume, overwrite=overwrite, **options)
     mode = RunMode.from_flags(bool(resume), bool(overwrite))
-    if len(students) == 1 and seed_values is None:
+    if not grid and file_runs == [{}]:
         _echo_json(_short(distill(cfg, mode=mode)))
         return
-    results = distill_several(cfg, [name or cfg.model for name in students], seed_values, mode=mode)
+    results = distill_sweep(sweep_runs(cfg, grid, file_runs), mode=mode, memory_limit=memory_limit)
     _echo_json({out: ({"error": str(r)} if isinstance(r, DhkdError) else _short(r)) for out, r in results.items()})
     check_finished(results)
 

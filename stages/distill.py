@@ -1,7 +1,8 @@
 """``dhkd-pipe distill``: a student from a teacher, online (teacher run every step) or from a
 stage-1 store (``--cache``); one code path, only the source of the teacher logits differs.
 ``distill_students``: several students from one pass over a store (``dhkd_pipe.training.students``,
-``engine.train_runs``); ``distill_several``: the same for ``--student A,B --seeds 0,1``."""
+``engine.train_runs``); ``distill_sweep``: the same for a sweep (``--student A,B --seeds 0,1``,
+``--method kd,dhkd --temperature 1,2``, ``--sweep FILE``: ``dhkd_pipe.training.sweep``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.training.engine import train, train_runs
 from dhkd_pipe.training.run import prepare
 from dhkd_pipe.training.run_folder import RunMode
-from dhkd_pipe.training.students import StudentPlan, prepare_pass, student_configs
+from dhkd_pipe.training.students import StudentPlan, check_pass, prepare_pass
+from dhkd_pipe.training.sweep import SweptRun, check_memory, write_sweep_index
 
 
 def distill(cfg: TrainConfig, *, mode: RunMode | str = RunMode.NEW, log=log_line) -> dict:
@@ -47,13 +49,35 @@ def distill_students(plans: list[StudentPlan], log=log_line) -> list[dict | Dhkd
     return train_runs(runs, log=log)
 
 
-def distill_several(
-    cfg: TrainConfig, students: list[str], seeds: list[int] | None, *, mode: RunMode | str = RunMode.NEW, log=log_line
+def distill_sweep(
+    runs: list[SweptRun], *, mode: RunMode | str = RunMode.NEW, memory_limit: float | None = None, log=log_line
 ) -> dict[str, dict | DhkdError]:
-    """``dhkd-pipe distill --student A,B --seeds 0,1``: every student with every seed from one pass
-    (``student_configs``); returns each run folder's summary or the DhkdError that stopped it alone."""
-    cfgs = student_configs(cfg, students, seeds)
-    results = distill_students([StudentPlan(c, mode) for c in cfgs], log=log)
+    """``dhkd-pipe distill --cache STORE`` with several runs (``--student A,B``, ``--seeds 0,1``,
+    several values of an option that sweeps, ``--sweep FILE``; ``training.sweep.sweep_runs``):
+    checks the pass and its memory (``check_memory``, ``memory_limit`` GiB overriding the device's)
+    before any folder is created, trains every run from one pass, and records the runs and how
+    each ended in OUT/sweep.json. Returns each run folder's summary or the DhkdError that stopped
+    it alone."""
+    from dhkd_pipe.data.replay import open_store
+
+    cfgs = [r.cfg for r in runs]
+    check_pass(cfgs)
+    replay = open_store(cfgs[0].cache, cfgs[0].data)
+    estimate = check_memory(cfgs, replay.resolution, replay.num_classes, memory_limit)
+    log(f"{len(runs)} runs in one pass; estimated memory {estimate.text()}")
+    planned = prepare_pass([StudentPlan(c, mode) for c in cfgs], replay=replay)
+    out = os.path.dirname(os.path.normpath(cfgs[0].out))
+    write_sweep_index(out, runs, {})
+    first = planned[0]
+    if first.accelerator.is_main_process:
+        log(
+            f"distilling {len(runs)} runs from {first.cfg.cache} in one pass (each batch rendered and its logits "
+            f"read once): {', '.join(r.name for r in runs)}; {first.cache.epochs} stored view-epochs, "
+            f"{first.cfg.epochs} epochs"
+        )
+    results = train_runs(planned, log=log)
+    if first.accelerator.is_main_process:
+        write_sweep_index(out, runs, dict(zip((r.name for r in runs), results, strict=True)))
     return {c.out: r for c, r in zip(cfgs, results, strict=True)}
 
 

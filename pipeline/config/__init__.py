@@ -36,7 +36,7 @@ from dhkd_pipe.config.commands import (
 )
 from dhkd_pipe.config.common import EXPORT_FORMATS, PRECISIONS, WEIGHTS_HELP, data_help, missing_data
 from dhkd_pipe.config.recipes import build_config, config_defaults, read_recipe
-from dhkd_pipe.config.training import MethodOptions, RunStart, StudentSeeds, TrainConfig
+from dhkd_pipe.config.training import MethodOptions, RunStart, StudentSeeds, SweepOptions, TrainConfig
 
 __all__ = [
     "BENCH_SIZES",
@@ -61,6 +61,7 @@ __all__ = [
     "StudentSeeds",
     "TrainConfig",
     "VerifyCacheConfig",
+    "SweepOptions",
     "build_config",
     "config_defaults",
     "data_help",

@@ -1,5 +1,6 @@
 """The configs of the training commands (``train-teacher``, ``distill``): ``TrainConfig``, and the
-options of a command line that are not part of a run's config (``RunStart``, ``StudentSeeds``).
+options of a command line that are not part of a run's config (``RunStart``, ``StudentSeeds``,
+``SweepOptions``).
 Torch-free."""
 
 from __future__ import annotations
@@ -39,8 +40,11 @@ class TrainConfig(MethodOptions):
         "resnet8",
         "Architecture (see `dhkd-pipe models`).",
         per_command={"distill": {"flag": "--student", "help": "Student architecture."}},
+        sweep=True,
     )
-    method: str = option("ce", "Distillation method (see above).", choices=tuple(METHODS), commands=_DISTILL)
+    method: str = option(
+        "ce", "Distillation method (see above).", choices=tuple(METHODS), commands=_DISTILL, sweep=True
+    )
     teacher: str | None = option(None, "Teacher architecture (online distillation).", commands=_DISTILL)
     teacher_weights: str | None = option(
         None, f"Teacher weights (online distillation): {WEIGHTS_HELP}.", commands=_DISTILL
@@ -50,7 +54,7 @@ class TrainConfig(MethodOptions):
         "Stage-1 logit store (a path or a URL: s3://, gs://, file://): distil with no teacher forward pass.",
         commands=_DISTILL,
     )
-    aux_head: str = option("linear", choices=AUX_HEADS, commands=_DISTILL)
+    aux_head: str = option("linear", choices=AUX_HEADS, commands=_DISTILL, sweep=True)
     # the published PCGrad over parameter gradients (dhkd_pipe.training.grad_align)
     grad_align: bool = option(
         False,
@@ -61,6 +65,7 @@ class TrainConfig(MethodOptions):
         "published DHKD code has no ReviewKD).",
         switch=True,
         commands=_DISTILL,
+        sweep=True,
     )
     # this project's per-sample feature variant (AlignedSplit)
     grad_align_features: bool = option(
@@ -70,6 +75,7 @@ class TrainConfig(MethodOptions):
         "--grad-align.",
         switch=True,
         commands=_DISTILL,
+        sweep=True,
     )
     kernels: str = option(
         "auto", "Fused Triton losses (CUDA) or the PyTorch reference.", choices=BACKENDS, commands=_DISTILL
@@ -77,15 +83,17 @@ class TrainConfig(MethodOptions):
     out: str = option("runs/run", "Run folder.")
     epochs: int = option(240)
     batch_size: int = option(64)
-    lr: float = option(0.05)
-    momentum: float = option(0.9)
-    weight_decay: float = option(5e-4)
+    lr: float = option(0.05, sweep=True)
+    momentum: float = option(0.9, sweep=True)
+    weight_decay: float = option(5e-4, sweep=True)
     lr_milestones: list[int] = option(
-        help="Epochs at which the learning rate decays, e.g. 150,180,210.", default_factory=lambda: [150, 180, 210]
+        help="Epochs at which the learning rate decays, e.g. 150,180,210.",
+        default_factory=lambda: [150, 180, 210],
+        sweep=True,
     )
-    lr_decay: float = option(0.1)
+    lr_decay: float = option(0.1, sweep=True)
     precision: str = option("no", choices=PRECISIONS)
-    seed: int = option(0)
+    seed: int = option(0, sweep=True)
     workers: int = option(2, "Loader worker processes (DALI).")
     checkpoint_every: int = option(0, "Also checkpoint every N steps within an epoch.")
     val_every: int = option(1, "Validate after every N-th epoch and after the last (0: the last only; default 1).")
@@ -177,4 +185,20 @@ class StudentSeeds:
         "With --cache: train each --student with each of these seeds (comma-separated, "
         "e.g. 0,1,2) in one pass over the store, each in OUT/NAME-sSEED; instead of --seed "
         "(see 'Several students' above).",
+    )
+
+
+@dataclass
+class SweepOptions:
+    """``distill``'s sweep: a sweep file and the memory check of a pass (not part of a run's config)."""
+
+    sweep: str | None = option(
+        None,
+        "With --cache: a YAML sweep file, a grid (option: [values, ...]; its product taken with the command "
+        "line's) or a list of runs (- option: value ...); see 'Sweeps' above.",
+    )
+    memory_limit: float | None = option(
+        None,
+        "With several runs: the memory in GiB the pass may take, instead of the device's free memory "
+        "(GPU, else available RAM) that its estimate is checked against; 0 skips the check.",
     )

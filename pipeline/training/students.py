@@ -16,8 +16,6 @@ through the non-finite guard's collectives, so all ranks drop the same student a
 
 from __future__ import annotations
 
-import dataclasses
-import os
 from dataclasses import dataclass
 
 from dhkd_pipe.config import TrainConfig
@@ -49,35 +47,12 @@ def int_list(flag: str, text: str | None) -> list[int] | None:
     return values
 
 
-def student_names(text: str | None) -> list[str | None]:
-    """``--student A,B`` as names; ``[None]`` (the config's model) where none is given."""
-    return [name.strip() for name in (text or "").split(",") if name.strip()] or [None]
-
-
 def seed_list(seeds: str | None, seed: int | None) -> list[int] | None:
     """``--seeds 0,1,2`` as integers; refused beside ``--seed``."""
     values = int_list("--seeds", seeds)
     if values is not None and seed is not None:
         raise DhkdError("give --seed (one run) or --seeds (several), not both")
     return values
-
-
-def student_configs(cfg: TrainConfig, students: list[str], seeds: list[int] | None) -> list[TrainConfig]:
-    """The configs of ``dhkd-pipe distill --student A,B --seeds 0,1``: every student with every seed
-    (``cfg.seed`` without ``--seeds``), each in ``cfg.out``/NAME, NAME the student (and -sSEED).
-    Refuses a pass without a store and a student named twice."""
-    if not cfg.cache:
-        raise DhkdError(
-            "several students (--student A,B or --seeds) train from one pass over a stage-1 store: give --cache STORE"
-        )
-    if len(set(students)) != len(students):
-        raise DhkdError(f"--student names a student twice: {','.join(students)}")
-    out = []
-    for student in students:
-        for seed in seeds if seeds is not None else [cfg.seed]:
-            name = student if seeds is None else f"{student}-s{seed}"
-            out.append(dataclasses.replace(cfg, model=student, seed=seed, out=os.path.join(cfg.out, name)).validate())
-    return out
 
 
 def check_pass(cfgs: list[TrainConfig]) -> None:
@@ -100,9 +75,10 @@ def check_pass(cfgs: list[TrainConfig]) -> None:
         raise DhkdError(f"two students would share the run folder {twice[0]}: give each its own --out")
 
 
-def prepare_pass(plans: list[StudentPlan]):
-    """Prepares every student's run (``engine.prepare``) around one store replay and one loader,
-    which streams the logits if any student's method needs them. Returns the runs, for
+def prepare_pass(plans: list[StudentPlan], replay=None):
+    """Prepares every student's run (``engine.prepare``) around one store replay (``replay``, by
+    default the store opened here) and one loader, which streams the logits if any student's
+    method needs them. Returns the runs, for
     ``engine.train_runs``. A student that cannot be prepared releases the runs prepared before it
     (folders they created are removed) and raises."""
     from dhkd_pipe.data.inference import memory_format
@@ -114,9 +90,9 @@ def prepare_pass(plans: list[StudentPlan]):
     cfgs = [plan.cfg for plan in plans]
     check_pass(cfgs)
     first, runs = cfgs[0], []
-    replay = loader = None
+    loader = None
     if first.cache:
-        replay = open_store(first.cache, first.data)
+        replay = replay or open_store(first.cache, first.data)
         slot = make_accelerator(first.precision)  # the process's slot, set up as each student's run will see it
         loader = replay.loader(
             first.batch_size,
