@@ -1169,6 +1169,27 @@ def files_of(*names: str):
     return lambda w: [w.tmp / n for n in names]
 
 
+def users_notes_in_the_trackers_folder(w: Work):
+    """A finished run (its manifest claims the trackers' folder, which no tracker wrote) where the
+    user later keeps notes in a folder of that name, beside a TensorBoard file of the run's."""
+    w.copy_run()
+    (w.out / "dhkd-pipe" / "plots").mkdir(parents=True)
+    (w.out / "dhkd-pipe" / "plots" / "notes.md").write_text("mine\n")
+    (w.out / "dhkd-pipe" / "events.out.tfevents.1.host").write_bytes(b"the run's")
+
+
+def users_notes_kept_tracker_file_gone(w: Work):
+    finished(w)
+    assert (w.out / "dhkd-pipe" / "plots" / "notes.md").read_text() == "mine\n"
+    assert not (w.out / "dhkd-pipe" / "events.out.tfevents.1.host").exists()
+
+
+def out_links_to_a_plain_torch_folder(w: Work):
+    plain_torch_folder(w)
+    w.out.rename(w.tmp / "mine")
+    os.symlink(w.tmp / "mine", w.out)
+
+
 NO_RUN = "holds no run of dhkd-pipe"
 NOT_OURS = "was not written by dhkd-pipe"
 OWNERSHIP_CASES = [
@@ -1184,6 +1205,23 @@ OWNERSHIP_CASES = [
     ),
     Case("own-other-tools-manifest-overwrite", TRAIN + " --overwrite", NO_RUN, setup=other_tools_manifest, **REFUSED),
     Case("own-store-as-out-overwrite", TRAIN + " --overwrite", NO_RUN, setup=store_as_out, **REFUSED),
+    Case(
+        "own-users-notes-in-the-trackers-folder-overwrite",
+        TRAIN + " --overwrite",
+        code=0,
+        setup=users_notes_in_the_trackers_folder,
+        check=users_notes_kept_tracker_file_gone,
+        changes_out=True,
+        bound=120,
+    ),
+    Case(
+        "own-out-links-to-a-plain-torch-folder-overwrite",
+        TRAIN + " --overwrite",
+        NO_RUN,
+        setup=out_links_to_a_plain_torch_folder,
+        keep=lambda w: [w.tmp / "mine"],
+        **REFUSED,
+    ),
     Case(
         "own-users-model-beside-a-killed-run",
         TRAIN,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from enum import Enum
 from typing import Callable
@@ -344,7 +343,7 @@ class RunFolder:
 def remove_run_files(folder: str, only_tmp: bool = False, manifest: bool = False):
     """Removes the entries this tool wrote in ``folder`` (its manifest's) and their ``.tmp`` files
     (``only_tmp``: just those); ``manifest``: the manifest too. Nothing else: a link is removed,
-    never what it points to."""
+    never what it points to, and of the trackers' folder only the trackers' files (``_clear_tracking``)."""
     owned = owned_entries(folder) or set()
     for name in os.listdir(folder):
         base = name[: -len(".tmp")] if name.endswith(".tmp") else name
@@ -356,11 +355,27 @@ def remove_run_files(folder: str, only_tmp: bool = False, manifest: bool = False
         path = os.path.join(folder, name)
         try:
             if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
+                _clear_tracking(path)
             else:
                 os.remove(path)
         except OSError as e:
             raise io_error(path, e, "remove") from None
+
+
+TRACKER_FILE_PREFIXES = ("events.out.tfevents.",)  # TensorBoard's event files: what trackers write under RUN
+
+
+def _clear_tracking(path: str):
+    """Removes the trackers' files under the folder ``path`` (the run claims the folder when it
+    opens, before it knows whether a tracker will write there) and the folders left empty; a file
+    of any other name is the user's and stays, with the folders that hold it."""
+    for root, dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            if name.startswith(TRACKER_FILE_PREFIXES):
+                os.remove(os.path.join(root, name))
+        for name in dirs:
+            _remove_empty(os.path.join(root, name))
+    _remove_empty(path)
 
 
 def _remove_empty(folder: str):
