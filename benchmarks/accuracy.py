@@ -11,7 +11,7 @@ validation split is the whole test split (Fashion-MNIST's 10,000 t10k images). T
 many view-epochs as the students train epochs, so every epoch sees new views, as online training
 would. Students of one seed differ only in their initialisation: the store fixes views and order.
 
-Re-running reuses what is finished. Each step (teacher, store, each student run) has its folder
+Re-running reuses what is finished (``accuracy_steps``). Each step (teacher, store, each student run) has its folder
 under ``out`` and a record ``out/records/STEP.json`` of what it was made from: its config and the
 identity of its inputs (the teacher's weights digest for the store, the store's record for a
 student). A step whose record matches and which finished is skipped; one that matches but was
@@ -20,28 +20,23 @@ stopped resumes; anything else is trained afresh in its folder.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 
+from dhkd_pipe.benchmarks.accuracy_steps import Steps, run_store, run_students, run_training
 from dhkd_pipe.benchmarks.measure import machine, write_results
 from dhkd_pipe.config import AccuracyBenchConfig, CacheConfig, TrainConfig
 from dhkd_pipe.data.datasets import SUBSET_MARK
-from dhkd_pipe.errors import DhkdError
-from dhkd_pipe.files import write_atomic, write_json
-from dhkd_pipe.methods.registry import from_config, get_method, option_defaults
+from dhkd_pipe.files import write_atomic
 from dhkd_pipe.models import file_digest
 from dhkd_pipe.stages.cache_teacher import cache_teacher
 from dhkd_pipe.stages.distill import distill, distill_students
 from dhkd_pipe.stages.report import markdown_table, write_method_report
 from dhkd_pipe.stages.train_teacher import train_teacher
-from dhkd_pipe.store.reader import LogitCache
-from dhkd_pipe.training.run_folder import CHECKPOINT
-from dhkd_pipe.training.students import StudentPlan
 
 
 @dataclass(frozen=True)
@@ -101,127 +96,8 @@ def milestones(epochs: int) -> list[int]:
     return sorted({m for m in (epochs // 2, (3 * epochs) // 4) if 0 < m < epochs})
 
 
-class Steps:
-    """The records of finished and started steps under ``out/records``."""
-
-    def __init__(self, out: str):
-        self.dir = os.path.join(out, "records")
-        os.makedirs(self.dir, exist_ok=True)
-
-    def _path(self, step: str) -> str:
-        return os.path.join(self.dir, f"{step}.json")
-
-    def read(self, step: str) -> dict | None:
-        try:
-            with open(self._path(step)) as f:
-                return json.load(f)
-        except (OSError, json.JSONDecodeError):
-            return None
-
-    def write(self, step: str, record: dict):
-        write_json(self._path(step), record)
-
-    def state(self, step: str, key: dict, cls) -> tuple[str, dict | None]:
-        """``("done", record)``, ``("resume", record)`` or ``("fresh", None)``; ``cls``: the
-        dataclass of ``key["config"]``."""
-        record = self.read(step)
-        if record is None or not _same_key(record.get("key"), _plain(key), cls):
-            return "fresh", None
-        return ("done" if record.get("done") else "resume"), record
-
-
-def _field_defaults(cls) -> dict:
-    return {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(cls)}
-
-
-def _same_key(recorded, key: dict, cls) -> bool:
-    """Equal, except that an option of ``key["config"]`` (a ``cls``) the record does not know, one
-    added to the tool since, may hold its default: new options default to the old behaviour. A
-    student's ``key["store"]`` is the store's key (a ``CacheConfig``)."""
-    if not isinstance(recorded, dict) or recorded.keys() != key.keys():
-        return False
-    defaults = _field_defaults(cls)
-    for name, value in key.items():
-        if name == "config" and isinstance(recorded[name], dict):
-            value = {
-                k: v for k, v in value.items() if k in recorded[name] or k not in defaults or _plain(defaults[k]) != v
-            }
-            same = recorded[name] == value
-        elif name == "store":
-            same = _same_key(recorded[name], value, CacheConfig)
-        else:
-            same = recorded[name] == value
-        if not same:
-            return False
-    return True
-
-
-def _plain(obj):
-    """As JSON gives it back (tuples become lists), so records compare equal to fresh keys."""
-    return json.loads(json.dumps(obj, default=str))
-
-
 def _what(cfg) -> dict:
     return {k: v for k, v in asdict(cfg).items() if k not in WHERE}
-
-
-def _run_training(steps: Steps, step: str, key: dict, cfg: TrainConfig, stage, log) -> dict:
-    """Trains (or resumes, or reuses) one run; returns its record with the summary."""
-    state, record = steps.state(step, key, TrainConfig)
-    if state == "done" and _same_method(cfg):
-        log(f"reused {step}: {cfg.out}")
-        return {**record, "reused": True}
-    resume = state == "resume" and os.path.isfile(os.path.join(cfg.out, CHECKPOINT))
-    wall = record.get("wall_s", 0.0) if resume else 0.0
-    steps.write(step, {"key": _plain(key), "done": False, "wall_s": wall})
-    log(f"{'resuming' if resume else 'training'} {step}: {cfg.out}")
-    t0 = time.perf_counter()
-    summary = stage(cfg, mode="resume" if resume else "overwrite", log=lambda msg: log(f"  {msg}"))
-    record = {
-        "key": _plain(key),
-        "done": True,
-        "wall_s": wall + time.perf_counter() - t0,
-        "summary": {k: v for k, v in summary.items() if k != "config"},
-    }
-    steps.write(step, record)
-    return {**record, "reused": False}
-
-
-def _same_method(cfg: TrainConfig) -> bool:
-    """The finished run's summary is there and its method's resolved options (``method_params``:
-    the config's, else the method's defaults) are today's: a changed default trains again."""
-    try:
-        with open(os.path.join(cfg.out, "summary.json")) as f:
-            summary = json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return False
-    recorded, now = summary.get("method_params"), _plain(from_config(cfg).params())
-    if not isinstance(recorded, dict):
-        return False
-    defaults = _plain(option_defaults(get_method(cfg.method)))
-    # An option the method gained since the run was made may hold its default (the old behaviour).
-    now = {k: v for k, v in now.items() if k in recorded or k not in defaults or defaults[k] != v}
-    return recorded == now
-
-
-def _run_store(steps: Steps, key: dict, cfg: CacheConfig, log) -> dict:
-    state, record = steps.state("store", key, CacheConfig)
-    if state == "done":
-        try:
-            LogitCache.open(cfg.out).check_complete()
-            log(f"reused store: {cfg.out}")
-            return {**record, "reused": True}
-        except DhkdError:  # removed or damaged since: write it again
-            state = "fresh"
-    wall = record.get("wall_s", 0.0) if state == "resume" else 0.0
-    cfg.overwrite = state != "resume"  # a matching store that stopped resumes chunk by chunk
-    steps.write("store", {"key": _plain(key), "done": False, "wall_s": wall})
-    log(f"{'resuming' if state == 'resume' else 'writing'} store: {cfg.out}")
-    t0 = time.perf_counter()
-    result = cache_teacher(cfg, log=lambda msg: log(f"  {msg}"))
-    record = {"key": _plain(key), "done": True, "wall_s": wall + time.perf_counter() - t0, "summary": result}
-    steps.write("store", record)
-    return {**record, "reused": False}
 
 
 def _spread(values: list[float]) -> dict:
@@ -251,7 +127,9 @@ def _bench(bench: AccuracyBenchConfig, started: float, log) -> dict:
     os.makedirs(out, exist_ok=True)
     steps = Steps(out)
     rows = ROWS
-    clock = lambda: time.perf_counter() - started  # noqa: E731
+
+    def clock() -> float:
+        return time.perf_counter() - started
 
     def say(msg: str):
         log(f"[{clock():7.0f} s] {msg}")
@@ -269,7 +147,7 @@ def _bench(bench: AccuracyBenchConfig, started: float, log) -> dict:
         lr_milestones=milestones(bench.teacher_epochs),
         out=os.path.join(out, "teacher"),
     )
-    teacher = _run_training(steps, "teacher", {"config": _what(teacher_cfg)}, teacher_cfg, train_teacher, say)
+    teacher = run_training(steps, "teacher", {"config": _what(teacher_cfg)}, teacher_cfg, train_teacher, say)
     weights = os.path.join(teacher_cfg.out, "model.pt")
 
     store_cfg = CacheConfig(
@@ -281,7 +159,7 @@ def _bench(bench: AccuracyBenchConfig, started: float, log) -> dict:
         workers=0,
     ).validate()
     store_key = {"config": _what(store_cfg), "teacher_weights": file_digest(weights)}
-    store = _run_store(steps, store_key, store_cfg, say)
+    store = run_store(steps, store_key, store_cfg, cache_teacher, say)
 
     students = []  # (row, seed, cfg, step, key) of every student run
     for row in rows:
@@ -290,10 +168,12 @@ def _bench(bench: AccuracyBenchConfig, started: float, log) -> dict:
             students.append((row, seed, cfg, f"student-{row.slug}-s{seed}", key))
     # the store's students train together in one pass; the online rows (feature methods) one by one
     cached = [(step, key, cfg) for row, _, cfg, step, key in students if not row.online]
-    results = dict(zip((step for step, _, _ in cached), _run_students(steps, cached, say)))
+    results = dict(
+        zip((step for step, _, _ in cached), run_students(steps, cached, distill_students, say), strict=True)
+    )
     for row, _, cfg, step, key in students:
         if row.online:
-            results[step] = _run_training(steps, step, key, cfg, distill, say)
+            results[step] = run_training(steps, step, key, cfg, distill, say)
     runs = []
     for row, seed, cfg, step, _ in students:
         result = results[step]
@@ -336,51 +216,6 @@ def student_run(
     )
     key = {"config": _what(cfg), **({"teacher_weights": file_digest(weights)} if row.online else {"store": store_key})}
     return cfg, key
-
-
-def _run_students(steps: Steps, students: list[tuple[str, dict, TrainConfig]], log) -> list[dict]:
-    """Trains the students not finished yet in one pass over the store (``distill_students``: each
-    resumes or starts afresh as its record says); returns every student's record. A student's
-    ``wall_s`` is its share of the pass's wall time (the pass's time split evenly)."""
-    records: list[dict | None] = []
-    plans, todo = [], []
-    for i, (step, key, cfg) in enumerate(students):
-        state, record = steps.state(step, key, TrainConfig)
-        if state == "done" and _same_method(cfg):
-            log(f"reused {step}: {cfg.out}")
-            records.append({**record, "reused": True})
-            continue
-        records.append(None)
-        resume = state == "resume" and os.path.isfile(os.path.join(cfg.out, CHECKPOINT))
-        wall = record.get("wall_s", 0.0) if resume else 0.0
-        steps.write(step, {"key": _plain(key), "done": False, "wall_s": wall})
-        plans.append(StudentPlan(cfg, "resume" if resume else "overwrite"))
-        todo.append((i, step, key, wall))
-    if not plans:
-        return records
-    log(f"training {len(plans)} students in one pass over the store: " + ", ".join(step for _, step, _, _ in todo))
-    t0 = time.perf_counter()
-    results = distill_students(plans, log=lambda msg: log(f"  {msg}"))
-    share = (time.perf_counter() - t0) / len(plans)
-    failed = []
-    for (i, step, key, wall), result in zip(todo, results):
-        if isinstance(result, DhkdError):
-            failed.append(f"{step}: {result}")
-            continue
-        record = {
-            "key": _plain(key),
-            "done": True,
-            "wall_s": wall + share,
-            "pass_students": len(plans),
-            "summary": {k: v for k, v in result.items() if k != "config"},
-        }
-        steps.write(step, record)
-        records[i] = {**record, "reused": False}
-    if failed:
-        raise DhkdError(
-            f"{len(failed)} of {len(plans)} students stopped (the others are recorded): " + "; ".join(failed)
-        )
-    return records
 
 
 def _write_results(bench, teacher, store, runs, rows, invocation_s) -> dict:
@@ -436,8 +271,8 @@ def _write_results(bench, teacher, store, runs, rows, invocation_s) -> dict:
         "wall_s": wall,
     }
     title = (
-        f"{bench.data}, {bench.train_size} training images (fixed stratified subset), validated on the whole test split: "
-        f"{bench.teacher} teacher {teacher_top1:.2f}%, {bench.student} students from the store "
+        f"{bench.data}, {bench.train_size} training images (fixed stratified subset), validated on the whole "
+        f"test split: {bench.teacher} teacher {teacher_top1:.2f}%, {bench.student} students from the store "
         f"(the feature methods online from the same teacher), {bench.epochs} epochs"
     )
     table = markdown_table(

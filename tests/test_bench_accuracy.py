@@ -147,34 +147,35 @@ def test_settings_are_checked_before_anything_runs(tmp_path):
 
 
 def test_records_accept_options_added_since_at_their_defaults(tmp_path):
-    from dhkd_pipe.benchmarks.accuracy import _plain, _same_key, _same_method, _what
+    from dhkd_pipe.benchmarks.accuracy import _what
+    from dhkd_pipe.benchmarks.accuracy_steps import plain, same_key, same_method
     from dhkd_pipe.config import CacheConfig, TrainConfig
 
     cfg = TrainConfig(data="digits", method="kd", val_every=3, out=str(tmp_path))
-    key = _plain(
+    key = plain(
         {
             "config": _what(cfg),
             "store": {"config": _what(CacheConfig(data="digits", weights="w")), "teacher_weights": "ab"},
         }
     )
-    assert _same_key(key, key, TrainConfig)
+    assert same_key(key, key, TrainConfig)
     older = json.loads(json.dumps(key))
     del (
         older["config"]["compile"],
         older["store"]["config"]["channels_last"],
     )  # options the tool gained later, at their defaults
-    assert _same_key(older, key, TrainConfig)
+    assert same_key(older, key, TrainConfig)
     del older["config"]["val_every"]  # this one is not at its default (1): the run differs
-    assert not _same_key(older, key, TrainConfig)
-    assert not _same_key({**key, "store": {**key["store"], "teacher_weights": "cd"}}, key, TrainConfig)
+    assert not same_key(older, key, TrainConfig)
+    assert not same_key({**key, "store": {**key["store"], "teacher_weights": "cd"}}, key, TrainConfig)
 
     from dhkd_pipe.methods.registry import from_config
 
-    params = _plain(from_config(cfg).params())
+    params = plain(from_config(cfg).params())
     for recorded, same in (
         (params, True),
         ({k: v for k, v in params.items() if v is not None}, True),  # gained options at their defaults
         ({**params, "temperature": 2.0}, False),
     ):  # the default changed since: train again
         (tmp_path / "summary.json").write_text(json.dumps({"method_params": recorded}))
-        assert _same_method(cfg) is same, recorded
+        assert same_method(cfg) is same, recorded
