@@ -23,9 +23,9 @@ from dhkd_pipe.config import (
     StoreBenchConfig,
     StoreLockOptions,
     StudentSeeds,
-    TrainConfig,
     SweepOptions,
     VerifyCacheConfig,
+    TrainConfig,
     build_config,
 )
 from dhkd_pipe.errors import DhkdError, one_line
@@ -113,7 +113,6 @@ def _distill_help() -> str:
         "with every seed in one pass over the store (each batch rendered and its logits read once), each in "
         "OUT/NAME (OUT/NAME-sSEED with --seeds) with its own optimizer, metrics, checkpoint, --resume and export, "
         "exactly as if run alone; a student whose loss is not finite stops alone and is named at the end (exit 2)."
-    )
         "\n\nSweeps (with --cache): " + ", ".join(_sweeps(on_command_line=True)) + " take comma-separated values "
         "(a --sweep FILE may set them and " + ", ".join(_sweeps(on_command_line=False)) + "), e.g. "
         "--method kd,dhkd --temperature 1,2,4 --seeds 0,1: the whole product trains in one pass, each run in "
@@ -122,8 +121,8 @@ def _distill_help() -> str:
         "Before any folder is created the pass's memory (parameters, gradients, optimizer state, one batch's "
         "activations) is estimated and a pass over the device's free memory refused (--memory-limit)."
 
+    )
 
-@main.command(
 def _sweeps(on_command_line: bool) -> list[str]:
     """The flags of the options that sweep: with comma-separated values, or (switches and lists)
     in a sweep file only."""
@@ -137,6 +136,7 @@ def _sweeps(on_command_line: bool) -> list[str]:
 
 
     "distill",
+@main.command(
     cls=ConfigCommand,
     config_cls=TrainConfig,
     defaults=DISTILL_DEFAULTS,
@@ -271,11 +271,20 @@ def verify_cache_cmd(**options):
 @_command(main, "report", ReportConfig)
 @user_errors
 def report_cmd(**options):
-    """Plot validation accuracy and training loss per epoch of runs; print a markdown table."""
+    """Plot validation accuracy and training loss per epoch of runs; print a markdown table.
+
+    Given a sweep's folder (distill --cache with several runs) or a study's (tune): its leaderboard,
+    runs sorted by final top-1 (mean and std over seeds), what they differ in, the epochs each ran and
+    why it stopped; OUT's name with .md and .json beside the picture, and OUT-OPTION pictures of
+    top-1 against each swept option."""
+    from dhkd_pipe.stages.leaderboard import is_leaderboard_folder, write_leaderboard
     from dhkd_pipe.stages.report import write_report
 
     cfg = _config(ReportConfig, options)
     click.echo(write_report(list(cfg.runs), cfg.out))
+    if len(cfg.runs) == 1 and is_leaderboard_folder(cfg.runs[0]):
+        click.echo(write_leaderboard(cfg.runs[0], cfg.out))
+        return
 
 
 @_command(main, "quickstart", QuickstartConfig)
