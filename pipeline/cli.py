@@ -24,8 +24,8 @@ from dhkd_pipe.config import (
     StoreLockOptions,
     StudentSeeds,
     SweepOptions,
-    VerifyCacheConfig,
     TrainConfig,
+    VerifyCacheConfig,
     build_config,
 )
 from dhkd_pipe.errors import DhkdError, one_line
@@ -120,8 +120,8 @@ def _distill_help() -> str:
         "OUT/sweep.json lists the runs for 'dhkd-pipe report OUT'. The other options are one for every run. "
         "Before any folder is created the pass's memory (parameters, gradients, optimizer state, one batch's "
         "activations) is estimated and a pass over the device's free memory refused (--memory-limit)."
-
     )
+
 
 def _sweeps(on_command_line: bool) -> list[str]:
     """The flags of the options that sweep: with comma-separated values, or (switches and lists)
@@ -135,8 +135,8 @@ def _sweeps(on_command_line: bool) -> list[str]:
     ]
 
 
-    "distill",
 @main.command(
+    "distill",
     cls=ConfigCommand,
     config_cls=TrainConfig,
     defaults=DISTILL_DEFAULTS,
@@ -281,10 +281,10 @@ def report_cmd(**options):
     from dhkd_pipe.stages.report import write_report
 
     cfg = _config(ReportConfig, options)
-    click.echo(write_report(list(cfg.runs), cfg.out))
     if len(cfg.runs) == 1 and is_leaderboard_folder(cfg.runs[0]):
         click.echo(write_leaderboard(cfg.runs[0], cfg.out))
         return
+    click.echo(write_report(list(cfg.runs), cfg.out))
 
 
 @_command(main, "quickstart", QuickstartConfig)

@@ -47,6 +47,10 @@ SEED_MAX = 2**63 - 1  # torch.manual_seed and numpy's counter-based generators b
 POSITIVE = Range(0.0, strict_low=True)
 NON_NEGATIVE = Range(0)
 COUNT = Range(1)
+# a loss weight or temperature past these bounds gives a float32 loss of inf or NaN, or (a temperature
+# below 1e-4 squared) no distillation term at all
+WEIGHT = Range(0, 1e6)
+TEMPERATURE = Range(1e-4, 1e4, why="the losses scale by T squared")
 
 # option (config field) name -> its range; one table for every command that takes the option
 RANGES: dict[str, Range] = {
@@ -64,10 +68,10 @@ RANGES: dict[str, Range] = {
     "max_steps": NON_NEGATIVE,
     "max_nonfinite": NON_NEGATIVE,
     "resolution": Range(8, 8192, why="pixels per side"),
-    "alpha": NON_NEGATIVE,
-    "beta": NON_NEGATIVE,
-    "gamma": NON_NEGATIVE,
-    "temperature": POSITIVE,
+    "alpha": WEIGHT,
+    "beta": WEIGHT,
+    "gamma": WEIGHT,
+    "temperature": TEMPERATURE,
     "warmup_epochs": NON_NEGATIVE,
     "kd_stop_epoch": NON_NEGATIVE,
     "views": Range(1, 100_000),
