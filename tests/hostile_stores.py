@@ -166,6 +166,64 @@ def set_dataset_field(store: Path, key: str, value):
     edit_meta(store, "", lambda m: m["attributes"]["dataset"].__setitem__(key, value))
 
 
+def drop_attr(store: Path, key: str):
+    edit_meta(store, "", lambda m: m["attributes"].pop(key))
+
+
+def set_record_field(store: Path, record: str, key: str, value):
+    """One field of a record stage 1 writes (``teacher``, ``policy``, ``dataset``) set to ``value``."""
+    edit_meta(store, "", lambda m: m["attributes"][record].__setitem__(key, value))
+
+
+def nest_attr(store: Path, key: str, depth: int = 900):
+    """Attribute ``key`` nested ``depth`` levels deep: within what JSON parsers take, beyond any store's."""
+    value = json.loads('{"a": ' + "[" * (depth - 1) + "]" * (depth - 1) + "}")
+    set_attr(store, key, value)
+
+
+def set_array_field(store: Path, array: str, key: str, value):
+    """A key of an array's ``zarr.json`` (``data_type``, ``fill_value``, ``dimension_names``, ...)."""
+    edit_meta(store, array, lambda m: m.__setitem__(key, value))
+
+
+def set_chunk_shape(store: Path, array: str, shape):
+    edit_meta(store, array, lambda m: m["chunk_grid"]["configuration"].__setitem__("chunk_shape", shape))
+
+
+def set_key_separator(store: Path, array: str, separator: str):
+    edit_meta(store, array, lambda m: m["chunk_key_encoding"]["configuration"].__setitem__("separator", separator))
+
+
+def drop_checksum(store: Path, array: str = "logits"):
+    """The array's codec chain without its CRC32C (the objects still end in theirs)."""
+    edit_meta(store, array, lambda m: m.__setitem__("codecs", [c for c in m["codecs"] if c["name"] != "crc32c"]))
+
+
+def set_blosc(store: Path, array: str, key: str, value):
+    edit_meta(
+        store,
+        array,
+        lambda m: next(c for c in m["codecs"] if c["name"] == "blosc")["configuration"].__setitem__(key, value),
+    )
+
+
+def scale_array_in_fp16_store(store: Path):
+    """An int8 store's ``logit_scale`` array beside an fp16 store's logits (order's geometry, float32)."""
+    meta = json.loads(_meta_path(store, "order").read_text())
+    meta.update(data_type="float32", fill_value=1.0)
+    (Path(store) / "logit_scale").mkdir()
+    _meta_path(store, "logit_scale").write_text(json.dumps(meta))
+
+
+def consolidate(store: Path):
+    """Consolidated metadata in the group's document: Zarr would read the arrays' metadata from it."""
+    edit_meta(
+        store,
+        "",
+        lambda m: m.__setitem__("consolidated_metadata", {"kind": "inline", "must_understand": False, "metadata": {}}),
+    )
+
+
 def delete_first_chunk(store: Path):
     os.remove(first_chunk(store))
 

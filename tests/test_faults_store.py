@@ -929,6 +929,317 @@ HOSTILE_CASES = [
 ]
 
 
+# ---- issue 27: the store's metadata against its schema; inputs stage 1 and verify-cache refuse -----------
+
+
+def inspect_lists(pattern: str):
+    """``inspect --json`` names the difference in ``metadata`` and exits 1, without a damage scan."""
+
+    def after(w: Work):
+        code, out, err = invoke(["inspect", "--json", w.out])
+        summary = json.loads(out)
+        assert code == 1 and summary["damaged"] is None, err
+        assert any(re.search(pattern, line) for line in summary["metadata"]), summary["metadata"]
+
+    return after
+
+
+def says_which_weights(w: Work):
+    assert re.search(r"teacher weights \S+teacher.pt, as the store records them", w.vars["stderr"]), w.vars["stderr"]
+
+
+def weights_record_names(kind: str):
+    """The store's teacher record names another file: a sparse 8 GiB disk image, or a FIFO."""
+
+    def setup(w: Work):
+        reference_copy(w)
+        path = w.tmp / "disk.img"
+        if kind == "fifo":
+            os.mkfifo(path)
+        else:
+            with open(path, "wb") as f:
+                f.truncate(8 << 30)
+        hs.set_record_field(Path(w.out), "teacher", "weights", str(path))
+
+    return setup
+
+
+def images_copy(link: bool = False):
+    """The image folder copied into the work folder (``keep`` holds it); ``link``: and a link to its train/."""
+
+    def setup(w: Work):
+        root = w.tmp / "images"
+        shutil.copytree(w.shared["images"], root)
+        w.vars["images"] = str(root)
+        if link:
+            os.symlink(root / "train", w.tmp / "link")
+
+    return setup
+
+
+def the_images(w: Work) -> list:
+    return [w.vars["images"]]
+
+
+def symlinked_store(w: Work):
+    copy_store(w.shared["reference"], str(w.tmp / "real.zarr"))
+    os.symlink(w.tmp / "real.zarr", w.out)
+
+
+METADATA = r"its metadata differs from a logit store's: "
+NO_RESUME = r"a resume cannot repair metadata: restore the store's zarr.json files from a copy, or write it anew"
+SCHEMA = dict(keep=the_store, bound=30, measure=True)
+SCHEMA_CASES = [
+    # attributes missing or of the wrong type: one line where a traceback was
+    Case(
+        "schema-policy-missing-distill",
+        DISTILL,
+        hostile(hs.drop_attr, "policy"),
+        error=METADATA + r"no attribute 'policy', which cache-teacher records; " + NO_RESUME,
+        after=no_run_folder,
+        **SCHEMA,
+    ),
+    Case(
+        "schema-data-spec-not-text-distill",
+        DISTILL,
+        hostile(hs.set_attr, "data_spec", 5),
+        error=METADATA + r"attribute data_spec is 5, where a logit store has text",
+        after=no_run_folder,
+        **SCHEMA,
+    ),
+    Case(
+        "schema-teacher-missing-verify",
+        "verify-cache {out}",
+        hostile(hs.drop_attr, "teacher"),
+        error=METADATA + r"no attribute 'teacher'",
+        **SCHEMA,
+    ),
+    Case(
+        "schema-teacher-not-an-object-verify",
+        "verify-cache {out}",
+        hostile(hs.set_attr, "teacher", [1]),
+        error=METADATA + r"attribute teacher is \[1\], where a logit store has an object",
+        **SCHEMA,
+    ),
+    Case(
+        "schema-policy-not-an-object-verify",
+        "verify-cache {out}",
+        hostile(hs.set_attr, "policy", "x"),
+        error=METADATA + r"attribute policy is x, where a logit store has an object",
+        **SCHEMA,
+    ),
+    # an array's dtype or codecs changed: inspect names it, and the advice is one that works
+    Case(
+        "schema-dtype-changed-inspect",
+        "inspect {out}",
+        hostile(hs.set_array_field, "logits", "data_type", "float32"),
+        code=1,
+        error=METADATA + r"logits has data type float32, where this store's is float16; " + NO_RESUME,
+        after=inspect_lists(r"logits has data type float32"),
+        **SCHEMA,
+    ),
+    Case(
+        "schema-dtype-changed-distill-overwrite-repairs",
+        DISTILL,
+        hostile(hs.set_array_field, "logits", "data_type", "float32"),
+        error=METADATA + r"logits has data type float32.* with --overwrite: dhkd-pipe cache-teacher .* --overwrite$",
+        after=then(no_run_folder, rerun(template=CACHE + " --overwrite")),
+        **SCHEMA,
+    ),
+    Case(
+        "schema-checksum-dropped-resume",
+        CACHE,
+        hostile(hs.drop_checksum),
+        error=METADATA + r"logits has codecs bytes, blosc: a logit store's are bytes, blosc, crc32c; " + NO_RESUME,
+        only_line=False,
+        **{**SCHEMA, "bound": 60},
+    ),
+    # a hostile pass over the arrays' metadata
+    Case(
+        "schema-order-chunk-shape",
+        "inspect {out}",
+        hostile(hs.set_chunk_shape, "order", [1, 32]),
+        code=1,
+        error=METADATA + r"order has chunk grid .*\[1, 32\].*, where a logit store's is regular, \[1, 64\]",
+        **SCHEMA,
+    ),
+    Case(
+        "schema-fill-value",
+        "inspect {out}",
+        hostile(hs.set_array_field, "logits", "fill_value", 7),
+        code=1,
+        error=METADATA + r"logits has fill value 7, where a logit store's is 0",
+        **SCHEMA,
+    ),
+    Case(
+        "schema-dimension-names-distill",
+        DISTILL,
+        hostile(hs.set_array_field, "views", "dimension_names", ["epoch", "row", "box"]),
+        error=METADATA + r"views has dimension names",
+        after=no_run_folder,
+        **SCHEMA,
+    ),
+    Case(
+        "schema-unknown-array-key",
+        "inspect {out}",
+        hostile(hs.set_array_field, "labels", "storage_hint", {"must_understand": False}),
+        code=1,
+        error=METADATA + r"labels has 'storage_hint', which no logit store's array has",
+        **SCHEMA,
+    ),
+    Case(
+        "schema-key-separator-distill",
+        DISTILL,
+        hostile(hs.set_key_separator, "order", "."),
+        error=METADATA + r"order has chunk key encoding",
+        after=no_run_folder,
+        **SCHEMA,
+    ),
+    Case(
+        "schema-blosc-typesize",
+        "inspect {out}",
+        hostile(hs.set_blosc, "views", "typesize", 1),
+        code=1,
+        error=METADATA + r"views has codecs bytes, blosc, crc32c: Blosc of a logit store",
+        **SCHEMA,
+    ),
+    Case(
+        "schema-scale-array-in-fp16-store",
+        "inspect {out}",
+        hostile(hs.scale_array_in_fp16_store),
+        code=1,
+        error=METADATA + r"logit_scale is an array only an int8 store has",
+        **SCHEMA,
+    ),
+    Case(
+        "schema-consolidated-metadata",
+        DISTILL,
+        hostile(hs.consolidate),
+        error=METADATA + r"zarr.json.consolidated_metadata is .*, where a logit store has null",
+        after=no_run_folder,
+        **SCHEMA,
+    ),
+    # a hostile pass over the attributes
+    Case(
+        "schema-format-version-text",
+        "inspect {out}",
+        hostile(hs.set_attr, "format_version", "1"),
+        error=r"has format version \"1\"; this tool reads version 1$",
+        **SCHEMA,
+    ),
+    Case(
+        "schema-unknown-codec",
+        "inspect {out}",
+        hostile(hs.set_attr, "codec", "fp8"),
+        error=METADATA + r"attribute codec is fp8, where a logit store has one of fp16, bf16, fp32, int8",
+        **SCHEMA,
+    ),
+    Case(
+        "schema-deep-command",
+        "inspect {out}",
+        hostile(hs.nest_attr, "command"),
+        code=1,
+        error=METADATA + r"attribute command nests 900 levels deep, a logit store's at most 16",
+        **SCHEMA,
+    ),
+    Case(
+        "schema-huge-scale-list-distill",
+        DISTILL,
+        hostile(hs.set_record_field, "policy", "scale", [0.5] * 100_000),
+        error=METADATA + r"attribute policy.scale is \[0.5, 0.5, .*\.\.\., where a logit store has a list of 2 values",
+        after=no_run_folder,
+        **SCHEMA,
+    ),
+    Case(
+        "schema-dataset-count-differs-from-arrays",
+        DISTILL,
+        hostile(hs.set_dataset_field, "num_samples", 300),
+        error=METADATA + r"attribute dataset.num_samples is 300 where the arrays hold 256",
+        after=no_run_folder,
+        **SCHEMA,
+    ),
+    Case(
+        "schema-negative-seed",
+        "inspect {out}",
+        hostile(hs.set_attr, "seed", -1),
+        code=1,
+        error=METADATA + r"attribute seed is -1, where a logit store has at least 0",
+        **SCHEMA,
+    ),
+    Case(
+        "schema-teacher-digest-a-number-verify",
+        "verify-cache {out}",
+        hostile(hs.set_record_field, "teacher", "weights_digest", 750),
+        error=METADATA + r"attribute teacher.weights_digest is 750, where a logit store has text",
+        **SCHEMA,
+    ),
+    Case(
+        "schema-symlinked-store-reads", "inspect {out}", symlinked_store, code=0, keep=store_and("real.zarr"), bound=30
+    ),
+]
+
+INPUT_CASES = [
+    Case(
+        "store-inside-the-image-folders-train",
+        IMAGES.replace("--out {out}", "--out {images}/train/s.zarr"),
+        images_copy(),
+        error=r"--out \S+/images/train/s.zarr lies inside the folder of --data \(\S+/images\): a store there would "
+        r"become part of the data set; write it elsewhere",
+        keep=the_images,
+        bound=30,
+    ),
+    Case(
+        "store-at-the-data-root",
+        IMAGES.replace("--out {out}", "--out {images}"),
+        images_copy(),
+        error=r"lies inside the folder of --data",
+        keep=the_images,
+        bound=30,
+    ),
+    Case(
+        "store-through-a-link-into-the-data",
+        IMAGES.replace("--out {out}", "--out {tmp}/link/s.zarr"),
+        images_copy(link=True),
+        error=r"--out \S+/link/s.zarr lies inside the folder of --data",
+        keep=the_images,
+        bound=30,
+    ),
+    Case(
+        "workers-beyond-the-cores-clamped",
+        IMAGES + " --workers 1024",
+        code=0,
+        after=image_store_sound,
+        bound=180,
+    ),
+    Case(
+        "verify-cache-says-which-weights",
+        "verify-cache {out} --samples 16",
+        reference_copy,
+        code=0,
+        after=says_which_weights,
+        keep=the_store,
+        bound=60,
+    ),
+    Case(
+        "verify-cache-record-names-a-large-file",
+        "verify-cache {out} --samples 16",
+        weights_record_names("big"),
+        error=r"teacher weights \S+/disk.img are 8589934592 bytes where its teacher's are \d+ bytes: not the file "
+        r"it was written with; pass --teacher-weights FILE",
+        keep=the_store,
+        bound=15,
+    ),
+    Case(
+        "verify-cache-record-names-a-fifo",
+        "verify-cache {out} --samples 16",
+        weights_record_names("fifo"),
+        error=r"checkpoint file not found: \S+/disk.img",
+        keep=store_and("disk.img"),
+        bound=15,
+    ),
+]
+
+
 CASES = [
     # one writer per store: the lock, its holder and the stale-lock rule
     Case(
@@ -1184,6 +1495,8 @@ CASES = [
         slow=True,
     ),
     *HOSTILE_CASES,
+    *SCHEMA_CASES,
+    *INPUT_CASES,
 ]
 
 

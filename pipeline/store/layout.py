@@ -343,6 +343,7 @@ ATTRIBUTES = Doc(
     },
     closed=False,
 )
+MAX_ATTRIBUTE_DEPTH = 16  # lists and objects inside one attribute (stage 1 writes 3)
 STAGE1_RECORDS = ("teacher", "dataset", "policy", "seed", "data_spec")
 _ROOT = Doc(
     required={
@@ -375,6 +376,12 @@ def metadata_problems(root: dict, arrays: dict[str, dict | None]) -> list[str]:
     attrs = root.get("attributes") if isinstance(root, dict) else None
     attrs = attrs if isinstance(attrs, dict) else {}
     found += ATTRIBUTES.problems(attrs, "attribute")
+    for key, value in attrs.items():
+        depth = _depth(value)
+        if depth > MAX_ATTRIBUTE_DEPTH:  # readers walk them (a resume compares the command): bounded
+            found.append(
+                f"attribute {_short(key)} nests {depth} levels deep, a logit store's at most {MAX_ATTRIBUTE_DEPTH}"
+            )
     if quoted_command(attrs.get("command_line")) is not None:  # cache-teacher wrote it: its records are there
         found += [f"no attribute {key!r}, which cache-teacher records" for key in STAGE1_RECORDS if key not in attrs]
     codec = attrs.get("codec") if attrs.get("codec") in CODECS else None
@@ -411,6 +418,18 @@ def metadata_problems(root: dict, arrays: dict[str, dict | None]) -> list[str]:
             name, arrays[name], chunks, dtype, fill, sharded and name in PER_EPOCH[:-1], shard_chunks
         )
     return found
+
+
+def _depth(value) -> int:
+    """How deep lists and objects nest in a JSON value (a scalar: 0), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list)):
+            level += 1
+            deepest = max(deepest, level)
+            stack += [(v, level) for v in (item.values() if isinstance(item, dict) else item)]
+    return deepest
 
 
 def _inner_chunks(meta: dict) -> list:

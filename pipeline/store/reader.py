@@ -103,7 +103,7 @@ class LogitCache(StoreLayout):
             attrs = documents[0]["attributes"]
             if attrs["format_version"] != FORMAT_VERSION:  # another version's schema is not this one's
                 raise DhkdError(
-                    f"store {path} has format version {_short(attrs['format_version'])}; "
+                    f"store {path} has format version {_short(json.dumps(attrs['format_version']))}; "
                     f"this tool reads version {FORMAT_VERSION}"
                 )
             problems = metadata_problems(*documents)
@@ -113,6 +113,8 @@ class LogitCache(StoreLayout):
             group = zarr.open_group(store=objects.store, mode=mode, zarr_format=3)
             version = dict(group.attrs).get("format_version")
         except Exception as e:
+            if problems:  # what Zarr stumbled on is among them
+                raise DhkdError(metadata_error(path, documents[0]["attributes"], problems)) from None
             raise DhkdError(f"{path} is not a logit store ({one_line(e)})") from None
         if version is None:
             raise DhkdError(f"{path} is not a logit store, or is still being created (no format_version)")
