@@ -988,6 +988,18 @@ OWNERSHIP_AND_VALUE_CASES = [
     Case("alpha-infinite", ONLINE + " --method kd --alpha inf", "bad --alpha inf: must be a finite number", **REFUSED),
     Case("temperature-nan", ONLINE + " --method kd --temperature nan", "bad --temperature nan", **REFUSED),
     Case(
+        "temperature-tiny",
+        ONLINE + " --method kd --temperature 1e-30",
+        "bad --temperature 1e-30: must be at least 0.0001",
+        **REFUSED,
+    ),
+    Case(
+        "alpha-overflows-float32",
+        ONLINE + " --method dhkd --alpha 1e39",
+        "bad --alpha 1e\\+39: must be at most",
+        **REFUSED,
+    ),
+    Case(
         "eval-batch-size-zero",
         "eval --model resnet8 --weights {teacher} --data digits --batch-size 0",
         "bad --batch-size 0",
