@@ -184,7 +184,7 @@ def bench_students(
 ) -> list[dict]:
     """Measures every S of ``counts`` on in-memory data and (``folder``) on a JPEG folder; prints the
     table and writes ``json_path``."""
-    from dhkd_pipe.benchmarks.bench import write_synthetic_cifar
+    from dhkd_pipe.benchmarks.synthetic import write_synthetic_cifar
     from dhkd_pipe.stages.cache_teacher import cache_teacher
 
     if not counts or min(counts) < 1 or steps < 1 or warmup < 0:

@@ -106,7 +106,7 @@ def kernel_rows(out: str, s: dict) -> list[dict]:
 
 
 def cache_rows(out: str, s: dict) -> list[dict]:
-    from dhkd_pipe.benchmarks.bench import bench_cache
+    from dhkd_pipe.benchmarks.cache import bench_cache
 
     has_dali = importlib.util.find_spec("nvidia.dali") is not None
     result = bench_cache(
@@ -175,7 +175,7 @@ def cache_rows(out: str, s: dict) -> list[dict]:
 
 
 def distill_rows(out: str, s: dict) -> list[dict]:
-    from dhkd_pipe.benchmarks.bench import bench_distill
+    from dhkd_pipe.benchmarks.distill import bench_distill
 
     rows, _ = bench_distill(
         os.path.join(out, "bench_distill.json"),
@@ -206,7 +206,7 @@ S3_ROUND_TRIP_MS = 20.0  # the local S3 server's second run: a round trip of the
 
 
 def store_rows(out: str, s: dict) -> list[dict]:
-    from dhkd_pipe.benchmarks.bench import bench_store
+    from dhkd_pipe.benchmarks.store import bench_store
 
     s3 = s["s3"] and all(importlib.util.find_spec(m) is not None for m in ("moto", "s3fs"))
     # on disk with enough write units to take a time worth measuring (a few units pass too fast);

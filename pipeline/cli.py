@@ -307,7 +307,7 @@ def bench():
 def bench_cache_cmd(**options):
     """Stage-1 images/s against the teacher's bare forward pass (in-memory data and a JPEG folder,
     with images decoded per stored row and decoding alone); bytes per logit per codec."""
-    from dhkd_pipe.benchmarks.bench import bench_cache
+    from dhkd_pipe.benchmarks.cache import bench_cache
 
     cfg = _config(CacheBenchConfig, options)
     bench_cache(
@@ -366,7 +366,7 @@ def bench_distill_cmd(**options):
             folder=cfg.folder,
         )
         return
-    from dhkd_pipe.benchmarks.bench import bench_distill
+    from dhkd_pipe.benchmarks.distill import bench_distill
 
     bench_distill(cfg.json_path, teacher=cfg.teacher, student=cfg.student, batch_size=cfg.batch_size, steps=cfg.steps)
 
@@ -375,7 +375,7 @@ def bench_distill_cmd(**options):
 @user_errors
 def bench_store_cmd(**options):
     """Store write and read rows/s of one process (stage 1's writer, stage 2's streaming), local and at URLs."""
-    from dhkd_pipe.benchmarks.bench import bench_store
+    from dhkd_pipe.benchmarks.store import bench_store
 
     cfg = _config(StoreBenchConfig, options)
     bench_store(

@@ -218,7 +218,7 @@ def test_bench_accuracy_trains_the_feature_rows_online_from_the_same_teacher(tmp
 
 @pytest.mark.slow
 def test_bench_distill_has_an_online_reviewkd_row(tmp_path):
-    from dhkd_pipe.benchmarks.bench import bench_distill
+    from dhkd_pipe.benchmarks.distill import bench_distill
 
     rows, ratios = bench_distill(
         str(tmp_path / "bench.json"), teacher="resnet8", student="resnet8", batch_size=8, steps=2, warmup=1

@@ -493,7 +493,7 @@ def test_store_errors_in_stage_2(tmp_path, quick_store):
     assert_one_line_error(result, "incomplete")
     assert not (tmp_path / "r1").exists()
 
-    from dhkd_pipe.benchmarks.bench import write_synthetic_cifar
+    from dhkd_pipe.benchmarks.synthetic import write_synthetic_cifar
 
     spec = write_synthetic_cifar(str(tmp_path / "cifar"), num_train=50, num_val=10)
     result = cli_here(

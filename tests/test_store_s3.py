@@ -552,7 +552,7 @@ def test_bench_stores_local_server_adds_the_round_trip_it_is_given(caplog):
     import gc
 
     pytest.importorskip("moto")
-    from dhkd_pipe.benchmarks.bench import local_s3_server
+    from dhkd_pipe.benchmarks.local_s3 import local_s3_server
 
     before = os.environ.get("AWS_ENDPOINT_URL_S3")
     timings = {}
