@@ -20,13 +20,17 @@ def _cpu_seconds(pid: int) -> float | None:
         return None
 
 
+REQUESTS_PATH = "/_dhkd/requests"  # where the local S3 server answers its request counts (local_s3_requests)
+
+
 @contextlib.contextmanager
 def local_s3_server(bucket: str = "dhkd-bench", latency_ms: float = 0.0):
     """A moto S3 server on 127.0.0.1 in a child process for the length of the block, with
     ``bucket`` created and this process's AWS_* variables pointing at it (dummy credentials);
     yields (``s3://bucket``, a function giving the server's CPU seconds so far, or None where
     they cannot be read). ``latency_ms``: added to every request before the server handles it
-    (each request has its own server thread, so waits overlap as a network's do). The child
+    (each request has its own server thread, so waits overlap as a network's do). The server counts
+    the requests it answers by kind (``local_s3_requests``). The child
     exits when its stdin closes, so it never outlives us."""
     import importlib.util
 
@@ -37,16 +41,26 @@ def local_s3_server(bucket: str = "dhkd-bench", latency_ms: float = 0.0):
     import s3fs
 
     code = (
-        "import logging, sys, time\n"
+        "import collections, json, logging, sys, threading, time\n"
         "logging.getLogger('werkzeug').setLevel(logging.ERROR)\n"
         "from moto.moto_server.werkzeug_app import DomainDispatcherApplication\n"
         "latency = float(sys.argv[1]) / 1000\n"
-        "if latency > 0:\n"
-        "    handle = DomainDispatcherApplication.__call__\n"
-        "    def delayed(self, environ, start_response):\n"
+        "counts, lock = collections.Counter(), threading.Lock()\n"
+        "handle = DomainDispatcherApplication.__call__\n"
+        "def counted(self, environ, start_response):\n"
+        f"    if environ.get('PATH_INFO') == {REQUESTS_PATH!r}:\n"
+        "        with lock:\n"
+        "            body = json.dumps(counts).encode()\n"
+        "        start_response('200 OK', [('Content-Type', 'application/json')])\n"
+        "        return [body]\n"
+        "    method, path = environ.get('REQUEST_METHOD', ''), environ.get('PATH_INFO', '').strip('/')\n"
+        "    listing = method == 'GET' and '/' not in path and 'list-type' in environ.get('QUERY_STRING', '')\n"
+        "    with lock:\n"
+        "        counts['LIST' if listing else method] += 1\n"
+        "    if latency > 0:\n"
         "        time.sleep(latency)\n"
-        "        return handle(self, environ, start_response)\n"
-        "    DomainDispatcherApplication.__call__ = delayed\n"
+        "    return handle(self, environ, start_response)\n"
+        "DomainDispatcherApplication.__call__ = counted\n"
         "from moto.server import ThreadedMotoServer\n"
         "server = ThreadedMotoServer(ip_address='127.0.0.1', port=0, verbose=False)\n"
         "server.start()\n"
@@ -91,6 +105,16 @@ def local_s3_server(bucket: str = "dhkd-bench", latency_ms: float = 0.0):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def local_s3_requests() -> dict[str, int]:
+    """{kind: count} of the requests the running ``local_s3_server`` has answered so far: ``LIST``
+    (a bucket listing, one page each), else the HTTP method (GET, PUT, HEAD, DELETE, POST)."""
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(os.environ["AWS_ENDPOINT_URL_S3"] + REQUESTS_PATH, timeout=10) as response:
+        return json.loads(response.read())
 
 
 def _forget_s3_instances():

@@ -20,6 +20,7 @@ from dhkd_pipe.config import (
     QuickstartConfig,
     ReportConfig,
     RunStart,
+    ScaleBenchConfig,
     StoreBenchConfig,
     StoreLockOptions,
     StudentSeeds,
@@ -390,6 +391,31 @@ def bench_store_cmd(**options):
         local=cfg.local,
         s3_latency_ms=cfg.s3_latency_ms,
         sharded=cfg.sharded,
+    )
+
+
+@_command(bench, "scale", ScaleBenchConfig)
+@user_errors
+def bench_scale_cmd(**options):
+    """How the store's costs grow with its size: per size, on disk and on a local S3 server, the
+    write, open, inspect --quick, inspect, a resume, the audit and stage 2's first batch, with the
+    reader's memory and the S3 requests; a table, a JSON and a log-log plot."""
+    from dhkd_pipe.benchmarks.scale import bench_scale, parse_sizes
+
+    cfg = _config(ScaleBenchConfig, options)
+    bench_scale(
+        cfg.json_path,
+        sizes=parse_sizes(cfg.sizes),
+        views=cfg.views,
+        classes=cfg.classes,
+        chunk_rows=cfg.chunk_rows,
+        codec=cfg.codec,
+        batch_size=cfg.batch_size,
+        local=cfg.local,
+        s3_local=cfg.s3_local,
+        s3_max_rows=cfg.s3_max_rows,
+        sharded=cfg.sharded,
+        before=cfg.before,
     )
 
 

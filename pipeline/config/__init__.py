@@ -22,6 +22,7 @@ from dhkd_pipe.config.benchmarks import (
     AllBenchConfig,
     CacheBenchConfig,
     DistillBenchConfig,
+    ScaleBenchConfig,
     StoreBenchConfig,
 )
 from dhkd_pipe.config.commands import (
@@ -56,6 +57,7 @@ __all__ = [
     "QuickstartConfig",
     "ReportConfig",
     "RunStart",
+    "ScaleBenchConfig",
     "StoreBenchConfig",
     "StoreLockOptions",
     "StudentSeeds",

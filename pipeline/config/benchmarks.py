@@ -111,6 +111,35 @@ class DistillBenchConfig:
 
 
 @dataclass
+class ScaleBenchConfig:
+    """``dhkd-pipe bench scale``."""
+
+    json_path: str = option(
+        "bench_scale.json", "The result file; the log-log plot is written beside it (.png).", flag="--json"
+    )
+    sizes: str = option(
+        "10000,100000,1000000",
+        "Store sizes in rows (views x samples), comma-separated; 10000000 where the disk holds 17 GB more.",
+    )
+    views: int = option(8, "View-epochs per store (ImageNet's stores: 8); rows / views samples each.")
+    classes: int = option(1000)
+    chunk_rows: int = option(1024)
+    codec: str = option("fp16", choices=CODECS)
+    batch_size: int = option(256, "Stage 2's batch, for the first batch.")
+    local: bool = option(True, "Measure stores in a temporary folder on local disk.", switch=True)
+    s3_local: bool = option(
+        False, "Also measure on a moto S3 server this command starts on 127.0.0.1, its requests counted.", is_flag=True
+    )
+    s3_max_rows: int = option(100_000, "With --s3-local: the largest size put there (the server holds it in memory).")
+    sharded: bool = option(
+        False, "Lay every store out in shards, as stage 1 does a store of 10,000 chunks or more.", is_flag=True
+    )
+    before: str | None = option(
+        None, "The JSON of an earlier run (before a change), shown and plotted beside this one."
+    )
+
+
+@dataclass
 class StoreBenchConfig:
     """``dhkd-pipe bench store``."""
 
