@@ -90,6 +90,19 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def check_integer(name: str, value, low: int | None = None, high: int | None = None) -> int:
+    """``value`` of the argument ``name`` as an int: a ``WrongType`` (TypeError) if it is not an
+    integer (a bool, a float, a string), a ``BadArgument`` (ValueError) outside ``low``..``high``."""
+    from dhkd_pipe.errors import BadArgument, WrongType
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise WrongType(f"{name} must be an integer, not {type(value).__name__} {value!r}")
+    problem = Range(low, high).problem(int(value))
+    if problem:
+        raise BadArgument(f"bad {name} {value}: {problem}")
+    return int(value)
+
+
 def check_value(name: str, value, flag_name: str | None = None):
     """Refuses ``value`` of option ``name`` outside its declared range (lists: each element)."""
     rule = RANGES.get(name)

@@ -98,7 +98,7 @@ def test_a_process_slot_replays_its_chunks_as_recorded(store, rank):
         indices, views = cache.read_order(e)[positions], cache.read_views(e)[positions]
         stored = torch.cat([cache.read_rows(e, k) for k in range(rank, cache.num_chunks, 2)])[: len(positions)]
         got = list(loader.epoch(epoch))
-        images, labels, teacher = (torch.cat(parts) for parts in zip(*got))
+        images, labels, teacher = (torch.cat(parts) for parts in zip(*got, strict=True))
         assert torch.equal(labels, torch.as_tensor(cache.labels[indices]).long())
         assert torch.equal(labels, replay.data.train_labels[torch.as_tensor(indices)])
         assert torch.equal(teacher, stored.float())
@@ -110,7 +110,7 @@ def test_iterable_dataset_form(store):
     data = replay.dataset(100, epoch=1, device="cpu")
     batches = list(torch.utils.data.DataLoader(data, batch_size=None))
     assert len(batches) == len(data) == len(replay.loader(100, device="cpu"))
-    for (images, labels, teacher), want in zip(batches, replay.loader(100, device="cpu").epoch(1)):
+    for (images, labels, teacher), want in zip(batches, replay.loader(100, device="cpu").epoch(1), strict=True):
         assert (
             torch.equal(images, want.images)
             and torch.equal(labels, want.labels)
@@ -163,7 +163,7 @@ def test_loss_modules_are_the_cli_methods(name):
             assert torch.equal(got[key], want[key]), key
         student, labels, teacher = _inputs(cli_method, epoch)
         module(student, labels, teacher, epoch=epoch).backward()
-        for a, b in zip(_grads(student), want_grads):
+        for a, b in zip(_grads(student), want_grads, strict=True):
             assert torch.equal(a, b)
 
 
@@ -274,6 +274,11 @@ def _call(loss, **batch):
 
 def _loader(store, batch_size=64, **kw):
     return lambda: dhkd_pipe.open_store(store).loader(batch_size, **{"device": "cpu", "workers": 0, **kw})
+
+
+def _epoch(store, epoch, **kw):
+    loader = dhkd_pipe.open_store(store).loader(256, device="cpu", workers=0)
+    return lambda: loader.epoch(epoch, **kw)
 
 
 # (id, what to call: () -> ..., or (store) -> () -> ... for the loader, exception type, message)
@@ -388,6 +393,18 @@ API_CASES = [
         ValueError,
         "must be \\(B, K\\)",
     ),
+    (
+        "epoch-negative-flips-the-warm-up",
+        lambda: dhkd_pipe.DKDLoss().terms(*_batch(), epoch=-5),
+        ValueError,
+        "bad epoch -5: must be at least 0",
+    ),
+    (
+        "epoch-fractional",
+        lambda: dhkd_pipe.DKDLoss().terms(*_batch(), epoch=2.5),
+        TypeError,
+        "epoch must be an integer",
+    ),
     # the loader: batch size and process slot
     ("loader-batch-size-zero", lambda s: _loader(s, batch_size=0), ValueError, "bad batch_size 0: must be at least 1"),
     ("loader-batch-size-negative", lambda s: _loader(s, batch_size=-8), ValueError, "bad batch_size -8"),
@@ -401,6 +418,21 @@ API_CASES = [
     ("loader-rank-beyond-world", lambda s: _loader(s, rank=2, world_size=2), ValueError, "rank 2 of world_size 2"),
     ("loader-world-size-zero", lambda s: _loader(s, rank=0, world_size=0), ValueError, "world_size 0"),
     ("loader-rank-negative", lambda s: _loader(s, rank=-1, world_size=2), ValueError, "rank -1"),
+    ("loader-epoch-negative", lambda s: _epoch(s, -1), ValueError, "bad epoch -1: must be at least 0"),
+    ("loader-epoch-fractional", lambda s: _epoch(s, 2.5), TypeError, "epoch must be an integer, not float"),
+    ("loader-epoch-a-string", lambda s: _epoch(s, "1"), TypeError, "epoch must be an integer, not str"),
+    (
+        "loader-skip-negative",
+        lambda s: _epoch(s, 0, skip_steps=-3),
+        ValueError,
+        "bad skip_steps -3: must be at least 0",
+    ),
+    (
+        "loader-skip-past-the-epoch",
+        lambda s: _epoch(s, 0, skip_steps=10**6),
+        ValueError,
+        "bad skip_steps 1000000: must be at most",
+    ),
     ("loader-device-unknown", lambda s: _loader(s, device="gpu0"), ValueError, "bad device 'gpu0'"),
 ]
 

@@ -25,6 +25,7 @@ import torch
 
 from dhkd_pipe.data.datasets import Dataset, Renderer
 from dhkd_pipe.data.views import ViewPlan
+from dhkd_pipe.option_ranges import RANGES, check_integer
 
 if TYPE_CHECKING:
     from dhkd_pipe.store.reader import LogitCache
@@ -217,32 +218,18 @@ def row_batches(chunks, batch_size: int):
 def check_batch_size(batch_size) -> int:
     """``batch_size`` as an int, or a ``WrongType`` (TypeError) / ``BadArgument`` (ValueError)
     naming it: a loader's batches hold 1 to ``option_ranges``' most images."""
-    from dhkd_pipe.errors import BadArgument
-    from dhkd_pipe.option_ranges import RANGES
-
-    _check_integer("batch_size", batch_size)
-    problem = RANGES["batch_size"].problem(int(batch_size))
-    if problem:
-        raise BadArgument(f"bad batch_size {batch_size}: {problem}")
-    return int(batch_size)
+    rule = RANGES["batch_size"]
+    return check_integer("batch_size", batch_size, int(rule.low), int(rule.high))
 
 
 def check_slot(rank, world_size) -> tuple[int, int]:
     """(rank, world_size) as ints, or an error naming them: a rank is 0..world_size-1."""
-    from dhkd_pipe.errors import BadArgument
-
-    _check_integer("rank", rank)
-    _check_integer("world_size", world_size)
+    world_size, rank = check_integer("world_size", world_size), check_integer("rank", rank)
     if world_size < 1 or not 0 <= rank < world_size:
+        from dhkd_pipe.errors import BadArgument
+
         raise BadArgument(f"bad process slot: rank {rank} of world_size {world_size} (a rank is 0..world_size-1)")
-    return int(rank), int(world_size)
-
-
-def _check_integer(name: str, value):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        from dhkd_pipe.errors import WrongType
-
-        raise WrongType(f"{name} must be an integer, not {type(value).__name__} {value!r}")
+    return rank, world_size
 
 
 class ViewLoader:
@@ -285,7 +272,12 @@ class ViewLoader:
         return pos[: self.rows]
 
     def epoch(self, epoch: int, skip_steps: int = 0):
-        """Yields ``Batch``es of training epoch ``epoch``, starting after ``skip_steps`` batches."""
+        """Yields ``Batch``es of training epoch ``epoch`` (0, 1, ...), starting after ``skip_steps``
+        batches (0 to ``len(self)``)."""
+        epoch, skip_steps = check_integer("epoch", epoch, 0), check_integer("skip_steps", skip_steps, 0, self.steps)
+        return self._batches(epoch, skip_steps)  # checked now, not at the first batch
+
+    def _batches(self, epoch: int, skip_steps: int):
         skip = skip_steps * self.batch_size
         positions = self._my_positions()[skip:]
         indices, views = self.epochs.positions(epoch, positions)

@@ -22,6 +22,7 @@ import torch
 
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.methods.registry import CE, DHKD, DIST, DKD, KD, BinaryKL, Method, get_method
+from dhkd_pipe.option_ranges import check_integer
 
 
 class MethodLoss(torch.nn.Module):
@@ -63,8 +64,10 @@ class MethodLoss(torch.nn.Module):
     ) -> dict[str, torch.Tensor]:
         """The named terms (``total`` and ``term_names``), each with its own gradient. A batch the
         method cannot compute (one head where it needs two, float labels, an empty batch, shapes
-        that differ) is refused first, naming the argument (``Method.check_batch``)."""
+        that differ, an epoch that is not 0, 1, ...) is refused first, naming the argument
+        (``Method.check_batch``)."""
         self.method.check_batch(student, labels, teacher, teacher_scale)
+        epoch = check_integer("epoch", epoch, 0)  # a negative one would flip a warm-up's sign
         return self.method.terms(student, labels, teacher, teacher_scale, epoch)
 
     def extra_repr(self) -> str:

@@ -85,23 +85,25 @@ def object_problems(cache: "LogitCache", keys, checksums: bool = True, sizes: di
     return {key: problem for key, problem in found if problem}
 
 
-def damage(cache: "LogitCache", checksums: bool = True) -> list[str]:
+def damage(cache: "LogitCache", checksums: bool = True, sizes: dict | None = None) -> list[str]:
     """What is damaged in the store, one line each: data objects of units marked done (and the
     labels, and any ``done`` object) that are missing or fail their checksum (listing only
-    with ``checksums=False``). Units not marked done are not damage: they are still to write."""
-    return _lines(cache, _damaged_objects(cache, checksums))
+    with ``checksums=False``; ``sizes``: that listing, if the caller has it). Units not marked
+    done are not damage: they are still to write."""
+    return _lines(cache, _damaged_objects(cache, checksums, sizes))
 
 
 def _lines(cache: "LogitCache", problems: dict) -> list[str]:
     return [f"{cache.what(key)} ({key}): {problem}" for key, problem in sorted(problems.items())]
 
 
-def _damaged_objects(cache: "LogitCache", checksums: bool) -> dict[str, str]:
-    sizes = None if checksums else cache.objects.sizes()
+def _damaged_objects(cache: "LogitCache", checksums: bool, sizes: dict | None = None) -> dict[str, str]:
+    sizes = cache.objects.sizes() if sizes is None else sizes  # one listing: the done units, and (quick) the sizes
     units = cache.write_units()
-    done_keys = [cache.unit_keys(e, chunks[0])["done"] for e, chunks in units]
+    # a unit without its flags object is not done, not damaged: only the flags objects there are checked
+    done_keys = [key for e, chunks in units if (key := cache.unit_keys(e, chunks[0])["done"]) in sizes]
     flag_problems = {k: p for k, p in object_problems(cache, done_keys, checksums, sizes).items() if p != "missing"}
-    done = _done_units(cache, set(flag_problems))
+    done = _done_units(cache, set(flag_problems), sizes)
     keys = [LABELS_KEY]
     for e, chunks in units:
         if done[e, chunks].all():
@@ -109,16 +111,14 @@ def _damaged_objects(cache: "LogitCache", checksums: bool) -> dict[str, str]:
     return {**flag_problems, **object_problems(cache, keys, checksums, sizes)}
 
 
-def _done_units(cache: "LogitCache", damaged: set) -> np.ndarray:
-    """The done mask, a unit whose flags object is in ``damaged`` counted as not done."""
-    if not damaged:
-        return cache.done_mask()
-    done = np.zeros((cache.epochs, cache.num_chunks), bool)
-    for e, chunks in cache.write_units():
-        if cache.unit_keys(e, chunks[0])["done"] not in damaged:
-            done[e, chunks[0] : chunks[-1] + 1] = cache.read(
-                "done", (e, slice(chunks[0], chunks[-1] + 1)), e, chunks[0]
-            )
+def _done_units(cache: "LogitCache", damaged: set, sizes: dict) -> np.ndarray:
+    """The done mask (from the listing ``sizes``), a unit whose flags object is in ``damaged``
+    counted as not done."""
+    done = cache.done_mask(sizes)
+    if damaged:
+        for e, chunks in cache.write_units():
+            if cache.unit_keys(e, chunks[0])["done"] in damaged:
+                done[e, chunks[0] : chunks[-1] + 1] = False
     return done
 
 

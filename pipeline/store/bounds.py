@@ -46,6 +46,13 @@ def check_local_tree(root: str, location: str):
 
             raise io_error(folder, e, "read") from None
         for entry in entries:
+            # the entry's type from the folder listing itself, no stat: a store's every open walks
+            # all its objects (thousands in a large store); only what is neither file nor folder is looked at
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(entry.path)
+                continue
+            if entry.is_file(follow_symlinks=False):
+                continue
             key = os.path.relpath(entry.path, root)
             st = entry.stat(follow_symlinks=False)
             if stat.S_ISLNK(st.st_mode):

@@ -213,8 +213,26 @@ class LogitCache(StoreLayout):
             raise DhkdError(f"cannot write to store {self._path}: {one_line(e)}") from None
         self._attrs.update(kv)
 
-    def done_mask(self) -> np.ndarray:
-        return self.read("done", (slice(None),)).astype(bool)
+    def done_mask(self, listed=None) -> np.ndarray:
+        """(epochs, chunks) bools: which chunks are written and final.
+
+        A write unit's ``done`` object is written whole, every flag set, after the unit's data, and
+        deleted first when the unit is undone: the units done are those whose object is there. So
+        one listing answers (on object storage a LIST page per 1,000 units), not a read per unit.
+        ``listed``: the store's keys, already listed (``objects.sizes()``). A flags object whose
+        bytes changed still counts as done here; the checksum audit (``inspect``, a resume's
+        repair) finds it."""
+        done_array = self.array("done")
+        if tuple(done_array.chunks) != (1, self.shard_chunks):  # not a unit per object: read the flags
+            return self.read("done", (slice(None),)).astype(bool)
+        keys = set(self._objects.list("done/") if listed is None else listed)
+        encode, s = done_array.metadata.encode_chunk_key, self.shard_chunks
+        done = np.zeros((self.epochs, self.num_chunks), bool)
+        for e in range(self.epochs):
+            for unit in range(-(-self.num_chunks // s)):
+                if f"done/{encode((e, unit))}" in keys:
+                    done[e, unit * s : (unit + 1) * s] = True
+        return done
 
     # ---- reading ----------------------------------------------------------------------------
 
@@ -309,7 +327,8 @@ class LogitCache(StoreLayout):
         store; changed bytes are found by their checksums when read, or by ``inspect``)."""
         from dhkd_pipe.store.audit import damage
 
-        done = self.done_mask()
+        sizes = self._objects.sizes()  # the one listing both checks need
+        done = self.done_mask(sizes)
         missing = int((~done).sum())
         if missing:
             epochs = [int(e) for e in np.flatnonzero((~done).any(axis=1))]
@@ -319,7 +338,7 @@ class LogitCache(StoreLayout):
                 f"(epochs {listed}); re-run cache-teacher to finish it"
             )
         if objects:
-            damaged = damage(self, checksums=False)
+            damaged = damage(self, checksums=False, sizes=sizes)
             if damaged:
                 more = f" and {len(damaged) - 1} more" if len(damaged) > 1 else ""
                 raise DhkdError(f"store {self._path} is damaged: {damaged[0]}{more}; {self.repair_hint()}")
@@ -331,8 +350,8 @@ class LogitCache(StoreLayout):
         from dhkd_pipe.processes import describe_holder
         from dhkd_pipe.store.lock import read_holder
 
-        done = self.done_mask()
         sizes = self._objects.sizes()
+        done = self.done_mask(sizes)
         lock = sizes.pop(LOCK_KEY, None)
         holder = read_holder(self._objects) if lock is not None else None
         logit_bytes = sum(
