@@ -130,7 +130,7 @@ def launch_rows(
         raise DhkdError(f"the heads differ in shape: {', '.join(str(tuple(x.shape)) for x in rows)}")
     grads = [
         torch.empty((B, K), dtype=x.dtype, device=x.device) if g is None else g
-        for x, g in zip(rows, grads or [None] * len(rows))
+        for x, g in zip(rows, grads or [None] * len(rows), strict=True)
     ]
     loss = torch.empty((B,) if terms == 1 else (B, terms), dtype=torch.float32, device=rows[0].device)
     args = [a for x in rows for a in (x, x.stride(0))]

@@ -48,22 +48,27 @@ _API = {
 
 __all__ = ["__version__", *_API]
 
-if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
-    from dhkd_pipe.data.inference import evaluate
-    from dhkd_pipe.data.loader import Batch, ViewLoader
-    from dhkd_pipe.data.replay import ReplayDataset, StoreReplay, open_store
-    from dhkd_pipe.errors import DhkdError
-    from dhkd_pipe.methods.loss_modules import (
-        BinaryKLLoss,
-        CELoss,
-        DHKDLoss,
-        DISTLoss,
-        DKDLoss,
-        KDLoss,
-        MethodLoss,
-        create_loss,
-    )
-    from dhkd_pipe.models import DualHead, create_model, list_models, load_checkpoint, single_head
+if TYPE_CHECKING:  # for type checkers and IDEs (``X as X``: a re-export); at run time the names load lazily
+    from dhkd_pipe.data.inference import evaluate as evaluate
+    from dhkd_pipe.data.loader import Batch as Batch
+    from dhkd_pipe.data.loader import ViewLoader as ViewLoader
+    from dhkd_pipe.data.replay import ReplayDataset as ReplayDataset
+    from dhkd_pipe.data.replay import StoreReplay as StoreReplay
+    from dhkd_pipe.data.replay import open_store as open_store
+    from dhkd_pipe.errors import DhkdError as DhkdError
+    from dhkd_pipe.methods.loss_modules import BinaryKLLoss as BinaryKLLoss
+    from dhkd_pipe.methods.loss_modules import CELoss as CELoss
+    from dhkd_pipe.methods.loss_modules import DHKDLoss as DHKDLoss
+    from dhkd_pipe.methods.loss_modules import DISTLoss as DISTLoss
+    from dhkd_pipe.methods.loss_modules import DKDLoss as DKDLoss
+    from dhkd_pipe.methods.loss_modules import KDLoss as KDLoss
+    from dhkd_pipe.methods.loss_modules import MethodLoss as MethodLoss
+    from dhkd_pipe.methods.loss_modules import create_loss as create_loss
+    from dhkd_pipe.models import DualHead as DualHead
+    from dhkd_pipe.models import create_model as create_model
+    from dhkd_pipe.models import list_models as list_models
+    from dhkd_pipe.models import load_checkpoint as load_checkpoint
+    from dhkd_pipe.models import single_head as single_head
 
 
 def __getattr__(name: str):

@@ -16,6 +16,7 @@ def train_teacher(cfg: TrainConfig, *, mode: RunMode | str = RunMode.NEW, log=lo
     run = prepare(cfg, mode)
     if run.accelerator.is_main_process:
         log(
-            f"training {cfg.model} on {cfg.data}: {run.data.num_train} images, {run.data.num_classes} classes, {cfg.epochs} epochs"
+            f"training {cfg.model} on {cfg.data}: {run.data.num_train} images, {run.data.num_classes} classes, "
+            f"{cfg.epochs} epochs"
         )
     return train(run, log=log)

@@ -202,7 +202,7 @@ def write_digit_jpegs(root, classes=3, train=8, val=2):
 
     digits = load_digits()
     counts = {}
-    for image, label in zip(digits.images, digits.target):
+    for image, label in zip(digits.images, digits.target, strict=True):
         if label >= classes or counts.get(label, 0) >= train + val:
             continue
         k = counts[label] = counts.get(label, 0) + 1

@@ -40,8 +40,14 @@ CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # raw control characters (not
 BUCKET = "dhkd"
 
 TRAIN = "train-teacher --model resnet8 --data digits@100 --epochs 1 --batch-size 32 --out {out}"
-ONLINE = "distill --student resnet8 --teacher resnet8 --teacher-weights {teacher} --data digits@100 --epochs 1 --batch-size 32 --out {out}"
-CACHE = "cache-teacher --model resnet8 --weights {teacher} --data digits@100 --views 1 --chunk-rows 32 --batch-size 64 --out {store}"
+ONLINE = (
+    "distill --student resnet8 --teacher resnet8 --teacher-weights {teacher} --data digits@100 --epochs 1 "
+    "--batch-size 32 --out {out}"
+)
+CACHE = (
+    "cache-teacher --model resnet8 --weights {teacher} --data digits@100 --views 1 --chunk-rows 32 "
+    "--batch-size 64 --out {store}"
+)
 DISTILL = "distill --student resnet8 --cache {store} --epochs 1 --batch-size 32 --out {out}"
 
 
@@ -281,7 +287,8 @@ def judge(case: Case, w: W, code, out: str, err: str, seconds: float, before: di
         return f"no end within {case.bound:.0f} s (killed)"
     lines = [line for line in err.splitlines() if line.strip()]
     if CHATTER.search(err):
-        return f"traceback or chatter on stderr ({len(lines)} lines): {next((l for l in lines if CHATTER.search(l)), '')[:120]}"
+        first = next((line for line in lines if CHATTER.search(line)), "")
+        return f"traceback or chatter on stderr ({len(lines)} lines): {first[:120]}"
     if code not in case.code:
         tail = lines[-1][:160] if lines else ""
         return f"exit {code}, expected {'/'.join(map(str, case.code))}: {tail}"
@@ -1192,8 +1199,8 @@ def main():
         )
         r = results[-1]
         print(
-            f"{'HELD ' if r['held'] else 'BROKE'} {case.id:<50} {case.origin:<5} exit {str(code):<7} {seconds:5.1f} s {r['max_rss_mb']:5d} MB"
-            + ("" if r["held"] else f"  {problem}"),
+            f"{'HELD ' if r['held'] else 'BROKE'} {case.id:<50} {case.origin:<5} exit {str(code):<7} "
+            f"{seconds:5.1f} s {r['max_rss_mb']:5d} MB" + ("" if r["held"] else f"  {problem}"),
             flush=True,
         )
     held = sum(r["held"] for r in results)

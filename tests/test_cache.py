@@ -280,7 +280,7 @@ def test_two_processes_write_what_one_process_writes(tmp_path):
         p.join(60)
         assert p.exitcode == 0
     LogitCache.open(str(tmp_path / "two.zarr")).check_complete()
-    for a, b in zip(read_all(tmp_path / "one.zarr"), read_all(tmp_path / "two.zarr")):
+    for a, b in zip(read_all(tmp_path / "one.zarr"), read_all(tmp_path / "two.zarr"), strict=True):
         assert np.array_equal(a, b)
 
 
@@ -626,7 +626,8 @@ def test_a_missing_object_is_not_read_as_zeros(tmp_path):
     c.check_complete(objects=False)  # the flags still say done
     with pytest.raises(
         DhkdError,
-        match=r"is damaged: logit_scale epoch 0 chunk 4 \(logit_scale/c/0/4\): missing and 1 more; re-run cache-teacher",
+        match=r"is damaged: logit_scale epoch 0 chunk 4 \(logit_scale/c/0/4\): missing and 1 more; "
+        r"re-run cache-teacher",
     ):
         c.check_complete()  # the listing finds both
     with pytest.raises(DhkdError, match=r"logit_scale epoch 0 chunk 4 not on disk \(logit_scale/c/0/4\)"):

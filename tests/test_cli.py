@@ -19,8 +19,8 @@ def help_text(*args) -> str:
 def test_help_shows_the_commands_defaults():
     text = help_text("distill")
     assert (
-        "--method [ce|kd|dkd|binary_kl|dhkd|dist|fitnet|reviewkd|dhkd_reviewkd] Distillation method (see above). [default: dhkd]"
-        in text
+        "--method [ce|kd|dkd|binary_kl|dhkd|dist|fitnet|reviewkd|dhkd_reviewkd] Distillation method (see above). "
+        "[default: dhkd]" in text
     )
     assert "--epochs INTEGER [default: 240]" in text and "[default: 150, 180, 210]" in text
     # each method's meaning and default, then the chosen method's (dhkd's published weight)
@@ -81,7 +81,10 @@ def test_unknown_model_suggests_close_names():
 
 
 def test_names_that_differ_only_in_case_are_explained():
-    msg = r"unknown model 'Resnet50': names are case-sensitive; did you mean ResNet50 \(CIFAR 32px\), resnet50 \(ImageNet 224px, torchvision\)\?"
+    msg = (
+        r"unknown model 'Resnet50': names are case-sensitive; did you mean ResNet50 \(CIFAR 32px\), "
+        r"resnet50 \(ImageNet 224px, torchvision\)\?"
+    )
     with pytest.raises(DhkdError, match=msg):
         create_model("Resnet50", 10)
     result = CliRunner().invoke(main, ["models"])

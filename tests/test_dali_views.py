@@ -25,7 +25,7 @@ def _write_folder(root, per_class=5, val_per_class=2):
 
     digits = load_digits()
     counts = {}
-    for image, label in zip(digits.images, digits.target):
+    for image, label in zip(digits.images, digits.target, strict=True):
         if label >= 3 or counts.get(label, 0) >= per_class + val_per_class:
             continue
         k = counts[label] = counts.get(label, 0) + 1

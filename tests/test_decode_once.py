@@ -1,6 +1,9 @@
 """Stage 1 decodes each image once for all its views: the unit-grouped training order."""
 
 import numpy as np
+import pytest
+import torch
+from conftest import write_digit_jpegs
 
 from dhkd_pipe.data.views import UnitGroups
 
@@ -65,37 +68,13 @@ def test_group_jobs_split_the_groups_and_skip_what_is_done():
 
 # ---- stage 1 on a JPEG folder -------------------------------------------------------------------
 
-import os  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-
-def _jpeg_folder(root, per_class=9):
-    """digits as JPEGs of varied sizes: 3 classes, ``per_class`` training images each, 1 validation."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    counts = {}
-    for image, label in zip(digits.images, digits.target):
-        if label >= 3 or counts.get(label, 0) > per_class:
-            continue
-        k = counts[label] = counts.get(label, 0) + 1
-        split = "val" if k > per_class else "train"
-        size = (40 + 4 * (k % 3), 48 - 4 * (k % 2))
-        rgb = Image.fromarray((image / 16 * 255).astype(np.uint8)).resize(size, Image.BILINEAR).convert("RGB")
-        os.makedirs(root / split / f"class{label}", exist_ok=True)
-        rgb.save(root / split / f"class{label}" / f"{k:03d}.JPEG", quality=95)
-    return root
-
 
 @pytest.fixture(scope="module")
 def jpegs(tmp_path_factory):
     pytest.importorskip("nvidia.dali")
     from dhkd_pipe.models import create_model
 
-    root = _jpeg_folder(tmp_path_factory.mktemp("jpegs"))
+    root = write_digit_jpegs(tmp_path_factory.mktemp("jpegs"), train=9, val=1)
     torch.manual_seed(0)
     weights = root / "teacher.pt"
     torch.save({"model": create_model("resnet8", 3).state_dict()}, weights)
@@ -179,7 +158,7 @@ def test_decode_once_resumes_exactly(jpegs, tmp_path, monkeypatch):
     done = LogitCache.open(str(tmp_path / "resumed.zarr")).done_mask()
     assert 5 <= done.sum() < done.size
     again = cache_teacher(_config(jpegs, tmp_path / "resumed.zarr"), log=lambda *a: None)
-    rows_done = sum(min(4, 27 - 4 * c) for e, c in zip(*np.nonzero(done)))
+    rows_done = sum(min(4, 27 - 4 * c) for e, c in zip(*np.nonzero(done), strict=True))
     assert again["images"] == 27 * 3 - rows_done  # only the units not written
     a, b = _arrays(tmp_path / "straight.zarr"), _arrays(tmp_path / "resumed.zarr")
     for name in a:

@@ -45,7 +45,10 @@ TRAIN = "train-teacher --model resnet8 --data digits@100 --epochs 1 --batch-size
 # long enough to be stopped mid-run: 2 epochs of 10 steps, a checkpoint after every step
 LONG = "train-teacher --model resnet8 --data digits@300 --epochs 2 --batch-size 32 --checkpoint-every 1 --out {out}"
 IMAGES = "distill --method ce --student resnet8 --data imagefolder:{images} --resolution 32 --batch-size 4 --out {out}"
-ONLINE = "distill --student resnet8 --teacher resnet8 --teacher-weights {teacher} --data digits@100 --epochs 1 --batch-size 32 --out {out}"
+ONLINE = (
+    "distill --student resnet8 --teacher resnet8 --teacher-weights {teacher} --data digits@100 --epochs 1 "
+    "--batch-size 32 --out {out}"
+)
 
 
 # ---- shared fixtures (once per session) ------------------------------------------------------------

@@ -56,7 +56,10 @@ from dhkd_pipe.store.writer import create_or_resume
 
 HOST = socket.gethostname()
 
-CACHE = "cache-teacher --model resnet8 --weights {teacher} --data digits@256 --views 2 --chunk-rows 64 --batch-size 64 --out {out}"
+CACHE = (
+    "cache-teacher --model resnet8 --weights {teacher} --data digits@256 --views 2 --chunk-rows 64 "
+    "--batch-size 64 --out {out}"
+)
 IMAGES = (
     "cache-teacher --model resnet8 --weights {teacher2} --data imagefolder:{images} --resolution 32 --views 2 "
     "--chunk-rows 8 --batch-size 16 --out {out}"
@@ -897,7 +900,8 @@ HOSTILE_CASES = [
         "resume-refuses-a-replaced-store",
         DISTILL + " --epochs 2 --resume",
         replaced_after_a_stopped_run,
-        error=r"--resume: the store is not the one this run started from: it started from \S+ \(command \w+\), --cache now holds "
+        error=r"--resume: the store is not the one this run started from: it started from \S+ \(command \w+\), "
+        r"--cache now holds "
         r"\S+ \(command \w+\); seed was 0, now 1",
         keep=the_store,
         bound=120,
@@ -1336,7 +1340,8 @@ CASES = [
         "teacher-cannot-take-the-images",
         IMAGES.replace(" --resolution 32", ""),
         code=2,
-        error=r"the teacher resnet8 is built for 32x32 inputs and cannot take the data's 224x224 images; pass --resolution 32",
+        error=r"the teacher resnet8 is built for 32x32 inputs and cannot take the data's 224x224 images; "
+        r"pass --resolution 32",
         after=no_store,
     ),
     Case("empty-store-of-a-failed-run", CACHE, empty_store_of_another_command, code=0, after=complete_and_unlocked),
@@ -1362,7 +1367,8 @@ CASES = [
         "inspect {out}",
         damage_unit("logits", "delete"),
         code=1,
-        error=r"is damaged: logits epoch 1 chunk 2 \(logits/c/1/2/0\): missing; re-run cache-teacher with the same command to rewrite it: dhkd-pipe cache-teacher ",
+        error=r"is damaged: logits epoch 1 chunk 2 \(logits/c/1/2/0\): missing; re-run cache-teacher with the same "
+        r"command to rewrite it: dhkd-pipe cache-teacher ",
         after=then(rerun(), inspect_clean),
     ),
     Case(
@@ -1416,7 +1422,8 @@ CASES = [
         "distill-deleted-chunk",
         DISTILL,
         damage_unit("logits", "delete"),
-        error=r"store \S+ is damaged: logits epoch 1 chunk 2 \(logits/c/1/2/0\): missing; re-run cache-teacher with the same command",
+        error=r"store \S+ is damaged: logits epoch 1 chunk 2 \(logits/c/1/2/0\): missing; re-run cache-teacher "
+        r"with the same command",
         after=then(no_run_folder, rerun()),
     ),
     Case(

@@ -142,14 +142,14 @@ class RefReviewKD(nn.Module):
         student = ([f.shape[1:] for f in s_feats] + [(s_pooled.shape[1], 1, 1)])[-len(teacher) :]
         mid = min(512, student[-1][0])
         self.abfs = nn.ModuleList(
-            [RefABF(s[0], mid, t[0], i > 0) for i, (s, t) in enumerate(zip(student[::-1], teacher[::-1]))]
+            [RefABF(s[0], mid, t[0], i > 0) for i, (s, t) in enumerate(zip(student[::-1], teacher[::-1], strict=True))]
         )
 
     def loss(self, s_feats, s_pre, s_pooled, t_feats, t_pre, t_pooled):
         levels = (list(s_feats) + [s_pooled[:, :, None, None]])[-len(self.abfs) :][::-1]
         targets = (list(t_pre[1:]) + [t_pooled[:, :, None, None]])[::-1]
         total, residual = 0.0, None
-        for x, abf, target in zip(levels, self.abfs, targets):
+        for x, abf, target in zip(levels, self.abfs, targets, strict=True):
             out, residual = abf(x, residual, target.shape[-1])
             total = total + ref_hcl(out, target)
         return total

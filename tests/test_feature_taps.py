@@ -49,7 +49,7 @@ def test_taps_leave_the_plain_forward_alone(name):
         model.train(mode), plain.train(mode)
         logits, taps = forward_taps(model, x)
         torch.testing.assert_close(logits, plain(x), rtol=0, atol=0)
-        for (k, a), b in zip(model.state_dict().items(), plain.state_dict().values()):  # BN counted once
+        for (k, a), b in zip(model.state_dict().items(), plain.state_dict().values(), strict=True):  # BN counted once
             torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
     assert list(model.state_dict()) == keys
     shapes = tap_shapes(model, side)
@@ -62,12 +62,12 @@ def test_taps_leave_the_plain_forward_alone(name):
         head = "linear" if name in ("ResNet18", "ResNet50", "ShuffleV1", "ShuffleV2") else "fc"
     torch.testing.assert_close(model.get_submodule(head)(taps.pooled), logits)
     if name == "MobileNetV2":  # linear bottlenecks: no activation to tap before (as RepDistiller)
-        assert all(pre is post for pre, post in zip(taps.preact_feats, taps.feats))
+        assert all(pre is post for pre, post in zip(taps.preact_feats, taps.feats, strict=True))
     elif name == "ShuffleV2":  # its pre-activation is taken before the block's channel shuffle
-        for pre, post in zip(taps.preact_feats[1:], taps.feats[1:]):
+        for pre, post in zip(taps.preact_feats[1:], taps.feats[1:], strict=True):
             torch.testing.assert_close(ShuffleBlock(2)(F.relu(pre)), post)
     elif not name.startswith("wrn"):  # WRN's pre-activations are the next BN's output (checked below)
-        for pre, post in zip(taps.preact_feats, taps.feats):
+        for pre, post in zip(taps.preact_feats, taps.feats, strict=True):
             torch.testing.assert_close(F.relu(pre), post)
 
 

@@ -157,7 +157,7 @@ def test_unreached_parameters_get_zeros_and_head1_changes():
     g1 = torch.autograd.grad(l1, shared, retain_graph=True)
     h = torch.autograd.grad(l2, own2, retain_graph=True)
     aligned_backward(l1, l2, [*shared, *own2, spare])
-    for p, g in zip(shared + own2, g1 + h):
+    for p, g in zip(shared + own2, g1 + h, strict=True):
         assert torch.allclose(p.grad, g, rtol=1e-12, atol=1e-12)
     assert torch.equal(spare.grad, torch.zeros(3))
 

@@ -225,7 +225,7 @@ def test_cache_teacher_user_errors(tmp_path, random_teacher, args, message):
     bad = tmp_path / "bad.pt"
     torch.save({"model": {"nonsense": torch.zeros(1)}}, bad)
     given = {"--weights": random_teacher, "--data": "digits"}
-    given.update(zip(args[::2], args[1::2]))
+    given.update(zip(args[::2], args[1::2], strict=True))
     given["--weights"] = {"BAD": bad, "NOPE": tmp_path / "nope.pt"}.get(given["--weights"], given["--weights"])
     given["--data"] = given["--data"].replace("MISSING", str(tmp_path / "missing"))
     out = tmp_path / "err.zarr"
@@ -295,7 +295,8 @@ def distill_args(teacher, out, args):
         "--method": "dhkd",
     }
     base.update(
-        (flag, value.replace("MISSING", str(out.parent / "missing"))) for flag, value in zip(args[::2], args[1::2])
+        (flag, value.replace("MISSING", str(out.parent / "missing")))
+        for flag, value in zip(args[::2], args[1::2], strict=True)
     )
     return ["distill", *[x for kv in base.items() for x in kv], "--out", out]
 
@@ -352,7 +353,7 @@ def test_cached_and_online_runs_see_the_same_teacher_logits(tmp_path, random_tea
     cached = prepare(train_cfg(tmp_path / "cmp-cached", cache=str(quick_store)))
     online = prepare(train_cfg(tmp_path / "cmp-online", teacher="resnet8", teacher_weights=str(random_teacher)))
     for epoch in (0, 1):
-        for a, b, _ in zip(cached.loader.epoch(epoch), online.loader.epoch(epoch), range(6)):
+        for a, b, _ in zip(cached.loader.epoch(epoch), online.loader.epoch(epoch), range(6), strict=False):
             assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)  # the same replayed pixels
             with torch.no_grad():
                 fresh = online.teacher(b.images)

@@ -321,7 +321,7 @@ def test_s3_store_round_trip(s3):
     write(c, x)
     local_like = memory_url()
     write(create(local_like, codec="int8"), x)
-    for a, b in zip(read_all(url), read_all(local_like)):
+    for a, b in zip(read_all(url), read_all(local_like), strict=True):
         assert np.array_equal(a, b)
     assert all_objects(url) == all_objects(local_like)  # the same objects, byte for byte
     s = LogitCache.open(url).summary()

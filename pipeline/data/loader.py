@@ -9,8 +9,9 @@ and teacher logits come from:
   view-epoch ``k mod E`` and a few reader threads stream that epoch's logits chunk by chunk, in
   training order, ahead of the step.
 
-Both are an ``EpochSource`` (the protocol below). Positions are split across processes in whole chunks (rank ``r`` of ``W`` takes chunks
-``r, r+W, ...``), and every rank runs the same number of steps so collective ops line up.
+Both are an ``EpochSource`` (the protocol below). Positions are split across processes in whole
+chunks (rank ``r`` of ``W`` takes chunks ``r, r+W, ...``), and every rank runs the same number of
+steps so collective ops line up.
 """
 
 from __future__ import annotations

@@ -139,7 +139,10 @@ class ReviewKDFusion(nn.Module):
         self.sizes = [s[1] for s in student][::-1]  # deepest first, as the ABFs run
         self.out_sizes = [t[1] for t in teacher][::-1]
         mid = min(512, student[-1][0])
-        abfs = [ABF(s[0], mid, t[0], fuse=i < len(student) - 1) for i, (s, t) in enumerate(zip(student, teacher))]
+        abfs = [
+            ABF(s[0], mid, t[0], fuse=i < len(student) - 1)
+            for i, (s, t) in enumerate(zip(student, teacher, strict=True))
+        ]
         self.abfs = nn.ModuleList(abfs[::-1])
 
     def forward(self, student_taps, teacher_taps):
@@ -147,7 +150,7 @@ class ReviewKDFusion(nn.Module):
         x = review_levels(student_taps, self.student_preact, self.levels)[::-1]
         out, residual = self.abfs[0](x[0], out_size=self.out_sizes[0])
         results = [out]
-        for feature, abf, size, out_size in zip(x[1:], self.abfs[1:], self.sizes[1:], self.out_sizes[1:]):
+        for feature, abf, size, out_size in zip(x[1:], self.abfs[1:], self.sizes[1:], self.out_sizes[1:], strict=True):
             out, residual = abf(feature, residual, size, out_size)
             results.insert(0, out)
         return hcl_loss(results, teacher_review_levels(teacher_taps))
@@ -156,7 +159,7 @@ class ReviewKDFusion(nn.Module):
 def hcl_loss(student_maps, teacher_maps) -> torch.Tensor:
     """ReviewKD's hierarchical context loss, summed over the levels (see the module docstring)."""
     total = 0.0
-    for fs, ft in zip(student_maps, teacher_maps):
+    for fs, ft in zip(student_maps, teacher_maps, strict=True):
         h = fs.shape[2]
         loss = F.mse_loss(fs, ft)
         weight, weights = 1.0, 1.0

@@ -39,7 +39,7 @@ def add_branch(block: nn.Module, first: int, in_channels: int, channels: int, st
 def run_branch(block: nn.Module, first: int, x, last_relu: bool = True):
     """The branch ``add_branch`` added: ReLU after the two 1x1 convs (the last one unless
     ``last_relu`` is False), none after the depthwise one."""
-    for i, relu in zip(range(first, first + 3), (True, False, last_relu)):
+    for i, relu in zip(range(first, first + 3), (True, False, last_relu), strict=True):
         x = getattr(block, f"bn{i}")(getattr(block, f"conv{i}")(x))
         x = F.relu(x) if relu else x
     return x

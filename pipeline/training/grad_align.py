@@ -70,7 +70,7 @@ def aligned_backward(loss1: torch.Tensor, loss2: torch.Tensor, params, accelerat
     _all_reduce_mean(flat, accelerator)
 
     total = project_conflicting(flat[0], flat[1])
-    for p, g in zip(params, torch.split(total, sizes)):
+    for p, g in zip(params, torch.split(total, sizes), strict=True):
         g = g.view_as(p).to(p.dtype)  # views into `total`: no copy
         if p.grad is None:
             p.grad = g
