@@ -13,6 +13,7 @@ from tensors import assert_close, generator, random_labels, random_logits
 from dhkd_pipe.config import TrainConfig, build_config
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.methods import registry as methods
+from dhkd_pipe.methods.base import KD_STOP_HELP
 from dhkd_pipe.methods.registry import CE, DHKD, DIST, DKD, KD, METHODS, BinaryKL, from_config
 from dhkd_pipe.training.epoch_end import lr_at, metric_names
 
@@ -293,7 +294,7 @@ def test_kd_stop_epoch_from_the_config_and_its_help():
     m = from_config(TrainConfig(method="dhkd", kd_stop_epoch=50))
     assert m.kd_stop_epoch == 50 and from_config(TrainConfig(method="kd", kd_stop_epoch=7)).kd_stop_epoch == 7
     assert methods.methods_taking("kd_stop_epoch") == ("kd", "dhkd")  # the two methods of the published script
-    assert "0 or unset: never" in methods.KD_STOP_HELP and "counting epochs from 1" in methods.KD_STOP_HELP
+    assert "0 or unset: never" in KD_STOP_HELP and "counting epochs from 1" in KD_STOP_HELP
 
 
 # --- construction from a config ------------------------------------------------------------------------

@@ -21,7 +21,9 @@ from typing import ClassVar
 import torch
 
 from dhkd_pipe.errors import DhkdError
-from dhkd_pipe.methods.registry import CE, DHKD, DIST, DKD, KD, BinaryKL, Method, get_method
+from dhkd_pipe.methods.base import Method
+from dhkd_pipe.methods.logit_methods import CE, DHKD, DIST, DKD, KD, BinaryKL
+from dhkd_pipe.methods.registry import get_method
 from dhkd_pipe.option_ranges import check_integer
 
 

@@ -21,7 +21,7 @@ import torch
 from dhkd_pipe.console import log_line
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.interrupts import Interrupted, deferred, pending
-from dhkd_pipe.methods.registry import is_feature_method
+from dhkd_pipe.methods.feature_methods import is_feature_method
 from dhkd_pipe.training.accelerator import end_tracking, start_tracking
 from dhkd_pipe.training.epoch_end import end_epoch, finish, lr_at
 from dhkd_pipe.training.grad_align import aligned_backward

@@ -13,7 +13,7 @@ import numpy as np
 
 from dhkd_pipe.config import TrainConfig
 from dhkd_pipe.data.inference import evaluate
-from dhkd_pipe.methods.registry import Method
+from dhkd_pipe.methods.base import Method
 from dhkd_pipe.training.exported import write_exported
 from dhkd_pipe.training.run_folder import METRICS, SUMMARY, append_run_line, metrics_line, write_run_json
 from dhkd_pipe.training.state import save_training_state

@@ -18,7 +18,9 @@ from dhkd_pipe.data.inference import memory_format
 from dhkd_pipe.data.loader import PlanEpochs, ViewLoader
 from dhkd_pipe.data.views import ViewPlan
 from dhkd_pipe.errors import DhkdError
-from dhkd_pipe.methods.registry import CACHE_REFUSAL, Method, from_config, is_feature_method
+from dhkd_pipe.methods.base import Method
+from dhkd_pipe.methods.feature_methods import CACHE_REFUSAL, is_feature_method
+from dhkd_pipe.methods.registry import from_config
 from dhkd_pipe.training.accelerator import make_accelerator
 from dhkd_pipe.training.nonfinite import NonFiniteGuard
 from dhkd_pipe.training.run_folder import RunFolder, RunMode, check_inputs_outside, check_out

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
     from dhkd_pipe.config import TrainConfig
     from dhkd_pipe.data.loader import ViewLoader
-    from dhkd_pipe.methods.registry import Method
+    from dhkd_pipe.methods.base import Method
     from dhkd_pipe.store.reader import LogitCache
 
 # Options that may change between a run and its resume.
