@@ -26,6 +26,7 @@ from dhkd_pipe.config import (
     StudentSeeds,
     SweepOptions,
     TrainConfig,
+    TuneOptions,
     VerifyCacheConfig,
     build_config,
 )
@@ -165,6 +166,38 @@ def distill_cmd(config_file, resume, overwrite, seeds, sweep, memory_limit, **op
     results = distill_sweep(sweep_runs(cfg, grid, file_runs), mode=mode, memory_limit=memory_limit)
     _echo_json({out: ({"error": str(r)} if isinstance(r, DhkdError) else _short(r)) for out, r in results.items()})
     check_finished(results)
+
+
+TUNE_DEFAULTS = {**DISTILL_DEFAULTS, "out": "runs/study"}
+
+
+@main.command(
+    "tune",
+    cls=ConfigCommand,
+    config_cls=TrainConfig,
+    defaults=TUNE_DEFAULTS,
+    params=_params(TrainConfig, "distill", DISTILL_FIRST, extra=(TuneOptions,)),
+)
+@user_errors
+def tune_cmd(config_file, **options):
+    """An Optuna study over the options that sweep (--space FILE), from a stage-1 store (--cache).
+
+    Trials are sampled (TPE by default; random, grid) and trained --per-pass at a time in one pass over
+    the store, each in OUT/trial-NNNN; each reports its validation top-1 at every epoch's end, and a
+    trial the pruner prunes (median by default; successive halving, Hyperband, a threshold) stops there
+    while the pass goes on. The study lives in Optuna's storage (OUT/study.db, or --storage URL shared
+    by tune processes on several machines): tune resumes after a kill (the killed trials are marked
+    failed and re-queued, resuming from their checkpoints) and stops at --trials ended trials. The
+    other options are the trials' training options, as distill takes them; 'dhkd-pipe report OUT'
+    shows the leaderboard."""
+    import dataclasses
+
+    from dhkd_pipe.stages.tune import tune
+
+    names = [f.name for f in dataclasses.fields(TuneOptions)]
+    opts = build_config(TuneOptions, None, given({name: options.pop(name) for name in names}))
+    cfg = build_config(TrainConfig, config_file, options, TUNE_DEFAULTS)
+    _echo_json(tune(cfg, opts))
 
 
 def _short(summary: dict) -> dict:

@@ -24,9 +24,8 @@ import statistics
 
 from dhkd_pipe.errors import DhkdError, io_error
 from dhkd_pipe.stages.report import REPORT_MARK, check_report_target, markdown_table, read_run, save_figure
+from dhkd_pipe.stages.tune import STUDY_FILE
 from dhkd_pipe.training.sweep import SWEEP_FILE
-
-STUDY_FILE = "study.json"  # a tune folder's record of its study (name, storage, space)
 
 
 def is_leaderboard_folder(path: str) -> bool:
@@ -79,13 +78,14 @@ def _read_json(path: str):
 
 
 def groups(entries: list[dict], swept: list[str]) -> list[dict]:
-    """The runs grouped by their options apart from the seed, each group's top-1 the mean (and
+    """The runs grouped by their options apart from the seed where the seed was swept (else each
+    run is a group: a study's trials of equal options are rows apart), each group's top-1 the mean (and
         standard deviation, n - 1) over its runs that have one; the groups with a finished run first,
     each part best first, groups without a top-1 last."""
     by_key: dict[str, list[dict]] = {}
     for e in entries:
         key = json.dumps({k: v for k, v in e["options"].items() if k != "seed"}, sort_keys=True, default=str)
-        by_key.setdefault(key, []).append(e)
+        by_key.setdefault(key if "seed" in swept else e["run"], []).append(e)  # no seeds: a run is its own group
     out = []
     for runs in by_key.values():
         scores = [r["top1"] for r in runs if r["top1"] is not None]

@@ -9,7 +9,8 @@ setting may take are declared by the module that owns them, in torch-free module
 Accelerate's ``mixed_precision`` values, and both stages pass them to ``training.accelerator.make_accelerator``.
 The package imports no torch: the CLI's help and usage errors cost nothing.
 
-Modules: ``common`` (what several commands share), ``training`` (``TrainConfig``), ``commands``
+Modules: ``common`` (what several commands share), ``training`` (``TrainConfig``), ``tuning``
+(``tune``'s own options), ``commands``
 (stage 1 and the commands that do not train), ``benchmarks`` (``bench``'s commands), ``recipes``
 (a config built from defaults, a YAML recipe and the command line, each value checked). The
 names below are the package's, so ``from dhkd_pipe.config import TrainConfig`` is the one door.
@@ -38,6 +39,7 @@ from dhkd_pipe.config.commands import (
 from dhkd_pipe.config.common import EXPORT_FORMATS, PRECISIONS, WEIGHTS_HELP, data_help, missing_data
 from dhkd_pipe.config.recipes import build_config, config_defaults, read_recipe
 from dhkd_pipe.config.training import MethodOptions, RunStart, StudentSeeds, SweepOptions, TrainConfig
+from dhkd_pipe.config.tuning import TuneOptions
 
 __all__ = [
     "BENCH_SIZES",
@@ -63,6 +65,7 @@ __all__ = [
     "StudentSeeds",
     "SweepOptions",
     "TrainConfig",
+    "TuneOptions",
     "VerifyCacheConfig",
     "build_config",
     "config_defaults",

@@ -83,6 +83,9 @@ def _loss_terms(run: Run, batch, epoch: int):
 
 
 StepCallback = Callable[[int, int], None]  # (epoch, step) after each training step
+# (run, epoch) after each epoch's end of each run still training; True stops that run there (a
+# study's pruner: its folder keeps the epoch's checkpoint) while the others go on
+EpochCallback = Callable[[Run, int], bool]
 
 
 def train(run: Run, log=log_line, on_step_end: StepCallback | None = None) -> dict:
@@ -96,15 +99,21 @@ def train(run: Run, log=log_line, on_step_end: StepCallback | None = None) -> di
     return train_runs([run], log, on_step_end)[0]
 
 
-def train_runs(runs: list[Run], log=log_line, on_step_end: StepCallback | None = None) -> list[dict | DhkdError]:
+def train_runs(
+    runs: list[Run],
+    log=log_line,
+    on_step_end: StepCallback | None = None,
+    on_epoch_end: EpochCallback | None = None,
+) -> list[dict | DhkdError]:
     """Trains several runs from one pass over their shared loader (``runs[0].loader``): each batch
     is rendered and its logits read once, then every run takes its step on it (``Trainee``).
-    Returns each run's summary, its ``{"stopped_at": ...}``, or (several runs only) the DhkdError
+    Returns each run's summary, its ``{"stopped_at": ...}``, its ``{"pruned_at": {"epoch": e}}``
+    where ``on_epoch_end`` stopped it after (0-based) epoch e, or (several runs only) the DhkdError
     that stopped it alone while the others went on; one run's error is raised, as it always was.
     Every run folder is released however the pass ends."""
     trainees = [Trainee(run, shared=len(runs) > 1) for run in runs]
     try:
-        results = _train(trainees, log, on_step_end)
+        results = _train(trainees, log, on_step_end, on_epoch_end)
     except BaseException:
         for t in trainees:
             if t.error is None:
@@ -130,10 +139,11 @@ class Trainee:
         self.skip = 0  # steps of the current epoch done before this invocation
         self.error: DhkdError | None = None  # what stopped it alone (a non-finite loss)
         self.stopped_at: dict | None = None  # where --max-steps stopped it
+        self.pruned_at: dict | None = None  # the epoch after which on_epoch_end stopped it
 
     @property
     def training(self) -> bool:
-        return self.error is None and self.stopped_at is None
+        return self.error is None and self.stopped_at is None and self.pruned_at is None
 
     @contextmanager
     def turn(self, log):
@@ -188,7 +198,9 @@ class Trainee:
             self.stopped_at = {"epoch": epoch, "step": len(self.run.loader)}
 
 
-def _train(trainees: list[Trainee], log, on_step_end: StepCallback | None) -> list[dict | DhkdError]:
+def _train(
+    trainees: list[Trainee], log, on_step_end: StepCallback | None, on_epoch_end: EpochCallback | None = None
+) -> list[dict | DhkdError]:
     first = trainees[0].run
     acc, loader, epochs = first.accelerator, first.loader, first.cfg.epochs
     started = time.perf_counter()
@@ -228,6 +240,10 @@ def _train(trainees: list[Trainee], log, on_step_end: StepCallback | None) -> li
                     break  # every run stopped (--max-steps) or failed: no more batches
             bar.close()
             each(active, Trainee.end_epoch, epoch, log)
+            if on_epoch_end is not None:
+                for t in active:
+                    if t.training and on_epoch_end(t.run, epoch):
+                        t.pruned_at = {"epoch": epoch}
             signal = pending()
             if signal:
                 _interrupted(trainees, signal, f"after epoch {epoch + 1}")
@@ -239,7 +255,8 @@ def _train(trainees: list[Trainee], log, on_step_end: StepCallback | None) -> li
         if t.training:
             with t.turn(log):
                 summary = finish(t.run, wall)
-        results.append(summary if summary is not None else t.error or {"stopped_at": t.stopped_at})
+        ended = {"pruned_at": t.pruned_at} if t.pruned_at is not None else {"stopped_at": t.stopped_at}
+        results.append(summary if summary is not None else t.error or ended)
     return results
 
 

@@ -1,0 +1,437 @@
+"""``dhkd-pipe tune``: an Optuna study over the options that sweep, K trials at a time in one pass
+over a stage-1 store (``training.sweep``'s machinery: one loader, each trial a run of its own).
+
+Each trial reports its validation top-1 at every epoch's end (``trial.report``, step = the epoch
+number); a trial the pruner prunes stops there (its folder keeps that epoch's checkpoint) while the
+rest of the pass goes on, and its slot takes a new trial at the next pass. A trial ends in Optuna's
+states: COMPLETE with its final top-1, PRUNED, or FAIL (a loss that is not finite, options its
+method refuses, a killed process): pruned and failed trials are never results.
+
+The study lives in Optuna's storage: SQLite in ``--out`` (``study.db``) by default, a database URL
+for tune processes on several machines (Optuna's distributed mode): each asks the storage for its
+trials, so several processes share one study, and together they stop at ``--trials`` ended trials.
+A running trial records a heartbeat; one silent for twice ``--heartbeat`` seconds (its process was
+killed) is marked FAIL by the next tune that looks, and a copy with the same parameters is queued
+(Optuna's ``RetryHeartbeatStaleTrialCallback``); the tune that takes the copy resumes the killed
+trial's run folder from its last checkpoint, so a kill costs at most the epoch in progress. A
+signal stops a tune the same way, its trials failed and queued at once. ``DIR/study.json``
+names the study and its storage for ``dhkd-pipe report DIR`` (``stages.leaderboard``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import warnings
+from contextlib import contextmanager
+
+from dhkd_pipe.config import TrainConfig
+from dhkd_pipe.config.tuning import TuneOptions
+from dhkd_pipe.config.values import coerce, short_repr
+from dhkd_pipe.console import log_line
+from dhkd_pipe.errors import DhkdError
+from dhkd_pipe.training.students import SHARED
+from dhkd_pipe.training.sweep import sweep_fields
+
+STUDY_FILE = "study.json"
+STUDY_DB = "study.db"
+TYPES = ("float", "int", "categorical")
+KEYS = {"type", "low", "high", "log", "step", "choices"}
+
+
+def read_space(path: str) -> dict[str, dict]:
+    """The search space file as ``{option: {type, low, high, log, step, choices}}``, each option one
+    that sweeps and each bound or choice of its type; a refusal is one line naming the file."""
+    from dhkd_pipe import bounded_yaml
+
+    if not os.path.isfile(path):
+        raise DhkdError(f"search space not found: {path}")
+    loaded = bounded_yaml.load(bounded_yaml.read_text(path, "search space"), path, "search space")
+    if not isinstance(loaded, dict) or not loaded:
+        raise DhkdError(f"search space {path} must map each option to {{type: float|int|categorical, ...}}")
+    fields, space = sweep_fields(), {}
+    for key, spec in loaded.items():
+        name = str(key).replace("-", "_")
+        if name in space:
+            raise DhkdError(f"search space {path}: {name}: given twice")
+        space[name] = _read_option(path, name, spec, fields)
+    return space
+
+
+def _read_option(path: str, name: str, spec, fields: dict) -> dict:
+    """One option's entry of the search space (``read_space``)."""
+
+    def refuse(what: str):
+        raise DhkdError(f"search space {path}: {name}: {what}")
+
+    if name not in fields:
+        if name in SHARED:
+            refuse("shapes the loader that every trial of a pass shares, so it cannot be searched")
+        refuse(f"is not an option that sweeps; those that do: {', '.join(fields)}")
+    if not isinstance(spec, dict):
+        refuse(f"give {{type: float|int|categorical, ...}}, not {short_repr(spec)}")
+    unknown = sorted(set(map(str, spec)) - KEYS)
+    if unknown:
+        refuse(f"unknown key {unknown[0]!r}; the keys: {', '.join(sorted(KEYS))}")
+    kind = spec.get("type")
+    if kind not in TYPES:
+        refuse(f"type must be one of {', '.join(TYPES)}; got {short_repr(kind)}")
+    if kind == "categorical":
+        choices = spec.get("choices")
+        if not isinstance(choices, list) or not choices or set(spec) - {"type", "choices"}:
+            refuse("categorical takes choices: [a, b, ...] (and no low, high, log or step)")
+        try:
+            values = [coerce(name, v, fields[name].type) for v in choices]
+        except DhkdError as e:
+            refuse(str(e))
+        if len(set(map(repr, values))) != len(values):
+            refuse("lists a choice twice")
+        return {"type": kind, "choices": values}
+    number = "float" if kind == "float" else "int"
+    if str(fields[name].type).split("|")[0].strip() not in (("float",) if kind == "float" else ("int", "float")):
+        refuse(f"is not a number of type {kind}; use type: categorical")
+    if "choices" in spec:
+        refuse(f"{kind} takes low and high, not choices")
+    try:
+        low, high = (coerce(name, spec.get(k), number) for k in ("low", "high"))
+        step = coerce(name, spec["step"], number) if "step" in spec else None
+    except DhkdError as e:
+        refuse(f"low and high (and step) must be numbers of type {kind}: {e}")
+    log = spec.get("log", False)
+    if not isinstance(log, bool):
+        refuse(f"log is true or false, not {short_repr(log)}")
+    if not low < high:
+        refuse(f"low {low} must be below high {high}")
+    if log and low <= 0:
+        refuse(f"a log scale needs low > 0; got {low}")
+    if step is not None and (step <= 0 or log):
+        refuse("step must be positive, and cannot go with log")
+    return {"type": kind, "low": low, "high": high, "log": log, "step": step}
+
+
+def distributions(space: dict[str, dict]) -> dict:
+    """The Optuna distributions of a space read by ``read_space``."""
+    import optuna.distributions as d
+
+    out = {}
+    for name, spec in space.items():
+        if spec["type"] == "categorical":
+            out[name] = d.CategoricalDistribution(spec["choices"])
+        elif spec["type"] == "float":
+            out[name] = d.FloatDistribution(spec["low"], spec["high"], log=spec["log"], step=spec["step"])
+        else:
+            out[name] = d.IntDistribution(spec["low"], spec["high"], log=spec["log"], step=spec["step"] or 1)
+    return out
+
+
+def sampler(opts: TuneOptions, space: dict[str, dict]):
+    import optuna
+
+    if opts.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=opts.study_seed)
+    if opts.sampler == "grid":
+        grid = {}
+        for name, spec in space.items():
+            if spec["type"] == "float":
+                raise DhkdError(f"--sampler grid takes categorical and int options; give {name} as choices")
+            grid[name] = (
+                spec["choices"]
+                if spec["type"] == "categorical"
+                else list(range(spec["low"], spec["high"] + 1, spec["step"] or 1))
+            )
+        return optuna.samplers.GridSampler(grid, seed=opts.study_seed)
+    return optuna.samplers.TPESampler(seed=opts.study_seed)
+
+
+def pruner(opts: TuneOptions, epochs: int):
+    import optuna
+
+    if opts.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=opts.startup_trials, n_warmup_steps=opts.prune_after)
+    if opts.pruner == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, opts.prune_after))
+    if opts.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, opts.prune_after), max_resource=epochs)
+    if opts.pruner == "threshold":
+        return optuna.pruners.ThresholdPruner(lower=opts.prune_below, n_warmup_steps=opts.prune_after)
+    return optuna.pruners.NopPruner()
+
+
+def storage_url(cfg: TrainConfig, opts: TuneOptions) -> str:
+    return opts.storage or "sqlite:///" + os.path.join(os.path.abspath(cfg.out), STUDY_DB)
+
+
+def open_storage(url: str, heartbeat: int | None = None):
+    """Optuna's RDB storage at ``url``; with ``heartbeat`` (seconds), trials silent for twice as long
+    are failed and re-queued, up to twice each (``RetryHeartbeatStaleTrialCallback``)."""
+    import optuna
+
+    kwargs = {}
+    if heartbeat is not None:
+        kwargs = {
+            "heartbeat_interval": heartbeat,
+            "grace_period": 2 * heartbeat,
+            "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
+        }
+    try:
+        return optuna.storages.RDBStorage(url, **kwargs)
+    except Exception as e:  # sqlalchemy's errors for a URL that names no reachable database
+        raise DhkdError(f"cannot open the study's storage {url}: {' '.join(str(e).split())[:160]}") from None
+
+
+def _recorded(url: str | None) -> str | None:
+    """The storage URL as ``study.json`` records it: None for the default (study.db beside it), a
+    database's URL without its password (``report`` then asks for it)."""
+    if url is None:
+        return None
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+@contextmanager
+def _quiet_optuna():
+    """Optuna's heartbeats, their retry callback and ask-and-tell with heartbeats are marked
+    experimental: their warnings are no news to the user of ``tune``. Without Optuna: one line."""
+    try:
+        import optuna
+    except ImportError:
+        raise DhkdError("tune and a study's report need Optuna: pip install 'dhkd-pipe[tune]'") from None
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+        yield
+
+
+def tune(cfg: TrainConfig, opts: TuneOptions, log=log_line) -> dict:
+    """Runs the study (module docstring) until it has ``opts.trials`` ended trials; returns its summary."""
+    with _quiet_optuna():
+        return _tune(cfg, opts, log)
+
+
+def _tune(cfg: TrainConfig, opts: TuneOptions, log) -> dict:
+    import optuna
+    from optuna.trial import TrialState
+
+    from dhkd_pipe.data.replay import open_store
+    from dhkd_pipe.files import write_json
+
+    if not cfg.cache:
+        raise DhkdError("tune trains its trials from one pass over a stage-1 store: give --cache STORE")
+    space = read_space(opts.space)
+    if cfg.val_every != 1:
+        log(f"tune validates every epoch (the pruner needs each epoch's top-1): --val-every {cfg.val_every} ignored")
+        cfg = dataclasses.replace(cfg, val_every=1)
+    replay = open_store(cfg.cache, cfg.data)
+    os.makedirs(cfg.out, exist_ok=True)
+    url = storage_url(cfg, opts)
+    storage = open_storage(url, opts.heartbeat)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        study_name=opts.study_name,
+        storage=storage,
+        load_if_exists=True,
+        direction="maximize",
+        sampler=sampler(opts, space),
+        pruner=pruner(opts, cfg.epochs),
+    )
+    write_json(
+        os.path.join(cfg.out, STUDY_FILE),
+        {"kind": "study", "study_name": opts.study_name, "storage": _recorded(opts.storage), "space": space},
+    )
+    dists, started = distributions(space), time.perf_counter()
+    passes = 0
+    while True:
+        optuna.storages.fail_stale_trials(study)
+        trials = study.get_trials(deepcopy=False)
+        ended = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+        running = sum(t.state == TrialState.RUNNING for t in trials)
+        if ended >= opts.trials:
+            break
+        failed = [t for t in trials if t.state == TrialState.FAIL and "reason" in t.user_attrs]
+        if len(failed) >= opts.trials:
+            raise DhkdError(f"{len(failed)} trials failed, the last: {failed[-1].user_attrs['reason']}")
+        slots = min(opts.per_pass, opts.trials - ended - running)
+        if slots <= 0:  # other processes' trials (or a killed one's, until its heartbeat is stale)
+            time.sleep(min(opts.heartbeat, 5))
+            continue
+        asked = [study.ask(dists) for _ in range(slots)]
+        passes += 1
+        log(f"pass {passes}: trials {', '.join(str(t.number) for t in asked)} ({ended} of {opts.trials} ended)")
+        _train_pass(study, storage, asked, cfg, replay, opts, log)
+    return summary(study, cfg.epochs, time.perf_counter() - started, opts.trials)
+
+
+def _frozen(study, number: int):
+    return next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+
+
+def _trial_run(trial, cfg: TrainConfig, study):
+    """A trial's config and run mode: its own folder ``trial-NNNN``, or, for a re-queued copy of a
+    killed trial, the killed trial's folder, resumed."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    from dhkd_pipe.training.run_folder import CHECKPOINT, RunMode
+
+    folder = os.path.join(cfg.out, f"trial-{trial.number:04d}")
+    mode = RunMode.NEW
+    original = RetryHeartbeatStaleTrialCallback.retried_trial_number(_frozen(study, trial.number))
+    if original is not None:
+        folder = _frozen(study, original).user_attrs.get("folder", folder)
+        if os.path.isfile(os.path.join(folder, CHECKPOINT)):
+            mode = RunMode.RESUME
+        elif os.path.isdir(folder):  # killed before its first checkpoint: nothing to resume
+            mode = RunMode.OVERWRITE
+    trial.set_user_attr("folder", folder)
+    run_cfg = dataclasses.replace(cfg, **trial.params, out=folder).validate()
+    return run_cfg, mode
+
+
+def _train_pass(study, storage, asked, cfg: TrainConfig, replay, opts: TuneOptions, log):
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+    from optuna.trial import TrialState
+
+    from dhkd_pipe.interrupts import Interrupted
+    from dhkd_pipe.training.engine import train_runs
+    from dhkd_pipe.training.students import StudentPlan, prepare_pass
+
+    plans, trials = [], []
+    for trial in asked:
+        try:
+            run_cfg, mode = _trial_run(trial, cfg, study)
+        except DhkdError as e:  # options its method refuses: a failed trial, never a result
+            trial.set_user_attr("reason", str(e))
+            study.tell(trial, state=TrialState.FAIL)
+            log(f"trial {trial.number} failed: {e}")
+            continue
+        plans.append(StudentPlan(run_cfg, mode))
+        trials.append(trial)
+    if not plans:
+        return
+    try:
+        runs = prepare_pass(plans, replay=replay)
+    except DhkdError as e:
+        for trial in trials:
+            trial.set_user_attr("reason", str(e))
+            study.tell(trial, state=TrialState.FAIL)
+        raise
+    by_run = {id(run): trial for run, trial in zip(runs, trials, strict=True)}
+    beat = [time.monotonic()]
+
+    def heartbeat(epoch: int, step: int):
+        if time.monotonic() - beat[0] >= opts.heartbeat / 2:
+            beat[0] = time.monotonic()
+            for trial in trials:
+                storage.record_heartbeat(trial._trial_id)  # Optuna's ask-and-tell trials expose no public id
+
+    def report(run, epoch: int) -> bool:
+        trial = by_run[id(run)]
+        top1 = run.progress.history[-1].get("val_top1")
+        if top1 is None:
+            return False
+        trial.report(top1, epoch + 1)
+        storage.record_heartbeat(trial._trial_id)
+        if epoch + 1 < cfg.epochs and trial.should_prune():
+            log(f"trial {trial.number}: pruned after epoch {epoch + 1} (top-1 {top1:.2f}%)")
+            return True
+        return False
+
+    heartbeat(0, 0)
+    try:
+        results = train_runs(runs, log=log, on_step_end=heartbeat, on_epoch_end=report)
+    except Interrupted:  # each trial's state is saved: failed now and re-queued, the next tune resumes it
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=2)
+        for trial in trials:
+            study.tell(trial, state=TrialState.FAIL)
+            retry(study, _frozen(study, trial.number))
+        raise
+    for trial, result in zip(trials, results, strict=True):
+        if isinstance(result, DhkdError):
+            trial.set_user_attr("reason", str(result))
+            study.tell(trial, state=TrialState.FAIL)
+        elif "pruned_at" in result:
+            study.tell(trial, state=TrialState.PRUNED)
+        elif result.get("val_top1") is None:
+            trial.set_user_attr("reason", f"ended without a final top-1: {short_repr(result)}")
+            study.tell(trial, state=TrialState.FAIL)
+        else:
+            study.tell(trial, result["val_top1"])
+
+
+def summary(study, epochs: int, wall: float, goal: int) -> dict:
+    """The study's best trial, its trials by state, and the epochs trained against every ended trial run to the end."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    ended = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    trained = sum(max(t.intermediate_values, default=0) for t in ended)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = max(complete, key=lambda t: t.value, default=None)
+    return {
+        "study": study.study_name,
+        "trials": {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState},
+        "goal": goal,
+        "best": None if best is None else {"trial": best.number, "val_top1": best.value, "params": best.params},
+        "epochs_trained": trained,
+        "epochs_to_the_end": len(ended) * epochs,
+        "epochs_saved_by_pruning": len(ended) * epochs - trained,
+        "wall_time": wall,
+    }
+
+
+def study_entries(folder: str) -> tuple[list[str], list[dict], dict]:
+    """(the searched options, one leaderboard entry per trial, what the study is) of a tune folder,
+    from its ``study.json`` and the study's storage: each trial's curve is the top-1 it reported."""
+    import json
+
+    with _quiet_optuna():
+        import optuna
+        from optuna.trial import TrialState
+
+    try:
+        with open(os.path.join(folder, STUDY_FILE)) as f:
+            about = json.load(f)
+        name = about["study_name"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DhkdError(f"{folder}/{STUDY_FILE} is not a study's record: {' '.join(str(e).split())[:120]}") from None
+    url = about.get("storage") or "sqlite:///" + os.path.join(os.path.abspath(folder), STUDY_DB)
+    if "***" in url:
+        raise DhkdError(f"the study's storage {url} needs its password, which {STUDY_FILE} does not record")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        with _quiet_optuna():
+            study = optuna.load_study(study_name=name, storage=open_storage(url))
+    except KeyError:
+        raise DhkdError(f"the storage {url} holds no study {name!r}") from None
+    status = {
+        TrialState.COMPLETE: "finished",
+        TrialState.PRUNED: "pruned",
+        TrialState.FAIL: "failed",
+        TrialState.RUNNING: "running",
+        TrialState.WAITING: "queued",
+    }
+    entries = []
+    for t in study.get_trials(deepcopy=False):
+        curve = sorted(t.intermediate_values.items())
+        reason = t.user_attrs.get("reason")
+        state = status[t.state]
+        if state == "failed" and reason and "not finite" in reason:
+            state = "not finite"
+        entries.append(
+            {
+                "run": f"trial-{t.number:04d}",
+                "options": dict(t.params),
+                "status": state,
+                "reason": reason,
+                "epochs": len(curve),
+                # a pruned trial's last report, shown as what it reached; a failed one has none
+                "top1": t.value
+                if t.state == TrialState.COMPLETE
+                else (curve[-1][1] if curve and t.state == TrialState.PRUNED else None),
+                "best_top1": max((v for _, v in curve), default=None),
+                "curve": curve,
+            }
+        )
+    return list(about.get("space") or {}), entries, {"kind": "study", "study_name": name, "folder": folder}
