@@ -24,6 +24,7 @@ from dhkd_pipe.config import (
     StoreBenchConfig,
     StoreLockOptions,
     StudentSeeds,
+    SweepBenchConfig,
     SweepOptions,
     TrainConfig,
     TuneOptions,
@@ -403,6 +404,30 @@ def bench_distill_cmd(**options):
     from dhkd_pipe.benchmarks.distill import bench_distill
 
     bench_distill(cfg.json_path, teacher=cfg.teacher, student=cfg.student, batch_size=cfg.batch_size, steps=cfg.steps)
+
+
+@_command(bench, "sweep", SweepBenchConfig)
+@user_errors
+def bench_sweep_cmd(**options):
+    """A K-run sweep (--methods x --temperatures) in one pass against the K runs alone, from one
+    store, in memory and on a JPEG folder: wall time, step time, the loader's share of a step."""
+    from dhkd_pipe.benchmarks.sweep import bench_sweep
+
+    cfg = _config(SweepBenchConfig, options)
+    bench_sweep(
+        cfg.json_path,
+        cfg.methods,
+        cfg.temperatures,
+        steps=cfg.steps,
+        warmup=cfg.warmup,
+        batch_size=cfg.batch_size,
+        student=cfg.student,
+        teacher=cfg.teacher,
+        folder=cfg.folder,
+        folder_student=cfg.folder_student,
+        folder_batch_size=cfg.folder_batch_size,
+        image_size=cfg.image_size,
+    )
 
 
 @_command(bench, "store", StoreBenchConfig)

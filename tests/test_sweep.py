@@ -179,3 +179,26 @@ def test_each_swept_run_equals_its_solo_run_bit_for_bit(store, tmp_path):
         distill(cfg, log=lambda *a: None)
         assert params(str(out / folder)) == params(cfg.out), folder
         assert metrics(str(out / folder)) == metrics(cfg.out), folder
+
+
+@pytest.mark.slow  # a store written, then four runs alone and in one pass
+def test_bench_sweep_table(tmp_path, capsys):
+    from dhkd_pipe.benchmarks.sweep import bench_sweep
+
+    rows = bench_sweep(
+        str(tmp_path / "b.json"),
+        "kd,dhkd",
+        "1,4",
+        steps=1,
+        warmup=1,
+        batch_size=16,
+        student="resnet8",
+        teacher="resnet8",
+        folder=False,
+        log=lambda *a: None,
+    )
+    assert [(r["runs"], r["swept"]) for r in rows] == [(4, "method kd,dhkd, temperature 1.0,4.0")]
+    for r in rows:
+        assert r["pass_wall_s"] > 0 and r["solo_wall_s"] > 0 and 0 <= r["loader_share"] <= 1
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert saved["rows"] == rows and "| K |" in capsys.readouterr().out

@@ -25,6 +25,7 @@ from dhkd_pipe.config.benchmarks import (
     DistillBenchConfig,
     ScaleBenchConfig,
     StoreBenchConfig,
+    SweepBenchConfig,
 )
 from dhkd_pipe.config.commands import (
     CacheConfig,
@@ -63,6 +64,7 @@ __all__ = [
     "StoreBenchConfig",
     "StoreLockOptions",
     "StudentSeeds",
+    "SweepBenchConfig",
     "SweepOptions",
     "TrainConfig",
     "TuneOptions",

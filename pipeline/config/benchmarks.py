@@ -111,6 +111,24 @@ class DistillBenchConfig:
 
 
 @dataclass
+class SweepBenchConfig:
+    """``dhkd-pipe bench sweep``."""
+
+    json_path: str = option("bench_sweep.json", flag="--json")
+    methods: str = option("kd,dhkd", "The sweep's methods, comma-separated.")
+    temperatures: str = option("1,4", "The sweep's temperatures, comma-separated: K = methods x temperatures.")
+    teacher: str = option("resnet32x4")
+    student: str = option("resnet8x4")
+    batch_size: int = option(64)
+    steps: int = option(20, "Timed steps of each run, after --warmup.")
+    warmup: int = option(2)
+    folder: bool = option(True, "Also the JPEG folder (DALI).", switch=True)
+    folder_student: str = option("mobilenet_v3_small", "The folder's student (and random teacher).")
+    folder_batch_size: int = option(16, "The folder's batch size.")
+    image_size: int = option(224, "The folder's view side in pixels.")
+
+
+@dataclass
 class ScaleBenchConfig:
     """``dhkd-pipe bench scale``."""
 
