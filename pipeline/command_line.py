@@ -2,7 +2,8 @@
 library chatter is held back, SIGINT/SIGTERM stop a command cleanly), ``user_errors`` (a user's
 mistake or an environment fault ends a command with one line and exit code 2) and
 ``ConfigCommand`` (a command whose options fill a config dataclass, with effective defaults in
-``--help``). ``cli.py`` declares the commands with them."""
+``--help``), ``config_command`` and ``config_from`` (such a command and its config), ``echo_json``.
+``cli.py`` and ``cli_bench.py`` declare the commands with them."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import sys
 
 import click
 
-from dhkd_pipe.config import TrainConfig
+from dhkd_pipe.config import CacheConfig, TrainConfig, build_config
 from dhkd_pipe.errors import ENVIRONMENT_ERRNOS, DhkdError, one_line
 from dhkd_pipe.methods.registry import METHODS, option_defaults
 from dhkd_pipe.native_stderr import NativeStderr
+from dhkd_pipe.options import click_params, given
 
 # loggers of the object-storage stack: after the error line, a failed store's pending requests
 # must not add their tracebacks ("Task exception was never retrieved", "Unclosed client session")
@@ -42,7 +44,7 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from dhkd_pipe.interrupts import Interrupted
+        from dhkd_pipe.interrupts import Interrupted, lost_processes
 
         try:
             return fn(*args, **kwargs)
@@ -63,10 +65,31 @@ def user_errors(fn):
             )
         except RuntimeError as e:
             if not _allocation_failed(e):
-                raise
+                lost = lost_processes(e)  # a distributed run's failed collective: a process or machine gone
+                if lost is None:
+                    raise
+                exit_with(f"error: {lost}; {_resume_advice(kwargs)}", 2)
             exit_with(f"error: out of memory ({one_line(e, 120)}); {_size_options(kwargs)}", 2)
 
     return wrapper
+
+
+def _resume_advice(options: dict) -> str:
+    """What to run after a lost process: the same command on every machine, without ``--overwrite``
+    (it would discard what was written), with ``--resume`` where a training run left a checkpoint
+    in its folder (or, several students, in one of theirs); a store resumes by the same command."""
+    import os
+    import shlex
+
+    from dhkd_pipe.training.run_folder import CHECKPOINT
+
+    args = [a for a in sys.argv[1:] if a != "--overwrite"]
+    out = options.get("out")
+    if "resume" in options and "--resume" not in args and out and os.path.isdir(out):
+        folders = [out] + [os.path.join(out, name) for name in os.listdir(out)]
+        if any(os.path.isfile(os.path.join(folder, CHECKPOINT)) for folder in folders):
+            args.append("--resume")
+    return "nothing half-written counts as done; launch again on every machine: dhkd-pipe " + shlex.join(args)
 
 
 # options whose value sets how much memory a command takes, as the advice to an out-of-memory end names them
@@ -179,3 +202,41 @@ class OneLineGroup(click.Group):
             finally:
                 _CAPTURE = None
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def echo_json(obj):
+    """Strict JSON (a non-finite number is null, never NaN)."""
+    import json
+
+    from dhkd_pipe.files import json_safe
+
+    click.echo(json.dumps(json_safe(obj), indent=2, default=str, allow_nan=False))
+
+
+# the one option that is no config field: the recipe the others override
+CONFIG_FILE = click.Option(
+    ["--config", "config_file"], type=click.Path(dir_okay=False), help="YAML recipe; options given here override it."
+)
+
+
+def config_params(cls, command: str, first: tuple[str, ...] = (), extra: tuple = (), sweeps: bool = False) -> list:
+    """``cls``'s options that ``command`` offers: those named in ``first`` first (in that order),
+    then ``--config`` where a recipe applies, the rest in declaration order, then ``extra``'s.
+    ``sweeps``: the options declared ``sweep`` take comma-separated values (``options.click_params``)."""
+    params = click_params(cls, command, sweeps=sweeps)
+    head = sorted((p for p in params if p.name in first), key=lambda p: first.index(p.name))
+    recipe = [CONFIG_FILE] if cls in (TrainConfig, CacheConfig) else []
+    more = [p for e in extra for p in click_params(e, command)]
+    return head + recipe + [p for p in params if p.name not in first] + more
+
+
+def config_command(group, name: str, config_cls, **kwargs):
+    """A command whose options are ``config_cls``'s, each declared once, there."""
+    return group.command(
+        name, cls=ConfigCommand, config_cls=config_cls, params=config_params(config_cls, name), **kwargs
+    )
+
+
+def config_from(cls, options: dict):
+    """The config of a command without a recipe: the options given on the command line."""
+    return build_config(cls, None, given(options))

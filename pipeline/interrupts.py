@@ -7,11 +7,18 @@ and the loop asks ``pending()`` after each step, saves its state and raises ``In
 itself, so the run resumes exactly there; a second signal raises at once. A multi-process run does
 not defer: its processes would see the signal at different steps and could not agree on where to
 save, so it stops at once and resumes from its last checkpoint.
+
+A distributed run that loses a process (a machine killed, frozen or cut off) fails in its next
+collective: at once where the lost process's connections close, else after the collective
+timeout. ``lost_processes`` turns that failure into the line the CLI prints.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 
@@ -83,3 +90,45 @@ def pending() -> int | None:
 def clear():
     global _pending
     _pending = None
+
+
+# What torch's gloo and NCCL process groups say when a peer is gone or silent.
+_LOST = re.compile(
+    r"connection closed by peer|connection reset by peer|broken pipe|connection refused|timed out|"
+    r"communicator was aborted|watchdog caught collective operation timeout",
+    re.IGNORECASE,
+)
+_BACKEND = re.compile(r"gloo|nccl|processgroup|c10d", re.IGNORECASE)
+_PEER = re.compile(r"by peer \[([^\]]+)\]")
+_WAITED = re.compile(r"timed out waiting (\d+)\s*ms", re.IGNORECASE)
+
+
+def lost_processes(exc: BaseException) -> str | None:
+    """``rank 1 of 4 (machine 0 of 2) lost ...: what the failed collective says`` when ``exc`` is a
+    distributed run's collective that failed for a process gone or silent; None for anything else
+    (no process group in this process, or another error). torch is never imported here."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return None
+    world = dist.get_world_size()
+    text = " ".join(str(exc).split())
+    if world < 2 or not (
+        isinstance(exc, getattr(dist, "DistError", ())) or (_LOST.search(text) and _BACKEND.search(text))
+    ):
+        return None
+    rank = dist.get_rank()
+    per_machine = int(os.environ.get("LOCAL_WORLD_SIZE") or world)
+    machine = os.environ.get("GROUP_RANK") or str(rank // max(per_machine, 1))
+    me = f"rank {rank} of {world} (machine {machine} of {max(world // max(per_machine, 1), 1)})"
+    peer, waited = _PEER.search(text), _WAITED.search(text)
+    if peer:
+        what = f"the connection to the process at {peer.group(1)} closed: that process or its machine stopped"
+    elif waited or "timeout" in text.lower() or "timed out" in text.lower():
+        seconds = f" within {int(waited.group(1)) / 1000:g} s" if waited else ""
+        what = (
+            f"another process did not answer{seconds} (DHKD_COLLECTIVE_TIMEOUT): it or its machine stopped, "
+            "froze or was cut off"
+        )
+    else:
+        what = f"another process or its machine is gone ({text[:160]})"
+    return f"{me} lost the run's other processes: {what}"

@@ -1,4 +1,5 @@
-"""The run's ``Accelerator`` (mixed precision, device, processes) and its experiment trackers."""
+"""The run's ``Accelerator`` (mixed precision, device, processes, the collective timeout) and its
+experiment trackers."""
 
 from __future__ import annotations
 
@@ -35,8 +36,46 @@ def make_accelerator(precision: str, log_with: str | None = None, project_dir: s
     if cpu and precision == "fp16":
         raise DhkdError("--precision fp16 needs a GPU; use bf16 or no on the CPU")
     trackers = tracker_names(log_with)
+    timeout = collective_timeout()
     _fresh_state_for(precision)
-    return Accelerator(mixed_precision=precision, cpu=cpu, log_with=trackers or None, project_dir=project_dir)
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    # applies where this Accelerator starts the process group (the first of the process)
+    process_group = InitProcessGroupKwargs(timeout=timedelta(seconds=timeout))
+    return Accelerator(
+        mixed_precision=precision,
+        cpu=cpu,
+        log_with=trackers or None,
+        project_dir=project_dir,
+        kwargs_handlers=[process_group],
+    )
+
+
+# How long a collective (and the processes' first meeting) may wait for another process before the
+# run stops: a lost machine ends the others within this time, not torch's 30 minutes. The main
+# process's work alone (a resume's verification of the units written, the teacher's validation)
+# happens while the others wait in a barrier, so it must fit too.
+TIMEOUT_VARIABLE = "DHKD_COLLECTIVE_TIMEOUT"
+DEFAULT_TIMEOUT_S = 300
+
+
+def collective_timeout() -> float:
+    """Seconds a distributed run's processes wait for one another: ``DHKD_COLLECTIVE_TIMEOUT`` (a
+    positive number of seconds, at most a day), else ``DEFAULT_TIMEOUT_S``."""
+    text = os.environ.get(TIMEOUT_VARIABLE, "").strip()
+    if not text:
+        return float(DEFAULT_TIMEOUT_S)
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds <= 86400:
+        raise DhkdError(
+            f"{TIMEOUT_VARIABLE}={text!r}: give the collective timeout in seconds, above 0 and at most 86400"
+        )
+    return seconds
 
 
 def _fresh_state_for(precision: str) -> None:
@@ -51,7 +90,8 @@ def _fresh_state_for(precision: str) -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         raise DhkdError(
             f"--precision {precision}: this process already trains with precision {state.get('_mixed_precision')} "
-            "in a distributed launch, and Accelerate cannot change it there; give every stage of one launch the same --precision"
+            "in a distributed launch, and Accelerate cannot change it there; "
+            "give every stage of one launch the same --precision"
         )
     AcceleratorState._reset_state(reset_partial_state=False)
 
@@ -73,7 +113,8 @@ def tracker_names(log_with: str | None) -> list[str]:
             raise DhkdError(f"unknown tracker {name!r} for --log-with; choose from: {', '.join(LoggerType.list())}")
         if name != "all" and name not in available:
             raise DhkdError(
-                f"--log-with {name}: the {name} package is not installed; pip install {_TRACKER_PACKAGES.get(name, name)}"
+                f"--log-with {name}: the {name} package is not installed; "
+                f"pip install {_TRACKER_PACKAGES.get(name, name)}"
             )
     return names
 
