@@ -2,29 +2,30 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
 import click
 
-from dhkd_pipe.command_line import ConfigCommand, OneLineGroup, user_errors
+from dhkd_pipe.cli_bench import bench
+from dhkd_pipe.command_line import (
+    ConfigCommand,
+    OneLineGroup,
+    config_command,
+    config_from,
+    config_params,
+    echo_json,
+    user_errors,
+)
 from dhkd_pipe.config import (
-    AccuracyBenchConfig,
-    AllBenchConfig,
-    CacheBenchConfig,
     CacheConfig,
-    DistillBenchConfig,
     EvalConfig,
     ExportConfig,
     InspectConfig,
     QuickstartConfig,
     ReportConfig,
     RunStart,
-    ScaleBenchConfig,
-    StoreBenchConfig,
     StoreLockOptions,
     StudentSeeds,
-    SweepBenchConfig,
     SweepOptions,
     TrainConfig,
     TuneOptions,
@@ -33,37 +34,13 @@ from dhkd_pipe.config import (
 )
 from dhkd_pipe.errors import DhkdError, one_line
 from dhkd_pipe.methods.registry import METHODS, OPTIONS
-from dhkd_pipe.options import click_params, given
-
-
-def _echo_json(obj):
-    """Strict JSON (a non-finite number is null, never NaN)."""
-    from dhkd_pipe.files import json_safe
-
-    click.echo(json.dumps(json_safe(obj), indent=2, default=str, allow_nan=False))
+from dhkd_pipe.options import given
 
 
 @click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="dhkd-pipe")
 def main():
     """dhkd-pipe: cache a teacher's logits once, distil many students from the store (DHKD)."""
-
-
-# the one option that is no config field: the recipe the others override
-CONFIG_FILE = click.Option(
-    ["--config", "config_file"], type=click.Path(dir_okay=False), help="YAML recipe; options given here override it."
-)
-
-
-def _params(cls, command: str, first: tuple[str, ...] = (), extra: tuple = (), sweeps: bool = False) -> list:
-    """``cls``'s options that ``command`` offers: those named in ``first`` first (in that order),
-    then ``--config`` where a recipe applies, the rest in declaration order, then ``extra``'s.
-    ``sweeps``: the options declared ``sweep`` take comma-separated values (``options.click_params``)."""
-    params = click_params(cls, command, sweeps=sweeps)
-    head = sorted((p for p in params if p.name in first), key=lambda p: first.index(p.name))
-    recipe = [CONFIG_FILE] if cls in (TrainConfig, CacheConfig) else []
-    more = [p for e in extra for p in click_params(e, command)]
-    return head + recipe + [p for p in params if p.name not in first] + more
 
 
 def _train_config(config_file, defaults=None, **options) -> TrainConfig:
@@ -92,7 +69,7 @@ DISTILL_FIRST = (
     cls=ConfigCommand,
     config_cls=TrainConfig,
     fixed=TEACHER_FIXED,
-    params=_params(TrainConfig, "train-teacher", ("model",), extra=(RunStart,)),
+    params=config_params(TrainConfig, "train-teacher", ("model",), extra=(RunStart,)),
 )
 @user_errors
 def train_teacher_cmd(config_file, resume, overwrite, **options):
@@ -101,7 +78,7 @@ def train_teacher_cmd(config_file, resume, overwrite, **options):
     from dhkd_pipe.training.run_folder import RunMode
 
     cfg = _train_config(config_file, resume=resume, overwrite=overwrite, **TEACHER_FIXED, **options)
-    _echo_json(_short(train_teacher(cfg, mode=RunMode.from_flags(bool(resume), bool(overwrite)))))
+    echo_json(_short(train_teacher(cfg, mode=RunMode.from_flags(bool(resume), bool(overwrite)))))
 
 
 def _distill_help() -> str:
@@ -144,7 +121,9 @@ def _sweeps(on_command_line: bool) -> list[str]:
     config_cls=TrainConfig,
     defaults=DISTILL_DEFAULTS,
     help=_distill_help(),
-    params=_params(TrainConfig, "distill", DISTILL_FIRST, extra=(StudentSeeds, SweepOptions, RunStart), sweeps=True),
+    params=config_params(
+        TrainConfig, "distill", DISTILL_FIRST, extra=(StudentSeeds, SweepOptions, RunStart), sweeps=True
+    ),
 )
 @user_errors
 def distill_cmd(config_file, resume, overwrite, seeds, sweep, memory_limit, **options):
@@ -162,10 +141,10 @@ def distill_cmd(config_file, resume, overwrite, seeds, sweep, memory_limit, **op
     cfg = _train_config(config_file, DISTILL_DEFAULTS, resume=resume, overwrite=overwrite, **options)
     mode = RunMode.from_flags(bool(resume), bool(overwrite))
     if not grid and file_runs == [{}]:
-        _echo_json(_short(distill(cfg, mode=mode)))
+        echo_json(_short(distill(cfg, mode=mode)))
         return
     results = distill_sweep(sweep_runs(cfg, grid, file_runs), mode=mode, memory_limit=memory_limit)
-    _echo_json({out: ({"error": str(r)} if isinstance(r, DhkdError) else _short(r)) for out, r in results.items()})
+    echo_json({out: ({"error": str(r)} if isinstance(r, DhkdError) else _short(r)) for out, r in results.items()})
     check_finished(results)
 
 
@@ -177,7 +156,7 @@ TUNE_DEFAULTS = {**DISTILL_DEFAULTS, "out": "runs/study"}
     cls=ConfigCommand,
     config_cls=TrainConfig,
     defaults=TUNE_DEFAULTS,
-    params=_params(TrainConfig, "distill", DISTILL_FIRST, extra=(TuneOptions,)),
+    params=config_params(TrainConfig, "distill", DISTILL_FIRST, extra=(TuneOptions,)),
 )
 @user_errors
 def tune_cmd(config_file, **options):
@@ -198,33 +177,24 @@ def tune_cmd(config_file, **options):
     names = [f.name for f in dataclasses.fields(TuneOptions)]
     opts = build_config(TuneOptions, None, given({name: options.pop(name) for name in names}))
     cfg = build_config(TrainConfig, config_file, options, TUNE_DEFAULTS)
-    _echo_json(tune(cfg, opts))
+    echo_json(tune(cfg, opts))
 
 
 def _short(summary: dict) -> dict:
     return {k: v for k, v in summary.items() if k != "config"}
 
 
-def _command(group, name: str, config_cls, **kwargs):
-    """A command whose options are ``config_cls``'s, each declared once, there."""
-    return group.command(name, cls=ConfigCommand, config_cls=config_cls, params=_params(config_cls, name), **kwargs)
-
-
-def _config(cls, options: dict):
-    return build_config(cls, None, given(options))
-
-
-@_command(main, "eval", EvalConfig)
+@config_command(main, "eval", EvalConfig)
 @user_errors
 def eval_cmd(**options):
     """Top-1 and top-5 accuracy on the validation split."""
     from dhkd_pipe.stages.evaluate import evaluate
 
-    cfg = _config(EvalConfig, options)
-    _echo_json(evaluate(cfg.model, cfg.weights, cfg.data, cfg.batch_size, resolution=cfg.resolution))
+    cfg = config_from(EvalConfig, options)
+    echo_json(evaluate(cfg.model, cfg.weights, cfg.data, cfg.batch_size, resolution=cfg.resolution))
 
 
-@_command(main, "export", ExportConfig)
+@config_command(main, "export", ExportConfig)
 @user_errors
 def export_cmd(**options):
     """Export a run's student (single head) for deployment; checks it against PyTorch.
@@ -235,9 +205,9 @@ def export_cmd(**options):
     """
     from dhkd_pipe.stages.export import export_onnx
 
-    cfg = _config(ExportConfig, options)
+    cfg = config_from(ExportConfig, options)
     result = export_onnx(cfg.run, cfg.out, opset=cfg.opset)
-    _echo_json(result)
+    echo_json(result)
     if result["ok"] is False:
         sys.exit(1)
 
@@ -255,7 +225,7 @@ def models_cmd():
     "cache-teacher",
     cls=ConfigCommand,
     config_cls=CacheConfig,
-    params=_params(CacheConfig, "cache-teacher", extra=(StoreLockOptions,)),
+    params=config_params(CacheConfig, "cache-teacher", extra=(StoreLockOptions,)),
 )
 @user_errors
 def cache_teacher_cmd(config_file, break_lock, **options):
@@ -267,10 +237,10 @@ def cache_teacher_cmd(config_file, break_lock, **options):
     from dhkd_pipe.stages.cache_teacher import cache_teacher
 
     cfg = build_config(CacheConfig, config_file, options)
-    _echo_json(cache_teacher(cfg, break_lock=bool(break_lock)))
+    echo_json(cache_teacher(cfg, break_lock=bool(break_lock)))
 
 
-@_command(main, "inspect", InspectConfig)
+@config_command(main, "inspect", InspectConfig)
 @user_errors
 def inspect_cmd(**options):
     """What a logit store holds (STORE: a path or a URL such as s3://bucket/logits.zarr), and what
@@ -278,10 +248,10 @@ def inspect_cmd(**options):
     A damaged store exits 1, with one line on stderr naming the fix."""
     from dhkd_pipe.stages.inspect import inspect_store
 
-    cfg = _config(InspectConfig, options)
+    cfg = config_from(InspectConfig, options)
     result = inspect_store(cfg)
     if cfg.as_json:
-        _echo_json(result.summary)
+        echo_json(result.summary)
     else:
         for line in result.lines():
             click.echo(line)
@@ -290,20 +260,20 @@ def inspect_cmd(**options):
         sys.exit(1)
 
 
-@_command(main, "verify-cache", VerifyCacheConfig)
+@config_command(main, "verify-cache", VerifyCacheConfig)
 @user_errors
 def verify_cache_cmd(**options):
     """Re-render sampled views, re-run the teacher and compare with the store (a path or a URL)."""
     from dhkd_pipe.stages.cache_teacher import verify_cache
 
-    cfg = _config(VerifyCacheConfig, options)
+    cfg = config_from(VerifyCacheConfig, options)
     result = verify_cache(cfg.store, cfg.data, cfg.teacher_weights, samples=cfg.samples, tolerance=cfg.tolerance)
-    _echo_json(result)
+    echo_json(result)
     if not result["ok"]:
         sys.exit(1)
 
 
-@_command(main, "report", ReportConfig)
+@config_command(main, "report", ReportConfig)
 @user_errors
 def report_cmd(**options):
     """Plot validation accuracy and training loss per epoch of runs; print a markdown table.
@@ -315,166 +285,24 @@ def report_cmd(**options):
     from dhkd_pipe.stages.leaderboard import is_leaderboard_folder, write_leaderboard
     from dhkd_pipe.stages.report import write_report
 
-    cfg = _config(ReportConfig, options)
+    cfg = config_from(ReportConfig, options)
     if len(cfg.runs) == 1 and is_leaderboard_folder(cfg.runs[0]):
         click.echo(write_leaderboard(cfg.runs[0], cfg.out))
         return
     click.echo(write_report(list(cfg.runs), cfg.out))
 
 
-@_command(main, "quickstart", QuickstartConfig)
+@config_command(main, "quickstart", QuickstartConfig)
 @user_errors
 def quickstart_cmd(**options):
     """The whole job on the bundled digits: teacher, cache, ce/kd/dhkd students, report."""
     from dhkd_pipe.stages.quickstart import quickstart
 
-    cfg = _config(QuickstartConfig, options)
+    cfg = config_from(QuickstartConfig, options)
     quickstart(cfg.out, overwrite=cfg.overwrite)
 
 
-@main.group("bench")
-def bench():
-    """Benchmarks: print a table and write JSON."""
-
-
-@_command(bench, "cache", CacheBenchConfig)
-@user_errors
-def bench_cache_cmd(**options):
-    """Stage-1 images/s against the teacher's bare forward pass (in-memory data and a JPEG folder,
-    with images decoded per stored row and decoding alone); bytes per logit per codec."""
-    from dhkd_pipe.benchmarks.cache import bench_cache
-
-    cfg = _config(CacheBenchConfig, options)
-    bench_cache(
-        cfg.json_path,
-        model=cfg.model,
-        batch_size=cfg.batch_size,
-        steps=cfg.steps,
-        teacher_weights=cfg.teacher_weights,
-        image_model=None if cfg.image_model == "none" else cfg.image_model,
-        images=cfg.images,
-        views=cfg.views,
-    )
-
-
-@_command(bench, "accuracy", AccuracyBenchConfig)
-@user_errors
-def bench_accuracy_cmd(**options):
-    """The paper's comparison in miniature: one teacher, one store, students by method and seed."""
-    from dhkd_pipe.benchmarks.accuracy import bench_accuracy
-
-    result = bench_accuracy(_config(AccuracyBenchConfig, options))
-    click.echo("\n" + result["markdown"] + f"\nwrote {', '.join(result['files'].values())}")
-
-
-@_command(bench, "all", AllBenchConfig)
-@user_errors
-def bench_all_cmd(**options):
-    """Every benchmark in one command (kernels, stage 1 in memory and on a JPEG folder, distill,
-    store): one markdown table and one JSON naming the device. The command to run on a GPU."""
-    from dhkd_pipe.benchmarks.suite import bench_all
-
-    cfg = _config(AllBenchConfig, options)
-    bench_all(cfg.out, size="tiny" if cfg.tiny else cfg.size, only=tuple(cfg.only))
-
-
-@_command(bench, "distill", DistillBenchConfig)
-@user_errors
-def bench_distill_cmd(**options):
-    """Online vs cached DHKD vs the student alone; loader-only throughput. With --students: one
-    S-student pass against S solo runs (wall time, step time, the loader's share of a step)."""
-    cfg = _config(DistillBenchConfig, options)
-    if cfg.students is not None:
-        from dhkd_pipe.benchmarks.students import bench_students
-        from dhkd_pipe.training.students import int_list
-
-        bench_students(
-            cfg.json_path,
-            int_list("--students", cfg.students),
-            steps=cfg.steps,
-            batch_size=cfg.batch_size,
-            student=cfg.student,
-            teacher=cfg.teacher,
-            folder_student=cfg.folder_student,
-            folder_batch_size=cfg.folder_batch_size,
-            image_size=cfg.image_size,
-            folder=cfg.folder,
-        )
-        return
-    from dhkd_pipe.benchmarks.distill import bench_distill
-
-    bench_distill(cfg.json_path, teacher=cfg.teacher, student=cfg.student, batch_size=cfg.batch_size, steps=cfg.steps)
-
-
-@_command(bench, "sweep", SweepBenchConfig)
-@user_errors
-def bench_sweep_cmd(**options):
-    """A K-run sweep (--methods x --temperatures) in one pass against the K runs alone, from one
-    store, in memory and on a JPEG folder: wall time, step time, the loader's share of a step."""
-    from dhkd_pipe.benchmarks.sweep import bench_sweep
-
-    cfg = _config(SweepBenchConfig, options)
-    bench_sweep(
-        cfg.json_path,
-        cfg.methods,
-        cfg.temperatures,
-        steps=cfg.steps,
-        warmup=cfg.warmup,
-        batch_size=cfg.batch_size,
-        student=cfg.student,
-        teacher=cfg.teacher,
-        folder=cfg.folder,
-        folder_student=cfg.folder_student,
-        folder_batch_size=cfg.folder_batch_size,
-        image_size=cfg.image_size,
-    )
-
-
-@_command(bench, "store", StoreBenchConfig)
-@user_errors
-def bench_store_cmd(**options):
-    """Store write and read rows/s of one process (stage 1's writer, stage 2's streaming), local and at URLs."""
-    from dhkd_pipe.benchmarks.store import bench_store
-
-    cfg = _config(StoreBenchConfig, options)
-    bench_store(
-        cfg.json_path,
-        rows=cfg.rows,
-        classes=cfg.classes,
-        chunk_rows=cfg.chunk_rows,
-        codec=cfg.codec,
-        batch_size=cfg.batch_size,
-        urls=tuple(cfg.urls),
-        s3_local=cfg.s3_local,
-        local=cfg.local,
-        s3_latency_ms=cfg.s3_latency_ms,
-        sharded=cfg.sharded,
-    )
-
-
-@_command(bench, "scale", ScaleBenchConfig)
-@user_errors
-def bench_scale_cmd(**options):
-    """How the store's costs grow with its size: per size, on disk and on a local S3 server, the
-    write, open, inspect --quick, inspect, a resume, the audit and stage 2's first batch, with the
-    reader's memory and the S3 requests; a table, a JSON and a log-log plot."""
-    from dhkd_pipe.benchmarks.scale import bench_scale, parse_sizes
-
-    cfg = _config(ScaleBenchConfig, options)
-    bench_scale(
-        cfg.json_path,
-        sizes=parse_sizes(cfg.sizes),
-        views=cfg.views,
-        classes=cfg.classes,
-        chunk_rows=cfg.chunk_rows,
-        codec=cfg.codec,
-        batch_size=cfg.batch_size,
-        local=cfg.local,
-        s3_local=cfg.s3_local,
-        s3_max_rows=cfg.s3_max_rows,
-        sharded=cfg.sharded,
-        before=cfg.before,
-    )
+main.add_command(bench)
 
 
 if __name__ == "__main__":

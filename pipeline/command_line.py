@@ -2,7 +2,8 @@
 library chatter is held back, SIGINT/SIGTERM stop a command cleanly), ``user_errors`` (a user's
 mistake or an environment fault ends a command with one line and exit code 2) and
 ``ConfigCommand`` (a command whose options fill a config dataclass, with effective defaults in
-``--help``). ``cli.py`` declares the commands with them."""
+``--help``), ``config_command`` and ``config_from`` (such a command and its config), ``echo_json``.
+``cli.py`` and ``cli_bench.py`` declare the commands with them."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import sys
 
 import click
 
-from dhkd_pipe.config import TrainConfig
+from dhkd_pipe.config import CacheConfig, TrainConfig, build_config
 from dhkd_pipe.errors import ENVIRONMENT_ERRNOS, DhkdError, one_line
 from dhkd_pipe.methods.registry import METHODS, option_defaults
 from dhkd_pipe.native_stderr import NativeStderr
+from dhkd_pipe.options import click_params, given
 
 # loggers of the object-storage stack: after the error line, a failed store's pending requests
 # must not add their tracebacks ("Task exception was never retrieved", "Unclosed client session")
@@ -200,3 +202,41 @@ class OneLineGroup(click.Group):
             finally:
                 _CAPTURE = None
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def echo_json(obj):
+    """Strict JSON (a non-finite number is null, never NaN)."""
+    import json
+
+    from dhkd_pipe.files import json_safe
+
+    click.echo(json.dumps(json_safe(obj), indent=2, default=str, allow_nan=False))
+
+
+# the one option that is no config field: the recipe the others override
+CONFIG_FILE = click.Option(
+    ["--config", "config_file"], type=click.Path(dir_okay=False), help="YAML recipe; options given here override it."
+)
+
+
+def config_params(cls, command: str, first: tuple[str, ...] = (), extra: tuple = (), sweeps: bool = False) -> list:
+    """``cls``'s options that ``command`` offers: those named in ``first`` first (in that order),
+    then ``--config`` where a recipe applies, the rest in declaration order, then ``extra``'s.
+    ``sweeps``: the options declared ``sweep`` take comma-separated values (``options.click_params``)."""
+    params = click_params(cls, command, sweeps=sweeps)
+    head = sorted((p for p in params if p.name in first), key=lambda p: first.index(p.name))
+    recipe = [CONFIG_FILE] if cls in (TrainConfig, CacheConfig) else []
+    more = [p for e in extra for p in click_params(e, command)]
+    return head + recipe + [p for p in params if p.name not in first] + more
+
+
+def config_command(group, name: str, config_cls, **kwargs):
+    """A command whose options are ``config_cls``'s, each declared once, there."""
+    return group.command(
+        name, cls=ConfigCommand, config_cls=config_cls, params=config_params(config_cls, name), **kwargs
+    )
+
+
+def config_from(cls, options: dict):
+    """The config of a command without a recipe: the options given on the command line."""
+    return build_config(cls, None, given(options))

@@ -21,7 +21,7 @@ FOLDERS = {
     "benchmarks": "dhkd_pipe.benchmarks",
 }
 # the CLI, its machinery and the lazy public API sit above everything
-FRONT = {"dhkd_pipe", "dhkd_pipe.cli", "dhkd_pipe.command_line"}
+FRONT = {"dhkd_pipe", "dhkd_pipe.cli", "dhkd_pipe.cli_bench", "dhkd_pipe.command_line"}
 SUBPACKAGES = ("models", "kernels", "store", "data", "methods", "training", "stages", "benchmarks")
 BASE_BELOW = {"base"}
 ALLOWED = {
