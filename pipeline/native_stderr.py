@@ -24,7 +24,30 @@ from collections import deque
 
 # DALI's and nvImageCodec's log format, with or without colour codes.
 _LOG_LINE = re.compile(rb"^\s*(\x1b\[[0-9;]*m)*\[(ERROR|WARNING|INFO|WARN)\]")
+# libjpeg(-turbo)'s messages about damaged data (jerror.h): a decoder that only warns fills what it
+# could not decode with grey and reports success, so these lines are the only sign of it.
+DECODER_LINE = re.compile(
+    rb"^\s*(Corrupt JPEG data|Premature end of JPEG file|Invalid SOS parameters|Inconsistent progression"
+    rb"|Unsupported marker type|Bogus (marker|Huffman|DQT|DHT|input)|Huffman table 0x|Invalid JPEG file structure)"
+)
+
+
+def is_decoder_damage(line: bytes) -> bool:
+    """A libjpeg line that says part of an image was not decoded (and was filled in)."""
+    # "N extraneous bytes before marker 0xd9" too: a decoder that lost its place in damaged data
+    # may finish early and say no more than that (some ImageNet files say it of padding: still refused)
+    return bool(DECODER_LINE.match(line))
+
+
 _HELD_MAX = 200
+
+
+def active() -> "NativeStderr | None":
+    """The capture that holds fd 2 now (the innermost), or None."""
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
+_ACTIVE: list["NativeStderr"] = []
 
 
 class NativeStderr:
@@ -39,6 +62,10 @@ class NativeStderr:
         self._stderr = None
         self._drained = threading.Event()
         self._sentinel = b"\0dhkd-native-stderr-end-%d\0\n" % os.getpid()
+        self.decoder_damage = 0  # lines of is_decoder_damage seen (held, as log lines are)
+        self.last_damage = b""
+        self._synced = threading.Condition()
+        self._sync_sent = self._sync_seen = 0
 
     def __enter__(self):
         try:
@@ -54,11 +81,32 @@ class NativeStderr:
             sys.stderr = io.TextIOWrapper(io.FileIO(os.dup(saved), "w"), line_buffering=True, errors="backslashreplace")
         self._thread = threading.Thread(target=self._forward, args=(read, saved), daemon=True, name="native-stderr")
         self._thread.start()
+        _ACTIVE.append(self)
         return self
+
+    def sync(self, timeout: float = 5.0) -> bool:
+        """Waits until everything written to fd 2 before this call has been routed (counted), so
+        that ``decoder_damage`` covers it; False if the forwarding thread did not get there."""
+        if self._thread is None:
+            return False
+        with self._synced:
+            self._sync_sent += 1
+            ticket = self._sync_sent
+        try:
+            os.write(2, self._sync_line(ticket))
+        except OSError:
+            return False
+        with self._synced:
+            return self._synced.wait_for(lambda: self._sync_seen >= ticket, timeout)
+
+    def _sync_line(self, ticket: int) -> bytes:
+        return b"\0dhkd-native-stderr-sync-%d-%d\0\n" % (os.getpid(), ticket)
 
     def __exit__(self, *exc):
         if self._thread is None:
             return False
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
         if self._stderr is not None:
             try:
                 sys.stderr.flush()
@@ -106,6 +154,15 @@ class NativeStderr:
     def _route(self, line: bytes, out):
         if line == self._sentinel:
             self._drained.set()
+        elif line.startswith(b"\0dhkd-native-stderr-sync-%d-" % os.getpid()):
+            with self._synced:
+                self._sync_seen = max(self._sync_seen, int(line.rstrip(b"\0\n").rsplit(b"-", 1)[1]))
+                self._synced.notify_all()
+        elif DECODER_LINE.match(line):
+            if is_decoder_damage(line):
+                self.decoder_damage += 1
+                self.last_damage = line.strip()
+            self.held.append(line)
         elif _LOG_LINE.match(line):
             self.held.append(line)
         else:

@@ -131,6 +131,10 @@ def prepare(cfg: CacheConfig) -> TeacherPass:
     """The accelerator, the data, the teacher (weights resolved, checked, frozen, placed) and the plan."""
     acc = make_accelerator(cfg.precision)
     data = load_data(cfg.data)
+    if cfg.skip_corrupt:
+        if not hasattr(data, "without_corrupt"):
+            raise DhkdError(f"--skip-corrupt is for image folders; {cfg.data} is decoded already")
+        data = data.without_corrupt(cfg.workers or None)
     fmt = memory_format(cfg, acc.device)
     loaded = load_teacher(
         cfg.model, cfg.weights, data, data.default_plan(seed=cfg.seed), acc.device, cfg.resolution, acc, fmt
@@ -217,6 +221,11 @@ def announce(run: TeacherPass, store: LogitCache, log):
         f"teacher {cfg.model} ({run.source.label}); views {plan.resolution} px, {plan.interpolation}, "
         f"mean {list(plan.mean)} std {list(plan.std)}: {run.preprocessing['source']}"
     )
+    if getattr(data, "skipped", ()):
+        log(
+            f"--skip-corrupt: left out {len(data.skipped)} corrupt images: {', '.join(data.skipped[:5])}"
+            + (", ..." if len(data.skipped) > 5 else "")
+        )
     done = store.done_mask()
     raw = estimate_bytes(cfg.views, data.num_train, data.num_classes, cfg.codec)
     remaining = int((~done).sum())

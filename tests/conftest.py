@@ -215,6 +215,33 @@ def write_digit_jpegs(root, classes=3, train=8, val=2):
     return root
 
 
+ENTROPY_DAMAGE = ("noise", "zeros", "marker", "cut")
+
+
+def damage_jpeg_entropy(path, kind: str = "noise", at: float = 0.5):
+    """Damages a JPEG's entropy-coded data (after the scan header, ``at`` of the way through it) and
+    keeps its headers and end marker: 24 random bytes, 24 zeros, a stray end-of-image marker, or 8
+    bytes cut out. libjpeg decodes each with a warning, and grey where it lost its place. (Not
+    every cut is seen: one that leaves a stream of whole codes decodes garbage without a word.)"""
+    data = bytearray(open(path, "rb").read())
+    sos = data.index(b"\xff\xda")
+    start = sos + 2 + int.from_bytes(data[sos + 2 : sos + 4], "big")
+    mid = start + int((len(data) - 2 - start) * at)
+    if kind == "noise":
+        data[mid : mid + 24] = np.random.default_rng(1).integers(1, 250, 24).astype(np.uint8).tobytes()
+    elif kind == "zeros":
+        data[mid : mid + 24] = bytes(24)
+    elif kind == "marker":
+        data[mid : mid + 2] = b"\xff\xd9"
+    elif kind == "cut":
+        del data[mid : mid + 8]
+    else:
+        raise ValueError(f"unknown damage {kind!r}")
+    with open(path, "wb") as f:
+        f.write(bytes(data))
+    return path
+
+
 @pytest.fixture(scope="session")
 def digit_jpegs(tmp_path_factory):
     """An image folder of digits: 3 classes, 24 training and 6 validation JPEGs of varied sizes."""

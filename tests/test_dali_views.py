@@ -292,3 +292,88 @@ def test_region_decode_equals_the_region_of_a_whole_decode(tmp_path):
         rendered[decode] = torch.cat(list(r.train_batches(np.repeat(np.arange(n), per), views.reshape(-1, 5), 40)))
         r.close()
     assert torch.equal(rendered["region"], rendered["full"])
+
+
+# --- corrupt images: damaged entropy data is refused, naming the file --------------------------------
+
+
+@pytest.mark.parametrize("kind", ["noise", "zeros", "marker", "cut"])
+def test_decode_problem_finds_damaged_entropy_data(folder, tmp_path, kind):
+    """Pillow decodes these without a word; the check reads libjpeg's warning back."""
+    from conftest import damage_jpeg_entropy
+    from PIL import Image
+
+    from dhkd_pipe.data.corrupt_images import check_image, decode_problem
+
+    sound = folder / "train" / "class0" / "001.JPEG"
+    assert decode_problem(str(sound)) is None
+    bad = tmp_path / "bad.JPEG"
+    shutil.copy(sound, bad)
+    damage_jpeg_entropy(bad, kind)
+    with Image.open(bad) as im:
+        im.load()  # no error: the decoder only warned
+    assert check_image(str(bad)) is None
+    assert "Corrupt JPEG data" in (decode_problem(str(bad)) or "")
+
+
+def _damaged_copy(folder, tmp_path, name="class1/003.JPEG", split="train", kind="noise", at=0.5):
+    from conftest import damage_jpeg_entropy
+
+    root = tmp_path / "damaged"
+    shutil.copytree(folder, root)
+    damage_jpeg_entropy(root / split / name, kind, at)
+    return root, str(root / split / name)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_damaged_jpeg_in_replayed_views_names_the_file(folder, tmp_path, workers):
+    root, bad = _damaged_copy(folder, tmp_path)
+    data = ImageFolderData.from_folder(str(root))
+    i = data.train_files.index(bad)
+    r = DaliViews(data, data.default_plan(resolution=RES), "cpu", num_workers=workers)
+    idx = np.array([0, 1, i, 2])
+    views = np.array([[0, 0, HEIGHT, WIDTH, 0]] * 4, np.int32)
+    try:
+        with pytest.raises(DhkdError, match=r"cannot decode image .*class1.003\.JPEG: the JPEG decoder reports"):
+            list(r.train_batches(idx, views, 2))
+        out = torch.cat(list(r.train_batches(idx[[0, 1, 3]], views[[0, 1, 3]], 2)))  # the sound ones still render
+        assert out.shape == (3, 3, RES, RES)
+    finally:
+        r.close()
+
+
+def test_damaged_jpeg_in_decode_once_and_validation_names_the_file(folder, tmp_path):
+    root, bad = _damaged_copy(folder, tmp_path, kind="marker")
+    data = ImageFolderData.from_folder(str(root))
+    i = data.train_files.index(bad)
+    r = DaliViews(data, data.default_plan(resolution=RES), "cpu", num_workers=1)
+    idx = np.array([i, 0])
+    views = np.array([[[0, 0, HEIGHT, WIDTH, 0], [2, 2, 20, 20, 1]]] * 2, np.int32)
+    try:
+        with pytest.raises(DhkdError, match=r"class1.003\.JPEG"):
+            list(r.image_batches(idx, views, 2))
+    finally:
+        r.close()
+    # whole decodes (as on a GPU): a region decode stops after the region's last row, before libjpeg
+    # could notice that the codes it read were damaged
+    root2, bad_val = _damaged_copy(folder, tmp_path / "v", name="class2/006.JPEG", split="val", kind="marker")
+    data2 = ImageFolderData.from_folder(str(root2))
+    r2 = DaliViews(data2, data2.default_plan(resolution=RES), "cpu", num_workers=1, decode="full")
+    try:
+        with pytest.raises(DhkdError, match=r"val.class2.006\.JPEG"):
+            list(r2.val_batches(4))
+    finally:
+        r2.close()
+
+
+def test_skipped_images_are_left_out_and_recorded_in_the_fingerprint(folder, tmp_path):
+    root, bad = _damaged_copy(folder, tmp_path)
+    data = ImageFolderData.from_folder(str(root))
+    kept = data.without_corrupt(workers=0)
+    assert kept.skipped == ("train/class1/003.JPEG",) and bad not in kept.train_files
+    assert kept.num_train == data.num_train - 1 and kept.num_val == data.num_val
+    assert kept.fingerprint()["skipped"] == ["train/class1/003.JPEG"]
+    assert kept.fingerprint()["digest"] != data.fingerprint()["digest"]
+    again = data.without(["train/class1/003.JPEG"])  # what stage 2 replays from the store's record
+    assert again.fingerprint() == kept.fingerprint()
+    assert "skipped" not in data.fingerprint()  # a folder with nothing skipped keeps its old fingerprint

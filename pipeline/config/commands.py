@@ -45,6 +45,14 @@ class CacheConfig:
         switch=True,
     )
     compile: bool = option(False, "torch.compile the teacher (the first batches compile).", switch=True)
+    skip_corrupt: bool = option(
+        False,
+        "Image folders: decode every image fully first (one decode of the folder, in parallel) and leave out "
+        "those that are corrupt (damaged, truncated or unreadable) instead of refusing them; the store records "
+        "which, and distill and verify-cache leave out the same.",
+        is_flag=True,
+        record=True,
+    )
     overwrite: bool = option(
         False,
         "Replace a logit store written by a different command (never a file or a folder that is not a logit store).",

@@ -27,20 +27,17 @@ Requests reach the workers through schedule files (``dali_requests``).
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
-import tempfile
 import weakref
 
 import numpy as np
 
-from dhkd_pipe.data.dali_requests import DaliRequests, ScheduleReader
+from dhkd_pipe.data.corrupt_images import find_corrupt
+from dhkd_pipe.data.dali_folder import private_folder, write_file_table
+from dhkd_pipe.data.dali_requests import DaliRequests
+from dhkd_pipe.data.dali_sources import FILLER_SIZE, EncodedImageSource, EncodedViewSource, filler_jpeg
 from dhkd_pipe.errors import DhkdError
-from dhkd_pipe.processes import pid_alive
-
-# Spawned DALI workers import this module to unpickle the sources; torch and DALI's graph API are
-# imported inside the functions that need them so the workers start in a second.
 
 DALI_INTERPOLATION = {"bilinear": "INTERP_LINEAR", "bicubic": "INTERP_CUBIC"}
 """Box -> R x R resampling per ``ViewPlan.interpolation``: the DALI filter, with ``antialias=True``
@@ -48,18 +45,8 @@ DALI_INTERPOLATION = {"bilinear": "INTERP_LINEAR", "bicubic": "INTERP_CUBIC"}
 ``interpolate(mode=..., antialias=True, align_corners=False)`` used by ``render_reference`` and by
 the in-memory renderer."""
 
-DALI_IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "PPM", "JPEG2000")
 DECODES = ("region", "full")  # stage 2's decode of a view: only the box's region, or the whole image
-
-_FILLER_SIZE = 8
-
-
-def _filler_jpeg() -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", (_FILLER_SIZE, _FILLER_SIZE), (0, 0, 0)).save(buf, "JPEG", quality=50)
-    return buf.getvalue()
+SKIP_HINT = "replace or remove it, or give cache-teacher --skip-corrupt to leave such images out of the store"
 
 
 def default_workers() -> int:
@@ -73,173 +60,6 @@ def worker_count(requested: int | None) -> int:
     if requested is None:
         return default_workers()
     return max(0, min(int(requested), len(os.sched_getaffinity(0))))
-
-
-def decode_box(y: int, x: int, h: int, w: int, height: int, width: int):
-    """Splits a box into the region of the image to decode and where the box starts in it.
-
-    Returns ``(region_start, region_shape, box_start)`` as (row, col) pairs: the region is the
-    box clipped to the image (at least 1 x 1 at the nearest edge when the box misses the image
-    entirely, so there is always something to decode), and ``box_start`` is the box's top-left
-    corner relative to the region (negative where the box reaches above or left of the image).
-    """
-    ry = min(max(y, 0), height - 1)
-    rx = min(max(x, 0), width - 1)
-    rh = min(max(y + h, ry + 1), height) - ry
-    rw = min(max(x + w, rx + 1), width) - rx
-    return (ry, rx), (rh, rw), (y - ry, x - rx)
-
-
-class _EncodedFiles:
-    """What both sources share: the file table and schedules of a ``DaliViews`` folder, read in a
-    worker; pickles small (the folder's name, the filler, the parent pid)."""
-
-    name = ""
-
-    def __init__(self, folder: str, filler: bytes, parent: int | None = None):
-        self.folder, self.filler = folder, filler
-        self.parent = os.getpid() if parent is None else parent
-        self._files = self._names = None
-        self._schedule = ScheduleReader(folder, self.name)
-
-    def __getstate__(self):
-        return {"folder": self.folder, "filler": self.filler, "parent": self.parent}
-
-    def __setstate__(self, state):
-        # unpickled in a spawned DALI worker, before it serves anything
-        _EncodedFiles.__init__(self, state["folder"], state["filler"], state.get("parent"))
-        if os.getpid() != self.parent:
-            die_with_parent(self.parent)
-
-    def path(self, index: int) -> str:
-        if self._files is None:
-            self._files = np.load(os.path.join(self.folder, "offsets.npy"), mmap_mode="r")
-            self._names = np.memmap(os.path.join(self.folder, "names.bin"), dtype=np.uint8, mode="r")
-        a, b = int(self._files[index]), int(self._files[index + 1])
-        return self._names[a:b].tobytes().decode()
-
-    def encoded(self, f: int) -> tuple[bytes, str | None]:
-        if f < 0:
-            return self.filler, None
-        path = self.path(f)
-        with open(path, "rb") as fh:
-            return fh.read(), path
-
-
-class EncodedViewSource(_EncodedFiles):
-    """Parallel external source of ``train_batches``, one view per sample.
-
-    Schedule row: file index, y, x, h, w, flip. Outputs: encoded bytes (uint8); then for
-    ``regions`` the region start and shape, the box start relative to the region (int32 (2,)
-    each, rows then cols), else the box start (int32 (2,)); the box shape (int32 (2,)); flip
-    (int32 scalar).
-    """
-
-    name = "views"
-
-    def __init__(self, folder: str, filler: bytes, parent: int | None = None, regions: bool = True):
-        super().__init__(folder, filler, parent)
-        self.regions = regions
-
-    def __getstate__(self):
-        return {**super().__getstate__(), "regions": self.regions}
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        self.regions = state["regions"]
-
-    def __call__(self, info):
-        f, y, x, h, w, flip = (int(v) for v in self._schedule.row(info))
-        encoded, path = self.encoded(f)
-        box = (np.array((h, w), dtype=np.int32), np.array(flip, dtype=np.int32))
-        if not self.regions:
-            return (np.frombuffer(encoded, dtype=np.uint8), np.array((y, x), dtype=np.int32)) + box
-        height, width = _header_size(encoded, path) if path else (_FILLER_SIZE, _FILLER_SIZE)
-        start, shape, box_start = decode_box(y, x, h, w, height, width)
-        return (
-            np.frombuffer(encoded, dtype=np.uint8),
-            np.array(start, dtype=np.int32),
-            np.array(shape, dtype=np.int32),
-            np.array(box_start, dtype=np.int32),
-        ) + box
-
-
-class EncodedImageSource(_EncodedFiles):
-    """Parallel external source of ``image_batches``, one image with all its views per sample.
-
-    Schedule row: file index, then V views (y, x, h, w, flip). Outputs: encoded bytes (uint8)
-    and the views, int32 (V, 5).
-    """
-
-    name = "images"
-
-    def __call__(self, info):
-        row = self._schedule.row(info)
-        encoded, _ = self.encoded(int(row[0]))
-        return np.frombuffer(encoded, dtype=np.uint8), np.array(row[1:], dtype=np.int32).reshape(-1, 5)
-
-
-def _header_size(encoded: bytes, path: str) -> tuple[int, int]:
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(encoded)) as im:
-            width, height = im.size
-    except Exception as e:  # reported to the main process, which names the file in a DhkdError
-        raise ValueError(f"cannot read the image header of {path}: {e}") from None
-    return height, width
-
-
-def die_with_parent(parent: int):
-    """Makes this worker process end when its parent dies, however the parent dies (SIGKILL too).
-
-    Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``; elsewhere a watchdog thread polls the parent pid.
-    SIGINT is ignored: a Ctrl-C reaches the whole process group, and the parent decides (it stops
-    the workers), so a worker never prints a KeyboardInterrupt traceback of its own.
-    """
-    import signal
-    import sys
-    import threading
-    import time
-
-    try:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-    except ValueError:  # not the main thread
-        pass
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) == 0:
-                if os.getppid() != parent:  # the parent died before the prctl took effect
-                    os._exit(1)
-                return
-        except (OSError, AttributeError):
-            pass
-
-    def watch():
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True, name="parent-watchdog").start()
-
-
-def check_image(path: str) -> str | None:
-    """Why ``path`` cannot be rendered (missing, not an image, corrupt, truncated), or None."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            fmt = im.format
-            im.load()  # a full decode: truncated or corrupt data raises here
-    except Exception as e:
-        return f"{type(e).__name__}: {e}"
-    if fmt not in DALI_IMAGE_FORMATS:
-        return f"unsupported image format {fmt}"
-    return None
 
 
 class DaliViews:
@@ -291,10 +111,10 @@ class DaliViews:
         self.pipeline_batch_size = pipeline_batch_size
         self.prefetch, self.start_method = prefetch, start_method
         self.files = list(data.train_files) + list(data.val_files)
-        self.folder = _private_folder()
+        self.folder = private_folder()
         self._cleanup = weakref.finalize(self, shutil.rmtree, self.folder, True)
-        _write_file_table(self.folder, self.files)
-        self._filler = _filler_jpeg()
+        write_file_table(self.folder, self.files)
+        self._filler = filler_jpeg()
         self._views = None  # DaliRequests of train_batches/val_batches, built at the first request
         self._images = None  # DaliRequests of image_batches, per number of views
         self._images_views = None
@@ -365,7 +185,7 @@ class DaliViews:
             if self._images is not None:
                 self._images.close()
             source = EncodedImageSource(self.folder, self._filler)
-            filler = [-1] + [0, 0, _FILLER_SIZE, _FILLER_SIZE, 0] * count
+            filler = [-1] + [0, 0, FILLER_SIZE, FILLER_SIZE, 0] * count
             self._images = self._requests(source, self._image_graph(count), filler)
             self._images_views = count
         return self._images
@@ -397,7 +217,7 @@ class DaliViews:
         _check_boxes(views)
         if self._views is None:
             source = EncodedViewSource(self.folder, self._filler, regions=self.decode == "region")
-            self._views = self._requests(source, self._view_graph, [-1, 0, 0, _FILLER_SIZE, _FILLER_SIZE, 0])
+            self._views = self._requests(source, self._view_graph, [-1, 0, 0, FILLER_SIZE, FILLER_SIZE, 0])
         rows = np.concatenate([files[:, None], views], axis=1)
         return self._views.render(
             rows, batch_size, self._pipeline_batch(batch_size), lambda e, a, b: self._fail(e, files, a, b)
@@ -476,66 +296,24 @@ class DaliViews:
 
         return graph
 
-    def _fail(self, error: Exception, files: np.ndarray, first: int, stop: int):
-        """Names the file that made a pipeline run fail, if one of ``files[first:stop]`` is bad."""
-        for f in dict.fromkeys(int(v) for v in files[first:stop]):
-            reason = check_image(self.files[f])
-            if reason is not None:
-                raise DhkdError(f"cannot decode image {self.files[f]}: {reason}") from None
+    def _fail(self, error: Exception | bytes, files: np.ndarray, first: int, stop: int):
+        """Names the file that made a pipeline run fail, or whose damaged data a decoder reported
+        (``error``: the decoder's line; ``corrupt_images``), if one of ``files[first:stop]`` is bad.
+        The pipeline has stopped, so the files are checked one at a time with nothing beside them."""
+        found = find_corrupt([self.files[int(f)] for f in files[first:stop] if int(f) >= 0])
+        if found is not None:
+            raise DhkdError(f"cannot decode image {found[0]}: {found[1]}; {SKIP_HINT}") from None
+        if isinstance(error, bytes):  # a warning no single file of the batch repeats: refuse all the same
+            names = ", ".join(self.files[int(f)] for f in files[first : min(stop, first + 3)])
+            raise DhkdError(
+                f"the JPEG decoder reported damaged data ({error.decode(errors='replace')}) in the images "
+                f"from {names}, ...; none fails alone; check these files"
+            )
 
 
 def _check_boxes(views: np.ndarray):
     if len(views) and ((views[:, 2] < 1).any() or (views[:, 3] < 1).any()):
         raise DhkdError("views with an empty crop box: the store or plan is corrupt")
-
-
-FOLDER_PREFIX = "dhkd-dali-"
-
-
-def _private_folder() -> str:
-    """``dhkd-dali-PID-XXXX`` in /dev/shm (else the temp folder); first removes the folders of
-    processes that died without removing theirs (SIGKILL)."""
-    shm = "/dev/shm"
-    parent = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else tempfile.gettempdir()
-    remove_orphan_folders(parent)
-    return tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-", dir=parent)
-
-
-def remove_orphan_folders(parent: str) -> list[str]:
-    """Removes this user's ``dhkd-dali-PID-*`` folders under ``parent`` whose PID is dead; returns them."""
-    removed = []
-    try:
-        entries = list(os.scandir(parent))
-    except OSError:
-        return removed
-    for entry in entries:
-        if not entry.name.startswith(FOLDER_PREFIX):
-            continue
-        pid = entry.name[len(FOLDER_PREFIX) :].split("-", 1)[0]
-        try:
-            if (
-                not pid.isdigit()
-                or not entry.is_dir(follow_symlinks=False)
-                or entry.stat(follow_symlinks=False).st_uid != os.getuid()
-            ):
-                continue
-        except OSError:
-            continue
-        if pid_alive(int(pid)):
-            continue
-        shutil.rmtree(entry.path, ignore_errors=True)
-        removed.append(entry.path)
-    return removed
-
-
-def _write_file_table(folder: str, files: list[str]):
-    """All file paths as one UTF-8 blob plus offsets: workers map them instead of unpickling a list."""
-    encoded = [os.path.abspath(p).encode() for p in files]
-    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-    np.cumsum([len(e) for e in encoded], out=offsets[1:])
-    np.save(os.path.join(folder, "offsets.npy"), offsets)
-    with open(os.path.join(folder, "names.bin"), "wb") as f:
-        f.write(b"".join(encoded) or b"\0")  # np.memmap refuses empty files
 
 
 def render_reference(path: str, view, resolution: int, mean, std, interpolation: str = "bilinear"):

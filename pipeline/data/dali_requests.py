@@ -19,6 +19,8 @@ from typing import Callable
 
 import numpy as np
 
+from dhkd_pipe import native_stderr
+
 
 def schedule_path(folder: str, name: str, epoch: int) -> str:
     return os.path.join(folder, f"{name}-schedule-{epoch}.npy")
@@ -173,6 +175,9 @@ class DaliRequests:
         self._open = schedule
 
         pending, have = [], 0
+        own = None if native_stderr.active() else native_stderr.NativeStderr().__enter__()
+        capture = native_stderr.active()
+        damage = capture.decoder_damage if capture is not None else 0
         try:
             for k in range(batches):
                 if self._epoch != epoch or self._open is None:
@@ -185,6 +190,12 @@ class DaliRequests:
                     self._pipe, self._open, self._epoch = None, None, 0  # unusable after a failed run
                     on_error(e, k * b, (k + self.prefetch + 2) * b)  # this batch or one the workers prepared
                     raise
+                # a decoder that only warned of damage (corrupt_images): the batch, or one decoded
+                # ahead of it, holds an image filled in with grey; stop before anyone sees its pixels
+                if capture is not None and capture.sync() and capture.decoder_damage > damage:
+                    self._pipe, self._open, self._epoch = None, None, 0
+                    on_error(capture.last_damage, k * b, (k + self.prefetch + 2) * b)
+                    raise RuntimeError("a decoder reported damaged data that no file repeats")
                 x = self._to_torch(out)[: min(b, n - k * b)]
                 self.samples_rendered += len(x)
                 pending.append(x)
@@ -200,3 +211,5 @@ class DaliRequests:
         finally:
             if self._epoch == epoch and self._open is not None:
                 self._open[0, 0] = 0  # abandoned: let the workers stop; the next request drains
+            if own is not None:
+                own.__exit__(None, None, None)

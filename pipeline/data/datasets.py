@@ -110,6 +110,14 @@ def load_store_data(store, spec: str | None = None) -> tuple[Dataset, str]:
             data = load_data(recorded)
         except DhkdError as e:
             raise DhkdError(f"the store's data set {recorded}: {e}; pass --data SPEC if it has moved") from None
+    skipped = (store.attrs.get("dataset") or {}).get("skipped") or []
+    if skipped:  # cache-teacher --skip-corrupt left these out: replay the same set
+        if not (hasattr(data, "without") and isinstance(skipped, list) and all(isinstance(p, str) for p in skipped)):
+            raise DhkdError(
+                f"store {store.path} records skipped images it cannot leave out of {data.kind}"
+                " (not a list of paths in an image folder)"
+            )
+        data = data.without(skipped)
     store.check_matches(data.fingerprint())
     return data, spec or recorded
 

@@ -104,6 +104,7 @@ class ImageFolderData:
         self._train_sizes = np.full((len(self.train_files), 2), -1, dtype=np.int64)
         self._val_sizes = None
         self._fingerprint = None
+        self.skipped: tuple[str, ...] = ()  # files left out as corrupt (``without``), relative to the root
 
     @classmethod
     def from_folder(cls, root: str) -> "ImageFolderData":
@@ -158,6 +159,35 @@ class ImageFolderData:
     def val_views(self, plan: ViewPlan) -> np.ndarray:
         return validation_views(self.val_sizes(), plan.resolution, plan.policy, plan.crop_pct)
 
+    def relative(self, path: str) -> str:
+        """``path`` as stores record it: relative to the root, with ``/``."""
+        return os.path.relpath(path, self.root).replace(os.sep, "/")
+
+    def without(self, skipped) -> "ImageFolderData":
+        """The same folder less the files ``skipped`` (relative paths, as ``relative`` gives them):
+        what ``--skip-corrupt`` left out, replayed from the store's record."""
+        gone = set(skipped)
+        if not gone:
+            return self
+
+        def kept(files, labels):
+            keep = [i for i, f in enumerate(files) if self.relative(f) not in gone]
+            return [files[i] for i in keep], np.asarray(labels, dtype=np.int64)[keep]
+
+        data = ImageFolderData(
+            self.root, self.classes, *kept(self.train_files, self.train_labels.numpy()),
+            *kept(self.val_files, self.val_labels.numpy()),
+        )  # fmt: skip
+        data.skipped = tuple(sorted(gone | set(self.skipped)))
+        return data
+
+    def without_corrupt(self, workers: int | None = None) -> "ImageFolderData":
+        """The folder less every image that a full decode finds corrupt (``corrupt_images``)."""
+        from dhkd_pipe.data.corrupt_images import scan_corrupt
+
+        bad = scan_corrupt(self.train_files + self.val_files, workers)
+        return self.without(self.relative(path) for path, _ in bad)
+
     def fingerprint(self) -> dict:
         """Kind, counts, a digest of the sorted relative training file list and labels, and of the
         class names (label ``k`` is the ``k``-th sorted class folder)."""
@@ -174,6 +204,8 @@ class ImageFolderData:
                 "digest": digest.hexdigest()[:32],
                 "classes_digest": hashlib.sha256("\n".join(self.classes).encode()).hexdigest()[:32],
             }
+            if self.skipped:  # stage 2 leaves out the same files (datasets.load_store_data)
+                self._fingerprint["skipped"] = list(self.skipped)
         return self._fingerprint
 
     def renderer(self, device, plan: ViewPlan, workers: int | None = None) -> "DaliViews":
