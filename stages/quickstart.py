@@ -6,6 +6,7 @@ prints a table and writes the report picture.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -28,13 +29,20 @@ def _parts() -> tuple[str, ...]:
 
 
 def _remove_quickstart(out: str):
-    """Removes an earlier quickstart's parts; a folder holding anything else is refused whole."""
+    """Removes an earlier quickstart's parts; a folder holding anything else, or a part of that name
+    the tool did not write (judged by what it recorded, never by the name), is refused whole."""
     parts = _parts()
-    others = sorted(set(os.listdir(out)) - set(parts))
+    present = set(os.listdir(out))
+    others = sorted(present - set(parts))
     if others:
         raise DhkdError(
             f"--overwrite: {out} is not a quickstart folder (it holds {', '.join(others[:3])}); choose another --out"
         )
+    for name in sorted(present):
+        if not _written_by_quickstart(os.path.join(out, name), name):
+            raise DhkdError(
+                f"--overwrite: {os.path.join(out, name)} was not written by dhkd-pipe quickstart; choose another --out"
+            )
     for name in parts:
         path = os.path.join(out, name)
         try:
@@ -44,6 +52,30 @@ def _remove_quickstart(out: str):
                 os.remove(path)
         except OSError as e:
             raise io_error(path, e, "remove") from None
+
+
+def _written_by_quickstart(path: str, name: str) -> bool:
+    """A run folder holding only what its manifest claims, a logit store of this tool (its format
+    version recorded), or a report picture carrying the report's mark; never a link."""
+    from dhkd_pipe.files import holds_mark
+    from dhkd_pipe.stages.report import REPORT_MARK
+    from dhkd_pipe.training.run_folder import LOCK, MANIFEST, owned_entries
+
+    if os.path.islink(path):
+        return False
+    if name == "report.png":
+        return holds_mark(path, REPORT_MARK.encode())
+    if not os.path.isdir(path):
+        return False
+    if name == "logits.zarr":
+        try:
+            with open(os.path.join(path, "zarr.json"), encoding="utf-8") as f:
+                attrs = json.load(f).get("attributes")
+        except (OSError, ValueError, AttributeError):
+            return False
+        return isinstance(attrs, dict) and "format_version" in attrs
+    owned = owned_entries(path)
+    return owned is not None and set(os.listdir(path)) <= owned | {MANIFEST, LOCK}
 
 
 def quickstart(out: str = "runs/quickstart", overwrite: bool = False, log=log_line, show=print) -> list[dict]:

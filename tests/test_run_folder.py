@@ -108,3 +108,23 @@ def test_holds_mark_finds_a_mark_at_either_end_of_a_large_file(tmp_path, size):
     path.write_bytes(b"\0" * size)
     assert not holds_mark(str(path), b"MARK-xyz", whole=1 << 10, ends=1 << 9)
     assert not holds_mark(str(tmp_path / "missing"), b"MARK-xyz")
+
+
+def test_quickstart_overwrite_removes_its_own_parts_only(tmp_path):
+    from dhkd_pipe.stages.quickstart import _remove_quickstart
+    from dhkd_pipe.stages.report import REPORT_MARK
+
+    out = tmp_path / "qs"
+    (out / "teacher").mkdir(parents=True)
+    (out / "teacher" / MANIFEST).write_text(json.dumps({"tool": "dhkd-pipe", "entries": ["model.pt", TRACKING_DIR]}))
+    (out / "teacher" / "model.pt").write_bytes(b"weights")
+    (out / "logits.zarr").mkdir()
+    (out / "logits.zarr" / "zarr.json").write_text(json.dumps({"attributes": {"format_version": 3}}))
+    (out / "report.png").write_bytes(b"\x89PNG " + REPORT_MARK.encode())
+    (out / "teacher" / "notes.md").write_text("mine")  # a file of the user's inside the teacher's run
+    with pytest.raises(DhkdError, match="teacher was not written by dhkd-pipe quickstart"):
+        _remove_quickstart(str(out))
+    assert (out / "teacher" / "notes.md").exists() and (out / "report.png").exists()
+    (out / "teacher" / "notes.md").unlink()
+    _remove_quickstart(str(out))
+    assert os.listdir(out) == []
