@@ -1622,6 +1622,63 @@ READ_BACK_CASES = [
 ]
 
 
+# ---- several students from one store: every name and seed checked before anything is created ------------
+
+
+def with_store(w: Work):
+    w.set(store=w.fixture("store"))
+
+
+def store_copy_as_out(w: Work):
+    shutil.copytree(w.fixture("store"), w.tmp / "s.zarr")
+    w.set(out=w.tmp / "s.zarr", store=w.tmp / "s.zarr")
+
+
+def no_out(w: Work):
+    assert not os.path.lexists(w.out), f"{w.out} was created"
+
+
+def no_run_in_store(w: Work):
+    assert not os.path.lexists(w.tmp / "s.zarr" / "run"), "a run folder was made inside the store"
+
+
+SEVERAL = "distill --student {students} --cache {store} --epochs 1 --batch-size 64 --out {out}"
+SEVERAL_STUDENTS_CASES = [
+    Case(
+        "students-one-unknown-no-folder",
+        SEVERAL.replace("{students}", "resnet8,nosuch,resnet14"),
+        r"unknown model 'nosuch'",
+        setup=with_store,
+        check=no_out,
+        bound=30,
+    ),
+    Case(
+        "students-seed-out-of-range-no-folder",
+        SEVERAL.replace("{students}", "resnet8,resnet14") + " --seeds 0,-1",
+        r"bad --seed -1: must be at least 0",
+        setup=with_store,
+        check=no_out,
+        bound=30,
+    ),
+    Case(
+        "students-out-is-the-cache",
+        SEVERAL.replace("{students}", "resnet8,resnet14"),
+        r"--out \S+/s.zarr/resnet8 lies inside the folder of --cache \(\S+/s.zarr\): a run folder there would become "
+        r"part of the store; write it elsewhere",
+        setup=store_copy_as_out,
+        bound=30,
+    ),
+    Case(
+        "run-folder-inside-the-store",
+        "distill --student resnet8 --cache {store} --epochs 1 --batch-size 64 --out {store}/run",
+        r"--out \S+/s.zarr/run lies inside the folder of --cache",
+        setup=store_copy_as_out,
+        check=no_run_in_store,
+        bound=30,
+    ),
+]
+
+
 CASES = [
     # --out: a run folder, never anything else
     Case("out-is-a-file", TRAIN.replace("{out}", "{file}"), "is a file, not a run folder", setup=make_file),
@@ -2011,6 +2068,7 @@ CASES = [
     *OWNERSHIP_AND_VALUE_CASES,
     *READ_BACK_CASES,
     *OWNERSHIP_CASES,
+    *SEVERAL_STUDENTS_CASES,
 ]
 
 

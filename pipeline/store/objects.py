@@ -114,10 +114,14 @@ def check_inputs_outside(location: str, entries: tuple[str, ...], inputs: dict):
                 )
 
 
-def check_outside_folders(location: str, folders: dict):
-    """Refuses a local store at ``location`` that is, or lies inside, one of the command's input
-    folders (``{option: folder}``: the data set's), before anything is written: there it would
-    become part of them (an image folder's ``train/`` would take its objects for a class of images)."""
+RUN_IN_STORE = "a run folder there would become part of the store"  # check_outside_folders' reason for a run's --out
+
+
+def check_outside_folders(location: str, folders: dict, why: str = "a store there would become part of the data set"):
+    """Refuses a local output at ``location`` (a store, a run folder) that is, or lies inside, one of
+    the command's input folders (``{option: folder}``: the data set's, the store's), before anything
+    is written: there it would become part of them (an image folder's ``train/`` would take a
+    store's objects for a class of images, a store would hold run folders)."""
     if not is_local(location):
         return
     store = os.path.realpath(local_path(location))
@@ -127,8 +131,7 @@ def check_outside_folders(location: str, folders: dict):
         root = os.path.realpath(folder)
         if store == root or store.startswith(root.rstrip(os.sep) + os.sep):
             raise DhkdError(
-                f"--out {location} lies inside the folder of {option} ({folder}): a store there would become "
-                "part of the data set; write it elsewhere"
+                f"--out {location} lies inside the folder of {option} ({folder}): {why}; write it elsewhere"
             )
 
 
@@ -248,7 +251,7 @@ def require_objects(store):
         async def get_partial_values(self, prototype, key_ranges):
             key_ranges = list(key_ranges)
             values = await self._store.get_partial_values(prototype, key_ranges)
-            for (key, _), value in zip(key_ranges, values):
+            for (key, _), value in zip(key_ranges, values, strict=True):
                 if value is None and is_chunk_key(key):
                     raise MissingObject(key)
             return values

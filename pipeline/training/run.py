@@ -21,6 +21,7 @@ from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.methods.base import Method
 from dhkd_pipe.methods.feature_methods import CACHE_REFUSAL, is_feature_method
 from dhkd_pipe.methods.registry import from_config
+from dhkd_pipe.store.objects import RUN_IN_STORE, check_outside_folders
 from dhkd_pipe.training.accelerator import make_accelerator
 from dhkd_pipe.training.nonfinite import NonFiniteGuard
 from dhkd_pipe.training.run_folder import RunFolder, RunMode, check_inputs_outside, check_out
@@ -98,6 +99,7 @@ def prepare(
             f"{flag} aligns head 1's CE with head 2's distillation gradient: only --method dhkd and "
             "dhkd_reviewkd have two heads"
         )
+    check_outside_folders(cfg.out, {"--cache": cfg.cache}, RUN_IN_STORE)
     out_plan = check_out(cfg.out, mode)  # reads only; repeated under the folder's lock
     check_inputs_outside(out_plan, {"--teacher-weights": cfg.teacher_weights, "--cache": cfg.cache, "--data": cfg.data})
     acc = make_accelerator(cfg.precision, cfg.log_with, cfg.out)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from dhkd_pipe.config import TrainConfig
 from dhkd_pipe.errors import DhkdError
+from dhkd_pipe.store.objects import RUN_IN_STORE, check_outside_folders
 from dhkd_pipe.training.run_folder import RunMode
 
 # TrainConfig fields that shape the loader or the pass, so every student of a pass has the same
@@ -56,7 +57,8 @@ def seed_list(seeds: str | None, seed: int | None) -> list[int] | None:
 
 
 def check_pass(cfgs: list[TrainConfig]) -> None:
-    """Refuses a pass its students cannot share: no store, loader options that differ, one folder twice."""
+    """Refuses a pass its students cannot share: no store, loader options that differ, one folder
+    twice, a folder inside the store."""
     if not cfgs:
         raise DhkdError("no students to train")
     if len(cfgs) > 1 and not all(cfg.cache for cfg in cfgs):
@@ -69,6 +71,8 @@ def check_pass(cfgs: list[TrainConfig]) -> None:
                     f"the students of one pass share its loader, so {name} must be the same: "
                     f"{getattr(first, name)!r} for {first.out}, {getattr(cfg, name)!r} for {cfg.out}"
                 )
+    for cfg in cfgs:  # before any student's folder is made
+        check_outside_folders(cfg.out, {"--cache": cfg.cache}, RUN_IN_STORE)
     outs = [cfg.out for cfg in cfgs]
     twice = sorted({o for o in outs if outs.count(o) > 1})
     if twice:
