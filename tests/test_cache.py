@@ -792,3 +792,80 @@ def test_a_failed_write_surfaces_and_a_store_without_units_is_removed(tmp_path, 
         with open_writer(tmp_path / "s.zarr", 4) as w:
             put_all(w, fake_logits())
     assert not (tmp_path / "s.zarr").exists()  # nothing was written: no store, no lock, no folder
+
+
+# ---- the schema: what the writer writes passes it, and each difference is named -----------------------
+
+
+def _documents(path) -> tuple[dict, dict]:
+    from dhkd_pipe.store.bounds import ARRAYS
+
+    read = lambda key: json.loads((path / key).read_text()) if (path / key).exists() else None  # noqa: E731
+    return read("zarr.json"), {name: read(f"{name}/zarr.json") for name in ARRAYS + ("logit_scale",)}
+
+
+@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("sharded", [False, True])
+def test_the_schema_takes_what_the_writer_writes(tmp_path, codec, sharded):
+    from dhkd_pipe.store.codecs import codec_named
+    from dhkd_pipe.store.layout import metadata_problems
+
+    shard_bytes = 3 * C * K * codec_named(codec).bytes_per_logit  # three chunks a shard
+    shards = dict(shard_threshold=8, shard_bytes=shard_bytes) if sharded else {}
+    c = create(tmp_path / "s.zarr", codec, **shards)
+    assert (c.shard_chunks > 1) == sharded
+    assert metadata_problems(*_documents(tmp_path / "s.zarr")) == []
+
+
+@pytest.mark.parametrize(
+    "edit, named",
+    [
+        (
+            lambda root, arrays: root["attributes"].__setitem__("seed", "0"),
+            "attribute seed is 0, where a logit store has a whole number",
+        ),
+        (lambda root, arrays: root["attributes"]["teacher"].pop("arch"), "attribute teacher has no 'arch'"),
+        (
+            lambda root, arrays: root["attributes"]["policy"].__setitem__("extra", 1),
+            "attribute policy has 'extra', which no logit store has",
+        ),
+        (
+            lambda root, arrays: root["attributes"]["policy"].__setitem__("mean", [1, 2]),
+            "attribute policy.mean is [1, 2], where a logit store has a list of 3 values",
+        ),
+        (
+            lambda root, arrays: arrays["order"].__setitem__("data_type", "int64"),
+            "order has data type int64, where this store's is int32",
+        ),
+        (
+            lambda root, arrays: arrays["done"].__setitem__("fill_value", 0),
+            "done has fill value 0, where a logit store's is false",
+        ),
+        (
+            lambda root, arrays: arrays["labels"]["codecs"].insert(
+                1, {"name": "transpose", "configuration": {"order": [0]}}
+            ),
+            "labels has codecs bytes, transpose, blosc, crc32c",
+        ),
+    ],
+)
+def test_the_schema_names_each_difference(tmp_path, edit, named):
+    from dhkd_pipe.store.layout import metadata_problems
+
+    create(tmp_path / "s.zarr")
+    root, arrays = _documents(tmp_path / "s.zarr")
+    edit(root, arrays)
+    problems = metadata_problems(root, arrays)
+    assert len(problems) == 1 and problems[0].startswith(named), problems
+
+
+def test_a_store_whose_metadata_differs_opens_for_inspection_only(tmp_path):
+    create(tmp_path / "s.zarr")
+    meta = json.loads((tmp_path / "s.zarr" / "views" / "zarr.json").read_text())
+    meta["fill_value"] = 3
+    (tmp_path / "s.zarr" / "views" / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(DhkdError, match=r"views has fill value 3, .*a resume cannot repair metadata"):
+        LogitCache.open(tmp_path / "s.zarr")
+    assert LogitCache.open(tmp_path / "s.zarr", schema=False).metadata_problems == [
+        "views has fill value 3, where a logit store's is 0"
+    ]
