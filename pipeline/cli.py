@@ -245,7 +245,8 @@ def cache_teacher_cmd(config_file, break_lock, **options):
 def inspect_cmd(**options):
     """What a logit store holds (STORE: a path or a URL such as s3://bucket/logits.zarr), and what
     of it is damaged: every written object is checked (present, and its CRC32C checksums right).
-    A damaged store exits 1, with one line on stderr naming the fix."""
+    Its metadata is compared with a logit store's (attributes, each array's dtype and codecs). A
+    damaged store, or one whose metadata differs, exits 1, with one line on stderr naming the fix."""
     from dhkd_pipe.stages.inspect import inspect_store
 
     cfg = config_from(InspectConfig, options)
