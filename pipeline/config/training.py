@@ -94,7 +94,7 @@ class TrainConfig(MethodOptions):
     lr_decay: float = option(0.1, sweep=True)
     precision: str = option("no", choices=PRECISIONS)
     seed: int = option(0, sweep=True)
-    workers: int = option(2, "Loader worker processes (DALI).")
+    workers: int = option(2, "Loader worker processes (DALI); at most one per usable CPU core, more are clamped.")
     checkpoint_every: int = option(0, "Also checkpoint every N steps within an epoch.")
     val_every: int = option(1, "Validate after every N-th epoch and after the last (0: the last only; default 1).")
     max_steps: int = option(0, "Stop (with a checkpoint) after N steps; for smoke runs and benchmarks.")
