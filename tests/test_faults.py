@@ -1678,6 +1678,141 @@ SEVERAL_STUDENTS_CASES = [
     ),
 ]
 
+# ---- corrupt images: refused by every command that decodes them, or left out by --skip-corrupt ----
+
+STAGE1_IMAGES = (
+    "cache-teacher --model resnet8 --weights {teacher2} --data imagefolder:{images} --resolution 32 --views 2 "
+    "--batch-size 4 --chunk-rows 4 --workers 1 --out {tmp}/logits.zarr"
+)
+DAMAGED = "c1.1\\.JPEG"  # the file damage_images damages
+
+
+def damage_images(kind: str = "noise", store_first: bool = False, at: float = 0.5):
+    """A copy of the JPEG folder with one training image's entropy data damaged (``kind``, ``at``
+    of the way through it), a two-class teacher for it, and, with ``store_first``, a store written
+    before the damage. Stage 2 decodes only each view's region, and libjpeg stops after the
+    region's last row: damage near the start reaches every view."""
+
+    def setup(w: Work):
+        from conftest import damage_jpeg_entropy
+
+        root = w.tmp / "jpegs"
+        shutil.copytree(w.shared["images"], root)
+        torch.manual_seed(0)
+        torch.save({"model": create_model("resnet8", 2).state_dict()}, w.tmp / "teacher2.pt")
+        w.set(images=root, teacher2=w.tmp / "teacher2.pt")
+        if store_first:
+            code, _, err = invoke(shlex.split(STAGE1_IMAGES.format(**w.vars)))
+            assert code == 0, err
+        damage_jpeg_entropy(root / "train" / "c1" / "1.JPEG", kind, at)
+
+    return setup
+
+
+def the_images(w: Work) -> list:
+    return [w.vars["images"]]
+
+
+def skipped_and_replayed(w: Work):
+    """The store records the damaged file as left out, and stage 2 trains on the others."""
+    import zarr
+
+    attrs = zarr.open_group(str(w.tmp / "logits.zarr"), mode="r").attrs.asdict()
+    assert attrs["dataset"]["skipped"] == ["train/c1/1.JPEG"] and attrs["dataset"]["num_samples"] == 7
+    code, _, err = invoke(
+        shlex.split(f"distill --cache {w.tmp}/logits.zarr --student resnet8 --method kd --epochs 1 --batch-size 4")
+        + ["--workers", "1", "--out", str(w.tmp / "student")]
+    )
+    assert code == 0, err
+    assert json.loads((w.tmp / "student" / "summary.json").read_text())["epochs"] == 1
+
+
+def tampered_skip_record(w: Work):
+    damage_images("noise")(w)
+    code, _, err = invoke(shlex.split(STAGE1_IMAGES.format(**w.vars)) + ["--skip-corrupt"])
+    assert code == 0, err
+    import zarr
+
+    group = zarr.open_group(str(w.tmp / "logits.zarr"), mode="r+")
+    group.attrs["dataset"] = {**group.attrs["dataset"], "skipped": "train/c1/1.JPEG"}
+
+
+CORRUPT_IMAGE_CASES = [
+    Case(
+        "cache-teacher-refuses-damaged-entropy-data",
+        STAGE1_IMAGES,
+        f"cannot decode image .*{DAMAGED}: the JPEG decoder reports 'Corrupt JPEG data.*--skip-corrupt",
+        setup=damage_images("noise"),
+        only_line=False,
+        keep=the_images,
+        bound=90,
+    ),
+    Case(
+        "cache-teacher-refuses-a-stray-end-marker",
+        STAGE1_IMAGES,
+        f"cannot decode image .*{DAMAGED}: the JPEG decoder reports 'Corrupt JPEG data",
+        setup=damage_images("marker"),
+        only_line=False,
+        keep=the_images,
+        bound=90,
+    ),
+    Case(
+        "cache-teacher-skip-corrupt-records-and-stage-2-replays",
+        STAGE1_IMAGES + " --skip-corrupt",
+        code=0,
+        setup=damage_images("zeros"),
+        check=skipped_and_replayed,
+        keep=the_images,
+        bound=180,
+    ),
+    Case(
+        "cache-teacher-skip-corrupt-on-in-memory-data",
+        "cache-teacher --model resnet8 --weights {teacher} --data digits@100 --views 1 --skip-corrupt "
+        "--out {tmp}/logits.zarr",
+        "--skip-corrupt is for image folders; digits@100 is decoded already",
+        check=lambda w: not (w.tmp / "logits.zarr").exists() or pytest.fail("a store was left"),
+        bound=60,
+    ),
+    Case(
+        "distill-from-a-store-whose-image-was-damaged-since",
+        "distill --cache {tmp}/logits.zarr --student resnet8 --method kd --epochs 1 --batch-size 4 --workers 1 "
+        "--out {out}",
+        f"cannot decode image .*{DAMAGED}: the JPEG decoder reports",
+        setup=damage_images("marker", store_first=True, at=0.05),
+        only_line=False,
+        changes_out=True,
+        keep=the_images,
+        bound=180,
+    ),
+    Case(
+        "verify-cache-on-an-image-damaged-since",
+        "verify-cache {tmp}/logits.zarr --samples 16",  # every row: the damaged image among them
+        f"cannot decode image .*{DAMAGED}: the JPEG decoder reports",
+        setup=damage_images("marker", store_first=True, at=0.05),
+        only_line=False,
+        keep=the_images,
+        bound=180,
+    ),
+    Case(
+        "distill-online-from-a-damaged-folder",
+        IMAGES + " --epochs 1 --workers 1",
+        f"cannot decode image .*{DAMAGED}: the JPEG decoder reports",
+        setup=damage_images("marker"),
+        only_line=False,
+        changes_out=True,
+        keep=the_images,
+        bound=120,
+    ),
+    Case(
+        "distill-from-a-store-whose-skip-record-is-not-a-list",
+        "distill --cache {tmp}/logits.zarr --student resnet8 --method kd --epochs 1 --out {out}",
+        "records skipped images it cannot leave out of imagefolder|skipped",
+        setup=tampered_skip_record,
+        keep=the_images,
+        bound=180,
+    ),
+]
+
 
 CASES = [
     # --out: a run folder, never anything else
@@ -2067,6 +2202,7 @@ CASES = [
     Case("sigkill-image-folder-run-leaves-no-workers", code=0, run=kill_image_folder_run, changes_out=True, slow=True),
     *OWNERSHIP_AND_VALUE_CASES,
     *READ_BACK_CASES,
+    *CORRUPT_IMAGE_CASES,
     *OWNERSHIP_CASES,
     *SEVERAL_STUDENTS_CASES,
 ]
