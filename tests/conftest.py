@@ -80,6 +80,26 @@ def invoke(args: list) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
+def accelerate_launch(*args, processes: int = 2, script: str | None = None, timeout: float | None = None):
+    """``accelerate launch`` of ``script`` with ``args`` (by default the CLI, ``-m dhkd_pipe.cli``,
+    with ``args`` its command line) as ``processes`` ranks on this machine, one torch thread each;
+    fails the test with the ranks' stderr unless every rank exits 0. Returns the CompletedProcess."""
+    # accelerate's `--cpu` launcher starts one process; torchrun's (`--multi_gpu`) on a machine
+    # without a GPU gives MULTI_CPU (gloo) ranks, which is what we test
+    launcher = ["launch", "--multi_gpu", "--num_processes", str(processes), "--main_process_port", "0"]
+    launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    target = [script] if script is not None else ["-m", "dhkd_pipe.cli"]
+    proc = subprocess.run(
+        [os.path.join(os.path.dirname(BIN), "accelerate"), *launcher, *target, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
 # ---- a real S3 server (moto) on 127.0.0.1, for the tests of stores on object storage --------------
 
 S3_BUCKET = "dhkd"

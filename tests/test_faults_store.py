@@ -23,7 +23,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import tracemalloc
 import uuid
@@ -36,7 +35,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import S3_BUCKET as BUCKET  # the moto server is the session fixture ``s3``
-from conftest import invoke
+from conftest import accelerate_launch, invoke
 from console_script import BIN, CHATTER
 from test_faults import (
     assert_one_error_line,
@@ -1825,32 +1824,7 @@ def test_two_ranks_write_one_store_under_one_lock(shared, tmp_path):
     """accelerate launch: rank 0 takes the lock for the run, both ranks write; the store is the
     one-process store and the lock is gone."""
     out = tmp_path / "s.zarr"
-    cmd = [
-        os.path.join(os.path.dirname(sys.executable), "accelerate"),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        "0",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "dhkd_pipe.cli",
-        *shlex.split(CACHE.format(teacher=shared["teacher"], out=out)),
-    ]
-    proc = subprocess.run(
-        cmd,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    accelerate_launch(*shlex.split(CACHE.format(teacher=shared["teacher"], out=out)), timeout=600)
     same_as_reference(str(out), str(shared["reference"]))
     assert not (out / LOCK_KEY).exists()
 

@@ -231,24 +231,10 @@ def test_bench_distill_has_an_online_reviewkd_row(tmp_path):
 
 @pytest.mark.slow
 def test_a_feature_method_runs_in_two_processes(tmp_path, teacher_file):
-    import subprocess
-    import sys
+    from conftest import accelerate_launch
 
     out = tmp_path / "mp"
-    cmd = [
-        os.path.join(os.path.dirname(sys.executable), "accelerate"),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "dhkd_pipe.cli",
+    accelerate_launch(
         "distill",
         "--student",
         "resnet8",
@@ -268,10 +254,6 @@ def test_a_feature_method_runs_in_two_processes(tmp_path, teacher_file):
         "16",
         "--out",
         str(out),
-    ]
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
     saved = _checkpoint(out)
     assert saved["step"] == 2 and any(k.startswith("connector.abfs.") for k in saved["model"])

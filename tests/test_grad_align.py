@@ -10,14 +10,13 @@ re-implementation of the published step written here from its description:
 import copy
 import math
 import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import grad_align_case as case
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import accelerate_launch
 
 from dhkd_pipe.config import TrainConfig
 from dhkd_pipe.errors import DhkdError
@@ -250,26 +249,7 @@ def test_grad_align_needs_dhkd(tmp_path):
 def test_two_processes_give_the_one_process_result(tmp_path):
     out = tmp_path / "ranks.pt"
     script = os.path.join(os.path.dirname(__file__), "grad_align_case.py")
-    cmd = [
-        os.path.join(os.path.dirname(sys.executable), "accelerate"),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        "0",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        script,
-        str(out),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    accelerate_launch(out, script=script)
     saved = torch.load(out, weights_only=True)
     assert saved["world"] == 2
     steps = case.batches()

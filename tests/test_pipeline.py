@@ -13,13 +13,12 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import BIN, SMALL_DATA, cli_here
+from conftest import BIN, SMALL_DATA, accelerate_launch, cli_here
 from conftest import cli_process as cli
 
 from dhkd_pipe.config import CacheConfig, TrainConfig
@@ -41,33 +40,6 @@ def assert_one_line_error(result, message):
     assert message in result.stderr and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, (
         result.stderr
     )
-
-
-def accelerate(*args, processes=2):
-    # accelerate 1.15's `--cpu` launcher starts one process; torchrun's (`--multi_gpu`) on a machine
-    # without a GPU gives MULTI_CPU (gloo) ranks, which is what we test.
-    cmd = [
-        os.path.join(os.path.dirname(sys.executable), "accelerate"),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        str(processes),
-        "--main_process_port",
-        "0",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "dhkd_pipe.cli",
-        *map(str, args),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
 
 
 def store_cfg(teacher, out, **kw):
@@ -146,7 +118,7 @@ def test_store_does_not_depend_on_batch_size(tmp_path, random_teacher, quick_sto
 def test_two_processes_write_the_one_process_store(tmp_path, random_teacher, small_store):
     out = tmp_path / "two.zarr"
     args = [a if a != "digits" else SMALL_DATA for a in STORE_ARGS]
-    accelerate(
+    accelerate_launch(
         "cache-teacher", "--weights", random_teacher, *[a if a != 256 else 64 for a in args], "--out", out
     )  # = small_store
     assert_same_store(small_store, out)
@@ -446,7 +418,7 @@ def test_resume_with_a_different_config_is_refused(tmp_path, quick_store):
 @slow
 def test_two_process_training_and_its_checkpoint(tmp_path, small_store):
     out = tmp_path / "ddp"
-    accelerate(
+    accelerate_launch(
         "distill",
         "--student",
         "resnet8",

@@ -242,24 +242,10 @@ def test_a_signal_stops_the_pass_with_every_student_saved_and_resume_continues(s
 
 @pytest.mark.slow
 def test_a_pass_under_two_processes_equals_the_solo_runs_there(store, tmp_path):
-    import subprocess
-    import sys
+    from conftest import accelerate_launch
 
     def launch(*args):
-        cmd = [
-            os.path.join(os.path.dirname(sys.executable), "accelerate"),
-            "launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "-m",
-            "dhkd_pipe.cli",
+        accelerate_launch(
             "distill",
             "--cache",
             store,
@@ -272,10 +258,7 @@ def test_a_pass_under_two_processes_equals_the_solo_runs_there(store, tmp_path):
             "--workers",
             "0",
             *args,
-        ]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        assert proc.returncode == 0, proc.stderr[-4000:]
+        )
 
     launch("--student", "resnet8,resnet14", "--seeds", "1", "--aux-head", "nonlinear", "--out", str(tmp_path / "pass"))
     # the pass's second student against its solo run (each launch costs about 17 s here; the
