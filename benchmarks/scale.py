@@ -122,6 +122,8 @@ def synthetic_data(num_samples: int, num_classes: int):
 def write_store(location: str, rows: int, views: int, classes: int, chunk_rows: int, codec: str, sharded: bool):
     """Writes a store of ``rows`` rows (``views`` view-epochs of rows/views samples) at ``location``
     through ``StoreWriter``; returns its timings and layout."""
+    import zarr.codecs  # noqa: F401  (imported before the clock starts, as a writer's process has it)
+
     from dhkd_pipe.benchmarks.synthetic import teacher_like_blocks
     from dhkd_pipe.store.writer import StoreWriter
     from dhkd_pipe.version import tool_version

@@ -59,11 +59,18 @@ def object_problems(cache: "LogitCache", keys, checksums: bool = True, sizes: di
     keys = list(keys)
     if not checksums:
         sizes = cache.objects.sizes() if sizes is None else sizes
-        problems = {}
+        problems, fewest = {}, {}  # fewest: an unsharded array's bound, the same for all its objects
         for key in keys:
             if key not in sizes:
                 problems[key] = "missing"
-            elif sizes[key] < _min_size(cache, key):
+                continue
+            name = key.partition("/")[0]
+            least = fewest.get(name)
+            if least is None:
+                least = _min_size(cache, key)
+                if _checks(cache, key)[1] is None:
+                    fewest[name] = least
+            if sizes[key] < least:
                 problems[key] = f"truncated ({sizes[key]} bytes)"
         return problems
     from zarr.core.buffer import default_buffer_prototype
