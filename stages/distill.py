@@ -64,12 +64,12 @@ def distill_sweep(
     check_pass(cfgs)
     replay = open_store(cfgs[0].cache, cfgs[0].data)
     estimate = check_memory(cfgs, replay.resolution, replay.num_classes, memory_limit)
-    log(f"{len(runs)} runs in one pass; estimated memory {estimate.text()}")
     planned = prepare_pass([StudentPlan(c, mode) for c in cfgs], replay=replay)
     out = os.path.dirname(os.path.normpath(cfgs[0].out))
-    write_sweep_index(out, runs, {})
     first = planned[0]
-    if first.accelerator.is_main_process:
+    if first.accelerator.is_main_process:  # the main process alone writes (and logs): the others would race it
+        log(f"{len(runs)} runs in one pass; estimated memory {estimate.text()}")
+        write_sweep_index(out, runs, {})
         log(
             f"distilling {len(runs)} runs from {first.cfg.cache} in one pass (each batch rendered and its logits "
             f"read once): {', '.join(r.name for r in runs)}; {first.cache.epochs} stored view-epochs, "
