@@ -417,6 +417,7 @@ def bench_scale(
         raise DhkdError("nothing to measure: drop --no-local, or give --s3-local")
     earlier = []
     if before:
+        before = results_path(before)  # {machine}: this machine's results folder
         try:
             with open(before) as f:
                 found = json.load(f)

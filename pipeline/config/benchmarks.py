@@ -153,7 +153,7 @@ class ScaleBenchConfig:
         False, "Lay every store out in shards, as stage 1 does a store of 10,000 chunks or more.", is_flag=True
     )
     before: str | None = option(
-        None, "The JSON of an earlier run (before a change), shown and plotted beside this one."
+        None, "The JSON of an earlier run (before a change), shown and plotted beside this one; {machine} as in --json."
     )
 
 
