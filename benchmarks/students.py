@@ -18,13 +18,9 @@ import shutil
 import tempfile
 import time
 
-import numpy as np
-import torch
-
 from dhkd_pipe.benchmarks.measure import clock, machine, print_table, write_results
-from dhkd_pipe.config import CacheConfig, TrainConfig
+from dhkd_pipe.config import TrainConfig
 from dhkd_pipe.errors import DhkdError
-from dhkd_pipe.models import create_model
 from dhkd_pipe.training.engine import train, train_runs
 from dhkd_pipe.training.run import prepare
 from dhkd_pipe.training.students import StudentPlan, prepare_pass
@@ -58,29 +54,6 @@ class TimedLoader:
 
     def step_done(self, epoch: int, step: int):
         self.steps.append(clock(self.device) - self._step_start)
-
-
-def _write_jpegs(root: str, num_train: int, num_val: int, classes: int, seed: int = 0) -> str:
-    """ImageNet-like JPEGs (400 x 300, quality 90): smooth colour fields with grain, so decoding
-    costs what a photograph's does; returns the ``imagefolder:DIR`` spec."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", num_train), ("val", num_val)):
-        for i in range(n):
-            field = Image.fromarray(rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)).resize((400, 300), Image.BICUBIC)
-            grain = rng.integers(-10, 11, (300, 400, 3))
-            pixels = np.clip(np.asarray(field, dtype=np.int16) + grain, 0, 255).astype(np.uint8)
-            folder = os.path.join(root, split, f"class{i % classes}")
-            os.makedirs(folder, exist_ok=True)
-            Image.fromarray(pixels).save(os.path.join(folder, f"{i:05d}.JPEG"), quality=90)
-    return f"imagefolder:{root}"
-
-
-def _random_weights(arch: str, num_classes: int, path: str) -> str:
-    torch.manual_seed(0)
-    torch.save({"model": create_model(arch, num_classes).state_dict()}, path)
-    return path
 
 
 def _student(store: str, arch: str, batch_size: int, steps: int, seed: int, out: str) -> TrainConfig:
@@ -184,8 +157,7 @@ def bench_students(
 ) -> list[dict]:
     """Measures every S of ``counts`` on in-memory data and (``folder``) on a JPEG folder; prints the
     table and writes ``json_path``."""
-    from dhkd_pipe.benchmarks.synthetic import write_synthetic_cifar
-    from dhkd_pipe.stages.cache_teacher import cache_teacher
+    from dhkd_pipe.benchmarks.synthetic import cifar_store, jpeg_store
 
     if not counts or min(counts) < 1 or steps < 1 or warmup < 0:
         raise DhkdError("--students takes counts of at least 1 (e.g. 1,2,4); --steps at least 1")
@@ -193,33 +165,10 @@ def bench_students(
     rows = []
     try:
         per_epoch = warmup + steps + 2  # the runs stop mid-epoch (--max-steps): no epoch end, no validation
-        data = write_synthetic_cifar(os.path.join(work, "cifar"), num_train=per_epoch * batch_size, num_val=64)
-        store = os.path.join(work, "cifar.zarr")
-        weights = _random_weights(teacher, 100, os.path.join(work, "teacher.pt"))
-        cache_teacher(
-            CacheConfig(
-                data=data, model=teacher, weights=weights, views=1, out=store, batch_size=batch_size
-            ).validate(),
-            log=lambda *_: None,
-        )
+        store = cifar_store(work, teacher, per_epoch * batch_size, batch_size)
         rows += _measure("in-memory 32 px", store, student, batch_size, steps, warmup, counts, work, log)
         if folder:
-            images = _write_jpegs(os.path.join(work, "jpegs"), per_epoch * folder_batch_size, 10, classes=10)
-            store = os.path.join(work, "jpegs.zarr")
-            weights = _random_weights(folder_student, 10, os.path.join(work, "folder-teacher.pt"))
-            cache_teacher(
-                CacheConfig(
-                    data=images,
-                    model=folder_student,
-                    weights=weights,
-                    views=1,
-                    out=store,
-                    resolution=image_size,
-                    batch_size=folder_batch_size,
-                    chunk_rows=folder_batch_size * 4,
-                ).validate(),
-                log=lambda *_: None,
-            )
+            store = jpeg_store(work, folder_student, per_epoch * folder_batch_size, folder_batch_size, image_size)
             rows += _measure(
                 f"JPEG folder {image_size} px (DALI)",
                 store,

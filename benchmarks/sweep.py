@@ -20,7 +20,7 @@ import time
 
 from dhkd_pipe.benchmarks.measure import machine, print_table, write_results
 from dhkd_pipe.benchmarks.students import TimedLoader
-from dhkd_pipe.config import CacheConfig, TrainConfig
+from dhkd_pipe.config import TrainConfig
 from dhkd_pipe.config.values import coerce
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.training.engine import train, train_runs
@@ -107,9 +107,7 @@ def bench_sweep(
 ) -> list[dict]:
     """Measures the sweep ``methods`` x ``temperatures`` (comma-separated) on in-memory data and
     (``folder``) on a JPEG folder; prints the table and writes ``json_path``."""
-    from dhkd_pipe.benchmarks.images import write_jpeg_folder
-    from dhkd_pipe.benchmarks.synthetic import random_teacher, write_synthetic_cifar
-    from dhkd_pipe.stages.cache_teacher import cache_teacher
+    from dhkd_pipe.benchmarks.synthetic import cifar_store, jpeg_store
 
     if steps < 1 or warmup < 0:
         raise DhkdError("--steps must be at least 1 and --warmup not negative")
@@ -122,35 +120,10 @@ def bench_sweep(
     rows = []
     try:
         per_epoch = warmup + steps + 2  # the runs stop mid-epoch (--max-steps): no epoch end, no validation
-        data = write_synthetic_cifar(os.path.join(work, "cifar"), num_train=per_epoch * batch_size, num_val=64)
-        store = os.path.join(work, "cifar.zarr")
-        weights = random_teacher(teacher, 100, os.path.join(work, "teacher.pt"))
-        cache_teacher(
-            CacheConfig(
-                data=data, model=teacher, weights=weights, views=1, out=store, batch_size=batch_size
-            ).validate(),
-            log=_quiet,
-        )
+        store = cifar_store(work, teacher, per_epoch * batch_size, batch_size)
         rows.append(_measure("in-memory 32 px", store, student, batch_size, steps, warmup, grid, work, log))
         if folder:
-            images = write_jpeg_folder(
-                os.path.join(work, "jpegs"), per_epoch * folder_batch_size, classes=10, num_val=10, size=(400, 300)
-            )
-            store = os.path.join(work, "jpegs.zarr")
-            weights = random_teacher(folder_student, 10, os.path.join(work, "folder-teacher.pt"))
-            cache_teacher(
-                CacheConfig(
-                    data=images,
-                    model=folder_student,
-                    weights=weights,
-                    views=1,
-                    out=store,
-                    resolution=image_size,
-                    batch_size=folder_batch_size,
-                    chunk_rows=folder_batch_size * 4,
-                ).validate(),
-                log=_quiet,
-            )
+            store = jpeg_store(work, folder_student, per_epoch * folder_batch_size, folder_batch_size, image_size)
             kind = f"JPEG folder {image_size} px (DALI)"
             rows.append(_measure(kind, store, folder_student, folder_batch_size, steps, warmup, grid, work, log))
     finally:

@@ -10,6 +10,7 @@ import pickle
 import numpy as np
 import torch
 
+from dhkd_pipe.config import CacheConfig
 from dhkd_pipe.models import create_model
 
 
@@ -45,3 +46,40 @@ def teacher_like_blocks(rows: int, classes: int, count: int = 4, seed: int = 0) 
         x[np.arange(rows), rng.integers(0, classes, rows)] += rng.uniform(8, 12, rows).astype(np.float32)
         blocks.append(x)
     return blocks
+
+
+def cifar_store(work: str, teacher: str, num_train: int, batch_size: int) -> str:
+    """A one-view stage-1 store of a random ``teacher`` over a synthetic CIFAR-100-shaped folder of
+    ``num_train`` training and 64 validation images, both in ``work``; returns the store's path."""
+    from dhkd_pipe.stages.cache_teacher import cache_teacher
+
+    data = write_synthetic_cifar(os.path.join(work, "cifar"), num_train=num_train, num_val=64)
+    weights = random_teacher(teacher, 100, os.path.join(work, "teacher.pt"))
+    store = os.path.join(work, "cifar.zarr")
+    cfg = CacheConfig(data=data, model=teacher, weights=weights, views=1, out=store, batch_size=batch_size)
+    cache_teacher(cfg.validate(), log=lambda *_: None)
+    return store
+
+
+def jpeg_store(work: str, teacher: str, num_train: int, batch_size: int, resolution: int) -> str:
+    """A one-view stage-1 store of a random 10-class ``teacher`` over a folder of ``num_train``
+    400 x 300 training JPEGs (and 10 for validation) replayed at ``resolution``, both in ``work``;
+    returns the store's path."""
+    from dhkd_pipe.benchmarks.images import write_jpeg_folder
+    from dhkd_pipe.stages.cache_teacher import cache_teacher
+
+    images = write_jpeg_folder(os.path.join(work, "jpegs"), num_train, classes=10, num_val=10, size=(400, 300))
+    weights = random_teacher(teacher, 10, os.path.join(work, "folder-teacher.pt"))
+    store = os.path.join(work, "jpegs.zarr")
+    cfg = CacheConfig(
+        data=images,
+        model=teacher,
+        weights=weights,
+        views=1,
+        out=store,
+        resolution=resolution,
+        batch_size=batch_size,
+        chunk_rows=batch_size * 4,
+    )
+    cache_teacher(cfg.validate(), log=lambda *_: None)
+    return store

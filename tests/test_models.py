@@ -20,14 +20,7 @@ from dhkd_pipe.models import (
 )
 from dhkd_pipe.models.dual_head import AlignedSplit, align_feature_gradients
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny batches: one intra-op thread is faster than two on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 CIFAR_ZOO = [

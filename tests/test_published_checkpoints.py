@@ -24,13 +24,7 @@ import torch.nn as nn
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.models import DualHead, create_model, load_checkpoint
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # Our classifier name -> the published code's, where they differ.
