@@ -3,7 +3,7 @@ as ``(images, labels, teacher_logits)``, exactly as ``dhkd-pipe distill --cache`
 
 ``open_store(location)`` checks the store (complete, and its data set's fingerprint matches) and
 returns a ``StoreReplay``; ``replay.loader(batch_size, rank=..., world_size=...)`` is the
-``ViewLoader`` the training engine itself iterates (``engine.prepare`` builds its loader here), so
+``ViewLoader`` the training engine itself iterates (``training.run.prepare`` builds its loader here), so
 a user's loop and the CLI see the same pixels, labels and logits, batch for batch.
 ``ReplayDataset`` is the same epoch as a ``torch.utils.data.IterableDataset`` for frameworks that
 want a ``DataLoader`` (Lightning, Accelerate's ``prepare``).

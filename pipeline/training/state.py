@@ -142,7 +142,7 @@ class Progress:
 
 
 class Checkpointed(Protocol):
-    """What a checkpoint is saved from and restored into (``engine.Run``)."""
+    """What a checkpoint is saved from and restored into (``run.Run``)."""
 
     cfg: TrainConfig
     accelerator: Accelerator

@@ -1,6 +1,6 @@
 """Several students from one loader pass: their options (``--student A,B``, ``--seeds``), the checks
 that refuse a pass they cannot share, and the set-up. Each student is a whole run of its own
-(``engine.Run``: its accelerator, model, optimizer, run folder, metrics, checkpoint and export);
+(``run.Run``: its accelerator, model, optimizer, run folder, metrics, checkpoint and export);
 what they share is the store's replay and one loader, so the options that shape the loader must
 agree (``SHARED``). ``engine.train_runs`` then trains them from one pass: each batch rendered and
 its logits read once, then fed to every student in turn, each with its own random generators, so
@@ -80,7 +80,7 @@ def check_pass(cfgs: list[TrainConfig]) -> None:
 
 
 def prepare_pass(plans: list[StudentPlan], replay=None):
-    """Prepares every student's run (``engine.prepare``) around one store replay (``replay``, by
+    """Prepares every student's run (``run.prepare``) around one store replay (``replay``, by
     default the store opened here) and one loader, which streams the logits if any student's
     method needs them. Returns the runs, for
     ``engine.train_runs``. A student that cannot be prepared releases the runs prepared before it
