@@ -433,6 +433,13 @@ API_CASES = [
         ValueError,
         "bad skip_steps 1000000: must be at most",
     ),
+    ("loader-workers-negative", lambda s: _loader(s, workers=-1), ValueError, "bad workers -1: must be at least 0"),
+    (
+        "loader-workers-huge",
+        lambda s: _loader(s, workers=10**6),
+        ValueError,
+        "bad workers 1000000: must be at most 1024",
+    ),
     ("loader-device-unknown", lambda s: _loader(s, device="gpu0"), ValueError, "bad device 'gpu0'"),
 ]
 

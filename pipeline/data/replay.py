@@ -19,6 +19,7 @@ import torch
 from dhkd_pipe.data.datasets import Dataset
 from dhkd_pipe.data.loader import Batch, StoreEpochs, ViewLoader, check_batch_size, check_slot
 from dhkd_pipe.data.views import ViewPlan
+from dhkd_pipe.option_ranges import RANGES, check_integer
 
 if TYPE_CHECKING:
     from dhkd_pipe.store.reader import LogitCache
@@ -99,6 +100,8 @@ class StoreReplay:
         the same number of steps. ``with_logits=False`` streams no logits (``batch.teacher`` None).
         """
         check_batch_size(batch_size)  # before any renderer starts
+        if workers is not None:
+            check_integer("workers", workers, int(RANGES["workers"].low), int(RANGES["workers"].high))
         rank, world_size = process_slot(rank, world_size)
         device = _device(device)
         epochs = StoreEpochs(self.cache, device, with_logits=with_logits)
