@@ -265,7 +265,7 @@ def inspect_cmd(**options):
 @user_errors
 def verify_cache_cmd(**options):
     """Re-render sampled views, re-run the teacher and compare with the store (a path or a URL)."""
-    from dhkd_pipe.stages.cache_teacher import verify_cache
+    from dhkd_pipe.stages.verify_cache import verify_cache
 
     cfg = config_from(VerifyCacheConfig, options)
     result = verify_cache(cfg.store, cfg.data, cfg.teacher_weights, samples=cfg.samples, tolerance=cfg.tolerance)

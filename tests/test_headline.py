@@ -243,7 +243,8 @@ def resnet8_file(random_teacher3):
 def test_moved_folder_with_data_works_and_a_wrong_one_is_refused(folder, resnet8_file, tmp_path):
     pytest.importorskip("nvidia.dali")
     from dhkd_pipe.config import CacheConfig, TrainConfig
-    from dhkd_pipe.stages.cache_teacher import cache_teacher, verify_cache
+    from dhkd_pipe.stages.cache_teacher import cache_teacher
+    from dhkd_pipe.stages.verify_cache import verify_cache
     from dhkd_pipe.store.reader import LogitCache
     from dhkd_pipe.training.run import prepare
 

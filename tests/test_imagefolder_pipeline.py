@@ -11,7 +11,8 @@ pytestmark = pytest.mark.slow  # image-folder pipelines end to end: DALI workers
 from conftest import cli_here  # noqa: E402
 
 from dhkd_pipe.config import CacheConfig, TrainConfig  # noqa: E402
-from dhkd_pipe.stages.cache_teacher import cache_teacher, verify_cache  # noqa: E402
+from dhkd_pipe.stages.cache_teacher import cache_teacher  # noqa: E402
+from dhkd_pipe.stages.verify_cache import verify_cache  # noqa: E402
 from dhkd_pipe.store.reader import LogitCache  # noqa: E402
 from dhkd_pipe.training.run import prepare  # noqa: E402
 

@@ -23,8 +23,9 @@ from conftest import cli_process as cli
 
 from dhkd_pipe.config import CacheConfig, TrainConfig
 from dhkd_pipe.errors import DhkdError
-from dhkd_pipe.stages.cache_teacher import cache_teacher, verify_cache
+from dhkd_pipe.stages.cache_teacher import cache_teacher
 from dhkd_pipe.stages.distill import distill
+from dhkd_pipe.stages.verify_cache import verify_cache
 from dhkd_pipe.store.codecs import codec_tolerance
 from dhkd_pipe.store.reader import LogitCache
 from dhkd_pipe.training.run import prepare
