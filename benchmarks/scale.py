@@ -351,7 +351,7 @@ def plot(path: str, rows: list[dict], before: list[dict]):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, ax = plt.subplots(figsize=(10, 5.5))
     for runs, style, tag in ((rows, "-", ""), (before, "--", " (before)")):
         for where in sorted({r["location"] for r in runs}):
             for i, (step, header) in enumerate(STEPS.items()):
@@ -366,7 +366,7 @@ def plot(path: str, rows: list[dict], before: list[dict]):
     ax.set_xlabel("rows (views x samples), 1000 classes")
     ax.set_ylabel("seconds")
     ax.set_title("bench scale: store costs against store size")
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the lines, not over them
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
