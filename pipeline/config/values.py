@@ -138,6 +138,8 @@ def _holds(kind: str, value) -> bool:
 
 def check_optimizer_scale(lr: float, weight_decay: float, lr_decay: float = 1.0, milestones: int = 0):
     """The learning rate at its largest over the schedule, and the weight decay, fit a float32."""
+    if not all(math.isfinite(v) for v in (lr, weight_decay, lr_decay)):
+        return  # option_ranges says "must be a finite number"
     if weight_decay > FLOAT32_MAX:
         raise DhkdError(f"bad --weight-decay {weight_decay:g}: must be at most {FLOAT32_MAX:.4g} (the largest float32)")
     peak = math.log(lr) + milestones * max(0.0, math.log(lr_decay)) if lr > 0 and lr_decay > 0 else -math.inf
