@@ -56,9 +56,8 @@ def bench_cache(
 ):
     """Stage 1 against the teacher's bare forward pass on in-memory data and (``image_model``
     not None, DALI installed) on a generated JPEG folder at 224 px; then the codecs' errors."""
-    import importlib.util
-
     from dhkd_pipe.benchmarks.images import bench_image_folder
+    from dhkd_pipe.data.imagefolder import dali_installed
     from dhkd_pipe.stages.cache_teacher import cache_teacher
     from dhkd_pipe.stages.train_teacher import train_teacher
     from dhkd_pipe.store.codecs import CODECS
@@ -101,7 +100,7 @@ def bench_cache(
         [("path", "path", "s"), ("images_per_sec", "img/s", ".1f"), ("ratio", "x bare", ".2f")],
     )
     folder = None
-    if image_model and importlib.util.find_spec("nvidia.dali") is not None:
+    if image_model and dali_installed():
         folder = bench_image_folder(
             work, image_model, images=images, views=views, resolution=resolution, batch_size=image_batch
         )

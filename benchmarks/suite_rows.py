@@ -107,8 +107,9 @@ def kernel_rows(out: str, s: dict) -> list[dict]:
 
 def cache_rows(out: str, s: dict) -> list[dict]:
     from dhkd_pipe.benchmarks.cache import bench_cache
+    from dhkd_pipe.data.imagefolder import dali_installed
 
-    has_dali = importlib.util.find_spec("nvidia.dali") is not None
+    has_dali = dali_installed()
     result = bench_cache(
         os.path.join(out, "bench_cache.json"),
         model=s["cache_model"],

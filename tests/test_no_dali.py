@@ -60,6 +60,15 @@ def test_the_renderer_of_an_image_folder_without_dali_is_refused(tmp_path, monke
         data.renderer("cpu", data.default_plan())
 
 
+@pytest.mark.parametrize("hidden", ["nvidia.dali", "nvidia"])  # no DALI; no nvidia package at all (CPU torch)
+def test_dali_installed_says_no_without_dali_or_without_any_nvidia_package(monkeypatch, hidden):
+    from dhkd_pipe.data.imagefolder import dali_installed
+
+    assert dali_installed()  # the dev extra brings it
+    monkeypatch.setitem(sys.modules, hidden, None)
+    assert not dali_installed()
+
+
 @pytest.mark.slow
 def test_digits_stages_and_store_commands_run_without_dali(tmp_path, random_teacher):
     """cache-teacher, inspect and distill on digits in processes where DALI cannot be imported; an

@@ -24,17 +24,21 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def require_dali():
-    """Refuses, in one line naming the extra to install, an image folder where DALI (its renderer)
-    is not installed: DALI is an extra of setup.cfg, one per CUDA major, so that each user gets the
-    build their drivers run. Looked up, not imported (an import takes seconds)."""
+def dali_installed() -> bool:
+    """Whether NVIDIA DALI (an extra of setup.cfg, one build per CUDA major) can be imported; looked
+    up, not imported (an import takes seconds)."""
     import importlib.util
 
     try:
-        found = importlib.util.find_spec("nvidia.dali") is not None
-    except (ImportError, ValueError):  # no ``nvidia`` package; or the module set to None (hidden)
-        found = False
-    if not found:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except (ImportError, ValueError):  # no ``nvidia`` package at all (CPU torch); or the module set to None
+        return False
+
+
+def require_dali():
+    """Refuses, in one line naming the extra to install, an image folder where DALI (its renderer)
+    is not installed: DALI is an extra, so that each user gets the build their drivers run."""
+    if not dali_installed():
         raise DhkdError(
             "image folders are rendered by NVIDIA DALI, which is not installed: "
             "pip install 'dhkd-pipe[cuda13]' (CUDA 13 drivers) or 'dhkd-pipe[cuda12]' (CUDA 12)"
