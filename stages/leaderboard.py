@@ -18,7 +18,6 @@ as JSON (``report.json``); the table is printed.
 from __future__ import annotations
 
 import json
-import math
 import os
 import statistics
 
@@ -114,8 +113,9 @@ def _text(value) -> str:
     return str(value)
 
 
-def table(ranked: list[dict], swept: list[str]) -> str:
-    """The leaderboard as markdown: rank, each swept option, seeds, top-1 (mean ± std), epochs, how the runs stopped."""
+def table(ranked: list[dict], swept: list[str], names: bool = False) -> str:
+    """The leaderboard as markdown: rank, the run (``names``: a study's trial), each swept option,
+    the seeds (where swept), top-1 (mean ± std), epochs, how the runs stopped."""
     shown = [o for o in swept if o != "seed"]
     rows = []
     for rank, g in enumerate(ranked, start=1):
@@ -125,6 +125,7 @@ def table(ranked: list[dict], swept: list[str]) -> str:
         rows.append(
             {
                 "rank": str(rank),
+                "run": ",".join(g["runs"]),
                 **{o: _text(g["options"].get(o, "-")) for o in shown},
                 "seeds": ",".join(map(str, g["seeds"])) or "-",
                 "top1": top1,
@@ -132,8 +133,9 @@ def table(ranked: list[dict], swept: list[str]) -> str:
                 "stopped": ", ".join(f"{k} {v}" if len(g["runs"]) > 1 else k for k, v in g["stopped"].items()),
             }
         )
-    columns = [("rank", "#", "s"), *[(o, o, "s") for o in shown]]
-    columns += [("seeds", "seeds", "s"), ("top1", "top-1 (%)", "s"), ("epochs", "epochs", "s")]
+    columns = [("rank", "#", "s"), *([("run", "run", "s")] if names else []), *[(o, o, "s") for o in shown]]
+    columns += [("seeds", "seeds", "s")] if "seed" in swept else []
+    columns += [("top1", "top-1 (%)", "s"), ("epochs", "epochs", "s")]
     return markdown_table(rows, [*columns, ("stopped", "stopped", "s")])
 
 
@@ -158,7 +160,7 @@ def write_leaderboard(folder: str, out: str) -> str:
     for path in pictures.values():
         check_replaceable(path, REPORT_MARK, "report")
     ranked = groups(entries, swept)
-    text = table(ranked, swept)
+    text = table(ranked, swept, names=about["kind"] == "study")
     try:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     except OSError as e:
@@ -167,7 +169,7 @@ def write_leaderboard(folder: str, out: str) -> str:
     write_json(stem + ".json", {"written_by": REPORT_MARK, **about, "swept": swept, "groups": ranked, "runs": entries})
     _plot_curves(entries, out, fmt)
     for option, path in pictures.items():
-        _plot_option(entries, option, path, fmt)
+        _plot_option(entries, option, path, fmt, swept)
     return text
 
 
@@ -180,21 +182,26 @@ def _pyplot():
     return plt
 
 
+MAX_SERIES = 10  # colours a picture of top-1 against an option tells apart
 MARKERS = {"finished": "o", "pruned": "x", "not finite": "s", "failed": "s", "stopped": "^", "running": "."}
 
 
 def _plot_curves(entries: list[dict], out: str, fmt: str):
     """Validation top-1 per epoch, every run overlaid; a run that did not finish ends in its status's marker."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(9, 5))
     for e in entries:
         if not e["curve"]:
             continue
         epochs, top1 = zip(*e["curve"], strict=True)
-        (line,) = ax.plot(epochs, top1, alpha=0.8, label=f"{e['run']} ({e['status']})" if len(entries) <= 12 else None)
+        label = f"{e['run']} ({e['status']})" if len(entries) <= 12 else None
+        (line,) = ax.plot(epochs, top1, marker=".", alpha=0.8, label=label)
         if e["status"] != "finished":
             ax.plot(epochs[-1], top1[-1], MARKERS.get(e["status"], "."), color=line.get_color())
     ax.set(xlabel="epoch", ylabel="validation top-1 (%)", title=f"Validation accuracy of {len(entries)} runs")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
@@ -205,22 +212,43 @@ def _plot_curves(entries: list[dict], out: str, fmt: str):
         plt.close(fig)
 
 
-def _plot_option(entries: list[dict], option: str, path: str, fmt: str):
+def _plot_option(entries: list[dict], option: str, path: str, fmt: str, swept: list[str]):
     """Final top-1 of each run against the option's value: numbers on their axis (a log axis where
-    they span two decades), other values as categories; the marker says how the run stopped."""
+    they span two decades), other values as categories; a colour for each value of the other swept
+    options (seeds apart, up to ``MAX_SERIES`` of them), the marker saying how the run stopped."""
     plt = _pyplot()
-    points = [(e["options"].get(option), e["top1"], e["status"]) for e in entries if e["top1"] is not None]
-    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v, _, _ in points)
-    categories = list(dict.fromkeys(_text(v) for v, _, _ in points))
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for status in dict.fromkeys(s for _, _, s in points):
-        chosen = [(v, t) for v, t, s in points if s == status]
-        xs = [v if numeric else categories.index(_text(v)) for v, _ in chosen]
-        ax.scatter(xs, [t for _, t in chosen], marker=MARKERS.get(status, "o"), label=status)
-    if numeric and points and min(v for v, _, _ in points) > 0:
-        low, high = min(v for v, _, _ in points), max(v for v, _, _ in points)
-        if high / low >= 100 and math.isfinite(high / low):
-            ax.set_xscale("log")
+    others = [o for o in swept if o not in (option, "seed")]
+
+    def series(e: dict) -> str:
+        return ", ".join(f"{o}={_text(e['options'].get(o))}" for o in others)
+
+    shown = [e for e in entries if e["top1"] is not None]
+    numeric = all(isinstance(e["options"].get(option), (int, float)) for e in shown) and not any(
+        isinstance(e["options"].get(option), bool) for e in shown
+    )
+    categories = list(dict.fromkeys(_text(e["options"].get(option)) for e in shown))
+    names = list(dict.fromkeys(series(e) for e in shown))
+    # a sweep's grid: a colour for each value of the other options; a study's trials (one point each) are one colour
+    coloured = 1 < len(names) <= MAX_SERIES and all(sum(series(e) == n for e in shown) > 1 for n in names)
+
+    def x(e: dict):
+        return e["options"].get(option) if numeric else categories.index(_text(e["options"].get(option)))
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in names if coloured else [None]:
+        runs = sorted((e for e in shown if name is None or series(e) == name), key=x)
+        line = ax.plot([x(e) for e in runs], [e["top1"] for e in runs], alpha=0.5 if coloured else 0, label=name)
+        colour = line[0].get_color()
+        for status in dict.fromkeys(e["status"] for e in runs):
+            chosen = [e for e in runs if e["status"] == status]
+            ax.scatter(
+                [x(e) for e in chosen], [e["top1"] for e in chosen], marker=MARKERS.get(status, "o"), color=colour
+            )
+    for status in dict.fromkeys(e["status"] for e in shown):  # the markers' legend, in black
+        ax.scatter([], [], marker=MARKERS.get(status, "o"), color="black", label=status)
+    values = [e["options"].get(option) for e in shown]
+    if numeric and values and min(values) > 0 and max(values) / min(values) >= 100:
+        ax.set_xscale("log")
     if not numeric:
         ax.set_xticks(range(len(categories)), categories, rotation=30 if len(categories) > 4 else 0)
     ax.set(xlabel=option, ylabel="final validation top-1 (%)", title=f"top-1 against {option}")
