@@ -167,7 +167,7 @@ def test_decode_once_resumes_exactly(jpegs, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_two_processes_split_the_groups_and_write_the_same_store(jpegs, tmp_path):
-    from test_pipeline import accelerate
+    from conftest import accelerate_launch as accelerate
 
     from dhkd_pipe.stages.cache_teacher import cache_teacher
 
