@@ -1122,6 +1122,20 @@ SCHEMA_CASES = [
         after=no_run_folder,
         **SCHEMA,
     ),
+    Case(
+        "schema-chunk-grid-not-an-object",
+        "inspect {out}",
+        hostile(hs.set_array_field, "logits", "chunk_grid", "regular"),
+        error=FORGED + r"the chunk shape of logits is null",
+        **SCHEMA,
+    ),
+    Case(
+        "schema-codecs-an-object",
+        "inspect {out}",
+        hostile(hs.set_array_field, "logits", "codecs", {"bytes": {}}),
+        error=METADATA + r"logits has codecs \{\"bytes\": \{\}\}: a logit store's are bytes, blosc, crc32c",
+        **SCHEMA,
+    ),
     # a hostile pass over the attributes
     Case(
         "schema-format-version-text",

@@ -121,18 +121,23 @@ def _short(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _object(value) -> dict:
+    """``value`` where it is a JSON object, else an empty one (what it lacks is then reported)."""
+    return value if isinstance(value, dict) else {}
+
+
 def _geometry(meta: dict, name: str, location: str) -> tuple[list[int], list[int], list[int]]:
     """(shape, grid chunk shape (shard shape if sharded), inner chunk shape) of array ``name``."""
     if meta.get("node_type") != "array":
         raise DhkdError(f"store {location}: {name} is not an array")
     shape = _ints(meta.get("shape"), f"the shape of {name}", location, 0)
-    grid = (meta.get("chunk_grid") or {}).get("configuration") or {}
+    grid = _object(_object(meta.get("chunk_grid")).get("configuration"))
     chunks = _ints(grid.get("chunk_shape"), f"the chunk shape of {name}", location, 1)
     inner = chunks
-    codecs = meta.get("codecs") or []
+    codecs = meta.get("codecs") if isinstance(meta.get("codecs"), list) else []
     if codecs and isinstance(codecs[0], dict) and codecs[0].get("name") == "sharding_indexed":
         inner = _ints(
-            (codecs[0].get("configuration") or {}).get("chunk_shape"), f"the inner chunk shape of {name}", location, 1
+            _object(codecs[0].get("configuration")).get("chunk_shape"), f"the inner chunk shape of {name}", location, 1
         )
     if not (len(shape) == len(chunks) == len(inner)):
         raise DhkdError(f"store {location}: {name} has shape {_short(shape)} but chunks {_short(chunks)}")

@@ -433,7 +433,7 @@ def _depth(value) -> int:
 
 
 def _inner_chunks(meta: dict) -> list:
-    codecs = meta.get("codecs") or []
+    codecs = meta.get("codecs") if isinstance(meta.get("codecs"), list) else []
     if codecs and isinstance(codecs[0], dict) and codecs[0].get("name") == "sharding_indexed":
         return codecs[0]["configuration"]["chunk_shape"]
     return meta["chunk_grid"]["configuration"]["chunk_shape"]
