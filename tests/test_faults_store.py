@@ -1191,6 +1191,15 @@ SCHEMA_CASES = [
         **SCHEMA,
     ),
     Case(
+        "store-path-is-a-file-distill",
+        DISTILL,
+        user_file,
+        error=r"notes.txt is not a logit store \(no zarr.json\)",
+        after=no_run_folder,
+        keep=the_store,
+        bound=30,
+    ),
+    Case(
         "schema-symlinked-store-reads", "inspect {out}", symlinked_store, code=0, keep=store_and("real.zarr"), bound=30
     ),
 ]
