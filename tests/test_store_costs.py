@@ -67,3 +67,33 @@ def test_on_s3_the_checks_cost_the_same_requests_whatever_the_units_and_a_read_i
         assert costs[128] == costs[1024]
         done_mask, check_complete, summary = costs[1024]
         assert done_mask == {"LIST": 1} and "GET" not in check_complete
+
+
+def test_the_quick_check_bounds_each_shard_by_its_own_index_the_edge_shard_too(tmp_path):
+    """Shards of 2 chunks over 7 chunks an epoch: three whole shards and one cut by the array's
+    end, whose index lists fewer chunks inside. Each object cut one byte below its own bound is
+    damage, at its bound it is not (a bound shared between objects alike must still be each one's)."""
+    import numpy as np
+
+    from dhkd_pipe.store.audit import _min_size, damage
+    from dhkd_pipe.store.writer import StoreWriter
+
+    location = str(tmp_path / "s.zarr")
+    attrs = {"command": {"test": "shards"}}
+    with StoreWriter(location, epochs=1, num_samples=200, num_classes=10, chunk_rows=32, labels=np.zeros(200, int),
+                     attrs=attrs, shard_threshold=1, shard_bytes=2 * 32 * 10 * 2) as writer:  # fmt: skip
+        store = writer.store
+        assert store.shard_chunks == 2 and len(store.write_units()) == 4
+        for e, chunks in store.write_units():
+            a, b = store.unit_rows(chunks[0])
+            writer.put(e, chunks[0], np.ones((b - a, 10), np.float32), np.arange(a, b), np.zeros((b - a, 5), int))
+    keys = sorted(k for k in store.objects.sizes() if k.startswith("logits/c/"))
+    bounds = {key: _min_size(store, key) for key in keys}
+    assert bounds[keys[0]] == bounds[keys[1]] == bounds[keys[2]] != bounds[keys[3]]  # the edge shard's index differs
+    whole = {key: store.objects.read(key) for key in keys}
+    for key in keys:
+        store.objects.write(key, whole[key][: bounds[key]])
+        assert damage(store, checksums=False) == [], key
+        store.objects.write(key, whole[key][: bounds[key] - 1])
+        assert damage(store, checksums=False) == [f"{store.what(key)} ({key}): truncated ({bounds[key] - 1} bytes)"]
+        store.objects.write(key, whole[key])

@@ -49,6 +49,17 @@ def _min_size(cache: "LogitCache", key: str) -> int:
     return int(np.prod(arr.chunks)) * arr.dtype.itemsize + 4
 
 
+def _alike(cache: "LogitCache", key: str) -> str:
+    """What the fewest bytes of object ``key`` depend on: its array alone where the object lies
+    wholly inside the array (every chunk and shard but an epoch's last), else the key itself. So
+    the bound is computed once per array, not once per object (a shard's costs its index's bounds)."""
+    name, _, coords = key.partition("/c/")
+    metadata = cache.array(name).metadata
+    at, grid, shape = coords.split("/"), metadata.chunk_grid.chunk_shape, metadata.shape
+    inside = len(at) == len(shape) and all((int(c) + 1) * g <= n for c, g, n in zip(at, grid, shape, strict=True))
+    return name if inside else key
+
+
 def object_problems(cache: "LogitCache", keys, checksums: bool = True, sizes: dict | None = None) -> dict[str, str]:
     """{key: problem} of the objects ``keys`` that are damaged.
 
@@ -59,17 +70,15 @@ def object_problems(cache: "LogitCache", keys, checksums: bool = True, sizes: di
     keys = list(keys)
     if not checksums:
         sizes = cache.objects.sizes() if sizes is None else sizes
-        problems, fewest = {}, {}  # fewest: an unsharded array's bound, the same for all its objects
+        problems, fewest = {}, {}
         for key in keys:
             if key not in sizes:
                 problems[key] = "missing"
                 continue
-            name = key.partition("/")[0]
-            least = fewest.get(name)
+            alike = _alike(cache, key)
+            least = fewest.get(alike)
             if least is None:
-                least = _min_size(cache, key)
-                if _checks(cache, key)[1] is None:
-                    fewest[name] = least
+                least = fewest[alike] = _min_size(cache, key)
             if sizes[key] < least:
                 problems[key] = f"truncated ({sizes[key]} bytes)"
         return problems
