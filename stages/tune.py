@@ -125,23 +125,43 @@ def distributions(space: dict[str, dict]) -> dict:
     return out
 
 
-def sampler(opts: TuneOptions, space: dict[str, dict]):
+def grid_points(space: dict[str, dict]) -> list[dict]:
+    """Every combination of a space's values (``--sampler grid``): categorical choices and the
+    integers of an int range; a float range has no grid."""
+    import itertools
+
+    values = {}
+    for name, spec in space.items():
+        if spec["type"] == "float":
+            raise DhkdError(f"--sampler grid takes categorical and int options; give {name} as choices")
+        values[name] = (
+            spec["choices"]
+            if spec["type"] == "categorical"
+            else list(range(spec["low"], spec["high"] + 1, spec["step"] or 1))
+        )
+    return [dict(zip(values, combo, strict=True)) for combo in itertools.product(*values.values())]
+
+
+def sampler(opts: TuneOptions):
+    """The study's sampler. A grid is queued as trials (``grid_points``, ``_queue_grid``) and taken
+    in turn, the random sampler only sampling past its end: Optuna's GridSampler stops the study
+    from inside ``tell`` when its grid is used up, which its ask-and-tell interface refuses."""
     import optuna
 
-    if opts.sampler == "random":
+    if opts.sampler in ("random", "grid"):
         return optuna.samplers.RandomSampler(seed=opts.study_seed)
-    if opts.sampler == "grid":
-        grid = {}
-        for name, spec in space.items():
-            if spec["type"] == "float":
-                raise DhkdError(f"--sampler grid takes categorical and int options; give {name} as choices")
-            grid[name] = (
-                spec["choices"]
-                if spec["type"] == "categorical"
-                else list(range(spec["low"], spec["high"] + 1, spec["step"] or 1))
-            )
-        return optuna.samplers.GridSampler(grid, seed=opts.study_seed)
     return optuna.samplers.TPESampler(seed=opts.study_seed)
+
+
+def _queue_grid(study, points: list[dict], trials: int):
+    """Queues the grid's points a new study has not yet (several tune processes may start together:
+    a point another queued is skipped)."""
+    if trials > len(points):
+        raise DhkdError(f"--sampler grid has {len(points)} points; --trials {trials} asks for more")
+    taken = [t.params for t in study.get_trials(deepcopy=False)]
+    for params in points:
+        if params not in taken:
+            study.enqueue_trial(params, skip_if_exists=True)
 
 
 def pruner(opts: TuneOptions, epochs: int):
@@ -224,6 +244,7 @@ def _tune(cfg: TrainConfig, opts: TuneOptions, log) -> dict:
     if cfg.val_every != 1:
         log(f"tune validates every epoch (the pruner needs each epoch's top-1): --val-every {cfg.val_every} ignored")
         cfg = dataclasses.replace(cfg, val_every=1)
+    points = grid_points(space) if opts.sampler == "grid" else None
     replay = open_store(cfg.cache, cfg.data)
     os.makedirs(cfg.out, exist_ok=True)
     url = storage_url(cfg, opts)
@@ -234,9 +255,11 @@ def _tune(cfg: TrainConfig, opts: TuneOptions, log) -> dict:
         storage=storage,
         load_if_exists=True,
         direction="maximize",
-        sampler=sampler(opts, space),
+        sampler=sampler(opts),
         pruner=pruner(opts, cfg.epochs),
     )
+    if points is not None:
+        _queue_grid(study, points, opts.trials)
     write_json(
         os.path.join(cfg.out, STUDY_FILE),
         {"kind": "study", "study_name": opts.study_name, "storage": _recorded(opts.storage), "space": space},

@@ -202,3 +202,19 @@ def test_bench_sweep_table(tmp_path, capsys):
         assert r["pass_wall_s"] > 0 and r["solo_wall_s"] > 0 and 0 <= r["loader_share"] <= 1
     saved = json.loads((tmp_path / "b.json").read_text())
     assert saved["rows"] == rows and "| K |" in capsys.readouterr().out
+
+
+def test_a_stopped_sweep_resumes_every_run_and_its_index_says_how_each_ended(store, tmp_path):
+    out = tmp_path / "sweep"
+    args = ["distill", "--cache", store, "--epochs", "1", "--batch-size", "32", "--val-every", "0"]
+    args += ["--workers", "0", "--method", "kd,ce", "--out", str(out)]
+    result = CliRunner().invoke(main, [*args, "--max-steps", "3"])
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    index = json.loads((out / "sweep.json").read_text())
+    assert [(r["folder"], r["status"]) for r in index["runs"]] == [("method=kd", "stopped"), ("method=ce", "stopped")]
+    result = CliRunner().invoke(main, [*args, "--resume"])
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    index = json.loads((out / "sweep.json").read_text())
+    assert [r["status"] for r in index["runs"]] == ["finished", "finished"]
+    for run in ("method=kd", "method=ce"):
+        assert (out / run / "summary.json").is_file()

@@ -151,3 +151,33 @@ def test_a_killed_study_resumes_and_ends_with_its_trials_once_each(store, tmp_pa
             assert [json.loads(line)["epoch"] for line in f] == [1, 2, 3], folder
     text = write_leaderboard(str(out), str(tmp_path / "lb.png"))
     assert text.count("| finished |") == 3 and text.count("| failed |") == 2
+
+
+@pytest.mark.slow  # a study stopped by a signal in its first pass, then run to its end: two epochs a trial
+def test_a_signal_fails_the_passs_trials_and_their_copies_resume_them(store, tmp_path, monkeypatch):
+    from dhkd_pipe.interrupts import Interrupted
+    from dhkd_pipe.training import engine
+
+    asked = {"n": 0}
+
+    def pending():  # asked after each step and each epoch: SIGINT in epoch 2, at its second step (8 + 1 + 2)
+        asked["n"] += 1
+        return signal.SIGINT if asked["n"] >= 11 else None
+
+    monkeypatch.setattr(engine, "pending", pending)
+    space = tmp_path / "space.yaml"
+    space.write_text("temperature: {type: categorical, choices: [1, 4]}\n")
+    out = tmp_path / "study"
+    opts = TuneOptions(space=str(space), trials=2, per_pass=2, pruner="none", sampler="grid").validate()
+    with pytest.raises(Interrupted):
+        tune(trial_config(store, out, epochs=2), opts, **QUIET)
+    states = study_states(out)
+    assert [states[n][0] for n in sorted(states)] == ["FAIL", "FAIL", "WAITING", "WAITING"]  # failed, re-queued
+    monkeypatch.undo()
+    result = tune(trial_config(store, out, epochs=2), opts, **QUIET)
+    assert result["trials"]["complete"] == 2 and result["trials"]["fail"] == 2
+    states = study_states(out)
+    assert states[2][2] == states[0][2] and states[3][2] == states[1][2]  # the copies trained in the same folders
+    for n in (2, 3):
+        with open(os.path.join(states[n][2], "metrics.jsonl")) as f:
+            assert [json.loads(line)["epoch"] for line in f] == [1, 2]
