@@ -92,15 +92,53 @@ def clear():
     _pending = None
 
 
-# What torch's gloo and NCCL process groups say when a peer is gone or silent.
+# How long a collective (and the processes' first meeting) may wait for another process before the
+# run stops: a lost machine ends the others within this time, not torch's 30 minutes. The main
+# process's work alone (a resume's verification of the units written, the teacher's validation)
+# happens while the others wait in a barrier, so it must fit too.
+TIMEOUT_VARIABLE = "DHKD_COLLECTIVE_TIMEOUT"
+DEFAULT_TIMEOUT_S = 300
+
+
+def collective_timeout() -> float:
+    """Seconds a distributed run's processes wait for one another: ``DHKD_COLLECTIVE_TIMEOUT`` (a
+    positive number of seconds, at most a day), else ``DEFAULT_TIMEOUT_S``."""
+    from dhkd_pipe.errors import DhkdError
+
+    text = os.environ.get(TIMEOUT_VARIABLE, "").strip()
+    if not text:
+        return float(DEFAULT_TIMEOUT_S)
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds <= 86400:
+        raise DhkdError(
+            f"{TIMEOUT_VARIABLE}={text!r}: give the collective timeout in seconds, above 0 and at most 86400"
+        )
+    return seconds
+
+
+# What torch's gloo and NCCL process groups say when a peer is gone or silent; gloo's words do not
+# always name gloo ("Application timeout caused pair closure"), so where the failure was raised counts too.
 _LOST = re.compile(
-    r"connection closed by peer|connection reset by peer|broken pipe|connection refused|timed out|"
-    r"communicator was aborted|watchdog caught collective operation timeout",
+    r"connection closed by peer|connection reset by peer|broken pipe|connection refused|timed out|timeout|"
+    r"pair closure|communicator was aborted",
     re.IGNORECASE,
 )
 _BACKEND = re.compile(r"gloo|nccl|processgroup|c10d", re.IGNORECASE)
 _PEER = re.compile(r"by peer \[([^\]]+)\]")
 _WAITED = re.compile(r"timed out waiting (\d+)\s*ms", re.IGNORECASE)
+_COLLECTIVES = (f"torch{os.sep}distributed{os.sep}", f"torch{os.sep}nn{os.sep}parallel{os.sep}")
+
+
+def _raised_in_collective(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    while tb is not None:
+        if any(part in tb.tb_frame.f_code.co_filename for part in _COLLECTIVES):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def lost_processes(exc: BaseException) -> str | None:
@@ -112,9 +150,10 @@ def lost_processes(exc: BaseException) -> str | None:
         return None
     world = dist.get_world_size()
     text = " ".join(str(exc).split())
-    if world < 2 or not (
-        isinstance(exc, getattr(dist, "DistError", ())) or (_LOST.search(text) and _BACKEND.search(text))
-    ):
+    comms = isinstance(exc, getattr(dist, "DistError", ())) or (
+        _LOST.search(text) and (_BACKEND.search(text) or _raised_in_collective(exc))
+    )
+    if world < 2 or not comms:
         return None
     rank = dist.get_rank()
     per_machine = int(os.environ.get("LOCAL_WORLD_SIZE") or world)
@@ -123,11 +162,14 @@ def lost_processes(exc: BaseException) -> str | None:
     peer, waited = _PEER.search(text), _WAITED.search(text)
     if peer:
         what = f"the connection to the process at {peer.group(1)} closed: that process or its machine stopped"
-    elif waited or "timeout" in text.lower() or "timed out" in text.lower():
-        seconds = f" within {int(waited.group(1)) / 1000:g} s" if waited else ""
+    elif waited or re.search(r"timeout|timed out", text, re.IGNORECASE):
+        try:
+            seconds = int(waited.group(1)) / 1000 if waited else collective_timeout()
+        except Exception:  # a bad variable was refused when the run started; the line must still come
+            seconds = DEFAULT_TIMEOUT_S
         what = (
-            f"another process did not answer{seconds} (DHKD_COLLECTIVE_TIMEOUT): it or its machine stopped, "
-            "froze or was cut off"
+            f"another process did not answer within {seconds:g} s ({TIMEOUT_VARIABLE}): it or its machine "
+            "stopped, froze or was cut off"
         )
     else:
         what = f"another process or its machine is gone ({text[:160]})"

@@ -10,6 +10,7 @@ import torch
 
 from dhkd_pipe.config import PRECISIONS
 from dhkd_pipe.errors import DhkdError
+from dhkd_pipe.interrupts import collective_timeout
 from dhkd_pipe.training.run_folder import TRACKING_DIR
 
 if TYPE_CHECKING:
@@ -51,31 +52,6 @@ def make_accelerator(precision: str, log_with: str | None = None, project_dir: s
         project_dir=project_dir,
         kwargs_handlers=[process_group],
     )
-
-
-# How long a collective (and the processes' first meeting) may wait for another process before the
-# run stops: a lost machine ends the others within this time, not torch's 30 minutes. The main
-# process's work alone (a resume's verification of the units written, the teacher's validation)
-# happens while the others wait in a barrier, so it must fit too.
-TIMEOUT_VARIABLE = "DHKD_COLLECTIVE_TIMEOUT"
-DEFAULT_TIMEOUT_S = 300
-
-
-def collective_timeout() -> float:
-    """Seconds a distributed run's processes wait for one another: ``DHKD_COLLECTIVE_TIMEOUT`` (a
-    positive number of seconds, at most a day), else ``DEFAULT_TIMEOUT_S``."""
-    text = os.environ.get(TIMEOUT_VARIABLE, "").strip()
-    if not text:
-        return float(DEFAULT_TIMEOUT_S)
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = float("nan")
-    if not 0 < seconds <= 86400:
-        raise DhkdError(
-            f"{TIMEOUT_VARIABLE}={text!r}: give the collective timeout in seconds, above 0 and at most 86400"
-        )
-    return seconds
 
 
 def _fresh_state_for(precision: str) -> None:
