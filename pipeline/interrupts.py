@@ -127,7 +127,7 @@ _LOST = re.compile(
     re.IGNORECASE,
 )
 _BACKEND = re.compile(r"gloo|nccl|processgroup|c10d", re.IGNORECASE)
-_PEER = re.compile(r"by peer \[([^\]]+)\]")
+_PEER = re.compile(r"\[([^\]\s]+)\]:\d+")  # gloo's "[10.0.0.2]:9369"; its source positions read "[.../pair.cc:545]"
 _WAITED = re.compile(r"timed out waiting (\d+)\s*ms", re.IGNORECASE)
 _COLLECTIVES = (f"torch{os.sep}distributed{os.sep}", f"torch{os.sep}nn{os.sep}parallel{os.sep}")
 
@@ -160,9 +160,7 @@ def lost_processes(exc: BaseException) -> str | None:
     machine = os.environ.get("GROUP_RANK") or str(rank // max(per_machine, 1))
     me = f"rank {rank} of {world} (machine {machine} of {max(world // max(per_machine, 1), 1)})"
     peer, waited = _PEER.search(text), _WAITED.search(text)
-    if peer:
-        what = f"the connection to the process at {peer.group(1)} closed: that process or its machine stopped"
-    elif waited or re.search(r"timeout|timed out", text, re.IGNORECASE):
+    if waited or re.search(r"timeout|timed out", text, re.IGNORECASE):
         try:
             seconds = int(waited.group(1)) / 1000 if waited else collective_timeout()
         except Exception:  # a bad variable was refused when the run started; the line must still come
@@ -170,6 +168,10 @@ def lost_processes(exc: BaseException) -> str | None:
         what = (
             f"another process did not answer within {seconds:g} s ({TIMEOUT_VARIABLE}): it or its machine "
             "stopped, froze or was cut off"
+        )
+    elif peer:
+        what = (
+            f"the connection to the process at {peer.group(1)} was closed or reset: that process or its machine stopped"
         )
     else:
         what = f"another process or its machine is gone ({text[:160]})"

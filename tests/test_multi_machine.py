@@ -197,7 +197,11 @@ def test_a_failed_collective_names_the_lost_processes(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.distributed", FakeDist())
     me = "rank 1 of 4 (machine 0 of 2) lost the run's other processes: "
     assert lost_processes(RuntimeError(GLOO_CLOSED)) == (
-        me + "the connection to the process at 10.0.0.2 closed: that process or its machine stopped"
+        me + "the connection to the process at 10.0.0.2 was closed or reset: that process or its machine stopped"
+    )
+    reset = "[/pytorch/gloo/transport/tcp/pair.cc:545] Read error [10.0.0.3]:61625: Connection reset by peer."
+    assert lost_processes(RuntimeError(reset)).endswith(
+        "the process at 10.0.0.3 was closed or reset: that process or its machine stopped"
     )
     assert lost_processes(RuntimeError(GLOO_TIMEOUT)) == (
         me + "another process did not answer within 10 s (DHKD_COLLECTIVE_TIMEOUT): it or its machine stopped, "
