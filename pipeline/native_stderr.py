@@ -25,10 +25,12 @@ from collections import deque
 # DALI's and nvImageCodec's log format, with or without colour codes.
 _LOG_LINE = re.compile(rb"^\s*(\x1b\[[0-9;]*m)*\[(ERROR|WARNING|INFO|WARN)\]")
 # libjpeg(-turbo)'s messages about damaged data (jerror.h): a decoder that only warns fills what it
-# could not decode with grey and reports success, so these lines are the only sign of it.
+# could not decode with grey and reports success, so these lines are the only sign of it; and
+# libpng's, which come before the error that DALI raises.
 DECODER_LINE = re.compile(
     rb"^\s*(Corrupt JPEG data|Premature end of JPEG file|Invalid SOS parameters|Inconsistent progression"
-    rb"|Unsupported marker type|Bogus (marker|Huffman|DQT|DHT|input)|Huffman table 0x|Invalid JPEG file structure)"
+    rb"|Unsupported marker type|Bogus (marker|Huffman|DQT|DHT|input)|Huffman table 0x|Invalid JPEG file structure"
+    rb"|libpng (error|warning):)"
 )
 
 
@@ -36,7 +38,8 @@ def is_decoder_damage(line: bytes) -> bool:
     """A libjpeg line that says part of an image was not decoded (and was filled in)."""
     # "N extraneous bytes before marker 0xd9" too: a decoder that lost its place in damaged data
     # may finish early and say no more than that (some ImageNet files say it of padding: still refused)
-    return bool(DECODER_LINE.match(line))
+    # a libpng warning ("iCCP: known incorrect sRGB profile") is about metadata, not pixels
+    return bool(DECODER_LINE.match(line)) and not line.lstrip().startswith(b"libpng warning:")
 
 
 _HELD_MAX = 200

@@ -1737,7 +1737,39 @@ def tampered_skip_record(w: Work):
     group.attrs["dataset"] = {**group.attrs["dataset"], "skipped": "train/c1/1.JPEG"}
 
 
+def damaged_png(w: Work):
+    """The folder with one training image a PNG whose compressed pixels are damaged."""
+    from PIL import Image
+
+    damage_images("noise", at=0.9)(w)  # the teacher and the copy; the PNG replaces the damaged JPEG
+    jpeg = w.vars["images"] / "train" / "c1" / "1.JPEG"
+    png = jpeg.with_suffix(".png")
+    Image.open(w.vars["images"] / "train" / "c1" / "2.JPEG").save(png)
+    jpeg.unlink()
+    data = bytearray(png.read_bytes())
+    at = data.index(b"IDAT") + 28
+    data[at : at + 16] = bytes(16)
+    png.write_bytes(bytes(data))
+
+
+def without_libpng_lines(w: Work):
+    """Stage 1 in its own process: libpng writes its lines to fd 2, which only a process shows."""
+    code, err = finish(start(STAGE1_IMAGES, w))
+    assert "libpng" not in err, err[-2000:]
+    return code, err
+
+
 CORRUPT_IMAGE_CASES = [
+    Case(
+        "cache-teacher-refuses-a-damaged-png-without-libpng-lines",
+        "",
+        "cannot decode image .*c1.1\\.png: OSError: broken data stream",
+        setup=damaged_png,
+        run=without_libpng_lines,
+        only_line=False,
+        keep=the_images,
+        slow=True,
+    ),
     Case(
         "cache-teacher-refuses-damaged-entropy-data",
         STAGE1_IMAGES,

@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 
 from dhkd_pipe import native_stderr
+from dhkd_pipe.errors import DhkdError
 
 
 def schedule_path(folder: str, name: str, epoch: int) -> str:
@@ -208,6 +209,10 @@ class DaliRequests:
             if have:
                 yield torch.cat(pending) if len(pending) > 1 else pending[0]
             self._finish()
+        except DhkdError:
+            if own is not None:
+                own.drop = True  # the error's one line says what the decoder's lines would
+            raise
         finally:
             if self._epoch == epoch and self._open is not None:
                 self._open[0, 0] = 0  # abandoned: let the workers stop; the next request drains
