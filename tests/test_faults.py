@@ -1759,7 +1759,24 @@ def without_libpng_lines(w: Work):
     return code, err
 
 
+def without_decoder_lines(w: Work):
+    """Stage 1 in its own process: libjpeg's warnings reach only fd 2."""
+    code, err = finish(start(STAGE1_IMAGES, w))
+    assert not [line for line in err.splitlines() if line.startswith("Corrupt JPEG")], err[-2000:]
+    return code, err
+
+
 CORRUPT_IMAGE_CASES = [
+    Case(
+        "cache-teacher-refuses-damaged-jpeg-without-decoder-lines",
+        "",
+        f"cannot decode image .*{DAMAGED}: the JPEG decoder reports 'Corrupt JPEG data",
+        setup=damage_images("noise"),
+        run=without_decoder_lines,
+        only_line=False,
+        keep=the_images,
+        slow=True,
+    ),
     Case(
         "cache-teacher-refuses-a-damaged-png-without-libpng-lines",
         "",
