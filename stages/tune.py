@@ -13,7 +13,8 @@ trials, so several processes share one study, and together they stop at ``--tria
 A running trial records a heartbeat; one silent for twice ``--heartbeat`` seconds (its process was
 killed) is marked FAIL by the next tune that looks, and a copy with the same parameters is queued
 (Optuna's ``RetryHeartbeatStaleTrialCallback``); the tune that takes the copy resumes the killed
-trial's run folder from its last checkpoint, so a kill costs at most the epoch in progress. A
+trial's run folder from its last checkpoint, so a kill costs at most the epoch in progress, and the
+copy reports the epochs the folder holds. A
 signal stops a tune the same way, its trials failed and queued at once. ``DIR/study.json``
 names the study and its storage for ``dhkd-pipe report DIR`` (``stages.leaderboard``).
 """
@@ -192,7 +193,9 @@ def open_storage(url: str, heartbeat: int | None = None):
         kwargs = {
             "heartbeat_interval": heartbeat,
             "grace_period": 2 * heartbeat,
-            "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
+            "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(
+                max_retry=2, inherit_intermediate_values=True
+            ),
         }
     try:
         return optuna.storages.RDBStorage(url, **kwargs)
@@ -341,6 +344,11 @@ def _train_pass(study, storage, asked, cfg: TrainConfig, replay, opts: TuneOptio
             study.tell(trial, state=TrialState.FAIL)
         raise
     by_run = {id(run): trial for run, trial in zip(runs, trials, strict=True)}
+    for run, trial in zip(runs, trials, strict=True):  # a resumed copy: the epochs its folder holds
+        reported = _frozen(study, trial.number).intermediate_values
+        for h in run.progress.history:
+            if h.get("val_top1") is not None and h["epoch"] not in reported:
+                trial.report(h["val_top1"], h["epoch"])
     beat = [time.monotonic()]
 
     def heartbeat(epoch: int, step: int):
@@ -365,7 +373,7 @@ def _train_pass(study, storage, asked, cfg: TrainConfig, replay, opts: TuneOptio
     try:
         results = train_runs(runs, log=log, on_step_end=heartbeat, on_epoch_end=report)
     except Interrupted:  # each trial's state is saved: failed now and re-queued, the next tune resumes it
-        retry = RetryHeartbeatStaleTrialCallback(max_retry=2)
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=2, inherit_intermediate_values=True)
         for trial in trials:
             study.tell(trial, state=TrialState.FAIL)
             retry(study, _frozen(study, trial.number))

@@ -81,6 +81,14 @@ def study_states(out) -> dict:
     return {t.number: (t.state.name, t.value, t.user_attrs.get("folder")) for t in study.get_trials()}
 
 
+def reported(out, number: int) -> list[int]:
+    """The epochs whose top-1 a trial reported (its own and, for a copy, the killed trial's)."""
+    import optuna
+
+    study = optuna.load_study(study_name="dhkd", storage=f"sqlite:///{out}/study.db")
+    return sorted(next(t for t in study.get_trials() if t.number == number).intermediate_values)
+
+
 def test_the_pruner_stops_trials_and_records_them_pruned(store, tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text("temperature: {type: float, low: 1, high: 4}\n")
@@ -146,9 +154,10 @@ def test_a_killed_study_resumes_and_ends_with_its_trials_once_each(store, tmp_pa
     assert set(failed) == {0, 1}  # the killed trials: failed, never results
     # their copies resumed the killed trials' folders: each epoch trained once
     assert set(failed.values()) <= set(complete.values())
-    for folder in complete.values():
+    for n, folder in complete.items():
         with open(os.path.join(folder, "metrics.jsonl")) as f:
             assert [json.loads(line)["epoch"] for line in f] == [1, 2, 3], folder
+        assert reported(out, n) == [1, 2, 3]
     text = write_leaderboard(str(out), str(tmp_path / "lb.png"))
     assert text.count("| finished |") == 3 and text.count("| failed |") == 2
 
@@ -181,3 +190,4 @@ def test_a_signal_fails_the_passs_trials_and_their_copies_resume_them(store, tmp
     for n in (2, 3):
         with open(os.path.join(states[n][2], "metrics.jsonl")) as f:
             assert [json.loads(line)["epoch"] for line in f] == [1, 2]
+        assert reported(out, n) == [1, 2]
