@@ -39,6 +39,7 @@ STUDY_FILE = "study.json"
 STUDY_DB = "study.db"
 TYPES = ("float", "int", "categorical")
 KEYS = {"type", "low", "high", "log", "step", "choices"}
+OPEN_TRIES = 4  # a storage that several processes open at once may fail while one creates its tables
 
 
 def read_space(path: str) -> dict[str, dict]:
@@ -197,10 +198,14 @@ def open_storage(url: str, heartbeat: int | None = None):
                 max_retry=2, inherit_intermediate_values=True
             ),
         }
-    try:
-        return optuna.storages.RDBStorage(url, **kwargs)
-    except Exception as e:  # sqlalchemy's errors for a URL that names no reachable database
-        raise DhkdError(f"cannot open the study's storage {url}: {' '.join(str(e).split())[:160]}") from None
+    for attempt in range(OPEN_TRIES):
+        try:
+            return optuna.storages.RDBStorage(url, **kwargs)
+        except Exception as e:  # sqlalchemy's errors: no reachable database, or a schema being created
+            if attempt + 1 == OPEN_TRIES:
+                raise DhkdError(f"cannot open the study's storage {url}: {' '.join(str(e).split())[:160]}") from None
+            # tune processes started together race to create the tables: the loser finds them made
+            time.sleep(0.5 * (attempt + 1))
 
 
 def _recorded(url: str | None) -> str | None:

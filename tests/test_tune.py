@@ -191,3 +191,19 @@ def test_a_signal_fails_the_passs_trials_and_their_copies_resume_them(store, tmp
         with open(os.path.join(states[n][2], "metrics.jsonl")) as f:
             assert [json.loads(line)["epoch"] for line in f] == [1, 2]
         assert reported(out, n) == [1, 2]
+
+
+@pytest.mark.slow  # two tune processes at once, two one-epoch trials each
+def test_two_tune_processes_share_one_study(store, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("temperature: {type: float, low: 1, high: 4}\n")
+    out = tmp_path / "study"
+    args = ["tune", "--cache", store, "--space", str(space), "--trials", "4", "--per-pass", "1", "--epochs", "1"]
+    args += ["--method", "kd", "--batch-size", "32", "--workers", "0", "--lr-milestones", "10", "--out", str(out)]
+    procs = [subprocess.Popen([BIN, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err.decode()[-2000:]
+    states = study_states(out)
+    assert sorted(states) == [0, 1, 2, 3] and {s for s, _, _ in states.values()} == {"COMPLETE"}
+    assert len({folder for _, _, folder in states.values()}) == 4
