@@ -21,6 +21,7 @@ from dhkd_pipe.config import (
     EvalConfig,
     ExportConfig,
     InspectConfig,
+    PassMemory,
     QuickstartConfig,
     ReportConfig,
     RunStart,
@@ -122,7 +123,7 @@ def _sweeps(on_command_line: bool) -> list[str]:
     defaults=DISTILL_DEFAULTS,
     help=_distill_help(),
     params=config_params(
-        TrainConfig, "distill", DISTILL_FIRST, extra=(StudentSeeds, SweepOptions, RunStart), sweeps=True
+        TrainConfig, "distill", DISTILL_FIRST, extra=(StudentSeeds, SweepOptions, PassMemory, RunStart), sweeps=True
     ),
 )
 @user_errors
@@ -156,10 +157,10 @@ TUNE_DEFAULTS = {**DISTILL_DEFAULTS, "out": "runs/study"}
     cls=ConfigCommand,
     config_cls=TrainConfig,
     defaults=TUNE_DEFAULTS,
-    params=config_params(TrainConfig, "distill", DISTILL_FIRST, extra=(TuneOptions,)),
+    params=config_params(TrainConfig, "distill", DISTILL_FIRST, extra=(TuneOptions, PassMemory)),
 )
 @user_errors
-def tune_cmd(config_file, **options):
+def tune_cmd(config_file, memory_limit, **options):
     """An Optuna study over the options that sweep (--space FILE), from a stage-1 store (--cache).
 
     Trials are sampled (TPE by default; random, grid) and trained --per-pass at a time in one pass over
@@ -177,7 +178,7 @@ def tune_cmd(config_file, **options):
     names = [f.name for f in dataclasses.fields(TuneOptions)]
     opts = build_config(TuneOptions, None, given({name: options.pop(name) for name in names}))
     cfg = build_config(TrainConfig, config_file, options, TUNE_DEFAULTS)
-    echo_json(tune(cfg, opts))
+    echo_json(tune(cfg, opts, memory_limit=memory_limit))
 
 
 def _short(summary: dict) -> dict:

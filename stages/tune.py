@@ -33,7 +33,7 @@ from dhkd_pipe.config.values import coerce, short_repr
 from dhkd_pipe.console import log_line
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.training.students import SHARED
-from dhkd_pipe.training.sweep import sweep_fields
+from dhkd_pipe.training.sweep import check_memory, sweep_fields
 
 STUDY_FILE = "study.json"
 STUDY_DB = "study.db"
@@ -233,13 +233,15 @@ def _quiet_optuna():
         yield
 
 
-def tune(cfg: TrainConfig, opts: TuneOptions, log=log_line) -> dict:
-    """Runs the study (module docstring) until it has ``opts.trials`` ended trials; returns its summary."""
+def tune(cfg: TrainConfig, opts: TuneOptions, log=log_line, memory_limit: float | None = None) -> dict:
+    """Runs the study (module docstring) until it has ``opts.trials`` ended trials; returns its
+    summary. Each pass's memory is checked as a sweep's is (``check_memory``; ``memory_limit`` GiB
+    overrides the device's free memory, 0 skips the check)."""
     with _quiet_optuna():
-        return _tune(cfg, opts, log)
+        return _tune(cfg, opts, log, memory_limit)
 
 
-def _tune(cfg: TrainConfig, opts: TuneOptions, log) -> dict:
+def _tune(cfg: TrainConfig, opts: TuneOptions, log, memory_limit: float | None) -> dict:
     import optuna
     from optuna.trial import TrialState
 
@@ -291,7 +293,7 @@ def _tune(cfg: TrainConfig, opts: TuneOptions, log) -> dict:
         asked = [study.ask(dists) for _ in range(slots)]
         passes += 1
         log(f"pass {passes}: trials {', '.join(str(t.number) for t in asked)} ({ended} of {opts.trials} ended)")
-        _train_pass(study, storage, asked, cfg, replay, opts, log)
+        _train_pass(study, storage, asked, cfg, replay, opts, log, memory_limit)
     return summary(study, cfg.epochs, time.perf_counter() - started, opts.trials)
 
 
@@ -320,7 +322,7 @@ def _trial_run(trial, cfg: TrainConfig, study):
     return run_cfg, mode
 
 
-def _train_pass(study, storage, asked, cfg: TrainConfig, replay, opts: TuneOptions, log):
+def _train_pass(study, storage, asked, cfg: TrainConfig, replay, opts: TuneOptions, log, memory_limit):
     from optuna.storages import RetryHeartbeatStaleTrialCallback
     from optuna.trial import TrialState
 
@@ -342,6 +344,7 @@ def _train_pass(study, storage, asked, cfg: TrainConfig, replay, opts: TuneOptio
     if not plans:
         return
     try:
+        check_memory([p.cfg for p in plans], replay.resolution, replay.num_classes, memory_limit)
         runs = prepare_pass(plans, replay=replay)
     except DhkdError as e:
         for trial in trials:

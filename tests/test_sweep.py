@@ -148,7 +148,7 @@ def test_the_cli_refuses_before_anything_is_created(store, tmp_path):
         "the 2 runs of this pass need about",
     )
     result = CliRunner().invoke(main, [*args, "--memory-limit", "0.001"])
-    assert "--memory-limit is 0.00 GiB" in result.stderr and "activations" in result.stderr
+    assert "--memory-limit is 1.0 MiB" in result.stderr and "activations" in result.stderr
     assert not out.exists()
 
 

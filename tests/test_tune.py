@@ -119,9 +119,14 @@ def test_tune_on_the_command_line_refuses_in_one_line(store, tmp_path):
         (["--pruner", "threshold"], "--pruner threshold takes --prune-below"),
         (["--trials", "0"], "bad trials 0"),
         (["--sampler", "grid"], "--sampler grid takes categorical and int options"),
+        (["--memory-limit", "0.000001", "--per-pass", "2"], "the 2 runs of this pass need about"),
     ):
         result = CliRunner().invoke(main, [*args, *extra])
-        assert result.exit_code == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+        last = result.stderr.splitlines()[-1]  # the error line, after the passes' progress lines
+        assert result.exit_code == 2 and last.startswith("error: ") and message in last, result.stderr
+    # the pass refused for its memory: its trials failed (never left running), no run folder made
+    assert {s for s, _, _ in study_states(tmp_path / "s").values()} == {"FAIL"}
+    assert sorted(os.listdir(tmp_path / "s")) == ["study.db", "study.json"]
 
 
 @pytest.mark.slow  # a study killed in its first pass, then run to its end: three trials of three epochs

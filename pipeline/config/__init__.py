@@ -39,7 +39,7 @@ from dhkd_pipe.config.commands import (
 )
 from dhkd_pipe.config.common import EXPORT_FORMATS, PRECISIONS, WEIGHTS_HELP, data_help, missing_data
 from dhkd_pipe.config.recipes import build_config, config_defaults, read_recipe
-from dhkd_pipe.config.training import MethodOptions, RunStart, StudentSeeds, SweepOptions, TrainConfig
+from dhkd_pipe.config.training import MethodOptions, PassMemory, RunStart, StudentSeeds, SweepOptions, TrainConfig
 from dhkd_pipe.config.tuning import TuneOptions
 
 __all__ = [
@@ -57,6 +57,7 @@ __all__ = [
     "ExportConfig",
     "InspectConfig",
     "MethodOptions",
+    "PassMemory",
     "QuickstartConfig",
     "ReportConfig",
     "RunStart",

@@ -1,6 +1,6 @@
 """The configs of the training commands (``train-teacher``, ``distill``): ``TrainConfig``, and the
 options of a command line that are not part of a run's config (``RunStart``, ``StudentSeeds``,
-``SweepOptions``).
+``SweepOptions``, ``PassMemory``).
 Torch-free."""
 
 from __future__ import annotations
@@ -190,13 +190,19 @@ class StudentSeeds:
 
 @dataclass
 class SweepOptions:
-    """``distill``'s sweep: a sweep file and the memory check of a pass (not part of a run's config)."""
+    """``distill``'s sweep file (not part of a run's config)."""
 
     sweep: str | None = option(
         None,
         "With --cache: a YAML sweep file, a grid (option: [values, ...]; its product taken with the command "
         "line's) or a list of runs (- option: value ...); see 'Sweeps' above.",
     )
+
+
+@dataclass
+class PassMemory:
+    """The memory check of a pass of several runs (``distill``'s sweeps, ``tune``'s passes)."""
+
     memory_limit: float | None = option(
         None,
         "With several runs: the memory in GiB the pass may take, instead of the device's free memory "

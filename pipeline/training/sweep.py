@@ -220,7 +220,8 @@ class MemoryEstimate:
 
 
 def gib(size: int | float) -> str:
-    return f"{size / 2**30:.2f} GiB"
+    """A byte count as GiB, or MiB below one GiB (a small pass's figures are not all 0.00)."""
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
 
 
 def estimate_memory(cfgs: list[TrainConfig], resolution: int, num_classes: int) -> MemoryEstimate:
@@ -309,8 +310,9 @@ def check_memory(cfgs: list[TrainConfig], resolution: int, num_classes: int, lim
         limit, where = memory_available()
     if estimate.total > limit:
         raise DhkdError(
-            f"the {len(cfgs)} runs of this pass need about {estimate.text()}, but {where}: sweep fewer values "
-            "per pass or lower --batch-size (or set --memory-limit GIB; 0 skips this check)"
+            f"the {len(cfgs)} runs of this pass need about {estimate.text()}, but {where}: train fewer runs "
+            "per pass (fewer swept values, or tune's --per-pass) or lower --batch-size (or set --memory-limit GIB; "
+            "0 skips this check)"
         )
     return estimate
 
