@@ -4,7 +4,7 @@ the folders itself; an object read on S3 is one GET."""
 
 import pytest
 
-from dhkd_pipe.benchmarks.scale import write_store
+from dhkd_pipe.benchmarks.scale_store import write_store
 
 
 def small_store(location, rows=512, views=2):
