@@ -1206,7 +1206,8 @@ def out_links_to_a_plain_torch_folder(w: Work):
 
 
 def users_folder_named_like_a_quickstart(parts: dict):
-    """The user's folder whose entries happen to bear a quickstart's names (``parts``: name -> bytes, or None for a folder of photos)."""
+    """The user's folder whose entries happen to bear a quickstart's names (``parts``: name -> bytes,
+    or None for a folder of photos)."""
 
     def setup(w: Work):
         w.out.mkdir()

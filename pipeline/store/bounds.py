@@ -142,7 +142,7 @@ def _geometry(meta: dict, name: str, location: str) -> tuple[list[int], list[int
     if not (len(shape) == len(chunks) == len(inner)):
         raise DhkdError(f"store {location}: {name} has shape {_short(shape)} but chunks {_short(chunks)}")
     count, nbytes = 1, 1
-    for s, c in zip(shape, inner):
+    for s, c in zip(shape, inner, strict=True):
         count *= -(-s // c)
     for c in chunks:
         nbytes *= c
@@ -170,7 +170,8 @@ def check_shapes(metas: dict[str, dict | None], location: str, int8: bool = Fals
     shape = geo["logits"][0]
     if len(shape) != 3 or min(shape) < 1:
         raise DhkdError(
-            f"store {location}: logits have shape {_short(shape)}; a logit store's is (views, samples, classes), each at least 1"
+            f"store {location}: logits have shape {_short(shape)}; a logit store's is (views, samples, classes), "
+            "each at least 1"
         )
     e, n, k = shape
     rows = geo["logits"][2][1]

@@ -114,7 +114,7 @@ class ObjectEncoder:
             sharding = codecs[0]
             inner = tuple(int(s) for s in sharding.chunk_shape)
             steps, index_steps = _chain(sharding.codecs, dtype), _chain(sharding.index_codecs, np.dtype("<u8"))
-            per_shard = [s // c for s, c in zip(shape, inner)]
+            per_shard = [s // c for s, c in zip(shape, inner, strict=True)]
             # inner chunks are stored in Morton order, which is C order when at most one axis has several
             if len(codecs) > 1 or steps is None or index_steps is None or sum(n > 1 for n in per_shard) > 1:
                 return None
@@ -140,18 +140,18 @@ class ObjectEncoder:
         object's region that lies in the array (its shape at most the object's, starting at the
         object's corner); the rest is the fill value, as Zarr pads an edge chunk."""
         values = np.asarray(values, dtype=self.dtype)
-        if values.ndim != len(self.shape) or any(v > s for v, s in zip(values.shape, self.shape)):
+        if values.ndim != len(self.shape) or any(v > s for v, s in zip(values.shape, self.shape, strict=True)):
             raise ValueError(f"values of shape {values.shape} do not fit an object of shape {self.shape}")
         if self._inner is None:
             return _run(self._steps, self._padded(values, self.shape))
-        per_shard = tuple(s // c for s, c in zip(self.shape, self._inner))
+        per_shard = tuple(s // c for s, c in zip(self.shape, self._inner, strict=True))
         table = np.full(per_shard + (2,), _NO_CHUNK, dtype="<u8")
         parts, offset = [], 0
         for local in np.ndindex(*per_shard):
-            corner = [i * c for i, c in zip(local, self._inner)]
-            if any(at >= v for at, v in zip(corner, values.shape)):
+            corner = [i * c for i, c in zip(local, self._inner, strict=True)]
+            if any(at >= v for at, v in zip(corner, values.shape, strict=True)):
                 continue  # outside the array: not stored
-            region = values[tuple(slice(at, at + c) for at, c in zip(corner, self._inner))]
+            region = values[tuple(slice(at, at + c) for at, c in zip(corner, self._inner, strict=True))]
             chunk = _run(self._steps, self._padded(region, self._inner))
             nbytes = sum(len(p) for p in chunk)
             table[local] = (offset, nbytes)

@@ -184,7 +184,8 @@ class LogitCache(StoreLayout):
         differs = f"; {field} was {_short(old.get(field))}, now {_short(new.get(field))}" if field else ""
         raise DhkdError(
             f"--resume: the store is not the one this run started from: it started from {recorded.get('path')} "
-            f"(command {recorded.get('command_sha256')}), --cache now holds {now['path']} (command {now['command_sha256']})"
+            f"(command {recorded.get('command_sha256')}), --cache now holds {now['path']} "
+            f"(command {now['command_sha256']})"
             f"{differs}; resume with that store, or start over with --overwrite"
         )
 

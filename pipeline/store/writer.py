@@ -192,7 +192,8 @@ def write_unit(
         else:
             await store.set(keys[name], default_buffer_prototype().buffer.from_bytes(b"".join(parts[name])))
 
-    async def write_all():  # the unit's data objects at once (one round trip on object storage, not four), then its flags
+    # the unit's data objects at once (one round trip on object storage, not four), then its flags
+    async def write_all():
         await asyncio.gather(*(put(name) for name in data if name != "done"))
         await put("done")
 
