@@ -120,12 +120,13 @@ def bench_image_folder(
     """The image-folder rows of ``bench cache`` (one process, the accelerator's device)."""
     from dhkd_pipe.benchmarks.measure import memory_formats
     from dhkd_pipe.config import CacheConfig
-    from dhkd_pipe.data.dali_renderer import DaliViews
+    from dhkd_pipe.data.dali_renderer import DaliViews, worker_count
     from dhkd_pipe.data.datasets import load_data
     from dhkd_pipe.models import create_model
     from dhkd_pipe.stages.cache_teacher import cache_teacher
     from dhkd_pipe.training.accelerator import make_accelerator
 
+    workers = worker_count(workers)  # one count for the decoding rows and stage 1's config alike
     spec = write_jpeg_folder(os.path.join(work, "jpegs"), images, classes)
     torch.manual_seed(0)
     weights = os.path.join(work, f"{model}-teacher.pt")

@@ -65,6 +65,8 @@ def test_dali_installed_says_no_without_dali_or_without_any_nvidia_package(monke
     from dhkd_pipe.data.imagefolder import dali_installed
 
     assert dali_installed()  # the dev extra brings it
+    for name in [m for m in sys.modules if m.startswith(hidden + ".")]:  # as if never imported in this process
+        monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, hidden, None)
     assert not dali_installed()
 

@@ -265,7 +265,13 @@ class StoreWriter:
         self._threads = max(1, int(threads or write_threads(self.path)))
         self._objects = StoreObjects(open_store(self.path, read_only=False), self.path) if main else None
         if main:
-            check_target(self._objects, bool(overwrite))
+            try:
+                check_target(self._objects, bool(overwrite))
+            except DhkdError:
+                # another writer may be creating the store right now: then its lock answers (in
+                # __enter__), and create_or_resume checks the target again under our own lock
+                if not self._objects.exists(LOCK_KEY):
+                    raise
         self.store: LogitCache | None = None
         self._lock = self._pool = None
         self._fresh = False
