@@ -291,6 +291,8 @@ def _tune(cfg: TrainConfig, opts: TuneOptions, log, memory_limit: float | None) 
             time.sleep(min(opts.heartbeat, 5))
             continue
         asked = [study.ask(dists) for _ in range(slots)]
+        for trial in asked:  # at once: a trial without a heartbeat would never be found stale if this process dies
+            storage.record_heartbeat(trial._trial_id)  # Optuna's ask-and-tell trials expose no public id
         passes += 1
         log(f"pass {passes}: trials {', '.join(str(t.number) for t in asked)} ({ended} of {opts.trials} ended)")
         _train_pass(study, storage, asked, cfg, replay, opts, log, memory_limit)
@@ -357,13 +359,13 @@ def _train_pass(study, storage, asked, cfg: TrainConfig, replay, opts: TuneOptio
         for h in run.progress.history:
             if h.get("val_top1") is not None and h["epoch"] not in reported:
                 trial.report(h["val_top1"], h["epoch"])
-    beat = [time.monotonic()]
+    beat = [time.monotonic()]  # every trial's first heartbeat was recorded as it was asked
 
     def heartbeat(epoch: int, step: int):
         if time.monotonic() - beat[0] >= opts.heartbeat / 2:
             beat[0] = time.monotonic()
             for trial in trials:
-                storage.record_heartbeat(trial._trial_id)  # Optuna's ask-and-tell trials expose no public id
+                storage.record_heartbeat(trial._trial_id)
 
     def report(run, epoch: int) -> bool:
         trial = by_run[id(run)]
@@ -377,7 +379,6 @@ def _train_pass(study, storage, asked, cfg: TrainConfig, replay, opts: TuneOptio
             return True
         return False
 
-    heartbeat(0, 0)
     try:
         results = train_runs(runs, log=log, on_step_end=heartbeat, on_epoch_end=report)
     except Interrupted:  # each trial's state is saved: failed now and re-queued, the next tune resumes it

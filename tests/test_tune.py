@@ -130,7 +130,8 @@ def test_tune_on_the_command_line_refuses_in_one_line(store, tmp_path):
 
 
 @pytest.mark.slow  # a study killed in its first pass, then run to its end: three trials of three epochs
-def test_a_killed_study_resumes_and_ends_with_its_trials_once_each(store, tmp_path):
+@pytest.mark.parametrize("killed_at", ["first epoch", "set-up"])
+def test_a_killed_study_resumes_and_ends_with_its_trials_once_each(store, tmp_path, killed_at):
     space = tmp_path / "space.yaml"
     space.write_text("temperature: {type: categorical, choices: [1, 2, 4]}\n")
     out = tmp_path / "study"
@@ -138,9 +139,16 @@ def test_a_killed_study_resumes_and_ends_with_its_trials_once_each(store, tmp_pa
     args = [*common, "--method", "kd", "--epochs", "3", "--batch-size", "32", "--workers", "0"]
     args += ["--lr-milestones", "10", "--heartbeat", "1", "--out", str(out)]
     proc = subprocess.Popen([BIN, "tune", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # after the first trial's first epoch (its copy resumes it), or while the pass's runs are set up
+    # (before any step: the copies start their folders again)
     first = out / "trial-0000" / "metrics.jsonl"
+    made = out / "trial-0001" / "dhkd-run.json"
+
+    def reached() -> bool:
+        return made.is_file() if killed_at == "set-up" else first.is_file() and first.read_text().count("\n") >= 1
+
     deadline = time.monotonic() + 300
-    while not (first.is_file() and first.read_text().count("\n") >= 1) and time.monotonic() < deadline:
+    while not reached() and time.monotonic() < deadline:
         assert proc.poll() is None, proc.stderr.read().decode()
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
