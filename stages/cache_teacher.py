@@ -30,8 +30,8 @@ from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.options import flag_of, option_fields
 from dhkd_pipe.store.codecs import check_encodable
 from dhkd_pipe.store.layout import STORE_ENTRIES, estimate_bytes
-from dhkd_pipe.store.objects import check_inputs_outside, check_outside_folders
 from dhkd_pipe.store.reader import LogitCache
+from dhkd_pipe.store.targets import check_inputs_outside, check_outside_folders
 from dhkd_pipe.store.writer import StoreWriter
 from dhkd_pipe.training.accelerator import make_accelerator
 from dhkd_pipe.version import tool_version

@@ -29,7 +29,7 @@ class Inspection:
 def inspect_store(cfg: InspectConfig) -> Inspection:
     """Opens ``cfg.store``, compares its metadata with a logit store's and checks every written
     object (present, and with ``cfg.quick`` unset, its CRC32C checksums right)."""
-    from dhkd_pipe.store.reader import inspection
+    from dhkd_pipe.store.inspection import inspection
 
     summary, error = inspection(cfg.store, checksums=not cfg.quick)
     return Inspection(summary, error)

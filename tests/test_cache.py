@@ -808,7 +808,7 @@ def _documents(path) -> tuple[dict, dict]:
 @pytest.mark.parametrize("sharded", [False, True])
 def test_the_schema_takes_what_the_writer_writes(tmp_path, codec, sharded):
     from dhkd_pipe.store.codecs import codec_named
-    from dhkd_pipe.store.layout import metadata_problems
+    from dhkd_pipe.store.schema import metadata_problems
 
     shard_bytes = 3 * C * K * codec_named(codec).bytes_per_logit  # three chunks a shard
     shards = dict(shard_threshold=8, shard_bytes=shard_bytes) if sharded else {}
@@ -850,7 +850,7 @@ def test_the_schema_takes_what_the_writer_writes(tmp_path, codec, sharded):
     ],
 )
 def test_the_schema_names_each_difference(tmp_path, edit, named):
-    from dhkd_pipe.store.layout import metadata_problems
+    from dhkd_pipe.store.schema import metadata_problems
 
     create(tmp_path / "s.zarr")
     root, arrays = _documents(tmp_path / "s.zarr")

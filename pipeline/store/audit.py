@@ -1,7 +1,7 @@
 """Finding and undoing damage in a logit store: objects of units marked done that are missing,
 short or fail their checksums, and what writers killed mid-write leave behind.
 
-``inspect`` and ``LogitCache.check_complete`` find; ``store_writer.StoreWriter`` repairs before a
+``inspect`` and ``LogitCache.check_complete`` find; ``writer.StoreWriter`` repairs before a
 resume, so the resume rewrites what was damaged.
 """
 

@@ -218,7 +218,7 @@ def check_store(objects) -> tuple[dict, dict[str, dict | None]] | None:
     """Before Zarr reads anything of the store ``objects``: every metadata document bounded, and the
     shapes agreeing with the schema, with each other and with the labels object's own size. (A
     local store's entries are checked first, by ``check_local_tree``.) Returns the documents read,
-    (the group's, {array: its own or None}), for the schema's check (``layout.metadata_problems``);
+    (the group's, {array: its own or None}), for the schema's check (``schema.metadata_problems``);
     None where the group is not (yet) a logit store's."""
     root = read_metadata(objects, "zarr.json")
     attrs = (root or {}).get("attributes") or {}

@@ -7,7 +7,8 @@ Everything the store logic needs from storage goes through Zarr's store API by k
 :class:`StoreObjects` gives that API synchronously, a few small calls (exists, list, size, read,
 write, delete) on which the store's checks are built. One exception, for speed: stage 1's writer
 threads write a unit's files on a local disk themselves (:func:`write_local_object`, the same
-files as the LocalStore's), instead of queueing them on Zarr's one I/O loop.
+files as the LocalStore's), instead of queueing them on Zarr's one I/O loop. Where a store may be
+written at all (not a whole bucket, not inside the command's inputs) is ``targets``'s.
 
 Credentials and endpoints come the usual way, from the environment: for ``s3://`` botocore's chain
 (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``, ``AWS_PROFILE``,
@@ -94,47 +95,6 @@ def storage_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def check_inputs_outside(location: str, entries: tuple[str, ...], inputs: dict):
-    """Refuses an input of the command (``{option: path}``: weights, data) that lies inside the
-    entries of the local store at ``location`` that replacing the store would remove, before
-    anything is touched."""
-    if not is_local(location):
-        return
-    root = os.path.realpath(local_path(location))
-    owned = [os.path.join(root, name) for name in entries]
-    for option, path in inputs.items():
-        if not path or is_url(path):
-            continue
-        real = os.path.realpath(str(path).split(":", 1)[-1] if str(path).startswith("imagefolder:") else str(path))
-        for target in owned:
-            if real == target or real.startswith(target + os.sep):
-                raise DhkdError(
-                    f"{option} {path} lies inside what --overwrite would remove from the store {location} "
-                    f"({os.path.basename(target)}); copy it elsewhere first"
-                )
-
-
-RUN_IN_STORE = "a run folder there would become part of the store"  # check_outside_folders' reason for a run's --out
-
-
-def check_outside_folders(location: str, folders: dict, why: str = "a store there would become part of the data set"):
-    """Refuses a local output at ``location`` (a store, a run folder) that is, or lies inside, one of
-    the command's input folders (``{option: folder}``: the data set's, the store's), before anything
-    is written: there it would become part of them (an image folder's ``train/`` would take a
-    store's objects for a class of images, a store would hold run folders)."""
-    if not is_local(location):
-        return
-    store = os.path.realpath(local_path(location))
-    for option, folder in folders.items():
-        if not folder or is_url(folder):
-            continue
-        root = os.path.realpath(folder)
-        if store == root or store.startswith(root.rstrip(os.sep) + os.sep):
-            raise DhkdError(
-                f"--out {location} lies inside the folder of {option} ({folder}): {why}; write it elsewhere"
-            )
-
-
 def write_local_object(store, key: str, parts, atomic: bool = True) -> None:
     """Writes object ``key`` (its bytes in ``parts``, one after the other) of a local store (a
     ``LocalStore``) from the calling thread. Writer threads then share the file system's work,
@@ -142,7 +102,7 @@ def write_local_object(store, key: str, parts, atomic: bool = True) -> None:
 
     ``atomic``: as Zarr's LocalStore writes one, into a ``*.partial`` file renamed into place, so
     no reader sees half an object and a killed writer leaves only ``*.partial`` files
-    (``store_audit.remove_leftovers`` deletes them). Otherwise into the object's own file, one
+    (``audit.remove_leftovers`` deletes them). Otherwise into the object's own file, one
     directory operation instead of two (renames cost CPU, more so with several threads renaming in
     the same folders): for a write unit's data objects, which nothing reads
     before the unit's ``done`` flags, written after them and atomically, say it is done. A writer

@@ -1,7 +1,8 @@
 """An opened logit store and its streaming reads: what stage 2, ``verify-cache`` and ``inspect`` use.
 
-The schema is in ``store_layout``, the codecs in ``codecs``; writing (create or resume, units,
-the lock) is ``store_writer``'s, finding and repairing damage ``store_audit``'s.
+The arrays' layout is in ``layout``, the metadata schema in ``schema``, the codecs in ``codecs``;
+writing (create or resume, units, the lock) is ``writer``'s, finding and repairing damage
+``audit``'s, what ``inspect`` shows ``inspection``'s.
 """
 
 from __future__ import annotations
@@ -16,14 +17,7 @@ import numpy as np
 from dhkd_pipe.errors import DhkdError, one_line
 from dhkd_pipe.store.bounds import check_local_tree, check_store
 from dhkd_pipe.store.codecs import codec_named, decode_logits, stored_tensor
-from dhkd_pipe.store.layout import (
-    FORMAT_VERSION,
-    StoreLayout,
-    check_fingerprint,
-    jsonable,
-    location,
-    metadata_problems,
-)
+from dhkd_pipe.store.layout import FORMAT_VERSION, StoreLayout, brief, check_fingerprint, jsonable, location
 from dhkd_pipe.store.lock import LOCK_KEY
 from dhkd_pipe.store.objects import (
     MissingObject,
@@ -35,6 +29,7 @@ from dhkd_pipe.store.objects import (
     require_objects,
     storage_errors,
 )
+from dhkd_pipe.store.schema import metadata_error, metadata_problems
 
 
 class LogitCache(StoreLayout):
@@ -79,7 +74,7 @@ class LogitCache(StoreLayout):
 
     @classmethod
     def open(cls, path, mode: str = "r", schema: bool = True) -> "LogitCache":
-        """The store at ``path``, its metadata checked against the schema (``layout.metadata_problems``):
+        """The store at ``path``, its metadata checked against the schema (``schema.metadata_problems``):
         a store whose metadata differs is refused, or with ``schema=False`` (``inspect``) opened where
         it can be and its differences kept in :attr:`metadata_problems`."""
         import zarr
@@ -103,7 +98,7 @@ class LogitCache(StoreLayout):
             attrs = documents[0]["attributes"]
             if attrs["format_version"] != FORMAT_VERSION:  # another version's schema is not this one's
                 raise DhkdError(
-                    f"store {path} has format version {_short(json.dumps(attrs['format_version']))}; "
+                    f"store {path} has format version {brief(json.dumps(attrs['format_version']))}; "
                     f"this tool reads version {FORMAT_VERSION}"
                 )
             problems = metadata_problems(*documents)
@@ -181,7 +176,7 @@ class LogitCache(StoreLayout):
         field = next(
             (k for k in fields if not isinstance(new.get(k), (dict, list))), fields[0] if fields else None
         )  # a plain value first
-        differs = f"; {field} was {_short(old.get(field))}, now {_short(new.get(field))}" if field else ""
+        differs = f"; {field} was {brief(old.get(field))}, now {brief(new.get(field))}" if field else ""
         raise DhkdError(
             f"--resume: the store is not the one this run started from: it started from {recorded.get('path')} "
             f"(command {recorded.get('command_sha256')}), --cache now holds {now['path']} "
@@ -383,54 +378,3 @@ class LogitCache(StoreLayout):
 
     def __repr__(self):
         return f"LogitCache({self._path!r}, {self.epochs}x{self.num_samples}x{self.num_classes}, {self.codec})"
-
-
-def _short(value) -> str:
-    text = json.dumps(value) if not isinstance(value, str) else value
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def metadata_error(path: str, attrs: dict, problems: list[str]) -> str:
-    """The one line for a store whose metadata differs from a logit store's, and what to do: a
-    resume trusts the metadata, so it cannot repair it; a copy of the metadata can, or writing the
-    store anew (``--overwrite`` replaces only a store whose group names its command)."""
-    import shlex
-
-    from dhkd_pipe.terminal_text import escaped, quoted_command
-
-    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-    line = quoted_command(attrs.get("command_line"))  # a forged line is never suggested
-    where = escaped(shlex.quote(path))
-    if "command" in attrs:
-        anew = f"write it anew with --overwrite{f': {line} --out {where} --overwrite' if line else ''}"
-    else:
-        anew = "move it aside and write it anew with cache-teacher"
-    return (
-        f"store {path}: its metadata differs from a logit store's: {problems[0]}{more}; a resume cannot repair "
-        f"metadata: restore the store's zarr.json files from a copy, or {anew}"
-    )
-
-
-def inspection(location: str, checksums: bool = True) -> tuple[dict, str | None]:
-    """What ``inspect`` shows of the store at ``location``: its summary with ``metadata`` (how its
-    metadata differs from a logit store's, one line each) and ``damaged`` (its objects that are
-    missing or damaged, ``audit.damage``; None where the metadata differs, as the objects are read
-    through it), and the one error line naming the fix, or None for a sound store."""
-    from dhkd_pipe.store.audit import damage
-
-    cache = LogitCache.open(location, schema=False)
-    summary = cache.summary()
-    # where the data is and how views become pixels: attributes stage 1 writes
-    summary["data"] = cache.attrs.get("data_spec")
-    summary["preprocessing"] = cache.attrs.get("preprocessing")
-    problems = cache.metadata_problems
-    summary["metadata"] = problems
-    if problems:
-        summary["damaged"] = None
-        return summary, f"error: {metadata_error(cache.path, cache.attrs, problems)}"
-    damaged = damage(cache, checksums=checksums)
-    summary["damaged"] = damaged
-    if not damaged:
-        return summary, None
-    more = f" and {len(damaged) - 1} more" if len(damaged) > 1 else ""
-    return summary, f"error: store {cache.path} is damaged: {damaged[0]}{more}; {cache.repair_hint()}"

@@ -21,7 +21,6 @@ from dhkd_pipe.store.layout import (
     GEOMETRY,
     STORE_ENTRIES,
     check_geometry,
-    check_target,
     create_arrays,
     jsonable,
     location,
@@ -29,6 +28,7 @@ from dhkd_pipe.store.layout import (
 from dhkd_pipe.store.lock import LOCK_KEY, StoreLock
 from dhkd_pipe.store.objects import StoreObjects, is_local, open_store, storage_errors, write_local_object
 from dhkd_pipe.store.reader import LogitCache
+from dhkd_pipe.store.targets import check_target
 
 # Units written at once by one process; None: on a filesystem one per core up to 4 (there a unit
 # is CPU work, its encoding, so threads beyond the cores only add switching: fewer rows/s, more CPU

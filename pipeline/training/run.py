@@ -21,7 +21,7 @@ from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.methods.base import Method
 from dhkd_pipe.methods.feature_methods import CACHE_REFUSAL, is_feature_method
 from dhkd_pipe.methods.registry import from_config
-from dhkd_pipe.store.objects import RUN_IN_STORE, check_outside_folders
+from dhkd_pipe.store.targets import RUN_IN_STORE, check_outside_folders
 from dhkd_pipe.training.accelerator import make_accelerator
 from dhkd_pipe.training.nonfinite import NonFiniteGuard
 from dhkd_pipe.training.run_folder import RunFolder, RunMode, check_inputs_outside, check_out

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from dhkd_pipe.config import TrainConfig
 from dhkd_pipe.errors import DhkdError
-from dhkd_pipe.store.objects import RUN_IN_STORE, check_outside_folders
+from dhkd_pipe.store.targets import RUN_IN_STORE, check_outside_folders
 from dhkd_pipe.training.run_folder import RunMode
 
 # TrainConfig fields that shape the loader or the pass, so every student of a pass has the same
