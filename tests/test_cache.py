@@ -295,6 +295,14 @@ def test_check_matches_names_the_field(tmp_path):
         c.check_matches({"kind": "digits", "num_samples": N, "num_classes": K, "digest": "xyz"})
 
 
+def test_a_resume_refuses_a_checkpoint_that_records_no_store(tmp_path):
+    c = create(tmp_path / "s.zarr")
+    c.check_same_store(c.identity)
+    for recorded in (None, "s.zarr", ["s.zarr"]):
+        with pytest.raises(DhkdError, match=r"^--resume: the checkpoint records no store, though this run reads"):
+            c.check_same_store(recorded)
+
+
 def test_missing_or_foreign_store(tmp_path):
     with pytest.raises(DhkdError, match="no logit store"):
         LogitCache.open(str(tmp_path / "nope.zarr"))

@@ -160,10 +160,13 @@ class LogitCache(StoreLayout):
             "command_sha256": hashlib.sha256(text.encode()).hexdigest()[:16],
         }
 
-    def check_same_store(self, recorded: dict | None):
-        """Refuses this store when ``recorded`` (an :attr:`identity` saved earlier) names another."""
-        if not isinstance(recorded, dict):
-            return  # a checkpoint from before stores were recorded
+    def check_same_store(self, recorded):
+        """Refuses this store when ``recorded`` (the :attr:`identity` a checkpoint saved) names another, or is none."""
+        if not isinstance(recorded, dict):  # every checkpoint of a run that reads a store records it
+            raise DhkdError(
+                f"--resume: the checkpoint records no store, though this run reads {self._path}: it is damaged or "
+                "was not written by this tool; start over with --overwrite"
+            )
         now = self.identity
         if recorded.get("command_sha256") == now["command_sha256"]:
             return
