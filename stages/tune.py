@@ -144,15 +144,20 @@ def grid_points(space: dict[str, dict]) -> list[dict]:
     return [dict(zip(values, combo, strict=True)) for combo in itertools.product(*values.values())]
 
 
-def sampler(opts: TuneOptions):
-    """The study's sampler. A grid is queued as trials (``grid_points``, ``_queue_grid``) and taken
-    in turn, the random sampler only sampling past its end: Optuna's GridSampler stops the study
-    from inside ``tell`` when its grid is used up, which its ask-and-tell interface refuses."""
+def sampler(opts: TuneOptions, trials: int = 0):
+    """The sampler of the study's next trial, seeded by ``--study-seed`` and the number of
+    ``trials`` the study holds: one seed for the whole study would make a resumed tune, or a second
+    process, draw the first process's parameters again; this way a study's draws are the same
+    however many processes made it (two asking at the same instant may draw alike). A grid is
+    queued as trials (``grid_points``, ``_queue_grid``) and taken in turn, the random sampler only
+    sampling past its end: Optuna's GridSampler stops the study from inside ``tell`` when its grid
+    is used up, which its ask-and-tell interface refuses."""
     import optuna
 
+    seed = opts.study_seed * 1_000_003 + trials
     if opts.sampler in ("random", "grid"):
-        return optuna.samplers.RandomSampler(seed=opts.study_seed)
-    return optuna.samplers.TPESampler(seed=opts.study_seed)
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
 
 
 def _queue_grid(study, points: list[dict], trials: int):
@@ -290,7 +295,10 @@ def _tune(cfg: TrainConfig, opts: TuneOptions, log, memory_limit: float | None) 
         if slots <= 0:  # other processes' trials (or a killed one's, until its heartbeat is stale)
             time.sleep(min(opts.heartbeat, 5))
             continue
-        asked = [study.ask(dists) for _ in range(slots)]
+        asked = []
+        for _ in range(slots):
+            study.sampler = sampler(opts, len(study.get_trials(deepcopy=False)))
+            asked.append(study.ask(dists))
         for trial in asked:  # at once: a trial without a heartbeat would never be found stale if this process dies
             storage.record_heartbeat(trial._trial_id)  # Optuna's ask-and-tell trials expose no public id
         passes += 1

@@ -89,6 +89,13 @@ def reported(out, number: int) -> list[int]:
     return sorted(next(t for t in study.get_trials() if t.number == number).intermediate_values)
 
 
+def temperature(out, number: int) -> float:
+    import optuna
+
+    study = optuna.load_study(study_name="dhkd", storage=f"sqlite:///{out}/study.db")
+    return next(t for t in study.get_trials() if t.number == number).params["temperature"]
+
+
 def test_the_pruner_stops_trials_and_records_them_pruned(store, tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text("temperature: {type: float, low: 1, high: 4}\n")
@@ -133,7 +140,7 @@ def test_tune_on_the_command_line_refuses_in_one_line(store, tmp_path):
 @pytest.mark.parametrize("killed_at", ["first epoch", "set-up"])
 def test_a_killed_study_resumes_and_ends_with_its_trials_once_each(store, tmp_path, killed_at):
     space = tmp_path / "space.yaml"
-    space.write_text("temperature: {type: categorical, choices: [1, 2, 4]}\n")
+    space.write_text("temperature: {type: float, low: 1, high: 4}\n")
     out = tmp_path / "study"
     common = ["--cache", store, "--space", str(space), "--trials", "3", "--per-pass", "2", "--pruner", "none"]
     args = [*common, "--method", "kd", "--epochs", "3", "--batch-size", "32", "--workers", "0"]
@@ -167,6 +174,8 @@ def test_a_killed_study_resumes_and_ends_with_its_trials_once_each(store, tmp_pa
     assert set(failed) == {0, 1}  # the killed trials: failed, never results
     # their copies resumed the killed trials' folders: each epoch trained once
     assert set(failed.values()) <= set(complete.values())
+    # the trial the second process drew is a new one, not the first process's draw again
+    assert len({temperature(out, n) for n in complete}) == 3
     for n, folder in complete.items():
         with open(os.path.join(folder, "metrics.jsonl")) as f:
             assert [json.loads(line)["epoch"] for line in f] == [1, 2, 3], folder
