@@ -255,6 +255,11 @@ def _tune(cfg: TrainConfig, opts: TuneOptions, log, memory_limit: float | None) 
 
     if not cfg.cache:
         raise DhkdError("tune trains its trials from one pass over a stage-1 store: give --cache STORE")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a pruning decision is one process's, never agreed across ranks
+        raise DhkdError(
+            "tune runs in one process per worker: start several tune processes on one --storage instead of "
+            "accelerate launch"
+        )
     space = read_space(opts.space)
     if cfg.val_every != 1:
         log(f"tune validates every epoch (the pruner needs each epoch's top-1): --val-every {cfg.val_every} ignored")

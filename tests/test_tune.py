@@ -118,6 +118,15 @@ def test_the_pruner_stops_trials_and_records_them_pruned(store, tmp_path):
     assert (tmp_path / "lb-temperature.png").is_file()
 
 
+def test_tune_refuses_several_processes_of_one_launch(store, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: {type: float, low: 0.01, high: 0.1}\n")
+    with pytest.raises(DhkdError, match="start several tune processes on one --storage"):
+        tune(trial_config(store, tmp_path / "s", epochs=1), TuneOptions(space=str(space)).validate(), **QUIET)
+    assert not (tmp_path / "s").exists()
+
+
 def test_tune_on_the_command_line_refuses_in_one_line(store, tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text("lr: {type: float, low: 0.01, high: 0.1}\n")
