@@ -17,7 +17,8 @@ from dhkd_pipe.cli import main
 from dhkd_pipe.config import TrainConfig, TuneOptions
 from dhkd_pipe.errors import DhkdError
 from dhkd_pipe.stages.leaderboard import write_leaderboard
-from dhkd_pipe.stages.tune import read_space, tune
+from dhkd_pipe.stages.tune import tune
+from dhkd_pipe.training.study import read_space
 
 QUIET = dict(log=lambda *a: None)
 
