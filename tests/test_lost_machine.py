@@ -48,7 +48,7 @@ def test_a_machine_lost_in_stage_1_ends_the_others_and_the_resume_completes(s3, 
     from dhkd_pipe.config import CacheConfig
     from dhkd_pipe.stages.cache_teacher import cache_teacher
 
-    # 768 digits in chunks of 32, 2 views: 48 write units, 12 a process, slow enough to stop in between
+    # 768 digits in chunks of 32, 2 views: 48 write units, 24 a process, slow enough to stop in between
     options = dict(model="resnet8", data="digits@768", views=2, seed=0, chunk_rows=32, batch_size=32)
     reference = tmp_path / "reference.zarr"
     cache_teacher(
@@ -58,7 +58,7 @@ def test_a_machine_lost_in_stage_1_ends_the_others_and_the_resume_completes(s3, 
     args = ["cache-teacher", "--weights", random_teacher, "--out", url]
     args += [x for k, v in options.items() for x in ("--" + k.replace("_", "-"), v)]
     env = {"DHKD_COLLECTIVE_TIMEOUT": str(TIMEOUT_S)}
-    machines = Machines(tmp_path / "killed", args, env=env)
+    machines = Machines(tmp_path / "killed", args, per_machine=1, env=env)  # one process a machine: cheaper
     flags, written, deadline = StoreObjects(open_store(url), url), 0, time.time() + 300
     try:
         while time.time() < deadline and machines.running():
@@ -71,14 +71,14 @@ def test_a_machine_lost_in_stage_1_ends_the_others_and_the_resume_completes(s3, 
     finally:
         machines.stop()
     said = lines(machines.stderr(0), LOST)
-    assert machines.procs[0].returncode != 0 and len(said) == 2, machines.stderr(0)[-3000:]  # both ranks of machine 0
+    assert machines.procs[0].returncode != 0 and len(said) == 1, machines.stderr(0)[-3000:]
     for line in said:
         assert line.startswith("error: rank ") and "(machine 0 of 2)" in line
         assert line.endswith("launch again on every machine: dhkd-pipe " + " ".join(map(str, args))), line
     record("stage 1, machine 1 killed", seconds_to_stop=round(elapsed, 1), written_at_kill=written, lines=said)
     with pytest.raises(DhkdError, match="incomplete"):
         LogitCache.open(url).check_complete()  # what the lost ranks left is not taken for done
-    launch(tmp_path, "resumed", *args, env=env)
+    launch(tmp_path, "resumed", *args, per_machine=1, env=env)
     LogitCache.open(url).check_complete()
     assert all_objects(url) == all_objects(reference)
 

@@ -137,19 +137,19 @@ def test_stage_1_on_two_machines_writes_the_one_process_store(two_machine_store,
 
 @slow
 def test_stage_2_on_two_machines_equals_one_machine_of_four_processes(two_machine_store, tmp_path):
-    args = ["distill", "--student", "resnet8", "--cache", two_machine_store, *STAGE2]
-    launch(tmp_path, "two", *args, "--out", tmp_path / "two")
-    launch(tmp_path, "one", *args, "--out", tmp_path / "one", machines=1, per_machine=4)
-    same_params(tmp_path / "two", tmp_path / "one")
-    assert metrics(tmp_path / "two") == metrics(tmp_path / "one")
-    assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 4
-
-
-@slow
-def test_a_pass_of_two_students_on_two_machines_equals_one_machine(two_machine_store, tmp_path):
-    args = ["distill", "--student", "resnet8,resnet14", "--cache", two_machine_store, *STAGE2]
-    launch(tmp_path, "two", *args, "--out", tmp_path / "two")
-    launch(tmp_path, "one", *args, "--out", tmp_path / "one", machines=1, per_machine=4)
-    for student in ("resnet8", "resnet14"):
+    """A pass of two students on 2 machines x 2 processes equals the pass on 1 machine x 4, and one
+    student alone on 2 machines equals that pass's student: so, under several processes on several
+    machines, a run equals its run on one machine and a pass's student equals its solo run."""
+    args = ["distill", "--cache", two_machine_store, *STAGE2]
+    students = ("resnet8", "resnet14")
+    launch(tmp_path, "two", *args, "--student", ",".join(students), "--out", tmp_path / "two")
+    launch(
+        tmp_path, "one", *args, "--student", ",".join(students), "--out", tmp_path / "one", machines=1, per_machine=4
+    )
+    launch(tmp_path, "solo", *args, "--student", "resnet14", "--out", tmp_path / "solo")
+    for student in students:
         same_params(tmp_path / "two" / student, tmp_path / "one" / student)
         assert metrics(tmp_path / "two" / student) == metrics(tmp_path / "one" / student), student
+    same_params(tmp_path / "solo", tmp_path / "one" / "resnet14")
+    assert metrics(tmp_path / "solo") == metrics(tmp_path / "one" / "resnet14")
+    assert json.loads((tmp_path / "solo" / "summary.json").read_text())["processes"] == 4

@@ -238,33 +238,3 @@ def test_a_signal_stops_the_pass_with_every_student_saved_and_resume_continues(s
     for cfg in cfgs:
         name = os.path.basename(cfg.out)
         assert params(cfg.out) == params(solo[name]) and metrics(cfg.out) == metrics(solo[name]), name
-
-
-@pytest.mark.slow
-def test_a_pass_under_two_processes_equals_the_solo_runs_there(store, tmp_path):
-    from conftest import accelerate_launch
-
-    def launch(*args):
-        accelerate_launch(
-            "distill",
-            "--cache",
-            store,
-            "--epochs",
-            "1",
-            "--batch-size",
-            "16",
-            "--lr-milestones",
-            "1",
-            "--workers",
-            "0",
-            *args,
-        )
-
-    launch("--student", "resnet8,resnet14", "--seeds", "1", "--aux-head", "nonlinear", "--out", str(tmp_path / "pass"))
-    # the pass's second student against its solo run (each launch costs about 17 s here; the
-    # in-process tests above compare every student of a pass, seeds included)
-    name = "resnet14-s1"
-    launch("--student", "resnet14", "--seed", "1", "--aux-head", "nonlinear", "--out", str(tmp_path / name))
-    assert params(str(tmp_path / "pass" / name)) == params(str(tmp_path / name)), name
-    assert metrics(str(tmp_path / "pass" / name)) == metrics(str(tmp_path / name)), name
-    assert os.path.isfile(tmp_path / "pass" / "resnet8-s1" / "model.safetensors")
