@@ -360,3 +360,24 @@ def trained_store(tmp_path_factory, trained_teacher):
         built_once(tmp_path_factory, "trained-store", lambda d: write_digits_store(trained_teacher, d / "logits.zarr"))
         / "logits.zarr"
     )
+
+
+# Files whose tests start several processes or train for epochs, longest first. Each test process
+# (pytest-xdist, --dist loadfile) takes whole files in collection order, so the longest files go
+# first: started last, one of them would run alone while the other process sits idle.
+LONGEST_FIRST = (
+    "test_multi_machine.py",
+    "test_lost_machine.py",
+    "test_faults_store.py",
+    "test_faults.py",
+    "test_students.py",
+    "test_tune.py",
+    "test_pipeline.py",
+    "test_store_s3.py",
+    "test_decode_once.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order

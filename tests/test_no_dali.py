@@ -73,8 +73,8 @@ def test_dali_installed_says_no_without_dali_or_without_any_nvidia_package(monke
 
 @pytest.mark.slow
 def test_digits_stages_and_store_commands_run_without_dali(tmp_path, random_teacher):
-    """cache-teacher, inspect and distill on digits in processes where DALI cannot be imported; an
-    image folder there ends in the one line, exit code 2."""
+    """cache-teacher, inspect and distill on digits in processes where DALI cannot be imported (an
+    image folder's one line there is the in-process tests' above)."""
 
     def run(*args):
         return subprocess.run(
@@ -101,6 +101,3 @@ def test_digits_stages_and_store_commands_run_without_dali(tmp_path, random_teac
     )  # fmt: skip
     assert distilled.returncode == 0, distilled.stderr[-2000:]
     assert (out / "model.safetensors").exists()
-    refused = run("cache-teacher", "--model", "resnet18", "--data", f"imagefolder:{image_folder(tmp_path / 'images')}",
-                  "--out", tmp_path / "images.zarr")  # fmt: skip
-    assert (refused.returncode, refused.stderr) == (2, DALI_MISSING)

@@ -116,20 +116,6 @@ def test_store_does_not_depend_on_batch_size(tmp_path, random_teacher, quick_sto
 
 
 @slow
-def test_two_processes_write_the_one_process_store(tmp_path, random_teacher, small_store):
-    out = tmp_path / "two.zarr"
-    args = [a if a != "digits" else SMALL_DATA for a in STORE_ARGS]
-    accelerate_launch(
-        "cache-teacher", "--weights", random_teacher, *[a if a != 256 else 64 for a in args], "--out", out
-    )  # = small_store
-    assert_same_store(small_store, out)
-    assert (
-        LogitCache.open(str(out)).attrs["teacher"]["val_top1"]
-        == LogitCache.open(str(small_store)).attrs["teacher"]["val_top1"]
-    )
-
-
-@slow
 def test_killed_run_resumes_to_the_same_store(tmp_path, random_teacher, quick_store):
     out = tmp_path / "killed.zarr"
     args = [BIN, "cache-teacher", "--weights", str(random_teacher), *map(str, STORE_ARGS), "--out", str(out)]
