@@ -23,6 +23,13 @@ def _cpu_seconds(pid: int) -> float | None:
 REQUESTS_PATH = "/_dhkd/requests"  # where the local S3 server answers its request counts (local_s3_requests)
 
 
+def local_s3_available() -> bool:
+    """Whether the local S3 server can run here: moto (its server) and s3fs (the store's client)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("moto", "s3fs"))
+
+
 @contextlib.contextmanager
 def local_s3_server(bucket: str = "dhkd-bench", latency_ms: float = 0.0):
     """A moto S3 server on 127.0.0.1 in a child process for the length of the block, with
@@ -32,11 +39,9 @@ def local_s3_server(bucket: str = "dhkd-bench", latency_ms: float = 0.0):
     (each request has its own server thread, so waits overlap as a network's do). The server counts
     the requests it answers by kind (``local_s3_requests``). The child
     exits when its stdin closes, so it never outlives us."""
-    import importlib.util
-
     from dhkd_pipe.errors import DhkdError
 
-    if importlib.util.find_spec("moto") is None or importlib.util.find_spec("s3fs") is None:
+    if not local_s3_available():
         raise DhkdError("--s3-local needs moto and s3fs: pip install 'moto[server]' s3fs")
     import s3fs
 

@@ -4,7 +4,6 @@ that each benchmark's results become (``kernel_rows``, ``cache_rows``, ``distill
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 SIZES = {
@@ -207,9 +206,10 @@ S3_ROUND_TRIP_MS = 20.0  # the local S3 server's second run: a round trip of the
 
 
 def store_rows(out: str, s: dict) -> list[dict]:
+    from dhkd_pipe.benchmarks.local_s3 import local_s3_available
     from dhkd_pipe.benchmarks.store import bench_store
 
-    s3 = s["s3"] and all(importlib.util.find_spec(m) is not None for m in ("moto", "s3fs"))
+    s3 = s["s3"] and local_s3_available()
     # on disk with enough write units to take a time worth measuring (a few units pass too fast);
     # on the local S3 server fewer rows, each unit waiting on its requests
     runs = [
