@@ -105,6 +105,25 @@ def test_a_process_slot_replays_its_chunks_as_recorded(store, rank):
         assert torch.equal(images, renderer.train(indices, views))
 
 
+def test_the_first_batch_reads_only_its_own_part_of_the_schedule(store, monkeypatch):
+    """The order and views stream a write unit at a time: the first batch reads its unit's (and the
+    next one, read ahead), never a whole epoch's; the epoch still replays whole, as recorded."""
+    replay = dhkd_pipe.open_store(store)
+    cache, reads = replay.cache, []
+    real = cache.read
+    monkeypatch.setattr(
+        cache, "read", lambda name, selection, *a: reads.append((name, selection)) or real(name, selection, *a)
+    )
+    assert cache.num_chunks // cache.shard_chunks > 2
+    batches = replay.loader(64, device="cpu").epoch(0)
+    next(batches)
+    first = [selection for name, selection in reads if name == "order"]
+    assert 1 <= len(first) <= 2 and all(isinstance(selection[1], slice) for selection in first)
+    rest = list(batches)
+    assert len(rest) == -(-cache.num_samples // 64) - 1
+    assert len([name for name, _ in reads if name == "order"]) == -(-cache.num_chunks // cache.shard_chunks)
+
+
 def test_iterable_dataset_form(store):
     replay = dhkd_pipe.open_store(store)
     data = replay.dataset(100, epoch=1, device="cpu")

@@ -377,3 +377,70 @@ def test_skipped_images_are_left_out_and_recorded_in_the_fingerprint(folder, tmp
     again = data.without(["train/class1/003.JPEG"])  # what stage 2 replays from the store's record
     assert again.fingerprint() == kept.fingerprint()
     assert "skipped" not in data.fingerprint()  # a folder with nothing skipped keeps its old fingerprint
+
+
+def test_a_schedule_streamed_in_pieces_renders_as_one_and_is_taken_as_needed(data):
+    """The loader hands DALI an epoch's schedule chunk by chunk: the first batch does not wait for
+    the last piece, and the pixels equal those of the whole schedule given at once."""
+    r = DaliViews(data, data.default_plan(resolution=RES), "cpu", num_workers=1, pipeline_batch_size=4, prefetch=1)
+    try:
+        idx = np.arange(60) % data.num_train
+        views = _views(data, idx, epoch=3)
+        whole = torch.cat(list(r.train_batches(idx, views, 4)))
+        taken = []
+
+        def pieces():
+            for start in range(0, 60, 4):
+                taken.append(start)
+                yield idx[start : start + 4], views[start : start + 4]
+
+        stream = r.stream_batches(pieces(), 60, 4)
+        first = next(stream)
+        assert len(taken) < 15
+        assert torch.equal(torch.cat([first, *stream]), whole) and len(taken) == 15
+    finally:
+        r.close()
+
+
+def test_a_worker_waits_for_rows_not_yet_written_and_stops_when_abandoned(tmp_path):
+    import threading
+    from types import SimpleNamespace
+
+    from dhkd_pipe.data.dali_requests import Schedule, ScheduleReader, schedule_path
+
+    rows = np.arange(12, dtype=np.int32).reshape(6, 2)
+    filler = np.array([-1, 0], np.int32)
+    schedule = Schedule(schedule_path(str(tmp_path), "t", 0), [rows[:2], rows[2:]], 6, 8, filler)
+    schedule.ensure(2)
+    reader = ScheduleReader(str(tmp_path), "t")
+
+    def row(epoch, index):
+        return reader.row(SimpleNamespace(epoch_idx=epoch, idx_in_epoch=index))
+
+    assert list(row(0, 1)) == [2, 3]
+    got = {}
+    waiting = threading.Thread(target=lambda: got.update(row=row(0, 4)))
+    waiting.start()
+    waiting.join(0.2)
+    assert waiting.is_alive() and not got  # row 4 is not written yet
+    schedule.ensure(8)
+    waiting.join(10)
+    assert list(got["row"]) == [8, 9] and list(row(0, 7)) == [-1, 0]  # a row, then a filler
+    with pytest.raises(StopIteration):
+        row(0, 8)
+    abandoned = Schedule(schedule_path(str(tmp_path), "t", 1), [rows], 6, 8, filler)
+    stopped = []
+
+    def wait_then_stop():
+        try:
+            row(1, 0)
+        except StopIteration:
+            stopped.append(True)
+
+    waiting = threading.Thread(target=wait_then_stop)
+    waiting.start()
+    abandoned.abandon()
+    waiting.join(10)
+    assert stopped == [True]
+    schedule.close()
+    abandoned.close()

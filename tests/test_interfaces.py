@@ -118,6 +118,9 @@ def test_the_check_finds_a_missing_member_and_a_wrong_signature():
         def train_batches(self, indices, views, batch_size):
             return iter(())
 
+        def stream_batches(self, pieces, total, batch_size):
+            return iter(())
+
     class WrongName(NoVal):
         def val_batches(self, size):
             return iter(())
@@ -134,6 +137,6 @@ def test_the_check_finds_a_missing_member_and_a_wrong_signature():
         "chunk_rows",
         "view_epoch",
         "distinct_views",
-        "positions",
+        "schedule",
         "logits",
     }

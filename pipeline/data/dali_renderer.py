@@ -133,6 +133,12 @@ class DaliViews:
         views = np.asarray(views).reshape(len(indices), 5)
         return self._render_views(indices, views, batch_size)
 
+    def stream_batches(self, pieces, total: int, batch_size: int):
+        """``train_batches`` of a schedule arriving as (indices, views) pieces, ``total`` samples
+        in all: each piece is taken when DALI is about to need its rows."""
+        blocks = (self._view_rows(self._train_indices(i), np.asarray(v).reshape(-1, 5)) for i, v in pieces)
+        return self._render_rows(blocks, batch_size, total)
+
     def val_batches(self, batch_size: int):
         """(images, labels) of the un-augmented validation split."""
         n = self.data.num_val
@@ -157,7 +163,7 @@ class DaliViews:
         count = views.shape[1]
         rows = np.concatenate([indices[:, None], views.reshape(len(indices), -1)], axis=1)
         return self._image_requests(count).render(
-            rows, images, self._pipeline_batch(images, per_sample=count), lambda e, a, b: self._fail(e, indices, a, b)
+            rows, images, self._pipeline_batch(images, per_sample=count), self._fail
         )
 
     def start_images(self, count: int, images: int):
@@ -211,17 +217,22 @@ class DaliViews:
         )
 
     def _render_views(self, files: np.ndarray, views: np.ndarray, batch_size: int):
-        if batch_size < 1:
-            raise DhkdError(f"batch size must be positive, got {batch_size}")
+        return self._render_rows([self._view_rows(files, views)], batch_size, len(files))
+
+    @staticmethod
+    def _view_rows(files: np.ndarray, views: np.ndarray) -> np.ndarray:
+        """Schedule rows of the view source: file index, then the view (y, x, h, w, flip)."""
         views = np.asarray(views, dtype=np.int64)
         _check_boxes(views)
+        return np.concatenate([files[:, None], views], axis=1)
+
+    def _render_rows(self, blocks, batch_size: int, total: int):
+        if batch_size < 1:
+            raise DhkdError(f"batch size must be positive, got {batch_size}")
         if self._views is None:
             source = EncodedViewSource(self.folder, self._filler, regions=self.decode == "region")
             self._views = self._requests(source, self._view_graph, [-1, 0, 0, FILLER_SIZE, FILLER_SIZE, 0])
-        rows = np.concatenate([files[:, None], views], axis=1)
-        return self._views.render(
-            rows, batch_size, self._pipeline_batch(batch_size), lambda e, a, b: self._fail(e, files, a, b)
-        )
+        return self._views.render(blocks, batch_size, self._pipeline_batch(batch_size), self._fail, total=total)
 
     def _normalise(self):
         """crop_mirror_normalize's arguments and the resize filter: the same for every graph."""
@@ -296,15 +307,17 @@ class DaliViews:
 
         return graph
 
-    def _fail(self, error: Exception | bytes, files: np.ndarray, first: int, stop: int):
+    def _fail(self, error: Exception | bytes, files: np.ndarray):
         """Names the file that made a pipeline run fail, or whose damaged data a decoder reported
-        (``error``: the decoder's line; ``corrupt_images``), if one of ``files[first:stop]`` is bad.
-        The pipeline has stopped, so the files are checked one at a time with nothing beside them."""
-        found = find_corrupt([self.files[int(f)] for f in files[first:stop] if int(f) >= 0])
+        (``error``: the decoder's line; ``corrupt_images``), if one of ``files`` (indices; -1: a
+        filler) is bad. The pipeline has stopped, so the files are checked one at a time with
+        nothing beside them."""
+        files = [int(f) for f in files if int(f) >= 0]
+        found = find_corrupt([self.files[f] for f in files])
         if found is not None:
             raise DhkdError(f"cannot decode image {found[0]}: {found[1]}; {SKIP_HINT}") from None
         if isinstance(error, bytes):  # a warning no single file of the batch repeats: refuse all the same
-            names = ", ".join(self.files[int(f)] for f in files[first : min(stop, first + 3)])
+            names = ", ".join(self.files[f] for f in files[:3])
             raise DhkdError(
                 f"the JPEG decoder reported damaged data ({error.decode(errors='replace')}) in the images "
                 f"from {names}, ...; none fails alone; check these files"

@@ -46,6 +46,14 @@ class Renderer(Protocol):
         ``batch_size`` at a time (the last batch may be short)."""
         ...
 
+    def stream_batches(
+        self, pieces: Iterator[tuple[np.ndarray, np.ndarray]], total: int, batch_size: int
+    ) -> Iterator[torch.Tensor]:
+        """``train_batches`` of a schedule that arrives as (indices, views) pieces, ``total``
+        samples in all: the loader streams a stored epoch's order and views chunk by chunk, so the
+        first batch waits for its own rows, never for the whole epoch's."""
+        ...
+
     def val_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(images, labels) of the un-augmented validation split."""
         ...

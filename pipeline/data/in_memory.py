@@ -195,6 +195,13 @@ class InMemoryViews:
         for start in range(0, len(indices), batch_size):
             yield self.train(indices[start : start + batch_size], views[start : start + batch_size])
 
+    def stream_batches(self, pieces, total: int, batch_size: int):
+        """``train_batches`` of a schedule arriving as (indices, views) pieces, ``total`` samples in all."""
+        from dhkd_pipe.data.views import cut_batches
+
+        for indices, views in cut_batches(pieces, batch_size):
+            yield self.train(indices, views)
+
     def val_batches(self, batch_size: int):
         """(images, labels) of the un-augmented validation split."""
         import numpy as np

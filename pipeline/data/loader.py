@@ -7,7 +7,8 @@ and teacher logits come from:
   are no stored logits, the engine runs the teacher.
 - ``StoreEpochs``: the store recorded them in stage 1; training epoch ``k`` replays stored
   view-epoch ``k mod E`` and a few reader threads stream that epoch's logits chunk by chunk, in
-  training order, ahead of the step.
+  training order, ahead of the step. Its order and views stream too, a write unit at a time, so
+  the first batch waits for its own unit's rows, never for a whole epoch's (ImageNet's 1.28M).
 
 Both are an ``EpochSource`` (the protocol below). Positions are split across processes in whole
 chunks (rank ``r`` of ``W`` takes chunks ``r, r+W, ...``), and every rank runs the same number of
@@ -19,6 +20,7 @@ from __future__ import annotations
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import groupby
 from typing import TYPE_CHECKING, Iterator, Protocol, runtime_checkable
 
 import numpy as np
@@ -75,8 +77,11 @@ class EpochSource(Protocol):
         """How many distinct views of each sample a run of ``epochs`` epochs sees."""
         ...
 
-    def positions(self, epoch: int, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(dataset indices, views) at the given training positions of the epoch."""
+    def schedule(
+        self, epoch: int, chunks: list[int], skip_rows: int, total_rows: int
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(dataset indices, views) of rows ``skip_rows:total_rows`` of the concatenated
+        ``chunks``, a piece per chunk, in training order."""
         ...
 
     def logits(
@@ -102,9 +107,11 @@ class PlanEpochs:
     def distinct_views(self, epochs: int) -> int:
         return epochs
 
-    def positions(self, epoch: int, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        order = self.plan.order(self.view_epoch(epoch), self.num_samples)[positions]
-        return order, self.plan.views(self.view_epoch(epoch), order, self.data.train_sizes(order))
+    def schedule(self, epoch: int, chunks: list[int], skip_rows: int, total_rows: int):
+        order, c = self.plan.order(self.view_epoch(epoch), self.num_samples), self.chunk_rows
+        for chunk, lo, hi in spans(c, self.num_samples, chunks, skip_rows, total_rows):
+            indices = order[chunk * c + lo : chunk * c + hi]
+            yield indices, self.plan.views(self.view_epoch(epoch), indices, self.data.train_sizes(indices))
 
     def logits(self, epoch: int, chunks: list[int], skip_rows: int, total_rows: int):
         # has_logits is False: the engine runs the teacher itself, so a call here is a bug
@@ -131,9 +138,31 @@ class StoreEpochs:
     def distinct_views(self, epochs: int) -> int:
         return min(epochs, self.cache.epochs)
 
-    def positions(self, epoch: int, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        e = self.view_epoch(epoch)
-        return self.cache.read_order(e)[positions], self.cache.read_views(e)[positions]
+    def schedule(self, epoch: int, chunks: list[int], skip_rows: int, total_rows: int):
+        """Reads the order and views a write unit at a time (the objects stage 1 wrote: one read
+        each), the next unit read in a thread while this one's chunks are handed out."""
+        e, cache, per_unit = self.view_epoch(epoch), self.cache, self.cache.shard_chunks
+        wanted = spans(self.chunk_rows, self.num_samples, chunks, skip_rows, total_rows)
+        units = [(u, list(group)) for u, group in groupby(wanted, key=lambda span: span[0] // per_unit)]
+
+        def read_unit(unit: int):
+            start, stop = cache.unit_rows(unit * per_unit)
+            rows, where = (e, slice(start, stop)), unit * per_unit
+            order = np.asarray(cache.read("order", rows, e, where), np.int64)
+            return start, order, np.asarray(cache.read("views", rows, e, where), np.int32)
+
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="schedule-reader")
+        try:
+            following = pool.submit(read_unit, units[0][0]) if units else None
+            for k, (_, unit_spans) in enumerate(units):
+                start, order, views = following.result()
+                if k + 1 < len(units):
+                    following = pool.submit(read_unit, units[k + 1][0])
+                for c, lo, hi in unit_spans:
+                    a = c * self.chunk_rows - start
+                    yield order[a + lo : a + hi], views[a + lo : a + hi]
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def _fetch(self, epoch: int, chunk: int, lo: int, hi: int, pin: bool):
         values, scale = self.cache.read_chunk_tensors(epoch, chunk)
@@ -150,17 +179,7 @@ class StoreEpochs:
         concurrently ahead of the consumer."""
         e = self.view_epoch(epoch)
         pin = self.device.type == "cuda"
-        wanted, seen = [], 0
-        for c in chunks:
-            start, stop_row = self.cache.rows(c)
-            n = stop_row - start
-            lo, hi = max(skip_rows - seen, 0), min(total_rows - seen, n)
-            seen += n
-            if hi > lo:
-                wanted.append((c, lo, hi))
-            if seen >= total_rows:
-                break
-        todo = iter(wanted)
+        todo = iter(spans(self.chunk_rows, self.num_samples, chunks, skip_rows, total_rows))
         pool = ThreadPoolExecutor(max_workers=self.prefetch, thread_name_prefix="logit-reader")
         in_flight: deque = deque()
 
@@ -181,6 +200,21 @@ class StoreEpochs:
                 )
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
+
+
+def spans(chunk_rows: int, num_samples: int, chunks: list[int], skip_rows: int, total_rows: int):
+    """(chunk, lo, hi) for rows ``skip_rows:total_rows`` of the concatenated ``chunks``: rows
+    ``lo:hi`` within each chunk that has any."""
+    wanted, seen = [], 0
+    for c in chunks:
+        n = min(chunk_rows, num_samples - c * chunk_rows)
+        lo, hi = max(skip_rows - seen, 0), min(total_rows - seen, n)
+        seen += n
+        if hi > lo:
+            wanted.append((c, lo, hi))
+        if seen >= total_rows:
+            break
+    return wanted
 
 
 READ_AHEAD_BYTES = 64 << 20  # bound on stored logit bytes in flight per process
@@ -267,11 +301,6 @@ class ViewLoader:
     def __len__(self) -> int:
         return self.steps
 
-    def _my_positions(self) -> np.ndarray:
-        c, n = self.epochs.chunk_rows, self.epochs.num_samples
-        pos = np.concatenate([np.arange(k * c, min((k + 1) * c, n)) for k in self.my_chunks])
-        return pos[: self.rows]
-
     def epoch(self, epoch: int, skip_steps: int = 0):
         """Yields ``Batch``es of training epoch ``epoch`` (0, 1, ...), starting after ``skip_steps``
         batches (0 to ``len(self)``)."""
@@ -280,19 +309,36 @@ class ViewLoader:
 
     def _batches(self, epoch: int, skip_steps: int):
         skip = skip_steps * self.batch_size
-        positions = self._my_positions()[skip:]
-        indices, views = self.epochs.positions(epoch, positions)
-        images = self.renderer.train_batches(indices, views, self.batch_size)
-        labels = self.labels[torch.as_tensor(indices, device=self.labels.device)]
+        handed = deque()  # the indices of the pieces the renderer has taken, for the labels
+
+        def pieces():
+            for indices, views in self.epochs.schedule(epoch, self.my_chunks, skip, self.rows):
+                handed.append(indices)
+                yield indices, views
+
+        images = self.renderer.stream_batches(pieces(), self.rows - skip, self.batch_size)
         if self.epochs.has_logits:
             logits = row_batches(self.epochs.logits(epoch, self.my_chunks, skip, self.rows), self.batch_size)
         else:
             logits = None
-        for step, x in enumerate(images):
+        for x in images:
             x = x.contiguous(memory_format=self.memory_format)
-            lab = labels[step * self.batch_size : step * self.batch_size + len(x)]
+            lab = self.labels[torch.as_tensor(_take(handed, len(x)), device=self.labels.device)]
             if logits is None:
                 yield Batch(x, lab)
             else:
                 t, s = next(logits)
                 yield Batch(x, lab, t, s)
+
+
+def _take(pieces: deque, n: int) -> np.ndarray:
+    """The first ``n`` indices of the queued pieces, removed from it."""
+    out, have = [], 0
+    while have < n:
+        head = pieces.popleft()
+        if have + len(head) > n:
+            pieces.appendleft(head[n - have :])
+            head = head[: n - have]
+        out.append(head)
+        have += len(head)
+    return np.concatenate(out) if len(out) > 1 else out[0]

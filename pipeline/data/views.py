@@ -267,3 +267,20 @@ class UnitGroups:
         body = rng.permuted(members[: whole * g].reshape(whole, g)[at], axis=1).reshape(-1)
         tail = rng.permutation(members[whole * g :])
         return np.concatenate([body, tail]).astype(np.int64), unit
+
+
+def cut_batches(pieces, batch_size: int):
+    """(indices, views) of ``batch_size`` samples each (the last may be short), cut from a stream
+    of (indices, views) pieces of any length: a schedule that arrives chunk by chunk."""
+    indices, views, have = [], [], 0
+    for i, v in pieces:
+        indices.append(i)
+        views.append(v)
+        have += len(i)
+        while have >= batch_size:
+            i = np.concatenate(indices) if len(indices) > 1 else indices[0]
+            v = np.concatenate(views) if len(views) > 1 else views[0]
+            yield i[:batch_size], v[:batch_size]
+            indices, views, have = [i[batch_size:]], [v[batch_size:]], have - batch_size
+    if have:
+        yield np.concatenate(indices), np.concatenate(views)
