@@ -1,6 +1,11 @@
 """What opening, checking and reading a store costs as it grows: the done units come from one
 listing (a LIST page per 1,000 keys on object storage), never a read per unit; a local listing walks
-the folders itself; an object read on S3 is one GET."""
+the folders itself; opening a local store visits only the objects it reads, each checked as it is
+read; an object read on S3 is one GET."""
+
+import os
+import re
+import threading
 
 import pytest
 
@@ -44,6 +49,65 @@ def test_a_local_listing_is_zarrs_listing(tmp_path):
     for prefix in ("", "done/", "logits/c/1/", "nothing/"):
         assert objects.sizes(prefix) == objects.call("list", zarrs(prefix)), prefix
     assert len(objects.sizes()) == 6 + 1 + 4 * 16  # the group's and 5 arrays' zarr.json, the labels, 4 objects a unit
+
+
+def unblock(fifo: str):
+    """Ends a read blocked on ``fifo`` (it reads an empty file), if one is."""
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:  # no reader
+        pass
+
+
+def test_opening_a_local_store_walks_none_of_its_objects_and_a_fifo_is_refused_when_read(tmp_path, monkeypatch):
+    """A FIFO deep in a chunk folder stops no open (nothing walks the store), but a read of it is
+    the one-line error, never a read that blocks; the listing that checks the store refuses it too."""
+    from dhkd_pipe.errors import DhkdError
+    from dhkd_pipe.store.reader import LogitCache
+
+    location = str(tmp_path / "s.zarr")
+    small_store(location)
+    fifo = os.path.join(location, "logits", "c", "1", "5", "0")
+    os.remove(fifo)
+    os.mkfifo(fifo)
+    walked, scandir, listdir = [], os.scandir, os.listdir
+    monkeypatch.setattr(os, "scandir", lambda path=".": walked.append(path) or scandir(path))
+    monkeypatch.setattr(os, "listdir", lambda path=".": walked.append(path) or listdir(path))
+    store = LogitCache.open(location)
+    assert walked == []
+    monkeypatch.undo()
+    assert store.read_chunk(1, 4)[0].shape == (32, 10)  # the objects beside it read as ever
+    timer = threading.Timer(20, unblock, [fifo])  # a read that blocks fails the test, not the run
+    timer.start()
+    try:
+        with pytest.raises(DhkdError, match=r"^store \S+: logits/c/1/5/0 is a FIFO, not a file; [^\n]*$"):
+            store.read_chunk(1, 5)
+        with pytest.raises(DhkdError, match=r"logits/c/1/5/0 is a FIFO"):
+            store.check_complete()
+    finally:
+        timer.cancel()
+        unblock(fifo)
+
+
+@pytest.mark.parametrize("entry", ["logits/c/1/5/0", "logits/c/1"])
+def test_a_read_through_a_link_that_leaves_the_store_is_refused(tmp_path, entry):
+    """A chunk object, or a folder on its way, moved outside the store and linked back: the open
+    reads neither, the read of the chunk is refused in one line naming the link."""
+    from dhkd_pipe.errors import DhkdError
+    from dhkd_pipe.store.reader import LogitCache
+
+    location = str(tmp_path / "s.zarr")
+    small_store(location)
+    path, outside = os.path.join(location, entry), str(tmp_path / "outside")
+    os.replace(path, outside)
+    os.symlink(outside, path)
+    store = LogitCache.open(location)
+    assert store.read_chunk(0, 5)[0].shape == (32, 10)
+    refused = rf"^store \S+: {entry} is a link that leaves the store \(to {re.escape(outside)}\); [^\n]*$"
+    with pytest.raises(DhkdError, match=refused):
+        store.read_chunk(1, 5)
+    with pytest.raises(DhkdError, match=refused):
+        store.check_complete()
 
 
 @pytest.mark.slow

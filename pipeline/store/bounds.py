@@ -8,7 +8,8 @@ millions of chunk keys) and reads whatever a path holds (a FIFO blocks forever, 
 
 - on a local disk, every entry of the store is a regular file or folder inside it: FIFOs,
   devices, sockets and links that leave the store (or end anywhere but a regular file or folder)
-  are refused;
+  are refused, each object as it is read (``check_local_object``: opening a store visits none but
+  those it reads) and every entry when the store is listed or about to be written;
 - a metadata document is at most ``MAX_METADATA_BYTES`` and nests at most as deep as JSON allows;
 - the arrays' shapes and chunks agree with the schema and with each other, no array has more than
   ``MAX_CHUNKS`` chunks or a chunk over ``MAX_CHUNK_BYTES``, and the labels object (written when
@@ -17,6 +18,7 @@ millions of chunk keys) and reads whatever a path holds (a FIFO blocks forever, 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import stat
@@ -30,52 +32,139 @@ ARRAYS = ("logits", "order", "views", "labels", "done")
 
 
 def check_local_tree(root: str, location: str):
-    """Refuses a local store holding an entry that is not a regular file or folder inside it."""
+    """Refuses a local store holding an entry that is not a regular file or folder inside it (a walk
+    of the whole store: for commands about to write it; readers check each object as they read it)."""
+    try:
+        local_sizes(root, location)
+    except OSError as e:
+        from dhkd_pipe.errors import io_error
+
+        raise io_error(root, e, "read") from None
+
+
+def local_sizes(root: str, location: str, prefix: str = "") -> dict[str, int]:
+    """{key: bytes} of the files under the folder ``root``/``prefix``, as Zarr's ``LocalStore``
+    lists them (links to files inside the store included), refusing on the way any entry that is
+    not a regular file or folder inside the store: the listing a reader makes anyway is the walk
+    that finds them. A ``scandir`` per folder and a ``stat`` per file, no ``getsize`` per key
+    through Zarr's I/O loop, which costs several times as much (a store of a million rows has
+    thousands of objects)."""
     real_root = os.path.realpath(root)
-    stack = [root]
+    start = os.path.join(root, prefix) if prefix else root
+    if prefix:  # a prefix that is a link leaving the store is refused before it is listed
+        check_local_object(root, real_root, prefix.rstrip("/"), location)
+    sizes = {}
+    stack = [(start, prefix.rstrip("/") + "/" if prefix else "")]
     while stack:
-        folder = stack.pop()
+        folder, at = stack.pop()
         try:
             entries = list(os.scandir(folder))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             continue
-        except NotADirectoryError:
-            return
-        except OSError as e:
-            from dhkd_pipe.errors import io_error
-
-            raise io_error(folder, e, "read") from None
         for entry in entries:
-            # the entry's type from the folder listing itself, no stat: a store's every open walks
-            # all its objects (thousands in a large store); only what is neither file nor folder is looked at
+            # the entry's type from the folder listing itself: only what is neither file nor folder is looked at
             if entry.is_dir(follow_symlinks=False):
-                stack.append(entry.path)
+                stack.append((entry.path, f"{at}{entry.name}/"))
                 continue
-            if entry.is_file(follow_symlinks=False):
-                continue
-            key = os.path.relpath(entry.path, root)
-            st = entry.stat(follow_symlinks=False)
-            if stat.S_ISLNK(st.st_mode):
-                target = os.path.realpath(entry.path)
-                inside = target == real_root or target.startswith(real_root + os.sep)
-                try:
-                    kind = os.stat(entry.path).st_mode
-                except OSError:
-                    kind = 0
-                if not inside:
-                    raise DhkdError(
-                        f"store {location}: {key} is a link that leaves the store (to {target}); "
-                        "a store holds its own objects only"
-                    )
-                if not (stat.S_ISREG(kind) or stat.S_ISDIR(kind)):
-                    raise DhkdError(f"store {location}: {key} is a link to {_kind(kind)}, not to a file")
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                stack.append(entry.path)
-            elif not stat.S_ISREG(st.st_mode):
-                raise DhkdError(
-                    f"store {location}: {key} is {_kind(st.st_mode)}, not a file; a store holds regular files only"
-                )
+            if not entry.is_file(follow_symlinks=False):  # a link or a special file
+                mode = entry.stat(follow_symlinks=False).st_mode
+                _check_entry(entry.path, at + entry.name, mode, real_root, location)
+            if entry.is_file():
+                sizes[at + entry.name] = entry.stat().st_size
+    return sizes
+
+
+def check_local_object(root: str, real_root: str, key: str, location: str):
+    """Refuses object ``key`` of the local store at ``root`` (``real_root``: its real path) where it,
+    or a folder on its way, is not a regular file or folder inside the store: called as the object
+    is read, so a FIFO never blocks a read and a link never leads outside, with no walk of the
+    whole store when it is opened. A missing object passes: the read answers that."""
+    at, parts = root, key.split("/")
+    for i, part in enumerate(parts):  # an lstat per entry on the way; a real path only where one is a link
+        at = os.path.join(at, part)
+        try:
+            mode = os.lstat(at).st_mode
+        except OSError:
+            return
+        if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+            _check_entry(at, "/".join(parts[: i + 1]), mode, real_root, location)
+
+
+def contained(store, location: str):
+    """The local ``store`` (a ``LocalStore``) wrapped so that each object is checked just before it
+    is read, sized or looked for (:func:`check_local_object`): a FIFO, device or socket, or a link
+    leaving the store, is a one-line error when a command first touches it, and opening a store
+    walks none of its objects (a store of 10^7 rows has thousands)."""
+    return _contained_class()(store, location)
+
+
+@functools.cache
+def _contained_class():
+    from zarr.storage import WrapperStore
+
+    class ContainedStore(WrapperStore):
+        def __init__(self, store, location: str):
+            super().__init__(store)
+            # links inside the store's own path are the user's: only what lies beyond its real path leaves it
+            self.location, self._real_root = location, os.path.realpath(store.root)
+
+        def _with_store(self, store):
+            return type(self)(store, self.location)
+
+        @property
+        def root(self):
+            return self._store.root
+
+        def check(self, key: str):
+            check_local_object(os.fspath(self._store.root), self._real_root, key, self.location)
+
+        async def get(self, key, prototype=None, byte_range=None):
+            self.check(key)
+            return await self._store.get(key, prototype, byte_range)
+
+        async def get_partial_values(self, prototype, key_ranges):
+            key_ranges = list(key_ranges)
+            for key in dict.fromkeys(key for key, _ in key_ranges):
+                self.check(key)
+            return await self._store.get_partial_values(prototype, key_ranges)
+
+        async def _get_many(self, requests):
+            for key, prototype, byte_range in requests:
+                yield key, await self.get(key, prototype, byte_range)
+
+        async def exists(self, key):
+            self.check(key)
+            return await self._store.exists(key)
+
+        async def getsize(self, key):
+            self.check(key)
+            return await self._store.getsize(key)
+
+    return ContainedStore
+
+
+def _inside(path: str, real_root: str) -> bool:
+    return path == real_root or path.startswith(real_root + os.sep)
+
+
+def _check_entry(path: str, key: str, mode: int, real_root: str, location: str):
+    """Refuses entry ``key`` of a local store (at ``path``, ``mode`` its own, links not followed)
+    unless it is a regular file or folder, or a link inside the store to one."""
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return
+    if not stat.S_ISLNK(mode):
+        raise DhkdError(f"store {location}: {key} is {_kind(mode)}, not a file; a store holds regular files only")
+    target = os.path.realpath(path)
+    if not _inside(target, real_root):
+        raise DhkdError(
+            f"store {location}: {key} is a link that leaves the store (to {target}); a store holds its own objects only"
+        )
+    try:
+        kind = os.stat(path).st_mode
+    except OSError:
+        kind = 0
+    if not (stat.S_ISREG(kind) or stat.S_ISDIR(kind)):
+        raise DhkdError(f"store {location}: {key} is a link to {_kind(kind)}, not to a file")
 
 
 def _kind(mode: int) -> str:
@@ -217,7 +306,7 @@ def read_metadata(objects, key: str) -> dict | None:
 def check_store(objects) -> tuple[dict, dict[str, dict | None]] | None:
     """Before Zarr reads anything of the store ``objects``: every metadata document bounded, and the
     shapes agreeing with the schema, with each other and with the labels object's own size. (A
-    local store's entries are checked first, by ``check_local_tree``.) Returns the documents read,
+    local store's objects are checked as they are read, by ``check_local_object``.) Returns the documents read,
     (the group's, {array: its own or None}), for the schema's check (``schema.metadata_problems``);
     None where the group is not (yet) a logit store's."""
     root = read_metadata(objects, "zarr.json")

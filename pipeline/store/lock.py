@@ -34,7 +34,7 @@ import uuid
 from dhkd_pipe.errors import DhkdError, one_line
 from dhkd_pipe.files import remove_quietly
 from dhkd_pipe.processes import HOST, flock_exclusive, held_line, holder_alive, new_holder, parse_holder
-from dhkd_pipe.store.objects import StoreObjects
+from dhkd_pipe.store.objects import StoreObjects, local_root
 
 LOCK_KEY = ".lock"
 BREAK_LOCK = "--break-lock"  # the cache-teacher option that takes over a lock judged alive
@@ -113,10 +113,11 @@ class StoreLock:
 
 
 def _backend(objects: StoreObjects):
-    from zarr.storage import FsspecStore, LocalStore
+    from zarr.storage import FsspecStore
 
-    if isinstance(objects.store, LocalStore):
-        return _FileLock(str(objects.store.root), objects.location)
+    root = local_root(objects.store)
+    if root is not None:
+        return _FileLock(root, objects.location)
     if isinstance(objects.store, FsspecStore):
         return _ObjectLock(objects)
     raise DhkdError(f"store {objects.location}: cannot lock a {type(objects.store).__name__}")

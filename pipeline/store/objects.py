@@ -131,35 +131,16 @@ def write_local_object(store, key: str, parts, atomic: bool = True) -> None:
         raise
 
 
-def local_sizes(root: str, prefix: str = "") -> dict[str, int]:
-    """{key: bytes} of the files under the folder ``root``/``prefix``, as Zarr's ``LocalStore``
-    lists them (links to files included): a ``scandir`` per folder and a ``stat`` per file, no
-    ``getsize`` per key through Zarr's I/O loop, which costs several times as much (a store of a million
-    rows has thousands of objects)."""
-    sizes = {}
-    stack = [(os.path.join(root, prefix) if prefix else root, prefix.rstrip("/") + "/" if prefix else "")]
-    while stack:
-        folder, at = stack.pop()
-        try:
-            entries = list(os.scandir(folder))
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        for entry in entries:
-            if entry.is_dir(follow_symlinks=False):
-                stack.append((entry.path, f"{at}{entry.name}/"))
-            elif entry.is_file():
-                sizes[at + entry.name] = entry.stat().st_size
-    return sizes
-
-
 def open_store(location: str, read_only: bool = True):
-    """The Zarr store at ``location``: ``LocalStore`` for local paths and ``file://``,
-    ``FsspecStore`` for any other fsspec URL. Nothing is created or contacted yet."""
+    """The Zarr store at ``location``: a ``LocalStore`` for local paths and ``file://`` (wrapped by
+    ``bounds.contained``), an ``FsspecStore`` for any other fsspec URL. Nothing is created or contacted yet."""
     from zarr.storage import FsspecStore, LocalStore
 
     location = str(location)
     if is_local(location):
-        return LocalStore(local_path(location), read_only=read_only)
+        from dhkd_pipe.store.bounds import contained
+
+        return contained(LocalStore(local_path(location), read_only=read_only), location)
     scheme = location.split("://", 1)[0]
     try:
         # no listings cache: another process may write the objects this one checks
@@ -178,6 +159,12 @@ def open_store(location: str, read_only: bool = True):
         raise DhkdError(f"{scheme}:// stores need {package}: pip install 'dhkd-pipe[s3]'") from None
     except ValueError as e:  # fsspec: "Protocol not known: foo"
         raise DhkdError(f"cannot open {location}: {one_line(e)}") from None
+
+
+def local_root(store) -> str | None:
+    """The folder of a local store (as :func:`open_store` gives it); None for object storage."""
+    root = getattr(store, "root", None)
+    return None if root is None else os.fspath(root)
 
 
 def is_chunk_key(key: str) -> bool:
@@ -276,8 +263,8 @@ class StoreObjects:
 
     def is_file(self) -> bool:
         """Whether the location is a local file, not a folder (no store can be there)."""
-        root = getattr(self.store, "root", None)  # LocalStore
-        return root is not None and root.exists() and not root.is_dir()
+        root = local_root(self.store)
+        return root is not None and os.path.exists(root) and not os.path.isdir(root)
 
     def entries(self) -> list[str]:
         """Names directly under the store's root: objects and "folders" (``zarr.json``, ``logits``)."""
@@ -303,13 +290,15 @@ class StoreObjects:
     def sizes(self, prefix: str = "") -> dict[str, int]:
         """{key: bytes} of every object under ``prefix``: one listing on object storage (a LIST
         answers with the sizes, a page per 1,000 keys), one walk of the folders on a local disk
-        (:func:`local_sizes`), ``getsize`` of each listed key elsewhere."""
-        from zarr.storage import FsspecStore, LocalStore
+        (``bounds.local_sizes``, which refuses what no store holds), ``getsize`` of each listed key elsewhere."""
+        from zarr.storage import FsspecStore
 
-        store = self.store
-        if isinstance(store, LocalStore):
+        from dhkd_pipe.store.bounds import local_sizes
+
+        store, root = self.store, local_root(self.store)
+        if root is not None:
             try:
-                return local_sizes(os.fspath(store.root), prefix)
+                return local_sizes(root, self.location, prefix)
             except OSError as e:
                 raise DhkdError(f"store {self.location}: cannot list {prefix or 'the store'}: {one_line(e)}") from None
 
@@ -345,10 +334,10 @@ class StoreObjects:
 
     def remove_empty_root(self):
         """Removes a local store's folder if it is empty (object storage has no empty folders)."""
-        root = getattr(self.store, "root", None)  # LocalStore
+        root = local_root(self.store)
         if root is not None:
             try:
-                root.rmdir()
+                os.rmdir(root)
             except OSError:
                 pass
 

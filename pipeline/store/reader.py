@@ -15,7 +15,7 @@ from collections import OrderedDict
 import numpy as np
 
 from dhkd_pipe.errors import DhkdError, one_line
-from dhkd_pipe.store.bounds import check_local_tree, check_store
+from dhkd_pipe.store.bounds import check_store
 from dhkd_pipe.store.codecs import codec_named, decode_logits, stored_tensor
 from dhkd_pipe.store.layout import FORMAT_VERSION, StoreLayout, brief, check_fingerprint, jsonable, location
 from dhkd_pipe.store.lock import LOCK_KEY
@@ -82,9 +82,8 @@ class LogitCache(StoreLayout):
         path = location(path)
         if mode not in ("r", "r+"):
             raise ValueError(f"mode must be 'r' or 'r+', got {mode!r}")
+        # a local store's objects are checked as they are read (``bounds.contained``), not walked here
         objects = StoreObjects(open_store(path, read_only=mode == "r"), path)
-        if is_local(path):  # before anything is read: a FIFO or a link to a device would never end
-            check_local_tree(local_path(path), path)
         if not objects.exists("zarr.json"):
             if objects.is_empty(ignore=(LOCK_KEY,)):
                 if objects.exists(LOCK_KEY):

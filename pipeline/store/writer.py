@@ -26,7 +26,7 @@ from dhkd_pipe.store.layout import (
     location,
 )
 from dhkd_pipe.store.lock import LOCK_KEY, StoreLock
-from dhkd_pipe.store.objects import StoreObjects, is_local, open_store, storage_errors, write_local_object
+from dhkd_pipe.store.objects import StoreObjects, is_local, local_root, open_store, storage_errors, write_local_object
 from dhkd_pipe.store.reader import LogitCache
 from dhkd_pipe.store.targets import check_target
 
@@ -151,7 +151,6 @@ def write_unit(
     data objects at once (their round trips overlap), then the flags."""
     from zarr.core.buffer import default_buffer_prototype
     from zarr.core.sync import sync
-    from zarr.storage import LocalStore
 
     start, stop = cache.unit_rows(first_chunk)
     last = min(first_chunk + cache.shard_chunks, cache.num_chunks) - 1
@@ -198,7 +197,7 @@ def write_unit(
         await put("done")
 
     try:
-        if isinstance(store, LocalStore) and all(p is not None for p in parts.values()):
+        if local_root(store) is not None and all(p is not None for p in parts.values()):
             for name in data:  # done last, and atomically: until it is, nothing reads the others
                 write_local_object(store, keys[name], parts[name], atomic=name == "done")
         else:
