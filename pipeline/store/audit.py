@@ -8,6 +8,7 @@ resume, so the resume rewrites what was damaged.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -49,15 +50,28 @@ def _min_size(cache: "LogitCache", key: str) -> int:
     return int(np.prod(arr.chunks)) * arr.dtype.itemsize + 4
 
 
-def _alike(cache: "LogitCache", key: str) -> str:
-    """What the fewest bytes of object ``key`` depend on: its array alone where the object lies
-    wholly inside the array (every chunk and shard but an epoch's last), else the key itself. So
-    the bound is computed once per array, not once per object (a shard's costs its index's bounds)."""
-    name, _, coords = key.partition("/c/")
-    metadata = cache.array(name).metadata
-    at, grid, shape = coords.split("/"), metadata.chunk_grid.chunk_shape, metadata.shape
-    inside = len(at) == len(shape) and all((int(c) + 1) * g <= n for c, g, n in zip(at, grid, shape, strict=True))
-    return name if inside else key
+def _too_short(cache: "LogitCache"):
+    """``too_short(key, size)``: whether ``size`` bytes are fewer than any sound object ``key`` has
+    (``_min_size``), the bound computed once per array for the objects wholly inside it (every
+    chunk and shard but an epoch's last), once per object for the others (a shard's bound costs its
+    index's bounds)."""
+    grids, fewest = {}, {}
+
+    def too_short(key: str, size: int) -> bool:
+        name, _, coords = key.partition("/c/")
+        if size >= fewest.get(name, size + 1):
+            return False  # an object at the array's edge holds no more than one inside it: no key to parse
+        if name not in grids:
+            metadata = cache.array(name).metadata
+            grids[name] = tuple(zip(metadata.chunk_grid.chunk_shape, metadata.shape, strict=True))
+        at, grid = coords.split("/"), grids[name]
+        inside = len(at) == len(grid) and all((int(c) + 1) * g <= n for c, (g, n) in zip(at, grid, strict=True))
+        alike = name if inside else key
+        if alike not in fewest:
+            fewest[alike] = _min_size(cache, key)
+        return size < fewest[alike]
+
+    return too_short
 
 
 def object_problems(cache: "LogitCache", keys, checksums: bool = True, sizes: dict | None = None) -> dict[str, str]:
@@ -70,17 +84,13 @@ def object_problems(cache: "LogitCache", keys, checksums: bool = True, sizes: di
     keys = list(keys)
     if not checksums:
         sizes = cache.objects.sizes() if sizes is None else sizes
-        problems, fewest = {}, {}
+        problems, too_short = {}, _too_short(cache)
         for key in keys:
-            if key not in sizes:
+            size = sizes.get(key)
+            if size is None:
                 problems[key] = "missing"
-                continue
-            alike = _alike(cache, key)
-            least = fewest.get(alike)
-            if least is None:
-                least = fewest[alike] = _min_size(cache, key)
-            if sizes[key] < least:
-                problems[key] = f"truncated ({sizes[key]} bytes)"
+            elif too_short(key, size):
+                problems[key] = f"truncated ({size} bytes)"
         return problems
     from zarr.core.buffer import default_buffer_prototype
 
@@ -115,26 +125,22 @@ def _lines(cache: "LogitCache", problems: dict) -> list[str]:
 
 def _damaged_objects(cache: "LogitCache", checksums: bool, sizes: dict | None = None) -> dict[str, str]:
     sizes = cache.objects.sizes() if sizes is None else sizes  # one listing: the done units, and (quick) the sizes
-    units = cache.write_units()
+    table = cache.unit_key_table()  # {array: its object in each write unit}
+    flags = table.pop("done")
     # a unit without its flags object is not done, not damaged: only the flags objects there are checked
-    done_keys = [key for e, chunks in units if (key := cache.unit_keys(e, chunks[0])["done"]) in sizes]
+    done_keys = [key for key in flags if key in sizes]
     flag_problems = {k: p for k, p in object_problems(cache, done_keys, checksums, sizes).items() if p != "missing"}
-    done = _done_units(cache, set(flag_problems), sizes)
-    keys = [LABELS_KEY]
-    for e, chunks in units:
-        if done[e, chunks].all():
-            keys += [k for name, k in cache.unit_keys(e, chunks[0]).items() if name != "done"]
+    done = _done_units(cache, flags, set(flag_problems), sizes).ravel()
+    keys = [LABELS_KEY] + [key for unit_keys in table.values() for key in itertools.compress(unit_keys, done)]
     return {**flag_problems, **object_problems(cache, keys, checksums, sizes)}
 
 
-def _done_units(cache: "LogitCache", damaged: set, sizes: dict) -> np.ndarray:
-    """The done mask (from the listing ``sizes``), a unit whose flags object is in ``damaged``
-    counted as not done."""
-    done = cache.done_mask(sizes)
+def _done_units(cache: "LogitCache", flags: list[str], damaged: set, sizes: dict) -> np.ndarray:
+    """(epochs, units) bools: the units all of whose chunks are marked done in the listing ``sizes``,
+    a unit whose flags object (of ``flags``, one per unit) is in ``damaged`` counted as not done."""
+    done = cache.unit_mask(cache.done_mask(sizes))
     if damaged:
-        for e, chunks in cache.write_units():
-            if cache.unit_keys(e, chunks[0])["done"] in damaged:
-                done[e, chunks[0] : chunks[-1] + 1] = False
+        done &= ~np.array([key in damaged for key in flags], bool).reshape(done.shape)
     return done
 
 

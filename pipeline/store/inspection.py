@@ -17,7 +17,8 @@ def inspection(location: str, checksums: bool = True) -> tuple[dict, str | None]
     missing or damaged, ``audit.damage``; None where the metadata differs, as the objects are read
     through it), and the one error line naming the fix, or None for a sound store."""
     cache = LogitCache.open(location, schema=False)
-    summary = cache.summary()
+    sizes = cache.objects.sizes()  # the one listing the summary and the audit share
+    summary = cache.summary(sizes)
     # where the data is and how views become pixels: attributes stage 1 writes
     summary["data"] = cache.attrs.get("data_spec")
     summary["preprocessing"] = cache.attrs.get("preprocessing")
@@ -26,7 +27,7 @@ def inspection(location: str, checksums: bool = True) -> tuple[dict, str | None]
     if problems:
         summary["damaged"] = None
         return summary, f"error: {metadata_error(cache.path, cache.attrs, problems)}"
-    damaged = damage(cache, checksums=checksums)
+    damaged = damage(cache, checksums=checksums, sizes=sizes)
     summary["damaged"] = damaged
     if not damaged:
         return summary, None

@@ -260,6 +260,27 @@ class StoreLayout:
         s, n = self._shard_chunks, self.num_chunks
         return [(e, list(range(c, min(c + s, n)))) for e in range(self._epochs) for c in range(0, n, s)]
 
+    def unit_key_table(self, names: tuple[str, ...] = PER_EPOCH) -> dict[str, list[str]]:
+        """{array: its object in each write unit, in the order of :meth:`write_units`} for the arrays
+        ``names`` the store has: :meth:`unit_keys` for every unit at once, each array's key encoding
+        looked up once (a store of 10^7 rows has hundreds of units, checked whenever it is opened to train)."""
+        units = range(-(-self.num_chunks // self._shard_chunks))
+        table = {}
+        for name in names:
+            arr = self._arrays.get(name)
+            if arr is not None:
+                encode, rest = arr.metadata.chunk_key_encoding.encode_chunk_key, (0,) * (arr.ndim - 2)
+                table[name] = [f"{name}/{encode((e, u) + rest)}" for e in range(self._epochs) for u in units]
+        return table
+
+    def chunk_mask(self, units: np.ndarray) -> np.ndarray:
+        """(epochs, chunks) bools from (epochs, units) ones: each unit's for each of its chunks."""
+        return np.repeat(units, self._shard_chunks, axis=1)[:, : self.num_chunks]
+
+    def unit_mask(self, chunks: np.ndarray) -> np.ndarray:
+        """(epochs, units) bools from (epochs, chunks) ones: whether all of a unit's chunks are set."""
+        return np.logical_and.reduceat(chunks, np.arange(0, self.num_chunks, self._shard_chunks), axis=1)
+
     def unit_keys(self, epoch: int, first_chunk: int) -> dict[str, str]:
         """{array: object key} of the objects that write unit (epoch, first_chunk) writes: its data
         objects, then ``done`` (written last)."""

@@ -223,14 +223,9 @@ class LogitCache(StoreLayout):
         done_array = self.array("done")
         if tuple(done_array.chunks) != (1, self.shard_chunks):  # not a unit per object: read the flags
             return self.read("done", (slice(None),)).astype(bool)
-        keys = set(self._objects.list("done/") if listed is None else listed)
-        encode, s = done_array.metadata.encode_chunk_key, self.shard_chunks
-        done = np.zeros((self.epochs, self.num_chunks), bool)
-        for e in range(self.epochs):
-            for unit in range(-(-self.num_chunks // s)):
-                if f"done/{encode((e, unit))}" in keys:
-                    done[e, unit * s : (unit + 1) * s] = True
-        return done
+        listed = set(self._objects.list("done/")) if listed is None else listed
+        flags = self.unit_key_table(("done",))["done"]
+        return self.chunk_mask(np.fromiter((key in listed for key in flags), bool, len(flags)).reshape(self.epochs, -1))
 
     # ---- reading ----------------------------------------------------------------------------
 
@@ -344,13 +339,14 @@ class LogitCache(StoreLayout):
     def check_matches(self, fingerprint: dict):
         check_fingerprint(self._attrs.get("dataset") or {}, fingerprint)
 
-    def summary(self) -> dict:
+    def summary(self, sizes: dict | None = None) -> dict:
+        """What ``inspect`` shows of the store; ``sizes``: its listing (``objects.sizes()``), if the caller has it."""
         from dhkd_pipe.processes import describe_holder
         from dhkd_pipe.store.lock import read_holder
 
-        sizes = self._objects.sizes()
+        sizes = self._objects.sizes() if sizes is None else sizes
         done = self.done_mask(sizes)
-        lock = sizes.pop(LOCK_KEY, None)
+        lock = sizes.get(LOCK_KEY)
         holder = read_holder(self._objects) if lock is not None else None
         logit_bytes = sum(
             n for key, n in sizes.items() if key.split("/")[0] in ("logits", "logit_scale") and is_chunk_key(key)
@@ -364,7 +360,7 @@ class LogitCache(StoreLayout):
             "codec": self.codec,
             "chunks": [int(c) for c in logits.chunks],
             "shards": None if logits.shards is None else [int(s) for s in logits.shards],
-            "bytes_on_disk": sum(sizes.values()),
+            "bytes_on_disk": sum(sizes.values()) - (lock or 0),
             "bytes_per_logit": logit_bytes / count if count else 0.0,
             "complete": f"{int(done.sum())}/{done.size}",
             "writer": None
