@@ -245,9 +245,11 @@ def cache_teacher_cmd(config_file, break_lock, **options):
 @user_errors
 def inspect_cmd(**options):
     """What a logit store holds (STORE: a path or a URL such as s3://bucket/logits.zarr), and what
-    of it is damaged: every written object is checked (present, and its CRC32C checksums right).
-    Its metadata is compared with a logit store's (attributes, each array's dtype and codecs). A
-    damaged store, or one whose metadata differs, exits 1, with one line on stderr naming the fix."""
+    of it is damaged: every written object is checked (present, and its CRC32C checksums right;
+    --no-checksums: present and of a sound size, from one listing; --quick: no object, only the
+    metadata and which units are done, as fast for a store of any size). Its metadata is compared
+    with a logit store's (attributes, each array's dtype and codecs). A damaged store, or one whose
+    metadata differs, exits 1, with one line on stderr naming the fix."""
     from dhkd_pipe.stages.inspect import inspect_store
 
     cfg = config_from(InspectConfig, options)

@@ -28,8 +28,9 @@ class Inspection:
 
 def inspect_store(cfg: InspectConfig) -> Inspection:
     """Opens ``cfg.store``, compares its metadata with a logit store's and checks every written
-    object (present, and with ``cfg.quick`` unset, its CRC32C checksums right)."""
+    object: present, and its CRC32C checksums right (``cfg.no_checksums``: present and of a sound
+    size; ``cfg.quick``: no object, only which units are done)."""
     from dhkd_pipe.store.inspection import inspection
 
-    summary, error = inspection(cfg.store, checksums=not cfg.quick)
+    summary, error = inspection(cfg.store, checksums=not cfg.no_checksums, objects=not cfg.quick)
     return Inspection(summary, error)

@@ -1402,8 +1402,8 @@ CASES = [
         after=then(rerun(), inspect_clean),
     ),
     Case(
-        "inspect-quick-truncated",
-        "inspect --quick {out}",
+        "inspect-no-checksums-truncated",
+        "inspect --no-checksums {out}",
         damage_unit("views", "empty"),
         code=1,
         error=r"views epoch 1 chunk 2 \(\S+\): truncated",

@@ -113,6 +113,7 @@ def test_a_read_through_a_link_that_leaves_the_store_is_refused(tmp_path, entry)
 @pytest.mark.slow
 def test_on_s3_the_checks_cost_the_same_requests_whatever_the_units_and_a_read_is_one_get():
     from dhkd_pipe.benchmarks.local_s3 import local_s3_requests, local_s3_server
+    from dhkd_pipe.store.inspection import inspection
     from dhkd_pipe.store.reader import LogitCache
 
     def requests(step):
@@ -126,11 +127,35 @@ def test_on_s3_the_checks_cost_the_same_requests_whatever_the_units_and_a_read_i
             location = f"{bucket}/s{rows}.zarr"
             small_store(location, rows=rows)
             store = LogitCache.open(location)
-            costs[rows] = [requests(store.done_mask), requests(store.check_complete), requests(store.summary)]
+            quick = requests(lambda loc=location: inspection(loc, objects=False))
+            costs[rows] = [requests(store.done_mask), requests(store.check_complete), requests(store.summary), quick]
             assert requests(lambda s=store: s.read_chunk(1, 0)) == {"GET": 1}  # the logits alone (fp16)
         assert costs[128] == costs[1024]
-        done_mask, check_complete, summary = costs[1024]
-        assert done_mask == {"LIST": 1} and "GET" not in check_complete
+        done_mask, check_complete, summary, quick = costs[1024]
+        assert done_mask == {"LIST": 1} and "GET" not in check_complete  # quick: the same at both sizes, above
+
+
+def test_inspect_quick_lists_the_done_flags_alone_and_no_checksums_checks_every_object(tmp_path, monkeypatch):
+    """``--quick`` reads the metadata and lists ``done/``, whatever the store's size: it counts the
+    units done and checks no object; ``--no-checksums`` finds a truncated object from its listing."""
+    from dhkd_pipe.store.inspection import inspection
+    from dhkd_pipe.store.reader import LogitCache
+
+    location = str(tmp_path / "s.zarr")
+    small_store(location)
+    store = LogitCache.open(location, mode="r+")
+    store.objects.delete(store.unit_keys(1, 3)["done"])
+    key = store.unit_keys(0, 2)["logits"]
+    store.objects.write(key, store.objects.read(key)[:5])
+    walked, scandir = [], os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path=".": walked.append(os.fspath(path)) or scandir(path))
+    summary, error = inspection(location, objects=False)
+    monkeypatch.undo()
+    assert walked and all(os.path.relpath(p, location).split(os.sep)[0] == "done" for p in walked), walked
+    assert error is None and summary["complete"] == "15/16" and summary["damaged"] is None
+    assert summary["bytes_on_disk"] is None
+    summary, error = inspection(location, checksums=False)
+    assert summary["damaged"] == [f"{store.what(key)} ({key}): truncated (5 bytes)"] and "is damaged" in error
 
 
 def test_the_quick_check_bounds_each_shard_by_its_own_index_the_edge_shard_too(tmp_path):

@@ -121,7 +121,14 @@ class InspectConfig:
     as_json: bool = option(False, flag="--json", is_flag=True)
     quick: bool = option(
         False,
-        "Check presence and sizes from one listing only, not the checksums (which read every written object once).",
+        "Only the metadata and which write units are done (one listing of the done flags): as fast for a "
+        "store of any size; no object is checked.",
+        is_flag=True,
+    )
+    no_checksums: bool = option(
+        False,
+        "Check every object's presence and size from one listing, not its checksums (which read every "
+        "written object once).",
         is_flag=True,
     )
 

@@ -11,12 +11,20 @@ from dhkd_pipe.store.reader import LogitCache
 from dhkd_pipe.store.schema import metadata_error
 
 
-def inspection(location: str, checksums: bool = True) -> tuple[dict, str | None]:
+def inspection(location: str, checksums: bool = True, objects: bool = True) -> tuple[dict, str | None]:
     """What ``inspect`` shows of the store at ``location``: its summary with ``metadata`` (how its
     metadata differs from a logit store's, one line each) and ``damaged`` (its objects that are
     missing or damaged, ``audit.damage``; None where the metadata differs, as the objects are read
-    through it), and the one error line naming the fix, or None for a sound store."""
+    through it, or where ``objects`` is unset), and the one error line naming the fix, or None for a
+    sound store. ``objects=False`` (``--quick``) lists the done flags alone: its cost does not grow
+    with the store's objects, and neither their presence nor their bytes are counted."""
     cache = LogitCache.open(location, schema=False)
+    if not objects:
+        summary = cache.summary(cache.objects.sizes("done/"), counted=False)
+        summary.update(data=cache.attrs.get("data_spec"), preprocessing=cache.attrs.get("preprocessing"))
+        summary.update(metadata=cache.metadata_problems, damaged=None)
+        problems = cache.metadata_problems
+        return summary, f"error: {metadata_error(cache.path, cache.attrs, problems)}" if problems else None
     sizes = cache.objects.sizes()  # the one listing the summary and the audit share
     summary = cache.summary(sizes)
     # where the data is and how views become pixels: attributes stage 1 writes

@@ -339,14 +339,16 @@ class LogitCache(StoreLayout):
     def check_matches(self, fingerprint: dict):
         check_fingerprint(self._attrs.get("dataset") or {}, fingerprint)
 
-    def summary(self, sizes: dict | None = None) -> dict:
-        """What ``inspect`` shows of the store; ``sizes``: its listing (``objects.sizes()``), if the caller has it."""
+    def summary(self, sizes: dict | None = None, counted: bool = True) -> dict:
+        """What ``inspect`` shows of the store; ``sizes``: its listing (``objects.sizes()``), if the
+        caller has it. ``counted=False``: ``sizes`` lists the done flags alone (``inspect --quick``),
+        and the bytes on disk are not counted (None)."""
         from dhkd_pipe.processes import describe_holder
         from dhkd_pipe.store.lock import read_holder
 
         sizes = self._objects.sizes() if sizes is None else sizes
         done = self.done_mask(sizes)
-        lock = sizes.get(LOCK_KEY)
+        lock = sizes.get(LOCK_KEY) if counted else (0 if self._objects.exists(LOCK_KEY) else None)
         holder = read_holder(self._objects) if lock is not None else None
         logit_bytes = sum(
             n for key, n in sizes.items() if key.split("/")[0] in ("logits", "logit_scale") and is_chunk_key(key)
@@ -360,8 +362,8 @@ class LogitCache(StoreLayout):
             "codec": self.codec,
             "chunks": [int(c) for c in logits.chunks],
             "shards": None if logits.shards is None else [int(s) for s in logits.shards],
-            "bytes_on_disk": sum(sizes.values()) - (lock or 0),
-            "bytes_per_logit": logit_bytes / count if count else 0.0,
+            "bytes_on_disk": sum(sizes.values()) - (lock or 0) if counted else None,
+            "bytes_per_logit": (logit_bytes / count if count else 0.0) if counted else None,
             "complete": f"{int(done.sum())}/{done.size}",
             "writer": None
             if holder is None
