@@ -4,7 +4,8 @@ Stores of growing size are written through stage 1's writer (``StoreWriter``: te
 logits, no teacher) on a local disk and on the local S3 server (moto, up to ``--s3-max-rows``), and
 per size a fresh process times what a user waits for: opening the store, ``inspect --quick`` and
 ``inspect``, a resume (``StoreWriter`` entered on the finished store: its scan of what is done and
-its checksum audit), the audit alone, and stage 2's first batch, with the reader's resident memory.
+its checksum audit), the audit alone, and stage 2's first batch, with the reader's resident memory
+(each the median of ``READER_RUNS`` fresh processes, the memory their largest).
 On the S3 server each step's requests are counted by kind (GET, PUT, HEAD, LIST, ...).
 
 Stage 2 needs the data set whose fingerprint the store records. No real data set has a million
@@ -73,7 +74,7 @@ def _measure_at(location: str, name: str, rows: int, args: dict, log) -> dict:
     try:
         row.update(write_store(location, rows, **args["layout"]))
         log(f"bench scale: {rows:,} rows on {name}: reading")
-        row.update(reader_in_child(location, args["batch_size"], s3))
+        row.update(reader_in_child(location, args["batch_size"], s3, args["reader_runs"]))
     finally:
         _remove(location)
     return row
@@ -184,6 +185,7 @@ def bench_scale(
     s3_max_rows: int = S3_MAX_ROWS,
     sharded: bool = False,
     before: str | None = None,
+    reader_runs: int = 3,
     log=None,
 ) -> dict:
     """Writes and measures a store per size (``sizes``: rows, ``views`` view-epochs each) on a
@@ -201,6 +203,8 @@ def bench_scale(
         raise DhkdError("--sizes must be at least --views rows, and --views, --classes, --chunk-rows at least 1")
     if not local and not s3_local:
         raise DhkdError("nothing to measure: drop --no-local, or give --s3-local")
+    if not 1 <= reader_runs <= 100:
+        raise DhkdError(f"--reader-runs must be 1 to 100, got {reader_runs}")
     earlier = []
     if before:
         before = results_path(before)  # {machine}: this machine's results folder
@@ -217,6 +221,7 @@ def bench_scale(
     args = {
         "layout": dict(views=views, classes=classes, chunk_rows=chunk_rows, codec=codec, sharded=sharded),
         "batch_size": batch_size,
+        "reader_runs": reader_runs,
     }
     rows = []
     if local:
@@ -272,6 +277,7 @@ def bench_scale(
         "chunk_rows": chunk_rows,
         "batch_size": batch_size,
         "sharded": sharded,
+        "reader_runs": reader_runs,
         "s3_max_rows": s3_max_rows,
         "imagenet_rows": IMAGENET_ROWS,
         "results": rows,

@@ -213,16 +213,31 @@ def measure_reader(location: str, batch_size: int, s3: bool) -> dict:
     return results
 
 
-def reader_in_child(location: str, batch_size: int, s3: bool) -> dict:
-    proc = subprocess.run(
-        [sys.executable, "-m", "dhkd_pipe.benchmarks.scale_store", location, str(batch_size), "s3" if s3 else "local"],
-        capture_output=True,
-        text=True,
-        timeout=3600,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"the reader process failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+READER_RUNS = 3  # fresh reader processes per size: a single cold run of a step varies by milliseconds
+
+
+def reader_in_child(location: str, batch_size: int, s3: bool, runs: int = READER_RUNS) -> dict:
+    """``measure_reader`` in ``runs`` fresh processes, one after another: each step's median time
+    (each run is a cold start, as a user's command is), the largest resident memory, and the
+    request counts of the first run (the same in every run)."""
+    found, kind = [], "s3" if s3 else "local"
+    for _ in range(runs):
+        proc = subprocess.run(
+            [sys.executable, "-m", "dhkd_pipe.benchmarks.scale_store", location, str(batch_size), kind],
+            capture_output=True,
+            text=True,
+            timeout=3600,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"the reader process failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        found.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    out = dict(found[0], reader_runs=runs)
+    for step in STEPS:
+        out[step] = float(np.median([run[step] for run in found]))
+    for key in ("reader_rss_mb", "rss_before_mb"):
+        if all(run.get(key) is not None for run in found):
+            out[key] = max(run[key] for run in found)
+    return out
 
 
 # the reader's process: python -m dhkd_pipe.benchmarks.scale_store LOCATION BATCH_SIZE local|s3

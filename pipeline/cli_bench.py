@@ -159,4 +159,5 @@ def bench_scale_cmd(**options):
         s3_max_rows=cfg.s3_max_rows,
         sharded=cfg.sharded,
         before=cfg.before,
+        reader_runs=cfg.reader_runs,
     )

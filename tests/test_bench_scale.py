@@ -5,6 +5,7 @@ import json
 import pytest
 
 TINY = ["--sizes", "512,2048", "--views", "2", "--classes", "10", "--chunk-rows", "64", "--batch-size", "32"]
+TINY += ["--reader-runs", "1"]
 
 
 def test_bench_scale_writes_its_table_json_and_plot_with_every_column(tmp_path):
@@ -43,6 +44,7 @@ def test_bench_scale_writes_its_table_json_and_plot_with_every_column(tmp_path):
         (["--sizes", "10000,ten"], "error: bad --sizes '10000,ten': comma-separated whole numbers of rows"),
         (["--sizes", "4", "--views", "8"], "error: --sizes must be at least --views rows"),
         (["--no-local"], "error: nothing to measure: drop --no-local, or give --s3-local"),
+        (["--reader-runs", "0"], "error: --reader-runs must be 1 to 100, got 0"),
     ],
 )
 def test_bench_scale_refuses_what_it_cannot_measure_in_one_line(tmp_path, args, message):

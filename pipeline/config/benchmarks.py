@@ -155,6 +155,9 @@ class ScaleBenchConfig:
     before: str | None = option(
         None, "The JSON of an earlier run (before a change), shown and plotted beside this one; {machine} as in --json."
     )
+    reader_runs: int = option(
+        3, "Fresh reader processes per size: each step's time is their median, as one cold run varies by milliseconds."
+    )
 
 
 @dataclass
