@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from dhkd_pipe.data.datasets import Dataset, Renderer
-from dhkd_pipe.data.views import ViewPlan
+from dhkd_pipe.data.views import ViewPlan, cut_batches
 from dhkd_pipe.option_ranges import RANGES, check_integer
 
 if TYPE_CHECKING:
@@ -230,24 +230,7 @@ def read_ahead_chunks(cache) -> int:
 
 def row_batches(chunks, batch_size: int):
     """Re-cuts a stream of (values, scale) chunks into batches of ``batch_size`` rows."""
-    pending, pending_scale, have = [], [], 0
-    for values, scale in chunks:
-        pending.append(values)
-        pending_scale.append(scale)
-        have += len(values)
-        while have >= batch_size:
-            v = torch.cat(pending) if len(pending) > 1 else pending[0]
-            s = (
-                None
-                if pending_scale[0] is None
-                else (torch.cat(pending_scale) if len(pending_scale) > 1 else pending_scale[0])
-            )
-            yield v[:batch_size], None if s is None else s[:batch_size]
-            pending, pending_scale = [v[batch_size:]], [None if s is None else s[batch_size:]]
-            have -= batch_size
-    if have:
-        v = torch.cat(pending)
-        yield v, None if pending_scale[0] is None else torch.cat(pending_scale)
+    return cut_batches(chunks, batch_size, torch.cat)
 
 
 def check_batch_size(batch_size) -> int:

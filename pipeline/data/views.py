@@ -269,18 +269,19 @@ class UnitGroups:
         return np.concatenate([body, tail]).astype(np.int64), unit
 
 
-def cut_batches(pieces, batch_size: int):
-    """(indices, views) of ``batch_size`` samples each (the last may be short), cut from a stream
-    of (indices, views) pieces of any length: a schedule that arrives chunk by chunk."""
-    indices, views, have = [], [], 0
-    for i, v in pieces:
-        indices.append(i)
-        views.append(v)
-        have += len(i)
+def cut_batches(pieces, batch_size: int, join=np.concatenate):
+    """Pairs ``(a, b)`` of ``batch_size`` rows each (the last may be short), cut from a stream of
+    such pairs of any length: a schedule's (indices, views), or stored (logits, scales), arriving
+    chunk by chunk. ``b`` may be None throughout; ``join`` concatenates (``torch.cat`` for tensors)."""
+    firsts, seconds, have = [], [], 0
+    for a, b in pieces:
+        firsts.append(a)
+        seconds.append(b)
+        have += len(a)
         while have >= batch_size:
-            i = np.concatenate(indices) if len(indices) > 1 else indices[0]
-            v = np.concatenate(views) if len(views) > 1 else views[0]
-            yield i[:batch_size], v[:batch_size]
-            indices, views, have = [i[batch_size:]], [v[batch_size:]], have - batch_size
+            a = join(firsts) if len(firsts) > 1 else firsts[0]
+            b = None if seconds[0] is None else (join(seconds) if len(seconds) > 1 else seconds[0])
+            yield a[:batch_size], None if b is None else b[:batch_size]
+            firsts, seconds, have = [a[batch_size:]], [None if b is None else b[batch_size:]], have - batch_size
     if have:
-        yield np.concatenate(indices), np.concatenate(views)
+        yield join(firsts), None if seconds[0] is None else join(seconds)
