@@ -218,7 +218,7 @@ class DaliRequests:
         self._epoch += 1
         self._open.close()
         self._open = None
-        stale = schedule_path(self.folder, self.name, self._epoch - 2)  # workers may still map the last one
+        stale = schedule_path(self.folder, self.name, self._epoch - 2)  # workers may still read the last one
         if os.path.exists(stale):
             os.remove(stale)
 
@@ -232,6 +232,7 @@ class DaliRequests:
         ``on_error`` given the files of this batch and of those the workers may have prepared."""
         files = schedule.rows(first, first + (self.prefetch + 3) * self.batch_size)[:, 0]
         self._pipe, self._open, self._epoch = None, None, 0
+        schedule.abandon()  # a worker of the dropped pipeline waiting for a row stops
         schedule.close()
         on_error(error, files)
 
