@@ -65,6 +65,20 @@ class Run:
             self.folder = None
 
 
+def process_loader(replay, cfg: TrainConfig, acc, with_logits: bool, fmt: torch.memory_format) -> ViewLoader:
+    """The store's replay loader of this process's slot in ``acc``, as ``cfg`` asks for it (one
+    run, or every student of a pass sharing it)."""
+    return replay.loader(
+        cfg.batch_size,
+        device=acc.device,
+        rank=acc.process_index,
+        world_size=acc.num_processes,
+        workers=cfg.workers,
+        with_logits=with_logits,
+        memory_format=fmt,
+    )
+
+
 def prepare(
     cfg: TrainConfig,
     mode: RunMode | str = RunMode.NEW,
@@ -141,15 +155,7 @@ def prepare(
         model = StudentWithConnector(model, method.connector(model, teacher, plan.resolution))
     model.to(memory_format=fmt)
     if loader is None and replay is not None:  # the store's replay, as the Python API hands it out
-        loader = replay.loader(
-            cfg.batch_size,
-            device=acc.device,
-            rank=acc.process_index,
-            world_size=acc.num_processes,
-            workers=cfg.workers,
-            with_logits=method.needs_teacher,
-            memory_format=fmt,
-        )
+        loader = process_loader(replay, cfg, acc, method.needs_teacher, fmt)
     elif loader is None:
         loader = ViewLoader(
             PlanEpochs(plan, data),

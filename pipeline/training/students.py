@@ -89,7 +89,7 @@ def prepare_pass(plans: list[StudentPlan], replay=None):
     from dhkd_pipe.data.replay import open_store
     from dhkd_pipe.methods.registry import from_config
     from dhkd_pipe.training.accelerator import make_accelerator
-    from dhkd_pipe.training.run import prepare
+    from dhkd_pipe.training.run import prepare, process_loader
 
     cfgs = [plan.cfg for plan in plans]
     check_pass(cfgs)
@@ -98,15 +98,8 @@ def prepare_pass(plans: list[StudentPlan], replay=None):
     if first.cache:
         replay = replay or open_store(first.cache, first.data)
         slot = make_accelerator(first.precision)  # the process's slot, set up as each student's run will see it
-        loader = replay.loader(
-            first.batch_size,
-            device=slot.device,
-            rank=slot.process_index,
-            world_size=slot.num_processes,
-            workers=first.workers,
-            with_logits=any(from_config(c).needs_teacher for c in cfgs),
-            memory_format=memory_format(first, slot.device),
-        )
+        needs_teacher = any(from_config(c).needs_teacher for c in cfgs)
+        loader = process_loader(replay, first, slot, needs_teacher, memory_format(first, slot.device))
     try:
         for plan in plans:
             runs.append(prepare(plan.cfg, plan.mode, replay=replay, loader=loader))
