@@ -292,11 +292,11 @@ class ViewLoader:
 
     def _batches(self, epoch: int, skip_steps: int):
         skip = skip_steps * self.batch_size
-        handed = deque()  # the indices of the pieces the renderer has taken, for the labels
+        handed = deque()  # the labels of the pieces the renderer has taken: one look-up a piece, not a batch
 
         def pieces():
             for indices, views in self.epochs.schedule(epoch, self.my_chunks, skip, self.rows):
-                handed.append(indices)
+                handed.append(self.labels[torch.as_tensor(indices, device=self.labels.device)])
                 yield indices, views
 
         images = self.renderer.stream_batches(pieces(), self.rows - skip, self.batch_size)
@@ -306,7 +306,7 @@ class ViewLoader:
             logits = None
         for x in images:
             x = x.contiguous(memory_format=self.memory_format)
-            lab = self.labels[torch.as_tensor(_take(handed, len(x)), device=self.labels.device)]
+            lab = _take(handed, len(x))
             if logits is None:
                 yield Batch(x, lab)
             else:
@@ -314,8 +314,8 @@ class ViewLoader:
                 yield Batch(x, lab, t, s)
 
 
-def _take(pieces: deque, n: int) -> np.ndarray:
-    """The first ``n`` indices of the queued pieces, removed from it."""
+def _take(pieces: deque, n: int) -> torch.Tensor:
+    """The first ``n`` rows of the queued pieces, removed from it."""
     out, have = [], 0
     while have < n:
         head = pieces.popleft()
@@ -324,4 +324,4 @@ def _take(pieces: deque, n: int) -> np.ndarray:
             head = head[: n - have]
         out.append(head)
         have += len(head)
-    return np.concatenate(out) if len(out) > 1 else out[0]
+    return torch.cat(out) if len(out) > 1 else out[0]
