@@ -19,22 +19,17 @@ def inspection(location: str, checksums: bool = True, objects: bool = True) -> t
     sound store. ``objects=False`` (``--quick``) lists the done flags alone: its cost does not grow
     with the store's objects, and neither their presence nor their bytes are counted."""
     cache = LogitCache.open(location, schema=False)
-    if not objects:
-        summary = cache.summary(cache.objects.sizes("done/"), counted=False)
-        summary.update(data=cache.attrs.get("data_spec"), preprocessing=cache.attrs.get("preprocessing"))
-        summary.update(metadata=cache.metadata_problems, damaged=None)
-        problems = cache.metadata_problems
-        return summary, f"error: {metadata_error(cache.path, cache.attrs, problems)}" if problems else None
-    sizes = cache.objects.sizes()  # the one listing the summary and the audit share
-    summary = cache.summary(sizes)
+    # --quick lists the done flags alone; else the one listing the summary and the audit share
+    sizes = cache.objects.sizes() if objects else cache.objects.sizes("done/")
+    summary = cache.summary(sizes, counted=objects)
     # where the data is and how views become pixels: attributes stage 1 writes
     summary["data"] = cache.attrs.get("data_spec")
     summary["preprocessing"] = cache.attrs.get("preprocessing")
     problems = cache.metadata_problems
     summary["metadata"] = problems
-    if problems:
+    if problems or not objects:
         summary["damaged"] = None
-        return summary, f"error: {metadata_error(cache.path, cache.attrs, problems)}"
+        return summary, f"error: {metadata_error(cache.path, cache.attrs, problems)}" if problems else None
     damaged = damage(cache, checksums=checksums, sizes=sizes)
     summary["damaged"] = damaged
     if not damaged:
